@@ -1,0 +1,212 @@
+"""Cell sets: S perturbed cells of one (context, perturbation[, batch]) paired with S controls.
+
+The State Transition model learns to map a *set* of control cells of a context to the set of
+perturbed cells. :class:`CellSetSampler` decides which rows form each set (a plan, drawn from a
+seed and the epoch in the main process, so DataLoader workers only read rows and cannot change
+the numbers); :class:`CellSetDataset` reads those rows from memory or from a backed file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vcell.data.dataset import CellIndex
+from vcell.data.splits import CONTROL, Split
+from vcell.errors import VcellError
+
+CONTROL_STRATEGIES = ("batch", "random")
+
+
+@dataclass(frozen=True)
+class CellSet:
+    """One training/evaluation example: rows of perturbed cells and of matched controls."""
+
+    dataset: str
+    context: str
+    perturbation: str
+    batch: str | None
+    context_code: int
+    pert_code: int
+    batch_code: int
+    pert_rows: np.ndarray
+    control_rows: np.ndarray
+    n_distinct: int
+
+    @property
+    def size(self) -> int:
+        """Number of cells in the set."""
+        return len(self.pert_rows)
+
+
+def _draw(rng: np.random.Generator, pool: np.ndarray, n: int) -> np.ndarray:
+    """``n`` rows from ``pool``: without replacement when it is large enough, else all of it plus resampling."""
+    if n <= pool.size:
+        return rng.choice(pool, size=n, replace=False)
+    extra = rng.choice(pool, size=n - pool.size, replace=True)
+    return rng.permutation(np.concatenate([pool, extra]))
+
+
+class CellSetSampler:
+    """Plans the cell sets of one split role.
+
+    Parameters
+    ----------
+    index
+        The dataset's :class:`~vcell.data.dataset.CellIndex`.
+    split
+        Roles of the cells; ``None`` uses every perturbed cell.
+    role
+        ``"train"``, ``"val"`` or ``"test"``.
+    set_size
+        S, the number of cells per set.
+    control_strategy
+        ``"batch"``: controls of the same context and batch (falling back to the whole context
+        when that batch has no controls); ``"random"``: any control of the context.
+    train
+        Train mode shuffles cells and pads short groups by resampling them to S; evaluation
+        mode keeps every cell once, in file order, and leaves the last set of a group short.
+    seed
+        Seed of every random draw; the plan of an epoch depends only on (seed, epoch).
+    """
+
+    def __init__(
+        self,
+        index: CellIndex,
+        split: Split | None = None,
+        role: str = "train",
+        set_size: int = 128,
+        control_strategy: str = "batch",
+        train: bool = True,
+        seed: int = 0,
+    ):
+        if set_size < 1:
+            raise VcellError(f"cell set size must be >= 1, got {set_size}")
+        if control_strategy not in CONTROL_STRATEGIES:
+            raise VcellError(f"unknown control strategy {control_strategy!r}; use one of {', '.join(CONTROL_STRATEGIES)}")
+        self.index, self.role, self.set_size = index, role, set_size
+        self.control_strategy, self.train, self.seed = control_strategy, train, seed
+        by_batch = control_strategy == "batch"
+        mask = split.mask(role) if split is not None else None
+        self.groups = index.groups(by_batch=by_batch, mask=mask)
+        is_ctrl = index.is_control if split is None else (split.roles == CONTROL)
+        self._controls_by_context = self._pools(np.flatnonzero(is_ctrl), by_batch=False)
+        self._controls_by_batch = self._pools(np.flatnonzero(is_ctrl), by_batch=True) if by_batch else {}
+        missing = {
+            (int(d), int(c))
+            for d, c in zip(self.groups["dataset_code"], self.groups["context_code"])
+            if (int(d), int(c)) not in self._controls_by_context
+        }
+        if missing:
+            d, c = sorted(missing)[0]
+            raise VcellError(f"context {index.datasets[d]}.{index.contexts[c]} has perturbed cells but no control cells")
+
+    def _pools(self, rows: np.ndarray, by_batch: bool) -> dict[tuple, np.ndarray]:
+        idx = self.index
+        keys = [idx.dataset_codes[rows], idx.context_codes[rows]] + ([idx.batch_codes[rows]] if by_batch else [])
+        pools: dict[tuple, list] = {}
+        stacked = np.stack(keys, axis=1)
+        order = np.lexsort(stacked.T[::-1])
+        stacked, rows = stacked[order], rows[order]
+        if rows.size == 0:
+            return {}
+        cuts = np.flatnonzero(np.any(np.diff(stacked, axis=0) != 0, axis=1)) + 1
+        for part_keys, part_rows in zip(np.split(stacked, cuts), np.split(rows, cuts)):
+            pools[tuple(int(k) for k in part_keys[0])] = part_rows
+        return pools
+
+    def _control_pool(self, group) -> np.ndarray:
+        ctx = (int(group.dataset_code), int(group.context_code))
+        if self.control_strategy == "batch":
+            pool = self._controls_by_batch.get(ctx + (int(group.batch_code),))
+            if pool is not None and pool.size:
+                return pool
+        return self._controls_by_context[ctx]
+
+    def plan(self, epoch: int = 0) -> list[CellSet]:
+        """The cell sets of ``epoch`` (train mode: shuffled; same seed and epoch, same sets)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        sets: list[CellSet] = []
+        S = self.set_size
+        for g in self.groups.itertuples(index=False):
+            cells = rng.permutation(g.cells) if self.train else g.cells
+            controls = self._control_pool(g)
+            batch = getattr(g, "batch", None)
+            for start in range(0, len(cells), S):
+                chunk = cells[start : start + S]
+                n_distinct = len(chunk)
+                if self.train and len(chunk) < S:
+                    chunk = np.concatenate([chunk, rng.choice(g.cells, size=S - len(chunk), replace=True)])
+                sets.append(
+                    CellSet(
+                        dataset=str(g.dataset),
+                        context=str(g.context),
+                        perturbation=str(g.perturbation),
+                        batch=None if batch is None else str(batch),
+                        context_code=int(g.context_code),
+                        pert_code=int(g.perturbation_code),
+                        batch_code=int(getattr(g, "batch_code", 0)),
+                        pert_rows=np.asarray(chunk, dtype=np.int64),
+                        control_rows=np.asarray(_draw(rng, controls, len(chunk)), dtype=np.int64),
+                        n_distinct=n_distinct,
+                    )
+                )
+        if self.train:
+            sets = [sets[i] for i in rng.permutation(len(sets))]
+        return sets
+
+
+class CellSetDataset(Dataset):
+    """A PyTorch dataset of cell sets, reading expression rows from a row source.
+
+    Each item is a dict: ``basal`` [S, G] control expression, ``target`` [S, G] perturbed
+    expression, ``mask`` [S] (True for real cells), and the integer codes ``pert``, ``context``,
+    ``batch`` of the set (codes index :class:`CellIndex` vocabularies).
+    Call :meth:`set_epoch` before each epoch to draw new sets.
+    """
+
+    def __init__(self, sampler: CellSetSampler, rows, epoch: int = 0):
+        self.sampler, self.rows = sampler, rows
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the sets of ``epoch``."""
+        self.epoch = epoch
+        self.sets = self.sampler.plan(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sets)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.sets[i]
+        block = self.rows.read(np.concatenate([s.pert_rows, s.control_rows]))
+        n = s.size
+        return {
+            "target": torch.from_numpy(block[:n]),
+            "basal": torch.from_numpy(block[n:]),
+            "mask": torch.ones(n, dtype=torch.bool),
+            "pert": torch.tensor(s.pert_code),
+            "context": torch.tensor(s.context_code),
+            "batch": torch.tensor(s.batch_code),
+        }
+
+
+def collate_cell_sets(items: list[dict]) -> dict:
+    """Stack cell sets into a batch, zero-padding short sets (``mask`` marks the real cells)."""
+    S = max(item["target"].shape[0] for item in items)
+    out: dict = {}
+    for key in ("target", "basal", "mask"):
+        padded = []
+        for item in items:
+            x = item[key]
+            pad = S - x.shape[0]
+            if pad:
+                x = torch.cat([x, torch.zeros((pad, *x.shape[1:]), dtype=x.dtype)])
+            padded.append(x)
+        out[key] = torch.stack(padded)
+    for key in ("pert", "context", "batch"):
+        out[key] = torch.stack([item[key] for item in items])
+    return out

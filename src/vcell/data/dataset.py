@@ -1,0 +1,154 @@
+"""A validated perturbation dataset: the AnnData, its column spec, and a compact cell index."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from vcell.data.io import read_h5ad
+from vcell.data.spec import SINGLE_CONTEXT, DataSpec
+from vcell.data.validate import ExpressionInfo, validate
+
+
+def _codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    cat = pd.Categorical(values.astype(str))
+    return np.asarray(cat.codes, dtype=np.int32), np.asarray(cat.categories, dtype=object)
+
+
+@dataclass
+class CellIndex:
+    """Integer codes of every cell's perturbation, context, batch and dataset.
+
+    Only ``.obs`` is needed to build it, so it is cheap even for a backed file of millions of
+    cells; splits and cell-set samplers work on these arrays, never on the matrix.
+    """
+
+    obs_names: np.ndarray
+    pert_codes: np.ndarray
+    perts: np.ndarray
+    context_codes: np.ndarray
+    contexts: np.ndarray
+    batch_codes: np.ndarray
+    batches: np.ndarray
+    dataset_codes: np.ndarray
+    datasets: np.ndarray
+    control_code: int
+
+    @classmethod
+    def from_obs(cls, obs: pd.DataFrame, spec: DataSpec, dataset_col: str | None = None, dataset_name: str = "data") -> CellIndex:
+        """Build the index from ``obs``; ``dataset_col`` (if present in ``obs``) names each cell's dataset."""
+        n = len(obs)
+        pert_codes, perts = _codes(obs[spec.pert_col])
+        const = pd.Series(np.full(n, SINGLE_CONTEXT, dtype=object), index=obs.index)
+        context_codes, contexts = _codes(obs[spec.context_col] if spec.context_col else const)
+        batch_codes, batches = _codes(obs[spec.batch_col] if spec.batch_col else const)
+        if dataset_col and dataset_col in obs.columns:
+            dataset_codes, datasets = _codes(obs[dataset_col])
+        else:
+            dataset_codes, datasets = np.zeros(n, np.int32), np.array([dataset_name], dtype=object)
+        matches = np.flatnonzero(perts == spec.control)
+        control_code = int(matches[0]) if matches.size else -1
+        return cls(
+            obs_names=np.asarray(obs.index, dtype=object),
+            pert_codes=pert_codes,
+            perts=perts,
+            context_codes=context_codes,
+            contexts=contexts,
+            batch_codes=batch_codes,
+            batches=batches,
+            dataset_codes=dataset_codes,
+            datasets=datasets,
+            control_code=control_code,
+        )
+
+    @property
+    def n_cells(self) -> int:
+        """Number of cells."""
+        return len(self.pert_codes)
+
+    @property
+    def is_control(self) -> np.ndarray:
+        """Boolean mask of control cells."""
+        return self.pert_codes == self.control_code
+
+    def context_keys(self) -> np.ndarray:
+        """Each cell's ``"dataset.context"`` key, the form split files use."""
+        keys = np.array([f"{d}.{c}" for d in self.datasets for c in self.contexts], dtype=object)
+        return keys[self.dataset_codes * len(self.contexts) + self.context_codes]
+
+    def groups(self, by_batch: bool = False, mask: np.ndarray | None = None) -> pd.DataFrame:
+        """Perturbed (non-control) groups: one row per (dataset, context, perturbation[, batch]).
+
+        Columns: ``dataset``, ``context``, ``perturbation``, ``batch`` (if ``by_batch``),
+        ``n_cells`` and ``cells`` (the cell row indices, sorted). ``mask`` restricts the cells.
+        """
+        mask = ~self.is_control if mask is None else (~self.is_control & mask)
+        rows = np.flatnonzero(mask)
+        codes = {
+            "dataset": self.dataset_codes[rows],
+            "context": self.context_codes[rows],
+            "perturbation": self.pert_codes[rows],
+        }
+        if by_batch:
+            codes["batch"] = self.batch_codes[rows]
+        df = pd.DataFrame({f"{k}_code": v for k, v in codes.items()})
+        df["row"] = rows
+        keys = list(df.columns[:-1])
+        if df.empty:
+            return pd.DataFrame(columns=list(codes) + keys + ["cells", "n_cells"])
+        out = df.groupby(keys, sort=True)["row"].apply(lambda r: np.sort(r.to_numpy())).reset_index(name="cells")
+        names = {"dataset": self.datasets, "context": self.contexts, "perturbation": self.perts, "batch": self.batches}
+        for k in codes:
+            out[k] = names[k][out[f"{k}_code"].to_numpy()]
+        out["n_cells"] = out["cells"].map(len)
+        return out
+
+
+@dataclass
+class PerturbationData:
+    """A validated dataset ready for splitting and sampling."""
+
+    adata: ad.AnnData
+    spec: DataSpec
+    expression: ExpressionInfo
+    index: CellIndex
+    path: Path | None = None
+
+    @property
+    def backed(self) -> bool:
+        """True when the matrix stays on disk."""
+        return bool(self.adata.isbacked)
+
+
+def load_dataset(
+    path: str | os.PathLike,
+    spec: DataSpec = DataSpec(),
+    backed: bool = False,
+    dataset_col: str | None = "dataset",
+    dataset_name: str | None = None,
+) -> PerturbationData:
+    """Read and validate an ``.h5ad`` perturbation dataset.
+
+    Raises a one-line :class:`~vcell.errors.VcellError` naming the file and the offending
+    column or value on any problem. ``dataset_col`` (if present in ``.obs``) gives each cell's
+    dataset name for split files; otherwise the name is ``dataset_name`` or the file's stem.
+    """
+    path = Path(path)
+    adata = read_h5ad(path, backed=backed)
+    expression = validate(adata, spec, path)
+    spec = spec.with_(expression=expression.type)
+    index = CellIndex.from_obs(adata.obs, spec, dataset_col, dataset_name or path.stem)
+    return PerturbationData(adata=adata, spec=spec, expression=expression, index=index, path=path)
+
+
+def from_anndata(adata: ad.AnnData, spec: DataSpec = DataSpec(), dataset_col: str | None = "dataset", dataset_name: str = "data") -> PerturbationData:
+    """Validate an in-memory AnnData and wrap it like :func:`load_dataset`."""
+    expression = validate(adata, spec, None)
+    spec = spec.with_(expression=expression.type)
+    index = CellIndex.from_obs(adata.obs, spec, dataset_col, dataset_name)
+    return PerturbationData(adata=adata, spec=spec, expression=expression, index=index, path=None)

@@ -1,0 +1,327 @@
+"""Validation of perturbation AnnData files: one clear line per problem, naming file and column.
+
+:func:`find_problems` lists every problem it finds (``vcell data check`` prints them all);
+:func:`validate` raises the first one as a :class:`~vcell.errors.VcellError`. The matrix is
+scanned in row blocks, so backed files are checked without loading them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from vcell.data.matrix import block_values, iter_row_chunks, locate, storage_kind
+from vcell.data.spec import EXPRESSION_TYPES, DataSpec
+from vcell.errors import VcellError
+
+log = logging.getLogger(__name__)
+
+MAX_LOG1P = 30.0  # log1p of a normalised count never comes near this; larger means raw counts
+
+
+@dataclass(frozen=True)
+class ExpressionInfo:
+    """The expression type of a matrix and how it was decided (``declared`` or ``inferred``)."""
+
+    type: str
+    how: str
+    reason: str
+
+
+@dataclass
+class MatrixStats:
+    """What a scan of the matrix found (first offending positions kept for messages)."""
+
+    nan: tuple[int, int] | None = None
+    negative: tuple[int, int, float] | None = None
+    non_integer: tuple[int, int, float] | None = None
+    max_value: float = 0.0
+    max_pos: tuple[int, int] | None = None
+    n_values: int = 0
+    all_integer: bool = True
+
+
+@dataclass
+class Problem:
+    """One validation problem; ``message`` is a complete one-line explanation."""
+
+    kind: str
+    message: str
+
+
+@dataclass
+class CheckReport:
+    """Everything ``vcell data check`` reports about a file."""
+
+    path: Path
+    n_cells: int
+    n_genes: int
+    storage: str
+    expression: ExpressionInfo | None
+    problems: list[Problem] = field(default_factory=list)
+    contexts: pd.DataFrame | None = None
+    n_perturbations: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+
+def _label(path: Path | str | None) -> str:
+    return str(path) if path is not None else "<AnnData>"
+
+
+def _did_you_mean(value: str, options) -> str:
+    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=3)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _preview(values, n: int = 6) -> str:
+    values = [str(v) for v in values]
+    more = f", ... ({len(values)} in all)" if len(values) > n else ""
+    return ", ".join(repr(v) for v in values[:n]) + more
+
+
+def scan_matrix(X, chunk_rows: int = 4096) -> MatrixStats:
+    """Scan ``X`` block by block for NaN/inf, negative and non-integer values and the maximum."""
+    stats = MatrixStats()
+    for start, block in iter_row_chunks(X, chunk_rows):
+        vals = block_values(block)
+        if vals.size == 0:
+            continue
+        stats.n_values += vals.size
+        if stats.nan is None:
+            bad = ~np.isfinite(vals)
+            if bad.any():
+                r, c = locate(block, int(np.argmax(bad)))
+                stats.nan = (start + r, c)
+        finite = np.where(np.isfinite(vals), vals, 0)
+        if stats.negative is None:
+            neg = finite < 0
+            if neg.any():
+                pos = int(np.argmax(neg))
+                r, c = locate(block, pos)
+                stats.negative = (start + r, c, float(finite[pos]))
+        frac = finite != np.round(finite)
+        if frac.any():
+            stats.all_integer = False
+            if stats.non_integer is None:
+                pos = int(np.argmax(frac))
+                r, c = locate(block, pos)
+                stats.non_integer = (start + r, c, float(finite[pos]))
+        pos = int(np.argmax(finite))
+        if finite[pos] > stats.max_value or stats.max_pos is None:
+            r, c = locate(block, pos)
+            stats.max_value, stats.max_pos = float(finite[pos]), (start + r, c)
+    return stats
+
+
+def recorded_expression_type(adata: ad.AnnData) -> tuple[str, str] | None:
+    """Expression type recorded in the file's metadata, with where it was read, or ``None``."""
+    meta = adata.uns.get("vcell", {}) if hasattr(adata.uns, "get") else {}
+    recorded = meta.get("expression") if isinstance(meta, dict) else None
+    if recorded is not None and str(recorded) in EXPRESSION_TYPES:
+        return str(recorded), f"uns['vcell']['expression'] = {str(recorded)!r}"
+    if "log1p" in adata.uns:
+        return "log1p", "uns['log1p'] is present (written by scanpy.pp.log1p)"
+    return None
+
+
+def infer_expression_type(
+    adata: ad.AnnData, declared: str | None = None, stats: MatrixStats | None = None, path=None
+) -> ExpressionInfo:
+    """Decide whether ``X`` holds raw counts or log1p values; never silently.
+
+    A declared type wins. Otherwise the file's metadata (``uns['vcell']['expression']`` or
+    ``uns['log1p']``) decides; failing that the values do (all integers -> counts, else log1p),
+    and a log line says what was inferred and why.
+    """
+    if declared is not None:
+        if declared not in EXPRESSION_TYPES:
+            raise VcellError(f"unknown expression type {declared!r}; use one of {', '.join(EXPRESSION_TYPES)}")
+        return ExpressionInfo(declared, "declared", "declared by the user")
+    recorded = recorded_expression_type(adata)
+    if recorded is not None:
+        info = ExpressionInfo(recorded[0], "inferred", f"read from metadata: {recorded[1]}")
+    else:
+        stats = stats or scan_matrix(adata.X)
+        if stats.all_integer:
+            reason = "no expression metadata in the file and every value of X is an integer"
+            info = ExpressionInfo("counts", "inferred", reason)
+        else:
+            reason = "no expression metadata in the file and X has non-integer values"
+            info = ExpressionInfo("log1p", "inferred", reason)
+    log.info(
+        "%s: expression type inferred as %r (%s); pass --expression to declare it",
+        _label(path),
+        info.type,
+        info.reason,
+    )
+    return info
+
+
+def _column_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Problem]:
+    problems = []
+    obs = adata.obs
+    for role, col in (("perturbation", spec.pert_col), ("context", spec.context_col), ("batch", spec.batch_col)):
+        if col is None:
+            continue
+        if col not in obs.columns:
+            problems.append(
+                Problem(
+                    "missing_column",
+                    f"{where}: {role} column {col!r} not found in .obs{_did_you_mean(col, obs.columns)} "
+                    f"(columns: {_preview(obs.columns, 12)})",
+                )
+            )
+            continue
+        values = obs[col]
+        empty = values.isna().to_numpy() | (values.astype(str).str.strip() == "").to_numpy()
+        if empty.any():
+            first = obs.index[int(np.argmax(empty))]
+            problems.append(
+                Problem(
+                    "empty_group",
+                    f"{where}: column {col!r} has {int(empty.sum())} cells with an empty label "
+                    f"(first: cell {first!r}); every cell needs a {role}",
+                )
+            )
+    return problems
+
+
+def _control_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Problem]:
+    obs = adata.obs
+    perts = obs[spec.pert_col].astype(str)
+    is_ctrl = (perts == spec.control).to_numpy()
+    if not is_ctrl.any():
+        return [
+            Problem(
+                "control_absent",
+                f"{where}: control label {spec.control!r} not found in column {spec.pert_col!r}"
+                f"{_did_you_mean(spec.control, perts.unique())} (values: {_preview(sorted(perts.unique()))})",
+            )
+        ]
+    if spec.context_col is None:
+        return []
+    contexts = obs[spec.context_col].astype(str).to_numpy()
+    with_ctrl = set(contexts[is_ctrl])
+    missing = [c for c in pd.unique(contexts) if c not in with_ctrl]
+    return [
+        Problem(
+            "control_absent_in_context",
+            f"{where}: context {c!r} (column {spec.context_col!r}) has no control cells labelled "
+            f"{spec.control!r}; controls are the basal input of every context",
+        )
+        for c in missing
+    ]
+
+
+def _gene_problems(adata: ad.AnnData, where: str) -> list[Problem]:
+    names = pd.Index(adata.var_names)
+    if names.is_unique:
+        return []
+    dup = names[names.duplicated()].unique()
+    return [
+        Problem(
+            "duplicated_genes",
+            f"{where}: {len(dup)} duplicated gene names in var_names ({_preview(dup)}); "
+            "make them unique (e.g. AnnData.var_names_make_unique()) or aggregate them",
+        )
+    ]
+
+
+def _value_problems(adata: ad.AnnData, stats: MatrixStats, expression: str | None, where: str) -> list[Problem]:
+    def at(r: int, c: int) -> str:
+        return f"cell {adata.obs_names[r]!r}, gene {adata.var_names[c]!r}"
+
+    problems = []
+    if stats.nan is not None:
+        problems.append(Problem("nan", f"{where}: X contains NaN or infinite values (first at {at(*stats.nan)})"))
+    if stats.negative is not None:
+        r, c, v = stats.negative
+        problems.append(
+            Problem("negative", f"{where}: X contains negative values (first {v:g} at {at(r, c)}); expression must be >= 0")
+        )
+    if expression == "counts" and stats.non_integer is not None:
+        r, c, v = stats.non_integer
+        problems.append(
+            Problem(
+                "non_integer_counts",
+                f"{where}: expression declared as counts but X has non-integer values (first {v:g} at {at(r, c)}); "
+                "pass --expression log1p if the data is log-normalised",
+            )
+        )
+    if expression == "log1p" and stats.max_value > MAX_LOG1P and stats.max_pos is not None:
+        problems.append(
+            Problem(
+                "log_too_large",
+                f"{where}: expression is log1p but X has values up to {stats.max_value:g} (at {at(*stats.max_pos)}), "
+                f"more than {MAX_LOG1P:g}; these look like raw counts: pass --expression counts",
+            )
+        )
+    return problems
+
+
+def context_summary(adata: ad.AnnData, spec: DataSpec) -> pd.DataFrame:
+    """Per context: cells, control cells, perturbed cells and number of perturbations."""
+    obs = adata.obs
+    perts = obs[spec.pert_col].astype(str)
+    contexts = obs[spec.context_col].astype(str) if spec.context_col else pd.Series("all", index=obs.index)
+    is_ctrl = perts == spec.control
+    df = pd.DataFrame({"context": contexts.to_numpy(), "pert": perts.to_numpy(), "ctrl": is_ctrl.to_numpy()})
+    rows = []
+    for ctx, sub in df.groupby("context", sort=True, observed=True):
+        rows.append(
+            {
+                "context": ctx,
+                "cells": len(sub),
+                "controls": int(sub.ctrl.sum()),
+                "perturbed": int((~sub.ctrl).sum()),
+                "perturbations": int(sub.loc[~sub.ctrl, "pert"].nunique()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def check(adata: ad.AnnData, spec: DataSpec, path=None, chunk_rows: int = 4096) -> CheckReport:
+    """Check ``adata`` against ``spec`` and collect a full report (summary and every problem)."""
+    where = _label(path)
+    report = CheckReport(
+        path=Path(where),
+        n_cells=adata.n_obs,
+        n_genes=adata.n_vars,
+        storage=storage_kind(adata.X),
+        expression=None,
+    )
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        report.problems.append(Problem("empty", f"{where}: no data ({adata.n_obs} cells x {adata.n_vars} genes)"))
+        return report
+    report.problems += _column_problems(adata, spec, where)
+    report.problems += _gene_problems(adata, where)
+    columns_ok = not any(p.kind == "missing_column" for p in report.problems)
+    if columns_ok:
+        report.problems += _control_problems(adata, spec, where)
+        report.contexts = context_summary(adata, spec)
+        perts = adata.obs[spec.pert_col].astype(str)
+        report.n_perturbations = int(perts[perts != spec.control].nunique())
+    stats = scan_matrix(adata.X, chunk_rows)
+    report.expression = infer_expression_type(adata, spec.expression, stats, path)
+    report.problems += _value_problems(adata, stats, report.expression.type, where)
+    return report
+
+
+def validate(adata: ad.AnnData, spec: DataSpec, path=None) -> ExpressionInfo:
+    """Raise a one-line :class:`VcellError` for the first problem; return the expression type."""
+    report = check(adata, spec, path)
+    if report.problems:
+        extra = f" (and {len(report.problems) - 1} more problem(s); run `vcell data check`)" if len(report.problems) > 1 else ""
+        raise VcellError(report.problems[0].message + extra)
+    assert report.expression is not None
+    return report.expression
