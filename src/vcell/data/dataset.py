@@ -131,16 +131,19 @@ def load_dataset(
     backed: bool = False,
     dataset_col: str | None = "dataset",
     dataset_name: str | None = None,
+    require_context_controls: bool = True,
 ) -> PerturbationData:
     """Read and validate an ``.h5ad`` perturbation dataset.
 
     Raises a one-line :class:`~vcell.errors.VcellError` naming the file and the offending
     column or value on any problem. ``dataset_col`` (if present in ``.obs``) gives each cell's
     dataset name for split files; otherwise the name is ``dataset_name`` or the file's stem.
+    ``require_context_controls=False`` accepts contexts without control cells (with a warning);
+    splits then leave their perturbed cells unused.
     """
     path = Path(path)
     adata = read_h5ad(path, backed=backed)
-    expression = validate(adata, spec, path)
+    expression = validate(adata, spec, path, require_context_controls)
     spec = spec.with_(expression=expression.type)
     index = CellIndex.from_obs(adata.obs, spec, dataset_col, dataset_name or path.stem)
     return PerturbationData(adata=adata, spec=spec, expression=expression, index=index, path=path)

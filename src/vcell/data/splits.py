@@ -22,6 +22,7 @@ Every perturbed cell gets a role: ``train``, ``val``, ``test`` or ``unused``. Co
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ import pandas as pd
 
 from vcell.data.dataset import CellIndex
 from vcell.errors import VcellError
+
+log = logging.getLogger(__name__)
 
 ROLES = ("train", "val", "test")
 CONTROL = "control"
@@ -208,5 +211,10 @@ def apply_split(index: CellIndex, cfg: SplitConfig) -> Split:
                     hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
                     raise VcellError(f"{src}: [fewshot.{key!r}] {role}: perturbation {p!r} has no cells in {key!r}{hint}")
             roles[in_ctx & np.isin(pert_names, perts)] = role
+    ctx_keys_with_controls = set(keys[index.is_control])
+    orphan = ~index.is_control & ~np.isin(keys, list(ctx_keys_with_controls)) & (roles != UNUSED)
+    if orphan.any():
+        log.warning("contexts without control cells are left out: %s", ", ".join(sorted(set(keys[orphan]))))
+        roles[orphan] = UNUSED
     roles[index.is_control] = CONTROL
     return Split(roles=roles.astype(str), config=cfg)

@@ -217,7 +217,8 @@ def _control_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Pro
         Problem(
             "control_absent_in_context",
             f"{where}: context {c!r} (column {spec.context_col!r}) has no control cells labelled "
-            f"{spec.control!r}; controls are the basal input of every context",
+            f"{spec.control!r}; controls are the basal input of every context (drop the context's cells, "
+            "or allow it with --allow-missing-controls)",
         )
         for c in missing
     ]
@@ -290,8 +291,14 @@ def context_summary(adata: ad.AnnData, spec: DataSpec) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def check(adata: ad.AnnData, spec: DataSpec, path=None, chunk_rows: int = 4096) -> CheckReport:
-    """Check ``adata`` against ``spec`` and collect a full report (summary and every problem)."""
+def check(
+    adata: ad.AnnData, spec: DataSpec, path=None, chunk_rows: int = 4096, require_context_controls: bool = True
+) -> CheckReport:
+    """Check ``adata`` against ``spec`` and collect a full report (summary and every problem).
+
+    ``require_context_controls=False`` turns a context without control cells into a warning
+    (its perturbed cells are then left out of splits) instead of a problem.
+    """
     where = _label(path)
     report = CheckReport(
         path=Path(where),
@@ -307,7 +314,11 @@ def check(adata: ad.AnnData, spec: DataSpec, path=None, chunk_rows: int = 4096) 
     report.problems += _gene_problems(adata, where)
     columns_ok = not any(p.kind == "missing_column" for p in report.problems)
     if columns_ok:
-        report.problems += _control_problems(adata, spec, where)
+        for problem in _control_problems(adata, spec, where):
+            if problem.kind == "control_absent_in_context" and not require_context_controls:
+                log.warning("%s; its perturbed cells will not be used", problem.message.split("; ")[0])
+            else:
+                report.problems.append(problem)
         report.contexts = context_summary(adata, spec)
         perts = adata.obs[spec.pert_col].astype(str)
         report.n_perturbations = int(perts[perts != spec.control].nunique())
@@ -317,9 +328,9 @@ def check(adata: ad.AnnData, spec: DataSpec, path=None, chunk_rows: int = 4096) 
     return report
 
 
-def validate(adata: ad.AnnData, spec: DataSpec, path=None) -> ExpressionInfo:
+def validate(adata: ad.AnnData, spec: DataSpec, path=None, require_context_controls: bool = True) -> ExpressionInfo:
     """Raise a one-line :class:`VcellError` for the first problem; return the expression type."""
-    report = check(adata, spec, path)
+    report = check(adata, spec, path, require_context_controls=require_context_controls)
     if report.problems:
         extra = f" (and {len(report.problems) - 1} more problem(s); run `vcell data check`)" if len(report.problems) > 1 else ""
         raise VcellError(report.problems[0].message + extra)

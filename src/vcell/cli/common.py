@@ -1,0 +1,54 @@
+"""Shared CLI pieces: options, consoles, logging and the data spec built from options."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from vcell.data.spec import DataSpec
+from vcell.errors import VcellError
+
+console = Console()
+err_console = Console(stderr=True)
+
+PertCol = Annotated[str, typer.Option("--pert-col", help="obs column with the perturbation label.")]
+Control = Annotated[str, typer.Option("--control", help="Label of control cells in the perturbation column.")]
+ContextCol = Annotated[str, typer.Option("--context-col", help="obs column with the cell context; 'none' for one context.")]
+BatchCol = Annotated[str | None, typer.Option("--batch-col", help="obs column with the batch (optional).")]
+Expression = Annotated[
+    str | None,
+    typer.Option("--expression", help="'counts' or 'log1p'; default: read from the file's metadata (logged)."),
+]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same numbers.")]
+
+
+def make_spec(pert_col: str, control: str, context_col: str, batch_col: str | None, expression: str | None) -> DataSpec:
+    """Build a :class:`DataSpec` from CLI options ('none' disables the context column)."""
+    if expression is not None and expression not in ("counts", "log1p"):
+        raise VcellError(f"--expression {expression!r}: use 'counts' or 'log1p'")
+    ctx = None if context_col.lower() in ("none", "") else context_col
+    return DataSpec(pert_col=pert_col, control=control, context_col=ctx, batch_col=batch_col or None, expression=expression)
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Log to stderr through rich; INFO by default so inferred settings are always shown."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    for noisy in ("numba", "matplotlib", "h5py", "fsspec", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def table(df, title: str | None = None) -> Table:
+    """A rich table of a pandas DataFrame."""
+    t = Table(title=title, show_lines=False, header_style="bold")
+    for col in df.columns:
+        t.add_column(str(col), justify="right" if df[col].dtype.kind in "iuf" else "left")
+    for row in df.itertuples(index=False):
+        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    return t

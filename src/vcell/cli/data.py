@@ -1,0 +1,209 @@
+"""``vcell data ...``: check, preprocess, split, simulate, list and fetch datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import pandas as pd
+import typer
+
+from vcell.cli.common import (
+    BatchCol,
+    ContextCol,
+    Control,
+    Expression,
+    PertCol,
+    Seed,
+    console,
+    make_spec,
+    table,
+)
+from vcell.errors import VcellError
+
+app = typer.Typer(help="Inspect, validate, preprocess, split and fetch perturbation datasets.", no_args_is_help=True)
+
+
+@app.command("check")
+def check_cmd(
+    file: Annotated[Path, typer.Argument(help="The .h5ad file to check.")],
+    pert_col: PertCol = "target_gene",
+    control: Control = "non-targeting",
+    context_col: ContextCol = "cell_type",
+    batch_col: BatchCol = None,
+    expression: Expression = None,
+    backed: Annotated[bool, typer.Option("--backed/--in-memory", help="Scan the matrix on disk (default) or load it.")] = True,
+) -> None:
+    """Summarise a dataset and list every problem found (exit code 1 if any)."""
+    from vcell.data.io import read_h5ad
+    from vcell.data.validate import check
+
+    spec = make_spec(pert_col, control, context_col, batch_col, expression)
+    adata = read_h5ad(file, backed=backed)
+    report = check(adata, spec, file)
+    expr = report.expression
+    lines = [
+        f"[bold]{file}[/bold]",
+        f"cells: {report.n_cells:,}   genes: {report.n_genes:,}   storage: {report.storage}",
+        f"perturbations: {report.n_perturbations:,} (column {spec.pert_col!r}, control {spec.control!r})",
+    ]
+    if expr is not None:
+        lines.append(f"expression: {expr.type} ({expr.how}: {expr.reason})")
+    console.print("\n".join(lines))
+    if report.contexts is not None:
+        console.print(table(report.contexts, title=f"per context ({spec.context_col or 'one context'})"))
+    if report.problems:
+        console.print(f"[red]{len(report.problems)} problem(s):[/red]")
+        for p in report.problems:
+            console.print(f"  - {p.message}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    console.print("[green]no problems found[/green]")
+
+
+@app.command("preprocess")
+def preprocess_cmd(
+    input: Annotated[Path, typer.Argument(help="Input .h5ad (never modified).")],
+    output: Annotated[Path, typer.Argument(help="Output .h5ad (written atomically).")],
+    pert_col: PertCol = "target_gene",
+    control: Control = "non-targeting",
+    context_col: ContextCol = "cell_type",
+    batch_col: BatchCol = None,
+    expression: Expression = None,
+    target_sum: Annotated[float, typer.Option(help="Counts per cell after normalize_total.")] = 1e4,
+    n_top_genes: Annotated[int, typer.Option(help="Number of highly variable genes.")] = 2000,
+    subset_hvg: Annotated[bool, typer.Option("--subset-hvg/--flag-hvg", help="Keep only HVGs (+targets) or only flag them.")] = True,
+    genes: Annotated[Path | None, typer.Option(help="Text file, one gene per line: keep these genes (instead of HVGs).")] = None,
+    knockdown_qc: Annotated[bool, typer.Option("--knockdown-qc/--no-knockdown-qc", help="Drop perturbations whose target is not knocked down.")] = False,
+    residual_expression: Annotated[float, typer.Option(help="Knockdown QC: max target expression vs control (perturbation level).")] = 0.30,
+    cell_residual_expression: Annotated[float | None, typer.Option(help="Knockdown QC: max target expression vs control per cell.")] = None,
+    min_cells: Annotated[int, typer.Option(help="Knockdown QC: drop groups left with fewer cells.")] = 30,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+) -> None:
+    """normalize_total + log1p + HVG selection (+ gene list, + on-target knockdown QC)."""
+    from vcell.data.io import check_output_path, read_h5ad
+    from vcell.data.preprocess import preprocess_file
+    from vcell.data.validate import validate
+
+    spec = make_spec(pert_col, control, context_col, batch_col, expression)
+    check_output_path(output, [input], overwrite=overwrite)
+    info = validate(read_h5ad(input, backed=True), spec, input)
+    summary = preprocess_file(
+        input,
+        output,
+        spec.with_(expression=info.type),
+        target_sum=target_sum,
+        n_top_genes=n_top_genes,
+        subset_hvg=subset_hvg,
+        genes=[g.strip() for g in genes.read_text().splitlines() if g.strip()] if genes else None,
+        knockdown_qc=knockdown_qc,
+        residual_expression=residual_expression,
+        cell_residual_expression=cell_residual_expression,
+        min_cells=min_cells,
+    )
+    rows = pd.DataFrame([{"item": k, "value": str(v)} for k, v in summary.items()])
+    console.print(table(rows, title=f"wrote {output}"))
+
+
+@app.command("split")
+def split_cmd(
+    file: Annotated[Path, typer.Argument(help="The .h5ad dataset.")],
+    split: Annotated[Path | None, typer.Option("--split", help="cell-load style split TOML.")] = None,
+    holdout_context: Annotated[list[str] | None, typer.Option("--holdout-context", help="Hold out a context for test (zero-shot); repeatable.")] = None,
+    val_context: Annotated[list[str] | None, typer.Option("--val-context", help="Hold out a context for validation; repeatable.")] = None,
+    pert_col: PertCol = "target_gene",
+    control: Control = "non-targeting",
+    context_col: ContextCol = "cell_type",
+    batch_col: BatchCol = None,
+    expression: Expression = None,
+    dataset_col: Annotated[str, typer.Option(help="obs column naming each cell's dataset (if present).")] = "dataset",
+    set_size: Annotated[int, typer.Option(help="Cells per cell set, for the count of sets.")] = 128,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the split as a TOML file.")] = None,
+    seed: Seed = 0,
+) -> None:
+    """Apply a split (TOML or --holdout-context) and print cells and cell sets per context and role."""
+    from vcell.data.cellsets import CellSetSampler
+    from vcell.data.dataset import load_dataset
+    from vcell.data.io import atomic_path
+    from vcell.data.splits import ROLES, apply_split, holdout_config, read_split_toml
+
+    if (split is None) == (not holdout_context):
+        raise VcellError("give exactly one of --split FILE or --holdout-context NAME")
+    spec = make_spec(pert_col, control, context_col, batch_col, expression)
+    data = load_dataset(file, spec, backed=True, dataset_col=dataset_col)
+    cfg = read_split_toml(split) if split else holdout_config(data.index, holdout_context, val_contexts=val_context or [])
+    result = apply_split(data.index, cfg)
+    console.print(table(result.summary(data.index), title=f"split of {file} ({cfg.source})"))
+    counts = {r: len(CellSetSampler(data.index, result, r, set_size, "random", train=(r == "train"), seed=seed).plan()) for r in ROLES}
+    console.print("cell sets of " + str(set_size) + ": " + ", ".join(f"{r} {n}" for r, n in counts.items()))
+    if out is not None:
+        if not cfg.datasets:
+            cfg.datasets = {str(d): file.resolve() for d in np.unique(data.index.datasets)}
+        with atomic_path(out) as tmp:
+            tmp.write_text(cfg.to_toml())
+        console.print(f"wrote {out}")
+
+
+@app.command("simulate")
+def simulate_cmd(
+    output: Annotated[Path, typer.Argument(help="Output .h5ad of raw counts (written atomically).")],
+    n_genes: Annotated[int, typer.Option(help="Genes.")] = 2000,
+    n_contexts: Annotated[int, typer.Option(help="Cell contexts.")] = 3,
+    n_perturbations: Annotated[int, typer.Option(help="Single-gene perturbations.")] = 40,
+    n_combinations: Annotated[int, typer.Option(help="Two-gene combinations (A+B).")] = 10,
+    cells_per_perturbation: Annotated[int, typer.Option(help="Cells per perturbation and context.")] = 100,
+    n_controls: Annotated[int, typer.Option(help="Control cells per context.")] = 600,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    seed: Seed = 0,
+) -> None:
+    """Simulate a Perturb-seq dataset (negative-binomial counts, several contexts)."""
+    from vcell.data.io import check_output_path, write_h5ad
+    from vcell.data.simulate import simulate_perturbseq
+
+    check_output_path(output, overwrite=overwrite)
+    adata = simulate_perturbseq(
+        n_genes=n_genes,
+        n_contexts=n_contexts,
+        n_perturbations=n_perturbations,
+        n_combinations=n_combinations,
+        cells_per_perturbation=cells_per_perturbation,
+        n_controls=n_controls,
+        seed=seed,
+    )
+    write_h5ad(adata, output)
+    console.print(f"wrote {output}: {adata.n_obs:,} cells x {adata.n_vars:,} genes")
+
+
+@app.command("list")
+def list_cmd(
+    registry: Annotated[Path | None, typer.Option(help="Extra registry TOML (also $VCELL_REGISTRY).")] = None,
+) -> None:
+    """List the datasets `vcell data fetch` knows."""
+    from vcell.data.registry import list_datasets, load_registry
+
+    rows = pd.DataFrame(list_datasets(load_registry(registry)))
+    console.print(table(rows, title="known datasets"))
+
+
+@app.command("fetch")
+def fetch_cmd(
+    name: Annotated[str, typer.Argument(help="Dataset name (see `vcell data list`).")],
+    cache_dir: Annotated[Path | None, typer.Option(help="Where to store it (default: user cache, or $VCELL_CACHE_DIR).")] = None,
+    registry: Annotated[Path | None, typer.Option(help="Extra registry TOML (also $VCELL_REGISTRY).")] = None,
+    force: Annotated[bool, typer.Option(help="Download again even if cached.")] = False,
+) -> None:
+    """Download a dataset into the cache (resumable, atomic, checksum-verified when known)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from vcell.data.registry import fetch, load_registry
+
+    reg = load_registry(registry)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console) as bar:
+        task = bar.add_task(f"fetch {name}", total=None)
+
+        def progress(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        path = fetch(name, cache_dir=cache_dir, registry=reg, force=force, progress=progress)
+    console.print(f"{name}: {path}")
+

@@ -1,0 +1,53 @@
+"""Shared test fixtures: the real datasets in ../shared/data and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("VCELL_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+MCFALINE = "mcfaline2023_norman2019.h5ad"
+KANG = "kang2018_ifnb.h5ad"
+PAPALEXI = "papalexi2021_thp1.h5ad"
+
+
+def shared_path(name: str) -> Path:
+    """Path of a real dataset in ../shared/data; skips the test with a clear reason if absent."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"real dataset {name} not found in {SHARED_DATA} (../shared/data beside the repo); skipping")
+    return path
+
+
+@pytest.fixture
+def mcfaline() -> Path:
+    return shared_path(MCFALINE)
+
+
+@pytest.fixture
+def kang() -> Path:
+    return shared_path(KANG)
+
+
+@pytest.fixture
+def papalexi() -> Path:
+    return shared_path(PAPALEXI)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m vcell ARGS`` in a real subprocess and return the completed process."""
+    full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "vcell", *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
