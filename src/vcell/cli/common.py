@@ -24,6 +24,10 @@ Expression = Annotated[
     str | None,
     typer.Option("--expression", help="'counts' or 'log1p'; default: read from the file's metadata (logged)."),
 ]
+AllowMissingControls = Annotated[
+    bool,
+    typer.Option("--allow-missing-controls", help="Accept contexts without control cells (their perturbed cells go unused)."),
+]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same numbers.")]
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 import typer
 
 from vcell.cli.common import (
+    AllowMissingControls,
     BatchCol,
     ContextCol,
     Control,
@@ -34,6 +35,7 @@ def check_cmd(
     batch_col: BatchCol = None,
     expression: Expression = None,
     backed: Annotated[bool, typer.Option("--backed/--in-memory", help="Scan the matrix on disk (default) or load it.")] = True,
+    allow_missing_controls: AllowMissingControls = False,
 ) -> None:
     """Summarise a dataset and list every problem found (exit code 1 if any)."""
     from vcell.data.io import read_h5ad
@@ -41,7 +43,7 @@ def check_cmd(
 
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
     adata = read_h5ad(file, backed=backed)
-    report = check(adata, spec, file)
+    report = check(adata, spec, file, require_context_controls=not allow_missing_controls)
     expr = report.expression
     lines = [
         f"[bold]{file}[/bold]",
@@ -79,6 +81,7 @@ def preprocess_cmd(
     cell_residual_expression: Annotated[float | None, typer.Option(help="Knockdown QC: max target expression vs control per cell.")] = None,
     min_cells: Annotated[int, typer.Option(help="Knockdown QC: drop groups left with fewer cells.")] = 30,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    allow_missing_controls: AllowMissingControls = False,
 ) -> None:
     """normalize_total + log1p + HVG selection (+ gene list, + on-target knockdown QC)."""
     from vcell.data.io import check_output_path, read_h5ad
@@ -87,7 +90,7 @@ def preprocess_cmd(
 
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
     check_output_path(output, [input], overwrite=overwrite)
-    info = validate(read_h5ad(input, backed=True), spec, input)
+    info = validate(read_h5ad(input, backed=True), spec, input, require_context_controls=not allow_missing_controls)
     summary = preprocess_file(
         input,
         output,
@@ -100,8 +103,9 @@ def preprocess_cmd(
         residual_expression=residual_expression,
         cell_residual_expression=cell_residual_expression,
         min_cells=min_cells,
+        overwrite=overwrite,
     )
-    rows = pd.DataFrame([{"item": k, "value": str(v)} for k, v in summary.items()])
+    rows = pd.DataFrame([{"item": k, "value": str(v)} for k, v in summary.items() if not isinstance(v, (list, dict))])
     console.print(table(rows, title=f"wrote {output}"))
 
 
@@ -119,6 +123,7 @@ def split_cmd(
     dataset_col: Annotated[str, typer.Option(help="obs column naming each cell's dataset (if present).")] = "dataset",
     set_size: Annotated[int, typer.Option(help="Cells per cell set, for the count of sets.")] = 128,
     out: Annotated[Path | None, typer.Option("--out", help="Write the split as a TOML file.")] = None,
+    allow_missing_controls: AllowMissingControls = False,
     seed: Seed = 0,
 ) -> None:
     """Apply a split (TOML or --holdout-context) and print cells and cell sets per context and role."""
@@ -130,7 +135,7 @@ def split_cmd(
     if (split is None) == (not holdout_context):
         raise VcellError("give exactly one of --split FILE or --holdout-context NAME")
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
-    data = load_dataset(file, spec, backed=True, dataset_col=dataset_col)
+    data = load_dataset(file, spec, backed=True, dataset_col=dataset_col, require_context_controls=not allow_missing_controls)
     cfg = read_split_toml(split) if split else holdout_config(data.index, holdout_context, val_contexts=val_context or [])
     result = apply_split(data.index, cfg)
     console.print(table(result.summary(data.index), title=f"split of {file} ({cfg.source})"))

@@ -63,7 +63,7 @@ def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike] = 
     """Refuse to write over an input file, or over an existing file unless ``overwrite``."""
     out = Path(out)
     for inp in inputs:
-        if Path(inp).exists() and out.exists() and out.resolve() == Path(inp).resolve():
+        if out.resolve() == Path(inp).resolve():
             raise VcellError(f"{out}: output path is the input file; inputs are never modified in place")
     if out.exists() and not overwrite:
         raise VcellError(f"{out}: output file already exists (pass --overwrite to replace it)")

@@ -1,0 +1,172 @@
+"""Control matching, cell sets, streaming rows and DataLoader workers, on the real datasets."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from vcell.data.cellsets import CellSetDataset, CellSetSampler, collate_cell_sets
+from vcell.data.dataset import load_dataset
+from vcell.data.rows import H5Rows, MemoryRows, row_source
+from vcell.data.spec import DataSpec
+from vcell.data.splits import apply_split, holdout_config
+from vcell.errors import VcellError
+
+MCF_SPEC = DataSpec(pert_col="perturbation", control="control", context_col="cell_type")
+KANG_SPEC = DataSpec(pert_col="stim", control="CTRL", context_col="seurat_annotations")
+PAP_SPEC = DataSpec(pert_col="target", control="non-targeting", context_col=None, batch_col="bio_rep")
+
+
+@pytest.fixture(scope="module")
+def mcf():
+    from conftest import MCFALINE, shared_path
+
+    data = load_dataset(shared_path(MCFALINE), MCF_SPEC, backed=True)
+    return data, apply_split(data.index, holdout_config(data.index, ["T98G"]))
+
+
+@pytest.fixture(scope="module")
+def pap():
+    from conftest import PAPALEXI, shared_path
+
+    data = load_dataset(shared_path(PAPALEXI), PAP_SPEC, backed=True)
+    return data
+
+
+def _plan_key(sets):
+    return [(s.context, s.perturbation, s.batch, s.pert_rows.tolist(), s.control_rows.tolist()) for s in sets]
+
+
+def test_train_sets_are_full_matched_and_deterministic(mcf):
+    data, split = mcf
+    idx = data.index
+    sampler = CellSetSampler(idx, split, "train", set_size=64, control_strategy="random", seed=3)
+    sets = sampler.plan(epoch=0)
+    assert sets and all(s.size == 64 for s in sets)
+    keys = idx.context_keys()
+    train_rows = np.flatnonzero(split.roles == "train")
+    for s in sets:
+        assert (idx.pert_codes[s.pert_rows] == s.pert_code).all()
+        assert len(set(keys[s.pert_rows])) == 1 and len(set(keys[s.control_rows])) == 1
+        assert keys[s.control_rows[0]] == keys[s.pert_rows[0]]  # controls of the same context
+        assert idx.is_control[s.control_rows].all()
+        assert np.isin(s.pert_rows, train_rows).all()
+        assert len(set(s.control_rows.tolist())) == 64  # 100 controls per line: drawn without replacement
+    # every training cell is used at least once per epoch
+    used = np.unique(np.concatenate([s.pert_rows for s in sets]))
+    assert np.array_equal(used, train_rows)
+    assert _plan_key(sets) == _plan_key(CellSetSampler(idx, split, "train", 64, "random", seed=3).plan(0))
+    assert _plan_key(sets) != _plan_key(sampler.plan(epoch=1))
+    assert _plan_key(sets) != _plan_key(CellSetSampler(idx, split, "train", 64, "random", seed=4).plan(0))
+
+
+def test_short_groups_padded_in_train_left_short_in_test(mcf):
+    data, split = mcf
+    idx = data.index
+    S = 128  # mcfaline groups have 46-100 cells: all shorter than S
+    train = CellSetSampler(idx, split, "train", S, "random", seed=0).plan()
+    for s in train:
+        group = np.flatnonzero((idx.pert_codes == s.pert_code) & (idx.context_keys() == f"{s.dataset}.{s.context}") & (split.roles == "train"))
+        assert s.size == S and s.n_distinct == len(group) < S
+        assert set(s.pert_rows.tolist()) == set(group.tolist())  # padding resamples the same group
+    test = CellSetSampler(idx, split, "test", 32, "random", train=False, seed=0).plan()
+    test_rows = np.flatnonzero(split.roles == "test")
+    rows = np.concatenate([s.pert_rows for s in test])
+    assert np.array_equal(np.sort(rows), test_rows)  # each held-out cell exactly once
+    assert any(s.size < 32 for s in test)
+    t98_ctrl = np.flatnonzero((idx.context_keys() == "mcfaline23.T98G") & idx.is_control)
+    for s in test:
+        assert s.context == "T98G" and np.isin(s.control_rows, t98_ctrl).all()
+        assert len(s.control_rows) == s.size
+
+
+def test_batch_matched_controls_with_fallback(pap):
+    idx = pap.index
+    sampler = CellSetSampler(idx, None, "train", 64, control_strategy="batch", seed=1)
+    sets = sampler.plan()
+    assert {s.batch for s in sets} == {"rep_1", "rep_2", "rep_3"}
+    for s in sets[:200]:
+        assert (idx.batch_codes[s.pert_rows] == s.batch_code).all()
+        assert (idx.batch_codes[s.control_rows] == s.batch_code).all()
+    # remove the controls of rep_2: its sets fall back to any control of the context
+    rep2 = int(np.flatnonzero(idx.batches == "rep_2")[0])
+    from vcell.data.splits import Split
+
+    roles = np.where(idx.is_control, "control", "train").astype(object)
+    roles[idx.is_control & (idx.batch_codes == rep2)] = "unused"
+    split = Split(roles=roles.astype(str), config=None)
+    fallback = [s for s in CellSetSampler(idx, split, "train", 64, "batch", seed=1).plan() if s.batch == "rep_2"]
+    assert fallback
+    ctrl_batches = np.unique(np.concatenate([idx.batch_codes[s.control_rows] for s in fallback]))
+    assert rep2 not in ctrl_batches and len(ctrl_batches) == 2
+
+
+def test_h5_rows_match_memory(tmp_path, pap, mcf):
+    rng = np.random.default_rng(0)
+    for path in (pap.path, mcf[0].path):
+        mem = ad.read_h5ad(path)
+        rows = rng.integers(0, mem.n_obs, 300)
+        rows[:5] = rows[0]  # repeats
+        rows[5:20] = np.arange(100, 115)  # a run of consecutive rows
+        h5 = H5Rows(path)
+        np.testing.assert_array_equal(h5.read(rows), MemoryRows(mem.X).read(rows))
+    dense = ad.read_h5ad(pap.path)[:500].copy()
+    dense.X = dense.X.toarray()
+    dense.write_h5ad(tmp_path / "dense.h5ad")
+    rows = rng.integers(0, 500, 100)
+    np.testing.assert_array_equal(H5Rows(tmp_path / "dense.h5ad").read(rows), dense.X[rows].astype(np.float32))
+    with pytest.raises(VcellError, match="no matrix at 'layers/counts'"):
+        H5Rows(pap.path, "layers/counts")
+
+
+def test_dataloader_workers_give_identical_batches(mcf):
+    data, split = mcf
+    sampler = CellSetSampler(data.index, split, "train", 32, "random", seed=5)
+
+    def batches(workers):
+        ds = CellSetDataset(sampler, row_source(data.adata, data.path), epoch=2)
+        loader = DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=collate_cell_sets)
+        return [b for _, b in zip(range(6), loader)]
+
+    single, multi = batches(0), batches(2)
+    for a, b in zip(single, multi, strict=True):
+        for key in a:
+            assert torch.equal(a[key], b[key])
+    mem = ad.read_h5ad(data.path)
+    s = sampler.plan(2)[0]
+    np.testing.assert_allclose(single[0]["target"][0].numpy(), mem.X[s.pert_rows].toarray(), rtol=1e-6)
+    np.testing.assert_allclose(single[0]["basal"][0].numpy(), mem.X[s.control_rows].toarray(), rtol=1e-6)
+    assert single[0]["pert"][0].item() == s.pert_code
+
+
+def test_collate_pads_short_sets(mcf):
+    data, split = mcf
+    sampler = CellSetSampler(data.index, split, "test", 40, "random", train=False, seed=0)
+    ds = CellSetDataset(sampler, row_source(data.adata, data.path))
+    sizes = [s.size for s in ds.sets]
+    short = int(np.argmin(sizes))
+    batch = collate_cell_sets([ds[0], ds[short]])
+    assert batch["target"].shape == (2, 40, data.adata.n_vars)
+    assert batch["mask"][1].sum().item() == sizes[short] < 40
+    assert batch["target"][1, sizes[short]:].abs().sum() == 0
+
+
+def test_kang_sets(kang):
+    data = load_dataset(kang, KANG_SPEC, backed=False, require_context_controls=False)
+    split = apply_split(data.index, holdout_config(data.index, ["CD14 Mono"]))
+    sets = CellSetSampler(data.index, split, "test", 64, "random", train=False, seed=0).plan()
+    assert sum(s.size for s in sets) == int(((data.adata.obs.seurat_annotations == "CD14 Mono") & (data.adata.obs.stim == "STIM")).sum())
+    # pDC has 4 controls: a set of 11 perturbed cells draws its controls with replacement from those 4
+    pdc = [s for s in CellSetSampler(data.index, split, "train", 11, "random", seed=0).plan() if s.context == "pDC"]
+    assert pdc and all(len(set(s.control_rows.tolist())) == 4 for s in pdc)
+
+
+def test_bad_sampler_options(mcf):
+    data, split = mcf
+    with pytest.raises(VcellError, match="cell set size must be >= 1"):
+        CellSetSampler(data.index, split, set_size=0)
+    with pytest.raises(VcellError, match="unknown control strategy 'nearest'"):
+        CellSetSampler(data.index, split, control_strategy="nearest")
