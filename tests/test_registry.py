@@ -425,3 +425,26 @@ def test_sha256_file_matches_hashlib(tmp_path):
     assert reg.sha256_file(path, chunk_size=1000) == hashlib.sha256(data).hexdigest()
     with pytest.raises(VcellError, match="f2.bin"):
         reg.sha256_file(tmp_path / "f2.bin")
+
+
+def test_cli_list_and_fetch_against_local_server(tmp_path, server, source):
+    from conftest import run_cli
+
+    server.files["/norman.h5ad"] = (source, '"v1"')
+    registry = write_registry(
+        tmp_path / "registry.toml",
+        {"local": {"url": f"{server.base}/norman.h5ad", "filename": "norman.h5ad", "pert_col": "perturbation",
+                   "control": "control", "context_col": "cell_type", "perturbation_type": "CRISPRi",
+                   "sha256": hashlib.sha256(source).hexdigest()}},
+    )
+    env = {"no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
+    listing = run_cli("data", "list", "--registry", registry, env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert "local" in listing.stdout and "norman2019" in listing.stdout and "pinned" in listing.stdout
+    cache = tmp_path / "cache"
+    got = run_cli("data", "fetch", "local", "--registry", registry, "--cache-dir", cache, env=env)
+    assert got.returncode == 0, got.stderr
+    assert (cache / "norman.h5ad").read_bytes() == source
+    assert leftovers(cache) == []
+    unknown = run_cli("data", "fetch", "normann2019", "--cache-dir", cache, env=env)
+    assert unknown.returncode == 2 and "norman2019" in unknown.stderr and "Traceback" not in unknown.stderr

@@ -51,8 +51,19 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
 def table(df, title: str | None = None) -> Table:
     """A rich table of a pandas DataFrame."""
     t = Table(title=title, show_lines=False, header_style="bold")
-    for col in df.columns:
-        t.add_column(str(col), justify="right" if df[col].dtype.kind in "iuf" else "left")
+    for i, col in enumerate(df.columns):
+        t.add_column(str(col), justify="right" if df[col].dtype.kind in "iuf" else "left", no_wrap=i == 0)
     for row in df.itertuples(index=False):
         t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
     return t
+
+
+def split_view(summary):
+    """Compact view of a split summary: 'perturbations / cells' per role, empty roles hidden."""
+    import pandas as pd
+
+    view = pd.DataFrame({"context": summary["context"], "controls": summary["controls"]})
+    for role in ("train", "val", "test", "unused"):
+        if summary[f"{role}_cells"].sum() > 0:
+            view[f"{role} (perts/cells)"] = [f"{p} / {c}" for p, c in zip(summary[f"{role}_perts"], summary[f"{role}_cells"])]
+    return view

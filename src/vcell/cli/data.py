@@ -19,6 +19,7 @@ from vcell.cli.common import (
     Seed,
     console,
     make_spec,
+    split_view,
     table,
 )
 from vcell.errors import VcellError
@@ -138,7 +139,7 @@ def split_cmd(
     data = load_dataset(file, spec, backed=True, dataset_col=dataset_col, require_context_controls=not allow_missing_controls)
     cfg = read_split_toml(split) if split else holdout_config(data.index, holdout_context, val_contexts=val_context or [])
     result = apply_split(data.index, cfg)
-    console.print(table(result.summary(data.index), title=f"split of {file} ({cfg.source})"))
+    console.print(table(split_view(result.summary(data.index)), title=f"split of {file} ({cfg.source})"))
     counts = {r: len(CellSetSampler(data.index, result, r, set_size, "random", train=(r == "train"), seed=seed).plan()) for r in ROLES}
     console.print("cell sets of " + str(set_size) + ": " + ", ".join(f"{r} {n}" for r, n in counts.items()))
     if out is not None:
@@ -187,7 +188,11 @@ def list_cmd(
     from vcell.data.registry import list_datasets, load_registry
 
     rows = pd.DataFrame(list_datasets(load_registry(registry)))
-    console.print(table(rows, title="known datasets"))
+    rows["sha256"] = ["unknown" if c.startswith("checksum unknown") else "pinned" for c in rows["checksum"]]
+    rows = rows.rename(columns={"perturbation": "type"})
+    cols = ["name", "type", "citation"] + (["size"] if (rows["size"] != "unknown").any() else []) + ["sha256", "cached"]
+    console.print(table(rows[cols], title="known datasets"))
+    console.print("details (URL, columns, citation): see `vcell.data.registry` or pass --registry FILE to add or pin entries")
 
 
 @app.command("fetch")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from vcell.cli.common import Seed, console, table
+from vcell.cli.common import Seed, console, split_view, table
 
 
 def demo(
@@ -39,7 +39,7 @@ def demo(
     held = holdout_context or str(data.index.contexts[-1])
     split = apply_split(data.index, holdout_config(data.index, [held]))
     console.print(f"3. split: context {held!r} held out (zero-shot); its controls stay available as basal input")
-    console.print(table(split.summary(data.index)))
+    console.print(table(split_view(split.summary(data.index))))
 
     rows = row_source(data.adata, path)
     for role in ROLES:

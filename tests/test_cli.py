@@ -1,0 +1,61 @@
+"""The `vcell` command end to end, in real subprocesses."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+from conftest import run_cli
+
+from vcell import __version__
+
+
+def test_version_and_help():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"vcell {__version__}"
+    helped = run_cli("data", "--help")
+    assert helped.returncode == 0
+    for command in ("check", "preprocess", "split", "simulate", "list", "fetch"):
+        assert command in helped.stdout
+
+
+def test_demo_runs(tmp_path):
+    result = run_cli("demo", "--out", tmp_path / "demo", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert "demo done" in result.stdout and "held out" in result.stdout
+    assert "train:" in result.stdout and "test:" in result.stdout
+    assert (tmp_path / "demo" / "simulated.h5ad").exists()
+
+
+def test_simulate_is_seeded_and_never_overwrites(tmp_path):
+    args = ["--n-genes", "300", "--n-contexts", "2", "--n-perturbations", "8", "--n-combinations", "2",
+            "--cells-per-perturbation", "20", "--n-controls", "50"]
+    a, b, c = (tmp_path / n for n in ("a.h5ad", "b.h5ad", "c.h5ad"))
+    for path, seed in ((a, "5"), (b, "5"), (c, "6")):
+        result = run_cli("data", "simulate", path, *args, "--seed", seed)
+        assert result.returncode == 0, result.stderr
+    xa, xb, xc = (ad.read_h5ad(p).X.toarray() for p in (a, b, c))
+    assert np.array_equal(xa, xb) and not np.array_equal(xa, xc)
+    before = a.read_bytes()
+    again = run_cli("data", "simulate", a, *args, "--seed", "9")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert a.read_bytes() == before
+    check = run_cli("data", "check", a, "--batch-col", "gem_group")
+    assert check.returncode == 0 and "counts" in check.stdout and "no problems found" in check.stdout
+
+
+def test_preprocess_cli_on_real_counts(kang, tmp_path):
+    out = tmp_path / "kang_pre.h5ad"
+    result = run_cli("data", "preprocess", kang, out, "--pert-col", "stim", "--control", "CTRL",
+                     "--context-col", "seurat_annotations", "--allow-missing-controls", "--n-top-genes", "500")
+    assert result.returncode == 0, result.stderr
+    pre = ad.read_h5ad(out)
+    assert pre.n_vars == 500 and "counts" in pre.layers
+    raw = ad.read_h5ad(kang)
+    totals = raw.X.sum(axis=1).A1  # library size over all genes, before the HVG subset
+    expected = pre.layers["counts"].toarray() / totals[:, None] * 1e4
+    np.testing.assert_allclose(np.expm1(pre.X.toarray()), expected, rtol=1e-4, atol=1e-4)
+    assert np.array_equal(pre.layers["counts"].toarray(), raw[:, pre.var_names].X.toarray())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kang_pre.h5ad"]  # no temp file left
+    refused = run_cli("data", "preprocess", kang, kang, "--pert-col", "stim", "--control", "CTRL",
+                      "--context-col", "seurat_annotations", "--allow-missing-controls")
+    assert refused.returncode == 2 and "inputs are never modified" in refused.stderr
