@@ -97,7 +97,7 @@ def test_batch_matched_controls_with_fallback(pap):
 
     roles = np.where(idx.is_control, "control", "train").astype(object)
     roles[idx.is_control & (idx.batch_codes == rep2)] = "unused"
-    split = Split(roles=roles.astype(str), config=None)
+    split = Split.from_roles(roles)
     fallback = [s for s in CellSetSampler(idx, split, "train", 64, "batch", seed=1).plan() if s.batch == "rep_2"]
     assert fallback
     ctrl_batches = np.unique(np.concatenate([idx.batch_codes[s.control_rows] for s in fallback]))

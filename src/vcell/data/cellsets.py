@@ -92,7 +92,7 @@ class CellSetSampler:
         by_batch = control_strategy == "batch"
         mask = split.mask(role) if split is not None else None
         self.groups = index.groups(by_batch=by_batch, mask=mask)
-        is_ctrl = index.is_control if split is None else (split.roles == CONTROL)
+        is_ctrl = index.is_control if split is None else split.mask(CONTROL)
         self._controls_by_context = self._pools(np.flatnonzero(is_ctrl), by_batch=False)
         self._controls_by_batch = self._pools(np.flatnonzero(is_ctrl), by_batch=True) if by_batch else {}
         missing = {

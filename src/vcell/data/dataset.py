@@ -11,13 +11,9 @@ import numpy as np
 import pandas as pd
 
 from vcell.data.io import read_h5ad
+from vcell.data.labels import factorize
 from vcell.data.spec import SINGLE_CONTEXT, DataSpec
 from vcell.data.validate import ExpressionInfo, validate
-
-
-def _codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    cat = pd.Categorical(values.astype(str))
-    return np.asarray(cat.codes, dtype=np.int32), np.asarray(cat.categories, dtype=object)
 
 
 @dataclass
@@ -28,7 +24,6 @@ class CellIndex:
     cells; splits and cell-set samplers work on these arrays, never on the matrix.
     """
 
-    obs_names: np.ndarray
     pert_codes: np.ndarray
     perts: np.ndarray
     context_codes: np.ndarray
@@ -43,18 +38,19 @@ class CellIndex:
     def from_obs(cls, obs: pd.DataFrame, spec: DataSpec, dataset_col: str | None = None, dataset_name: str = "data") -> CellIndex:
         """Build the index from ``obs``; ``dataset_col`` (if present in ``obs``) names each cell's dataset."""
         n = len(obs)
-        pert_codes, perts = _codes(obs[spec.pert_col])
-        const = pd.Series(np.full(n, SINGLE_CONTEXT, dtype=object), index=obs.index)
-        context_codes, contexts = _codes(obs[spec.context_col] if spec.context_col else const)
-        batch_codes, batches = _codes(obs[spec.batch_col] if spec.batch_col else const)
-        if dataset_col and dataset_col in obs.columns:
-            dataset_codes, datasets = _codes(obs[dataset_col])
-        else:
-            dataset_codes, datasets = np.zeros(n, np.int32), np.array([dataset_name], dtype=object)
+
+        def codes(col: str | None, default: str) -> tuple[np.ndarray, np.ndarray]:
+            if col is None or col not in obs.columns:
+                return np.zeros(n, np.int32), np.array([default], dtype=object)
+            return factorize(obs[col])
+
+        pert_codes, perts = codes(spec.pert_col, "")
+        context_codes, contexts = codes(spec.context_col, SINGLE_CONTEXT)
+        batch_codes, batches = codes(spec.batch_col, SINGLE_CONTEXT)
+        dataset_codes, datasets = codes(dataset_col, dataset_name)
         matches = np.flatnonzero(perts == spec.control)
         control_code = int(matches[0]) if matches.size else -1
         return cls(
-            obs_names=np.asarray(obs.index, dtype=object),
             pert_codes=pert_codes,
             perts=perts,
             context_codes=context_codes,
@@ -76,10 +72,19 @@ class CellIndex:
         """Boolean mask of control cells."""
         return self.pert_codes == self.control_code
 
+    @property
+    def context_key_names(self) -> np.ndarray:
+        """Every possible ``"dataset.context"`` key, indexed by :attr:`context_key_codes`."""
+        return np.array([f"{d}.{c}" for d in self.datasets for c in self.contexts], dtype=object)
+
+    @property
+    def context_key_codes(self) -> np.ndarray:
+        """Each cell's (dataset, context) as one integer code into :attr:`context_key_names`."""
+        return self.dataset_codes * len(self.contexts) + self.context_codes
+
     def context_keys(self) -> np.ndarray:
-        """Each cell's ``"dataset.context"`` key, the form split files use."""
-        keys = np.array([f"{d}.{c}" for d in self.datasets for c in self.contexts], dtype=object)
-        return keys[self.dataset_codes * len(self.contexts) + self.context_codes]
+        """Each cell's ``"dataset.context"`` key as a string (one object per cell: small data only)."""
+        return self.context_key_names[self.context_key_codes]
 
     def groups(self, by_batch: bool = False, mask: np.ndarray | None = None) -> pd.DataFrame:
         """Perturbed (non-control) groups: one row per (dataset, context, perturbation[, batch]).

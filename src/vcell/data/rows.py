@@ -33,6 +33,9 @@ class MemoryRows:
 
     def __init__(self, X):
         self.X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
+        if sp.issparse(self.X) and self.X.indices.dtype != self.X.indptr.dtype:
+            # mixed 32/64-bit index arrays make scipy copy the whole index array on every row read
+            self.X.indices = self.X.indices.astype(self.X.indptr.dtype)
         self.shape = self.X.shape
 
     def read(self, rows: np.ndarray) -> np.ndarray:

@@ -133,7 +133,7 @@ def holdout_config(index: CellIndex, contexts: list[str], role: str = "test", va
 
 
 def _all_context_keys(index: CellIndex) -> list[str]:
-    return sorted(pd.unique(index.context_keys()))
+    return sorted(index.context_key_names[np.unique(index.context_key_codes)])
 
 
 def _resolve_context(index: CellIndex, name: str, source: str) -> list[str]:
@@ -148,29 +148,50 @@ def _resolve_context(index: CellIndex, name: str, source: str) -> list[str]:
     raise VcellError(f"{source}: unknown context {name!r}{hint} (contexts: {', '.join(keys)})")
 
 
+ROLE_NAMES = np.array((*ROLES, CONTROL, UNUSED), dtype=object)
+_CODE = {name: np.int8(i) for i, name in enumerate(ROLE_NAMES)}
+
+
 @dataclass
 class Split:
-    """A split applied to data: the role of every cell."""
+    """A split applied to data: the role of every cell, as small integer codes."""
 
-    roles: np.ndarray
+    role_codes: np.ndarray
     config: SplitConfig
+
+    @classmethod
+    def from_roles(cls, roles, config: SplitConfig | None = None) -> Split:
+        """Build from per-cell role names (``train``, ``val``, ``test``, ``control``, ``unused``)."""
+        roles = np.asarray(roles)
+        codes = np.full(roles.shape, -1, dtype=np.int8)
+        for name, code in _CODE.items():
+            codes[roles == name] = code
+        if (codes < 0).any():
+            raise VcellError(f"unknown split role {roles[codes < 0][0]!r}; roles are {', '.join(ROLE_NAMES)}")
+        return cls(role_codes=codes, config=config or SplitConfig())
+
+    @property
+    def roles(self) -> np.ndarray:
+        """Each cell's role name (one object per cell: for small data and inspection)."""
+        return ROLE_NAMES[self.role_codes]
 
     def mask(self, role: str) -> np.ndarray:
         """Boolean mask of the cells with ``role``."""
-        return self.roles == role
+        return self.role_codes == _CODE[role]
 
     def summary(self, index: CellIndex) -> pd.DataFrame:
         """Per context: controls, and perturbations/cells in each role."""
-        df = pd.DataFrame({"context": index.context_keys(), "role": self.roles, "pert": index.perts[index.pert_codes]})
+        keys = index.context_key_codes
         rows = []
-        for ctx, sub in df.groupby("context", sort=True):
-            row = {"context": ctx, "controls": int((sub.role == CONTROL).sum())}
+        for key in np.unique(keys):
+            in_ctx = keys == key
+            row = {"context": index.context_key_names[key], "controls": int((in_ctx & self.mask(CONTROL)).sum())}
             for role in ROLES + (UNUSED,):
-                part = sub[sub.role == role]
-                row[f"{role}_perts"] = int(part.pert.nunique())
-                row[f"{role}_cells"] = len(part)
+                part = in_ctx & self.mask(role)
+                row[f"{role}_perts"] = len(np.unique(index.pert_codes[part]))
+                row[f"{role}_cells"] = int(part.sum())
             rows.append(row)
-        return pd.DataFrame(rows)
+        return pd.DataFrame(rows).sort_values("context", ignore_index=True)
 
 
 def apply_split(index: CellIndex, cfg: SplitConfig) -> Split:
@@ -187,34 +208,36 @@ def apply_split(index: CellIndex, cfg: SplitConfig) -> Split:
             close = difflib.get_close_matches(name, datasets, n=2)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             raise VcellError(f"{src}: unknown dataset {name!r}{hint} (datasets in the data: {', '.join(datasets)})")
-    keys = index.context_keys()
+    key_names = list(index.context_key_names)
     known_keys = set(_all_context_keys(index))
     for key in (*cfg.zeroshot, *cfg.fewshot):
         if key not in known_keys:
             _resolve_context(index, key, src)  # raises with suggestions
             raise VcellError(f"{src}: unknown context {key!r}")
 
+    keys = index.context_key_codes
     training = set(cfg.training) if cfg.training else set(datasets)
-    dataset_of_cell = index.datasets[index.dataset_codes]
-    roles = np.where(np.isin(dataset_of_cell, list(training)), "train", UNUSED).astype(object)
+    train_datasets = [i for i, d in enumerate(datasets) if d in training]
+    codes = np.where(np.isin(index.dataset_codes, train_datasets), _CODE["train"], _CODE[UNUSED]).astype(np.int8)
     for key, role in cfg.zeroshot.items():
-        roles[keys == key] = role
-    pert_names = index.perts[index.pert_codes]
+        codes[keys == key_names.index(key)] = _CODE[role]
+    pert_lookup = {str(p): i for i, p in enumerate(index.perts)}
     for key, by_role in cfg.fewshot.items():
-        in_ctx = keys == key
-        present = set(pert_names[in_ctx])
-        roles[in_ctx & (roles == UNUSED)] = "train"
+        in_ctx = keys == key_names.index(key)
+        present = {str(index.perts[c]) for c in np.unique(index.pert_codes[in_ctx])}
+        codes[in_ctx & (codes == _CODE[UNUSED])] = _CODE["train"]
         for role, perts in by_role.items():
             for p in perts:
                 if p not in present:
                     close = difflib.get_close_matches(p, sorted(present), n=2)
                     hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
                     raise VcellError(f"{src}: [fewshot.{key!r}] {role}: perturbation {p!r} has no cells in {key!r}{hint}")
-            roles[in_ctx & np.isin(pert_names, perts)] = role
-    ctx_keys_with_controls = set(keys[index.is_control])
-    orphan = ~index.is_control & ~np.isin(keys, list(ctx_keys_with_controls)) & (roles != UNUSED)
+            codes[in_ctx & np.isin(index.pert_codes, [pert_lookup[p] for p in perts])] = _CODE[role]
+    with_controls = np.unique(keys[index.is_control])
+    orphan = ~index.is_control & ~np.isin(keys, with_controls) & (codes != _CODE[UNUSED])
     if orphan.any():
-        log.warning("contexts without control cells are left out: %s", ", ".join(sorted(set(keys[orphan]))))
-        roles[orphan] = UNUSED
-    roles[index.is_control] = CONTROL
-    return Split(roles=roles.astype(str), config=cfg)
+        names = sorted({key_names[k] for k in np.unique(keys[orphan])})
+        log.warning("contexts without control cells are left out: %s", ", ".join(names))
+        codes[orphan] = _CODE[UNUSED]
+    codes[index.is_control] = _CODE[CONTROL]
+    return Split(role_codes=codes, config=cfg)

@@ -16,8 +16,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from vcell.data.labels import blank_codes, factorize
 from vcell.data.matrix import block_values, iter_row_chunks, locate, storage_kind
-from vcell.data.spec import EXPRESSION_TYPES, DataSpec
+from vcell.data.spec import EXPRESSION_TYPES, SINGLE_CONTEXT, DataSpec
 from vcell.errors import VcellError
 
 log = logging.getLogger(__name__)
@@ -182,8 +183,8 @@ def _column_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Prob
                 )
             )
             continue
-        values = obs[col]
-        empty = values.isna().to_numpy() | (values.astype(str).str.strip() == "").to_numpy()
+        codes, names = factorize(obs[col])
+        empty = (codes == -1) | np.isin(codes, blank_codes(names))
         if empty.any():
             first = obs.index[int(np.argmax(empty))]
             problems.append(
@@ -198,21 +199,21 @@ def _column_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Prob
 
 def _control_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Problem]:
     obs = adata.obs
-    perts = obs[spec.pert_col].astype(str)
-    is_ctrl = (perts == spec.control).to_numpy()
-    if not is_ctrl.any():
+    pert_codes, perts = factorize(obs[spec.pert_col])
+    if spec.control not in set(perts):
         return [
             Problem(
                 "control_absent",
                 f"{where}: control label {spec.control!r} not found in column {spec.pert_col!r}"
-                f"{_did_you_mean(spec.control, perts.unique())} (values: {_preview(sorted(perts.unique()))})",
+                f"{_did_you_mean(spec.control, perts)} (values: {_preview(perts)})",
             )
         ]
     if spec.context_col is None:
         return []
-    contexts = obs[spec.context_col].astype(str).to_numpy()
-    with_ctrl = set(contexts[is_ctrl])
-    missing = [c for c in pd.unique(contexts) if c not in with_ctrl]
+    is_ctrl = pert_codes == int(np.flatnonzero(perts == spec.control)[0])
+    ctx_codes, contexts = factorize(obs[spec.context_col])
+    with_ctrl = np.zeros(len(contexts), dtype=bool)
+    with_ctrl[np.unique(ctx_codes[is_ctrl & (ctx_codes >= 0)])] = True
     return [
         Problem(
             "control_absent_in_context",
@@ -220,7 +221,7 @@ def _control_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Pro
             f"{spec.control!r}; controls are the basal input of every context (drop the context's cells, "
             "or allow it with --allow-missing-controls)",
         )
-        for c in missing
+        for c in contexts[~with_ctrl]
     ]
 
 
@@ -273,22 +274,20 @@ def _value_problems(adata: ad.AnnData, stats: MatrixStats, expression: str | Non
 def context_summary(adata: ad.AnnData, spec: DataSpec) -> pd.DataFrame:
     """Per context: cells, control cells, perturbed cells and number of perturbations."""
     obs = adata.obs
-    perts = obs[spec.pert_col].astype(str)
-    contexts = obs[spec.context_col].astype(str) if spec.context_col else pd.Series("all", index=obs.index)
-    is_ctrl = perts == spec.control
-    df = pd.DataFrame({"context": contexts.to_numpy(), "pert": perts.to_numpy(), "ctrl": is_ctrl.to_numpy()})
-    rows = []
-    for ctx, sub in df.groupby("context", sort=True, observed=True):
-        rows.append(
-            {
-                "context": ctx,
-                "cells": len(sub),
-                "controls": int(sub.ctrl.sum()),
-                "perturbed": int((~sub.ctrl).sum()),
-                "perturbations": int(sub.loc[~sub.ctrl, "pert"].nunique()),
-            }
-        )
-    return pd.DataFrame(rows)
+    pert_codes, perts = factorize(obs[spec.pert_col])
+    if spec.context_col:
+        ctx_codes, contexts = factorize(obs[spec.context_col])
+    else:
+        ctx_codes, contexts = np.zeros(len(obs), np.int32), np.array([SINGLE_CONTEXT], dtype=object)
+    is_ctrl = pert_codes == (int(np.flatnonzero(perts == spec.control)[0]) if spec.control in set(perts) else -2)
+    n = len(contexts)
+    cells = np.bincount(ctx_codes[ctx_codes >= 0], minlength=n)
+    controls = np.bincount(ctx_codes[is_ctrl & (ctx_codes >= 0)], minlength=n)
+    pairs = np.unique(np.stack([ctx_codes, pert_codes])[:, ~is_ctrl & (ctx_codes >= 0) & (pert_codes >= 0)], axis=1)
+    n_perts = np.bincount(pairs[0], minlength=n) if pairs.size else np.zeros(n, int)
+    return pd.DataFrame(
+        {"context": contexts, "cells": cells, "controls": controls, "perturbed": cells - controls, "perturbations": n_perts}
+    )
 
 
 def check(
@@ -320,8 +319,8 @@ def check(
             else:
                 report.problems.append(problem)
         report.contexts = context_summary(adata, spec)
-        perts = adata.obs[spec.pert_col].astype(str)
-        report.n_perturbations = int(perts[perts != spec.control].nunique())
+        _, perts = factorize(adata.obs[spec.pert_col])
+        report.n_perturbations = int(np.sum(perts != spec.control))
     stats = scan_matrix(adata.X, chunk_rows)
     report.expression = infer_expression_type(adata, spec.expression, stats, path)
     report.problems += _value_problems(adata, stats, report.expression.type, where)

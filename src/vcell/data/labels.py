@@ -1,0 +1,35 @@
+"""Per-cell labels as integer codes, without building one Python string per cell.
+
+Large datasets have millions of cells but only thousands of distinct labels; every per-cell
+operation in the data layer works on these codes so memory stays flat as files grow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def factorize(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes (``-1`` for missing) and the sorted distinct labels, as strings.
+
+    Categorical columns reuse their codes; unused categories are dropped. Labels are compared
+    as strings, so ``1`` and ``"1"`` are the same label.
+    """
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        cat = values.cat.remove_unused_categories()
+        codes = np.asarray(cat.cat.codes, dtype=np.int32)
+        names = np.asarray(cat.cat.categories.astype(str), dtype=object)
+    else:
+        codes, uniques = pd.factorize(values, sort=False, use_na_sentinel=True)
+        codes = codes.astype(np.int32, copy=False)
+        names = np.asarray(pd.Index(uniques).astype(str), dtype=object)
+    # merge labels that are equal as strings, then sort, remapping codes once
+    unique_names, merged = np.unique(names.astype(str), return_inverse=True)
+    lookup = np.append(merged.astype(np.int32), -1)  # code -1 stays -1
+    return lookup[codes], np.asarray(unique_names, dtype=object)
+
+
+def blank_codes(names: np.ndarray) -> np.ndarray:
+    """Codes of labels that are empty or whitespace (or the strings 'nan'/'None' from missing values)."""
+    return np.flatnonzero([str(n).strip() in ("", "nan", "None") for n in names])
