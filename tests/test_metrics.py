@@ -27,6 +27,7 @@ import scipy.sparse as sp
 pl = pytest.importorskip("polars", reason="polars (a cell-eval dependency) is needed to run the cell-eval oracle")
 pytest.importorskip("cell_eval", reason="cell-eval 0.8.2 (test extra) is the oracle for these tests")
 
+from eval_cases import SCENARIOS  # noqa: E402
 from vcell.errors import VcellError  # noqa: E402
 from vcell.eval.metrics import (  # noqa: E402
     REGISTRY,
@@ -44,6 +45,8 @@ from vcell.eval.metrics import (  # noqa: E402
     mean_pairwise_distance,
 )
 from vcell.eval.profiles import PERTURBATION_COLUMN, PROFILES, compute_results, profile_metrics  # noqa: E402
+from vcell.eval.inputs import check_pair  # noqa: E402
+from vcell.eval.run import EvalResult, evaluate  # noqa: E402
 from vcell.eval.scoring import STATISTICS, agg_results  # noqa: E402
 
 ATOL = 1e-6
@@ -64,10 +67,14 @@ class Case:
     de: DEData
     real_de: pd.DataFrame
     pred_de: pd.DataFrame
+    pipeline: EvalResult  # vcell end to end: its own input checks, DE engine and metrics
 
 
 def run_both(real: ad.AnnData, pred: ad.AnnData, pert_col: str, control: str, outdir) -> Case:
     from cell_eval import MetricsEvaluator
+
+    # vcell first, on untouched copies (cell-eval normalises integer input in place)
+    pipeline = evaluate(check_pair(pred.copy(), real.copy(), pert_col, control), "full", threads=2)
 
     evaluator = MetricsEvaluator(
         adata_pred=pred,
@@ -87,117 +94,9 @@ def run_both(real: ad.AnnData, pred: ad.AnnData, pert_col: str, control: str, ou
     pair = evaluator.anndata_pair
     expression = ExpressionData.from_anndata(pair.real, pair.pred, pert_col=pert_col, control=control)
     ours = compute_results(expression, de, "full")
-    return Case(reference, reference_agg, ours, de, real_de, pred_de)
+    return Case(reference, reference_agg, ours, de, real_de, pred_de, pipeline)
 
 
-def _cap_cells(adata: ad.AnnData, col: str, n: int, seed: int = 0) -> ad.AnnData:
-    rng = np.random.default_rng(seed)
-    rows = [rng.permutation(idx)[:n] for idx in adata.obs.groupby(col, observed=True).indices.values()]
-    return adata[np.sort(np.concatenate(rows))].copy()
-
-
-def _only(adata: ad.AnnData, col: str) -> ad.AnnData:
-    adata.obs = pd.DataFrame({col: adata.obs[col].astype(str).to_numpy()}, index=adata.obs_names)
-    return adata
-
-
-def simulated() -> tuple[ad.AnnData, ad.AnnData, str, str]:
-    """10 perturbations + controls, 300 genes, log1p; pred = real + noise, shifted genes, and three
-    perturbations' cells relabelled among each other."""
-    rng = np.random.default_rng(7)
-    n_genes = 300
-    perts = [f"G{i}" for i in range(10)]
-    genes = perts[:6] + [f"gene{i}" for i in range(n_genes - 6)]  # six perturbations target a measured gene
-    base = rng.gamma(2.0, 0.6, n_genes)
-    blocks, labels = [], []
-    for p in ["non-targeting", *perts]:
-        effect = np.zeros(n_genes)
-        if p not in ("non-targeting", "G9"):  # G9 has no effect, hence no significant gene
-            hit = rng.random(n_genes) < 0.15
-            effect[hit] = rng.normal(0.0, 1.0, hit.sum())
-        if p in genes:
-            effect[genes.index(p)] = -2.5
-        n = int(rng.integers(40, 70))
-        depth = rng.gamma(5.0, 0.2, (n, 1))
-        blocks.append(rng.poisson(base * np.exp(effect) * depth))
-        labels += [p] * n
-    counts = np.vstack(blocks).astype(np.float64)
-    X = np.log1p(counts / np.clip(counts.sum(axis=1, keepdims=True), 1, None) * 1e3).astype(np.float32)
-    obs = pd.DataFrame({"target": labels}, index=[f"c{i}" for i in range(len(labels))])
-    real = ad.AnnData(X, obs=obs, var=pd.DataFrame(index=genes))
-
-    noisy = X + rng.normal(0.0, 0.3, X.shape).astype(np.float32) * (X > 0)
-    noisy[:, 100:120] += np.float32(0.4) * (np.asarray(labels) != "non-targeting")[:, None]
-    pred_labels = np.asarray(labels).copy()
-    swap = {"G6": "G7", "G7": "G8", "G8": "G6"}
-    pred_labels = np.array([swap.get(p, p) for p in pred_labels])
-    pred = ad.AnnData(
-        np.clip(noisy, 0, None).astype(np.float32),
-        obs=pd.DataFrame({"target": pred_labels}, index=[f"p{i}" for i in range(len(labels))]),
-        var=pd.DataFrame(index=genes),
-    )
-    return real, pred, "target", "non-targeting"
-
-
-def papalexi() -> tuple[ad.AnnData, ad.AnnData, str, str]:
-    """THP-1 CRISPR KO, raw counts (cell-eval normalises them); 8 targets; real = replicate 1,
-    pred = the same targets' cells of replicate 2."""
-    from conftest import PAPALEXI, shared_path
-
-    data = ad.read_h5ad(shared_path(PAPALEXI))
-    keep = ["non-targeting", "IFNGR1", "IRF1", "JAK2", "STAT1", "SMAD4", "MYC", "CUL3", "SPI1"]
-    data = data[data.obs["target"].isin(keep)]
-    real = _cap_cells(data[data.obs["bio_rep"] == "rep_1"], "target", 150)
-    pred = _cap_cells(data[data.obs["bio_rep"] == "rep_2"], "target", 150)
-    return _only(real, "target"), _only(pred, "target"), "target", "non-targeting"
-
-
-def mcfaline() -> tuple[ad.AnnData, ad.AnnData, str, str]:
-    """McFaline 2023 CRISPRi, log1p: real = U87MG, pred = the T98G cells of the same knockdowns
-    (another cell line). U87MG has no significant DE gene, a corner case of its own."""
-    from conftest import MCFALINE, shared_path
-
-    data = ad.read_h5ad(shared_path(MCFALINE))
-    data = data[data.obs["dataset"] == "mcfaline23"]
-    real = data[data.obs["cell_type"] == "U87MG"].copy()
-    pred = data[data.obs["cell_type"] == "T98G"].copy()
-    return _only(real, "perturbation"), _only(pred, "perturbation"), "perturbation", "control"
-
-
-def norman() -> tuple[ad.AnnData, ad.AnnData, str, str]:
-    """Norman 2019 CRISPRa in K562 (log1p), 8 perturbations; pred = real cells with noise on the
-    expressed values, 50 genes scaled up and two perturbations' labels swapped."""
-    from conftest import MCFALINE, shared_path
-
-    data = ad.read_h5ad(shared_path(MCFALINE))
-    data = data[data.obs["dataset"] == "norman19"]
-    perts = sorted(set(data.obs["perturbation"].astype(str)) - {"control"})[:8]
-    real = _only(data[data.obs["perturbation"].isin(["control", *perts])].copy(), "perturbation")
-    rng = np.random.default_rng(1)
-    X = real.X.toarray()
-    X = np.clip(X + rng.normal(0.0, 0.3, X.shape) * (X > 0), 0, None)
-    X[:, :50] *= 1.2
-    swap = {perts[0]: perts[1], perts[1]: perts[0]}
-    pred = ad.AnnData(
-        sp.csr_matrix(X),
-        obs=pd.DataFrame({"perturbation": [swap.get(p, p) for p in real.obs["perturbation"]]}, index=real.obs_names),
-        var=real.var[[]],
-    )
-    return real, pred, "perturbation", "control"
-
-
-def kang() -> tuple[ad.AnnData, ad.AnnData, str, str]:
-    """Kang 2018 IFN-beta, raw counts, one perturbation (STIM vs CTRL): real = CD14 monocytes,
-    pred = CD16 monocytes (another cell type), all 13,215 genes."""
-    from conftest import KANG, shared_path
-
-    data = ad.read_h5ad(shared_path(KANG))
-    real = data[data.obs["seurat_annotations"] == "CD14 Mono"].copy()
-    pred = data[data.obs["seurat_annotations"] == "CD16 Mono"].copy()
-    return _only(real, "stim"), _only(pred, "stim"), "stim", "CTRL"
-
-
-SCENARIOS = {"simulated": simulated, "papalexi": papalexi, "mcfaline": mcfaline, "norman": norman, "kang": kang}
 
 
 @pytest.fixture(scope="module", params=list(SCENARIOS))
@@ -284,12 +183,16 @@ def test_results_layout_matches_cell_eval(case):
         assert set(c.ours.attrs["skipped"]) == ABSENT["kang"]
 
 
-def test_every_value_matches_cell_eval(case):
+@pytest.mark.parametrize("source", ["metrics on cell-eval's DE", "vcell pipeline"])
+def test_every_value_matches_cell_eval(case, source):
     name, c = case
+    table = c.ours if source.startswith("metrics") else c.pipeline.results
+    assert list(table.columns) == c.reference.columns
+    assert table[PERTURBATION_COLUMN].tolist() == c.reference[PERTURBATION_COLUMN].to_list()
     mismatches, tie_cases = [], []
     for column in c.reference.columns[1:]:
         ref, ref_null = _reference_column(c.reference, column)
-        ours, our_null = _our_column(c.ours, column)
+        ours, our_null = _our_column(table, column)
         assert np.array_equal(ref_null, our_null), f"{name}: null pattern of {column} differs"
         ok = _close(ref, ours, ATOL) | ref_null
         for i in np.flatnonzero(~ok):
@@ -299,6 +202,26 @@ def test_every_value_matches_cell_eval(case):
             else:
                 mismatches.append((column, c.reference[PERTURBATION_COLUMN][int(i)], ref[i], ours[i]))
     assert not mismatches, f"{name}: values differ from cell-eval: {mismatches}"
+
+
+def test_pipeline_de_matches_cell_eval(case):
+    """vcell's own DE tables against the ones cell-eval (pdex) wrote: p-values within 1e-9
+    relative, the same significant genes, the same columns."""
+    name, c = case
+    for ours, ref in ((c.pipeline.real_de, c.real_de), (c.pipeline.pred_de, c.pred_de)):
+        assert list(ours.columns) == list(ref.columns)
+        key = ["target", "feature"]
+        merged = ref.merge(ours, on=key, suffixes=("_ref", "_ours"), validate="one_to_one")
+        assert len(merged) == len(ref) == len(ours)
+        for col in ("p_value", "fdr"):
+            a, b = merged[f"{col}_ref"].to_numpy(), merged[f"{col}_ours"].to_numpy()
+            assert np.allclose(b, a, rtol=1e-9, atol=1e-300), f"{name}: {col} differs"
+        for col in ("log2_fold_change", "statistic", "target_mean", "ref_mean"):
+            a, b = merged[f"{col}_ref"].to_numpy(), merged[f"{col}_ours"].to_numpy()
+            assert np.all((a == b) | np.isclose(b, a, rtol=1e-6, atol=1e-9)), f"{name}: {col} differs"
+        sig_ref = set(map(tuple, ref.loc[ref["fdr"] < 0.05, key].to_numpy()))
+        sig_ours = set(map(tuple, ours.loc[ours["fdr"] < 0.05, key].to_numpy()))
+        assert sig_ref == sig_ours, f"{name}: significant genes differ"
 
 
 def test_agg_results_match_cell_eval(case):

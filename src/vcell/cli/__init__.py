@@ -9,6 +9,7 @@ import typer
 
 from vcell import __version__
 from vcell.cli import data as data_cli
+from vcell.cli import eval as eval_cli
 from vcell.cli.common import err_console, setup_logging
 from vcell.cli.demo import demo
 from vcell.errors import VcellError
@@ -21,6 +22,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_cli.app, name="data")
+app.add_typer(eval_cli.app, name="eval")
 app.command("demo")(demo)
 
 

@@ -29,6 +29,8 @@ AllowMissingControls = Annotated[
     typer.Option("--allow-missing-controls", help="Accept contexts without control cells (their perturbed cells go unused)."),
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same numbers.")]
+# Every command takes --seed so scripts can pass it uniformly; these commands draw no random numbers.
+NoRandomSeed = Annotated[int, typer.Option("--seed", help="Accepted by every command; this one is deterministic and draws no random numbers.")]
 
 
 def make_spec(pert_col: str, control: str, context_col: str, batch_col: str | None, expression: str | None) -> DataSpec:

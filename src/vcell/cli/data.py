@@ -16,6 +16,7 @@ from vcell.cli.common import (
     Control,
     Expression,
     PertCol,
+    NoRandomSeed,
     Seed,
     console,
     make_spec,
@@ -37,6 +38,7 @@ def check_cmd(
     expression: Expression = None,
     backed: Annotated[bool, typer.Option("--backed/--in-memory", help="Scan the matrix on disk (default) or load it.")] = True,
     allow_missing_controls: AllowMissingControls = False,
+    seed: NoRandomSeed = 0,
 ) -> None:
     """Summarise a dataset and list every problem found (exit code 1 if any)."""
     from vcell.data.io import read_h5ad
@@ -83,6 +85,7 @@ def preprocess_cmd(
     min_cells: Annotated[int, typer.Option(help="Knockdown QC: drop groups left with fewer cells.")] = 30,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
     allow_missing_controls: AllowMissingControls = False,
+    seed: NoRandomSeed = 0,
 ) -> None:
     """normalize_total + log1p + HVG selection (+ gene list, + on-target knockdown QC)."""
     from vcell.data.io import check_output_path, read_h5ad
@@ -183,6 +186,7 @@ def simulate_cmd(
 @app.command("list")
 def list_cmd(
     registry: Annotated[Path | None, typer.Option(help="Extra registry TOML (also $VCELL_REGISTRY).")] = None,
+    seed: NoRandomSeed = 0,
 ) -> None:
     """List the datasets `vcell data fetch` knows."""
     from vcell.data.registry import list_datasets, load_registry
@@ -201,6 +205,7 @@ def fetch_cmd(
     cache_dir: Annotated[Path | None, typer.Option(help="Where to store it (default: user cache, or $VCELL_CACHE_DIR).")] = None,
     registry: Annotated[Path | None, typer.Option(help="Extra registry TOML (also $VCELL_REGISTRY).")] = None,
     force: Annotated[bool, typer.Option(help="Download again even if cached.")] = False,
+    seed: NoRandomSeed = 0,
 ) -> None:
     """Download a dataset into the cache (resumable, atomic, checksum-verified when known)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn

@@ -1,0 +1,137 @@
+"""``vcell eval ...``: cell-eval compatible evaluation, scoring, baseline and submission prep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import pandas as pd
+import typer
+
+from vcell.cli.common import Control, NoRandomSeed, PertCol, console, table
+
+app = typer.Typer(help="Evaluate predictions with the Virtual Cell Challenge metrics (cell-eval compatible).", no_args_is_help=True)
+
+Threads = Annotated[int, typer.Option("--threads", help="Threads for differential expression.")]
+InputType = Annotated[
+    str, typer.Option("--input-type", help="'log1p', 'counts' (normalised as cell-eval does) or 'auto' (decided from the values, logged).")
+]
+
+
+def _metric_table(agg: pd.DataFrame) -> pd.DataFrame:
+    """Mean (and std) per metric, one row each: the short terminal summary."""
+    stats = agg.set_index("statistic")
+    rows = []
+    for metric in agg.columns[1:]:
+        mean, std = stats.loc["mean", metric], stats.loc["std", metric]
+        rows.append({"metric": metric, "mean": float(mean) if pd.notna(mean) else float("nan"), "std": float(std) if pd.notna(std) else float("nan")})
+    return pd.DataFrame(rows)
+
+
+@app.command("run")
+def run_cmd(
+    pred: Annotated[Path, typer.Option("--pred", help="Predicted cells (.h5ad), controls included.")],
+    real: Annotated[Path, typer.Option("--real", help="Real cells (.h5ad), controls included.")],
+    pert_col: PertCol = "target_gene",
+    control: Control = "non-targeting",
+    profile: Annotated[str, typer.Option("--profile", help="vcc, minimal, de, anndata, full or pds.")] = "vcc",
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("vcell-eval"),
+    threads: Threads = 2,
+    input_type: InputType = "auto",
+    backed: Annotated[bool, typer.Option("--backed/--in-memory", help="Read the files backed (CSR stays on disk until needed).")] = False,
+    skip_metrics: Annotated[str | None, typer.Option("--skip-metrics", help="Comma-separated metric names to leave out.")] = None,
+    seed: NoRandomSeed = 0,
+) -> None:
+    """Score predictions: writes results.csv, agg_results.csv, real_de.csv and pred_de.csv."""
+    from vcell.eval.run import run
+
+    skip = tuple(s.strip() for s in skip_metrics.split(",") if s.strip()) if skip_metrics else ()
+    with console.status(f"evaluating {pred} against {real} ({profile} profile)"):
+        result, paths = run(pred, real, out, pert_col, control, profile, threads, input_type, backed, skip)
+    console.print(table(_metric_table(result.agg), title=f"{profile} profile, {len(result.results)} perturbations"))
+    console.print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+@app.command("score")
+def score_cmd(
+    user: Annotated[Path, typer.Option("--user", help="agg_results.csv of the model.")],
+    baseline: Annotated[Path, typer.Option("--baseline", help="agg_results.csv of the baseline.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Write the score table here (CSV).")] = None,
+    seed: NoRandomSeed = 0,
+) -> None:
+    """Baseline-scaled VCC score per metric and overall; the unclipped value is shown beside it."""
+    from vcell.errors import VcellError
+    from vcell.eval.scoring import read_csv, score, write_csv
+
+    tables = []
+    for path in (user, baseline):
+        if not path.is_file():
+            raise VcellError(f"{path}: file not found")
+        tables.append(read_csv(path))
+    scores = score(*tables)
+    console.print(table(scores, title="score vs baseline (clipped at 0 as cell-eval; unclipped beside it)"))
+    if out is not None:
+        write_csv(scores, out)
+        console.print(f"wrote {out}")
+
+
+@app.command("baseline")
+def baseline_cmd(
+    real: Annotated[Path, typer.Option("--real", help="Data whose perturbation means make the baseline (.h5ad).")],
+    out: Annotated[Path, typer.Option("--out", help="Baseline prediction (.h5ad).")],
+    de_out: Annotated[Path | None, typer.Option("--de-out", help="Also write its DE table (CSV).")] = None,
+    counts: Annotated[Path | None, typer.Option("--counts", help="CSV with cells per perturbation (columns: pert col, n_cells).")] = None,
+    pert_col: PertCol = "target_gene",
+    control: Control = "non-targeting",
+    as_delta: Annotated[bool, typer.Option("--as-delta", help="Mean effect versus control instead of mean expression.")] = False,
+    input_type: InputType = "auto",
+    threads: Threads = 2,
+    overwrite: Annotated[bool, typer.Option(help="Replace outputs that exist.")] = False,
+    seed: NoRandomSeed = 0,
+) -> None:
+    """Build the cell-mean baseline (as `cell-eval baseline`) from real data."""
+    from vcell.data.io import check_output_path, read_h5ad, write_h5ad
+    from vcell.errors import VcellError
+    from vcell.eval.baseline import build_cell_mean_baseline
+    from vcell.eval.de import differential_expression
+    from vcell.eval.inputs import to_log1p
+    from vcell.eval.run import write_de_csv
+
+    check_output_path(out, [real], overwrite=overwrite)
+    if de_out is not None:
+        check_output_path(de_out, [real], overwrite=overwrite)
+    adata = to_log1p(read_h5ad(real), str(real), input_type)
+    counts_df = None
+    if counts is not None:
+        if not counts.is_file():
+            raise VcellError(f"{counts}: file not found")
+        counts_df = pd.read_csv(counts)
+    base = build_cell_mean_baseline(adata, pert_col, control, counts_df, as_delta=as_delta)
+    de = differential_expression(base, pert_col, control, threads=threads) if de_out is not None else None
+    write_h5ad(base, out)
+    if de is not None:
+        write_de_csv(de, de_out)
+    console.print(f"wrote {out} ({base.n_obs:,} cells)" + (f" and {de_out}" if de_out else ""))
+
+
+@app.command("prep")
+def prep_cmd(
+    pred: Annotated[Path, typer.Option("--pred", help="Predicted cells (.h5ad).")],
+    genes: Annotated[Path, typer.Option("--genes", help="Gene list (CSV, first column, no header), as cell-eval prep -g.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output .vcc (default: PRED.prep.vcc).")] = None,
+    pert_col: PertCol = "target_gene",
+    control: Control = "non-targeting",
+    max_cells: Annotated[int, typer.Option(help="Most cells allowed (-1: no cap).")] = 200_000,
+    expected_n_genes: Annotated[int, typer.Option(help="Expected gene count (-1: no check).")] = 18_080,
+    overwrite: Annotated[bool, typer.Option(help="Replace the output if it exists.")] = False,
+    seed: NoRandomSeed = 0,
+) -> None:
+    """Prepare a submission as `cell-eval prep` does: gene check/reorder, CSR float32, .vcc tar."""
+    from vcell.eval.prep import prepare_submission
+
+    path = prepare_submission(
+        pred, out, genes=genes, pert_col=pert_col, control=control, max_cells=max_cells,
+        expected_n_genes=expected_n_genes, overwrite=overwrite,
+    )
+    console.print(f"wrote {path}")

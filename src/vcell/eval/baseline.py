@@ -1,0 +1,85 @@
+"""The VCC "cell-mean" baseline: every perturbed cell predicted as one mean vector.
+
+As ``cell-eval baseline``: the vector is the mean over groups of each group's pseudobulk (the
+control group is one of the groups), or with ``as_delta`` the mean effect added to nothing (a
+delta). Each perturbation gets as many cells as it has in the data (or as a counts table
+says), and the real control cells are appended, so the result is ready for ``vcell eval run``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from vcell.data.labels import factorize
+from vcell.errors import VcellError
+
+log = logging.getLogger(__name__)
+
+
+def group_means(X, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """Per-group mean rows of ``X`` (float64 sums, cast back to ``X``'s float type)."""
+    n = X.shape[0]
+    indicator = sp.csr_matrix((np.ones(n), (codes, np.arange(n))), shape=(n_groups, n))
+    if sp.issparse(X):
+        sums = (indicator @ X.astype(np.float64)).toarray()
+    else:
+        sums = indicator @ np.asarray(X, dtype=np.float64)
+    sizes = np.bincount(codes, minlength=n_groups).astype(np.float64)
+    means = np.asarray(sums) / sizes[:, None]
+    dtype = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float64
+    return means.astype(dtype)
+
+
+def cell_mean_vector(adata: ad.AnnData, pert_col: str, control: str, as_delta: bool = False) -> np.ndarray:
+    """The baseline vector: mean of group pseudobulks (``as_delta``: mean effect vs control)."""
+    codes, groups = factorize(adata.obs[pert_col])
+    if control not in set(groups):
+        raise VcellError(f"control label {control!r} not found in column {pert_col!r}")
+    means = group_means(adata.X, codes, len(groups))
+    is_ctrl = groups == control
+    if as_delta:
+        return (means[~is_ctrl] - means[is_ctrl]).mean(axis=0)
+    return means.mean(axis=0)
+
+
+def build_cell_mean_baseline(
+    adata: ad.AnnData,
+    pert_col: str = "target_gene",
+    control: str = "non-targeting",
+    counts: pd.DataFrame | None = None,
+    counts_col: str = "n_cells",
+    as_delta: bool = False,
+) -> ad.AnnData:
+    """A baseline prediction: one mean vector per perturbed cell, real controls appended.
+
+    ``adata`` holds log1p expression. ``counts`` (columns ``pert_col`` and ``counts_col``) sets
+    how many cells each perturbation gets; by default, as many as in ``adata``.
+    """
+    if pert_col not in adata.obs.columns:
+        raise VcellError(f"perturbation column {pert_col!r} not found in .obs")
+    vector = cell_mean_vector(adata, pert_col, control, as_delta)
+    if counts is None:
+        sizes = adata.obs[pert_col].astype(str).value_counts(sort=False)
+        counts = pd.DataFrame({pert_col: sizes.index, counts_col: sizes.to_numpy()})
+    for col in (pert_col, counts_col):
+        if col not in counts.columns:
+            raise VcellError(f"counts table has no column {col!r} (columns: {', '.join(map(str, counts.columns))})")
+    counts = counts[counts[pert_col].astype(str) != control]
+    labels = np.repeat(counts[pert_col].astype(str).to_numpy(), counts[counts_col].astype(int).to_numpy())
+    obs = pd.DataFrame({pert_col: labels}, index=[f"p.{i}" for i in range(len(labels))])
+    predicted = ad.AnnData(X=np.tile(vector, (len(labels), 1)), obs=obs, var=adata.var.copy())
+    controls = adata[(adata.obs[pert_col].astype(str) == control).to_numpy()]
+    controls = controls.to_memory() if controls.isbacked else controls.copy()
+    if sp.issparse(controls.X):
+        controls.X = controls.X.toarray()
+    controls.X = np.asarray(controls.X, dtype=predicted.X.dtype)
+    controls.obs = pd.DataFrame({pert_col: controls.obs[pert_col].astype(str).to_numpy()}, index=controls.obs_names)
+    out = ad.concat([predicted, controls])
+    out.var = adata.var.copy()
+    log.info("cell-mean baseline: %d predicted cells of %d perturbations + %d controls", len(labels), len(counts), controls.n_obs)
+    return out

@@ -1,0 +1,175 @@
+"""`vcell eval run|score|baseline|prep` in real subprocesses, against cell-eval's own outputs."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import run_cli
+from eval_cases import norman, simulated
+
+from vcell.eval.scoring import STATISTICS, read_csv
+
+pytest.importorskip("cell_eval", reason="cell-eval 0.8.2 (test extra) is the oracle for these tests")
+
+
+@pytest.fixture(scope="module")
+def sim_files(tmp_path_factory):
+    real, pred, pert_col, control = simulated()
+    d = tmp_path_factory.mktemp("sim")
+    real.write_h5ad(d / "real.h5ad")
+    pred.write_h5ad(d / "pred.h5ad")
+    return d, pert_col, control
+
+
+@pytest.fixture(scope="module")
+def cell_eval_out(sim_files):
+    from cell_eval import MetricsEvaluator
+
+    d, pert_col, control = sim_files
+    out = d / "cell_eval"
+    evaluator = MetricsEvaluator(
+        adata_pred=str(d / "pred.h5ad"), adata_real=str(d / "real.h5ad"), control_pert=control, pert_col=pert_col,
+        num_threads=2, outdir=str(out), pdex_kwargs={"cpm_filter": None, "epsilon": 0.0},
+    )
+    evaluator.compute(profile="full", write_csv=True)
+    return out
+
+
+def _eval(d, pert_col, control, out, *extra, pred="pred.h5ad"):
+    return run_cli("eval", "run", "--pred", d / pred, "--real", d / "real.h5ad", "--pert-col", pert_col,
+                   "--control", control, "--out", out, *extra)
+
+
+def test_run_matches_cell_eval_files(sim_files, cell_eval_out):
+    d, pert_col, control = sim_files
+    out = d / "vcell_full"
+    result = _eval(d, pert_col, control, out, "--profile", "full")
+    assert result.returncode == 0, result.stderr
+    assert "overlap_at_N" in result.stdout and "discrimination_score_l1" in result.stdout
+    ours, theirs = read_csv(out / "results.csv"), read_csv(cell_eval_out / "results.csv")
+    assert list(ours.columns) == list(theirs.columns)
+    assert ours["perturbation"].tolist() == theirs["perturbation"].tolist()
+    for col in ours.columns[1:]:
+        a, b = ours[col].to_numpy(dtype=float, na_value=np.nan), theirs[col].to_numpy(dtype=float, na_value=np.nan)
+        assert np.allclose(a, b, atol=1e-6, equal_nan=True), col
+    agg_ours, agg_theirs = read_csv(out / "agg_results.csv"), read_csv(cell_eval_out / "agg_results.csv")
+    assert list(agg_ours.columns) == list(agg_theirs.columns)
+    assert agg_ours["statistic"].tolist() == agg_theirs["statistic"].tolist() == list(STATISTICS)
+    de_ours, de_theirs = pd.read_csv(out / "real_de.csv"), pd.read_csv(cell_eval_out / "real_de.csv")
+    assert list(de_ours.columns) == list(de_theirs.columns)
+    np.testing.assert_allclose(de_ours["p_value"], de_theirs["p_value"], rtol=1e-9, atol=1e-300)
+
+
+def test_reordered_genes_give_the_same_results(sim_files, tmp_path):
+    d, pert_col, control = sim_files
+    pred = ad.read_h5ad(d / "pred.h5ad")
+    order = np.random.default_rng(0).permutation(pred.n_vars)
+    pred[:, order].copy().write_h5ad(d / "pred_shuffled.h5ad")
+    a = _eval(d, pert_col, control, tmp_path / "a")
+    b = _eval(d, pert_col, control, tmp_path / "b", pred="pred_shuffled.h5ad")
+    assert a.returncode == b.returncode == 0, b.stderr
+    assert "reordered to match" in b.stderr
+    assert (tmp_path / "a" / "results.csv").read_text() == (tmp_path / "b" / "results.csv").read_text()
+
+
+def _bad(make):
+    def build(real, pred):
+        return make(real.copy(), pred.copy())
+    return build
+
+
+def _set_pred(fn):
+    def make(real, pred):
+        X = pred.X.copy()
+        fn(X)
+        pred.X = X
+        return real, pred
+    return make
+
+
+def _drop_genes(real, pred):
+    return real, pred[:, 3:].copy()
+
+
+def _drop_pert(real, pred):
+    return real, pred[(pred.obs["target"] != "G2").to_numpy()].copy()
+
+
+def _no_control(real, pred):
+    return real, pred[(pred.obs["target"] != "non-targeting").to_numpy()].copy()
+
+
+def _counts(real, pred):
+    pred.X = np.round(np.expm1(pred.X) * 10)
+    return real, pred
+
+
+def _out_of_range(real, pred):
+    pred.X = pred.X * 10 + 0.5
+    return real, pred
+
+
+BAD = {
+    "genes_differ": (_drop_genes, [], ["genes differ from", "3 gene(s)", "missing"]),
+    "perturbation_missing": (_drop_pert, [], ["1 perturbation(s)", "missing from the prediction (G2)"]),
+    "control_missing": (_no_control, [], ["control label 'non-targeting' not found"]),
+    "nan": (_set_pred(lambda X: X.__setitem__((5, 7), np.nan)), [], ["NaN or infinite"]),
+    "negative": (_set_pred(lambda X: X.__setitem__((5, 7), -1.0)), [], ["negative values"]),
+    "counts_declared_log1p": (_counts, ["--input-type", "log1p"], ["--input-type log1p but every value is an integer"]),
+    "log1p_declared_counts": (lambda r, p: (r, p), ["--input-type", "counts"], ["--input-type counts but X has non-integer values"]),
+    "out_of_log_range": (_out_of_range, [], ["out of the log1p range"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_inputs_one_line_no_output(case, sim_files, tmp_path):
+    d, pert_col, control = sim_files
+    make, extra, expected = BAD[case]
+    real, pred = make(ad.read_h5ad(d / "real.h5ad"), ad.read_h5ad(d / "pred.h5ad"))
+    real.write_h5ad(tmp_path / "real.h5ad")
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+    out = tmp_path / "out"
+    result = _eval(tmp_path, pert_col, control, out, *extra)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    for text in expected:
+        assert text in errors[0], errors[0]
+    assert not out.exists()  # nothing written before the checks pass
+
+
+def test_baseline_matches_cell_eval_and_scores(tmp_path):
+    from cell_eval import build_base_mean_adata
+
+    real, pred, pert_col, control = norman()
+    real.write_h5ad(tmp_path / "real.h5ad")
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+    result = run_cli("eval", "baseline", "--real", tmp_path / "real.h5ad", "--out", tmp_path / "base.h5ad",
+                     "--de-out", tmp_path / "base_de.csv", "--pert-col", pert_col, "--control", control)
+    assert result.returncode == 0, result.stderr
+    ours = ad.read_h5ad(tmp_path / "base.h5ad")
+    theirs = build_base_mean_adata(ad.read_h5ad(tmp_path / "real.h5ad"), pert_col=pert_col, control_pert=control)
+    assert ours.shape == theirs.shape
+    dense = lambda X: X.toarray() if hasattr(X, "toarray") else np.asarray(X)  # noqa: E731
+    ours_x, theirs_x = dense(ours.X), dense(theirs.X)
+    ours_pert, theirs_pert = (ours.obs[pert_col] != control).to_numpy(), (theirs.obs[pert_col] != control).to_numpy()
+    np.testing.assert_allclose(ours_x[ours_pert], theirs_x[theirs_pert], atol=1e-6)  # the same vector in every row
+    np.testing.assert_allclose(ours_x[~ours_pert], theirs_x[~theirs_pert], atol=0)  # the real controls
+    assert sorted(ours.obs[pert_col]) == sorted(theirs.obs[pert_col])
+    de = pd.read_csv(tmp_path / "base_de.csv")
+    assert set(de["target"]) == set(real.obs[pert_col]) - {control}
+
+    for name, pred_file in (("model", "pred.h5ad"), ("base", "base.h5ad")):
+        r = run_cli("eval", "run", "--pred", tmp_path / pred_file, "--real", tmp_path / "real.h5ad",
+                    "--pert-col", pert_col, "--control", control, "--out", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+    scored = run_cli("eval", "score", "--user", tmp_path / "model" / "agg_results.csv",
+                     "--baseline", tmp_path / "base" / "agg_results.csv", "--out", tmp_path / "score.csv")
+    assert scored.returncode == 0, scored.stderr
+    table = read_csv(tmp_path / "score.csv")
+    assert {"mae", "discrimination_score_l1", "overlap_at_N"} <= set(table["metric"])
+    assert "unclipped" in table.columns
+    missing = run_cli("eval", "score", "--user", tmp_path / "nope.csv", "--baseline", tmp_path / "score.csv")
+    assert missing.returncode == 2 and "nope.csv: file not found" in missing.stderr
