@@ -11,6 +11,7 @@ from vcell import __version__
 from vcell.cli import data as data_cli
 from vcell.cli import eval as eval_cli
 from vcell.cli.common import err_console, setup_logging
+from vcell.cli.bench import bench
 from vcell.cli.demo import demo
 from vcell.errors import VcellError
 
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 app.add_typer(data_cli.app, name="data")
 app.add_typer(eval_cli.app, name="eval")
+app.command("bench")(bench)
 app.command("demo")(demo)
 
 

@@ -1,0 +1,273 @@
+"""``vcell bench``: train every model on the same split, predict held-out contexts, score them all.
+
+Layout of the output folder (the report reads it):
+
+- ``leaderboard.csv``: ``model``, ``context``, one column per metric (mean over
+  perturbations), ``vcc_score`` and ``vcc_score_unclipped`` (VCC 2025 score x 100, scaled
+  against ``cell_mean``); one row per model per held-out context plus a ``mean`` context.
+- ``predictions/<model>_<context>.h5ad`` and ``predictions/real_<context>.h5ad``.
+- ``eval/<model>_<context>/``: ``results.csv``, ``agg_results.csv``, ``real_de.csv``, ``pred_de.csv``.
+- ``bench.json``: what was run (data, split, models, seed, runs, timings).
+- ``report.html``.
+
+Dependencies flow cli -> bench -> (models, eval, report) -> data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scipy.sparse as sp
+
+from vcell import __version__
+from vcell.data.dataset import PerturbationData, from_anndata
+from vcell.data.io import atomic_path, read_h5ad, write_h5ad
+from vcell.data.spec import DataSpec
+from vcell.data.splits import Split, SplitConfig, apply_split, holdout_config, read_split_toml
+from vcell.data.validate import validate
+from vcell.errors import VcellError
+from vcell.eval.inputs import check_pair
+from vcell.eval.profiles import PROFILES
+from vcell.eval.run import evaluate, write_outputs
+from vcell.eval.scoring import score
+from vcell.models.base import Predictor
+
+log = logging.getLogger(__name__)
+
+BASELINE_MODEL = "cell_mean"
+VCC_METRICS = tuple(PROFILES["vcc"])
+
+
+def slug(text: str) -> str:
+    """A file-name-safe version of a model or context name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
+
+
+@dataclass
+class Fold:
+    """One split to train on, and the held-out contexts to score on it."""
+
+    name: str
+    config: SplitConfig
+    split: Split
+    contexts: list[str]  # context names (not "dataset.context") with test cells
+
+
+@dataclass
+class BenchResult:
+    """The leaderboard and where everything was written."""
+
+    leaderboard: pd.DataFrame
+    out: Path
+    runs: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def prepare_data(
+    path: str | os.PathLike,
+    spec: DataSpec,
+    dataset_col: str | None,
+    allow_missing_controls: bool,
+    datasets: Sequence[str] = (),
+) -> PerturbationData:
+    """Read the data in memory as log1p (counts get normalize_total to 1e4 + log1p, logged).
+
+    ``datasets`` keeps only the cells whose ``dataset_col`` value is listed.
+    """
+    path = Path(path)
+    adata = read_h5ad(path)
+    if datasets:
+        if not dataset_col or dataset_col not in adata.obs.columns:
+            raise VcellError(f"{path}: --dataset needs the dataset column {dataset_col!r} in .obs")
+        present = set(adata.obs[dataset_col].astype(str))
+        unknown = [d for d in datasets if d not in present]
+        if unknown:
+            raise VcellError(f"{path}: dataset {unknown[0]!r} not found in column {dataset_col!r} (values: {', '.join(sorted(present))})")
+        adata = adata[adata.obs[dataset_col].astype(str).isin(list(datasets)).to_numpy()].copy()
+    info = validate(adata, spec, path, require_context_controls=not allow_missing_controls)
+    if info.type == "counts":
+        log.info("%s: counts -> normalize_total (1e4) + log1p for the benchmark", path)
+        adata = adata.copy()
+        sc.pp.normalize_total(adata, target_sum=1e4)
+        sc.pp.log1p(adata)
+        adata.X = sp.csr_matrix(adata.X, dtype=np.float32) if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float32)
+    spec = spec.with_(expression="log1p")
+    adata.uns["vcell"] = {"expression": "log1p"}
+    data = from_anndata(adata, spec, dataset_col=dataset_col, dataset_name=path.stem)
+    data.path = path
+    return data
+
+
+def make_folds(data: PerturbationData, split_file: str | os.PathLike | None, holdout: Sequence[str]) -> list[Fold]:
+    """Folds from a split file (one fold) or from held-out contexts (one fold each; ``all``: every context)."""
+    index = data.index
+    if split_file is not None:
+        cfg = read_split_toml(split_file)
+        split = apply_split(index, cfg)
+        return [Fold(Path(split_file).stem, cfg, split, _test_contexts(index, split))]
+    if not holdout:
+        raise VcellError("give --split FILE or --holdout-context NAME (or 'all')")
+    names = list(holdout)
+    if [n.lower() for n in names] == ["all"]:
+        with_controls = np.unique(index.context_codes[index.is_control])
+        names = [str(index.contexts[c]) for c in with_controls]
+    folds = []
+    for name in names:
+        cfg = holdout_config(index, [name])
+        split = apply_split(index, cfg)
+        contexts = _test_contexts(index, split)
+        if not contexts:
+            log.warning("context %s has no perturbed cells to predict; skipped", name)
+            continue
+        folds.append(Fold(name, cfg, split, contexts))
+    if not folds:
+        raise VcellError("no held-out context has perturbed cells to predict")
+    return folds
+
+
+def _test_contexts(index, split: Split) -> list[str]:
+    codes = np.unique(index.context_codes[split.mask("test")])
+    return [str(index.contexts[c]) for c in codes]
+
+
+def _context_cells(data: PerturbationData, split: Split, context: str) -> tuple[ad.AnnData, ad.AnnData]:
+    """(real held-out cells + the context's controls, the context's controls)."""
+    index = data.index
+    ctx_code = int(np.flatnonzero(index.contexts == context)[0])
+    in_ctx = index.context_codes == ctx_code
+    controls = in_ctx & split.mask("control")
+    real = in_ctx & (split.mask("test") | split.mask("control"))
+    return data.adata[real].copy(), data.adata[controls].copy()
+
+
+def _tidy(adata: ad.AnnData, spec: DataSpec) -> ad.AnnData:
+    """Keep only the perturbation and context columns, as strings; CSR float32."""
+    ctx_col = spec.context_col or "context"
+    obs = pd.DataFrame(index=adata.obs_names.astype(str))
+    obs[spec.pert_col] = pd.Categorical(adata.obs[spec.pert_col].astype(str).to_numpy())
+    obs[ctx_col] = adata.obs[ctx_col].astype(str).to_numpy() if ctx_col in adata.obs else "all"
+    X = adata.X
+    X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=np.float32))
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=adata.var_names.astype(str)))
+
+
+def vcc_score(user_agg: pd.DataFrame, base_agg: pd.DataFrame) -> tuple[float, float]:
+    """VCC 2025 score x 100 (clipped as cell-eval, and unclipped) over the ``vcc`` metrics both tables have."""
+    cols = ["statistic"] + [m for m in VCC_METRICS if m in user_agg.columns and m in base_agg.columns]
+    if len(cols) == 1:
+        return float("nan"), float("nan")
+    table = score(user_agg[cols], base_agg[cols])
+    row = table.loc[table["metric"] == "avg_score"].iloc[0]
+    return 100 * float(row["from_baseline"]), 100 * float(row["unclipped"])
+
+
+def run_bench(
+    data_path: str | os.PathLike,
+    out: str | os.PathLike,
+    models: Sequence[str],
+    make_model: Callable[[str], Predictor],
+    spec: DataSpec = DataSpec(),
+    split_file: str | os.PathLike | None = None,
+    holdout: Sequence[str] = (),
+    dataset_col: str | None = "dataset",
+    datasets: Sequence[str] = (),
+    profile: str = "full",
+    threads: int = 2,
+    seed: int = 0,
+    allow_missing_controls: bool = False,
+    report: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Train, predict and score every model on every fold; write the leaderboard and the report."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    models = list(dict.fromkeys(models))
+    if BASELINE_MODEL not in models:
+        log.info("adding %s: the VCC score is scaled against it", BASELINE_MODEL)
+        models.append(BASELINE_MODEL)
+    for name in models:
+        make_model(name)  # unknown names fail before any work
+    data = prepare_data(data_path, spec, dataset_col, allow_missing_controls, datasets)
+    spec = data.spec
+    folds = make_folds(data, split_file, holdout)
+    (out / "predictions").mkdir(parents=True, exist_ok=True)
+    rows, runs, timings = [], [], {}
+    for fold in folds:
+        real_by_ctx = {}
+        for ctx in fold.contexts:
+            real, _ = _context_cells(data, fold.split, ctx)
+            real_by_ctx[ctx] = _tidy(real, spec)
+            write_h5ad(real_by_ctx[ctx], out / "predictions" / f"real_{slug(ctx)}.h5ad")
+        aggs: dict[tuple[str, str], pd.DataFrame] = {}
+        for name in models:
+            if progress:
+                progress(f"{name} on fold {fold.name}")
+            t = time.perf_counter()
+            model = make_model(name).fit(data, fold.split)
+            timings[f"fit {name} {fold.name}"] = time.perf_counter() - t
+            for ctx in fold.contexts:
+                real = real_by_ctx[ctx]
+                _, controls = _context_cells(data, fold.split, ctx)
+                perts = [p for p in real.obs[spec.pert_col].astype(str).unique() if p != spec.control]
+                sizes = real.obs[spec.pert_col].astype(str).value_counts().to_dict()
+                t = time.perf_counter()
+                pred = _tidy(model.predict(controls, perts, ctx, cells_per_perturbation=sizes, seed=seed), spec)
+                timings[f"predict {name} {ctx}"] = time.perf_counter() - t
+                run_slug = f"{slug(name)}_{slug(ctx)}"
+                write_h5ad(pred, out / "predictions" / f"{run_slug}.h5ad")
+                t = time.perf_counter()
+                result = evaluate(check_pair(pred, real, spec.pert_col, spec.control, "log1p", "pred", "real"), profile, threads)
+                write_outputs(result, out / "eval" / run_slug)
+                timings[f"eval {name} {ctx}"] = time.perf_counter() - t
+                aggs[(name, ctx)] = result.agg
+                runs.append({"model": name, "context": ctx, "fold": fold.name, "slug": run_slug,
+                             "prediction": f"predictions/{run_slug}.h5ad", "eval_dir": f"eval/{run_slug}"})
+        for (name, ctx), agg in aggs.items():
+            means = agg.set_index("statistic").loc["mean"]
+            row = {"model": name, "context": ctx, **{k: float(v) if pd.notna(v) else np.nan for k, v in means.items()}}
+            row["vcc_score"], row["vcc_score_unclipped"] = vcc_score(agg, aggs[(BASELINE_MODEL, ctx)])
+            rows.append(row)
+    board = _leaderboard(rows)
+    _write_csv(board, out / "leaderboard.csv")
+    meta = {
+        "data": str(Path(data_path).resolve()), "pert_col": spec.pert_col, "control": spec.control,
+        "context_col": spec.context_col, "models": models, "contexts": [c for f in folds for c in f.contexts],
+        "folds": [{"name": f.name, "contexts": f.contexts, "split": f.config.to_toml()} for f in folds],
+        "runs": runs, "real": {c: f"predictions/real_{slug(c)}.h5ad" for f in folds for c in f.contexts},
+        "datasets": list(datasets), "seed": seed, "profile": profile, "vcell_version": __version__, "timings": timings,
+        "split": str(split_file) if split_file else "holdout: " + ", ".join(holdout),
+    }
+    with atomic_path(out / "bench.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
+    if report:
+        from vcell.report import build_report
+
+        build_report(out)
+    timings["total"] = time.perf_counter() - t0
+    return BenchResult(board, out, runs, timings)
+
+
+def _leaderboard(rows: list[dict]) -> pd.DataFrame:
+    board = pd.DataFrame(rows)
+    metric_cols = [c for c in board.columns if c not in ("model", "context")]
+    ordered = ["model", "context"] + [c for c in metric_cols if not c.startswith("vcc_score")] + ["vcc_score", "vcc_score_unclipped"]
+    board = board[ordered]
+    mean = board.groupby("model", sort=False)[ordered[2:]].mean(numeric_only=True).reset_index()
+    mean.insert(1, "context", "mean")
+    return pd.concat([board, mean], ignore_index=True)
+
+
+def _write_csv(table: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)

@@ -1,0 +1,53 @@
+"""``vcell bench``: every model on the same split, scored the same way, with a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vcell.cli.common import AllowMissingControls, BatchCol, ContextCol, Control, PertCol, Seed, console, make_spec, table
+
+DEFAULT_MODELS = "control_mean,cell_mean,pert_mean,context_mean,linear"
+
+
+def bench(
+    data: Annotated[Path, typer.Option("--data", help="The .h5ad dataset (counts or log1p).")],
+    split: Annotated[Path | None, typer.Option("--split", help="cell-load style split TOML (one fold).")] = None,
+    holdout_context: Annotated[list[str] | None, typer.Option("--holdout-context", help="Held-out context, one fold each (repeatable); 'all': leave-one-context-out.")] = None,
+    models: Annotated[str, typer.Option("--models", help="Comma-separated model names.")] = DEFAULT_MODELS,
+    pert_col: PertCol = "target_gene",
+    control: Control = "non-targeting",
+    context_col: ContextCol = "cell_type",
+    batch_col: BatchCol = None,
+    dataset_col: Annotated[str, typer.Option(help="obs column naming each cell's dataset (if present).")] = "dataset",
+    dataset: Annotated[list[str] | None, typer.Option("--dataset", help="Keep only cells of this dataset (repeatable).")] = None,
+    profile: Annotated[str, typer.Option("--profile", help="Metric profile scored (full includes vcc).")] = "full",
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("vcell-bench"),
+    threads: Annotated[int, typer.Option("--threads", help="Threads for differential expression.")] = 2,
+    allow_missing_controls: AllowMissingControls = False,
+    no_report: Annotated[bool, typer.Option("--no-report", help="Skip report.html.")] = False,
+    seed: Seed = 0,
+) -> None:
+    """Train each model, predict the held-out contexts, score with vcell eval, write leaderboard + report."""
+    from vcell.bench import run_bench
+    from vcell.models.registry import make_model
+
+    spec = make_spec(pert_col, control, context_col, batch_col, None)
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    with console.status("benchmark") as status:
+        result = run_bench(
+            data, out, names, lambda name: make_model(name, seed=seed), spec=spec, split_file=split,
+            holdout=holdout_context or [], dataset_col=dataset_col, datasets=dataset or [], profile=profile, threads=threads, seed=seed,
+            allow_missing_controls=allow_missing_controls, report=not no_report,
+            progress=lambda text: status.update(f"benchmark: {text}"),
+        )
+    show = {"model": "model", "context": "context", "vcc_score": "VCC", "vcc_score_unclipped": "VCC unclipped",
+            "mae": "MAE", "discrimination_score_l1": "PDS", "overlap_at_N": "DES"}
+    board = result.leaderboard[[c for c in show if c in result.leaderboard.columns]].rename(columns=show)
+    board = board.sort_values(["context", "VCC"], ascending=[True, False]).round(4)
+    console.print(table(board, title="leaderboard (VCC score x100, scaled against cell_mean)"))
+    console.print(f"leaderboard: {out / 'leaderboard.csv'}")
+    if not no_report:
+        console.print(f"report: {out / 'report.html'}")

@@ -1,0 +1,1 @@
+"""Perturbation-response predictors: simple baselines and the STATE models, one interface."""

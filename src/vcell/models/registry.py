@@ -1,0 +1,26 @@
+"""Model names used by ``vcell bench``: the baselines (and, later, the STATE models)."""
+
+from __future__ import annotations
+
+import difflib
+
+from vcell.errors import VcellError
+from vcell.models.base import Predictor
+
+
+def model_names() -> list[str]:
+    """Every model ``make_model`` knows."""
+    from vcell.models.baselines import BASELINES
+
+    return list(BASELINES)
+
+
+def make_model(name: str, seed: int = 0) -> Predictor:
+    """A fresh, unfitted predictor by name."""
+    from vcell.models.baselines import BASELINES
+
+    if name not in BASELINES:
+        close = difflib.get_close_matches(name, model_names(), n=2)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise VcellError(f"unknown model {name!r}{hint} (models: {', '.join(model_names())})")
+    return BASELINES[name](seed=seed)
