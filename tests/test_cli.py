@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 from conftest import run_cli
 
 from vcell import __version__
@@ -19,11 +20,16 @@ def test_version_and_help():
 
 
 def test_demo_runs(tmp_path):
-    result = run_cli("demo", "--out", tmp_path / "demo", "--seed", "1")
+    result = run_cli("demo", "--out", tmp_path / "demo", "--seed", "1", "--models", "control_mean,pert_mean")
     assert result.returncode == 0, result.stderr
-    assert "demo done" in result.stdout and "held out" in result.stdout
-    assert "train:" in result.stdout and "test:" in result.stdout
+    assert "demo done" in result.stdout and "held out" in result.stdout and "leaderboard" in result.stdout
     assert (tmp_path / "demo" / "simulated.h5ad").exists()
+    board = pd.read_csv(tmp_path / "demo" / "bench" / "leaderboard.csv")
+    assert set(board["model"]) == {"control_mean", "pert_mean", "cell_mean"}
+    # on simulated data with planted shared effects, the perturbation mean beats no-change
+    held = board[board["context"] != "mean"].set_index("model")
+    assert held.loc["pert_mean", "vcc_score"] > held.loc["control_mean", "vcc_score"]
+    assert (tmp_path / "demo" / "bench" / "report.html").exists()
 
 
 def test_simulate_is_seeded_and_never_overwrites(tmp_path):

@@ -156,7 +156,7 @@ def _tidy(adata: ad.AnnData, spec: DataSpec) -> ad.AnnData:
     ctx_col = spec.context_col or "context"
     obs = pd.DataFrame(index=adata.obs_names.astype(str))
     obs[spec.pert_col] = pd.Categorical(adata.obs[spec.pert_col].astype(str).to_numpy())
-    obs[ctx_col] = adata.obs[ctx_col].astype(str).to_numpy() if ctx_col in adata.obs else "all"
+    obs[ctx_col] = pd.Categorical(adata.obs[ctx_col].astype(str).to_numpy() if ctx_col in adata.obs else np.full(adata.n_obs, "all"))
     X = adata.X
     X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=np.float32))
     return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=adata.var_names.astype(str)))

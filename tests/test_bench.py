@@ -1,0 +1,102 @@
+"""`vcell bench` end to end on real data, and its predictions scored by cell-eval itself."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import run_cli
+
+from vcell.eval.scoring import read_csv
+
+MODELS = ["control_mean", "cell_mean", "pert_mean", "context_mean", "linear"]
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory):
+    from conftest import MCFALINE, shared_path
+
+    data = shared_path(MCFALINE)
+    out = tmp_path_factory.mktemp("bench") / "out"
+    result = run_cli(
+        "bench", "--data", data, "--pert-col", "perturbation", "--control", "control", "--dataset", "mcfaline23",
+        "--holdout-context", "T98G", "--holdout-context", "U87MG", "--models", ",".join(MODELS), "--out", out,
+        "--seed", "3",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "leaderboard" in result.stdout
+    return out
+
+
+def test_leaderboard_layout(bench_dir):
+    board = pd.read_csv(bench_dir / "leaderboard.csv")
+    assert list(board.columns[:2]) == ["model", "context"]
+    assert list(board.columns[-2:]) == ["vcc_score", "vcc_score_unclipped"]
+    for metric in ("mae", "discrimination_score_l1", "overlap_at_N", "pearson_delta", "mse"):
+        assert metric in board.columns
+    assert len(board) == len(MODELS) * 3  # two held-out lines + the mean
+    assert set(board["context"]) == {"T98G", "U87MG", "mean"}
+    cell_mean = board[board["model"] == "cell_mean"]
+    assert np.allclose(cell_mean["vcc_score"], 0.0)  # the baseline scores 0 against itself
+    mean_row = board[(board["model"] == "pert_mean") & (board["context"] == "mean")]["mae"].iloc[0]
+    per_ctx = board[(board["model"] == "pert_mean") & (board["context"] != "mean")]["mae"].mean()
+    assert mean_row == pytest.approx(per_ctx)
+    assert (board["vcc_score"] >= 0).all() and (board["vcc_score_unclipped"] <= board["vcc_score"] + 1e-9).all()
+
+
+def test_predictions_layout(bench_dir):
+    meta = json.loads((bench_dir / "bench.json").read_text())
+    assert meta["models"] == MODELS and meta["contexts"] == ["T98G", "U87MG"] and meta["seed"] == 3
+    for ctx in ("T98G", "U87MG"):
+        real = ad.read_h5ad(bench_dir / "predictions" / f"real_{ctx}.h5ad")
+        assert set(real.obs["cell_type"]) == {ctx}
+        for model in MODELS:
+            pred = ad.read_h5ad(bench_dir / "predictions" / f"{model}_{ctx}.h5ad")
+            assert list(pred.var_names) == list(real.var_names)
+            assert set(pred.obs["perturbation"]) == set(real.obs["perturbation"])
+            assert pred.obs["perturbation"].value_counts().sort_index().equals(real.obs["perturbation"].value_counts().sort_index())
+            assert (pred.X.data >= 0).all() and np.isfinite(pred.X.data).all()
+            assert (bench_dir / "eval" / f"{model}_{ctx}" / "results.csv").exists()
+
+
+@pytest.mark.parametrize("model", ["pert_mean", "linear"])
+def test_bench_predictions_score_the_same_under_cell_eval(bench_dir, model, tmp_path):
+    pytest.importorskip("cell_eval", reason="cell-eval 0.8.2 (test extra) is the oracle")
+    from cell_eval import MetricsEvaluator
+
+    ctx = "T98G"
+    evaluator = MetricsEvaluator(
+        adata_pred=str(bench_dir / "predictions" / f"{model}_{ctx}.h5ad"),
+        adata_real=str(bench_dir / "predictions" / f"real_{ctx}.h5ad"),
+        control_pert="control", pert_col="perturbation", num_threads=2, outdir=str(tmp_path),
+        pdex_kwargs={"cpm_filter": None, "epsilon": 0.0},
+    )
+    theirs, _ = evaluator.compute(profile="full", write_csv=False)
+    ours = read_csv(bench_dir / "eval" / f"{model}_{ctx}" / "results.csv")
+    assert list(ours.columns) == theirs.columns
+    assert ours["perturbation"].tolist() == theirs["perturbation"].to_list()
+    for col in theirs.columns[1:]:
+        a = ours[col].to_numpy(dtype=float, na_value=np.nan)
+        b = theirs[col].cast(float).to_numpy()
+        assert np.allclose(a, b, atol=1e-6, equal_nan=True), col
+
+
+def test_bench_bad_inputs(tmp_path, mcfaline):
+    unknown = run_cli("bench", "--data", mcfaline, "--pert-col", "perturbation", "--control", "control",
+                      "--holdout-context", "T98G", "--models", "pert_mean,linaer", "--out", tmp_path / "b")
+    assert unknown.returncode == 2 and "unknown model 'linaer'; did you mean 'linear'" in unknown.stderr
+    assert not (tmp_path / "b").exists()
+    ctx = run_cli("bench", "--data", mcfaline, "--pert-col", "perturbation", "--control", "control",
+                  "--holdout-context", "T99G", "--out", tmp_path / "c")
+    assert ctx.returncode == 2 and "unknown context 'T99G'" in ctx.stderr
+
+
+def test_bench_writes_a_self_contained_report(bench_dir):
+    html = (bench_dir / "report.html").read_text()
+    for name in MODELS + ["T98G", "U87MG"]:
+        assert name in html
+    assert "http://" not in html and "https://" not in html and "<script" not in html
+    assert html.count("data:image/png;base64,") >= 5
