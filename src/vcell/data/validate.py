@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
+import numba
 import numpy as np
 import pandas as pd
 
@@ -46,6 +47,7 @@ class MatrixStats:
     max_pos: tuple[int, int] | None = None
     n_values: int = 0
     all_integer: bool = True
+    has_fraction: bool = False
 
 
 @dataclass
@@ -90,37 +92,58 @@ def _preview(values, n: int = 6) -> str:
     return ", ".join(repr(v) for v in values[:n]) + more
 
 
-def scan_matrix(X, chunk_rows: int = 4096) -> MatrixStats:
-    """Scan ``X`` block by block for NaN/inf, negative and non-integer values and the maximum."""
+@numba.njit(cache=True, nogil=True)
+def _scan_values(vals, frac_eps):
+    """One pass: first non-finite, negative, non-integer and (frac > eps) positions; max and its position."""
+    bad = neg = nonint = frac = -1
+    vmax, pmax = -np.inf, -1
+    for k in range(vals.size):
+        v = vals[k]
+        if not np.isfinite(v):
+            if bad < 0:
+                bad = k
+            continue
+        if v < 0 and neg < 0:
+            neg = k
+        f = v - np.floor(v)
+        if f != 0:
+            if nonint < 0:
+                nonint = k
+            if frac < 0 and f > frac_eps and v >= 0:
+                frac = k
+        if v > vmax:
+            vmax, pmax = v, k
+    return bad, neg, nonint, frac, vmax, pmax
+
+
+def scan_matrix(X, chunk_rows: int = 4096, frac_eps: float = 1e-3) -> MatrixStats:
+    """Scan ``X`` block by block for NaN/inf, negative and non-integer values and the maximum.
+
+    ``has_fraction`` records whether any value has a fractional part above ``frac_eps``
+    (cell-eval's test for log-normalised data).
+    """
     stats = MatrixStats()
     for start, block in iter_row_chunks(X, chunk_rows):
         vals = block_values(block)
         if vals.size == 0:
             continue
         stats.n_values += vals.size
-        if stats.nan is None:
-            bad = ~np.isfinite(vals)
-            if bad.any():
-                r, c = locate(block, int(np.argmax(bad)))
-                stats.nan = (start + r, c)
-        finite = np.where(np.isfinite(vals), vals, 0)
-        if stats.negative is None:
-            neg = finite < 0
-            if neg.any():
-                pos = int(np.argmax(neg))
-                r, c = locate(block, pos)
-                stats.negative = (start + r, c, float(finite[pos]))
-        frac = finite != np.round(finite)
-        if frac.any():
+        bad, neg, nonint, frac, vmax, pmax = _scan_values(np.ascontiguousarray(vals).reshape(-1), frac_eps)
+        if bad >= 0 and stats.nan is None:
+            r, c = locate(block, bad)
+            stats.nan = (start + r, c)
+        if neg >= 0 and stats.negative is None:
+            r, c = locate(block, neg)
+            stats.negative = (start + r, c, float(vals.reshape(-1)[neg]))
+        if nonint >= 0:
             stats.all_integer = False
             if stats.non_integer is None:
-                pos = int(np.argmax(frac))
-                r, c = locate(block, pos)
-                stats.non_integer = (start + r, c, float(finite[pos]))
-        pos = int(np.argmax(finite))
-        if finite[pos] > stats.max_value or stats.max_pos is None:
-            r, c = locate(block, pos)
-            stats.max_value, stats.max_pos = float(finite[pos]), (start + r, c)
+                r, c = locate(block, nonint)
+                stats.non_integer = (start + r, c, float(vals.reshape(-1)[nonint]))
+        stats.has_fraction = stats.has_fraction or frac >= 0
+        if pmax >= 0 and (vmax > stats.max_value or stats.max_pos is None):
+            r, c = locate(block, pmax)
+            stats.max_value, stats.max_pos = float(vmax), (start + r, c)
     return stats
 
 

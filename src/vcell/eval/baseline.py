@@ -15,24 +15,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from vcell.data.aggregate import group_means
 from vcell.data.labels import factorize
 from vcell.errors import VcellError
 
 log = logging.getLogger(__name__)
-
-
-def group_means(X, codes: np.ndarray, n_groups: int) -> np.ndarray:
-    """Per-group mean rows of ``X`` (float64 sums, cast back to ``X``'s float type)."""
-    n = X.shape[0]
-    indicator = sp.csr_matrix((np.ones(n), (codes, np.arange(n))), shape=(n_groups, n))
-    if sp.issparse(X):
-        sums = (indicator @ X.astype(np.float64)).toarray()
-    else:
-        sums = indicator @ np.asarray(X, dtype=np.float64)
-    sizes = np.bincount(codes, minlength=n_groups).astype(np.float64)
-    means = np.asarray(sums) / sizes[:, None]
-    dtype = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float64
-    return means.astype(dtype)
 
 
 def cell_mean_vector(adata: ad.AnnData, pert_col: str, control: str, as_delta: bool = False) -> np.ndarray:
@@ -41,6 +28,8 @@ def cell_mean_vector(adata: ad.AnnData, pert_col: str, control: str, as_delta: b
     if control not in set(groups):
         raise VcellError(f"control label {control!r} not found in column {pert_col!r}")
     means = group_means(adata.X, codes, len(groups))
+    if np.issubdtype(adata.X.dtype, np.floating):
+        means = means.astype(adata.X.dtype)  # as cell-eval's polars group means
     is_ctrl = groups == control
     if as_delta:
         return (means[~is_ctrl] - means[is_ctrl]).mean(axis=0)

@@ -9,18 +9,14 @@ file and the offending genes, perturbations or values. Nothing is written before
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
 import scipy.sparse as sp
 
-from vcell.data.io import read_h5ad
-from vcell.data.matrix import block_values, iter_row_chunks
 from vcell.data.validate import scan_matrix
 from vcell.errors import VcellError
 
@@ -54,24 +50,16 @@ def _preview(items, n: int = 5) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
-def _has_fractions(X) -> bool:
-    """Whether any value has a fractional part above FRACTION_EPS (cell-eval's integer test)."""
-    for _, block in iter_row_chunks(X):
-        if np.any(np.modf(block_values(block))[0] > FRACTION_EPS):
-            return True
-    return False
-
-
 def _check_values(adata: ad.AnnData, where: str, input_type: str) -> str:
     """Reject NaN/inf/negatives; decide (or check the declared) type: 'log1p' or 'counts'."""
-    stats = scan_matrix(adata.X)
+    stats = scan_matrix(adata.X, frac_eps=FRACTION_EPS)
     if stats.nan is not None:
         r, c = stats.nan
         raise VcellError(f"{where}: X contains NaN or infinite values (first at cell {adata.obs_names[r]!r}, gene {adata.var_names[c]!r})")
     if stats.negative is not None:
         r, c, v = stats.negative
         raise VcellError(f"{where}: X contains negative values (first {v:g} at cell {adata.obs_names[r]!r}, gene {adata.var_names[c]!r}); expected log1p expression")
-    fractional, hi = _has_fractions(adata.X), stats.max_value
+    fractional, hi = stats.has_fraction, stats.max_value
     found = "log1p" if fractional else "counts"
     if input_type == "log1p" and found == "counts":
         raise VcellError(f"{where}: --input-type log1p but every value is an integer (max {hi:g}): these look like raw counts; pass --input-type counts")
@@ -98,6 +86,8 @@ def to_log1p(adata: ad.AnnData, where: str, input_type: str = "auto") -> ad.AnnD
         raise VcellError(f"--input-type {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
     if _check_values(adata, where, input_type) == "log1p":
         return adata
+    import scanpy as sc  # only needed for counts input; importing it costs ~1 s
+
     log.info("%s: counts -> normalize_total (median library size) + log1p, as cell-eval does", where)
     adata = adata.to_memory() if adata.isbacked else adata.copy()
     if not sp.issparse(adata.X):
@@ -116,6 +106,61 @@ def _perturbations(adata: ad.AnnData, pert_col: str, where: str) -> pd.Series:
     return labels.astype(str)
 
 
+def check_structure(
+    pred: ad.AnnData,
+    real: ad.AnnData,
+    pert_col: str = "target_gene",
+    control: str = "non-targeting",
+    pred_name: str = "pred",
+    real_name: str = "real",
+) -> tuple[list[str], bool]:
+    """Check columns, labels, genes and perturbations (no matrix read; backed files are fine).
+
+    Returns the perturbations (control excluded, sorted) and whether pred's genes must be
+    reordered to the real order.
+    """
+    real_perts = _perturbations(real, pert_col, real_name)
+    pred_perts = _perturbations(pred, pert_col, pred_name)
+    for labels, where in ((real_perts, real_name), (pred_perts, pred_name)):
+        if control not in set(labels):
+            raise VcellError(f"{where}: control label {control!r} not found in column {pert_col!r}")
+    for adata, where in ((real, real_name), (pred, pred_name)):
+        if not adata.var_names.is_unique:
+            dup = adata.var_names[adata.var_names.duplicated()].unique()
+            raise VcellError(f"{where}: duplicated gene names ({_preview(dup)})")
+    reorder = False
+    if not real.var_names.equals(pred.var_names):
+        missing = real.var_names.difference(pred.var_names, sort=False)
+        extra = pred.var_names.difference(real.var_names, sort=False)
+        if len(missing) or len(extra):
+            parts = []
+            if len(missing):
+                parts.append(f"{len(missing)} gene(s) of {real_name} missing ({_preview(missing)})")
+            if len(extra):
+                parts.append(f"{len(extra)} gene(s) not in {real_name} ({_preview(extra)})")
+            raise VcellError(f"{pred_name}: genes differ from {real_name}: " + "; ".join(parts))
+        log.info("%s: same genes as %s in another order: reordered to match", pred_name, real_name)
+        reorder = True
+    wanted = [p for p in pd.unique(real_perts) if p != control]
+    have = set(pred_perts)
+    missing_perts = [p for p in wanted if p not in have]
+    if missing_perts:
+        raise VcellError(f"{pred_name}: {len(missing_perts)} perturbation(s) of {real_name} missing from the prediction ({_preview(missing_perts)})")
+    extra_perts = sorted(set(pred_perts) - set(real_perts))
+    if extra_perts:
+        raise VcellError(f"{pred_name}: {len(extra_perts)} perturbation(s) not in {real_name} ({_preview(extra_perts)})")
+    return sorted(wanted), reorder
+
+
+def prepare(adata: ad.AnnData, where: str, input_type: str = "auto", genes: pd.Index | None = None) -> ad.AnnData:
+    """One side, ready to score: in memory, genes in ``genes`` order (if given), log1p, values checked."""
+    if genes is not None and not adata.var_names.equals(genes):
+        adata = adata[:, genes]
+    if adata.isbacked or adata.is_view:
+        adata = adata.to_memory() if adata.isbacked else adata.copy()
+    return to_log1p(adata, where, input_type)
+
+
 def check_pair(
     pred: ad.AnnData,
     real: ad.AnnData,
@@ -128,55 +173,7 @@ def check_pair(
     """Check a prediction against the truth and bring both to log1p with the same gene order."""
     if input_type not in INPUT_TYPES:
         raise VcellError(f"--input-type {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
-    real_perts = _perturbations(real, pert_col, real_name)
-    pred_perts = _perturbations(pred, pert_col, pred_name)
-    for labels, where in ((real_perts, real_name), (pred_perts, pred_name)):
-        if control not in set(labels):
-            raise VcellError(f"{where}: control label {control!r} not found in column {pert_col!r}")
-    for adata, where in ((real, real_name), (pred, pred_name)):
-        if not adata.var_names.is_unique:
-            dup = adata.var_names[adata.var_names.duplicated()].unique()
-            raise VcellError(f"{where}: duplicated gene names ({_preview(dup)})")
-
-    if not real.var_names.equals(pred.var_names):
-        missing = real.var_names.difference(pred.var_names, sort=False)
-        extra = pred.var_names.difference(real.var_names, sort=False)
-        if len(missing) or len(extra):
-            parts = []
-            if len(missing):
-                parts.append(f"{len(missing)} gene(s) of {real_name} missing ({_preview(missing)})")
-            if len(extra):
-                parts.append(f"{len(extra)} gene(s) not in {real_name} ({_preview(extra)})")
-            raise VcellError(f"{pred_name}: genes differ from {real_name}: " + "; ".join(parts))
-        log.info("%s: same genes as %s in another order: reordered to match", pred_name, real_name)
-        pred = pred[:, real.var_names]
-        pred = pred.to_memory() if pred.isbacked else pred.copy()
-
-    wanted = [p for p in pd.unique(real_perts) if p != control]
-    have = set(pred_perts)
-    missing_perts = [p for p in wanted if p not in have]
-    if missing_perts:
-        raise VcellError(f"{pred_name}: {len(missing_perts)} perturbation(s) of {real_name} missing from the prediction ({_preview(missing_perts)})")
-    extra_perts = sorted(set(pred_perts) - set(real_perts))
-    if extra_perts:
-        raise VcellError(f"{pred_name}: {len(extra_perts)} perturbation(s) not in {real_name} ({_preview(extra_perts)})")
-
-    real = to_log1p(real, real_name, input_type)
-    pred = to_log1p(pred, pred_name, input_type)
-    return EvalPair(real=real, pred=pred, pert_col=pert_col, control=control, perturbations=sorted(wanted))
-
-
-def load_pair(
-    pred_path: str | os.PathLike,
-    real_path: str | os.PathLike,
-    pert_col: str = "target_gene",
-    control: str = "non-targeting",
-    input_type: str = "auto",
-    backed: bool = False,
-) -> EvalPair:
-    """Read and check a prediction/truth pair of ``.h5ad`` files (see :func:`check_pair`)."""
-    pred = read_h5ad(pred_path, backed=backed)
-    real = read_h5ad(real_path, backed=backed)
-    pair = check_pair(pred, real, pert_col, control, input_type, str(pred_path), str(real_path))
-    pair.pred_path, pair.real_path = Path(pred_path), Path(real_path)
-    return pair
+    perts, reorder = check_structure(pred, real, pert_col, control, pred_name, real_name)
+    real = prepare(real, real_name, input_type)
+    pred = prepare(pred, pred_name, input_type, real.var_names if reorder else None)
+    return EvalPair(real=real, pred=pred, pert_col=pert_col, control=control, perturbations=perts)

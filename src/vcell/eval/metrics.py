@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from vcell.data.aggregate import group_sums
 from vcell.errors import VcellError
 
 __all__ = [
@@ -280,18 +281,15 @@ class ExpressionData:
 
 
 def pseudobulk(X, labels: np.ndarray, groups: Iterable[str]) -> np.ndarray:
-    """``[len(groups), n_genes]`` float64 mean of the rows of ``X`` (dense or sparse) per group."""
+    """``[len(groups), n_genes]`` float64 mean of the rows of ``X`` (dense, sparse or backed) per group."""
     labels = np.asarray(labels).astype(str)
     groups = np.asarray(list(groups)).astype(str)
     rows = pd.Index(groups).get_indexer(labels)
-    keep = np.flatnonzero(rows >= 0)
-    counts = np.bincount(rows[keep], minlength=groups.size).astype(np.float64)
+    counts = np.bincount(rows[rows >= 0], minlength=groups.size).astype(np.float64)
     if np.any(counts == 0):
         missing = groups[counts == 0][:5]
         raise VcellError(f"no cells for group(s) {', '.join(missing)}")
-    weights = sparse.csr_matrix((1.0 / counts[rows[keep]], (rows[keep], keep)), shape=(groups.size, labels.size))
-    out = weights @ X
-    return np.asarray(out.toarray() if sparse.issparse(out) else out, dtype=np.float64)
+    return group_sums(X, rows, groups.size) / counts[:, None]
 
 
 def _as_cell_eval_bulk(bulk: np.ndarray, dtype) -> np.ndarray:
@@ -504,8 +502,8 @@ class DEData:
                 has = ", ".join(map(str, table.columns))
                 raise VcellError(f"the {name} DE table lacks column(s) {', '.join(missing)} (has: {has})")
             tables[name] = table
-        perts_real = np.unique(tables["real"][self.target_col].astype(str).to_numpy())
-        perts_pred = np.unique(tables["pred"][self.target_col].astype(str).to_numpy())
+        perts_real = np.sort(pd.unique(tables["real"][self.target_col].astype(str).to_numpy()))
+        perts_pred = np.sort(pd.unique(tables["pred"][self.target_col].astype(str).to_numpy()))
         if not np.array_equal(perts_real, perts_pred):
             only = sorted(set(perts_real) ^ set(perts_pred))[:5]
             raise VcellError(f"the real and pred DE tables cover different perturbations (e.g. {', '.join(only)})")

@@ -12,12 +12,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from vcell.data.io import atomic_path
+from vcell.data.io import atomic_path, read_h5ad
+from vcell.errors import VcellError
 from vcell.eval.de import de_arrays
-from vcell.eval.inputs import EvalPair, load_pair
-from vcell.eval.metrics import DEData, ExpressionData, get_metric
+from vcell.eval.inputs import INPUT_TYPES, EvalPair, check_structure, prepare
+from vcell.eval.metrics import (
+    DEData,
+    EnergyDistances,
+    ExpressionData,
+    _as_cell_eval_bulk,
+    _as_rows,
+    energy_distances,
+    get_metric,
+    pseudobulk,
+)
 from vcell.eval.profiles import compute_results, profile_metrics
 from vcell.eval.scoring import agg_results, write_csv
 
@@ -35,29 +46,62 @@ class EvalResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _de_table(adata, pair: EvalPair, threads: int) -> pd.DataFrame:
-    labels = adata.obs[pair.pert_col]
-    return de_arrays(adata.X, labels, pair.control, var_names=adata.var_names, threads=threads).to_frame()
+@dataclass
+class SideSummary:
+    """What the metrics need from one side (real or pred), so its matrix can be released."""
+
+    bulk: np.ndarray  # [perturbations + control, genes] float64 means (control last)
+    de: pd.DataFrame | None
+    energy: np.ndarray | None
+
+
+def summarise(adata, pert_col: str, control: str, perturbations: list[str], need_de: bool, need_energy: bool, threads: int) -> SideSummary:
+    """Pseudobulks, DE table and (if needed) energy distances of one log1p AnnData."""
+    labels = adata.obs[pert_col].astype(str).to_numpy()
+    order = [*perturbations, control]
+    bulk = _as_cell_eval_bulk(pseudobulk(adata.X, labels, order), adata.X.dtype)
+    de = None
+    if need_de:
+        de = de_arrays(adata.X, adata.obs[pert_col], control, var_names=adata.var_names, threads=threads).to_frame()
+    energy = None
+    if need_energy:
+        energy = energy_distances(
+            perturbations,
+            lambda p: _as_rows(adata.X, np.flatnonzero(labels == p)),
+            _as_rows(adata.X, np.flatnonzero(labels == control)),
+        )
+    return SideSummary(bulk=bulk, de=de, energy=energy)
+
+
+def _needs(names: list[str]) -> tuple[bool, bool]:
+    return any(get_metric(n).kind == "de" for n in names), "pearson_edistance" in names
+
+
+def score_summaries(
+    real: SideSummary, pred: SideSummary, perturbations: list[str], genes, names: list[str], timings: dict
+) -> EvalResult:
+    """Metrics of a profile from the two sides' summaries."""
+    t = time.perf_counter()
+    de = DEData(real.de, pred.de) if real.de is not None else None
+    energy = EnergyDistances(real=real.energy, pred=pred.energy) if real.energy is not None else None
+    expression = ExpressionData(
+        perturbations=np.asarray(perturbations), genes=np.asarray(genes), real=real.bulk[:-1], pred=pred.bulk[:-1],
+        real_control=real.bulk[-1], pred_control=pred.bulk[-1], energy=energy,
+    )
+    results = compute_results(expression, de, names)
+    timings["metrics"] = time.perf_counter() - t
+    return EvalResult(results=results, agg=agg_results(results), real_de=real.de, pred_de=pred.de, timings=timings)
 
 
 def evaluate(pair: EvalPair, profile: str = "vcc", threads: int = 2, skip: tuple[str, ...] = ()) -> EvalResult:
-    """Score a checked prediction against the truth with a metric profile (cell-eval's numbers)."""
+    """Score a checked, in-memory prediction against the truth with a metric profile (cell-eval's numbers)."""
     names = [n for n in profile_metrics(profile) if n not in set(skip)]
-    needs_de = any(get_metric(n).kind == "de" for n in names)
+    need_de, need_energy = _needs(names)
     timings: dict[str, float] = {}
-    real_de = pred_de = None
-    de = None
-    if needs_de:
-        t = time.perf_counter()
-        real_de = _de_table(pair.real, pair, threads)
-        pred_de = _de_table(pair.pred, pair, threads)
-        de = DEData(real_de, pred_de)
-        timings["de"] = time.perf_counter() - t
     t = time.perf_counter()
-    expression = ExpressionData.from_anndata(pair.real, pair.pred, pert_col=pair.pert_col, control=pair.control)
-    results = compute_results(expression, de, names)
-    timings["metrics"] = time.perf_counter() - t
-    return EvalResult(results=results, agg=agg_results(results), real_de=real_de, pred_de=pred_de, timings=timings)
+    sides = [summarise(a, pair.pert_col, pair.control, pair.perturbations, need_de, need_energy, threads) for a in (pair.real, pair.pred)]
+    timings["de+pseudobulk"] = time.perf_counter() - t
+    return score_summaries(*sides, pair.perturbations, pair.genes, names, timings)
 
 
 def write_de_csv(table: pd.DataFrame, path: str | os.PathLike) -> None:
@@ -98,12 +142,34 @@ def run(
     backed: bool = False,
     skip: tuple[str, ...] = (),
 ) -> tuple[EvalResult, list[Path]]:
-    """Load, check, evaluate and write: the whole of ``vcell eval run``."""
+    """Load, check, evaluate and write: the whole of ``vcell eval run``.
+
+    The structure of both files is checked first from their ``obs``/``var`` alone; then each
+    side is read, checked, summarised and released in turn, so only one matrix is in memory
+    at a time. Nothing is written unless everything succeeded.
+    """
+    if input_type not in INPUT_TYPES:
+        raise VcellError(f"--input-type {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
+    names = [n for n in profile_metrics(profile) if n not in set(skip)]
+    need_de, need_energy = _needs(names)
+    timings: dict[str, float] = {}
     t = time.perf_counter()
-    pair = load_pair(pred, real, pert_col, control, input_type, backed=backed)
-    load_s = time.perf_counter() - t
-    result = evaluate(pair, profile, threads, skip)
-    result.timings = {"load": load_s, **result.timings}
+    real_meta, pred_meta = read_h5ad(real, backed=True), read_h5ad(pred, backed=True)
+    perturbations, reorder = check_structure(pred_meta, real_meta, pert_col, control, str(pred), str(real))
+    genes = real_meta.var_names.copy()
+    real_meta.file.close()
+    pred_meta.file.close()
+    timings["check"] = time.perf_counter() - t
+    sides = []
+    for path, order in ((real, None), (pred, genes if reorder else None)):
+        t = time.perf_counter()
+        adata = prepare(read_h5ad(path, backed=backed), str(path), input_type, order)
+        timings[f"load {Path(path).name}"] = time.perf_counter() - t
+        t = time.perf_counter()
+        sides.append(summarise(adata, pert_col, control, perturbations, need_de, need_energy, threads))
+        timings[f"de+pseudobulk {Path(path).name}"] = time.perf_counter() - t
+        del adata
+    result = score_summaries(*sides, perturbations, genes, names, timings)
     t = time.perf_counter()
     paths = write_outputs(result, out)
     result.timings["write"] = time.perf_counter() - t
