@@ -154,9 +154,15 @@ def load_dataset(
     return PerturbationData(adata=adata, spec=spec, expression=expression, index=index, path=path)
 
 
-def from_anndata(adata: ad.AnnData, spec: DataSpec = DataSpec(), dataset_col: str | None = "dataset", dataset_name: str = "data") -> PerturbationData:
+def from_anndata(
+    adata: ad.AnnData,
+    spec: DataSpec = DataSpec(),
+    dataset_col: str | None = "dataset",
+    dataset_name: str = "data",
+    require_context_controls: bool = True,
+) -> PerturbationData:
     """Validate an in-memory AnnData and wrap it like :func:`load_dataset`."""
-    expression = validate(adata, spec, None)
+    expression = validate(adata, spec, None, require_context_controls)
     spec = spec.with_(expression=expression.type)
     index = CellIndex.from_obs(adata.obs, spec, dataset_col, dataset_name)
     return PerturbationData(adata=adata, spec=spec, expression=expression, index=index, path=None)

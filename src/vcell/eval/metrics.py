@@ -264,8 +264,8 @@ class ExpressionData:
             raise VcellError(f"real and pred have different perturbations in obs[{pert_col!r}] (e.g. {', '.join(only)})")
         perts = groups_real[groups_real != control]
         order = np.append(perts, control)
-        bulk_real = _as_cell_eval_bulk(pseudobulk(real.X, labels["real"], order), real.X.dtype)
-        bulk_pred = _as_cell_eval_bulk(pseudobulk(pred.X, labels["pred"], order), pred.X.dtype)
+        bulk_real = as_cell_eval_bulk(pseudobulk(real.X, labels["real"], order), real.X.dtype)
+        bulk_pred = as_cell_eval_bulk(pseudobulk(pred.X, labels["pred"], order), pred.X.dtype)
         energy_fn = None
         if energy:
             energy_fn = partial(_energy_from_anndata, real.X, pred.X, labels["real"], labels["pred"], perts, control)
@@ -292,13 +292,13 @@ def pseudobulk(X, labels: np.ndarray, groups: Iterable[str]) -> np.ndarray:
     return group_sums(X, rows, groups.size) / counts[:, None]
 
 
-def _as_cell_eval_bulk(bulk: np.ndarray, dtype) -> np.ndarray:
+def as_cell_eval_bulk(bulk: np.ndarray, dtype) -> np.ndarray:
     """cell-eval's (polars') group means of float32 data are the float64 means rounded to
     float32; keep that rounding so near-equal distances order as in cell-eval."""
     return bulk.astype(np.float32).astype(np.float64) if dtype == np.float32 else bulk
 
 
-def _as_rows(X, idx: np.ndarray):
+def as_rows(X, idx: np.ndarray):
     """Rows ``idx`` of ``X`` in their own dtype: sparse as CSR, anything else dense."""
     block = X[idx]
     return sparse.csr_matrix(block) if sparse.issparse(block) else np.asarray(block)
@@ -393,8 +393,8 @@ def _energy_from_anndata(X_real, X_pred, labels_real, labels_pred, perts, contro
     for name, X, labels in (("real", X_real, labels_real), ("pred", X_pred, labels_pred)):
         out[name] = energy_distances(
             perts,
-            lambda p, X=X, labels=labels: _as_rows(X, np.flatnonzero(labels == p)),
-            _as_rows(X, np.flatnonzero(labels == control)),
+            lambda p, X=X, labels=labels: as_rows(X, np.flatnonzero(labels == p)),
+            as_rows(X, np.flatnonzero(labels == control)),
         )
     return EnergyDistances(real=out["real"], pred=out["pred"])
 

@@ -23,8 +23,8 @@ from vcell.eval.metrics import (
     DEData,
     EnergyDistances,
     ExpressionData,
-    _as_cell_eval_bulk,
-    _as_rows,
+    as_cell_eval_bulk,
+    as_rows,
     energy_distances,
     get_metric,
     pseudobulk,
@@ -59,7 +59,7 @@ def summarise(adata, pert_col: str, control: str, perturbations: list[str], need
     """Pseudobulks, DE table and (if needed) energy distances of one log1p AnnData."""
     labels = adata.obs[pert_col].astype(str).to_numpy()
     order = [*perturbations, control]
-    bulk = _as_cell_eval_bulk(pseudobulk(adata.X, labels, order), adata.X.dtype)
+    bulk = as_cell_eval_bulk(pseudobulk(adata.X, labels, order), adata.X.dtype)
     de = None
     if need_de:
         de = de_arrays(adata.X, adata.obs[pert_col], control, var_names=adata.var_names, threads=threads).to_frame()
@@ -67,8 +67,8 @@ def summarise(adata, pert_col: str, control: str, perturbations: list[str], need
     if need_energy:
         energy = energy_distances(
             perturbations,
-            lambda p: _as_rows(adata.X, np.flatnonzero(labels == p)),
-            _as_rows(adata.X, np.flatnonzero(labels == control)),
+            lambda p: as_rows(adata.X, np.flatnonzero(labels == p)),
+            as_rows(adata.X, np.flatnonzero(labels == control)),
         )
     return SideSummary(bulk=bulk, de=de, energy=energy)
 

@@ -1,0 +1,185 @@
+"""State Transition model (ST): maps a set of control cells plus a perturbation to a set of perturbed cells.
+
+Per cell: ``h = basal_encoder(basal) + pert_encoder(pert) [+ batch_embedding(batch)]``; the set
+goes through a bidirectional transformer with no positional encoding (the set is unordered),
+and ``output = decoder(norm(transformer(h)) + basal_encoder(basal))``, ReLU'd when predicting
+non-negative expression. Trained with the energy distance between the predicted and an observed
+perturbed set of the same (context, perturbation). Training, data and checkpoints live elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from vcell.errors import VcellError
+from vcell.models.layers import RMSNorm, TransformerBlock, energy_distance, mlp
+
+PRESETS: dict[str, dict[str, int]] = {
+    "small": {"width": 672, "n_layers": 4, "n_heads": 8},
+    "default": {"width": 768, "n_layers": 8, "n_heads": 12},
+    "large": {"width": 1488, "n_layers": 6, "n_heads": 12},
+}
+
+
+@dataclass
+class STConfig:
+    """Sizes of a :class:`StateTransition`; saved as JSON/YAML next to the weights via :meth:`to_dict`.
+
+    ``pert_dim`` is the length of a perturbation vector: the vocabulary size for one-hot /
+    multi-hot vectors (:func:`pert_features`), or the dimension of a provided perturbation
+    feature (e.g. a gene embedding). ``output_dim`` defaults to ``input_dim``. ``n_batches`` = 0
+    means no batch embedding.
+    """
+
+    input_dim: int
+    pert_dim: int
+    output_dim: int | None = None
+    n_batches: int = 0
+    width: int = 768
+    n_layers: int = 8
+    n_heads: int = 12
+    ffn_mult: int = 4
+    encoder_layers: int = 4
+    dropout: float = 0.1
+    relu_output: bool = True
+
+    def __post_init__(self):
+        if self.output_dim is None:
+            self.output_dim = self.input_dim
+        for name in ("input_dim", "pert_dim", "output_dim", "width", "n_layers", "n_heads", "ffn_mult", "encoder_layers"):
+            if int(getattr(self, name)) < 1:
+                raise VcellError(f"ST config: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_batches < 0:
+            raise VcellError(f"ST config: n_batches must be >= 0, got {self.n_batches}")
+        if self.width % self.n_heads:
+            raise VcellError(f"ST config: width {self.width} is not divisible by n_heads {self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise VcellError(f"ST config: dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> STConfig:
+        """``small`` (672 wide, 4 layers, 8 heads), ``default`` (768, 8, 12) or ``large`` (1488, 6, 12).
+
+        ``overrides`` must include the data sizes (``input_dim``, ``pert_dim``) and may replace any
+        other field.
+        """
+        if name not in PRESETS:
+            raise VcellError(f"unknown ST preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> STConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise VcellError(f"ST config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        missing = sorted(n for n in ("input_dim", "pert_dim") if n not in values)
+        if missing:
+            raise VcellError(f"ST config: missing required field(s) {', '.join(missing)}")
+        return cls(**values)
+
+
+class StateTransition(nn.Module):
+    """The ST network. ``forward(basal, pert, batch=None, mask=None) -> [B, S, output_dim]``."""
+
+    def __init__(self, config: STConfig):
+        super().__init__()
+        c = self.config = config
+        self.basal_encoder = mlp(c.input_dim, c.width, c.width, c.encoder_layers, c.dropout)
+        self.pert_encoder = mlp(c.pert_dim, c.width, c.width, c.encoder_layers, c.dropout)
+        self.batch_embedding = nn.Embedding(c.n_batches, c.width) if c.n_batches else None
+        self.blocks = nn.ModuleList(TransformerBlock(c.width, c.n_heads, c.ffn_mult, c.dropout) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.width)
+        self.decoder = nn.Linear(c.width, c.output_dim)
+
+    def forward(
+        self,
+        basal: torch.Tensor,
+        pert: torch.Tensor,
+        batch: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predicted perturbed cells for a batch of sets.
+
+        Parameters
+        ----------
+        basal
+            ``[B, S, input_dim]`` control cells.
+        pert
+            ``[B, S, pert_dim]`` per cell, or ``[B, pert_dim]`` for the whole set.
+        batch
+            Optional batch indices, ``[B]`` per set or ``[B, S]`` per cell (needs ``n_batches`` > 0).
+        mask
+            Optional ``[B, S]`` bool, ``True`` = real cell. Padded cells never influence real
+            ones; their outputs are meaningless.
+        """
+        if pert.dim() == 2:
+            pert = pert[:, None, :].expand(-1, basal.shape[1], -1)
+        basal_state = self.basal_encoder(basal)
+        h = basal_state + self.pert_encoder(pert)
+        if batch is not None:
+            if self.batch_embedding is None:
+                raise VcellError("batch indices were given but the ST config has n_batches = 0")
+            h = h + self.batch_embedding(batch if batch.dim() == 2 else batch[:, None])
+        for block in self.blocks:
+            h = block(h, mask)
+        out = self.decoder(self.norm(h) + basal_state)
+        return torch.relu(out) if self.config.relu_output else out
+
+    def loss(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        target_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean over the batch of the energy distance between predicted and observed sets.
+
+        ``target_mask`` defaults to ``mask`` when both sets have the same size. Uses the full
+        energy distance (twice geomloss ``SamplesLoss("energy")``), see
+        :func:`~vcell.models.layers.energy_distance`.
+        """
+        if target_mask is None and mask is not None and target.shape[1] == pred.shape[1]:
+            target_mask = mask
+        return energy_distance(pred, target, mask, target_mask).mean()
+
+
+def pert_features(
+    labels: Iterable[str],
+    vocab: Sequence[str],
+    control: str | Iterable[str] = (),
+    sep: str = "+",
+) -> torch.Tensor:
+    """One-hot / multi-hot perturbation vectors ``[len(labels), len(vocab)]`` (float32).
+
+    ``"A+B"`` (combinatorial perturbation) sets both A and B; labels in ``control`` (e.g.
+    ``"non-targeting"``) give an all-zero vector. A label naming a target outside ``vocab``
+    raises :class:`VcellError`.
+    """
+    vocab = list(vocab)
+    index = {g: i for i, g in enumerate(vocab)}
+    if len(index) != len(vocab):
+        dupes = sorted({g for g in vocab if vocab.count(g) > 1})
+        raise VcellError(f"perturbation vocabulary has duplicate entries: {', '.join(map(str, dupes[:5]))}")
+    controls = {control} if isinstance(control, str) else set(control)
+    labels = list(labels)
+    out = torch.zeros(len(labels), len(vocab))
+    for row, label in enumerate(labels):
+        if label in controls:
+            continue
+        targets = [t.strip() for t in str(label).split(sep)]
+        unknown = [t for t in targets if t not in index]
+        if unknown:
+            raise VcellError(
+                f"perturbation {label!r}: target(s) {', '.join(repr(t) for t in unknown)} not in the "
+                f"perturbation vocabulary ({len(vocab)} entries)"
+            )
+        out[row, [index[t] for t in targets]] = 1.0
+    return out
