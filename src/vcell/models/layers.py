@@ -113,7 +113,7 @@ def _safe_distances(a: torch.Tensor, b: torch.Tensor, eps: float, zero_diagonal:
     if zero_diagonal:
         d2 = d2 * (1 - torch.eye(a.shape[1], dtype=a.dtype, device=a.device))
     far = d2 > 8 * eps * (sq_a + sq_b)
-    return torch.sqrt(d2)
+    return torch.where(far, torch.sqrt(torch.where(far, d2, torch.ones_like(d2))), torch.zeros_like(d2))
 
 
 def energy_distance(
