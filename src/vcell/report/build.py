@@ -314,7 +314,7 @@ def _headline(bench: Bench) -> str:
     return (
         f'<div class="headline">Best model ({esc(where)}): <b>{esc(best["model"])}</b>, '
         f"VCC score <b>{esc(fmt_number(best[SCORE]))}</b>{esc(unclipped)}. "
-        f"0 = as good as the {baseline} baseline, 1 = perfect.</div>"
+        f"0 = as good as the {baseline} baseline, 100 = perfect (scores are x100, as on the VCC leaderboard).</div>"
     )
 
 
@@ -374,7 +374,7 @@ def _leaderboard_section(bench: Bench) -> str:
         f'<p class="note">The <b>VCC score</b> (Virtual Cell Challenge 2025) scales each metric against the '
         f"<b>{baseline}</b> baseline evaluated on the same context: 1 − model/baseline for errors, "
         f"(model − baseline)/(1 − baseline) for agreement scores, then averages over metrics; "
-        f"0 = no better than {baseline}, 1 = perfect. <b>vcc_score</b> clips each scaled metric at 0 as the "
+        f"0 = no better than {baseline}, 100 = perfect (x100, as on the VCC leaderboard). <b>vcc_score</b> clips each scaled metric at 0 as the "
         f"challenge leaderboard did; <b>vcc_score_unclipped</b> keeps negative values, showing how much "
         f"worse than the baseline a model is. Both are shown. Metric values are means over perturbations. "
         f"The best value of each column within a context is <span style=\"background:#d7f0d2\"><b>highlighted</b></span>; "
