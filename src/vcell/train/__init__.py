@@ -1,0 +1,1 @@
+"""Training of vcell models (Lightning modules, data modules, pickle-free checkpoints)."""

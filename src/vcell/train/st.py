@@ -1,0 +1,328 @@
+"""Training the State Transition model with Lightning.
+
+:class:`STModule` knows the model, its loss and optimiser; :class:`CellSetDataModule` knows the
+cell-set batches of each epoch; the Lightning ``Trainer`` runs the loops. Checkpoints are
+pickle-free directories (:mod:`vcell.train.checkpoint`) written by :class:`STCheckpoint`:
+``last/`` every N steps and ``best/`` on a new lowest ``val_loss``. A resumed run continues
+exactly where the checkpoint left off (weights, optimiser, step, epoch, position in the epoch
+and the torch RNG), so it ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, Sampler
+
+from vcell.data.cellsets import CellSetDataset, CellSetSampler, collate_cell_sets
+from vcell.data.dataset import PerturbationData
+from vcell.data.rows import row_source
+from vcell.data.spec import split_combo
+from vcell.data.splits import Split
+from vcell.errors import VcellError
+from vcell.models.transition import STConfig, StateTransition, pert_features
+from vcell.train.checkpoint import META_KEY, SafetensorsCheckpointIO, resolve_checkpoint_dir
+
+LAST, BEST = "last", "best"
+
+
+def pert_vocabulary(labels, control: str) -> list[str]:
+    """Sorted single targets of the perturbation ``labels`` (``"A+B"`` gives A and B), control excluded."""
+    return sorted({t for label in labels if str(label) != control for t in split_combo(str(label))})
+
+
+class STModule(L.LightningModule):
+    """A :class:`StateTransition` with its energy-distance loss and Adam optimiser.
+
+    Parameters
+    ----------
+    config
+        Model sizes.
+    perturbations
+        Perturbation label of each code in a batch's ``pert`` (``CellIndex.perts``).
+    pert_vocab
+        Targets making up the multi-hot perturbation vector (length ``config.pert_dim``).
+    control
+        Control label (all-zero perturbation vector).
+    lr
+        Adam learning rate.
+    meta
+        Extra entries for ``config.json`` (gene list, data columns, seed).
+    """
+
+    def __init__(self, config: STConfig, perturbations, pert_vocab, control: str, lr: float = 1e-4, meta: dict | None = None):
+        super().__init__()
+        if len(pert_vocab) != config.pert_dim:
+            raise VcellError(f"ST config: pert_dim is {config.pert_dim} but the perturbation vocabulary has {len(pert_vocab)} entries")
+        self.config, self.lr = config, float(lr)
+        self.perturbations, self.pert_vocab, self.control = [str(p) for p in perturbations], list(pert_vocab), control
+        self.meta = dict(meta or {})
+        self.model = StateTransition(config)
+        # code -> multi-hot vector; not a parameter, rebuilt from config.json on load
+        self.register_buffer("pert_table", pert_features(self.perturbations, self.pert_vocab, control=control), persistent=False)
+        self._rng_to_restore: dict | None = None
+
+    def checkpoint_meta(self) -> dict:
+        """The content of ``config.json`` (without step, epoch and version)."""
+        return {
+            **self.meta,
+            "model": self.config.to_dict(),
+            "perturbations": self.perturbations,
+            "pert_vocab": self.pert_vocab,
+            "control": self.control,
+            "lr": self.lr,
+        }
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        feats = self.pert_table[batch["pert"]]
+        cell_batch = batch["batch"] if self.config.n_batches else None
+        return self.model(batch["basal"], feats, batch=cell_batch, mask=batch["mask"])
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        return self.model.loss(self(batch), batch["target"], batch["mask"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=batch["basal"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val_loss", self._loss(batch), on_step=False, on_epoch=True, batch_size=batch["basal"].shape[0])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.model.parameters(), lr=self.lr)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[META_KEY] = self.checkpoint_meta()
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = list(torch.cuda.get_rng_state_all())
+        checkpoint["rng"] = rng
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_to_restore = checkpoint.get("rng")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # restored right before the first step so nothing in between (setup, data loading) shifts it
+        if self._rng_to_restore is not None:
+            torch.set_rng_state(self._rng_to_restore["torch"])
+            if "cuda" in self._rng_to_restore and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
+            self._rng_to_restore = None
+
+
+class _EpochBatches(Sampler):
+    """Consecutive batches of an already shuffled plan, starting at batch ``skip``.
+
+    ``len`` is the whole epoch so Lightning's progress counters stay right when a resumed run
+    starts mid-epoch.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, skip: int = 0):
+        self.n_items, self.batch_size, self.skip = n_items, batch_size, skip
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_items / self.batch_size)
+
+    def __iter__(self):
+        for b in range(self.skip, len(self)):
+            yield list(range(b * self.batch_size, min((b + 1) * self.batch_size, self.n_items)))
+
+
+class CellSetDataModule(L.LightningDataModule):
+    """Train/val cell-set batches of a :class:`PerturbationData` under a :class:`Split`.
+
+    The train plan of epoch ``e`` depends only on ``(seed, e)``; the data loaders are rebuilt
+    every epoch (``reload_dataloaders_every_n_epochs=1``) to draw it.
+    """
+
+    def __init__(
+        self,
+        data: PerturbationData,
+        split: Split,
+        batch_size: int = 8,
+        set_size: int = 128,
+        seed: int = 0,
+        control_strategy: str = "batch",
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise VcellError(f"batch size must be >= 1, got {batch_size}")
+        self.data, self.split = data, split
+        self.batch_size, self.set_size, self.seed = batch_size, set_size, seed
+        self.control_strategy, self.num_workers = control_strategy, num_workers
+        rows = row_source(data.adata, data.path)
+        idx = data.index
+        self.train_set = CellSetDataset(CellSetSampler(idx, split, "train", set_size, control_strategy, True, seed), rows)
+        if len(self.train_set) == 0:
+            raise VcellError("the split has no training cells")
+        val = CellSetDataset(CellSetSampler(idx, split, "val", set_size, control_strategy, False, seed), rows)
+        self.val_set = val if len(val) else None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.train_set) / self.batch_size)
+
+    def _loader(self, dataset, **kwargs) -> DataLoader:
+        # a private generator: creating loader iterators must not consume the global torch RNG
+        return DataLoader(
+            dataset,
+            collate_fn=collate_cell_sets,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+            persistent_workers=False,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # Every epoch has the same number of steps, so the global step alone says which plan and
+        # batch come next; Lightning's own epoch counter can run one ahead after a resume from a
+        # checkpoint written on an epoch's last batch.
+        step = self.trainer.global_step if self.trainer is not None else 0
+        epoch, skip = divmod(step, self.batches_per_epoch)
+        self.train_set.set_epoch(epoch)
+        return self._loader(self.train_set, batch_sampler=_EpochBatches(len(self.train_set), self.batch_size, skip))
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            return []
+        return self._loader(self.val_set, batch_size=self.batch_size, shuffle=False)
+
+
+class STCheckpoint(Callback):
+    """Writes ``last/`` every ``every_n_steps`` steps and at the end, ``best/`` on a lower ``val_loss``."""
+
+    def __init__(self, out_dir: str | os.PathLike, every_n_steps: int = 100):
+        if every_n_steps < 1:
+            raise VcellError(f"checkpoint interval must be >= 1 step, got {every_n_steps}")
+        self.out_dir, self.every_n_steps = Path(out_dir), every_n_steps
+        self.best: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            trainer.save_checkpoint(self.out_dir / LAST)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics:
+            return
+        val = float(trainer.callback_metrics["val_loss"])
+        if self.best is None or val < self.best:
+            self.best = val
+            trainer.save_checkpoint(self.out_dir / BEST)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(self.out_dir / LAST)
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = state_dict.get("best")
+
+
+def build_module(data: PerturbationData, config: STConfig | dict, lr: float = 1e-4, seed: int = 0) -> STModule:
+    """An :class:`STModule` for ``data``; ``input_dim`` and ``pert_dim`` default to the data's sizes."""
+    spec, index = data.spec, data.index
+    vocab = pert_vocabulary(index.perts, spec.control)
+    if not vocab:
+        raise VcellError("the data has no perturbations besides the control")
+    values = config.to_dict() if isinstance(config, STConfig) else dict(config)
+    values.setdefault("input_dim", int(data.adata.n_vars))
+    values.setdefault("pert_dim", len(vocab))
+    cfg = STConfig.from_dict(values)
+    if cfg.input_dim != data.adata.n_vars:
+        raise VcellError(f"ST config: input_dim is {cfg.input_dim} but the data has {data.adata.n_vars} genes")
+    meta = {
+        "genes": [str(g) for g in data.adata.var_names],
+        "columns": {"pert_col": spec.pert_col, "control": spec.control, "context_col": spec.context_col, "batch_col": spec.batch_col},
+        "seed": int(seed),
+    }
+    return STModule(cfg, index.perts, vocab, spec.control, lr=lr, meta=meta)
+
+
+def fit(
+    module: STModule,
+    datamodule: CellSetDataModule,
+    out_dir: str | os.PathLike,
+    max_steps: int,
+    seed: int = 0,
+    resume_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    accelerator: str = "auto",
+    log_every: int = 10,
+) -> L.Trainer:
+    """Train ``module`` to ``max_steps`` steps, checkpointing under ``out_dir``; resume from ``resume_dir``."""
+    out_dir = Path(out_dir)
+    L.seed_everything(seed, workers=True, verbose=False)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        max_epochs=-1,
+        accelerator=accelerator,
+        devices=1,
+        precision="32-true",
+        gradient_clip_val=10.0,
+        enable_checkpointing=False,  # Lightning's checkpoints pickle; STCheckpoint writes safetensors
+        plugins=[SafetensorsCheckpointIO()],
+        callbacks=[STCheckpoint(out_dir, checkpoint_every)],
+        logger=CSVLogger(out_dir, name="logs"),
+        reload_dataloaders_every_n_epochs=1,
+        limit_val_batches=1.0 if datamodule.val_set is not None else 0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=log_every,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out_dir,
+    )
+    ckpt = None
+    if resume_dir is not None:
+        ckpt = Path(resume_dir)
+        if not ckpt.is_dir():
+            raise VcellError(f"{ckpt}: no checkpoint to resume from")
+    with warnings.catch_warnings():
+        # the train loader does resume mid-epoch (CellSetDataModule skips the batches already seen)
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    return trainer
+
+
+def train_st(
+    data: PerturbationData,
+    split: Split,
+    out_dir: str | os.PathLike,
+    config: STConfig | dict,
+    max_steps: int,
+    batch_size: int = 8,
+    set_size: int = 128,
+    seed: int = 0,
+    resume: bool = False,
+    num_workers: int = 0,
+    lr: float = 1e-4,
+    control_strategy: str = "batch",
+    checkpoint_every: int = 100,
+    accelerator: str = "auto",
+    log_every: int = 10,
+) -> Path:
+    """Train a State Transition model; returns ``out_dir`` (``last/``, ``best/``, ``logs/``).
+
+    ``resume=True`` continues from ``out_dir/last`` (model, optimiser, step, epoch, RNG), so a
+    run interrupted at any checkpoint ends with the same weights as an uninterrupted one.
+    """
+    out_dir = Path(out_dir)
+    if max_steps < 1:
+        raise VcellError(f"max_steps must be >= 1, got {max_steps}")
+    resume_dir = resolve_checkpoint_dir(out_dir / LAST) if resume else None
+    if resume and not resume_dir.is_dir():
+        raise VcellError(f"{out_dir}: nothing to resume (no {LAST}/ checkpoint)")
+    L.seed_everything(seed, workers=True, verbose=False)
+    module = build_module(data, config, lr=lr, seed=seed)
+    dm = CellSetDataModule(data, split, batch_size, set_size, seed, control_strategy, num_workers)
+    fit(module, dm, out_dir, max_steps, seed, resume_dir, checkpoint_every, accelerator, log_every)
+    return out_dir

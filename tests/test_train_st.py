@@ -1,0 +1,161 @@
+"""Training the State Transition model: loss goes down, pickle-free checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vcell.data.dataset import from_anndata
+from vcell.data.simulate import simulate_perturbseq
+from vcell.data.splits import apply_split, holdout_config
+from vcell.errors import VcellError
+from vcell.train.checkpoint import load_checkpoint, resolve_checkpoint_dir, save_checkpoint
+from vcell.train.st import CellSetDataModule, build_module, train_st
+
+TINY = {"width": 32, "n_layers": 2, "n_heads": 2, "encoder_layers": 2}
+FAST = dict(batch_size=4, set_size=16, accelerator="cpu", log_every=1)
+
+PREP = """
+import numpy as np, scanpy as sc
+from vcell.data.dataset import from_anndata
+from vcell.data.simulate import simulate_perturbseq
+from vcell.data.splits import apply_split, holdout_config
+
+def tiny_data():
+    adata = simulate_perturbseq(n_genes=60, n_contexts=2, n_perturbations=6, n_combinations=0,
+                                cells_per_perturbation=40, n_controls=80, seed=0)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    adata.X = adata.X.astype(np.float32)
+    adata.uns["vcell"] = {"expression": "log1p"}
+    data = from_anndata(adata)
+    return data, apply_split(data.index, holdout_config(data.index, [], val_contexts=["ctx_B"]))
+"""
+exec(PREP)  # defines tiny_data() here and in the subprocess test
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_data()  # noqa: F821
+
+
+def _weights(out: Path) -> dict:
+    return load_file(str(out / "last" / "weights.safetensors"))
+
+
+def test_training_lowers_loss_and_writes_no_pickles(tiny, tmp_path):
+    data, split = tiny
+    out = train_st(data, split, tmp_path / "run", TINY, max_steps=30, seed=0, checkpoint_every=10, **FAST)
+    metrics = next((out / "logs").rglob("metrics.csv")).read_text().splitlines()
+    header = metrics[0].split(",")
+    col = header.index("train_loss")
+    losses = [float(r.split(",")[col]) for r in metrics[1:] if r.split(",")[col]]
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert any(r.split(",")[header.index("val_loss")] for r in metrics[1:])  # validation ran
+    assert (out / "best" / "weights.safetensors").is_file()
+    bad = [p for p in out.rglob("*") if p.suffix in {".ckpt", ".pt", ".pth", ".pkl", ".pickle"}]
+    assert not bad
+    cfg = json.loads((out / "last" / "config.json").read_text())
+    assert cfg["genes"] == list(data.adata.var_names)
+    assert cfg["pert_vocab"] == sorted(p for p in map(str, data.index.perts) if p != "non-targeting")
+    assert cfg["columns"]["pert_col"] == "target_gene" and cfg["columns"]["control"] == "non-targeting"
+    assert cfg["step"] == 30 and cfg["seed"] == 0 and cfg["model"]["width"] == 32 and "vcell_version" in cfg
+    for f in out.rglob("*.safetensors"):  # safetensors files are plain: magic-free JSON header, no pickle opcodes
+        assert not f.read_bytes().startswith(b"\x80")
+
+
+def test_save_load_round_trip(tiny, tmp_path):
+    data, split = tiny
+    torch.manual_seed(0)
+    module = build_module(data, TINY)
+    opt = module.configure_optimizers()
+    dm = CellSetDataModule(data, split, batch_size=4, set_size=16)
+    batch = next(iter(dm._loader(dm.train_set, batch_size=4)))
+    module.train()
+    module._loss(batch).backward()
+    opt.step()
+    save_checkpoint(tmp_path / "ck", module, opt, step=1, epoch=0, extra_meta={"note": "x"})
+    model, config, meta, opt_state = load_checkpoint(tmp_path / "ck")
+    assert config == module.config and meta["note"] == "x" and meta["step"] == 1
+    for k, v in module.model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k])
+    ref = opt.state_dict()
+    assert opt_state["param_groups"] == ref["param_groups"]
+    for pid, st in ref["state"].items():
+        for name, t in st.items():
+            assert torch.equal(t, opt_state["state"][pid][name])
+    module.eval()
+    with torch.no_grad():
+        feats = module.pert_table[batch["pert"]]
+        assert torch.equal(module.model(batch["basal"], feats, mask=batch["mask"]), model(batch["basal"], feats, mask=batch["mask"]))
+    with pytest.raises(VcellError):
+        load_checkpoint(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("stop", [10, 12])  # 5 steps per epoch: stop at an epoch's end, and mid-epoch
+def test_resume_equals_uninterrupted_run(tiny, tmp_path, stop):
+    data, split = tiny
+    a = train_st(data, split, tmp_path / "a", TINY, max_steps=20, seed=1, checkpoint_every=5, **FAST)
+    b = train_st(data, split, tmp_path / "b", TINY, max_steps=stop, seed=1, checkpoint_every=5, **FAST)
+    assert json.loads((b / "last" / "config.json").read_text())["step"] == stop
+    train_st(data, split, b, TINY, max_steps=20, seed=1, checkpoint_every=5, resume=True, **FAST)
+    wa, wb = _weights(a), _weights(b)
+    assert json.loads((b / "last" / "config.json").read_text())["step"] == 20
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+KILLED_RUN = PREP + """
+import sys, time
+from vcell.train import st
+
+def slow_step(self, batch, batch_idx, _step=st.STModule.training_step):
+    if self.global_step >= 10:
+        time.sleep(0.2)  # leave the parent time to kill us mid-run
+    return _step(self, batch, batch_idx)
+
+st.STModule.training_step = slow_step
+data, split = tiny_data()
+st.train_st(data, split, sys.argv[1], {"width": 32, "n_layers": 2, "n_heads": 2, "encoder_layers": 2},
+            max_steps=20, batch_size=4, set_size=16, seed=1, checkpoint_every=2, accelerator="cpu")
+"""
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tiny, tmp_path):
+    data, split = tiny
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            cfg = out / "last" / "config.json"
+            if cfg.is_file() and json.loads(cfg.read_text())["step"] >= 10:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+        else:
+            pytest.fail("the training subprocess wrote no checkpoint at step >= 10 in time")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = json.loads((resolve_checkpoint_dir(out / "last") / "config.json").read_text())["step"]
+    assert 10 <= killed_at < 20
+    train_st(data, split, out, TINY, max_steps=20, seed=1, checkpoint_every=2, resume=True, **FAST)
+    a = train_st(data, split, tmp_path / "a", TINY, max_steps=20, seed=1, checkpoint_every=5, **FAST)
+    wa, wb = _weights(a), _weights(out)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
