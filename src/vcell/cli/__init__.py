@@ -13,6 +13,8 @@ from vcell.cli import eval as eval_cli
 from vcell.cli.common import err_console, setup_logging
 from vcell.cli.bench import bench
 from vcell.cli.demo import demo
+from vcell.cli.predict import predict
+from vcell.cli.train import app as train_app
 from vcell.errors import VcellError
 
 app = typer.Typer(
@@ -26,6 +28,8 @@ app.add_typer(data_cli.app, name="data")
 app.add_typer(eval_cli.app, name="eval")
 app.command("bench")(bench)
 app.command("demo")(demo)
+app.add_typer(train_app, name="train")
+app.command("predict")(predict)
 
 
 def _version(value: bool) -> None:

@@ -12,13 +12,17 @@ def model_names() -> list[str]:
     """Every model ``make_model`` knows."""
     from vcell.models.baselines import BASELINES
 
-    return list(BASELINES)
+    return [*BASELINES, "st"]
 
 
-def make_model(name: str, seed: int = 0) -> Predictor:
-    """A fresh, unfitted predictor by name."""
+def make_model(name: str, seed: int = 0, **options) -> Predictor:
+    """A fresh, unfitted predictor by name; ``options`` go to the ``st`` model's constructor."""
     from vcell.models.baselines import BASELINES
 
+    if name == "st":
+        from vcell.models.st_predictor import STPredictor
+
+        return STPredictor(seed=seed, **options)
     if name not in BASELINES:
         close = difflib.get_close_matches(name, model_names(), n=2)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""

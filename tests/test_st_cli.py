@@ -1,0 +1,172 @@
+"""`vcell train st` / `vcell predict` end to end (real subprocesses) and the `st` predictor in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+
+from conftest import run_cli
+from vcell.data.dataset import from_anndata
+from vcell.data.simulate import simulate_perturbseq
+from vcell.data.splits import apply_split, holdout_config
+from vcell.errors import VcellError
+from vcell.models.registry import make_model
+
+TINY = {"width": 32, "n_layers": 1, "n_heads": 2}
+TINY_OPTS = dict(config={**TINY, "encoder_layers": 1}, max_steps=15, set_size=16, batch_size=4, accelerator="cpu")
+
+
+def _tiny_adata() -> ad.AnnData:
+    adata = simulate_perturbseq(n_genes=50, n_contexts=2, n_perturbations=5, n_combinations=0,
+                                cells_per_perturbation=30, n_controls=60, seed=0)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    adata.uns["vcell"] = {"expression": "log1p"}
+    return adata
+
+
+def _error_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained by the CLI with ctx_B held out; (data file, run folder, adata)."""
+    tmp = tmp_path_factory.mktemp("st")
+    adata = _tiny_adata()
+    data = tmp / "tiny.h5ad"
+    adata.write_h5ad(data)
+    cfg = tmp / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    run = tmp / "run"
+    proc = run_cli("train", "st", "--data", data, "--holdout-context", "ctx_B", "--config", cfg, "--max-steps", "15",
+                   "--set-size", "16", "--batch-size", "4", "--accelerator", "cpu", "--out", run, "--seed", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return data, run, adata
+
+
+def test_train_writes_checkpoint(trained):
+    _, run, adata = trained
+    assert (run / "last" / "weights.safetensors").is_file()
+    meta = json.loads((run / "last" / "config.json").read_text())
+    assert meta["genes"] == list(adata.var_names)
+    assert meta["model"]["width"] == 32 and meta["model"]["n_layers"] == 1
+    assert meta["step"] == 15
+    assert set(meta["pert_vocab"]) == set(adata.obs["target_gene"].astype(str)) - {"non-targeting"}
+
+
+def test_predict_output_layout_and_eval(trained, tmp_path):
+    data, run, adata = trained
+    pred_path = tmp_path / "pred.h5ad"
+    proc = run_cli("predict", "--model", run, "--data", data, "--context", "ctx_B", "--perturbations", "data",
+                   "--out", pred_path, "--seed", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pred = ad.read_h5ad(pred_path)
+    ctx = adata[adata.obs["cell_type"] == "ctx_B"]
+    n_ctrl = int((ctx.obs["target_gene"] == "non-targeting").sum())
+    assert list(pred.var_names) == list(adata.var_names)
+    assert set(pred.obs.columns) >= {"target_gene", "cell_type"}
+    assert (pred.obs["cell_type"].astype(str) == "ctx_B").all()
+    want = ctx.obs["target_gene"].astype(str).value_counts().to_dict()
+    assert pred.obs["target_gene"].astype(str).value_counts().to_dict() == want
+    assert pred.n_obs == ctx.n_obs and n_ctrl > 0
+    X = pred.X.toarray() if sp.issparse(pred.X) else np.asarray(pred.X)
+    assert np.isfinite(X).all() and X.min() >= 0
+    # the appended controls are the real ones, unchanged
+    real_ctrl = ctx[ctx.obs["target_gene"] == "non-targeting"]
+    np.testing.assert_allclose(X[-n_ctrl:], real_ctrl.X.toarray(), rtol=1e-6)
+    # predicted cells differ from copies of controls (the model did something)
+    assert not np.allclose(X[: pred.n_obs - n_ctrl].mean(0), X[-n_ctrl:].mean(0), atol=1e-6)
+
+    real_path = tmp_path / "real.h5ad"
+    ctx.copy().write_h5ad(real_path)
+    ev = run_cli("eval", "run", "--pred", pred_path, "--real", real_path, "--profile", "minimal",
+                 "--out", tmp_path / "eval", "--threads", "1")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert (tmp_path / "eval" / "agg_results.csv").is_file()
+
+
+def test_predict_unknown_perturbation(trained, tmp_path):
+    data, run, _ = trained
+    out = tmp_path / "p.h5ad"
+    proc = run_cli("predict", "--model", run / "last", "--data", data, "--context", "ctx_A",
+                   "--perturbations", "NOT_A_GENE", "--out", out)
+    line = _error_line(proc)
+    assert "unknown perturbation" in line and "NOT_A_GENE" in line
+    assert not out.exists()
+
+
+def test_predict_bad_inputs(trained, tmp_path):
+    data, run, adata = trained
+    out = tmp_path / "p.h5ad"
+    real_pert = sorted(set(adata.obs["target_gene"].astype(str)) - {"non-targeting"})[0]
+    ok = run_cli("predict", "--model", run, "--data", data, "--context", "ctx_A", "--perturbations", real_pert,
+                 "--cells-per-pert", "7", "--out", out)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert (ad.read_h5ad(out).obs["target_gene"].astype(str) == real_pert).sum() == 7
+
+    line = _error_line(run_cli("predict", "--model", run, "--data", data, "--context", "ctx_Z", "--out", tmp_path / "z.h5ad"))
+    assert "ctx_Z" in line
+
+    no_ctrl = adata[~((adata.obs["cell_type"] == "ctx_B") & (adata.obs["target_gene"] == "non-targeting"))].copy()
+    no_ctrl_path = tmp_path / "noctrl.h5ad"
+    no_ctrl.write_h5ad(no_ctrl_path)
+    line = _error_line(run_cli("predict", "--model", run, "--data", no_ctrl_path, "--context", "ctx_B", "--out", tmp_path / "n.h5ad"))
+    assert "ctx_B" in line and "control" in line
+
+    fewer = adata[:, adata.var_names[:40]].copy()
+    fewer_path = tmp_path / "fewer.h5ad"
+    fewer.write_h5ad(fewer_path)
+    line = _error_line(run_cli("predict", "--model", run, "--data", fewer_path, "--context", "ctx_A", "--out", tmp_path / "f.h5ad"))
+    assert "genes" in line
+    assert not (tmp_path / "f.h5ad").exists()
+
+
+def test_train_rejects_counts(tmp_path):
+    adata = simulate_perturbseq(n_genes=20, n_contexts=1, n_perturbations=2, n_combinations=0,
+                                cells_per_perturbation=10, n_controls=20, seed=0)
+    adata.uns["vcell"] = {"expression": "counts"}
+    path = tmp_path / "counts.h5ad"
+    adata.write_h5ad(path)
+    line = _error_line(run_cli("train", "st", "--data", path, "--max-steps", "1", "--out", tmp_path / "run"))
+    assert "vcell data preprocess" in line
+    assert not (tmp_path / "run" / "last").exists()
+
+
+def test_st_predictor_in_process(tmp_path):
+    adata = _tiny_adata()
+    data = from_anndata(adata)
+    split = apply_split(data.index, holdout_config(data.index, ["ctx_B"]))
+    model = make_model("st", seed=0, out_dir=tmp_path / "run", **TINY_OPTS)
+    assert model.fit(data, split) is model
+    assert (tmp_path / "run" / "last" / "weights.safetensors").is_file()
+    controls = adata[(adata.obs["cell_type"] == "ctx_B").to_numpy() & (adata.obs["target_gene"] == "non-targeting").to_numpy()].copy()
+    perts = sorted(set(adata.obs["target_gene"].astype(str)) - {"non-targeting"})[:3]
+    sizes = {p: n for p, n in zip(perts, (5, 20, 33))}
+    pred = model.predict(controls, perts, "ctx_B", cells_per_perturbation=sizes, seed=3)
+    counts = pred.obs["target_gene"].astype(str).value_counts().to_dict()
+    assert counts == {**sizes, "non-targeting": controls.n_obs}
+    assert list(pred.var_names) == list(adata.var_names)
+    X = pred.X.toarray()
+    assert X.min() >= 0
+    again = model.predict(controls, perts, "ctx_B", cells_per_perturbation=sizes, seed=3)
+    np.testing.assert_array_equal(again.X.toarray(), X)  # seeded and eval mode: reproducible
+
+    # genes in another order are reordered; a different gene set is an error
+    shuffled = controls[:, controls.var_names[::-1]].copy()
+    np.testing.assert_allclose(model.predict(shuffled, perts, "ctx_B", cells_per_perturbation=sizes, seed=3).X.toarray(), X, rtol=1e-5, atol=1e-6)
+    with pytest.raises(VcellError, match="genes"):
+        model.predict(controls[:, :45].copy(), perts, "ctx_B", cells_per_perturbation=sizes)
+    with pytest.raises(VcellError, match="NOPE"):
+        model.predict(controls, ["NOPE"], "ctx_B")
