@@ -17,6 +17,7 @@ from vcell.data.spec import DataSpec
 from vcell.data.splits import SplitConfig, apply_split, holdout_config
 from vcell.errors import VcellError
 from vcell.models.base import Predictor
+from vcell.data.aggregate import group_sums
 from vcell.models.baselines import (
     BASELINES,
     DEFAULT_ALPHAS,
@@ -25,7 +26,6 @@ from vcell.models.baselines import (
     ControlMean,
     LinearBaseline,
     PertMean,
-    _group_sums,
     make_baseline,
     training_stats,
 )
@@ -152,8 +152,8 @@ def test_group_sums_in_blocks_match_dense_group_means(sim):
     X = dense(adata.X)
     expected = np.stack([X[codes == g].sum(axis=0) for g in range(5)])
     for chunk in (7, 1000, 10**6):
-        np.testing.assert_allclose(_group_sums(adata.X, codes, 5, chunk_rows=chunk), expected, rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(_group_sums(X, codes, 5, chunk_rows=13), expected, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(group_sums(adata.X, codes, 5, chunk_rows=chunk), expected, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(group_sums(X, codes, 5, chunk_rows=13), expected, rtol=1e-9, atol=1e-9)
 
 
 def test_training_stats_backed_equals_in_memory(mcf, mcf_path):

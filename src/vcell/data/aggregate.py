@@ -9,7 +9,6 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
-from vcell.data.matrix import iter_row_chunks
 from vcell.errors import VcellError
 
 
@@ -37,16 +36,22 @@ def _csr_group_sums(data, indices, indptr, codes, out):
 def group_sums(X, codes: np.ndarray, n_groups: int, chunk_rows: int = 2048) -> np.ndarray:
     """``[n_groups, n_genes]`` float64 sums of the rows of ``X`` by group code (``-1``: skipped)."""
     codes = np.asarray(codes, dtype=np.int64)
+    if sp.issparse(X) and not sp.isspmatrix_csr(X):
+        X = sp.csr_matrix(X)
     if codes.shape[0] != X.shape[0]:
         raise VcellError(f"{codes.shape[0]} group codes for a matrix of {X.shape[0]} rows")
     out = np.zeros((n_groups, X.shape[1]), dtype=np.float64)
-    for start, block in iter_row_chunks(X, chunk_rows):
-        block_codes = codes[start : start + block.shape[0]]
+    for start in range(0, X.shape[0], chunk_rows):
+        block_codes = codes[start : start + chunk_rows]
+        if not np.any(block_codes >= 0):
+            continue  # a block with no wanted row is never read (backed files: no I/O)
+        block = X[start : start + block_codes.size]
         if sp.issparse(block):
+            block = sp.csr_matrix(block)
             block.sum_duplicates()
             _csr_group_sums(block.data, block.indices, block.indptr, block_codes, out)
         else:
-            _dense_group_sums(np.ascontiguousarray(block), block_codes, out)
+            _dense_group_sums(np.ascontiguousarray(np.asarray(block)), block_codes, out)
     return out
 
 

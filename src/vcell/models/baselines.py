@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
+from vcell.data.aggregate import group_sums
 from vcell.data.dataset import PerturbationData
 from vcell.data.spec import split_combo
 from vcell.data.splits import Split
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 #: Ridge penalties tried by the ``linear`` baseline's cross-validation.
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 4, 13))
-_CHUNK_ROWS = 8192
 _MAX_LISTED = 10
 
 
@@ -87,31 +86,6 @@ class TrainingStats:
         return self.means - self.control_means[row]
 
 
-def _group_sums(X, codes: np.ndarray, n_groups: int, chunk_rows: int = _CHUNK_ROWS) -> np.ndarray:
-    """Float64 per-group row sums of ``X`` (cells with code ``-1`` skipped), block by block.
-
-    ``X`` may be dense, scipy sparse or an anndata backed matrix; blocks without any wanted
-    row are never read, and each block is summed with a sparse indicator product.
-    """
-    n, n_genes = X.shape
-    if sp.issparse(X) and not sp.isspmatrix_csr(X):
-        X = sp.csr_matrix(X)
-    sums = np.zeros((n_groups, n_genes), dtype=np.float64)
-    for start in range(0, n, chunk_rows):
-        stop = min(start + chunk_rows, n)
-        local = codes[start:stop]
-        rows = np.flatnonzero(local >= 0)
-        if rows.size == 0:
-            continue
-        block = X[start:stop]
-        block = block.astype(np.float64) if sp.issparse(block) else np.asarray(block, dtype=np.float64)
-        present, inverse = np.unique(local[rows], return_inverse=True)
-        indicator = sp.csr_matrix((np.ones(rows.size), (inverse, rows)), shape=(len(present), stop - start))
-        part = indicator @ block
-        sums[present] += part.toarray() if sp.issparse(part) else np.asarray(part)
-    return sums
-
-
 def _check_inputs(name: str, data: PerturbationData, split: Split) -> None:
     if data.spec.expression == "counts":
         raise VcellError(
@@ -148,7 +122,7 @@ def training_stats(data: PerturbationData, split: Split) -> TrainingStats:
     codes[is_ctrl] = len(group_ids) + np.searchsorted(ctrl_keys, keys[is_ctrl])
     n_groups = len(group_ids) + len(ctrl_keys)
 
-    sums = _group_sums(data.adata.X, codes, n_groups)
+    sums = group_sums(data.adata.X, codes, n_groups)
     sizes = np.bincount(codes[codes >= 0], minlength=n_groups).astype(np.float64)
     means = sums / sizes[:, None]
 
