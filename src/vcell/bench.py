@@ -40,7 +40,7 @@ from vcell.errors import VcellError
 from vcell.eval.inputs import check_pair
 from vcell.eval.profiles import PROFILES
 from vcell.eval.run import evaluate, write_outputs
-from vcell.eval.scoring import score
+from vcell.eval.scoring import score, write_csv
 from vcell.models.base import Predictor
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def run_bench(
             row["vcc_score"], row["vcc_score_unclipped"] = vcc_score(agg, aggs[(BASELINE_MODEL, ctx)])
             rows.append(row)
     board = _leaderboard(rows)
-    _write_csv(board, out / "leaderboard.csv")
+    write_csv(board, out / "leaderboard.csv")
     meta = {
         "data": str(Path(data_path).resolve()), "pert_col": spec.pert_col, "control": spec.control,
         "context_col": spec.context_col, "models": models, "contexts": [c for f in folds for c in f.contexts],
@@ -266,8 +266,3 @@ def _leaderboard(rows: list[dict]) -> pd.DataFrame:
     mean = board.groupby("model", sort=False)[ordered[2:]].mean(numeric_only=True).reset_index()
     mean.insert(1, "context", "mean")
     return pd.concat([board, mean], ignore_index=True)
-
-
-def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
