@@ -10,6 +10,7 @@ from pathlib import Path
 
 import anndata as ad
 import h5py
+import numpy as np
 
 from vcell.errors import VcellError
 
@@ -30,6 +31,43 @@ def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
         return ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as exc:  # anndata raises many types for corrupt files
         raise VcellError(f"{path}: unreadable .h5ad file ({type(exc).__name__}: {exc})") from exc
+
+
+def dense_x_memmap(adata: ad.AnnData) -> np.memmap | None:
+    """A read-only memory map of a backed AnnData's dense ``X``, or ``None`` when it cannot be mapped.
+
+    Mapping needs ``X`` stored as one contiguous, uncompressed, little-endian float dataset (how
+    anndata writes dense matrices). Reading such a matrix into fresh memory costs far more in page
+    faults than the copy itself; a map of the (usually cached) file costs neither, and the input
+    cannot be modified through it.
+    """
+    if not adata.isbacked:
+        return None
+    x = adata.file._file.get("X")
+    if not isinstance(x, h5py.Dataset) or x.ndim != 2 or x.chunks is not None or x.compression is not None:
+        return None
+    if x.dtype.kind != "f" or x.dtype.byteorder == ">" or x.external:
+        return None
+    offset = x.id.get_offset()
+    if offset is None or x.size == 0:
+        return None
+    return np.memmap(adata.filename, dtype=x.dtype, mode="r", offset=offset, shape=x.shape)
+
+
+def read_h5ad_mapped(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
+    """``obs``, ``var`` and ``X`` of an ``.h5ad``, with a dense ``X`` memory-mapped read-only.
+
+    Other slots (``uns``, ``obsm``, layers) are not carried. When ``X`` cannot be mapped (sparse,
+    chunked or compressed) this is :func:`read_h5ad` with ``backed``.
+    """
+    meta = read_h5ad(path, backed=True)
+    mapped = dense_x_memmap(meta)
+    if mapped is None:
+        meta.file.close()
+        return read_h5ad(path, backed=backed)
+    obs, var = meta.obs.copy(), meta.var.copy()
+    meta.file.close()
+    return ad.AnnData(X=mapped, obs=obs, var=var)
 
 
 def _umask() -> int:
@@ -56,6 +94,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_paths(directory: str | os.PathLike, names: list[str]) -> Iterator[dict[str, Path]]:
+    """Temporary paths for several files of ``directory``, all renamed into place only on success.
+
+    If the body raises, every temporary file is removed, and ``directory`` too when this call
+    created it and it is left empty: a failed run leaves nothing behind.
+    """
+    directory = Path(directory)
+    created = not directory.exists()
+    try:
+        with contextlib.ExitStack() as stack:
+            yield {name: stack.enter_context(atomic_path(directory / name)) for name in names}
+    except BaseException:
+        if created and directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+        raise
 
 
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | None = None) -> Path:

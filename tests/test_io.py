@@ -1,0 +1,108 @@
+"""Reading with a memory-mapped X, the fast matrix scan, and all-or-nothing multi-file writes."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from vcell.data.io import atomic_paths, read_h5ad_mapped
+from vcell.data.matrix import block_values, iter_row_chunks, locate
+from vcell.data.validate import MatrixStats, _scan_values, scan_matrix
+
+
+def _adata(X) -> ad.AnnData:
+    n, g = X.shape
+    return ad.AnnData(X=X, obs=pd.DataFrame({"p": ["a"] * n}, index=[f"c{i}" for i in range(n)]), var=pd.DataFrame(index=[f"g{j}" for j in range(g)]))
+
+
+def test_dense_x_is_mapped_read_only(tmp_path):
+    X = np.random.default_rng(0).random((30, 7)).astype(np.float32)
+    path = tmp_path / "d.h5ad"
+    _adata(X).write_h5ad(path)
+    mapped = read_h5ad_mapped(path)
+    assert isinstance(mapped.X, np.memmap) and not mapped.X.flags.writeable
+    np.testing.assert_array_equal(np.asarray(mapped.X), X)
+    assert list(mapped.obs["p"]) == ["a"] * 30 and list(mapped.var_names) == [f"g{j}" for j in range(7)]
+    with pytest.raises(ValueError):
+        mapped.X[0, 0] = 1.0  # the input cannot be modified through the map
+
+
+@pytest.mark.parametrize("kind", ["csr", "compressed"])
+def test_unmappable_x_is_read_normally(kind, tmp_path):
+    X = np.random.default_rng(1).random((20, 5)).astype(np.float32)
+    path = tmp_path / "x.h5ad"
+    if kind == "csr":
+        _adata(sp.csr_matrix(X)).write_h5ad(path)
+    else:
+        _adata(X).write_h5ad(path, compression="gzip")
+    out = read_h5ad_mapped(path)
+    assert not isinstance(out.X, np.memmap)
+    np.testing.assert_allclose(out.X.toarray() if sp.issparse(out.X) else out.X, X)
+
+
+def _reference_scan(X, chunk_rows: int) -> MatrixStats:
+    """The plain one-pass scan, block by block, as the definition of what scan_matrix reports."""
+    stats = MatrixStats()
+    for start, block in iter_row_chunks(X, chunk_rows):
+        vals = np.ascontiguousarray(block_values(block)).reshape(-1)
+        if vals.size == 0:
+            continue
+        stats.n_values += vals.size
+        bad, neg, nonint, frac, vmax, pmax = _scan_values(vals, 1e-3)
+        if bad >= 0 and stats.nan is None:
+            stats.nan = tuple(v + o for v, o in zip(locate(block, bad), (start, 0)))
+        if neg >= 0 and stats.negative is None:
+            r, c = locate(block, neg)
+            stats.negative = (start + r, c, float(vals[neg]))
+        if nonint >= 0:
+            stats.all_integer = False
+            if stats.non_integer is None:
+                r, c = locate(block, nonint)
+                stats.non_integer = (start + r, c, float(vals[nonint]))
+        stats.has_fraction = stats.has_fraction or frac >= 0
+        if pmax >= 0 and (vmax > stats.max_value or stats.max_pos is None):
+            r, c = locate(block, pmax)
+            stats.max_value, stats.max_pos = float(vmax), (start + r, c)
+    return stats
+
+
+def test_threaded_fast_scan_matches_the_plain_scan():
+    rng = np.random.default_rng(0)
+    specials = [np.nan, np.inf, -np.inf, -0.5, -3.0, 2.0000001, 7.5, 1e6, 1e-4]
+    for _ in range(150):
+        n, g = int(rng.integers(1, 50)), int(rng.integers(1, 30))
+        X = rng.poisson(1.0, (n, g)).astype(rng.choice([np.float32, np.float64]))
+        if rng.random() < 0.5:
+            X = np.log1p(X)
+        if rng.random() < 0.2:
+            X[:] = 0
+        for _ in range(int(rng.integers(0, 3))):
+            X[rng.integers(n), rng.integers(g)] = rng.choice(specials)
+        for M in (X, sp.csr_matrix(X)):
+            for chunk_rows in (1, 7, 4096):
+                for threads in (1, 2):
+                    assert scan_matrix(M, chunk_rows=chunk_rows, threads=threads) == _reference_scan(M, chunk_rows)
+
+
+def test_atomic_paths_all_or_nothing(tmp_path):
+    out = tmp_path / "new"
+    with pytest.raises(RuntimeError):
+        with atomic_paths(out, ["a.csv", "b.csv"]) as tmp:
+            tmp["a.csv"].write_text("a")
+            raise RuntimeError("boom")
+    assert not out.exists()  # the folder this call created is removed again
+    existing = tmp_path / "old"
+    existing.mkdir()
+    (existing / "a.csv").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_paths(existing, ["a.csv"]) as tmp:
+            tmp["a.csv"].write_text("new")
+            raise RuntimeError("boom")
+    assert [p.name for p in existing.iterdir()] == ["a.csv"] and (existing / "a.csv").read_text() == "old"
+    with atomic_paths(existing, ["a.csv", "b.csv"]) as tmp:
+        tmp["a.csv"].write_text("A")
+        tmp["b.csv"].write_text("B")
+    assert sorted(p.name for p in existing.iterdir()) == ["a.csv", "b.csv"] and (existing / "a.csv").read_text() == "A"
