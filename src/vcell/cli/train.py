@@ -41,13 +41,17 @@ def st(
     preset: Annotated[str, typer.Option("--preset", help="Model size: small, default or large.")] = "small",
     config: Annotated[Path | None, typer.Option("--config", help="YAML/JSON file of STConfig overrides (e.g. width, n_layers).")] = None,
     max_steps: Annotated[int, typer.Option("--max-steps", help="Training steps.")] = 300,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Cell sets per step.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Cell sets per step, over all processes (each of W processes takes 1/W).")] = 8,
     set_size: Annotated[int, typer.Option("--set-size", help="Cells per set.")] = 64,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-4,
     out: Annotated[Path, typer.Option("--out", help="Run folder: last/, best/, logs/.")] = Path("vcell-st"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.")] = False,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Write last/ every N steps.")] = 100,
     accelerator: Annotated[str, typer.Option("--accelerator", help="auto, cpu or gpu.")] = "auto",
+    devices: Annotated[int, typer.Option("--devices", help="Processes (GPUs, or CPU processes) per node; > 1 trains with DDP.")] = 1,
+    num_nodes: Annotated[int, typer.Option("--num-nodes", help="Nodes (multi-node: launch one task per device with srun/torchrun).")] = 1,
+    strategy: Annotated[str, typer.Option("--strategy", help="auto (DDP when devices x nodes > 1) or ddp.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="32, bf16-mixed or 16-mixed (mixed precision on GPU only).")] = "32",
     num_workers: Annotated[int, typer.Option("--num-workers", help="Data loader worker processes.")] = 0,
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
@@ -56,13 +60,17 @@ def st(
     seed: Seed = 0,
 ) -> None:
     """Train a State Transition model; checkpoints go to OUT/last (and OUT/best with validation cells)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
     from vcell.data.dataset import load_dataset
     from vcell.data.splits import apply_split, holdout_config, read_split_toml
     from vcell.models.st_predictor import st_config_values
-    from vcell.train.st import train_st
+    from vcell.train.st import check_run_options, train_st
 
     if split is not None and (holdout_context or val_context):
         raise VcellError("give either --split or --holdout-context/--val-context, not both")
+    check_run_options(accelerator, devices, num_nodes, strategy, precision, batch_size)
+    # DDP runs this command once per process (Lightning re-runs it); only rank 0 reports
     overrides = read_config_file(config) if config is not None else {}
     values = st_config_values(preset, overrides)
     spec = make_spec(pert_col, control, context_col, batch_col, None)
@@ -75,10 +83,13 @@ def st(
     else:
         cfg = holdout_config(index, list(holdout_context or []), val_contexts=list(val_context or []))
     applied = apply_split(index, cfg)
-    console.print(table(split_view(applied.summary(index)), title="split"))
+    if rank_zero_only.rank == 0:
+        console.print(table(split_view(applied.summary(index)), title="split"))
     with console.status(f"training ST ({preset}) for {max_steps} steps"):
         run = train_st(
             dataset, applied, out, values, max_steps=max_steps, batch_size=batch_size, set_size=set_size, seed=seed,
             resume=resume, num_workers=num_workers, lr=lr, checkpoint_every=checkpoint_every, accelerator=accelerator,
+            devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
         )
-    console.print(f"checkpoint: {run / 'last'}" + (f" (best: {run / 'best'})" if (run / "best").is_dir() else ""))
+    if rank_zero_only.rank == 0:
+        console.print(f"checkpoint: {run / 'last'}" + (f" (best: {run / 'best'})" if (run / "best").is_dir() else ""))

@@ -6,6 +6,12 @@ pickle-free directories (:mod:`vcell.train.checkpoint`) written by :class:`STChe
 ``last/`` every N steps and ``best/`` on a new lowest ``val_loss``. A resumed run continues
 exactly where the checkpoint left off (weights, optimiser, step, epoch, position in the epoch
 and the torch RNG), so it ends with the same weights as an uninterrupted run.
+
+Distributed training is Lightning's DDP (``devices`` x ``num_nodes`` processes, gloo on CPU,
+nccl on GPU). ``batch_size`` is the global number of cell sets per step: every rank takes its
+contiguous share of the same global batch, and DDP averages the per-rank mean losses' gradients,
+so W processes match one process on the same global batch up to float reduction order. Only
+rank 0 writes checkpoints and logs; on resume every rank reads the same checkpoint.
 """
 
 from __future__ import annotations
@@ -16,10 +22,13 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader, Sampler
+from lightning.pytorch.strategies import DDPStrategy
+from torch.utils.data import DataLoader, Sampler, Subset
 
 from vcell.data.cellsets import CellSetDataset, CellSetSampler, collate_cell_sets
 from vcell.data.dataset import PerturbationData
@@ -31,6 +40,8 @@ from vcell.models.transition import STConfig, StateTransition, pert_features
 from vcell.train.checkpoint import META_KEY, SafetensorsCheckpointIO, resolve_checkpoint_dir
 
 LAST, BEST = "last", "best"
+PRECISIONS = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}
+STRATEGIES = ("auto", "ddp")
 
 
 def pert_vocabulary(labels, control: str) -> list[str]:
@@ -68,6 +79,7 @@ class STModule(L.LightningModule):
         # code -> multi-hot vector; not a parameter, rebuilt from config.json on load
         self.register_buffer("pert_table", pert_features(self.perturbations, self.pert_vocab, control=control), persistent=False)
         self._rng_to_restore: dict | None = None
+        self._val_sums: torch.Tensor | None = None
 
     def checkpoint_meta(self) -> dict:
         """The content of ``config.json`` (without step, epoch and version)."""
@@ -86,54 +98,114 @@ class STModule(L.LightningModule):
         return self.model(batch["basal"], feats, batch=cell_batch, mask=batch["mask"])
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        return self.model.loss(self(batch), batch["target"], batch["mask"])
+        pred = self(batch)
+        # the energy distance's pairwise distances need fp32 even under bf16/fp16 autocast
+        with torch.autocast(device_type=pred.device.type, enabled=False):
+            return self.model.loss(pred.float(), batch["target"].float(), batch["mask"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=batch["basal"].shape[0])
+        self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=batch["basal"].shape[0], sync_dist=True)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(2, device=self.device)  # sum of set losses, number of sets
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.log("val_loss", self._loss(batch), on_step=False, on_epoch=True, batch_size=batch["basal"].shape[0])
+        n = batch["basal"].shape[0]
+        self._val_sums += torch.stack([self._loss(batch).detach() * n, torch.tensor(float(n), device=self.device)])
+
+    def on_validation_epoch_end(self) -> None:
+        # Summed over ranks by hand: Lightning's sync_dist mean averages the per-rank set counts as
+        # integers, which is wrong when ranks score different numbers of sets.
+        total, n = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        self.log("val_loss", total / n, sync_dist=False)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.model.parameters(), lr=self.lr)
+        # fused: one kernel per parameter group instead of ~10 elementwise passes per tensor
+        return torch.optim.Adam(self.model.parameters(), lr=self.lr, fused=True)
+
+    def on_fit_start(self) -> None:
+        # every rank starts from the same seed; give ranks > 0 their own dropout stream (rank 0
+        # keeps the single-process one)
+        if self.trainer.world_size > 1 and self.global_rank > 0:
+            torch.manual_seed(rank_seed(int(self.meta.get("seed", 0)), self.global_rank))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[META_KEY] = self.checkpoint_meta()
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = list(torch.cuda.get_rng_state_all())
+        if self.trainer.world_size > 1:
+            # called on every rank; rank 0 writes the file, so it keeps every rank's RNG state
+            rng["torch_ranks"] = self._gather(torch.get_rng_state())
+            if self.device.type == "cuda":
+                rng["cuda_ranks"] = self._gather(torch.cuda.get_rng_state(self.device))
         checkpoint["rng"] = rng
+
+    def _gather(self, state: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's copy of ``state`` (a CPU tensor of the same shape on each rank)."""
+        state = state.to(self.device)
+        parts = [torch.empty_like(state) for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather(parts, state)
+        return [p.cpu() for p in parts]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_to_restore = checkpoint.get("rng")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # restored right before the first step so nothing in between (setup, data loading) shifts it
-        if self._rng_to_restore is not None:
-            torch.set_rng_state(self._rng_to_restore["torch"])
-            if "cuda" in self._rng_to_restore and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
-            self._rng_to_restore = None
+        rng, self._rng_to_restore = self._rng_to_restore, None
+        if rng is None:
+            return
+        rank, world = self.global_rank, self.trainer.world_size
+        if world > 1 and len(rng.get("torch_ranks", [])) == world:
+            torch.set_rng_state(rng["torch_ranks"][rank])
+            if len(rng.get("cuda_ranks", [])) == world and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda_ranks"][rank], self.device)
+        elif rank == 0:  # saved with another number of processes: only rank 0's stream carries on
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available() and world == 1:
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A torch seed for process ``rank`` of a run seeded with ``seed`` (independent of other ranks)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def rank_share(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """Rank ``rank``'s contiguous block of a global batch ``indices``.
+
+    A last batch that does not split evenly is padded by cycling through its own sets, so every
+    rank gets the same number of sets (DDP's gradient average then equals the batch mean).
+    """
+    if world_size == 1:
+        return list(indices)
+    per = -(-len(indices) // world_size)
+    padded = [indices[i % len(indices)] for i in range(per * world_size)]
+    return padded[rank * per : (rank + 1) * per]
 
 
 class _EpochBatches(Sampler):
-    """Consecutive batches of an already shuffled plan, starting at batch ``skip``.
+    """Consecutive global batches of an already shuffled plan from batch ``skip``, each cut to
+    rank ``rank``'s share (:func:`rank_share`).
 
     ``len`` is the whole epoch so Lightning's progress counters stay right when a resumed run
     starts mid-epoch.
     """
 
-    def __init__(self, n_items: int, batch_size: int, skip: int = 0):
+    def __init__(self, n_items: int, batch_size: int, skip: int = 0, rank: int = 0, world_size: int = 1):
         self.n_items, self.batch_size, self.skip = n_items, batch_size, skip
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         return math.ceil(self.n_items / self.batch_size)
 
     def __iter__(self):
         for b in range(self.skip, len(self)):
-            yield list(range(b * self.batch_size, min((b + 1) * self.batch_size, self.n_items)))
+            batch = list(range(b * self.batch_size, min((b + 1) * self.batch_size, self.n_items)))
+            yield rank_share(batch, self.rank, self.world_size)
 
 
 class CellSetDataModule(L.LightningDataModule):
@@ -182,6 +254,15 @@ class CellSetDataModule(L.LightningDataModule):
             **kwargs,
         )
 
+    def _rank(self) -> tuple[int, int]:
+        """``(global rank, world size)`` of this process."""
+        if self.trainer is None:
+            return 0, 1
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        if self.batch_size % world:
+            raise VcellError(f"batch size {self.batch_size} is not divisible by the {world} processes (devices x nodes)")
+        return rank, world
+
     def train_dataloader(self) -> DataLoader:
         # Every epoch has the same number of steps, so the global step alone says which plan and
         # batch come next; Lightning's own epoch counter can run one ahead after a resume from a
@@ -189,16 +270,26 @@ class CellSetDataModule(L.LightningDataModule):
         step = self.trainer.global_step if self.trainer is not None else 0
         epoch, skip = divmod(step, self.batches_per_epoch)
         self.train_set.set_epoch(epoch)
-        return self._loader(self.train_set, batch_sampler=_EpochBatches(len(self.train_set), self.batch_size, skip))
+        rank, world = self._rank()
+        return self._loader(self.train_set, batch_sampler=_EpochBatches(len(self.train_set), self.batch_size, skip, rank, world))
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
             return []
-        return self._loader(self.val_set, batch_size=self.batch_size, shuffle=False)
+        rank, world = self._rank()
+        data, batch_size = self.val_set, self.batch_size
+        if world > 1 and len(data) >= world:
+            # disjoint shares; ranks may run different numbers of batches (no per-batch collectives)
+            data, batch_size = Subset(data, range(rank, len(data), world)), batch_size // world
+        return self._loader(data, batch_size=batch_size, shuffle=False)
 
 
 class STCheckpoint(Callback):
-    """Writes ``last/`` every ``every_n_steps`` steps and at the end, ``best/`` on a lower ``val_loss``."""
+    """Writes ``last/`` every ``every_n_steps`` steps and at the end, ``best/`` on a lower ``val_loss``.
+
+    Under DDP every rank calls ``trainer.save_checkpoint`` at the same points (it is collective:
+    the RNG states are gathered) and only rank 0 writes.
+    """
 
     def __init__(self, out_dir: str | os.PathLike, every_n_steps: int = 100):
         if every_n_steps < 1:
@@ -208,7 +299,7 @@ class STCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps == 0:
-            trainer.save_checkpoint(self.out_dir / LAST)
+            trainer.save_checkpoint(self.out_dir / LAST, weights_only=False)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics:
@@ -216,10 +307,10 @@ class STCheckpoint(Callback):
         val = float(trainer.callback_metrics["val_loss"])
         if self.best is None or val < self.best:
             self.best = val
-            trainer.save_checkpoint(self.out_dir / BEST)
+            trainer.save_checkpoint(self.out_dir / BEST, weights_only=False)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        trainer.save_checkpoint(self.out_dir / LAST)
+        trainer.save_checkpoint(self.out_dir / LAST, weights_only=False)
 
     def state_dict(self) -> dict:
         return {"best": self.best}
@@ -248,6 +339,35 @@ def build_module(data: PerturbationData, config: STConfig | dict, lr: float = 1e
     return STModule(cfg, index.perts, vocab, spec.control, lr=lr, meta=meta)
 
 
+def _on_cpu(accelerator: str) -> bool:
+    if accelerator == "auto":
+        return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    return accelerator == "cpu"
+
+
+def check_run_options(
+    accelerator: str = "auto",
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    precision: str = "32",
+    batch_size: int | None = None,
+) -> None:
+    """Raise a one-line :class:`VcellError` for device, strategy, precision or batch-size options that cannot work together."""
+    for name, value in (("devices", devices), ("num-nodes", num_nodes)):
+        if not isinstance(value, int) or value < 1:
+            raise VcellError(f"--{name} must be a positive integer, got {value!r}")
+    if strategy not in STRATEGIES:
+        raise VcellError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+    if precision not in PRECISIONS:
+        raise VcellError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision != "32" and _on_cpu(accelerator):
+        raise VcellError(f"--precision {precision} needs a GPU; training on CPU stays fp32 (--precision 32)")
+    world = devices * num_nodes
+    if batch_size is not None and batch_size % world:
+        raise VcellError(f"--batch-size {batch_size} is the global batch and must be divisible by devices x nodes = {world}")
+
+
 def fit(
     module: STModule,
     datamodule: CellSetDataModule,
@@ -258,29 +378,49 @@ def fit(
     checkpoint_every: int = 100,
     accelerator: str = "auto",
     log_every: int = 10,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    precision: str = "32",
 ) -> L.Trainer:
-    """Train ``module`` to ``max_steps`` steps, checkpointing under ``out_dir``; resume from ``resume_dir``."""
+    """Train ``module`` to ``max_steps`` steps, checkpointing under ``out_dir``; resume from ``resume_dir``.
+
+    ``devices`` x ``num_nodes`` > 1 (or ``strategy="ddp"``) trains with DDP; ``datamodule.batch_size``
+    is the global batch. ``precision`` is ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (GPU only).
+    """
+    check_run_options(accelerator, devices, num_nodes, strategy, precision, datamodule.batch_size)
     out_dir = Path(out_dir)
+    module.meta.update(precision=precision, devices=devices, num_nodes=num_nodes)
+    if strategy == "ddp" or devices * num_nodes > 1:
+        # The perturbation table buffer is the same on every rank; syncing buffers in each forward
+        # would make ranks with different numbers of validation batches wait on each other.
+        strategy = DDPStrategy(forward_sync_buffers=False)
     L.seed_everything(seed, workers=True, verbose=False)
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        max_epochs=-1,
-        accelerator=accelerator,
-        devices=1,
-        precision="32-true",
-        gradient_clip_val=10.0,
-        enable_checkpointing=False,  # Lightning's checkpoints pickle; STCheckpoint writes safetensors
-        plugins=[SafetensorsCheckpointIO()],
-        callbacks=[STCheckpoint(out_dir, checkpoint_every)],
-        logger=CSVLogger(out_dir, name="logs"),
-        reload_dataloaders_every_n_epochs=1,
-        limit_val_batches=1.0 if datamodule.val_set is not None else 0,
-        num_sanity_val_steps=0,
-        log_every_n_steps=log_every,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out_dir,
-    )
+    try:
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            max_epochs=-1,
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            precision=PRECISIONS[precision],
+            use_distributed_sampler=False,  # CellSetDataModule gives each rank its share itself
+            gradient_clip_val=10.0,
+            enable_checkpointing=False,  # Lightning's checkpoints pickle; STCheckpoint writes safetensors
+            plugins=[SafetensorsCheckpointIO()],
+            callbacks=[STCheckpoint(out_dir, checkpoint_every)],
+            logger=CSVLogger(out_dir, name="logs"),
+            reload_dataloaders_every_n_epochs=1,
+            limit_val_batches=1.0 if datamodule.val_set is not None else 0,
+            num_sanity_val_steps=0,
+            log_every_n_steps=log_every,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=out_dir,
+        )
+    except MisconfigurationException as exc:
+        raise VcellError(f"devices: {str(exc).splitlines()[0]}") from None
     ckpt = None
     if resume_dir is not None:
         ckpt = Path(resume_dir)
@@ -309,20 +449,29 @@ def train_st(
     checkpoint_every: int = 100,
     accelerator: str = "auto",
     log_every: int = 10,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    precision: str = "32",
 ) -> Path:
     """Train a State Transition model; returns ``out_dir`` (``last/``, ``best/``, ``logs/``).
 
     ``resume=True`` continues from ``out_dir/last`` (model, optimiser, step, epoch, RNG), so a
     run interrupted at any checkpoint ends with the same weights as an uninterrupted one.
+    ``devices``, ``num_nodes``, ``strategy`` and ``precision`` are as in :func:`fit`; with DDP
+    this function runs in every process (Lightning re-runs the command line for ranks > 0), so
+    call it from a script or the CLI, not from a notebook or a test runner.
     """
     out_dir = Path(out_dir)
     if max_steps < 1:
         raise VcellError(f"max_steps must be >= 1, got {max_steps}")
+    check_run_options(accelerator, devices, num_nodes, strategy, precision, batch_size)
     resume_dir = resolve_checkpoint_dir(out_dir / LAST) if resume else None
     if resume and not resume_dir.is_dir():
         raise VcellError(f"{out_dir}: nothing to resume (no {LAST}/ checkpoint)")
     L.seed_everything(seed, workers=True, verbose=False)
     module = build_module(data, config, lr=lr, seed=seed)
     dm = CellSetDataModule(data, split, batch_size, set_size, seed, control_strategy, num_workers)
-    fit(module, dm, out_dir, max_steps, seed, resume_dir, checkpoint_every, accelerator, log_every)
+    fit(module, dm, out_dir, max_steps, seed, resume_dir, checkpoint_every, accelerator, log_every,
+        devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
     return out_dir

@@ -1,0 +1,124 @@
+"""Distributed ST training: 2 CPU processes (DDP, gloo) match 1 process on the same global batch."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import scanpy as sc
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from vcell.data.dataset import load_dataset
+from vcell.data.simulate import simulate_perturbseq
+from vcell.data.spec import DataSpec
+from vcell.data.splits import apply_split, holdout_config
+from vcell.errors import VcellError
+from vcell.train.st import CellSetDataModule, _EpochBatches, check_run_options, rank_share, train_st
+
+# dropout 0: every rank draws its own dropout masks, so with dropout the runs differ by design
+TINY = {"width": 32, "n_layers": 2, "n_heads": 2, "encoder_layers": 2, "dropout": 0.0}
+# 17 training sets (the last batch of each epoch holds 1 set), 17 validation sets
+OPTS = ["--val-context", "ctx_B", "--set-size", "16", "--batch-size", "8", "--lr", "1e-3", "--accelerator", "cpu",
+        "--checkpoint-every", "2", "--seed", "3"]
+TOL = 1e-5  # fp32 reduction order: gloo sums two half-batch gradients, one process one full batch
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small log1p dataset on disk and a tiny ST config file."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    adata = simulate_perturbseq(n_genes=60, n_contexts=2, n_perturbations=6, n_combinations=0,
+                                cells_per_perturbation=40, n_controls=80, seed=0)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    adata.X = adata.X.astype(np.float32)
+    adata.uns["vcell"] = {"expression": "log1p"}
+    adata.write_h5ad(tmp / "tiny.h5ad")
+    (tmp / "tiny.json").write_text(json.dumps(TINY))
+    return tmp / "tiny.h5ad", tmp / "tiny.json"
+
+
+def _val_losses(run: Path) -> list[float]:
+    rows = [r for f in sorted((run / "logs").rglob("metrics.csv")) for r in csv.DictReader(f.open())]
+    return [float(r["val_loss"]) for r in rows if r.get("val_loss")]
+
+
+def test_rank_shares_split_each_global_batch():
+    """Ranks take disjoint contiguous blocks of each global batch; a short last batch is padded to an equal count."""
+    for world in (1, 2, 4):
+        single = list(_EpochBatches(18, 8))
+        per_rank = [list(_EpochBatches(18, 8, rank=r, world_size=world)) for r in range(world)]
+        for b, batch in enumerate(single[:2]):  # full batches: the ranks' blocks concatenate to the batch
+            assert sum((shares[b] for shares in per_rank), []) == batch
+            assert all(len(shares[b]) == 8 // world for shares in per_rank)
+        last = [shares[2] for shares in per_rank]  # [16, 17]
+        assert {i for share in last for i in share} == {16, 17}
+        assert len({len(share) for share in last}) == 1
+    assert list(_EpochBatches(18, 8, skip=1, rank=1, world_size=2)) == [[12, 13, 14, 15], [17]]
+    assert rank_share([5], 1, 2) == [5]
+
+
+def test_data_module_gives_each_process_its_share(tiny):
+    """Under a 2-process trainer the loaders of rank 0 yield half of each global batch and half of the val sets."""
+    data = load_dataset(tiny[0], DataSpec(pert_col="target_gene", control="non-targeting", context_col="cell_type"))
+    split = apply_split(data.index, holdout_config(data.index, [], val_contexts=["ctx_B"]))
+    dm = CellSetDataModule(data, split, batch_size=8, set_size=16, seed=3)
+    dm.trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
+    assert (dm.trainer.global_rank, dm.trainer.world_size) == (0, 2)
+    assert list(dm.train_dataloader().batch_sampler) == [[0, 1, 2, 3], [8, 9, 10, 11], [16]]
+    assert [b["basal"].shape[0] for b in dm.val_dataloader()] == [4, 4, 1]  # sets 0, 2, ..., 16 of 17
+    dm.batch_size = 5
+    with pytest.raises(VcellError, match="batch size 5 is not divisible by the 2 processes"):
+        dm.train_dataloader()
+
+
+def test_two_processes_match_one_process(tiny, tmp_path):
+    """`vcell train st --devices 2` on CPU (gloo), stopped at step 4 and resumed to 8, ends with the weights of
+    one process trained 8 steps on the same global batch of 8 sets, within TOL (measured: ~7e-8)."""
+    data_path, config = tiny
+    ddp = tmp_path / "ddp"
+    common = ["train", "st", "--data", data_path, "--config", config, *OPTS, "--devices", "2", "--out", ddp]
+    first = run_cli(*common, "--max-steps", "4", timeout=120)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((ddp / "last" / "config.json").read_text())["step"] == 4
+    assert first.stdout.count("checkpoint:") == 1  # rank 1 ran the same command and stayed quiet
+    resumed = run_cli(*common, "--max-steps", "8", "--resume", timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    data = load_dataset(data_path, DataSpec(pert_col="target_gene", control="non-targeting", context_col="cell_type"))
+    split = apply_split(data.index, holdout_config(data.index, [], val_contexts=["ctx_B"]))
+    single = train_st(data, split, tmp_path / "single", TINY, max_steps=8, batch_size=8, set_size=16, seed=3, lr=1e-3,
+                      checkpoint_every=2, accelerator="cpu")
+
+    meta = json.loads((ddp / "last" / "config.json").read_text())
+    assert meta["step"] == 8 and meta["devices"] == 2 and meta["precision"] == "32"
+    w_ddp, w_one = load_file(str(ddp / "last" / "weights.safetensors")), load_file(str(single / "last" / "weights.safetensors"))
+    diff = max((w_ddp[k] - w_one[k]).abs().max().item() for k in w_one)
+    assert diff <= TOL, f"max abs weight difference {diff:.3g} > {TOL}"
+    # validation: each rank scores half of the 17 sets; the synced loss is the mean over all of them
+    v_ddp, v_one = _val_losses(ddp), _val_losses(single)
+    assert len(v_ddp) == len(v_one) == 2 and v_one[1] < v_one[0]
+    np.testing.assert_allclose(v_ddp, v_one, rtol=1e-5)
+    assert not [p for p in ddp.rglob("*") if p.suffix in {".ckpt", ".pt", ".pth", ".pkl", ".pickle"}]
+
+
+def test_bad_distributed_options_are_one_line_errors(tiny, tmp_path):
+    """Mixed precision on CPU and a global batch that does not split over the processes fail before training."""
+    data_path, config = tiny
+    proc = run_cli("train", "st", "--data", data_path, "--config", config, "--accelerator", "cpu",
+                   "--precision", "bf16-mixed", "--out", tmp_path / "run")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--precision bf16-mixed needs a GPU" in errors[0]
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(VcellError, match="--batch-size 6 .* devices x nodes = 4"):
+        check_run_options("cpu", devices=2, num_nodes=2, batch_size=6)
+    with pytest.raises(VcellError, match="--strategy 'fsdp'"):
+        check_run_options("cpu", strategy="fsdp")
+    with pytest.raises(VcellError, match="--precision '64'"):
+        check_run_options("cpu", precision="64")
