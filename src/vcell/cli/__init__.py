@@ -6,10 +6,12 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from vcell import __version__
 from vcell.cli import data as data_cli
 from vcell.cli import eval as eval_cli
+from vcell.cli import genes as genes_cli
 from vcell.cli.common import err_console, setup_logging
 from vcell.cli.bench import bench
 from vcell.cli.demo import demo
@@ -26,6 +28,7 @@ app = typer.Typer(
 )
 app.add_typer(data_cli.app, name="data")
 app.add_typer(eval_cli.app, name="eval")
+app.add_typer(genes_cli.app, name="genes")
 app.command("bench")(bench)
 app.command("demo")(demo)
 app.add_typer(train_app, name="train")
@@ -53,5 +56,5 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv)
     except VcellError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

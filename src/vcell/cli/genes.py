@@ -1,0 +1,88 @@
+"""``vcell genes ...``: gene embedding tables (ESM protein embeddings, or a data-derived fallback)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vcell.cli.common import Control, Expression, PertCol, Seed, console
+from vcell.errors import VcellError
+
+app = typer.Typer(help="Gene embeddings: protein language model vectors or a co-expression fallback.", no_args_is_help=True)
+
+Out = Annotated[Path, typer.Option("--out", help="Output gene table (.safetensors).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
+
+
+def _summary(emb, skipped: str) -> None:
+    from rich.table import Table
+
+    t = Table(title="gene embeddings", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("genes", str(len(emb.names)))
+    t.add_row("dim", str(emb.dim))
+    t.add_row("source", emb.source)
+    if "isoforms" in emb.info:
+        t.add_row("isoforms per gene", f"{emb.info['isoforms_per_gene_mean']:.2f} mean, {emb.info['isoforms_per_gene_max']} max")
+        t.add_row("proteins chunked", f"{emb.info['proteins_chunked']} (longer than {emb.info['max_residues']} residues)")
+    if "cells" in emb.info:
+        t.add_row("cells used", str(emb.info["cells"]))
+    t.add_row("genes skipped", skipped)
+    console.print(t)
+
+
+@app.command("embed")
+def embed(
+    fasta: Annotated[Path, typer.Option("--fasta", help="Protein FASTA; headers name the gene (GN=, gene_symbol: or first word).")],
+    esm_model: Annotated[Path, typer.Option("--esm-model", help="Local folder of a Hugging Face ESM2 model (config.json, weights, vocab.txt).")],
+    out: Out = Path("genes.safetensors"),
+    header_regex: Annotated[str | None, typer.Option("--header-regex", help="Regex with one capture group: the gene symbol in each header.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Token budget per batch (sequences x padded length).")] = 4096,
+    device: Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda or cuda:N.")] = "cpu",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    overwrite: Overwrite = False,
+    seed: Seed = 0,
+) -> None:
+    """Embed proteins with ESM2 (mean over residues, then isoforms) into a gene x dim table; resumable."""
+    from vcell.data.io import check_output_path
+    from vcell.models.genes import embed_fasta
+
+    check_output_path(out, [fasta], overwrite)
+    emb = embed_fasta(fasta, esm_model, out, header_regex=header_regex, max_tokens=max_tokens, device=device, seed=seed, progress=progress)
+    _summary(emb, "0 (every record maps to a gene)")
+    console.print(f"wrote {out}")
+
+
+@app.command("from-data")
+def from_data(
+    data: Annotated[Path, typer.Option("--data", help="The log1p .h5ad dataset; its control cells are used.")],
+    out: Out = Path("genes.safetensors"),
+    dim: Annotated[int, typer.Option("--dim", help="Vector length (capped by the numbers of cells and genes).")] = 128,
+    pert_col: PertCol = "target_gene",
+    control: Control = "non-targeting",
+    expression: Expression = None,
+    overwrite: Overwrite = False,
+    seed: Seed = 0,
+) -> None:
+    """Gene vectors without a protein model: PCA of gene co-expression in the control cells."""
+    from vcell.data.io import check_output_path, read_h5ad
+    from vcell.data.validate import infer_expression_type
+    from vcell.models.genes import data_gene_embeddings
+
+    check_output_path(out, [data], overwrite)
+    adata = read_h5ad(data, backed=True)
+    if pert_col not in adata.obs.columns:
+        raise VcellError(f"{data}: no obs column {pert_col!r} (pass --pert-col; columns: {', '.join(map(str, adata.obs.columns[:10]))})")
+    mask = (adata.obs[pert_col].astype(str) == control).to_numpy()
+    if not mask.any():
+        labels = ", ".join(map(repr, adata.obs[pert_col].astype(str).value_counts().index[:5]))
+        raise VcellError(f"{data}: no control cells labelled {control!r} in column {pert_col!r} (pass --control; most common: {labels})")
+    if infer_expression_type(adata, expression, path=data).type == "counts":
+        raise VcellError(f"{data}: X holds raw counts; gene co-expression uses log1p expression: run `vcell data preprocess` first")
+    emb = data_gene_embeddings(adata, dim=dim, control_mask=mask, seed=seed)
+    emb.save(out)
+    _summary(emb, f"{emb.info['genes_zero_variance']} (no variance in the controls: zero vectors)")
+    console.print(f"wrote {out}")
