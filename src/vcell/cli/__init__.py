@@ -15,6 +15,7 @@ from vcell.cli import genes as genes_cli
 from vcell.cli.common import err_console, setup_logging
 from vcell.cli.bench import bench
 from vcell.cli.demo import demo
+from vcell.cli.embed import embed
 from vcell.cli.predict import predict
 from vcell.cli.train import app as train_app
 from vcell.errors import VcellError
@@ -33,6 +34,7 @@ app.command("bench")(bench)
 app.command("demo")(demo)
 app.add_typer(train_app, name="train")
 app.command("predict")(predict)
+app.command("embed")(embed)
 
 
 def _version(value: bool) -> None:

@@ -93,3 +93,8 @@ def st(
         )
     if rank_zero_only.rank == 0:
         console.print(f"checkpoint: {run / 'last'}" + (f" (best: {run / 'best'})" if (run / "best").is_dir() else ""))
+
+
+from vcell.cli.embed import train_se  # noqa: E402  (vcell train se)
+
+app.command("se")(train_se)

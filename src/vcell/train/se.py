@@ -1,0 +1,511 @@
+"""Training the State Embedding model with Lightning, its checkpoints and cell embedding.
+
+:class:`SEModule` knows the model, loss, optimiser and schedule; :class:`SEDataModule` serves
+tokenised cell-sentence batches drawn from one or more ``.h5ad`` files (each file is one class of
+the dataset token); the Lightning ``Trainer`` runs the loop. Checkpoints are pickle-free
+directories in the same layout as ST's (:mod:`vcell.train.checkpoint`): ``weights.safetensors``
+(the gene table included), ``optimizer.safetensors``, ``state.safetensors`` and ``config.json``.
+Batch ``b`` of epoch ``e`` depends only on ``(seed, e, b)``, so a resumed run sees the same batches
+as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+import vcell
+from vcell.data.io import read_h5ad
+from vcell.data.rows import row_source
+from vcell.data.validate import infer_expression_type
+from vcell.errors import VcellError
+from vcell.models.embedding import SEConfig, StateEmbedding, normalise_expression, tokenize
+from vcell.train.checkpoint import (
+    CONFIG,
+    META_KEY,
+    MODEL_PREFIX,
+    OPTIMIZER,
+    STATE,
+    WEIGHTS,
+    _load_tree,
+    _save_tree,
+    _write_dir,
+    resolve_checkpoint_dir,
+)
+from vcell.train.st import PRECISIONS, check_run_options
+
+log = logging.getLogger(__name__)
+LAST = "last"
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class CellSource:
+    """One ``.h5ad`` file as SE input: its rows, expression type and the vocabulary id of each used column."""
+
+    name: str
+    path: Path | None
+    rows: Any
+    expression: str
+    columns: np.ndarray  # columns of X whose gene is in the vocabulary
+    gene_ids: np.ndarray  # their vocabulary ids
+    n_cells: int
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(log1p values of the vocabulary columns, log read depth)`` of ``rows``."""
+        values, depth = normalise_expression(self.rows.read(np.asarray(rows)), self.expression)
+        return values[:, self.columns], depth
+
+
+def match_genes(var_names, vocab: dict[str, int], where: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(columns, vocabulary ids, missing names)`` of ``var_names``; logs the missing genes.
+
+    Raises when no gene is in the vocabulary.
+    """
+    names = [str(g) for g in var_names]
+    ids = np.array([vocab.get(g, -1) for g in names], dtype=np.int64)
+    columns = np.flatnonzero(ids >= 0)
+    missing = [g for g, i in zip(names, ids) if i < 0]
+    if columns.size == 0:
+        raise VcellError(f"{where}: none of its {len(names)} genes is in the gene vocabulary ({len(vocab)} genes; e.g. {names[0]!r})")
+    if missing:
+        log.warning("%s: %d of %d genes are not in the gene vocabulary and are ignored (e.g. %s)",
+                    where, len(missing), len(names), ", ".join(missing[:5]))
+    return columns, ids[columns], missing
+
+
+def open_source(path: str | os.PathLike, vocab: dict[str, int], expression: str | None = None) -> CellSource:
+    """A :class:`CellSource` over ``path`` (read on demand, never modified)."""
+    path = Path(path)
+    adata = read_h5ad(path, backed=True)
+    if adata.n_obs == 0:
+        raise VcellError(f"{path}: the file has no cells")
+    info = infer_expression_type(adata, expression, path=path)
+    columns, ids, _ = match_genes(adata.var_names, vocab, str(path))
+    return CellSource(path.stem, path, row_source(adata, path), info.type, columns, ids, adata.n_obs)
+
+
+class SEBatches(Dataset):
+    """Tokenised batches of one epoch: item ``b`` is batch ``b`` of the epoch's shuffled plan.
+
+    All cells of all sources are shuffled together with ``(seed, epoch)``; the tokenisation of batch
+    ``b`` (padding and masking draws) uses ``(seed, epoch, b)``.
+    """
+
+    def __init__(self, sources: list[CellSource], n_slots: int, n_mask: int, batch_size: int, seed: int = 0):
+        if batch_size < 1:
+            raise VcellError(f"batch size must be >= 1, got {batch_size}")
+        self.sources, self.n_slots, self.n_mask = sources, n_slots, n_mask
+        self.batch_size, self.seed = batch_size, seed
+        self.cells = np.concatenate(
+            [np.stack([np.full(s.n_cells, k), np.arange(s.n_cells)], 1) for k, s in enumerate(sources)]
+        )
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the cell order of ``epoch``."""
+        self.epoch = int(epoch)
+        self.plan = self.cells[np.random.default_rng([self.seed, self.epoch]).permutation(len(self.cells))]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.cells) / self.batch_size)
+
+    def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, int(b)])
+        cells = self.plan[b * self.batch_size : (b + 1) * self.batch_size]
+        parts = []
+        for k in np.unique(cells[:, 0]):
+            rows = cells[cells[:, 0] == k, 1]
+            values, depth = self.sources[k].read(rows)
+            tok = tokenize(values, self.sources[k].gene_ids, self.n_slots, self.n_mask, rng)
+            parts.append({**tok, "depth": depth, "dataset": np.full(len(rows), k)})
+        return {key: torch.as_tensor(np.concatenate([p[key] for p in parts])) for key in parts[0]}
+
+
+class _EpochBatches(Sampler):
+    """Batch numbers of this rank (``rank``, ``rank + world``, ...), ``steps`` of them, from ``skip`` on."""
+
+    def __init__(self, steps: int, rank: int = 0, world: int = 1, skip: int = 0):
+        self.steps, self.rank, self.world, self.skip = steps, rank, world, skip
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for j in range(self.skip, self.steps):
+            yield self.rank + j * self.world
+
+
+class SEDataModule(L.LightningDataModule):
+    """Training batches of :class:`SEBatches`; the data loader is rebuilt every epoch."""
+
+    def __init__(self, batches: SEBatches, num_workers: int = 0):
+        super().__init__()
+        self.batches, self.num_workers = batches, num_workers
+
+    def _world(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        # every rank takes the same number of batches (DDP needs it); the remainder is dropped
+        _, world = self._world()
+        return max(1, len(self.batches) // world) if world > 1 else len(self.batches)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._world()
+        step = self.trainer.global_step if self.trainer is not None else 0
+        epoch, skip = divmod(step, self.steps_per_epoch)
+        self.batches.set_epoch(epoch)
+        return DataLoader(
+            self.batches,
+            batch_size=None,
+            sampler=_EpochBatches(self.steps_per_epoch, rank, world, skip),
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+
+# ------------------------------------------------------------------------------------------- module
+
+
+class SEModule(L.LightningModule):
+    """A :class:`StateEmbedding` with its loss, AdamW and a warm-up + cosine learning-rate schedule
+    over ``schedule_steps`` steps (5% warm-up, then down to a tenth of ``lr``).
+
+    ``meta`` goes into ``config.json`` (gene names, dataset names, seed).
+    """
+
+    def __init__(self, config: SEConfig, gene_vectors: torch.Tensor | None = None, lr: float = 3e-3,
+                 schedule_steps: int = 1000, meta: dict | None = None):
+        super().__init__()
+        self.config, self.lr, self.schedule_steps = config, float(lr), int(schedule_steps)
+        self.meta = dict(meta or {})
+        self.model = StateEmbedding(config, gene_vectors)
+        self._rng_to_restore: dict | None = None
+
+    def checkpoint_meta(self) -> dict:
+        """The content of ``config.json`` (without step, epoch and version)."""
+        return {**self.meta, "kind": "se", "model": self.config.to_dict(), "lr": self.lr, "schedule_steps": self.schedule_steps}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, parts = self.model.loss(batch)
+        n = batch["genes"].shape[0]
+        self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=n)
+        self.log("train_mse", parts["mse"], on_step=True, on_epoch=False, batch_size=n)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.01)
+        warmup, total = max(1, self.schedule_steps // 20), self.schedule_steps
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            done = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[META_KEY] = self.checkpoint_meta()
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = list(torch.cuda.get_rng_state_all())
+        checkpoint["rng"] = rng
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_to_restore = checkpoint.get("rng")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            torch.set_rng_state(self._rng_to_restore["torch"])
+            if "cuda" in self._rng_to_restore and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
+            self._rng_to_restore = None
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+
+
+def _config_json(meta: dict, step: int, epoch: int) -> dict:
+    return {**meta, "vcell_version": vcell.__version__, "step": int(step), "epoch": int(epoch)}
+
+
+def _read_config(directory: Path) -> dict:
+    for name in (CONFIG, WEIGHTS):
+        if not (directory / name).is_file():
+            raise VcellError(f"{directory}: not a vcell checkpoint (missing {name})")
+    try:
+        meta = json.loads((directory / CONFIG).read_text())
+    except json.JSONDecodeError as exc:
+        raise VcellError(f"{directory / CONFIG}: unreadable JSON ({exc})") from None
+    if meta.get("kind") != "se":
+        raise VcellError(f"{directory}: not a State Embedding checkpoint (it holds a {meta.get('kind', 'ST')} model)")
+    return meta
+
+
+class SECheckpointIO(CheckpointIO):
+    """Lightning checkpoint I/O for SE in vcell's pickle-free directory layout."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        rest = dict(checkpoint)
+        state_dict = rest.pop("state_dict")
+        optimizer_states = rest.pop("optimizer_states", [])
+        meta = rest.pop(META_KEY)
+        weights = {k[len(MODEL_PREFIX):]: v.detach().cpu().contiguous() for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
+
+        def write(tmp: Path) -> None:
+            save_file(weights, str(tmp / WEIGHTS))
+            if optimizer_states:
+                _save_tree(optimizer_states[0], tmp / OPTIMIZER)
+            _save_tree(rest, tmp / STATE)
+            (tmp / CONFIG).write_text(json.dumps(_config_json(meta, rest.get("global_step", 0), rest.get("epoch", 0)), indent=2))
+
+        _write_dir(Path(path), write)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        path = resolve_checkpoint_dir(path)
+        meta = _read_config(path)
+        if not (path / STATE).is_file():
+            raise VcellError(f"{path}: checkpoint has no trainer state ({STATE}); it cannot resume training")
+        checkpoint = _load_tree(path / STATE)
+        checkpoint["state_dict"] = {MODEL_PREFIX + k: v for k, v in load_file(str(path / WEIGHTS)).items()}
+        checkpoint["optimizer_states"] = [_load_tree(path / OPTIMIZER)] if (path / OPTIMIZER).is_file() else []
+        checkpoint[META_KEY] = meta
+        return checkpoint
+
+    def remove_checkpoint(self, path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class SECheckpoint(Callback):
+    """Writes ``last/`` every ``every_n_steps`` steps and at the end of training."""
+
+    def __init__(self, out_dir: str | os.PathLike, every_n_steps: int = 100):
+        if every_n_steps < 1:
+            raise VcellError(f"checkpoint interval must be >= 1 step, got {every_n_steps}")
+        self.out_dir, self.every_n_steps = Path(out_dir), every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            trainer.save_checkpoint(self.out_dir / LAST)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(self.out_dir / LAST)
+
+
+def load_se(directory: str | os.PathLike) -> tuple[StateEmbedding, dict]:
+    """``(model in eval mode, config.json content)`` of an SE checkpoint or of a run folder (its ``last/``)."""
+    directory = Path(directory)
+    if not (directory / CONFIG).is_file() and (resolve_checkpoint_dir(directory / LAST) / CONFIG).is_file():
+        directory = directory / LAST
+    directory = resolve_checkpoint_dir(directory)
+    if not directory.is_dir():
+        raise VcellError(f"{directory}: model folder not found")
+    meta = _read_config(directory)
+    config = SEConfig.from_dict(meta["model"])
+    model = StateEmbedding(config)
+    try:
+        model.load_state_dict(load_file(str(directory / WEIGHTS)))
+    except RuntimeError as exc:
+        raise VcellError(f"{directory / WEIGHTS}: weights do not match the config ({str(exc).splitlines()[0]})") from None
+    return model.eval(), meta
+
+
+# ----------------------------------------------------------------------------------------- training
+
+
+def gene_table(paths: list[Path], genes=None, dim: int = 128, seed: int = 0, expression: str | None = None):
+    """The gene embeddings to train with: ``genes`` (a ``GeneEmbeddings`` or a file) or data-derived ones.
+
+    Data-derived embeddings come from the log1p expression of all training files together (genes
+    joined by name; counts are normalised first).
+    """
+    from vcell.data.preprocess import normalize_log1p
+    from vcell.models.genes import GeneEmbeddings, data_gene_embeddings
+
+    if genes is not None:
+        return genes if isinstance(genes, GeneEmbeddings) else GeneEmbeddings.load(genes)
+    adatas = []
+    for p in paths:
+        adata = read_h5ad(p)
+        if infer_expression_type(adata, expression, path=p).type == "counts":
+            adata.uns.pop("log1p", None)
+            adata = normalize_log1p(adata)
+            del adata.layers["counts"]
+        adatas.append(adata)
+    if len(adatas) == 1:
+        adata = adatas[0]
+    else:
+        import anndata as ad
+
+        adata = ad.concat(adatas, join="outer", fill_value=0)
+    return data_gene_embeddings(adata, dim=dim, seed=seed)
+
+
+def train_se(
+    paths: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    config: dict,
+    genes=None,
+    max_steps: int = 1000,
+    schedule_steps: int | None = None,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    resume: bool = False,
+    expression: str | None = None,
+    gene_dim: int = 128,
+    checkpoint_every: int = 100,
+    accelerator: str = "auto",
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    precision: str = "32",
+    num_workers: int = 0,
+    log_every: int = 10,
+) -> Path:
+    """Train a State Embedding model on the ``.h5ad`` files ``paths``; returns ``out_dir`` (``last/``, ``logs/``).
+
+    ``config`` holds :class:`SEConfig` fields (from
+    :func:`~vcell.models.embedding.se_config_values`); the data sizes are filled in. ``genes``: a
+    ``GeneEmbeddings`` or its file; ``None`` derives them from the data (``gene_dim`` wide).
+    ``batch_size`` is the global batch: with ``devices`` x ``num_nodes`` > 1 (DDP) each process
+    takes its share. The learning-rate schedule spans ``schedule_steps`` (default ``max_steps``;
+    on resume, the checkpoint's), so a run can be trained in pieces. ``resume=True`` continues
+    from ``out_dir/last`` with the checkpoint's model sizes, gene table and learning rate.
+    """
+    out_dir = Path(out_dir)
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise VcellError("no training data given (--data)")
+    if max_steps < 1:
+        raise VcellError(f"max_steps must be >= 1, got {max_steps}")
+    check_run_options(accelerator, devices, num_nodes, strategy, precision, batch_size)
+    world = devices * num_nodes
+    names = [p.stem for p in paths]
+    if len(set(names)) != len(names):
+        raise VcellError(f"two --data files share the name {next(n for n in names if names.count(n) > 1)!r}; each file is a dataset class")
+    resume_dir = resolve_checkpoint_dir(out_dir / LAST) if resume else None
+    if resume and not resume_dir.is_dir():
+        raise VcellError(f"{out_dir}: nothing to resume (no {LAST}/ checkpoint)")
+    L.seed_everything(seed, workers=True, verbose=False)
+    if resume:
+        # the gene table and sizes are those of the checkpoint, whatever was passed
+        meta = _read_config(resume_dir)
+        if meta["datasets"] != names:
+            raise VcellError(f"{resume_dir}: was trained on {', '.join(meta['datasets'])}; resume with the same --data files")
+        vocab_names, values = meta["genes"], meta["model"]
+        vectors = load_file(str(resume_dir / WEIGHTS))["gene_vectors"]
+        source = meta.get("gene_source", "checkpoint")
+        schedule_steps, lr = int(meta["schedule_steps"]), float(meta["lr"])
+    else:
+        table = gene_table(paths, genes, gene_dim, seed, expression)
+        vocab_names, vectors, source = list(table.names), table.vectors, table.source
+        values = {**config, "n_genes": len(vocab_names), "gene_dim": int(vectors.shape[1]), "n_datasets": len(paths)}
+    schedule_steps = int(schedule_steps or max_steps)
+    vocab = {g: i for i, g in enumerate(vocab_names)}
+    sources = [open_source(p, vocab, expression) for p in paths]
+    cfg = SEConfig.from_dict(values)
+    n_slots = min(cfg.gene_slots, *(len(s.columns) for s in sources))
+    if n_slots < cfg.gene_slots:
+        log.info("cell sentences use %d gene tokens (the data has no more genes in the vocabulary)", n_slots)
+    batches = SEBatches(sources, n_slots, cfg.n_mask, batch_size // world, seed)
+    meta = {
+        "genes": vocab_names,
+        "gene_source": source,
+        "datasets": names,
+        "expression": {s.name: s.expression for s in sources},
+        "seed": int(seed),
+        "precision": precision,
+        "devices": devices,
+        "num_nodes": num_nodes,
+    }
+    if strategy == "ddp" or world > 1:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # the gene table buffer is identical on every rank: no need to broadcast it every step
+        strategy = DDPStrategy(forward_sync_buffers=False)
+    module = SEModule(cfg, vectors, lr=lr, schedule_steps=schedule_steps, meta=meta)
+    try:
+        trainer = _trainer(out_dir, max_steps, checkpoint_every, accelerator, devices, num_nodes, strategy, precision, log_every)
+    except MisconfigurationException as exc:
+        raise VcellError(f"devices: {str(exc).splitlines()[0]}") from None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(module, datamodule=SEDataModule(batches, num_workers), ckpt_path=str(resume_dir) if resume_dir else None)
+    return out_dir
+
+
+def _trainer(out_dir, max_steps, checkpoint_every, accelerator, devices, num_nodes, strategy, precision, log_every) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps,
+        max_epochs=-1,
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision=PRECISIONS[precision],
+        gradient_clip_val=1.0,
+        enable_checkpointing=False,  # Lightning's checkpoints pickle; SECheckpoint writes safetensors
+        plugins=[SECheckpointIO()],
+        callbacks=[SECheckpoint(out_dir, checkpoint_every)],
+        logger=CSVLogger(out_dir, name="logs"),
+        reload_dataloaders_every_n_epochs=1,
+        use_distributed_sampler=False,  # _EpochBatches splits batches between ranks itself
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=log_every,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out_dir,
+    )
+
+
+# ---------------------------------------------------------------------------------------- embedding
+
+
+@torch.no_grad()
+def embed_adata(model: StateEmbedding, meta: dict, adata, expression: str, batch_size: int = 64, seed: int = 0,
+                where: str = "data") -> tuple[np.ndarray, list[str]]:
+    """``(cell embeddings [n_cells, emb_dim], genes missing from the vocabulary)`` of an in-memory AnnData.
+
+    Sentences are tokenised without masking; padding genes of cell ``i`` are drawn with ``(seed, i)``,
+    so results do not depend on ``batch_size``.
+    """
+    vocab = {g: i for i, g in enumerate(meta["genes"])}
+    columns, ids, missing = match_genes(adata.var_names, vocab, where)
+    n_slots = min(model.config.gene_slots, len(columns))
+    rows = row_source(adata)
+    device = next(model.parameters()).device
+    out = np.empty((adata.n_obs, model.config.emb_dim), dtype=np.float32)
+    for start in range(0, adata.n_obs, batch_size):
+        idx = np.arange(start, min(start + batch_size, adata.n_obs))
+        values, _ = normalise_expression(rows.read(idx), expression)
+        tok = tokenize(values[:, columns], ids, n_slots, 0, [np.random.default_rng([seed, int(i)]) for i in idx])
+        emb = model(torch.as_tensor(tok["genes"], device=device), torch.as_tensor(tok["values"], device=device))
+        out[idx] = emb.float().cpu().numpy()
+    return out, missing
