@@ -100,3 +100,26 @@ def test_bench_writes_a_self_contained_report(bench_dir):
         assert name in html
     assert "http://" not in html and "https://" not in html and "<script" not in html
     assert html.count("data:image/png;base64,") >= 5
+
+
+def test_bench_model_config(tmp_path, mcfaline):
+    """`--model-config` reaches the st model (a tiny budget here); bad files fail in one line, before any work."""
+    common = ["bench", "--data", mcfaline, "--pert-col", "perturbation", "--control", "control", "--dataset", "mcfaline23",
+              "--holdout-context", "A172", "--no-report"]
+    for model, text, expected in (("st", "st: {max_step: 3}\n", "st: unknown option(s) 'max_step'"),
+                                  ("linear", "linear: {lr: 0.1}\n", "linear: this baseline takes no options"),
+                                  ("st", "sst: {}\n", "unknown model 'sst'")):
+        config = tmp_path / "bad.yaml"
+        config.write_text(text)
+        bad = run_cli(*common, "--models", model, "--model-config", config, "--out", tmp_path / "bad", timeout=60)
+        assert bad.returncode == 2 and expected in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        assert not (tmp_path / "bad").exists()
+    config = tmp_path / "st.yaml"
+    config.write_text("st:\n  max_steps: 3\n  set_size: 8\n  batch_size: 2\n  config: {width: 16, n_layers: 1, n_heads: 2, encoder_layers: 1}\n")
+    out = tmp_path / "ok"
+    ok = run_cli(*common, "--models", "control_mean,st", "--model-config", config, "--out", out, "--seed", "1")
+    assert ok.returncode == 0, ok.stderr
+    assert "GPU available" not in ok.stderr + ok.stdout and "LeafSpec" not in ok.stderr  # Lightning kept quiet
+    board = read_csv(out / "leaderboard.csv", text_columns=("model", "context"))
+    assert set(board["model"]) == {"control_mean", "cell_mean", "st"}
+    assert json.loads((out / "bench.json").read_text())["timings"]["fit st A172"] < 60

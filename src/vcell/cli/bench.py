@@ -7,9 +7,24 @@ from typing import Annotated
 
 import typer
 
+from vcell.errors import VcellError
 from vcell.cli.common import AllowMissingControls, BatchCol, ContextCol, Control, PertCol, Seed, console, make_spec, table
 
 DEFAULT_MODELS = "control_mean,cell_mean,pert_mean,context_mean,linear"
+
+
+def model_options(path: Path) -> dict[str, dict]:
+    """Per-model constructor options from a YAML/JSON file (``{model: {option: value}}``)."""
+    from vcell.cli.train import read_config_file
+    from vcell.models.registry import model_names
+
+    values = read_config_file(path)
+    for name, opts in values.items():
+        if name not in model_names():
+            raise VcellError(f"{path}: unknown model {name!r} (models: {', '.join(model_names())})")
+        if not isinstance(opts, dict):
+            raise VcellError(f"{path}: the options of {name!r} must be a mapping of option -> value")
+    return values
 
 
 def bench(
@@ -28,6 +43,7 @@ def bench(
     threads: Annotated[int, typer.Option("--threads", help="Threads for differential expression.")] = 2,
     allow_missing_controls: AllowMissingControls = False,
     no_report: Annotated[bool, typer.Option("--no-report", help="Skip report.html.")] = False,
+    model_config: Annotated[Path | None, typer.Option("--model-config", help="YAML/JSON: model name -> options, e.g. st: {max_steps: 2000, preset: small, config: {width: 256}}.")] = None,
     seed: Seed = 0,
 ) -> None:
     """Train each model, predict the held-out contexts, score with vcell eval, write leaderboard + report."""
@@ -36,9 +52,10 @@ def bench(
 
     spec = make_spec(pert_col, control, context_col, batch_col, None)
     names = [m.strip() for m in models.split(",") if m.strip()]
+    options = model_options(model_config) if model_config is not None else {}
     with console.status("benchmark") as status:
         result = run_bench(
-            data, out, names, lambda name: make_model(name, seed=seed), spec=spec, split_file=split,
+            data, out, names, lambda name: make_model(name, seed=seed, **options.get(name, {})), spec=spec, split_file=split,
             holdout=holdout_context or [], dataset_col=dataset_col, datasets=dataset or [], profile=profile, threads=threads, seed=seed,
             allow_missing_controls=allow_missing_controls, report=not no_report,
             progress=lambda text: status.update(f"benchmark: {text}"),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -38,6 +37,7 @@ from vcell.data.splits import Split
 from vcell.errors import VcellError
 from vcell.models.transition import STConfig, StateTransition, pert_features
 from vcell.train.checkpoint import META_KEY, SafetensorsCheckpointIO, resolve_checkpoint_dir
+from vcell.train.quiet import quiet_lightning
 
 LAST, BEST = "last", "best"
 PRECISIONS = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}
@@ -368,6 +368,7 @@ def check_run_options(
         raise VcellError(f"--batch-size {batch_size} is the global batch and must be divisible by devices x nodes = {world}")
 
 
+@quiet_lightning()
 def fit(
     module: STModule,
     datamodule: CellSetDataModule,
@@ -426,10 +427,8 @@ def fit(
         ckpt = Path(resume_dir)
         if not ckpt.is_dir():
             raise VcellError(f"{ckpt}: no checkpoint to resume from")
-    with warnings.catch_warnings():
-        # the train loader does resume mid-epoch (CellSetDataModule skips the batches already seen)
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    # the train loader does resume mid-epoch (CellSetDataModule skips the batches already seen)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     return trainer
 
 
