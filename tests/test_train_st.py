@@ -55,7 +55,10 @@ def _weights(out: Path) -> dict:
 
 def test_training_lowers_loss_and_writes_no_pickles(tiny, tmp_path):
     data, split = tiny
-    out = train_st(data, split, tmp_path / "run", TINY, max_steps=30, seed=0, checkpoint_every=10, **FAST)
+    # Without the residual: a residual model starts at the control cells, already near the
+    # optimum on this tiny data, so 30 steps at lr 1e-4 show no clear trend there.
+    config = {**TINY, "predict_residual": False}
+    out = train_st(data, split, tmp_path / "run", config, max_steps=30, seed=0, checkpoint_every=10, **FAST)
     metrics = next((out / "logs").rglob("metrics.csv")).read_text().splitlines()
     header = metrics[0].split(",")
     col = header.index("train_loss")

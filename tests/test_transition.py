@@ -246,3 +246,24 @@ def test_training_reduces_energy_loss():
     with torch.no_grad():
         after = model.loss(model(*held_out[:2]), held_out[2]).item()
     assert after < 0.3 * before, (before, after)
+
+
+def test_residual_prediction_starts_at_the_basal_cells():
+    model = tiny_model(output_dim=6)  # same input and output space: residual on by default
+    assert model.residual
+    basal, pert = torch.rand(2, 5, 6), torch.randn(2, 3)
+    torch.testing.assert_close(model(basal, pert), basal)  # zero-initialised decoder: the controls themselves
+    torch.nn.init.normal_(model.decoder.weight, std=0.1)
+    out = model(basal, pert)
+    assert not torch.allclose(out, basal, atol=1e-3)
+    direct = torch.relu(model.decoder(model.norm(_backbone(model, basal, pert)) + model.basal_encoder(basal)) + basal)
+    torch.testing.assert_close(out, direct, atol=1e-5, rtol=0)
+    off = tiny_model(output_dim=6, predict_residual=False)
+    assert not off.residual and not torch.allclose(off(basal, pert), basal, atol=1e-3)
+
+
+def _backbone(model: StateTransition, basal: torch.Tensor, pert: torch.Tensor) -> torch.Tensor:
+    h = model.basal_encoder(basal) + model.pert_encoder(pert)[:, None, :]
+    for block in model.blocks:
+        h = block(h, None)
+    return h

@@ -6,9 +6,12 @@ and there is no positional encoding. A padding mask ``[B, S]`` marks real cells 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, n_layers: int = 4, dropout: float = 0.1) -> nn.Sequential:
@@ -32,7 +35,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -47,6 +50,15 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
+def _attention_kernels(x: torch.Tensor):
+    """Context for SDPA on ``x``: on CPU with bf16 matmuls ("medium"/"high" float32 matmul
+    precision) only the reference (math) kernel, whose batched matmuls then run in bf16 while the
+    fused CPU kernel stays in float32 and is ~3x slower there; elsewhere no restriction."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return sdpa_kernel(SDPBackend.MATH)
+    return nullcontext()
 
 
 class SetAttention(nn.Module):
@@ -69,9 +81,10 @@ class SetAttention(nn.Module):
         # Only keys are masked: padded queries still get a (meaningless) output, which the
         # caller ignores; masking their rows too would leave softmax with nothing and give NaN.
         attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=False
-        )
+        with _attention_kernels(x):
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=False
+            )
         y = y.transpose(1, 2).reshape(B, S, D)
         return self.resid_dropout(self.proj(y))
 

@@ -235,23 +235,30 @@ class STPredictor(Predictor):
             for chunk in np.array_split(rows, max(1, math.ceil(n / self.set_size))):
                 if len(chunk):
                     jobs.append((i, chunk))
-        out: dict[str, list[np.ndarray]] = {str(p): [] for p in perturbations}
         device = self._device()
         model = self.model.to(device).eval()
         bs = batch_size or max(1, self.batch_size)
-        with torch.no_grad():
-            for start in range(0, len(jobs), bs):
-                part = jobs[start:start + bs]
-                size = max(len(rows) for _, rows in part)
+        # Batch sets of similar size together so little of each batch is padding; the results
+        # go back to job order (padding never changes a real cell's output: keys are masked).
+        order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][1]))
+        preds: list[np.ndarray | None] = [None] * len(jobs)
+        with torch.inference_mode():
+            for start in range(0, len(order), bs):
+                part = order[start:start + bs]
+                size = max(len(jobs[j][1]) for j in part)
                 x = np.zeros((len(part), size, basal.shape[1]), np.float32)
                 mask = np.zeros((len(part), size), bool)
-                for j, (_, rows) in enumerate(part):
-                    x[j, :len(rows)] = basal[rows]
-                    mask[j, :len(rows)] = True
-                pert = feats[[i for i, _ in part]].to(device)
+                for k, j in enumerate(part):
+                    rows = jobs[j][1]
+                    x[k, :len(rows)] = basal[rows]
+                    mask[k, :len(rows)] = True
+                pert = feats[[jobs[j][0] for j in part]].to(device)
                 pred = model(torch.from_numpy(x).to(device), pert, mask=torch.from_numpy(mask).to(device)).float().cpu().numpy()
-                for j, (i, rows) in enumerate(part):
-                    out[str(perturbations[i])].append(np.clip(pred[j, :len(rows)], 0, None))
+                for k, j in enumerate(part):
+                    preds[j] = np.clip(pred[k, :len(jobs[j][1])], 0, None)
+        out: dict[str, list[np.ndarray]] = {str(p): [] for p in perturbations}
+        for (i, _), block in zip(jobs, preds):
+            out[str(perturbations[i])].append(block)
         width = basal.shape[1]
         return {p: (np.vstack(blocks) if blocks else np.zeros((0, width), np.float32)) for p, blocks in out.items()}
 

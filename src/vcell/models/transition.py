@@ -32,7 +32,11 @@ class STConfig:
     ``pert_dim`` is the length of a perturbation vector: the vocabulary size for one-hot /
     multi-hot vectors (:func:`pert_features`), or the dimension of a provided perturbation
     feature (e.g. a gene embedding). ``output_dim`` defaults to ``input_dim``. ``n_batches`` = 0
-    means no batch embedding.
+    means no batch embedding. ``predict_residual`` (when input and output spaces are the same):
+    the decoder predicts the change from each basal cell, and starts at zero, so an untrained
+    model returns its control cells and training learns the perturbation effect. ``dropout``
+    applies in the basal and perturbation encoders; the Llama-style backbone has none (as in
+    arc-state's configs).
     """
 
     input_dim: int
@@ -46,6 +50,7 @@ class STConfig:
     encoder_layers: int = 4
     dropout: float = 0.1
     relu_output: bool = True
+    predict_residual: bool = True
 
     def __post_init__(self):
         if self.output_dim is None:
@@ -95,9 +100,13 @@ class StateTransition(nn.Module):
         self.basal_encoder = mlp(c.input_dim, c.width, c.width, c.encoder_layers, c.dropout)
         self.pert_encoder = mlp(c.pert_dim, c.width, c.width, c.encoder_layers, c.dropout)
         self.batch_embedding = nn.Embedding(c.n_batches, c.width) if c.n_batches else None
-        self.blocks = nn.ModuleList(TransformerBlock(c.width, c.n_heads, c.ffn_mult, c.dropout) for _ in range(c.n_layers))
+        # Llama-style backbone: no dropout inside it (the encoders carry the model's dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(c.width, c.n_heads, c.ffn_mult, 0.0) for _ in range(c.n_layers))
         self.norm = RMSNorm(c.width)
         self.decoder = nn.Linear(c.width, c.output_dim)
+        if self.residual:
+            nn.init.zeros_(self.decoder.weight)
+            nn.init.zeros_(self.decoder.bias)
 
     def forward(
         self,
@@ -120,10 +129,18 @@ class StateTransition(nn.Module):
             Optional ``[B, S]`` bool, ``True`` = real cell. Padded cells never influence real
             ones; their outputs are meaningless.
         """
-        if pert.dim() == 2:
-            pert = pert[:, None, :].expand(-1, basal.shape[1], -1)
+        if mask is not None and bool(mask.all()):
+            mask = None  # no padding: lets attention use its fused unmasked kernel
         basal_state = self.basal_encoder(basal)
-        h = basal_state + self.pert_encoder(pert)
+        if pert.dim() == 2 and not (self.training and self.config.dropout > 0):
+            # one vector per set: encode it once per set, not once per cell (same numbers
+            # without dropout; in training each cell draws its own dropout mask)
+            pert_state = self.pert_encoder(pert)[:, None, :]
+        else:
+            if pert.dim() == 2:
+                pert = pert[:, None, :].expand(-1, basal.shape[1], -1)
+            pert_state = self.pert_encoder(pert)
+        h = basal_state + pert_state
         if batch is not None:
             if self.batch_embedding is None:
                 raise VcellError("batch indices were given but the ST config has n_batches = 0")
@@ -131,7 +148,14 @@ class StateTransition(nn.Module):
         for block in self.blocks:
             h = block(h, mask)
         out = self.decoder(self.norm(h) + basal_state)
+        if self.residual:
+            out = out + basal
         return torch.relu(out) if self.config.relu_output else out
+
+    @property
+    def residual(self) -> bool:
+        """Whether the decoder's output is added to the basal cells (same input and output space)."""
+        return self.config.predict_residual and self.config.input_dim == self.config.output_dim
 
     def loss(
         self,
