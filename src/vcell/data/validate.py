@@ -147,6 +147,15 @@ def _first_fractions(vals, frac_eps):
     return nonint, -1
 
 
+@numba.njit(cache=True, nogil=True)
+def _first_index(vals, value):
+    """Position of the first element equal to ``value`` (-1 if none); no temporary, unlike np.argmax on a map."""
+    for k in range(vals.size):
+        if vals[k] == value:
+            return k
+    return -1
+
+
 def _scan_block(block, frac_eps: float):
     """Scan one block: the vectorised summary, and the exact positions only where something was found."""
     vals = np.ascontiguousarray(block_values(block)).reshape(-1)
@@ -156,7 +165,7 @@ def _scan_block(block, frac_eps: float):
     if not np.isfinite(total) or vmin < 0:
         return ("full", vals.size, _scan_values(vals, frac_eps))
     nonint, frac = _first_fractions(vals, frac_eps) if fmax != 0 else (-1, -1)
-    pmax = int(np.argmax(vals))  # first occurrence, as the full scan
+    pmax = _first_index(vals, vmax)  # first occurrence, as the full scan
     return ("fast", vals.size, (-1, -1, nonint, frac, vmax, pmax))
 
 

@@ -12,6 +12,7 @@ _HARMLESS = (
     r".*LeafSpec.*is deprecated",  # torch pytree API change seen by Lightning, not by vcell code
     r"The number of training batches \(\d+\) is smaller than the logging interval",
     r"You're resuming from a checkpoint that ended before the epoch ended",  # vcell's loaders resume mid-epoch
+    r".*does not have many workers.*",  # batches are planned in the main process; workers are optional
 )
 
 

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from vcell.train.checkpoint import (
     _write_dir,
     resolve_checkpoint_dir,
 )
+from vcell.train.quiet import quiet_lightning
 from vcell.train.st import PRECISIONS, check_run_options
 
 log = logging.getLogger(__name__)
@@ -365,6 +365,7 @@ def gene_table(paths: list[Path], genes=None, dim: int = 128, seed: int = 0, exp
     return data_gene_embeddings(adata, dim=dim, seed=seed)
 
 
+@quiet_lightning()
 def train_se(
     paths: list[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -453,10 +454,7 @@ def train_se(
         trainer = _trainer(out_dir, max_steps, checkpoint_every, accelerator, devices, num_nodes, strategy, precision, log_every)
     except MisconfigurationException as exc:
         raise VcellError(f"devices: {str(exc).splitlines()[0]}") from None
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.fit(module, datamodule=SEDataModule(batches, num_workers), ckpt_path=str(resume_dir) if resume_dir else None)
+    trainer.fit(module, datamodule=SEDataModule(batches, num_workers), ckpt_path=str(resume_dir) if resume_dir else None)
     return out_dir
 
 
