@@ -28,7 +28,7 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-MODELS = "control_mean,cell_mean,pert_mean,context_mean,linear"
+MODELS = "control_mean,cell_mean,pert_mean,context_mean,linear,st"  # st at its default CPU budget
 
 
 def norman_split(path: Path, out: Path, fraction: float, seed: int) -> Path:

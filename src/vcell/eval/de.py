@@ -544,6 +544,7 @@ class DEResult:
                 "fdr": self.fdr.reshape(-1),
             },
             columns=list(COLUMNS),
+            copy=False,  # the arrays are fresh (or views of this result): no consolidated copy
         )
 
 

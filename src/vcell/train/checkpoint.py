@@ -131,6 +131,17 @@ def _config_json(meta: dict, step: int, epoch: int) -> dict:
     return {**meta, "vcell_version": vcell.__version__, "step": int(step), "epoch": int(epoch)}
 
 
+def read_config(directory: Path) -> dict:
+    """``config.json`` of a checkpoint folder, after checking the folder holds one (one-line errors)."""
+    for name in (CONFIG, WEIGHTS):
+        if not (directory / name).is_file():
+            raise VcellError(f"{directory}: not a vcell checkpoint (missing {name})")
+    try:
+        return json.loads((directory / CONFIG).read_text())
+    except json.JSONDecodeError as exc:
+        raise VcellError(f"{directory / CONFIG}: unreadable JSON ({exc})") from None
+
+
 def save_checkpoint(
     directory: str | os.PathLike,
     module,
@@ -161,13 +172,7 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[StateTransition, STCo
     checkpoint has no optimizer (e.g. weights exported for inference). The model is in eval mode.
     """
     directory = resolve_checkpoint_dir(directory)
-    for name in (CONFIG, WEIGHTS):
-        if not (directory / name).is_file():
-            raise VcellError(f"{directory}: not a vcell checkpoint (missing {name})")
-    try:
-        meta = json.loads((directory / CONFIG).read_text())
-    except json.JSONDecodeError as exc:
-        raise VcellError(f"{directory / CONFIG}: unreadable JSON ({exc})") from None
+    meta = read_config(directory)
     config = STConfig.from_dict(meta["model"])
     model = StateTransition(config)
     try:

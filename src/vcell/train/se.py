@@ -30,7 +30,6 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-import vcell
 from vcell.data.io import read_h5ad
 from vcell.data.rows import row_source
 from vcell.data.validate import infer_expression_type
@@ -43,9 +42,11 @@ from vcell.train.checkpoint import (
     OPTIMIZER,
     STATE,
     WEIGHTS,
+    _config_json,
     _load_tree,
     _save_tree,
     _write_dir,
+    read_config,
     resolve_checkpoint_dir,
 )
 from vcell.train.quiet import quiet_lightning
@@ -249,18 +250,8 @@ class SEModule(L.LightningModule):
 # -------------------------------------------------------------------------------------- checkpoints
 
 
-def _config_json(meta: dict, step: int, epoch: int) -> dict:
-    return {**meta, "vcell_version": vcell.__version__, "step": int(step), "epoch": int(epoch)}
-
-
 def _read_config(directory: Path) -> dict:
-    for name in (CONFIG, WEIGHTS):
-        if not (directory / name).is_file():
-            raise VcellError(f"{directory}: not a vcell checkpoint (missing {name})")
-    try:
-        meta = json.loads((directory / CONFIG).read_text())
-    except json.JSONDecodeError as exc:
-        raise VcellError(f"{directory / CONFIG}: unreadable JSON ({exc})") from None
+    meta = read_config(directory)
     if meta.get("kind") != "se":
         raise VcellError(f"{directory}: not a State Embedding checkpoint (it holds a {meta.get('kind', 'ST')} model)")
     return meta
