@@ -69,3 +69,13 @@ def split_view(summary):
         if summary[f"{role}_cells"].sum() > 0:
             view[f"{role} (perts/cells)"] = [f"{p} / {c}" for p, c in zip(summary[f"{role}_perts"], summary[f"{role}_cells"])]
     return view
+
+# Options shared by the training commands (vcell train st|se).
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.")]
+CheckpointEvery = Annotated[int, typer.Option("--checkpoint-every", help="Write last/ every N steps.")]
+Accelerator = Annotated[str, typer.Option("--accelerator", help="auto, cpu or gpu.")]
+Devices = Annotated[int, typer.Option("--devices", help="Processes (GPUs, or CPU processes) per node; > 1 trains with DDP.")]
+NumNodes = Annotated[int, typer.Option("--num-nodes", help="Nodes (multi-node: launch one task per device with srun/torchrun).")]
+Strategy = Annotated[str, typer.Option("--strategy", help="auto (DDP when devices x nodes > 1) or ddp.")]
+Precision = Annotated[str, typer.Option("--precision", help="32, bf16-mixed or 16-mixed (mixed precision on GPU only).")]
+NumWorkers = Annotated[int, typer.Option("--num-workers", help="Data loader worker processes.")]

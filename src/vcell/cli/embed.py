@@ -7,7 +7,19 @@ from typing import Annotated
 
 import typer
 
-from vcell.cli.common import Expression, Seed, console
+from vcell.cli.common import (
+    Accelerator,
+    CheckpointEvery,
+    Devices,
+    Expression,
+    NumNodes,
+    NumWorkers,
+    Precision,
+    Resume,
+    Seed,
+    Strategy,
+    console,
+)
 from vcell.errors import VcellError
 
 
@@ -21,14 +33,14 @@ def train_se(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Cells per step, over all processes.")] = 32,
     lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate (warm-up, then cosine decay).")] = 3e-3,
     gene_dim: Annotated[int, typer.Option("--gene-dim", help="Width of data-derived gene embeddings (without --genes).")] = 128,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.")] = False,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Write last/ every N steps.")] = 100,
-    accelerator: Annotated[str, typer.Option("--accelerator", help="auto, cpu or gpu.")] = "auto",
-    devices: Annotated[int, typer.Option("--devices", help="Processes (GPUs, or CPU processes) per node; > 1 trains with DDP.")] = 1,
-    num_nodes: Annotated[int, typer.Option("--num-nodes", help="Nodes (multi-node: launch one task per device with srun/torchrun).")] = 1,
-    strategy: Annotated[str, typer.Option("--strategy", help="auto (DDP when devices x nodes > 1) or ddp.")] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="32, bf16-mixed or 16-mixed (mixed precision on GPU only).")] = "32",
-    num_workers: Annotated[int, typer.Option("--num-workers", help="Data loader worker processes.")] = 0,
+    resume: Resume = False,
+    checkpoint_every: CheckpointEvery = 100,
+    accelerator: Accelerator = "auto",
+    devices: Devices = 1,
+    num_nodes: NumNodes = 1,
+    strategy: Strategy = "auto",
+    precision: Precision = "32",
+    num_workers: NumWorkers = 0,
     expression: Expression = None,
     seed: Seed = 0,
 ) -> None:

@@ -8,7 +8,25 @@ from typing import Annotated
 
 import typer
 
-from vcell.cli.common import BatchCol, ContextCol, Control, PertCol, Seed, console, make_spec, split_view, table
+from vcell.cli.common import (
+    Accelerator,
+    BatchCol,
+    CheckpointEvery,
+    ContextCol,
+    Control,
+    Devices,
+    NumNodes,
+    NumWorkers,
+    PertCol,
+    Precision,
+    Resume,
+    Seed,
+    Strategy,
+    console,
+    make_spec,
+    split_view,
+    table,
+)
 from vcell.errors import VcellError
 
 app = typer.Typer(help="Train STATE models on a log1p perturbation dataset.", no_args_is_help=True)
@@ -45,14 +63,14 @@ def st(
     set_size: Annotated[int, typer.Option("--set-size", help="Cells per set.")] = 64,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-4,
     out: Annotated[Path, typer.Option("--out", help="Run folder: last/, best/, logs/.")] = Path("vcell-st"),
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.")] = False,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Write last/ every N steps.")] = 100,
-    accelerator: Annotated[str, typer.Option("--accelerator", help="auto, cpu or gpu.")] = "auto",
-    devices: Annotated[int, typer.Option("--devices", help="Processes (GPUs, or CPU processes) per node; > 1 trains with DDP.")] = 1,
-    num_nodes: Annotated[int, typer.Option("--num-nodes", help="Nodes (multi-node: launch one task per device with srun/torchrun).")] = 1,
-    strategy: Annotated[str, typer.Option("--strategy", help="auto (DDP when devices x nodes > 1) or ddp.")] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="32, bf16-mixed or 16-mixed (mixed precision on GPU only).")] = "32",
-    num_workers: Annotated[int, typer.Option("--num-workers", help="Data loader worker processes.")] = 0,
+    resume: Resume = False,
+    checkpoint_every: CheckpointEvery = 100,
+    accelerator: Accelerator = "auto",
+    devices: Devices = 1,
+    num_nodes: NumNodes = 1,
+    strategy: Strategy = "auto",
+    precision: Precision = "32",
+    num_workers: NumWorkers = 0,
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
     context_col: ContextCol = "cell_type",
