@@ -14,17 +14,34 @@ DEFAULT_MODELS = "control_mean,cell_mean,pert_mean,context_mean,linear"
 
 
 def model_options(path: Path) -> dict[str, dict]:
-    """Per-model constructor options from a YAML/JSON file (``{model: {option: value}}``)."""
+    """Per-model constructor options from a YAML/JSON file (``{model: {option: value}}``).
+
+    An entry may name a variant of a model with ``model:``, e.g. ``st_se: {model: st, embed_key:
+    X_vcell}`` makes ``st_se`` usable in ``--models`` next to ``st``.
+    """
     from vcell.cli.train import read_config_file
     from vcell.models.registry import model_names
 
     values = read_config_file(path)
+    known = model_names()
     for name, opts in values.items():
-        if name not in model_names():
-            raise VcellError(f"{path}: unknown model {name!r} (models: {', '.join(model_names())})")
         if not isinstance(opts, dict):
             raise VcellError(f"{path}: the options of {name!r} must be a mapping of option -> value")
+        base = opts.get("model", name)
+        if base not in known:
+            what = f"model {base!r} of {name!r}" if "model" in opts else f"model {name!r}"
+            raise VcellError(f"{path}: unknown {what} (models: {', '.join(known)}; a variant names its model with `model:`)")
+        if "model" in opts and name in known and base != name:
+            raise VcellError(f"{path}: {name!r} is a built-in model name; give the {base!r} variant another name")
     return values
+
+
+def build_model(name: str, options: dict[str, dict], seed: int):
+    """A fresh predictor for ``name``: a registered model or a variant declared in ``options``."""
+    from vcell.models.registry import make_model
+
+    opts = dict(options.get(name, {}))
+    return make_model(opts.pop("model", name), seed=seed, **opts)
 
 
 def bench(
@@ -43,19 +60,18 @@ def bench(
     threads: Annotated[int, typer.Option("--threads", help="Threads for differential expression.")] = 2,
     allow_missing_controls: AllowMissingControls = False,
     no_report: Annotated[bool, typer.Option("--no-report", help="Skip report.html.")] = False,
-    model_config: Annotated[Path | None, typer.Option("--model-config", help="YAML/JSON: model name -> options, e.g. st: {max_steps: 2000, preset: small, config: {width: 256}}.")] = None,
+    model_config: Annotated[Path | None, typer.Option("--model-config", help="YAML/JSON: model name -> options, e.g. st: {max_steps: 2000, config: {width: 256}}; variants: st_se: {model: st, embed_key: X_vcell}.")] = None,
     seed: Seed = 0,
 ) -> None:
     """Train each model, predict the held-out contexts, score with vcell eval, write leaderboard + report."""
     from vcell.bench import run_bench
-    from vcell.models.registry import make_model
 
     spec = make_spec(pert_col, control, context_col, batch_col, None)
     names = [m.strip() for m in models.split(",") if m.strip()]
     options = model_options(model_config) if model_config is not None else {}
     with console.status("benchmark") as status:
         result = run_bench(
-            data, out, names, lambda name: make_model(name, seed=seed, **options.get(name, {})), spec=spec, split_file=split,
+            data, out, names, lambda name: build_model(name, options, seed), spec=spec, split_file=split,
             holdout=holdout_context or [], dataset_col=dataset_col, datasets=dataset or [], profile=profile, threads=threads, seed=seed,
             allow_missing_controls=allow_missing_controls, report=not no_report,
             progress=lambda text: status.update(f"benchmark: {text}"),

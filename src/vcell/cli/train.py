@@ -63,6 +63,7 @@ def st(
     set_size: Annotated[int, typer.Option("--set-size", help="Cells per set.")] = 64,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-4,
     out: Annotated[Path, typer.Option("--out", help="Run folder: last/, best/, logs/.")] = Path("vcell-st"),
+    embed_key: Annotated[str | None, typer.Option("--embed-key", help="Train in this .obsm cell-embedding space (e.g. X_vcell from `vcell embed`) with a gene decoder back to X.")] = None,
     resume: Resume = False,
     checkpoint_every: CheckpointEvery = 100,
     accelerator: Accelerator = "auto",
@@ -103,11 +104,12 @@ def st(
     applied = apply_split(index, cfg)
     if rank_zero_only.rank == 0:
         console.print(table(split_view(applied.summary(index)), title="split"))
-    with console.status(f"training ST ({preset}) for {max_steps} steps"):
+    space = f"in .obsm[{embed_key!r}]" if embed_key else "in gene space"
+    with console.status(f"training ST ({preset}, {space}) for {max_steps} steps"):
         run = train_st(
             dataset, applied, out, values, max_steps=max_steps, batch_size=batch_size, set_size=set_size, seed=seed,
             resume=resume, num_workers=num_workers, lr=lr, checkpoint_every=checkpoint_every, accelerator=accelerator,
-            devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
+            devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, embed_key=embed_key,
         )
     if rank_zero_only.rank == 0:
         console.print(f"checkpoint: {run / 'last'}" + (f" (best: {run / 'best'})" if (run / "best").is_dir() else ""))

@@ -165,11 +165,13 @@ class CellSetDataset(Dataset):
     Each item is a dict: ``basal`` [S, G] control expression, ``target`` [S, G] perturbed
     expression, ``mask`` [S] (True for real cells), and the integer codes ``pert``, ``context``,
     ``batch`` of the set (codes index :class:`CellIndex` vocabularies).
+    With ``gene_rows`` (when ``rows`` reads cell embeddings) the items also hold the same cells'
+    genes: ``target_genes`` and ``basal_genes``.
     Call :meth:`set_epoch` before each epoch to draw new sets.
     """
 
-    def __init__(self, sampler: CellSetSampler, rows, epoch: int = 0):
-        self.sampler, self.rows = sampler, rows
+    def __init__(self, sampler: CellSetSampler, rows, epoch: int = 0, gene_rows=None):
+        self.sampler, self.rows, self.gene_rows = sampler, rows, gene_rows
         self.set_epoch(epoch)
 
     def set_epoch(self, epoch: int) -> None:
@@ -182,9 +184,10 @@ class CellSetDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         s = self.sets[i]
-        block = self.rows.read(np.concatenate([s.pert_rows, s.control_rows]))
+        rows = np.concatenate([s.pert_rows, s.control_rows])
+        block = self.rows.read(rows)
         n = s.size
-        return {
+        item = {
             "target": torch.from_numpy(block[:n]),
             "basal": torch.from_numpy(block[n:]),
             "mask": torch.ones(n, dtype=torch.bool),
@@ -192,13 +195,19 @@ class CellSetDataset(Dataset):
             "context": torch.tensor(s.context_code),
             "batch": torch.tensor(s.batch_code),
         }
+        if self.gene_rows is not None:
+            genes = self.gene_rows.read(rows)
+            item["target_genes"], item["basal_genes"] = torch.from_numpy(genes[:n]), torch.from_numpy(genes[n:])
+        return item
 
 
 def collate_cell_sets(items: list[dict]) -> dict:
     """Stack cell sets into a batch, zero-padding short sets (``mask`` marks the real cells)."""
     S = max(item["target"].shape[0] for item in items)
     out: dict = {}
-    for key in ("target", "basal", "mask"):
+    for key in ("target", "basal", "mask", "target_genes", "basal_genes"):
+        if key not in items[0]:
+            continue
         padded = []
         for item in items:
             x = item[key]

@@ -6,6 +6,7 @@ and there is no positional encoding. A padding mask ``[B, S]`` marks real cells 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
@@ -23,6 +24,16 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, n_layers: int = 4, dropout: 
     for i in range(n_layers - 1):
         layers += [nn.Linear(dims[i], dims[i + 1]), nn.GELU(), nn.Dropout(dropout)]
     layers.append(nn.Linear(dims[-2], dims[-1]))
+    return nn.Sequential(*layers)
+
+
+def norm_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float = 0.0) -> nn.Sequential:
+    """(Linear -> LayerNorm -> GELU -> Dropout) for each width in ``hidden``, then Linear to ``out_dim``."""
+    dims = [in_dim, *[int(h) for h in hidden]]
+    layers: list[nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.LayerNorm(b), nn.GELU(), nn.Dropout(dropout)]
+    layers.append(nn.Linear(dims[-1], out_dim))
     return nn.Sequential(*layers)
 
 

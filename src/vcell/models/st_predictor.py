@@ -69,6 +69,9 @@ class STPredictor(Predictor):
         ``"best"`` (falls back to ``last`` when there is no ``best/``) or ``"last"``.
     accelerator
         Lightning accelerator for training (``auto``, ``cpu``, ``gpu``).
+    embed_key
+        Train in the cell-embedding space ``.obsm[embed_key]`` with a gene decoder (predictions
+        are genes either way); ``None``: gene space.
     """
 
     name = "st"
@@ -87,6 +90,7 @@ class STPredictor(Predictor):
         accelerator: str = "auto",
         num_workers: int = 0,
         resume: bool = False,
+        embed_key: str | None = None,
     ):
         if set_size < 1:
             raise VcellError(f"set size must be >= 1, got {set_size}")
@@ -97,6 +101,7 @@ class STPredictor(Predictor):
         self.max_steps, self.batch_size, self.set_size, self.lr = int(max_steps), int(batch_size), int(set_size), float(lr)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint, self.accelerator, self.num_workers, self.resume = checkpoint, accelerator, num_workers, resume
+        self.train_embed_key = embed_key
         self.model = None
         self.model_config: STConfig | None = None
         self.meta: dict | None = None
@@ -119,6 +124,7 @@ class STPredictor(Predictor):
         train_st(
             data, split, out, values, max_steps=self.max_steps, batch_size=self.batch_size, set_size=self.set_size,
             seed=self.seed, resume=self.resume, num_workers=self.num_workers, lr=self.lr, accelerator=self.accelerator,
+            embed_key=self.train_embed_key,
         )
         chosen = out / BEST if self.checkpoint == "best" and (out / BEST).is_dir() else out / LAST
         self.load(chosen)
@@ -219,8 +225,9 @@ class STPredictor(Predictor):
         self.check_perturbations(perturbations)
         if controls.n_obs == 0:
             raise VcellError("no control cells to predict from")
-        basal = controls.X.toarray() if sp.issparse(controls.X) else np.asarray(controls.X)
-        basal = np.asarray(basal, dtype=np.float32)
+        genes = np.asarray(controls.X.toarray() if sp.issparse(controls.X) else controls.X, dtype=np.float32)
+        key = self.embed_key
+        basal = genes if key is None else self.control_embeddings(controls)
         feats = pert_features([str(p) for p in perturbations], self.pert_vocab, control=self.meta["control"])
         if self.model_config.n_batches:
             log.warning("st: the model has a batch embedding; predicting without batch information")
@@ -253,14 +260,40 @@ class STPredictor(Predictor):
                     x[k, :len(rows)] = basal[rows]
                     mask[k, :len(rows)] = True
                 pert = feats[[jobs[j][0] for j in part]].to(device)
-                pred = model(torch.from_numpy(x).to(device), pert, mask=torch.from_numpy(mask).to(device)).float().cpu().numpy()
+                x_t = torch.from_numpy(x).to(device)
+                pred = model(x_t, pert, mask=torch.from_numpy(mask).to(device))
+                if key is not None:
+                    g = np.zeros((len(part), size, genes.shape[1]), np.float32)
+                    for k, j in enumerate(part):
+                        g[k, :len(jobs[j][1])] = genes[jobs[j][1]]
+                    pred = model.decode_genes(pred, x_t, torch.from_numpy(g).to(device))
+                pred = pred.float().cpu().numpy()
                 for k, j in enumerate(part):
                     preds[j] = np.clip(pred[k, :len(jobs[j][1])], 0, None)
         out: dict[str, list[np.ndarray]] = {str(p): [] for p in perturbations}
         for (i, _), block in zip(jobs, preds):
             out[str(perturbations[i])].append(block)
-        width = basal.shape[1]
+        width = genes.shape[1]
         return {p: (np.vstack(blocks) if blocks else np.zeros((0, width), np.float32)) for p, blocks in out.items()}
+
+    @property
+    def embed_key(self) -> str | None:
+        """The ``.obsm`` key of the cell embeddings the model works in (``None``: gene space)."""
+        self._require_fitted()
+        return self.meta.get("embed_key")
+
+    def control_embeddings(self, controls: ad.AnnData) -> np.ndarray:
+        """The control cells' ``.obsm[embed_key]`` as float32, checked against the model's width."""
+        key = self.embed_key
+        if key not in controls.obsm:
+            raise VcellError(f"the model works on .obsm[{key!r}] cell embeddings, which the data lacks; "
+                             f"write them with `vcell embed --model SE_MODEL --key {key}`")
+        emb = np.asarray(controls.obsm[key], dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[1] != self.model_config.input_dim:
+            raise VcellError(f".obsm[{key!r}] has shape {emb.shape}; the model expects {self.model_config.input_dim} dimensions per cell")
+        if not np.isfinite(emb).all():
+            raise VcellError(f".obsm[{key!r}] has NaN/inf values in the control cells")
+        return emb
 
     def predict(
         self,

@@ -5,18 +5,22 @@ goes through a bidirectional transformer with no positional encoding (the set is
 and ``output = decoder(norm(transformer(h)) + basal_encoder(basal))``, ReLU'd when predicting
 non-negative expression. Trained with the energy distance between the predicted and an observed
 perturbed set of the same (context, perturbation). Training, data and checkpoints live elsewhere.
+
+In a cell-embedding space (e.g. SE embeddings, ``gene_dim`` > 0) a gene decoder (MLP with
+LayerNorm/GELU) maps the predicted embeddings back to log1p genes; its own energy-distance loss
+against the observed cells' genes is added with weight ``gene_loss_weight``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
 
 from vcell.errors import VcellError
-from vcell.models.layers import RMSNorm, TransformerBlock, energy_distance, mlp
+from vcell.models.layers import RMSNorm, TransformerBlock, energy_distance, mlp, norm_mlp
 
 PRESETS: dict[str, dict[str, int]] = {
     "small": {"width": 672, "n_layers": 4, "n_heads": 8},
@@ -37,6 +41,13 @@ class STConfig:
     model returns its control cells and training learns the perturbation effect. ``dropout``
     applies in the basal and perturbation encoders; the Llama-style backbone has none (as in
     arc-state's configs).
+
+    Embedding space: ``gene_dim`` > 0 adds a gene decoder ``output_dim -> gene_hidden... ->
+    gene_dim`` (ReLU'd: log1p genes), trained with weight ``gene_loss_weight`` on its own energy
+    distance; ``detach_gene_decoder`` stops that loss from reaching the transition model.
+    ``gene_residual``: genes are predicted as ``basal genes + dec(predicted) - dec(basal
+    embedding)``, so a predicted embedding equal to its basal cell gives back that cell's genes
+    exactly (decoder bias cancels; the control cells of an evaluation stay comparable).
     """
 
     input_dim: int
@@ -51,10 +62,20 @@ class STConfig:
     dropout: float = 0.1
     relu_output: bool = True
     predict_residual: bool = True
+    gene_dim: int = 0
+    gene_hidden: list[int] = field(default_factory=lambda: [1024, 1024, 512])
+    gene_loss_weight: float = 1.0
+    gene_residual: bool = True
+    detach_gene_decoder: bool = False
 
     def __post_init__(self):
         if self.output_dim is None:
             self.output_dim = self.input_dim
+        self.gene_hidden = [int(h) for h in self.gene_hidden]
+        if self.gene_dim < 0 or any(h < 1 for h in self.gene_hidden):
+            raise VcellError(f"ST config: gene_dim must be >= 0 and gene_hidden positive, got {self.gene_dim}, {self.gene_hidden}")
+        if self.gene_loss_weight < 0:
+            raise VcellError(f"ST config: gene_loss_weight must be >= 0, got {self.gene_loss_weight}")
         for name in ("input_dim", "pert_dim", "output_dim", "width", "n_layers", "n_heads", "ffn_mult", "encoder_layers"):
             if int(getattr(self, name)) < 1:
                 raise VcellError(f"ST config: {name} must be a positive integer, got {getattr(self, name)!r}")
@@ -107,6 +128,7 @@ class StateTransition(nn.Module):
         if self.residual:
             nn.init.zeros_(self.decoder.weight)
             nn.init.zeros_(self.decoder.bias)
+        self.gene_decoder = norm_mlp(c.output_dim, c.gene_hidden, c.gene_dim, c.dropout) if c.gene_dim else None
 
     def forward(
         self,
@@ -151,6 +173,26 @@ class StateTransition(nn.Module):
         if self.residual:
             out = out + basal
         return torch.relu(out) if self.config.relu_output else out
+
+    def decode_genes(
+        self,
+        emb: torch.Tensor,
+        basal: torch.Tensor | None = None,
+        basal_genes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """log1p genes ``[..., gene_dim]`` of predicted embeddings ``emb`` (needs ``gene_dim`` > 0).
+
+        With ``gene_residual`` the basal cells' embeddings ``basal`` and genes ``basal_genes``
+        (same leading shape as ``emb``) are required: ``relu(basal_genes + dec(emb) - dec(basal))``.
+        """
+        if self.gene_decoder is None:
+            raise VcellError("this ST model has no gene decoder (gene_dim = 0): it predicts genes directly")
+        out = self.gene_decoder(emb)
+        if self.config.gene_residual:
+            if basal is None or basal_genes is None:
+                raise VcellError("gene_residual decoding needs the basal cells' embeddings and genes")
+            out = basal_genes + out - self.gene_decoder(basal)
+        return torch.relu(out)
 
     @property
     def residual(self) -> bool:

@@ -97,15 +97,33 @@ class STModule(L.LightningModule):
         cell_batch = batch["batch"] if self.config.n_batches else None
         return self.model(batch["basal"], feats, batch=cell_batch, mask=batch["mask"])
 
-    def _loss(self, batch: dict) -> torch.Tensor:
+    def _losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss in the model's output space, gene-decoder loss or ``None``)."""
         pred = self(batch)
+        model = self.model
         # the energy distance's pairwise distances need fp32 even under bf16/fp16 autocast
         with torch.autocast(device_type=pred.device.type, enabled=False):
-            return self.model.loss(pred.float(), batch["target"].float(), batch["mask"])
+            main = model.loss(pred.float(), batch["target"].float(), batch["mask"])
+        if model.gene_decoder is None:
+            return main, None
+        emb = pred.detach() if self.config.detach_gene_decoder else pred
+        genes = model.decode_genes(emb, batch["basal"], batch["basal_genes"])
+        with torch.autocast(device_type=pred.device.type, enabled=False):
+            return main, model.loss(genes.float(), batch["target_genes"].float(), batch["mask"])
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        main, genes = self._losses(batch)
+        return main if genes is None else main + self.config.gene_loss_weight * genes
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=batch["basal"].shape[0], sync_dist=True)
+        main, genes = self._losses(batch)
+        n = batch["basal"].shape[0]
+        loss = main
+        if genes is not None:
+            loss = main + self.config.gene_loss_weight * genes
+            self.log("train_embed_loss", main, on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
+            self.log("train_gene_loss", genes, on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
+        self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -211,6 +229,9 @@ class _EpochBatches(Sampler):
 class CellSetDataModule(L.LightningDataModule):
     """Train/val cell-set batches of a :class:`PerturbationData` under a :class:`Split`.
 
+    ``embed_key``: the sets hold the cells' ``.obsm[embed_key]`` embeddings, plus their genes
+    (``X``) for the gene decoder.
+
     The train plan of epoch ``e`` depends only on ``(seed, e)``; the data loaders are rebuilt
     every epoch (``reload_dataloaders_every_n_epochs=1``) to draw it.
     """
@@ -224,6 +245,7 @@ class CellSetDataModule(L.LightningDataModule):
         seed: int = 0,
         control_strategy: str = "batch",
         num_workers: int = 0,
+        embed_key: str | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -231,12 +253,14 @@ class CellSetDataModule(L.LightningDataModule):
         self.data, self.split = data, split
         self.batch_size, self.set_size, self.seed = batch_size, set_size, seed
         self.control_strategy, self.num_workers = control_strategy, num_workers
-        rows = row_source(data.adata, data.path)
+        genes = row_source(data.adata, data.path)
+        rows, gene_rows = (genes, None) if embed_key is None else (row_source(data.adata, data.path, f"obsm/{embed_key}"), genes)
         idx = data.index
-        self.train_set = CellSetDataset(CellSetSampler(idx, split, "train", set_size, control_strategy, True, seed), rows)
+        train = CellSetSampler(idx, split, "train", set_size, control_strategy, True, seed)
+        self.train_set = CellSetDataset(train, rows, gene_rows=gene_rows)
         if len(self.train_set) == 0:
             raise VcellError("the split has no training cells")
-        val = CellSetDataset(CellSetSampler(idx, split, "val", set_size, control_strategy, False, seed), rows)
+        val = CellSetDataset(CellSetSampler(idx, split, "val", set_size, control_strategy, False, seed), rows, gene_rows=gene_rows)
         self.val_set = val if len(val) else None
 
     @property
@@ -319,22 +343,51 @@ class STCheckpoint(Callback):
         self.best = state_dict.get("best")
 
 
-def build_module(data: PerturbationData, config: STConfig | dict, lr: float = 1e-4, seed: int = 0) -> STModule:
-    """An :class:`STModule` for ``data``; ``input_dim`` and ``pert_dim`` default to the data's sizes."""
+def embedding_dim(data: PerturbationData, embed_key: str) -> int:
+    """Width of ``data``'s ``.obsm[embed_key]``; a one-line error naming the file when it is missing."""
+    obsm = data.adata.obsm
+    if embed_key not in obsm:
+        have = ", ".join(map(repr, obsm.keys())) or "none"
+        raise VcellError(f"{data.path or 'data'}: no .obsm[{embed_key!r}] cell embeddings (have: {have}); "
+                         f"write them with `vcell embed --key {embed_key}`")
+    values = obsm[embed_key]
+    if len(values.shape) != 2 or values.shape[1] < 1:
+        raise VcellError(f"{data.path or 'data'}: .obsm[{embed_key!r}] must be a cells x dims matrix, got shape {values.shape}")
+    bad = ~np.isfinite(np.asarray(values, dtype=np.float32)).all(axis=1)
+    if bad.any():
+        raise VcellError(f"{data.path or 'data'}: .obsm[{embed_key!r}] has NaN/inf in {int(bad.sum())} cell(s), "
+                         f"e.g. {data.adata.obs_names[int(np.flatnonzero(bad)[0])]!r}")
+    return int(values.shape[1])
+
+
+def build_module(
+    data: PerturbationData, config: STConfig | dict, lr: float = 1e-4, seed: int = 0, embed_key: str | None = None
+) -> STModule:
+    """An :class:`STModule` for ``data``; ``input_dim`` and ``pert_dim`` default to the data's sizes.
+
+    ``embed_key``: the model works on the cells' ``.obsm[embed_key]`` embeddings and decodes genes
+    (``gene_dim`` = the data's genes, no output ReLU unless the config says otherwise).
+    """
     spec, index = data.spec, data.index
     vocab = pert_vocabulary(index.perts, spec.control)
     if not vocab:
         raise VcellError("the data has no perturbations besides the control")
     values = config.to_dict() if isinstance(config, STConfig) else dict(config)
-    values.setdefault("input_dim", int(data.adata.n_vars))
+    width = int(data.adata.n_vars) if embed_key is None else embedding_dim(data, embed_key)
+    values.setdefault("input_dim", width)
     values.setdefault("pert_dim", len(vocab))
+    if embed_key is not None:
+        values["gene_dim"] = int(data.adata.n_vars)
+        values.setdefault("relu_output", False)  # embeddings are signed
     cfg = STConfig.from_dict(values)
-    if cfg.input_dim != data.adata.n_vars:
-        raise VcellError(f"ST config: input_dim is {cfg.input_dim} but the data has {data.adata.n_vars} genes")
+    if cfg.input_dim != width:
+        what = "genes" if embed_key is None else f"embedding dimensions in .obsm[{embed_key!r}]"
+        raise VcellError(f"ST config: input_dim is {cfg.input_dim} but the data has {width} {what}")
     meta = {
         "genes": [str(g) for g in data.adata.var_names],
         "columns": {"pert_col": spec.pert_col, "control": spec.control, "context_col": spec.context_col, "batch_col": spec.batch_col},
         "seed": int(seed),
+        "embed_key": embed_key,
     }
     return STModule(cfg, index.perts, vocab, spec.control, lr=lr, meta=meta)
 
@@ -452,8 +505,12 @@ def train_st(
     num_nodes: int = 1,
     strategy: str = "auto",
     precision: str = "32",
+    embed_key: str | None = None,
 ) -> Path:
     """Train a State Transition model; returns ``out_dir`` (``last/``, ``best/``, ``logs/``).
+
+    ``embed_key``: train in the cell-embedding space ``.obsm[embed_key]`` (e.g. ``vcell embed``'s
+    SE embeddings) with a gene decoder back to ``X``'s genes (see :class:`STConfig`).
 
     ``resume=True`` continues from ``out_dir/last`` (model, optimiser, step, epoch, RNG), so a
     run interrupted at any checkpoint ends with the same weights as an uninterrupted one.
@@ -469,8 +526,8 @@ def train_st(
     if resume and not resume_dir.is_dir():
         raise VcellError(f"{out_dir}: nothing to resume (no {LAST}/ checkpoint)")
     L.seed_everything(seed, workers=True, verbose=False)
-    module = build_module(data, config, lr=lr, seed=seed)
-    dm = CellSetDataModule(data, split, batch_size, set_size, seed, control_strategy, num_workers)
+    module = build_module(data, config, lr=lr, seed=seed, embed_key=embed_key)
+    dm = CellSetDataModule(data, split, batch_size, set_size, seed, control_strategy, num_workers, embed_key)
     fit(module, dm, out_dir, max_steps, seed, resume_dir, checkpoint_every, accelerator, log_every,
         devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
     return out_dir
