@@ -108,18 +108,24 @@ def test_bench_model_config(tmp_path, mcfaline):
               "--holdout-context", "A172", "--no-report"]
     for model, text, expected in (("st", "st: {max_step: 3}\n", "st: unknown option(s) 'max_step'"),
                                   ("linear", "linear: {lr: 0.1}\n", "linear: this baseline takes no options"),
-                                  ("st", "sst: {}\n", "unknown model 'sst'")):
+                                  ("st", "sst: {}\n", "unknown model 'sst'"),
+                                  ("st", "st_x: {model: nope}\n", "unknown model 'nope' of 'st_x'"),
+                                  ("st", "linear: {model: st}\n", "'linear' is a built-in model name"),
+                                  ("st_x", "st_x: {model: st, embed_key: X_none}\n", "no .obsm['X_none']")):
         config = tmp_path / "bad.yaml"
         config.write_text(text)
         bad = run_cli(*common, "--models", model, "--model-config", config, "--out", tmp_path / "bad", timeout=60)
         assert bad.returncode == 2 and expected in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
-        assert not (tmp_path / "bad").exists()
+        if "X_none" not in text:  # that one fails when st_x starts training
+            assert not (tmp_path / "bad").exists()
     config = tmp_path / "st.yaml"
-    config.write_text("st:\n  max_steps: 3\n  set_size: 8\n  batch_size: 2\n  config: {width: 16, n_layers: 1, n_heads: 2, encoder_layers: 1}\n")
+    tiny = "  max_steps: 3\n  set_size: 8\n  batch_size: 2\n"
+    config.write_text(f"st:\n{tiny}  config: {{width: 16, n_layers: 1, n_heads: 2, encoder_layers: 1}}\n"
+                      f"st_wide:\n  model: st\n{tiny}  config: {{width: 24, n_layers: 1, n_heads: 2, encoder_layers: 1}}\n")
     out = tmp_path / "ok"
-    ok = run_cli(*common, "--models", "control_mean,st", "--model-config", config, "--out", out, "--seed", "1")
+    ok = run_cli(*common, "--models", "control_mean,st,st_wide", "--model-config", config, "--out", out, "--seed", "1")
     assert ok.returncode == 0, ok.stderr
     assert "GPU available" not in ok.stderr + ok.stdout and "LeafSpec" not in ok.stderr  # Lightning kept quiet
     board = read_csv(out / "leaderboard.csv", text_columns=("model", "context"))
-    assert set(board["model"]) == {"control_mean", "cell_mean", "st"}
+    assert set(board["model"]) == {"control_mean", "cell_mean", "st", "st_wide"}
     assert json.loads((out / "bench.json").read_text())["timings"]["fit st A172"] < 60
