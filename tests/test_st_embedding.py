@@ -83,6 +83,24 @@ def test_embedding_batches_carry_both_spaces(tiny):
             assert np.array_equal(X[row], batch["target_genes"][b, s].numpy())
 
 
+@pytest.mark.parametrize("detach", [True, False])
+def test_gene_loss_reaches_the_transition_model_only_when_not_detached(tiny, detach):
+    data, split = tiny
+    torch.manual_seed(0)
+    # predict_residual off: with it, an untrained model predicts its basal cells and the residual
+    # gene decoding cancels exactly (no gradient anywhere)
+    module = build_module(data, {**TINY, "detach_gene_decoder": detach, "predict_residual": False}, embed_key="X_pca")
+    dm = CellSetDataModule(data, split, batch_size=3, set_size=8, embed_key="X_pca")
+    batch = next(iter(dm._loader(dm.train_set, batch_size=3)))
+    _, gene_loss = module._losses(batch)
+    gene_loss.backward()
+    decoder = [p.grad for p in module.model.gene_decoder.parameters()]
+    transition = [p.grad for n, p in module.model.named_parameters() if not n.startswith("gene_decoder.")]
+    assert decoder[-2] is not None and decoder[-2].abs().sum() > 0  # last weight (its bias cancels in the residual)
+    reached = any(g is not None and g.abs().sum() > 0 for g in transition)
+    assert reached is (not detach)
+
+
 def test_build_module_in_embedding_space(tiny):
     data, _ = tiny
     module = build_module(data, TINY, embed_key="X_pca")
