@@ -193,7 +193,7 @@ def test_se_embed_st_predict_end_to_end(tmp_path):
     assert pred.n_obs == truth.n_obs and list(pred.var_names) == list(adata.var_names)
     # predicting from a file without the embeddings is a clear error too
     line = _error_line(run_cli("predict", "--model", run, "--data", data, "--context", "ctx_B", "--out", tmp_path / "p2.h5ad"))
-    assert "X_vcell" in line and not (tmp_path / "p2.h5ad").exists()
+    assert "cells.h5ad" in line and "X_vcell" in line and not (tmp_path / "p2.h5ad").exists()
     real = tmp_path / "real_b.h5ad"
     truth.copy().write_h5ad(real)
     proc = run_cli("eval", "run", "--pred", pred_path, "--real", real, "--pert-col", "target_gene",

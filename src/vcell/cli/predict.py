@@ -66,6 +66,10 @@ def predict(
     dataset = load_dataset(data, spec, require_context_controls=False)
     if dataset.spec.expression == "counts":
         raise VcellError(f"{data}: X holds raw counts; the model predicts log1p expression: run `vcell data preprocess` first")
+    key = predictor.embed_key
+    if key is not None and key not in dataset.adata.obsm:
+        raise VcellError(f"{data}: the model works on .obsm[{key!r}] cell embeddings, which this file lacks; "
+                         f"write them with `vcell embed --model SE_MODEL --data {data} --key {key}`")
     index = dataset.index
     contexts = [str(c) for c in index.contexts]
     if context not in contexts:
