@@ -82,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     import anndata as ad
     import torch
 
-    from vcell.models.embedding import se_config_values
+    from vcell.models.embedding import SEConfig
     from vcell.train.se import embed_adata, load_se, train_se
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     adata = ad.read_h5ad(args.data)
     labels = adata.obs["seurat_annotations"].astype(str).to_numpy()
-    values = se_config_values(args.preset, args.config)
+    values = SEConfig.preset_values(args.preset, args.config)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "se"
         t0 = time.perf_counter()

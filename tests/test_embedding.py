@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 from vcell.errors import VcellError
-from vcell.models.embedding import SEConfig, SoftBinning, StateEmbedding, normalise_expression, se_config_values, tokenize
+from vcell.models.embedding import SEConfig, SoftBinning, StateEmbedding, normalise_expression, tokenize
 from vcell.train.se import embed_adata, load_se, train_se
 
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "sentence_len": 66, "n_mask": 32}
@@ -152,7 +152,7 @@ def test_sentence_layout_and_order_invariance():
     with pytest.raises(VcellError, match="d_model 30 is not divisible"):
         SEConfig(n_genes=5, gene_dim=4, d_model=30, n_heads=4)
     with pytest.raises(VcellError, match="unknown SE preset"):
-        se_config_values("huge")
+        SEConfig.preset_values("huge")
 
 
 # -------------------------------------------------------------------------------- training on data

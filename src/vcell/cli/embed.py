@@ -48,12 +48,12 @@ def train_se(
     from lightning.pytorch.utilities import rank_zero_only
 
     from vcell.cli.train import read_config_file
-    from vcell.models.embedding import se_config_values
+    from vcell.models.embedding import SEConfig
     from vcell.train.se import train_se as run_train_se
 
     if expression is not None and expression not in ("counts", "log1p"):
         raise VcellError(f"--expression {expression!r}: use 'counts' or 'log1p'")
-    values = se_config_values(preset, read_config_file(config) if config is not None else {})
+    values = SEConfig.preset_values(preset, read_config_file(config) if config is not None else {})
     with console.status(f"training SE ({preset}) for {max_steps} steps"):
         run = run_train_se(
             data, out, values, genes=genes, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, resume=resume,

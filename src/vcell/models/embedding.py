@@ -15,7 +15,8 @@ loaders can run it; training and checkpoints live in :mod:`vcell.train.se`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vcell.errors import VcellError
+from vcell.models.config import ModelConfig
 from vcell.models.layers import RMSNorm, TransformerBlock, mlp
 
 # ``sentence_len`` counts every token: [CLS] + genes + [DS]. tiny and small are CPU sizes (small:
@@ -38,7 +40,7 @@ TARGET_SUM = 1e4  # counts are scaled to this total before log1p, as in `vcell d
 
 
 @dataclass
-class SEConfig:
+class SEConfig(ModelConfig):
     """Sizes of a :class:`StateEmbedding`; saved as JSON next to the weights.
 
     ``gene_dim`` is the width of the input gene embeddings and ``n_genes`` the vocabulary size;
@@ -61,52 +63,27 @@ class SEConfig:
     decoder_hidden: int | None = None
     ds_weight: float = 0.1
 
+    KIND: ClassVar[str] = "SE"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("n_genes", "gene_dim")
+    PRESETS: ClassVar[dict] = PRESETS
+
     def __post_init__(self):
         if self.emb_dim is None:
             self.emb_dim = self.d_model
         if self.decoder_hidden is None:
             self.decoder_hidden = self.d_model
-        for name in ("n_genes", "gene_dim", "n_datasets", "d_model", "n_layers", "n_heads", "ffn_mult", "emb_dim",
-                     "n_bins", "n_mask", "decoder_hidden"):
-            if int(getattr(self, name)) < 1:
-                raise VcellError(f"SE config: {name} must be a positive integer, got {getattr(self, name)!r}")
+        self.check_positive(("n_genes", "gene_dim", "n_datasets", "d_model", "n_layers", "n_heads", "ffn_mult", "emb_dim",
+                             "n_bins", "n_mask", "decoder_hidden"))
         if self.sentence_len < 3:
             raise VcellError(f"SE config: sentence_len must be >= 3 ([CLS], a gene, [DS]), got {self.sentence_len}")
         if self.d_model % self.n_heads:
             raise VcellError(f"SE config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise VcellError(f"SE config: dropout must be in [0, 1), got {self.dropout}")
+        self.check_dropout(self.dropout)
 
     @property
     def gene_slots(self) -> int:
         """Gene tokens per sentence (``sentence_len`` minus [CLS] and [DS])."""
         return self.sentence_len - 2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> SEConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise VcellError(f"SE config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        missing = sorted(n for n in ("n_genes", "gene_dim") if n not in values)
-        if missing:
-            raise VcellError(f"SE config: missing required field(s) {', '.join(missing)}")
-        return cls(**values)
-
-
-def se_config_values(preset: str, overrides: dict | None = None) -> dict:
-    """Field values of preset ``preset`` with ``overrides`` on top (data sizes are added later)."""
-    if preset not in PRESETS:
-        raise VcellError(f"unknown SE preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    values = {**PRESETS[preset], **(overrides or {})}
-    known = {f.name for f in fields(SEConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise VcellError(f"SE config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return values
 
 
 def normalise_expression(rows: np.ndarray, expression: str) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ from vcell.data.spec import DataSpec, split_combo
 from vcell.data.splits import Split
 from vcell.errors import VcellError
 from vcell.models.base import Predictor, assemble_prediction
-from vcell.models.transition import PRESETS, STConfig, pert_features
+from vcell.models.transition import STConfig, pert_features
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,7 @@ def _listing(items: Sequence[str]) -> str:
 
 def st_config_values(preset: str = "small", overrides: Mapping | None = None) -> dict:
     """The STConfig fields of ``preset`` with ``overrides`` applied (data sizes filled in by training)."""
-    if preset not in PRESETS:
-        raise VcellError(f"unknown ST preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    values = {**PRESETS[preset], **dict(overrides or {})}
-    # validate field names now, before any training work (sizes are placeholders)
-    STConfig.from_dict({"input_dim": 1, "pert_dim": 1, **{k: v for k, v in values.items() if k not in ("input_dim", "pert_dim")}})
-    return values
+    return STConfig.preset_values(preset, overrides)
 
 
 class STPredictor(Predictor):

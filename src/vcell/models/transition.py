@@ -14,12 +14,14 @@ against the observed cells' genes is added with weight ``gene_loss_weight``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from vcell.errors import VcellError
+from vcell.models.config import ModelConfig
 from vcell.models.layers import RMSNorm, TransformerBlock, energy_distance, mlp, norm_mlp
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -30,7 +32,7 @@ PRESETS: dict[str, dict[str, int]] = {
 
 
 @dataclass
-class STConfig:
+class STConfig(ModelConfig):
     """Sizes of a :class:`StateTransition`; saved as JSON/YAML next to the weights via :meth:`to_dict`.
 
     ``pert_dim`` is the length of a perturbation vector: the vocabulary size for one-hot /
@@ -70,48 +72,24 @@ class STConfig:
     gene_residual: bool = True
     detach_gene_decoder: bool = True
 
+    KIND: ClassVar[str] = "ST"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("input_dim", "pert_dim")
+    PRESETS: ClassVar[dict] = PRESETS
+
     def __post_init__(self):
         if self.output_dim is None:
             self.output_dim = self.input_dim
+        self.check_positive(("input_dim", "pert_dim", "output_dim", "width", "n_layers", "n_heads", "ffn_mult", "encoder_layers"))
+        if self.n_batches < 0:
+            raise VcellError(f"ST config: n_batches must be >= 0, got {self.n_batches}")
+        if self.width % self.n_heads:
+            raise VcellError(f"ST config: width {self.width} is not divisible by n_heads {self.n_heads}")
+        self.check_dropout(self.dropout)
         self.gene_hidden = [int(h) for h in self.gene_hidden]
         if self.gene_dim < 0 or any(h < 1 for h in self.gene_hidden):
             raise VcellError(f"ST config: gene_dim must be >= 0 and gene_hidden positive, got {self.gene_dim}, {self.gene_hidden}")
         if self.gene_loss_weight < 0:
             raise VcellError(f"ST config: gene_loss_weight must be >= 0, got {self.gene_loss_weight}")
-        for name in ("input_dim", "pert_dim", "output_dim", "width", "n_layers", "n_heads", "ffn_mult", "encoder_layers"):
-            if int(getattr(self, name)) < 1:
-                raise VcellError(f"ST config: {name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.n_batches < 0:
-            raise VcellError(f"ST config: n_batches must be >= 0, got {self.n_batches}")
-        if self.width % self.n_heads:
-            raise VcellError(f"ST config: width {self.width} is not divisible by n_heads {self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise VcellError(f"ST config: dropout must be in [0, 1), got {self.dropout}")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> STConfig:
-        """``small`` (672 wide, 4 layers, 8 heads), ``default`` (768, 8, 12) or ``large`` (1488, 6, 12).
-
-        ``overrides`` must include the data sizes (``input_dim``, ``pert_dim``) and may replace any
-        other field.
-        """
-        if name not in PRESETS:
-            raise VcellError(f"unknown ST preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> STConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise VcellError(f"ST config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        missing = sorted(n for n in ("input_dim", "pert_dim") if n not in values)
-        if missing:
-            raise VcellError(f"ST config: missing required field(s) {', '.join(missing)}")
-        return cls(**values)
 
 
 class StateTransition(nn.Module):

@@ -381,8 +381,8 @@ def train_se(
 ) -> Path:
     """Train a State Embedding model on the ``.h5ad`` files ``paths``; returns ``out_dir`` (``last/``, ``logs/``).
 
-    ``config`` holds :class:`SEConfig` fields (from
-    :func:`~vcell.models.embedding.se_config_values`); the data sizes are filled in. ``genes``: a
+    ``config`` holds :class:`SEConfig` fields (from :meth:`SEConfig.preset_values`); the data
+    sizes are filled in. ``genes``: a
     ``GeneEmbeddings`` or its file; ``None`` derives them from the data (``gene_dim`` wide).
     ``batch_size`` is the global batch: with ``devices`` x ``num_nodes`` > 1 (DDP) each process
     takes its share. The learning-rate schedule spans ``schedule_steps`` (default ``max_steps``;
