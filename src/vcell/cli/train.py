@@ -93,7 +93,8 @@ def st(
     overrides = read_config_file(config) if config is not None else {}
     values = st_config_values(preset, overrides)
     spec = make_spec(pert_col, control, context_col, batch_col, None)
-    dataset = load_dataset(data, spec)
+    # only what training reads: a raw-counts layer or other .obsm entries would just take memory
+    dataset = load_dataset(data, spec, only_obsm=[embed_key] if embed_key else [])
     if dataset.spec.expression == "counts":
         raise VcellError(f"{data}: X holds raw counts; the ST model trains on log1p expression: run `vcell data preprocess` first")
     index = dataset.index

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 
@@ -14,6 +16,7 @@ from vcell.data.io import read_h5ad
 from vcell.data.labels import factorize
 from vcell.data.spec import SINGLE_CONTEXT, DataSpec
 from vcell.data.validate import ExpressionInfo, validate
+from vcell.errors import VcellError
 
 
 @dataclass
@@ -130,6 +133,40 @@ class PerturbationData:
         return bool(self.adata.isbacked)
 
 
+def missing_obsm_error(where, key: str, have) -> VcellError:
+    """The one-line error for a missing ``.obsm[key]`` (``have``: the keys the data does hold)."""
+    have = ", ".join(map(repr, have)) or "none"
+    return VcellError(f"{where or 'data'}: no .obsm[{key!r}] cell embeddings (have: {have}); "
+                      f"write them with `vcell embed --key {key}`")
+
+
+def read_slots(path: str | os.PathLike, obsm: Sequence[str] = ()) -> ad.AnnData:
+    """``X``, ``obs``, ``var``, ``uns`` and the ``obsm`` keys named of an ``.h5ad``, in memory.
+
+    Layers, ``obsp``, ``varm``, ``varp`` and other ``.obsm`` entries are not read: a training
+    run needs none of them, and a raw-counts layer alone can be as large as ``X``.
+    """
+    from anndata.io import read_elem
+
+    path = Path(path)
+    if not path.is_file() or not h5py.is_hdf5(path):
+        read_h5ad(path, backed=True)  # raises the usual one-line error naming the file
+    try:
+        with h5py.File(path, "r") as f:
+            stored = list(f["obsm"].keys()) if "obsm" in f else []
+            missing = [key for key in obsm if key not in stored]
+            parts = {} if missing else {name: read_elem(f[name]) for name in ("X", "obs", "var", "uns") if name in f}
+            parts["obsm"] = {} if missing else {key: read_elem(f["obsm"][key]) for key in obsm}
+    except Exception:  # e.g. an old on-disk layout: anndata's full reader knows more of them
+        full = read_h5ad(path)  # or its one-line error naming the file
+        stored, missing = list(full.obsm.keys()), [key for key in obsm if key not in full.obsm]
+        parts = {"X": full.X, "obs": full.obs, "var": full.var, "uns": full.uns,
+                 "obsm": {key: full.obsm[key] for key in obsm if key in full.obsm}}
+    if missing:
+        raise missing_obsm_error(path, missing[0], stored)
+    return ad.AnnData(**parts)
+
+
 def load_dataset(
     path: str | os.PathLike,
     spec: DataSpec = DataSpec(),
@@ -137,6 +174,7 @@ def load_dataset(
     dataset_col: str | None = "dataset",
     dataset_name: str | None = None,
     require_context_controls: bool = True,
+    only_obsm: Sequence[str] | None = None,
 ) -> PerturbationData:
     """Read and validate an ``.h5ad`` perturbation dataset.
 
@@ -144,10 +182,14 @@ def load_dataset(
     column or value on any problem. ``dataset_col`` (if present in ``.obs``) gives each cell's
     dataset name for split files; otherwise the name is ``dataset_name`` or the file's stem.
     ``require_context_controls=False`` accepts contexts without control cells (with a warning);
-    splits then leave their perturbed cells unused.
+    splits then leave their perturbed cells unused. ``only_obsm`` (in memory only): read just
+    ``X``, ``obs``, ``var``, ``uns`` and these ``.obsm`` keys (:func:`read_slots`).
     """
     path = Path(path)
-    adata = read_h5ad(path, backed=backed)
+    if only_obsm is not None and not backed:
+        adata = read_slots(path, only_obsm)
+    else:
+        adata = read_h5ad(path, backed=backed)
     expression = validate(adata, spec, path, require_context_controls)
     spec = spec.with_(expression=expression.type)
     index = CellIndex.from_obs(adata.obs, spec, dataset_col, dataset_name or path.stem)

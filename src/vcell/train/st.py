@@ -16,8 +16,10 @@ rank 0 writes checkpoints and logs; on resume every rank reads the same checkpoi
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -30,7 +32,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from vcell.data.cellsets import CellSetDataset, CellSetSampler, collate_cell_sets
-from vcell.data.dataset import PerturbationData
+from vcell.data.dataset import PerturbationData, missing_obsm_error
 from vcell.data.rows import row_source
 from vcell.data.spec import split_combo
 from vcell.data.splits import Split
@@ -125,6 +127,13 @@ class STModule(L.LightningModule):
             self.log("train_gene_loss", genes, on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
         self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Lightning zeroes gradients between the next forward pass and its backward pass, so
+        # this step's gradients (one model's worth of memory) would sit beside the next step's
+        # activations, at the peak. Backward writes fresh gradients either way: same numbers.
+        # (vcell never accumulates gradients over batches.)
+        self.zero_grad(set_to_none=True)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(2, device=self.device)  # sum of set losses, number of sets
@@ -347,9 +356,7 @@ def embedding_dim(data: PerturbationData, embed_key: str) -> int:
     """Width of ``data``'s ``.obsm[embed_key]``; a one-line error naming the file when it is missing."""
     obsm = data.adata.obsm
     if embed_key not in obsm:
-        have = ", ".join(map(repr, obsm.keys())) or "none"
-        raise VcellError(f"{data.path or 'data'}: no .obsm[{embed_key!r}] cell embeddings (have: {have}); "
-                         f"write them with `vcell embed --key {embed_key}`")
+        raise missing_obsm_error(data.path, embed_key, obsm.keys())
     values = obsm[embed_key]
     if len(values.shape) != 2 or values.shape[1] < 1:
         raise VcellError(f"{data.path or 'data'}: .obsm[{embed_key!r}] must be a cells x dims matrix, got shape {values.shape}")
@@ -421,6 +428,26 @@ def check_run_options(
         raise VcellError(f"--batch-size {batch_size} is the global batch and must be divisible by devices x nodes = {world}")
 
 
+def keep_freed_heap() -> None:
+    """Let glibc keep freed heap memory for the next training step instead of handing it back.
+
+    A step frees its activations and gradients and allocates as much again in the next one.
+    With glibc's default, a large free block at the top of the heap goes back to the system and
+    is faulted in again (zero-filled) in the next step: about 150 MiB and 5-7% of a step at ST
+    ``small`` size on CPU. Peak memory does not change. Blocks above 32 MiB stay separate
+    mappings, as glibc's adaptive default ends up doing. No-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)  # setting either turns glibc's adaptive thresholds off
+    mallopt(m_trim_threshold, 1 << 30)
+
+
 @quiet_lightning()
 def fit(
     module: STModule,
@@ -450,6 +477,7 @@ def fit(
         # would make ranks with different numbers of validation batches wait on each other.
         strategy = DDPStrategy(forward_sync_buffers=False)
     L.seed_everything(seed, workers=True, verbose=False)
+    keep_freed_heap()
     try:
         trainer = L.Trainer(
             max_steps=max_steps,
