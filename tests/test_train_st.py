@@ -118,6 +118,21 @@ def test_resume_equals_uninterrupted_run(tiny, tmp_path, stop):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_with_another_config_or_model_kind_is_a_clear_error(tiny, tmp_path):
+    data, split = tiny
+    run = train_st(data, split, tmp_path / "run", TINY, max_steps=2, seed=1, **FAST)
+    before = _weights(run)
+    with pytest.raises(VcellError, match=r"cannot resume: .*width 32 -> 48"):
+        train_st(data, split, run, {**TINY, "width": 48}, max_steps=4, seed=1, resume=True, **FAST)
+    assert all(torch.equal(before[k], v) for k, v in _weights(run).items())  # the checkpoint is untouched
+    meta = json.loads((run / "last" / "config.json").read_text())
+    (run / "last" / "config.json").write_text(json.dumps({**meta, "kind": "se"}))
+    with pytest.raises(VcellError, match="holds a SE model; this run trains ST"):
+        train_st(data, split, run, TINY, max_steps=4, seed=1, resume=True, **FAST)
+    with pytest.raises(VcellError, match="holds a SE model, not a State Transition model"):
+        load_checkpoint(run / "last")
+
+
 KILLED_RUN = PREP + """
 import sys, time
 from vcell.train import st

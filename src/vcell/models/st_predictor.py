@@ -107,7 +107,8 @@ class STPredictor(Predictor):
     # ------------------------------------------------------------------ training / loading
 
     def fit(self, data: PerturbationData, split: Split) -> STPredictor:
-        from vcell.train.st import BEST, LAST, train_st
+        from vcell.train.checkpoint import BEST, LAST
+        from vcell.train.st import train_st
 
         if data.spec.expression == "counts":
             raise VcellError("st: the data holds raw counts; the ST model trains on log1p expression (run `vcell data preprocess` first)")

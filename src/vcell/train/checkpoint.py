@@ -7,8 +7,11 @@ A checkpoint directory holds
   (param groups, steps) in the file's metadata;
 - ``state.safetensors`` + ``trainer_state.json``: the rest of Lightning's checkpoint (loop
   progress, callback states, RNG states), tensors split out the same way;
-- ``config.json``: the model config, gene list, perturbation vocabulary, data columns, vcell
-  version, step, epoch and seed.
+- ``config.json``: the model's ``kind`` (``st`` or ``se``; ``st`` when absent), config, gene
+  list, perturbation vocabulary, data columns, vcell version, step, epoch and seed.
+
+:class:`SafetensorsCheckpointIO`, :class:`RunCheckpoints` and :class:`ResumableModule` are the
+Lightning pieces every vcell trainer (ST, SE) uses to write, resume and replay such checkpoints.
 
 Directories are written to a temporary sibling and renamed into place, so a reader (or a run
 killed mid-write) never sees a half-written checkpoint. Nothing is ever unpickled.
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import CheckpointIO
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
@@ -37,6 +41,7 @@ OPTIMIZER = "optimizer.safetensors"
 STATE = "state.safetensors"
 TRAINER_STATE = "trainer_state.json"
 CONFIG = "config.json"
+LAST, BEST = "last", "best"
 MODEL_PREFIX = "model."
 META_KEY = "vcell"  # where the LightningModule puts config.json's content in a Lightning checkpoint
 
@@ -173,6 +178,8 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[StateTransition, STCo
     """
     directory = resolve_checkpoint_dir(directory)
     meta = read_config(directory)
+    if checkpoint_kind(meta) != "st":
+        raise VcellError(f"{directory}: holds a {checkpoint_kind(meta).upper()} model, not a State Transition model")
     config = STConfig.from_dict(meta["model"])
     model = StateTransition(config)
     try:
@@ -184,9 +191,30 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[StateTransition, STCo
     return model, config, meta, optimizer_state
 
 
+def checkpoint_kind(meta: dict) -> str:
+    """The model kind a checkpoint's ``config.json`` holds (``st`` for checkpoints that predate the field)."""
+    return str(meta.get("kind", "st"))
+
+
+def _trainer_state(path: Path) -> dict:
+    """Lightning's loop/callback state of a checkpoint folder (tensors restored)."""
+    if (path / TRAINER_STATE).is_file() and (path / STATE).is_file():
+        return _decode(json.loads((path / TRAINER_STATE).read_text()), load_file(str(path / STATE)))
+    if (path / STATE).is_file():  # SE checkpoints of vcell <= 0.1 kept the JSON index in the file's metadata
+        return _load_tree(path / STATE)
+    raise VcellError(f"{path}: checkpoint has no trainer state ({TRAINER_STATE}); it cannot resume training")
+
+
 class SafetensorsCheckpointIO(CheckpointIO):
     """Lightning checkpoint I/O in the directory format above, so ``trainer.save_checkpoint`` and
-    ``trainer.fit(ckpt_path=...)`` never pickle."""
+    ``trainer.fit(ckpt_path=...)`` never pickle.
+
+    ``kind``: the model kind this run trains; resuming from a checkpoint of another kind is a
+    one-line error.
+    """
+
+    def __init__(self, kind: str = "st"):
+        self.kind = kind
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         rest = dict(checkpoint)
@@ -195,12 +223,12 @@ class SafetensorsCheckpointIO(CheckpointIO):
         meta = rest.pop(META_KEY, None)
         if meta is None:
             raise VcellError("checkpoint has no vcell metadata (the LightningModule must add it in on_save_checkpoint)")
+        if len(optimizer_states) > 1:
+            raise VcellError("checkpoint: only one optimizer is supported")
         weights = {k[len(MODEL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
 
         def write(tmp: Path) -> None:
             save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
-            if len(optimizer_states) > 1:
-                raise VcellError("checkpoint: only one optimizer is supported")
             if optimizer_states:
                 _save_tree(optimizer_states[0], tmp / OPTIMIZER)
             tensors: dict[str, torch.Tensor] = {}
@@ -213,14 +241,107 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         path = resolve_checkpoint_dir(path)
-        model, _config, meta, optimizer_state = load_checkpoint(path)
-        if not (path / TRAINER_STATE).is_file():
-            raise VcellError(f"{path}: checkpoint has no trainer state ({TRAINER_STATE}); it cannot resume training")
-        checkpoint = _decode(json.loads((path / TRAINER_STATE).read_text()), load_file(str(path / STATE)))
-        checkpoint["state_dict"] = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
-        checkpoint["optimizer_states"] = [optimizer_state] if optimizer_state is not None else []
+        meta = read_config(path)
+        if checkpoint_kind(meta) != self.kind:
+            raise VcellError(f"{path}: holds a {checkpoint_kind(meta).upper()} model; this run trains {self.kind.upper()}")
+        checkpoint = _trainer_state(path)
+        checkpoint["state_dict"] = {MODEL_PREFIX + k: v for k, v in load_file(str(path / WEIGHTS)).items()}
+        checkpoint["optimizer_states"] = [_load_tree(path / OPTIMIZER)] if (path / OPTIMIZER).is_file() else []
         checkpoint[META_KEY] = meta
         return checkpoint
 
     def remove_checkpoint(self, path) -> None:
         shutil.rmtree(path, ignore_errors=True)
+
+
+class RunCheckpoints(Callback):
+    """Writes ``last/`` every ``every_n_steps`` steps and at the end, ``best/`` on a lower ``val_loss``
+    (runs without validation write ``last/`` only).
+
+    Under DDP every rank calls ``trainer.save_checkpoint`` at the same points (it is collective:
+    the RNG states are gathered) and only rank 0 writes.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, every_n_steps: int = 100):
+        if every_n_steps < 1:
+            raise VcellError(f"checkpoint interval must be >= 1 step, got {every_n_steps}")
+        self.out_dir, self.every_n_steps = Path(out_dir), every_n_steps
+        self.best: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            trainer.save_checkpoint(self.out_dir / LAST, weights_only=False)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics:
+            return
+        val = float(trainer.callback_metrics["val_loss"])
+        if self.best is None or val < self.best:
+            self.best = val
+            trainer.save_checkpoint(self.out_dir / BEST, weights_only=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(self.out_dir / LAST, weights_only=False)
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = state_dict.get("best")
+
+
+class ResumableModule:
+    """LightningModule mixin: checkpoints carry the ``config.json`` content and every rank's torch
+    (and CUDA) RNG state; a resumed run checks the checkpoint's model config against its own and
+    restores the RNG states right before its first step, so dropout and sampling continue as in
+    an uninterrupted run.
+
+    A subclass has ``config`` (with ``to_dict()``) and ``checkpoint_meta()`` (the ``config.json``
+    content).
+    """
+
+    _rng_to_restore: dict | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[META_KEY] = self.checkpoint_meta()
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = list(torch.cuda.get_rng_state_all())
+        if self.trainer.world_size > 1:
+            # called on every rank; rank 0 writes the file, so it keeps every rank's RNG state
+            rng["torch_ranks"] = self._gather(torch.get_rng_state())
+            if self.device.type == "cuda":
+                rng["cuda_ranks"] = self._gather(torch.cuda.get_rng_state(self.device))
+        checkpoint["rng"] = rng
+
+    def _gather(self, state: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's copy of ``state`` (a CPU tensor of the same shape on each rank)."""
+        state = state.to(self.device)
+        parts = [torch.empty_like(state) for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather(parts, state)
+        return [p.cpu() for p in parts]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get(META_KEY, {}).get("model", {})
+        ours = json.loads(json.dumps(self.config.to_dict()))  # tuples -> lists, as config.json has them
+        changed = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+        if changed:
+            diffs = ", ".join(f"{k} {saved.get(k)!r} -> {ours.get(k)!r}" for k in changed[:4])
+            raise VcellError(f"cannot resume: the checkpoint was trained with another model config ({diffs}); "
+                             "resume with the same preset and config, or train into a new --out")
+        self._rng_to_restore = checkpoint.get("rng")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # restored right before the first step so nothing in between (setup, data loading) shifts it
+        rng, self._rng_to_restore = self._rng_to_restore, None
+        if rng is None:
+            return
+        rank, world = self.global_rank, self.trainer.world_size
+        if world > 1 and len(rng.get("torch_ranks", [])) == world:
+            torch.set_rng_state(rng["torch_ranks"][rank])
+            if len(rng.get("cuda_ranks", [])) == world and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda_ranks"][rank], self.device)
+        elif rank == 0:  # saved with another number of processes: only rank 0's stream carries on
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available() and world == 1:
+                torch.cuda.set_rng_state_all(rng["cuda"])

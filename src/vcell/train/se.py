@@ -11,11 +11,9 @@ as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +21,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vcell.data.io import read_h5ad
@@ -37,15 +33,12 @@ from vcell.errors import VcellError
 from vcell.models.embedding import SEConfig, StateEmbedding, normalise_expression, tokenize
 from vcell.train.checkpoint import (
     CONFIG,
-    META_KEY,
-    MODEL_PREFIX,
-    OPTIMIZER,
-    STATE,
+    LAST,
     WEIGHTS,
-    _config_json,
-    _load_tree,
-    _save_tree,
-    _write_dir,
+    ResumableModule,
+    RunCheckpoints,
+    SafetensorsCheckpointIO,
+    checkpoint_kind,
     read_config,
     resolve_checkpoint_dir,
 )
@@ -53,7 +46,6 @@ from vcell.train.quiet import quiet_lightning
 from vcell.train.st import PRECISIONS, check_run_options
 
 log = logging.getLogger(__name__)
-LAST = "last"
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -190,7 +182,7 @@ class SEDataModule(L.LightningDataModule):
 # ------------------------------------------------------------------------------------------- module
 
 
-class SEModule(L.LightningModule):
+class SEModule(ResumableModule, L.LightningModule):
     """A :class:`StateEmbedding` with its loss, AdamW and a warm-up + cosine learning-rate schedule
     over ``schedule_steps`` steps (5% warm-up, then down to a tenth of ``lr``).
 
@@ -203,7 +195,6 @@ class SEModule(L.LightningModule):
         self.config, self.lr, self.schedule_steps = config, float(lr), int(schedule_steps)
         self.meta = dict(meta or {})
         self.model = StateEmbedding(config, gene_vectors)
-        self._rng_to_restore: dict | None = None
 
     def checkpoint_meta(self) -> dict:
         """The content of ``config.json`` (without step, epoch and version)."""
@@ -229,82 +220,15 @@ class SEModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[META_KEY] = self.checkpoint_meta()
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = list(torch.cuda.get_rng_state_all())
-        checkpoint["rng"] = rng
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._rng_to_restore = checkpoint.get("rng")
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if self._rng_to_restore is not None:
-            torch.set_rng_state(self._rng_to_restore["torch"])
-            if "cuda" in self._rng_to_restore and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
-            self._rng_to_restore = None
-
 
 # -------------------------------------------------------------------------------------- checkpoints
 
 
 def _read_config(directory: Path) -> dict:
     meta = read_config(directory)
-    if meta.get("kind") != "se":
-        raise VcellError(f"{directory}: not a State Embedding checkpoint (it holds a {meta.get('kind', 'ST')} model)")
+    if checkpoint_kind(meta) != "se":
+        raise VcellError(f"{directory}: not a State Embedding checkpoint (it holds a {checkpoint_kind(meta).upper()} model)")
     return meta
-
-
-class SECheckpointIO(CheckpointIO):
-    """Lightning checkpoint I/O for SE in vcell's pickle-free directory layout."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        rest = dict(checkpoint)
-        state_dict = rest.pop("state_dict")
-        optimizer_states = rest.pop("optimizer_states", [])
-        meta = rest.pop(META_KEY)
-        weights = {k[len(MODEL_PREFIX):]: v.detach().cpu().contiguous() for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
-
-        def write(tmp: Path) -> None:
-            save_file(weights, str(tmp / WEIGHTS))
-            if optimizer_states:
-                _save_tree(optimizer_states[0], tmp / OPTIMIZER)
-            _save_tree(rest, tmp / STATE)
-            (tmp / CONFIG).write_text(json.dumps(_config_json(meta, rest.get("global_step", 0), rest.get("epoch", 0)), indent=2))
-
-        _write_dir(Path(path), write)
-
-    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
-        path = resolve_checkpoint_dir(path)
-        meta = _read_config(path)
-        if not (path / STATE).is_file():
-            raise VcellError(f"{path}: checkpoint has no trainer state ({STATE}); it cannot resume training")
-        checkpoint = _load_tree(path / STATE)
-        checkpoint["state_dict"] = {MODEL_PREFIX + k: v for k, v in load_file(str(path / WEIGHTS)).items()}
-        checkpoint["optimizer_states"] = [_load_tree(path / OPTIMIZER)] if (path / OPTIMIZER).is_file() else []
-        checkpoint[META_KEY] = meta
-        return checkpoint
-
-    def remove_checkpoint(self, path) -> None:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-class SECheckpoint(Callback):
-    """Writes ``last/`` every ``every_n_steps`` steps and at the end of training."""
-
-    def __init__(self, out_dir: str | os.PathLike, every_n_steps: int = 100):
-        if every_n_steps < 1:
-            raise VcellError(f"checkpoint interval must be >= 1 step, got {every_n_steps}")
-        self.out_dir, self.every_n_steps = Path(out_dir), every_n_steps
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            trainer.save_checkpoint(self.out_dir / LAST)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        trainer.save_checkpoint(self.out_dir / LAST)
 
 
 def load_se(directory: str | os.PathLike) -> tuple[StateEmbedding, dict]:
@@ -459,9 +383,9 @@ def _trainer(out_dir, max_steps, checkpoint_every, accelerator, devices, num_nod
         strategy=strategy,
         precision=PRECISIONS[precision],
         gradient_clip_val=1.0,
-        enable_checkpointing=False,  # Lightning's checkpoints pickle; SECheckpoint writes safetensors
-        plugins=[SECheckpointIO()],
-        callbacks=[SECheckpoint(out_dir, checkpoint_every)],
+        enable_checkpointing=False,  # Lightning's checkpoints pickle; RunCheckpoints writes safetensors
+        plugins=[SafetensorsCheckpointIO("se")],
+        callbacks=[RunCheckpoints(out_dir, checkpoint_every)],
         logger=CSVLogger(out_dir, name="logs"),
         reload_dataloaders_every_n_epochs=1,
         use_distributed_sampler=False,  # _EpochBatches splits batches between ranks itself

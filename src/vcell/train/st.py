@@ -2,7 +2,8 @@
 
 :class:`STModule` knows the model, its loss and optimiser; :class:`CellSetDataModule` knows the
 cell-set batches of each epoch; the Lightning ``Trainer`` runs the loops. Checkpoints are
-pickle-free directories (:mod:`vcell.train.checkpoint`) written by :class:`STCheckpoint`:
+pickle-free directories (:mod:`vcell.train.checkpoint`) written by
+:class:`~vcell.train.checkpoint.RunCheckpoints`:
 ``last/`` every N steps and ``best/`` on a new lowest ``val_loss``. A resumed run continues
 exactly where the checkpoint left off (weights, optimiser, step, epoch, position in the epoch
 and the torch RNG), so it ends with the same weights as an uninterrupted run.
@@ -26,7 +27,6 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Sampler, Subset
@@ -38,10 +38,15 @@ from vcell.data.spec import split_combo
 from vcell.data.splits import Split
 from vcell.errors import VcellError
 from vcell.models.transition import STConfig, StateTransition, pert_features
-from vcell.train.checkpoint import META_KEY, SafetensorsCheckpointIO, resolve_checkpoint_dir
+from vcell.train.checkpoint import (
+    LAST,
+    ResumableModule,
+    RunCheckpoints,
+    SafetensorsCheckpointIO,
+    resolve_checkpoint_dir,
+)
 from vcell.train.quiet import quiet_lightning
 
-LAST, BEST = "last", "best"
 PRECISIONS = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}
 STRATEGIES = ("auto", "ddp")
 
@@ -51,7 +56,7 @@ def pert_vocabulary(labels, control: str) -> list[str]:
     return sorted({t for label in labels if str(label) != control for t in split_combo(str(label))})
 
 
-class STModule(L.LightningModule):
+class STModule(ResumableModule, L.LightningModule):
     """A :class:`StateTransition` with its energy-distance loss and Adam optimiser.
 
     Parameters
@@ -80,7 +85,6 @@ class STModule(L.LightningModule):
         self.model = StateTransition(config)
         # code -> multi-hot vector; not a parameter, rebuilt from config.json on load
         self.register_buffer("pert_table", pert_features(self.perturbations, self.pert_vocab, control=control), persistent=False)
-        self._rng_to_restore: dict | None = None
         self._val_sums: torch.Tensor | None = None
 
     def checkpoint_meta(self) -> dict:
@@ -157,43 +161,6 @@ class STModule(L.LightningModule):
         # keeps the single-process one)
         if self.trainer.world_size > 1 and self.global_rank > 0:
             torch.manual_seed(rank_seed(int(self.meta.get("seed", 0)), self.global_rank))
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[META_KEY] = self.checkpoint_meta()
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = list(torch.cuda.get_rng_state_all())
-        if self.trainer.world_size > 1:
-            # called on every rank; rank 0 writes the file, so it keeps every rank's RNG state
-            rng["torch_ranks"] = self._gather(torch.get_rng_state())
-            if self.device.type == "cuda":
-                rng["cuda_ranks"] = self._gather(torch.cuda.get_rng_state(self.device))
-        checkpoint["rng"] = rng
-
-    def _gather(self, state: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's copy of ``state`` (a CPU tensor of the same shape on each rank)."""
-        state = state.to(self.device)
-        parts = [torch.empty_like(state) for _ in range(self.trainer.world_size)]
-        torch.distributed.all_gather(parts, state)
-        return [p.cpu() for p in parts]
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._rng_to_restore = checkpoint.get("rng")
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        # restored right before the first step so nothing in between (setup, data loading) shifts it
-        rng, self._rng_to_restore = self._rng_to_restore, None
-        if rng is None:
-            return
-        rank, world = self.global_rank, self.trainer.world_size
-        if world > 1 and len(rng.get("torch_ranks", [])) == world:
-            torch.set_rng_state(rng["torch_ranks"][rank])
-            if len(rng.get("cuda_ranks", [])) == world and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda_ranks"][rank], self.device)
-        elif rank == 0:  # saved with another number of processes: only rank 0's stream carries on
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available() and world == 1:
-                torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -315,41 +282,6 @@ class CellSetDataModule(L.LightningDataModule):
             # disjoint shares; ranks may run different numbers of batches (no per-batch collectives)
             data, batch_size = Subset(data, range(rank, len(data), world)), batch_size // world
         return self._loader(data, batch_size=batch_size, shuffle=False)
-
-
-class STCheckpoint(Callback):
-    """Writes ``last/`` every ``every_n_steps`` steps and at the end, ``best/`` on a lower ``val_loss``.
-
-    Under DDP every rank calls ``trainer.save_checkpoint`` at the same points (it is collective:
-    the RNG states are gathered) and only rank 0 writes.
-    """
-
-    def __init__(self, out_dir: str | os.PathLike, every_n_steps: int = 100):
-        if every_n_steps < 1:
-            raise VcellError(f"checkpoint interval must be >= 1 step, got {every_n_steps}")
-        self.out_dir, self.every_n_steps = Path(out_dir), every_n_steps
-        self.best: float | None = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            trainer.save_checkpoint(self.out_dir / LAST, weights_only=False)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics:
-            return
-        val = float(trainer.callback_metrics["val_loss"])
-        if self.best is None or val < self.best:
-            self.best = val
-            trainer.save_checkpoint(self.out_dir / BEST, weights_only=False)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        trainer.save_checkpoint(self.out_dir / LAST, weights_only=False)
-
-    def state_dict(self) -> dict:
-        return {"best": self.best}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.best = state_dict.get("best")
 
 
 def embedding_dim(data: PerturbationData, embed_key: str) -> int:
@@ -489,9 +421,9 @@ def fit(
             precision=PRECISIONS[precision],
             use_distributed_sampler=False,  # CellSetDataModule gives each rank its share itself
             gradient_clip_val=10.0,
-            enable_checkpointing=False,  # Lightning's checkpoints pickle; STCheckpoint writes safetensors
-            plugins=[SafetensorsCheckpointIO()],
-            callbacks=[STCheckpoint(out_dir, checkpoint_every)],
+            enable_checkpointing=False,  # Lightning's checkpoints pickle; RunCheckpoints writes safetensors
+            plugins=[SafetensorsCheckpointIO("st")],
+            callbacks=[RunCheckpoints(out_dir, checkpoint_every)],
             logger=CSVLogger(out_dir, name="logs"),
             reload_dataloaders_every_n_epochs=1,
             limit_val_batches=1.0 if datamodule.val_set is not None else 0,
