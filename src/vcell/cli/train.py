@@ -83,7 +83,7 @@ def st(
 
     from vcell.data.dataset import load_dataset
     from vcell.data.splits import apply_split, holdout_config, read_split_toml
-    from vcell.models.st_predictor import st_config_values
+    from vcell.models.transition import STConfig
     from vcell.train.st import check_run_options, train_st
 
     if split is not None and (holdout_context or val_context):
@@ -91,7 +91,7 @@ def st(
     check_run_options(accelerator, devices, num_nodes, strategy, precision, batch_size)
     # DDP runs this command once per process (Lightning re-runs it); only rank 0 reports
     overrides = read_config_file(config) if config is not None else {}
-    values = st_config_values(preset, overrides)
+    values = STConfig.preset_values(preset, overrides)
     spec = make_spec(pert_col, control, context_col, batch_col, None)
     # only what training reads: a raw-counts layer or other .obsm entries would just take memory
     dataset = load_dataset(data, spec, only_obsm=[embed_key] if embed_key else [])

@@ -40,11 +40,6 @@ def _listing(items: Sequence[str]) -> str:
     return shown + (f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
 
 
-def st_config_values(preset: str = "small", overrides: Mapping | None = None) -> dict:
-    """The STConfig fields of ``preset`` with ``overrides`` applied (data sizes filled in by training)."""
-    return STConfig.preset_values(preset, overrides)
-
-
 class STPredictor(Predictor):
     """State Transition model as a predictor.
 
@@ -92,7 +87,7 @@ class STPredictor(Predictor):
         if checkpoint not in ("best", "last"):
             raise VcellError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
         self.seed, self.preset, self.config_overrides = int(seed), preset, dict(config or {})
-        st_config_values(preset, self.config_overrides)  # fail early on bad names
+        STConfig.preset_values(preset, self.config_overrides)  # fail early on bad names or values
         self.max_steps, self.batch_size, self.set_size, self.lr = int(max_steps), int(batch_size), int(set_size), float(lr)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint, self.accelerator, self.num_workers, self.resume = checkpoint, accelerator, num_workers, resume
@@ -116,7 +111,7 @@ class STPredictor(Predictor):
         if out is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="vcell-st-")
             out = Path(self._tmp.name)
-        values = st_config_values(self.preset, self.config_overrides)
+        values = STConfig.preset_values(self.preset, self.config_overrides)
         train_st(
             data, split, out, values, max_steps=self.max_steps, batch_size=self.batch_size, set_size=self.set_size,
             seed=self.seed, resume=self.resume, num_workers=self.num_workers, lr=self.lr, accelerator=self.accelerator,
