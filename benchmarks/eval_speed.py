@@ -446,12 +446,13 @@ def stages(workdir: Path, threads: int, backed: bool, workaround: bool) -> list[
         peak[0] = now
         return time.perf_counter()
 
+    import gc
+
     import vcell.eval.metrics as metrics_mod
     import vcell.eval.run as run_mod
-    from vcell.data.io import read_h5ad
-    from vcell.eval.inputs import check_pair
-    from vcell.eval.profiles import compute_results
-    from vcell.eval.scoring import agg_results
+    from vcell.data.io import atomic_paths, read_h5ad, read_h5ad_mapped
+    from vcell.eval.inputs import check_structure, prepare
+    from vcell.eval.profiles import profile_metrics
 
     t = mark("imports (vcell.eval.run & co.)", t)
     if workaround:
@@ -478,26 +479,31 @@ def stages(workdir: Path, threads: int, backed: bool, workaround: bool) -> list[
                 sums += prod.toarray() if sp.issparse(prod) else prod
             return sums / np.bincount(rows[rows >= 0], minlength=groups.size)[:, None]
 
-        metrics_mod.pseudobulk = streamed
-    pred = read_h5ad(workdir / "pred.h5ad", backed=backed)
-    real = read_h5ad(workdir / "real.h5ad", backed=backed)
-    t = mark("read_h5ad x2" + (" (backed)" if backed else ""), t)
-    pair = check_pair(pred, real, PERT_COL, CONTROL, "auto", "pred", "real")
-    t = mark("check_pair (value scans)", t)
+        metrics_mod.pseudobulk = run_mod.pseudobulk = streamed
     try:
-        real_de = run_mod._de_table(pair.real, pair, threads)
-        t = mark("DE real (de_arrays + to_frame)", t)
-        pred_de = run_mod._de_table(pair.pred, pair, threads)
-        t = mark("DE pred (de_arrays + to_frame)", t)
-        de = metrics_mod.DEData(real_de, pred_de)
-        t = mark("DEData (align DE tables)", t)
-        expression = metrics_mod.ExpressionData.from_anndata(pair.real, pair.pred, pert_col=PERT_COL, control=CONTROL)
-        t = mark("ExpressionData.from_anndata (pseudobulk x2)" + (" [workaround]" if workaround else ""), t)
-        results = compute_results(expression, de, "vcc")
-        t = mark("compute_results (vcc metrics)", t)
-        result = run_mod.EvalResult(results, agg_results(results), real_de, pred_de)
-        run_mod.write_outputs(result, workdir / "out_stages")
-        t = mark("agg_results + write_outputs", t)
+        metas = {name: read_h5ad(workdir / f"{name}.h5ad", backed=True) for name in ("pred", "real")}
+        perts, _ = check_structure(metas["pred"], metas["real"], PERT_COL, CONTROL, "pred", "real")
+        genes = metas["real"].var_names.copy()
+        for meta in metas.values():
+            meta.file.close()
+        t = mark("check_structure (obs/var of both)", t)
+        sides = []
+        for name in ("real", "pred"):
+            adata = prepare(read_h5ad_mapped(workdir / f"{name}.h5ad", backed=backed), name, "auto")
+            t = mark(f"read + value scan {name}" + (" (backed)" if backed else " (mapped)"), t)
+            sides.append(run_mod.summarise(adata, PERT_COL, CONTROL, perts, True, False, threads))
+            t = mark(f"DE + pseudobulk {name} (summarise)" + (" [workaround]" if workaround else ""), t)
+            del adata
+            gc.collect()
+        result = run_mod.score_summaries(*sides, perts, genes, profile_metrics("vcc"), {})
+        t = mark("metrics (DEData from the DE arrays, vcc profile)", t)
+        out_dir = workdir / "out_stages"
+        with atomic_paths(out_dir, ["results.csv", "agg_results.csv", "real_de.csv", "pred_de.csv"]) as tmp:
+            run_mod.write_csv(result.results, tmp["results.csv"])
+            run_mod.write_csv(result.agg, tmp["agg_results.csv"])
+            for side, name in zip(sides, ("real", "pred"), strict=True):
+                run_mod.write_de_csv(side.de_result, tmp[f"{name}_de.csv"], threads=threads)
+        t = mark("write outputs (DE tables one after the other, not in the background)", t)
     except Exception as exc:  # report where it fails, with the stage's time and memory
         mark(f"FAILED next stage: {type(exc).__name__}: {exc}", t)
     done.set()
@@ -765,11 +771,12 @@ def main() -> int:
                 label = "vcell --backed" + (f" #{i + 1}" if n_vcell > 1 else "") if run_backed else "vcell in memory (no --backed)"
             out = workdir / f"out_vcell_{i}"
             for attempt in range(1 + args.retry_disturbed):
-                if attempt and cold:
-                    clear_numba_cache()
                 shutil.rmtree(out, ignore_errors=True)
                 busy = wait_idle(args.max_busy, args.max_wait)
-                print(f"running {label} (busy cores {busy:.2f}, numba cache files {numba_cache_files()}) ...",
+                if cold:  # again after a disturbed attempt, or another process's vcell run (shared cache)
+                    clear_numba_cache()
+                cache = numba_cache_files()
+                print(f"running {label} (busy cores {busy:.2f}, numba cache files {cache}) ...",
                       file=sys.stderr, flush=True)
                 r = timed_run(label, vcell_cmd(pred, real, out, args.threads, run_backed), workdir / f"log_vcell_{i}.txt",
                               env, max_rss, args.timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Annotated
 
@@ -51,6 +52,9 @@ def run_cmd(
     console.print(table(_metric_table(result.agg), title=f"{profile} profile, {len(result.results)} perturbations"))
     console.print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
     console.print("wrote " + ", ".join(str(p) for p in paths))
+    # The process ends next: spare the interpreter's final garbage collections over every object
+    # of pandas, anndata, numba & co. (~0.15 s of a ~3 s run); the outputs are closed already.
+    gc.freeze()
 
 
 @app.command("score")

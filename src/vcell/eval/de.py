@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -247,13 +248,13 @@ def _sort_control(src, start, k0, cs, table, cursor):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _gene_tests(vals, start, cnt, sizes, scale, mean_mode, j, stat, pval, means, accs, work, fwork, sid):
+def _gene_tests(vals, gstart, cnt, sizes, scale, mean_mode, j, stat, pval, means, sums, accs, work, fwork, sid):
     """All groups of one gene; returns the next free stamp id.
 
-    ``vals[start:]`` holds the gene's non-zero values, group 0 (control) first then groups
-    1..G, each group's values in row order; ``cnt[g]`` of them belong to group ``g`` of
-    ``sizes[g]`` cells. Writes ``means[g, j]`` (log-space means), ``stat[g - 1, j]`` and
-    ``pval[g - 1, j]``. ``work`` (int64) and ``fwork`` (values) are per-thread work arrays.
+    ``vals[gstart[g]:gstart[g] + cnt[g]]`` holds the non-zero values of the gene in group ``g``
+    (``sizes[g]`` cells; 0 is the control) in row order. Writes ``means[g, j]`` (log-space
+    means), ``sums[g, j]`` (float64 sums), ``stat[g - 1, j]`` and ``pval[g - 1, j]``. ``work``
+    (int64) and ``fwork`` (values) are per-thread work arrays.
 
     U of a group is counted directly, U = sum over its cells x of #(control < x) +
     #(control == x) / 2 (in half units, exact): #(control < x) from the sorted control values
@@ -264,19 +265,23 @@ def _gene_tests(vals, start, cnt, sizes, scale, mean_mode, j, stat, pval, means,
     """
     n_g1 = sizes.shape[0]
     # log-space means, with the rounding of numpy (dense) or scipy (CSR) for cell-eval parity
-    off = start
+    # and float64 sums in row order (the pseudobulks of vcell.eval.metrics.pseudobulk)
     for g in range(n_g1):
         k = cnt[g]
+        off = gstart[g]
         accs[g] = 0.0
+        s64 = 0.0
         if mean_mode == _MEAN_DENSE:
             for i in range(off, off + k):
                 accs[g] += vals[i]
+                s64 += vals[i]
             means[g, j] = accs[g] / scale[g]
         else:
             for i in range(off, off + k):
                 accs[g] += vals[i] * scale[g]
+                s64 += vals[i]
             means[g, j] = accs[g]
-        off += k
+        sums[g, j] = s64
 
     run_end = work[0]
     table = work[1]
@@ -290,7 +295,7 @@ def _gene_tests(vals, start, cnt, sizes, scale, mean_mode, j, stat, pval, means,
     over = fwork[2]
 
     k0 = cnt[0]
-    cneg, vmin, tscale, n_buckets = _sort_control(vals, start, k0, cs, table, cursor)
+    cneg, vmin, tscale, n_buckets = _sort_control(vals, gstart[0], k0, cs, table, cursor)
     ctie = 0
     i = 0
     while i < k0:
@@ -305,9 +310,9 @@ def _gene_tests(vals, start, cnt, sizes, scale, mean_mode, j, stat, pval, means,
     n2 = float(sizes[0])
     cz = sizes[0] - k0
 
-    off = start + k0
     for g in range(1, n_g1):
         k = cnt[g]
+        off = gstart[g]
         z1 = sizes[g] - k
         u2 = z1 * (2 * cneg + cz)  # 2U: the group's zeros against the control
         dtie = 0
@@ -353,7 +358,6 @@ def _gene_tests(vals, start, cnt, sizes, scale, mean_mode, j, stat, pval, means,
                 else:
                     over[n_over] = x
                     n_over += 1
-        off += k
         sid += 1
         if n_over > 1:
             _sort_range(over, 0, n_over)
@@ -384,41 +388,51 @@ def _work_arrays(n_rows, dtype_like):
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
-def _dense_chunk(X, order, gptr, sizes, scale, mean_mode, j0, j1, stat, pval, means):
-    """Genes ``j0:j1`` of a dense matrix; returns whether a NaN was seen."""
-    n_rows = order.shape[0]
+def _dense_chunk(X, gid, gptr, sizes, scale, mean_mode, j0, j1, stat, pval, means, sums, buf, pos, work, fwork, state):
+    """Genes ``j0:j1`` of a dense matrix; returns whether a NaN was seen.
+
+    Rows are read in storage order (a permuted order costs a TLB miss per row strip); each
+    gene's buffer row has one region per group, ``gptr[g]:gptr[g + 1]``, filled from its start
+    with the group's non-zeros. ``buf``, ``pos``, ``work``, ``fwork`` are the calling thread's
+    buffers (:func:`_dense_buffers`), reused from block to block (fresh memory is slow to touch);
+    ``state[0]`` carries the stamp id of :func:`_gene_tests` from one block to the next.
+    """
     n_g1 = sizes.shape[0]
     cl = j1 - j0
-    buf = np.empty((cl, n_rows), X.dtype)
-    cum = np.zeros((cl, n_g1 + 1), np.int64)  # non-zeros of each gene before each group
-    pos = np.zeros(cl, np.int64)
+    for g in range(n_g1):
+        pos[g, :] = gptr[g]
     nan_seen = False
-    g = 0
-    for r in range(n_rows):
-        row = order[r]
+    for row in range(gid.shape[0]):
+        g = gid[row]
+        if g < 0:
+            continue
+        pg = pos[g]
         for jl in range(cl):  # branch-free: store every value, keep the non-zeros
             v = X[row, j0 + jl]
-            p = pos[jl]
+            p = pg[jl]
             buf[jl, p] = v
-            pos[jl] = p + (v != 0)
+            pg[jl] = p + (v != 0)
             nan_seen |= v != v
-        while g < n_g1 and r + 1 == gptr[g + 1]:
-            g += 1
-            for jl in range(cl):
-                cum[jl, g] = pos[jl]
     cnt = np.empty(n_g1, np.int64)
     accs = np.empty(n_g1, X.dtype)
-    work, fwork = _work_arrays(n_rows, buf)
-    sid = 0
+    sid = state[0]
     for jl in range(cl):
         for q in range(n_g1):
-            cnt[q] = cum[jl, q + 1] - cum[jl, q]
-        sid = _gene_tests(buf[jl], 0, cnt, sizes, scale, mean_mode, j0 + jl, stat, pval, means, accs, work, fwork, sid)
+            cnt[q] = pos[q, jl] - gptr[q]
+        sid = _gene_tests(buf[jl], gptr, cnt, sizes, scale, mean_mode, j0 + jl, stat, pval, means, sums, accs, work, fwork, sid)
+    state[0] = sid
     return nan_seen
 
 
+def _dense_buffers(block: int, n_rows: int, n_groups: int, dtype):
+    """One thread's buffers of :func:`_dense_chunk` for blocks of up to ``block`` genes."""
+    buf = np.empty((block, n_rows), dtype)
+    work, fwork = _work_arrays(n_rows, buf)
+    return buf, np.empty((n_groups, block), np.int64), work, fwork, np.zeros(1, np.int64)
+
+
 @nb.njit(cache=True, nogil=True, error_model="numpy")
-def _csr_chunk(data, indices, indptr, order, gptr, sizes, scale, mean_mode, j0, j1, stat, pval, means):
+def _csr_chunk(data, indices, indptr, order, gptr, sizes, scale, mean_mode, j0, j1, stat, pval, means, sums):
     """Genes ``j0:j1`` of a CSR matrix (sorted indices); returns whether a NaN was seen."""
     n_rows = order.shape[0]
     n_g1 = sizes.shape[0]
@@ -454,10 +468,15 @@ def _csr_chunk(data, indices, indptr, order, gptr, sizes, scale, mean_mode, j0, 
                 pos[jl] += 1
     accs = np.empty(n_g1, data.dtype)
     work, fwork = _work_arrays(n_rows, vals)
+    gstart = np.empty(n_g1, np.int64)
     sid = 0
     for jl in range(cl):
+        acc = gene_ptr[jl]
+        for q in range(n_g1):
+            gstart[q] = acc
+            acc += cnt[jl, q]
         sid = _gene_tests(
-            vals, gene_ptr[jl], cnt[jl], sizes, scale, mean_mode, j0 + jl, stat, pval, means, accs, work, fwork, sid
+            vals, gstart, cnt[jl], sizes, scale, mean_mode, j0 + jl, stat, pval, means, sums, accs, work, fwork, sid
         )
     return nan_seen
 
@@ -510,6 +529,8 @@ class DEResult:
 
     Array fields are ``(len(targets), len(features))`` except ``ref_mean`` (per gene) and
     ``target_membership`` (per target). :meth:`to_frame` gives cell-eval's long table.
+    ``log_sums`` (``(1 + len(targets), len(features))`` float64, the reference first) are the
+    sums of the log1p values per group in row order: pseudobulks without another pass.
     """
 
     targets: np.ndarray
@@ -524,6 +545,7 @@ class DEResult:
     p_value: np.ndarray
     statistic: np.ndarray
     fdr: np.ndarray
+    log_sums: np.ndarray | None = None
 
     def to_frame(self) -> pd.DataFrame:
         """The long table of cell-eval's ``real_de.csv``: one row per (target, feature), targets in
@@ -617,13 +639,14 @@ def _prepare_matrix(X):
     return "dense", X
 
 
-def _groups(labels, reference) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Group the cells: ``(names, order, gptr, sizes)``.
+def _groups(labels, reference) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Group the cells: ``(names, gid, order, gptr, sizes)``.
 
     Group 0 is the reference, then every other non-empty label in category order (sorted for
     plain strings, as ``pd.Categorical``); empty strings and missing labels are left out.
-    ``order`` lists the rows of group 0, then 1, ... (each in row order); group ``g`` is
-    ``order[gptr[g]:gptr[g + 1]]`` and has ``sizes[g]`` cells.
+    ``gid`` is the group of each row (-1: left out). ``order`` lists the rows of group 0, then
+    1, ... (each in row order); group ``g`` is ``order[gptr[g]:gptr[g + 1]]`` and has
+    ``sizes[g]`` cells.
     """
     cat = pd.Categorical(labels)
     cats = np.asarray(cat.categories, dtype=object)
@@ -648,7 +671,7 @@ def _groups(labels, reference) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     gptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     names = np.empty(len(others), dtype=object)
     names[:] = [cats[c] for c in others]
-    return names, order, gptr, sizes
+    return names, gid, order, gptr, sizes
 
 
 def _block_genes(kind: str, n_rows: int, n_genes: int, threads: int, block_genes: int | None) -> int:
@@ -667,12 +690,13 @@ def _run(X, labels, reference, threads, block_genes):
     n_obs, n_genes = M.shape
     if len(labels) != n_obs:
         raise VcellError(f"{len(labels)} perturbation labels for a matrix of {n_obs} cells")
-    names, order, gptr, sizes = _groups(labels, reference)
+    names, gid, order, gptr, sizes = _groups(labels, reference)
     dtype = M.dtype
     n_t = len(names)
     stat = np.empty((n_t, n_genes), np.float64)
     pval = np.empty((n_t, n_genes), np.float64)
     means = np.empty((n_t + 1, n_genes), dtype)
+    sums = np.zeros((n_t + 1, n_genes), np.float64)
     if kind == "dense":
         mean_mode = _MEAN_DENSE
         scale = sizes.astype(dtype)  # numpy mean: sum, then divide by n in the array dtype
@@ -680,21 +704,25 @@ def _run(X, labels, reference, threads, block_genes):
         mean_mode = _MEAN_SPARSE
         scale = (1.0 / sizes.astype(np.float64)).astype(dtype)  # scipy mean: sum of x * (1/n)
     if n_genes == 0 or n_t == 0:
-        return names, sizes, stat, pval, means
+        return names, sizes, stat, pval, means, sums
     n_threads = _n_threads(threads)
     chunk = _block_genes(kind, len(order), n_genes, n_threads, block_genes)
     starts = range(0, n_genes, chunk)
-    groups = (order, gptr, sizes, scale, mean_mode)
+    groups = (gptr, sizes, scale, mean_mode)
     if kind == "dense":
+        local = threading.local()
 
         def work(j0):
-            return _dense_chunk(M, *groups, j0, min(n_genes, j0 + chunk), stat, pval, means)
+            bufs = getattr(local, "bufs", None)
+            if bufs is None:
+                bufs = local.bufs = _dense_buffers(chunk, int(gptr[-1]), len(sizes), M.dtype)
+            return _dense_chunk(M, gid, *groups, j0, min(n_genes, j0 + chunk), stat, pval, means, sums, *bufs)
 
     else:
         data, indices, indptr = M.data, M.indices, M.indptr
 
         def work(j0):
-            return _csr_chunk(data, indices, indptr, *groups, j0, min(n_genes, j0 + chunk), stat, pval, means)
+            return _csr_chunk(data, indices, indptr, order, *groups, j0, min(n_genes, j0 + chunk), stat, pval, means, sums)
 
     if n_threads == 1 or len(starts) == 1:
         bad = [work(j0) for j0 in starts]
@@ -703,7 +731,7 @@ def _run(X, labels, reference, threads, block_genes):
             bad = list(pool.map(work, starts))
     if any(bad):
         raise VcellError("the expression matrix contains NaN values; differential expression needs finite values")
-    return names, sizes, stat, pval, means
+    return names, sizes, stat, pval, means, sums
 
 
 def mannwhitney_vs_reference(
@@ -731,7 +759,7 @@ def mannwhitney_vs_reference(
         ``pvalue`` two-sided, identical to ``scipy.stats.mannwhitneyu(method="asymptotic")``
         (p = 1 where every value is equal).
     """
-    names, sizes, stat, pval, _ = _run(X, labels, reference, threads, block_genes)
+    names, sizes, stat, pval, _, _ = _run(X, labels, reference, threads, block_genes)
     return MannWhitneyResult(names, sizes[1:].copy(), int(sizes[0]), stat, pval)
 
 
@@ -770,7 +798,7 @@ def de_arrays(
     """
     if epsilon < 0:
         raise VcellError(f"epsilon must be >= 0, got {epsilon}")
-    names, sizes, stat, pval, means = _run(X, labels, control, threads, block_genes)
+    names, sizes, stat, pval, means, sums = _run(X, labels, control, threads, block_genes)
     n_genes = means.shape[1]
     features = np.asarray(var_names if var_names is not None else [str(i) for i in range(n_genes)], dtype=object)
     if features.shape != (n_genes,):
@@ -793,6 +821,7 @@ def de_arrays(
         p_value=pval,
         statistic=stat,
         fdr=bh_fdr(pval, axis=-1),
+        log_sums=sums,
     )
 
 

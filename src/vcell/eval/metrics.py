@@ -426,6 +426,37 @@ class _DESide:
         self.row[t_idx, f_idx] = np.arange(len(table))
         self._ranked: dict[float, list[np.ndarray]] = {}
 
+    @classmethod
+    def from_arrays(cls, targets, lfc: np.ndarray, fdr: np.ndarray, perts: np.ndarray) -> _DESide:
+        """The same alignment from ``[n_targets, n_features]`` arrays (rows in ``targets`` order,
+        features in ``features`` order), as their long table in target-major order would give."""
+        t_idx = pd.Index(perts).get_indexer(pd.Series(targets, dtype=object).astype(str))
+        if (t_idx < 0).any():
+            raise VcellError("a DE result has targets outside the perturbations")
+        n_t, n_f = lfc.shape
+        shape = (perts.size, n_f)
+        side = cls.__new__(cls)
+        side.present = np.zeros(shape, dtype=bool)
+        side.present[t_idx] = True
+        if int(side.present.sum()) != n_t * n_f:
+            raise VcellError("a DE result has duplicate targets")
+        lfc32 = lfc.astype(np.float32)  # abs commutes with the rounding to float32
+        side.lfc = cls._fill_rows(shape, t_idx, lfc32)
+        side.abs_lfc = cls._fill_rows(shape, t_idx, np.abs(lfc32))
+        side.fdr = cls._fill_rows(shape, t_idx, fdr.astype(np.float32))
+        side.row = np.full(shape, -1, dtype=np.int64)
+        side.row[t_idx] = np.arange(n_t * n_f, dtype=np.int64).reshape(n_t, n_f)
+        side._ranked = {}
+        return side
+
+    @staticmethod
+    def _fill_rows(shape, t_idx, values: np.ndarray) -> np.ndarray:
+        if values.shape == shape and np.array_equal(t_idx, np.arange(shape[0])):
+            return values
+        out = np.full(shape, np.nan, dtype=np.float32)
+        out[t_idx] = values
+        return out
+
     @staticmethod
     def _fill(shape, t_idx, f_idx, values) -> np.ndarray:
         out = np.full(shape, np.nan, dtype=np.float32)
@@ -514,6 +545,37 @@ class DEData:
         object.__setattr__(self, "features", features)
         object.__setattr__(self, "real_side", _DESide(tables["real"], perts_real, features, cols))
         object.__setattr__(self, "pred_side", _DESide(tables["pred"], perts_real, features, cols))
+
+    @classmethod
+    def from_results(cls, real, pred, real_table: pd.DataFrame | None = None, pred_table: pd.DataFrame | None = None) -> DEData:
+        """From the DE engine's arrays (two :class:`vcell.eval.de.DEResult`), without re-deriving
+        them from the long tables: the same object as ``DEData(real.to_frame(), pred.to_frame())``.
+
+        ``real_table`` / ``pred_table`` are those long tables when the caller already has them.
+        """
+        real_table = real.to_frame() if real_table is None else real_table
+        pred_table = pred.to_frame() if pred_table is None else pred_table
+        features = pd.Index(pd.unique(pd.Series(real.features, dtype=object).astype(str)))
+        same_features = len(features) == len(real.features) and np.array_equal(
+            np.asarray(real.features, dtype=object), np.asarray(pred.features, dtype=object)
+        )
+        if not same_features:  # genes differ or repeat: align row by row
+            return cls(real_table, pred_table)
+        perts = [np.sort(pd.unique(pd.Series(r.targets, dtype=object).astype(str).to_numpy())) for r in (real, pred)]
+        if not np.array_equal(perts[0], perts[1]):
+            only = sorted(set(perts[0]) ^ set(perts[1]))[:5]
+            raise VcellError(f"the real and pred DE tables cover different perturbations (e.g. {', '.join(only)})")
+        data = cls.__new__(cls)
+        for name, value in (
+            ("real", real_table),
+            ("pred", pred_table),
+            ("perturbations", perts[0]),
+            ("features", features),
+            ("real_side", _DESide.from_arrays(real.targets, real.log2_fold_change, real.fdr, perts[0])),
+            ("pred_side", _DESide.from_arrays(pred.targets, pred.log2_fold_change, pred.fdr, perts[0])),
+        ):
+            object.__setattr__(data, name, value)
+        return data
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pandas as pd
 
 from vcell.data.io import atomic_path, atomic_paths, read_h5ad, read_h5ad_mapped
 from vcell.errors import VcellError
-from vcell.eval.de import de_arrays
+from vcell.eval.de import COLUMNS, DEResult, de_arrays
 from vcell.eval.inputs import INPUT_TYPES, EvalPair, check_structure, prepare
 from vcell.eval.metrics import (
     DEData,
@@ -55,16 +55,21 @@ class SideSummary:
     bulk: np.ndarray  # [perturbations + control, genes] float64 means (control last)
     de: pd.DataFrame | None
     energy: np.ndarray | None
+    de_result: DEResult | None = None  # the arrays behind ``de``
 
 
 def summarise(adata, pert_col: str, control: str, perturbations: list[str], need_de: bool, need_energy: bool, threads: int) -> SideSummary:
     """Pseudobulks, DE table and (if needed) energy distances of one log1p AnnData."""
     labels = adata.obs[pert_col].astype(str).to_numpy()
     order = [*perturbations, control]
-    bulk = as_cell_eval_bulk(pseudobulk(adata.X, labels, order), adata.X.dtype)
-    de = None
+    de = de_result = bulk = None
     if need_de:
-        de = de_arrays(adata.X, adata.obs[pert_col], control, var_names=adata.var_names, threads=threads).to_frame()
+        de_result = de_arrays(adata.X, adata.obs[pert_col], control, var_names=adata.var_names, threads=threads)
+        de = de_result.to_frame()
+        bulk = _bulk_from_de(de_result, order)
+    if bulk is None:
+        bulk = pseudobulk(adata.X, labels, order)
+    bulk = as_cell_eval_bulk(bulk, adata.X.dtype)
     energy = None
     if need_energy:
         energy = energy_distances(
@@ -72,7 +77,19 @@ def summarise(adata, pert_col: str, control: str, perturbations: list[str], need
             lambda p: as_rows(adata.X, np.flatnonzero(labels == p)),
             as_rows(adata.X, np.flatnonzero(labels == control)),
         )
-    return SideSummary(bulk=bulk, de=de, energy=energy)
+    return SideSummary(bulk=bulk, de=de, energy=energy, de_result=de_result)
+
+
+def _bulk_from_de(res: DEResult, order: list[str]) -> np.ndarray | None:
+    """:func:`pseudobulk` of the groups ``order`` (control last) from the DE's sums (the same
+    float64 sums in row order), or ``None`` when a group is not one of the DE's groups."""
+    names = [str(res.reference), *(str(t) for t in res.targets)]
+    index = {name: i for i, name in enumerate(names)}
+    if res.log_sums is None or len(index) != len(names) or any(name not in index for name in order):
+        return None
+    rows = np.array([index[name] for name in order[:-1]] + [0], dtype=np.int64)
+    sizes = np.concatenate([[res.ref_membership], res.target_membership]).astype(np.float64)
+    return res.log_sums[rows] / sizes[rows][:, None]
 
 
 def _needs(names: list[str]) -> tuple[bool, bool]:
@@ -84,7 +101,12 @@ def score_summaries(
 ) -> EvalResult:
     """Metrics of a profile from the two sides' summaries."""
     t = time.perf_counter()
-    de = DEData(real.de, pred.de) if real.de is not None else None
+    if real.de is None:
+        de = None
+    elif real.de_result is not None and pred.de_result is not None:
+        de = DEData.from_results(real.de_result, pred.de_result, real.de, pred.de)
+    else:
+        de = DEData(real.de, pred.de)
     energy = EnergyDistances(real=real.energy, pred=pred.energy) if real.energy is not None else None
     expression = ExpressionData(
         perturbations=np.asarray(perturbations), genes=np.asarray(genes), real=real.bulk[:-1], pred=pred.bulk[:-1],
@@ -106,21 +128,83 @@ def evaluate(pair: EvalPair, profile: str = "vcc", threads: int = 2, skip: tuple
     return score_summaries(*sides, pair.perturbations, pair.genes, names, timings)
 
 
-def write_de_csv(table: pd.DataFrame, path: str | os.PathLike, chunk_rows: int = 65536) -> None:
-    """Write a DE table as CSV, atomically (pyarrow's writer: ~7x faster than pandas here).
+def _result_batch(res: DEResult, start: int, stop: int, names, targets, features):
+    """Rows ``start:stop`` of ``res.to_frame()`` as an Arrow batch (names dictionary-encoded)."""
+    import pyarrow as pa
 
-    Rows are converted to Arrow a chunk at a time, so writing adds little to peak memory.
+    n_f = res.p_value.shape[1]
+    rows = np.arange(start, stop, dtype=np.int64)
+    t_idx, f_idx = rows // n_f, rows % n_f
+
+    def num(a):  # as pyarrow.RecordBatch.from_pandas: NaN becomes null
+        return pa.array(a, from_pandas=True)
+
+    flat = lambda a: a.reshape(-1)[start:stop]  # noqa: E731
+    columns = [
+        pa.DictionaryArray.from_arrays(t_idx.astype(np.int32), targets),
+        pa.DictionaryArray.from_arrays(f_idx.astype(np.int32), features),
+        num(flat(res.target_mean)),
+        num(res.ref_mean[f_idx]),
+        num(np.asarray(res.target_membership, dtype=np.int64)[t_idx]),
+        num(np.full(stop - start, res.ref_membership, dtype=np.int64)),
+        num(flat(res.log2_fold_change)),
+        num(flat(res.percent_change)),
+        num(flat(res.p_value)),
+        num(flat(res.statistic)),
+        num(flat(res.fdr)),
+    ]
+    return pa.RecordBatch.from_arrays(columns, names=names)
+
+
+def _all_str(values) -> bool:
+    return all(isinstance(v, str) for v in values)
+
+
+def write_de_csv(table, path: str | os.PathLike, chunk_rows: int = 65536, threads: int = 1) -> None:
+    """Write a DE table (a DataFrame, or a :class:`DEResult` as its ``to_frame()``) as CSV, atomically.
+
+    pyarrow's writer (~7x faster than pandas here), a chunk of rows at a time, so writing adds
+    little to peak memory; with ``threads`` > 1 chunks are formatted in parallel (at most
+    ``threads + 1`` held at once) and written in order. A :class:`DEResult` is converted straight
+    from its arrays, gene and perturbation names dictionary-encoded; the text is the same.
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    options = pacsv.WriteOptions(quoting_style="needed")
-    batches = (table.iloc[start : start + chunk_rows] for start in range(0, max(len(table), 1), chunk_rows))
-    first = pa.RecordBatch.from_pandas(next(batches), preserve_index=False)
-    with atomic_path(path) as tmp, pacsv.CSVWriter(tmp, first.schema, write_options=options) as out:
-        out.write_batch(first)
-        for chunk in batches:
-            out.write_batch(pa.RecordBatch.from_pandas(chunk, schema=first.schema, preserve_index=False))
+    if isinstance(table, DEResult) and not (_all_str(table.targets) and _all_str(table.features)):
+        table = table.to_frame()  # unusual labels: let pyarrow infer their type as for a DataFrame
+    if isinstance(table, DEResult):
+        n_rows = table.p_value.size
+        dicts = (pa.array(list(table.targets), type=pa.string()), pa.array(list(table.features), type=pa.string()))
+        batch = lambda start: _result_batch(table, start, min(n_rows, start + chunk_rows), list(COLUMNS), *dicts)  # noqa: E731
+    else:
+        n_rows = len(table)
+        schema = pa.RecordBatch.from_pandas(table.iloc[:1], preserve_index=False).schema
+        batch = lambda start: pa.RecordBatch.from_pandas(table.iloc[start : start + chunk_rows], schema=schema, preserve_index=False)  # noqa: E731
+
+    def text(start: int, header: bool = False):
+        sink = pa.BufferOutputStream()
+        b = batch(start)
+        pacsv.write_csv(b.slice(0, 0) if header else b, sink, pacsv.WriteOptions(include_header=header, quoting_style="needed"))
+        return sink.getvalue()
+
+    starts = range(0, n_rows, chunk_rows)
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        out.write(text(0, header=True))
+        if threads <= 1 or len(starts) <= 1:
+            for start in starts:
+                out.write(text(start))
+            return
+        from collections import deque
+
+        with ThreadPoolExecutor(threads) as pool:  # pyarrow formats without the GIL
+            pending: deque = deque()
+            for start in starts:
+                pending.append(pool.submit(text, start))
+                if len(pending) > threads:
+                    out.write(pending.popleft().result())
+            while pending:
+                out.write(pending.popleft().result())
 
 
 def write_outputs(result: EvalResult, out: str | os.PathLike, prefix: str | None = None) -> list[Path]:
@@ -172,25 +256,38 @@ def run(
     names_out = ["results.csv", "agg_results.csv", *(["real_de.csv", "pred_de.csv"] if need_de else [])]
     # The DE tables are written (to temporary files) in the background while the next side is
     # read and scored; all files are renamed into place only when everything succeeded.
-    with atomic_paths(out, names_out) as tmp, ThreadPoolExecutor(2) as writer:
-        sides, writes = [], []
-        for side, path, order in (("real", real, None), ("pred", pred, genes if reorder else None)):
-            t = time.perf_counter()
-            adata = prepare(read_h5ad_mapped(path, backed=backed), str(path), input_type, order)
-            timings[f"load {Path(path).name}"] = time.perf_counter() - t
-            t = time.perf_counter()
-            sides.append(summarise(adata, pert_col, control, perturbations, need_de, need_energy, threads))
-            timings[f"de+pseudobulk {Path(path).name}"] = time.perf_counter() - t
-            del adata
-            gc.collect()  # AnnData holds reference cycles: unmap this side's matrix before the next is read
-            if need_de:
-                writes.append(writer.submit(write_de_csv, sides[-1].de, tmp[f"{side}_de.csv"]))
-        result = score_summaries(*sides, perturbations, genes, names, timings)
-        t = time.perf_counter()
-        write_csv(result.results, tmp["results.csv"])
-        write_csv(result.agg, tmp["agg_results.csv"])
-        for done in writes:
-            done.result()
-        result.timings["write (wait)"] = time.perf_counter() - t
+    # gc.collect() below only needs to find this run's cycles: objects that exist now (modules,
+    # the caller's data) are set aside for its duration, so a collection does not walk them all.
+    gc.freeze()
+    try:
+        with atomic_paths(out, names_out) as tmp, ThreadPoolExecutor(2) as writer:
+            sides, writes = [], []
+            for side, path, order in (("real", real, None), ("pred", pred, genes if reorder else None)):
+                t = time.perf_counter()
+                adata = prepare(read_h5ad_mapped(path, backed=backed), str(path), input_type, order)
+                timings[f"load {Path(path).name}"] = time.perf_counter() - t
+                t = time.perf_counter()
+                sides.append(summarise(adata, pert_col, control, perturbations, need_de, need_energy, threads))
+                timings[f"de+pseudobulk {Path(path).name}"] = time.perf_counter() - t
+                del adata
+                gc.collect()  # AnnData holds reference cycles: unmap this side's matrix before the next is read
+                if need_de:  # the last table is on the critical path: format it on more threads
+                    table = sides[-1].de_result if sides[-1].de_result is not None else sides[-1].de
+                    writes.append(writer.submit(write_de_csv, table, tmp[f"{side}_de.csv"], threads=1 if side == "real" else max(1, threads)))
+            result = _finish(sides, perturbations, genes, names, timings, tmp, writes)
+    finally:
+        gc.unfreeze()
     paths = [Path(out) / name for name in names_out]
     return result, paths
+
+
+def _finish(sides, perturbations, genes, names, timings, tmp, writes) -> EvalResult:
+    """Metrics and the small tables, then wait for the DE tables being written."""
+    result = score_summaries(*sides, perturbations, genes, names, timings)
+    t = time.perf_counter()
+    write_csv(result.results, tmp["results.csv"])
+    write_csv(result.agg, tmp["agg_results.csv"])
+    for done in writes:
+        done.result()
+    result.timings["write (wait)"] = time.perf_counter() - t
+    return result

@@ -1,0 +1,86 @@
+"""The evaluator's shortcuts give what the plain paths give: DE inputs of the metrics built from the
+DE arrays, pseudobulks taken from the DE's sums, and DE tables written straight from the arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from eval_cases import simulated
+
+from vcell.errors import VcellError
+from vcell.eval.de import de_arrays
+from vcell.eval.metrics import DEData, as_cell_eval_bulk, pseudobulk
+from vcell.eval.run import summarise, write_de_csv
+
+
+def _shuffled(adata, col, seed=0):
+    """Rows shuffled and the labels made categorical in a non-sorted category order."""
+    out = adata[np.random.default_rng(seed).permutation(adata.n_obs)].copy()
+    cats = sorted(out.obs[col].unique(), reverse=True)
+    out.obs[col] = pd.Categorical(out.obs[col], categories=cats)
+    return out
+
+
+@pytest.fixture(scope="module")
+def case():
+    real, pred, col, control = simulated()
+    return real, _shuffled(pred, col), col, control
+
+
+@pytest.mark.parametrize("storage", ["dense", "csr", "float64"])
+def test_pseudobulk_from_the_de_sums_is_bit_identical(case, storage):
+    real, pred, col, control = case
+    for adata in (real, pred):
+        adata = adata.copy()
+        if storage == "csr":
+            adata.X = sp.csr_matrix(adata.X)
+        elif storage == "float64":
+            adata.X = adata.X.astype(np.float64)
+        labels = adata.obs[col].astype(str).to_numpy()
+        perts = sorted(set(labels) - {control})
+        side = summarise(adata, col, control, perts, need_de=True, need_energy=False, threads=2)
+        plain = as_cell_eval_bulk(pseudobulk(adata.X, labels, [*perts, control]), adata.X.dtype)
+        assert side.de_result is not None and side.de_result.log_sums is not None
+        np.testing.assert_array_equal(side.bulk, plain)
+        without_de = summarise(adata, col, control, perts, need_de=False, need_energy=False, threads=2)
+        np.testing.assert_array_equal(without_de.bulk, plain)
+
+
+def test_de_data_from_arrays_equals_from_tables(case):
+    real, pred, col, control = case
+    res = [de_arrays(a.X, a.obs[col], control, var_names=a.var_names, threads=2) for a in (real, pred)]
+    # pred's targets come in reverse category order: the alignment must reorder them
+    assert list(res[1].targets) == sorted(res[1].targets, reverse=True)
+    fast = DEData.from_results(*res)
+    plain = DEData(res[0].to_frame(), res[1].to_frame())
+    np.testing.assert_array_equal(fast.perturbations, plain.perturbations)
+    assert fast.perturbations.dtype == plain.perturbations.dtype
+    assert fast.features.equals(plain.features)
+    for side in ("real_side", "pred_side"):
+        a, b = getattr(fast, side), getattr(plain, side)
+        for name in ("present", "lfc", "abs_lfc", "fdr", "row"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=f"{side}.{name}")
+        assert a.ranked_significant(0.05) and all(
+            np.array_equal(x, y) for x, y in zip(a.ranked_significant(0.05), b.ranked_significant(0.05), strict=True)
+        )
+    other = de_arrays(real.X[:, ::-1], real.obs[col], control, var_names=real.var_names[::-1], threads=1)
+    mixed = DEData.from_results(res[0], other)  # genes in another order: aligned row by row
+    np.testing.assert_array_equal(mixed.pred_side.lfc, plain.real_side.lfc)
+    with pytest.raises(VcellError, match="different perturbations"):
+        keep = real.obs[col].to_numpy() != "G3"
+        DEData.from_results(res[0], de_arrays(real.X[keep], real.obs[col].to_numpy()[keep], control, var_names=real.var_names))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_de_csv_from_arrays_is_the_table_text(case, tmp_path, threads):
+    real, _, col, control = case
+    res = de_arrays(real.X, real.obs[col], control, var_names=real.var_names, threads=2)
+    res.target_mean[0, :4] = np.nan  # written as empty fields, as pyarrow writes a DataFrame's NaN
+    write_de_csv(res.to_frame(), tmp_path / "table.csv", chunk_rows=1000)
+    write_de_csv(res, tmp_path / "arrays.csv", chunk_rows=333, threads=threads)
+    text = (tmp_path / "table.csv").read_bytes()
+    assert text == (tmp_path / "arrays.csv").read_bytes()
+    assert text.startswith(b'"target","feature","target_mean"') and b',,' in text
+    assert len(text.splitlines()) == res.p_value.size + 1
