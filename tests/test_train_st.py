@@ -133,6 +133,33 @@ def test_resume_with_another_config_or_model_kind_is_a_clear_error(tiny, tmp_pat
         load_checkpoint(run / "last")
 
 
+def _same_tree(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_tree(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_trainer_state_of_the_older_single_file_layout_still_resumes(tiny, tmp_path):
+    """SE checkpoints written before ST and SE shared one checkpoint IO kept the trainer state in one file."""
+    from vcell.train.checkpoint import STATE, TRAINER_STATE, _save_tree, _trainer_state
+
+    data, split = tiny
+    run = train_st(data, split, tmp_path / "run", TINY, max_steps=3, seed=1, **FAST)
+    state = _trainer_state(run / "last")
+    (run / "last" / TRAINER_STATE).unlink()
+    _save_tree(state, run / "last" / STATE)
+    assert _same_tree(_trainer_state(run / "last"), state)
+    train_st(data, split, run, TINY, max_steps=5, seed=1, resume=True, **FAST)
+    assert json.loads((run / "last" / "config.json").read_text())["step"] == 5
+    (run / "last" / STATE).unlink()
+    with pytest.raises(VcellError, match="no trainer state"):
+        _trainer_state(run / "last")
+
+
 KILLED_RUN = PREP + """
 import sys, time
 from vcell.train import st
