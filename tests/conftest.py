@@ -51,3 +51,11 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         text=True,
         timeout=timeout,
     )
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The single ``error:`` line of a CLI run that failed on a user mistake (exit 2, no traceback)."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return lines[0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
-from conftest import run_cli
+from conftest import error_line, run_cli
 from vcell.data.dataset import from_anndata
 from vcell.data.simulate import simulate_perturbseq
 from vcell.data.splits import apply_split, holdout_config
@@ -30,14 +29,6 @@ def _tiny_adata() -> ad.AnnData:
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
     adata.uns["vcell"] = {"expression": "log1p"}
     return adata
-
-
-def _error_line(proc) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert len(lines) == 1, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +93,7 @@ def test_predict_unknown_perturbation(trained, tmp_path):
     out = tmp_path / "p.h5ad"
     proc = run_cli("predict", "--model", run / "last", "--data", data, "--context", "ctx_A",
                    "--perturbations", "NOT_A_GENE", "--out", out)
-    line = _error_line(proc)
+    line = error_line(proc)
     assert "unknown perturbation" in line and "NOT_A_GENE" in line
     assert not out.exists()
 
@@ -116,19 +107,19 @@ def test_predict_bad_inputs(trained, tmp_path):
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert (ad.read_h5ad(out).obs["target_gene"].astype(str) == real_pert).sum() == 7
 
-    line = _error_line(run_cli("predict", "--model", run, "--data", data, "--context", "ctx_Z", "--out", tmp_path / "z.h5ad"))
+    line = error_line(run_cli("predict", "--model", run, "--data", data, "--context", "ctx_Z", "--out", tmp_path / "z.h5ad"))
     assert "ctx_Z" in line
 
     no_ctrl = adata[~((adata.obs["cell_type"] == "ctx_B") & (adata.obs["target_gene"] == "non-targeting"))].copy()
     no_ctrl_path = tmp_path / "noctrl.h5ad"
     no_ctrl.write_h5ad(no_ctrl_path)
-    line = _error_line(run_cli("predict", "--model", run, "--data", no_ctrl_path, "--context", "ctx_B", "--out", tmp_path / "n.h5ad"))
+    line = error_line(run_cli("predict", "--model", run, "--data", no_ctrl_path, "--context", "ctx_B", "--out", tmp_path / "n.h5ad"))
     assert "ctx_B" in line and "control" in line
 
     fewer = adata[:, adata.var_names[:40]].copy()
     fewer_path = tmp_path / "fewer.h5ad"
     fewer.write_h5ad(fewer_path)
-    line = _error_line(run_cli("predict", "--model", run, "--data", fewer_path, "--context", "ctx_A", "--out", tmp_path / "f.h5ad"))
+    line = error_line(run_cli("predict", "--model", run, "--data", fewer_path, "--context", "ctx_A", "--out", tmp_path / "f.h5ad"))
     assert "genes" in line
     assert not (tmp_path / "f.h5ad").exists()
 
@@ -139,7 +130,7 @@ def test_train_rejects_counts(tmp_path):
     adata.uns["vcell"] = {"expression": "counts"}
     path = tmp_path / "counts.h5ad"
     adata.write_h5ad(path)
-    line = _error_line(run_cli("train", "st", "--data", path, "--max-steps", "1", "--out", tmp_path / "run"))
+    line = error_line(run_cli("train", "st", "--data", path, "--max-steps", "1", "--out", tmp_path / "run"))
     assert "vcell data preprocess" in line
     assert not (tmp_path / "run" / "last").exists()
 

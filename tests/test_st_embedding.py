@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import scanpy as sc
 import torch
 
-from conftest import run_cli
+from conftest import error_line, run_cli
 from vcell.data.dataset import from_anndata
 from vcell.data.simulate import simulate_perturbseq
 from vcell.data.splits import apply_split, holdout_config
@@ -40,13 +39,6 @@ def _adata(n_comps: int = 8) -> ad.AnnData:
 def tiny():
     data = from_anndata(_adata())
     return data, apply_split(data.index, holdout_config(data.index, ["ctx_B"]))
-
-
-def _error_line(proc) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    return lines[0]
 
 
 def test_gene_residual_gives_back_the_basal_genes_and_decoder_is_checked():
@@ -172,7 +164,7 @@ def test_se_embed_st_predict_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # ST on data without the embeddings: one line naming the file and the key
-    line = _error_line(run_cli("train", "st", "--data", data, "--embed-key", "X_vcell", "--holdout-context", "ctx_B",
+    line = error_line(run_cli("train", "st", "--data", data, "--embed-key", "X_vcell", "--holdout-context", "ctx_B",
                                "--config", st_cfg, "--max-steps", "2", "--out", tmp_path / "bad", *common))
     assert "cells.h5ad" in line and "X_vcell" in line and "vcell embed" in line
     assert not (tmp_path / "bad" / "last").exists()
@@ -192,7 +184,7 @@ def test_se_embed_st_predict_end_to_end(tmp_path):
     truth = adata[adata.obs["cell_type"] == "ctx_B"]
     assert pred.n_obs == truth.n_obs and list(pred.var_names) == list(adata.var_names)
     # predicting from a file without the embeddings is a clear error too
-    line = _error_line(run_cli("predict", "--model", run, "--data", data, "--context", "ctx_B", "--out", tmp_path / "p2.h5ad"))
+    line = error_line(run_cli("predict", "--model", run, "--data", data, "--context", "ctx_B", "--out", tmp_path / "p2.h5ad"))
     assert "cells.h5ad" in line and "X_vcell" in line and not (tmp_path / "p2.h5ad").exists()
     real = tmp_path / "real_b.h5ad"
     truth.copy().write_h5ad(real)

@@ -46,7 +46,7 @@ def predict(
     seed: Seed = 0,
 ) -> None:
     """Predict perturbed cells of CONTEXT from its real control cells with a trained ST model."""
-    from vcell.data.dataset import load_dataset
+    from vcell.data.dataset import load_dataset, missing_obsm_error
     from vcell.data.io import check_output_path, write_h5ad
     from vcell.data.spec import DataSpec
     from vcell.models.st_predictor import STPredictor
@@ -68,8 +68,7 @@ def predict(
         raise VcellError(f"{data}: X holds raw counts; the model predicts log1p expression: run `vcell data preprocess` first")
     key = predictor.embed_key
     if key is not None and key not in dataset.adata.obsm:
-        raise VcellError(f"{data}: the model works on .obsm[{key!r}] cell embeddings, which this file lacks; "
-                         f"write them with `vcell embed --model SE_MODEL --data {data} --key {key}`")
+        raise missing_obsm_error(data, key, dataset.adata.obsm.keys())
     index = dataset.index
     contexts = [str(c) for c in index.contexts]
     if context not in contexts:

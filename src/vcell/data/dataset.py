@@ -140,6 +140,24 @@ def missing_obsm_error(where, key: str, have) -> VcellError:
                       f"write them with `vcell embed --key {key}`")
 
 
+def obsm_matrix(adata: ad.AnnData, key: str, where, width: int | None = None) -> np.ndarray:
+    """``adata.obsm[key]`` as a float32 cells x dims array, checked: present, 2-D, ``width`` wide
+    (when given) and finite, each problem a one-line error naming ``where`` (the file) and ``key``."""
+    if key not in adata.obsm:
+        raise missing_obsm_error(where, key, adata.obsm.keys())
+    values = np.asarray(adata.obsm[key], dtype=np.float32)
+    where = where or "data"
+    if values.ndim != 2 or values.shape[1] < 1:
+        raise VcellError(f"{where}: .obsm[{key!r}] must be a cells x dims matrix, got shape {values.shape}")
+    if width is not None and values.shape[1] != width:
+        raise VcellError(f"{where}: .obsm[{key!r}] has {values.shape[1]} dimensions per cell; the model expects {width} dimensions")
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise VcellError(f"{where}: .obsm[{key!r}] has NaN/inf in {int(bad.sum())} cell(s), "
+                         f"e.g. {adata.obs_names[int(np.flatnonzero(bad)[0])]!r}")
+    return values
+
+
 def read_slots(path: str | os.PathLike, obsm: Sequence[str] = ()) -> ad.AnnData:
     """``X``, ``obs``, ``var``, ``uns`` and the ``obsm`` keys named of an ``.h5ad``, in memory.
 

@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from vcell.data.dataset import PerturbationData
+from vcell.data.dataset import PerturbationData, obsm_matrix
 from vcell.data.spec import DataSpec, split_combo
 from vcell.data.splits import Split
 from vcell.errors import VcellError
@@ -275,16 +275,7 @@ class STPredictor(Predictor):
 
     def control_embeddings(self, controls: ad.AnnData) -> np.ndarray:
         """The control cells' ``.obsm[embed_key]`` as float32, checked against the model's width."""
-        key = self.embed_key
-        if key not in controls.obsm:
-            raise VcellError(f"the model works on .obsm[{key!r}] cell embeddings, which the data lacks; "
-                             f"write them with `vcell embed --model SE_MODEL --key {key}`")
-        emb = np.asarray(controls.obsm[key], dtype=np.float32)
-        if emb.ndim != 2 or emb.shape[1] != self.model_config.input_dim:
-            raise VcellError(f".obsm[{key!r}] has shape {emb.shape}; the model expects {self.model_config.input_dim} dimensions per cell")
-        if not np.isfinite(emb).all():
-            raise VcellError(f".obsm[{key!r}] has NaN/inf values in the control cells")
-        return emb
+        return obsm_matrix(controls, self.embed_key, "the control cells", width=self.model_config.input_dim)
 
     def predict(
         self,

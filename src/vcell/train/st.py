@@ -32,7 +32,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from vcell.data.cellsets import CellSetDataset, CellSetSampler, collate_cell_sets
-from vcell.data.dataset import PerturbationData, missing_obsm_error
+from vcell.data.dataset import PerturbationData, obsm_matrix
 from vcell.data.rows import row_source
 from vcell.data.spec import split_combo
 from vcell.data.splits import Split
@@ -117,16 +117,18 @@ class STModule(ResumableModule, L.LightningModule):
         with torch.autocast(device_type=pred.device.type, enabled=False):
             return main, model.loss(genes.float(), batch["target_genes"].float(), batch["mask"])
 
-    def _loss(self, batch: dict) -> torch.Tensor:
-        main, genes = self._losses(batch)
+    def _total(self, main: torch.Tensor, genes: torch.Tensor | None) -> torch.Tensor:
+        """The training objective from :meth:`_losses`' two parts."""
         return main if genes is None else main + self.config.gene_loss_weight * genes
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        return self._total(*self._losses(batch))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         main, genes = self._losses(batch)
         n = batch["basal"].shape[0]
-        loss = main
+        loss = self._total(main, genes)
         if genes is not None:
-            loss = main + self.config.gene_loss_weight * genes
             self.log("train_embed_loss", main, on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
             self.log("train_gene_loss", genes, on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
         self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
@@ -284,21 +286,6 @@ class CellSetDataModule(L.LightningDataModule):
         return self._loader(data, batch_size=batch_size, shuffle=False)
 
 
-def embedding_dim(data: PerturbationData, embed_key: str) -> int:
-    """Width of ``data``'s ``.obsm[embed_key]``; a one-line error naming the file when it is missing."""
-    obsm = data.adata.obsm
-    if embed_key not in obsm:
-        raise missing_obsm_error(data.path, embed_key, obsm.keys())
-    values = obsm[embed_key]
-    if len(values.shape) != 2 or values.shape[1] < 1:
-        raise VcellError(f"{data.path or 'data'}: .obsm[{embed_key!r}] must be a cells x dims matrix, got shape {values.shape}")
-    bad = ~np.isfinite(np.asarray(values, dtype=np.float32)).all(axis=1)
-    if bad.any():
-        raise VcellError(f"{data.path or 'data'}: .obsm[{embed_key!r}] has NaN/inf in {int(bad.sum())} cell(s), "
-                         f"e.g. {data.adata.obs_names[int(np.flatnonzero(bad)[0])]!r}")
-    return int(values.shape[1])
-
-
 def build_module(
     data: PerturbationData, config: STConfig | dict, lr: float = 1e-4, seed: int = 0, embed_key: str | None = None
 ) -> STModule:
@@ -312,7 +299,7 @@ def build_module(
     if not vocab:
         raise VcellError("the data has no perturbations besides the control")
     values = config.to_dict() if isinstance(config, STConfig) else dict(config)
-    width = int(data.adata.n_vars) if embed_key is None else embedding_dim(data, embed_key)
+    width = int(data.adata.n_vars) if embed_key is None else obsm_matrix(data.adata, embed_key, data.path).shape[1]
     values.setdefault("input_dim", width)
     values.setdefault("pert_dim", len(vocab))
     if embed_key is not None:
