@@ -190,6 +190,18 @@ def test_several_files_are_several_dataset_classes(kang_small, tmp_path):
         train_se([kang_small, kang_small], tmp_path / "dup", TINY, max_steps=1, accelerator="cpu")
 
 
+def test_train_bf16_mixed_on_cpu(kang_small, tmp_path):
+    """bf16 autocast on CPU trains SE: fp32 weights, finite losses close to an fp32 run's."""
+    runs = {p: train_se([kang_small], tmp_path / p, TINY, max_steps=3, gene_dim=8, accelerator="cpu", precision=p)
+            for p in ("32", "bf16-mixed")}
+    _, meta = load_se(runs["bf16-mixed"])
+    assert meta["precision"] == "bf16-mixed"
+    w16, w32 = (load_file(runs[p] / "last" / "weights.safetensors") for p in ("bf16-mixed", "32"))
+    assert all(t.dtype == torch.float32 for t in w16.values())
+    diff = max(float((w16[k] - w32[k]).abs().max()) for k in w32)
+    assert 0 < diff < 0.05, diff
+
+
 def test_train_errors(kang_small, tmp_path):
     with pytest.raises(VcellError, match="nothing to resume"):
         train_se([kang_small], tmp_path / "none", TINY, max_steps=2, resume=True, accelerator="cpu")

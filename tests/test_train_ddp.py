@@ -108,13 +108,13 @@ def test_two_processes_match_one_process(tiny, tmp_path):
 
 
 def test_bad_distributed_options_are_one_line_errors(tiny, tmp_path):
-    """Mixed precision on CPU and a global batch that does not split over the processes fail before training."""
+    """fp16 on CPU and a global batch that does not split over the processes fail before training."""
     data_path, config = tiny
     proc = run_cli("train", "st", "--data", data_path, "--config", config, "--accelerator", "cpu",
-                   "--precision", "bf16-mixed", "--out", tmp_path / "run")
+                   "--precision", "16-mixed", "--out", tmp_path / "run")
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "--precision bf16-mixed needs a GPU" in errors[0]
+    assert "--precision 16-mixed needs a GPU" in errors[0]
     assert not (tmp_path / "run").exists()
     with pytest.raises(VcellError, match="--batch-size 6 .* devices x nodes = 4"):
         check_run_options("cpu", devices=2, num_nodes=2, batch_size=6)

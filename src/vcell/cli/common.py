@@ -77,5 +77,5 @@ Accelerator = Annotated[str, typer.Option("--accelerator", help="auto, cpu or gp
 Devices = Annotated[int, typer.Option("--devices", help="Processes (GPUs, or CPU processes) per node; > 1 trains with DDP.")]
 NumNodes = Annotated[int, typer.Option("--num-nodes", help="Nodes (multi-node: launch one task per device with srun/torchrun).")]
 Strategy = Annotated[str, typer.Option("--strategy", help="auto (DDP when devices x nodes > 1) or ddp.")]
-Precision = Annotated[str, typer.Option("--precision", help="32, bf16-mixed or 16-mixed (mixed precision on GPU only).")]
+Precision = Annotated[str, typer.Option("--precision", help="32 (default), bf16-mixed (CPU or GPU; fast on CPUs with AVX512-BF16/AMX) or 16-mixed (GPU only).")]
 NumWorkers = Annotated[int, typer.Option("--num-workers", help="Data loader worker processes.")]

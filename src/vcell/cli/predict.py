@@ -43,6 +43,7 @@ def predict(
     context_col: Annotated[str | None, typer.Option("--context-col", help="obs column with the context; default: the model's.")] = None,
     batch_col: Annotated[str | None, typer.Option("--batch-col", help="obs column with the batch (optional).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    precision: Annotated[str, typer.Option("--precision", help="32 (default), bf16-mixed (CPU or GPU; ~2.5x faster on CPUs with AVX512-BF16/AMX, outputs within bf16 rounding) or 16-mixed (GPU only).")] = "32",
     seed: Seed = 0,
 ) -> None:
     """Predict perturbed cells of CONTEXT from its real control cells with a trained ST model."""
@@ -54,7 +55,7 @@ def predict(
     if cells_per_pert is not None and cells_per_pert < 1:
         raise VcellError(f"--cells-per-pert must be >= 1, got {cells_per_pert}")
     check_output_path(out, [data], overwrite=overwrite)
-    predictor = STPredictor.from_checkpoint(resolve_model_dir(model, checkpoint), set_size=set_size, seed=seed)
+    predictor = STPredictor.from_checkpoint(resolve_model_dir(model, checkpoint), set_size=set_size, seed=seed, precision=precision)
     mspec = predictor.spec
     ctx_col = mspec.context_col if context_col is None else (None if context_col.lower() in ("none", "") else context_col)
     spec = DataSpec(

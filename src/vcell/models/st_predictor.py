@@ -27,6 +27,7 @@ from vcell.data.spec import DataSpec, split_combo
 from vcell.data.splits import Split
 from vcell.errors import VcellError
 from vcell.models.base import Predictor, assemble_prediction
+from vcell.models.precision import autocast, check_precision
 from vcell.models.transition import STConfig, pert_features
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class STPredictor(Predictor):
     embed_key
         Train in the cell-embedding space ``.obsm[embed_key]`` with a gene decoder (predictions
         are genes either way); ``None``: gene space.
+    precision
+        ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (GPU only), for training and prediction
+        (:mod:`vcell.models.precision`).
     """
 
     name = "st"
@@ -81,6 +85,7 @@ class STPredictor(Predictor):
         num_workers: int = 0,
         resume: bool = False,
         embed_key: str | None = None,
+        precision: str = "32",
     ):
         if set_size < 1:
             raise VcellError(f"set size must be >= 1, got {set_size}")
@@ -92,6 +97,8 @@ class STPredictor(Predictor):
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint, self.accelerator, self.num_workers, self.resume = checkpoint, accelerator, num_workers, resume
         self.train_embed_key = embed_key
+        self.precision = precision
+        check_precision(precision, on_cpu=self._device().type == "cpu")
         self.model = None
         self.model_config: STConfig | None = None
         self.meta: dict | None = None
@@ -115,7 +122,7 @@ class STPredictor(Predictor):
         train_st(
             data, split, out, values, max_steps=self.max_steps, batch_size=self.batch_size, set_size=self.set_size,
             seed=self.seed, resume=self.resume, num_workers=self.num_workers, lr=self.lr, accelerator=self.accelerator,
-            embed_key=self.train_embed_key,
+            embed_key=self.train_embed_key, precision=self.precision,
         )
         chosen = out / BEST if self.checkpoint == "best" and (out / BEST).is_dir() else out / LAST
         self.load(chosen)
@@ -142,9 +149,11 @@ class STPredictor(Predictor):
         return self
 
     @classmethod
-    def from_checkpoint(cls, directory: str | os.PathLike, set_size: int = 64, seed: int = 0) -> STPredictor:
+    def from_checkpoint(
+        cls, directory: str | os.PathLike, set_size: int = 64, seed: int = 0, precision: str = "32"
+    ) -> STPredictor:
         """A predictor ready to predict from a trained checkpoint directory."""
-        return cls(seed=seed, set_size=set_size).load(directory)
+        return cls(seed=seed, set_size=set_size, precision=precision).load(directory)
 
     # ------------------------------------------------------------------ inference
 
@@ -240,7 +249,7 @@ class STPredictor(Predictor):
         # go back to job order (padding never changes a real cell's output: keys are masked).
         order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][1]))
         preds: list[np.ndarray | None] = [None] * len(jobs)
-        with torch.inference_mode():
+        with torch.no_grad(), autocast(device, self.precision):
             for start in range(0, len(order), bs):
                 part = order[start:start + bs]
                 size = max(len(jobs[j][1]) for j in part)

@@ -31,6 +31,7 @@ from vcell.data.rows import row_source
 from vcell.data.validate import infer_expression_type
 from vcell.errors import VcellError
 from vcell.models.embedding import SEConfig, StateEmbedding, normalise_expression, tokenize
+from vcell.models.precision import PRECISIONS
 from vcell.train.checkpoint import (
     CONFIG,
     LAST,
@@ -43,7 +44,7 @@ from vcell.train.checkpoint import (
     resolve_checkpoint_dir,
 )
 from vcell.train.quiet import quiet_lightning
-from vcell.train.st import PRECISIONS, check_run_options
+from vcell.train.st import check_run_options
 
 log = logging.getLogger(__name__)
 

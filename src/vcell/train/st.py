@@ -37,6 +37,7 @@ from vcell.data.rows import row_source
 from vcell.data.spec import split_combo
 from vcell.data.splits import Split
 from vcell.errors import VcellError
+from vcell.models.precision import PRECISIONS, check_precision
 from vcell.models.transition import STConfig, StateTransition, pert_features
 from vcell.train.checkpoint import (
     LAST,
@@ -47,7 +48,6 @@ from vcell.train.checkpoint import (
 )
 from vcell.train.quiet import quiet_lightning
 
-PRECISIONS = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}
 STRATEGIES = ("auto", "ddp")
 
 
@@ -155,8 +155,17 @@ class STModule(ResumableModule, L.LightningModule):
         self.log("val_loss", total / n, sync_dist=False)
 
     def configure_optimizers(self):
-        # fused: one kernel per parameter group instead of ~10 elementwise passes per tensor
-        return torch.optim.Adam(self.model.parameters(), lr=self.lr, fused=True)
+        # fused: one kernel per parameter group instead of ~10 elementwise passes per tensor;
+        # fp16's gradient scaler needs the unfused one (Lightning unscales before clipping)
+        fused = self.trainer.precision != "16-mixed"
+        return torch.optim.Adam(self.model.parameters(), lr=self.lr, fused=fused)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.trainer.precision == "bf16-mixed" and gradient_clip_val:
+            # bf16 has no gradient scaler, so clip as in fp32 (Lightning refuses to next to a fused optimiser)
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_fit_start(self) -> None:
         # every rank starts from the same seed; give ranks > 0 their own dropout stream (rank 0
@@ -338,10 +347,7 @@ def check_run_options(
             raise VcellError(f"--{name} must be a positive integer, got {value!r}")
     if strategy not in STRATEGIES:
         raise VcellError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
-    if precision not in PRECISIONS:
-        raise VcellError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if precision != "32" and _on_cpu(accelerator):
-        raise VcellError(f"--precision {precision} needs a GPU; training on CPU stays fp32 (--precision 32)")
+    check_precision(precision, _on_cpu(accelerator))
     world = devices * num_nodes
     if batch_size is not None and batch_size % world:
         raise VcellError(f"--batch-size {batch_size} is the global batch and must be divisible by devices x nodes = {world}")
@@ -386,7 +392,9 @@ def fit(
     """Train ``module`` to ``max_steps`` steps, checkpointing under ``out_dir``; resume from ``resume_dir``.
 
     ``devices`` x ``num_nodes`` > 1 (or ``strategy="ddp"``) trains with DDP; ``datamodule.batch_size``
-    is the global batch. ``precision`` is ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (GPU only).
+    is the global batch. ``precision`` is ``"32"`` (default), ``"bf16-mixed"`` (autocast to bfloat16
+    on CPU or GPU; weights, optimiser state and the energy distance stay fp32) or ``"16-mixed"``
+    (GPU only).
     """
     check_run_options(accelerator, devices, num_nodes, strategy, precision, datamodule.batch_size)
     out_dir = Path(out_dir)

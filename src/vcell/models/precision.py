@@ -1,0 +1,37 @@
+"""Numeric precision settings shared by training and prediction.
+
+``"32"``: float32 throughout. ``"bf16-mixed"``: matmuls, attention and the elementwise work
+around them run in bfloat16 under ``torch.autocast`` (CPU or GPU); weights, optimiser state and
+losses stay float32. ``"16-mixed"``: the same with float16 and a gradient scaler, GPU only.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from vcell.errors import VcellError
+
+#: vcell's precision names -> Lightning's.
+PRECISIONS = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}
+
+
+def check_precision(precision: str, on_cpu: bool) -> None:
+    """One-line :class:`VcellError` for an unknown precision or fp16 on CPU."""
+    if precision not in PRECISIONS:
+        raise VcellError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "16-mixed" and on_cpu:
+        raise VcellError("--precision 16-mixed needs a GPU; on CPU use 32 or bf16-mixed")
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """Autocast context for inference at ``precision`` on ``device`` (a no-op for ``"32"``).
+
+    Weight casts are cached for the whole context, so wrap a whole prediction loop in one, under
+    ``torch.no_grad()`` (under ``torch.inference_mode()`` autocast re-casts every weight per call).
+    """
+    check_precision(precision, device.type == "cpu")
+    if precision == "32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.float16)
