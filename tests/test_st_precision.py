@@ -104,3 +104,33 @@ def test_fp16_on_cpu_is_a_one_line_error(tmp_path):
         make_model("st", precision="16-mixed", accelerator="cpu")
     with pytest.raises(VcellError, match="--precision 'fp8'"):
         make_model("st", precision="fp8")
+
+
+@pytest.mark.parametrize("extra", [{}, {"input_dim": 12, "gene_dim": 30, "gene_hidden": [16, 16]}, {"n_batches": 3}])
+def test_converted_inference_copy_gives_autocast_numbers(extra):
+    """The bf16 copy prediction runs (Linear layers converted once) computes exactly what autocast
+    computes on the fp32 model; norms and embeddings stay fp32 in it."""
+    from vcell.models.st_predictor import STPredictor
+    from vcell.models.transition import STConfig, StateTransition
+
+    torch.manual_seed(0)
+    config = STConfig(**{"input_dim": 40, "pert_dim": 5, "width": 32, "n_layers": 2, "n_heads": 2, "encoder_layers": 2, **extra})
+    net = StateTransition(config).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    predictor = STPredictor(precision="bf16-mixed", accelerator="cpu")
+    predictor.model = net
+    half = predictor._inference_model(torch.device("cpu"))
+    assert half is not net and predictor._inference_model(torch.device("cpu")) is half  # converted once
+    assert half.norm.weight.dtype == torch.float32 and half.decoder.weight.dtype == torch.bfloat16
+    assert next(net.parameters()).dtype == torch.float32  # the loaded model is left as it was
+    x, pert = torch.rand(3, 7, config.input_dim), torch.rand(3, config.pert_dim)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    batch = torch.tensor([0, 1, 2]) if config.n_batches else None
+    with torch.no_grad(), autocast(torch.device("cpu"), "bf16-mixed"):
+        want, got = net(x, pert, batch=batch, mask=mask), half(x, pert, batch=batch, mask=mask)
+        assert torch.equal(got, want)
+        if config.gene_dim:
+            genes = torch.rand(3, 7, config.gene_dim)
+            assert torch.equal(half.decode_genes(got, x, genes), net.decode_genes(want, x, genes))

@@ -10,6 +10,7 @@ with the real controls appended, as ``vcell eval run`` expects.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from vcell.data.dataset import PerturbationData, obsm_matrix
 from vcell.data.spec import DataSpec, split_combo
 from vcell.data.splits import Split
 from vcell.errors import VcellError
+from vcell.heap import keep_freed_heap
 from vcell.models.base import Predictor, assemble_prediction
 from vcell.models.precision import autocast, check_precision
 from vcell.models.transition import STConfig, pert_features
@@ -145,6 +147,7 @@ class STPredictor(Predictor):
             expression="log1p",
         )
         self.model, self.model_config, self.meta = model.eval(), config, meta
+        self._half_model = None
         self.checkpoint_dir = Path(directory)
         return self
 
@@ -243,7 +246,9 @@ class STPredictor(Predictor):
                 if len(chunk):
                     jobs.append((i, chunk))
         device = self._device()
-        model = self.model.to(device).eval()
+        if device.type == "cpu":
+            keep_freed_heap()
+        model = self._inference_model(device)
         bs = batch_size or max(1, self.batch_size)
         # Batch sets of similar size together so little of each batch is padding; the results
         # go back to job order (padding never changes a real cell's output: keys are masked).
@@ -275,6 +280,26 @@ class STPredictor(Predictor):
             out[str(perturbations[i])].append(block)
         width = genes.shape[1]
         return {p: (np.vstack(blocks) if blocks else np.zeros((0, width), np.float32)) for p, blocks in out.items()}
+
+    def _inference_model(self, device: torch.device) -> torch.nn.Module:
+        """The model on ``device``; for mixed precision a copy whose Linear layers are already bf16/fp16.
+
+        Autocast casts every Linear weight to that dtype in every call; converting them once
+        gives the same numbers (norms and embeddings stay fp32, as autocast uses them) and keeps
+        the casts out of every prediction call.
+        """
+        model = self.model.to(device).eval()
+        if self.precision == "32":
+            return model
+        dtype = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float16
+        cached = getattr(self, "_half_model", None)
+        if cached is None or cached[0] != (device, dtype):
+            half = copy.deepcopy(model)
+            for layer in half.modules():
+                if isinstance(layer, torch.nn.Linear):
+                    layer.to(dtype)
+            self._half_model = ((device, dtype), half)
+        return self._half_model[1]
 
     @property
     def embed_key(self) -> str | None:

@@ -17,10 +17,8 @@ rank 0 writes checkpoints and logs; on resume every rank reads the same checkpoi
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -37,6 +35,7 @@ from vcell.data.rows import row_source
 from vcell.data.spec import split_combo
 from vcell.data.splits import Split
 from vcell.errors import VcellError
+from vcell.heap import keep_freed_heap
 from vcell.models.precision import PRECISIONS, check_precision
 from vcell.models.transition import STConfig, StateTransition, pert_features
 from vcell.train.checkpoint import (
@@ -351,26 +350,6 @@ def check_run_options(
     world = devices * num_nodes
     if batch_size is not None and batch_size % world:
         raise VcellError(f"--batch-size {batch_size} is the global batch and must be divisible by devices x nodes = {world}")
-
-
-def keep_freed_heap() -> None:
-    """Let glibc keep freed heap memory for the next training step instead of handing it back.
-
-    A step frees its activations and gradients and allocates as much again in the next one.
-    With glibc's default, a large free block at the top of the heap goes back to the system and
-    is faulted in again (zero-filled) in the next step: about 150 MiB and 5-7% of a step at ST
-    ``small`` size on CPU. Peak memory does not change. Blocks above 32 MiB stay separate
-    mappings, as glibc's adaptive default ends up doing. No-op off glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 32 << 20)  # setting either turns glibc's adaptive thresholds off
-    mallopt(m_trim_threshold, 1 << 30)
 
 
 @quiet_lightning()
