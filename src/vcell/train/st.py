@@ -156,7 +156,7 @@ class STModule(ResumableModule, L.LightningModule):
     def configure_optimizers(self):
         # fused: one kernel per parameter group instead of ~10 elementwise passes per tensor;
         # fp16's gradient scaler needs the unfused one (Lightning unscales before clipping)
-        fused = self.trainer.precision != "16-mixed"
+        fused = self._trainer is None or self._trainer.precision != "16-mixed"
         return torch.optim.Adam(self.model.parameters(), lr=self.lr, fused=fused)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
