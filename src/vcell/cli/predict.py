@@ -43,7 +43,7 @@ def predict(
     context_col: Annotated[str | None, typer.Option("--context-col", help="obs column with the context; default: the model's.")] = None,
     batch_col: Annotated[str | None, typer.Option("--batch-col", help="obs column with the batch (optional).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
-    precision: Annotated[str, typer.Option("--precision", help="32 (default), bf16-mixed (CPU or GPU; ~2.5x faster on CPUs with AVX512-BF16/AMX, outputs within bf16 rounding) or 16-mixed (GPU only).")] = "32",
+    precision: Annotated[str, typer.Option("--precision", help="32 (default), bf16-mixed (CPU or GPU; ~3x faster on CPUs with AVX512-BF16/AMX, outputs within bf16 rounding) or 16-mixed (GPU only).")] = "32",
     seed: Seed = 0,
 ) -> None:
     """Predict perturbed cells of CONTEXT from its real control cells with a trained ST model."""
