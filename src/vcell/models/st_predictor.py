@@ -102,6 +102,7 @@ class STPredictor(Predictor):
         self.precision = precision
         check_precision(precision, on_cpu=self._device().type == "cpu")
         self.model = None
+        self._half_model: tuple | None = None  # ((device, dtype), copy) for mixed-precision prediction
         self.model_config: STConfig | None = None
         self.meta: dict | None = None
         self.spec: DataSpec | None = None
@@ -292,7 +293,7 @@ class STPredictor(Predictor):
         if self.precision == "32":
             return model
         dtype = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float16
-        cached = getattr(self, "_half_model", None)
+        cached = self._half_model
         if cached is None or cached[0] != (device, dtype):
             half = copy.deepcopy(model)
             for layer in half.modules():
