@@ -1,8 +1,9 @@
 """Numeric precision settings shared by training and prediction.
 
-``"32"``: float32 throughout. ``"bf16-mixed"``: matmuls, attention and the elementwise work
-around them run in bfloat16 under ``torch.autocast`` (CPU or GPU); weights, optimiser state and
-losses stay float32. ``"16-mixed"``: the same with float16 and a gradient scaler, GPU only.
+``"32"``: float32 throughout. ``"bf16-mixed"``: matmuls and the elementwise work around them run
+in bfloat16 under ``torch.autocast`` (CPU or GPU); weights, optimiser state and losses stay
+float32, and so does attention on CPU (see ``layers._attention_kernels``). ``"16-mixed"``: the
+same with float16 and a gradient scaler, GPU only.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def check_precision(precision: str, on_cpu: bool) -> None:
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     """Autocast context for inference at ``precision`` on ``device`` (a no-op for ``"32"``).
 
-    Weight casts are cached for the whole context, so wrap a whole prediction loop in one, under
-    ``torch.no_grad()`` (under ``torch.inference_mode()`` autocast re-casts every weight per call).
+    Wrap a whole prediction loop in one context, under ``torch.no_grad()``: autocast caches its
+    weight casts for the context, but not under ``torch.inference_mode()``.
     """
     check_precision(precision, device.type == "cpu")
     if precision == "32":
