@@ -26,6 +26,11 @@ def check_precision(precision: str, on_cpu: bool) -> None:
         raise VcellError("--precision 16-mixed needs a GPU; on CPU use 32 or bf16-mixed")
 
 
+def half_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` (``None`` for ``"32"``)."""
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+
+
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     """Autocast context for inference at ``precision`` on ``device`` (a no-op for ``"32"``).
 
@@ -33,6 +38,5 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     weight casts for the context, but not under ``torch.inference_mode()``.
     """
     check_precision(precision, device.type == "cpu")
-    if precision == "32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.float16)
+    dtype = half_dtype(precision)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

@@ -29,7 +29,7 @@ from vcell.data.splits import Split
 from vcell.errors import VcellError
 from vcell.heap import keep_freed_heap
 from vcell.models.base import Predictor, assemble_prediction
-from vcell.models.precision import autocast, check_precision
+from vcell.models.precision import autocast, check_precision, half_dtype
 from vcell.models.transition import STConfig, pert_features
 
 log = logging.getLogger(__name__)
@@ -290,9 +290,9 @@ class STPredictor(Predictor):
         the casts out of every prediction call.
         """
         model = self.model.to(device).eval()
-        if self.precision == "32":
+        dtype = half_dtype(self.precision)
+        if dtype is None:
             return model
-        dtype = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float16
         cached = self._half_model
         if cached is None or cached[0] != (device, dtype):
             half = copy.deepcopy(model)

@@ -160,11 +160,11 @@ class STModule(ResumableModule, L.LightningModule):
         return torch.optim.Adam(self.model.parameters(), lr=self.lr, fused=fused)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        if self.trainer.precision == "bf16-mixed" and gradient_clip_val:
-            # bf16 has no gradient scaler, so clip as in fp32 (Lightning refuses to next to a fused optimiser)
+        # The call Lightning makes in fp32 (vcell clips by norm), made here for every precision:
+        # Lightning's mixed-precision plugin refuses to clip next to a fused optimiser, and with
+        # fp16 the gradients are already unscaled by now (the unfused Adam above).
+        if gradient_clip_val:
             torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
-        else:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_fit_start(self) -> None:
         # every rank starts from the same seed; give ranks > 0 their own dropout stream (rank 0
