@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""arc-state 0.11 ``state_sm`` against vcell's ST on one McFaline 2023 fold (held-out A172), issue #5.
+"""arc-state 0.11 ``state_sm`` against vcell's ST on one McFaline 2023 fold (held-out A172).
 
 vcell's ``vcell bench`` already ran the McFaline leave-one-line-out benchmark (``--bench-dir``:
 ``leaderboard.csv``, ``predictions/real_A172.h5ad``, ``eval/cell_mean_A172``). This script

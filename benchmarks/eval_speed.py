@@ -420,7 +420,7 @@ def stages(workdir: Path, threads: int, backed: bool, workaround: bool) -> list[
     and peak RSS during each stage (VmRSS sampled every 20 ms). Diagnostic only: the timed
     numbers are the CLI runs'.
 
-    ``workaround``: for a backed matrix, replace ``vcell.eval.metrics.pseudobulk`` by a version that
+    ``workaround``: for a backed matrix, replace ``vcell.eval.metrics._inputs.pseudobulk`` by a version that
     sums row blocks read from disk (``weights @ X`` fails on anndata's backed datasets), so the
     stages after it can be measured. Not vcell's code.
     """
@@ -448,7 +448,7 @@ def stages(workdir: Path, threads: int, backed: bool, workaround: bool) -> list[
 
     import gc
 
-    import vcell.eval.metrics as metrics_mod
+    import vcell.eval.metrics._inputs as metrics_mod  # pseudobulk lives (and is looked up) there
     import vcell.eval.run as run_mod
     from vcell.data.io import atomic_paths, read_h5ad, read_h5ad_mapped
     from vcell.eval.inputs import check_structure, prepare

@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     import anndata as ad
     import torch
 
-    from vcell.models.embedding import SEConfig
-    from vcell.train.se import embed_adata, load_se, train_se
+    from vcell.nn.embedding import SEConfig, StateEmbedding, embed_adata
+    from vcell.train.se import train_se
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         train_se([args.data], out, values, genes=args.genes, max_steps=args.max_steps, batch_size=args.batch_size,
                  lr=args.lr, seed=args.seed, gene_dim=args.gene_dim, accelerator="cpu", checkpoint_every=10**9)
         train_s = time.perf_counter() - t0
-        model, meta = load_se(out)
+        model, meta = StateEmbedding.from_checkpoint(out)
         t0 = time.perf_counter()
         emb, _ = embed_adata(model, meta, adata, "counts", seed=args.seed)
         embed_s = time.perf_counter() - t0

@@ -400,9 +400,9 @@ def main(argv: list[str] | None = None) -> int:
             ok = peak <= LIMIT
             failed |= not ok
             print(f"streaming peak RSS ratio large/small ({a.factor}x cells): {peak:.3f} (limit {LIMIT}) -> {'PASS' if ok else 'FAIL'}")
-            s, l = runs["stream", "small"], runs["stream", "large"]
+            small, large = runs["stream", "small"], runs["stream", "large"]
             print(f"streaming increment above post-import RSS, large/small: {inc:.2f} "
-                  f"({l['peak_mib'] - l['rss_import_mib']:,.0f} vs {s['peak_mib'] - s['rss_import_mib']:,.0f} MiB)")  # fmt: skip
+                  f"({large['peak_mib'] - large['rss_import_mib']:,.0f} vs {small['peak_mib'] - small['rss_import_mib']:,.0f} MiB)")
             if "memory" in modes:
                 peak_m, inc_m = _ratios(runs["memory", "small"], runs["memory", "large"])
                 print(f"in-memory contrast: peak ratio {peak_m:.2f}, increment ratio {inc_m:.2f}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training and prediction throughput of vcell's State Transition model against arc-state 0.11.
 
-The claim checked (issue #5): at arc-state's ``state_sm`` size (width 672, 4 layers, 8 heads, set
+The claim checked: at arc-state's ``state_sm`` size (width 672, 4 layers, 8 heads, set
 length 128, batch 8 sets) on the same simulated data, on CPU, vcell trains at >= 2x arc-state's
 cells/s with data loading <= 10% of its step time and <= 50% of its peak memory, and predicts at
 >= 3x arc-state's ``tx infer`` cells/s.
@@ -156,7 +156,7 @@ def _child(argv: list[str]) -> None:
         sys.argv = ["state", *args]
         main()
     else:
-        from vcell.models.transition import StateTransition
+        from vcell.nn.transition import StateTransition
 
         def n_cells(basal, pert, batch=None, mask=None):
             return int(mask.sum()) if mask is not None else int(basal.shape[0] * basal.shape[1])
@@ -383,7 +383,7 @@ def report(results: dict, precisions: list[str], opts) -> None:
             same, dflt = ratios(pred, key)
             print(f"| {tool} | {prec} | {s['cells']:,} | {s['cells_per_s']:,.0f} | {s['wall_s']:.1f} | {s['peak_rss_mib']:,.0f} | {same:.2f}x | {dflt:.2f}x |")
     print(f"\nload average: start {results['loadavg_start'][0]:.2f}, end {results['loadavg_end'][0]:.2f} (2 cores)")
-    print("Targets (issue #5): training >= 2x and prediction >= 3x arc-state's cells/s, data loading <= 10% of the step,")
+    print("Targets: training >= 2x and prediction >= 3x arc-state's cells/s, data loading <= 10% of the step,")
     print("peak memory <= 50% of arc-state's. Each vcell setting against arc-state at the same setting and at its default:")
     for prec in precisions:
         v = train[f"vcell/{prec}"]

@@ -17,12 +17,33 @@ KANG = "kang2018_ifnb.h5ad"
 PAPALEXI = "papalexi2021_thp1.h5ad"
 
 
+FIXTURES = Path(__file__).resolve().parent / "data"
+
+
 def shared_path(name: str) -> Path:
-    """Path of a real dataset in ../shared/data; skips the test with a clear reason if absent."""
+    """Path of a real dataset in ../shared/data; skips the test with a clear reason if absent.
+
+    For tests that need the full file (its cell/gene counts, group sizes, ...)."""
     path = SHARED_DATA / name
     if not path.exists():
-        pytest.skip(f"real dataset {name} not found in {SHARED_DATA} (../shared/data beside the repo); skipping")
+        pytest.skip(f"real dataset {name} not found in {SHARED_DATA} (../shared/data beside the repo); "
+                    "this test needs the full file, not its small subset in tests/data; skipping")
     return path
+
+
+def real_data(name: str) -> Path:
+    """The real dataset ``name``: the full file in ../shared/data if present, else its small subset
+    in tests/data (built by tests/data/make_fixtures.py), else skips the test with a clear reason.
+
+    For tests that hold on any subset of the data (oracle parity, layouts, round trips)."""
+    path = SHARED_DATA / name
+    if path.exists():
+        return path
+    small = FIXTURES / (name.removesuffix(".h5ad") + "_small.h5ad")
+    if not small.exists():
+        pytest.skip(f"real dataset {name} not found in {SHARED_DATA} (../shared/data beside the repo) "
+                    f"and its fixture {small} is missing (python tests/data/make_fixtures.py); skipping")
+    return small
 
 
 @pytest.fixture

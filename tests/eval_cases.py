@@ -1,7 +1,7 @@
 """Evaluation scenarios shared by the evaluator tests: (real, pred) pairs with imperfect predictions.
 
-Each builder returns ``(real, pred, pert_col, control)``; real-data builders skip the test when
-../shared/data is absent.
+Each builder returns ``(real, pred, pert_col, control)``; real-data builders read the full
+files in ../shared/data, else their small subsets in tests/data (``conftest.real_data``).
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ def simulated() -> tuple[ad.AnnData, ad.AnnData, str, str]:
 def papalexi() -> tuple[ad.AnnData, ad.AnnData, str, str]:
     """THP-1 CRISPR KO, raw counts (cell-eval normalises them); 8 targets; real = replicate 1,
     pred = the same targets' cells of replicate 2."""
-    from conftest import PAPALEXI, shared_path
+    from conftest import PAPALEXI, real_data
 
-    data = ad.read_h5ad(shared_path(PAPALEXI))
+    data = ad.read_h5ad(real_data(PAPALEXI))
     keep = ["non-targeting", "IFNGR1", "IRF1", "JAK2", "STAT1", "SMAD4", "MYC", "CUL3", "SPI1"]
     data = data[data.obs["target"].isin(keep)]
     real = _cap_cells(data[data.obs["bio_rep"] == "rep_1"], "target", 150)
@@ -77,9 +77,9 @@ def papalexi() -> tuple[ad.AnnData, ad.AnnData, str, str]:
 def mcfaline() -> tuple[ad.AnnData, ad.AnnData, str, str]:
     """McFaline 2023 CRISPRi, log1p: real = U87MG, pred = the T98G cells of the same knockdowns
     (another cell line). U87MG has no significant DE gene, a corner case of its own."""
-    from conftest import MCFALINE, shared_path
+    from conftest import MCFALINE, real_data
 
-    data = ad.read_h5ad(shared_path(MCFALINE))
+    data = ad.read_h5ad(real_data(MCFALINE))
     data = data[data.obs["dataset"] == "mcfaline23"]
     real = data[data.obs["cell_type"] == "U87MG"].copy()
     pred = data[data.obs["cell_type"] == "T98G"].copy()
@@ -89,9 +89,9 @@ def mcfaline() -> tuple[ad.AnnData, ad.AnnData, str, str]:
 def norman() -> tuple[ad.AnnData, ad.AnnData, str, str]:
     """Norman 2019 CRISPRa in K562 (log1p), 8 perturbations; pred = real cells with noise on the
     expressed values, 50 genes scaled up and two perturbations' labels swapped."""
-    from conftest import MCFALINE, shared_path
+    from conftest import MCFALINE, real_data
 
-    data = ad.read_h5ad(shared_path(MCFALINE))
+    data = ad.read_h5ad(real_data(MCFALINE))
     data = data[data.obs["dataset"] == "norman19"]
     perts = sorted(set(data.obs["perturbation"].astype(str)) - {"control"})[:8]
     real = _only(data[data.obs["perturbation"].isin(["control", *perts])].copy(), "perturbation")
@@ -110,10 +110,10 @@ def norman() -> tuple[ad.AnnData, ad.AnnData, str, str]:
 
 def kang() -> tuple[ad.AnnData, ad.AnnData, str, str]:
     """Kang 2018 IFN-beta, raw counts, one perturbation (STIM vs CTRL): real = CD14 monocytes,
-    pred = CD16 monocytes (another cell type), all 13,215 genes."""
-    from conftest import KANG, shared_path
+    pred = CD16 monocytes (another cell type), all genes of the file (13,215 in the full one)."""
+    from conftest import KANG, real_data
 
-    data = ad.read_h5ad(shared_path(KANG))
+    data = ad.read_h5ad(real_data(KANG))
     real = data[data.obs["seurat_annotations"] == "CD14 Mono"].copy()
     pred = data[data.obs["seurat_annotations"] == "CD16 Mono"].copy()
     return _only(real, "stim"), _only(pred, "stim"), "stim", "CTRL"

@@ -10,15 +10,15 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from vcell.data.aggregate import group_sums
 from vcell.data.dataset import from_anndata, load_dataset
 from vcell.data.preprocess import normalize_log1p
 from vcell.data.simulate import simulate_perturbseq
 from vcell.data.spec import DataSpec
 from vcell.data.splits import SplitConfig, apply_split, holdout_config
 from vcell.errors import VcellError
-from vcell.models.base import Predictor
-from vcell.data.aggregate import group_sums
-from vcell.models.baselines import (
+from vcell.predictors.base import Predictor
+from vcell.predictors.baselines import (
     BASELINES,
     DEFAULT_ALPHAS,
     CellMean,
@@ -93,9 +93,9 @@ def sim_combos():
 
 @pytest.fixture(scope="module")
 def mcf_path():
-    from conftest import shared_path
+    from conftest import real_data  # the full file, else its small subset in tests/data
 
-    return shared_path("mcfaline2023_norman2019.h5ad")
+    return real_data("mcfaline2023_norman2019.h5ad")
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +276,7 @@ def test_pert_mean_unseen_perturbation_gets_the_global_mean(sim, caplog):
     labels = adata.uns["simulation"]["labels"]
     model = PertMean().fit(data, imbalanced_split(data, labels))
     expected = expected_pert_means(adata, labels).mean(axis=0)  # each perturbation counts once
-    with caplog.at_level(logging.INFO, logger="vcell.models.baselines"):
+    with caplog.at_level(logging.INFO, logger="vcell.predictors.baselines"):
         shift = model.predict_shift(context_controls(adata, "ctx_C"), ["NOT_A_GENE", labels[0], CTRL], "ctx_C")
     np.testing.assert_allclose(shift[0], expected, atol=1e-6)
     assert not np.allclose(shift[1], expected)
@@ -302,7 +302,7 @@ def test_context_mean_few_shot_is_the_mean_of_seen_effects(sim):
 def test_context_mean_zero_shot_falls_back_to_the_global_mean(sim, caplog):
     adata, data, split = sim
     labels = adata.uns["simulation"]["labels"]
-    with caplog.at_level(logging.INFO, logger="vcell.models.baselines"):
+    with caplog.at_level(logging.INFO, logger="vcell.predictors.baselines"):
         shift = ContextMean().fit(data, split).predict_shift(context_controls(adata, "ctx_C"), labels[:3], "ctx_C")
     glob = PertMean().fit(data, split).global_effect_
     np.testing.assert_allclose(shift, np.tile(glob, (3, 1)), atol=1e-12)
@@ -317,7 +317,7 @@ def test_linear_is_additive_and_beats_pert_mean_on_unseen_combinations(sim_combo
     adata, data, split, combos = sim_combos
     lin = LinearBaseline().fit(data, split)
     controls = context_controls(adata, "ctx_A")
-    with caplog.at_level(logging.INFO, logger="vcell.models.baselines"):
+    with caplog.at_level(logging.INFO, logger="vcell.predictors.baselines"):
         base = lin.predict_shift(controls, ["NOT_A_GENE"], "ctx_A")[0]  # intercept + context term
     assert "intercept + context term" in caplog.text
     for combo in combos:

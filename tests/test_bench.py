@@ -8,18 +8,27 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_cli
 
 from vcell.eval.scoring import read_csv
+
+from conftest import run_cli
 
 MODELS = ["control_mean", "cell_mean", "pert_mean", "context_mean", "linear"]
 
 
+@pytest.fixture
+def mcfaline():
+    """The McFaline file, else its small subset in tests/data (overrides conftest's full-file-only fixture)."""
+    from conftest import MCFALINE, real_data
+
+    return real_data(MCFALINE)
+
+
 @pytest.fixture(scope="module")
 def bench_dir(tmp_path_factory):
-    from conftest import MCFALINE, shared_path
+    from conftest import MCFALINE, real_data
 
-    data = shared_path(MCFALINE)
+    data = real_data(MCFALINE)  # the full file, else its small subset in tests/data
     out = tmp_path_factory.mktemp("bench") / "out"
     result = run_cli(
         "bench", "--data", data, "--pert-col", "perturbation", "--control", "control", "--dataset", "mcfaline23",

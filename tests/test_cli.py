@@ -5,9 +5,11 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pandas as pd
-from conftest import run_cli
+import pytest
 
 from vcell import __version__
+
+from conftest import run_cli
 
 
 def test_version_and_help():
@@ -47,6 +49,14 @@ def test_simulate_is_seeded_and_never_overwrites(tmp_path):
     assert a.read_bytes() == before
     check = run_cli("data", "check", a, "--batch-col", "gem_group")
     assert check.returncode == 0 and "counts" in check.stdout and "no problems found" in check.stdout
+
+
+@pytest.fixture
+def kang():
+    """The Kang file, else its small subset in tests/data (overrides conftest's full-file-only fixture)."""
+    from conftest import KANG, real_data
+
+    return real_data(KANG)
 
 
 def test_preprocess_cli_on_real_counts(kang, tmp_path):

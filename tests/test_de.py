@@ -2,7 +2,7 @@
 
 Oracles: scipy (the U test and BH), pdex 0.3.0 called the way cell-eval 0.8.2 calls it, and
 cell-eval's own ``MetricsEvaluator`` (its ``real_de.csv``), on the real datasets in
-``../shared/data`` (skipped with a reason when absent).
+``../shared/data`` (else their small subsets in tests/data).
 """
 
 from __future__ import annotations
@@ -19,17 +19,15 @@ from scipy.stats import false_discovery_control, mannwhitneyu
 from vcell.errors import VcellError
 from vcell.eval.de import COLUMNS, bh_fdr, de_arrays, differential_expression, mannwhitney_vs_reference
 
-from conftest import SHARED_DATA
+from conftest import real_data
 
 P_RTOL = 1e-9
 P_ATOL = 1e-300
 
 
 def _data(name: str):
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"../shared/data not found: {path} is missing, so the real-data parity test cannot run")
-    return path
+    """The full file in ../shared/data, else its small subset in tests/data, else skip."""
+    return real_data(name)
 
 
 def _assert_p_close(ours, ref):

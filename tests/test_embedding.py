@@ -12,10 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
 from vcell.errors import VcellError
-from vcell.models.embedding import SEConfig, SoftBinning, StateEmbedding, normalise_expression, tokenize
-from vcell.train.se import embed_adata, load_se, train_se
+from vcell.nn.embedding import SEConfig, SoftBinning, StateEmbedding, embed_adata, normalise_expression, tokenize
+from vcell.train.se import train_se
+
+from conftest import run_cli
+
+load_se = StateEmbedding.from_checkpoint
 
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "sentence_len": 66, "n_mask": 32}
 

@@ -6,10 +6,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_cli
-from eval_cases import norman, simulated
 
 from vcell.eval.scoring import STATISTICS, read_csv
+
+from conftest import run_cli
+from eval_cases import norman, simulated
 
 pytest.importorskip("cell_eval", reason="cell-eval 0.8.2 (test extra) is the oracle for these tests")
 

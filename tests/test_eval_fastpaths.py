@@ -7,12 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from eval_cases import simulated
 
 from vcell.errors import VcellError
 from vcell.eval.de import de_arrays
 from vcell.eval.metrics import DEData, as_cell_eval_bulk, pseudobulk
 from vcell.eval.run import summarise, write_de_csv
+
+from eval_cases import simulated
 
 
 def _shuffled(adata, col, seed=0):

@@ -12,10 +12,11 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import save_file
 
-from conftest import MCFALINE, run_cli, shared_path
 from vcell.errors import VcellError
-from vcell.models.genes import GeneEmbeddings, data_gene_embeddings, embed_fasta
-from vcell.models.protein import ShardStore, _fingerprint, chunk, partial_dir, plan_batches, read_fasta, sequence_key
+from vcell.features import GeneEmbeddings, data_gene_embeddings, embed_fasta
+from vcell.features.protein import ShardStore, _fingerprint, chunk, partial_dir, plan_batches, read_fasta, sequence_key
+
+from conftest import MCFALINE, real_data, run_cli
 
 ESM_ALPHABET = ["<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO.-", "<null_1>", "<mask>"]
 MAX_POSITIONS = 34  # a 32-residue window, so a 70-residue protein is cut into 3 chunks
@@ -204,7 +205,7 @@ def test_data_embeddings_real_controls_near_optimal():
     """On real controls, the vectors' Gram matrix is a near-best rank-k fit of the gene correlations."""
     from vcell.data.io import read_h5ad
 
-    adata = read_h5ad(shared_path(MCFALINE))
+    adata = read_h5ad(real_data(MCFALINE))  # the fixture in tests/data keeps every control cell
     controls = (adata.obs["perturbation"] == "control").to_numpy()
     emb = data_gene_embeddings(adata, dim=32, control_mask=controls, seed=0)
     X = np.asarray(adata.X[controls].todense() if sp.issparse(adata.X) else adata.X[controls], dtype=np.float64)

@@ -27,8 +27,8 @@ import scipy.sparse as sp
 pl = pytest.importorskip("polars", reason="polars (a cell-eval dependency) is needed to run the cell-eval oracle")
 pytest.importorskip("cell_eval", reason="cell-eval 0.8.2 (test extra) is the oracle for these tests")
 
-from eval_cases import SCENARIOS  # noqa: E402
 from vcell.errors import VcellError  # noqa: E402
+from vcell.eval.inputs import check_pair  # noqa: E402
 from vcell.eval.metrics import (  # noqa: E402
     REGISTRY,
     DEData,
@@ -45,9 +45,10 @@ from vcell.eval.metrics import (  # noqa: E402
     mean_pairwise_distance,
 )
 from vcell.eval.profiles import PERTURBATION_COLUMN, PROFILES, compute_results, profile_metrics  # noqa: E402
-from vcell.eval.inputs import check_pair  # noqa: E402
 from vcell.eval.run import EvalResult, evaluate  # noqa: E402
 from vcell.eval.scoring import STATISTICS, agg_results  # noqa: E402
+
+from eval_cases import SCENARIOS  # noqa: E402
 
 ATOL = 1e-6
 

@@ -19,11 +19,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from conftest import PAPALEXI, shared_path
 
 from vcell.errors import VcellError
 from vcell.eval import prep
 from vcell.eval.prep import prepare_submission, read_gene_list, read_submission
+
+from conftest import PAPALEXI, real_data
 
 N_CELLS = 400
 
@@ -35,7 +36,7 @@ def _sha(path: Path) -> str:
 @pytest.fixture(scope="module")
 def pap_small() -> ad.AnnData:
     """400 real THP-1 cells x 290 genes, raw counts, with the perturbation in ``target_gene``."""
-    src = ad.read_h5ad(shared_path(PAPALEXI))
+    src = ad.read_h5ad(real_data(PAPALEXI))  # the full file, else its small subset in tests/data
     rng = np.random.default_rng(7)
     idx = np.sort(rng.choice(src.n_obs, N_CELLS, replace=False))
     small = src[idx].copy()

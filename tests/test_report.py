@@ -19,8 +19,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from conftest import MCFALINE, shared_path
 from vcell.errors import VcellError
+
+from conftest import MCFALINE, real_data
 
 PERT_COL, CONTROL, CONTEXT_COL = "perturbation", "control", "cell_type"
 CONTEXTS = ["T98G", "U87MG"]
@@ -54,7 +55,7 @@ def bench_dir(tmp_path_factory) -> Path:
     from vcell.eval.run import run
     from vcell.eval.scoring import read_csv, score
 
-    data_path = shared_path(MCFALINE)
+    data_path = real_data(MCFALINE)  # the full file, else its small subset in tests/data
     root = tmp_path_factory.mktemp("bench")
     (root / "predictions").mkdir()
     adata = ad.read_h5ad(data_path)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import run_cli
 
 from vcell.data.dataset import load_dataset
 from vcell.data.spec import DataSpec
 from vcell.data.splits import apply_split, holdout_config, read_split_toml
 from vcell.errors import VcellError
+
+from conftest import run_cli
 
 MCF_SPEC = DataSpec(pert_col="perturbation", control="control", context_col="cell_type")
 KANG_SPEC = DataSpec(pert_col="stim", control="CTRL", context_col="seurat_annotations")

@@ -10,12 +10,13 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
-from conftest import error_line, run_cli
 from vcell.data.dataset import from_anndata
 from vcell.data.simulate import simulate_perturbseq
 from vcell.data.splits import apply_split, holdout_config
 from vcell.errors import VcellError
-from vcell.models.registry import make_model
+from vcell.predictors.registry import make_model
+
+from conftest import error_line, run_cli
 
 TINY = {"width": 32, "n_layers": 1, "n_heads": 2}
 TINY_OPTS = dict(config={**TINY, "encoder_layers": 1}, max_steps=15, set_size=16, batch_size=4, accelerator="cpu")

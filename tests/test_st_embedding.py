@@ -10,14 +10,15 @@ import pytest
 import scanpy as sc
 import torch
 
-from conftest import error_line, run_cli
 from vcell.data.dataset import from_anndata
 from vcell.data.simulate import simulate_perturbseq
 from vcell.data.splits import apply_split, holdout_config
 from vcell.errors import VcellError
-from vcell.models.st_predictor import STPredictor
-from vcell.models.transition import STConfig, StateTransition
+from vcell.nn.transition import StateTransition, STConfig
+from vcell.predictors.st import STPredictor
 from vcell.train.st import CellSetDataModule, build_module, train_st
+
+from conftest import error_line, run_cli
 
 TINY = {"width": 32, "n_layers": 1, "n_heads": 2, "encoder_layers": 2, "gene_hidden": [48, 48]}
 SE_TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "sentence_len": 40, "n_mask": 16}

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from conftest import error_line, run_cli
 from test_st_cli import TINY, _tiny_adata
+
 from vcell.data.dataset import from_anndata
 from vcell.data.splits import apply_split, holdout_config
 from vcell.errors import VcellError
-from vcell.models.precision import autocast
-from vcell.models.registry import make_model
+from vcell.nn.precision import autocast
+from vcell.predictors.registry import make_model
+
+from conftest import error_line, run_cli
 
 OPTS = dict(config={**TINY, "encoder_layers": 2, "dropout": 0.0}, max_steps=12, set_size=16, batch_size=4,
             accelerator="cpu", lr=1e-3, checkpoint="last")
@@ -110,8 +111,8 @@ def test_fp16_on_cpu_is_a_one_line_error(tmp_path):
 def test_converted_inference_copy_gives_autocast_numbers(extra):
     """The bf16 copy prediction runs (Linear layers converted once) computes exactly what autocast
     computes on the fp32 model; norms and embeddings stay fp32 in it."""
-    from vcell.models.st_predictor import STPredictor
-    from vcell.models.transition import STConfig, StateTransition
+    from vcell.nn.transition import StateTransition, STConfig
+    from vcell.predictors.st import STPredictor
 
     torch.manual_seed(0)
     config = STConfig(**{"input_dim": 40, "pert_dim": 5, "width": 32, "n_layers": 2, "n_heads": 2, "encoder_layers": 2, **extra})

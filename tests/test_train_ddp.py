@@ -12,13 +12,15 @@ import pytest
 import scanpy as sc
 from safetensors.torch import load_file
 
-from conftest import run_cli
 from vcell.data.dataset import load_dataset
 from vcell.data.simulate import simulate_perturbseq
 from vcell.data.spec import DataSpec
 from vcell.data.splits import apply_split, holdout_config
 from vcell.errors import VcellError
-from vcell.train.st import CellSetDataModule, _EpochBatches, check_run_options, rank_share, train_st
+from vcell.train.options import check_run_options
+from vcell.train.st import CellSetDataModule, _EpochBatches, rank_share, train_st
+
+from conftest import run_cli
 
 # dropout 0: every rank draws its own dropout masks, so with dropout the runs differ by design
 TINY = {"width": 32, "n_layers": 2, "n_heads": 2, "encoder_layers": 2, "dropout": 0.0}

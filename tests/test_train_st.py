@@ -15,9 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vcell.data.dataset import from_anndata
-from vcell.data.simulate import simulate_perturbseq
-from vcell.data.splits import apply_split, holdout_config
 from vcell.errors import VcellError
 from vcell.train.checkpoint import load_checkpoint, resolve_checkpoint_dir, save_checkpoint
 from vcell.train.st import CellSetDataModule, build_module, train_st
@@ -145,7 +142,9 @@ def _same_tree(a, b) -> bool:
 
 def test_trainer_state_of_the_older_single_file_layout_still_resumes(tiny, tmp_path):
     """SE checkpoints written before ST and SE shared one checkpoint IO kept the trainer state in one file."""
-    from vcell.train.checkpoint import STATE, TRAINER_STATE, _save_tree, _trainer_state
+    from vcell.nn.checkpoint import STATE, TRAINER_STATE
+    from vcell.nn.checkpoint import save_tree as _save_tree
+    from vcell.train.checkpoint import _trainer_state
 
     data, split = tiny
     run = train_st(data, split, tmp_path / "run", TINY, max_steps=3, seed=1, **FAST)

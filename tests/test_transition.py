@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from vcell.errors import VcellError
-from vcell.models.layers import energy_distance, mlp
-from vcell.models.transition import StateTransition, STConfig, pert_features
+from vcell.nn.layers import energy_distance, mlp
+from vcell.nn.transition import StateTransition, STConfig, pert_features
 
 
 def tiny_config(**overrides) -> STConfig:

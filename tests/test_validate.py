@@ -10,13 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from conftest import run_cli, shared_path, PAPALEXI, MCFALINE, KANG
 
 from vcell.data.dataset import load_dataset
 from vcell.data.io import read_h5ad
 from vcell.data.spec import DataSpec
 from vcell.data.validate import check, infer_expression_type, validate
 from vcell.errors import VcellError
+
+from conftest import KANG, MCFALINE, PAPALEXI, real_data, run_cli, shared_path
 
 MCF_SPEC = DataSpec(pert_col="perturbation", control="control", context_col="cell_type")
 KANG_SPEC = DataSpec(pert_col="stim", control="CTRL", context_col="seurat_annotations")
@@ -48,6 +49,18 @@ def test_real_files_read_and_validate(name, spec, expression, n_cells, n_genes, 
     assert any("inferred as" in r.getMessage() and expression in r.getMessage() for r in caplog.records)
     assert data.index.n_cells == n_cells
     assert data.index.is_control.sum() == (data.adata.obs[spec.pert_col] == spec.control).sum()
+
+
+@pytest.fixture
+def kang():
+    """The Kang file, else its small subset in tests/data (Eryth without controls, as in the full file)."""
+    return real_data(KANG)
+
+
+@pytest.fixture
+def papalexi():
+    """The Papalexi file, else its small subset in tests/data (overrides conftest's full-file-only fixture)."""
+    return real_data(PAPALEXI)
 
 
 def test_context_without_controls(kang, caplog):
@@ -104,7 +117,7 @@ def test_check_collects_every_problem(papalexi):
 @pytest.fixture(scope="module")
 def base_adata() -> ad.AnnData:
     """A real counts dataset with the default column names: papalexi, two contexts from bio_rep."""
-    a = ad.read_h5ad(shared_path(PAPALEXI))
+    a = ad.read_h5ad(real_data(PAPALEXI))  # the full file, else its small subset in tests/data
     rng = np.random.default_rng(0)
     a = a[np.sort(rng.choice(a.n_obs, 1500, replace=False))].copy()
     obs = pd.DataFrame(index=a.obs_names)

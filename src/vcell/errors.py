@@ -1,6 +1,9 @@
-"""User-facing errors: one readable line, no traceback."""
+"""User-facing errors (one readable line, no traceback) and the pieces their messages share."""
 
 from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 
 class VcellError(Exception):
@@ -14,3 +17,32 @@ class VcellError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def preview(items: Iterable, n: int = 5, quote: bool = True) -> str:
+    """The first ``n`` of ``items`` for a message, with the total when some are left out.
+
+    Examples
+    --------
+    >>> preview(["A", "B", "C"], n=2)
+    "'A', 'B', ... (3 in all)"
+    >>> preview([1, 2], quote=False)
+    '1, 2'
+    """
+    items = [str(i) for i in items]
+    shown = ", ".join(repr(i) if quote else i for i in items[:n])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def did_you_mean(value: str, options: Iterable, n: int = 3, cutoff: float = 0.6) -> str:
+    """``"; did you mean 'x', 'y'?"`` for the options close to ``value``, else ``""``.
+
+    Examples
+    --------
+    >>> did_you_mean("linaer", ["linear", "cell_mean"])
+    "; did you mean 'linear'?"
+    >>> did_you_mean("zzz", ["linear"])
+    ''
+    """
+    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=n, cutoff=cutoff)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""

@@ -8,12 +8,12 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from vcell import __version__
+from vcell._version import __version__
 from vcell.cli import data as data_cli
 from vcell.cli import eval as eval_cli
 from vcell.cli import genes as genes_cli
-from vcell.cli.common import err_console, setup_logging
 from vcell.cli.bench import bench
+from vcell.cli.common import err_console, setup_logging
 from vcell.cli.demo import demo
 from vcell.cli.embed import embed
 from vcell.cli.predict import predict

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from vcell.errors import VcellError
 from vcell.cli.common import AllowMissingControls, BatchCol, ContextCol, Control, PertCol, Seed, console, make_spec, table
+from vcell.errors import VcellError
 
 DEFAULT_MODELS = "control_mean,cell_mean,pert_mean,context_mean,linear"
 
@@ -19,10 +19,10 @@ def model_options(path: Path) -> dict[str, dict]:
     An entry may name a variant of a model with ``model:``, e.g. ``st_se: {model: st, embed_key:
     X_vcell}`` makes ``st_se`` usable in ``--models`` next to ``st``.
     """
-    from vcell.cli.train import read_config_file
-    from vcell.models.registry import model_names
+    from vcell.nn.config import read_config_file
+    from vcell.predictors.registry import model_names
 
-    values = read_config_file(path)
+    values = read_config_file(path, "model config")
     known = model_names()
     for name, opts in values.items():
         if not isinstance(opts, dict):
@@ -38,7 +38,7 @@ def model_options(path: Path) -> dict[str, dict]:
 
 def build_model(name: str, options: dict[str, dict], seed: int):
     """A fresh predictor for ``name``: a registered model or a variant declared in ``options``."""
-    from vcell.models.registry import make_model
+    from vcell.predictors.registry import make_model
 
     opts = dict(options.get(name, {}))
     return make_model(opts.pop("model", name), seed=seed, **opts)
@@ -64,7 +64,7 @@ def bench(
     seed: Seed = 0,
 ) -> None:
     """Train each model, predict the held-out contexts, score with vcell eval, write leaderboard + report."""
-    from vcell.bench import run_bench
+    from vcell.leaderboard import run_bench
 
     spec = make_spec(pert_col, control, context_col, batch_col, None)
     names = [m.strip() for m in models.split(",") if m.strip()]

@@ -70,7 +70,8 @@ def split_view(summary):
             view[f"{role} (perts/cells)"] = [f"{p} / {c}" for p, c in zip(summary[f"{role}_perts"], summary[f"{role}_cells"])]
     return view
 
-# Options shared by the training commands (vcell train st|se).
+# Options shared by the training commands (vcell train st|se); their defaults come from vcell.train.options.
+MaxSteps = Annotated[int, typer.Option("--max-steps", help="Training steps (a resumed run continues up to this step).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.")]
 CheckpointEvery = Annotated[int, typer.Option("--checkpoint-every", help="Write last/ every N steps.")]
 Accelerator = Annotated[str, typer.Option("--accelerator", help="auto, cpu or gpu.")]

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from vcell.cli.common import Seed, console, split_view, table
 from vcell.cli.bench import DEFAULT_MODELS
+from vcell.cli.common import Seed, console, split_view, table
 
 
 def demo(
@@ -18,13 +18,13 @@ def demo(
     seed: Seed = 0,
 ) -> None:
     """Simulate a Perturb-seq dataset, hold out a context, benchmark every baseline, write a report."""
-    from vcell.bench import run_bench
     from vcell.data.dataset import load_dataset
     from vcell.data.io import write_h5ad
     from vcell.data.simulate import simulate_perturbseq
     from vcell.data.spec import DataSpec
     from vcell.data.splits import apply_split, holdout_config
-    from vcell.models.registry import make_model
+    from vcell.leaderboard import run_bench
+    from vcell.predictors.registry import make_model
 
     with console.status("simulating a Perturb-seq dataset"):
         adata = simulate_perturbseq(seed=seed)

@@ -53,7 +53,7 @@ def run_cmd(
     console.print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
     console.print("wrote " + ", ".join(str(p) for p in paths))
     # The process ends next: spare the interpreter's final garbage collections over every object
-    # of pandas, anndata, numba & co. (~0.15 s of a ~3 s run); the outputs are closed already.
+    # of pandas, anndata, numba & co.; the outputs are closed already.
     gc.freeze()
 
 

@@ -48,7 +48,7 @@ def embed(
 ) -> None:
     """Embed proteins with ESM2 (mean over residues, then isoforms) into a gene x dim table; resumable."""
     from vcell.data.io import check_output_path
-    from vcell.models.genes import embed_fasta
+    from vcell.features.protein import embed_fasta
 
     check_output_path(out, [fasta], overwrite)
     emb = embed_fasta(fasta, esm_model, out, header_regex=header_regex, max_tokens=max_tokens, device=device, seed=seed, progress=progress)
@@ -70,7 +70,7 @@ def from_data(
     """Gene vectors without a protein model: PCA of gene co-expression in the control cells."""
     from vcell.data.io import check_output_path, read_h5ad
     from vcell.data.validate import infer_expression_type
-    from vcell.models.genes import data_gene_embeddings
+    from vcell.features.genes import data_gene_embeddings
 
     check_output_path(out, [data], overwrite)
     adata = read_h5ad(data, backed=True)

@@ -1,8 +1,7 @@
-"""``vcell train ...``: train STATE models (``vcell train st``)."""
+"""``vcell train st`` and ``vcell train se``: train the State Transition and State Embedding models."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +14,8 @@ from vcell.cli.common import (
     ContextCol,
     Control,
     Devices,
+    Expression,
+    MaxSteps,
     NumNodes,
     NumWorkers,
     PertCol,
@@ -28,26 +29,17 @@ from vcell.cli.common import (
     table,
 )
 from vcell.errors import VcellError
+from vcell.train.options import SETrainOptions, STTrainOptions
 
-app = typer.Typer(help="Train STATE models on a log1p perturbation dataset.", no_args_is_help=True)
+app = typer.Typer(help="Train STATE models: ST on a log1p perturbation dataset, SE on any expression data.", no_args_is_help=True)
+
+ST = STTrainOptions()
+SE = SETrainOptions()
 
 
-def read_config_file(path: Path) -> dict:
-    """STConfig overrides from a YAML or JSON file (a mapping of field -> value)."""
-    import yaml
-
-    if not path.is_file():
-        raise VcellError(f"{path}: config file not found")
-    text = path.read_text()
-    try:
-        values = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise VcellError(f"{path}: unreadable config ({str(exc).splitlines()[0]})") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise VcellError(f"{path}: the config must be a mapping of ST config fields to values")
-    return values
+def _options(cls, values: dict):
+    """The run options among a command's parameters ``values``."""
+    return cls.from_values({k: v for k, v in values.items() if k in cls.names()})
 
 
 @app.command("st")
@@ -58,20 +50,20 @@ def st(
     val_context: Annotated[list[str] | None, typer.Option("--val-context", help="Validation context, repeatable (writes best/).")] = None,
     preset: Annotated[str, typer.Option("--preset", help="Model size: small, default or large.")] = "small",
     config: Annotated[Path | None, typer.Option("--config", help="YAML/JSON file of STConfig overrides (e.g. width, n_layers).")] = None,
-    max_steps: Annotated[int, typer.Option("--max-steps", help="Training steps.")] = 300,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Cell sets per step, over all processes (each of W processes takes 1/W).")] = 8,
-    set_size: Annotated[int, typer.Option("--set-size", help="Cells per set.")] = 64,
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-4,
+    max_steps: MaxSteps = ST.max_steps,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Cell sets per step, over all processes (each of W processes takes 1/W).")] = ST.batch_size,
+    set_size: Annotated[int, typer.Option("--set-size", help="Cells per set.")] = ST.set_size,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = ST.lr,
     out: Annotated[Path, typer.Option("--out", help="Run folder: last/, best/, logs/.")] = Path("vcell-st"),
     embed_key: Annotated[str | None, typer.Option("--embed-key", help="Train in this .obsm cell-embedding space (e.g. X_vcell from `vcell embed`) with a gene decoder back to X.")] = None,
     resume: Resume = False,
-    checkpoint_every: CheckpointEvery = 100,
-    accelerator: Accelerator = "auto",
-    devices: Devices = 1,
-    num_nodes: NumNodes = 1,
-    strategy: Strategy = "auto",
-    precision: Precision = "32",
-    num_workers: NumWorkers = 0,
+    checkpoint_every: CheckpointEvery = ST.checkpoint_every,
+    accelerator: Accelerator = ST.accelerator,
+    devices: Devices = ST.devices,
+    num_nodes: NumNodes = ST.num_nodes,
+    strategy: Strategy = ST.strategy,
+    precision: Precision = ST.precision,
+    num_workers: NumWorkers = ST.num_workers,
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
     context_col: ContextCol = "cell_type",
@@ -83,15 +75,14 @@ def st(
 
     from vcell.data.dataset import load_dataset
     from vcell.data.splits import apply_split, holdout_config, read_split_toml
-    from vcell.models.transition import STConfig
-    from vcell.train.st import check_run_options, train_st
+    from vcell.nn.transition import STConfig
+    from vcell.train.st import train_st
 
     if split is not None and (holdout_context or val_context):
         raise VcellError("give either --split or --holdout-context/--val-context, not both")
-    check_run_options(accelerator, devices, num_nodes, strategy, precision, batch_size)
+    options = _options(STTrainOptions, locals())
     # DDP runs this command once per process (Lightning re-runs it); only rank 0 reports
-    overrides = read_config_file(config) if config is not None else {}
-    values = STConfig.preset_values(preset, overrides)
+    values = STConfig.from_file(config, preset)
     spec = make_spec(pert_col, control, context_col, batch_col, None)
     # only what training reads: a raw-counts layer or other .obsm entries would just take memory
     dataset = load_dataset(data, spec, only_obsm=[embed_key] if embed_key else [])
@@ -107,15 +98,44 @@ def st(
         console.print(table(split_view(applied.summary(index)), title="split"))
     space = f"in .obsm[{embed_key!r}]" if embed_key else "in gene space"
     with console.status(f"training ST ({preset}, {space}) for {max_steps} steps"):
-        run = train_st(
-            dataset, applied, out, values, max_steps=max_steps, batch_size=batch_size, set_size=set_size, seed=seed,
-            resume=resume, num_workers=num_workers, lr=lr, checkpoint_every=checkpoint_every, accelerator=accelerator,
-            devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, embed_key=embed_key,
-        )
+        run = train_st(dataset, applied, out, values, options, resume=resume, embed_key=embed_key)
     if rank_zero_only.rank == 0:
         console.print(f"checkpoint: {run / 'last'}" + (f" (best: {run / 'best'})" if (run / "best").is_dir() else ""))
 
 
-from vcell.cli.embed import train_se  # noqa: E402  (vcell train se)
+@app.command("se")
+def se(
+    data: Annotated[list[Path], typer.Option("--data", help=".h5ad file (counts or log1p); repeat for several datasets.")],
+    genes: Annotated[Path | None, typer.Option("--genes", help="Gene embedding table (.safetensors, .parquet or .pt); default: derived from the data.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Run folder: last/, logs/.")] = Path("vcell-se"),
+    preset: Annotated[str, typer.Option("--preset", help="Model size: tiny, small (CPU), default or large.")] = "small",
+    config: Annotated[Path | None, typer.Option("--config", help="YAML/JSON file of SEConfig overrides (e.g. d_model, sentence_len, n_mask).")] = None,
+    max_steps: MaxSteps = SE.max_steps,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Cells per step, over all processes.")] = SE.batch_size,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate (warm-up, then cosine decay).")] = SE.lr,
+    gene_dim: Annotated[int, typer.Option("--gene-dim", help="Width of data-derived gene embeddings (without --genes).")] = SE.gene_dim,
+    resume: Resume = False,
+    checkpoint_every: CheckpointEvery = SE.checkpoint_every,
+    accelerator: Accelerator = SE.accelerator,
+    devices: Devices = SE.devices,
+    num_nodes: NumNodes = SE.num_nodes,
+    strategy: Strategy = SE.strategy,
+    precision: Precision = SE.precision,
+    num_workers: NumWorkers = SE.num_workers,
+    expression: Expression = None,
+    seed: Seed = 0,
+) -> None:
+    """Train a State Embedding model (cell sentences -> cell embeddings); the checkpoint goes to OUT/last."""
+    from lightning.pytorch.utilities import rank_zero_only
 
-app.command("se")(train_se)
+    from vcell.nn.embedding import SEConfig
+    from vcell.train.se import train_se
+
+    if expression is not None and expression not in ("counts", "log1p"):
+        raise VcellError(f"--expression {expression!r}: use 'counts' or 'log1p'")
+    options = _options(SETrainOptions, locals())
+    values = SEConfig.from_file(config, preset)
+    with console.status(f"training SE ({preset}) for {max_steps} steps"):
+        run = train_se(data, out, values, genes=genes, options=options, resume=resume, expression=expression)
+    if rank_zero_only.rank == 0:
+        console.print(f"checkpoint: {run / 'last'}")

@@ -1,4 +1,5 @@
-"""Per-group sums and means of matrix rows, in float64, block by block (backed files too).
+"""Per-group sums and means of matrix rows, in float64, block by block (backed files too), and the
+cell-mean baseline vector (:func:`cell_mean`) built on them.
 
 One numba pass per row block: no float64 copy of the matrix, no densified sparse matrix.
 """
@@ -61,3 +62,54 @@ def group_means(X, codes: np.ndarray, n_groups: int) -> np.ndarray:
     if np.any(sizes == 0):
         raise VcellError(f"{int((sizes == 0).sum())} group(s) have no cells")
     return group_sums(X, codes, n_groups) / sizes[:, None]
+
+
+def cell_mean(
+    X,
+    codes: np.ndarray,
+    control: int,
+    n_groups: int | None = None,
+    *,
+    as_delta: bool = False,
+    match_dtype: bool = False,
+) -> np.ndarray:
+    """The "cell-mean" baseline vector: the mean over groups of each group's mean row.
+
+    Every group (the control group included) weighs the same, whatever its number of cells; this
+    is the vector the Virtual Cell Challenge's cell-mean baseline predicts for every perturbed
+    cell (``cell-eval baseline``).
+
+    Parameters
+    ----------
+    X : array-like, sparse matrix or backed dataset, shape (n_cells, n_genes)
+        Expression (log1p), read in row blocks as :func:`group_sums` does.
+    codes : numpy.ndarray of int, shape (n_cells,)
+        Group of each row, ``0 .. n_groups - 1``; ``-1`` leaves the row out.
+    control : int
+        Code of the control group.
+    n_groups : int, optional
+        Number of groups (default ``codes.max() + 1``); every group must have rows.
+    as_delta : bool
+        Return the mean over the non-control groups of (group mean - control mean) instead.
+    match_dtype : bool
+        Round each group mean to the floating dtype of ``X`` before averaging (cell-eval's polars
+        group means of float32 data are float32); the average is then taken in that dtype.
+        ``False`` keeps float64 throughout.
+
+    Returns
+    -------
+    numpy.ndarray, shape (n_genes,)
+        The baseline vector (float64, or ``X``'s floating dtype with ``match_dtype``).
+    """
+    codes = np.asarray(codes)
+    if n_groups is None:
+        n_groups = int(codes.max()) + 1 if codes.size else 0
+    if not 0 <= control < n_groups:
+        raise VcellError(f"control group code {control} is outside the {n_groups} groups")
+    means = group_means(X, codes, n_groups)
+    if match_dtype and np.issubdtype(X.dtype, np.floating):
+        means = means.astype(X.dtype)
+    is_ctrl = np.arange(n_groups) == control
+    if as_delta:
+        return (means[~is_ctrl] - means[is_ctrl]).mean(axis=0)
+    return means.mean(axis=0)

@@ -15,10 +15,9 @@ import torch
 from torch.utils.data import Dataset
 
 from vcell.data.dataset import CellIndex
+from vcell.data.spec import CONTROL_STRATEGIES, DEFAULT_SET_SIZE
 from vcell.data.splits import CONTROL, Split
 from vcell.errors import VcellError
-
-CONTROL_STRATEGIES = ("batch", "random")
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ class CellSetSampler:
         index: CellIndex,
         split: Split | None = None,
         role: str = "train",
-        set_size: int = 128,
+        set_size: int = DEFAULT_SET_SIZE,
         control_strategy: str = "batch",
         train: bool = True,
         seed: int = 0,
@@ -202,8 +201,12 @@ class CellSetDataset(Dataset):
 
 
 def collate_cell_sets(items: list[dict]) -> dict:
-    """Stack cell sets into a batch, zero-padding short sets (``mask`` marks the real cells)."""
-    S = max(item["target"].shape[0] for item in items)
+    """Stack cell sets into a batch, zero-padding short sets (``mask`` marks the real cells).
+
+    Training items hold ``target`` and ``basal`` (and the codes ``pert``, ``context``, ``batch``);
+    prediction items hold ``basal``, ``mask`` and ``pert`` only. Keys an item lacks are left out.
+    """
+    S = max(item["basal"].shape[0] for item in items)
     out: dict = {}
     for key in ("target", "basal", "mask", "target_genes", "basal_genes"):
         if key not in items[0]:
@@ -217,5 +220,6 @@ def collate_cell_sets(items: list[dict]) -> dict:
             padded.append(x)
         out[key] = torch.stack(padded)
     for key in ("pert", "context", "batch"):
-        out[key] = torch.stack([item[key] for item in items])
+        if key in items[0]:
+            out[key] = torch.stack([item[key] for item in items])
     return out

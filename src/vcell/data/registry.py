@@ -1,8 +1,9 @@
-"""Registry of public single-cell perturbation datasets, and a resumable, verifying downloader.
+"""Registry of public single-cell perturbation datasets: loading, merging and looking up entries.
 
-The built-in entries point at public files (scPerturb on Zenodo, Replogle et al. 2022 on
-figshare+, Kang et al. 2018 as distributed by pertpy). Users can add or override entries with a
-TOML file (argument or ``$VCELL_REGISTRY``)::
+The built-in entries live in the packaged file ``vcell/data/catalogue.toml`` (public files from
+scPerturb on Zenodo, Replogle et al. 2022 on figshare+, Kang et al. 2018 as distributed by
+pertpy). Users can add or override entries with a TOML file of the same format (argument or
+``$VCELL_REGISTRY``); both are read by the same code::
 
     [datasets.mydata]
     url = "https://example.org/mydata.h5ad"
@@ -22,42 +23,41 @@ An entry whose name matches a built-in one replaces only the fields it gives, so
 
 No built-in entry carries a checksum: a checksum is only ever written after computing it from the
 file itself, and these entries were written without access to the files.
+
+:func:`fetch` downloads a dataset by name; the resumable, verifying download itself and the cache
+directory live in :mod:`vcell.data.download` (re-exported here).
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import hashlib
-import http.client
-import json
+import importlib.resources
 import os
 import re
 import tomllib
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from vcell import __version__
+from vcell.data.download import (  # noqa: F401 - re-exported: part of this module's API
+    CACHE_ENV,
+    DEFAULT_TIMEOUT,
+    ProgressCallback,
+    cache_dir,
+    download,
+    fcntl,
+    sha256_file,
+)
 from vcell.data.spec import EXPRESSION_TYPES, DataSpec
-from vcell.errors import VcellError
-
-try:  # POSIX only; without it concurrent fetches of one file are simply not guarded
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+from vcell.errors import VcellError, did_you_mean
 
 REGISTRY_ENV = "VCELL_REGISTRY"
-CACHE_ENV = "VCELL_CACHE_DIR"
 PERTURBATION_TYPES: tuple[str, ...] = ("CRISPRi", "CRISPRa", "KO", "drug", "cytokine", "other")
 CHECKSUM_UNKNOWN = "checksum unknown; verified by size only if known"
-DEFAULT_TIMEOUT = 60.0
+CATALOGUE = "catalogue.toml"  # the built-in entries, a data file of this package
+BUILTIN_SOURCE = "built-in"
 
-_CHUNK = 1 << 20
-_USER_AGENT = f"vcell/{__version__}"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _COLUMN_KEYS = ("pert_col", "control", "context_col", "batch_col", "expression")
@@ -67,7 +67,7 @@ _ENTRY_KEYS = (
 )
 _CITATION_KEYS = ("authors", "year", "title", "journal", "doi")
 
-ProgressCallback = Callable[[int, int | None], None]
+_resolve_cache_dir = cache_dir  # several functions here have a parameter of the same name
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class DatasetInfo:
     homepage: str = ""
     size_bytes: int | None = None
     sha256: str | None = None
-    source: str = "built-in"
+    source: str = BUILTIN_SOURCE
 
     def spec(self) -> DataSpec:
         """The :class:`~vcell.data.spec.DataSpec` describing this dataset's columns."""
@@ -157,160 +157,25 @@ class DatasetInfo:
         return CHECKSUM_UNKNOWN
 
 
-def _columns(pert_col, control, context_col=None, batch_col=None, expression=None) -> dict:
-    return {"pert_col": pert_col, "control": control, "context_col": context_col,
-            "batch_col": batch_col, "expression": expression}
-
-
-_SCPERTURB = "https://zenodo.org/records/10044268"
-_SCPERTURB_NOTE = (
-    "Harmonised by scPerturb v1.4 (Peidli et al. 2024, Nat Methods, "
-    "doi:10.1038/s41592-023-02144-y); X holds raw counts."
-)
-_SCPERTURB_LICENSE = f"not recorded here; see the Zenodo record {_SCPERTURB}"
-_REPLOGLE_FIGSHARE = (
-    "https://plus.figshare.com/articles/dataset/_Mapping_information-rich_genotype-phenotype_"
-    "landscapes_with_genome-scale_Perturb-seq_Replogle_et_al_2022_processed_Perturb-seq_"
-    "datasets/20029387"
-)
-_REPLOGLE = Citation(
-    "Replogle JM, Saunders RA, Pogson AN, et al.", 2022,
-    "Mapping information-rich genotype-phenotype landscapes with genome-scale Perturb-seq",
-    "Cell 185(14):2559-2575", "10.1016/j.cell.2022.05.013",
-)
-
-
-def _scperturb(filename: str) -> str:
-    return f"{_SCPERTURB}/files/{filename}?download=1"
-
-
-BUILTIN_DATASETS: tuple[DatasetInfo, ...] = (
-    DatasetInfo(
-        name="norman2019",
-        title="Norman 2019: combinatorial CRISPRa in K562 (single and paired activations)",
-        url=_scperturb("NormanWeissman2019_filtered.h5ad"),
-        filename="NormanWeissman2019_filtered.h5ad",
-        perturbation_type="CRISPRa",
-        columns=_columns("perturbation", "control", "cell_line", "gemgroup", "counts"),
-        citation=Citation(
-            "Norman TM, Horlbeck MA, Replogle JM, et al.", 2019,
-            "Exploring genetic interaction manifolds constructed from rich single-cell phenotypes",
-            "Science 365(6455):786-793", "10.1126/science.aax4438",
-        ),
-        license=_SCPERTURB_LICENSE,
-        notes=_SCPERTURB_NOTE + " Paired activations are labelled 'A_B' (vcell uses 'A+B'); "
-        "about 0.7 GB.",
-        homepage=_SCPERTURB,
-    ),
-    DatasetInfo(
-        name="replogle2022_k562_essential",
-        title="Replogle 2022: essential-gene CRISPRi Perturb-seq in K562 (scPerturb)",
-        url=_scperturb("ReplogleWeissman2022_K562_essential.h5ad"),
-        filename="ReplogleWeissman2022_K562_essential.h5ad",
-        perturbation_type="CRISPRi",
-        columns=_columns("perturbation", "control", "cell_line", "batch", "counts"),
-        citation=_REPLOGLE,
-        license=_SCPERTURB_LICENSE,
-        notes=_SCPERTURB_NOTE + " 'batch' is the original gem_group.",
-        homepage=_SCPERTURB,
-    ),
-    DatasetInfo(
-        name="replogle2022_rpe1",
-        title="Replogle 2022: essential-gene CRISPRi Perturb-seq in RPE1 (scPerturb)",
-        url=_scperturb("ReplogleWeissman2022_rpe1.h5ad"),
-        filename="ReplogleWeissman2022_rpe1.h5ad",
-        perturbation_type="CRISPRi",
-        columns=_columns("perturbation", "control", "cell_line", "batch", "counts"),
-        citation=_REPLOGLE,
-        license=_SCPERTURB_LICENSE,
-        notes=_SCPERTURB_NOTE + " 'batch' is the original gem_group.",
-        homepage=_SCPERTURB,
-    ),
-    DatasetInfo(
-        name="replogle2022_k562_essential_raw",
-        title="Replogle 2022: K562 essential-gene CRISPRi, authors' raw single-cell h5ad",
-        url="https://plus.figshare.com/ndownloader/files/35773219",
-        filename="K562_essential_raw_singlecell_01.h5ad",
-        perturbation_type="CRISPRi",
-        columns=_columns("gene", "non-targeting", None, "gem_group", "counts"),
-        citation=_REPLOGLE,
-        license=f"not recorded here; see the figshare+ record {_REPLOGLE_FIGSHARE}",
-        notes="The authors' file (one cell line, no cell-line column); very large (about 10 GB).",
-        homepage=_REPLOGLE_FIGSHARE,
-    ),
-    DatasetInfo(
-        name="replogle2022_rpe1_raw",
-        title="Replogle 2022: RPE1 essential-gene CRISPRi, authors' raw single-cell h5ad",
-        url="https://plus.figshare.com/ndownloader/files/35775606",
-        filename="rpe1_raw_singlecell_01.h5ad",
-        perturbation_type="CRISPRi",
-        columns=_columns("gene", "non-targeting", None, "gem_group", "counts"),
-        citation=_REPLOGLE,
-        license=f"not recorded here; see the figshare+ record {_REPLOGLE_FIGSHARE}",
-        notes="The authors' file (one cell line, no cell-line column); several GB.",
-        homepage=_REPLOGLE_FIGSHARE,
-    ),
-    DatasetInfo(
-        name="srivatsan2020_sciplex3",
-        title="Srivatsan 2020 sci-Plex3: 188 compounds in A549, K562 and MCF7",
-        url=_scperturb("SrivatsanTrapnell2020_sciplex3.h5ad"),
-        filename="SrivatsanTrapnell2020_sciplex3.h5ad",
-        perturbation_type="drug",
-        columns=_columns("perturbation", "control", "cell_line", None, "counts"),
-        citation=Citation(
-            "Srivatsan SR, McFaline-Figueroa JL, Ramani V, et al.", 2020,
-            "Massively multiplex chemical transcriptomics at single-cell resolution",
-            "Science 367(6473):45-51", "10.1126/science.aax6234",
-        ),
-        license=_SCPERTURB_LICENSE,
-        notes=_SCPERTURB_NOTE + " Vehicle cells are 'control'; doses are in 'dose_value' (nM), "
-        "so one label pools all doses.",
-        homepage=_SCPERTURB,
-    ),
-    DatasetInfo(
-        name="papalexi2021_eccite",
-        title="Papalexi 2021 ECCITE-seq: CRISPR knockouts of immune checkpoint regulators in THP-1",
-        url=_scperturb("PapalexiSatija2021_eccite_RNA.h5ad"),
-        filename="PapalexiSatija2021_eccite_RNA.h5ad",
-        perturbation_type="KO",
-        columns=_columns("perturbation", "control", None, "hto", "counts"),
-        citation=Citation(
-            "Papalexi E, Mimitou EP, Butler AW, et al.", 2021,
-            "Characterizing the molecular regulation of inhibitory immune checkpoints with "
-            "multimodal single-cell screens",
-            "Nat Genet 53:322-331", "10.1038/s41588-021-00778-2",
-        ),
-        license=_SCPERTURB_LICENSE,
-        notes=_SCPERTURB_NOTE + " RNA modality only; labels are per guide (e.g. 'CD86g1'), "
-        "strip the 'g<n>' suffix to get per-gene groups; 'hto' is the replicate hashtag.",
-        homepage=_SCPERTURB,
-    ),
-    DatasetInfo(
-        name="kang2018_ifnb",
-        title="Kang 2018: PBMCs from 8 lupus patients, control vs interferon-beta (6 h)",
-        url="https://figshare.com/ndownloader/files/34464122",
-        filename="kang_2018.h5ad",
-        perturbation_type="cytokine",
-        columns=_columns("label", "ctrl", "cell_type", "replicate", "counts"),
-        citation=Citation(
-            "Kang HM, Subramaniam M, Targ S, et al.", 2018,
-            "Multiplexed droplet single-cell RNA-sequencing using natural genetic variation",
-            "Nat Biotechnol 36:89-94", "10.1038/nbt.4042",
-        ),
-        license="not recorded here; the file is the one pertpy.data.kang_2018() downloads",
-        notes="As distributed by pertpy (about 24.7k cells x 15.7k genes); 'label' is ctrl/stim, "
-        "'replicate' the donor. Hold out a cell type to test context generalisation.",
-        homepage="https://github.com/scverse/pertpy",
-    ),
-)
-
-
 # --------------------------------------------------------------------------------------------
 # Registry loading
 
 
+def _load_catalogue() -> tuple[DatasetInfo, ...]:
+    """The built-in entries from the packaged catalogue, parsed like a user registry file."""
+    resource = importlib.resources.files(__package__).joinpath(CATALOGUE)
+    label = str(resource)
+    try:
+        data = tomllib.loads(resource.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise VcellError(f"{label}: invalid TOML ({exc})") from exc
+    registry: dict[str, DatasetInfo] = {}
+    _merge_entries(registry, data, label, source=BUILTIN_SOURCE)
+    return tuple(registry.values())
+
+
 def builtin_registry() -> dict[str, DatasetInfo]:
-    """The built-in datasets, keyed by name."""
+    """The built-in datasets (from ``catalogue.toml``), keyed by name."""
     return {d.name: d for d in BUILTIN_DATASETS}
 
 
@@ -355,6 +220,11 @@ def _merge_user_registry(registry: dict[str, DatasetInfo], path: Path, from_env:
     except tomllib.TOMLDecodeError as exc:
         raise VcellError(f"{path}: invalid TOML ({exc})") from exc
 
+    _merge_entries(registry, data, path, source=str(path))
+
+
+def _merge_entries(registry: dict[str, DatasetInfo], data: dict, path: Path | str, source: str) -> None:
+    """Validate the parsed TOML of a registry file and add (or update) its entries in place."""
     unknown = sorted(set(data) - {"datasets"})
     if unknown:
         raise VcellError(f"{path}: unknown top-level key '{unknown[0]}' (expected only [datasets.NAME] tables)")
@@ -367,10 +237,11 @@ def _merge_user_registry(registry: dict[str, DatasetInfo], path: Path, from_env:
             raise VcellError(f"{path}: {key}: invalid dataset name (use letters, digits, '_', '-', '.')")
         if not isinstance(entry, dict):
             raise VcellError(f"{path}: {key}: expected a table of fields, got {type(entry).__name__}")
-        registry[name] = _parse_entry(path, name, entry, registry.get(name))
+        registry[name] = _parse_entry(path, name, entry, registry.get(name), source)
 
 
-def _parse_entry(path: Path, name: str, entry: dict, base: DatasetInfo | None) -> DatasetInfo:
+def _parse_entry(path: Path | str, name: str, entry: dict, base: DatasetInfo | None,
+                 source: str) -> DatasetInfo:
     where = f"{path}: [datasets.{name}]"
 
     def fail(key: str, problem: str):
@@ -384,11 +255,11 @@ def _parse_entry(path: Path, name: str, entry: dict, base: DatasetInfo | None) -
 
     for key in entry:
         if key not in _ENTRY_KEYS:
-            close = difflib.get_close_matches(key, _ENTRY_KEYS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(_ENTRY_KEYS)})"
+            close = did_you_mean(key, _ENTRY_KEYS, n=1)  # "; did you mean 'x'?" or ""
+            hint = f" ({close.removeprefix('; ')})" if close else f" (allowed: {', '.join(_ENTRY_KEYS)})"
             fail(key, "unknown key" + hint)
 
-    changes: dict = {"source": str(path)}
+    changes: dict = {"source": source}
     if "url" in entry:
         changes["url"] = _check_url(text("url"), lambda p: fail("url", p))
     elif base is None:
@@ -482,10 +353,14 @@ def _check_unique_filenames(registry: Mapping[str, DatasetInfo]) -> None:
     for info in registry.values():
         other = seen.setdefault(info.filename, info)
         if other is not info:
-            source = info.source if info.source != "built-in" else other.source
+            source = info.source if info.source != BUILTIN_SOURCE else other.source
             raise VcellError(
                 f"{source}: datasets '{other.name}' and '{info.name}' both use the file name "
                 f"'{info.filename}'; give one of them another filename")
+
+
+#: The built-in entries, read once from the packaged ``catalogue.toml``.
+BUILTIN_DATASETS: tuple[DatasetInfo, ...] = _load_catalogue()
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,6 +381,7 @@ def get_dataset(name: str, registry: Mapping[str, DatasetInfo] | None = None) ->
     folded = {n.lower(): n for n in registry}
     if name.lower() in folded:
         return registry[folded[name.lower()]]
+    # Not errors.did_you_mean: names are matched case-folded and by substring, and shown unquoted.
     suggestions = difflib.get_close_matches(name.lower(), list(folded), n=3, cutoff=0.5)
     suggestions += [n for n in folded if name.lower() in n and n not in suggestions]
     hint = f"; did you mean {', '.join(folded[s] for s in suggestions[:3])}?" if suggestions else ""
@@ -559,26 +435,7 @@ def _human_size(n: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Cache and checksums
-
-
-def cache_dir(path: str | os.PathLike | None = None) -> Path:
-    """Directory where datasets are downloaded.
-
-    ``path`` if given, else ``$VCELL_CACHE_DIR``, else the platform's user cache directory for
-    ``vcell`` (e.g. ``~/.cache/vcell`` on Linux). The directory is not created.
-    """
-    if path is not None:
-        return Path(path).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("vcell"))
-
-
-_resolve_cache_dir = cache_dir
+# Cache and download
 
 
 def cached_path(name: str | DatasetInfo, cache_dir: str | os.PathLike | None = None,
@@ -586,22 +443,6 @@ def cached_path(name: str | DatasetInfo, cache_dir: str | os.PathLike | None = N
     """Where :func:`fetch` puts (or has put) a dataset; the file may not exist yet."""
     info = name if isinstance(name, DatasetInfo) else get_dataset(name, registry)
     return _resolve_cache_dir(cache_dir) / info.filename
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = _CHUNK) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(chunk_size):
-                digest.update(chunk)
-    except OSError as exc:
-        raise VcellError(f"{path}: cannot read file to compute its checksum ({exc.strerror or exc})") from exc
-    return digest.hexdigest()
-
-
-# --------------------------------------------------------------------------------------------
-# Download
 
 
 def fetch(name: str, cache_dir: str | os.PathLike | None = None,
@@ -624,13 +465,8 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None,
         Download directory; default :func:`cache_dir`.
     registry
         Registry mapping, or the path of a TOML registry file; default :func:`load_registry`.
-    force
-        Download again even if a valid file is cached (the old file stays until the new one is
-        complete).
-    progress
-        Called as ``progress(bytes_done, total_bytes_or_None)`` as data arrives.
-    timeout
-        Seconds to wait for the server on connect and on each read.
+    force, progress, timeout
+        As in :func:`vcell.data.download.download`.
 
     Returns
     -------
@@ -646,247 +482,4 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None,
     if registry is None or isinstance(registry, (str, os.PathLike)):
         registry = load_registry(registry)
     info = get_dataset(name, registry)
-    directory = _resolve_cache_dir(cache_dir)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise VcellError(f"{directory}: cannot create cache directory ({exc.strerror or exc})") from exc
-    if not directory.is_dir():
-        raise VcellError(f"{directory}: cache path exists and is not a directory")
-    final = directory / info.filename
-    part = directory / f"{info.filename}.part"
-
-    with _lock(directory / f".{info.filename}.lock", info):
-        if force:
-            _discard(part)
-        elif final.is_file() and _is_valid(final, info):
-            return final
-        _download(info, part, timeout, progress)
-        _verify(info, part)
-        try:
-            os.replace(part, final)
-        except OSError as exc:
-            raise VcellError(f"{final}: cannot move finished download into place ({exc.strerror or exc})") from exc
-        _meta_path(part).unlink(missing_ok=True)
-        if info.sha256:
-            _write_stamp(final, info.sha256)
-    return final
-
-
-@contextlib.contextmanager
-def _lock(path: Path, info: DatasetInfo) -> Iterator[None]:
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise VcellError(f"{path}: cannot create lock file ({exc.strerror or exc})") from exc
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise VcellError(f"another vcell process is downloading {info.name} into {path.parent}; "
-                             "wait for it to finish") from None
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def _meta_path(part: Path) -> Path:
-    return part.with_name(part.name + ".json")
-
-
-def _discard(part: Path) -> None:
-    part.unlink(missing_ok=True)
-    _meta_path(part).unlink(missing_ok=True)
-
-
-def _read_meta(part: Path) -> dict | None:
-    try:
-        meta = json.loads(_meta_path(part).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
-def _write_meta(part: Path, meta: dict) -> None:
-    try:
-        _meta_path(part).write_text(json.dumps(meta), encoding="utf-8")
-    except OSError as exc:
-        raise VcellError(f"{_meta_path(part)}: cannot write ({exc.strerror or exc})") from exc
-
-
-def _stamp_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.sha256")
-
-
-def _write_stamp(final: Path, digest: str) -> None:
-    # Records that this exact file (size, mtime) was hashed, so later fetches skip re-hashing
-    # multi-GB files; any change to the file invalidates the stamp.
-    st = final.stat()
-    with contextlib.suppress(OSError):
-        _stamp_path(final).write_text(
-            json.dumps({"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}),
-            encoding="utf-8")
-
-
-def _is_valid(final: Path, info: DatasetInfo) -> bool:
-    st = final.stat()
-    if info.size_bytes is not None and st.st_size != info.size_bytes:
-        return False
-    if not info.sha256:
-        return st.st_size > 0
-    try:
-        stamp = json.loads(_stamp_path(final).read_text(encoding="utf-8"))
-        if stamp == {"sha256": info.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}:
-            return True
-    except (OSError, ValueError):
-        pass
-    if sha256_file(final) != info.sha256:
-        return False
-    _write_stamp(final, info.sha256)
-    return True
-
-
-def _fail(info: DatasetInfo, problem: str) -> VcellError:
-    return VcellError(f"could not download {info.name} from {info.url}: {problem}")
-
-
-def _reason(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException):
-        exc = exc.reason
-    if isinstance(exc, TimeoutError):
-        return f"timed out after {timeout:g} s"
-    if isinstance(exc, urllib.error.URLError):
-        return str(exc.reason)
-    text = getattr(exc, "strerror", None) or str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _content_range(value: str | None) -> tuple[int | None, int | None]:
-    """``(start, total)`` from ``bytes 10-99/100`` or ``bytes */100``; None where absent."""
-    match = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", value or "")
-    if not match:
-        return None, None
-    start, total = match.groups()
-    return (int(start) if start else None), (int(total) if total and total != "*" else None)
-
-
-def _download(info: DatasetInfo, part: Path, timeout: float, progress: ProgressCallback | None) -> None:
-    # A few attempts: a stale or mismatched .part is discarded and the download restarted.
-    for _attempt in range(3):
-        meta = _read_meta(part)
-        offset = part.stat().st_size if part.is_file() else 0
-        if offset and (meta is None or meta.get("url") != info.url):
-            # We cannot tell where these bytes came from, so they cannot be resumed safely.
-            _discard(part)
-            offset, meta = 0, None
-        headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
-            etag = meta.get("etag")
-            validator = etag if etag and not etag.startswith("W/") else meta.get("last_modified")
-            if validator:
-                headers["If-Range"] = validator
-        try:
-            response = urllib.request.urlopen(urllib.request.Request(info.url, headers=headers),
-                                              timeout=timeout)
-        except urllib.error.HTTPError as exc:
-            with contextlib.closing(exc):
-                if exc.code == 416 and offset:
-                    total = _content_range(exc.headers.get("Content-Range"))[1] or meta.get("total")
-                    if total == offset:
-                        return  # the .part already holds the whole file
-                    _discard(part)
-                    continue
-                raise _fail(info, f"HTTP {exc.code} {exc.reason}".strip()) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
-            raise _fail(info, _reason(exc, timeout)) from None
-
-        with response:
-            status = response.status
-            if offset and status == 206:
-                start, total = _content_range(response.headers.get("Content-Range"))
-                if start != offset or (total and meta.get("total") and total != meta["total"]):
-                    _discard(part)  # the server sent another range, or the file changed
-                    continue
-                mode = "ab"
-                if total and not meta.get("total"):
-                    _write_meta(part, {**meta, "total": total})
-            elif status == 200:
-                # A full response: the server ignored Range, or If-Range found the file changed.
-                offset, mode = 0, "wb"
-                length = response.headers.get("Content-Length")
-                total = int(length) if length and length.isdigit() else None
-                _write_meta(part, {"url": info.url, "total": total,
-                                   "etag": response.headers.get("ETag"),
-                                   "last_modified": response.headers.get("Last-Modified")})
-            else:
-                raise _fail(info, f"unexpected HTTP status {status}")
-            if info.size_bytes is not None and total is not None and total != info.size_bytes:
-                _discard(part)
-                raise _fail(info, f"server reports {total} bytes but the registry expects "
-                                  f"{info.size_bytes}")
-            _stream(info, response, part, mode, offset, total, timeout, progress)
-            return
-    _discard(part)
-    raise _fail(info, "the server kept sending inconsistent partial responses; "
-                      "the partial download was deleted, try again")
-
-
-def _stream(info, response, part: Path, mode: str, done: int, total: int | None,
-            timeout: float, progress: ProgressCallback | None) -> None:
-    try:
-        fh = open(part, mode)
-    except OSError as exc:
-        raise VcellError(f"{part}: cannot write download ({exc.strerror or exc})") from exc
-    with fh:
-        if progress:
-            progress(done, total)
-        while True:
-            try:
-                chunk = response.read(_CHUNK)
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                fh.flush()
-                raise _lost(info, part, done, total, _reason(exc, timeout)) from None
-            if not chunk:
-                break
-            try:
-                fh.write(chunk)
-            except OSError as exc:
-                raise VcellError(f"{part}: cannot write download ({exc.strerror or exc}); "
-                                 "free space and run again to resume") from exc
-            done += len(chunk)
-            if progress:
-                progress(done, total)
-        try:
-            fh.flush()
-            os.fsync(fh.fileno())
-        except OSError as exc:
-            raise VcellError(f"{part}: cannot write download ({exc.strerror or exc})") from exc
-    if total is not None and done < total:
-        raise _lost(info, part, done, total, "connection closed early")
-
-
-def _lost(info: DatasetInfo, part: Path, done: int, total: int | None, why: str) -> VcellError:
-    of = f" of {total}" if total is not None else ""
-    return _fail(info, f"{why} after {done}{of} bytes; partial download kept at {part}, "
-                       "run again to resume")
-
-
-def _verify(info: DatasetInfo, part: Path) -> None:
-    size = part.stat().st_size
-    if size == 0:
-        _discard(part)
-        raise _fail(info, "the server sent an empty file")
-    if info.size_bytes is not None and size != info.size_bytes:
-        _discard(part)
-        raise _fail(info, f"got {size} bytes but the registry expects {info.size_bytes}; "
-                          "the download was deleted")
-    if info.sha256:
-        got = sha256_file(part)
-        if got != info.sha256:
-            _discard(part)
-            raise VcellError(f"checksum mismatch for {info.name} from {info.url}: expected sha256 "
-                             f"{info.sha256}, got {got}; the download was deleted")
+    return download(info, _resolve_cache_dir(cache_dir), force=force, progress=progress, timeout=timeout)

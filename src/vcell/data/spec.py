@@ -9,6 +9,10 @@ ExpressionType = Literal["counts", "log1p"]
 EXPRESSION_TYPES: tuple[str, ...] = ("counts", "log1p")
 SINGLE_CONTEXT = "all"
 COMBO_SEP = "+"
+#: How a cell set's control cells are drawn: from the same batch (when the data has one) or at random.
+CONTROL_STRATEGIES = ("batch", "random")
+#: Cells per set unless told otherwise (training, prediction and the CLI all use this default).
+DEFAULT_SET_SIZE = 64
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ Every perturbed cell gets a role: ``train``, ``val``, ``test`` or ``unused``. Co
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import tomllib
@@ -32,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from vcell.data.dataset import CellIndex
-from vcell.errors import VcellError
+from vcell.errors import VcellError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +142,7 @@ def _resolve_context(index: CellIndex, name: str, source: str) -> list[str]:
     matches = [k for k in keys if k.split(".", 1)[1] == name]
     if matches:
         return matches
-    close = difflib.get_close_matches(name, keys + [k.split(".", 1)[1] for k in keys], n=3)
-    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    hint = did_you_mean(name, keys + [k.split(".", 1)[1] for k in keys], n=3)
     raise VcellError(f"{source}: unknown context {name!r}{hint} (contexts: {', '.join(keys)})")
 
 
@@ -205,8 +203,7 @@ def apply_split(index: CellIndex, cfg: SplitConfig) -> Split:
             raise VcellError(f"{src}: dataset {undeclared[0]!r} is used but not listed in [datasets]")
     for name in sorted(named):
         if name not in datasets:
-            close = difflib.get_close_matches(name, datasets, n=2)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            hint = did_you_mean(name, datasets, n=2)
             raise VcellError(f"{src}: unknown dataset {name!r}{hint} (datasets in the data: {', '.join(datasets)})")
     key_names = list(index.context_key_names)
     known_keys = set(_all_context_keys(index))
@@ -229,8 +226,7 @@ def apply_split(index: CellIndex, cfg: SplitConfig) -> Split:
         for role, perts in by_role.items():
             for p in perts:
                 if p not in present:
-                    close = difflib.get_close_matches(p, sorted(present), n=2)
-                    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                    hint = did_you_mean(p, sorted(present), n=2)
                     raise VcellError(f"{src}: [fewshot.{key!r}] {role}: perturbation {p!r} has no cells in {key!r}{hint}")
             codes[in_ctx & np.isin(index.pert_codes, [pert_lookup[p] for p in perts])] = _CODE[role]
     with_controls = np.unique(keys[index.is_control])

@@ -7,7 +7,6 @@ scanned in row blocks, so backed files are checked without loading them.
 
 from __future__ import annotations
 
-import difflib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import pandas as pd
 from vcell.data.labels import blank_codes, factorize
 from vcell.data.matrix import block_values, iter_row_chunks, locate, storage_kind
 from vcell.data.spec import EXPRESSION_TYPES, SINGLE_CONTEXT, DataSpec
-from vcell.errors import VcellError
+from vcell.errors import VcellError, did_you_mean, preview
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +78,6 @@ class CheckReport:
 
 def _label(path: Path | str | None) -> str:
     return str(path) if path is not None else "<AnnData>"
-
-
-def _did_you_mean(value: str, options) -> str:
-    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=3)
-    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-
-
-def _preview(values, n: int = 6) -> str:
-    values = [str(v) for v in values]
-    more = f", ... ({len(values)} in all)" if len(values) > n else ""
-    return ", ".join(repr(v) for v in values[:n]) + more
 
 
 @numba.njit(cache=True, nogil=True)
@@ -271,8 +259,8 @@ def _column_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Prob
             problems.append(
                 Problem(
                     "missing_column",
-                    f"{where}: {role} column {col!r} not found in .obs{_did_you_mean(col, obs.columns)} "
-                    f"(columns: {_preview(obs.columns, 12)})",
+                    f"{where}: {role} column {col!r} not found in .obs{did_you_mean(col, obs.columns)} "
+                    f"(columns: {preview(obs.columns, 12)})",
                 )
             )
             continue
@@ -298,7 +286,7 @@ def _control_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Pro
             Problem(
                 "control_absent",
                 f"{where}: control label {spec.control!r} not found in column {spec.pert_col!r}"
-                f"{_did_you_mean(spec.control, perts)} (values: {_preview(perts)})",
+                f"{did_you_mean(spec.control, perts)} (values: {preview(perts, 6)})",
             )
         ]
     if spec.context_col is None:
@@ -326,7 +314,7 @@ def _gene_problems(adata: ad.AnnData, where: str) -> list[Problem]:
     return [
         Problem(
             "duplicated_genes",
-            f"{where}: {len(dup)} duplicated gene names in var_names ({_preview(dup)}); "
+            f"{where}: {len(dup)} duplicated gene names in var_names ({preview(dup, 6)}); "
             "make them unique (e.g. AnnData.var_names_make_unique()) or aggregate them",
         )
     ]

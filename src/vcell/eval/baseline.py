@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from vcell.data.aggregate import group_means
+from vcell.data.aggregate import cell_mean
 from vcell.data.labels import factorize
 from vcell.errors import VcellError
 
@@ -23,17 +23,31 @@ log = logging.getLogger(__name__)
 
 
 def cell_mean_vector(adata: ad.AnnData, pert_col: str, control: str, as_delta: bool = False) -> np.ndarray:
-    """The baseline vector: mean of group pseudobulks (``as_delta``: mean effect vs control)."""
+    """The baseline vector: the mean of the group pseudobulks, as ``cell-eval baseline``.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        log1p expression in ``X``; every label of ``obs[pert_col]`` is one group, the control
+        included.
+    pert_col : str
+        ``obs`` column with the perturbation of each cell.
+    control : str
+        Label of the control cells.
+    as_delta : bool
+        The mean effect versus the control pseudobulk instead.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``[n_genes]``, in ``X``'s floating dtype (group means rounded to it, as cell-eval's
+        polars group means); see :func:`vcell.data.aggregate.cell_mean`.
+    """
     codes, groups = factorize(adata.obs[pert_col])
     if control not in set(groups):
         raise VcellError(f"control label {control!r} not found in column {pert_col!r}")
-    means = group_means(adata.X, codes, len(groups))
-    if np.issubdtype(adata.X.dtype, np.floating):
-        means = means.astype(adata.X.dtype)  # as cell-eval's polars group means
-    is_ctrl = groups == control
-    if as_delta:
-        return (means[~is_ctrl] - means[is_ctrl]).mean(axis=0)
-    return means.mean(axis=0)
+    control_code = int(np.flatnonzero(groups == control)[0])
+    return cell_mean(adata.X, codes, control_code, len(groups), as_delta=as_delta, match_dtype=True)
 
 
 def build_cell_mean_baseline(

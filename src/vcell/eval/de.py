@@ -25,6 +25,8 @@ perturbation is then counted directly, U = sum over its cells x of #(control < x
 #(control == x) / 2, without sorting the perturbation's values, and the tie term of the pooled
 sample is updated as cells join values already present. Memory is bounded by one block per
 thread; a CSR matrix is never densified nor converted to CSC as a whole.
+The kernels live in :mod:`vcell.eval._de_kernels`; this module groups the cells, hands out the
+blocks and builds the results.
 
 Exactness: U and the tie term are exact integer counts, and p is computed with the same
 floating-point expression as pdex, so ``statistic``, ``p_value`` and ``fdr`` are bit-identical
@@ -38,19 +40,26 @@ as cell-eval's do; tests, FDR and significant sets do not depend on the storage.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numba as nb
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from vcell.errors import VcellError
+from vcell.errors import VcellError, preview
+from vcell.eval._de_kernels import (
+    _MEAN_DENSE,
+    _MEAN_SPARSE,
+    _csr_chunk,
+    _dense_buffers,
+    _dense_chunk,
+    _expm1,
+    _fold_changes,
+)
 
 __all__ = [
     "COLUMNS",
@@ -77,430 +86,7 @@ COLUMNS = (
     "fdr",
 )
 
-_MEAN_DENSE = 0  # numpy: (sum in row order) / n
-_MEAN_SPARSE = 1  # scipy CSR: sum in row order of x * (1 / n)
 _WORK_ENTRIES = 4_000_000  # per-thread gather buffer of the dense kernel, in matrix entries
-
-
-# --------------------------------------------------------------------------------------------
-# numba kernels
-# --------------------------------------------------------------------------------------------
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _lower_bound(a, lo, hi, v):
-    """First index in ``a[lo:hi]`` (sorted) whose value is >= ``v``."""
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if a[mid] < v:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _sort_range(a, lo, hi):
-    """Sort ``a[lo:hi]`` in place: insertion sort when short or already sorted, else heapsort.
-
-    (Our own small sort: it is only used on short or rare ranges, and compiles much faster than
-    numba's generic quicksort.)
-    """
-    n = hi - lo
-    if n < 2:
-        return
-    ordered = True
-    for i in range(lo + 1, hi):
-        if a[i] < a[i - 1]:
-            ordered = False
-            break
-    if ordered:
-        return
-    if n <= 24:
-        for i in range(lo + 1, hi):
-            v = a[i]
-            q = i - 1
-            while q >= lo and a[q] > v:
-                a[q + 1] = a[q]
-                q -= 1
-            a[q + 1] = v
-        return
-    for start in range(n // 2 - 1, -1, -1):  # heapify (max-heap on a[lo:hi])
-        _sift_down(a, lo, start, n)
-    for end in range(n - 1, 0, -1):
-        v = a[lo]
-        a[lo] = a[lo + end]
-        a[lo + end] = v
-        _sift_down(a, lo, 0, end)
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _sift_down(a, lo, root, n):
-    v = a[lo + root]
-    while True:
-        child = 2 * root + 1
-        if child >= n:
-            break
-        if child + 1 < n and a[lo + child + 1] > a[lo + child]:
-            child += 1
-        if a[lo + child] > v:
-            a[lo + root] = a[lo + child]
-            root = child
-        else:
-            break
-    a[lo + root] = v
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _mwu_from_u(u1, n1, n2, tie):
-    """Two-sided asymptotic U test from U of sample 1 and sum(t^3 - t) over the pooled ties.
-
-    Same floating-point expression as pdex / numba-mwu (so p is bit-identical); the
-    continuity correction is 0.5. Zero variance (every value equal) gives p = 1.
-    """
-    n = n1 + n2
-    u2 = n1 * n2 - u1
-    mu = n1 * n2 / 2.0
-    var_inner = (n + 1.0) - tie / (n * (n - 1.0))
-    s_sq = n1 * n2 / 12.0 * var_inner
-    if s_sq <= 0.0:
-        return u1, 1.0
-    s = math.sqrt(s_sq)
-    u = u1 if u1 > u2 else u2
-    z = ((u - mu) - 0.5) / s
-    p = 0.5 * math.erfc(z / math.sqrt(2.0)) * 2.0
-    if p > 1.0:
-        p = 1.0
-    if p < 0.0:
-        p = 0.0
-    return u1, p
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _bucket(v, vmin, tscale, n_buckets):
-    """Bucket of a positive value: monotone non-decreasing in ``v``, in ``[0, n_buckets)``."""
-    if n_buckets == 1:
-        return 0
-    f = (v - vmin) * tscale
-    if not f > 0.0:  # also NaN
-        return 0
-    if f >= n_buckets:
-        return n_buckets - 1
-    return int(f)
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _sort_control(src, start, k0, cs, table, cursor):
-    """Sort the control non-zeros ``src[start:start + k0]`` into ``cs[:k0]``.
-
-    Negative values are sorted directly; positive values by a bucket sort (linear in the value,
-    about one bucket per value) that also leaves ``table[b]`` = index in ``cs`` of the first value
-    of bucket ``b`` (``table[n_buckets] = k0``), the lookup table of :func:`_gene_tests`.
-    Returns ``(cneg, vmin, tscale, n_buckets)``.
-    """
-    cneg = 0
-    vmin = np.inf
-    vmax = -np.inf
-    for i in range(k0):
-        v = src[start + i]
-        if v < 0:
-            cs[cneg] = v
-            cneg += 1
-        else:
-            fv = float(v)
-            if fv < vmin:
-                vmin = fv
-            if fv > vmax:
-                vmax = fv
-    _sort_range(cs, 0, cneg)
-    npos = k0 - cneg
-    n_buckets = 1
-    tscale = 0.0
-    if npos > 1 and vmax > vmin:
-        n_buckets = min(2 * npos, table.shape[0] - 1)
-        tscale = n_buckets / (vmax - vmin)
-        if not (tscale > 0.0 and tscale < np.inf):
-            n_buckets = 1
-            tscale = 0.0
-    for b in range(n_buckets):
-        cursor[b] = 0
-    for i in range(k0):
-        v = src[start + i]
-        if v > 0:
-            cursor[_bucket(v, vmin, tscale, n_buckets)] += 1
-    acc = cneg
-    for b in range(n_buckets):
-        table[b] = acc
-        acc += cursor[b]
-        cursor[b] = table[b]
-    table[n_buckets] = acc
-    for i in range(k0):
-        v = src[start + i]
-        if v > 0:
-            b = _bucket(v, vmin, tscale, n_buckets)
-            cs[cursor[b]] = v
-            cursor[b] += 1
-    for b in range(n_buckets):
-        if table[b + 1] - table[b] > 1:
-            _sort_range(cs, table[b], table[b + 1])
-    cs[k0] = np.inf  # sentinel for the lookups
-    return cneg, vmin, tscale, n_buckets
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _gene_tests(vals, gstart, cnt, sizes, scale, mean_mode, j, stat, pval, means, sums, accs, work, fwork, sid):
-    """All groups of one gene; returns the next free stamp id.
-
-    ``vals[gstart[g]:gstart[g] + cnt[g]]`` holds the non-zero values of the gene in group ``g``
-    (``sizes[g]`` cells; 0 is the control) in row order. Writes ``means[g, j]`` (log-space
-    means), ``sums[g, j]`` (float64 sums), ``stat[g - 1, j]`` and ``pval[g - 1, j]``. ``work``
-    (int64) and ``fwork`` (values) are per-thread work arrays.
-
-    U of a group is counted directly, U = sum over its cells x of #(control < x) +
-    #(control == x) / 2 (in half units, exact): #(control < x) from the sorted control values
-    through the bucket table (O(1) expected), #(control == x) from the control's runs of equal
-    values. The tie term of the pooled sample grows by 3t(t + 1) each time a cell joins a value
-    already held by t pooled cells; values are matched by their control position (a stamped
-    table, no sort), the rare distinct values sharing a gap are sorted at the end.
-    """
-    n_g1 = sizes.shape[0]
-    # log-space means, with the rounding of numpy (dense) or scipy (CSR) for cell-eval parity
-    # and float64 sums in row order (the pseudobulks of vcell.eval.metrics.pseudobulk)
-    for g in range(n_g1):
-        k = cnt[g]
-        off = gstart[g]
-        accs[g] = 0.0
-        s64 = 0.0
-        if mean_mode == _MEAN_DENSE:
-            for i in range(off, off + k):
-                accs[g] += vals[i]
-                s64 += vals[i]
-            means[g, j] = accs[g] / scale[g]
-        else:
-            for i in range(off, off + k):
-                accs[g] += vals[i] * scale[g]
-                s64 += vals[i]
-            means[g, j] = accs[g]
-        sums[g, j] = s64
-
-    run_end = work[0]
-    table = work[1]
-    cursor = work[2]
-    stamp_e = work[3]
-    mult_e = work[4]
-    stamp_g = work[5]
-    mult_g = work[6]
-    cs = fwork[0]
-    fval = fwork[1]
-    over = fwork[2]
-
-    k0 = cnt[0]
-    cneg, vmin, tscale, n_buckets = _sort_control(vals, gstart[0], k0, cs, table, cursor)
-    ctie = 0
-    i = 0
-    while i < k0:
-        e = i + 1
-        while e < k0 and cs[e] == cs[i]:
-            e += 1
-        b = e - i
-        ctie += b * b * b - b
-        for q in range(i, e):
-            run_end[q] = e
-        i = e
-    n2 = float(sizes[0])
-    cz = sizes[0] - k0
-
-    for g in range(1, n_g1):
-        k = cnt[g]
-        off = gstart[g]
-        z1 = sizes[g] - k
-        u2 = z1 * (2 * cneg + cz)  # 2U: the group's zeros against the control
-        dtie = 0
-        n_over = 0
-        for i in range(off, off + k):
-            x = vals[i]
-            if x > 0:
-                bk = _bucket(x, vmin, tscale, n_buckets)
-                lo = table[bk]
-                hi = table[bk + 1]
-                if hi - lo > 8:
-                    lo = _lower_bound(cs, lo, hi, x)
-                else:  # values from index hi on exceed x, and cs[k0] = inf: no bound check
-                    lo += cs[lo] < x
-                    lo += cs[lo] < x
-                    while cs[lo] < x:
-                        lo += 1
-                less = lo + cz
-            else:
-                lo = _lower_bound(cs, 0, cneg, x)
-                less = lo
-            if lo < k0 and cs[lo] == x:  # x is a control value, held by b control cells
-                b = run_end[lo] - lo
-                u2 += 2 * less + b
-                if stamp_e[lo] != sid:
-                    stamp_e[lo] = sid
-                    mult_e[lo] = 1
-                    dtie += 3 * b * (b + 1)
-                else:
-                    t = mult_e[lo] + b
-                    dtie += 3 * t * (t + 1)
-                    mult_e[lo] += 1
-            else:  # x falls in the gap just below cs[lo]
-                u2 += 2 * less
-                if stamp_g[lo] != sid:
-                    stamp_g[lo] = sid
-                    fval[lo] = x
-                    mult_g[lo] = 1
-                elif fval[lo] == x:
-                    t = mult_g[lo]
-                    dtie += 3 * t * (t + 1)
-                    mult_g[lo] += 1
-                else:
-                    over[n_over] = x
-                    n_over += 1
-        sid += 1
-        if n_over > 1:
-            _sort_range(over, 0, n_over)
-            i = 0
-            while i < n_over:
-                e = i + 1
-                while e < n_over and over[e] == over[i]:
-                    e += 1
-                a = e - i
-                dtie += a * a * a - a
-                i = e
-        nz = float(z1 + cz)  # the pooled zero block is one tie group
-        tie = (nz * nz * nz - nz) + float(ctie + dtie)
-        u1, p = _mwu_from_u(0.5 * u2, float(sizes[g]), n2, tie)
-        stat[g - 1, j] = u1
-        pval[g - 1, j] = p
-    return sid
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _work_arrays(n_rows, dtype_like):
-    """Per-thread work arrays of :func:`_gene_tests` (``dtype_like`` gives the value dtype)."""
-    work = np.empty((7, 2 * n_rows + 2), np.int64)  # row 1 (the table) holds up to 2 buckets per value
-    work[3, :] = -1  # stamps
-    work[5, :] = -1
-    fwork = np.empty((3, n_rows + 2), dtype_like.dtype)
-    return work, fwork
-
-
-@nb.njit(cache=True, nogil=True, error_model="numpy")
-def _dense_chunk(X, gid, gptr, sizes, scale, mean_mode, j0, j1, stat, pval, means, sums, buf, pos, work, fwork, state):
-    """Genes ``j0:j1`` of a dense matrix; returns whether a NaN was seen.
-
-    Rows are read in storage order (a permuted order costs a TLB miss per row strip); each
-    gene's buffer row has one region per group, ``gptr[g]:gptr[g + 1]``, filled from its start
-    with the group's non-zeros. ``buf``, ``pos``, ``work``, ``fwork`` are the calling thread's
-    buffers (:func:`_dense_buffers`), reused from block to block (fresh memory is slow to touch);
-    ``state[0]`` carries the stamp id of :func:`_gene_tests` from one block to the next.
-    """
-    n_g1 = sizes.shape[0]
-    cl = j1 - j0
-    for g in range(n_g1):
-        pos[g, :] = gptr[g]
-    nan_seen = False
-    for row in range(gid.shape[0]):
-        g = gid[row]
-        if g < 0:
-            continue
-        pg = pos[g]
-        for jl in range(cl):  # branch-free: store every value, keep the non-zeros
-            v = X[row, j0 + jl]
-            p = pg[jl]
-            buf[jl, p] = v
-            pg[jl] = p + (v != 0)
-            nan_seen |= v != v
-    cnt = np.empty(n_g1, np.int64)
-    accs = np.empty(n_g1, X.dtype)
-    sid = state[0]
-    for jl in range(cl):
-        for q in range(n_g1):
-            cnt[q] = pos[q, jl] - gptr[q]
-        sid = _gene_tests(buf[jl], gptr, cnt, sizes, scale, mean_mode, j0 + jl, stat, pval, means, sums, accs, work, fwork, sid)
-    state[0] = sid
-    return nan_seen
-
-
-def _dense_buffers(block: int, n_rows: int, n_groups: int, dtype):
-    """One thread's buffers of :func:`_dense_chunk` for blocks of up to ``block`` genes."""
-    buf = np.empty((block, n_rows), dtype)
-    work, fwork = _work_arrays(n_rows, buf)
-    return buf, np.empty((n_groups, block), np.int64), work, fwork, np.zeros(1, np.int64)
-
-
-@nb.njit(cache=True, nogil=True, error_model="numpy")
-def _csr_chunk(data, indices, indptr, order, gptr, sizes, scale, mean_mode, j0, j1, stat, pval, means, sums):
-    """Genes ``j0:j1`` of a CSR matrix (sorted indices); returns whether a NaN was seen."""
-    n_rows = order.shape[0]
-    n_g1 = sizes.shape[0]
-    cl = j1 - j0
-    lo_r = np.empty(n_rows, np.int64)
-    hi_r = np.empty(n_rows, np.int64)
-    cnt = np.zeros((cl, n_g1), np.int64)
-    g = 0
-    for r in range(n_rows):  # pass 1: this block's slice of every row, non-zeros per gene/group
-        while r >= gptr[g + 1]:
-            g += 1
-        row = order[r]
-        s = _lower_bound(indices, indptr[row], indptr[row + 1], j0)
-        e = _lower_bound(indices, s, indptr[row + 1], j1)
-        lo_r[r] = s
-        hi_r[r] = e
-        for k in range(s, e):
-            if data[k] != 0:
-                cnt[indices[k] - j0, g] += 1
-    gene_ptr = np.zeros(cl + 1, np.int64)
-    for jl in range(cl):
-        gene_ptr[jl + 1] = gene_ptr[jl] + cnt[jl].sum()
-    vals = np.empty(gene_ptr[cl], data.dtype)
-    pos = gene_ptr[:cl].copy()
-    nan_seen = False
-    for r in range(n_rows):  # pass 2: gather (rows are in group order, so groups stay contiguous)
-        for k in range(lo_r[r], hi_r[r]):
-            v = data[k]
-            if v != 0:
-                nan_seen |= v != v
-                jl = indices[k] - j0
-                vals[pos[jl]] = v
-                pos[jl] += 1
-    accs = np.empty(n_g1, data.dtype)
-    work, fwork = _work_arrays(n_rows, vals)
-    gstart = np.empty(n_g1, np.int64)
-    sid = 0
-    for jl in range(cl):
-        acc = gene_ptr[jl]
-        for q in range(n_g1):
-            gstart[q] = acc
-            acc += cnt[jl, q]
-        sid = _gene_tests(
-            vals, gstart, cnt[jl], sizes, scale, mean_mode, j0 + jl, stat, pval, means, sums, accs, work, fwork, sid
-        )
-    return nan_seen
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _expm1(a):
-    out = np.empty_like(a)
-    for i in range(a.shape[0]):
-        out[i] = np.expm1(a[i])
-    return out
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _fold_changes(t, r, eps, lfc, pc):
-    """log2 fold change and percent change of each row of ``t`` against ``r`` (0/0 -> 0)."""
-    n_g, n_genes = t.shape
-    for j in range(n_genes):
-        y = r[j]
-        for g in range(n_g):
-            x = t[g, j]
-            v = np.log2((x + eps) / (y + eps))
-            lfc[g, j] = 0.0 if np.isnan(v) else v
-            w = (x - y) / (y + eps)  # x - y in the input dtype, as pdex
-            pc[g, j] = 0.0 if np.isnan(w) else w
 
 
 # --------------------------------------------------------------------------------------------
@@ -654,7 +240,7 @@ def _groups(labels, reference) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     keep_cat = np.array([not (isinstance(c, str) and c == "") and not pd.isna(c) for c in cats], dtype=bool)
     is_ref = np.array([c == reference for c in cats], dtype=bool) & keep_cat
     if not is_ref.any():
-        shown = ", ".join(map(str, cats[keep_cat][:10])) + (", ..." if keep_cat.sum() > 10 else "")
+        shown = preview(cats[keep_cat], 10, quote=False)
         raise VcellError(f"control group {reference!r} not found among the perturbation labels ({shown})")
     counts = np.bincount(codes[codes >= 0], minlength=len(cats))
     ref_code = int(np.flatnonzero(is_ref)[0])
@@ -863,7 +449,7 @@ def differential_expression(
         ``statistic``, ``fdr`` (float64). Perturbations with no cells are left out.
     """
     if pert_col not in adata.obs.columns:
-        shown = ", ".join(map(str, adata.obs.columns[:20]))
+        shown = preview(adata.obs.columns, 20, quote=False)
         raise VcellError(f"perturbation column {pert_col!r} not found in obs (columns: {shown})")
     if layer is not None:
         if layer not in adata.layers:

@@ -18,7 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcell.data.validate import scan_matrix
-from vcell.errors import VcellError
+from vcell.errors import VcellError, preview
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,6 @@ class EvalPair:
     def genes(self) -> pd.Index:
         """Gene names (shared by both)."""
         return self.real.var_names
-
-
-def _preview(items, n: int = 5) -> str:
-    items = [str(i) for i in items]
-    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def _check_values(adata: ad.AnnData, where: str, input_type: str) -> str:
@@ -86,7 +81,7 @@ def to_log1p(adata: ad.AnnData, where: str, input_type: str = "auto") -> ad.AnnD
         raise VcellError(f"--input-type {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
     if _check_values(adata, where, input_type) == "log1p":
         return adata
-    import scanpy as sc  # only needed for counts input; importing it costs ~1 s
+    import scanpy as sc  # only needed for counts input; slow to import
 
     log.info("%s: counts -> normalize_total (median library size) + log1p, as cell-eval does", where)
     adata = adata.to_memory() if adata.isbacked else adata.copy()
@@ -99,7 +94,7 @@ def to_log1p(adata: ad.AnnData, where: str, input_type: str = "auto") -> ad.AnnD
 
 def _perturbations(adata: ad.AnnData, pert_col: str, where: str) -> pd.Series:
     if pert_col not in adata.obs.columns:
-        raise VcellError(f"{where}: perturbation column {pert_col!r} not found in .obs (columns: {_preview(adata.obs.columns, 10)})")
+        raise VcellError(f"{where}: perturbation column {pert_col!r} not found in .obs (columns: {preview(adata.obs.columns, 10, quote=False)})")
     labels = adata.obs[pert_col]
     if labels.isna().any():
         raise VcellError(f"{where}: column {pert_col!r} has {int(labels.isna().sum())} cells without a perturbation label")
@@ -127,7 +122,7 @@ def check_structure(
     for adata, where in ((real, real_name), (pred, pred_name)):
         if not adata.var_names.is_unique:
             dup = adata.var_names[adata.var_names.duplicated()].unique()
-            raise VcellError(f"{where}: duplicated gene names ({_preview(dup)})")
+            raise VcellError(f"{where}: duplicated gene names ({preview(dup, quote=False)})")
     reorder = False
     if not real.var_names.equals(pred.var_names):
         missing = real.var_names.difference(pred.var_names, sort=False)
@@ -135,9 +130,9 @@ def check_structure(
         if len(missing) or len(extra):
             parts = []
             if len(missing):
-                parts.append(f"{len(missing)} gene(s) of {real_name} missing ({_preview(missing)})")
+                parts.append(f"{len(missing)} gene(s) of {real_name} missing ({preview(missing, quote=False)})")
             if len(extra):
-                parts.append(f"{len(extra)} gene(s) not in {real_name} ({_preview(extra)})")
+                parts.append(f"{len(extra)} gene(s) not in {real_name} ({preview(extra, quote=False)})")
             raise VcellError(f"{pred_name}: genes differ from {real_name}: " + "; ".join(parts))
         log.info("%s: same genes as %s in another order: reordered to match", pred_name, real_name)
         reorder = True
@@ -145,10 +140,10 @@ def check_structure(
     have = set(pred_perts)
     missing_perts = [p for p in wanted if p not in have]
     if missing_perts:
-        raise VcellError(f"{pred_name}: {len(missing_perts)} perturbation(s) of {real_name} missing from the prediction ({_preview(missing_perts)})")
+        raise VcellError(f"{pred_name}: {len(missing_perts)} perturbation(s) of {real_name} missing from the prediction ({preview(missing_perts, quote=False)})")
     extra_perts = sorted(set(pred_perts) - set(real_perts))
     if extra_perts:
-        raise VcellError(f"{pred_name}: {len(extra_perts)} perturbation(s) not in {real_name} ({_preview(extra_perts)})")
+        raise VcellError(f"{pred_name}: {len(extra_perts)} perturbation(s) not in {real_name} ({preview(extra_perts, quote=False)})")
     return sorted(wanted), reorder
 
 

@@ -23,7 +23,6 @@ the output appears only when complete (temporary file + rename) and the input is
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 import logging
 import os
@@ -40,7 +39,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcell.data.io import atomic_path, check_output_path, read_h5ad
-from vcell.errors import VcellError
+from vcell.errors import VcellError, did_you_mean, preview
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +64,6 @@ _ENCODINGS = {32: np.float32, 64: np.float64}
 
 # ----------------------------------------------------------------------------------------------
 # small helpers
-
-
-def _preview(values, n: int = 5) -> str:
-    values = [str(v) for v in values]
-    more = f", ... ({len(values)} in all)" if len(values) > n else ""
-    return ", ".join(repr(v) for v in values[:n]) + more
-
-
-def _did_you_mean(value: str, options) -> str:
-    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=3)
-    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
 def default_output_path(pred_path: str | os.PathLike) -> Path:
@@ -116,7 +104,7 @@ def read_gene_list(genes: str | os.PathLike | Sequence[str] | pd.Index) -> list[
     dup = pd.Index(names)
     dup = dup[dup.duplicated()].unique()
     if len(dup):
-        raise VcellError(f"{where}: {len(dup)} duplicated gene name(s): {_preview(dup)}")
+        raise VcellError(f"{where}: {len(dup)} duplicated gene name(s): {preview(dup)}")
     return names
 
 
@@ -271,27 +259,48 @@ def prepare_submission(
     overwrite: bool = False,
     zstd_level: int = ZSTD_LEVEL,
 ) -> Path:
-    """Check a prediction ``.h5ad`` and write it as a ``.vcc`` submission archive; returns its path.
+    """Check a prediction ``.h5ad`` and write it as a ``.vcc`` submission archive.
 
-    Args:
-        pred_path: the prediction (cells x genes); read, never modified.
-        out_path: the ``.vcc`` to write; ``None`` gives ``<pred>.prep.vcc`` beside the input.
-        genes: the expected genes in order: a list, or a header-less CSV file (first column).
-        pert_col: obs column with each cell's perturbation; written as ``output_pert_col``.
-        control: label of the control cells, which must be present (``None`` skips the check).
-        celltype_col: optional obs column kept as ``output_celltype_col``.
-        max_cells: most cells allowed (``None``: no cap).
-        expected_n_genes: gene-list length expected (VCC 2025: 18,080); another length is only
-            warned about, as in ``cell-eval prep`` (``None``: no warning).
-        encoding: 32 or 64: the float width of ``X``.
-        allow_discrete: keep integer-valued data as it is instead of normalising and log1p-ing it,
-            and skip the log1p range check.
-        overwrite: replace an existing ``out_path``.
-        zstd_level: zstd compression level.
+    Parameters
+    ----------
+    pred_path : path
+        The prediction (cells x genes); read, never modified.
+    out_path : path, optional
+        The ``.vcc`` to write; ``None`` gives ``<pred>.prep.vcc`` beside the input.
+    genes : path or sequence of str
+        The expected genes in order: a list, or a header-less CSV file (first column).
+    pert_col : str
+        obs column with each cell's perturbation; written as ``output_pert_col``.
+    control : str or None
+        Label of the control cells, which must be present (``None`` skips the check).
+    celltype_col : str, optional
+        obs column kept as ``output_celltype_col``.
+    output_pert_col, output_celltype_col : str
+        Names of those columns in the archive.
+    max_cells : int or None
+        Most cells allowed (``None``: no cap).
+    expected_n_genes : int or None
+        Gene-list length expected (VCC 2025: 18,080); another length is only warned about, as in
+        ``cell-eval prep`` (``None``: no warning).
+    encoding : {32, 64}
+        The float width of ``X``.
+    allow_discrete : bool
+        Keep integer-valued data as it is instead of normalising and log1p-ing it, and skip the
+        log1p range check.
+    overwrite : bool
+        Replace an existing ``out_path``.
+    zstd_level : int
+        zstd compression level.
 
-    Raises:
-        VcellError: any problem with the input, the gene list or the output path, before anything
-            is written.
+    Returns
+    -------
+    pathlib.Path
+        The archive written.
+
+    Raises
+    ------
+    VcellError
+        Any problem with the input, the gene list or the output path, before anything is written.
     """
     pred_path = Path(pred_path)
     out = Path(out_path) if out_path is not None else default_output_path(pred_path)
@@ -317,8 +326,8 @@ def prepare_submission(
     for col, role in ((pert_col, "pert_col"), (celltype_col, "celltype_col")):
         if col is not None and col not in obs.columns:
             raise VcellError(
-                f"{where}: obs column {col!r} ({role}) not found; columns are {_preview(obs.columns, 8)}"
-                f"{_did_you_mean(col, obs.columns)}"
+                f"{where}: obs column {col!r} ({role}) not found; columns are {preview(obs.columns, 8)}"
+                f"{did_you_mean(col, obs.columns)}"
             )
     labels = obs[pert_col]
     if labels.isna().any():
@@ -330,13 +339,13 @@ def prepare_submission(
         uniq = pd.unique(labels.astype(str))
         raise VcellError(
             f"{where}: obs column {pert_col!r} has no control cells labelled {control!r}"
-            f"{_did_you_mean(control, uniq)} (labels: {_preview(sorted(uniq))})"
+            f"{did_you_mean(control, uniq)} (labels: {preview(sorted(uniq))})"
         )
 
     # genes
     dup = var_names[var_names.duplicated()].unique()
     if len(dup):
-        raise VcellError(f"{where}: {len(dup)} duplicated gene name(s) in var_names: {_preview(dup)}")
+        raise VcellError(f"{where}: {len(dup)} duplicated gene name(s) in var_names: {preview(dup)}")
     order = None
     if var_names.tolist() != genelist:
         expected = pd.Index(genelist)
@@ -345,9 +354,9 @@ def prepare_submission(
         if len(missing) or len(extra):
             parts = []
             if len(missing):
-                parts.append(f"{len(missing)} gene(s) of the list missing ({_preview(missing)})")
+                parts.append(f"{len(missing)} gene(s) of the list missing ({preview(missing)})")
             if len(extra):
-                parts.append(f"{len(extra)} gene(s) not in the list ({_preview(extra)})")
+                parts.append(f"{len(extra)} gene(s) not in the list ({preview(extra)})")
             raise VcellError(
                 f"{where}: genes differ from {gene_src}: {'; '.join(parts)}; "
                 f"the prediction must have exactly the {len(genelist)} listed genes"

@@ -163,7 +163,7 @@ def _all_str(values) -> bool:
 def write_de_csv(table, path: str | os.PathLike, chunk_rows: int = 65536, threads: int = 1) -> None:
     """Write a DE table (a DataFrame, or a :class:`DEResult` as its ``to_frame()``) as CSV, atomically.
 
-    pyarrow's writer (~7x faster than pandas here), a chunk of rows at a time, so writing adds
+    pyarrow's writer (faster than pandas'), a chunk of rows at a time, so writing adds
     little to peak memory; with ``threads`` > 1 chunks are formatted in parallel (at most
     ``threads + 1`` held at once) and written in order. A :class:`DEResult` is converted straight
     from its arrays, gene and perturbation names dictionary-encoded; the text is the same.

@@ -70,6 +70,7 @@ def fmt_number(value) -> str:
 
 
 def is_null(value) -> bool:
+    """True for None, NaN and anything that is not a number."""
     try:
         return value is None or math.isnan(float(value))
     except (TypeError, ValueError):

@@ -1,20 +1,8 @@
-"""Pickle-free checkpoints: safetensors for tensors, JSON for everything else.
-
-A checkpoint directory holds
-
-- ``weights.safetensors``: the :class:`~vcell.models.transition.StateTransition` state dict;
-- ``optimizer.safetensors``: the optimizer's tensors, with a JSON index of its non-tensor parts
-  (param groups, steps) in the file's metadata;
-- ``state.safetensors`` + ``trainer_state.json``: the rest of Lightning's checkpoint (loop
-  progress, callback states, RNG states), tensors split out the same way;
-- ``config.json``: the model's ``kind`` (``st`` or ``se``; ``st`` when absent), config, gene
-  list, perturbation vocabulary, data columns, vcell version, step, epoch and seed.
+"""The Lightning side of vcell's checkpoint folders (:mod:`vcell.nn.checkpoint` has the format).
 
 :class:`SafetensorsCheckpointIO`, :class:`RunCheckpoints` and :class:`ResumableModule` are the
-Lightning pieces every vcell trainer (ST, SE) uses to write, resume and replay such checkpoints.
-
-Directories are written to a temporary sibling and renamed into place, so a reader (or a run
-killed mid-write) never sees a half-written checkpoint. Nothing is ever unpickled.
+Lightning pieces every vcell trainer (ST, SE) uses to write, resume and replay checkpoints:
+``trainer.save_checkpoint`` and ``trainer.fit(ckpt_path=...)`` go through them and never pickle.
 """
 
 from __future__ import annotations
@@ -22,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,121 +17,31 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import CheckpointIO
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 
-import vcell
 from vcell.errors import VcellError
-from vcell.models.transition import STConfig, StateTransition
+from vcell.nn.checkpoint import (
+    BEST,
+    CONFIG,
+    LAST,
+    OPTIMIZER,
+    STATE,
+    TRAINER_STATE,
+    WEIGHTS,
+    checkpoint_kind,
+    config_json,
+    decode_tree,
+    encode_tree,
+    load_tree,
+    read_config,
+    resolve_checkpoint_dir,
+    save_tree,
+    write_checkpoint,
+    write_dir,
+)
+from vcell.nn.transition import StateTransition
 
-WEIGHTS = "weights.safetensors"
-OPTIMIZER = "optimizer.safetensors"
-STATE = "state.safetensors"
-TRAINER_STATE = "trainer_state.json"
-CONFIG = "config.json"
-LAST, BEST = "last", "best"
 MODEL_PREFIX = "model."
 META_KEY = "vcell"  # where the LightningModule puts config.json's content in a Lightning checkpoint
-
-
-def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:
-    """JSON-able form of ``obj``; tensors go to ``tensors`` and are replaced by a reference."""
-    if isinstance(obj, torch.Tensor):
-        key = f"{path}"
-        tensors[key] = obj.detach().cpu().contiguous()
-        return {"__tensor__": key}
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj):
-            return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
-        # optimizer state is keyed by int parameter ids: keep the key types
-        return {"__items__": [[k, _encode(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return obj.item()
-    raise VcellError(f"checkpoint: cannot store a value of type {type(obj).__name__} at {path} without pickle")
-
-
-def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {"__tensor__"}:
-            return tensors[obj["__tensor__"]]
-        if set(obj) == {"__items__"}:
-            return {k: _decode(v, tensors) for k, v in obj["__items__"]}
-        if set(obj) == {"__tuple__"}:
-            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
-        return {k: _decode(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    return obj
-
-
-def _save_tree(obj: Any, path: Path) -> None:
-    """Tensors of ``obj`` to ``path`` (safetensors) with the JSON index in its metadata."""
-    tensors: dict[str, torch.Tensor] = {}
-    index = _encode(obj, tensors)
-    save_file(tensors, str(path), metadata={"index": json.dumps(index)})
-
-
-def _load_tree(path: Path) -> Any:
-    with safe_open(str(path), framework="pt") as f:
-        index = json.loads(f.metadata()["index"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return _decode(index, tensors)
-
-
-def _write_dir(target: Path, write) -> Path:
-    """Run ``write(tmp_dir)`` and move the result onto ``target`` (replacing it)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        write(tmp)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(f, 0o666 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the usual directory mode
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def resolve_checkpoint_dir(directory: str | os.PathLike) -> Path:
-    """``directory``, or the previous version kept beside it if a writer died between its two renames."""
-    directory = Path(directory)
-    old = directory.parent / f".{directory.name}.old"
-    if not directory.exists() and old.is_dir():
-        return old
-    return directory
-
-
-def _config_json(meta: dict, step: int, epoch: int) -> dict:
-    return {**meta, "vcell_version": vcell.__version__, "step": int(step), "epoch": int(epoch)}
-
-
-def read_config(directory: Path) -> dict:
-    """``config.json`` of a checkpoint folder, after checking the folder holds one (one-line errors)."""
-    for name in (CONFIG, WEIGHTS):
-        if not (directory / name).is_file():
-            raise VcellError(f"{directory}: not a vcell checkpoint (missing {name})")
-    try:
-        return json.loads((directory / CONFIG).read_text())
-    except json.JSONDecodeError as exc:
-        raise VcellError(f"{directory / CONFIG}: unreadable JSON ({exc})") from None
 
 
 def save_checkpoint(
@@ -160,48 +57,28 @@ def save_checkpoint(
     ``extra_meta`` is merged into ``config.json``. Returns the directory.
     """
     meta = {**module.checkpoint_meta(), **(extra_meta or {})}
-
-    def write(tmp: Path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in module.model.state_dict().items()}, str(tmp / WEIGHTS))
-        if optimizer is not None:
-            _save_tree(optimizer.state_dict(), tmp / OPTIMIZER)
-        (tmp / CONFIG).write_text(json.dumps(_config_json(meta, step, epoch), indent=2))
-
-    return _write_dir(directory, write)
+    optimizer_state = optimizer.state_dict() if optimizer is not None else None
+    return write_checkpoint(directory, module.model.state_dict(), meta, step, epoch, optimizer_state)
 
 
-def load_checkpoint(directory: str | os.PathLike) -> tuple[StateTransition, STConfig, dict, dict | None]:
-    """Read a checkpoint directory: ``(model, config, meta, optimizer_state)``.
+def load_checkpoint(directory: str | os.PathLike) -> tuple[StateTransition, object, dict, dict | None]:
+    """Read an ST checkpoint folder: ``(model, config, meta, optimizer_state)``.
 
     ``meta`` is the content of ``config.json``; ``optimizer_state`` is ``None`` when the
     checkpoint has no optimizer (e.g. weights exported for inference). The model is in eval mode.
     """
     directory = resolve_checkpoint_dir(directory)
-    meta = read_config(directory)
-    if checkpoint_kind(meta) != "st":
-        raise VcellError(f"{directory}: holds a {checkpoint_kind(meta).upper()} model, not a State Transition model")
-    config = STConfig.from_dict(meta["model"])
-    model = StateTransition(config)
-    try:
-        model.load_state_dict(load_file(str(directory / WEIGHTS)))
-    except RuntimeError as exc:
-        raise VcellError(f"{directory / WEIGHTS}: weights do not match the config ({str(exc).splitlines()[0]})") from None
-    model.eval()
-    optimizer_state = _load_tree(directory / OPTIMIZER) if (directory / OPTIMIZER).is_file() else None
-    return model, config, meta, optimizer_state
-
-
-def checkpoint_kind(meta: dict) -> str:
-    """The model kind a checkpoint's ``config.json`` holds (``st`` for checkpoints that predate the field)."""
-    return str(meta.get("kind", "st"))
+    model, meta = StateTransition.from_checkpoint(directory)
+    optimizer_state = load_tree(directory / OPTIMIZER) if (directory / OPTIMIZER).is_file() else None
+    return model, model.config, meta, optimizer_state
 
 
 def _trainer_state(path: Path) -> dict:
     """Lightning's loop/callback state of a checkpoint folder (tensors restored)."""
     if (path / TRAINER_STATE).is_file() and (path / STATE).is_file():
-        return _decode(json.loads((path / TRAINER_STATE).read_text()), load_file(str(path / STATE)))
+        return decode_tree(json.loads((path / TRAINER_STATE).read_text()), load_file(str(path / STATE)))
     if (path / STATE).is_file():  # SE checkpoints of vcell <= 0.1 kept the JSON index in the file's metadata
-        return _load_tree(path / STATE)
+        return load_tree(path / STATE)
     raise VcellError(f"{path}: checkpoint has no trainer state ({TRAINER_STATE}); it cannot resume training")
 
 
@@ -230,14 +107,14 @@ class SafetensorsCheckpointIO(CheckpointIO):
         def write(tmp: Path) -> None:
             save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
             if optimizer_states:
-                _save_tree(optimizer_states[0], tmp / OPTIMIZER)
+                save_tree(optimizer_states[0], tmp / OPTIMIZER)
             tensors: dict[str, torch.Tensor] = {}
-            index = _encode(rest, tensors)
+            index = encode_tree(rest, tensors)
             save_file(tensors, str(tmp / STATE))
             (tmp / TRAINER_STATE).write_text(json.dumps(index))
-            (tmp / CONFIG).write_text(json.dumps(_config_json(meta, rest.get("global_step", 0), rest.get("epoch", 0)), indent=2))
+            (tmp / CONFIG).write_text(json.dumps(config_json(meta, rest.get("global_step", 0), rest.get("epoch", 0)), indent=2))
 
-        _write_dir(Path(path), write)
+        write_dir(Path(path), write)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         path = resolve_checkpoint_dir(path)
@@ -246,7 +123,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
             raise VcellError(f"{path}: holds a {checkpoint_kind(meta).upper()} model; this run trains {self.kind.upper()}")
         checkpoint = _trainer_state(path)
         checkpoint["state_dict"] = {MODEL_PREFIX + k: v for k, v in load_file(str(path / WEIGHTS)).items()}
-        checkpoint["optimizer_states"] = [_load_tree(path / OPTIMIZER)] if (path / OPTIMIZER).is_file() else []
+        checkpoint["optimizer_states"] = [load_tree(path / OPTIMIZER)] if (path / OPTIMIZER).is_file() else []
         checkpoint[META_KEY] = meta
         return checkpoint
 
@@ -303,6 +180,7 @@ class ResumableModule:
     _rng_to_restore: dict | None = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Add ``config.json``'s content and every rank's RNG state to the checkpoint."""
         checkpoint[META_KEY] = self.checkpoint_meta()
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -322,6 +200,7 @@ class ResumableModule:
         return [p.cpu() for p in parts]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another model config; keep its RNG states for the first step."""
         saved = checkpoint.get(META_KEY, {}).get("model", {})
         ours = json.loads(json.dumps(self.config.to_dict()))  # tuples -> lists, as config.json has them
         changed = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
@@ -332,6 +211,7 @@ class ResumableModule:
         self._rng_to_restore = checkpoint.get("rng")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Restore the checkpoint's RNG states right before the first step after a resume."""
         # restored right before the first step so nothing in between (setup, data loading) shifts it
         rng, self._rng_to_restore = self._rng_to_restore, None
         if rng is None:

@@ -21,30 +21,16 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vcell.data.io import read_h5ad
 from vcell.data.rows import row_source
 from vcell.data.validate import infer_expression_type
 from vcell.errors import VcellError
-from vcell.models.embedding import SEConfig, StateEmbedding, normalise_expression, tokenize
-from vcell.models.precision import PRECISIONS
-from vcell.train.checkpoint import (
-    CONFIG,
-    LAST,
-    WEIGHTS,
-    ResumableModule,
-    RunCheckpoints,
-    SafetensorsCheckpointIO,
-    checkpoint_kind,
-    read_config,
-    resolve_checkpoint_dir,
-)
-from vcell.train.quiet import quiet_lightning
-from vcell.train.st import check_run_options
+from vcell.nn.embedding import SEConfig, StateEmbedding, match_genes, normalise_expression, tokenize
+from vcell.train.checkpoint import ResumableModule
+from vcell.train.options import SETrainOptions
+from vcell.train.trainer import fit_module, resume_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +54,6 @@ class CellSource:
         """``(log1p values of the vocabulary columns, log read depth)`` of ``rows``."""
         values, depth = normalise_expression(self.rows.read(np.asarray(rows)), self.expression)
         return values[:, self.columns], depth
-
-
-def match_genes(var_names, vocab: dict[str, int], where: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """``(columns, vocabulary ids, missing names)`` of ``var_names``; logs the missing genes.
-
-    Raises when no gene is in the vocabulary.
-    """
-    names = [str(g) for g in var_names]
-    ids = np.array([vocab.get(g, -1) for g in names], dtype=np.int64)
-    columns = np.flatnonzero(ids >= 0)
-    missing = [g for g, i in zip(names, ids) if i < 0]
-    if columns.size == 0:
-        raise VcellError(f"{where}: none of its {len(names)} genes is in the gene vocabulary ({len(vocab)} genes; e.g. {names[0]!r})")
-    if missing:
-        log.warning("%s: %d of %d genes are not in the gene vocabulary and are ignored (e.g. %s)",
-                    where, len(missing), len(names), ", ".join(missing[:5]))
-    return columns, ids[columns], missing
 
 
 def open_source(path: str | os.PathLike, vocab: dict[str, int], expression: str | None = None) -> CellSource:
@@ -135,7 +104,7 @@ class SEBatches(Dataset):
         return {key: torch.as_tensor(np.concatenate([p[key] for p in parts])) for key in parts[0]}
 
 
-class _EpochBatches(Sampler):
+class _RankBatchNumbers(Sampler):
     """Batch numbers of this rank (``rank``, ``rank + world``, ...), ``steps`` of them, from ``skip`` on."""
 
     def __init__(self, steps: int, rank: int = 0, world: int = 1, skip: int = 0):
@@ -162,6 +131,7 @@ class SEDataModule(L.LightningDataModule):
 
     @property
     def steps_per_epoch(self) -> int:
+        """Optimiser steps in one epoch (each rank takes the same number of batches)."""
         # every rank takes the same number of batches (DDP needs it); the remainder is dropped
         _, world = self._world()
         return max(1, len(self.batches) // world) if world > 1 else len(self.batches)
@@ -174,7 +144,7 @@ class SEDataModule(L.LightningDataModule):
         return DataLoader(
             self.batches,
             batch_size=None,
-            sampler=_EpochBatches(self.steps_per_epoch, rank, world, skip),
+            sampler=_RankBatchNumbers(self.steps_per_epoch, rank, world, skip),
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(0),
         )
@@ -222,34 +192,6 @@ class SEModule(ResumableModule, L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-# -------------------------------------------------------------------------------------- checkpoints
-
-
-def _read_config(directory: Path) -> dict:
-    meta = read_config(directory)
-    if checkpoint_kind(meta) != "se":
-        raise VcellError(f"{directory}: not a State Embedding checkpoint (it holds a {checkpoint_kind(meta).upper()} model)")
-    return meta
-
-
-def load_se(directory: str | os.PathLike) -> tuple[StateEmbedding, dict]:
-    """``(model in eval mode, config.json content)`` of an SE checkpoint or of a run folder (its ``last/``)."""
-    directory = Path(directory)
-    if not (directory / CONFIG).is_file() and (resolve_checkpoint_dir(directory / LAST) / CONFIG).is_file():
-        directory = directory / LAST
-    directory = resolve_checkpoint_dir(directory)
-    if not directory.is_dir():
-        raise VcellError(f"{directory}: model folder not found")
-    meta = _read_config(directory)
-    config = SEConfig.from_dict(meta["model"])
-    model = StateEmbedding(config)
-    try:
-        model.load_state_dict(load_file(str(directory / WEIGHTS)))
-    except RuntimeError as exc:
-        raise VcellError(f"{directory / WEIGHTS}: weights do not match the config ({str(exc).splitlines()[0]})") from None
-    return model.eval(), meta
-
-
 # ----------------------------------------------------------------------------------------- training
 
 
@@ -260,7 +202,7 @@ def gene_table(paths: list[Path], genes=None, dim: int = 128, seed: int = 0, exp
     joined by name; counts are normalised first).
     """
     from vcell.data.preprocess import normalize_log1p
-    from vcell.models.genes import GeneEmbeddings, data_gene_embeddings
+    from vcell.features.genes import GeneEmbeddings, data_gene_embeddings
 
     if genes is not None:
         return genes if isinstance(genes, GeneEmbeddings) else GeneEmbeddings.load(genes)
@@ -281,145 +223,80 @@ def gene_table(paths: list[Path], genes=None, dim: int = 128, seed: int = 0, exp
     return data_gene_embeddings(adata, dim=dim, seed=seed)
 
 
-@quiet_lightning()
 def train_se(
     paths: list[str | os.PathLike],
     out_dir: str | os.PathLike,
     config: dict,
     genes=None,
-    max_steps: int = 1000,
-    schedule_steps: int | None = None,
-    batch_size: int = 32,
-    lr: float = 3e-3,
-    seed: int = 0,
+    options: SETrainOptions | None = None,
     resume: bool = False,
     expression: str | None = None,
-    gene_dim: int = 128,
-    checkpoint_every: int = 100,
-    accelerator: str = "auto",
-    devices: int = 1,
-    num_nodes: int = 1,
-    strategy: str = "auto",
-    precision: str = "32",
-    num_workers: int = 0,
-    log_every: int = 10,
+    **option_values,
 ) -> Path:
     """Train a State Embedding model on the ``.h5ad`` files ``paths``; returns ``out_dir`` (``last/``, ``logs/``).
 
-    ``config`` holds :class:`SEConfig` fields (from :meth:`SEConfig.preset_values`); the data
-    sizes are filled in. ``genes``: a
-    ``GeneEmbeddings`` or its file; ``None`` derives them from the data (``gene_dim`` wide).
-    ``batch_size`` is the global batch: with ``devices`` x ``num_nodes`` > 1 (DDP) each process
-    takes its share. The learning-rate schedule spans ``schedule_steps`` (default ``max_steps``;
-    on resume, the checkpoint's), so a run can be trained in pieces. ``resume=True`` continues
-    from ``out_dir/last`` with the checkpoint's model sizes, gene table and learning rate.
+    Parameters
+    ----------
+    paths
+        Training files; each file is one class of the dataset token.
+    out_dir
+        Run folder.
+    config
+        :class:`SEConfig` field values (from :meth:`SEConfig.preset_values`); the data sizes are
+        filled in.
+    genes
+        A ``GeneEmbeddings`` or its file; ``None`` derives them from the data (``gene_dim`` wide).
+    options
+        :class:`~vcell.train.options.SETrainOptions`; keyword ``option_values`` go on top. The
+        learning-rate schedule spans ``schedule_steps`` (default ``max_steps``; on resume, the
+        checkpoint's), so a run can be trained in pieces.
+    resume
+        Continue from ``out_dir/last`` with the checkpoint's model sizes, gene table and learning rate.
+    expression
+        ``counts`` or ``log1p`` for every file; default: read from each file.
     """
+    options = SETrainOptions.from_values(option_values, options)
     out_dir = Path(out_dir)
     paths = [Path(p) for p in paths]
     if not paths:
         raise VcellError("no training data given (--data)")
-    if max_steps < 1:
-        raise VcellError(f"max_steps must be >= 1, got {max_steps}")
-    check_run_options(accelerator, devices, num_nodes, strategy, precision, batch_size)
-    world = devices * num_nodes
     names = [p.stem for p in paths]
     if len(set(names)) != len(names):
         raise VcellError(f"two --data files share the name {next(n for n in names if names.count(n) > 1)!r}; each file is a dataset class")
-    resume_dir = resolve_checkpoint_dir(out_dir / LAST) if resume else None
-    if resume and not resume_dir.is_dir():
-        raise VcellError(f"{out_dir}: nothing to resume (no {LAST}/ checkpoint)")
-    L.seed_everything(seed, workers=True, verbose=False)
-    if resume:
+    start = resume_dir(out_dir, resume)
+    L.seed_everything(options.seed, workers=True, verbose=False)
+    lr, schedule_steps = options.lr, options.schedule_steps
+    if start is not None:
         # the gene table and sizes are those of the checkpoint, whatever was passed
-        meta = _read_config(resume_dir)
+        trained, meta = StateEmbedding.from_checkpoint(start)
         if meta["datasets"] != names:
-            raise VcellError(f"{resume_dir}: was trained on {', '.join(meta['datasets'])}; resume with the same --data files")
+            raise VcellError(f"{start}: was trained on {', '.join(meta['datasets'])}; resume with the same --data files")
         vocab_names, values = meta["genes"], meta["model"]
-        vectors = load_file(str(resume_dir / WEIGHTS))["gene_vectors"]
+        vectors = trained.gene_vectors
         source = meta.get("gene_source", "checkpoint")
         schedule_steps, lr = int(meta["schedule_steps"]), float(meta["lr"])
     else:
-        table = gene_table(paths, genes, gene_dim, seed, expression)
+        table = gene_table(paths, genes, options.gene_dim, options.seed, expression)
         vocab_names, vectors, source = list(table.names), table.vectors, table.source
         values = {**config, "n_genes": len(vocab_names), "gene_dim": int(vectors.shape[1]), "n_datasets": len(paths)}
-    schedule_steps = int(schedule_steps or max_steps)
+    schedule_steps = int(schedule_steps or options.max_steps)
     vocab = {g: i for i, g in enumerate(vocab_names)}
     sources = [open_source(p, vocab, expression) for p in paths]
     cfg = SEConfig.from_dict(values)
     n_slots = min(cfg.gene_slots, *(len(s.columns) for s in sources))
     if n_slots < cfg.gene_slots:
         log.info("cell sentences use %d gene tokens (the data has no more genes in the vocabulary)", n_slots)
-    batches = SEBatches(sources, n_slots, cfg.n_mask, batch_size // world, seed)
+    batches = SEBatches(sources, n_slots, cfg.n_mask, options.batch_size // options.world_size, options.seed)
     meta = {
         "genes": vocab_names,
         "gene_source": source,
         "datasets": names,
         "expression": {s.name: s.expression for s in sources},
-        "seed": int(seed),
-        "precision": precision,
-        "devices": devices,
-        "num_nodes": num_nodes,
+        "seed": int(options.seed),
+        "precision": options.precision,
+        "devices": options.devices,
+        "num_nodes": options.num_nodes,
     }
-    if strategy == "ddp" or world > 1:
-        from lightning.pytorch.strategies import DDPStrategy
-
-        # the gene table buffer is identical on every rank: no need to broadcast it every step
-        strategy = DDPStrategy(forward_sync_buffers=False)
     module = SEModule(cfg, vectors, lr=lr, schedule_steps=schedule_steps, meta=meta)
-    try:
-        trainer = _trainer(out_dir, max_steps, checkpoint_every, accelerator, devices, num_nodes, strategy, precision, log_every)
-    except MisconfigurationException as exc:
-        raise VcellError(f"devices: {str(exc).splitlines()[0]}") from None
-    trainer.fit(module, datamodule=SEDataModule(batches, num_workers), ckpt_path=str(resume_dir) if resume_dir else None)
+    fit_module(module, SEDataModule(batches, options.num_workers), out_dir, options, "se", start)
     return out_dir
-
-
-def _trainer(out_dir, max_steps, checkpoint_every, accelerator, devices, num_nodes, strategy, precision, log_every) -> L.Trainer:
-    return L.Trainer(
-        max_steps=max_steps,
-        max_epochs=-1,
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy=strategy,
-        precision=PRECISIONS[precision],
-        gradient_clip_val=1.0,
-        enable_checkpointing=False,  # Lightning's checkpoints pickle; RunCheckpoints writes safetensors
-        plugins=[SafetensorsCheckpointIO("se")],
-        callbacks=[RunCheckpoints(out_dir, checkpoint_every)],
-        logger=CSVLogger(out_dir, name="logs"),
-        reload_dataloaders_every_n_epochs=1,
-        use_distributed_sampler=False,  # _EpochBatches splits batches between ranks itself
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        log_every_n_steps=log_every,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out_dir,
-    )
-
-
-# ---------------------------------------------------------------------------------------- embedding
-
-
-@torch.no_grad()
-def embed_adata(model: StateEmbedding, meta: dict, adata, expression: str, batch_size: int = 64, seed: int = 0,
-                where: str = "data") -> tuple[np.ndarray, list[str]]:
-    """``(cell embeddings [n_cells, emb_dim], genes missing from the vocabulary)`` of an in-memory AnnData.
-
-    Sentences are tokenised without masking; padding genes of cell ``i`` are drawn with ``(seed, i)``,
-    so results do not depend on ``batch_size``.
-    """
-    vocab = {g: i for i, g in enumerate(meta["genes"])}
-    columns, ids, missing = match_genes(adata.var_names, vocab, where)
-    n_slots = min(model.config.gene_slots, len(columns))
-    rows = row_source(adata)
-    device = next(model.parameters()).device
-    out = np.empty((adata.n_obs, model.config.emb_dim), dtype=np.float32)
-    for start in range(0, adata.n_obs, batch_size):
-        idx = np.arange(start, min(start + batch_size, adata.n_obs))
-        values, _ = normalise_expression(rows.read(idx), expression)
-        tok = tokenize(values[:, columns], ids, n_slots, 0, [np.random.default_rng([seed, int(i)]) for i in idx])
-        emb = model(torch.as_tensor(tok["genes"], device=device), torch.as_tensor(tok["values"], device=device))
-        out[idx] = emb.float().cpu().numpy()
-    return out, missing

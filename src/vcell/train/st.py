@@ -24,30 +24,19 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Sampler, Subset
 
+from vcell._heap import keep_freed_heap
 from vcell.data.cellsets import CellSetDataset, CellSetSampler, collate_cell_sets
 from vcell.data.dataset import PerturbationData, obsm_matrix
 from vcell.data.rows import row_source
 from vcell.data.spec import split_combo
 from vcell.data.splits import Split
 from vcell.errors import VcellError
-from vcell.heap import keep_freed_heap
-from vcell.models.precision import PRECISIONS, check_precision
-from vcell.models.transition import STConfig, StateTransition, pert_features
-from vcell.train.checkpoint import (
-    LAST,
-    ResumableModule,
-    RunCheckpoints,
-    SafetensorsCheckpointIO,
-    resolve_checkpoint_dir,
-)
-from vcell.train.quiet import quiet_lightning
-
-STRATEGIES = ("auto", "ddp")
+from vcell.nn.transition import StateTransition, STConfig, pert_features
+from vcell.train.checkpoint import ResumableModule
+from vcell.train.options import STTrainOptions, check_run_options
+from vcell.train.trainer import fit_module, resume_dir
 
 
 def pert_vocabulary(labels, control: str) -> list[str]:
@@ -226,10 +215,10 @@ class CellSetDataModule(L.LightningDataModule):
         self,
         data: PerturbationData,
         split: Split,
-        batch_size: int = 8,
-        set_size: int = 128,
+        batch_size: int = STTrainOptions.batch_size,
+        set_size: int = STTrainOptions.set_size,
         seed: int = 0,
-        control_strategy: str = "batch",
+        control_strategy: str = STTrainOptions.control_strategy,
         num_workers: int = 0,
         embed_key: str | None = None,
     ):
@@ -251,6 +240,7 @@ class CellSetDataModule(L.LightningDataModule):
 
     @property
     def batches_per_epoch(self) -> int:
+        """Global batches in one epoch."""
         return math.ceil(len(self.train_set) / self.batch_size)
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
@@ -326,97 +316,27 @@ def build_module(
     return STModule(cfg, index.perts, vocab, spec.control, lr=lr, meta=meta)
 
 
-def _on_cpu(accelerator: str) -> bool:
-    if accelerator == "auto":
-        return not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    return accelerator == "cpu"
-
-
-def check_run_options(
-    accelerator: str = "auto",
-    devices: int = 1,
-    num_nodes: int = 1,
-    strategy: str = "auto",
-    precision: str = "32",
-    batch_size: int | None = None,
-) -> None:
-    """Raise a one-line :class:`VcellError` for device, strategy, precision or batch-size options that cannot work together."""
-    for name, value in (("devices", devices), ("num-nodes", num_nodes)):
-        if not isinstance(value, int) or value < 1:
-            raise VcellError(f"--{name} must be a positive integer, got {value!r}")
-    if strategy not in STRATEGIES:
-        raise VcellError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
-    check_precision(precision, _on_cpu(accelerator))
-    world = devices * num_nodes
-    if batch_size is not None and batch_size % world:
-        raise VcellError(f"--batch-size {batch_size} is the global batch and must be divisible by devices x nodes = {world}")
-
-
-@quiet_lightning()
 def fit(
     module: STModule,
     datamodule: CellSetDataModule,
     out_dir: str | os.PathLike,
-    max_steps: int,
-    seed: int = 0,
+    options: STTrainOptions | None = None,
     resume_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 100,
-    accelerator: str = "auto",
-    log_every: int = 10,
-    devices: int = 1,
-    num_nodes: int = 1,
-    strategy: str = "auto",
-    precision: str = "32",
+    **option_values,
 ) -> L.Trainer:
-    """Train ``module`` to ``max_steps`` steps, checkpointing under ``out_dir``; resume from ``resume_dir``.
+    """Train ``module`` to ``options.max_steps`` steps, checkpointing under ``out_dir``; resume from ``resume_dir``.
 
-    ``devices`` x ``num_nodes`` > 1 (or ``strategy="ddp"``) trains with DDP; ``datamodule.batch_size``
-    is the global batch. ``precision`` is ``"32"`` (default), ``"bf16-mixed"`` (autocast to bfloat16
-    on CPU or GPU; weights, optimiser state and the energy distance stay fp32) or ``"16-mixed"``
-    (GPU only).
+    ``options`` (or keyword ``option_values``, on top of ``options``) are
+    :class:`~vcell.train.options.STTrainOptions`; ``datamodule.batch_size`` is the global batch.
     """
-    check_run_options(accelerator, devices, num_nodes, strategy, precision, datamodule.batch_size)
-    out_dir = Path(out_dir)
-    module.meta.update(precision=precision, devices=devices, num_nodes=num_nodes)
-    if strategy == "ddp" or devices * num_nodes > 1:
-        # The perturbation table buffer is the same on every rank; syncing buffers in each forward
-        # would make ranks with different numbers of validation batches wait on each other.
-        strategy = DDPStrategy(forward_sync_buffers=False)
-    L.seed_everything(seed, workers=True, verbose=False)
+    options = STTrainOptions.from_values(option_values, options)
+    check_run_options(options.accelerator, options.devices, options.num_nodes, options.strategy, options.precision,
+                      datamodule.batch_size)
+    module.meta.update(precision=options.precision, devices=options.devices, num_nodes=options.num_nodes)
+    L.seed_everything(options.seed, workers=True, verbose=False)
     keep_freed_heap()
-    try:
-        trainer = L.Trainer(
-            max_steps=max_steps,
-            max_epochs=-1,
-            accelerator=accelerator,
-            devices=devices,
-            num_nodes=num_nodes,
-            strategy=strategy,
-            precision=PRECISIONS[precision],
-            use_distributed_sampler=False,  # CellSetDataModule gives each rank its share itself
-            gradient_clip_val=10.0,
-            enable_checkpointing=False,  # Lightning's checkpoints pickle; RunCheckpoints writes safetensors
-            plugins=[SafetensorsCheckpointIO("st")],
-            callbacks=[RunCheckpoints(out_dir, checkpoint_every)],
-            logger=CSVLogger(out_dir, name="logs"),
-            reload_dataloaders_every_n_epochs=1,
-            limit_val_batches=1.0 if datamodule.val_set is not None else 0,
-            num_sanity_val_steps=0,
-            log_every_n_steps=log_every,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=out_dir,
-        )
-    except MisconfigurationException as exc:
-        raise VcellError(f"devices: {str(exc).splitlines()[0]}") from None
-    ckpt = None
-    if resume_dir is not None:
-        ckpt = Path(resume_dir)
-        if not ckpt.is_dir():
-            raise VcellError(f"{ckpt}: no checkpoint to resume from")
     # the train loader does resume mid-epoch (CellSetDataModule skips the batches already seen)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
-    return trainer
+    return fit_module(module, datamodule, out_dir, options, "st", resume_dir, validate=datamodule.val_set is not None)
 
 
 def train_st(
@@ -424,44 +344,43 @@ def train_st(
     split: Split,
     out_dir: str | os.PathLike,
     config: STConfig | dict,
-    max_steps: int,
-    batch_size: int = 8,
-    set_size: int = 128,
-    seed: int = 0,
+    options: STTrainOptions | None = None,
     resume: bool = False,
-    num_workers: int = 0,
-    lr: float = 1e-4,
-    control_strategy: str = "batch",
-    checkpoint_every: int = 100,
-    accelerator: str = "auto",
-    log_every: int = 10,
-    devices: int = 1,
-    num_nodes: int = 1,
-    strategy: str = "auto",
-    precision: str = "32",
     embed_key: str | None = None,
+    **option_values,
 ) -> Path:
     """Train a State Transition model; returns ``out_dir`` (``last/``, ``best/``, ``logs/``).
 
-    ``embed_key``: train in the cell-embedding space ``.obsm[embed_key]`` (e.g. ``vcell embed``'s
-    SE embeddings) with a gene decoder back to ``X``'s genes (see :class:`STConfig`).
+    Parameters
+    ----------
+    data, split
+        The dataset and which of its cells train, validate and are held out.
+    out_dir
+        Run folder.
+    config
+        :class:`STConfig` or its field values (e.g. from :meth:`STConfig.preset_values`); the data
+        sizes are filled in.
+    options
+        :class:`~vcell.train.options.STTrainOptions`; keyword ``option_values`` (``max_steps=...``)
+        go on top.
+    resume
+        Continue from ``out_dir/last`` (model, optimiser, step, epoch, RNG), so a run interrupted at
+        any checkpoint ends with the same weights as an uninterrupted one.
+    embed_key
+        Train in the cell-embedding space ``.obsm[embed_key]`` (e.g. ``vcell embed``'s SE
+        embeddings) with a gene decoder back to ``X``'s genes (see :class:`STConfig`).
 
-    ``resume=True`` continues from ``out_dir/last`` (model, optimiser, step, epoch, RNG), so a
-    run interrupted at any checkpoint ends with the same weights as an uninterrupted one.
-    ``devices``, ``num_nodes``, ``strategy`` and ``precision`` are as in :func:`fit`; with DDP
-    this function runs in every process (Lightning re-runs the command line for ranks > 0), so
-    call it from a script or the CLI, not from a notebook or a test runner.
+    Notes
+    -----
+    With DDP this function runs in every process (Lightning re-runs the command line for ranks
+    > 0), so call it from a script or the CLI, not from a notebook or a test runner.
     """
+    options = STTrainOptions.from_values(option_values, options)
     out_dir = Path(out_dir)
-    if max_steps < 1:
-        raise VcellError(f"max_steps must be >= 1, got {max_steps}")
-    check_run_options(accelerator, devices, num_nodes, strategy, precision, batch_size)
-    resume_dir = resolve_checkpoint_dir(out_dir / LAST) if resume else None
-    if resume and not resume_dir.is_dir():
-        raise VcellError(f"{out_dir}: nothing to resume (no {LAST}/ checkpoint)")
-    L.seed_everything(seed, workers=True, verbose=False)
-    module = build_module(data, config, lr=lr, seed=seed, embed_key=embed_key)
-    dm = CellSetDataModule(data, split, batch_size, set_size, seed, control_strategy, num_workers, embed_key)
-    fit(module, dm, out_dir, max_steps, seed, resume_dir, checkpoint_every, accelerator, log_every,
-        devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+    start = resume_dir(out_dir, resume)
+    L.seed_everything(options.seed, workers=True, verbose=False)
+    module = build_module(data, config, lr=options.lr, seed=options.seed, embed_key=embed_key)
+    dm = CellSetDataModule(data, split, options.batch_size, options.set_size, options.seed, options.control_strategy,
+                           options.num_workers, embed_key)
+    fit(module, dm, out_dir, options, start)
     return out_dir

@@ -10,7 +10,7 @@ Layout of the output folder (the report reads it):
 - ``bench.json``: what was run (data, split, models, seed, runs, timings).
 - ``report.html``.
 
-Dependencies flow cli -> bench -> (models, eval, report) -> data.
+Dependencies flow cli -> leaderboard -> (predictors, eval, report) -> data.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
-from vcell import __version__
+from vcell._version import __version__
 from vcell.data.dataset import PerturbationData, from_anndata
 from vcell.data.io import atomic_path, read_h5ad, write_h5ad
 from vcell.data.spec import DataSpec
@@ -41,7 +41,8 @@ from vcell.eval.inputs import check_pair
 from vcell.eval.profiles import PROFILES
 from vcell.eval.run import evaluate, write_outputs
 from vcell.eval.scoring import score, write_csv
-from vcell.models.base import Predictor
+from vcell.predictors.base import Predictor
+from vcell.predictors.predict import predict_context
 
 log = logging.getLogger(__name__)
 
@@ -141,14 +142,16 @@ def _test_contexts(index, split: Split) -> list[str]:
     return [str(index.contexts[c]) for c in codes]
 
 
-def _context_cells(data: PerturbationData, split: Split, context: str) -> tuple[ad.AnnData, ad.AnnData]:
-    """(real held-out cells + the context's controls, the context's controls)."""
+def _scored_cells(split: Split) -> np.ndarray:
+    """The cells a fold scores: its held-out (test) cells and every control cell."""
+    return split.mask("test") | split.mask("control")
+
+
+def _real_cells(data: PerturbationData, split: Split, context: str) -> ad.AnnData:
+    """The real held-out cells of ``context`` with the context's controls."""
     index = data.index
     ctx_code = int(np.flatnonzero(index.contexts == context)[0])
-    in_ctx = index.context_codes == ctx_code
-    controls = in_ctx & split.mask("control")
-    real = in_ctx & (split.mask("test") | split.mask("control"))
-    return data.adata[real].copy(), data.adata[controls].copy()
+    return data.adata[(index.context_codes == ctx_code) & _scored_cells(split)].copy()
 
 
 def _tidy(adata: ad.AnnData, spec: DataSpec) -> ad.AnnData:
@@ -206,8 +209,7 @@ def run_bench(
     for fold in folds:
         real_by_ctx = {}
         for ctx in fold.contexts:
-            real, _ = _context_cells(data, fold.split, ctx)
-            real_by_ctx[ctx] = _tidy(real, spec)
+            real_by_ctx[ctx] = _tidy(_real_cells(data, fold.split, ctx), spec)
             write_h5ad(real_by_ctx[ctx], out / "predictions" / f"real_{slug(ctx)}.h5ad")
         aggs: dict[tuple[str, str], pd.DataFrame] = {}
         for name in models:
@@ -218,11 +220,8 @@ def run_bench(
             timings[f"fit {name} {fold.name}"] = time.perf_counter() - t
             for ctx in fold.contexts:
                 real = real_by_ctx[ctx]
-                _, controls = _context_cells(data, fold.split, ctx)
-                perts = [p for p in real.obs[spec.pert_col].astype(str).unique() if p != spec.control]
-                sizes = real.obs[spec.pert_col].astype(str).value_counts().to_dict()
                 t = time.perf_counter()
-                pred = _tidy(model.predict(controls, perts, ctx, cells_per_perturbation=sizes, seed=seed), spec)
+                pred = _tidy(predict_context(model, data, ctx, "data", seed=seed, cells=_scored_cells(fold.split)), spec)
                 timings[f"predict {name} {ctx}"] = time.perf_counter() - t
                 run_slug = f"{slug(name)}_{slug(ctx)}"
                 write_h5ad(pred, out / "predictions" / f"{run_slug}.h5ad")

@@ -9,8 +9,10 @@ same with float16 and a gradient scaler, GPU only.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from vcell.errors import VcellError
 
@@ -28,6 +30,8 @@ def check_precision(precision: str, on_cpu: bool) -> None:
 
 def half_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of ``precision`` (``None`` for ``"32"``)."""
+    import torch  # not at module level: the CLI checks precision names without loading torch
+
     return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
 
 
@@ -37,6 +41,8 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     Wrap a whole prediction loop in one context, under ``torch.no_grad()``: autocast caches its
     weight casts for the context, but not under ``torch.inference_mode()``.
     """
+    import torch
+
     check_precision(precision, device.type == "cpu")
     dtype = half_dtype(precision)
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

@@ -2,8 +2,8 @@
 
 Three sources, one object (:class:`GeneEmbeddings`):
 
-- :func:`embed_fasta`: ESM2 protein embeddings (mean over residues, then over a gene's
-  isoforms); see :mod:`vcell.models.protein`.
+- :func:`vcell.features.protein.embed_fasta`: ESM2 protein embeddings (mean over residues,
+  then over a gene's isoforms).
 - :meth:`GeneEmbeddings.load`: a precomputed table (safetensors, parquet or ``.pt``).
 - :func:`data_gene_embeddings`: a fallback needing no protein model: PCA of the gene x gene
   correlation of control cells, so every later step runs without one.
@@ -281,24 +281,3 @@ def _correlation_loadings(X, dim: int, rng: np.random.Generator, n_iter: int = 4
     loadings *= np.where(signs == 0, 1.0, signs)
     return loadings, int((~varies).sum())
 
-
-def embed_fasta(
-    fasta,
-    esm_model_dir,
-    out,
-    header_regex: str | None = None,
-    max_tokens: int = 4096,
-    device: str = "cpu",
-    seed: int = 0,
-    progress: bool = True,
-) -> GeneEmbeddings:
-    """Embed the proteins of a FASTA file with a local ESM2 model and write a gene table to ``out``.
-
-    See :func:`vcell.models.protein.embed_fasta` for the header rule, batching, long proteins
-    and resuming.
-    """
-    from vcell.models import protein
-
-    return protein.embed_fasta(
-        fasta, esm_model_dir, out, header_regex=header_regex, max_tokens=max_tokens, device=device, seed=seed, progress=progress
-    )

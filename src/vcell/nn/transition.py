@@ -13,6 +13,7 @@ against the observed cells' genes is added with weight ``gene_loss_weight``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -21,8 +22,9 @@ import torch
 from torch import nn
 
 from vcell.errors import VcellError
-from vcell.models.config import ModelConfig
-from vcell.models.layers import RMSNorm, TransformerBlock, energy_distance, mlp, norm_mlp
+from vcell.nn.checkpoint import load_model
+from vcell.nn.config import ModelConfig
+from vcell.nn.layers import RMSNorm, TransformerBlock, energy_distance, mlp, norm_mlp
 
 PRESETS: dict[str, dict[str, int]] = {
     "small": {"width": 672, "n_layers": 4, "n_heads": 8},
@@ -47,8 +49,7 @@ class STConfig(ModelConfig):
     Embedding space: ``gene_dim`` > 0 adds a gene decoder ``output_dim -> gene_hidden... ->
     gene_dim`` (ReLU'd: log1p genes), trained with weight ``gene_loss_weight`` on its own energy
     distance; ``detach_gene_decoder`` (default) stops that loss from reaching the transition
-    model, which then learns only in the embedding space (on McFaline leave-one-line-out this
-    scored higher than letting the gene loss train it, see benchmarks/README.md).
+    model, which then learns only in the embedding space (benchmarks/README.md compares both).
     ``gene_residual``: genes are predicted as ``basal genes + dec(predicted) - dec(basal
     embedding)``, so a predicted embedding equal to its basal cell gives back that cell's genes
     exactly (decoder bias cancels; the control cells of an evaluation stay comparable).
@@ -109,6 +110,11 @@ class StateTransition(nn.Module):
             nn.init.zeros_(self.decoder.weight)
             nn.init.zeros_(self.decoder.bias)
         self.gene_decoder = norm_mlp(c.output_dim, c.gene_hidden, c.gene_dim, c.dropout) if c.gene_dim else None
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike) -> tuple[StateTransition, dict]:
+        """``(model in eval mode, config.json content)`` of an ST checkpoint folder (:mod:`vcell.nn.checkpoint`)."""
+        return load_model(directory, "st", lambda values: cls(STConfig.from_dict(values)))
 
     def forward(
         self,
@@ -190,7 +196,7 @@ class StateTransition(nn.Module):
 
         ``target_mask`` defaults to ``mask`` when both sets have the same size. Uses the full
         energy distance (twice geomloss ``SamplesLoss("energy")``), see
-        :func:`~vcell.models.layers.energy_distance`.
+        :func:`~vcell.nn.layers.energy_distance`.
         """
         if target_mask is None and mask is not None and target.shape[1] == pred.shape[1]:
             target_mask = mask

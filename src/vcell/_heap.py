@@ -11,9 +11,8 @@ def keep_freed_heap() -> None:
 
     A training step (or a batch of prediction) frees its activations and allocates as much again
     in the next one. With glibc's default, a large free block at the top of the heap goes back
-    to the system and is faulted in again (zero-filled) next time: about 150 MiB and 5-7% of a
-    training step at ST ``small`` size on CPU, and ~15% of a short bf16 prediction run. Peak
-    memory does not change. Blocks above 32 MiB stay separate mappings, as glibc's adaptive
+    to the system and is faulted in again (zero-filled) next time, a measurable share of each
+    step on CPU (benchmarks/README.md). Peak memory does not change. Blocks above 32 MiB stay separate mappings, as glibc's adaptive
     default ends up doing. No-op off glibc.
     """
     if not sys.platform.startswith("linux"):

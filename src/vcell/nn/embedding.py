@@ -15,6 +15,8 @@ loaders can run it; training and checkpoints live in :mod:`vcell.train.se`.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,12 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vcell.data.rows import row_source
 from vcell.errors import VcellError
-from vcell.models.config import ModelConfig
-from vcell.models.layers import RMSNorm, TransformerBlock, mlp
+from vcell.nn.checkpoint import LAST, find_checkpoint, load_model
+from vcell.nn.config import ModelConfig
+from vcell.nn.layers import RMSNorm, TransformerBlock, mlp
 
-# ``sentence_len`` counts every token: [CLS] + genes + [DS]. tiny and small are CPU sizes (small:
-# ~0.3 s per 32-cell step on 2 cores); default follows the STATE preprint (35M parameters with a
+log = logging.getLogger(__name__)
+
+# ``sentence_len`` counts every token: [CLS] + genes + [DS]. tiny and small are CPU sizes;
+# default follows the STATE preprint (35M parameters with a
 # 13k-gene table), large the scale of the released SE-600M (0.7B).
 PRESETS: dict[str, dict] = {
     "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "sentence_len": 256, "n_mask": 128},
@@ -226,6 +232,11 @@ class StateEmbedding(nn.Module):
         self.cell_to_gene = nn.Linear(c.emb_dim, c.d_model)
         self.ds_head = nn.Linear(c.d_model, c.n_datasets)
 
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike) -> tuple[StateEmbedding, dict]:
+        """``(model in eval mode, config.json content)`` of an SE checkpoint folder or of a run folder (its ``last/``)."""
+        return load_model(find_checkpoint(directory, prefer=LAST), "se", lambda values: cls(SEConfig.from_dict(values)))
+
     def gene_tokens(self, genes: torch.Tensor) -> torch.Tensor:
         """Projected gene embeddings ``[..., d_model]`` of vocabulary ids ``genes``."""
         return self.gene_proj(self.gene_vectors[genes])
@@ -273,3 +284,46 @@ class StateEmbedding(nn.Module):
         mse = F.mse_loss(pred, batch["target_values"])
         ds = F.cross_entropy(self.ds_head(ds_out), batch["dataset"])
         return mse + self.config.ds_weight * ds, {"mse": mse.detach(), "ds": ds.detach()}
+
+
+# ----------------------------------------------------------------------------- embedding cells
+
+
+def match_genes(var_names, vocab: dict[str, int], where: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(columns, vocabulary ids, missing names)`` of ``var_names``; logs the missing genes.
+
+    Raises when no gene is in the vocabulary.
+    """
+    names = [str(g) for g in var_names]
+    ids = np.array([vocab.get(g, -1) for g in names], dtype=np.int64)
+    columns = np.flatnonzero(ids >= 0)
+    missing = [g for g, i in zip(names, ids) if i < 0]
+    if columns.size == 0:
+        raise VcellError(f"{where}: none of its {len(names)} genes is in the gene vocabulary ({len(vocab)} genes; e.g. {names[0]!r})")
+    if missing:
+        log.warning("%s: %d of %d genes are not in the gene vocabulary and are ignored (e.g. %s)",
+                    where, len(missing), len(names), ", ".join(missing[:5]))
+    return columns, ids[columns], missing
+
+
+@torch.no_grad()
+def embed_adata(model: StateEmbedding, meta: dict, adata, expression: str, batch_size: int = 64, seed: int = 0,
+                where: str = "data") -> tuple[np.ndarray, list[str]]:
+    """``(cell embeddings [n_cells, emb_dim], genes missing from the vocabulary)`` of an in-memory AnnData.
+
+    Sentences are tokenised without masking; padding genes of cell ``i`` are drawn with ``(seed, i)``,
+    so results do not depend on ``batch_size``.
+    """
+    vocab = {g: i for i, g in enumerate(meta["genes"])}
+    columns, ids, missing = match_genes(adata.var_names, vocab, where)
+    n_slots = min(model.config.gene_slots, len(columns))
+    rows = row_source(adata)
+    device = next(model.parameters()).device
+    out = np.empty((adata.n_obs, model.config.emb_dim), dtype=np.float32)
+    for start in range(0, adata.n_obs, batch_size):
+        idx = np.arange(start, min(start + batch_size, adata.n_obs))
+        values, _ = normalise_expression(rows.read(idx), expression)
+        tok = tokenize(values[:, columns], ids, n_slots, 0, [np.random.default_rng([seed, int(i)]) for i in idx])
+        emb = model(torch.as_tensor(tok["genes"], device=device), torch.as_tensor(tok["values"], device=device))
+        out[idx] = emb.float().cpu().numpy()
+    return out, missing

@@ -3,11 +3,37 @@ names unknown or missing fields, named presets, and one-line checks of field val
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, fields
+from pathlib import Path
 from typing import ClassVar
 
 from vcell.errors import VcellError
+
+
+def read_config_file(path: str | os.PathLike, what: str = "config") -> dict:
+    """A mapping from a YAML or JSON file (``.json``: JSON, else YAML); an empty file is ``{}``.
+
+    Every way this can fail (missing file, syntax error with its line, not a mapping) is a
+    one-line error naming the file.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise VcellError(f"{path}: {what} file not found")
+    text = path.read_text()
+    try:
+        values = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise VcellError(f"{path}: unreadable {what} ({str(exc).splitlines()[0]})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise VcellError(f"{path}: the {what} must be a mapping of names to values")
+    return values
 
 
 class ModelConfig:
@@ -54,6 +80,15 @@ class ModelConfig:
         values = {**cls.PRESETS[preset], **dict(overrides or {})}
         cls.from_dict({**{name: 1 for name in cls.REQUIRED}, **values})
         return values
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike | None, preset: str = "default") -> dict:
+        """The field values of ``preset`` with the overrides in the YAML/JSON file ``path`` on top.
+
+        Data sizes are filled in when the model is built; ``path=None`` gives the preset alone.
+        """
+        overrides = read_config_file(path, f"{cls.KIND} config") if path is not None else {}
+        return cls.preset_values(preset, overrides)
 
     @classmethod
     def preset(cls, name: str, **overrides):

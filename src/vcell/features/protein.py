@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from vcell.errors import VcellError
-from vcell.models.genes import GeneEmbeddings
+from vcell.features.genes import GeneEmbeddings
 
 log = logging.getLogger(__name__)
 

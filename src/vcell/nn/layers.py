@@ -68,10 +68,10 @@ def _attention_kernels(q: torch.Tensor):
     """Context for SDPA on ``q`` (after :func:`_attention_inputs`).
 
     On CPU under bf16 autocast, attention runs in float32 with autocast off: the fused CPU
-    kernel is ~40% faster there in float32 than in bf16 (forward + backward of one
-    ``[8, 8, 128, 84]`` layer), and its softmax exact. On CPU with bf16 matmuls ("medium"/"high"
+    kernel's backward is faster there in float32 than in bf16 (benchmarks/README.md), and its
+    softmax exact. On CPU with bf16 matmuls ("medium"/"high"
     float32 matmul precision) only the reference (math) kernel, whose batched matmuls then run in
-    bf16 while the fused kernel stays in float32 and is ~3x slower there. Elsewhere no change.
+    bf16 while the fused kernel stays in float32 and is slower there. Elsewhere no change.
     """
     stack = ExitStack()
     if q.device.type == "cpu":

@@ -1,1 +1,0 @@
-"""Perturbation-response predictors: simple baselines and the STATE models, one interface."""

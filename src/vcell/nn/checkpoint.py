@@ -1,0 +1,208 @@
+"""Pickle-free checkpoint folders: safetensors for tensors, JSON for everything else.
+
+A checkpoint folder holds
+
+- ``weights.safetensors``: the model's state dict;
+- ``config.json``: the model's ``kind`` (``st`` or ``se``; ``st`` when absent), its config and
+  what it was trained on (gene list, perturbation vocabulary, data columns, seed), the vcell
+  version, step and epoch;
+- when written by training: ``optimizer.safetensors`` (the optimiser's tensors, with a JSON index
+  of its non-tensor parts in the file's metadata) and ``state.safetensors`` +
+  ``trainer_state.json`` (the rest of Lightning's checkpoint: loop progress, callback states, RNG
+  states; see :mod:`vcell.train.checkpoint`).
+
+A training run folder holds ``last/`` and, with validation cells, ``best/``. Folders are written to
+a temporary sibling and renamed into place, so a reader (or a run killed mid-write) never sees a
+half-written checkpoint. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from vcell._version import __version__
+from vcell.errors import VcellError
+
+WEIGHTS = "weights.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+STATE = "state.safetensors"
+TRAINER_STATE = "trainer_state.json"
+CONFIG = "config.json"
+LAST, BEST = "last", "best"
+MODEL_NAMES = {"st": "State Transition", "se": "State Embedding"}
+
+def encode_tree(obj: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:
+    """JSON-able form of ``obj``; tensors go to ``tensors`` and are replaced by a reference."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{path}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: encode_tree(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        # optimizer state is keyed by int parameter ids: keep the key types
+        return {"__items__": [[k, encode_tree(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode_tree(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode_tree(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return obj.item()
+    raise VcellError(f"checkpoint: cannot store a value of type {type(obj).__name__} at {path} without pickle")
+
+
+def decode_tree(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`encode_tree`: ``obj`` with tensor references replaced by ``tensors``."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__items__"}:
+            return {k: decode_tree(v, tensors) for k, v in obj["__items__"]}
+        if set(obj) == {"__tuple__"}:
+            return tuple(decode_tree(v, tensors) for v in obj["__tuple__"])
+        return {k: decode_tree(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_tree(v, tensors) for v in obj]
+    return obj
+
+
+def save_tree(obj: Any, path: Path) -> None:
+    """Tensors of ``obj`` to ``path`` (safetensors) with the JSON index in its metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    index = encode_tree(obj, tensors)
+    save_file(tensors, str(path), metadata={"index": json.dumps(index)})
+
+
+def load_tree(path: Path) -> Any:
+    """What :func:`save_tree` wrote to ``path``."""
+    with safe_open(str(path), framework="pt") as f:
+        index = json.loads(f.metadata()["index"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return decode_tree(index, tensors)
+
+
+def write_dir(target: Path, write) -> Path:
+    """Run ``write(tmp_dir)`` and move the result onto ``target`` (replacing it)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        write(tmp)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(f, 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the usual directory mode
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_checkpoint_dir(directory: str | os.PathLike) -> Path:
+    """``directory``, or the previous version kept beside it if a writer died between its two renames."""
+    directory = Path(directory)
+    old = directory.parent / f".{directory.name}.old"
+    if not directory.exists() and old.is_dir():
+        return old
+    return directory
+
+
+def config_json(meta: dict, step: int, epoch: int) -> dict:
+    """``config.json``'s content: ``meta`` plus the vcell version, step and epoch."""
+    return {**meta, "vcell_version": __version__, "step": int(step), "epoch": int(epoch)}
+
+
+def read_config(directory: Path) -> dict:
+    """``config.json`` of a checkpoint folder, after checking the folder holds one (one-line errors)."""
+    for name in (CONFIG, WEIGHTS):
+        if not (directory / name).is_file():
+            raise VcellError(f"{directory}: not a vcell checkpoint (missing {name})")
+    try:
+        return json.loads((directory / CONFIG).read_text())
+    except json.JSONDecodeError as exc:
+        raise VcellError(f"{directory / CONFIG}: unreadable JSON ({exc})") from None
+
+
+def checkpoint_kind(meta: dict) -> str:
+    """The model kind a checkpoint's ``config.json`` holds (``st`` for checkpoints that predate the field)."""
+    return str(meta.get("kind", "st"))
+
+
+def find_checkpoint(directory: str | os.PathLike, prefer: str = "best") -> Path:
+    """A checkpoint folder: ``directory`` itself, or ``best/`` (falling back to ``last/``) of a run folder.
+
+    ``prefer="last"`` takes ``last/`` only. Raises a one-line error when there is none.
+    """
+    directory = Path(directory)
+    if prefer not in (BEST, LAST):
+        raise VcellError(f"checkpoint must be 'best' or 'last', got {prefer!r}")
+    if not directory.exists() and not resolve_checkpoint_dir(directory).exists():
+        raise VcellError(f"{directory}: model directory not found")
+    if (resolve_checkpoint_dir(directory) / CONFIG).is_file():
+        return resolve_checkpoint_dir(directory)
+    names = (BEST, LAST) if prefer == BEST else (LAST,)
+    for name in names:
+        found = resolve_checkpoint_dir(directory / name)
+        if (found / CONFIG).is_file():
+            return found
+    inside = " or ".join(f"{name}/" for name in names)
+    raise VcellError(f"{directory}: not a vcell checkpoint (no config.json, nor {inside} inside)")
+
+
+def load_model(directory: str | os.PathLike, kind: str, build: Callable[[dict], torch.nn.Module]) -> tuple[torch.nn.Module, dict]:
+    """``(model in eval mode, config.json content)`` of the checkpoint folder ``directory``.
+
+    ``kind`` is the model kind expected (``st``, ``se``); ``build`` makes the model from the
+    config's field values. Every way this can fail is a one-line error naming the file.
+    """
+    directory = resolve_checkpoint_dir(directory)
+    meta = read_config(directory)
+    if checkpoint_kind(meta) != kind:
+        raise VcellError(f"{directory}: holds a {checkpoint_kind(meta).upper()} model, not a {MODEL_NAMES.get(kind, kind)} model")
+    model = build(meta["model"])
+    try:
+        model.load_state_dict(load_file(str(directory / WEIGHTS)))
+    except RuntimeError as exc:
+        raise VcellError(f"{directory / WEIGHTS}: weights do not match the config ({str(exc).splitlines()[0]})") from None
+    return model.eval(), meta
+
+
+def write_checkpoint(
+    directory: str | os.PathLike,
+    weights: dict[str, torch.Tensor],
+    meta: dict,
+    step: int = 0,
+    epoch: int = 0,
+    optimizer_state: dict | None = None,
+) -> Path:
+    """Write a checkpoint folder (weights, ``config.json`` and, if given, the optimiser state) atomically."""
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        if optimizer_state is not None:
+            save_tree(optimizer_state, tmp / OPTIMIZER)
+        (tmp / CONFIG).write_text(json.dumps(config_json(meta, step, epoch), indent=2))
+
+    return write_dir(directory, write)

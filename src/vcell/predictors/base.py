@@ -1,0 +1,179 @@
+"""The predictor interface shared by the baselines and the STATE models.
+
+A predictor is fitted on a :class:`~vcell.data.dataset.PerturbationData` and a
+:class:`~vcell.data.splits.Split` (it may only look at the training cells and at control
+cells), then :meth:`Predictor.predict` returns, for a target context, a set of perturbed cells
+made from that context's real control cells. The output is what ``vcell eval run`` expects:
+predicted cells with the same genes, the perturbation column and the context column, the real
+control cells appended (:func:`assemble_prediction`). Baselines that predict one expression
+shift per perturbation derive from :class:`ShiftPredictor`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from vcell.data.dataset import PerturbationData
+from vcell.data.spec import DataSpec
+from vcell.data.splits import Split
+from vcell.errors import VcellError
+
+
+class Predictor(ABC):
+    """Base class: ``fit(data, split)`` then ``predict(controls, perturbations, context)``.
+
+    A subclass implements :meth:`fit` and :meth:`predict_cells`; :meth:`predict` is the same for all.
+    """
+
+    name: str = "predictor"
+    spec: DataSpec | None = None
+
+    @abstractmethod
+    def fit(self, data: PerturbationData, split: Split) -> Predictor:
+        """Learn from the training cells (``split`` role ``train``) and all control cells; returns ``self``."""
+
+    def predict(
+        self,
+        controls: ad.AnnData,
+        perturbations: Sequence[str],
+        context: str,
+        cells_per_perturbation: int | Mapping[str, int] = 100,
+        seed: int = 0,
+    ) -> ad.AnnData:
+        """Predicted cells of each perturbation in ``context`` from its real ``controls``, controls appended.
+
+        Parameters
+        ----------
+        controls
+            The context's real control cells (log1p), any gene order the model knows.
+        perturbations
+            Labels to predict.
+        context
+            The context's name (written to the output's context column).
+        cells_per_perturbation
+            How many cells to predict per perturbation (one number, or one per label).
+        seed
+            Seed of the control cells drawn for the predicted cells.
+
+        Returns
+        -------
+        The predicted cells (:meth:`predict_cells`), then the real controls
+        (:func:`assemble_prediction`).
+        """
+        perturbations = [str(p) for p in perturbations]
+        _require_controls(controls, context)
+        controls = self.prepare_controls(controls)
+        cells = self.predict_cells(controls, perturbations, context, cells_per_perturbation, seed)
+        return assemble_prediction(self._spec, controls, context, cells)
+
+    def prepare_controls(self, controls: ad.AnnData) -> ad.AnnData:
+        """The control cells as :meth:`predict_cells` wants them (here: unchanged)."""
+        return controls
+
+    @abstractmethod
+    def predict_cells(
+        self,
+        controls: ad.AnnData,
+        perturbations: Sequence[str],
+        context: str,
+        cells_per_perturbation: int | Mapping[str, int] = 100,
+        seed: int = 0,
+    ) -> dict[str, np.ndarray]:
+        """``{perturbation: predicted cells [n, genes]}`` from ``controls`` (one context), genes as in ``controls``."""
+
+    def trained_perturbations(self) -> list[str]:
+        """The perturbation labels the model was trained on (control excluded), in a fixed order."""
+        raise VcellError(f"{self.name}: this model keeps no list of trained perturbations; name the perturbations to predict")
+
+    @property
+    def _spec(self) -> DataSpec:
+        if self.spec is None:
+            raise VcellError(f"{self.name}: predict() called before fit()")
+        return self.spec
+
+
+class ShiftPredictor(Predictor):
+    """A predictor of one expression shift per perturbation, added to resampled real control cells."""
+
+    @abstractmethod
+    def predict_shift(self, controls: ad.AnnData, perturbations: Sequence[str], context: str) -> np.ndarray:
+        """The predicted change of each perturbation in ``context``: ``[len(perturbations), genes]``."""
+
+    def predict_cells(
+        self,
+        controls: ad.AnnData,
+        perturbations: Sequence[str],
+        context: str,
+        cells_per_perturbation: int | Mapping[str, int] = 100,
+        seed: int = 0,
+    ) -> dict[str, np.ndarray]:
+        """Each predicted cell is a real control cell (drawn with ``seed``) plus the perturbation's
+        shift (:meth:`predict_shift`), clipped at 0 so log1p expression stays non-negative."""
+        shifts = self.predict_shift(controls, perturbations, context)
+        return shifted_cells(controls, perturbations, shifts, cells_per_perturbation, seed)
+
+
+def cell_count(cells_per_perturbation: int | Mapping[str, int], perturbation: str) -> int:
+    """The number of cells to predict for ``perturbation``."""
+    if isinstance(cells_per_perturbation, Mapping):
+        return int(cells_per_perturbation[perturbation])
+    return int(cells_per_perturbation)
+
+
+def dense(X) -> np.ndarray:
+    """``X`` (sparse or dense) as a dense float32 array."""
+    return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
+
+
+def _require_controls(controls: ad.AnnData, context: str) -> None:
+    if controls.n_obs == 0:
+        raise VcellError(f"context {context!r} has no control cells to predict from")
+
+
+def shifted_cells(
+    controls: ad.AnnData,
+    perturbations: Sequence[str],
+    shifts: np.ndarray,
+    cells_per_perturbation: int | Mapping[str, int],
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """``{perturbation: cells}``: control cells drawn with ``seed`` (in perturbation order) plus the
+    perturbation's shift, clipped at 0."""
+    rng = np.random.default_rng(seed)
+    basal = dense(controls.X)
+    cells = {}
+    for i, pert in enumerate(perturbations):
+        n = cell_count(cells_per_perturbation, pert)
+        rows = rng.choice(controls.n_obs, size=n, replace=n > controls.n_obs)
+        cells[pert] = np.clip(basal[rows] + shifts[i][None, :].astype(np.float32), 0, None)
+    return cells
+
+
+def assemble_prediction(spec: DataSpec, controls: ad.AnnData, context: str, cells: Mapping[str, np.ndarray]) -> ad.AnnData:
+    """The prediction AnnData: the predicted ``cells`` of each perturbation, then the real ``controls``.
+
+    The output has the controls' genes, ``spec.pert_col`` and the context column (``spec.context_col``
+    or ``context``), CSR float32 ``X``.
+    """
+    _require_controls(controls, context)
+    basal = dense(controls.X)
+    blocks, labels = [], []
+    for pert, block in cells.items():
+        block = np.asarray(block, dtype=np.float32)
+        blocks.append(block)
+        labels += [pert] * len(block)
+    blocks.append(basal)
+    labels += [spec.control] * controls.n_obs
+    X = np.vstack(blocks)
+    context_col = spec.context_col or "context"
+    obs = pd.DataFrame(
+        {spec.pert_col: pd.Categorical(labels), context_col: context},
+        index=[f"pred{i}" for i in range(len(labels) - controls.n_obs)] + [str(n) for n in controls.obs_names],
+    )
+    return ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=controls.var_names.copy()))

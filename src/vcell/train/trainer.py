@@ -1,0 +1,97 @@
+"""The one Lightning ``Trainer`` every vcell model trains with, and the fit call around it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
+
+from vcell.errors import VcellError
+from vcell.nn.checkpoint import LAST, resolve_checkpoint_dir
+from vcell.nn.precision import PRECISIONS
+from vcell.train.checkpoint import RunCheckpoints, SafetensorsCheckpointIO
+from vcell.train.options import TrainOptions
+from vcell.train.quiet import quiet_lightning
+
+
+def make_trainer(options: TrainOptions, out_dir: str | os.PathLike, kind: str, validate: bool = False) -> L.Trainer:
+    """A Lightning ``Trainer`` for ``options`` writing pickle-free checkpoints and logs under ``out_dir``.
+
+    Parameters
+    ----------
+    options
+        Steps, devices, precision, clipping, checkpoint and log intervals.
+    out_dir
+        Run folder: ``last/``, ``best/`` (with ``validate``) and ``logs/``.
+    kind
+        The model kind trained (``st``, ``se``); resuming from another kind is an error.
+    validate
+        Run the validation loop (and keep ``best/``).
+    """
+    options.check()
+    out_dir = Path(out_dir)
+    strategy = options.strategy
+    if options.distributed:
+        # Buffers (the perturbation table, the gene table) are the same on every rank; syncing them
+        # in each forward would make ranks with different numbers of validation batches wait.
+        strategy = DDPStrategy(forward_sync_buffers=False)
+    try:
+        return L.Trainer(
+            max_steps=options.max_steps,
+            max_epochs=-1,
+            accelerator=options.accelerator,
+            devices=options.devices,
+            num_nodes=options.num_nodes,
+            strategy=strategy,
+            precision=PRECISIONS[options.precision],
+            use_distributed_sampler=False,  # vcell's data modules give each rank its share themselves
+            gradient_clip_val=options.grad_clip or None,
+            enable_checkpointing=False,  # Lightning's checkpoints pickle; RunCheckpoints writes safetensors
+            plugins=[SafetensorsCheckpointIO(kind)],
+            callbacks=[RunCheckpoints(out_dir, options.checkpoint_every)],
+            logger=CSVLogger(out_dir, name="logs"),
+            reload_dataloaders_every_n_epochs=1,
+            limit_val_batches=1.0 if validate else 0,
+            num_sanity_val_steps=0,
+            log_every_n_steps=options.log_every,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=out_dir,
+        )
+    except MisconfigurationException as exc:
+        raise VcellError(f"devices: {str(exc).splitlines()[0]}") from None
+
+
+def resume_dir(out_dir: str | os.PathLike, resume: bool) -> Path | None:
+    """The checkpoint a run in ``out_dir`` resumes from (``None`` without ``resume``); none there is an error."""
+    if not resume:
+        return None
+    found = resolve_checkpoint_dir(Path(out_dir) / LAST)
+    if not found.is_dir():
+        raise VcellError(f"{out_dir}: nothing to resume (no {LAST}/ checkpoint)")
+    return found
+
+
+@quiet_lightning()
+def fit_module(
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    out_dir: str | os.PathLike,
+    options: TrainOptions,
+    kind: str,
+    resume_from: str | os.PathLike | None = None,
+    validate: bool = False,
+) -> L.Trainer:
+    """Train ``module`` on ``datamodule`` with :func:`make_trainer`; continue from ``resume_from`` if given."""
+    trainer = make_trainer(options, out_dir, kind, validate)
+    ckpt = None
+    if resume_from is not None:
+        ckpt = Path(resume_from)
+        if not ckpt.is_dir():
+            raise VcellError(f"{ckpt}: no checkpoint to resume from")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    return trainer
