@@ -31,6 +31,7 @@ demo: $(VENV)/.installed
 	$(BIN)/vcell demo
 
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
 clean:
