@@ -28,7 +28,7 @@ $(VENV)/.installed-test: $(VENV)/.torch pyproject.toml
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/vcell demo
+	$(BIN)/vcell demo --overwrite
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks

@@ -192,10 +192,10 @@ def main() -> None:
     counts = restore_controls(pred, real)
     eval_dir = work / "eval"
     walls["eval_s"] = run([opts.vcell, "eval", "run", "--pred", str(pred), "--real", str(real), "--pert-col", PERT_COL,
-                           "--control", CONTROL, "--profile", "full", "--out", str(eval_dir)], work / "eval.log")
+                           "--control", CONTROL, "--profile", "full", "--out", str(eval_dir), "--overwrite"], work / "eval.log")
     score_csv = work / "score.csv"
     run([opts.vcell, "eval", "score", "--user", str(eval_dir / "agg_results.csv"), "--baseline", str(base_agg),
-         "--out", str(score_csv)], work / "score.log")
+         "--out", str(score_csv), "--overwrite"], work / "score.log")
 
     rows = {"arc-state state_sm": vcc_row(eval_dir / "agg_results.csv", score_csv) | walls}
     with open(opts.bench_dir / "leaderboard.csv") as fh:

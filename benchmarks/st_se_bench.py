@@ -85,13 +85,13 @@ def main() -> int:
         full[keep].copy().write_h5ad(se_data)
         print(f"# {ctx}: SE trains on {int(keep.sum())} of {full.n_obs} cells ({ctx}'s perturbed cells left out)")
         vcell("train", "se", "--data", se_data, "--out", fold / "se", "--preset", args.se_preset,
-              "--max-steps", args.se_steps, "--accelerator", "cpu", "--seed", args.seed)
+              "--max-steps", args.se_steps, "--accelerator", "cpu", "--overwrite", "--seed", args.seed)
         embedded = fold / "embedded.h5ad"
         vcell("embed", "--model", fold / "se", "--data", src, "--out", embedded, "--key", "X_vcell",
               "--overwrite", "--seed", args.seed)
         vcell("bench", "--data", embedded, "--pert-col", pert_col, "--control", control, "--context-col", context_col,
               *flags, "--holdout-context", ctx, "--models", models, "--model-config", cfg, "--out", fold / "bench",
-              "--no-report", "--seed", args.seed)
+              "--no-report", "--overwrite", "--seed", args.seed)
         boards.append(pd.read_csv(fold / "bench" / "leaderboard.csv").query("context != 'mean'"))
     board = pd.concat(boards, ignore_index=True)
     metrics = ["vcc_score", "vcc_score_unclipped", "mae", "discrimination_score_l1", "overlap_at_N", "pearson_delta"]

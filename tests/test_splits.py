@@ -151,3 +151,61 @@ def test_split_cli_writes_toml(mcfaline, tmp_path):
     assert set(cfg.datasets) == {"mcfaline23", "norman19"}
     bad = run_cli("data", "split", mcfaline, "--pert-col", "perturbation", "--control", "control", "--holdout-context", "T98")
     assert bad.returncode == 2 and "unknown context 'T98'" in bad.stderr
+
+
+def _simulated(tmp_path):
+    from vcell.data.simulate import simulate_perturbseq
+
+    adata = simulate_perturbseq(n_genes=20, n_contexts=3, n_perturbations=3, n_combinations=0,
+                                cells_per_perturbation=5, n_controls=6, seed=0)
+    path = tmp_path / "sim.h5ad"
+    adata.write_h5ad(path)
+    return path, adata
+
+
+def test_select_cells_roles_contexts_controls(tmp_path):
+    from vcell.data.splits import select_cells
+
+    path, adata = _simulated(tmp_path)
+    data = load_dataset(path, DataSpec())
+    ctx = adata.obs["cell_type"].astype(str).to_numpy()
+    ctrl = adata.obs["target_gene"].astype(str).to_numpy() == "non-targeting"
+    split = apply_split(data.index, holdout_config(data.index, ["ctx_B"]))
+    # the held-out context's cells and its own controls, nothing else: what a prediction is scored against
+    assert (select_cells(data.index, split) == (ctx == "ctx_B")).all()
+    assert (select_cells(data.index, split, ["test"], ["synthetic.ctx_B"]) == (ctx == "ctx_B")).all()
+    assert (select_cells(data.index, split, controls=False) == ((ctx == "ctx_B") & ~ctrl)).all()
+    # training cells come with the controls of the training contexts
+    assert (select_cells(data.index, split, ["train"]) == (ctx != "ctx_B")).all()
+    assert (select_cells(data.index, split, ["train"], ["ctx_A"]) == (ctx == "ctx_A")).all()
+    assert (select_cells(data.index, split, ["control"]) == ctrl).all()
+    with pytest.raises(VcellError, match=r"unknown role 'tst'; did you mean 'test'"):
+        select_cells(data.index, split, ["tst"])
+    with pytest.raises(VcellError, match=r"no test cells in context\(s\) ctx_A"):
+        select_cells(data.index, split, ["test"], ["ctx_A"])
+    with pytest.raises(VcellError, match=r"unknown context 'ctx_Z'"):
+        select_cells(data.index, split, ["test"], ["ctx_Z"])
+
+
+def test_subset_cli(tmp_path):
+    path, adata = _simulated(tmp_path)
+    out = tmp_path / "real.h5ad"
+    proc = run_cli("data", "subset", path, "--holdout-context", "ctx_C", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import anndata as ad
+
+    real = ad.read_h5ad(out)
+    expected = adata[(adata.obs["cell_type"] == "ctx_C").to_numpy()]
+    n_ctrl = int((expected.obs["target_gene"] == "non-targeting").sum())
+    summary = f"{expected.n_obs - n_ctrl} test cells of 3 perturbation(s) + {n_ctrl} controls (ctx_C)"
+    assert summary in " ".join(proc.stdout.split())
+    assert list(real.obs_names) == list(expected.obs_names) and list(real.obs.columns) == list(adata.obs.columns)
+    assert np.array_equal(real.X.toarray() if hasattr(real.X, "toarray") else real.X,
+                          expected.X.toarray() if hasattr(expected.X, "toarray") else expected.X)
+    before = out.read_bytes()
+    again = run_cli("data", "subset", path, "--holdout-context", "ctx_C", "--out", out)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and out.read_bytes() == before
+    bad = run_cli("data", "subset", path, "--holdout-context", "ctx_C", "--role", "tst", "--out", tmp_path / "x.h5ad")
+    assert bad.returncode == 2 and "did you mean 'test'" in bad.stderr and not (tmp_path / "x.h5ad").exists()
+    neither = run_cli("data", "subset", path, "--out", tmp_path / "y.h5ad")
+    assert neither.returncode == 2 and "--split" in neither.stderr

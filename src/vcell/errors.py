@@ -19,6 +19,20 @@ class VcellError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+class Interrupted(KeyboardInterrupt):
+    """The user stopped a run (Ctrl-C): a ``KeyboardInterrupt`` whose message says what was saved.
+
+    The CLI prints the message on one line (no ``error:``, no traceback) and exits with status 130;
+    ``quiet`` ones (raised by DDP processes other than rank 0) print nothing.
+    """
+
+    exit_code = 130
+
+    def __init__(self, message: str = "interrupted; nothing written", quiet: bool = False):
+        super().__init__(" ".join(str(message).split()))
+        self.quiet = quiet
+
+
 def preview(items: Iterable, n: int = 5, quote: bool = True) -> str:
     """The first ``n`` of ``items`` for a message, with the total when some are left out.
 

@@ -175,6 +175,10 @@ def vcc_score(user_agg: pd.DataFrame, base_agg: pd.DataFrame) -> tuple[float, fl
     return 100 * float(row["from_baseline"]), 100 * float(row["unclipped"])
 
 
+#: What :func:`run_bench` writes into its output folder (``vcell bench --out``).
+BENCH_OUTPUTS = ("leaderboard.csv", "bench.json", "report.html", "predictions", "eval")
+
+
 def run_bench(
     data_path: str | os.PathLike,
     out: str | os.PathLike,
@@ -201,11 +205,14 @@ def run_bench(
         models.append(BASELINE_MODEL)
     for name in models:
         make_model(name)  # unknown names fail before any work
+    say = progress or (lambda text: None)
+    say(f"reading {data_path}")
     data = prepare_data(data_path, spec, dataset_col, allow_missing_controls, datasets)
     spec = data.spec
     folds = make_folds(data, split_file, holdout)
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     rows, runs, timings = [], [], {}
+    fits = 0
     for fold in folds:
         real_by_ctx = {}
         for ctx in fold.contexts:
@@ -213,18 +220,20 @@ def run_bench(
             write_h5ad(real_by_ctx[ctx], out / "predictions" / f"real_{slug(ctx)}.h5ad")
         aggs: dict[tuple[str, str], pd.DataFrame] = {}
         for name in models:
-            if progress:
-                progress(f"{name} on fold {fold.name}")
+            fits += 1
+            say(f"{name} on fold {fold.name} ({fits} of {len(models) * len(folds)}): training")
             t = time.perf_counter()
             model = make_model(name).fit(data, fold.split)
             timings[f"fit {name} {fold.name}"] = time.perf_counter() - t
             for ctx in fold.contexts:
                 real = real_by_ctx[ctx]
+                say(f"{name} on fold {fold.name}: predicting {ctx}")
                 t = time.perf_counter()
                 pred = _tidy(predict_context(model, data, ctx, "data", seed=seed, cells=_scored_cells(fold.split)), spec)
                 timings[f"predict {name} {ctx}"] = time.perf_counter() - t
                 run_slug = f"{slug(name)}_{slug(ctx)}"
                 write_h5ad(pred, out / "predictions" / f"{run_slug}.h5ad")
+                say(f"{name} on fold {fold.name}: scoring {ctx}")
                 t = time.perf_counter()
                 result = evaluate(check_pair(pred, real, spec.pert_col, spec.control, "log1p", "pred", "real"), profile, threads)
                 write_outputs(result, out / "eval" / run_slug)
@@ -252,6 +261,7 @@ def run_bench(
     if report:
         from vcell.report import build_report
 
+        say("writing the report")
         build_report(out)
     timings["total"] = time.perf_counter() - t0
     return BenchResult(board, out, runs, timings)

@@ -2,25 +2,50 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from typing import Annotated
 
 import typer
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from vcell._version import __version__
 from vcell.cli import data as data_cli
 from vcell.cli import eval as eval_cli
 from vcell.cli import genes as genes_cli
 from vcell.cli.bench import bench
-from vcell.cli.common import err_console, setup_logging
+from vcell.cli.common import err_console, os_error_message, set_args, setup_logging
 from vcell.cli.demo import demo
 from vcell.cli.embed import embed
 from vcell.cli.predict import predict
 from vcell.cli.train import app as train_app
-from vcell.errors import VcellError
+from vcell.errors import Interrupted, VcellError
+from vcell.train.display import on_terminal, show_progress
+
+
+class _Stopped(Exception):
+    """A Ctrl-C inside a command, carried past click (which would print 'Aborted!' and exit 1) to :func:`main`."""
+
+    def __init__(self, interrupt: KeyboardInterrupt):
+        super().__init__(str(interrupt))
+        self.interrupt = interrupt
+
+
+class _Group(TyperGroup):
+    """The ``vcell`` group: a Ctrl-C anywhere in a command reaches :func:`main` as :class:`_Stopped`."""
+
+    def invoke(self, ctx):
+        """Run the command; turn a ``KeyboardInterrupt`` into :class:`_Stopped`."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise _Stopped(exc) from None
+
 
 app = typer.Typer(
+    cls=_Group,
     name="vcell",
     help="Virtual cell modelling: predict perturbation responses in unseen cell contexts.",
     no_args_is_help=True,
@@ -45,18 +70,49 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also say what vcell decided for you (e.g. the expression type of each file), debug lines and other libraries' warnings.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
     """vcell: data, evaluation, baselines and STATE-style models for perturbation prediction."""
     setup_logging(verbose=verbose, quiet=quiet)
+    show_progress(not quiet, err_console)  # progress bars on stderr; -q: none
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user mistakes print one ``error:`` line and exit 2, with no traceback."""
+    """Entry point: user mistakes print one ``error:`` line and exit 2, with no traceback; Ctrl-C prints
+    one line saying what was saved (or that nothing was written) and exits 130."""
+    set_args(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv)
-    except VcellError as exc:
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        try:
+            app(args=argv)
+        except VcellError as exc:
+            err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except OSError as exc:  # an ordinary fault of the system (permission denied, disk full, ...): one line too
+            err_console.print(f"[red]error:[/red] {escape(os_error_message(exc))}", highlight=False, soft_wrap=True)
+            sys.exit(VcellError.exit_code)
+        except _Stopped as stopped:
+            exc = stopped.interrupt
+            if not getattr(exc, "quiet", False):
+                if on_terminal(err_console):
+                    err_console.print()  # past the terminal's ^C echo
+                text = str(exc) if isinstance(exc, Interrupted) and str(exc) else Interrupted().args[0]
+                err_console.print(escape(text), highlight=False, soft_wrap=True)
+            sys.exit(Interrupted.exit_code)
+    except KeyboardInterrupt:  # a Ctrl-C while a result or an error was being reported
+        sys.exit(Interrupted.exit_code)
+    finally:
+        if argv is None:  # the process's own command line: it ends now
+            signal.signal(signal.SIGINT, _exit_interrupted)
+
+
+def _exit_interrupted(signum, frame) -> None:
+    """SIGINT once the command is done (the interpreter closing files, removing temporary folders): end
+    at once with status 130, without a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(Interrupted.exit_code)

@@ -7,8 +7,21 @@ from typing import Annotated
 
 import typer
 
-from vcell.cli.common import AllowMissingControls, BatchCol, ContextCol, Control, PertCol, Seed, console, make_spec, table
+from vcell.cli.common import (
+    AllowMissingControls,
+    BatchCol,
+    ContextCol,
+    Control,
+    Expression,
+    PertCol,
+    Seed,
+    console,
+    make_spec,
+    table,
+)
+from vcell.cli.interrupts import removed_if_interrupted
 from vcell.errors import VcellError
+from vcell.train.display import format_duration, status
 
 DEFAULT_MODELS = "control_mean,cell_mean,pert_mean,context_mean,linear"
 
@@ -33,6 +46,10 @@ def model_options(path: Path) -> dict[str, dict]:
             raise VcellError(f"{path}: unknown {what} (models: {', '.join(known)}; a variant names its model with `model:`)")
         if "model" in opts and name in known and base != name:
             raise VcellError(f"{path}: {name!r} is a built-in model name; give the {base!r} variant another name")
+        try:  # option names, types and values are checked now, before any data is read
+            build_model(name, values, seed=0)
+        except VcellError as exc:
+            raise VcellError(f"{path}: {name}: {exc}") from None
     return values
 
 
@@ -53,6 +70,7 @@ def bench(
     control: Control = "non-targeting",
     context_col: ContextCol = "cell_type",
     batch_col: BatchCol = None,
+    expression: Expression = None,
     dataset_col: Annotated[str, typer.Option(help="obs column naming each cell's dataset (if present).")] = "dataset",
     dataset: Annotated[list[str] | None, typer.Option("--dataset", help="Keep only cells of this dataset (repeatable).")] = None,
     profile: Annotated[str, typer.Option("--profile", help="Metric profile scored (full includes vcc).")] = "full",
@@ -61,26 +79,31 @@ def bench(
     allow_missing_controls: AllowMissingControls = False,
     no_report: Annotated[bool, typer.Option("--no-report", help="Skip report.html.")] = False,
     model_config: Annotated[Path | None, typer.Option("--model-config", help="YAML/JSON: model name -> options, e.g. st: {max_steps: 2000, config: {width: 256}}; variants: st_se: {model: st, embed_key: X_vcell}.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results of an earlier benchmark in OUT.")] = False,
     seed: Seed = 0,
 ) -> None:
     """Train each model, predict the held-out contexts, score with vcell eval, write leaderboard + report."""
-    from vcell.leaderboard import run_bench
+    from vcell.data.io import check_output_dir
+    from vcell.eval.profiles import profile_metrics
+    from vcell.leaderboard import BENCH_OUTPUTS, run_bench
 
-    spec = make_spec(pert_col, control, context_col, batch_col, None)
+    profile_metrics(profile)  # an unknown profile is named now, not after every model was trained
+    check_output_dir(out, list(BENCH_OUTPUTS), [data], overwrite=overwrite)
+    spec = make_spec(pert_col, control, context_col, batch_col, expression)
     names = [m.strip() for m in models.split(",") if m.strip()]
     options = model_options(model_config) if model_config is not None else {}
-    with console.status("benchmark") as status:
+    with removed_if_interrupted(out, BENCH_OUTPUTS), status("benchmark") as line:
         result = run_bench(
             data, out, names, lambda name: build_model(name, options, seed), spec=spec, split_file=split,
             holdout=holdout_context or [], dataset_col=dataset_col, datasets=dataset or [], profile=profile, threads=threads, seed=seed,
             allow_missing_controls=allow_missing_controls, report=not no_report,
-            progress=lambda text: status.update(f"benchmark: {text}"),
+            progress=lambda text: line.update(description=f"benchmark: {text}"),
         )
     show = {"model": "model", "context": "context", "vcc_score": "VCC", "vcc_score_unclipped": "VCC unclipped",
             "mae": "MAE", "discrimination_score_l1": "PDS", "overlap_at_N": "DES"}
     board = result.leaderboard[[c for c in show if c in result.leaderboard.columns]].rename(columns=show)
     board = board.sort_values(["context", "VCC"], ascending=[True, False]).round(4)
     console.print(table(board, title="leaderboard (VCC score x100, scaled against cell_mean)"))
-    console.print(f"leaderboard: {out / 'leaderboard.csv'}")
-    if not no_report:
-        console.print(f"report: {out / 'report.html'}")
+    report = "" if no_report else f", report: {out / 'report.html'}"
+    console.print(f"leaderboard: {out / 'leaderboard.csv'}{report} ({len(result.runs)} runs in {format_duration(result.timings['total'])})",
+                  highlight=False, soft_wrap=True)

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from typer.core import TyperOption
 
 from vcell.data.spec import DataSpec
 from vcell.errors import VcellError
@@ -22,7 +23,7 @@ ContextCol = Annotated[str, typer.Option("--context-col", help="obs column with 
 BatchCol = Annotated[str | None, typer.Option("--batch-col", help="obs column with the batch (optional).")]
 Expression = Annotated[
     str | None,
-    typer.Option("--expression", help="'counts' or 'log1p'; default: read from the file's metadata (logged)."),
+    typer.Option("--expression", help="'counts' or 'log1p'; default: read from the file's metadata, else decided from the values (vcell -v says which)."),
 ]
 AllowMissingControls = Annotated[
     bool,
@@ -41,13 +42,87 @@ def make_spec(pert_col: str, control: str, context_col: str, batch_col: str | No
     return DataSpec(pert_col=pert_col, control=control, context_col=ctx, batch_col=batch_col or None, expression=expression)
 
 
+# Third-party libraries whose warnings are about their own internals (deprecations, implicit
+# conversions, duplicated names vcell reports itself): shown with `vcell -v` only.
+_QUIET_MODULES = ("anndata", "scanpy", "scipy", "sklearn", "numba", "h5py", "pandas", "torch", "lightning",
+                  "lightning_fabric", "pytorch_lightning", "legacy_api_wrap", "umap", "pynndescent", "numpy")
+
+
+class _Once(logging.Filter):
+    """Let each distinct message through once (the same file read twice is reported once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """True the first time a message is seen."""
+        text = record.getMessage()
+        if text in self.seen:
+            return False
+        self.seen.add(text)
+        return True
+
+
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
-    """Log to stderr through rich; INFO by default so inferred settings are always shown."""
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    """Log to stderr through rich: vcell's own lines only (INFO; ``-v``: DEBUG; ``-q``: warnings).
+
+    Other libraries log warnings and errors only (INFO with ``-v``, never their DEBUG lines), and
+    their Python warnings are hidden unless ``-v``: what the user sees is what vcell says.
+    """
+    import warnings
+
+    own = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
-    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
-    for noisy in ("numba", "matplotlib", "h5py", "fsspec", "urllib3"):
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", handlers=[handler], force=True)
+    logging.getLogger("vcell").setLevel(own)
+    inferred = logging.getLogger("vcell.inferred")  # what vcell decided for the user: with -v, each said once
+    inferred.setLevel(logging.INFO if verbose else logging.WARNING)
+    inferred.filters[:] = [_Once()]
+    for noisy in ("numba", "matplotlib", "h5py", "fsspec", "urllib3", "numcodecs", "PIL", "fontTools", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        for module in _QUIET_MODULES:
+            warnings.filterwarnings("ignore", module=rf"{module}(\.|$)")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+_ARGS: list[str] = []
+
+
+def set_args(args: list[str]) -> None:
+    """Remember the command line (for :func:`spelled`)."""
+    _ARGS[:] = [str(a) for a in args]
+
+
+def spelled(*names: str) -> str:
+    """The spelling of an option that has aliases as the user typed it (the first of ``names`` if not typed)."""
+    for arg in _ARGS:
+        for name in names:
+            if arg == name or arg.startswith(name + "="):
+                return name
+    return names[0]
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an operating-system fault: the file at fault and what went wrong (no traceback)."""
+    what = exc.strerror or type(exc).__name__
+    files = [str(f) for f in (exc.filename, getattr(exc, "filename2", None)) if f]
+    return f"{' -> '.join(files)}: {what}" if files else f"{what} ({exc})"
+
+
+def _flag_type(original):
+    def display_type_rich(self, ctx):
+        """No ``<bool>`` beside a flag in ``--help``: a flag takes no value."""
+        return None if self.is_flag else original(self, ctx)
+
+    return display_type_rich
+
+
+# typer's rich help shows a type beside every option, '<bool>' for flags (--help included); flags
+# take no value, so they show none. One place for every command.
+TyperOption.display_type_rich = _flag_type(TyperOption.display_type_rich)
 
 
 def table(df, title: str | None = None) -> Table:
@@ -71,8 +146,10 @@ def split_view(summary):
     return view
 
 # Options shared by the training commands (vcell train st|se); their defaults come from vcell.train.options.
-MaxSteps = Annotated[int, typer.Option("--max-steps", help="Training steps (a resumed run continues up to this step).")]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.")]
+MaxSteps = Annotated[int, typer.Option("--max-steps", help="Training steps (a resumed run continues up to this step; one already there is an error, exit 2).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last (trained on the same data, split and columns) at its step, e.g. after Ctrl-C.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a trained run in OUT (its last/, best/ and logs/ are removed first); without it an existing run is never replaced.")]
+SaveOptimizer = Annotated[bool, typer.Option("--save-optimizer/--no-save-optimizer", help="Keep the optimiser state in OUT/last (needed for --resume; about twice the weights' size). OUT/best never holds it.")]
 CheckpointEvery = Annotated[int, typer.Option("--checkpoint-every", help="Write last/ every N steps.")]
 Accelerator = Annotated[str, typer.Option("--accelerator", help="auto, cpu or gpu.")]
 Devices = Annotated[int, typer.Option("--devices", help="Processes (GPUs, or CPU processes) per node; > 1 trains with DDP.")]

@@ -1,4 +1,4 @@
-"""``vcell data ...``: check, preprocess, split, simulate, list and fetch datasets."""
+"""``vcell data ...``: check, preprocess, split, subset, simulate, list and fetch datasets."""
 
 from __future__ import annotations
 
@@ -40,7 +40,11 @@ def check_cmd(
     allow_missing_controls: AllowMissingControls = False,
     seed: NoRandomSeed = 0,
 ) -> None:
-    """Summarise a dataset and list every problem found (exit code 1 if any)."""
+    """Summarise a dataset and list every problem found in it.
+
+    Exit codes: 0 no problem found; 1 problems found in the file (each listed); 2 the check
+    could not run (file missing or unreadable, a bad option value), with one `error:` line.
+    """
     from vcell.data.io import read_h5ad
     from vcell.data.validate import check
 
@@ -78,7 +82,7 @@ def preprocess_cmd(
     target_sum: Annotated[float, typer.Option(help="Counts per cell after normalize_total.")] = 1e4,
     n_top_genes: Annotated[int, typer.Option(help="Number of highly variable genes.")] = 2000,
     subset_hvg: Annotated[bool, typer.Option("--subset-hvg/--flag-hvg", help="Keep only HVGs (+targets) or only flag them.")] = True,
-    genes: Annotated[Path | None, typer.Option(help="Text file, one gene per line: keep these genes (instead of HVGs).")] = None,
+    genes: Annotated[Path | None, typer.Option(help="Text file, one gene per line (or a CSV whose first column lists them): keep these genes (instead of HVGs).")] = None,
     knockdown_qc: Annotated[bool, typer.Option("--knockdown-qc/--no-knockdown-qc", help="Drop perturbations whose target is not knocked down.")] = False,
     residual_expression: Annotated[float, typer.Option(help="Knockdown QC: max target expression vs control (perturbation level).")] = 0.30,
     cell_residual_expression: Annotated[float | None, typer.Option(help="Knockdown QC: max target expression vs control per cell.")] = None,
@@ -91,8 +95,12 @@ def preprocess_cmd(
     from vcell.data.io import check_output_path, read_h5ad
     from vcell.data.preprocess import preprocess_file
     from vcell.data.validate import validate
+    from vcell.eval.prep import read_gene_list
 
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
+    if n_top_genes < 1 or not target_sum > 0:  # options are checked before any work, not after normalising
+        raise VcellError(f"--n-top-genes must be >= 1 and --target-sum > 0, got {n_top_genes} and {target_sum:g}")
+    gene_list = read_gene_list(genes) if genes else None  # a missing or unreadable file is named now
     check_output_path(output, [input], overwrite=overwrite)
     info = validate(read_h5ad(input, backed=True), spec, input, require_context_controls=not allow_missing_controls)
     summary = preprocess_file(
@@ -102,7 +110,7 @@ def preprocess_cmd(
         target_sum=target_sum,
         n_top_genes=n_top_genes,
         subset_hvg=subset_hvg,
-        genes=[g.strip() for g in genes.read_text().splitlines() if g.strip()] if genes else None,
+        genes=gene_list,
         knockdown_qc=knockdown_qc,
         residual_expression=residual_expression,
         cell_residual_expression=cell_residual_expression,
@@ -127,17 +135,20 @@ def split_cmd(
     dataset_col: Annotated[str, typer.Option(help="obs column naming each cell's dataset (if present).")] = "dataset",
     set_size: Annotated[int, typer.Option(help="Cells per cell set, for the count of sets.")] = 128,
     out: Annotated[Path | None, typer.Option("--out", help="Write the split as a TOML file.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     allow_missing_controls: AllowMissingControls = False,
     seed: Seed = 0,
 ) -> None:
     """Apply a split (TOML or --holdout-context) and print cells and cell sets per context and role."""
     from vcell.data.cellsets import CellSetSampler
     from vcell.data.dataset import load_dataset
-    from vcell.data.io import atomic_path
+    from vcell.data.io import atomic_path, check_output_path
     from vcell.data.splits import ROLES, apply_split, holdout_config, read_split_toml
 
     if (split is None) == (not holdout_context):
         raise VcellError("give exactly one of --split FILE or --holdout-context NAME")
+    if out is not None:
+        check_output_path(out, [file, *([split] if split else [])], overwrite=overwrite)
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
     data = load_dataset(file, spec, backed=True, dataset_col=dataset_col, require_context_controls=not allow_missing_controls)
     cfg = read_split_toml(split) if split else holdout_config(data.index, holdout_context, val_contexts=val_context or [])
@@ -152,6 +163,45 @@ def split_cmd(
             tmp.write_text(cfg.to_toml())
         console.print(f"wrote {out}")
 
+
+@app.command("subset")
+def subset_cmd(
+    file: Annotated[Path, typer.Argument(help="The .h5ad dataset (never modified).")],
+    out: Annotated[Path, typer.Option("--out", help="Output .h5ad: the selected cells, every column of FILE kept (written atomically).")],
+    split: Annotated[Path | None, typer.Option("--split", help="cell-load style split TOML (e.g. from `vcell data split --out`).")] = None,
+    holdout_context: Annotated[list[str] | None, typer.Option("--holdout-context", help="Or: hold out this context (zero-shot), as `vcell data split`; repeatable.")] = None,
+    role: Annotated[list[str] | None, typer.Option("--role", help="Cells of this role: test (default), val, train or control; repeatable.")] = None,
+    context: Annotated[list[str] | None, typer.Option("--context", help="Only cells of this context (name or dataset.context); repeatable.")] = None,
+    controls: Annotated[bool, typer.Option("--controls/--no-controls", help="Add the control cells of the selected cells' contexts (needed to score).")] = True,
+    pert_col: PertCol = "target_gene",
+    control: Control = "non-targeting",
+    context_col: ContextCol = "cell_type",
+    batch_col: BatchCol = None,
+    expression: Expression = None,
+    dataset_col: Annotated[str, typer.Option(help="obs column naming each cell's dataset (if present).")] = "dataset",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    allow_missing_controls: AllowMissingControls = False,
+    seed: NoRandomSeed = 0,
+) -> None:
+    """Write the cells of a split's role (default: the held-out test cells) with their contexts' controls: the real cells to score a prediction against."""
+    from vcell.data.dataset import load_dataset
+    from vcell.data.io import check_output_path, write_h5ad
+    from vcell.data.splits import apply_split, holdout_config, read_split_toml, select_cells
+
+    if (split is None) == (not holdout_context):
+        raise VcellError("give exactly one of --split FILE or --holdout-context NAME")
+    spec = make_spec(pert_col, control, context_col, batch_col, expression)
+    check_output_path(out, [file] + ([split] if split else []), overwrite=overwrite)
+    data = load_dataset(file, spec, backed=True, dataset_col=dataset_col, require_context_controls=not allow_missing_controls)
+    cfg = read_split_toml(split) if split else holdout_config(data.index, holdout_context)
+    mask = select_cells(data.index, apply_split(data.index, cfg), role or ["test"], context or [], controls)
+    subset = data.adata[mask].to_memory()
+    write_h5ad(subset, out)
+    is_ctrl = data.index.is_control[mask]
+    n_perts = len(np.unique(data.index.pert_codes[mask][~is_ctrl]))
+    contexts = ", ".join(map(str, data.index.contexts[np.unique(data.index.context_codes[mask])]))
+    console.print(f"wrote {out}: {int((~is_ctrl).sum()):,} {'/'.join(role or ['test'])} cells of {n_perts} perturbation(s) + "
+                  f"{int(is_ctrl.sum()):,} controls ({contexts})")
 
 @app.command("simulate")
 def simulate_cmd(

@@ -9,6 +9,7 @@ import typer
 
 from vcell.cli.common import Expression, Seed, console
 from vcell.errors import VcellError
+from vcell.train.display import format_duration, status, task
 
 
 def embed(
@@ -22,10 +23,12 @@ def embed(
     seed: Seed = 0,
 ) -> None:
     """Embed every cell of DATA with a trained SE model; genes missing from the model's vocabulary are reported."""
+    import time
+
     import torch
 
     from vcell.data.io import check_output_path, read_h5ad, write_h5ad
-    from vcell.data.validate import infer_expression_type
+    from vcell.data.validate import check_expression
     from vcell.nn.embedding import StateEmbedding, embed_adata
 
     if batch_size < 1:
@@ -35,18 +38,23 @@ def embed(
     if expression is not None and expression not in ("counts", "log1p"):
         raise VcellError(f"--expression {expression!r}: use 'counts' or 'log1p'")
     check_output_path(out, [data], overwrite=overwrite)
-    se, meta = StateEmbedding.from_checkpoint(model)
-    adata = read_h5ad(data)
+    t0 = time.perf_counter()
+    with status(f"reading {data}"):
+        adata = read_h5ad(data)
     if adata.n_obs == 0:
         raise VcellError(f"{data}: the file has no cells")
     if key in adata.obsm:
         raise VcellError(f"--key {key!r}: {data} already has .obsm[{key!r}]; choose another key")
-    kind = infer_expression_type(adata, expression, path=data).type
+    kind = check_expression(adata, expression, data).type  # NaN/negative input never becomes NaN embeddings
+    se, meta = StateEmbedding.from_checkpoint(model)
     if torch.cuda.is_available():
         se = se.cuda()
-    emb, missing = embed_adata(se, meta, adata, kind, batch_size=batch_size, seed=seed, where=str(data))
+    with task("embedding cells", total=adata.n_obs, unit="cells") as line:
+        emb, missing = embed_adata(se, meta, adata, kind, batch_size=batch_size, seed=seed, where=str(data), progress=line.advance)
     adata.obsm[key] = emb
-    write_h5ad(adata, out)
+    with status(f"writing {out}"):
+        write_h5ad(adata, out)
     n_genes = adata.n_vars
     note = f"; {len(missing)} of {n_genes} genes not in the model's vocabulary were ignored" if missing else ""
-    console.print(f"wrote {out}: .obsm[{key!r}] = {emb.shape[0]} cells x {emb.shape[1]}{note}")
+    console.print(f"wrote {out} in {format_duration(time.perf_counter() - t0)}: .obsm[{key!r}] = {emb.shape[0]} cells x {emb.shape[1]}{note}",
+                  highlight=False, soft_wrap=True)

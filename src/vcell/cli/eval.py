@@ -9,14 +9,26 @@ from typing import Annotated
 import pandas as pd
 import typer
 
-from vcell.cli.common import Control, NoRandomSeed, PertCol, console, table
+from vcell.cli.common import Control, NoRandomSeed, PertCol, console, spelled, table
+from vcell.cli.interrupts import removed_if_interrupted
+from vcell.train.display import status
 
 app = typer.Typer(help="Evaluate predictions with the Virtual Cell Challenge metrics (cell-eval compatible).", no_args_is_help=True)
 
 Threads = Annotated[int, typer.Option("--threads", help="Threads for differential expression.")]
 InputType = Annotated[
-    str, typer.Option("--input-type", help="'log1p', 'counts' (normalised as cell-eval does) or 'auto' (decided from the values, logged).")
+    str,
+    typer.Option(
+        "--expression", "--input-type",
+        help="'log1p', 'counts' (normalised as cell-eval does) or 'auto' (decided from the values; vcell -v says which). "
+        "--input-type is cell-eval's name for it.",
+    ),
 ]
+
+
+def _expression_option() -> str:
+    """The spelling of the expression option the user typed, for messages."""
+    return spelled("--expression", "--input-type")
 
 
 def _metric_table(agg: pd.DataFrame) -> pd.DataFrame:
@@ -41,14 +53,16 @@ def run_cmd(
     input_type: InputType = "auto",
     backed: Annotated[bool, typer.Option("--backed/--in-memory", help="Read the files backed (CSR stays on disk until needed).")] = False,
     skip_metrics: Annotated[str | None, typer.Option("--skip-metrics", help="Comma-separated metric names to leave out.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results of an earlier run in OUT.")] = False,
     seed: NoRandomSeed = 0,
 ) -> None:
     """Score predictions: writes results.csv, agg_results.csv, real_de.csv and pred_de.csv."""
-    from vcell.eval.run import run
+    from vcell.eval.run import OUTPUT_NAMES, run
 
     skip = tuple(s.strip() for s in skip_metrics.split(",") if s.strip()) if skip_metrics else ()
-    with console.status(f"evaluating {pred} against {real} ({profile} profile)"):
-        result, paths = run(pred, real, out, pert_col, control, profile, threads, input_type, backed, skip)
+    with removed_if_interrupted(out, OUTPUT_NAMES), status(f"evaluating {pred} against {real} ({profile} profile)"):
+        result, paths = run(pred, real, out, pert_col, control, profile, threads, input_type, backed, skip, overwrite=overwrite,
+                            option=_expression_option())
     console.print(table(_metric_table(result.agg), title=f"{profile} profile, {len(result.results)} perturbations"))
     console.print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
     console.print("wrote " + ", ".join(str(p) for p in paths))
@@ -62,18 +76,24 @@ def score_cmd(
     user: Annotated[Path, typer.Option("--user", help="agg_results.csv of the model.")],
     baseline: Annotated[Path, typer.Option("--baseline", help="agg_results.csv of the baseline.")],
     out: Annotated[Path | None, typer.Option("--out", help="Write the score table here (CSV).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     seed: NoRandomSeed = 0,
 ) -> None:
     """Baseline-scaled VCC score per metric and overall; the unclipped value is shown beside it."""
+    from vcell.data.io import check_output_path
     from vcell.errors import VcellError
     from vcell.eval.scoring import read_csv, score, write_csv
 
+    if out is not None:
+        check_output_path(out, [user, baseline], overwrite=overwrite)
     tables = []
     for path in (user, baseline):
+        if path.is_dir():
+            raise VcellError(f"{path}: is a folder; give its agg_results.csv ({path / 'agg_results.csv'})")
         if not path.is_file():
             raise VcellError(f"{path}: file not found")
         tables.append(read_csv(path))
-    scores = score(*tables)
+    scores = score(*tables, names=(str(user), str(baseline)))
     console.print(table(scores, title="score vs baseline (clipped at 0 as cell-eval; unclipped beside it)"))
     if out is not None:
         write_csv(scores, out)
@@ -96,21 +116,18 @@ def baseline_cmd(
 ) -> None:
     """Build the cell-mean baseline (as `cell-eval baseline`) from real data."""
     from vcell.data.io import check_output_path, read_h5ad, write_h5ad
-    from vcell.errors import VcellError
-    from vcell.eval.baseline import build_cell_mean_baseline
+    from vcell.eval.baseline import build_cell_mean_baseline, read_counts_table
     from vcell.eval.de import differential_expression
-    from vcell.eval.inputs import to_log1p
+    from vcell.eval.inputs import perturbation_labels, to_log1p
     from vcell.eval.run import write_de_csv
 
     check_output_path(out, [real], overwrite=overwrite)
     if de_out is not None:
         check_output_path(de_out, [real], overwrite=overwrite)
-    adata = to_log1p(read_h5ad(real), str(real), input_type)
-    counts_df = None
-    if counts is not None:
-        if not counts.is_file():
-            raise VcellError(f"{counts}: file not found")
-        counts_df = pd.read_csv(counts)
+    counts_df = read_counts_table(counts, pert_col) if counts is not None else None
+    adata = read_h5ad(real)
+    perturbation_labels(adata, pert_col, str(real), control)  # columns named before the matrix is read
+    adata = to_log1p(adata, str(real), input_type, _expression_option())
     base = build_cell_mean_baseline(adata, pert_col, control, counts_df, as_delta=as_delta)
     de = differential_expression(base, pert_col, control, threads=threads) if de_out is not None else None
     write_h5ad(base, out)

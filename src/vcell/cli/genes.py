@@ -69,7 +69,7 @@ def from_data(
 ) -> None:
     """Gene vectors without a protein model: PCA of gene co-expression in the control cells."""
     from vcell.data.io import check_output_path, read_h5ad
-    from vcell.data.validate import infer_expression_type
+    from vcell.data.validate import check_expression
     from vcell.features.genes import data_gene_embeddings
 
     check_output_path(out, [data], overwrite)
@@ -80,7 +80,7 @@ def from_data(
     if not mask.any():
         labels = ", ".join(map(repr, adata.obs[pert_col].astype(str).value_counts().index[:5]))
         raise VcellError(f"{data}: no control cells labelled {control!r} in column {pert_col!r} (pass --control; most common: {labels})")
-    if infer_expression_type(adata, expression, path=data).type == "counts":
+    if check_expression(adata, expression, data).type == "counts":
         raise VcellError(f"{data}: X holds raw counts; gene co-expression uses log1p expression: run `vcell data preprocess` first")
     emb = data_gene_embeddings(adata, dim=dim, control_mask=mask, seed=seed)
     emb.save(out)

@@ -9,6 +9,7 @@ import typer
 
 from vcell.cli.common import (
     Accelerator,
+    AllowMissingControls,
     BatchCol,
     CheckpointEvery,
     ContextCol,
@@ -18,9 +19,11 @@ from vcell.cli.common import (
     MaxSteps,
     NumNodes,
     NumWorkers,
+    Overwrite,
     PertCol,
     Precision,
     Resume,
+    SaveOptimizer,
     Seed,
     Strategy,
     console,
@@ -29,12 +32,21 @@ from vcell.cli.common import (
     table,
 )
 from vcell.errors import VcellError
+from vcell.train.display import status
 from vcell.train.options import SETrainOptions, STTrainOptions
 
 app = typer.Typer(help="Train STATE models: ST on a log1p perturbation dataset, SE on any expression data.", no_args_is_help=True)
 
 ST = STTrainOptions()
 SE = SETrainOptions()
+
+
+def _summary(run: Path) -> None:
+    """Print the training run's one summary line (steps, time, speed, checkpoints and their size)."""
+    from vcell.train.progress import last_run
+
+    summary = last_run()
+    console.print(summary.line() if summary is not None else f"checkpoint: {run / 'last'}", highlight=False, soft_wrap=True)
 
 
 def _options(cls, values: dict):
@@ -57,6 +69,8 @@ def st(
     out: Annotated[Path, typer.Option("--out", help="Run folder: last/, best/, logs/.")] = Path("vcell-st"),
     embed_key: Annotated[str | None, typer.Option("--embed-key", help="Train in this .obsm cell-embedding space (e.g. X_vcell from `vcell embed`) with a gene decoder back to X.")] = None,
     resume: Resume = False,
+    overwrite: Overwrite = False,
+    save_optimizer: SaveOptimizer = ST.save_optimizer,
     checkpoint_every: CheckpointEvery = ST.checkpoint_every,
     accelerator: Accelerator = ST.accelerator,
     devices: Devices = ST.devices,
@@ -68,24 +82,27 @@ def st(
     control: Control = "non-targeting",
     context_col: ContextCol = "cell_type",
     batch_col: BatchCol = None,
+    expression: Expression = None,
+    allow_missing_controls: AllowMissingControls = False,
     seed: Seed = 0,
 ) -> None:
     """Train a State Transition model; checkpoints go to OUT/last (and OUT/best with validation cells)."""
-    from lightning.pytorch.utilities import rank_zero_only
-
     from vcell.data.dataset import load_dataset
     from vcell.data.splits import apply_split, holdout_config, read_split_toml
     from vcell.nn.transition import STConfig
-    from vcell.train.st import train_st
+    from vcell.train.runs import check_run_dir
 
     if split is not None and (holdout_context or val_context):
         raise VcellError("give either --split or --holdout-context/--val-context, not both")
     options = _options(STTrainOptions, locals())
+    check_run_dir(out, resume, overwrite)  # refuse before the data is read
     # DDP runs this command once per process (Lightning re-runs it); only rank 0 reports
     values = STConfig.from_file(config, preset)
-    spec = make_spec(pert_col, control, context_col, batch_col, None)
+    spec = make_spec(pert_col, control, context_col, batch_col, expression)
     # only what training reads: a raw-counts layer or other .obsm entries would just take memory
-    dataset = load_dataset(data, spec, only_obsm=[embed_key] if embed_key else [])
+    with status(f"reading {data}"):
+        dataset = load_dataset(data, spec, only_obsm=[embed_key] if embed_key else [],
+                               require_context_controls=not allow_missing_controls)
     if dataset.spec.expression == "counts":
         raise VcellError(f"{data}: X holds raw counts; the ST model trains on log1p expression: run `vcell data preprocess` first")
     index = dataset.index
@@ -94,13 +111,16 @@ def st(
     else:
         cfg = holdout_config(index, list(holdout_context or []), val_contexts=list(val_context or []))
     applied = apply_split(index, cfg)
+    # Lightning only now: every refusal above comes in a second, not after its import
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from vcell.train.st import train_st
+
     if rank_zero_only.rank == 0:
         console.print(table(split_view(applied.summary(index)), title="split"))
-    space = f"in .obsm[{embed_key!r}]" if embed_key else "in gene space"
-    with console.status(f"training ST ({preset}, {space}) for {max_steps} steps"):
-        run = train_st(dataset, applied, out, values, options, resume=resume, embed_key=embed_key)
+    run = train_st(dataset, applied, out, values, options, resume=resume, embed_key=embed_key, overwrite=overwrite)
     if rank_zero_only.rank == 0:
-        console.print(f"checkpoint: {run / 'last'}" + (f" (best: {run / 'best'})" if (run / "best").is_dir() else ""))
+        _summary(run)
 
 
 @app.command("se")
@@ -115,6 +135,8 @@ def se(
     lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate (warm-up, then cosine decay).")] = SE.lr,
     gene_dim: Annotated[int, typer.Option("--gene-dim", help="Width of data-derived gene embeddings (without --genes).")] = SE.gene_dim,
     resume: Resume = False,
+    overwrite: Overwrite = False,
+    save_optimizer: SaveOptimizer = SE.save_optimizer,
     checkpoint_every: CheckpointEvery = SE.checkpoint_every,
     accelerator: Accelerator = SE.accelerator,
     devices: Devices = SE.devices,
@@ -126,16 +148,26 @@ def se(
     seed: Seed = 0,
 ) -> None:
     """Train a State Embedding model (cell sentences -> cell embeddings); the checkpoint goes to OUT/last."""
-    from lightning.pytorch.utilities import rank_zero_only
-
+    from vcell.data.io import read_h5ad
+    from vcell.data.validate import check_expression
     from vcell.nn.embedding import SEConfig
-    from vcell.train.se import train_se
+    from vcell.train.runs import check_run_dir
 
     if expression is not None and expression not in ("counts", "log1p"):
         raise VcellError(f"--expression {expression!r}: use 'counts' or 'log1p'")
     options = _options(SETrainOptions, locals())
+    check_run_dir(out, resume, overwrite)  # refuse before the data is read
     values = SEConfig.from_file(config, preset)
-    with console.status(f"training SE ({preset}) for {max_steps} steps"):
-        run = train_se(data, out, values, genes=genes, options=options, resume=resume, expression=expression)
+    for path in data:  # every file's values checked (one line naming it) before Lightning loads, in a second
+        adata = read_h5ad(path, backed=True)
+        try:
+            check_expression(adata, expression, path)
+        finally:
+            adata.file.close()
+    from lightning.pytorch.utilities import rank_zero_only  # Lightning only now: refusals come first
+
+    from vcell.train.se import train_se
+
+    run = train_se(data, out, values, genes=genes, options=options, resume=resume, expression=expression, overwrite=overwrite)
     if rank_zero_only.rank == 0:
-        console.print(f"checkpoint: {run / 'last'}")
+        _summary(run)

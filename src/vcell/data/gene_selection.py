@@ -66,9 +66,17 @@ def select_hvg(
         out.var["highly_variable"] = True
         return out
 
-    sc.pp.highly_variable_genes(
-        out, n_top_genes=int(n_top_genes), flavor="seurat", batch_key=batch_key, subset=False
-    )
+    if out.X.dtype.kind != "f" or out.X.dtype == np.float16:  # scanpy computes in X's dtype (expm1 in place)
+        out.X = out.X.astype(np.float32)
+    try:
+        sc.pp.highly_variable_genes(
+            out, n_top_genes=int(n_top_genes), flavor="seurat", batch_key=batch_key, subset=False
+        )
+    except IndexError:  # scanpy's cut-off: fewer genes with a finite normalised dispersion than n_top_genes
+        raise VcellError(
+            f"highly variable genes: fewer than {n_top_genes} of the {out.n_vars} genes vary across the {out.n_obs} cells "
+            "(in each batch); lower --n-top-genes or give the genes to keep with --genes"
+        ) from None
     hv = out.var["highly_variable"].to_numpy(dtype=bool)
     keep_mask = out.var_names.isin(keep)
     logger.info(

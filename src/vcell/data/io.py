@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +15,9 @@ import anndata as ad
 import h5py
 import numpy as np
 
-from vcell.errors import VcellError
+from vcell.errors import VcellError, preview
+
+log = logging.getLogger(__name__)
 
 
 def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
@@ -76,16 +81,112 @@ def _umask() -> int:
     return mask
 
 
+# Temporary files and folders are written beside their destination as ``.NAME.PID-XXXXXXXX.tmp``
+# (PID: the writing process; XXXXXXXX: tempfile's random part), so a later run of the same output
+# recognises what an interrupted one left, and leaves alone what a running one is writing.
+_RANDOM = r"[a-z0-9_]{8}"
+
+
+def temp_prefix(path: str | os.PathLike) -> str:
+    """The name prefix of this process's temporary files for ``path`` (``.NAME.PID-``)."""
+    return f".{Path(path).name}.{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (this process counts as running; zombies do not)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def human_size(n: int) -> str:
+    """``n`` bytes for a message: ``"512 B"``, ``"1.5 kB"``, ``"137.2 MB"``, ``"2.0 GB"``."""
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"  # pragma: no cover
+
+
+def disk_size(path: str | os.PathLike) -> int:
+    """Bytes of the file ``path``, or of every file under the folder ``path`` (0 if it is gone)."""
+    path = Path(path)
+    try:
+        if path.is_dir() and not path.is_symlink():
+            return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def leftovers(path: str | os.PathLike) -> list[Path]:
+    """Temporary files (or folders) an interrupted write of ``path`` left beside it.
+
+    Only names of the form ``.NAME.PID-XXXXXXXX.tmp`` (and ``.NAME.XXXXXXXX.tmp`` of older vcell
+    versions) whose process is no longer running count; nothing else is ever listed.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d+)-)?{_RANDOM}\.tmp$")
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m and not (m.group(1) is not None and _pid_alive(int(m.group(1)))):
+            found.append(entry)
+    return sorted(found)
+
+
+def clean_leftovers(*paths: str | os.PathLike) -> int:
+    """Remove the :func:`leftovers` of each of ``paths`` and log one line saying what went (and its size).
+
+    Returns the bytes removed.
+    """
+    by_path = {str(Path(path)): leftovers(path) for path in paths}
+    found = [p for items in by_path.values() for p in items]
+    if not found:
+        return 0
+    size = sum(disk_size(p) for p in found)
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    what = f"{len(found)} temporary file{'s' if len(found) > 1 else ''}"
+    where = ", ".join(path for path, items in by_path.items() if items)
+    log.warning("removed %s (%s) left by an interrupted write of %s: %s", what, human_size(size), where,
+                preview([p.name for p in found], n=3, quote=False))
+    return size
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
     Nothing is left behind if the body raises, and an existing ``path`` is untouched until the
-    new file is complete.
+    new file is complete. What an interrupted earlier write of ``path`` left is removed first
+    (:func:`clean_leftovers`). A ``path`` that is itself one of this process's temporary files (a
+    writer called inside another's ``atomic_path``) is yielded as is.
     """
     path = Path(path)
+    if re.match(rf"^\..+\.{os.getpid()}-{_RANDOM}\.tmp$", path.name):
+        yield path  # already this process's temporary file (nested atomic writes): no second one
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_leftovers(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -122,12 +223,70 @@ def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | No
     return path
 
 
-def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike] = (), overwrite: bool = False) -> Path:
-    """Refuse to write over an input file, or over an existing file unless ``overwrite``."""
-    out = Path(out)
+def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
+    """Raise a one-line error unless ``path`` can be written: a file (``folder=False``) or a folder.
+
+    ``path`` must not be a folder where a file is expected (or the reverse), and the folder it goes
+    into must exist and be writable, or be creatable under a writable folder. Nothing is created.
+    """
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if folder and not path.is_dir():
+            raise VcellError(f"{path}: is a file, not a folder (this output is a folder of files)")
+        if not folder and path.is_dir():
+            raise VcellError(f"{path}: is a folder; give a file name for this output")
+    into = path if folder else path.parent
+    existing = into
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise VcellError(f"{path}: cannot write there: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = f"folder {existing}" if existing == into else f"folder {into} cannot be created: {existing}"
+        raise VcellError(f"{path}: cannot write there: {what} is not writable (permission denied or read-only)")
+    return path
+
+
+def _check_inputs(out: Path, inputs) -> None:
     for inp in inputs:
         if out.resolve() == Path(inp).resolve():
             raise VcellError(f"{out}: output path is the input file; inputs are never modified in place")
+
+
+def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike] = (), overwrite: bool = False) -> Path:
+    """Check, before any work, that the file ``out`` can be written; every command that writes a file calls it.
+
+    Refuses to write over an input, over an existing file unless ``overwrite``, into a folder that
+    cannot be written or created, or where a folder stands. Then removes what an interrupted earlier
+    write of ``out`` left (:func:`clean_leftovers`). All refusals are one-line :class:`VcellError`.
+    """
+    out = Path(out)
+    _check_inputs(out, inputs)
+    check_writable(out)
     if out.exists() and not overwrite:
         raise VcellError(f"{out}: output file already exists (pass --overwrite to replace it)")
+    clean_leftovers(out)
     return out
+
+
+def check_output_dir(
+    directory: str | os.PathLike, names: list[str], inputs: list[str | os.PathLike] = (), overwrite: bool = False
+) -> Path:
+    """:func:`check_output_path` for a command whose output is a folder holding ``names``.
+
+    Refuses when ``directory`` is a file, cannot be written or created, or already holds any of
+    ``names`` (unless ``overwrite``); other files in it are never touched. Then removes what an
+    interrupted earlier write of each name left.
+    """
+    directory = Path(directory)
+    for name in names:
+        _check_inputs(directory / name, inputs)
+    check_writable(directory, folder=True)
+    there = [name for name in names if (directory / name).exists()]
+    if there and not overwrite:
+        raise VcellError(f"{directory}: already holds {preview(there, n=3)} from an earlier run "
+                         "(pass --overwrite to replace them, or choose another --out)")
+    clean_leftovers(*(directory / name for name in names))
+    return directory

@@ -1,9 +1,12 @@
-"""Chunked access to an expression matrix, in memory or backed on disk, without densifying it."""
+"""Chunked access to an expression matrix, in memory or backed on disk, without densifying it, and the
+one scan of its values (NaN/inf, negative, non-integer, maximum) every expression check uses."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 
@@ -52,3 +55,144 @@ def storage_kind(X) -> str:
         kind = "dense"
     backed = not isinstance(X, np.ndarray) and not sp.issparse(X)
     return f"{kind} (backed)" if backed else kind
+
+
+@dataclass
+class MatrixStats:
+    """What a scan of the matrix found (first offending positions kept for messages)."""
+
+    nan: tuple[int, int] | None = None
+    negative: tuple[int, int, float] | None = None
+    non_integer: tuple[int, int, float] | None = None
+    max_value: float = 0.0
+    max_pos: tuple[int, int] | None = None
+    n_values: int = 0
+    all_integer: bool = True
+    has_fraction: bool = False
+
+
+@numba.njit(cache=True, nogil=True)
+def _scan_values(vals, frac_eps):
+    """One pass: first non-finite, negative, non-integer and (frac > eps) positions; max and its position."""
+    bad = neg = nonint = frac = -1
+    vmax, pmax = -np.inf, -1
+    for k in range(vals.size):
+        v = vals[k]
+        if not np.isfinite(v):
+            if bad < 0:
+                bad = k
+            continue
+        if v < 0 and neg < 0:
+            neg = k
+        f = v - np.floor(v)
+        if f != 0:
+            if nonint < 0:
+                nonint = k
+            if frac < 0 and f > frac_eps and v >= 0:
+                frac = k
+        if v > vmax:
+            vmax, pmax = v, k
+    return bad, neg, nonint, frac, vmax, pmax
+
+
+# Fast-math without 'nnan'/'ninf': the reductions may be reordered (vectorised) but NaN and inf survive.
+_REORDER = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_REORDER)
+def _summarise_values(vals):
+    """Branch-free pass: min, max, the float64 sum (not finite iff a value is NaN/inf), the largest fractional part."""
+    vmin, vmax, total, fmax = np.inf, -np.inf, 0.0, 0.0
+    for k in range(vals.size):
+        v = vals[k]
+        vmin = min(vmin, v)
+        vmax = max(vmax, v)
+        total += v
+        fmax = max(fmax, v - np.floor(v))
+    return vmin, vmax, total, fmax
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_fractions(vals, frac_eps):
+    """First positions of a non-integer value and of a fractional part above ``frac_eps`` (finite, >= 0 values)."""
+    nonint = -1
+    for k in range(vals.size):
+        f = vals[k] - np.floor(vals[k])
+        if f != 0:
+            if nonint < 0:
+                nonint = k
+            if f > frac_eps:
+                return nonint, k
+    return nonint, -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_index(vals, value):
+    """Position of the first element equal to ``value`` (-1 if none); no temporary, unlike np.argmax on a map."""
+    for k in range(vals.size):
+        if vals[k] == value:
+            return k
+    return -1
+
+
+def _scan_block(block, frac_eps: float):
+    """Scan one block: the vectorised summary, and the exact positions only where something was found."""
+    vals = np.ascontiguousarray(block_values(block)).reshape(-1)
+    if vals.size == 0:
+        return None
+    if vals.dtype == np.float16 or vals.dtype.kind == "b":  # numba's kernels take neither; float32 holds them exactly
+        vals = vals.astype(np.float32)
+    vmin, vmax, total, fmax = _summarise_values(vals)
+    if not np.isfinite(total) or vmin < 0:
+        return ("full", vals.size, _scan_values(vals, frac_eps))
+    nonint, frac = _first_fractions(vals, frac_eps) if fmax != 0 else (-1, -1)
+    pmax = _first_index(vals, vmax)  # first occurrence, as the full scan
+    return ("fast", vals.size, (-1, -1, nonint, frac, vmax, pmax))
+
+
+def scan_matrix(X, chunk_rows: int = 4096, frac_eps: float = 1e-3, threads: int = 2) -> MatrixStats:
+    """Scan ``X`` block by block for NaN/inf, negative and non-integer values and the maximum.
+
+    ``has_fraction`` records whether any value has a fractional part above ``frac_eps``
+    (cell-eval's test for log-normalised data). Blocks are scanned on ``threads`` threads, at
+    most ``threads`` of them in memory at a time; positions reported are the first in row order.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    stats = MatrixStats()
+
+    def merge(start: int, block, found) -> None:
+        if found is None:
+            return
+        _, n_values, (bad, neg, nonint, frac, vmax, pmax) = found
+        vals = block_values(block).reshape(-1)
+        stats.n_values += n_values
+        if bad >= 0 and stats.nan is None:
+            r, c = locate(block, bad)
+            stats.nan = (start + r, c)
+        if neg >= 0 and stats.negative is None:
+            r, c = locate(block, neg)
+            stats.negative = (start + r, c, float(vals[neg]))
+        if nonint >= 0:
+            stats.all_integer = False
+            if stats.non_integer is None:
+                r, c = locate(block, nonint)
+                stats.non_integer = (start + r, c, float(vals[nonint]))
+        stats.has_fraction = stats.has_fraction or frac >= 0
+        if pmax >= 0 and (vmax > stats.max_value or stats.max_pos is None):
+            r, c = locate(block, pmax)
+            stats.max_value, stats.max_pos = float(vmax), (start + r, c)
+
+    chunk_rows = max(1, min(chunk_rows, -(-X.shape[0] // max(1, 4 * threads)))) if threads > 1 else chunk_rows
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        pending: deque = deque()
+        for start, block in iter_row_chunks(X, chunk_rows):
+            pending.append((start, block, pool.submit(_scan_block, block, frac_eps)))
+            if len(pending) > threads:
+                start0, block0, fut = pending.popleft()
+                merge(start0, block0, fut.result())
+        while pending:
+            start0, block0, fut = pending.popleft()
+            merge(start0, block0, fut.result())
+    return stats

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+from collections.abc import Mapping
 
 import anndata as ad
 import numpy as np
@@ -22,8 +23,12 @@ logger = logging.getLogger("vcell.data.preprocess")
 
 
 def _vcell_uns(adata: ad.AnnData) -> dict:
-    """A fresh copy of ``uns["vcell"]`` (so edits never reach a shared dict)."""
-    return dict(adata.uns.get("vcell", {}) or {})
+    """A fresh copy of ``uns["vcell"]`` (so edits never reach a shared dict); ``{}`` when it is not a mapping."""
+    meta = adata.uns.get("vcell", {})
+    if not isinstance(meta, Mapping):
+        logger.warning("uns['vcell'] is a %s, not a mapping of vcell's metadata: ignored", type(meta).__name__)
+        return {}
+    return dict(meta)
 
 
 def _require_x(adata: ad.AnnData, what: str) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,6 +191,39 @@ class Split:
                 row[f"{role}_cells"] = int(part.sum())
             rows.append(row)
         return pd.DataFrame(rows).sort_values("context", ignore_index=True)
+
+
+def select_cells(
+    index: CellIndex, split: Split, roles: Sequence[str] = ("test",), contexts: Sequence[str] = (), controls: bool = True
+) -> np.ndarray:
+    """Boolean mask of the cells with one of ``roles`` under ``split`` (in ``contexts``, if given),
+    with the control cells of the contexts they are in (unless ``controls`` is false).
+
+    ``roles`` are ``train``, ``val``, ``test`` or ``control``; a context is a name (``"T98G"``) or
+    a ``"dataset.context"`` key. The held-out cells of a context with its controls are exactly the
+    real cells a prediction of that context is scored against (as in ``vcell bench``).
+    """
+    src = split.config.source
+    roles = list(dict.fromkeys(roles)) or ["test"]
+    for role in roles:
+        if role not in (*ROLES, CONTROL):
+            names = [*ROLES, CONTROL]
+            raise VcellError(f"unknown role {role!r}{did_you_mean(role, names, n=2)} (roles: {', '.join(names)})")
+    keys = index.context_key_codes
+    key_names = list(index.context_key_names)
+    mask = np.zeros(index.n_cells, dtype=bool)
+    for role in roles:
+        mask |= split.mask(role)
+    if contexts:
+        wanted = [key_names.index(k) for name in contexts for k in _resolve_context(index, name, "--context")]
+        mask &= np.isin(keys, wanted)
+    if not mask.any() or (roles != [CONTROL] and not (mask & ~index.is_control).any()):
+        where = f" in context(s) {', '.join(contexts)}" if contexts else ""
+        counts = ", ".join(f"{r} {int(split.mask(r).sum())}" for r in ROLES)
+        raise VcellError(f"{src}: no {'/'.join(roles)} cells{where} (cells per role: {counts})")
+    if controls:
+        mask |= split.mask(CONTROL) & np.isin(keys, np.unique(keys[mask]))
+    return mask
 
 
 def apply_split(index: CellIndex, cfg: SplitConfig) -> Split:

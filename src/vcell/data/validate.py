@@ -1,8 +1,14 @@
 """Validation of perturbation AnnData files: one clear line per problem, naming file and column.
 
-:func:`find_problems` lists every problem it finds (``vcell data check`` prints them all);
+:func:`check` lists every problem it finds (``vcell data check`` prints them all);
 :func:`validate` raises the first one as a :class:`~vcell.errors.VcellError`. The matrix is
-scanned in row blocks, so backed files are checked without loading them.
+scanned in row blocks (:func:`~vcell.data.matrix.scan_matrix`), so backed files are checked
+without loading them.
+
+The expression values follow one set of rules wherever they are read
+(:func:`expression_problems`): commands that need the whole data set checked go through
+:func:`validate`, those that only read the matrix (``vcell embed``, ``vcell train se``,
+``vcell genes from-data``, ``vcell eval``) through :func:`check_expression`.
 """
 
 from __future__ import annotations
@@ -12,18 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
-import numba
 import numpy as np
 import pandas as pd
 
 from vcell.data.labels import blank_codes, factorize
-from vcell.data.matrix import block_values, iter_row_chunks, locate, storage_kind
+from vcell.data.matrix import MatrixStats, _scan_values, scan_matrix, storage_kind  # noqa: F401 (re-exported)
 from vcell.data.spec import EXPRESSION_TYPES, SINGLE_CONTEXT, DataSpec
 from vcell.errors import VcellError, did_you_mean, preview
 
 log = logging.getLogger(__name__)
+# settings vcell decided for the user (the expression type): `vcell -v` shows them, each once
+inferred_log = logging.getLogger("vcell.inferred")
 
 MAX_LOG1P = 30.0  # log1p of a normalised count never comes near this; larger means raw counts
+CELL_EVAL_MAX_LOG1P = 15.0  # cell-eval rejects log1p data reaching this (``cell_eval=True`` rules)
+FRACTION_EPS = 1e-3  # a value is fractional when its fractional part exceeds this (cell-eval's test)
 
 
 @dataclass(frozen=True)
@@ -33,20 +42,6 @@ class ExpressionInfo:
     type: str
     how: str
     reason: str
-
-
-@dataclass
-class MatrixStats:
-    """What a scan of the matrix found (first offending positions kept for messages)."""
-
-    nan: tuple[int, int] | None = None
-    negative: tuple[int, int, float] | None = None
-    non_integer: tuple[int, int, float] | None = None
-    max_value: float = 0.0
-    max_pos: tuple[int, int] | None = None
-    n_values: int = 0
-    all_integer: bool = True
-    has_fraction: bool = False
 
 
 @dataclass
@@ -80,131 +75,6 @@ def _label(path: Path | str | None) -> str:
     return str(path) if path is not None else "<AnnData>"
 
 
-@numba.njit(cache=True, nogil=True)
-def _scan_values(vals, frac_eps):
-    """One pass: first non-finite, negative, non-integer and (frac > eps) positions; max and its position."""
-    bad = neg = nonint = frac = -1
-    vmax, pmax = -np.inf, -1
-    for k in range(vals.size):
-        v = vals[k]
-        if not np.isfinite(v):
-            if bad < 0:
-                bad = k
-            continue
-        if v < 0 and neg < 0:
-            neg = k
-        f = v - np.floor(v)
-        if f != 0:
-            if nonint < 0:
-                nonint = k
-            if frac < 0 and f > frac_eps and v >= 0:
-                frac = k
-        if v > vmax:
-            vmax, pmax = v, k
-    return bad, neg, nonint, frac, vmax, pmax
-
-
-# Fast-math without 'nnan'/'ninf': the reductions may be reordered (vectorised) but NaN and inf survive.
-_REORDER = {"nsz", "arcp", "contract", "afn", "reassoc"}
-
-
-@numba.njit(cache=True, nogil=True, fastmath=_REORDER)
-def _summarise_values(vals):
-    """Branch-free pass: min, max, the float64 sum (not finite iff a value is NaN/inf), the largest fractional part."""
-    vmin, vmax, total, fmax = np.inf, -np.inf, 0.0, 0.0
-    for k in range(vals.size):
-        v = vals[k]
-        vmin = min(vmin, v)
-        vmax = max(vmax, v)
-        total += v
-        fmax = max(fmax, v - np.floor(v))
-    return vmin, vmax, total, fmax
-
-
-@numba.njit(cache=True, nogil=True)
-def _first_fractions(vals, frac_eps):
-    """First positions of a non-integer value and of a fractional part above ``frac_eps`` (finite, >= 0 values)."""
-    nonint = -1
-    for k in range(vals.size):
-        f = vals[k] - np.floor(vals[k])
-        if f != 0:
-            if nonint < 0:
-                nonint = k
-            if f > frac_eps:
-                return nonint, k
-    return nonint, -1
-
-
-@numba.njit(cache=True, nogil=True)
-def _first_index(vals, value):
-    """Position of the first element equal to ``value`` (-1 if none); no temporary, unlike np.argmax on a map."""
-    for k in range(vals.size):
-        if vals[k] == value:
-            return k
-    return -1
-
-
-def _scan_block(block, frac_eps: float):
-    """Scan one block: the vectorised summary, and the exact positions only where something was found."""
-    vals = np.ascontiguousarray(block_values(block)).reshape(-1)
-    if vals.size == 0:
-        return None
-    vmin, vmax, total, fmax = _summarise_values(vals)
-    if not np.isfinite(total) or vmin < 0:
-        return ("full", vals.size, _scan_values(vals, frac_eps))
-    nonint, frac = _first_fractions(vals, frac_eps) if fmax != 0 else (-1, -1)
-    pmax = _first_index(vals, vmax)  # first occurrence, as the full scan
-    return ("fast", vals.size, (-1, -1, nonint, frac, vmax, pmax))
-
-
-def scan_matrix(X, chunk_rows: int = 4096, frac_eps: float = 1e-3, threads: int = 2) -> MatrixStats:
-    """Scan ``X`` block by block for NaN/inf, negative and non-integer values and the maximum.
-
-    ``has_fraction`` records whether any value has a fractional part above ``frac_eps``
-    (cell-eval's test for log-normalised data). Blocks are scanned on ``threads`` threads, at
-    most ``threads`` of them in memory at a time; positions reported are the first in row order.
-    """
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    stats = MatrixStats()
-
-    def merge(start: int, block, found) -> None:
-        if found is None:
-            return
-        _, n_values, (bad, neg, nonint, frac, vmax, pmax) = found
-        vals = block_values(block).reshape(-1)
-        stats.n_values += n_values
-        if bad >= 0 and stats.nan is None:
-            r, c = locate(block, bad)
-            stats.nan = (start + r, c)
-        if neg >= 0 and stats.negative is None:
-            r, c = locate(block, neg)
-            stats.negative = (start + r, c, float(vals[neg]))
-        if nonint >= 0:
-            stats.all_integer = False
-            if stats.non_integer is None:
-                r, c = locate(block, nonint)
-                stats.non_integer = (start + r, c, float(vals[nonint]))
-        stats.has_fraction = stats.has_fraction or frac >= 0
-        if pmax >= 0 and (vmax > stats.max_value or stats.max_pos is None):
-            r, c = locate(block, pmax)
-            stats.max_value, stats.max_pos = float(vmax), (start + r, c)
-
-    chunk_rows = max(1, min(chunk_rows, -(-X.shape[0] // max(1, 4 * threads)))) if threads > 1 else chunk_rows
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        pending: deque = deque()
-        for start, block in iter_row_chunks(X, chunk_rows):
-            pending.append((start, block, pool.submit(_scan_block, block, frac_eps)))
-            if len(pending) > threads:
-                start0, block0, fut = pending.popleft()
-                merge(start0, block0, fut.result())
-        while pending:
-            start0, block0, fut = pending.popleft()
-            merge(start0, block0, fut.result())
-    return stats
-
-
 def recorded_expression_type(adata: ad.AnnData) -> tuple[str, str] | None:
     """Expression type recorded in the file's metadata, with where it was read, or ``None``."""
     meta = adata.uns.get("vcell", {}) if hasattr(adata.uns, "get") else {}
@@ -217,35 +87,119 @@ def recorded_expression_type(adata: ad.AnnData) -> tuple[str, str] | None:
 
 
 def infer_expression_type(
-    adata: ad.AnnData, declared: str | None = None, stats: MatrixStats | None = None, path=None
+    adata: ad.AnnData,
+    declared: str | None = None,
+    stats: MatrixStats | None = None,
+    path=None,
+    cell_eval: bool = False,
 ) -> ExpressionInfo:
     """Decide whether ``X`` holds raw counts or log1p values; never silently.
 
     A declared type wins. Otherwise the file's metadata (``uns['vcell']['expression']`` or
-    ``uns['log1p']``) decides; failing that the values do (all integers -> counts, else log1p),
-    and a log line says what was inferred and why.
+    ``uns['log1p']``) decides; failing that the values do (all integers -> counts, else log1p).
+    ``cell_eval=True`` decides from the values alone, as cell-eval does (a value whose fractional
+    part exceeds 1e-3 means log1p). What was inferred and why is logged at INFO on the
+    ``vcell.inferred`` logger (the command line shows it with ``-v``, once per file).
     """
     if declared is not None:
         if declared not in EXPRESSION_TYPES:
             raise VcellError(f"unknown expression type {declared!r}; use one of {', '.join(EXPRESSION_TYPES)}")
         return ExpressionInfo(declared, "declared", "declared by the user")
-    recorded = recorded_expression_type(adata)
+    recorded = None if cell_eval else recorded_expression_type(adata)
     if recorded is not None:
         info = ExpressionInfo(recorded[0], "inferred", f"read from metadata: {recorded[1]}")
     else:
         stats = stats or scan_matrix(adata.X)
-        if stats.all_integer:
-            reason = "no expression metadata in the file and every value of X is an integer"
-            info = ExpressionInfo("counts", "inferred", reason)
+        fractional = stats.has_fraction if cell_eval else not stats.all_integer
+        if not fractional:
+            reason = "every value of X is an integer"
+            info = ExpressionInfo("counts", "inferred", reason if cell_eval else f"no expression metadata in the file and {reason}")
         else:
-            reason = "no expression metadata in the file and X has non-integer values"
+            reason = f"X has non-integer values, max {stats.max_value:g}" if cell_eval else "no expression metadata in the file and X has non-integer values"
             info = ExpressionInfo("log1p", "inferred", reason)
-    log.info(
-        "%s: expression type inferred as %r (%s); pass --expression to declare it",
-        _label(path),
-        info.type,
-        info.reason,
-    )
+    inferred_log.info("%s: expression type inferred as %r (%s); pass --expression to declare it", _label(path), info.type, info.reason)
+    return info
+
+
+def expression_problems(
+    adata: ad.AnnData,
+    stats: MatrixStats,
+    info: ExpressionInfo,
+    where: str,
+    option: str = "--expression",
+    cell_eval: bool = False,
+) -> list[Problem]:
+    """The problems of ``X``'s values, given its expression type ``info``: the one set of rules every
+    command that reads expression applies (through :func:`check` or :func:`check_expression`).
+
+    NaN/inf and negative values; counts that are not integers; a declared log1p whose values are all
+    integers (raw counts); log1p values above :data:`MAX_LOG1P` (15 with ``cell_eval``, as
+    cell-eval). Each message names the file and the first offending cell and gene; ``option``
+    is the option that declares the type, as the user spells it.
+    """
+
+    def at(r: int, c: int) -> str:
+        return f"cell {adata.obs_names[r]!r}, gene {adata.var_names[c]!r}"
+
+    problems = []
+    if stats.nan is not None:
+        problems.append(Problem("nan", f"{where}: X contains NaN or infinite values (first at {at(*stats.nan)})"))
+    if stats.negative is not None:
+        r, c, v = stats.negative
+        problems.append(
+            Problem("negative", f"{where}: X contains negative values (first {v:g} at {at(r, c)}); expression must be >= 0")
+        )
+    if problems:
+        return problems  # the type rules below mean nothing on such values
+    fractional = stats.has_fraction if cell_eval else not stats.all_integer
+    limit = CELL_EVAL_MAX_LOG1P if cell_eval else MAX_LOG1P
+    top = stats.max_value
+    over = top >= limit if cell_eval else top > limit
+    if info.type == "counts" and fractional and stats.non_integer is not None:
+        r, c, v = stats.non_integer
+        said = f"{option} counts" if info.how == "declared" else f"expression counts ({info.reason})"
+        problems.append(
+            Problem(
+                "non_integer_counts",
+                f"{where}: {said} but X has non-integer values (first {v:g} at {at(r, c)}): the expression was "
+                f"declared as counts; pass {option} log1p if the data is log-normalised",
+            )
+        )
+    elif info.type == "log1p" and info.how == "declared" and not fractional and top >= 1 and stats.max_pos is not None:
+        beyond = f"; more than {limit:g}, too large if the expression is log1p" if over else ""
+        problems.append(
+            Problem(
+                "log_too_large" if beyond else "integer_log1p",
+                f"{where}: {option} log1p but every value is an integer (max {top:g} at {at(*stats.max_pos)}{beyond}): "
+                f"these look like raw counts; pass {option} counts",
+            )
+        )
+    elif info.type == "log1p" and over and stats.max_pos is not None:
+        said = "expression is log1p" + ("" if info.how == "declared" else f" ({info.reason})")
+        problems.append(
+            Problem(
+                "log_too_large",
+                f"{where}: {said} but X has values up to {top:g} (at {at(*stats.max_pos)}), more than {limit:g}: out of "
+                f"the log1p range (raw counts, or another scale); give log1p(normalised counts), or pass {option} counts",
+            )
+        )
+    return problems
+
+
+def check_expression(
+    adata: ad.AnnData, declared: str | None = None, path=None, option: str = "--expression", cell_eval: bool = False
+) -> ExpressionInfo:
+    """Scan ``X`` once, decide its expression type and raise a one-line :class:`VcellError` naming the
+    file (and the first bad cell and gene) for its first value problem (:func:`expression_problems`).
+
+    Every command that reads expression calls this (or :func:`validate`, which applies the same rules)
+    before it computes anything: NaN, negative or mislabelled values never reach a model or a file.
+    """
+    stats = scan_matrix(adata.X, frac_eps=FRACTION_EPS)
+    info = infer_expression_type(adata, declared, stats, path, cell_eval=cell_eval)
+    problems = expression_problems(adata, stats, info, _label(path), option, cell_eval)
+    if problems:
+        raise VcellError(problems[0].message)
     return info
 
 
@@ -320,36 +274,24 @@ def _gene_problems(adata: ad.AnnData, where: str) -> list[Problem]:
     ]
 
 
-def _value_problems(adata: ad.AnnData, stats: MatrixStats, expression: str | None, where: str) -> list[Problem]:
-    def at(r: int, c: int) -> str:
-        return f"cell {adata.obs_names[r]!r}, gene {adata.var_names[c]!r}"
+# Problems `vcell data check` lists (exit 1) but the other commands only warn about: vcell works on
+# cell positions, never on names, so duplicated cell names do not change a result.
+WARNING_KINDS = ("duplicated_cells",)
 
-    problems = []
-    if stats.nan is not None:
-        problems.append(Problem("nan", f"{where}: X contains NaN or infinite values (first at {at(*stats.nan)})"))
-    if stats.negative is not None:
-        r, c, v = stats.negative
-        problems.append(
-            Problem("negative", f"{where}: X contains negative values (first {v:g} at {at(r, c)}); expression must be >= 0")
+
+def _cell_problems(adata: ad.AnnData, where: str) -> list[Problem]:
+    names = pd.Index(adata.obs_names)
+    if names.is_unique:
+        return []
+    dup = names[names.duplicated()].unique()
+    n = int(names.duplicated(keep=False).sum())
+    return [
+        Problem(
+            "duplicated_cells",
+            f"{where}: {n} cells share {len(dup)} duplicated cell names in obs_names ({preview(dup, 6)}); "
+            "make them unique (e.g. AnnData.obs_names_make_unique()), or other tools may mix these cells up",
         )
-    if expression == "counts" and stats.non_integer is not None:
-        r, c, v = stats.non_integer
-        problems.append(
-            Problem(
-                "non_integer_counts",
-                f"{where}: expression declared as counts but X has non-integer values (first {v:g} at {at(r, c)}); "
-                "pass --expression log1p if the data is log-normalised",
-            )
-        )
-    if expression == "log1p" and stats.max_value > MAX_LOG1P and stats.max_pos is not None:
-        problems.append(
-            Problem(
-                "log_too_large",
-                f"{where}: expression is log1p but X has values up to {stats.max_value:g} (at {at(*stats.max_pos)}), "
-                f"more than {MAX_LOG1P:g}; these look like raw counts: pass --expression counts",
-            )
-        )
-    return problems
+    ]
 
 
 def context_summary(adata: ad.AnnData, spec: DataSpec) -> pd.DataFrame:
@@ -392,6 +334,7 @@ def check(
         return report
     report.problems += _column_problems(adata, spec, where)
     report.problems += _gene_problems(adata, where)
+    report.problems += _cell_problems(adata, where)
     columns_ok = not any(p.kind == "missing_column" for p in report.problems)
     if columns_ok:
         for problem in _control_problems(adata, spec, where):
@@ -404,15 +347,22 @@ def check(
         report.n_perturbations = int(np.sum(perts != spec.control))
     stats = scan_matrix(adata.X, chunk_rows)
     report.expression = infer_expression_type(adata, spec.expression, stats, path)
-    report.problems += _value_problems(adata, stats, report.expression.type, where)
+    report.problems += expression_problems(adata, stats, report.expression, where)
     return report
 
 
 def validate(adata: ad.AnnData, spec: DataSpec, path=None, require_context_controls: bool = True) -> ExpressionInfo:
-    """Raise a one-line :class:`VcellError` for the first problem; return the expression type."""
+    """Raise a one-line :class:`VcellError` for the first problem; return the expression type.
+
+    Problems of the kinds in :data:`WARNING_KINDS` are logged as warnings instead.
+    """
     report = check(adata, spec, path, require_context_controls=require_context_controls)
-    if report.problems:
-        extra = f" (and {len(report.problems) - 1} more problem(s); run `vcell data check`)" if len(report.problems) > 1 else ""
-        raise VcellError(report.problems[0].message + extra)
+    for p in report.problems:
+        if p.kind in WARNING_KINDS:
+            log.warning("%s", p.message)
+    problems = [p for p in report.problems if p.kind not in WARNING_KINDS]
+    if problems:
+        extra = f" (and {len(problems) - 1} more problem(s); run `vcell data check`)" if len(problems) > 1 else ""
+        raise VcellError(problems[0].message + extra)
     assert report.expression is not None
     return report.expression

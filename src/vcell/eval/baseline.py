@@ -17,7 +17,7 @@ import scipy.sparse as sp
 
 from vcell.data.aggregate import cell_mean
 from vcell.data.labels import factorize
-from vcell.errors import VcellError
+from vcell.errors import VcellError, preview
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,29 @@ def cell_mean_vector(adata: ad.AnnData, pert_col: str, control: str, as_delta: b
         raise VcellError(f"control label {control!r} not found in column {pert_col!r}")
     control_code = int(np.flatnonzero(groups == control)[0])
     return cell_mean(adata.X, codes, control_code, len(groups), as_delta=as_delta, match_dtype=True)
+
+
+def read_counts_table(path, pert_col: str, counts_col: str = "n_cells") -> pd.DataFrame:
+    """The cells-per-perturbation CSV of ``vcell eval baseline --counts``: columns ``pert_col`` and
+    ``counts_col`` (whole numbers >= 0); every fault is a one-line error naming the file."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise VcellError(f"{path}: file not found")
+    try:
+        table = pd.read_csv(path)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise VcellError(f"{path}: not a CSV table ({type(exc).__name__})") from None
+    for col in (pert_col, counts_col):
+        if col not in table.columns:
+            raise VcellError(f"{path}: no column {col!r} (columns: {preview(table.columns, 8)}); "
+                             f"the counts table needs {pert_col!r} and {counts_col!r}")
+    n = pd.to_numeric(table[counts_col], errors="coerce")
+    bad = n.isna() | (n < 0) | (n != n.round())
+    if bad.any():
+        raise VcellError(f"{path}: column {counts_col!r} holds {table[counts_col][bad].iloc[0]!r}; cell counts are whole numbers >= 0")
+    return table
 
 
 def build_cell_mean_baseline(

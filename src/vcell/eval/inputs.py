@@ -17,14 +17,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from vcell.data.validate import scan_matrix
-from vcell.errors import VcellError, preview
+from vcell.data.validate import check_expression
+from vcell.errors import VcellError, did_you_mean, preview
 
 log = logging.getLogger(__name__)
 
 INPUT_TYPES = ("auto", "log1p", "counts")
-FRACTION_EPS = 1e-3  # a value counts as fractional when its fractional part exceeds this (as cell-eval)
-MAX_LOG1P = 15.0  # log1p data at or above this is rejected as mislabelled counts (as cell-eval)
 
 
 @dataclass
@@ -45,41 +43,26 @@ class EvalPair:
         return self.real.var_names
 
 
-def _check_values(adata: ad.AnnData, where: str, input_type: str) -> str:
-    """Reject NaN/inf/negatives; decide (or check the declared) type: 'log1p' or 'counts'."""
-    stats = scan_matrix(adata.X, frac_eps=FRACTION_EPS)
-    if stats.nan is not None:
-        r, c = stats.nan
-        raise VcellError(f"{where}: X contains NaN or infinite values (first at cell {adata.obs_names[r]!r}, gene {adata.var_names[c]!r})")
-    if stats.negative is not None:
-        r, c, v = stats.negative
-        raise VcellError(f"{where}: X contains negative values (first {v:g} at cell {adata.obs_names[r]!r}, gene {adata.var_names[c]!r}); expected log1p expression")
-    fractional, hi = stats.has_fraction, stats.max_value
-    found = "log1p" if fractional else "counts"
-    if input_type == "log1p" and found == "counts":
-        raise VcellError(f"{where}: --input-type log1p but every value is an integer (max {hi:g}): these look like raw counts; pass --input-type counts")
-    if input_type == "counts" and found == "log1p":
-        raise VcellError(f"{where}: --input-type counts but X has non-integer values: pass --input-type log1p")
-    if found == "log1p" and hi >= MAX_LOG1P:
-        raise VcellError(
-            f"{where}: X has values up to {hi:g}, out of the log1p range [0, {MAX_LOG1P:g}): raw counts that are not integers, "
-            "or another scale; give log1p(normalised counts) or integer counts"
-        )
-    if input_type == "auto":
-        why = "non-integer values, max below 15" if fractional else "every value is an integer"
-        log.info("%s: input type inferred as %s (%s); pass --input-type to declare it", where, found, why)
-    return found
+def _check_values(adata: ad.AnnData, where: str, input_type: str, option: str = "--expression") -> str:
+    """Reject NaN/inf/negatives; decide (or check the declared) type: 'log1p' or 'counts'.
+
+    The rules are the data layer's (:func:`~vcell.data.validate.check_expression`) with cell-eval's
+    thresholds: the type is decided from the values alone, log1p data must stay below 15.
+    """
+    declared = None if input_type == "auto" else input_type
+    return check_expression(adata, declared, where, option=option, cell_eval=True).type
 
 
-def to_log1p(adata: ad.AnnData, where: str, input_type: str = "auto") -> ad.AnnData:
+def to_log1p(adata: ad.AnnData, where: str, input_type: str = "auto", option: str = "--expression") -> ad.AnnData:
     """Check values (see :func:`check_pair`) and bring counts to log1p as cell-eval does.
 
     log1p input is returned as is; counts get normalize_total (median library size) + log1p,
-    on a copy (the caller's object is never modified).
+    on a copy (the caller's object is never modified). ``option`` names the option that declares
+    ``input_type`` in messages.
     """
     if input_type not in INPUT_TYPES:
-        raise VcellError(f"--input-type {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
-    if _check_values(adata, where, input_type) == "log1p":
+        raise VcellError(f"{option} {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
+    if _check_values(adata, where, input_type, option) == "log1p":
         return adata
     import scanpy as sc  # only needed for counts input; slow to import
 
@@ -92,13 +75,28 @@ def to_log1p(adata: ad.AnnData, where: str, input_type: str = "auto") -> ad.AnnD
     return adata
 
 
-def _perturbations(adata: ad.AnnData, pert_col: str, where: str) -> pd.Series:
+def perturbation_labels(adata: ad.AnnData, pert_col: str, where: str, control: str | None = None) -> pd.Series:
+    """Each cell's perturbation label, as strings.
+
+    A missing column (with the file's columns and a did-you-mean), unlabelled cells and, when
+    ``control`` is given, a control label absent from the column are one-line errors naming ``where``.
+    """
     if pert_col not in adata.obs.columns:
-        raise VcellError(f"{where}: perturbation column {pert_col!r} not found in .obs (columns: {preview(adata.obs.columns, 10, quote=False)})")
+        raise VcellError(
+            f"{where}: perturbation column {pert_col!r} not found in .obs{did_you_mean(pert_col, adata.obs.columns)} "
+            f"(columns: {preview(adata.obs.columns, 10, quote=False)}); pass --pert-col"
+        )
     labels = adata.obs[pert_col]
     if labels.isna().any():
         raise VcellError(f"{where}: column {pert_col!r} has {int(labels.isna().sum())} cells without a perturbation label")
-    return labels.astype(str)
+    labels = labels.astype(str)
+    if control is not None and control not in set(labels):
+        values = labels.value_counts().index
+        raise VcellError(
+            f"{where}: control label {control!r} not found in column {pert_col!r}{did_you_mean(control, values)} "
+            f"(most common: {preview(values, 5)}); pass --control"
+        )
+    return labels
 
 
 def check_structure(
@@ -114,12 +112,11 @@ def check_structure(
     Returns the perturbations (control excluded, sorted) and whether pred's genes must be
     reordered to the real order.
     """
-    real_perts = _perturbations(real, pert_col, real_name)
-    pred_perts = _perturbations(pred, pert_col, pred_name)
-    for labels, where in ((real_perts, real_name), (pred_perts, pred_name)):
-        if control not in set(labels):
-            raise VcellError(f"{where}: control label {control!r} not found in column {pert_col!r}")
+    real_perts = perturbation_labels(real, pert_col, real_name, control)
+    pred_perts = perturbation_labels(pred, pert_col, pred_name, control)
     for adata, where in ((real, real_name), (pred, pred_name)):
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise VcellError(f"{where}: no data ({adata.n_obs} cells x {adata.n_vars} genes)")
         if not adata.var_names.is_unique:
             dup = adata.var_names[adata.var_names.duplicated()].unique()
             raise VcellError(f"{where}: duplicated gene names ({preview(dup, quote=False)})")
@@ -139,21 +136,30 @@ def check_structure(
     wanted = [p for p in pd.unique(real_perts) if p != control]
     have = set(pred_perts)
     missing_perts = [p for p in wanted if p not in have]
+    extra_perts = sorted(set(pred_perts) - set(real_perts))
+    if missing_perts and extra_perts:  # a misspelled label: name it first, with what it may have meant
+        hints = [f"{e!r}{did_you_mean(e, missing_perts, n=1)}" for e in extra_perts[:3]]
+        raise VcellError(
+            f"{pred_name}: unknown perturbation label(s) {'; '.join(hints)} ({len(extra_perts)} not in {real_name}); "
+            f"{len(missing_perts)} perturbation(s) of {real_name} missing from the prediction ({preview(missing_perts, quote=False)})"
+        )
     if missing_perts:
         raise VcellError(f"{pred_name}: {len(missing_perts)} perturbation(s) of {real_name} missing from the prediction ({preview(missing_perts, quote=False)})")
-    extra_perts = sorted(set(pred_perts) - set(real_perts))
     if extra_perts:
-        raise VcellError(f"{pred_name}: {len(extra_perts)} perturbation(s) not in {real_name} ({preview(extra_perts, quote=False)})")
+        raise VcellError(f"{pred_name}: {len(extra_perts)} perturbation(s) not in {real_name} ({preview(extra_perts, quote=False)}); "
+                         f"predict only the perturbations of {real_name} (`vcell predict --perturbations data`)")
     return sorted(wanted), reorder
 
 
-def prepare(adata: ad.AnnData, where: str, input_type: str = "auto", genes: pd.Index | None = None) -> ad.AnnData:
+def prepare(
+    adata: ad.AnnData, where: str, input_type: str = "auto", genes: pd.Index | None = None, option: str = "--expression"
+) -> ad.AnnData:
     """One side, ready to score: in memory, genes in ``genes`` order (if given), log1p, values checked."""
     if genes is not None and not adata.var_names.equals(genes):
         adata = adata[:, genes]
     if adata.isbacked or adata.is_view:
         adata = adata.to_memory() if adata.isbacked else adata.copy()
-    return to_log1p(adata, where, input_type)
+    return to_log1p(adata, where, input_type, option)
 
 
 def check_pair(
@@ -164,11 +170,15 @@ def check_pair(
     input_type: str = "auto",
     pred_name: str = "pred",
     real_name: str = "real",
+    option: str = "--expression",
 ) -> EvalPair:
-    """Check a prediction against the truth and bring both to log1p with the same gene order."""
+    """Check a prediction against the truth and bring both to log1p with the same gene order.
+
+    ``input_type`` (``auto``, ``log1p`` or ``counts``) is declared by ``option`` in messages.
+    """
     if input_type not in INPUT_TYPES:
-        raise VcellError(f"--input-type {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
+        raise VcellError(f"{option} {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
     perts, reorder = check_structure(pred, real, pert_col, control, pred_name, real_name)
-    real = prepare(real, real_name, input_type)
-    pred = prepare(pred, pred_name, input_type, real.var_names if reorder else None)
+    real = prepare(real, real_name, input_type, option=option)
+    pred = prepare(pred, pred_name, input_type, real.var_names if reorder else None, option)
     return EvalPair(real=real, pred=pred, pert_col=pert_col, control=control, perturbations=perts)

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from vcell.data.io import atomic_path, check_output_path, read_h5ad
+from vcell.data.io import atomic_path, check_output_path, read_h5ad, temp_prefix
 from vcell.errors import VcellError, did_you_mean, preview
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,8 @@ def zstd_compress(src: str | os.PathLike, dst: str | os.PathLike, level: int = Z
 def _write_archive(minimal: ad.AnnData, out: Path, level: int) -> None:
     """Write the ``.vcc`` tar for ``minimal`` atomically at ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".vcell-prep-", dir=out.parent) as tmp:
+    # named as every vcell temporary (.NAME.PID-XXXXXXXX.tmp) so a rerun removes it if this run is killed
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(out), suffix=".tmp", dir=out.parent) as tmp:
         tmp = Path(tmp)
         h5ad = tmp / "pred.h5ad"
         minimal.write_h5ad(h5ad)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vcell.errors import VcellError
+from vcell.errors import VcellError, did_you_mean
 from vcell.eval.metrics import DEData, ExpressionData, MetricUndefined, get_metric
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,17 @@ def profile_metrics(profile: str | Sequence[str]) -> list[str]:
     for name in names:
         get_metric(name)  # a one-line error for an unknown name
     return list(names)
+
+
+def selected_metrics(profile: str | Sequence[str], skip: Sequence[str] = ()) -> list[str]:
+    """The metrics of ``profile`` without those in ``skip``; a name in ``skip`` that the profile does
+    not have is a one-line error (with a did-you-mean), not silently ignored."""
+    names = profile_metrics(profile)
+    unknown = [s for s in skip if s not in names]
+    if unknown:
+        raise VcellError(f"--skip-metrics {unknown[0]!r}: not a metric of the {profile!r} profile"
+                         f"{did_you_mean(unknown[0], names)} (its metrics: {', '.join(names)})")
+    return [n for n in names if n not in set(skip)]
 
 
 def compute_results(

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vcell.data.io import atomic_path, atomic_paths, read_h5ad, read_h5ad_mapped
+from vcell.data.io import atomic_path, atomic_paths, check_output_dir, read_h5ad, read_h5ad_mapped
 from vcell.errors import VcellError
 from vcell.eval.de import COLUMNS, DEResult, de_arrays
 from vcell.eval.inputs import INPUT_TYPES, EvalPair, check_structure, prepare
@@ -31,7 +31,7 @@ from vcell.eval.metrics import (
     get_metric,
     pseudobulk,
 )
-from vcell.eval.profiles import compute_results, profile_metrics
+from vcell.eval.profiles import compute_results, selected_metrics
 from vcell.eval.scoring import agg_results, write_csv
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def score_summaries(
 
 def evaluate(pair: EvalPair, profile: str = "vcc", threads: int = 2, skip: tuple[str, ...] = ()) -> EvalResult:
     """Score a checked, in-memory prediction against the truth with a metric profile (cell-eval's numbers)."""
-    names = [n for n in profile_metrics(profile) if n not in set(skip)]
+    names = selected_metrics(profile, skip)
     need_de, need_energy = _needs(names)
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -223,6 +223,10 @@ def write_outputs(result: EvalResult, out: str | os.PathLike, prefix: str | None
     return written
 
 
+#: Every file ``vcell eval run`` may write into its output folder.
+OUTPUT_NAMES = ("results.csv", "agg_results.csv", "real_de.csv", "pred_de.csv")
+
+
 def run(
     pred: str | os.PathLike,
     real: str | os.PathLike,
@@ -234,16 +238,22 @@ def run(
     input_type: str = "auto",
     backed: bool = False,
     skip: tuple[str, ...] = (),
+    overwrite: bool = False,
+    option: str = "--expression",
 ) -> tuple[EvalResult, list[Path]]:
     """Load, check, evaluate and write: the whole of ``vcell eval run``.
 
-    The structure of both files is checked first from their ``obs``/``var`` alone; then each
-    side is read, checked, summarised and released in turn, so only one matrix is in memory
-    at a time. Nothing is written unless everything succeeded.
+    The output folder is checked first (writable; results of an earlier run there are replaced
+    only with ``overwrite``, and then those this run does not write are removed too). The
+    structure of both files is checked next from their ``obs``/``var`` alone; then each side is
+    read, checked, summarised and released in turn, so only one matrix is in memory at a time.
+    Nothing is written unless everything succeeded. ``option`` is how messages name the option
+    that declares ``input_type`` (the command line's spelling).
     """
     if input_type not in INPUT_TYPES:
-        raise VcellError(f"--input-type {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
-    names = [n for n in profile_metrics(profile) if n not in set(skip)]
+        raise VcellError(f"{option} {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
+    check_output_dir(out, list(OUTPUT_NAMES), [pred, real], overwrite=overwrite)
+    names = selected_metrics(profile, skip)
     need_de, need_energy = _needs(names)
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -264,7 +274,7 @@ def run(
             sides, writes = [], []
             for side, path, order in (("real", real, None), ("pred", pred, genes if reorder else None)):
                 t = time.perf_counter()
-                adata = prepare(read_h5ad_mapped(path, backed=backed), str(path), input_type, order)
+                adata = prepare(read_h5ad_mapped(path, backed=backed), str(path), input_type, order, option)
                 timings[f"load {Path(path).name}"] = time.perf_counter() - t
                 t = time.perf_counter()
                 sides.append(summarise(adata, pert_col, control, perturbations, need_de, need_energy, threads))
@@ -277,6 +287,8 @@ def run(
             result = _finish(sides, perturbations, genes, names, timings, tmp, writes)
     finally:
         gc.unfreeze()
+    for stale in set(OUTPUT_NAMES) - set(names_out):  # an earlier run's, replaced (--overwrite)
+        (Path(out) / stale).unlink(missing_ok=True)
     paths = [Path(out) / name for name in names_out]
     return result, paths
 

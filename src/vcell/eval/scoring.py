@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from vcell.data.io import atomic_path
-from vcell.errors import VcellError
+from vcell.errors import VcellError, preview
 from vcell.eval.metrics import REGISTRY
 from vcell.eval.profiles import PERTURBATION_COLUMN
 
@@ -80,7 +80,9 @@ def agg_results(results: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def score(user: pd.DataFrame, baseline: pd.DataFrame, statistic: str = "mean") -> pd.DataFrame:
+def score(
+    user: pd.DataFrame, baseline: pd.DataFrame, statistic: str = "mean", names: tuple[str, str] = ("the user table", "the baseline table")
+) -> pd.DataFrame:
     """Baseline-scaled score of a model's ``agg_results`` against a baseline's (VCC 2025).
 
     For each metric registered with a best value (columns such as ``de_nsig_counts_real`` are
@@ -91,13 +93,17 @@ def score(user: pd.DataFrame, baseline: pd.DataFrame, statistic: str = "mean") -
     ``avg_score``, is the mean over metrics of each column.
 
     Rows: the best-0 metrics, then the best-1 metrics, each in column order, then ``avg_score``.
+    ``names`` name the two tables in messages (their files, from the command line).
     """
-    for name, table in (("user", user), ("baseline", baseline)):
+    for name, table in zip(names, (user, baseline)):
         if STATISTIC_COLUMN not in table.columns:
-            raise VcellError(f"the {name} table has no {STATISTIC_COLUMN!r} column; pass agg_results tables, not results")
+            raise VcellError(f"{name}: no {STATISTIC_COLUMN!r} column (columns: {preview(table.columns, 8)}); "
+                             "pass agg_results.csv tables, not results.csv")
     if list(user.columns) != list(baseline.columns):
+        differ = sorted(set(user.columns) ^ set(baseline.columns))
         raise VcellError(
-            f"the user and baseline agg_results have different columns: {list(user.columns)} != {list(baseline.columns)}"
+            f"{names[0]} and {names[1]} have different columns ({preview(differ, 6) if differ else 'same names, another order'}); "
+            "score two agg_results.csv of the same profile"
         )
     stats = user[STATISTIC_COLUMN].astype(str).tolist()
     if statistic not in stats or statistic not in baseline[STATISTIC_COLUMN].astype(str).tolist():
@@ -187,7 +193,11 @@ def read_csv(
 ) -> pd.DataFrame:
     """Read a table written by cell-eval (or :func:`write_csv`), keeping null (empty field)
     distinct from NaN; numeric columns become nullable ``Float64``."""
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VcellError(f"{path}: not a CSV table ({type(exc).__name__}: {detail})") from None
     out = pd.DataFrame(index=raw.index)
     for name in raw.columns:
         column = raw[name]
@@ -195,6 +205,18 @@ def read_csv(
             out[name] = column.astype(object)
             continue
         mask = (column == "").to_numpy()
-        data = np.array([0.0 if m else float(v) for v, m in zip(column, mask)], dtype=np.float64)
+        try:
+            data = np.array([0.0 if m else float(v) for v, m in zip(column, mask)], dtype=np.float64)
+        except ValueError:
+            bad = next(v for v, m in zip(column, mask) if not m and not _is_number(v))
+            raise VcellError(f"{path}: column {name!r} holds {bad!r}, not a number") from None
         out[name] = pd.arrays.FloatingArray(data, mask)
     return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

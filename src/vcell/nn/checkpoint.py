@@ -19,6 +19,7 @@ half-written checkpoint. Nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,7 +32,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vcell._version import __version__
+from vcell.data.io import clean_leftovers, disk_size, human_size, temp_prefix
 from vcell.errors import VcellError
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"
@@ -85,19 +89,60 @@ def save_tree(obj: Any, path: Path) -> None:
     save_file(tensors, str(path), metadata={"index": json.dumps(index)})
 
 
+def _unreadable(path: Path, exc: Exception) -> VcellError:
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return VcellError(f"{path}: unreadable checkpoint file, truncated or corrupt ({detail}); "
+                      "the file is damaged: copy it again, or train again")
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``path``; a truncated or corrupt file is a one-line error naming it."""
+    path = Path(path)
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error (and OSError) for bad headers and short files
+        raise _unreadable(path, exc) from None
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> None:
+    """Open every file of a checkpoint folder (safetensors headers, which cover each file's full
+    length, and the JSON files) without reading the tensors: a truncated or corrupt file is named
+    before a run starts anything (a resumed run, before its logger writes a line)."""
+    directory = Path(directory)
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.metadata()
+        except Exception as exc:  # safetensors' own error for short files and bad headers
+            raise _unreadable(path, exc) from None
+    for path in sorted(directory.glob("*.json")):
+        try:
+            json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _unreadable(path, exc) from None
+
+
 def load_tree(path: Path) -> Any:
-    """What :func:`save_tree` wrote to ``path``."""
-    with safe_open(str(path), framework="pt") as f:
-        index = json.loads(f.metadata()["index"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return decode_tree(index, tensors)
+    """What :func:`save_tree` wrote to ``path`` (one-line error naming a truncated or corrupt file)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            index = json.loads(f.metadata()["index"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return decode_tree(index, tensors)
+    except Exception as exc:  # corrupt header, short file, missing or bad index, dangling tensor reference
+        raise _unreadable(path, exc) from None
 
 
 def write_dir(target: Path, write) -> Path:
-    """Run ``write(tmp_dir)`` and move the result onto ``target`` (replacing it)."""
+    """Run ``write(tmp_dir)`` and move the result onto ``target`` (replacing it).
+
+    ``tmp_dir`` is ``.NAME.PID-XXXXXXXX.tmp`` beside ``target``; what an interrupted earlier write
+    of ``target`` left is removed first (:func:`recover_checkpoint_dir`).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    recover_checkpoint_dir(target)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         write(tmp)
         umask = os.umask(0o022)
@@ -109,7 +154,7 @@ def write_dir(target: Path, write) -> Path:
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the usual directory mode
         old = None
         if target.exists():
-            old = target.parent / f".{target.name}.old"
+            old = _old_dir(target)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
         os.replace(tmp, target)
@@ -120,10 +165,42 @@ def write_dir(target: Path, write) -> Path:
     return target
 
 
+def _old_dir(directory: Path) -> Path:
+    """Where :func:`write_dir` keeps the previous version of ``directory`` between its two renames."""
+    return directory.parent / f".{directory.name}.old"
+
+
+def recover_checkpoint_dir(directory: str | os.PathLike) -> int:
+    """Tidy what an interrupted :func:`write_dir` of ``directory`` left; returns the bytes removed.
+
+    Temporary folders (``.NAME.PID-XXXXXXXX.tmp`` of processes no longer running) are removed. The
+    previous version kept as ``.NAME.old`` is put back when ``directory`` is missing (the writer
+    died between its two renames), and removed when ``directory`` is there. Each action is logged.
+    """
+    directory = Path(directory)
+    removed = clean_leftovers(directory)
+    old = _old_dir(directory)
+    if old.is_dir():
+        if directory.exists():
+            size = disk_size(old)
+            shutil.rmtree(old, ignore_errors=True)
+            removed += size
+            log.warning("removed %s (%s): the previous version of %s an interrupted write left", old.name, human_size(size), directory)
+        else:
+            os.replace(old, directory)
+            log.warning("restored %s from %s: a write of it was interrupted", directory, old.name)
+    return removed
+
+
+def checkpoint_bytes(directory: str | os.PathLike) -> int:
+    """Bytes on disk of a checkpoint (or run) folder."""
+    return disk_size(resolve_checkpoint_dir(directory))
+
+
 def resolve_checkpoint_dir(directory: str | os.PathLike) -> Path:
     """``directory``, or the previous version kept beside it if a writer died between its two renames."""
     directory = Path(directory)
-    old = directory.parent / f".{directory.name}.old"
+    old = _old_dir(directory)
     if not directory.exists() and old.is_dir():
         return old
     return directory
@@ -140,9 +217,12 @@ def read_config(directory: Path) -> dict:
         if not (directory / name).is_file():
             raise VcellError(f"{directory}: not a vcell checkpoint (missing {name})")
     try:
-        return json.loads((directory / CONFIG).read_text())
-    except json.JSONDecodeError as exc:
+        meta = json.loads((directory / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise VcellError(f"{directory / CONFIG}: unreadable JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise VcellError(f"{directory / CONFIG}: not a vcell checkpoint config (no 'model' mapping of sizes)")
+    return meta
 
 
 def checkpoint_kind(meta: dict) -> str:
@@ -181,12 +261,32 @@ def load_model(directory: str | os.PathLike, kind: str, build: Callable[[dict], 
     meta = read_config(directory)
     if checkpoint_kind(meta) != kind:
         raise VcellError(f"{directory}: holds a {checkpoint_kind(meta).upper()} model, not a {MODEL_NAMES.get(kind, kind)} model")
-    model = build(meta["model"])
     try:
-        model.load_state_dict(load_file(str(directory / WEIGHTS)))
-    except RuntimeError as exc:
-        raise VcellError(f"{directory / WEIGHTS}: weights do not match the config ({str(exc).splitlines()[0]})") from None
+        model = build(meta["model"])
+    except VcellError as exc:
+        raise VcellError(f"{directory / CONFIG}: {exc}") from None
+    weights = read_tensors(directory / WEIGHTS)
+    check_weights(model.state_dict(), weights, directory)
+    model.load_state_dict(weights)
     return model.eval(), meta
+
+
+def check_weights(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], directory: Path) -> None:
+    """One complete line naming the first parameter whose presence or shape differs between ``weights``
+    (the checkpoint's file) and ``expected`` (the model its ``config.json`` builds), with both shapes."""
+    problems = []
+    for name, tensor in expected.items():
+        if name not in weights:
+            problems.append(f"parameter {name!r} {list(tensor.shape)} of the config's model is missing from the weights")
+        elif tuple(weights[name].shape) != tuple(tensor.shape):
+            problems.append(f"parameter {name!r} has shape {list(weights[name].shape)} in the weights "
+                            f"but {list(tensor.shape)} in the model {CONFIG} describes")
+    problems += [f"the weights hold {name!r} {list(weights[name].shape)}, which the config's model has not"
+                 for name in weights if name not in expected]
+    if problems:
+        more = f" (and {len(problems) - 1} more difference(s))" if len(problems) > 1 else ""
+        raise VcellError(f"{directory / WEIGHTS}: weights do not match {directory / CONFIG}: {problems[0]}{more}; "
+                         f"was {CONFIG} edited, or copied from another model?")
 
 
 def write_checkpoint(

@@ -1,39 +1,127 @@
 """What the model config dataclasses (``STConfig``, ``SEConfig``) share: a dict round trip that
-names unknown or missing fields, named presets, and one-line checks of field values."""
+names unknown or missing fields, named presets, and one-line checks of field values.
+
+:func:`field_values` checks values against a dataclass's field types; it is the one type check of
+every config a user writes (model configs here, run options in :mod:`vcell.train.options`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from vcell.errors import VcellError
+
+
+def _yaml_error(exc) -> str:
+    """A YAML error in one line, with the line and column it points at."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
 
 
 def read_config_file(path: str | os.PathLike, what: str = "config") -> dict:
     """A mapping from a YAML or JSON file (``.json``: JSON, else YAML); an empty file is ``{}``.
 
-    Every way this can fail (missing file, syntax error with its line, not a mapping) is a
-    one-line error naming the file.
+    Every way this can fail (missing or unreadable file, syntax error with its line, not a
+    mapping) is a one-line error naming the file.
     """
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise VcellError(f"{path}: {what} file not found")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VcellError(f"{path}: unreadable {what} ({type(exc).__name__}: {exc})") from None
     try:
         values = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise VcellError(f"{path}: unreadable {what} ({str(exc).splitlines()[0]})") from None
+    except json.JSONDecodeError as exc:
+        raise VcellError(f"{path}: unreadable {what} (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except yaml.YAMLError as exc:
+        raise VcellError(f"{path}: unreadable {what} ({_yaml_error(exc)})") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise VcellError(f"{path}: the {what} must be a mapping of names to values")
     return values
+
+
+def _describe(kind: Any) -> str:
+    """A field type in words, for messages."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(kind))
+    if typing.get_origin(kind) in (list, tuple):
+        return f"a list, each item {_describe(typing.get_args(kind)[0])}"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    return names.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+_NO = object()
+
+
+def _coerce(value: Any, kind: Any) -> Any:
+    """``value`` as field type ``kind`` (an int where a number goes, a number where a string goes, as
+    YAML reads ``32`` for ``precision: 32``), or ``_NO`` when it is not one."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(kind):
+            out = _coerce(value, arg)
+            if out is not _NO:
+                return out
+        return _NO
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return _NO
+        items = [_coerce(v, typing.get_args(kind)[0]) for v in value]
+        return _NO if any(i is _NO for i in items) else origin(items)
+    if kind is type(None):
+        return None if value is None else _NO
+    if kind is bool:
+        return value if isinstance(value, bool) else _NO
+    if isinstance(value, bool):
+        return _NO
+    if kind is int:
+        return value if isinstance(value, int) else _NO
+    if kind is float:
+        return float(value) if isinstance(value, (int, float)) else _NO
+    if kind is str:
+        return value if isinstance(value, str) else (str(value) if isinstance(value, (int, float)) else _NO)
+    return value  # a type this check does not know: left to the class's own checks
+
+
+def field_values(cls, values: Mapping, what: str) -> dict:
+    """``values`` checked against the field types of the dataclass ``cls`` (ints, numbers, strings,
+    booleans, lists, ``X | None``), with ints made floats where a number goes.
+
+    A value of the wrong type is a one-line :class:`VcellError` naming ``what``, the key and the
+    value; names that are not fields are left for the caller to report.
+    """
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for f in fields(cls):
+        if f.name not in out or f.name not in hints:
+            continue
+        value = _coerce(out[f.name], hints[f.name])
+        if value is _NO:
+            hint = ""
+            if isinstance(out[f.name], str) and hints[f.name] in (float, int, float | None, int | None):
+                try:
+                    float(out[f.name])
+                    hint = " (YAML reads 1e-4 as a string: write 1.0e-4)" if "e" in out[f.name].lower() else " (remove the quotes)"
+                except ValueError:
+                    pass
+            raise VcellError(f"{what}: {f.name} must be {_describe(hints[f.name])}, got {out[f.name]!r}{hint}")
+        out[f.name] = value
+    return out
 
 
 class ModelConfig:
@@ -66,7 +154,7 @@ class ModelConfig:
         missing = sorted(n for n in cls.REQUIRED if n not in values)
         if missing:
             raise VcellError(f"{cls.KIND} config: missing required field(s) {', '.join(missing)}")
-        return cls(**values)
+        return cls(**field_values(cls, values, f"{cls.KIND} config"))
 
     @classmethod
     def preset_values(cls, preset: str, overrides: Mapping | None = None) -> dict:
@@ -87,8 +175,14 @@ class ModelConfig:
 
         Data sizes are filled in when the model is built; ``path=None`` gives the preset alone.
         """
-        overrides = read_config_file(path, f"{cls.KIND} config") if path is not None else {}
-        return cls.preset_values(preset, overrides)
+        base = cls.preset_values(preset)  # an unknown --preset is named before the file is read
+        if path is None:
+            return base
+        overrides = read_config_file(path, f"{cls.KIND} config")
+        try:
+            return cls.preset_values(preset, overrides)
+        except VcellError as exc:
+            raise VcellError(f"{path}: {exc}") from None
 
     @classmethod
     def preset(cls, name: str, **overrides):

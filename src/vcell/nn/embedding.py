@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -308,11 +309,12 @@ def match_genes(var_names, vocab: dict[str, int], where: str) -> tuple[np.ndarra
 
 @torch.no_grad()
 def embed_adata(model: StateEmbedding, meta: dict, adata, expression: str, batch_size: int = 64, seed: int = 0,
-                where: str = "data") -> tuple[np.ndarray, list[str]]:
+                where: str = "data", progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[str]]:
     """``(cell embeddings [n_cells, emb_dim], genes missing from the vocabulary)`` of an in-memory AnnData.
 
     Sentences are tokenised without masking; padding genes of cell ``i`` are drawn with ``(seed, i)``,
-    so results do not depend on ``batch_size``.
+    so results do not depend on ``batch_size``. ``progress`` is called with the number of cells
+    embedded after each batch (e.g. to advance a progress bar).
     """
     vocab = {g: i for i, g in enumerate(meta["genes"])}
     columns, ids, missing = match_genes(adata.var_names, vocab, where)
@@ -326,4 +328,6 @@ def embed_adata(model: StateEmbedding, meta: dict, adata, expression: str, batch
         tok = tokenize(values[:, columns], ids, n_slots, 0, [np.random.default_rng([seed, int(i)]) for i in idx])
         emb = model(torch.as_tensor(tok["genes"], device=device), torch.as_tensor(tok["values"], device=device))
         out[idx] = emb.float().cpu().numpy()
+        if progress is not None:
+            progress(len(idx))
     return out, missing

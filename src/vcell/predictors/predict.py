@@ -82,7 +82,8 @@ def _perturbations(
     if isinstance(which, str) and which.strip().lower() == "data":
         codes = index.pert_codes[in_ctx & ~index.is_control]
         if not len(codes):
-            raise VcellError(f"{where}: context {context!r} has no perturbed cells to take the perturbations from")
+            raise VcellError(f"{where}: context {context!r} has no perturbed cells to take the perturbations from; "
+                             "predict every perturbation the model was trained on ('all', `--perturbations all`) or name them")
         labels = pd.Series(index.perts[codes].astype(str))
         counts = labels.value_counts(sort=False)
         return [str(p) for p in labels.unique()], {str(p): int(n) for p, n in counts.items()}

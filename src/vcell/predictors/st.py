@@ -27,13 +27,13 @@ from vcell.data.cellsets import collate_cell_sets
 from vcell.data.dataset import PerturbationData, obsm_matrix
 from vcell.data.spec import DataSpec, split_combo
 from vcell.data.splits import Split
-from vcell.errors import VcellError, preview
+from vcell.errors import VcellError, did_you_mean, preview
 from vcell.nn.checkpoint import BEST, LAST, find_checkpoint
 from vcell.nn.precision import autocast, half_dtype
 from vcell.nn.transition import StateTransition, STConfig, pert_features
 from vcell.predictors.base import Predictor, cell_count, dense
+from vcell.train.display import task
 from vcell.train.options import STTrainOptions, on_cpu
-from vcell.train.st import train_st
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ class STPredictor(Predictor):
             self._tmp = tempfile.TemporaryDirectory(prefix="vcell-st-")
             out = Path(self._tmp.name)
         values = STConfig.preset_values(self.preset, self.config_overrides)
+        from vcell.train.st import train_st  # Lightning: imported when training, not to predict
+
         train_st(data, split, out, values, self.options, resume=self.resume, embed_key=self.train_embed_key)
         return self.load(find_checkpoint(out, self.checkpoint))
 
@@ -205,7 +207,7 @@ class STPredictor(Predictor):
             if unknown or not split_combo(str(p)):
                 raise VcellError(
                     f"unknown perturbation {str(p)!r}: target(s) {preview(unknown or [p])} not among the "
-                    f"model's {len(vocab)} trained perturbation targets"
+                    f"model's {len(vocab)} trained perturbation targets{did_you_mean((unknown or [p])[0], vocab)}"
                 )
 
     def _device(self) -> torch.device:
@@ -256,7 +258,8 @@ class STPredictor(Predictor):
         # go back to job order (padding never changes a real cell's output: keys are masked).
         order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][1]))
         preds: list[np.ndarray | None] = [None] * len(jobs)
-        with torch.no_grad(), autocast(device, self.options.precision):
+        where = f" {context}" if context else ""
+        with torch.no_grad(), autocast(device, self.options.precision), task(f"predicting{where}", len(jobs), "sets") as line:
             for start in range(0, len(order), bs):
                 part = order[start:start + bs]
                 batch = collate_cell_sets([self._set_item(jobs[j], basal, genes if key is not None else None) for j in part])
@@ -267,6 +270,7 @@ class STPredictor(Predictor):
                 pred = pred.float().cpu().numpy()
                 for k, j in enumerate(part):
                     preds[j] = np.clip(pred[k, :len(jobs[j][1])], 0, None)
+                line.advance(len(part))
         out: dict[str, list[np.ndarray]] = {str(p): [] for p in perturbations}
         for (i, _), block in zip(jobs, preds):
             out[str(perturbations[i])].append(block)

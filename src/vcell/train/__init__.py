@@ -10,6 +10,8 @@ from vcell._lazy import lazy_exports
 _EXPORTS = {
     ".options": ["SETrainOptions", "STTrainOptions", "TrainOptions", "check_run_options"],
     ".trainer": ["make_trainer"],
+    ".display": ["show_progress"],
+    ".progress": ["last_run"],
     ".se": ["train_se"],
     ".st": ["train_st"],
 }

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import CheckpointIO
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vcell.errors import VcellError
 from vcell.nn.checkpoint import (
@@ -33,6 +33,7 @@ from vcell.nn.checkpoint import (
     encode_tree,
     load_tree,
     read_config,
+    read_tensors,
     resolve_checkpoint_dir,
     save_tree,
     write_checkpoint,
@@ -73,10 +74,18 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[StateTransition, obje
     return model, model.config, meta, optimizer_state
 
 
+def _read_json(path: Path) -> Any:
+    """A checkpoint's JSON file; a truncated or corrupt one is a one-line error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VcellError(f"{path}: unreadable checkpoint file, truncated or corrupt ({exc})") from None
+
+
 def _trainer_state(path: Path) -> dict:
     """Lightning's loop/callback state of a checkpoint folder (tensors restored)."""
     if (path / TRAINER_STATE).is_file() and (path / STATE).is_file():
-        return decode_tree(json.loads((path / TRAINER_STATE).read_text()), load_file(str(path / STATE)))
+        return decode_tree(_read_json(path / TRAINER_STATE), read_tensors(path / STATE))
     if (path / STATE).is_file():  # SE checkpoints of vcell <= 0.1 kept the JSON index in the file's metadata
         return load_tree(path / STATE)
     raise VcellError(f"{path}: checkpoint has no trainer state ({TRAINER_STATE}); it cannot resume training")
@@ -94,9 +103,13 @@ class SafetensorsCheckpointIO(CheckpointIO):
         self.kind = kind
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        """Write ``checkpoint`` as a folder at ``path``; ``storage_options={"optimizer": False}`` leaves
+        the optimiser state out (a checkpoint for inference, or a smaller ``last/``)."""
         rest = dict(checkpoint)
         state_dict = rest.pop("state_dict")
         optimizer_states = rest.pop("optimizer_states", [])
+        if not (storage_options or {}).get("optimizer", True):
+            optimizer_states = []
         meta = rest.pop(META_KEY, None)
         if meta is None:
             raise VcellError("checkpoint has no vcell metadata (the LightningModule must add it in on_save_checkpoint)")
@@ -122,7 +135,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
         if checkpoint_kind(meta) != self.kind:
             raise VcellError(f"{path}: holds a {checkpoint_kind(meta).upper()} model; this run trains {self.kind.upper()}")
         checkpoint = _trainer_state(path)
-        checkpoint["state_dict"] = {MODEL_PREFIX + k: v for k, v in load_file(str(path / WEIGHTS)).items()}
+        checkpoint["state_dict"] = {MODEL_PREFIX + k: v for k, v in read_tensors(path / WEIGHTS).items()}
         checkpoint["optimizer_states"] = [load_tree(path / OPTIMIZER)] if (path / OPTIMIZER).is_file() else []
         checkpoint[META_KEY] = meta
         return checkpoint
@@ -135,19 +148,26 @@ class RunCheckpoints(Callback):
     """Writes ``last/`` every ``every_n_steps`` steps and at the end, ``best/`` on a lower ``val_loss``
     (runs without validation write ``last/`` only).
 
+    Only ``last/`` (what ``--resume`` continues from) keeps the optimiser state, and only with
+    ``save_optimizer``; ``best/`` is for inference and holds none (a third of the size with Adam).
+
     Under DDP every rank calls ``trainer.save_checkpoint`` at the same points (it is collective:
     the RNG states are gathered) and only rank 0 writes.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, every_n_steps: int = 100):
+    def __init__(self, out_dir: str | os.PathLike, every_n_steps: int = 100, save_optimizer: bool = True):
         if every_n_steps < 1:
             raise VcellError(f"checkpoint interval must be >= 1 step, got {every_n_steps}")
-        self.out_dir, self.every_n_steps = Path(out_dir), every_n_steps
+        self.out_dir, self.every_n_steps, self.save_optimizer = Path(out_dir), every_n_steps, bool(save_optimizer)
         self.best: float | None = None
+
+    def save_last(self, trainer) -> None:
+        """Write ``last/`` at the current step (with the optimiser state when ``save_optimizer``)."""
+        trainer.save_checkpoint(self.out_dir / LAST, weights_only=False, storage_options={"optimizer": self.save_optimizer})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps == 0:
-            trainer.save_checkpoint(self.out_dir / LAST, weights_only=False)
+            self.save_last(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics:
@@ -155,10 +175,10 @@ class RunCheckpoints(Callback):
         val = float(trainer.callback_metrics["val_loss"])
         if self.best is None or val < self.best:
             self.best = val
-            trainer.save_checkpoint(self.out_dir / BEST, weights_only=False)
+            trainer.save_checkpoint(self.out_dir / BEST, weights_only=False, storage_options={"optimizer": False})
 
     def on_train_end(self, trainer, pl_module) -> None:
-        trainer.save_checkpoint(self.out_dir / LAST, weights_only=False)
+        self.save_last(trainer)
 
     def state_dict(self) -> dict:
         return {"best": self.best}

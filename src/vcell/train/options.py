@@ -16,6 +16,7 @@ from typing import Any
 
 from vcell.data.spec import CONTROL_STRATEGIES, DEFAULT_SET_SIZE
 from vcell.errors import VcellError
+from vcell.nn.config import field_values
 from vcell.nn.precision import check_precision
 
 STRATEGIES = ("auto", "ddp")
@@ -47,6 +48,9 @@ class TrainOptions:
         Log the loss every this many steps.
     grad_clip
         Clip the gradient norm to this value (``0``: no clipping).
+    save_optimizer
+        Keep the optimiser state in ``last/`` (needed to resume; about twice the weights' size
+        with Adam). ``best/`` never holds it.
     """
 
     max_steps: int = 300
@@ -62,6 +66,7 @@ class TrainOptions:
     checkpoint_every: int = 100
     log_every: int = 10
     grad_clip: float = 10.0
+    save_optimizer: bool = True
 
     @classmethod
     def names(cls) -> list[str]:
@@ -75,6 +80,7 @@ class TrainOptions:
         unknown = sorted(set(values) - set(cls.names()))
         if unknown:
             raise VcellError(f"unknown training option(s) {', '.join(map(repr, unknown))} (options: {', '.join(cls.names())})")
+        values = field_values(cls, values, "training option")  # `max_steps: lots` is named, not a traceback
         options = dataclasses.replace(base, **values) if base is not None else cls(**values)
         options.check()
         return options
@@ -101,6 +107,8 @@ class TrainOptions:
             raise VcellError(f"lr must be > 0, got {self.lr!r}")
         if self.grad_clip < 0:
             raise VcellError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
+        if not isinstance(self.save_optimizer, bool):
+            raise VcellError(f"save_optimizer must be true or false, got {self.save_optimizer!r}")
         check_run_options(self.accelerator, self.devices, self.num_nodes, self.strategy, self.precision, self.batch_size)
 
 

@@ -25,12 +25,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vcell.data.io import read_h5ad
 from vcell.data.rows import row_source
-from vcell.data.validate import infer_expression_type
+from vcell.data.validate import check_expression
 from vcell.errors import VcellError
+from vcell.nn.checkpoint import read_config
 from vcell.nn.embedding import SEConfig, StateEmbedding, match_genes, normalise_expression, tokenize
 from vcell.train.checkpoint import ResumableModule
+from vcell.train.display import status
 from vcell.train.options import SETrainOptions
-from vcell.train.trainer import fit_module, resume_dir
+from vcell.train.runs import check_resume, file_identity, open_run_dir
+from vcell.train.trainer import fit_module
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ class CellSource:
     columns: np.ndarray  # columns of X whose gene is in the vocabulary
     gene_ids: np.ndarray  # their vocabulary ids
     n_cells: int
+    identity: dict | None = None  # the file's identity (vcell.train.runs.file_identity), for resuming
 
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(log1p values of the vocabulary columns, log read depth)`` of ``rows``."""
@@ -62,9 +66,9 @@ def open_source(path: str | os.PathLike, vocab: dict[str, int], expression: str 
     adata = read_h5ad(path, backed=True)
     if adata.n_obs == 0:
         raise VcellError(f"{path}: the file has no cells")
-    info = infer_expression_type(adata, expression, path=path)
+    info = check_expression(adata, expression, path)  # NaN, negative or mislabelled values: one line, named
     columns, ids, _ = match_genes(adata.var_names, vocab, str(path))
-    return CellSource(path.stem, path, row_source(adata, path), info.type, columns, ids, adata.n_obs)
+    return CellSource(path.stem, path, row_source(adata, path), info.type, columns, ids, adata.n_obs, file_identity(path, adata))
 
 
 class SEBatches(Dataset):
@@ -209,7 +213,7 @@ def gene_table(paths: list[Path], genes=None, dim: int = 128, seed: int = 0, exp
     adatas = []
     for p in paths:
         adata = read_h5ad(p)
-        if infer_expression_type(adata, expression, path=p).type == "counts":
+        if check_expression(adata, expression, p).type == "counts":
             adata.uns.pop("log1p", None)
             adata = normalize_log1p(adata)
             del adata.layers["counts"]
@@ -231,6 +235,7 @@ def train_se(
     options: SETrainOptions | None = None,
     resume: bool = False,
     expression: str | None = None,
+    overwrite: bool = False,
     **option_values,
 ) -> Path:
     """Train a State Embedding model on the ``.h5ad`` files ``paths``; returns ``out_dir`` (``last/``, ``logs/``).
@@ -251,9 +256,14 @@ def train_se(
         learning-rate schedule spans ``schedule_steps`` (default ``max_steps``; on resume, the
         checkpoint's), so a run can be trained in pieces.
     resume
-        Continue from ``out_dir/last`` with the checkpoint's model sizes, gene table and learning rate.
+        Continue from ``out_dir/last`` with the checkpoint's model sizes, gene table and learning rate;
+        the files must be those it was trained on (same names, cells, genes and values, read as the
+        same expression type), any difference is refused, named.
     expression
         ``counts`` or ``log1p`` for every file; default: read from each file.
+    overwrite
+        Replace a trained run already in ``out_dir`` (without it, and without ``resume``, that is
+        refused; see :func:`~vcell.train.runs.open_run_dir`).
     """
     options = SETrainOptions.from_values(option_values, options)
     out_dir = Path(out_dir)
@@ -263,7 +273,7 @@ def train_se(
     names = [p.stem for p in paths]
     if len(set(names)) != len(names):
         raise VcellError(f"two --data files share the name {next(n for n in names if names.count(n) > 1)!r}; each file is a dataset class")
-    start = resume_dir(out_dir, resume)
+    start = open_run_dir(out_dir, resume, overwrite)
     L.seed_everything(options.seed, workers=True, verbose=False)
     lr, schedule_steps = options.lr, options.schedule_steps
     if start is not None:
@@ -276,12 +286,15 @@ def train_se(
         source = meta.get("gene_source", "checkpoint")
         schedule_steps, lr = int(meta["schedule_steps"]), float(meta["lr"])
     else:
-        table = gene_table(paths, genes, options.gene_dim, options.seed, expression)
+        what = f"reading the gene table {genes}" if genes is not None else f"deriving gene embeddings from {len(paths)} file(s)"
+        with status(what):
+            table = gene_table(paths, genes, options.gene_dim, options.seed, expression)
         vocab_names, vectors, source = list(table.names), table.vectors, table.source
         values = {**config, "n_genes": len(vocab_names), "gene_dim": int(vectors.shape[1]), "n_datasets": len(paths)}
     schedule_steps = int(schedule_steps or options.max_steps)
     vocab = {g: i for i, g in enumerate(vocab_names)}
-    sources = [open_source(p, vocab, expression) for p in paths]
+    with status(f"opening {len(paths)} training file(s)"):
+        sources = [open_source(p, vocab, expression) for p in paths]
     cfg = SEConfig.from_dict(values)
     n_slots = min(cfg.gene_slots, *(len(s.columns) for s in sources))
     if n_slots < cfg.gene_slots:
@@ -296,7 +309,10 @@ def train_se(
         "precision": options.precision,
         "devices": options.devices,
         "num_nodes": options.num_nodes,
+        "fingerprint": {"data": [s.identity for s in sources]},
     }
+    if start is not None:
+        check_resume(start, read_config(start), meta)
     module = SEModule(cfg, vectors, lr=lr, schedule_steps=schedule_steps, meta=meta)
     fit_module(module, SEDataModule(batches, options.num_workers), out_dir, options, "se", start)
     return out_dir

@@ -33,10 +33,13 @@ from vcell.data.rows import row_source
 from vcell.data.spec import split_combo
 from vcell.data.splits import Split
 from vcell.errors import VcellError
+from vcell.nn.checkpoint import read_config
 from vcell.nn.transition import StateTransition, STConfig, pert_features
 from vcell.train.checkpoint import ResumableModule
+from vcell.train.display import status
 from vcell.train.options import STTrainOptions, check_run_options
-from vcell.train.trainer import fit_module, resume_dir
+from vcell.train.runs import check_resume, open_run_dir, st_fingerprint
+from vcell.train.trainer import fit_module
 
 
 def pert_vocabulary(labels, control: str) -> list[str]:
@@ -347,6 +350,7 @@ def train_st(
     options: STTrainOptions | None = None,
     resume: bool = False,
     embed_key: str | None = None,
+    overwrite: bool = False,
     **option_values,
 ) -> Path:
     """Train a State Transition model; returns ``out_dir`` (``last/``, ``best/``, ``logs/``).
@@ -365,10 +369,15 @@ def train_st(
         go on top.
     resume
         Continue from ``out_dir/last`` (model, optimiser, step, epoch, RNG), so a run interrupted at
-        any checkpoint ends with the same weights as an uninterrupted one.
+        any checkpoint ends with the same weights as an uninterrupted one. The run must train on
+        what the checkpoint was trained on (data file, split, columns, perturbation features,
+        ``embed_key``): any difference is refused, named.
     embed_key
         Train in the cell-embedding space ``.obsm[embed_key]`` (e.g. ``vcell embed``'s SE
         embeddings) with a gene decoder back to ``X``'s genes (see :class:`STConfig`).
+    overwrite
+        Replace a trained run already in ``out_dir`` (without it, and without ``resume``, that is
+        refused; see :func:`~vcell.train.runs.open_run_dir`).
 
     Notes
     -----
@@ -377,10 +386,14 @@ def train_st(
     """
     options = STTrainOptions.from_values(option_values, options)
     out_dir = Path(out_dir)
-    start = resume_dir(out_dir, resume)
+    start = open_run_dir(out_dir, resume, overwrite)
     L.seed_everything(options.seed, workers=True, verbose=False)
     module = build_module(data, config, lr=options.lr, seed=options.seed, embed_key=embed_key)
-    dm = CellSetDataModule(data, split, options.batch_size, options.set_size, options.seed, options.control_strategy,
-                           options.num_workers, embed_key)
+    module.meta["fingerprint"] = st_fingerprint(data, split, embed_key)
+    if start is not None:
+        check_resume(start, read_config(start), module.checkpoint_meta())
+    with status("building the cell sets"):
+        dm = CellSetDataModule(data, split, options.batch_size, options.set_size, options.seed, options.control_strategy,
+                               options.num_workers, embed_key)
     fit(module, dm, out_dir, options, start)
     return out_dir

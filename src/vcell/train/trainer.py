@@ -11,10 +11,11 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from vcell.errors import VcellError
-from vcell.nn.checkpoint import LAST, resolve_checkpoint_dir
+from vcell.nn.checkpoint import verify_checkpoint
 from vcell.nn.precision import PRECISIONS
 from vcell.train.checkpoint import RunCheckpoints, SafetensorsCheckpointIO
 from vcell.train.options import TrainOptions
+from vcell.train.progress import StopTraining, TrainProgress, checkpoint_step, raise_interrupted, stop_on_interrupt
 from vcell.train.quiet import quiet_lightning
 
 
@@ -39,6 +40,7 @@ def make_trainer(options: TrainOptions, out_dir: str | os.PathLike, kind: str, v
         # Buffers (the perturbation table, the gene table) are the same on every rank; syncing them
         # in each forward would make ranks with different numbers of validation batches wait.
         strategy = DDPStrategy(forward_sync_buffers=False)
+    checkpoints = RunCheckpoints(out_dir, options.checkpoint_every, options.save_optimizer)
     try:
         return L.Trainer(
             max_steps=options.max_steps,
@@ -52,7 +54,7 @@ def make_trainer(options: TrainOptions, out_dir: str | os.PathLike, kind: str, v
             gradient_clip_val=options.grad_clip or None,
             enable_checkpointing=False,  # Lightning's checkpoints pickle; RunCheckpoints writes safetensors
             plugins=[SafetensorsCheckpointIO(kind)],
-            callbacks=[RunCheckpoints(out_dir, options.checkpoint_every)],
+            callbacks=[checkpoints, TrainProgress(out_dir, kind, checkpoints)],  # this order: see TrainProgress
             logger=CSVLogger(out_dir, name="logs"),
             reload_dataloaders_every_n_epochs=1,
             limit_val_batches=1.0 if validate else 0,
@@ -66,16 +68,6 @@ def make_trainer(options: TrainOptions, out_dir: str | os.PathLike, kind: str, v
         raise VcellError(f"devices: {str(exc).splitlines()[0]}") from None
 
 
-def resume_dir(out_dir: str | os.PathLike, resume: bool) -> Path | None:
-    """The checkpoint a run in ``out_dir`` resumes from (``None`` without ``resume``); none there is an error."""
-    if not resume:
-        return None
-    found = resolve_checkpoint_dir(Path(out_dir) / LAST)
-    if not found.is_dir():
-        raise VcellError(f"{out_dir}: nothing to resume (no {LAST}/ checkpoint)")
-    return found
-
-
 @quiet_lightning()
 def fit_module(
     module: L.LightningModule,
@@ -87,11 +79,33 @@ def fit_module(
     validate: bool = False,
 ) -> L.Trainer:
     """Train ``module`` on ``datamodule`` with :func:`make_trainer`; continue from ``resume_from`` if given."""
-    trainer = make_trainer(options, out_dir, kind, validate)
     ckpt = None
     if resume_from is not None:
         ckpt = Path(resume_from)
         if not ckpt.is_dir():
             raise VcellError(f"{ckpt}: no checkpoint to resume from")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+        check_resume_steps(ckpt, options.max_steps)
+        verify_checkpoint(ckpt)  # a damaged file is named before the trainer (and its logger) starts
+    trainer = make_trainer(options, out_dir, kind, validate)
+    progress = next(cb for cb in trainer.callbacks if isinstance(cb, TrainProgress))
+    with stop_on_interrupt(progress):
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+        except StopTraining:
+            raise_interrupted(progress, options.max_steps, trainer.is_global_zero)
+        except SystemExit:  # Lightning's answer to a KeyboardInterrupt: sys.exit(1) after its clean-up
+            if progress.killed_at is None:
+                raise
+            raise_interrupted(progress, options.max_steps, trainer.is_global_zero)
+        finally:
+            progress.close()
     return trainer
+
+
+def check_resume_steps(checkpoint: str | os.PathLike, max_steps: int) -> int:
+    """The step of ``checkpoint``; a one-line error when it is already at ``max_steps`` or beyond (nothing to train)."""
+    step = checkpoint_step(checkpoint)
+    if step is not None and step >= max_steps:
+        raise VcellError(f"{checkpoint}: the run is already at step {step} >= --max-steps {max_steps}; "
+                         f"pass a larger --max-steps to train on")
+    return step or 0

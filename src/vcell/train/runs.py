@@ -1,0 +1,273 @@
+"""Run folders: who may write into one, and whether a resumed run matches what it was trained on.
+
+A run folder (``vcell train st|se --out DIR``) holds ``last/``, ``best/`` and ``logs/``.
+:func:`open_run_dir` is the one rule for starting a run in it: an existing trained run is never
+replaced without ``overwrite`` (and then cleared before the new run writes anything, so a new run
+never sits beside an old ``best/``), ``resume`` needs a ``last/`` holding the optimiser state, and
+what an interrupted earlier run left (temporary checkpoint folders) is removed first.
+
+Every checkpoint's ``config.json`` carries a ``fingerprint`` of what the run was trained on (the
+data file's identity and, for ST, the split); :func:`check_resume` compares it, and the columns,
+genes and perturbation features, with the run being resumed, and refuses naming each difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from vcell.data.io import check_writable, clean_leftovers, human_size, temp_prefix
+from vcell.data.rows import H5Rows
+from vcell.errors import VcellError, preview
+from vcell.nn.checkpoint import BEST, CONFIG, LAST, OPTIMIZER, checkpoint_bytes, recover_checkpoint_dir, resolve_checkpoint_dir
+
+log = logging.getLogger(__name__)
+
+LOGS = "logs"
+REPLACED = "replaced-run"  # a cleared run waits in OUT/.replaced-run.PID-XXXXXXXX.tmp while it is deleted
+SAMPLE_ROWS = 16  # rows of the matrix hashed into a data file's digest
+
+
+# ------------------------------------------------------------------------------------ run folders
+
+
+def _step(directory: Path) -> str:
+    try:
+        return str(json.loads((directory / CONFIG).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
+
+
+def check_run_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path | None:
+    """The checks of :func:`open_run_dir`, changing nothing: call it before loading data.
+
+    Returns the checkpoint a ``resume`` continues from (``None`` without ``resume``).
+    """
+    out_dir = Path(out_dir)
+    if resume and overwrite:
+        raise VcellError("give --resume (continue the run in --out) or --overwrite (replace it), not both")
+    check_writable(out_dir, folder=True)
+    if resume:
+        found = resolve_checkpoint_dir(out_dir / LAST)
+        if not found.is_dir():
+            raise VcellError(f"{out_dir}: nothing to resume (no {LAST}/ checkpoint)")
+        if not (found / OPTIMIZER).is_file():
+            raise VcellError(f"{found}: cannot resume: this checkpoint was saved without the optimiser state "
+                             "(--no-save-optimizer); train into a new --out, or start again with --overwrite")
+        return found
+    trained = [name for name in (LAST, BEST) if resolve_checkpoint_dir(out_dir / name).is_dir()]
+    if trained and not overwrite:
+        where = resolve_checkpoint_dir(out_dir / trained[0])
+        raise VcellError(f"{out_dir}: already holds a trained run ({trained[0]}/ at step {_step(where)}); "
+                         "pass --resume to continue it, --overwrite to replace it, or choose another --out")
+    return None
+
+
+def open_run_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path | None:
+    """Check and prepare the run folder ``out_dir`` before any work; returns the checkpoint to resume from.
+
+    - ``out_dir`` must be (or be creatable as) a writable folder;
+    - temporary folders an interrupted run left are removed, and a checkpoint caught between its
+      two renames is put back (each logged);
+    - ``resume``: ``out_dir/last`` must exist and hold the optimiser state; it is returned;
+    - otherwise a trained run there (``last/`` or ``best/``) is refused unless ``overwrite``,
+      which clears ``last/``, ``best/`` and ``logs/`` before anything new is written.
+
+    Under DDP only rank 0 removes anything (the other ranks run this after rank 0 did).
+    """
+    out_dir = Path(out_dir)
+    check_run_dir(out_dir, resume, overwrite)  # refuse before touching anything
+    from lightning.pytorch.utilities import rank_zero_only  # not at module level: refusals come before Lightning loads
+
+    rank0 = rank_zero_only.rank == 0
+    if rank0 and out_dir.is_dir():
+        clean_leftovers(out_dir / REPLACED)
+        for name in (LAST, BEST):
+            recover_checkpoint_dir(out_dir / name)
+    start = check_run_dir(out_dir, resume, overwrite)
+    if not resume and overwrite and rank0 and any((out_dir / name).exists() for name in (LAST, BEST)):
+        _clear_run(out_dir)
+    return start
+
+
+def _clear_run(out_dir: Path) -> None:
+    """Move ``last/``, ``best/`` and ``logs/`` aside in one temporary folder, then delete it.
+
+    Each move is one rename: a run killed meanwhile leaves either the old folder or nothing under
+    each name, never a mix with the new run (which starts only after all are gone); the temporary
+    folder is removed by the next run in ``out_dir``.
+    """
+    trash = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir / REPLACED), suffix=".tmp", dir=out_dir))
+    size = 0
+    for name in (BEST, LOGS, LAST):
+        if (out_dir / name).exists():
+            size += checkpoint_bytes(out_dir / name) if name != LOGS else 0
+            os.replace(out_dir / name, trash / name)
+    shutil.rmtree(trash, ignore_errors=True)
+    log.warning("--overwrite: removed the earlier run in %s (checkpoints %s)", out_dir, human_size(size))
+
+
+# ----------------------------------------------------------------------------------- fingerprints
+
+
+def digest(*parts) -> str:
+    """A short SHA-256 of ``parts`` (arrays by dtype and bytes, label lists by their strings)."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray) and part.dtype != object:
+            h.update(str(part.dtype).encode())
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            labels = pd.Index(part if isinstance(part, pd.Index) else np.asarray(part, dtype=object)).astype(str)
+            h.update(pd.util.hash_pandas_object(labels, index=False).to_numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:20]
+
+
+def sample_rows(adata, path=None, key: str | None = None, n: int = SAMPLE_ROWS) -> np.ndarray:
+    """``n`` rows spread over ``adata.X`` (or ``.obsm[key]``) as float32, read cheaply even when backed."""
+    n_obs = adata.n_obs
+    rows = np.unique(np.linspace(0, max(n_obs - 1, 0), min(n, n_obs)).astype(np.int64))
+    if rows.size == 0:
+        return np.zeros((0, 0), np.float32)
+    if adata.isbacked:
+        reader = H5Rows(path or adata.filename, "X" if key is None else f"obsm/{key}")
+        try:
+            return reader.read(rows)
+        finally:
+            reader.close()
+    block = (adata.X if key is None else adata.obsm[key])[rows]
+    return np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float32)
+
+
+def file_identity(path, adata, extra=(), sample_keys: tuple = (None,)) -> dict:
+    """A data file's identity: its path and size (for messages), shape and a digest of its cell and
+    gene names, ``extra`` arrays and a few rows of each matrix in ``sample_keys`` (``None``: ``X``)."""
+    path = Path(path).resolve() if path is not None else None
+    samples = [sample_rows(adata, path, key) for key in sample_keys]
+    return {
+        "file": str(path) if path is not None else None,
+        "bytes": path.stat().st_size if path is not None and path.is_file() else None,
+        "cells": int(adata.n_obs),
+        "genes": int(adata.n_vars),
+        "digest": digest(adata.obs_names, adata.var_names, *extra, *samples),
+    }
+
+
+def split_identity(index, split) -> dict:
+    """The split's identity: the contexts holding cells of each role, and a digest of every cell's role."""
+    names = np.asarray(index.context_key_names, dtype=object).astype(str)
+    one_dataset = len(index.datasets) == 1
+    keys = index.context_key_codes
+    contexts = {}
+    for role in ("train", "val", "test"):
+        found = sorted({str(names[k]) for k in np.unique(keys[split.mask(role)])})
+        contexts[role] = [k.split(".", 1)[1] if one_dataset and "." in k else k for k in found]
+    return {"contexts": contexts, "digest": digest(split.role_codes)}
+
+
+def st_fingerprint(data, split, embed_key: str | None = None) -> dict:
+    """What an ST run trains on: the data file (cells, genes, labels, values) and the split."""
+    index = data.index
+    extra = (index.perts, index.pert_codes, index.contexts, index.context_codes, index.batch_codes, index.dataset_codes)
+    keys = (None,) if embed_key is None else (None, embed_key)
+    return {"data": file_identity(data.path, data.adata, extra, keys), "split": split_identity(index, split)}
+
+
+# --------------------------------------------------------------------------------------- resuming
+
+_FLAGS = {"pert_col": "--pert-col", "control": "--control", "context_col": "--context-col", "batch_col": "--batch-col"}
+
+
+def _file(ident: dict) -> str:
+    return f"{ident.get('file') or 'in-memory data'} ({ident.get('cells')} cells x {ident.get('genes')} genes)"
+
+
+def _data_difference(saved: dict, ours: dict, what: str = "data") -> str | None:
+    if saved.get("digest") == ours.get("digest"):
+        return None
+    if saved.get("file") and saved.get("file") == ours.get("file"):
+        shape = lambda i: f"{i.get('cells')} cells x {i.get('genes')} genes"  # noqa: E731
+        now = f"{shape(saved)} then, {shape(ours)} now" if shape(saved) != shape(ours) else "other cell or gene names, labels or values"
+        return f"{what} {ours['file']} changed since the run was trained on it ({now})"
+    return f"it was trained on {_file(saved)}, not {_file(ours)}"
+
+
+def _names(items) -> str:
+    return ", ".join(map(str, items)) or "none"
+
+
+def _split_difference(saved: dict, ours: dict) -> str | None:
+    if saved.get("digest") == ours.get("digest"):
+        return None
+    a, b = saved.get("contexts", {}), ours.get("contexts", {})
+    labels = {"test": "test (held-out) context(s)", "val": "validation context(s)", "train": "training context(s)"}
+    roles = [r for r in ("test", "val") if a.get(r) != b.get(r)] or [r for r in ("train",) if a.get(r) != b.get(r)]
+    if roles:
+        return "it was trained with " + " and ".join(
+            f"{labels[r]} {_names(a.get(r, []))}, not {_names(b.get(r, []))}" for r in roles)
+    return "it was trained with another split of the cells (the same contexts per role, other cells or perturbations in them)"
+
+
+def resume_differences(saved: dict, ours: dict) -> list[str]:
+    """Each way the run ``ours`` (``config.json`` content it would write) differs from the checkpoint
+    ``saved`` in what it trains on: data columns, embedding key, data files, split, genes,
+    perturbation features, expression types. Fields a checkpoint lacks are not compared."""
+    diffs = []
+    cols_a, cols_b = saved.get("columns") or {}, ours.get("columns") or {}
+    for key, flag in _FLAGS.items():
+        if key in cols_a and cols_a.get(key) != cols_b.get(key):
+            diffs.append(f"it was trained with {flag} {cols_a.get(key)!r}, not {cols_b.get(key)!r}")
+    if "embed_key" in saved and saved.get("embed_key") != ours.get("embed_key"):
+        show = lambda k: repr(k) if k else "none (gene space)"  # noqa: E731
+        diffs.append(f"it was trained with --embed-key {show(saved.get('embed_key'))}, not {show(ours.get('embed_key'))}")
+    fa, fb = saved.get("fingerprint") or {}, ours.get("fingerprint") or {}
+    data_a, data_b = fa.get("data"), fb.get("data")
+    if isinstance(data_a, dict) and isinstance(data_b, dict):
+        diffs.append(_data_difference(data_a, data_b))
+    elif isinstance(data_a, list) and isinstance(data_b, list):
+        names = saved.get("datasets") or [f"file {i + 1}" for i in range(len(data_a))]
+        for name, a, b in zip(names, data_a, data_b):
+            diffs.append(_data_difference(a, b, f"data file {name!r}"))
+    if "split" in fa and "split" in fb:
+        diffs.append(_split_difference(fa["split"], fb["split"]))
+    if "genes" in saved and "genes" in ours and list(saved["genes"]) != list(ours["genes"]):
+        gone = [g for g in saved["genes"] if g not in set(ours["genes"])]
+        detail = f"; not in this data: {preview(gone, n=3)}" if gone else " (in another order)"
+        diffs.append(f"it was trained on {len(saved['genes'])} genes, this data has {len(ours['genes'])}{detail}")
+    if "pert_vocab" in saved and "pert_vocab" in ours and list(saved["pert_vocab"]) != list(ours["pert_vocab"]):
+        a, b = set(saved["pert_vocab"]), set(ours["pert_vocab"])
+        parts = ([f"missing here: {preview(sorted(a - b), n=3)}"] if a - b else []) + ([f"new here: {preview(sorted(b - a), n=3)}"] if b - a else [])
+        diffs.append(f"its perturbation features differ ({'; '.join(parts) or 'another order'})")
+    elif "perturbations" in saved and "perturbations" in ours and list(saved["perturbations"]) != list(ours["perturbations"]):
+        diffs.append("its perturbation labels differ (another perturbation column or labels)")
+    exp_a, exp_b = saved.get("expression"), ours.get("expression")
+    if isinstance(exp_a, dict) and isinstance(exp_b, dict):
+        for name in exp_a:
+            if name in exp_b and exp_a[name] != exp_b[name]:
+                diffs.append(f"it read {name!r} as {exp_a[name]}, not {exp_b[name]} (--expression)")
+    return [d for d in diffs if d]
+
+
+def check_resume(start: str | os.PathLike, saved: dict, ours: dict) -> None:
+    """Refuse (one line, naming every difference) to resume ``start`` with a run that trains on something else.
+
+    ``saved``: the checkpoint's ``config.json``; ``ours``: what this run would write. A checkpoint
+    written before fingerprints existed resumes with a warning (only the fields it has are compared).
+    """
+    diffs = resume_differences(saved, ours)
+    if diffs:
+        raise VcellError(f"cannot resume {start}: " + "; ".join(diffs) + "; resume with the same data, split and columns, "
+                         "or train into a new --out")
+    if "fingerprint" not in saved:
+        log.warning("%s was written by vcell %s, which did not record the data and split it was trained on; "
+                    "resuming without checking them", start, saved.get("vcell_version", "(older)"))

@@ -1,0 +1,252 @@
+"""Long work shows progress and ends with one summary line; Ctrl-C says what was saved (issue #16, classes 5 and 6).
+
+Real subprocess CLI runs on tiny simulated data: the summary lines of `train st`, `train se`,
+`embed` and `predict`; the progress bar on a (pseudo-)terminal and nothing of it with `-q` or in
+a pipe; the resume messages; SIGINT during `train st` (a checkpoint at the step reached, exit 130,
+one line, and `--resume` continuing from that step to the weights of an uninterrupted run) and
+during `bench` (nothing left under the output folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+import torch
+from safetensors.torch import load_file
+
+from vcell.data.dataset import load_dataset
+from vcell.data.simulate import simulate_perturbseq
+from vcell.data.spec import DataSpec
+from vcell.data.splits import apply_split, holdout_config
+from vcell.nn.transition import STConfig
+from vcell.train.st import train_st
+
+from conftest import error_line, run_cli
+
+TINY_ST = {"width": 32, "n_layers": 1, "n_heads": 2}
+TINY_SE = {"d_model": 32, "n_layers": 1, "n_heads": 2, "sentence_len": 66, "n_mask": 32}
+ST_OPTS = ["--set-size", "16", "--batch-size", "4", "--accelerator", "cpu", "--seed", "1"]
+ANSI = re.compile(r"\x1b\[")
+CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
+SUMMARY_ST = re.compile(r"trained ST to step (\d+) in \S+ \([\d,]+ cells/s\); checkpoint: (\S+) \([\d.]+ [kMG]?B\)")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """A tiny simulated Perturb-seq dataset as raw counts and as log1p, and tiny ST / SE configs."""
+    tmp = tmp_path_factory.mktemp("progress")
+    adata = simulate_perturbseq(n_genes=50, n_contexts=2, n_perturbations=5, n_combinations=0,
+                                cells_per_perturbation=30, n_controls=60, seed=0)
+    adata.write_h5ad(tmp / "counts.h5ad")
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    adata.uns["vcell"] = {"expression": "log1p"}
+    adata.write_h5ad(tmp / "tiny.h5ad")
+    (tmp / "st.json").write_text(json.dumps(TINY_ST))
+    (tmp / "se.json").write_text(json.dumps(TINY_SE))
+    return {"dir": tmp, "counts": tmp / "counts.h5ad", "data": tmp / "tiny.h5ad", "st": tmp / "st.json", "se": tmp / "se.json"}
+
+
+def _st_args(files, out: Path, *extra: str) -> list:
+    return ["train", "st", "--data", files["data"], "--config", files["st"], "--out", out, *ST_OPTS, *extra]
+
+
+def run_in_terminal(*args, timeout: int = 300) -> tuple[int, str]:
+    """Run ``python -m vcell ARGS`` with stdout and stderr on a pseudo-terminal; ``(exit code, all it printed)``
+    (terminal control sequences removed)."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "COLUMNS": "160", "TERM": "xterm"}
+    for name in ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        env.pop(name, None)
+    proc = subprocess.Popen([sys.executable, "-m", "vcell", *map(str, args)], stdin=subprocess.DEVNULL,
+                            stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the terminal closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(timeout=10)
+        os.close(master)
+    return code, CONTROL.sub("", b"".join(chunks).decode(errors="replace"))
+
+
+def _plain(proc: subprocess.CompletedProcess) -> None:
+    """Output of a run in a pipe: no traceback, no terminal control codes."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not ANSI.search(proc.stdout + proc.stderr), (proc.stdout + proc.stderr)[-3000:]
+
+
+# ----------------------------------------------------------------------------------- train st
+
+
+@pytest.fixture(scope="module")
+def st_run(files) -> Path:
+    """`vcell train st` to step 60 with validation, on a pseudo-terminal: the bar is drawn, the summary printed."""
+    out = files["dir"] / "st-run"
+    code, text = run_in_terminal(*_st_args(files, out, "--val-context", "ctx_A", "--max-steps", "60", "--checkpoint-every", "20"))
+    assert code == 0, text[-3000:]
+    # the progress bar: steps done/total, loss, cells/s (the bar's line is erased at the end)
+    assert re.search(r"training ST.*\d+/60 steps", text), text[-3000:]
+    assert "cells/s" in text and "loss " in text
+    summary = SUMMARY_ST.search(text)
+    assert summary and summary.group(1) == "60" and summary.group(2) == str(out / "last"), text[-2000:]
+    assert re.search(rf"best: {re.escape(str(out / 'best'))} \(val_loss [\d.]+ at step \d+\)", text), text[-2000:]
+    return out
+
+
+def test_train_st_resume_says_the_step_and_quiet_hides_progress(files, st_run):
+    resumed = run_cli(*_st_args(files, st_run, "--val-context", "ctx_A", "--max-steps", "65", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _plain(resumed)
+    assert f"resuming from {st_run / 'last'} at step 60 of 65" in resumed.stderr
+    assert re.search(r"^trained ST from step 60 to step 65 in ", resumed.stdout, re.M), resumed.stdout
+    assert json.loads((st_run / "last" / "config.json").read_text())["step"] == 65
+
+    # -q on a terminal: no bar, no resume note, but the summary line
+    code, text = run_in_terminal("-q", *_st_args(files, st_run, "--val-context", "ctx_A", "--max-steps", "70", "--resume"))
+    assert code == 0, text[-3000:]
+    assert "training ST" not in text and "cells/s)" in text and "resuming" not in text
+    assert "trained ST from step 65 to step 70" in text
+
+
+def test_resume_to_fewer_steps_than_done_is_one_clear_error_even_with_q(files, st_run):
+    before = (st_run / "last" / "weights.safetensors").read_bytes()
+    done = json.loads((st_run / "last" / "config.json").read_text())["step"]
+    proc = run_cli("-q", *_st_args(files, st_run, "--val-context", "ctx_A", "--max-steps", "50", "--resume"))
+    line = error_line(proc)
+    assert f"the run is already at step {done} >= --max-steps 50; pass a larger --max-steps" in line
+    assert (st_run / "last" / "weights.safetensors").read_bytes() == before
+
+
+# ------------------------------------------------------------------------------ predict, SE, embed
+
+
+def test_predict_prints_one_summary_line(files, st_run, tmp_path):
+    out = tmp_path / "pred.h5ad"
+    proc = run_cli("predict", "--model", st_run, "--data", files["data"], "--context", "ctx_B", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _plain(proc)
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and re.match(rf"wrote {re.escape(str(out))} in \S+: \d+ predicted cells of 5 perturbation", lines[0]), proc.stdout
+
+
+def test_train_se_and_embed_print_one_summary_line_each(files, tmp_path):
+    run = tmp_path / "se"
+    proc = run_cli("train", "se", "--data", files["counts"], "--out", run, "--preset", "tiny", "--config", files["se"],
+                   "--max-steps", "6", "--batch-size", "16", "--gene-dim", "16", "--accelerator", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _plain(proc)
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout
+    assert re.match(rf"trained SE to step 6 in \S+ \([\d,]+ cells/s\); checkpoint: {re.escape(str(run / 'last'))} \([\d.]+ [kM]B\)$",
+                    lines[0]), lines[0]
+
+    out = tmp_path / "emb.h5ad"
+    proc = run_cli("embed", "--model", run, "--data", files["counts"], "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _plain(proc)
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and re.match(rf"wrote {re.escape(str(out))} in \S+: \.obsm\['X_vcell'\] = \d+ cells x 32$", lines[0]), proc.stdout
+
+
+# -------------------------------------------------------------------------------------- Ctrl-C
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the command ended (exit {proc.returncode}) before {path} appeared: {proc.communicate()[1][-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"{path} did not appear in {timeout} s")
+        time.sleep(0.05)
+
+
+def _interrupt(args: list, marker: Path, settle: float = 0.0) -> subprocess.CompletedProcess:
+    """Start ``vcell ARGS``, send SIGINT once ``marker`` exists (and ``settle`` seconds more), wait for the end."""
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vcell", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_for(marker, proc)
+        time.sleep(settle)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_ctrl_c_in_train_st_saves_the_step_reached_and_resume_continues_exactly(files, tmp_path):
+    out = tmp_path / "run"
+    proc = _interrupt(_st_args(files, out, "--max-steps", "100000", "--checkpoint-every", "3"), out / "last" / "config.json")
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    _plain(proc)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    m = re.fullmatch(r"interrupted at step (\d+) of 100000: saved (\S+) \(step (\d+)\); continue with --resume", lines[0])
+    assert m and m.group(1) == m.group(3) and m.group(2) == str(out / "last"), lines[0]
+    step = int(m.group(1))
+    assert step >= 3 and json.loads((out / "last" / "config.json").read_text())["step"] == step
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    resumed = run_cli(*_st_args(files, out, "--max-steps", str(step + 2), "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {out / 'last'} at step {step} of {step + 2}" in resumed.stderr
+    assert f"trained ST from step {step} to step {step + 2}" in resumed.stdout
+
+    # the same weights as a run never interrupted (same data, split, options and seed)
+    data = load_dataset(files["data"], DataSpec(pert_col="target_gene", control="non-targeting", context_col="cell_type"))
+    split = apply_split(data.index, holdout_config(data.index, []))
+    ref = train_st(data, split, tmp_path / "ref", STConfig.preset_values("small", TINY_ST), max_steps=step + 2, set_size=16, batch_size=4, seed=1,
+                   accelerator="cpu")
+    a, b = load_file(str(out / "last" / "weights.safetensors")), load_file(str(ref / "last" / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_in_bench_leaves_nothing_under_its_output(files, tmp_path):
+    out = tmp_path / "bench"
+    cfg = tmp_path / "models.json"
+    cfg.write_text(json.dumps({"st": {"max_steps": 100000, "set_size": 16, "batch_size": 4, "accelerator": "cpu", "config": TINY_ST}}))
+    args = ["bench", "--data", files["data"], "--holdout-context", "ctx_B", "--models", "st", "--model-config", cfg,
+            "--no-report", "--out", out]
+    # bench writes the held-out real cells, then trains st: interrupt it while it trains
+    proc = _interrupt(args, out / "predictions" / "real_ctx_B.h5ad", settle=1.0)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    _plain(proc)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1] == f"interrupted; nothing written (removed the partial results in {out})", proc.stderr
+    assert not any(line.startswith("error") for line in lines)
+    assert not out.exists()

@@ -1,0 +1,529 @@
+"""Nothing lost, nothing left behind (issue #16, classes 1, 4 and 9), with real CLI subprocesses.
+
+- every command that writes refuses to replace an existing output without ``--overwrite`` (one
+  ``error:`` line, exit 2, the output byte-identical), replaces it with ``--overwrite``, and checks
+  that it can write there before any work;
+- a command killed (SIGKILL) while it writes leaves its temporary file beside the destination; a
+  rerun removes it, says so, and writes a complete output;
+- ``--resume`` refuses a run trained on other data, another split or other perturbation features,
+  naming the difference; checkpoints of older versions (no fingerprint) still resume;
+- only ``last/`` keeps the optimiser state, and ``--no-save-optimizer`` drops it there too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+from safetensors import safe_open
+
+from vcell.data.io import check_output_dir, check_output_path, clean_leftovers, leftovers
+from vcell.data.simulate import simulate_perturbseq
+from vcell.errors import VcellError
+from vcell.nn.checkpoint import BEST, CONFIG, LAST, OPTIMIZER, WEIGHTS
+
+from conftest import error_line, run_cli
+
+ST_CFG = {"width": 32, "n_layers": 1, "n_heads": 2}
+SE_CFG = {"d_model": 16, "n_layers": 1, "n_heads": 2, "sentence_len": 34, "n_mask": 8}
+ST_FAST = ["--set-size", "16", "--batch-size", "4", "--accelerator", "cpu"]
+SE_FAST = ["--preset", "tiny", "--batch-size", "16", "--gene-dim", "8", "--accelerator", "cpu"]
+REMOVED = re.compile(r"removed (\d+) temporary files? \(\d+(\.\d)? [kMG]?B\) left by an interrupted write of ")
+
+
+# ------------------------------------------------------------------------------------- fixtures
+
+BATCH = """
+import contextlib, io, json, sys, traceback
+from vcell.cli import main
+
+results = []
+for argv in json.loads(open(sys.argv[1]).read()):
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 99
+    results.append({"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
+@dataclass
+class Result:
+    """One command's exit status and output, as ``subprocess.CompletedProcess`` has them."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_batch(*commands: list) -> list[Result]:
+    """Run several ``vcell`` command lines, one after the other, in ONE real subprocess through the CLI's
+    entry point (``vcell.cli.main``), each with its own exit status and output: the interpreter and
+    torch start once, not once per command."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([[str(a) for a in argv] for argv in commands], f)
+    try:
+        proc = subprocess.run([sys.executable, "-c", BATCH, f.name], capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
+    finally:
+        os.unlink(f.name)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [Result(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> dict[str, Path]:
+    """Tiny simulated data (3 contexts), an ST and an SE run, a prediction and its eval, all by the CLI."""
+    root = tmp_path_factory.mktemp("ws")
+    adata = simulate_perturbseq(n_genes=40, n_contexts=3, n_perturbations=4, n_combinations=0,
+                                cells_per_perturbation=20, n_controls=40, seed=0)
+    paths = {"counts": root / "counts.h5ad", "log": root / "log.h5ad", "st_cfg": root / "st.json",
+             "se_cfg": root / "se.json", "genes": root / "genes.csv", "real": root / "real.h5ad"}
+    adata.write_h5ad(paths["counts"])
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    adata.uns["vcell"] = {"expression": "log1p"}
+    adata.write_h5ad(paths["log"])
+    adata[adata.obs["cell_type"] == "ctx_B"].copy().write_h5ad(paths["real"])
+    paths["st_cfg"].write_text(json.dumps(ST_CFG))
+    paths["se_cfg"].write_text(json.dumps(SE_CFG))
+    paths["genes"].write_text("\n".join(adata.var_names) + "\n")
+    paths["st"], paths["se"], paths["pred"], paths["eval"] = root / "st", root / "se", root / "pred.h5ad", root / "eval"
+    for proc in run_batch(
+        ["train", "st", "--data", paths["log"], "--holdout-context", "ctx_B", "--val-context", "ctx_C", "--config",
+         paths["st_cfg"], "--max-steps", "4", "--checkpoint-every", "2", *ST_FAST, "--out", paths["st"]],
+        ["train", "se", "--data", paths["counts"], "--config", paths["se_cfg"], "--max-steps", "2", *SE_FAST, "--out", paths["se"]],
+        ["predict", "--model", paths["st"], "--data", paths["log"], "--context", "ctx_B", "--perturbations", "data", "--out", paths["pred"]],
+        ["eval", "run", "--pred", paths["pred"], "--real", paths["real"], "--profile", "minimal", "--threads", "1", "--out", paths["eval"]],
+    ):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return paths
+
+
+def snapshot(path: Path) -> dict:
+    """Content hash, mtime and inode of a file, or of every file under a folder."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path.parent)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns, p.stat().st_ino)
+            for p in files}
+
+
+def temporaries(folder: Path) -> list[Path]:
+    """vcell temporary files (``.NAME.PID-XXXXXXXX.tmp``) anywhere under ``folder``."""
+    return sorted(p for p in folder.rglob(".*.tmp"))
+
+
+# ------------------------------------------------------------------ (a) no replacing without --overwrite
+
+
+def _h5ad(path: Path) -> None:
+    assert ad.read_h5ad(path).n_obs > 0
+
+
+def _safetensors(path: Path) -> None:
+    with safe_open(str(path), framework="np") as f:
+        assert list(f.keys())
+
+
+def _run(steps: int, best: bool):
+    def check(path: Path) -> None:
+        assert json.loads((path / LAST / CONFIG).read_text())["step"] == steps
+        assert (path / BEST).is_dir() == best  # the earlier run's best/ never stays beside a new run
+    return check
+
+
+@dataclass
+class Writer:
+    """A command that writes: its arguments for output ``out``, what an earlier output looks like and
+    how a good new one is recognised (``None``: only the refusal is run)."""
+
+    args: Callable[[dict, Path], list]
+    out: str
+    earlier: Callable[[dict, Path], None]
+    check: Callable[[Path], None] | None
+
+
+def _file(ws, out: Path) -> None:
+    out.write_bytes(b"an earlier output\n")
+
+
+def _folder_with(name: str):
+    def make(ws, out: Path) -> None:
+        out.mkdir()
+        (out / name).write_bytes(b"an earlier output\n")
+    return make
+
+
+def _copy(key: str):
+    def make(ws, out: Path) -> None:
+        shutil.copytree(ws[key], out)
+    return make
+
+
+WRITERS = {
+    "data preprocess": Writer(lambda w, o: ["data", "preprocess", w["counts"], o, "--n-top-genes", "20"], "pp.h5ad", _file, _h5ad),
+    "data split": Writer(lambda w, o: ["data", "split", w["log"], "--holdout-context", "ctx_B", "--out", o], "split.toml", _file,
+                         lambda p: "[zeroshot]" in p.read_text()),
+    "data subset": Writer(lambda w, o: ["data", "subset", w["log"], "--holdout-context", "ctx_B", "--out", o], "real.h5ad", _file,
+                          _h5ad),
+    "data simulate": Writer(lambda w, o: ["data", "simulate", o, "--n-genes", "20", "--n-contexts", "2", "--n-perturbations", "3",
+                                          "--n-combinations", "0", "--cells-per-perturbation", "5", "--n-controls", "10"],
+                            "sim.h5ad", _file, _h5ad),
+    "eval run": Writer(lambda w, o: ["eval", "run", "--pred", w["pred"], "--real", w["real"], "--profile", "minimal",
+                                     "--threads", "1", "--out", o],
+                       "eval", _folder_with("results.csv"), lambda p: (p / "agg_results.csv").is_file() and
+                       (p / "results.csv").read_text().startswith("perturbation")),
+    "eval baseline": Writer(lambda w, o: ["eval", "baseline", "--real", w["log"], "--out", o], "base.h5ad", _file, _h5ad),
+    "eval score": Writer(lambda w, o: ["eval", "score", "--user", w["eval"] / "agg_results.csv", "--baseline",
+                                       w["eval"] / "agg_results.csv", "--out", o], "score.csv", _file,
+                         lambda p: p.read_text().startswith("metric")),
+    "eval prep": Writer(lambda w, o: ["eval", "prep", "--pred", w["pred"], "--genes", w["genes"], "--expected-n-genes", "-1",
+                                      "--out", o], "sub.vcc", _file, tarfile.is_tarfile),
+    "genes from-data": Writer(lambda w, o: ["genes", "from-data", "--data", w["log"], "--dim", "4", "--out", o], "g.safetensors",
+                              _file, _safetensors),
+    "genes embed": Writer(lambda w, o: ["genes", "embed", "--fasta", w["genes"], "--esm-model", w["st"], "--out", o],
+                          "e.safetensors", _file, None),
+    "predict": Writer(lambda w, o: ["predict", "--model", w["st"], "--data", w["log"], "--context", "ctx_B", "--out", o],
+                      "p.h5ad", _file, _h5ad),
+    "embed": Writer(lambda w, o: ["embed", "--model", w["se"], "--data", w["counts"], "--out", o], "emb.h5ad", _file, _h5ad),
+    "train st": Writer(lambda w, o: ["train", "st", "--data", w["log"], "--holdout-context", "ctx_B", "--config", w["st_cfg"],
+                                     "--max-steps", "2", *ST_FAST, "--out", o], "run", _copy("st"), _run(2, best=False)),
+    "train se": Writer(lambda w, o: ["train", "se", "--data", w["counts"], "--config", w["se_cfg"], "--max-steps", "1",
+                                     *SE_FAST, "--out", o], "run", _copy("se"), _run(1, best=False)),
+    "bench": Writer(lambda w, o: ["bench", "--data", w["log"], "--holdout-context", "ctx_B", "--models", "cell_mean",
+                                  "--profile", "minimal", "--no-report", "--threads", "1", "--out", o],
+                    "bench", _folder_with("leaderboard.csv"), lambda p: (p / "bench.json").is_file()),
+    "demo": Writer(lambda w, o: ["demo", "--out", o], "demo", _folder_with("simulated.h5ad"), None),
+}
+
+
+@pytest.fixture(scope="module")
+def rewritten(ws, tmp_path_factory) -> dict[str, dict]:
+    """Every writer run on an earlier output without, then (where it has a check) with --overwrite."""
+    runs = {}
+    for name, writer in WRITERS.items():
+        out = tmp_path_factory.mktemp("w") / writer.out
+        writer.earlier(ws, out)
+        runs[name] = {"out": out, "before": snapshot(out)}
+    for name, proc in zip(WRITERS, run_batch(*(WRITERS[n].args(ws, runs[n]["out"]) for n in WRITERS))):
+        runs[name].update(refused=proc, unchanged=snapshot(runs[name]["out"]))
+    again = [n for n in WRITERS if WRITERS[n].check is not None]
+    for name, proc in zip(again, run_batch(*(WRITERS[n].args(ws, runs[n]["out"]) + ["--overwrite"] for n in again))):
+        runs[name].update(replaced=proc, after=snapshot(runs[name]["out"]))
+    return runs
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_an_existing_output_is_replaced_only_with_overwrite(rewritten, name):
+    run, writer = rewritten[name], WRITERS[name]
+    out = run["out"]
+    line = error_line(run["refused"])
+    assert str(out) in line and "--overwrite" in line, line
+    assert run["unchanged"] == run["before"]  # byte-identical, not even rewritten
+    if writer.check is None:
+        return
+    proc, before, after = run["replaced"], run["before"], run["after"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(after.get(k) != v for k, v in before.items())  # each earlier file replaced (or removed)
+    assert writer.check(out) is not False
+    assert not temporaries(out.parent)
+
+
+UNWRITABLE = {
+    "preprocess": (lambda w, o: ["data", "preprocess", w["counts"], o], "file"),
+    "split": (lambda w, o: ["data", "split", w["log"], "--holdout-context", "ctx_B", "--out", o], "file"),
+    "eval-run": (lambda w, o: ["eval", "run", "--pred", w["pred"], "--real", w["real"], "--out", o], "folder"),
+    "predict": (lambda w, o: ["predict", "--model", w["st"], "--data", w["log"], "--context", "ctx_B", "--out", o], "file"),
+    "train-st": (lambda w, o: ["train", "st", "--data", w["log"], "--max-steps", "1", "--out", o], "folder"),
+}
+
+
+@pytest.fixture(scope="module")
+def unwritable(ws, tmp_path_factory) -> dict[str, tuple]:
+    """Each command of UNWRITABLE run with --out under a file, then with --out of the wrong kind."""
+    cases, commands = {}, []
+    for name, (args, kind) in UNWRITABLE.items():
+        folder = tmp_path_factory.mktemp(name)
+        blocker = folder / "a-file"
+        blocker.write_text("not a folder\n")
+        wrong = folder / ("a-folder" if kind == "file" else "another-file")
+        wrong.mkdir() if kind == "file" else wrong.write_text("x\n")
+        cases[name] = (folder, wrong)
+        commands += [args(ws, blocker / "out"), args(ws, wrong)]
+    results = run_batch(*commands)
+    return {name: (*cases[name], results[2 * i], results[2 * i + 1]) for i, name in enumerate(UNWRITABLE)}
+
+
+@pytest.mark.parametrize("name", list(UNWRITABLE))
+def test_an_unwritable_destination_is_refused_before_any_work(unwritable, name):
+    folder, wrong, under_a_file, wrong_kind = unwritable[name]
+    line = error_line(under_a_file)  # its folder would have to be a file
+    assert "a-file is a file, not a folder" in line, line
+    line = error_line(wrong_kind)
+    assert ("is a folder; give a file name" if UNWRITABLE[name][1] == "file" else "is a file, not a folder") in line, line
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["a-file", wrong.name])  # nothing written
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(VcellError, match="not writable"):
+            check_output_path(locked / "x.h5ad")
+        with pytest.raises(VcellError, match="locked/sub cannot be created"):
+            check_output_dir(locked / "sub", ["results.csv"])
+    finally:
+        locked.chmod(0o700)
+
+
+# --------------------------------------------------------------- (b) killed mid-write, then rerun
+
+SLOW_WRITE = """
+import importlib, os, sys, time
+target, after = sys.argv[1], int(sys.argv[2])
+module, _, attr = target.partition(":")
+owner = importlib.import_module(module)
+*path, name = attr.split(".")
+for part in path:
+    owner = getattr(owner, part)
+real, calls = getattr(owner, name), [0]
+
+def slow(*args, **kwargs):  # the write happens; then the process waits to be killed before the rename
+    out = real(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] >= after:
+        open(os.environ["VCELL_TEST_MARK"], "w").close()
+        time.sleep(600)
+    return out
+
+setattr(owner, name, slow)
+from vcell.cli import main
+main(sys.argv[3:])
+"""
+
+
+def kill_while_writing(args: list, target: str, after: int, folder: Path, tmp_path: Path) -> list[Path]:
+    """Run the CLI with ``args``, SIGKILL it once ``target`` (``module:attr``) wrote its ``after``-th
+    time; returns the temporary files it left under ``folder``."""
+    mark, log = tmp_path / "written.mark", tmp_path / "killed.log"
+    mark.unlink(missing_ok=True)
+    env = {**os.environ, "VCELL_TEST_MARK": str(mark), "COLUMNS": "200", "NO_COLOR": "1"}
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, target, str(after), *map(str, args)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.time() + 120
+            while not mark.exists():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.time() < deadline, "the command never reached the write"
+                time.sleep(0.05)
+            left = temporaries(folder)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert left, "killed mid-write, the temporary file should be there"
+    assert any(p.is_dir() or p.stat().st_size > 0 for p in left)  # the data was written, not yet renamed
+    return left
+
+
+def _cleaned(proc, left: list[Path], folder: Path) -> None:
+    """``proc`` (a rerun) succeeded, said it removed ``left``, and no temporary file is left."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = REMOVED.search(" ".join(proc.stderr.split()))
+    assert said and int(said.group(1)) == len(left), proc.stderr[-2000:]
+    assert left[0].name in proc.stderr
+    assert not temporaries(folder) and not any(p.exists() for p in left)
+
+
+def test_h5ad_writers_killed_mid_write_leave_nothing_after_a_rerun(ws, tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    keep = folder / ".pp.h5ad.mine"  # not a vcell temporary name: never touched
+    keep.write_text("mine\n")
+    args = {
+        "pp.h5ad": ["data", "preprocess", ws["counts"], folder / "pp.h5ad", "--n-top-genes", "20"],
+        "pred.h5ad": ["predict", "--model", ws["st"], "--data", ws["log"], "--context", "ctx_B", "--perturbations", "data",
+                      "--out", folder / "pred.h5ad"],
+        "emb.h5ad": ["embed", "--model", ws["se"], "--data", ws["counts"], "--out", folder / "emb.h5ad"],
+    }
+    left = {}
+    for name, argv in args.items():
+        left[name] = [p for p in kill_while_writing(argv, "anndata:AnnData.write_h5ad", 1, folder, tmp_path) if name in p.name]
+        assert len(left[name]) == 1 and left[name][0].name.startswith(f".{name}.") and not (folder / name).exists()
+    reruns = run_batch(*args.values())
+    for (name, argv), proc in zip(args.items(), reruns):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert REMOVED.search(" ".join(proc.stderr.split())) and left[name][0].name in proc.stderr, proc.stderr[-2000:]
+        assert ad.read_h5ad(folder / name).n_obs > 0
+    assert not temporaries(folder) and keep.read_text() == "mine\n"
+
+
+def test_eval_run_killed_mid_write_leaves_nothing_after_a_rerun(ws, tmp_path):
+    out = tmp_path / "eval"
+    args = ["eval", "run", "--pred", ws["pred"], "--real", ws["real"], "--profile", "de", "--threads", "1", "--out", out]
+    left = kill_while_writing(args, "vcell.eval.run:write_csv", 1, out, tmp_path)
+    assert not (out / "results.csv").exists() and len(left) == 4  # results, agg_results and the two DE tables
+    _cleaned(run_cli(*args), left, out)
+    assert (out / "results.csv").read_text().startswith("perturbation") and (out / "real_de.csv").is_file()
+
+
+@pytest.mark.parametrize("kind", ["st", "se"])
+def test_a_checkpoint_write_killed_midway_is_cleaned_by_resume(ws, tmp_path, kind):
+    run = tmp_path / "run"
+    if kind == "st":
+        args = ["train", "st", "--data", ws["log"], "--holdout-context", "ctx_B", "--config", ws["st_cfg"], *ST_FAST]
+    else:
+        args = ["train", "se", "--data", ws["counts"], "--config", ws["se_cfg"], *SE_FAST]
+    args += ["--max-steps", "4", "--checkpoint-every", "2", "--out", run]
+    # each checkpoint writes two safetensors files (weights, trainer state): the 3rd write is the step-4 weights
+    left = kill_while_writing(args, "vcell.train.checkpoint:save_file", 3, run, tmp_path)
+    assert [p.parent for p in left] == [run] and left[0].name.startswith(f".{LAST}.") and left[0].is_dir()
+    assert json.loads((run / LAST / CONFIG).read_text())["step"] == 2  # the complete step-2 checkpoint is intact
+    refused, resumed = run_batch(args, [*args, "--resume"])
+    line = error_line(refused)  # without --resume the killed run is not replaced either
+    assert "already holds a trained run (last/ at step 2)" in line
+    _cleaned(resumed, left, run)
+    assert json.loads((run / LAST / CONFIG).read_text())["step"] == 4
+
+
+def test_a_checkpoint_caught_between_its_two_renames_is_put_back(ws, tmp_path):
+    from vcell.train.runs import open_run_dir
+
+    run = tmp_path / "run"
+    shutil.copytree(ws["st"], run)
+    os.replace(run / LAST, run / f".{LAST}.old")  # killed after moving last/ aside, before the new one moved in
+    (run / ".best.old").mkdir()  # and a stale previous best/ beside the real one
+    assert open_run_dir(run, resume=True) == run / LAST
+    assert (run / LAST / WEIGHTS).is_file() and not (run / f".{LAST}.old").exists() and not (run / ".best.old").exists()
+
+
+def test_only_that_outputs_dead_temporaries_are_removed(tmp_path):
+    out = tmp_path / "x.h5ad"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            f".x.h5ad.{sleeper.pid}-abcdefgh.tmp": False,  # a running writer's: kept
+            f".x.h5ad.{os.getpid()}-abcdefgh.tmp": False,  # this process's own: kept
+            ".x.h5ad.999999999-abcdefgh.tmp": True,  # a dead writer's: removed
+            ".x.h5ad.ab_defgh.tmp": True,  # an older vcell's (no pid): removed
+            ".y.h5ad.999999999-abcdefgh.tmp": False,  # another output's
+            ".x.h5ad.backup": False, "x.h5ad.tmp": False, ".x.h5ad.999999999-abc.tmp": False,
+        }
+        for name in names:
+            (tmp_path / name).write_text("x")
+        assert sorted(p.name for p in leftovers(out)) == sorted(n for n, gone in names.items() if gone)
+        assert clean_leftovers(out) == 2
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, gone in names.items() if not gone)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert [p.name for p in leftovers(out)] == [f".x.h5ad.{sleeper.pid}-abcdefgh.tmp"]  # its writer is gone now
+
+
+# ------------------------------------------------------------------------ (c) resume must match
+
+
+def _resume_st(ws, run, data=None, holdout="ctx_B", val="ctx_C") -> list:
+    return ["train", "st", "--data", data or ws["log"], "--holdout-context", holdout, "--val-context", val, "--config",
+            ws["st_cfg"], "--max-steps", "6", *ST_FAST, "--out", run, "--resume"]
+
+
+def test_resume_with_another_split_or_data_is_refused_naming_the_difference(ws, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(ws["st"], run)
+    before = snapshot(run)
+    adata = ad.read_h5ad(ws["log"])
+    other = tmp_path / "other.h5ad"  # the same cells and genes, other values
+    changed = adata.copy()
+    changed.X = changed.X * 1.5
+    changed.write_h5ad(other)
+    fewer = tmp_path / "fewer.h5ad"  # one perturbation fewer: the perturbation features differ too
+    gone = sorted(set(adata.obs["target_gene"].astype(str)) - {"non-targeting"})[0]
+    adata[(adata.obs["target_gene"].astype(str) != gone).to_numpy()].copy().write_h5ad(fewer)
+    split, data, perts = run_batch(_resume_st(ws, run, holdout="ctx_C", val="ctx_B"), _resume_st(ws, run, data=other),
+                                   _resume_st(ws, run, data=fewer))
+    line = error_line(split)
+    assert "cannot resume" in line and "test (held-out) context(s) ctx_B, not ctx_C" in line, line
+    assert "validation context(s) ctx_C, not ctx_B" in line, line
+    line = error_line(data)
+    assert f"it was trained on {ws['log']} (365 cells x 40 genes), not {other} (365 cells x 40 genes)" in line, line
+    line = error_line(perts)
+    assert f"perturbation features differ (missing here: '{gone}')" in line, line
+    assert snapshot(run) == before  # nothing written: the checkpoint is untouched, no new logs
+
+
+def test_resume_of_a_checkpoint_without_fingerprint_still_works(ws, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(ws["st"], run)
+    for name in (LAST, BEST):
+        meta = json.loads((run / name / CONFIG).read_text())
+        assert set(meta["fingerprint"]) == {"data", "split"}
+        del meta["fingerprint"]
+        (run / name / CONFIG).write_text(json.dumps(meta))
+    proc = run_cli(*_resume_st(ws, run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "did not record the data and split" in " ".join(proc.stderr.split())
+    assert json.loads((run / LAST / CONFIG).read_text())["step"] == 6
+
+
+def test_se_resume_with_another_file_of_the_same_name_is_refused(ws, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(ws["se"], run)
+    before = snapshot(run)
+    other = tmp_path / "elsewhere" / "counts.h5ad"  # the same dataset name (file stem), other cells
+    other.parent.mkdir()
+    ad.read_h5ad(ws["counts"])[::2].copy().write_h5ad(other)
+    line = error_line(run_cli("train", "se", "--data", other, "--config", ws["se_cfg"], "--max-steps", "3", *SE_FAST,
+                              "--out", run, "--resume"))
+    assert f"cannot resume {run / LAST}: it was trained on {ws['counts']} (365 cells x 40 genes), not {other} (183 cells" in line, line
+    assert snapshot(run) == before
+
+
+# ------------------------------------------------------------------- (d) checkpoint size, optimiser
+
+
+def test_only_last_keeps_the_optimizer_and_no_save_optimizer_cannot_resume(ws, tmp_path):
+    assert (ws["st"] / LAST / OPTIMIZER).is_file() and not (ws["st"] / BEST / OPTIMIZER).exists()
+    run = tmp_path / "run"
+    args = ["train", "st", "--data", ws["log"], "--holdout-context", "ctx_B", "--config", ws["st_cfg"], *ST_FAST, "--out", run]
+    proc, resumed = run_batch([*args, "--max-steps", "2", "--no-save-optimizer"], [*args, "--max-steps", "4", "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (run / LAST / OPTIMIZER).exists() and (run / LAST / WEIGHTS).is_file()
+    size = sum(p.stat().st_size for p in (run / LAST).iterdir())
+    full = sum(p.stat().st_size for p in (ws["st"] / LAST).iterdir())
+    assert size < 0.5 * full  # Adam keeps two moments per weight
+    summary = " ".join(proc.stdout.split())
+    assert re.search(rf"checkpoint: {re.escape(str(run / LAST))} \(\d+(\.\d)? [kM]B\)", summary), summary
+    line = error_line(resumed)
+    assert "saved without the optimiser state (--no-save-optimizer)" in line, line
+    assert json.loads((run / LAST / CONFIG).read_text())["step"] == 2
