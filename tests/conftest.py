@@ -33,7 +33,7 @@ def shared_path(name: str) -> Path:
 
 def real_data(name: str) -> Path:
     """The real dataset ``name``: the full file in ../shared/data if present, else its small subset
-    in tests/data (built by tests/data/make_fixtures.py), else skips the test with a clear reason.
+    in tests/data (built locally by tests/data/make_fixtures.py, not committed), else skips the test with a clear reason.
 
     For tests that hold on any subset of the data (oracle parity, layouts, round trips)."""
     path = SHARED_DATA / name

@@ -1,7 +1,8 @@
 """Build the small real-data test fixtures in tests/data from the full datasets in ../shared/data.
 
-A fresh clone has no ``../shared/data`` (the full files are never committed). The real-data tests
-that matter most then run on these fixtures instead: small, deterministic subsets of the same
+The fixtures are built here, never committed (the repository tracks no data files). On a machine
+that has run this script once but lacks ``../shared/data``, the real-data tests that matter most
+run on these fixtures instead: small, deterministic subsets of the same
 files, with the same obs / var / uns / layers layout, the same value types (McFaline log1p
 float64, Papalexi and Kang raw integer counts in float32) and the same group labels, so the
 tests read them exactly as they read the full files. ``conftest.real_data(name)`` returns the full
