@@ -187,7 +187,7 @@ def _mutate(adata: ad.AnnData, draw, how: str) -> ad.AnnData:
         X = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
         X = X.astype(draw(st.sampled_from([np.int8, np.uint16, np.int64])))
         adata.X = sp.csr_matrix(X) if sp.issparse(adata.X) else X
-    elif how == "csc":
+    elif how == "csc" and np.asarray(adata.X[:0]).dtype != np.float16:  # scipy.sparse has no float16
         adata.X = sp.csc_matrix(adata.X)
     elif how == "explicit_zeros" and sp.issparse(adata.X) and adata.X.nnz:
         X = sp.csr_matrix(adata.X, copy=True)
