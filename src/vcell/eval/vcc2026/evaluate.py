@@ -1,0 +1,145 @@
+"""Scoring one prediction against one reference context with the VCC 2026 metrics.
+
+:func:`evaluate_cells` takes two :class:`~vcell.eval.vcc2026.inputs.CountsCells` (the
+reference and a prediction, one context) and returns the per-perturbation values and the
+panel ratio; :func:`resolve_targets` decides each perturbation's target gene. The reference is
+summarised once (:class:`Reference`) and can score several predictions (a model, the baseline).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from vcell.errors import VcellError, preview
+from vcell.eval.de import bh_fdr
+from vcell.eval.vcc2026.inputs import CountsCells
+from vcell.eval.vcc2026.metrics import (
+    bulk_profiles,
+    de_metrics,
+    expression_errors,
+    fold_changes,
+    pds_cosine,
+    ratio_of_sums,
+)
+from vcell.eval.vcc2026.summary import Control, SideSummary, summarise, summarise_control
+
+log = logging.getLogger(__name__)
+
+
+def resolve_targets(
+    perturbations: list[str], genes: pd.Index, target_map: dict[str, str | None] | None = None, no_target_genes: bool = False,
+) -> np.ndarray:
+    """Column of each perturbation's target gene in ``genes`` (-1: none).
+
+    A perturbation's own entry in ``target_map`` wins (a gene, or ``None`` for no target
+    gene); otherwise, unless ``no_target_genes``, a label naming a gene targets that gene.
+    A panel where no label resolves is refused: its perturbations are probably not genes
+    (say ``no_target_genes``) or are named differently (give ``target_map``).
+    """
+    pos = {g: i for i, g in enumerate(genes)}
+    out = np.full(len(perturbations), -1, dtype=np.int64)
+    declared, unresolved = 0, []
+    for k, p in enumerate(perturbations):
+        if target_map is not None and p in target_map:
+            gene = target_map[p]
+            if gene is None:
+                declared += 1
+                continue
+            if gene not in pos:
+                raise VcellError(f"target-gene map: gene {gene!r} of perturbation {p!r} is not among the genes")
+            out[k] = pos[gene]
+        elif no_target_genes:
+            declared += 1
+        elif p in pos:
+            out[k] = pos[p]
+        else:
+            unresolved.append(p)
+    if perturbations and (out < 0).all() and declared == 0:
+        raise VcellError(
+            f"no perturbation label names a gene ({preview(perturbations, 3)}): give --target-genes FILE "
+            "(perturbation,gene) or --no-target-genes for perturbations that are not genes (drugs, cytokines)"
+        )
+    if unresolved:
+        log.warning("%d perturbation(s) name no gene; their target gene is not excluded: %s", len(unresolved), preview(unresolved, 5))
+    return out
+
+
+@dataclass
+class DESide:
+    """One side's DE table as arrays: fold changes, p-values and BH-adjusted p-values."""
+
+    lfc: np.ndarray
+    pval: np.ndarray
+    padj: np.ndarray
+
+
+def de_side(summary: SideSummary, ctrl: Control, origin: Control) -> DESide:
+    """Fold changes against ``origin`` (the reference's controls), tests as summarised, BH within
+    each perturbation over the genes ``ctrl`` kept."""
+    lfc = fold_changes(summary.cpm_mean, origin.cpm_mean[None, :])
+    padj = np.full(summary.pval.shape, np.nan)
+    if ctrl.keep.any():
+        padj[:, ctrl.keep] = bh_fdr(summary.pval[:, ctrl.keep], axis=-1)
+    return DESide(lfc, summary.pval, padj)
+
+
+@dataclass
+class Reference:
+    """A reference context summarised once: its controls, its perturbations and their targets."""
+
+    ctrl: Control
+    real: SideSummary
+    de: DESide
+    targets: np.ndarray
+    genes: pd.Index
+    gene_rank: np.ndarray
+
+    @property
+    def perturbations(self) -> list[str]:
+        """The scored perturbations, sorted."""
+        return self.real.perturbations
+
+
+def summarise_reference(
+    real: CountsCells, control: str, perturbations: list[str], targets: np.ndarray, threads: int = 2,
+) -> Reference:
+    """Controls, per-perturbation summaries and DE table of a reference context."""
+    ctrl = summarise_control(real, control, threads)
+    summary = summarise(real, perturbations, ctrl, threads)
+    rank = np.empty(len(real.genes), np.int64)
+    rank[np.argsort(np.asarray(real.genes, dtype=str), kind="stable")] = np.arange(len(real.genes))
+    return Reference(ctrl, summary, de_side(summary, ctrl, ctrl), targets, real.genes, rank)
+
+
+def score_summaries(
+    ref_side: SideSummary, ref_de: DESide, ref_ctrl: Control,
+    pred_side: SideSummary, pred_de: DESide, pred_ctrl: Control,
+    targets: np.ndarray, gene_rank: np.ndarray,
+) -> tuple[dict[str, np.ndarray], float]:
+    """Every per-perturbation metric and the panel ratio, from two summarised sides.
+
+    ``pred_ctrl`` is the control the prediction's effects start from: the reference's own in a
+    normal run, each half's own in the replicate anchor.
+    """
+    real_bulk = bulk_profiles(ref_side.raw_sums)
+    pred_bulk = bulk_profiles(pred_side.raw_sums)
+    ctrl_bulk = bulk_profiles(ref_ctrl.raw_sums)[0]
+    pred_ctrl_bulk = ctrl_bulk if pred_ctrl is ref_ctrl else bulk_profiles(pred_ctrl.raw_sums)[0]
+    panel = np.unique(targets[targets >= 0])
+    values = {"pds_cosine": pds_cosine(pred_bulk - pred_ctrl_bulk, real_bulk - ctrl_bulk, panel)}
+    values.update(expression_errors(pred_bulk, pred_side.jackknife, real_bulk, ref_side.jackknife, ctrl_bulk, ref_ctrl.jackknife, targets))
+    values.update(de_metrics(ref_de.lfc, ref_de.padj, pred_de.lfc, pred_de.padj, pred_de.pval, gene_rank, targets))
+    ratio = ratio_of_sums(values["expr_mse_unbiased_capped"], values["expr_distance_unbiased"])
+    return values, ratio
+
+
+def evaluate_cells(ref: Reference, pred: CountsCells, threads: int = 2) -> tuple[dict[str, np.ndarray], float]:
+    """Score a prediction (one context) against a summarised reference."""
+    if not pred.genes.equals(ref.genes):
+        raise VcellError(f"{pred.where}: genes differ from the reference's")
+    side = summarise(pred, ref.perturbations, ref.ctrl, threads)
+    return score_summaries(ref.real, ref.de, ref.ctrl, side, de_side(side, ref.ctrl, ref.ctrl), ref.ctrl, ref.targets, ref.gene_rank)

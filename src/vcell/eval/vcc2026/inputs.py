@@ -1,0 +1,191 @@
+"""Raw-count inputs of the VCC 2026 evaluator: reading, the checks the challenge applies, targets.
+
+Counts are declared, never guessed: a matrix must hold finite, non-negative, integral values
+with no cell above :data:`MAX_COUNTS_PER_CELL`, or the run stops with one line naming the
+file, the cell and the gene. Both sides share one gene axis, in the same order (a
+submission must follow the reference's). The prediction's own control cells are never used:
+the reference's controls are the origin of both sides, as the competition scores.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from vcell.errors import VcellError, did_you_mean, preview
+from vcell.eval.vcc2026._kernels import row_totals
+
+#: The challenge's cap on one cell's total count (``max_counts_per_cell``).
+MAX_COUNTS_PER_CELL = 1e6
+
+
+@dataclass
+class CountsCells:
+    """One side's cells: raw counts as canonical CSR, one label per row, library sizes."""
+
+    X: sp.csr_matrix
+    labels: np.ndarray
+    genes: pd.Index
+    where: str
+    group_order: list[str] | None = None  # the labels in the file's group order (categories, else sorted)
+    totals: np.ndarray | None = None  # each row's total count (float64)
+
+    def __post_init__(self) -> None:
+        if self.totals is None:
+            self.totals = row_totals(self.X.data, self.X.indptr)
+        if self.group_order is None:
+            self.group_order = sorted(set(self.labels) - {""})
+
+    def rows(self, label: str) -> np.ndarray:
+        """Row indices of the cells labelled ``label``, in row order."""
+        return np.flatnonzero(self.labels == label)
+
+
+def as_csr(X, where: str) -> sp.csr_matrix:
+    """``X`` as canonical CSR with float32/float64 (or integer) values, without copying when possible."""
+    if X is None:
+        raise VcellError(f"{where}: the expression matrix is missing (X is None)")
+    if hasattr(X, "to_memory"):  # anndata backed sparse dataset
+        X = X.to_memory()
+    if not sp.issparse(X):
+        X = np.asarray(X)
+        if X.ndim != 2:
+            raise VcellError(f"{where}: the expression matrix must be 2-D, got shape {X.shape}")
+        X = sp.csr_matrix(X)
+    elif X.format != "csr":
+        X = sp.csr_matrix(X)
+    if not X.has_canonical_format:
+        X = X.copy()
+        X.sum_duplicates()
+    if X.dtype == np.float16 or X.dtype == np.bool_:
+        X = X.astype(np.float32)
+    return X
+
+
+def check_counts(cells: CountsCells, max_per_cell: float = MAX_COUNTS_PER_CELL) -> None:
+    """Stop at the first value that is not a raw count, or a cell above ``max_per_cell``.
+
+    Raises
+    ------
+    VcellError
+        Naming the file, the cell (obs name or row) and the gene of the first bad value.
+    """
+    X = cells.X
+    data = X.data
+    if data.dtype.kind == "f":
+        bad = ~np.isfinite(data) | (data < 0) | (data != np.floor(data))
+    else:
+        bad = data < 0
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        row = int(np.searchsorted(X.indptr, k, side="right") - 1)
+        value = data[k]
+        gene = cells.genes[X.indices[k]]
+        what = "not finite" if not np.isfinite(value) else "negative" if value < 0 else "not an integer"
+        hint = " (log-normalised values? the vcc2026 profile needs raw counts)" if what == "not an integer" else ""
+        raise VcellError(
+            f"{cells.where}: value {value!r} at cell {row} ({cells.labels[row]!r}), gene {gene!r} is {what}; "
+            f"the vcc2026 profile scores raw counts{hint}"
+        )
+    over = np.flatnonzero(cells.totals > max_per_cell)
+    if over.size:
+        row = int(over[0])
+        raise VcellError(
+            f"{cells.where}: cell {row} ({cells.labels[row]!r}) holds {cells.totals[row]:,.0f} counts, more than "
+            f"the {max_per_cell:,.0f} allowed per cell ({over.size} such cell(s))"
+        )
+
+
+def labels_of(adata: ad.AnnData, pert_col: str, where: str) -> tuple[np.ndarray, list[str]]:
+    """The perturbation label of every cell as an object array of str (missing labels become ''),
+    and the labels in pandas' group order (a categorical's categories, else sorted)."""
+    if pert_col not in adata.obs.columns:
+        hint = did_you_mean(pert_col, adata.obs.columns)
+        raise VcellError(
+            f"{where}: perturbation column {pert_col!r} not found in obs{hint} (columns: {preview(adata.obs.columns, 20)})"
+        )
+    col = adata.obs[pert_col]
+    labels = np.asarray(col.astype(object).where(col.notna(), "").astype(str), dtype=object)
+    present = set(labels) - {""}
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        order = [str(c) for c in col.cat.categories if str(c) in present]
+    else:
+        order = sorted(present)
+    return labels, order
+
+
+def check_genes(pred_genes: pd.Index, real_genes: pd.Index, pred_where: str, real_where: str) -> None:
+    """The prediction must carry the reference's genes, in the reference's order."""
+    if not real_genes.is_unique:
+        dup = real_genes[real_genes.duplicated()].unique()
+        raise VcellError(f"{real_where}: duplicated gene names in var ({preview(dup, 5)})")
+    if pred_genes.equals(real_genes):
+        return
+    missing = real_genes.difference(pred_genes, sort=False)
+    extra = pred_genes.difference(real_genes, sort=False)
+    if len(missing):
+        raise VcellError(f"{pred_where}: {len(missing)} gene(s) of {real_where} missing from var ({preview(missing, 5)})")
+    if len(extra):
+        raise VcellError(f"{pred_where}: {len(extra)} gene(s) not in {real_where} ({preview(extra, 5)})")
+    if not pred_genes.is_unique:
+        dup = pred_genes[pred_genes.duplicated()].unique()
+        raise VcellError(f"{pred_where}: duplicated gene names in var ({preview(dup, 5)})")
+    first = int(np.flatnonzero(np.asarray(pred_genes) != np.asarray(real_genes))[0])
+    raise VcellError(
+        f"{pred_where}: genes are in another order than in {real_where} (position {first}: {pred_genes[first]!r}, "
+        f"expected {real_genes[first]!r}); a vcc2026 submission follows the reference's gene order"
+    )
+
+
+def check_perturbations(pred_labels: np.ndarray, real_labels: np.ndarray, control: str, pred_where: str, real_where: str) -> list[str]:
+    """The perturbations to score (the reference's, sorted); both sides must hold the same set.
+
+    The prediction's control cells, if any, are allowed and ignored.
+    """
+    real_set = set(real_labels) - {control, ""}
+    if control not in set(real_labels):
+        raise VcellError(f"{real_where}: no control cells labelled {control!r}; the reference's controls are the origin of every metric")
+    if not real_set:
+        raise VcellError(f"{real_where}: no perturbed cells besides the controls {control!r}")
+    pred_set = set(pred_labels) - {control, ""}
+    missing = sorted(real_set - pred_set)
+    if missing:
+        raise VcellError(f"{pred_where}: {len(missing)} perturbation(s) of {real_where} have no predicted cells ({preview(missing, 5)})")
+    extra = sorted(pred_set - real_set)
+    if extra:
+        raise VcellError(f"{pred_where}: {len(extra)} perturbation(s) not in {real_where} ({preview(extra, 5)})")
+    return sorted(real_set)
+
+
+def read_cells(path: str | os.PathLike, pert_col: str, genes: pd.Index | None = None) -> CountsCells:
+    """Read an ``.h5ad`` of raw counts into memory as :class:`CountsCells` (matrix checked)."""
+    from vcell.data.io import read_h5ad
+
+    where = str(path)
+    adata = read_h5ad(path)
+    labels, order = labels_of(adata, pert_col, where)
+    cells = CountsCells(as_csr(adata.X, where), labels, adata.var_names.copy(), where, order)
+    check_counts(cells)
+    return cells
+
+
+def read_target_map(path: str | os.PathLike, perturbations: list[str]) -> dict[str, str | None]:
+    """A perturbation -> target gene table (CSV with two columns, header row); an empty gene means none."""
+    p = Path(path)
+    if not p.is_file():
+        raise VcellError(f"{p}: target-gene map not found")
+    table = pd.read_csv(p, dtype=str, keep_default_na=False)
+    if table.shape[1] < 2:
+        raise VcellError(f"{p}: a target-gene map needs two columns (perturbation, gene), found {table.shape[1]}")
+    mapping: dict[str, str | None] = {}
+    for pert, gene in zip(table.iloc[:, 0], table.iloc[:, 1], strict=True):
+        if pert in mapping:
+            raise VcellError(f"{p}: perturbation {pert!r} is listed twice")
+        mapping[pert] = gene or None
+    return mapping
