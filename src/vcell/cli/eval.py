@@ -31,6 +31,42 @@ def _expression_option() -> str:
     return spelled("--expression", "--input-type")
 
 
+Profile = Annotated[str, typer.Option("--profile", help="vcc (2025, cell-eval), minimal, de, anndata, full, pds, or vcc2026 (cell-eval2's 2026 metrics on raw counts).")]
+TargetGenes = Annotated[
+    Path | None,
+    typer.Option("--target-genes", help="vcc2026: CSV (perturbation,gene) naming each perturbation's target gene; an empty gene means none. "
+                 "Default: a label that names a gene targets it."),
+]
+NoTargetGenes = Annotated[bool, typer.Option("--no-target-genes", help="vcc2026: the perturbations are not genes (drugs, cytokines): exclude no gene.")]
+Context2026 = Annotated[str, typer.Option("--context-col", help="vcc2026: obs column of the context (cell line); each is scored on its own. Absent: one context.")]
+
+
+def _options_2026(pert_col, control, context_col, target_genes, no_target_genes, threads):
+    from vcell.errors import VcellError
+    from vcell.eval.vcc2026.files import Options
+
+    if target_genes is not None and no_target_genes:
+        raise VcellError("--target-genes and --no-target-genes exclude each other")
+    return Options(pert_col, control, context_col, target_genes, no_target_genes, threads)
+
+
+def _only_2026(profile: str, **given) -> None:
+    """Refuse options that belong to one profile when the other is used."""
+    from vcell.errors import VcellError
+
+    for option, (value, default) in given.items():
+        if value != default:
+            other = "vcc2026" if profile != "vcc2026" else "2025 (vcc)"
+            raise VcellError(f"{option} applies to the {other} profile only")
+
+
+def _agg_2026(agg: pd.DataFrame) -> pd.DataFrame:
+    from vcell.eval.vcc2026.metrics import SCORED
+
+    stats = agg.set_index("statistic")
+    return pd.DataFrame([{"metric": m, "mean": float(stats.loc["mean", m])} for m in SCORED if m in stats.columns])
+
+
 def _metric_table(agg: pd.DataFrame) -> pd.DataFrame:
     """Mean (and std) per metric, one row each: the short terminal summary."""
     stats = agg.set_index("statistic")
@@ -47,16 +83,38 @@ def run_cmd(
     real: Annotated[Path, typer.Option("--real", help="Real cells (.h5ad), controls included.")],
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
-    profile: Annotated[str, typer.Option("--profile", help="vcc, minimal, de, anndata, full or pds.")] = "vcc",
+    profile: Profile = "vcc",
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("vcell-eval"),
     threads: Threads = 2,
     input_type: InputType = "auto",
     backed: Annotated[bool, typer.Option("--backed/--in-memory", help="Read the files backed (CSR stays on disk until needed).")] = False,
     skip_metrics: Annotated[str | None, typer.Option("--skip-metrics", help="Comma-separated metric names to leave out.")] = None,
+    context_col: Context2026 = "context",
+    target_genes: TargetGenes = None,
+    no_target_genes: NoTargetGenes = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results of an earlier run in OUT.")] = False,
     seed: NoRandomSeed = 0,
 ) -> None:
-    """Score predictions: writes results.csv, agg_results.csv, real_de.csv and pred_de.csv."""
+    """Score predictions: writes results.csv, agg_results.csv, real_de.csv and pred_de.csv.
+
+    With --profile vcc2026 (raw counts; the reference's controls are used on both sides, the
+    prediction's own are ignored): results.csv and agg_results.csv in cell-eval2's layouts, per
+    context in OUT/CONTEXT/ when the reference has several.
+    """
+    if profile == "vcc2026":
+        _only_2026("vcc", **{"--backed": (backed, False), "--skip-metrics": (skip_metrics, None), _expression_option(): (input_type, "auto")})
+        from vcell.eval.vcc2026.files import RUN_FILES
+        from vcell.eval.vcc2026.files import run as run_2026
+
+        opts = _options_2026(pert_col, control, context_col, target_genes, no_target_genes, threads)
+        with removed_if_interrupted(out, RUN_FILES), status(f"evaluating {pred} against {real} (vcc2026 profile)") as st:
+            aggs = run_2026(pred, real, out, opts, overwrite=overwrite, report=lambda m: st.update(info=m))
+        for ctx, agg in aggs.items():
+            console.print(table(_agg_2026(agg), title="vcc2026 profile" + (f", context {ctx}" if ctx else "")))
+        console.print(f"wrote {out}")
+        gc.freeze()
+        return
+    _only_2026("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False)})
     from vcell.eval.run import OUTPUT_NAMES, run
 
     skip = tuple(s.strip() for s in skip_metrics.split(",") if s.strip()) if skip_metrics else ()
@@ -73,13 +131,26 @@ def run_cmd(
 
 @app.command("score")
 def score_cmd(
-    user: Annotated[Path, typer.Option("--user", help="agg_results.csv of the model.")],
-    baseline: Annotated[Path, typer.Option("--baseline", help="agg_results.csv of the baseline.")],
+    user: Annotated[Path, typer.Option("--user", help="agg_results.csv of the model (vcc2026: or its `eval run` folder).")],
+    baseline: Annotated[Path, typer.Option("--baseline", help="agg_results.csv of the baseline (vcc2026: the `eval baseline` folder).")],
     out: Annotated[Path | None, typer.Option("--out", help="Write the score table here (CSV).")] = None,
+    profile: Profile = "vcc",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     seed: NoRandomSeed = 0,
 ) -> None:
-    """Baseline-scaled VCC score per metric and overall; the unclipped value is shown beside it."""
+    """Baseline-scaled VCC score per metric and overall; the unclipped value is shown beside it.
+
+    With --profile vcc2026: each metric on the scale from the baseline (0) to the replicate anchor
+    (1), per context, and the mean of the six; contexts averaged.
+    """
+    if profile == "vcc2026":
+        from vcell.eval.vcc2026.files import score as score_2026
+        from vcell.eval.vcc2026.files import score_value
+
+        scores = score_2026(user, baseline, out, overwrite=overwrite)
+        console.print(table(scores, title="vcc2026 score (0 = mean-response baseline, 1 = replicate)"))
+        console.print(f"score: {score_value(scores):.4f}" + (f"; wrote {out}" if out is not None else ""))
+        return
     from vcell.data.io import check_output_path
     from vcell.errors import VcellError
     from vcell.eval.scoring import read_csv, score, write_csv
@@ -103,7 +174,7 @@ def score_cmd(
 @app.command("baseline")
 def baseline_cmd(
     real: Annotated[Path, typer.Option("--real", help="Data whose perturbation means make the baseline (.h5ad).")],
-    out: Annotated[Path, typer.Option("--out", help="Baseline prediction (.h5ad).")],
+    out: Annotated[Path, typer.Option("--out", help="Baseline prediction (.h5ad); vcc2026: output folder.")],
     de_out: Annotated[Path | None, typer.Option("--de-out", help="Also write its DE table (CSV).")] = None,
     counts: Annotated[Path | None, typer.Option("--counts", help="CSV with cells per perturbation (columns: pert col, n_cells).")] = None,
     pert_col: PertCol = "target_gene",
@@ -111,10 +182,49 @@ def baseline_cmd(
     as_delta: Annotated[bool, typer.Option("--as-delta", help="Mean effect versus control instead of mean expression.")] = False,
     input_type: InputType = "auto",
     threads: Threads = 2,
+    profile: Profile = "vcc",
+    context_col: Context2026 = "context",
+    target_genes: TargetGenes = None,
+    no_target_genes: NoTargetGenes = False,
+    splits: Annotated[int, typer.Option("--splits", help="vcc2026: split-half replicates of the anchor (cell-eval2: 5).")] = 5,
+    anchor_seed: Annotated[int, typer.Option("--anchor-seed", help="vcc2026: base seed of the anchor's splits (cell-eval2: 0).")] = 0,
+    only: Annotated[str | None, typer.Option("--only", help="vcc2026: 'baseline' or 'anchor' (default: both ends).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace outputs that exist.")] = False,
-    seed: NoRandomSeed = 0,
+    seed: Annotated[int, typer.Option("--seed", help="vcc2026: seed of the baseline's control-cell draws (cell-eval2: 0); the 2025 baseline draws nothing.")] = 0,
 ) -> None:
-    """Build the cell-mean baseline (as `cell-eval baseline`) from real data."""
+    """Build the cell-mean baseline (as `cell-eval baseline`) from real data.
+
+    With --profile vcc2026: the two ends of the 2026 scale for every context of REAL, into the
+    folder OUT: the mean-response baseline scored as a prediction (baseline_*.csv) and the
+    split-half replicate anchor (anchor_*.csv), as cell-eval2 computes them.
+    """
+    if profile == "vcc2026":
+        from vcell.errors import VcellError
+        from vcell.eval.vcc2026.files import SCALE_FILES, scale_ends
+
+        _only_2026("vcc", **{"--de-out": (de_out, None), "--counts": (counts, None), "--as-delta": (as_delta, False),
+                             _expression_option(): (input_type, "auto")})
+        if only not in (None, "baseline", "anchor"):
+            raise VcellError(f"--only {only!r}: use 'baseline' or 'anchor'")
+        opts = _options_2026(pert_col, control, context_col, target_genes, no_target_genes, threads)
+        with removed_if_interrupted(out, SCALE_FILES), status(f"computing the vcc2026 scale of {real}") as st:
+            done = scale_ends(real, out, opts, splits=splits, anchor_seed=anchor_seed, seed=seed, anchor=only != "baseline",
+                              baseline=only != "anchor", overwrite=overwrite, report=lambda m: st.update(info=m))
+        for ctx, ends in done.items():
+            rows = []
+            b = _agg_2026(ends["baseline"]).set_index("metric")["mean"] if ends["baseline"] is not None else None
+            a = ends["anchor"].set_index("metric") if ends["anchor"] is not None else None
+            from vcell.eval.vcc2026.metrics import SCORED
+
+            for m in SCORED:
+                rows.append({"metric": m, "baseline": float(b[m]) if b is not None else float("nan"),
+                             "replicate": float(a.loc[m, "replicate"]) if a is not None else float("nan"),
+                             "replicate_sd": float(a.loc[m, "replicate_sd"]) if a is not None else float("nan")})
+            console.print(table(pd.DataFrame(rows), title="vcc2026 scale" + (f", context {ctx}" if ctx else "")))
+        console.print(f"wrote {out}")
+        return
+    _only_2026("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False),
+                             "--only": (only, None), "--splits": (splits, 5), "--anchor-seed": (anchor_seed, 0)})
     from vcell.data.io import check_output_path, read_h5ad, write_h5ad
     from vcell.eval.baseline import build_cell_mean_baseline, read_counts_table
     from vcell.eval.de import differential_expression

@@ -25,7 +25,7 @@ import pandas as pd
 from vcell.errors import VcellError
 from vcell.eval.vcc2026.evaluate import Reference, de_side, score_summaries
 from vcell.eval.vcc2026.inputs import CountsCells
-from vcell.eval.vcc2026.metrics import ALPHA, MIN_LFC_GATE, SCORED, _nmae
+from vcell.eval.vcc2026.metrics import ALPHA, MIN_LFC_GATE, SCORED
 from vcell.eval.vcc2026.summary import summarise, summarise_control
 from vcell.eval.vcc2026.tables import RATIO_METRIC
 

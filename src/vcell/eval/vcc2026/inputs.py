@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -102,15 +101,13 @@ def check_counts(cells: CountsCells, max_per_cell: float = MAX_COUNTS_PER_CELL) 
         )
 
 
-def labels_of(adata: ad.AnnData, pert_col: str, where: str) -> tuple[np.ndarray, list[str]]:
+def labels_of(obs: pd.DataFrame, pert_col: str, where: str) -> tuple[np.ndarray, list[str]]:
     """The perturbation label of every cell as an object array of str (missing labels become ''),
     and the labels in pandas' group order (a categorical's categories, else sorted)."""
-    if pert_col not in adata.obs.columns:
-        hint = did_you_mean(pert_col, adata.obs.columns)
-        raise VcellError(
-            f"{where}: perturbation column {pert_col!r} not found in obs{hint} (columns: {preview(adata.obs.columns, 20)})"
-        )
-    col = adata.obs[pert_col]
+    if pert_col not in obs.columns:
+        hint = did_you_mean(pert_col, obs.columns)
+        raise VcellError(f"{where}: perturbation column {pert_col!r} not found in obs{hint} (columns: {preview(obs.columns, 20)})")
+    col = obs[pert_col]
     labels = np.asarray(col.astype(object).where(col.notna(), "").astype(str), dtype=object)
     present = set(labels) - {""}
     if isinstance(col.dtype, pd.CategoricalDtype):
@@ -169,7 +166,7 @@ def read_cells(path: str | os.PathLike, pert_col: str, genes: pd.Index | None = 
 
     where = str(path)
     adata = read_h5ad(path)
-    labels, order = labels_of(adata, pert_col, where)
+    labels, order = labels_of(adata.obs, pert_col, where)
     cells = CountsCells(as_csr(adata.X, where), labels, adata.var_names.copy(), where, order)
     check_counts(cells)
     return cells

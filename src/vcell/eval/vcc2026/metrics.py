@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vcell.eval.vcc2026.summary import BULK_TARGET_SUM, Control, SideSummary
+from vcell.eval.vcc2026.summary import BULK_TARGET_SUM
 
 #: The six scored metrics, in cell-eval2's order.
 SCORED = (

@@ -1,0 +1,268 @@
+"""``vcell eval run|baseline|score --profile vcc2026``: from files to output tables.
+
+A reference may hold several contexts (cell lines) in an ``obs`` column (``context`` by
+default); each is scored on its own, with its own controls, and the outputs of context ``C``
+go to ``OUT/C/``. With one context (or no such column) they go to ``OUT`` itself. Every output
+folder is checked before any work, and all files are written atomically only once everything
+has been computed.
+
+Files: ``results.csv`` + ``agg_results.csv`` (``run``: the model; cell-eval2's layouts);
+``baseline_results.csv`` + ``baseline_agg_results.csv``, ``anchor_splits.csv`` +
+``anchor_agg.csv`` and ``scale.json`` (``baseline``: the two ends of the scale);
+``score.csv`` (``score``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vcell.data.io import atomic_paths, check_output_dir, check_output_path
+from vcell.errors import VcellError, preview
+from vcell.eval.scoring import read_csv, write_csv
+from vcell.eval.vcc2026.anchor import BASE_SEED, N_SPLITS, replicate_anchor
+from vcell.eval.vcc2026.baseline import BASELINE_SEED, baseline_cells
+from vcell.eval.vcc2026.evaluate import Reference, evaluate_cells, resolve_targets, summarise_reference
+from vcell.eval.vcc2026.inputs import (
+    CountsCells,
+    check_genes,
+    check_perturbations,
+    labels_of,
+    read_cells,
+    read_target_map,
+)
+from vcell.eval.vcc2026.scale import average_contexts, score_context
+from vcell.eval.vcc2026.tables import agg_means, agg_wide, results_long
+
+RUN_FILES = ("results.csv", "agg_results.csv")
+SCALE_FILES = ("baseline_results.csv", "baseline_agg_results.csv", "anchor_splits.csv", "anchor_agg.csv", "scale.json")
+CONTEXT_COLUMN = "context"
+
+
+@dataclass
+class Options:
+    """What every vcc2026 command shares."""
+
+    pert_col: str = "target_gene"
+    control: str = "non-targeting"
+    context_col: str = CONTEXT_COLUMN
+    target_genes: str | os.PathLike | None = None
+    no_target_genes: bool = False
+    threads: int = 2
+
+
+def _contexts(path, col: str, obs: pd.DataFrame, required: bool) -> list[str] | None:
+    """The contexts of a file (None: no context column and none required)."""
+    if col not in obs.columns:
+        if required:
+            raise VcellError(f"{path}: context column {col!r} not found in obs (the reference has it; columns: {preview(obs.columns, 10)})")
+        return None
+    values = obs[col]
+    if values.isna().any():
+        raise VcellError(f"{path}: context column {col!r} has cells without a context")
+    names = sorted(set(values.astype(str)))
+    for name in names:
+        if not name or "/" in name or name in (".", ".."):
+            raise VcellError(f"{path}: context {name!r} cannot name an output folder")
+    return names
+
+
+def _read_meta(path) -> pd.DataFrame:
+    from vcell.data.io import read_h5ad
+
+    if not Path(path).is_file():
+        raise VcellError(f"{path}: file not found")
+    meta = read_h5ad(path, backed=True)
+    obs = meta.obs.copy()
+    meta.file.close()
+    return obs
+
+
+def _context_cells(cells: CountsCells, contexts: np.ndarray | None, name: str | None) -> CountsCells:
+    """The cells of one context, without copying the matrix (other cells lose their label)."""
+    if name is None:
+        return cells
+    labels = np.where(contexts == name, cells.labels, "").astype(object)
+    order = [g for g in cells.group_order if g in set(labels)]
+    return CountsCells(cells.X, labels, cells.genes, f"{cells.where} (context {name})", order, cells.totals)
+
+
+def _folder(out: Path, name: str | None) -> str:
+    return "" if name is None else f"{name}/"
+
+
+def _reference(real: CountsCells, opts: Options, target_map) -> tuple[Reference, list[str]]:
+    perts = sorted(set(real.labels) - {opts.control, ""})
+    if opts.control not in set(real.labels):
+        raise VcellError(f"{real.where}: no control cells labelled {opts.control!r} in column {opts.pert_col!r}")
+    if not perts:
+        raise VcellError(f"{real.where}: no perturbed cells besides the controls {opts.control!r}")
+    targets = resolve_targets(perts, real.genes, target_map, opts.no_target_genes)
+    return summarise_reference(real, opts.control, perts, targets, opts.threads), perts
+
+
+def _target_map(opts: Options):
+    return read_target_map(opts.target_genes, []) if opts.target_genes is not None else None
+
+
+def run(pred, real, out, opts: Options, overwrite: bool = False, report: Callable[[str], None] | None = None) -> dict[str, pd.DataFrame]:
+    """Score a prediction against the reference: ``results.csv`` and ``agg_results.csv`` per context.
+
+    Returns context -> ``agg_results`` ('' for a single context).
+    """
+    report = report or (lambda _: None)
+    out = Path(out)
+    real_obs, pred_obs = _read_meta(real), _read_meta(pred)
+    contexts = _contexts(real, opts.context_col, real_obs, required=False)
+    pred_ctx = _contexts(pred, opts.context_col, pred_obs, required=contexts is not None) if contexts is not None else None
+    if pred_ctx is not None and set(pred_ctx) - set(contexts):
+        raise VcellError(f"{pred}: context(s) {preview(sorted(set(pred_ctx) - set(contexts)), 3)} not in {real}")
+    names = [f"{_folder(out, c)}{f}" for c in (contexts or [None]) for f in RUN_FILES]
+    check_output_dir(out, names, [pred, real], overwrite=overwrite)
+    target_map = _target_map(opts)
+    labels_real, _ = labels_of(real_obs, opts.pert_col, str(real))
+    labels_pred, _ = labels_of(pred_obs, opts.pert_col, str(pred))
+    check_perturbations(labels_pred, labels_real, opts.control, str(pred), str(real))
+    t = time.perf_counter()
+    real_cells = read_cells(real, opts.pert_col)
+    pred_cells = read_cells(pred, opts.pert_col)
+    check_genes(pred_cells.genes, real_cells.genes, str(pred), str(real))
+    report(f"read both files in {time.perf_counter() - t:.1f} s")
+    real_ctx = real_obs[opts.context_col].astype(str).to_numpy() if contexts else None
+    pred_ctx_values = pred_obs[opts.context_col].astype(str).to_numpy() if contexts else None
+    tables = {}
+    for name in contexts or [None]:
+        r = _context_cells(real_cells, real_ctx, name)
+        p = _context_cells(pred_cells, pred_ctx_values, name)
+        check_perturbations(p.labels, r.labels, opts.control, p.where, r.where)
+        ref, perts = _reference(r, opts, target_map)
+        values, ratio = evaluate_cells(ref, p, opts.threads)
+        res = results_long(perts, values)
+        tables[name or ""] = (res, agg_wide(res, ratio))
+        report(f"scored {len(perts)} perturbations" + (f" of context {name}" if name else ""))
+    with atomic_paths(out, names) as tmp:
+        for name in contexts or [None]:
+            res, agg = tables[name or ""]
+            write_csv(res, tmp[f"{_folder(out, name)}results.csv"])
+            write_csv(agg, tmp[f"{_folder(out, name)}agg_results.csv"])
+    return {k: v[1] for k, v in tables.items()}
+
+
+def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: int = BASE_SEED, seed: int = BASELINE_SEED,
+               anchor: bool = True, baseline: bool = True, overwrite: bool = False,
+               report: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """The two ends of the scale of every context of ``real``: the baseline scored, the replicate anchor.
+
+    Returns context -> {"baseline": agg_results or None, "anchor": anchor agg or None}.
+    """
+    if not (anchor or baseline):
+        raise VcellError("nothing to compute: both the baseline and the anchor are switched off")
+    report = report or (lambda _: None)
+    out = Path(out)
+    real_obs = _read_meta(real)
+    contexts = _contexts(real, opts.context_col, real_obs, required=False)
+    files = ["scale.json"] + (list(SCALE_FILES[:2]) if baseline else []) + (list(SCALE_FILES[2:4]) if anchor else [])
+    names = [f"{_folder(out, c)}{f}" for c in (contexts or [None]) for f in files]
+    check_output_dir(out, names, [real], overwrite=overwrite)
+    target_map = _target_map(opts)
+    labels_of(real_obs, opts.pert_col, str(real))
+    real_cells = read_cells(real, opts.pert_col)
+    real_ctx = real_obs[opts.context_col].astype(str).to_numpy() if contexts else None
+    done: dict[str, dict] = {}
+    outputs = {}
+    for name in contexts or [None]:
+        r = _context_cells(real_cells, real_ctx, name)
+        ref, perts = _reference(r, opts, target_map)
+        entry: dict = {"baseline": None, "anchor": None}
+        files_ctx = {}
+        if anchor:
+            t = time.perf_counter()
+            res = replicate_anchor(ref, r, opts.control, anchor_seed, splits, opts.threads,
+                                   progress=lambda i: report(f"anchor split {i + 1}/{splits}" + (f" of context {name}" if name else "")))
+            entry["anchor"] = res.agg
+            files_ctx["anchor_splits.csv"] = res.splits
+            files_ctx["anchor_agg.csv"] = res.agg
+            report(f"replicate anchor in {time.perf_counter() - t:.1f} s")
+        if baseline:
+            t = time.perf_counter()
+            values, ratio = evaluate_cells(ref, baseline_cells(r, ref, seed), opts.threads)
+            bres = results_long(perts, values)
+            entry["baseline"] = agg_wide(bres, ratio)
+            files_ctx["baseline_results.csv"] = bres
+            files_ctx["baseline_agg_results.csv"] = entry["baseline"]
+            report(f"baseline scored in {time.perf_counter() - t:.1f} s")
+        files_ctx["scale.json"] = {
+            "profile": "vcc2026", "reference": str(real), "context": name, "perturbations": len(perts),
+            "control_cells": ref.ctrl.n_cells, "pert_col": opts.pert_col, "control": opts.control,
+            "anchor": {"splits": splits, "base_seed": anchor_seed} if anchor else None,
+            "baseline": {"seed": seed} if baseline else None,
+            "target_genes": "none" if opts.no_target_genes else (str(opts.target_genes) if opts.target_genes else "labels"),
+        }
+        outputs[name] = files_ctx
+        done[name or ""] = entry
+    with atomic_paths(out, names) as tmp:
+        for name, files_ctx in outputs.items():
+            for fname, obj in files_ctx.items():
+                path = tmp[f"{_folder(out, name)}{fname}"]
+                if fname.endswith(".json"):
+                    path.write_text(json.dumps(obj, indent=2) + "\n")
+                else:
+                    write_csv(obj, path)
+    return done
+
+
+def _context_dirs(root: Path, marker: str) -> dict[str, Path]:
+    """context -> folder holding ``marker`` ('' for a single context at ``root``)."""
+    if (root / marker).is_file():
+        return {"": root}
+    found = {p.parent.name: p.parent for p in sorted(root.glob(f"*/{marker}"))}
+    if not found:
+        raise VcellError(f"{root}: no {marker} here or in its context folders")
+    return found
+
+
+def _mean_row(path: Path) -> dict[str, float]:
+    return agg_means(read_csv(path))
+
+
+def score(user, scale_dir, out=None, overwrite: bool = False) -> pd.DataFrame:
+    """The scaled 2026 score of a run folder against a folder of scale ends, per context and averaged."""
+    user, scale_dir = Path(user), Path(scale_dir)
+    if out is not None:
+        check_output_path(out, overwrite=overwrite)
+    users = _context_dirs(user, "agg_results.csv") if user.is_dir() else {"": user}
+    if not user.exists():
+        raise VcellError(f"{user}: not found")
+    ends = _context_dirs(scale_dir, "baseline_agg_results.csv")
+    missing = sorted(set(users) - set(ends))
+    if missing:
+        raise VcellError(f"{scale_dir}: no scale for context(s) {preview(missing, 3)} of {user}")
+    tables = {}
+    for ctx, folder in users.items():
+        u = _mean_row(folder / "agg_results.csv" if folder.is_dir() else folder)
+        b = _mean_row(ends[ctx] / "baseline_agg_results.csv")
+        anchor_path = ends[ctx] / "anchor_agg.csv"
+        r = None
+        if anchor_path.is_file():
+            a = read_csv(anchor_path, text_columns=("metric", "estimator"))
+            r = {str(m): float(v) for m, v in zip(a["metric"], a["replicate"])}
+        tables[ctx] = score_context(u, b, r)
+    table = average_contexts(tables)
+    if out is not None:
+        write_csv(table, out)
+    return table
+
+
+def score_value(table: pd.DataFrame) -> float:
+    """The headline number of a score table: the mean over contexts of the context scores."""
+    rows = table[(table["metric"] == "avg_score")]
+    final = rows[rows["context"] == "mean"] if (rows["context"] == "mean").any() else rows
+    return float(final["score"].iloc[0]) if len(final) else math.nan

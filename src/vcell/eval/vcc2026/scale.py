@@ -1,0 +1,93 @@
+"""The VCC 2026 score: each metric placed between the baseline (0) and the replicate (1).
+
+For a metric whose aggregate is ``u``, with baseline ``b`` and replicate ``r``:
+``s = (u - b) / (r - b)`` (for the two lower-is-better metrics the same line written as
+``1 - (u - r) / (b - r)``, cell-eval2's arithmetic). ``expr_mse_unbiased_capped_norm`` is
+clamped to [0, 1] and ``de_wilcoxon_lfc_nmae`` floored at -6; the other four are not clamped.
+A non-finite ``u`` scores the clamp (or, unclamped, the metric's floor of 0). A context's score
+is the mean of the six; contexts are scored separately and averaged. ``from_baseline`` is the
+same with the metric's perfect value (1, or 0 when lower is better) in place of ``r``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from vcell.errors import VcellError
+from vcell.eval.vcc2026.metrics import SCORED
+
+#: metric -> (lower is better, perfect value, clamp low, clamp high); None: not clamped.
+POLICY: dict[str, tuple[bool, float, float | None, float]] = {
+    "expr_mse_unbiased_capped_norm": (True, 0.0, 0.0, 1.0),
+    "de_wilcoxon_lfc_nmae": (True, 0.0, -6.0, math.inf),
+    "pds_cosine": (False, 1.0, None, math.inf),
+    "de_wilcoxon_direction_fidelity_yield_raw": (False, 1.0, None, math.inf),
+    "de_wilcoxon_direction_reach_raw": (False, 1.0, None, math.inf),
+    "de_wilcoxon_sig_jaccard": (False, 1.0, None, math.inf),
+}
+#: Order of the score table's rows: lower-is-better metrics, then the others, by name.
+ORDER = sorted(m for m in SCORED if POLICY[m][0]) + sorted(m for m in SCORED if not POLICY[m][0])
+
+
+def _clip(x: float, lo: float, hi: float) -> float:
+    if not math.isfinite(x) or x <= lo:
+        return lo
+    return hi if x >= hi else x
+
+
+def scaled(metric: str, u: float, b: float, top: float) -> float:
+    """One metric's value on the scale from ``b`` (0) to ``top`` (1), clamped as the challenge does."""
+    lower, _, clamp_lo, hi = POLICY[metric]
+    span = (b - top) if lower else (top - b)
+    if not (math.isfinite(b) and math.isfinite(span) and span > 0):
+        raise VcellError(f"{metric}: the scale is degenerate (baseline {b!r}, top {top!r}): the baseline is not worse than the top end")
+
+    def line(x: float) -> float:
+        return 1.0 - (x - top) / (b - top) if lower else (x - b) / (top - b)
+
+    lo = -math.inf if clamp_lo is None else clamp_lo
+    if u is None or not math.isfinite(float(u)):
+        return clamp_lo if clamp_lo is not None else _clip(line(0.0), lo, hi)
+    s = line(float(u))
+    if not math.isfinite(s):
+        return clamp_lo if clamp_lo is not None else _clip(line(0.0), lo, hi)
+    return _clip(s, lo, hi)
+
+
+def score_context(user: dict[str, float], baseline: dict[str, float], replicate: dict[str, float] | None) -> pd.DataFrame:
+    """The score table of one context: one row per scored metric, then ``avg_score``.
+
+    Columns: ``metric``, ``value`` (the model's aggregate), ``baseline``, ``replicate``,
+    ``from_baseline`` and ``score`` (against the replicate; NaN without one).
+    """
+    rows = []
+    for m in ORDER:
+        for name, table in (("model", user), ("baseline", baseline)):
+            if m not in table:
+                raise VcellError(f"the {name}'s aggregate has no {m!r}: was it computed with --profile vcc2026?")
+        u, b = user[m], baseline[m]
+        r = replicate.get(m, math.nan) if replicate is not None else math.nan
+        rows.append({
+            "metric": m, "value": u, "baseline": b, "replicate": r,
+            "from_baseline": scaled(m, u, b, POLICY[m][1]),
+            "score": scaled(m, u, b, r) if replicate is not None else math.nan,
+        })
+    table = pd.DataFrame(rows)
+    avg = {"metric": "avg_score", "value": math.nan, "baseline": math.nan, "replicate": math.nan,
+           "from_baseline": float(np.mean(table["from_baseline"])),
+           "score": float(np.mean(table["score"])) if replicate is not None else math.nan}
+    return pd.concat([table, pd.DataFrame([avg])], ignore_index=True)
+
+
+def average_contexts(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Context score tables stacked (column ``context``) with their mean as context ``mean``."""
+    stacked = pd.concat([t.assign(context=c) for c, t in tables.items()], ignore_index=True)
+    if len(tables) > 1:
+        mean = stacked.groupby("metric", sort=False)[["from_baseline", "score"]].mean().reset_index()
+        for col in ("value", "baseline", "replicate"):
+            mean[col] = math.nan
+        stacked = pd.concat([stacked, mean.assign(context="mean")], ignore_index=True)
+    return stacked[["context", "metric", "value", "baseline", "replicate", "from_baseline", "score"]]
