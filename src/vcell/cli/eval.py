@@ -250,15 +250,38 @@ def baseline_cmd(
 def prep_cmd(
     pred: Annotated[Path, typer.Option("--pred", help="Predicted cells (.h5ad).")],
     genes: Annotated[Path, typer.Option("--genes", help="Gene list (CSV, first column, no header), as cell-eval prep -g.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Output .vcc (default: PRED.prep.vcc).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output .vcc (default: PRED.prep.vcc); vcc2026: .h5ad (default: PRED.prep.h5ad).")] = None,
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
     max_cells: Annotated[int, typer.Option(help="Most cells allowed (-1: no cap).")] = 200_000,
     expected_n_genes: Annotated[int, typer.Option(help="Expected gene count (-1: no check).")] = 18_080,
+    profile: Annotated[str, typer.Option("--profile", help="vcc (2025 .vcc archive) or vcc2026 (raw-count .h5ad, the 2026 upload checks).")] = "vcc",
+    perturbations: Annotated[Path | None, typer.Option("--perturbations", help="vcc2026: CSV of the perturbations to predict (header; first column names, optional second column cell counts).")] = None,
+    context_col: Annotated[str | None, typer.Option("--context-col", help="vcc2026: obs column of each cell's context, kept in the output.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the output if it exists.")] = False,
     seed: NoRandomSeed = 0,
 ) -> None:
-    """Prepare a submission as `cell-eval prep` does: gene check/reorder, CSR float32, .vcc tar."""
+    """Prepare a submission as `cell-eval prep` does: gene check/reorder, CSR float32, .vcc tar.
+
+    With --profile vcc2026: the 2026 upload checks (gene list and order, the listed
+    perturbations and cell counts, no control rows, integral non-negative counts, no cell above
+    1e6, the stored-entry cap), then a CSR float32 .h5ad; nothing is written unless all pass.
+    """
+    if profile == "vcc2026":
+        _only_2026("vcc", **{"--max-cells": (max_cells, 200_000), "--expected-n-genes": (expected_n_genes, 18_080)})
+        from vcell.eval.vcc2026.submission import prepare_submission_2026
+
+        target = out if out is not None else pred.with_name(pred.name.removesuffix(".h5ad") + ".prep.h5ad")
+        with status(f"checking {pred} for the 2026 upload"):
+            path = prepare_submission_2026(pred, target, genes=genes, perturbations=perturbations, pert_col=pert_col,
+                                           control=control, context_col=context_col, overwrite=overwrite)
+        console.print(f"wrote {path}")
+        return
+    if profile != "vcc":
+        from vcell.errors import VcellError
+
+        raise VcellError(f"--profile {profile!r}: use vcc or vcc2026")
+    _only_2026("vcc2026", **{"--perturbations": (perturbations, None), "--context-col": (context_col, None)})
     from vcell.eval.prep import prepare_submission
 
     path = prepare_submission(

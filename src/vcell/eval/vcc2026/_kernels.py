@@ -124,14 +124,18 @@ def _gene_tests_at(vals, gstart, cnt, sizes, scale, j, stat, pval, means, lsums,
     return sid
 
 
-@nb.njit(cache=True, error_model="numpy")
-def row_totals(data, indptr):
-    """Per-row sums in float64, in index order (exact for integral counts below 2**53)."""
-    n = indptr.shape[0] - 1
-    out = np.zeros(n, np.float64)
-    for i in range(n):
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def row_totals(data, indptr, out, r0, r1):
+    """Rows ``r0:r1``: their sums in float64 into ``out`` (index order; exact for integral counts
+    below 2**53). Returns the position in ``data`` of the first value that is not a count
+    (NaN, inf, negative or fractional), or -1."""
+    bad = -1
+    for i in range(r0, r1):
         s = 0.0
         for k in range(indptr[i], indptr[i + 1]):
-            s += float(data[k])
+            v = float(data[k])
+            if bad < 0 and not (v >= 0 and v == math.floor(v) and v < np.inf):
+                bad = k
+            s += v
         out[i] = s
-    return out
+    return bad

@@ -14,6 +14,7 @@ Files: ``results.csv`` + ``agg_results.csv`` (``run``: the model; cell-eval2's l
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -131,23 +132,32 @@ def run(pred, real, out, opts: Options, overwrite: bool = False, report: Callabl
     labels_real, _ = labels_of(real_obs, opts.pert_col, str(real))
     labels_pred, _ = labels_of(pred_obs, opts.pert_col, str(pred))
     check_perturbations(labels_pred, labels_real, opts.control, str(pred), str(real))
+    # One matrix in memory at a time: the reference is summarised (its controls kept) and released
+    # before the prediction is read.
     t = time.perf_counter()
     real_cells = read_cells(real, opts.pert_col)
-    pred_cells = read_cells(pred, opts.pert_col)
-    check_genes(pred_cells.genes, real_cells.genes, str(pred), str(real))
-    report(f"read both files in {time.perf_counter() - t:.1f} s")
     real_ctx = real_obs[opts.context_col].astype(str).to_numpy() if contexts else None
+    refs = {}
+    for name in contexts or [None]:
+        r = _context_cells(real_cells, real_ctx, name)
+        refs[name] = (_reference(r, opts, target_map), r.where)
+    genes = real_cells.genes
+    del real_cells, r
+    gc.collect()
+    report(f"reference summarised in {time.perf_counter() - t:.1f} s")
+    t = time.perf_counter()
+    pred_cells = read_cells(pred, opts.pert_col)
+    check_genes(pred_cells.genes, genes, str(pred), str(real))
     pred_ctx_values = pred_obs[opts.context_col].astype(str).to_numpy() if contexts else None
     tables = {}
     for name in contexts or [None]:
-        r = _context_cells(real_cells, real_ctx, name)
+        (ref, perts), real_where = refs[name]
         p = _context_cells(pred_cells, pred_ctx_values, name)
-        check_perturbations(p.labels, r.labels, opts.control, p.where, r.where)
-        ref, perts = _reference(r, opts, target_map)
+        check_perturbations(p.labels, np.array(perts + [opts.control], dtype=object), opts.control, p.where, real_where)
         values, ratio = evaluate_cells(ref, p, opts.threads)
         res = results_long(perts, values)
         tables[name or ""] = (res, agg_wide(res, ratio))
-        report(f"scored {len(perts)} perturbations" + (f" of context {name}" if name else ""))
+    report(f"prediction scored in {time.perf_counter() - t:.1f} s")
     with atomic_paths(out, names) as tmp:
         for name in contexts or [None]:
             res, agg = tables[name or ""]

@@ -10,6 +10,7 @@ the reference's controls are the origin of both sides, as the competition scores
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,14 +37,26 @@ class CountsCells:
     totals: np.ndarray | None = None  # each row's total count (float64)
 
     def __post_init__(self) -> None:
+        self.first_bad = -1  # position in X.data of the first value that is not a count (-1: none)
         if self.totals is None:
-            self.totals = row_totals(self.X.data, self.X.indptr)
+            self.totals, self.first_bad = _totals(self.X)
         if self.group_order is None:
             self.group_order = sorted(set(self.labels) - {""})
 
     def rows(self, label: str) -> np.ndarray:
         """Row indices of the cells labelled ``label``, in row order."""
         return np.flatnonzero(self.labels == label)
+
+
+def _totals(X: sp.csr_matrix) -> tuple[np.ndarray, int]:
+    """Row totals and the first non-count value of a CSR matrix, rows split over two threads."""
+    n = X.shape[0]
+    out = np.empty(n, np.float64)
+    cuts = [0, n // 2, n]
+    with ThreadPoolExecutor(2) as pool:
+        bad = list(pool.map(lambda i: row_totals(X.data, X.indptr, out, cuts[i], cuts[i + 1]), range(2)))
+    found = [b for b in bad if b >= 0]
+    return out, (min(found) if found else -1)
 
 
 def as_csr(X, where: str) -> sp.csr_matrix:
@@ -70,6 +83,9 @@ def as_csr(X, where: str) -> sp.csr_matrix:
 def check_counts(cells: CountsCells, max_per_cell: float = MAX_COUNTS_PER_CELL) -> None:
     """Stop at the first value that is not a raw count, or a cell above ``max_per_cell``.
 
+    The values were scanned when ``cells`` was made (with its row totals); cells made from
+    another's totals inherit that check.
+
     Raises
     ------
     VcellError
@@ -77,12 +93,8 @@ def check_counts(cells: CountsCells, max_per_cell: float = MAX_COUNTS_PER_CELL) 
     """
     X = cells.X
     data = X.data
-    if data.dtype.kind == "f":
-        bad = ~np.isfinite(data) | (data < 0) | (data != np.floor(data))
-    else:
-        bad = data < 0
-    if bad.any():
-        k = int(np.flatnonzero(bad)[0])
+    k = cells.first_bad  # found while the row totals were summed
+    if k >= 0:
         row = int(np.searchsorted(X.indptr, k, side="right") - 1)
         value = data[k]
         gene = cells.genes[X.indices[k]]

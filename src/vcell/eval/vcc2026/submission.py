@@ -1,0 +1,154 @@
+"""``vcell eval prep --profile vcc2026``: a prediction checked as the 2026 upload requires, then written.
+
+The checks (cell-eval2's ``docs/vcc2026_metrics``, section 7): the gene axis is the challenge
+gene list (the same genes in another order are put in the list's order); the perturbation
+labels are exactly those listed, with no control rows (the platform adds the reference's
+controls itself); each perturbation has the listed number of cells when counts are given;
+values are raw counts (finite, non-negative, integral) with no cell above 1e6; the stored
+entries of the CSR matrix written (explicit zeros removed) stay under the 4.75e9 cap. Each
+violation is one line naming the file and the perturbation, cell or gene; nothing is written
+unless every check passes. The output is an ``.h5ad``: CSR float32 counts, ``obs`` holding
+``target_gene`` (and the context column when asked for), ``var`` indexed by gene.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from vcell.data.io import check_output_path, read_h5ad, write_h5ad
+from vcell.errors import VcellError, preview
+from vcell.eval.prep import read_gene_list
+from vcell.eval.vcc2026.inputs import CountsCells, as_csr, check_counts, labels_of
+
+#: Most stored entries a 2026 submission's matrix may hold.
+MAX_STORED_ENTRIES = 4_750_000_000
+#: The perturbation column of the upload.
+UPLOAD_PERT_COL = "target_gene"
+
+
+def read_perturbation_table(path: str | os.PathLike) -> dict[str, int | None]:
+    """Perturbations to predict (first column) and, when there is a second, their cell counts."""
+    p = Path(path)
+    if not p.is_file():
+        raise VcellError(f"{p}: perturbation list not found")
+    table = pd.read_csv(p, dtype=str, keep_default_na=False)
+    if table.shape[1] == 0 or len(table) == 0:
+        raise VcellError(f"{p}: the perturbation list is empty")
+    out: dict[str, int | None] = {}
+    for i, row in enumerate(table.itertuples(index=False), start=2):
+        name = row[0]
+        if name in out:
+            raise VcellError(f"{p}: perturbation {name!r} is listed twice (line {i})")
+        count = None
+        if table.shape[1] > 1:
+            try:
+                count = int(row[1])
+            except ValueError:
+                raise VcellError(f"{p}: line {i}: cell count {row[1]!r} of {name!r} is not an integer") from None
+        out[name] = count
+    return out
+
+
+def _check_labels(labels: np.ndarray, listed: dict[str, int | None] | None, control: str, where: str) -> None:
+    present, counts = np.unique(labels, return_counts=True)
+    if "" in set(present):
+        raise VcellError(f"{where}: {int(counts[present == ''][0])} cell(s) have no perturbation label")
+    if control in set(present):
+        raise VcellError(
+            f"{where}: {int(counts[present == control][0])} control cell(s) labelled {control!r}: a 2026 submission holds "
+            "no control rows (the reference's controls are added when it is scored)"
+        )
+    if listed is None:
+        return
+    extra = sorted(set(present) - set(listed))
+    if extra:
+        raise VcellError(f"{where}: {len(extra)} perturbation(s) not in the list ({preview(extra, 5)})")
+    missing = sorted(set(listed) - set(present))
+    if missing:
+        raise VcellError(f"{where}: {len(missing)} listed perturbation(s) have no cells ({preview(missing, 5)})")
+    for name, n in zip(present, counts, strict=True):
+        want = listed[name]
+        if want is not None and int(n) != want:
+            raise VcellError(f"{where}: perturbation {name!r} has {int(n)} cells, the list asks for {want}")
+
+
+def prepare_submission_2026(
+    pred_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    genes: str | os.PathLike,
+    perturbations: str | os.PathLike | None = None,
+    pert_col: str = "target_gene",
+    control: str = "non-targeting",
+    context_col: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Check a raw-count prediction as the VCC 2026 upload requires and write it as ``.h5ad``.
+
+    Parameters
+    ----------
+    pred_path : path
+        The prediction; read, never modified.
+    out_path : path
+        The ``.h5ad`` to write.
+    genes : path
+        The challenge gene list (CSV, first column, no header), in order.
+    perturbations : path, optional
+        CSV (with a header) of the perturbations to predict, optionally with their cell counts.
+    pert_col, control : str
+        The perturbation column and the control label (which must not appear).
+    context_col : str, optional
+        obs column with each cell's context, carried into the output.
+    overwrite : bool
+        Replace an existing ``out_path``.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    where = str(pred_path)
+    out = check_output_path(out_path, [pred_path], overwrite=overwrite)
+    gene_list = read_gene_list(genes)
+    listed = read_perturbation_table(perturbations) if perturbations is not None else None
+    if not Path(pred_path).is_file():
+        raise VcellError(f"{pred_path}: file not found")
+    adata = read_h5ad(pred_path)
+    labels, _ = labels_of(adata.obs, pert_col, where)
+    if context_col is not None:
+        if context_col not in adata.obs.columns:
+            raise VcellError(f"{where}: context column {context_col!r} not found in obs (columns: {preview(adata.obs.columns, 10)})")
+        if adata.obs[context_col].isna().any():
+            raise VcellError(f"{where}: context column {context_col!r} has cells without a context")
+    _check_labels(labels, listed, control, where)
+    var = adata.var_names
+    if not var.is_unique:
+        raise VcellError(f"{where}: duplicated gene names in var ({preview(var[var.duplicated()].unique(), 5)})")
+    wanted = pd.Index(gene_list)
+    missing = wanted.difference(var, sort=False)
+    if len(missing):
+        raise VcellError(f"{where}: {len(missing)} gene(s) of the gene list missing from var ({preview(missing, 5)})")
+    extra = var.difference(wanted, sort=False)
+    if len(extra):
+        raise VcellError(f"{where}: {len(extra)} gene(s) not in the gene list ({preview(extra, 5)})")
+    X = as_csr(adata.X, where)
+    if not var.equals(wanted):
+        X = X[:, var.get_indexer(wanted)]
+        X.sort_indices()
+    cells = CountsCells(X, labels, wanted, where)
+    check_counts(cells)
+    X = sp.csr_matrix(X, dtype=np.float32)
+    X.eliminate_zeros()
+    if X.nnz > MAX_STORED_ENTRIES:
+        raise VcellError(f"{where}: {X.nnz:,} stored entries, more than the {MAX_STORED_ENTRIES:,} allowed")
+    obs = pd.DataFrame({UPLOAD_PERT_COL: pd.Categorical(labels.astype(str))}, index=adata.obs_names.astype(str))
+    if context_col is not None:
+        obs[context_col] = adata.obs[context_col].astype(str).to_numpy()
+    result = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=wanted))
+    result.uns["vcell"] = {"prepared_for": "vcc2026", "expression": "counts"}
+    return write_h5ad(result, out)
