@@ -7,6 +7,13 @@ Layout of the output folder (the report reads it):
   against ``cell_mean``); one row per model per held-out context plus a ``mean`` context.
 - ``predictions/<model>_<context>.h5ad`` and ``predictions/real_<context>.h5ad``.
 - ``eval/<model>_<context>/``: ``results.csv``, ``agg_results.csv``, ``real_de.csv``, ``pred_de.csv``.
+- with ``profile="vcc2026"`` (raw-count data): the 2025 ``vcc`` metrics as above, and the VCC 2026
+  score next to them: ``eval/vcc2026_scale_<context>/`` holds both ends of the context's scale
+  (mean-response baseline, split-half replicate anchor), ``eval/<model>_<context>/vcc2026/`` the
+  model's ``results.csv``, ``agg_results.csv`` and ``score.csv``; the leaderboard gains
+  ``vcc2026_score`` and the six scaled metrics ``vcc2026_<metric>``. Predictions are log1p; each
+  is scored as counts drawn from it (:func:`vcell.data.counts.sample_counts`) at library sizes
+  drawn from the context's real control cells, seeded.
 - ``bench.json``: what was run (data, split, models, seed, runs, timings).
 - ``report.html``.
 
@@ -81,10 +88,12 @@ def prepare_data(
     dataset_col: str | None,
     allow_missing_controls: bool,
     datasets: Sequence[str] = (),
+    keep_counts: bool = False,
 ) -> PerturbationData:
     """Read the data in memory as log1p (counts get normalize_total to 1e4 + log1p, logged).
 
-    ``datasets`` keeps only the cells whose ``dataset_col`` value is listed.
+    ``datasets`` keeps only the cells whose ``dataset_col`` value is listed. ``keep_counts``
+    keeps the raw counts in ``layers["counts"]`` (and requires counts).
     """
     path = Path(path)
     adata = read_h5ad(path)
@@ -97,9 +106,13 @@ def prepare_data(
             raise VcellError(f"{path}: dataset {unknown[0]!r} not found in column {dataset_col!r} (values: {', '.join(sorted(present))})")
         adata = adata[adata.obs[dataset_col].astype(str).isin(list(datasets)).to_numpy()].copy()
     info = validate(adata, spec, path, require_context_controls=not allow_missing_controls)
+    if keep_counts and info.type != "counts":
+        raise VcellError(f"{path}: --profile vcc2026 scores raw counts, and this file holds {info.type} values; give the raw-count file")
     if info.type == "counts":
         log.info("%s: counts -> normalize_total (1e4) + log1p for the benchmark", path)
         adata = adata.copy()
+        if keep_counts:
+            adata.layers["counts"] = sp.csr_matrix(adata.X, dtype=np.float32)
         sc.pp.normalize_total(adata, target_sum=1e4)
         sc.pp.log1p(adata)
         adata.X = sp.csr_matrix(adata.X, dtype=np.float32) if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float32)
@@ -206,8 +219,11 @@ def run_bench(
     for name in models:
         make_model(name)  # unknown names fail before any work
     say = progress or (lambda text: None)
+    with_2026 = profile == "vcc2026"
+    if with_2026:
+        profile = "vcc"  # the 2025 score beside the 2026 one
     say(f"reading {data_path}")
-    data = prepare_data(data_path, spec, dataset_col, allow_missing_controls, datasets)
+    data = prepare_data(data_path, spec, dataset_col, allow_missing_controls, datasets, keep_counts=with_2026)
     spec = data.spec
     folds = make_folds(data, split_file, holdout)
     (out / "predictions").mkdir(parents=True, exist_ok=True)
@@ -219,6 +235,14 @@ def run_bench(
             real_by_ctx[ctx] = _tidy(_real_cells(data, fold.split, ctx), spec)
             write_h5ad(real_by_ctx[ctx], out / "predictions" / f"real_{slug(ctx)}.h5ad")
         aggs: dict[tuple[str, str], pd.DataFrame] = {}
+        scales = {}
+        if with_2026:
+            for ctx in fold.contexts:
+                say(f"fold {fold.name}: the vcc2026 scale of {ctx} (baseline and replicate anchor)")
+                t = time.perf_counter()
+                scales[ctx] = _scale_2026(_real_cells(data, fold.split, ctx), spec, threads, seed, out / "eval" / f"vcc2026_scale_{slug(ctx)}")
+                timings[f"vcc2026 scale {ctx}"] = time.perf_counter() - t
+        scores_2026: dict[tuple[str, str], dict[str, float]] = {}
         for name in models:
             fits += 1
             say(f"{name} on fold {fold.name} ({fits} of {len(models) * len(folds)}): training")
@@ -239,12 +263,17 @@ def run_bench(
                 write_outputs(result, out / "eval" / run_slug)
                 timings[f"eval {name} {ctx}"] = time.perf_counter() - t
                 aggs[(name, ctx)] = result.agg
+                if with_2026:
+                    t = time.perf_counter()
+                    scores_2026[(name, ctx)] = _score_2026(pred, scales[ctx], spec, threads, seed, out / "eval" / run_slug / "vcc2026")
+                    timings[f"vcc2026 {name} {ctx}"] = time.perf_counter() - t
                 runs.append({"model": name, "context": ctx, "fold": fold.name, "slug": run_slug,
                              "prediction": f"predictions/{run_slug}.h5ad", "eval_dir": f"eval/{run_slug}"})
         for (name, ctx), agg in aggs.items():
             means = agg.set_index("statistic").loc["mean"]
             row = {"model": name, "context": ctx, **{k: float(v) if pd.notna(v) else np.nan for k, v in means.items()}}
             row["vcc_score"], row["vcc_score_unclipped"] = vcc_score(agg, aggs[(BASELINE_MODEL, ctx)])
+            row.update(scores_2026.get((name, ctx), {}))
             rows.append(row)
     board = _leaderboard(rows)
     write_csv(board, out / "leaderboard.csv")
@@ -267,10 +296,58 @@ def run_bench(
     return BenchResult(board, out, runs, timings)
 
 
+def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folder: Path):
+    """Both ends of the VCC 2026 scale of one held-out context, written to ``folder``."""
+    from vcell.eval.vcc2026.files import Options, context_scale
+    from vcell.eval.vcc2026.inputs import CountsCells, as_csr, check_counts, labels_of
+
+    labels, order = labels_of(real.obs, spec.pert_col, "the held-out cells")
+    cells = CountsCells(as_csr(real.layers["counts"], "counts"), labels, real.var_names.copy(), "the held-out cells", order)
+    check_counts(cells)
+    named = bool(set(labels) & set(real.var_names))  # perturbations that are genes: their own gene is excluded
+    opts = Options(spec.pert_col, spec.control, no_target_genes=not named, threads=threads)
+    scale = context_scale(cells, opts, None, seed=0)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_csv(scale.baseline_agg, folder / "baseline_agg_results.csv")
+    write_csv(scale.anchor.agg, folder / "anchor_agg.csv")
+    write_csv(scale.anchor.splits, folder / "anchor_splits.csv")
+    return scale, cells.totals[cells.rows(spec.control)]
+
+
+def _score_2026(pred: ad.AnnData, scale, spec: DataSpec, threads: int, seed: int, folder: Path) -> dict[str, float]:
+    """A log1p prediction scored with the VCC 2026 metrics as counts drawn from it; the leaderboard columns."""
+    from vcell.data.counts import draw_library_sizes, sample_counts
+    from vcell.eval.vcc2026.evaluate import evaluate_cells
+    from vcell.eval.vcc2026.inputs import CountsCells, labels_of
+    from vcell.eval.vcc2026.scale import score_context
+    from vcell.eval.vcc2026.tables import agg_means, agg_wide, results_long
+
+    context_scale, control_totals = scale
+    labels, order = labels_of(pred.obs, spec.pert_col, "the prediction")
+    keep = labels != spec.control
+    X = sample_counts(pred.X[keep], draw_library_sizes(control_totals, int(keep.sum()), seed), seed)
+    cells = CountsCells(X, labels[keep], pred.var_names.copy(), "the prediction as counts", [g for g in order if g != spec.control])
+    values, ratio = evaluate_cells(context_scale.ref, cells, threads)
+    res = results_long(context_scale.perturbations, values)
+    agg = agg_wide(res, ratio)
+    b, r = context_scale.ends()
+    table = score_context(agg_means(agg), b, r, strict=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_csv(res, folder / "results.csv")
+    write_csv(agg, folder / "agg_results.csv")
+    write_csv(table, folder / "score.csv")
+    cols = {f"vcc2026_{m}": float(v) for m, v in zip(table["metric"], table["score"]) if m != "avg_score"}
+    return {SCORE_2026: float(table.loc[table["metric"] == "avg_score", "score"].iloc[0]), **cols}
+
+
+SCORE_2026 = "vcc2026_score"
+
+
 def _leaderboard(rows: list[dict]) -> pd.DataFrame:
     board = pd.DataFrame(rows)
     metric_cols = [c for c in board.columns if c not in ("model", "context")]
-    ordered = ["model", "context"] + [c for c in metric_cols if not c.startswith("vcc_score")] + ["vcc_score", "vcc_score_unclipped"]
+    last = ["vcc_score", "vcc_score_unclipped"] + [c for c in metric_cols if c.startswith("vcc2026_")]
+    ordered = ["model", "context"] + [c for c in metric_cols if c not in last] + last
     board = board[ordered]
     mean = board.groupby("model", sort=False)[ordered[2:]].mean(numeric_only=True).reset_index()
     mean.insert(1, "context", "mean")

@@ -73,7 +73,7 @@ def bench(
     expression: Expression = None,
     dataset_col: Annotated[str, typer.Option(help="obs column naming each cell's dataset (if present).")] = "dataset",
     dataset: Annotated[list[str] | None, typer.Option("--dataset", help="Keep only cells of this dataset (repeatable).")] = None,
-    profile: Annotated[str, typer.Option("--profile", help="Metric profile scored (full includes vcc).")] = "full",
+    profile: Annotated[str, typer.Option("--profile", help="Metric profile scored (full includes vcc); vcc2026: the 2025 vcc metrics and the VCC 2026 score (raw-count data).")] = "full",
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("vcell-bench"),
     threads: Annotated[int, typer.Option("--threads", help="Threads for differential expression.")] = 2,
     allow_missing_controls: AllowMissingControls = False,
@@ -87,7 +87,8 @@ def bench(
     from vcell.eval.profiles import profile_metrics
     from vcell.leaderboard import BENCH_OUTPUTS, run_bench
 
-    profile_metrics(profile)  # an unknown profile is named now, not after every model was trained
+    if profile != "vcc2026":
+        profile_metrics(profile)  # an unknown profile is named now, not after every model was trained
     check_output_dir(out, list(BENCH_OUTPUTS), [data], overwrite=overwrite)
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -99,7 +100,7 @@ def bench(
             allow_missing_controls=allow_missing_controls, report=not no_report,
             progress=lambda text: line.update(description=f"benchmark: {text}"),
         )
-    show = {"model": "model", "context": "context", "vcc_score": "VCC", "vcc_score_unclipped": "VCC unclipped",
+    show = {"model": "model", "context": "context", "vcc_score": "VCC", "vcc_score_unclipped": "VCC unclipped", "vcc2026_score": "VCC 2026",
             "mae": "MAE", "discrimination_score_l1": "PDS", "overlap_at_N": "DES"}
     board = result.leaderboard[[c for c in show if c in result.leaderboard.columns]].rename(columns=show)
     board = board.sort_values(["context", "VCC"], ascending=[True, False]).round(4)

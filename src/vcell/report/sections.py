@@ -29,6 +29,9 @@ __all__ = [
     "scatter_section",
 ]
 
+#: Leaderboard columns of the VCC 2026 score (``vcc2026_score``) and its six scaled metrics.
+SCORE_2026_PREFIX = "vcc2026_"
+
 #: The scatter shows this many perturbations per context (largest real effect norm).
 TOP_PERTURBATIONS = 4
 OVERLAP_METRIC = "overlap_at_N"
@@ -38,8 +41,8 @@ def _direction(column: str) -> float | None:
     """Best value of a column: 1.0 (higher is better), 0.0 (lower is better) or None."""
     from vcell.eval.metrics import REGISTRY
 
-    if column.startswith(SCORE):
-        return 1.0
+    if column.startswith(SCORE) or column.startswith(SCORE_2026_PREFIX):
+        return 1.0  # scores, and the 2026 metrics once scaled (0 = baseline, 1 = replicate)
     metric = REGISTRY.get(column)
     return None if metric is None else metric.best
 
@@ -185,6 +188,18 @@ def leaderboard_section(bench: Bench) -> str:
     parts = ['<section id="leaderboard"><h2>Leaderboard</h2>', _headline(bench), note]
     if key:
         parts.append("<h3>VCC score and its three metrics</h3>" + leaderboard_table(bench, key))
+    key_2026 = [c for c in lb.columns if c.startswith(SCORE_2026_PREFIX)]
+    if key_2026:
+        key_2026 = ["vcc2026_score"] + [c for c in key_2026 if c != "vcc2026_score"]
+        parts.append(
+            "<h3>VCC 2026 score and its six scaled metrics</h3>"
+            '<p class="note">The <b>VCC 2026 score</b> (cell-eval2, preset vcc2026) places each metric on the '
+            "scale of its held-out context: 0 = the context's mean-response baseline, 1 = a replicate of the "
+            "experiment (split-half anchor, 5 seeded splits); values above 1 and below 0 are kept "
+            "(expr_mse_unbiased_capped_norm is clamped to [0, 1], de_wilcoxon_lfc_nmae floored at -6). "
+            "The score is the mean of the six. Predictions are scored as counts drawn from them at the "
+            "control cells' library sizes. A metric whose scale is degenerate on a context shows – and is "
+            "left out of that context's score.</p>" + leaderboard_table(bench, key_2026))
     parts.append("<h3>All metrics</h3>" + leaderboard_table(bench, bench.metric_columns))
     parts.append("</section>")
     return "".join(parts)

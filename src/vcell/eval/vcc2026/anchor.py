@@ -141,6 +141,7 @@ def replicate_anchor(ref: Reference, real: CountsCells, control: str, base_seed:
         if progress is not None:
             progress(i)
     splits = pd.DataFrame(rows_split)
+    splits["n_perturbations"] = splits["n_perturbations"].astype("Int64")
     agg = []
     for metric, group in splits.groupby("metric", sort=True):
         v = group.sort_values("split_index")["value"].to_numpy(dtype=np.float64)
@@ -151,7 +152,10 @@ def replicate_anchor(ref: Reference, real: CountsCells, control: str, base_seed:
             "n_perturbations_min": int(n.min()) if len(n) else None, "n_perturbations_max": int(n.max()) if len(n) else None,
             "estimator": "full_gate_raw" if metric == NMAE else "split_half_raw",
         })
-    return AnchorResult(splits, pd.DataFrame(agg))
+    agg = pd.DataFrame(agg)
+    for col in ("n_perturbations_min", "n_perturbations_max"):
+        agg[col] = agg[col].astype("Int64")
+    return AnchorResult(splits, agg)
 
 
 def _take(side, idx):

@@ -29,7 +29,7 @@ import pandas as pd
 from vcell.data.io import atomic_paths, check_output_dir, check_output_path
 from vcell.errors import VcellError, preview
 from vcell.eval.scoring import read_csv, write_csv
-from vcell.eval.vcc2026.anchor import BASE_SEED, N_SPLITS, replicate_anchor
+from vcell.eval.vcc2026.anchor import BASE_SEED, N_SPLITS, AnchorResult, replicate_anchor
 from vcell.eval.vcc2026.baseline import BASELINE_SEED, baseline_cells
 from vcell.eval.vcc2026.evaluate import Reference, evaluate_cells, resolve_targets, summarise_reference
 from vcell.eval.vcc2026.inputs import (
@@ -190,34 +190,25 @@ def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: in
     outputs = {}
     for name in contexts or [None]:
         r = _context_cells(real_cells, real_ctx, name)
-        ref, perts = _reference(r, opts, target_map)
-        entry: dict = {"baseline": None, "anchor": None}
+        where = f" of context {name}" if name else ""
+        cs = context_scale(r, opts, target_map, splits, anchor_seed, seed, anchor, baseline,
+                           report=lambda text, where=where: report(text + where))
         files_ctx = {}
-        if anchor:
-            t = time.perf_counter()
-            res = replicate_anchor(ref, r, opts.control, anchor_seed, splits, opts.threads,
-                                   progress=lambda i: report(f"anchor split {i + 1}/{splits}" + (f" of context {name}" if name else "")))
-            entry["anchor"] = res.agg
-            files_ctx["anchor_splits.csv"] = res.splits
-            files_ctx["anchor_agg.csv"] = res.agg
-            report(f"replicate anchor in {time.perf_counter() - t:.1f} s")
-        if baseline:
-            t = time.perf_counter()
-            values, ratio = evaluate_cells(ref, baseline_cells(r, ref, seed), opts.threads)
-            bres = results_long(perts, values)
-            entry["baseline"] = agg_wide(bres, ratio)
-            files_ctx["baseline_results.csv"] = bres
-            files_ctx["baseline_agg_results.csv"] = entry["baseline"]
-            report(f"baseline scored in {time.perf_counter() - t:.1f} s")
+        if cs.anchor is not None:
+            files_ctx["anchor_splits.csv"] = cs.anchor.splits
+            files_ctx["anchor_agg.csv"] = cs.anchor.agg
+        if cs.baseline_agg is not None:
+            files_ctx["baseline_results.csv"] = cs.baseline_results
+            files_ctx["baseline_agg_results.csv"] = cs.baseline_agg
         files_ctx["scale.json"] = {
-            "profile": "vcc2026", "reference": str(real), "context": name, "perturbations": len(perts),
-            "control_cells": ref.ctrl.n_cells, "pert_col": opts.pert_col, "control": opts.control,
+            "profile": "vcc2026", "reference": str(real), "context": name, "perturbations": len(cs.perturbations),
+            "control_cells": cs.ref.ctrl.n_cells, "pert_col": opts.pert_col, "control": opts.control,
             "anchor": {"splits": splits, "base_seed": anchor_seed} if anchor else None,
             "baseline": {"seed": seed} if baseline else None,
             "target_genes": "none" if opts.no_target_genes else (str(opts.target_genes) if opts.target_genes else "labels"),
         }
         outputs[name] = files_ctx
-        done[name or ""] = entry
+        done[name or ""] = {"baseline": cs.baseline_agg, "anchor": cs.anchor.agg if cs.anchor is not None else None}
     with atomic_paths(out, names) as tmp:
         for name, files_ctx in outputs.items():
             for fname, obj in files_ctx.items():
@@ -227,6 +218,44 @@ def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: in
                 else:
                     write_csv(obj, path)
     return done
+
+
+@dataclass
+class ContextScale:
+    """Both ends of the scale of one reference context (either may be absent)."""
+
+    ref: Reference
+    perturbations: list[str]
+    baseline_results: pd.DataFrame | None = None
+    baseline_agg: pd.DataFrame | None = None
+    anchor: AnchorResult | None = None
+
+    def ends(self) -> tuple[dict[str, float], dict[str, float] | None]:
+        """(baseline aggregates, replicate aggregates or None), metric -> value."""
+        b = agg_means(self.baseline_agg) if self.baseline_agg is not None else {}
+        r = dict(zip(self.anchor.agg["metric"], self.anchor.agg["replicate"])) if self.anchor is not None else None
+        return b, r
+
+
+def context_scale(r: CountsCells, opts: Options, target_map=None, splits: int = N_SPLITS, anchor_seed: int = BASE_SEED,
+                  seed: int = BASELINE_SEED, anchor: bool = True, baseline: bool = True,
+                  report: Callable[[str], None] | None = None) -> ContextScale:
+    """The baseline and the replicate anchor of one reference context (its cells ``r``)."""
+    report = report or (lambda _: None)
+    ref, perts = _reference(r, opts, target_map)
+    out = ContextScale(ref, perts)
+    if anchor:
+        t = time.perf_counter()
+        out.anchor = replicate_anchor(ref, r, opts.control, anchor_seed, splits, opts.threads,
+                                      progress=lambda i: report(f"anchor split {i + 1}/{splits}"))
+        report(f"replicate anchor in {time.perf_counter() - t:.1f} s")
+    if baseline:
+        t = time.perf_counter()
+        values, ratio = evaluate_cells(ref, baseline_cells(r, ref, seed), opts.threads)
+        out.baseline_results = results_long(perts, values)
+        out.baseline_agg = agg_wide(out.baseline_results, ratio)
+        report(f"baseline scored in {time.perf_counter() - t:.1f} s")
+    return out
 
 
 def _context_dirs(root: Path, marker: str) -> dict[str, Path]:

@@ -11,6 +11,7 @@ same with the metric's perfect value (1, or 0 when lower is better) in place of 
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -18,6 +19,8 @@ import pandas as pd
 
 from vcell.errors import VcellError
 from vcell.eval.vcc2026.metrics import SCORED
+
+log = logging.getLogger(__name__)
 
 #: metric -> (lower is better, perfect value, clamp low, clamp high); None: not clamped.
 POLICY: dict[str, tuple[bool, float, float | None, float]] = {
@@ -57,12 +60,26 @@ def scaled(metric: str, u: float, b: float, top: float) -> float:
     return _clip(s, lo, hi)
 
 
-def score_context(user: dict[str, float], baseline: dict[str, float], replicate: dict[str, float] | None) -> pd.DataFrame:
+def score_context(user: dict[str, float], baseline: dict[str, float], replicate: dict[str, float] | None,
+                  strict: bool = True) -> pd.DataFrame:
     """The score table of one context: one row per scored metric, then ``avg_score``.
 
     Columns: ``metric``, ``value`` (the model's aggregate), ``baseline``, ``replicate``,
-    ``from_baseline`` and ``score`` (against the replicate; NaN without one).
+    ``from_baseline`` and ``score`` (against the replicate; NaN without one). A degenerate
+    scale (the baseline not worse than the top end, or not finite) is an error, as in
+    cell-eval2; with ``strict=False`` that metric scores NaN (logged) and ``avg_score`` is
+    the mean of the others.
     """
+
+    def scaled_or_nan(m, u, b, top):
+        try:
+            return scaled(m, u, b, top)
+        except VcellError as exc:
+            if strict:
+                raise
+            log.warning("%s; it is left out of the score", exc)
+            return math.nan
+
     rows = []
     for m in ORDER:
         for name, table in (("model", user), ("baseline", baseline)):
@@ -72,13 +89,13 @@ def score_context(user: dict[str, float], baseline: dict[str, float], replicate:
         r = replicate.get(m, math.nan) if replicate is not None else math.nan
         rows.append({
             "metric": m, "value": u, "baseline": b, "replicate": r,
-            "from_baseline": scaled(m, u, b, POLICY[m][1]),
-            "score": scaled(m, u, b, r) if replicate is not None else math.nan,
+            "from_baseline": scaled_or_nan(m, u, b, POLICY[m][1]),
+            "score": scaled_or_nan(m, u, b, r) if replicate is not None else math.nan,
         })
     table = pd.DataFrame(rows)
     avg = {"metric": "avg_score", "value": math.nan, "baseline": math.nan, "replicate": math.nan,
-           "from_baseline": float(np.mean(table["from_baseline"])),
-           "score": float(np.mean(table["score"])) if replicate is not None else math.nan}
+           "from_baseline": float(np.nanmean(table["from_baseline"])),
+           "score": float(np.nanmean(table["score"])) if replicate is not None else math.nan}
     return pd.concat([table, pd.DataFrame([avg])], ignore_index=True)
 
 
