@@ -52,7 +52,12 @@ def generic_profile(real: CountsCells, ref: Reference) -> np.ndarray:
 
 def baseline_cells(real: CountsCells, ref: Reference, seed: int = BASELINE_SEED) -> CountsCells:
     """The baseline prediction: reference control cells scaled to the generic profile."""
-    profile = generic_profile(real, ref)
+    return emit_baseline(generic_profile(real, ref), ref, {p: real.rows(p).size for p in ref.perturbations}, seed)
+
+
+def emit_baseline(profile: np.ndarray, ref: Reference, sizes: dict[str, int], seed: int = BASELINE_SEED) -> CountsCells:
+    """The baseline prediction from its profile: ``sizes[p]`` control cells drawn for each
+    perturbation ``p`` and scaled gene by gene to the profile (the reference matrix is not needed)."""
     ctrl = ref.ctrl.cells
     ctrl_mean = _mean_counts(ctrl.X, np.arange(ctrl.X.shape[0]))
     zero = ctrl_mean <= 0
@@ -60,11 +65,11 @@ def baseline_cells(real: CountsCells, ref: Reference, seed: int = BASELINE_SEED)
     rng = np.random.default_rng(seed)
     draws, labels = [], []
     for p in sorted(ref.perturbations):
-        n = real.rows(p).size
+        n = sizes[p]
         draws.append(rng.integers(0, ctrl.X.shape[0], size=n))
         labels.extend([p] * n)
     src = np.concatenate(draws).astype(np.intp)
     X = ctrl.X[src]
     X = sp.csr_matrix(((X.data * scale[X.indices]).astype(np.float32), X.indices, X.indptr), shape=X.shape)
     X.eliminate_zeros()
-    return CountsCells(X, np.asarray(labels, dtype=object), real.genes, "the mean-response baseline")
+    return CountsCells(X, np.asarray(labels, dtype=object), ref.genes, "the mean-response baseline")

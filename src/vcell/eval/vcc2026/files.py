@@ -30,7 +30,7 @@ from vcell.data.io import atomic_paths, check_output_dir, check_output_path
 from vcell.errors import VcellError, preview
 from vcell.eval.scoring import read_csv, write_csv
 from vcell.eval.vcc2026.anchor import BASE_SEED, N_SPLITS, AnchorResult, replicate_anchor
-from vcell.eval.vcc2026.baseline import BASELINE_SEED, baseline_cells
+from vcell.eval.vcc2026.baseline import BASELINE_SEED, emit_baseline, generic_profile
 from vcell.eval.vcc2026.evaluate import Reference, evaluate_cells, resolve_targets, summarise_reference
 from vcell.eval.vcc2026.inputs import (
     CountsCells,
@@ -188,11 +188,17 @@ def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: in
     real_ctx = real_obs[opts.context_col].astype(str).to_numpy() if contexts else None
     done: dict[str, dict] = {}
     outputs = {}
+    scales = {}
     for name in contexts or [None]:
         r = _context_cells(real_cells, real_ctx, name)
         where = f" of context {name}" if name else ""
-        cs = context_scale(r, opts, target_map, splits, anchor_seed, seed, anchor, baseline,
-                           report=lambda text, where=where: report(text + where))
+        scales[name] = _context_scale(r, opts, target_map, splits, anchor_seed, anchor, baseline,
+                                      report=lambda text, where=where: report(text + where))
+    del real_cells, r  # the baselines need only the controls: the reference's matrix goes first
+    gc.collect()
+    for name, (cs, pending) in scales.items():
+        if pending is not None:
+            _score_baseline(cs, pending, seed, opts.threads, lambda text, name=name: report(text + (f" of context {name}" if name else "")))
         files_ctx = {}
         if cs.anchor is not None:
             files_ctx["anchor_splits.csv"] = cs.anchor.splits
@@ -241,6 +247,15 @@ def context_scale(r: CountsCells, opts: Options, target_map=None, splits: int = 
                   seed: int = BASELINE_SEED, anchor: bool = True, baseline: bool = True,
                   report: Callable[[str], None] | None = None) -> ContextScale:
     """The baseline and the replicate anchor of one reference context (its cells ``r``)."""
+    scale, pending = _context_scale(r, opts, target_map, splits, anchor_seed, anchor, baseline, report)
+    if pending is not None:
+        _score_baseline(scale, pending, seed, opts.threads, report)
+    return scale
+
+
+def _context_scale(r, opts, target_map, splits, anchor_seed, anchor, baseline, report):
+    """Everything that reads the reference's matrix: the summary, the anchor and the baseline's
+    profile (returned with the group sizes, to emit and score the baseline once the matrix is gone)."""
     report = report or (lambda _: None)
     ref, perts = _reference(r, opts, target_map)
     out = ContextScale(ref, perts)
@@ -249,13 +264,18 @@ def context_scale(r: CountsCells, opts: Options, target_map=None, splits: int = 
         out.anchor = replicate_anchor(ref, r, opts.control, anchor_seed, splits, opts.threads,
                                       progress=lambda i: report(f"anchor split {i + 1}/{splits}"))
         report(f"replicate anchor in {time.perf_counter() - t:.1f} s")
-    if baseline:
-        t = time.perf_counter()
-        values, ratio = evaluate_cells(ref, baseline_cells(r, ref, seed), opts.threads)
-        out.baseline_results = results_long(perts, values)
-        out.baseline_agg = agg_wide(out.baseline_results, ratio)
+    pending = (generic_profile(r, ref), {p: r.rows(p).size for p in perts}) if baseline else None
+    return out, pending
+
+
+def _score_baseline(scale: ContextScale, pending, seed: int, threads: int, report=None) -> None:
+    t = time.perf_counter()
+    profile, sizes = pending
+    values, ratio = evaluate_cells(scale.ref, emit_baseline(profile, scale.ref, sizes, seed), threads)
+    scale.baseline_results = results_long(scale.perturbations, values)
+    scale.baseline_agg = agg_wide(scale.baseline_results, ratio)
+    if report is not None:
         report(f"baseline scored in {time.perf_counter() - t:.1f} s")
-    return out
 
 
 def _context_dirs(root: Path, marker: str) -> dict[str, Path]:
