@@ -13,7 +13,9 @@ Models
     of a context's perturbations from its real control cells).
 Evaluation
     :func:`evaluate` (the Virtual Cell Challenge metrics, cell-eval's numbers), :func:`score`
-    (scaled against a baseline), :func:`run_bench` (every model on the same split, a leaderboard)
+    (scaled against a baseline), :func:`evaluate_2026`, :func:`scale_2026` and :func:`score_2026`
+    (the 2026 challenge's metrics on raw counts and their baseline-to-replicate scale,
+    cell-eval2's numbers), :func:`run_bench` (every model on the same split, a leaderboard)
     and :func:`build_report` (its HTML report).
 
 Subpackages, from the bottom up: ``vcell.data``, ``vcell.eval``, ``vcell.features``,
@@ -55,6 +57,7 @@ _EXPORTS = {
     "vcell.train.st": ["train_st"],
     "vcell.train.se": ["train_se"],
     "vcell.eval.scoring": ["score"],
+    "vcell.eval.vcc2026.api": ["evaluate_2026", "scale_2026", "score_2026"],
     "vcell.leaderboard": ["run_bench"],
     "vcell.report.build": ["build_report"],
 }

@@ -100,7 +100,8 @@ def _folder(out: Path, name: str | None) -> str:
     return "" if name is None else f"{name}/"
 
 
-def _reference(real: CountsCells, opts: Options, target_map) -> tuple[Reference, list[str]]:
+def reference_context(real: CountsCells, opts: Options, target_map) -> tuple[Reference, list[str]]:
+    """A reference context summarised, with its sorted perturbations (targets resolved per ``opts``)."""
     perts = sorted(set(real.labels) - {opts.control, ""})
     if opts.control not in set(real.labels):
         raise VcellError(f"{real.where}: no control cells labelled {opts.control!r} in column {opts.pert_col!r}")
@@ -140,7 +141,7 @@ def run(pred, real, out, opts: Options, overwrite: bool = False, report: Callabl
     refs = {}
     for name in contexts or [None]:
         r = _context_cells(real_cells, real_ctx, name)
-        refs[name] = (_reference(r, opts, target_map), r.where)
+        refs[name] = (reference_context(r, opts, target_map), r.where)
     genes = real_cells.genes
     del real_cells, r
     gc.collect()
@@ -257,7 +258,7 @@ def _context_scale(r, opts, target_map, splits, anchor_seed, anchor, baseline, r
     """Everything that reads the reference's matrix: the summary, the anchor and the baseline's
     profile (returned with the group sizes, to emit and score the baseline once the matrix is gone)."""
     report = report or (lambda _: None)
-    ref, perts = _reference(r, opts, target_map)
+    ref, perts = reference_context(r, opts, target_map)
     out = ContextScale(ref, perts)
     if anchor:
         t = time.perf_counter()

@@ -1,0 +1,83 @@
+"""The VCC 2026 evaluator on AnnData objects in memory (one context): what the CLI does on files."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from vcell.eval.vcc2026.anchor import BASE_SEED, N_SPLITS
+from vcell.eval.vcc2026.baseline import BASELINE_SEED
+from vcell.eval.vcc2026.evaluate import evaluate_cells
+from vcell.eval.vcc2026.files import ContextScale, Options, context_scale, reference_context
+from vcell.eval.vcc2026.inputs import CountsCells, as_csr, check_counts, check_genes, check_perturbations, labels_of
+from vcell.eval.vcc2026.scale import score_context
+from vcell.eval.vcc2026.tables import agg_means, agg_wide, results_long
+
+__all__ = ["evaluate_2026", "scale_2026", "score_2026"]
+
+
+def _cells(adata: ad.AnnData, pert_col: str, where: str) -> CountsCells:
+    labels, order = labels_of(adata.obs, pert_col, where)
+    cells = CountsCells(as_csr(adata.X, where), labels, adata.var_names.copy(), where, order)
+    check_counts(cells)
+    return cells
+
+
+def evaluate_2026(
+    pred: ad.AnnData, real: ad.AnnData, pert_col: str = "target_gene", control: str = "non-targeting",
+    target_genes: dict[str, str | None] | None = None, no_target_genes: bool = False, threads: int = 2,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Score raw-count predictions with the VCC 2026 metrics (``vcell eval run --profile vcc2026``).
+
+    Parameters
+    ----------
+    pred, real : anndata.AnnData
+        Raw counts, the same genes in the same order; the reference holds control cells, the
+        prediction's own are ignored.
+    pert_col, control : str
+        Perturbation column and control label.
+    target_genes : dict, optional
+        Perturbation -> target gene (``None``: none); by default a label naming a gene targets it.
+    no_target_genes : bool
+        The perturbations are not genes: exclude no gene.
+    threads : int
+        Threads.
+
+    Returns
+    -------
+    tuple of pandas.DataFrame
+        ``results`` (long: perturbation, metric, value) and ``agg_results`` (wide), as cell-eval2.
+    """
+    real_cells, pred_cells = _cells(real, pert_col, "real"), _cells(pred, pert_col, "pred")
+    check_genes(pred_cells.genes, real_cells.genes, "pred", "real")
+    check_perturbations(pred_cells.labels, real_cells.labels, control, "pred", "real")
+    ref, perts = reference_context(real_cells, Options(pert_col, control, "", None, no_target_genes, threads), target_genes)
+    values, ratio = evaluate_cells(ref, pred_cells, threads)
+    results = results_long(perts, values)
+    return results, agg_wide(results, ratio)
+
+
+def scale_2026(
+    real: ad.AnnData, pert_col: str = "target_gene", control: str = "non-targeting",
+    target_genes: dict[str, str | None] | None = None, no_target_genes: bool = False, splits: int = N_SPLITS,
+    anchor_seed: int = BASE_SEED, seed: int = BASELINE_SEED, threads: int = 2,
+) -> ContextScale:
+    """Both ends of the 2026 scale of a reference (``vcell eval baseline --profile vcc2026``).
+
+    Returns
+    -------
+    ContextScale
+        ``baseline_agg`` (the mean-response baseline scored) and ``anchor`` (the split-half
+        replicate: ``anchor.agg``, ``anchor.splits``).
+    """
+    opts = Options(pert_col, control, "", None, no_target_genes, threads)
+    return context_scale(_cells(real, pert_col, "real"), opts, target_genes, splits, anchor_seed, seed)
+
+
+def score_2026(agg: pd.DataFrame, scale: ContextScale) -> pd.DataFrame:
+    """The scaled 2026 score of an ``agg_results`` table against a reference's scale (``vcell eval score``)."""
+    b, r = scale.ends()
+    table = score_context(agg_means(agg), b, r)
+    table.insert(0, "context", np.full(len(table), "", dtype=object))
+    return table
