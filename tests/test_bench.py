@@ -11,7 +11,7 @@ import pytest
 
 from vcell.eval.scoring import read_csv
 
-from conftest import run_cli
+from conftest import error_line, run_cli
 
 MODELS = ["control_mean", "cell_mean", "pert_mean", "context_mean", "linear"]
 
@@ -138,3 +138,41 @@ def test_bench_model_config(tmp_path, mcfaline):
     board = read_csv(out / "leaderboard.csv", text_columns=("model", "context"))
     assert set(board["model"]) == {"control_mean", "cell_mean", "st", "st_wide"}
     assert json.loads((out / "bench.json").read_text())["timings"]["fit st A172"] < 60
+
+
+def test_bench_vcc2026_profile(tmp_path):
+    """--profile vcc2026 on raw counts: the 2025 score and the scaled 2026 score side by side, both
+    ends of each held-out context's scale on disk, the report's table of the six scaled metrics;
+    log1p data is refused with one line."""
+    import vcell
+
+    a = vcell.simulate_perturbseq(seed=0, n_genes=600, n_perturbations=12, n_combinations=0, n_contexts=2,
+                                  cells_per_perturbation=40, n_controls=200)
+    data = tmp_path / "sim.h5ad"
+    a.write_h5ad(data)
+    out = tmp_path / "bench"
+    result = run_cli("bench", "--data", data, "--models", "control_mean,pert_mean", "--holdout-context", "ctx_B",
+                     "--profile", "vcc2026", "--out", out, "--seed", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    board = pd.read_csv(out / "leaderboard.csv")
+    scaled = [c for c in board.columns if c.startswith("vcc2026_") and c != "vcc2026_score"]
+    assert len(scaled) == 6 and {"vcc_score", "vcc2026_score"} <= set(board.columns)
+    rows = board[board["context"] == "ctx_B"].set_index("model")
+    # predicting each perturbation's mean response beats predicting the controls on the 2026 scale too
+    assert rows.loc["pert_mean", "vcc2026_score"] > rows.loc["control_mean", "vcc2026_score"]
+    assert rows.loc["pert_mean", "vcc2026_pds_cosine"] > 0.5
+    scale = out / "eval" / "vcc2026_scale_ctx_B"
+    assert {"baseline_agg_results.csv", "anchor_agg.csv", "anchor_splits.csv"} <= {p.name for p in scale.iterdir()}
+    assert (out / "eval" / "pert_mean_ctx_B" / "vcc2026" / "score.csv").is_file()
+    assert "VCC 2026 score and its six scaled metrics" in (out / "report.html").read_text()
+
+    import scanpy as sc
+
+    logged = tmp_path / "log.h5ad"
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    a.uns.pop("vcell", None)  # no recorded expression type: the values decide
+    a.write_h5ad(logged)
+    bad = run_cli("bench", "--data", logged, "--models", "control_mean", "--holdout-context", "ctx_B",
+                  "--profile", "vcc2026", "--out", tmp_path / "bench2")
+    assert bad.returncode == 2 and "raw counts" in error_line(bad)

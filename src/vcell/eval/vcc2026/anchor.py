@@ -106,11 +106,20 @@ def split_aggregates(values: dict[str, np.ndarray], ratio: float) -> dict[str, t
 
 
 def replicate_anchor(ref: Reference, real: CountsCells, control: str, base_seed: int = BASE_SEED,
-                     n_splits: int = N_SPLITS, threads: int = 2, progress=None) -> AnchorResult:
+                     n_splits: int = N_SPLITS, threads: int = 2, progress=None, strict: bool = True) -> AnchorResult:
     """The replicate anchor of a reference context (``real`` holds its cells).
 
-    ``progress``, when given, is called with the split index after each split.
+    ``progress``, when given, is called with the split index after each split. A perturbation
+    of one cell cannot be split: an error when ``strict`` (as in cell-eval2), else it is left out
+    of the anchor; an undefined panel ratio in a split likewise (see
+    :func:`~vcell.eval.vcc2026.evaluate.score_summaries`).
     """
+    single = [p for p in ref.perturbations if real.rows(p).size < 2]
+    if single and strict:
+        raise VcellError(
+            f"{real.where}: {len(single)} perturbation(s) have a single cell ({', '.join(map(repr, single[:3]))}); "
+            "the replicate anchor splits every group in two halves"
+        )
     rows_split = []
     for i, seed in enumerate(split_seeds(base_seed, n_splits)):
         rows_a, rows_b = halves(real, seed)
@@ -131,7 +140,8 @@ def replicate_anchor(ref: Reference, real: CountsCells, control: str, base_seed:
         targets = ref.targets[idx]
         sa_k, sb_k = _take(sa, ia), _take(sb, ib)
         da_k, db_k = _take_de(da, ia), _take_de(db, ib)
-        values, ratio = score_summaries(sa_k, da_k, ca, sb_k, db_k, cb, targets, ref.gene_rank)
+        values, ratio = score_summaries(sa_k, da_k, ca, sb_k, db_k, cb, targets, ref.gene_rank, strict=strict,
+                                        where=f" in anchor split {i + 1} (seed {seed})")
         rows_of = np.full(len(ref.perturbations), -1, dtype=np.int64)
         rows_of[idx] = np.arange(len(keep))
         nmae = _full_gate_nmae(ref, da_k.lfc, ~np.isnan(da_k.padj), db_k.lfc, ~np.isnan(db_k.padj), rows_of)

@@ -118,12 +118,14 @@ def summarise_reference(
 def score_summaries(
     ref_side: SideSummary, ref_de: DESide, ref_ctrl: Control,
     pred_side: SideSummary, pred_de: DESide, pred_ctrl: Control,
-    targets: np.ndarray, gene_rank: np.ndarray,
+    targets: np.ndarray, gene_rank: np.ndarray, strict: bool = True, where: str = "",
 ) -> tuple[dict[str, np.ndarray], float]:
     """Every per-perturbation metric and the panel ratio, from two summarised sides.
 
     ``pred_ctrl`` is the control the prediction's effects start from: the reference's own in a
-    normal run, each half's own in the replicate anchor.
+    normal run, each half's own in the replicate anchor. A panel whose corrected effects do not
+    sum to a positive number has no ``expr_mse_unbiased_capped_norm``: an error (as in
+    cell-eval2) when ``strict``, else NaN.
     """
     real_bulk = bulk_profiles(ref_side.raw_sums)
     pred_bulk = bulk_profiles(pred_side.raw_sums)
@@ -133,13 +135,20 @@ def score_summaries(
     values = {"pds_cosine": pds_cosine(pred_bulk - pred_ctrl_bulk, real_bulk - ctrl_bulk, panel)}
     values.update(expression_errors(pred_bulk, pred_side.jackknife, real_bulk, ref_side.jackknife, ctrl_bulk, ref_ctrl.jackknife, targets))
     values.update(de_metrics(ref_de.lfc, ref_de.padj, pred_de.lfc, pred_de.padj, pred_de.pval, gene_rank, targets))
-    ratio = ratio_of_sums(values["expr_mse_unbiased_capped"], values["expr_distance_unbiased"])
+    ratio, den = ratio_of_sums(values["expr_mse_unbiased_capped"], values["expr_distance_unbiased"])
+    if strict and not np.isfinite(ratio):
+        raise VcellError(
+            f"expr_mse_unbiased_capped_norm is undefined{where}: the reference's noise-corrected effects "
+            f"(expr_distance_unbiased) sum to {den:.4g} <= 0, i.e. its perturbations do not move expression beyond "
+            "sampling noise at this depth (cell-eval2 refuses such a panel too)"
+        )
     return values, ratio
 
 
-def evaluate_cells(ref: Reference, pred: CountsCells, threads: int = 2) -> tuple[dict[str, np.ndarray], float]:
-    """Score a prediction (one context) against a summarised reference."""
+def evaluate_cells(ref: Reference, pred: CountsCells, threads: int = 2, strict: bool = True) -> tuple[dict[str, np.ndarray], float]:
+    """Score a prediction (one context) against a summarised reference (``strict``: see :func:`score_summaries`)."""
     if not pred.genes.equals(ref.genes):
         raise VcellError(f"{pred.where}: genes differ from the reference's")
     side = summarise(pred, ref.perturbations, ref.ctrl, threads)
-    return score_summaries(ref.real, ref.de, ref.ctrl, side, de_side(side, ref.ctrl, ref.ctrl), ref.ctrl, ref.targets, ref.gene_rank)
+    return score_summaries(ref.real, ref.de, ref.ctrl, side, de_side(side, ref.ctrl, ref.ctrl), ref.ctrl, ref.targets, ref.gene_rank,
+                           strict=strict)

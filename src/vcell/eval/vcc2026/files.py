@@ -58,6 +58,7 @@ class Options:
     target_genes: str | os.PathLike | None = None
     no_target_genes: bool = False
     threads: int = 2
+    strict: bool = True  # refuse what cell-eval2 refuses (an undefined panel ratio, one-cell groups in the anchor)
 
 
 def _contexts(path, col: str, obs: pd.DataFrame, required: bool) -> list[str] | None:
@@ -263,16 +264,16 @@ def _context_scale(r, opts, target_map, splits, anchor_seed, anchor, baseline, r
     if anchor:
         t = time.perf_counter()
         out.anchor = replicate_anchor(ref, r, opts.control, anchor_seed, splits, opts.threads,
-                                      progress=lambda i: report(f"anchor split {i + 1}/{splits}"))
+                                      progress=lambda i: report(f"anchor split {i + 1}/{splits}"), strict=opts.strict)
         report(f"replicate anchor in {time.perf_counter() - t:.1f} s")
-    pending = (generic_profile(r, ref), {p: r.rows(p).size for p in perts}) if baseline else None
+    pending = (generic_profile(r, ref), {p: r.rows(p).size for p in perts}, opts.strict) if baseline else None
     return out, pending
 
 
 def _score_baseline(scale: ContextScale, pending, seed: int, threads: int, report=None) -> None:
     t = time.perf_counter()
-    profile, sizes = pending
-    values, ratio = evaluate_cells(scale.ref, emit_baseline(profile, scale.ref, sizes, seed), threads)
+    profile, sizes, strict = pending
+    values, ratio = evaluate_cells(scale.ref, emit_baseline(profile, scale.ref, sizes, seed), threads, strict=strict)
     scale.baseline_results = results_long(scale.perturbations, values)
     scale.baseline_agg = agg_wide(scale.baseline_results, ratio)
     if report is not None:

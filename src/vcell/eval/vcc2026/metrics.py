@@ -154,11 +154,12 @@ def expression_errors(
     return out
 
 
-def ratio_of_sums(num: np.ndarray, den: np.ndarray) -> float:
-    """``expr_mse_unbiased_capped_norm``: sum of the numerators over sum of the denominators."""
+def ratio_of_sums(num: np.ndarray, den: np.ndarray) -> tuple[float, float]:
+    """``expr_mse_unbiased_capped_norm``: sum of the numerators over sum of the denominators
+    (NaN when the denominators do not sum to a positive number), and that denominator sum."""
     ok = np.isfinite(num) & np.isfinite(den)
     d = float(np.sum(den[ok]))
-    return float(np.sum(num[ok])) / d if d > 0 else float("nan")
+    return (float(np.sum(num[ok])) / d if d > 0 else float("nan")), d
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from vcell.eval.vcc2026.metrics import METRICS
+
 #: Rows of ``agg_results.csv``, in order.
 AGG_STATISTICS = ("count", "null_count", "mean", "std", "min", "max", "median")
 #: The metric without per-perturbation values.
@@ -52,13 +54,16 @@ def _describe(v: np.ndarray) -> list[float]:
     ]
 
 
-def agg_wide(results: pd.DataFrame, ratio: float | None = None) -> pd.DataFrame:
-    """The wide ``agg_results`` table of a long ``results`` table (plus the ratio metric's value)."""
-    metrics = sorted(set(results["metric"]) | ({RATIO_METRIC} if ratio is not None else set()))
+def agg_wide(results: pd.DataFrame, ratio: float | None = None, metrics=METRICS) -> pd.DataFrame:
+    """The wide ``agg_results`` table of a long ``results`` table (plus the ratio metric's value).
+
+    Every metric of ``metrics`` has a column, also one without rows (count 0, the rest NaN).
+    """
+    metrics = sorted(set(metrics) | set(results["metric"]) | ({RATIO_METRIC} if ratio is not None else set()))
     out = {"statistic": list(AGG_STATISTICS)}
     for m in metrics:
         if m == RATIO_METRIC:
-            out[m] = [math.nan, math.nan, float(ratio), math.nan, math.nan, math.nan, math.nan]
+            out[m] = [math.nan, math.nan, math.nan if ratio is None else float(ratio), math.nan, math.nan, math.nan, math.nan]
         else:
             out[m] = _describe(results.loc[results["metric"] == m, "value"].to_numpy(dtype=np.float64))
     return pd.DataFrame(out)

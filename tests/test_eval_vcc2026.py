@@ -1,0 +1,720 @@
+"""``--profile vcc2026``: parity with cell-eval2 0.20.0 (preset ``vcc2026``) and behaviour.
+
+The oracle is cell-eval2 itself (test extra, with pdex), called in-process through its CLI entry
+point ``cell_eval2.cli.main`` so its files are the ones a user gets. cell-eval2 needs the
+prediction to carry control rows: every oracle run gets the reference's control cells appended,
+while vcell scores the prediction without them (it ignores a prediction's controls).
+
+Parity: every per-perturbation value of every metric and every aggregate within 1e-9, on
+(a) Papalexi THP-1 raw counts with its real targets, (b) Kang raw counts with stimulation x cell
+type as perturbations and --no-target-genes, (c) a simulated pair whose perturbations are
+measured genes, (d) edge cases (one-cell groups, a pasted-control prediction, an empty predicted
+group, ties, a gene absent from the controls, lfc gates below 10 genes, and a panel where no
+perturbation reaches the lfc gate); the baseline and replicate-anchor aggregates
+and the final scaled score on the simulated reference. Behaviour: bad inputs through the real CLI
+(exit 2, one ``error:`` line, nothing written) and a two-context reference scored per context
+and averaged.
+
+Data is kept small (the whole file runs in well under two minutes on two cores).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from conftest import KANG, PAPALEXI, error_line, real_data, run_cli
+
+TOL = 1e-9
+CONTROL = "non-targeting"
+PERT_COL = "target_gene"
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _write(path: Path, X, labels, genes, pert_col: str = PERT_COL, obs: dict | None = None, categorical: bool = True) -> Path:
+    """An .h5ad of raw counts (float32 CSR) with one label per row."""
+    X = sp.csr_matrix(np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32))
+    labels = np.asarray(labels, dtype=object).astype(str)
+    frame = pd.DataFrame({pert_col: pd.Categorical(labels) if categorical else labels},
+                         index=[f"{path.stem}_{i}" for i in range(len(labels))])
+    for k, v in (obs or {}).items():
+        frame[k] = v
+    a = ad.AnnData(X, obs=frame, var=pd.DataFrame(index=pd.Index([str(g) for g in genes])))
+    a.write_h5ad(path)
+    return path
+
+
+def _with_controls(pred: Path, real: Path, out: Path, pert_col: str = PERT_COL, control: str = CONTROL) -> Path:
+    """The prediction with the reference's control cells appended (cell-eval2 requires them)."""
+    p, r = ad.read_h5ad(pred), ad.read_h5ad(real)
+    ctrl = r[r.obs[pert_col].astype(str) == control]
+    X = sp.vstack([sp.csr_matrix(p.X), sp.csr_matrix(ctrl.X)]).tocsr()
+    labels = np.concatenate([p.obs[pert_col].astype(str).to_numpy(), ctrl.obs[pert_col].astype(str).to_numpy()])
+    return _write(out, X, labels, p.var_names, pert_col)
+
+
+def _oracle(*argv) -> None:
+    """cell-eval2's command line, in-process."""
+    from cell_eval2.cli import main
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Some cells have zero counts")     # the edge prediction's empty cells
+        main([str(a) for a in argv])
+
+
+def _oracle_run(pred: Path, real: Path, out: Path, *extra, pert_col: str = PERT_COL, control: str = CONTROL) -> Path:
+    """``cell-eval2 run --preset vcc2026`` on the prediction with the reference's controls appended."""
+    full = _with_controls(pred, real, out.parent / f"{out.name}_pred_wc.h5ad", pert_col, control)
+    _oracle("run", "-ap", full, "-ar", real, "--preset", "vcc2026", "--pert-col", pert_col, "--control", control,
+            "-o", out, *extra)
+    return out
+
+
+def _vcell_run(pred: Path, real: Path, out: Path, **opts) -> dict:
+    from vcell.eval.vcc2026.files import Options, run
+
+    return run(pred, real, out, Options(**opts))
+
+
+def _read_results(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"perturbation": str, "metric": str}, keep_default_na=False, na_values=["NaN", "nan", ""])
+
+
+def _close(a, b, tol: float = TOL) -> np.ndarray:
+    """Element-wise: both NaN, or equal within ``tol`` (infinities must match exactly)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return (np.isnan(a) & np.isnan(b)) | (a == b) | (np.abs(a - b) <= tol)
+
+
+def assert_results_equal(mine: Path, theirs: Path, mine_name: str = "results.csv", theirs_name: str = "results.csv") -> pd.DataFrame:
+    """Every (perturbation, metric) row on both sides, values within 1e-9 (NaN where NaN)."""
+    a, b = _read_results(mine / mine_name), _read_results(theirs / theirs_name)
+    assert len(a) and not a.duplicated(["perturbation", "metric"]).any()
+    m = a.merge(b, on=["perturbation", "metric"], how="outer", suffixes=("", "_o"), indicator=True)
+    only = m[m["_merge"] != "both"]
+    assert only.empty, f"rows on one side only:\n{only.head(20)}"
+    ok = _close(m["value"], m["value_o"])
+    assert ok.all(), f"values differ:\n{m.loc[~ok, ['perturbation', 'metric', 'value', 'value_o']].head(20)}"
+    return m
+
+
+def assert_agg_equal(mine: Path, theirs: Path) -> None:
+    """Every statistic of every metric of two wide aggregate tables within 1e-9."""
+    a = pd.read_csv(mine).set_index("statistic")
+    b = pd.read_csv(theirs).set_index("statistic")
+    assert sorted(a.columns) == sorted(b.columns)
+    assert list(a.index) == list(b.index)
+    b = b[a.columns]
+    ok = _close(a.to_numpy(), b.to_numpy())
+    bad = [(a.index[i], a.columns[j], a.iat[i, j], b.iat[i, j]) for i, j in zip(*np.nonzero(~ok), strict=True)]
+    assert not bad, f"aggregates differ (statistic, metric, vcell, cell-eval2): {bad[:10]}"
+
+
+def assert_no_infinity(out: Path) -> None:
+    """No +-inf anywhere in vcell's tables: fold changes cannot be infinite (the pseudocount is 1e-9
+    and every tested gene has a control mean above 5 CPM), so no metric inherits one."""
+    res = _read_results(out / "results.csv")
+    assert not np.isinf(res["value"].to_numpy()).any()
+    agg = pd.read_csv(out / "agg_results.csv").set_index("statistic")
+    assert not np.isinf(agg.to_numpy(dtype=np.float64)).any()
+
+
+def _poisson_like(X: np.ndarray, rows: np.ndarray, n: int, rng: np.random.Generator, jitter: float = 0.3) -> np.ndarray:
+    """``n`` cells of Poisson counts around the mean of ``rows`` with a per-gene log-normal jitter."""
+    m = X[rows].mean(axis=0) * np.exp(rng.normal(0.0, jitter, X.shape[1]))
+    return rng.poisson(m, size=(n, X.shape[1])).astype(np.float32)
+
+
+def _simulated(seed: int, n_perts: int, cells: int, n_genes: int, n_controls: int, n_contexts: int = 1):
+    import vcell
+
+    a = vcell.simulate_perturbseq(seed=seed, n_genes=n_genes, n_perturbations=n_perts, n_combinations=0, n_contexts=n_contexts,
+                                  cells_per_perturbation=cells, n_controls=n_controls)
+    return (sp.csr_matrix(a.X).toarray().astype(np.float32), a.obs[PERT_COL].astype(str).to_numpy(),
+            a.var_names.copy(), a.obs["cell_type"].astype(str).to_numpy())
+
+
+def _oracle_module():
+    return pytest.importorskip("cell_eval2", reason="cell-eval2 0.20.0 (test extra, with pdex) is the oracle of the vcc2026 profile; not installed")
+
+
+# --------------------------------------------------------------------------------------------
+# (c) + (d) + scale: one simulated reference with edge cases built in
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    """A simulated reference (30 perturbations named by measured genes, ~40 cells, 500 genes,
+    150 controls) with edge cases, an honest prediction and an edge-case prediction."""
+    d = tmp_path_factory.mktemp("vcc2026_sim")
+    X, labels, genes, _ = _simulated(seed=6, n_perts=30, cells=40, n_genes=500, n_controls=150)
+    perts = sorted(set(labels) - {CONTROL})
+    assert set(perts) <= set(genes)
+    # two perturbations with identical real cells (ties among the real effects)
+    dup, src = perts[1], perts[2]
+    X = np.vstack([X[labels != dup], X[labels == src]])
+    labels = np.concatenate([labels[labels != dup], np.full((labels == src).sum(), dup, dtype=object)])
+    ctrl = labels == CONTROL
+    # a well expressed gene (no target) absent from every control cell
+    expressed = np.argsort(-X[~ctrl].sum(axis=0))
+    absent = int(next(g for g in expressed if genes[g] not in set(perts)))
+    X[ctrl, absent] = 0.0
+    real = _write(d / "real.h5ad", X, labels, genes)
+    # the edge reference: besides, one perturbation keeps a single cell (cell-eval2's anchor refuses
+    # such a reference, so the scale ends are computed on the one above)
+    one = perts[0]
+    keep = np.setdiff1d(np.arange(len(labels)), np.flatnonzero(labels == one)[1:])
+    real_edge = _write(d / "real_edge.h5ad", X[keep], labels[keep], genes)
+
+    rng = np.random.default_rng(1)
+    rows, obs = [], []
+    for p in perts:
+        rows.append(_poisson_like(X, np.flatnonzero(labels == p), 30, rng))
+        obs += [p] * 30
+    honest = _write(d / "pred_honest.h5ad", np.vstack(rows), obs, genes)
+
+    rows, obs = [], []
+    pasted = perts[3:5]          # the reference's control cells pasted: zero effect, all distances tie
+    same = perts[5:8]            # one identical block for three perturbations
+    single = perts[8]            # a single predicted cell
+    empty = perts[9]             # three cells without a count
+    block = _poisson_like(X, np.flatnonzero(labels == perts[5]), 25, rng)
+    for p in perts:
+        if p in pasted:
+            Y = X[ctrl]
+        elif p in same:
+            Y = block
+        elif p == single:
+            Y = _poisson_like(X, np.flatnonzero(labels == p), 1, rng)
+        elif p == empty:
+            Y = np.zeros((3, X.shape[1]), np.float32)
+        else:
+            Y = _poisson_like(X, np.flatnonzero(labels == p), 20, rng)
+        rows.append(Y)
+        obs += [p] * len(Y)
+    order = rng.permutation(sum(len(r) for r in rows))      # rows shuffled, labels as plain strings
+    edge = _write(d / "pred_edge.h5ad", np.vstack(rows)[order], np.asarray(obs, dtype=object)[order], genes, categorical=False)
+    return {"dir": d, "real": real, "real_edge": real_edge, "honest": honest, "edge": edge, "perts": perts, "genes": genes, "one": one,
+            "dup": dup, "src": src, "absent": genes[absent], "pasted": pasted, "same": same, "single": single, "empty": empty}
+
+
+@pytest.fixture(scope="module")
+def sim_oracle(sim):
+    """cell-eval2 on the simulated reference: the honest run with its anchor, the edge run, the baseline, the score."""
+    _oracle_module()
+    d = sim["dir"]
+    honest = _oracle_run(sim["honest"], sim["real"], d / "ce2_honest", "--anchor")
+    edge = _oracle_run(sim["edge"], sim["real_edge"], d / "ce2_edge")
+    base = d / "ce2_base"
+    _oracle("baseline", "-ar", sim["real"], "--preset", "vcc2026", "--pert-col", PERT_COL, "-o", base)
+    _oracle("score", "--user-agg", honest / "agg_results.csv", "--baseline-agg", base / "baseline_agg.csv",
+            "--anchor", honest, "-o", d / "ce2_score.csv")
+    return {"honest": honest, "edge": edge, "base": base, "score": d / "ce2_score.csv"}
+
+
+@pytest.fixture(scope="module")
+def sim_vcell(sim):
+    """vcell on the simulated reference: both runs, the scale ends, the score."""
+    from vcell.eval.vcc2026.files import Options, scale_ends, score
+
+    d = sim["dir"]
+    _vcell_run(sim["honest"], sim["real"], d / "v_honest")
+    _vcell_run(sim["edge"], sim["real_edge"], d / "v_edge")
+    scale_ends(sim["real"], d / "v_scale", Options())
+    table = score(d / "v_honest", d / "v_scale", d / "v_score.csv")
+    return {"honest": d / "v_honest", "edge": d / "v_edge", "scale": d / "v_scale", "score": table}
+
+
+def test_simulated_parity(sim, sim_oracle, sim_vcell):
+    """(c) perturbations that are measured genes: every value and aggregate as cell-eval2."""
+    m = assert_results_equal(sim_vcell["honest"], sim_oracle["honest"])
+    assert_agg_equal(sim_vcell["honest"] / "agg_results.csv", sim_oracle["honest"] / "agg_results.csv")
+    assert_no_infinity(sim_vcell["honest"])
+    # every perturbation is scored on the five per-perturbation scored metrics
+    scored = m[m["metric"] == "pds_cosine"]
+    assert set(scored["perturbation"]) == set(sim["perts"])
+    # the prediction is informative: far above the 0.5 of a random ranking
+    assert scored["value"].mean() > 0.8
+
+
+def test_edge_case_parity(sim, sim_oracle, sim_vcell):
+    """(d) one-cell groups on both sides, pasted controls, identical predictions, real effects that
+    tie, a gene absent from the controls, lfc gates under 10 genes: still cell-eval2's numbers."""
+    m = assert_results_equal(sim_vcell["edge"], sim_oracle["edge"])
+    assert_agg_equal(sim_vcell["edge"] / "agg_results.csv", sim_oracle["edge"] / "agg_results.csv")
+    assert_no_infinity(sim_vcell["edge"])
+    v = m.pivot(index="perturbation", columns="metric", values="value")
+    n = len(sim["perts"])
+    # every perturbation is scored, the one-cell reference group and the one-cell prediction too
+    assert v["pds_cosine"].notna().all() and len(v) == n
+    assert v.loc[[sim["one"], sim["single"]], "de_wilcoxon_sig_jaccard"].notna().all()
+    # a zero predicted effect is at cosine distance 1 from every real effect: all tie, midrank 0.5
+    for p in sim["pasted"]:
+        assert v.loc[p, "pds_cosine"] == pytest.approx(0.5, abs=1e-12)
+    # the duplicated real effect ties with its source: neither can rank above a midrank of the pair
+    assert v.loc[sim["src"], "pds_cosine"] <= 1.0 - 0.5 / (n - 1) + 1e-12
+    # the gene absent from the controls is measured elsewhere but fails the 5 CPM gate of the tests
+    from vcell.eval.vcc2026.evaluate import resolve_targets, summarise_reference
+    from vcell.eval.vcc2026.inputs import read_cells
+
+    real = read_cells(sim["real_edge"], PERT_COL)
+    col = real.genes.get_loc(sim["absent"])
+    assert real.X[real.labels == CONTROL][:, col].nnz == 0 and real.X[real.labels != CONTROL][:, col].nnz > 0
+    ref = summarise_reference(real, CONTROL, sim["perts"], resolve_targets(sim["perts"], real.genes))
+    assert not ref.ctrl.keep[col] and ref.ctrl.keep.sum() > 100
+    # the lfc gate leaves some perturbations out (fewer than 10 significant genes), the same ones
+    nmae = set(m.loc[m["metric"] == "de_wilcoxon_lfc_nmae", "perturbation"])
+    assert 0 < len(nmae) < n
+
+
+def test_no_lfc_gate_anywhere(tmp_path):
+    """(d) every perturbation below the lfc gate: no fold-change error row, the column still in the aggregate."""
+    _oracle_module()
+    rng = np.random.default_rng(0)
+    genes = [f"G{i:02d}" for i in range(40)]
+    base = rng.uniform(20, 30, len(genes))
+    rows, labels = [rng.poisson(base, size=(60, len(genes)))], [CONTROL] * 60
+    for k, p in enumerate(genes[:4]):
+        m = base.copy()
+        j = 4 + 4 * k      # counts moved between four genes: library size kept, at most 4 significant genes
+        m[j] += m[j + 1:j + 4].sum()
+        m[j + 1:j + 4] = 0.2
+        rows.append(rng.poisson(m, size=(30, len(genes))))
+        labels += [p] * 30
+    X = np.vstack(rows).astype(np.float32)
+    real = _write(tmp_path / "real.h5ad", X, labels, genes)
+    pred = _write(tmp_path / "pred.h5ad", X[60:], labels[60:], genes)
+    oracle = _oracle_run(pred, real, tmp_path / "ce2")
+    _vcell_run(pred, real, tmp_path / "v")
+    m = assert_results_equal(tmp_path / "v", oracle)
+    assert "de_wilcoxon_lfc_nmae" not in set(m["metric"])
+    assert_agg_equal(tmp_path / "v" / "agg_results.csv", oracle / "agg_results.csv")
+
+
+def test_prediction_controls_ignored(sim, sim_vcell, tmp_path):
+    """A prediction's own control rows change nothing: the reference's controls are the origin."""
+    full = _with_controls(sim["honest"], sim["real"], tmp_path / "pred_wc.h5ad")
+    _vcell_run(full, sim["real"], tmp_path / "out")
+    assert_results_equal(tmp_path / "out", sim_vcell["honest"])
+    assert_agg_equal(tmp_path / "out" / "agg_results.csv", sim_vcell["honest"] / "agg_results.csv")
+
+
+def test_baseline_parity(sim, sim_oracle, sim_vcell):
+    """The mean-response baseline scored: per perturbation and aggregated, as cell-eval2 baseline."""
+    assert_results_equal(sim_vcell["scale"], sim_oracle["base"], "baseline_results.csv", "baseline_results.csv")
+    assert_agg_equal(sim_vcell["scale"] / "baseline_agg_results.csv", sim_oracle["base"] / "baseline_agg.csv")
+
+
+def test_anchor_parity(sim, sim_oracle, sim_vcell):
+    """The split-half replicate anchor: every split's aggregate and the replicate mean over splits."""
+    mine = pd.read_csv(sim_vcell["scale"] / "anchor_agg.csv").set_index("metric")
+    theirs = pd.read_parquet(sim_oracle["honest"] / "anchor_agg.parquet").set_index("metric")
+    assert sorted(mine.index) == sorted(theirs.index)
+    theirs = theirs.loc[mine.index]
+    for col in ("replicate", "replicate_sd", "replicate_min", "replicate_max"):
+        ok = _close(mine[col], theirs[col])
+        assert ok.all(), f"{col}: vcell {mine.loc[~ok, col].to_dict()} cell-eval2 {theirs.loc[~ok, col].to_dict()}"
+    splits = pd.read_csv(sim_vcell["scale"] / "anchor_splits.csv")
+    osplits = pd.read_parquet(sim_oracle["honest"] / "anchor_splits.parquet")
+    j = splits.merge(osplits, on=["split_index", "metric"], suffixes=("", "_o"), how="outer", indicator=True)
+    assert (j["_merge"] == "both").all() and j["split_index"].nunique() == 5
+    assert (j["seed"] == j["seed_o"]).all()
+    assert _close(j["value"], j["value_o"]).all()
+    assert _close(j["n_perturbations"], j["n_perturbations_o"], 0).all()
+    assert j["n_perturbations"].max() <= len(sim["perts"])
+
+
+def test_score_parity(sim, sim_oracle, sim_vcell):
+    """The scaled score of every metric and avg_score: cell-eval2 score's from_replicate and from_baseline."""
+    theirs = pd.read_csv(sim_oracle["score"]).set_index("metric")
+    mine = sim_vcell["score"].set_index("metric")
+    assert set(theirs.index) == set(mine.index) == set(pd.read_csv(sim["dir"] / "v_score.csv")["metric"])
+    theirs = theirs.loc[mine.index]
+    assert _close(mine["score"], theirs["from_replicate"]).all(), pd.concat([mine["score"], theirs["from_replicate"]], axis=1)
+    assert _close(mine["from_baseline"], theirs["from_baseline"]).all()
+    assert math.isfinite(mine.loc["avg_score", "score"])
+    assert mine.loc["avg_score", "score"] == pytest.approx(mine.drop("avg_score")["score"].mean(), abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# (a) Papalexi THP-1 and (b) Kang IFN-beta, real raw counts
+# --------------------------------------------------------------------------------------------
+
+
+#: Knockouts with a visible effect on the file's 290 genes (the IFN-gamma pathway and a few more).
+PAPALEXI_TARGETS = ("BRD4", "CUL3", "IFNGR1", "IFNGR2", "IRF1", "JAK2", "SMAD4", "STAT1", "STAT2")
+
+
+@pytest.fixture(scope="module")
+def papalexi(tmp_path_factory):
+    """Up to 9 knockouts (150 reference + 40 other predicted cells each), up to 400 controls, all
+    290 genes.
+
+    The knockouts barely move these 290 random genes: with fewer cells the panel's summed unbiased
+    distance comes out negative and cell-eval2 refuses the reference ("no measurable aggregate
+    effect"), hence 150 cells of targets with an effect. The file's genes include no target, so
+    each target's name is given to one measured, well expressed gene: the labels then name genes
+    and the target-gene exclusion is active on both sides (cell-eval2 matches labels to var names
+    the same way)."""
+    data = ad.read_h5ad(real_data(PAPALEXI))
+    d = tmp_path_factory.mktemp("vcc2026_papalexi")
+    rng = np.random.default_rng(0)
+    lab = data.obs["target"].astype(str).to_numpy()
+    sizes = pd.Series(lab).value_counts()
+    targets = [t for t in PAPALEXI_TARGETS if sizes.get(t, 0) >= 190]
+    assert len(targets) >= 6
+    X = sp.csr_matrix(data.X)
+    ctrl = np.flatnonzero(lab == CONTROL)
+    ref_rows, pred_rows = [rng.choice(ctrl, min(400, ctrl.size), replace=False)], []
+    for t in targets:
+        r = rng.permutation(np.flatnonzero(lab == t))
+        ref_rows.append(r[:150])
+        pred_rows.append(r[150:190])
+    ref_rows, pred_rows = np.concatenate(ref_rows), np.concatenate(pred_rows)
+    genes = data.var_names.astype(str).to_numpy().copy()
+    assert not set(targets) & set(genes)
+    expressed = np.argsort(-np.asarray(X[ref_rows].sum(axis=0)).ravel())
+    genes[expressed[5:5 + len(targets)]] = targets
+    real = _write(d / "real.h5ad", X[ref_rows], lab[ref_rows], genes, "target")
+    pred = _write(d / "pred.h5ad", X[pred_rows], lab[pred_rows], genes, "target")
+    return {"dir": d, "real": real, "pred": pred, "targets": targets, "genes": pd.Index(genes)}
+
+
+def test_papalexi_parity(papalexi):
+    """(a) real CRISPR knockouts on raw counts, targets excluded by name: cell-eval2's numbers."""
+    _oracle_module()
+    from vcell.eval.vcc2026.evaluate import resolve_targets
+
+    d = papalexi["dir"]
+    oracle = _oracle_run(papalexi["pred"], papalexi["real"], d / "ce2", pert_col="target")
+    _vcell_run(papalexi["pred"], papalexi["real"], d / "v", pert_col="target")
+    assert_results_equal(d / "v", oracle)
+    assert_agg_equal(d / "v" / "agg_results.csv", oracle / "agg_results.csv")
+    assert_no_infinity(d / "v")
+    # the exclusion is active: every label names a gene, and excluding nothing changes the numbers
+    assert (resolve_targets(papalexi["targets"], papalexi["genes"]) >= 0).all()
+    _vcell_run(papalexi["pred"], papalexi["real"], d / "v_none", pert_col="target", no_target_genes=True)
+    a, b = _read_results(d / "v" / "results.csv"), _read_results(d / "v_none" / "results.csv")
+    j = a.merge(b, on=["perturbation", "metric"], suffixes=("", "_none"))
+    diff = (j["value"] - j["value_none"]).abs()
+    assert diff[j["metric"] == "expr_mse_unbiased"].max() > 1e-6
+
+
+@pytest.fixture(scope="module")
+def kang(tmp_path_factory):
+    """Stimulation x cell type as perturbations (labels are not genes), CTRL CD14 monocytes as the
+    control group; up to 25 reference cells per group, 20 predicted cells bootstrapped from the
+    group; the 600 genes with the most counts."""
+    data = ad.read_h5ad(real_data(KANG))
+    d = tmp_path_factory.mktemp("vcc2026_kang")
+    rng = np.random.default_rng(0)
+    group = (data.obs["stim"].astype(str) + "_" + data.obs["seurat_annotations"].astype(str)).to_numpy()
+    group[group == "CTRL_CD14 Mono"] = "control"
+    sizes = pd.Series(group).value_counts()
+    groups = sorted(g for g in sizes.index if g != "control" and sizes[g] >= 8)
+    assert len(groups) >= 6
+    ctrl = np.flatnonzero(group == "control")
+    ref_rows = [rng.choice(ctrl, min(60, ctrl.size), replace=False)]
+    pred_rows = []
+    for g in groups:
+        rows = np.flatnonzero(group == g)
+        ref_rows.append(rng.choice(rows, min(25, rows.size), replace=False))
+        pred_rows.append(rng.choice(rows, 20, replace=True))
+    ref_rows, pred_rows = np.concatenate(ref_rows), np.concatenate(pred_rows)
+    X = sp.csr_matrix(data.X)
+    top = np.sort(np.argsort(-np.asarray(X[ref_rows].sum(axis=0)).ravel())[:600])
+    X = X[:, top]
+    genes = data.var_names[top]
+    real = _write(d / "real.h5ad", X[ref_rows], group[ref_rows], genes, "group")
+    pred = _write(d / "pred.h5ad", X[pred_rows], group[pred_rows], genes, "group")
+    return {"dir": d, "real": real, "pred": pred, "groups": groups}
+
+
+def test_kang_parity(kang):
+    """(b) cytokine stimulation per cell type, --no-target-genes, another pert column and control label."""
+    _oracle_module()
+    d = kang["dir"]
+    oracle = _oracle_run(kang["pred"], kang["real"], d / "ce2", "--no-target-genes", pert_col="group", control="control")
+    _vcell_run(kang["pred"], kang["real"], d / "v", pert_col="group", control="control", no_target_genes=True)
+    m = assert_results_equal(d / "v", oracle)
+    assert_agg_equal(d / "v" / "agg_results.csv", oracle / "agg_results.csv")
+    assert_no_infinity(d / "v")
+    assert set(m["perturbation"]) == set(kang["groups"])
+    # labels that are not genes are refused unless declared so
+    from vcell.errors import VcellError
+
+    with pytest.raises(VcellError, match="no-target-genes"):
+        _vcell_run(kang["pred"], kang["real"], d / "v_refused", pert_col="group", control="control")
+    assert not (d / "v_refused" / "results.csv").exists()
+
+
+def test_kang_scale_parity(kang):
+    """The baseline of a panel without target genes (nothing left out of the mean response)."""
+    _oracle_module()
+    from vcell.eval.vcc2026.files import Options, scale_ends
+
+    d = kang["dir"]
+    _oracle("baseline", "-ar", kang["real"], "--preset", "vcc2026", "--pert-col", "group", "--control", "control",
+            "--no-target-genes", "-o", d / "ce2_base")
+    scale_ends(kang["real"], d / "v_scale", Options(pert_col="group", control="control", no_target_genes=True), anchor=False)
+    assert_results_equal(d / "v_scale", d / "ce2_base", "baseline_results.csv", "baseline_results.csv")
+    assert_agg_equal(d / "v_scale" / "baseline_agg_results.csv", d / "ce2_base" / "baseline_agg.csv")
+
+
+# --------------------------------------------------------------------------------------------
+# bad inputs through the real CLI
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """3 perturbations x 5 cells + 10 controls x 20 genes, integer counts."""
+    d = tmp_path_factory.mktemp("vcc2026_tiny")
+    rng = np.random.default_rng(0)
+    genes = [f"G{i:02d}" for i in range(20)]
+    perts = genes[:3]          # perturbations named by genes
+    real_labels = [CONTROL] * 10 + [p for p in perts for _ in range(5)]
+    # each perturbation raises six genes eightfold: a panel with a clear effect (a panel without
+    # one has no expr_mse_unbiased_capped_norm, and is refused, as by cell-eval2)
+    lam = np.full((4, 20), 5.0)
+    for k in range(3):
+        lam[k + 1, 6 + 4 * k:12 + 4 * k] = 40.0
+    X = rng.poisson(lam[[0] * 10 + [k + 1 for k in range(3) for _ in range(5)]]).astype(np.float32)
+    pred_labels = [p for p in perts for _ in range(5)]
+    P = rng.poisson(lam[[k + 1 for k in range(3) for _ in range(5)]]).astype(np.float32)
+    files = {"real": _write(d / "real.h5ad", X, real_labels, genes), "pred": _write(d / "pred.h5ad", P, pred_labels, genes)}
+    big = P.copy()
+    big[4, 3] = 2e6
+    cases = {
+        "log1p": (np.log1p(P), pred_labels, genes, None),
+        "fractional": (P + 0.5, pred_labels, genes, None),
+        "over_1e6": (big, pred_labels, genes, None),
+        "missing_pert": (P[:10], pred_labels[:10], genes, None),
+        "gene_order": (P[:, ::-1], pred_labels, genes[::-1], None),
+        "genes_missing": (P[:, :-2], pred_labels, genes[:-2], None),
+    }
+    for name, (Y, labels, g, obs) in cases.items():
+        files[name] = _write(d / f"pred_{name}.h5ad", Y, labels, g, obs=obs)
+    files["no_controls"] = _write(d / "real_no_controls.h5ad", X[10:], real_labels[10:], genes)
+    files["real_ctx"] = _write(d / "real_ctx.h5ad", X, real_labels, genes, obs={"context": ["A"] * len(real_labels)})
+    return d, files
+
+
+BAD = {
+    # case: (prediction, reference, words of the error line)
+    "log1p": ("log1p", "real", "not an integer"),
+    "fractional": ("fractional", "real", "not an integer"),
+    "over_1e6": ("over_1e6", "real", "more than"),
+    "missing_pert": ("missing_pert", "real", "G02"),
+    "gene_order": ("gene_order", "real", "order"),
+    "genes_missing": ("genes_missing", "real", "missing"),
+    "no_controls": ("pred", "no_controls", "control"),
+    "context_absent_from_pred": ("pred", "real_ctx", "context"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_cli(tiny, tmp_path, case):
+    """Exit 2, one ``error:`` line naming the problem, no traceback, nothing in --out."""
+    d, files = tiny
+    pred, real, words = BAD[case]
+    out = tmp_path / "out"
+    proc = run_cli("eval", "run", "--profile", "vcc2026", "--pred", files[pred], "--real", files[real], "--out", out)
+    line = error_line(proc)
+    assert words in line, line
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
+
+
+def test_tiny_pair_accepted(tiny, tmp_path):
+    """The tiny pair itself is accepted (so the failures above are the defects, not the files)."""
+    _, files = tiny
+    _vcell_run(files["pred"], files["real"], tmp_path / "out")
+    assert (tmp_path / "out" / "results.csv").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# several contexts
+# --------------------------------------------------------------------------------------------
+
+
+def test_two_contexts(tmp_path):
+    """Contexts scored separately into OUT/A and OUT/B (each as if alone), `score` averaging them."""
+    from vcell.eval.vcc2026.files import Options, scale_ends
+
+    # two simulations (seeds whose split halves still carry a positive summed effect, so the
+    # replicate end of expr_mse_unbiased_capped_norm is defined) on one gene axis
+    XA, labels_a, genes, _ = _simulated(seed=5, n_perts=30, cells=40, n_genes=500, n_controls=150)
+    XB, labels_b, genes_b, _ = _simulated(seed=6, n_perts=30, cells=40, n_genes=500, n_controls=150)
+    assert genes.equals(genes_b)
+    X, labels = np.vstack([XA, XB]), np.concatenate([labels_a, labels_b])
+    ctx = np.array(["A"] * len(labels_a) + ["B"] * len(labels_b))
+    real = _write(tmp_path / "real.h5ad", X, labels, genes, obs={"context": ctx})
+    rng = np.random.default_rng(2)
+    rows, obs, pctx = [], [], []
+    for c in ("A", "B"):
+        for p in sorted(set(labels[ctx == c]) - {CONTROL}):
+            rows.append(_poisson_like(X, np.flatnonzero((labels == p) & (ctx == c)), 15, rng))
+            obs += [p] * 15
+            pctx += [c] * 15
+    pred = _write(tmp_path / "pred.h5ad", np.vstack(rows), obs, genes, obs={"context": pctx})
+    out, scale = tmp_path / "out", tmp_path / "scale"
+    proc = run_cli("eval", "run", "--profile", "vcc2026", "--pred", pred, "--real", real, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["A", "B"]
+    scale_ends(real, scale, Options())
+    assert sorted(p.name for p in scale.iterdir()) == ["A", "B"]
+    assert json.loads((scale / "A" / "scale.json").read_text())["context"] == "A"
+
+    # each context is scored as if it were alone: its own controls, its own perturbations
+    for c in ("A", "B"):
+        sel, psel = ctx == c, np.asarray(pctx) == c
+        r1 = _write(tmp_path / f"real_{c}.h5ad", X[sel], labels[sel], genes)
+        p1 = _write(tmp_path / f"pred_{c}.h5ad", np.vstack(rows)[psel], np.asarray(obs)[psel], genes)
+        _vcell_run(p1, r1, tmp_path / f"alone_{c}")
+        assert_results_equal(out / c, tmp_path / f"alone_{c}")
+        assert_agg_equal(out / c / "agg_results.csv", tmp_path / f"alone_{c}" / "agg_results.csv")
+    a = _read_results(out / "A" / "results.csv").set_index(["perturbation", "metric"])["value"]
+    b = _read_results(out / "B" / "results.csv").set_index(["perturbation", "metric"])["value"]
+    assert not np.allclose(a.sort_index().to_numpy(), b.reindex(a.sort_index().index).to_numpy(), equal_nan=True)
+
+    proc = run_cli("eval", "score", "--profile", "vcc2026", "--user", out, "--baseline", scale, "--out", tmp_path / "score.csv")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "score.csv", keep_default_na=False, na_values=["NaN", "nan", ""])
+    avg = table[table["metric"] == "avg_score"].set_index("context")["score"]
+    assert sorted(avg.index) == ["A", "B", "mean"]
+    assert np.isfinite(avg.to_numpy()).all()
+    assert avg["A"] != avg["B"]
+    assert avg["mean"] == pytest.approx((avg["A"] + avg["B"]) / 2, abs=1e-12)
+    # each context's row is its own scale: the mean of its six scored metrics
+    for c in ("A", "B"):
+        rows_c = table[(table["context"] == c) & (table["metric"] != "avg_score")]
+        assert len(rows_c) == 6
+        assert avg[c] == pytest.approx(rows_c["score"].mean(), abs=1e-12)
+
+
+def test_comparison_catches_small_differences(sim, sim_vcell, tmp_path):
+    """The parity helpers fail on a 1e-8 change, a missing row and a NaN for a number."""
+    res = _read_results(sim_vcell["honest"] / "results.csv")
+    for k, change in enumerate((lambda r: r.assign(value=r["value"] + np.where(np.arange(len(r)) == 7, 1e-8, 0.0)),
+                                lambda r: r.drop(index=3),
+                                lambda r: r.assign(value=np.where(np.arange(len(r)) == 5, np.nan, r["value"])))):
+        d = tmp_path / f"m{k}"
+        d.mkdir()
+        change(res).to_csv(d / "results.csv", index=False)
+        with pytest.raises(AssertionError):
+            assert_results_equal(sim_vcell["honest"], d)
+    agg = pd.read_csv(sim_vcell["honest"] / "agg_results.csv")
+    agg.loc[2, "pds_cosine"] += 1e-8
+    agg.to_csv(tmp_path / "agg.csv", index=False)
+    with pytest.raises(AssertionError):
+        assert_agg_equal(sim_vcell["honest"] / "agg_results.csv", tmp_path / "agg.csv")
+
+
+# --------------------------------------------------------------------------------------------
+# what cell-eval2 refuses, vcell refuses (and bench reports instead)
+# --------------------------------------------------------------------------------------------
+
+
+def _null_panel(tmp_path: Path) -> tuple[Path, Path]:
+    """A reference whose perturbations change nothing: its corrected effects sum to <= 0."""
+    rng = np.random.default_rng(3)
+    genes = [f"G{i:02d}" for i in range(60)]
+    labels = [CONTROL] * 40 + [g for g in genes[:6] for _ in range(12)]
+    X = rng.poisson(8.0, size=(len(labels), len(genes))).astype(np.float32)
+    real = _write(tmp_path / "null_real.h5ad", X, labels, genes)
+    pred = _write(tmp_path / "null_pred.h5ad", X[40:], labels[40:], genes)
+    return real, pred
+
+
+def test_undefined_panel_ratio_refused(tmp_path):
+    """No effect beyond sampling noise: expr_mse_unbiased_capped_norm is undefined; `eval run` says so
+    (exit 2, one line, nothing written), the Python scorer in bench mode gives NaN instead."""
+    from vcell.eval.vcc2026.evaluate import evaluate_cells, resolve_targets, summarise_reference
+    from vcell.eval.vcc2026.inputs import read_cells
+
+    real, pred = _null_panel(tmp_path)
+    out = tmp_path / "out"
+    proc = run_cli("eval", "run", "--profile", "vcc2026", "--pred", pred, "--real", real, "--out", out)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert "expr_mse_unbiased_capped_norm is undefined" in error_line(proc)
+    assert not out.exists()
+    cells = read_cells(real, PERT_COL)
+    perts = sorted(set(cells.labels) - {CONTROL})
+    ref = summarise_reference(cells, CONTROL, perts, resolve_targets(perts, cells.genes))
+    values, ratio = evaluate_cells(ref, read_cells(pred, PERT_COL), strict=False)
+    assert math.isnan(ratio) and np.isfinite(values["pds_cosine"]).all()
+
+
+def test_anchor_refuses_single_cell_group(tmp_path):
+    """A one-cell perturbation cannot be split in halves: the anchor refuses it (as cell-eval2), naming it."""
+    rng = np.random.default_rng(4)
+    genes = [f"G{i:02d}" for i in range(30)]
+    labels = [CONTROL] * 20 + ["G01"] * 10 + ["G02"]
+    lam = np.full((len(labels), len(genes)), 6.0)
+    lam[20:30, 5:10] = 40.0
+    X = rng.poisson(lam).astype(np.float32)
+    real = _write(tmp_path / "real.h5ad", X, labels, genes)
+    proc = run_cli("eval", "baseline", "--profile", "vcc2026", "--real", real, "--out", tmp_path / "scale", "--only", "anchor")
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert "'G02'" in error_line(proc) and "single cell" in error_line(proc)
+    assert not (tmp_path / "scale").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# eval prep --profile vcc2026
+# --------------------------------------------------------------------------------------------
+
+
+def test_prep_2026(tiny, tmp_path):
+    """The 2026 upload: genes put in the list's order, the listed perturbations and cell counts, no
+    control rows, counts kept exactly; every violation one `error:` line and nothing written."""
+    d, files = tiny
+    src = ad.read_h5ad(files["pred"])
+    genes = list(src.var_names)
+    (tmp_path / "genes.csv").write_text("\n".join(genes) + "\n")
+    counts = src.obs[PERT_COL].astype(str).value_counts()
+    (tmp_path / "perts.csv").write_text("target_gene,n_cells\n" + "".join(f"{p},{n}\n" for p, n in counts.items()))
+    shuffled = _write(tmp_path / "shuffled.h5ad", src.X.toarray()[:, ::-1], src.obs[PERT_COL], genes[::-1])
+    out = tmp_path / "sub.h5ad"
+    proc = run_cli("eval", "prep", "--profile", "vcc2026", "--pred", shuffled, "--genes", tmp_path / "genes.csv",
+                   "--perturbations", tmp_path / "perts.csv", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    sub = ad.read_h5ad(out)
+    assert list(sub.var_names) == genes and sp.issparse(sub.X) and sub.X.dtype == np.float32
+    np.testing.assert_array_equal(sub.X.toarray(), src.X.toarray())
+    assert list(sub.obs["target_gene"].astype(str)) == list(src.obs[PERT_COL].astype(str))
+
+    wrong_counts = tmp_path / "perts_wrong.csv"
+    wrong_counts.write_text("target_gene,n_cells\n" + "".join(f"{p},{n + 1}\n" for p, n in counts.items()))
+    extra = tmp_path / "perts_short.csv"
+    extra.write_text("target_gene\n" + "".join(f"{p}\n" for p in list(counts.index)[:-1]))
+    with_controls = _with_controls(files["pred"], files["real"], tmp_path / "with_controls.h5ad")
+    cases = [
+        (files["pred"], wrong_counts, "cells, the list asks for"),
+        (files["pred"], extra, "not in the list"),
+        (with_controls, tmp_path / "perts.csv", "control cell"),
+        (files["fractional"], tmp_path / "perts.csv", "not an integer"),
+        (files["over_1e6"], tmp_path / "perts.csv", "more than"),
+        (files["genes_missing"], tmp_path / "perts.csv", "missing from var"),
+    ]
+    for pred, perts, words in cases:
+        target = tmp_path / f"bad_{Path(pred).stem}_{Path(perts).stem}.h5ad"
+        proc = run_cli("eval", "prep", "--profile", "vcc2026", "--pred", pred, "--genes", tmp_path / "genes.csv",
+                       "--perturbations", perts, "--out", target)
+        assert proc.returncode == 2, (words, proc.stderr[-1500:])
+        assert words in error_line(proc), (words, error_line(proc))
+        assert not target.exists()
