@@ -21,6 +21,7 @@ from vcell.eval.vcc2026.inputs import CountsCells
 
 #: cell-eval2's default seed of the baseline's control draws.
 BASELINE_SEED = 0
+_CHUNK = 1 << 22
 
 
 def _mean_counts(X: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
@@ -70,6 +71,10 @@ def emit_baseline(profile: np.ndarray, ref: Reference, sizes: dict[str, int], se
         labels.extend([p] * n)
     src = np.concatenate(draws).astype(np.intp)
     X = ctrl.X[src]
-    X = sp.csr_matrix(((X.data * scale[X.indices]).astype(np.float32), X.indices, X.indptr), shape=X.shape)
+    data = X.data.astype(np.float32, copy=False) if X.data.dtype == np.float32 else X.data.astype(np.float32)
+    for s in range(0, data.size, _CHUNK):  # in place, by chunks: no temporary the size of the matrix
+        e = min(data.size, s + _CHUNK)
+        data[s:e] = (data[s:e] * scale[X.indices[s:e]]).astype(np.float32)  # float32 x float64, rounded to float32
+    X = sp.csr_matrix((data, X.indices, X.indptr), shape=X.shape)
     X.eliminate_zeros()
     return CountsCells(X, np.asarray(labels, dtype=object), ref.genes, "the mean-response baseline")
