@@ -299,7 +299,8 @@ def run_bench(
 def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folder: Path):
     """Both ends of the VCC 2026 scale of one held-out context, written to ``folder``."""
     from vcell.eval.vcc2026.files import Options, context_scale
-    from vcell.eval.vcc2026.inputs import CountsCells, as_csr, check_counts, labels_of
+    from vcell.eval.vcc2026.inputs import CountsCells, check_counts
+    from vcell.eval.vcc2026.reader import as_csr, labels_of
 
     labels, order = labels_of(real.obs, spec.pert_col, "the held-out cells")
     cells = CountsCells(as_csr(real.layers["counts"], "counts"), labels, real.var_names.copy(), "the held-out cells", order)
@@ -318,7 +319,8 @@ def _score_2026(pred: ad.AnnData, scale, spec: DataSpec, threads: int, seed: int
     """A log1p prediction scored with the VCC 2026 metrics as counts drawn from it; the leaderboard columns."""
     from vcell.data.counts import draw_library_sizes, sample_counts
     from vcell.eval.vcc2026.evaluate import evaluate_cells
-    from vcell.eval.vcc2026.inputs import CountsCells, labels_of
+    from vcell.eval.vcc2026.inputs import CountsCells
+    from vcell.eval.vcc2026.reader import labels_of
     from vcell.eval.vcc2026.scale import score_context
     from vcell.eval.vcc2026.tables import agg_means, agg_wide, results_long
 

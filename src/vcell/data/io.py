@@ -10,12 +10,15 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import anndata as ad
 import h5py
 import numpy as np
 
 from vcell.errors import VcellError, preview
+
+if TYPE_CHECKING:
+    import anndata as ad
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,8 @@ def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
         raise VcellError(f"{path}: is a directory, expected an .h5ad file")
     if not h5py.is_hdf5(path):
         raise VcellError(f"{path}: unreadable file (not an HDF5/.h5ad file)")
+    import anndata as ad  # here, not at the top: readers of other formats need not import it
+
     try:
         return ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as exc:  # anndata raises many types for corrupt files
@@ -72,6 +77,8 @@ def read_h5ad_mapped(path: str | os.PathLike, backed: bool = False) -> ad.AnnDat
         return read_h5ad(path, backed=backed)
     obs, var = meta.obs.copy(), meta.var.copy()
     meta.file.close()
+    import anndata as ad
+
     return ad.AnnData(X=mapped, obs=obs, var=var)
 
 

@@ -12,68 +12,28 @@ or ``.h5ad`` files with log1p expression and a perturbation column):
   to output tables, reached as ``vcell.eval.run.run``: it is not re-exported here, since the
   name would hide the submodule ``vcell.eval.run``);
 * :mod:`~vcell.eval.baseline`: the cell-mean baseline prediction;
-* :mod:`~vcell.eval.prep`: a prediction packed as a ``.vcc`` submission archive.
+* :mod:`~vcell.eval.prep`: a prediction packed as a ``.vcc`` submission archive;
+* :mod:`~vcell.eval.csvio`: the tables in cell-eval's CSV format;
+* :mod:`~vcell.eval.vcc2026`: the Virtual Cell Challenge 2026 metrics (cell-eval2, raw counts).
 
 This package depends on :mod:`vcell.data` only (never on torch).
 """
 
 from __future__ import annotations
 
-from vcell.eval.baseline import build_cell_mean_baseline, cell_mean_vector
-from vcell.eval.de import DEResult, MannWhitneyResult, bh_fdr, de_arrays, differential_expression, mannwhitney_vs_reference
-from vcell.eval.inputs import INPUT_TYPES, EvalPair, check_pair, check_structure, prepare, to_log1p
-from vcell.eval.metrics import (
-    REGISTRY,
-    DEData,
-    ExpressionData,
-    Metric,
-    MetricUndefined,
-    get_metric,
-    list_metrics,
-    register,
-)
-from vcell.eval.prep import prepare_submission, read_gene_list, read_submission
-from vcell.eval.profiles import PERTURBATION_COLUMN, PROFILES, compute_results, profile_metrics
-from vcell.eval.run import EvalResult, evaluate, write_de_csv, write_outputs
-from vcell.eval.scoring import STATISTICS, agg_results, read_csv, score, write_csv
+from vcell._lazy import lazy_exports
 
-__all__ = [
-    "DEData",
-    "DEResult",
-    "EvalPair",
-    "EvalResult",
-    "ExpressionData",
-    "INPUT_TYPES",
-    "MannWhitneyResult",
-    "Metric",
-    "MetricUndefined",
-    "PERTURBATION_COLUMN",
-    "PROFILES",
-    "REGISTRY",
-    "STATISTICS",
-    "agg_results",
-    "bh_fdr",
-    "build_cell_mean_baseline",
-    "cell_mean_vector",
-    "check_pair",
-    "check_structure",
-    "compute_results",
-    "de_arrays",
-    "differential_expression",
-    "evaluate",
-    "get_metric",
-    "list_metrics",
-    "mannwhitney_vs_reference",
-    "prepare",
-    "prepare_submission",
-    "profile_metrics",
-    "read_csv",
-    "read_gene_list",
-    "read_submission",
-    "register",
-    "score",
-    "to_log1p",
-    "write_csv",
-    "write_de_csv",
-    "write_outputs",
-]
+# Names load on first use: the VCC 2026 evaluator (vcell.eval.vcc2026) and the CSV helpers
+# (vcell.eval.csvio) are reached without the 2025 engine, its metric registry or anndata.
+_EXPORTS = {
+    "vcell.eval.baseline": ["build_cell_mean_baseline", "cell_mean_vector"],
+    "vcell.eval.de": ["DEResult", "MannWhitneyResult", "bh_fdr", "de_arrays", "differential_expression", "mannwhitney_vs_reference"],
+    "vcell.eval.inputs": ["INPUT_TYPES", "EvalPair", "check_pair", "check_structure", "prepare", "to_log1p"],
+    "vcell.eval.metrics": ["REGISTRY", "DEData", "ExpressionData", "Metric", "MetricUndefined", "get_metric", "list_metrics", "register"],
+    "vcell.eval.prep": ["prepare_submission", "read_gene_list", "read_submission"],
+    "vcell.eval.profiles": ["PERTURBATION_COLUMN", "PROFILES", "compute_results", "profile_metrics"],
+    "vcell.eval.run": ["EvalResult", "evaluate", "write_de_csv", "write_outputs"],
+    "vcell.eval.scoring": ["STATISTICS", "agg_results", "score"],
+    "vcell.eval.csvio": ["read_csv", "write_csv"],
+}
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

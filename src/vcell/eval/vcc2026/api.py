@@ -10,7 +10,8 @@ from vcell.eval.vcc2026.anchor import BASE_SEED, N_SPLITS
 from vcell.eval.vcc2026.baseline import BASELINE_SEED
 from vcell.eval.vcc2026.evaluate import evaluate_cells
 from vcell.eval.vcc2026.files import ContextScale, Options, context_scale, reference_context
-from vcell.eval.vcc2026.inputs import CountsCells, as_csr, check_counts, check_genes, check_perturbations, labels_of
+from vcell.eval.vcc2026.inputs import CountsCells, check_counts, check_genes, check_perturbations
+from vcell.eval.vcc2026.reader import as_csr, labels_of
 from vcell.eval.vcc2026.scale import score_context
 from vcell.eval.vcc2026.tables import agg_means, agg_wide, results_long
 

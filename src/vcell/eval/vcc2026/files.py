@@ -27,19 +27,13 @@ import numpy as np
 import pandas as pd
 
 from vcell.data.io import atomic_paths, check_output_dir, check_output_path
-from vcell.errors import VcellError, preview
-from vcell.eval.scoring import read_csv, write_csv
+from vcell.errors import VcellError, did_you_mean, preview
+from vcell.eval.csvio import read_csv, write_csv
 from vcell.eval.vcc2026.anchor import BASE_SEED, N_SPLITS, AnchorResult, replicate_anchor
 from vcell.eval.vcc2026.baseline import BASELINE_SEED, emit_baseline, generic_profile
 from vcell.eval.vcc2026.evaluate import Reference, evaluate_cells, resolve_targets, summarise_reference
-from vcell.eval.vcc2026.inputs import (
-    CountsCells,
-    check_genes,
-    check_perturbations,
-    labels_of,
-    read_cells,
-    read_target_map,
-)
+from vcell.eval.vcc2026.inputs import CountsCells, check_genes, check_perturbations, read_cells, read_target_map
+from vcell.eval.vcc2026.reader import ObsColumns, read_obs
 from vcell.eval.vcc2026.scale import average_contexts, score_context
 from vcell.eval.vcc2026.tables import agg_means, agg_wide, results_long
 
@@ -61,31 +55,31 @@ class Options:
     strict: bool = True  # refuse what cell-eval2 refuses (an undefined panel ratio, one-cell groups in the anchor)
 
 
-def _contexts(path, col: str, obs: pd.DataFrame, required: bool) -> list[str] | None:
+def _contexts(path, col: str, obs: ObsColumns, required: bool) -> list[str] | None:
     """The contexts of a file (None: no context column and none required)."""
     if col not in obs.columns:
         if required:
-            raise VcellError(f"{path}: context column {col!r} not found in obs (the reference has it; columns: {preview(obs.columns, 10)})")
+            raise VcellError(f"{path}: context column {col!r} not found in obs (the reference has it; columns: {preview(obs.names, 10)})")
         return None
-    values = obs[col]
-    if values.isna().any():
+    values = obs.columns[col][0]
+    if (values == "").any():
         raise VcellError(f"{path}: context column {col!r} has cells without a context")
-    names = sorted(set(values.astype(str)))
+    names = sorted(set(values))
     for name in names:
         if not name or "/" in name or name in (".", ".."):
             raise VcellError(f"{path}: context {name!r} cannot name an output folder")
     return names
 
 
-def _read_meta(path) -> pd.DataFrame:
-    from vcell.data.io import read_h5ad
+def _read_meta(path, opts: Options) -> ObsColumns:
+    return read_obs(path, [opts.pert_col, opts.context_col])
 
-    if not Path(path).is_file():
-        raise VcellError(f"{path}: file not found")
-    meta = read_h5ad(path, backed=True)
-    obs = meta.obs.copy()
-    meta.file.close()
-    return obs
+
+def _labels(meta: ObsColumns, path, pert_col: str) -> np.ndarray:
+    if pert_col not in meta.columns:
+        hint = did_you_mean(pert_col, meta.names)
+        raise VcellError(f"{path}: perturbation column {pert_col!r} not found in obs{hint} (columns: {preview(meta.names, 20)})")
+    return meta.columns[pert_col][0]
 
 
 def _context_cells(cells: CountsCells, contexts: np.ndarray | None, name: str | None) -> CountsCells:
@@ -123,7 +117,7 @@ def run(pred, real, out, opts: Options, overwrite: bool = False, report: Callabl
     """
     report = report or (lambda _: None)
     out = Path(out)
-    real_obs, pred_obs = _read_meta(real), _read_meta(pred)
+    real_obs, pred_obs = _read_meta(real, opts), _read_meta(pred, opts)
     contexts = _contexts(real, opts.context_col, real_obs, required=False)
     pred_ctx = _contexts(pred, opts.context_col, pred_obs, required=contexts is not None) if contexts is not None else None
     if pred_ctx is not None and set(pred_ctx) - set(contexts):
@@ -131,14 +125,13 @@ def run(pred, real, out, opts: Options, overwrite: bool = False, report: Callabl
     names = [f"{_folder(out, c)}{f}" for c in (contexts or [None]) for f in RUN_FILES]
     check_output_dir(out, names, [pred, real], overwrite=overwrite)
     target_map = _target_map(opts)
-    labels_real, _ = labels_of(real_obs, opts.pert_col, str(real))
-    labels_pred, _ = labels_of(pred_obs, opts.pert_col, str(pred))
+    labels_real, labels_pred = _labels(real_obs, real, opts.pert_col), _labels(pred_obs, pred, opts.pert_col)
     check_perturbations(labels_pred, labels_real, opts.control, str(pred), str(real))
     # One matrix in memory at a time: the reference is summarised (its controls kept) and released
     # before the prediction is read.
     t = time.perf_counter()
     real_cells = read_cells(real, opts.pert_col)
-    real_ctx = real_obs[opts.context_col].astype(str).to_numpy() if contexts else None
+    real_ctx = real_obs.columns[opts.context_col][0] if contexts else None
     refs = {}
     for name in contexts or [None]:
         r = _context_cells(real_cells, real_ctx, name)
@@ -150,7 +143,7 @@ def run(pred, real, out, opts: Options, overwrite: bool = False, report: Callabl
     t = time.perf_counter()
     pred_cells = read_cells(pred, opts.pert_col)
     check_genes(pred_cells.genes, genes, str(pred), str(real))
-    pred_ctx_values = pred_obs[opts.context_col].astype(str).to_numpy() if contexts else None
+    pred_ctx_values = pred_obs.columns[opts.context_col][0] if contexts else None
     tables = {}
     for name in contexts or [None]:
         (ref, perts), real_where = refs[name]
@@ -179,15 +172,15 @@ def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: in
         raise VcellError("nothing to compute: both the baseline and the anchor are switched off")
     report = report or (lambda _: None)
     out = Path(out)
-    real_obs = _read_meta(real)
+    real_obs = _read_meta(real, opts)
     contexts = _contexts(real, opts.context_col, real_obs, required=False)
     files = ["scale.json"] + (list(SCALE_FILES[:2]) if baseline else []) + (list(SCALE_FILES[2:4]) if anchor else [])
     names = [f"{_folder(out, c)}{f}" for c in (contexts or [None]) for f in files]
     check_output_dir(out, names, [real], overwrite=overwrite)
     target_map = _target_map(opts)
-    labels_of(real_obs, opts.pert_col, str(real))
+    _labels(real_obs, real, opts.pert_col)
     real_cells = read_cells(real, opts.pert_col)
-    real_ctx = real_obs[opts.context_col].astype(str).to_numpy() if contexts else None
+    real_ctx = real_obs.columns[opts.context_col][0] if contexts else None
     done: dict[str, dict] = {}
     outputs = {}
     scales = {}

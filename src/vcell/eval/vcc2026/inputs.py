@@ -20,6 +20,7 @@ import scipy.sparse as sp
 
 from vcell.errors import VcellError, did_you_mean, preview
 from vcell.eval.vcc2026._kernels import row_totals
+from vcell.eval.vcc2026.reader import as_csr, read_counts_file, read_obs
 
 #: The challenge's cap on one cell's total count (``max_counts_per_cell``).
 MAX_COUNTS_PER_CELL = 1e6
@@ -59,27 +60,6 @@ def _totals(X: sp.csr_matrix) -> tuple[np.ndarray, int]:
     return out, (min(found) if found else -1)
 
 
-def as_csr(X, where: str) -> sp.csr_matrix:
-    """``X`` as canonical CSR with float32/float64 (or integer) values, without copying when possible."""
-    if X is None:
-        raise VcellError(f"{where}: the expression matrix is missing (X is None)")
-    if hasattr(X, "to_memory"):  # anndata backed sparse dataset
-        X = X.to_memory()
-    if not sp.issparse(X):
-        X = np.asarray(X)
-        if X.ndim != 2:
-            raise VcellError(f"{where}: the expression matrix must be 2-D, got shape {X.shape}")
-        X = sp.csr_matrix(X)
-    elif X.format != "csr":
-        X = sp.csr_matrix(X)
-    if not X.has_canonical_format:
-        X = X.copy()
-        X.sum_duplicates()
-    if X.dtype == np.float16 or X.dtype == np.bool_:
-        X = X.astype(np.float32)
-    return X
-
-
 def check_counts(cells: CountsCells, max_per_cell: float = MAX_COUNTS_PER_CELL) -> None:
     """Stop at the first value that is not a raw count, or a cell above ``max_per_cell``.
 
@@ -111,22 +91,6 @@ def check_counts(cells: CountsCells, max_per_cell: float = MAX_COUNTS_PER_CELL) 
             f"{cells.where}: cell {row} ({cells.labels[row]!r}) holds {cells.totals[row]:,.0f} counts, more than "
             f"the {max_per_cell:,.0f} allowed per cell ({over.size} such cell(s))"
         )
-
-
-def labels_of(obs: pd.DataFrame, pert_col: str, where: str) -> tuple[np.ndarray, list[str]]:
-    """The perturbation label of every cell as an object array of str (missing labels become ''),
-    and the labels in pandas' group order (a categorical's categories, else sorted)."""
-    if pert_col not in obs.columns:
-        hint = did_you_mean(pert_col, obs.columns)
-        raise VcellError(f"{where}: perturbation column {pert_col!r} not found in obs{hint} (columns: {preview(obs.columns, 20)})")
-    col = obs[pert_col]
-    labels = np.asarray(col.astype(object).where(col.notna(), "").astype(str), dtype=object)
-    present = set(labels) - {""}
-    if isinstance(col.dtype, pd.CategoricalDtype):
-        order = [str(c) for c in col.cat.categories if str(c) in present]
-    else:
-        order = sorted(present)
-    return labels, order
 
 
 def check_genes(pred_genes: pd.Index, real_genes: pd.Index, pred_where: str, real_where: str) -> None:
@@ -172,14 +136,16 @@ def check_perturbations(pred_labels: np.ndarray, real_labels: np.ndarray, contro
     return sorted(real_set)
 
 
-def read_cells(path: str | os.PathLike, pert_col: str, genes: pd.Index | None = None) -> CountsCells:
+def read_cells(path: str | os.PathLike, pert_col: str) -> CountsCells:
     """Read an ``.h5ad`` of raw counts into memory as :class:`CountsCells` (matrix checked)."""
-    from vcell.data.io import read_h5ad
-
     where = str(path)
-    adata = read_h5ad(path)
-    labels, order = labels_of(adata.obs, pert_col, where)
-    cells = CountsCells(as_csr(adata.X, where), labels, adata.var_names.copy(), where, order)
+    meta = read_obs(path, [pert_col])  # the column is checked before the matrix is read
+    if pert_col not in meta.columns:
+        hint = did_you_mean(pert_col, meta.names)
+        raise VcellError(f"{where}: perturbation column {pert_col!r} not found in obs{hint} (columns: {preview(meta.names, 20)})")
+    f = read_counts_file(path, [pert_col])
+    labels, order = f.columns[pert_col]
+    cells = CountsCells(as_csr(f.X, where), labels, pd.Index(f.genes), where, order)
     check_counts(cells)
     return cells
 

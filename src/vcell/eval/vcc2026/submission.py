@@ -24,7 +24,8 @@ import scipy.sparse as sp
 from vcell.data.io import check_output_path, read_h5ad, write_h5ad
 from vcell.errors import VcellError, preview
 from vcell.eval.prep import read_gene_list
-from vcell.eval.vcc2026.inputs import CountsCells, as_csr, check_counts, labels_of
+from vcell.eval.vcc2026.inputs import CountsCells, check_counts
+from vcell.eval.vcc2026.reader import as_csr, labels_of
 
 #: Most stored entries a 2026 submission's matrix may hold.
 MAX_STORED_ENTRIES = 4_750_000_000

@@ -60,8 +60,17 @@ class SideSummary:
     jackknife: np.ndarray  # (P,) float64
 
 
-def _blocks(n_genes: int, threads: int) -> list[tuple[int, int]]:
-    size = int(min(1024, max(32, -(-n_genes // (4 * max(threads, 1))))))
+#: Non-zeros a gene block gathers (float64 each, per thread): bounds the kernel's working memory.
+_BLOCK_VALUES = 8_000_000
+
+
+def _blocks(n_genes: int, threads: int, nnz: float) -> list[tuple[int, int]]:
+    """Gene blocks: at least four per thread (load balance), each gathering at most about
+    :data:`_BLOCK_VALUES` non-zeros (memory), 16 to 1024 genes."""
+    size = -(-n_genes // (4 * max(threads, 1)))
+    if nnz > 0:
+        size = min(size, int(n_genes * _BLOCK_VALUES / nnz))
+    size = int(min(1024, max(16, size)))
     return [(j0, min(n_genes, j0 + size)) for j0 in range(0, n_genes, size)]
 
 
@@ -88,7 +97,8 @@ def _run_blocks(ctrl: CountsCells, ctrl_rows, cells: CountsCells, group_rows, ke
                             order, gptr, sizes, keep, j0, j1, stat, pval, raw, cpm, inv_n)
 
     n_threads = _n_threads(threads)
-    blocks = _blocks(n_genes, n_threads)
+    nnz = A.nnz * len(ctrl_rows) / max(A.shape[0], 1) + B.nnz * (order.size - len(ctrl_rows)) / max(B.shape[0], 1)
+    blocks = _blocks(n_genes, n_threads, nnz)
     if n_threads == 1 or len(blocks) == 1:
         bad = [work(b) for b in blocks]
     else:

@@ -1,0 +1,206 @@
+"""Reading a raw-count ``.h5ad`` for the VCC 2026 evaluator: the matrix as CSR and a few ``obs`` columns.
+
+The common layouts (``X`` stored as a CSR group or as one dense dataset; ``obs`` columns that
+are categorical or plain string/number arrays) are read with h5py alone, which spares the
+import of anndata and pandas' frame machinery on the evaluator's critical path; a dense ``X``
+is converted to CSR by blocks of rows, never as a whole. Anything else (CSC, zarr, nullable
+columns, ...) goes through anndata.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from vcell.errors import VcellError, did_you_mean, preview
+
+_DENSE_BLOCK_ROWS = 2048
+
+
+@dataclass
+class ObsColumns:
+    """Some ``obs`` columns of a file, read without its matrix."""
+
+    names: list[str]  # every obs column of the file
+    n_obs: int
+    columns: dict[str, tuple[np.ndarray, list[str]]]  # name -> (values as object str, group order)
+
+
+@dataclass
+class CountsFile:
+    """What the evaluator reads from a file: CSR counts, gene names, the asked ``obs`` columns."""
+
+    X: sp.csr_matrix
+    genes: np.ndarray  # str
+    obs_names: np.ndarray  # str
+    columns: dict[str, tuple[np.ndarray, list[str]]]  # name -> (values as object str, group order)
+
+
+def _decode(a: np.ndarray) -> np.ndarray:
+    if a.dtype.kind in ("S", "O"):
+        return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in a], dtype=object)
+    return a.astype(str).astype(object)
+
+
+def _column(obs: h5py.Group, name: str) -> tuple[np.ndarray, list[str]] | None:
+    """(values, group order) of an obs column, or None when its encoding is not a simple one."""
+    if name not in obs:
+        return None
+    node = obs[name]
+    kind = node.attrs.get("encoding-type", "")
+    if isinstance(node, h5py.Group) and kind == "categorical":
+        codes = node["codes"][()].astype(np.int64)
+        cats = _decode(node["categories"][()])
+        values = np.where(codes >= 0, cats[np.clip(codes, 0, max(len(cats) - 1, 0))] if len(cats) else "", "").astype(object)
+        present = set(np.unique(codes[codes >= 0]).tolist())
+        return values, [str(c) for i, c in enumerate(cats) if i in present]
+    if isinstance(node, h5py.Dataset) and kind in ("string-array", "array", ""):
+        values = _decode(node[()])
+        return values, sorted(set(values.tolist()) - {""})
+    return None
+
+
+def _csr_from_dense(ds: h5py.Dataset) -> sp.csr_matrix:
+    """A dense dataset as CSR, read and converted by blocks of rows."""
+    n, m = ds.shape
+    parts = []
+    for s in range(0, n, _DENSE_BLOCK_ROWS):
+        block = ds[s:min(n, s + _DENSE_BLOCK_ROWS)]
+        parts.append(sp.csr_matrix(block))
+    if not parts:
+        return sp.csr_matrix((n, m), dtype=ds.dtype)
+    return sp.vstack(parts, format="csr")
+
+
+def read_obs(path: str | os.PathLike, columns: list[str]) -> ObsColumns:
+    """The ``columns`` of ``obs`` (those present) and the names of all, without reading ``X``."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise VcellError(f"{path}: file not found")
+    try:
+        with h5py.File(p, "r") as f:
+            if "obs" in f and isinstance(f["obs"], h5py.Group):
+                obs = f["obs"]
+                names = [str(c) for c in obs.attrs.get("column-order", [k for k in obs.keys() if k != obs.attrs.get("_index", "_index")])]
+                cols = {}
+                for name in columns:
+                    if name in names:
+                        col = _column(obs, name)
+                        if col is None:
+                            raise _Unsupported
+                        cols[name] = col
+                return ObsColumns(names, len(_index(obs)), cols)
+    except _Unsupported:
+        pass
+    except OSError as exc:
+        raise VcellError(f"{path}: not a readable .h5ad file ({exc})") from None
+    from vcell.data.io import read_h5ad
+    meta = read_h5ad(path, backed=True)
+    obs = meta.obs.copy()
+    meta.file.close()
+    return ObsColumns([str(c) for c in obs.columns], obs.shape[0],
+                      {name: labels_of(obs, name, str(path)) for name in columns if name in obs.columns})
+
+
+def read_counts_file(path: str | os.PathLike, columns: list[str]) -> CountsFile:
+    """The matrix (CSR), genes, cell names and ``columns`` of an ``.h5ad``.
+
+    A column absent from ``obs`` is absent from ``CountsFile.columns``.
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            return _read_h5py(f, columns)
+    except _Unsupported:
+        pass
+    except OSError as exc:
+        raise VcellError(f"{path}: not a readable .h5ad file ({exc})") from None
+    return _read_anndata(path, columns)
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def as_csr(X, where: str) -> sp.csr_matrix:
+    """``X`` as canonical CSR with float32/float64 (or integer) values, without copying when possible."""
+    if X is None:
+        raise VcellError(f"{where}: the expression matrix is missing (X is None)")
+    if hasattr(X, "to_memory"):  # anndata backed sparse dataset
+        X = X.to_memory()
+    if not sp.issparse(X):
+        X = np.asarray(X)
+        if X.ndim != 2:
+            raise VcellError(f"{where}: the expression matrix must be 2-D, got shape {X.shape}")
+        X = sp.csr_matrix(X)
+    elif X.format != "csr":
+        X = sp.csr_matrix(X)
+    if not X.has_canonical_format:
+        X = X.copy()
+        X.sum_duplicates()
+    if X.dtype == np.float16 or X.dtype == np.bool_:
+        X = X.astype(np.float32)
+    return X
+
+
+def labels_of(obs: pd.DataFrame, pert_col: str, where: str) -> tuple[np.ndarray, list[str]]:
+    """The perturbation label of every cell as an object array of str (missing labels become ''),
+    and the labels in pandas' group order (a categorical's categories, else sorted)."""
+    if pert_col not in obs.columns:
+        hint = did_you_mean(pert_col, obs.columns)
+        raise VcellError(f"{where}: perturbation column {pert_col!r} not found in obs{hint} (columns: {preview(obs.columns, 20)})")
+    col = obs[pert_col]
+    labels = np.asarray(col.astype(object).where(col.notna(), "").astype(str), dtype=object)
+    present = set(labels) - {""}
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        order = [str(c) for c in col.cat.categories if str(c) in present]
+    else:
+        order = sorted(present)
+    return labels, order
+
+
+
+
+def _index(group: h5py.Group) -> np.ndarray:
+    key = group.attrs.get("_index", "_index")
+    if key not in group or not isinstance(group[key], h5py.Dataset):
+        raise _Unsupported
+    return _decode(group[key][()])
+
+
+def _read_h5py(f: h5py.File, columns: list[str]) -> CountsFile:
+    if "X" not in f or "obs" not in f or "var" not in f:
+        raise _Unsupported
+    obs, var, x = f["obs"], f["var"], f["X"]
+    cols = {}
+    for name in columns:
+        if name in obs:
+            col = _column(obs, name)
+            if col is None:
+                raise _Unsupported
+            cols[name] = col
+    genes, obs_names = _index(var), _index(obs)
+    if isinstance(x, h5py.Group):
+        if x.attrs.get("encoding-type") != "csr_matrix":
+            raise _Unsupported
+        shape = tuple(int(v) for v in x.attrs["shape"])
+        X = sp.csr_matrix((x["data"][()], x["indices"][()], x["indptr"][()]), shape=shape)
+    elif isinstance(x, h5py.Dataset) and x.ndim == 2:
+        X = _csr_from_dense(x)
+    else:
+        raise _Unsupported
+    return CountsFile(X, genes, obs_names, cols)
+
+
+def _read_anndata(path, columns: list[str]) -> CountsFile:
+    from vcell.data.io import read_h5ad
+    adata = read_h5ad(path)
+    cols = {name: labels_of(adata.obs, name, str(path)) for name in columns if name in adata.obs.columns}
+    return CountsFile(as_csr(adata.X, str(path)), np.asarray(adata.var_names, dtype=object),
+                      np.asarray(adata.obs_names, dtype=object), cols)
