@@ -66,15 +66,23 @@ def _column(obs: h5py.Group, name: str) -> tuple[np.ndarray, list[str]] | None:
 
 
 def _csr_from_dense(ds: h5py.Dataset) -> sp.csr_matrix:
-    """A dense dataset as CSR, read and converted by blocks of rows."""
+    """A dense dataset as CSR, by blocks of rows: one pass counts the non-zeros, the second fills
+    arrays of the final size (no block list to concatenate, no dense copy of the whole)."""
     n, m = ds.shape
-    parts = []
+    counts = np.zeros(n, np.int64)
+    for s in range(0, n, _DENSE_BLOCK_ROWS):
+        counts[s:s + _DENSE_BLOCK_ROWS] = np.count_nonzero(ds[s:min(n, s + _DENSE_BLOCK_ROWS)], axis=1)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    index_dtype = np.int32 if max(int(indptr[-1]), m) < 2**31 - 1 else np.int64
+    data = np.empty(int(indptr[-1]), ds.dtype)
+    indices = np.empty(int(indptr[-1]), index_dtype)
     for s in range(0, n, _DENSE_BLOCK_ROWS):
         block = ds[s:min(n, s + _DENSE_BLOCK_ROWS)]
-        parts.append(sp.csr_matrix(block))
-    if not parts:
-        return sp.csr_matrix((n, m), dtype=ds.dtype)
-    return sp.vstack(parts, format="csr")
+        rows, cols = np.nonzero(block)  # row-major order: CSR order
+        a, b = indptr[s], indptr[s + block.shape[0]]
+        data[a:b] = block[rows, cols]
+        indices[a:b] = cols
+    return sp.csr_matrix((data, indices, indptr.astype(index_dtype)), shape=(n, m))
 
 
 def read_obs(path: str | os.PathLike, columns: list[str]) -> ObsColumns:
