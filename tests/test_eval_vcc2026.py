@@ -711,10 +711,18 @@ def test_prep_2026(tiny, tmp_path):
         (files["over_1e6"], tmp_path / "perts.csv", "more than"),
         (files["genes_missing"], tmp_path / "perts.csv", "missing from var"),
     ]
-    for pred, perts, words in cases:
+    from vcell.errors import VcellError
+    from vcell.eval.vcc2026.submission import prepare_submission_2026
+
+    for pred, perts, words in cases[1:]:  # in-process: the same function the command calls
         target = tmp_path / f"bad_{Path(pred).stem}_{Path(perts).stem}.h5ad"
-        proc = run_cli("eval", "prep", "--profile", "vcc2026", "--pred", pred, "--genes", tmp_path / "genes.csv",
-                       "--perturbations", perts, "--out", target)
-        assert proc.returncode == 2, (words, proc.stderr[-1500:])
-        assert words in error_line(proc), (words, error_line(proc))
+        with pytest.raises(VcellError, match=words):
+            prepare_submission_2026(pred, target, genes=tmp_path / "genes.csv", perturbations=perts)
         assert not target.exists()
+    pred, perts, words = cases[0]  # and one through the command line: exit 2, one line, nothing written
+    target = tmp_path / "bad_cli.h5ad"
+    proc = run_cli("eval", "prep", "--profile", "vcc2026", "--pred", pred, "--genes", tmp_path / "genes.csv",
+                   "--perturbations", perts, "--out", target)
+    assert proc.returncode == 2, (words, proc.stderr[-1500:])
+    assert words in error_line(proc), (words, error_line(proc))
+    assert not target.exists()
