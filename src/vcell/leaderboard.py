@@ -299,13 +299,10 @@ def run_bench(
 def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folder: Path):
     """Both ends of the VCC 2026 scale of one held-out context, written to ``folder``."""
     from vcell.eval.vcc2026.files import Options, context_scale
-    from vcell.eval.vcc2026.inputs import CountsCells, check_counts
-    from vcell.eval.vcc2026.reader import as_csr, labels_of
+    from vcell.eval.vcc2026.inputs import cells_from_anndata
 
-    labels, order = labels_of(real.obs, spec.pert_col, "the held-out cells")
-    cells = CountsCells(as_csr(real.layers["counts"], "counts"), labels, real.var_names.copy(), "the held-out cells", order)
-    check_counts(cells)
-    named = bool(set(labels) & set(real.var_names))  # perturbations that are genes: their own gene is excluded
+    cells = cells_from_anndata(real, spec.pert_col, "the held-out cells", layer="counts")
+    named = bool(set(cells.groups) & set(real.var_names))  # perturbations that are genes: their own gene is excluded
     opts = Options(spec.pert_col, spec.control, no_target_genes=not named, threads=threads, strict=False)  # a degenerate metric is shown as such
     scale = context_scale(cells, opts, None, seed=0)
     folder.mkdir(parents=True, exist_ok=True)

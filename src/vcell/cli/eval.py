@@ -210,12 +210,12 @@ def baseline_cmd(
         with removed_if_interrupted(out, SCALE_FILES), status(f"computing the vcc2026 scale of {real}") as st:
             done = scale_ends(real, out, opts, splits=splits, anchor_seed=anchor_seed, seed=seed, anchor=only != "baseline",
                               baseline=only != "anchor", overwrite=overwrite, report=lambda m: st.update(info=m))
+        from vcell.eval.vcc2026.metrics import SCORED
+
         for ctx, ends in done.items():
             rows = []
             b = _agg_2026(ends["baseline"]).set_index("metric")["mean"] if ends["baseline"] is not None else None
             a = ends["anchor"].set_index("metric") if ends["anchor"] is not None else None
-            from vcell.eval.vcc2026.metrics import SCORED
-
             for m in SCORED:
                 rows.append({"metric": m, "baseline": float(b[m]) if b is not None else float("nan"),
                              "replicate": float(a.loc[m, "replicate"]) if a is not None else float("nan"),

@@ -20,6 +20,38 @@ from vcell.eval._de_kernels import _gene_tests, _lower_bound, _work_arrays
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
+def _count_slice(data, indices, indptr, row, j0, j1, keep, cnt, g):
+    """The slice of ``row`` holding genes ``j0:j1``; counts its kept non-zeros into ``cnt[:, g]``."""
+    s = _lower_bound(indices, indptr[row], indptr[row + 1], j0)
+    e = _lower_bound(indices, s, indptr[row + 1], j1)
+    for k in range(s, e):
+        if data[k] != 0 and keep[indices[k]]:
+            cnt[indices[k] - j0, g] += 1
+    return s, e
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def _gather_slice(data, indices, lo, hi, d, w, g, j0, keep, raw_sums, cpm_sums, vals, pos):
+    """Entries ``lo:hi`` of one row of group ``g``: add them to the sums, gather ``log1p(CPM)`` of
+    the kept genes; returns whether a NaN was seen. ``d``: the row's library size / 1e6;
+    ``w``: 1 / (cells in the group)."""
+    nan_seen = False
+    for k in range(lo, hi):
+        v = float(data[k])
+        if v != 0:
+            nan_seen |= v != v
+            j = indices[k]
+            c = v / d
+            raw_sums[g, j] += v
+            cpm_sums[g, j] += c * w
+            if keep[j]:
+                jl = j - j0
+                vals[pos[jl]] = math.log1p(c)
+                pos[jl] += 1
+    return nan_seen
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
 def counts_chunk(
     data0, indices0, indptr0, div0, data1, indices1, indptr1, div1,
     order, gptr, sizes, keep, j0, j1, stat, pval, raw_sums, cpm_sums, inv_n,
@@ -45,18 +77,10 @@ def counts_chunk(
         while r >= gptr[g + 1]:
             g += 1
         row = order[r]
-        if r < n_ctrl:
-            s = _lower_bound(indices0, indptr0[row], indptr0[row + 1], j0)
-            e = _lower_bound(indices0, s, indptr0[row + 1], j1)
-            for k in range(s, e):
-                if data0[k] != 0 and keep[indices0[k]]:
-                    cnt[indices0[k] - j0, g] += 1
+        if r < n_ctrl:  # the two matrices may differ in dtype: one helper, compiled for each
+            s, e = _count_slice(data0, indices0, indptr0, row, j0, j1, keep, cnt, g)
         else:
-            s = _lower_bound(indices1, indptr1[row], indptr1[row + 1], j0)
-            e = _lower_bound(indices1, s, indptr1[row + 1], j1)
-            for k in range(s, e):
-                if data1[k] != 0 and keep[indices1[k]]:
-                    cnt[indices1[k] - j0, g] += 1
+            s, e = _count_slice(data1, indices1, indptr1, row, j0, j1, keep, cnt, g)
         lo_r[r] = s
         hi_r[r] = e
     gene_ptr = np.zeros(cl + 1, np.int64)
@@ -70,35 +94,10 @@ def counts_chunk(
         while r >= gptr[g + 1]:
             g += 1
         row = order[r]
-        w = inv_n[g]
         if r < n_ctrl:
-            d = div0[row]
-            for k in range(lo_r[r], hi_r[r]):
-                v = float(data0[k])
-                if v != 0:
-                    nan_seen |= v != v
-                    j = indices0[k]
-                    c = v / d
-                    raw_sums[g, j] += v
-                    cpm_sums[g, j] += c * w
-                    if keep[j]:
-                        jl = j - j0
-                        vals[pos[jl]] = math.log1p(c)
-                        pos[jl] += 1
+            nan_seen |= _gather_slice(data0, indices0, lo_r[r], hi_r[r], div0[row], inv_n[g], g, j0, keep, raw_sums, cpm_sums, vals, pos)
         else:
-            d = div1[row]
-            for k in range(lo_r[r], hi_r[r]):
-                v = float(data1[k])
-                if v != 0:
-                    nan_seen |= v != v
-                    j = indices1[k]
-                    c = v / d
-                    raw_sums[g, j] += v
-                    cpm_sums[g, j] += c * w
-                    if keep[j]:
-                        jl = j - j0
-                        vals[pos[jl]] = math.log1p(c)
-                        pos[jl] += 1
+            nan_seen |= _gather_slice(data1, indices1, lo_r[r], hi_r[r], div1[row], inv_n[g], g, j0, keep, raw_sums, cpm_sums, vals, pos)
     accs = np.empty(n_g1, np.float64)
     scale = np.ones(n_g1, np.float64)
     means = np.empty((n_g1, 1), np.float64)  # the log-space means of _gene_tests: not needed here

@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 
 from vcell.errors import VcellError
-from vcell.eval.vcc2026.evaluate import Reference, de_side, score_summaries
+from vcell.eval.vcc2026.evaluate import DESide, Reference, de_side, score_summaries
 from vcell.eval.vcc2026.inputs import CountsCells
 from vcell.eval.vcc2026.metrics import ALPHA, MIN_LFC_GATE, SCORED
-from vcell.eval.vcc2026.summary import summarise, summarise_control
+from vcell.eval.vcc2026.summary import SideSummary, summarise, summarise_control
 from vcell.eval.vcc2026.tables import RATIO_METRIC
 
 #: cell-eval2's defaults.
@@ -126,10 +126,10 @@ def replicate_anchor(ref: Reference, real: CountsCells, control: str, base_seed:
         sides = []
         for rows in (rows_a, rows_b):
             half = _half(real, rows)
-            if not (half.labels == control).any():
+            if control not in half.groups:
                 raise VcellError(f"{real.where}: the control group has fewer than two cells; the replicate anchor cannot split it")
             ctrl = summarise_control(half, control, threads)
-            perts = [p for p in ref.perturbations if (half.labels == p).any()]
+            perts = [p for p in ref.perturbations if p in half.groups]
             side = summarise(half, perts, ctrl, threads)
             sides.append((side, ctrl, de_side(side, ctrl, ctrl)))
         (sa, ca, da), (sb, cb, db) = sides
@@ -169,15 +169,11 @@ def replicate_anchor(ref: Reference, real: CountsCells, control: str, base_seed:
 
 
 def _take(side, idx):
-    from vcell.eval.vcc2026.summary import SideSummary
-
     return SideSummary([side.perturbations[i] for i in idx], side.n_cells[idx], side.raw_sums[idx], side.cpm_mean[idx],
                        side.pval[idx], side.jackknife[idx])
 
 
 def _take_de(de, idx):
-    from vcell.eval.vcc2026.evaluate import DESide
-
     return DESide(de.lfc[idx], de.pval[idx], de.padj[idx])
 
 

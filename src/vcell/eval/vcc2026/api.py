@@ -10,19 +10,11 @@ from vcell.eval.vcc2026.anchor import BASE_SEED, N_SPLITS
 from vcell.eval.vcc2026.baseline import BASELINE_SEED
 from vcell.eval.vcc2026.evaluate import evaluate_cells
 from vcell.eval.vcc2026.files import ContextScale, Options, context_scale, reference_context
-from vcell.eval.vcc2026.inputs import CountsCells, check_counts, check_genes, check_perturbations
-from vcell.eval.vcc2026.reader import as_csr, labels_of
+from vcell.eval.vcc2026.inputs import cells_from_anndata, check_genes, check_perturbations
 from vcell.eval.vcc2026.scale import score_context
 from vcell.eval.vcc2026.tables import agg_means, agg_wide, results_long
 
 __all__ = ["evaluate_2026", "scale_2026", "score_2026"]
-
-
-def _cells(adata: ad.AnnData, pert_col: str, where: str) -> CountsCells:
-    labels, order = labels_of(adata.obs, pert_col, where)
-    cells = CountsCells(as_csr(adata.X, where), labels, adata.var_names.copy(), where, order)
-    check_counts(cells)
-    return cells
 
 
 def evaluate_2026(
@@ -50,7 +42,7 @@ def evaluate_2026(
     tuple of pandas.DataFrame
         ``results`` (long: perturbation, metric, value) and ``agg_results`` (wide), as cell-eval2.
     """
-    real_cells, pred_cells = _cells(real, pert_col, "real"), _cells(pred, pert_col, "pred")
+    real_cells, pred_cells = cells_from_anndata(real, pert_col, "real"), cells_from_anndata(pred, pert_col, "pred")
     check_genes(pred_cells.genes, real_cells.genes, "pred", "real")
     check_perturbations(pred_cells.labels, real_cells.labels, control, "pred", "real")
     ref, perts = reference_context(real_cells, Options(pert_col, control, "", None, no_target_genes, threads), target_genes)
@@ -73,7 +65,7 @@ def scale_2026(
         replicate: ``anchor.agg``, ``anchor.splits``).
     """
     opts = Options(pert_col, control, "", None, no_target_genes, threads)
-    return context_scale(_cells(real, pert_col, "real"), opts, target_genes, splits, anchor_seed, seed)
+    return context_scale(cells_from_anndata(real, pert_col, "real"), opts, target_genes, splits, anchor_seed, seed)
 
 
 def score_2026(agg: pd.DataFrame, scale: ContextScale) -> pd.DataFrame:

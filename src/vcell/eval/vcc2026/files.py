@@ -91,7 +91,7 @@ def _context_cells(cells: CountsCells, contexts: np.ndarray | None, name: str | 
     return CountsCells(cells.X, labels, cells.genes, f"{cells.where} (context {name})", order, cells.totals)
 
 
-def _folder(out: Path, name: str | None) -> str:
+def _folder(name: str | None) -> str:
     return "" if name is None else f"{name}/"
 
 
@@ -122,7 +122,7 @@ def run(pred, real, out, opts: Options, overwrite: bool = False, report: Callabl
     pred_ctx = _contexts(pred, opts.context_col, pred_obs, required=contexts is not None) if contexts is not None else None
     if pred_ctx is not None and set(pred_ctx) - set(contexts):
         raise VcellError(f"{pred}: context(s) {preview(sorted(set(pred_ctx) - set(contexts)), 3)} not in {real}")
-    names = [f"{_folder(out, c)}{f}" for c in (contexts or [None]) for f in RUN_FILES]
+    names = [f"{_folder(c)}{f}" for c in (contexts or [None]) for f in RUN_FILES]
     check_output_dir(out, names, [pred, real], overwrite=overwrite)
     target_map = _target_map(opts)
     labels_real, labels_pred = _labels(real_obs, real, opts.pert_col), _labels(pred_obs, pred, opts.pert_col)
@@ -156,8 +156,8 @@ def run(pred, real, out, opts: Options, overwrite: bool = False, report: Callabl
     with atomic_paths(out, names) as tmp:
         for name in contexts or [None]:
             res, agg = tables[name or ""]
-            write_csv(res, tmp[f"{_folder(out, name)}results.csv"])
-            write_csv(agg, tmp[f"{_folder(out, name)}agg_results.csv"])
+            write_csv(res, tmp[f"{_folder(name)}results.csv"])
+            write_csv(agg, tmp[f"{_folder(name)}agg_results.csv"])
     return {k: v[1] for k, v in tables.items()}
 
 
@@ -175,7 +175,7 @@ def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: in
     real_obs = _read_meta(real, opts)
     contexts = _contexts(real, opts.context_col, real_obs, required=False)
     files = ["scale.json"] + (list(SCALE_FILES[:2]) if baseline else []) + (list(SCALE_FILES[2:4]) if anchor else [])
-    names = [f"{_folder(out, c)}{f}" for c in (contexts or [None]) for f in files]
+    names = [f"{_folder(c)}{f}" for c in (contexts or [None]) for f in files]
     check_output_dir(out, names, [real], overwrite=overwrite)
     target_map = _target_map(opts)
     _labels(real_obs, real, opts.pert_col)
@@ -213,7 +213,7 @@ def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: in
     with atomic_paths(out, names) as tmp:
         for name, files_ctx in outputs.items():
             for fname, obj in files_ctx.items():
-                path = tmp[f"{_folder(out, name)}{fname}"]
+                path = tmp[f"{_folder(name)}{fname}"]
                 if fname.endswith(".json"):
                     path.write_text(json.dumps(obj, indent=2) + "\n")
                 else:
@@ -292,9 +292,9 @@ def score(user, scale_dir, out=None, overwrite: bool = False) -> pd.DataFrame:
     user, scale_dir = Path(user), Path(scale_dir)
     if out is not None:
         check_output_path(out, overwrite=overwrite)
-    users = _context_dirs(user, "agg_results.csv") if user.is_dir() else {"": user}
     if not user.exists():
         raise VcellError(f"{user}: not found")
+    users = _context_dirs(user, "agg_results.csv") if user.is_dir() else {"": user}
     ends = _context_dirs(scale_dir, "baseline_agg_results.csv")
     missing = sorted(set(users) - set(ends))
     if missing:

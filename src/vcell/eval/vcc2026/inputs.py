@@ -20,7 +20,9 @@ import scipy.sparse as sp
 
 from vcell.errors import VcellError, did_you_mean, preview
 from vcell.eval.vcc2026._kernels import row_totals
-from vcell.eval.vcc2026.reader import as_csr, read_counts_file, read_obs
+from vcell.eval.vcc2026.reader import as_csr, labels_of, read_counts_file, read_obs
+
+_NO_ROWS = np.empty(0, np.int64)
 
 #: The challenge's cap on one cell's total count (``max_counts_per_cell``).
 MAX_COUNTS_PER_CELL = 1e6
@@ -39,14 +41,25 @@ class CountsCells:
 
     def __post_init__(self) -> None:
         self.first_bad = -1  # position in X.data of the first value that is not a count (-1: none)
+        self._groups = None
         if self.totals is None:
             self.totals, self.first_bad = _totals(self.X)
         if self.group_order is None:
             self.group_order = sorted(set(self.labels) - {""})
 
     def rows(self, label: str) -> np.ndarray:
-        """Row indices of the cells labelled ``label``, in row order."""
-        return np.flatnonzero(self.labels == label)
+        """Row indices of the cells labelled ``label``, in row order (empty if none)."""
+        return self.groups.get(label, _NO_ROWS)
+
+    @property
+    def groups(self) -> dict[str, np.ndarray]:
+        """label -> its rows in row order, indexed once (labels are compared as objects only here)."""
+        if self._groups is None:
+            names, codes = np.unique(self.labels.astype(str), return_inverse=True)
+            order = np.argsort(codes, kind="stable")
+            bounds = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=names.size))])
+            self._groups = {str(n): order[bounds[i]:bounds[i + 1]] for i, n in enumerate(names) if n != ""}
+        return self._groups
 
 
 def _totals(X: sp.csr_matrix) -> tuple[np.ndarray, int]:
@@ -134,6 +147,15 @@ def check_perturbations(pred_labels: np.ndarray, real_labels: np.ndarray, contro
     if extra:
         raise VcellError(f"{pred_where}: {len(extra)} perturbation(s) not in {real_where} ({preview(extra, 5)})")
     return sorted(real_set)
+
+
+def cells_from_anndata(adata, pert_col: str, where: str, layer: str | None = None) -> CountsCells:
+    """An in-memory AnnData's raw counts (``X`` or ``layers[layer]``) as checked :class:`CountsCells`."""
+    labels, order = labels_of(adata.obs, pert_col, where)
+    X = adata.X if layer is None else adata.layers[layer]
+    cells = CountsCells(as_csr(X, where), labels, adata.var_names.copy(), where, order)
+    check_counts(cells)
+    return cells
 
 
 def read_cells(path: str | os.PathLike, pert_col: str) -> CountsCells:

@@ -56,7 +56,7 @@ def _column(obs: h5py.Group, name: str) -> tuple[np.ndarray, list[str]] | None:
     if isinstance(node, h5py.Group) and kind == "categorical":
         codes = node["codes"][()].astype(np.int64)
         cats = _decode(node["categories"][()])
-        values = np.where(codes >= 0, cats[np.clip(codes, 0, max(len(cats) - 1, 0))] if len(cats) else "", "").astype(object)
+        values = np.append(cats, "").astype(object)[np.where(codes >= 0, codes, len(cats))]  # code -1 (missing): ""
         present = set(np.unique(codes[codes >= 0]).tolist())
         return values, [str(c) for i, c in enumerate(cats) if i in present]
     if isinstance(node, h5py.Dataset) and kind in ("string-array", "array", ""):
@@ -113,8 +113,7 @@ def read_obs(path: str | os.PathLike, columns: list[str]) -> ObsColumns:
     meta = read_h5ad(path, backed=True)
     obs = meta.obs.copy()
     meta.file.close()
-    return ObsColumns([str(c) for c in obs.columns], obs.shape[0],
-                      {name: labels_of(obs, name, str(path)) for name in columns if name in obs.columns})
+    return ObsColumns([str(c) for c in obs.columns], obs.shape[0], _frame_columns(obs, columns, path))
 
 
 def read_counts_file(path: str | os.PathLike, columns: list[str]) -> CountsFile:
@@ -206,9 +205,14 @@ def _read_h5py(f: h5py.File, columns: list[str]) -> CountsFile:
     return CountsFile(X, genes, obs_names, cols)
 
 
+def _frame_columns(obs: pd.DataFrame, columns: list[str], path) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """The ``columns`` of an ``obs`` frame that exist, as (labels, group order)."""
+    return {name: labels_of(obs, name, str(path)) for name in columns if name in obs.columns}
+
+
 def _read_anndata(path, columns: list[str]) -> CountsFile:
     from vcell.data.io import read_h5ad
     adata = read_h5ad(path)
-    cols = {name: labels_of(adata.obs, name, str(path)) for name in columns if name in adata.obs.columns}
+    cols = _frame_columns(adata.obs, columns, path)
     return CountsFile(as_csr(adata.X, str(path)), np.asarray(adata.var_names, dtype=object),
                       np.asarray(adata.obs_names, dtype=object), cols)
