@@ -209,3 +209,192 @@ def test_subset_cli(tmp_path):
     assert bad.returncode == 2 and "did you mean 'test'" in bad.stderr and not (tmp_path / "x.h5ad").exists()
     neither = run_cli("data", "subset", path, "--out", tmp_path / "y.h5ad")
     assert neither.returncode == 2 and "--split" in neither.stderr
+
+
+# ------------------------------------------------- perturbations held out in every context (issue #14)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    """3 contexts x 8 labels (6 single targets, 2 combinations A+B), 5 cells each, in memory."""
+    from vcell.data.dataset import from_anndata
+    from vcell.data.simulate import simulate_perturbseq
+
+    adata = simulate_perturbseq(n_genes=20, n_contexts=3, n_perturbations=6, n_combinations=2,
+                                cells_per_perturbation=5, n_controls=6, seed=0)
+    return from_anndata(adata, DataSpec())
+
+
+def _labels(data):
+    return sorted(set(data.adata.obs["target_gene"].astype(str)) - {"non-targeting"})
+
+
+def _obs(data):
+    obs = data.adata.obs
+    return obs["cell_type"].astype(str).to_numpy(), obs["target_gene"].astype(str).to_numpy()
+
+
+def test_holdout_perturbations_fraction_is_seeded(sim):
+    from vcell.data.splits import holdout_perturbations
+
+    labels = _labels(sim)
+    assert len(labels) == 8
+    draw = lambda which, seed=0: holdout_perturbations(sim.index, which, seed).holdout_perturbations  # noqa: E731
+    assert draw(0.3) == draw(0.3) == draw("0.3")  # same seed, same labels (the CLI's text too)
+    assert any(draw(0.3, seed) != draw(0.3) for seed in range(1, 6))  # another seed, other labels
+    # as documented: the first round(f * n) of a default_rng(seed) permutation of the sorted labels
+    assert draw(0.3, 7) == sorted(np.array(labels)[np.random.default_rng(7).permutation(8)[:2]])
+    assert [len(draw(f)) for f in (0.01, 0.3, 0.5, 0.99)] == [1, 2, 4, 7]  # at least one, never all
+    assert set(draw(0.99)) < set(labels)
+    # validation labels are drawn after the test ones: they leave the test draw as it was
+    cfg = holdout_perturbations(sim.index, 0.3, 0, val=0.3)
+    assert cfg.holdout_perturbations == draw(0.3) and len(cfg.val_perturbations) == 2
+    assert not set(cfg.val_perturbations) & set(cfg.holdout_perturbations)
+
+
+def test_holdout_perturbations_roles(sim):
+    from vcell.data.splits import holdout_perturbations
+
+    ctx, pert = _obs(sim)
+    combo = next(p for p in _labels(sim) if "+" in p)
+    single = combo.split("+")[0]
+    roles = apply_split(sim.index, holdout_perturbations(sim.index, [single])).roles
+    assert (roles[pert == single] == "test").all() and set(ctx[pert == single]) == {"ctx_A", "ctx_B", "ctx_C"}
+    assert (roles[pert == "non-targeting"] == "control").all()
+    # labels are exact: "A+B" is its own label and still trains when A alone is held out (documented)
+    assert (roles[(pert != single) & (pert != "non-targeting")] == "train").all() and (pert == combo).any()
+    # with a held-out context (unseen context x unseen perturbations) and validation
+    cfg = holdout_perturbations(sim.index, [combo], contexts=["ctx_A"], val=[single], val_contexts=["ctx_B"])
+    roles = apply_split(sim.index, cfg).roles
+    perturbed = pert != "non-targeting"
+    assert (roles[(ctx == "ctx_A") & perturbed] == "test").all()
+    assert (roles[(pert == combo)] == "test").all()  # in every context, the validation context too
+    assert (roles[(ctx == "ctx_B") & perturbed & (pert != combo)] == "val").all()
+    assert (roles[(ctx == "ctx_C") & (pert == single)] == "val").all()
+    assert (roles[(ctx == "ctx_C") & perturbed & ~np.isin(pert, [single, combo])] == "train").all()
+
+
+def test_holdout_perturbations_toml_round_trip(sim, tmp_path):
+    import tomllib
+
+    from vcell.data.splits import holdout_perturbations
+
+    cfg = holdout_perturbations(sim.index, 0.3, seed=1, contexts=["ctx_C"], val=0.2)
+    text = cfg.to_toml()
+    again = read_split_toml(_write(tmp_path, text))
+    assert (again.holdout_perturbations, again.val_perturbations) == (cfg.holdout_perturbations, cfg.val_perturbations)
+    assert (apply_split(sim.index, again).roles == apply_split(sim.index, cfg).roles).all()
+    # cell-load reads only these four tables: they alone give the same roles; [vcell] only adds the check
+    raw = tomllib.loads(text)
+    assert set(raw) == {"datasets", "training", "zeroshot", "fewshot", "vcell"}
+    from vcell.data.splits import SplitConfig
+
+    cell_load_view = SplitConfig(training=raw["training"], zeroshot=raw["zeroshot"], fewshot=raw["fewshot"])
+    assert (apply_split(sim.index, cell_load_view).roles == apply_split(sim.index, cfg).roles).all()
+
+
+LEAK_TOML = """
+[fewshot."synthetic.ctx_A"]
+test = ["{p}"]
+{vcell}
+"""
+
+
+def test_leak_is_refused(sim, tmp_path):
+    from vcell.data.splits import Split, SplitConfig, check_no_leak, holdout_perturbations
+
+    x = _labels(sim)[0]
+    # X tested in ctx_A and trained in ctx_B: a leak only once the file declares X held out everywhere
+    declared = _write(tmp_path, LEAK_TOML.format(p=x, vcell=f'[vcell]\nholdout_perturbations = ["{x}"]'))
+    with pytest.raises(VcellError, match=rf"leak: perturbation '{x}' is held out .* in 'synthetic.ctx_B' are train"):
+        apply_split(sim.index, read_split_toml(declared))
+    plain = apply_split(sim.index, read_split_toml(_write(tmp_path, LEAK_TOML.format(p=x, vcell=""), "plain.toml")))
+    assert (plain.roles[_obs(sim)[1] == x] != "test").any()  # a hand-written fewshot split, no leak
+    # a Split whose roles put one held-out cell in training
+    cfg = holdout_perturbations(sim.index, [x])
+    roles = apply_split(sim.index, cfg).roles.copy()
+    roles[np.flatnonzero(_obs(sim)[1] == x)[-1]] = "train"
+    with pytest.raises(VcellError, match=rf"perturbation '{x}' .* 1 of its cells in 'synthetic.ctx_C' are train"):
+        check_no_leak(sim.index, Split.from_roles(roles, cfg))
+    # a held-out perturbation used for validation leaks too (model selection on it)
+    val = SplitConfig(fewshot={k: {"val": [x]} for k in ("synthetic.ctx_A", "synthetic.ctx_B", "synthetic.ctx_C")},
+                      holdout_perturbations=[x], source="v.toml")
+    with pytest.raises(VcellError, match=rf"v.toml: leak: perturbation '{x}' .* are val"):
+        apply_split(sim.index, val)
+    with pytest.raises(VcellError, match=r"\[vcell\] holdout_perturbations: perturbation 'GENE9999' has no cells"):
+        apply_split(sim.index, SplitConfig(holdout_perturbations=["GENE9999"]))
+
+
+@pytest.mark.parametrize(
+    "which, val, message",
+    [
+        ("GENE0O01", (), "--holdout-perturbations: unknown perturbation 'GENE0O01'; did you mean"),
+        (["non-targeting"], (), "unknown perturbation 'non-targeting'"),
+        ("ALL", (), "hold out all 8 perturbations"),
+        (1.5, (), "--holdout-perturbations 1.5: a fraction must be between 0 and 1"),
+        ("0", (), "--holdout-perturbations 0: a fraction must be between 0 and 1"),
+        (" , ", (), "give a fraction in (0, 1) or comma-separated perturbation labels"),
+        ("FIRST", "FIRST", "--val-perturbations: perturbation '{first}' is already held out"),
+    ],
+)
+def test_holdout_perturbations_bad_inputs(sim, which, val, message):
+    from vcell.data.splits import holdout_perturbations
+
+    labels = _labels(sim)
+    sub = {"ALL": ",".join(labels), "FIRST": labels[0]}
+    which, val = sub.get(which, which) if isinstance(which, str) else which, sub.get(val, val) if isinstance(val, str) else val
+    with pytest.raises(VcellError) as err:
+        holdout_perturbations(sim.index, which, val=val)
+    assert message.format(first=labels[0]) in str(err.value)
+
+
+def test_parse_perturbations_and_vcell_table(tmp_path):
+    from vcell.data.splits import parse_perturbations
+
+    assert parse_perturbations("0.25") == 0.25
+    assert parse_perturbations(" PLK4, SGK1 ,PLK4") == ["PLK4", "SGK1"]
+    assert parse_perturbations("0.5,") == ["0.5"] and parse_perturbations("A+B") == ["A+B"]
+    for text, message in [('[vcell]\nholdout = ["A"]\n', "[vcell] has unknown key 'holdout'"),
+                          ('[vcell]\nholdout_perturbations = "A"\n', "must be a list of perturbation names"),
+                          ('[vcell]\nholdout_perturbations = ["A"]\nval_perturbations = ["A"]\n', "'A' is in both")]:
+        with pytest.raises(VcellError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            read_split_toml(_write(tmp_path, text))
+
+
+def test_make_folds_holdout_perturbations(sim):
+    from vcell.leaderboard import make_folds
+
+    alone = make_folds(sim, None, [], 0.3, seed=2)
+    assert len(alone) == 1 and alone[0].contexts == ["ctx_A", "ctx_B", "ctx_C"]
+    held = alone[0].config.holdout_perturbations
+    folds = make_folds(sim, None, ["all"], 0.3, seed=2)
+    assert [f.contexts for f in folds] == [["ctx_A"], ["ctx_B"], ["ctx_C"]]  # each fold scores its held-out context
+    ctx, pert = _obs(sim)
+    for fold in folds:
+        assert fold.config.holdout_perturbations == held  # drawn once, for every fold
+        assert (fold.split.roles[np.isin(pert, held)] == "test").all()
+    with pytest.raises(VcellError, match="--split FILE or --holdout-perturbations"):
+        make_folds(sim, "x.toml", [], 0.3)
+
+
+def test_split_cli_holdout_perturbations(tmp_path, capsys, cli_in_process):
+    from vcell.data.splits import holdout_perturbations
+
+    path, adata = _simulated(tmp_path)
+    out = tmp_path / "perts.toml"
+    proc = run_cli("data", "split", path, "--holdout-context", "ctx_A", "--holdout-perturbations", "0.5", "--seed", "4", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = load_dataset(path, DataSpec())
+    cfg = read_split_toml(out)
+    same = holdout_perturbations(data.index, 0.5, 4, contexts=["ctx_A"])
+    assert cfg.holdout_perturbations == same.holdout_perturbations and len(same.holdout_perturbations) == 2
+    assert "held out in every context: " + ", ".join(same.holdout_perturbations) in proc.stdout
+    assert (apply_split(data.index, cfg).roles == apply_split(data.index, same).roles).all()
+    # refusals, in process: one error line naming the value, exit 2, nothing written
+    for args, culprit in [(["--holdout-perturbations", "GENE9"], "'GENE9'"), (["--holdout-perturbations", "2"], "--holdout-perturbations 2"),
+                          (["--split", out, "--holdout-perturbations", "0.5"], "not both")]:
+        with pytest.raises(SystemExit) as done:
+            cli_in_process(["data", "split", str(path), *map(str, args), "--out", str(tmp_path / "no.toml")])
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and culprit in err and err.count("error:") == 1 and "Traceback" not in err
+        assert not (tmp_path / "no.toml").exists()

@@ -157,3 +157,38 @@ NumNodes = Annotated[int, typer.Option("--num-nodes", help="Nodes (multi-node: l
 Strategy = Annotated[str, typer.Option("--strategy", help="auto (DDP when devices x nodes > 1) or ddp.")]
 Precision = Annotated[str, typer.Option("--precision", help="32 (default), bf16-mixed (CPU or GPU; fast on CPUs with AVX512-BF16/AMX) or 16-mixed (GPU only).")]
 NumWorkers = Annotated[int, typer.Option("--num-workers", help="Data loader worker processes.")]
+
+
+# How a split is given (vcell data split|subset, vcell train st): a TOML file or held-out contexts/perturbations.
+HoldoutPerturbations = Annotated[str | None, typer.Option(
+    "--holdout-perturbations", metavar="FRACTION|LIST",
+    help="Hold out perturbations in every context (test, never trained on): a fraction in (0, 1) of the non-control labels, "
+         "drawn with --seed, or comma-separated labels; an A+B label is one label. Alone or with --holdout-context.")]
+
+
+def check_split_options(split, holdout_context, holdout_perturbations, val_perturbations=None, val_context=None,
+                        required: bool = True) -> None:
+    """A split comes from --split FILE or from --holdout-context/--holdout-perturbations, never both
+    (``required=False``: or from none of them, e.g. training on every cell)."""
+    made = bool(holdout_context) or holdout_perturbations is not None
+    if split is not None and (made or val_perturbations is not None or val_context):
+        raise VcellError("give either --split FILE or --holdout-context/--holdout-perturbations (with --val-*), not both")
+    if required and split is None and not made:
+        raise VcellError("give one of --split FILE, --holdout-context NAME or --holdout-perturbations FRACTION|LIST")
+    from vcell.data.splits import parse_perturbations
+
+    for option, value in (("--holdout-perturbations", holdout_perturbations), ("--val-perturbations", val_perturbations)):
+        if value is not None:
+            parse_perturbations(value, option)  # a bad fraction is named before the data is read
+
+
+def split_config(index, split, holdout_context, holdout_perturbations, seed, val_context=None, val_perturbations=None):
+    """The split the options give: a TOML file, held-out contexts, held-out perturbations, or both."""
+    from vcell.data import splits
+
+    if split is not None:
+        return splits.read_split_toml(split)
+    if holdout_perturbations is None and val_perturbations is None:
+        return splits.holdout_config(index, holdout_context, val_contexts=val_context or [])
+    return splits.holdout_perturbations(index, holdout_perturbations or (), seed, contexts=holdout_context or [],
+                                        val=val_perturbations or (), val_contexts=val_context or [])

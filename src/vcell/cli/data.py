@@ -15,11 +15,14 @@ from vcell.cli.common import (
     ContextCol,
     Control,
     Expression,
+    HoldoutPerturbations,
     NoRandomSeed,
     PertCol,
     Seed,
+    check_split_options,
     console,
     make_spec,
+    split_config,
     split_view,
     table,
 )
@@ -127,6 +130,8 @@ def split_cmd(
     split: Annotated[Path | None, typer.Option("--split", help="cell-load style split TOML.")] = None,
     holdout_context: Annotated[list[str] | None, typer.Option("--holdout-context", help="Hold out a context for test (zero-shot); repeatable.")] = None,
     val_context: Annotated[list[str] | None, typer.Option("--val-context", help="Hold out a context for validation; repeatable.")] = None,
+    holdout_perturbations: HoldoutPerturbations = None,
+    val_perturbations: Annotated[str | None, typer.Option("--val-perturbations", help="Validation perturbations in every context, never trained on: FRACTION or LIST as --holdout-perturbations (drawn after it, same --seed).")] = None,
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
     context_col: ContextCol = "cell_type",
@@ -137,23 +142,26 @@ def split_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Write the split as a TOML file.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     allow_missing_controls: AllowMissingControls = False,
-    seed: Seed = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed: draws the --holdout-perturbations/--val-perturbations fractions and the cell sets; the same seed gives the same split.")] = 0,
 ) -> None:
-    """Apply a split (TOML or --holdout-context) and print cells and cell sets per context and role."""
+    """Apply a split (TOML, or --holdout-context and/or --holdout-perturbations) and print cells and cell sets per context and role."""
     from vcell.data.cellsets import CellSetSampler
     from vcell.data.dataset import load_dataset
     from vcell.data.io import atomic_path, check_output_path
-    from vcell.data.splits import ROLES, apply_split, holdout_config, read_split_toml
+    from vcell.data.splits import ROLES, apply_split
 
-    if (split is None) == (not holdout_context):
-        raise VcellError("give exactly one of --split FILE or --holdout-context NAME")
+    check_split_options(split, holdout_context, holdout_perturbations, val_perturbations, val_context)
     if out is not None:
         check_output_path(out, [file, *([split] if split else [])], overwrite=overwrite)
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
     data = load_dataset(file, spec, backed=True, dataset_col=dataset_col, require_context_controls=not allow_missing_controls)
-    cfg = read_split_toml(split) if split else holdout_config(data.index, holdout_context, val_contexts=val_context or [])
+    cfg = split_config(data.index, split, holdout_context, holdout_perturbations, seed, val_context, val_perturbations)
     result = apply_split(data.index, cfg)
     console.print(table(split_view(result.summary(data.index)), title=f"split of {file} ({cfg.source})"))
+    if cfg.holdout_perturbations or cfg.val_perturbations:
+        held = ", ".join(cfg.holdout_perturbations) or "none"
+        val = f"; validation in every context: {', '.join(cfg.val_perturbations)}" if cfg.val_perturbations else ""
+        console.print(f"held out in every context: {held}{val}", markup=False, highlight=False, soft_wrap=True)
     counts = {r: len(CellSetSampler(data.index, result, r, set_size, "random", train=(r == "train"), seed=seed).plan()) for r in ROLES}
     console.print("cell sets of " + str(set_size) + ": " + ", ".join(f"{r} {n}" for r, n in counts.items()))
     if out is not None:
@@ -170,6 +178,7 @@ def subset_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output .h5ad: the selected cells, every column of FILE kept (written atomically).")],
     split: Annotated[Path | None, typer.Option("--split", help="cell-load style split TOML (e.g. from `vcell data split --out`).")] = None,
     holdout_context: Annotated[list[str] | None, typer.Option("--holdout-context", help="Or: hold out this context (zero-shot), as `vcell data split`; repeatable.")] = None,
+    holdout_perturbations: HoldoutPerturbations = None,
     role: Annotated[list[str] | None, typer.Option("--role", help="Cells of this role: test (default), val, train or control; repeatable.")] = None,
     context: Annotated[list[str] | None, typer.Option("--context", help="Only cells of this context (name or dataset.context); repeatable.")] = None,
     controls: Annotated[bool, typer.Option("--controls/--no-controls", help="Add the control cells of the selected cells' contexts (needed to score).")] = True,
@@ -181,19 +190,18 @@ def subset_cmd(
     dataset_col: Annotated[str, typer.Option(help="obs column naming each cell's dataset (if present).")] = "dataset",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     allow_missing_controls: AllowMissingControls = False,
-    seed: NoRandomSeed = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed: draws a --holdout-perturbations fraction (the same seed as `vcell data split` gives the same cells).")] = 0,
 ) -> None:
     """Write the cells of a split's role (default: the held-out test cells) with their contexts' controls: the real cells to score a prediction against."""
     from vcell.data.dataset import load_dataset
     from vcell.data.io import check_output_path, write_h5ad
-    from vcell.data.splits import apply_split, holdout_config, read_split_toml, select_cells
+    from vcell.data.splits import apply_split, select_cells
 
-    if (split is None) == (not holdout_context):
-        raise VcellError("give exactly one of --split FILE or --holdout-context NAME")
+    check_split_options(split, holdout_context, holdout_perturbations)
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
     check_output_path(out, [file] + ([split] if split else []), overwrite=overwrite)
     data = load_dataset(file, spec, backed=True, dataset_col=dataset_col, require_context_controls=not allow_missing_controls)
-    cfg = read_split_toml(split) if split else holdout_config(data.index, holdout_context)
+    cfg = split_config(data.index, split, holdout_context, holdout_perturbations, seed)
     mask = select_cells(data.index, apply_split(data.index, cfg), role or ["test"], context or [], controls)
     subset = data.adata[mask].to_memory()
     write_h5ad(subset, out)

@@ -15,8 +15,20 @@ A split file looks like::
     val = ["AARS"]
     test = ["NUP107", "RPUSD4"]
 
+    [vcell]                             # vcell's own table (cell-load ignores it)
+    holdout_perturbations = ["NUP107"]  # test in every context: never trained on
+
 Every perturbed cell gets a role: ``train``, ``val``, ``test`` or ``unused``. Control cells get
 ``control`` and stay available as basal input for every context, held-out ones included.
+
+Perturbations held out in every context (:func:`holdout_perturbations`) are written as cell-load
+holds out perturbations of a context (a ``fewshot`` entry per context with cells of them) and
+declared in the ``[vcell]`` table, which cell-load ignores (it reads only ``datasets``,
+``training``, ``zeroshot`` and ``fewshot``). With that declaration :func:`apply_split` refuses
+(:func:`check_no_leak`) any cell of a held-out perturbation in train or val, or of a validation one
+in train, in any context, also when the file is read back; without it, testing X in one context
+and training on X in another is an ordinary few-shot split. Labels are exact: ``"A+B"`` is one
+label, and holding out ``A`` leaves the ``"A+B"`` cells in training (not a leak; list it too).
 """
 
 from __future__ import annotations
@@ -50,6 +62,10 @@ class SplitConfig:
     zeroshot: dict[str, str] = field(default_factory=dict)
     fewshot: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     source: str = "<split>"
+    #: Perturbations held out (test) in every context: :func:`apply_split` refuses any of their cells in train or val.
+    holdout_perturbations: list[str] = field(default_factory=list)
+    #: Validation perturbations in every context: :func:`apply_split` refuses any of their cells in train.
+    val_perturbations: list[str] = field(default_factory=list)
 
     def to_toml(self) -> str:
         """Render as a cell-load style TOML document."""
@@ -61,6 +77,13 @@ class SplitConfig:
         for key, roles in self.fewshot.items():
             lines += ["", f"[fewshot.{q(key)}]"]
             lines += [f"{role} = [{', '.join(q(p) for p in perts)}]" for role, perts in roles.items()]
+        if self.holdout_perturbations or self.val_perturbations:
+            lines += ["", "# vcell's own table (cell-load reads only the tables above): perturbations held out in every context;",
+                      "# vcell refuses this split if it trains on any of them, or validates on a held-out one",
+                      "[vcell]"]
+            for name, perts in (("holdout_perturbations", self.holdout_perturbations), ("val_perturbations", self.val_perturbations)):
+                if perts:
+                    lines.append(f"{name} = [{', '.join(q(p) for p in perts)}]")
         return "\n".join(lines) + "\n"
 
 
@@ -77,7 +100,7 @@ def read_split_toml(path: str | os.PathLike) -> SplitConfig:
         raise VcellError(f"{path}: split file not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise VcellError(f"{path}: not a valid TOML file ({exc})") from None
-    known = {"datasets", "training", "zeroshot", "fewshot"}
+    known = {"datasets", "training", "zeroshot", "fewshot", "vcell"}
     unknown = set(raw) - known
     if unknown:
         raise VcellError(f"{path}: unknown section [{sorted(unknown)[0]}]; expected {', '.join(sorted(known))}")
@@ -113,7 +136,26 @@ def read_split_toml(path: str | os.PathLike) -> SplitConfig:
     overlap = set(cfg.zeroshot) & set(cfg.fewshot)
     if overlap:
         raise VcellError(f"{path}: context {sorted(overlap)[0]!r} is in both [zeroshot] and [fewshot]")
+    _read_vcell_table(path, raw.get("vcell", {}), cfg)
     return cfg
+
+
+def _read_vcell_table(path: Path, table, cfg: SplitConfig) -> None:
+    """The ``[vcell]`` table: the perturbations held out (or validation) in every context."""
+    keys = ("holdout_perturbations", "val_perturbations")
+    if not isinstance(table, dict):
+        raise VcellError(f"{path}: [vcell] must be a table")
+    bad = set(table) - set(keys)
+    if bad:
+        raise VcellError(f"{path}: [vcell] has unknown key {sorted(bad)[0]!r}; expected {', '.join(keys)}")
+    for key in keys:
+        perts = table.get(key, [])
+        if not isinstance(perts, list) or not all(isinstance(p, str) for p in perts):
+            raise VcellError(f"{path}: [vcell] {key} must be a list of perturbation names")
+        setattr(cfg, key, list(dict.fromkeys(perts)))
+    both = set(cfg.holdout_perturbations) & set(cfg.val_perturbations)
+    if both:
+        raise VcellError(f"{path}: [vcell] perturbation {sorted(both)[0]!r} is in both holdout_perturbations and val_perturbations")
 
 
 def _check_key(path, section: str, key: str) -> None:
@@ -130,6 +172,136 @@ def holdout_config(index: CellIndex, contexts: list[str], role: str = "test", va
             for key in _resolve_context(index, name, cfg.source):
                 cfg.zeroshot[key] = r
     return cfg
+
+
+def parse_perturbations(text: str, option: str = "--holdout-perturbations") -> float | list[str]:
+    """``FRACTION|LIST`` as the command line gives it: a fraction in (0, 1) or comma-separated labels.
+
+    A value with a comma is always a list (``"0.5,"`` is the one label ``0.5``); without one, a
+    number is a fraction and anything else one label.
+
+    Examples
+    --------
+    >>> parse_perturbations("0.3")
+    0.3
+    >>> parse_perturbations("PLK4, SGK1")
+    ['PLK4', 'SGK1']
+    """
+    text = str(text).strip()
+    if "," in text or not text:
+        labels = [t.strip() for t in text.split(",") if t.strip()]
+        if not labels:
+            raise VcellError(f"{option} {text!r}: give a fraction in (0, 1) or comma-separated perturbation labels")
+        return list(dict.fromkeys(labels))
+    try:
+        fraction = float(text)
+    except ValueError:
+        return [text]
+    if not 0 < fraction < 1:
+        raise VcellError(f"{option} {text}: a fraction must be between 0 and 1 (exclusive); or give perturbation labels")
+    return fraction
+
+
+def holdout_perturbations(
+    index: CellIndex,
+    which: float | str | Sequence[str],
+    seed: int = 0,
+    contexts: Sequence[str] = (),
+    val: float | str | Sequence[str] = (),
+    val_contexts: Sequence[str] = (),
+) -> SplitConfig:
+    """Hold out perturbations in every context (unseen perturbations), optionally with whole contexts.
+
+    Parameters
+    ----------
+    index
+        The cells (:attr:`PerturbationData.index <vcell.data.dataset.PerturbationData.index>`).
+    which
+        The held-out (test) perturbations: a fraction in (0, 1) of the non-control perturbation
+        labels (rounded, at least one, never all), drawn from the sorted labels with
+        ``numpy.random.default_rng(seed)``; or a list of labels (each must have cells); or the
+        command line's text for either (:func:`parse_perturbations`). ``()``: none.
+    seed
+        Seeds the fraction draws: the same seed draws the same labels.
+    contexts
+        Contexts held out whole as well (``"context"`` or ``"dataset.context"``), as in
+        :func:`holdout_config`: unseen contexts and unseen perturbations together.
+    val
+        Validation perturbations in every context, chosen like ``which`` among the labels it left
+        (drawn after it, so they do not change which labels it draws).
+    val_contexts
+        Validation contexts, as in :func:`holdout_config`; the held-out perturbations stay test
+        there too.
+
+    Returns
+    -------
+    SplitConfig
+        Held-out contexts in ``zeroshot``, a ``fewshot`` entry for every other context with cells of
+        the chosen labels, and the labels in ``holdout_perturbations`` / ``val_perturbations``
+        (:func:`apply_split` then refuses any leak of them). ``A+B`` is one label (module notes).
+    """
+    labels = _perturbation_labels(index)
+    test = _choose(labels, which, seed, (), "--holdout-perturbations")
+    val_labels = _choose(labels, val, seed, test, "--val-perturbations")
+    if (test or val_labels) and len(test) + len(val_labels) >= len(labels):
+        raise VcellError(f"--holdout-perturbations/--val-perturbations hold out all {len(labels)} perturbations; "
+                         "leave at least one to train on")
+    cfg = holdout_config(index, list(contexts), val_contexts=list(val_contexts))
+    cfg.source = "--holdout-perturbations"
+    cfg.holdout_perturbations, cfg.val_perturbations = test, val_labels
+    for key, present in _labels_per_context(index).items():
+        held, validate = [p for p in test if p in present], [p for p in val_labels if p in present]
+        whole = cfg.zeroshot.get(key)
+        if whole == "test" or not (held or (validate and whole is None)):
+            continue
+        if whole == "val":  # a validation context: its other perturbations stay val, the held-out ones test
+            del cfg.zeroshot[key]
+            validate = sorted(present - set(held))
+        cfg.fewshot[key] = {role: perts for role, perts in (("val", validate), ("test", held)) if perts}
+    return cfg
+
+
+def _perturbation_labels(index: CellIndex) -> list[str]:
+    """The sorted non-control perturbation labels that have cells."""
+    return sorted(str(index.perts[c]) for c in np.unique(index.pert_codes[~index.is_control]))
+
+
+def _labels_per_context(index: CellIndex) -> dict[str, set[str]]:
+    """Each context key's non-control perturbation labels."""
+    n = len(index.perts)
+    perturbed = ~index.is_control
+    pairs = np.unique(index.context_key_codes[perturbed].astype(np.int64) * n + index.pert_codes[perturbed])
+    names = index.context_key_names
+    out: dict[str, set[str]] = {}
+    for key, pert in zip(pairs // n, pairs % n):
+        out.setdefault(str(names[key]), set()).add(str(index.perts[pert]))
+    return out
+
+
+def _choose(labels: list[str], which, seed: int, taken: Sequence[str], option: str) -> list[str]:
+    """The labels ``which`` names (a fraction, a list or the command line's text), none of ``taken``."""
+    if which is None or (isinstance(which, (list, tuple, str)) and not which):
+        return []
+    if isinstance(which, str):
+        which = parse_perturbations(which, option)
+    if isinstance(which, (int, float, np.floating)) and not isinstance(which, bool):
+        fraction = float(which)
+        if not 0 < fraction < 1:
+            raise VcellError(f"{option} {which}: a fraction must be between 0 and 1 (exclusive)")
+        free = set(labels) - set(taken)
+        count = min(max(1, int(fraction * len(labels) + 0.5)), len(free) - 1)
+        if count < 1:
+            raise VcellError(f"{option} {which}: too few perturbations to draw from ({len(labels)}, {len(taken)} held out already)")
+        order = np.random.default_rng(seed).permutation(len(labels))  # validation draws go on where the test draws stop
+        return sorted([labels[i] for i in order if labels[i] in free][:count])
+    chosen, known = list(dict.fromkeys(str(p) for p in which)), set(labels)
+    for p in chosen:
+        if p not in known:
+            raise VcellError(f"{option}: unknown perturbation {p!r}{did_you_mean(p, labels, n=3)} "
+                             f"({len(labels)} non-control perturbations in the data)")
+        if p in taken:
+            raise VcellError(f"{option}: perturbation {p!r} is already held out with --holdout-perturbations")
+    return chosen
 
 
 def _all_context_keys(index: CellIndex) -> list[str]:
@@ -227,7 +399,11 @@ def select_cells(
 
 
 def apply_split(index: CellIndex, cfg: SplitConfig) -> Split:
-    """Give each cell its role under ``cfg``; unknown datasets, contexts or perturbations are errors."""
+    """Give each cell its role under ``cfg``; unknown datasets, contexts or perturbations are errors.
+
+    A split that trains on a perturbation ``cfg`` declares held out in every context (or validates
+    on it) is refused, naming the perturbation and the context (:func:`check_no_leak`).
+    """
     src = cfg.source
     datasets = [str(d) for d in index.datasets]
     named = set(cfg.training) | {k.split(".", 1)[0] for k in (*cfg.zeroshot, *cfg.fewshot)}
@@ -270,4 +446,49 @@ def apply_split(index: CellIndex, cfg: SplitConfig) -> Split:
         log.warning("contexts without control cells are left out: %s", ", ".join(names))
         codes[orphan] = _CODE[UNUSED]
     codes[index.is_control] = _CODE[CONTROL]
-    return Split(role_codes=codes, config=cfg)
+    split = Split(role_codes=codes, config=cfg)
+    check_no_leak(index, split)
+    return split
+
+
+def check_no_leak(index: CellIndex, split: Split) -> None:
+    """Refuse a split whose roles use the perturbations its config holds out in every context.
+
+    No cell of a label in ``split.config.holdout_perturbations`` may be ``train`` or ``val``, and no
+    cell of one in ``val_perturbations`` may be ``train``, in any context. Labels are compared
+    exactly (a held-out ``"A"`` says nothing of ``"A+B"``); a declared label must have cells.
+
+    Raises
+    ------
+    VcellError
+        One line naming the perturbation, the context and the role of its leaked cells.
+    """
+    cfg = split.config
+    declared = (("holdout_perturbations", "test", ("train", "val")), ("val_perturbations", "val", ("train",)))
+    if not (cfg.holdout_perturbations or cfg.val_perturbations):
+        return
+    labels = _perturbation_labels(index)
+    known, lookup = set(labels), {str(p): i for i, p in enumerate(index.perts)}
+    for name, role, forbidden in declared:
+        perts = getattr(cfg, name)
+        for p in perts:
+            if p not in known:
+                raise VcellError(f"{cfg.source}: [vcell] {name}: perturbation {p!r} has no cells in the data{did_you_mean(p, labels, n=3)}")
+        held = np.zeros(len(index.perts), dtype=bool)
+        held[[lookup[p] for p in perts]] = True
+        leak = held[index.pert_codes] & np.isin(split.role_codes, [_CODE[r] for r in forbidden])
+        if leak.any():
+            _refuse_leak(index, split, leak, name, role)
+
+
+def _refuse_leak(index: CellIndex, split: Split, leak: np.ndarray, name: str, role: str) -> None:
+    first = int(np.flatnonzero(leak)[0])
+    pert, key = index.pert_codes[first], index.context_key_codes[first]
+    n_cells = int((leak & (index.pert_codes == pert) & (index.context_key_codes == key)).sum())
+    others = len(np.unique(index.pert_codes[leak])) - 1
+    more = f" (and {others} other held-out perturbation(s) leak)" if others else ""
+    key_name = str(index.context_key_names[key])
+    raise VcellError(
+        f"{split.config.source}: leak: perturbation {str(index.perts[pert])!r} is held out ({role}) in every context "
+        f"([vcell] {name}), but {n_cells} of its cells in {key_name!r} are {ROLE_NAMES[split.role_codes[first]]}{more}; "
+        f"list it under [fewshot.{_toml_str(key_name)}] {role} or remove it from [vcell] {name}")
