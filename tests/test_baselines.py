@@ -17,6 +17,7 @@ from vcell.data.simulate import simulate_perturbseq
 from vcell.data.spec import DataSpec
 from vcell.data.splits import SplitConfig, apply_split, holdout_config
 from vcell.errors import VcellError
+from vcell.features.genes import GeneEmbeddings
 from vcell.predictors.base import Predictor
 from vcell.predictors.baselines import (
     BASELINES,
@@ -115,7 +116,7 @@ def mcf_memory(mcf_path):
 
 
 def test_registry_and_make_baseline():
-    assert set(BASELINES) == {"control_mean", "cell_mean", "pert_mean", "context_mean", "linear"}
+    assert set(BASELINES) == {"control_mean", "cell_mean", "pert_mean", "context_mean", "linear", "kernel_ridge"}
     for name, cls in BASELINES.items():
         model = make_baseline(name)
         assert isinstance(model, cls) and isinstance(model, Predictor) and model.name == name
@@ -125,8 +126,8 @@ def test_registry_and_make_baseline():
         make_baseline("pertmean")
     with pytest.raises(VcellError, match="no option 'alpha'"):
         make_baseline("pert_mean", alpha=1.0)
-    with pytest.raises(VcellError, match="use_onehot=False needs gene_embeddings"):
-        make_baseline("linear", use_onehot=False)
+    with pytest.raises(VcellError, match="linear: pert_features file 'nope.safetensors' not found"):
+        make_baseline("linear", pert_features="nope.safetensors")
 
 
 def test_counts_data_is_refused():
@@ -398,12 +399,12 @@ def test_linear_gene_embeddings_reach_unseen_targets():
     # an informative embedding: the top principal components of each target's planted effect
     planted = np.asarray(truth["true_lfc"]).mean(axis=0)
     u, s, _ = np.linalg.svd(planted - planted.mean(axis=0), full_matrices=False)
-    emb = pd.DataFrame(u[:, :8] * s[:8], index=labels)
+    emb = GeneEmbeddings(names=labels, vectors=u[:, :8] * s[:8], source="planted")
     controls = context_controls(adata, "ctx_A")
     observed = observed_effects(adata, "ctx_A", held)
     plain = LinearBaseline().fit(data, split)
-    with_emb = LinearBaseline(gene_embeddings=emb).fit(data, split)
-    emb_only = LinearBaseline(gene_embeddings=emb.T.to_dict("list"), use_onehot=False).fit(data, split)
+    with_emb = LinearBaseline(pert_features=["onehot", emb]).fit(data, split)
+    emb_only = LinearBaseline(pert_features=emb).fit(data, split)
     base = plain.predict_shift(controls, ["NOT_A_GENE"], "ctx_A")[0]
     np.testing.assert_allclose(plain.predict_shift(controls, held, "ctx_A"), np.tile(base, (len(held), 1)), atol=1e-12)
     assert plain.featureless_ == held
@@ -411,8 +412,8 @@ def test_linear_gene_embeddings_reach_unseen_targets():
     for model in (with_emb, emb_only):
         assert mse(model.predict_shift(controls, held, "ctx_A")) < 0.8 * mse(np.tile(base, (len(held), 1)))
         assert model.featureless_ == []  # every held-out target has an embedding
-    with pytest.raises(VcellError, match="expected 8"):
-        LinearBaseline(gene_embeddings={"A": [1.0] * 8, "B": [1.0] * 3})
+        with pytest.raises(VcellError, match="linear: perturbation 'NOT_A_GENE': target 'NOT_A_GENE' is not in the perturbation feature table"):
+            model.predict_shift(controls, [held[0], "NOT_A_GENE"], "ctx_A")
 
 
 def test_linear_on_norman_doubles(mcf_path):

@@ -10,7 +10,7 @@ import torch
 
 from vcell.errors import VcellError
 from vcell.nn.layers import energy_distance, mlp
-from vcell.nn.transition import StateTransition, STConfig, pert_features
+from vcell.nn.transition import StateTransition, STConfig
 
 
 def tiny_config(**overrides) -> STConfig:
@@ -199,20 +199,6 @@ def test_config_round_trip():
     assert again == config
     model, restored = tiny_model(n_batches=4), StateTransition(again)
     restored.load_state_dict(model.state_dict())  # same architecture, same parameter shapes
-
-
-def test_pert_features_multi_hot_and_errors():
-    vocab = ["A", "B", "C"]
-    feats = pert_features(["A", "B+C", "non-targeting", "C+A"], vocab, control="non-targeting")
-    expected = torch.tensor([[1, 0, 0], [0, 1, 1], [0, 0, 0], [1, 0, 1]], dtype=torch.float32)
-    torch.testing.assert_close(feats, expected)
-    with pytest.raises(VcellError, match="'A\\+D'.*'D' not in the perturbation vocabulary") as err:
-        pert_features(["A", "A+D"], vocab)
-    assert "\n" not in str(err.value)
-    with pytest.raises(VcellError, match="not in the perturbation vocabulary"):
-        pert_features(["non-targeting"], vocab)  # a control label is only zero when declared
-    with pytest.raises(VcellError, match="duplicate"):
-        pert_features(["A"], ["A", "A"])
 
 
 # --- a tiny fit ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from vcell.cli.common import (
     Control,
     Devices,
     Expression,
+    HoldoutPerturbations,
     MaxSteps,
     NumNodes,
     NumWorkers,
@@ -26,8 +27,10 @@ from vcell.cli.common import (
     SaveOptimizer,
     Seed,
     Strategy,
+    check_split_options,
     console,
     make_spec,
+    split_config,
     split_view,
     table,
 )
@@ -60,6 +63,8 @@ def st(
     split: Annotated[Path | None, typer.Option("--split", help="cell-load style split TOML.")] = None,
     holdout_context: Annotated[list[str] | None, typer.Option("--holdout-context", help="Held-out (test) context, repeatable; never trained on.")] = None,
     val_context: Annotated[list[str] | None, typer.Option("--val-context", help="Validation context, repeatable (writes best/).")] = None,
+    holdout_perturbations: HoldoutPerturbations = None,
+    val_perturbations: Annotated[str | None, typer.Option("--val-perturbations", help="Validation perturbations in every context, never trained on (writes best/): FRACTION or LIST as --holdout-perturbations, drawn after it with --seed.")] = None,
     preset: Annotated[str, typer.Option("--preset", help="Model size: small, default or large.")] = "small",
     config: Annotated[Path | None, typer.Option("--config", help="YAML/JSON file of STConfig overrides (e.g. width, n_layers).")] = None,
     max_steps: MaxSteps = ST.max_steps,
@@ -68,6 +73,7 @@ def st(
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = ST.lr,
     out: Annotated[Path, typer.Option("--out", help="Run folder: last/, best/, logs/.")] = Path("vcell-st"),
     embed_key: Annotated[str | None, typer.Option("--embed-key", help="Train in this .obsm cell-embedding space (e.g. X_vcell from `vcell embed`) with a gene decoder back to X.")] = None,
+    pert_features: Annotated[str, typer.Option("--pert-features", help="Perturbation vectors: onehot (the training targets), a gene table FILE (`vcell genes embed|from-data`; predicts any target in it) or onehot,FILE.")] = "onehot",
     resume: Resume = False,
     overwrite: Overwrite = False,
     save_optimizer: SaveOptimizer = ST.save_optimizer,
@@ -88,14 +94,16 @@ def st(
 ) -> None:
     """Train a State Transition model; checkpoints go to OUT/last (and OUT/best with validation cells)."""
     from vcell.data.dataset import load_dataset
-    from vcell.data.splits import apply_split, holdout_config, read_split_toml
+    from vcell.data.splits import apply_split
     from vcell.nn.transition import STConfig
     from vcell.train.runs import check_run_dir
 
-    if split is not None and (holdout_context or val_context):
-        raise VcellError("give either --split or --holdout-context/--val-context, not both")
+    check_split_options(split, holdout_context, holdout_perturbations, val_perturbations, val_context, required=False)
+    from vcell.features.perturbations import check_sources
+
     options = _options(STTrainOptions, locals())
     check_run_dir(out, resume, overwrite)  # refuse before the data is read
+    check_sources(pert_features)
     # DDP runs this command once per process (Lightning re-runs it); only rank 0 reports
     values = STConfig.from_file(config, preset)
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
@@ -106,10 +114,8 @@ def st(
     if dataset.spec.expression == "counts":
         raise VcellError(f"{data}: X holds raw counts; the ST model trains on log1p expression: run `vcell data preprocess` first")
     index = dataset.index
-    if split is not None:
-        cfg = read_split_toml(split)
-    else:
-        cfg = holdout_config(index, list(holdout_context or []), val_contexts=list(val_context or []))
+    cfg = split_config(index, split, list(holdout_context or []), holdout_perturbations, seed, list(val_context or []),
+                       val_perturbations)
     applied = apply_split(index, cfg)
     # Lightning only now: every refusal above comes in a second, not after its import
     from lightning.pytorch.utilities import rank_zero_only
@@ -118,7 +124,8 @@ def st(
 
     if rank_zero_only.rank == 0:
         console.print(table(split_view(applied.summary(index)), title="split"))
-    run = train_st(dataset, applied, out, values, options, resume=resume, embed_key=embed_key, overwrite=overwrite)
+    run = train_st(dataset, applied, out, values, options, resume=resume, embed_key=embed_key, overwrite=overwrite,
+                   pert_features=pert_features)
     if rank_zero_only.rank == 0:
         _summary(run)
 

@@ -8,6 +8,7 @@ from vcell._lazy import lazy_exports
 
 _EXPORTS = {
     ".genes": ["GeneEmbeddings", "data_gene_embeddings"],
+    ".perturbations": ["PertFeatures", "check_sources", "parse_sources"],
     ".protein": ["embed_fasta"],
 }
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -13,6 +13,6 @@ _EXPORTS = {
     ".embedding": ["SEConfig", "StateEmbedding", "embed_adata", "tokenize"],
     ".layers": ["energy_distance"],
     ".precision": ["PRECISIONS", "autocast"],
-    ".transition": ["STConfig", "StateTransition", "pert_features"],
+    ".transition": ["STConfig", "StateTransition"],
 }
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -14,7 +14,6 @@ against the observed cells' genes is added with weight ``gene_loss_weight``.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -53,6 +52,12 @@ class STConfig(ModelConfig):
     ``gene_residual``: genes are predicted as ``basal genes + dec(predicted) - dec(basal
     embedding)``, so a predicted embedding equal to its basal cell gives back that cell's genes
     exactly (decoder bias cancels; the control cells of an evaluation stay comparable).
+
+    ``pert_table_rows`` > 0: the model carries the gene table its perturbation vectors come from
+    (a ``pert_table_rows`` x ``pert_dim`` buffer, saved with the weights; the row names live in the
+    checkpoint's ``config.json``, see :class:`~vcell.features.perturbations.PertFeatures`), so it
+    can encode any target of the table; 0: one-hot over the training targets, rebuilt from
+    ``pert_vocab``.
     """
 
     input_dim: int
@@ -72,6 +77,7 @@ class STConfig(ModelConfig):
     gene_loss_weight: float = 1.0
     gene_residual: bool = True
     detach_gene_decoder: bool = True
+    pert_table_rows: int = 0
 
     KIND: ClassVar[str] = "ST"
     REQUIRED: ClassVar[tuple[str, ...]] = ("input_dim", "pert_dim")
@@ -89,6 +95,8 @@ class STConfig(ModelConfig):
         self.gene_hidden = [int(h) for h in self.gene_hidden]
         if self.gene_dim < 0 or any(h < 1 for h in self.gene_hidden):
             raise VcellError(f"ST config: gene_dim must be >= 0 and gene_hidden positive, got {self.gene_dim}, {self.gene_hidden}")
+        if self.pert_table_rows < 0:
+            raise VcellError(f"ST config: pert_table_rows must be >= 0, got {self.pert_table_rows}")
         if self.gene_loss_weight < 0:
             raise VcellError(f"ST config: gene_loss_weight must be >= 0, got {self.gene_loss_weight}")
 
@@ -110,6 +118,8 @@ class StateTransition(nn.Module):
             nn.init.zeros_(self.decoder.weight)
             nn.init.zeros_(self.decoder.bias)
         self.gene_decoder = norm_mlp(c.output_dim, c.gene_hidden, c.gene_dim, c.dropout) if c.gene_dim else None
+        if c.pert_table_rows:  # not trained: stored so the checkpoint can encode any target of its table
+            self.register_buffer("pert_table", torch.zeros(c.pert_table_rows, c.pert_dim))
 
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike) -> tuple[StateTransition, dict]:
@@ -201,37 +211,3 @@ class StateTransition(nn.Module):
         if target_mask is None and mask is not None and target.shape[1] == pred.shape[1]:
             target_mask = mask
         return energy_distance(pred, target, mask, target_mask).mean()
-
-
-def pert_features(
-    labels: Iterable[str],
-    vocab: Sequence[str],
-    control: str | Iterable[str] = (),
-    sep: str = "+",
-) -> torch.Tensor:
-    """One-hot / multi-hot perturbation vectors ``[len(labels), len(vocab)]`` (float32).
-
-    ``"A+B"`` (combinatorial perturbation) sets both A and B; labels in ``control`` (e.g.
-    ``"non-targeting"``) give an all-zero vector. A label naming a target outside ``vocab``
-    raises :class:`VcellError`.
-    """
-    vocab = list(vocab)
-    index = {g: i for i, g in enumerate(vocab)}
-    if len(index) != len(vocab):
-        dupes = sorted({g for g in vocab if vocab.count(g) > 1})
-        raise VcellError(f"perturbation vocabulary has duplicate entries: {', '.join(map(str, dupes[:5]))}")
-    controls = {control} if isinstance(control, str) else set(control)
-    labels = list(labels)
-    out = torch.zeros(len(labels), len(vocab))
-    for row, label in enumerate(labels):
-        if label in controls:
-            continue
-        targets = [t.strip() for t in str(label).split(sep)]
-        unknown = [t for t in targets if t not in index]
-        if unknown:
-            raise VcellError(
-                f"perturbation {label!r}: target(s) {', '.join(repr(t) for t in unknown)} not in the "
-                f"perturbation vocabulary ({len(vocab)} entries)"
-            )
-        out[row, [index[t] for t in targets]] = 1.0
-    return out

@@ -18,8 +18,12 @@ at prediction time; effects of keys with the same context name are pooled.
                    unseen perturbations get the mean effect of all training perturbations.
 ``context_mean``   the mean effect of the target context's training perturbations (few-shot);
                    zero-shot contexts fall back to the global mean effect.
-``linear``         ridge regression of effects on perturbation features (multi-hot targets,
-                   optional gene embeddings) and context one-hot; alpha by seeded K-fold CV.
+``linear``         ridge regression of effects on perturbation features (``pert_features``:
+                   multi-hot targets and/or gene tables) and context one-hot; alpha by seeded
+                   K-fold CV.
+``kernel_ridge``   kernel ridge regression (rbf or cosine) of effects, relative to each
+                   context's mean effect, on perturbation features (``pert_features``);
+                   alpha and gamma by seeded K-fold CV over perturbation labels.
 =================  ========================================================================
 """
 
@@ -38,6 +42,7 @@ from vcell.data.dataset import PerturbationData
 from vcell.data.splits import Split
 from vcell.errors import VcellError, did_you_mean, preview
 from vcell.predictors.base import Predictor, cell_count
+from vcell.predictors.kernel_ridge import KernelRidgeBaseline
 from vcell.predictors.linear import DEFAULT_ALPHAS, LinearBaseline
 from vcell.predictors.pseudobulk import PseudobulkBaseline, TrainingStats, training_stats
 
@@ -197,6 +202,7 @@ BASELINES: dict[str, type[Predictor]] = {
     PertMean.name: PertMean,
     ContextMean.name: ContextMean,
     LinearBaseline.name: LinearBaseline,
+    KernelRidgeBaseline.name: KernelRidgeBaseline,
 }
 
 
@@ -219,6 +225,7 @@ __all__ = [
     "CellMean",
     "ContextMean",
     "ControlMean",
+    "KernelRidgeBaseline",
     "LinearBaseline",
     "PertMean",
     "TrainingStats",

@@ -1,9 +1,15 @@
-"""The ``linear`` baseline: ridge regression of perturbation effects on perturbation and context features."""
+"""The ``linear`` baseline: ridge regression of perturbation effects on perturbation and context features.
+
+Also the perturbation-feature helpers the feature-based baselines share (``linear``,
+``kernel_ridge``): a ``pert_features`` value (:mod:`vcell.features.perturbations`) is checked
+when the model is built, resolved on the training targets at fit time, and encoded at prediction.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -19,34 +25,100 @@ log = logging.getLogger("vcell.predictors.baselines")
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 4, 13))
 
 
-def _embedding_table(gene_embeddings) -> tuple[dict[str, np.ndarray], int]:
-    """A ``{gene: float64 vector}`` dict and its dimension from a mapping or a DataFrame."""
-    if isinstance(gene_embeddings, pd.DataFrame):
-        items = {str(g): row for g, row in zip(gene_embeddings.index, gene_embeddings.to_numpy())}
-    elif isinstance(gene_embeddings, Mapping):
-        items = {str(g): v for g, v in gene_embeddings.items()}
-    else:
-        kind = type(gene_embeddings).__name__
-        raise VcellError(f"gene_embeddings must be a {{gene: vector}} mapping or a genes x dim DataFrame, got {kind}")
-    if not items:
-        raise VcellError("gene_embeddings is empty")
-    table, dim = {}, None
-    for gene, vec in items.items():
+# --------------------------------------------------------------------------------------------
+# Perturbation features (shared with kernel_ridge)
+
+
+def check_pert_features(name: str, spec) -> None:
+    """Check a ``pert_features`` value when a model is built: its syntax, and that each FILE is a gene table file.
+
+    Raises one :class:`VcellError` line starting with ``name``.
+    """
+    from vcell.features.genes import TABLE_SUFFIXES
+    from vcell.features.perturbations import ONEHOT, parse_sources
+
+    try:
+        sources = parse_sources(spec)
+    except VcellError as exc:
+        raise VcellError(f"{name}: {exc}") from None
+    except TypeError:
+        raise VcellError(f"{name}: pert_features must be 'onehot', a gene table file, 'onehot,FILE' or a GeneEmbeddings table, got {spec!r}") from None
+    for source in sources:
+        if not isinstance(source, str) or source == ONEHOT:
+            continue
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise VcellError(f"{name}: pert_features file {source!r} not found (give 'onehot', a gene table file or 'onehot,FILE')")
+        if path.suffix.lower() not in TABLE_SUFFIXES:
+            raise VcellError(f"{name}: pert_features file {source!r} is not a gene table ({', '.join(TABLE_SUFFIXES)})")
+
+
+def fit_pert_features(name: str, spec, labels: Sequence[str]):
+    """The :class:`~vcell.features.perturbations.PertFeatures` of a model trained on ``labels``.
+
+    One-hot columns are the training targets (sorted). With a table and no ``onehot`` source,
+    a training target absent from the table is an error naming it (never a zero vector).
+    """
+    from vcell.features.perturbations import PertFeatures
+
+    targets = sorted({t for lab in labels for t in split_combo(str(lab))})
+    features = PertFeatures.build(spec, targets)
+    try:
+        features.check(labels, what="training perturbation")
+    except VcellError as exc:
+        raise VcellError(f"{name}: {exc}; add 'onehot' (pert_features 'onehot,FILE') to give such targets their own column") from None
+    return features
+
+
+def encode_pert_features(name: str, features, labels: Sequence[str], control: str) -> tuple[np.ndarray, list[str], list[str]]:
+    """Feature rows ``[len(labels), dim]`` (float64; ``"A+B"`` is the sum of A's and B's rows, a control 0).
+
+    With a table, a target without a vector raises one :class:`VcellError` line naming it,
+    before any work. With one-hot features only, a target unseen in training contributes
+    nothing. Also returns the targets without a vector and the labels left with none at all.
+    """
+    labels = [str(p) for p in labels]
+    if not features.is_onehot:
         try:
-            arr = np.asarray(vec, dtype=np.float64).ravel()
-        except (TypeError, ValueError):
-            raise VcellError(f"gene_embeddings[{gene!r}] is not a numeric vector") from None
-        if dim is None:
-            dim = arr.size
-        if arr.size != dim or dim == 0:
-            raise VcellError(f"gene_embeddings[{gene!r}] has {arr.size} values; expected {dim} like the others")
-        if not np.all(np.isfinite(arr)):
-            raise VcellError(f"gene_embeddings[{gene!r}] has NaN or infinite values")
-        table[gene] = arr
-    scale = np.mean([np.linalg.norm(v) for v in table.values()])
-    if scale > 0:  # mean norm 1, comparable to a one-hot column
-        table = {g: v / scale for g, v in table.items()}
-    return table, int(dim)
+            features.check(labels, control)
+        except VcellError as exc:
+            raise VcellError(f"{name}: {exc}") from None
+        return features.encode(labels, control).double().numpy(), [], []
+    unknown = features.missing(labels, control)
+    X = np.zeros((len(labels), features.dim))
+    featureless = []
+    for i, label in enumerate(labels):
+        if label == control:
+            continue
+        known = [t for t in split_combo(label) if t in features]
+        if known:
+            X[i] = features.encode(known).double().numpy().sum(axis=0)
+        else:
+            featureless.append(label)
+    return X, unknown, featureless
+
+
+# --------------------------------------------------------------------------------------------
+# The linear baseline
+
+
+def _penalties(name: str, option: str, values) -> tuple[float, ...]:
+    """``values`` as a tuple of non-negative floats, else one error line."""
+    try:
+        if isinstance(values, str):
+            raise TypeError
+        out = tuple(float(a) for a in ([values] if isinstance(values, (int, float)) else values))
+    except (TypeError, ValueError):
+        out = ()
+    if not out or any(not np.isfinite(a) or a < 0 for a in out):
+        raise VcellError(f"{name}: {option} must be non-negative numbers, got {values!r}")
+    return out
+
+
+def _folds(name: str, n_folds) -> int:
+    if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
+        raise VcellError(f"{name}: n_folds must be an integer >= 2, got {n_folds!r}")
+    return int(n_folds)
 
 
 def _ridge_fit(X: np.ndarray, Y: np.ndarray, alphas: Sequence[float]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -70,18 +142,23 @@ def _ridge_fit(X: np.ndarray, Y: np.ndarray, alphas: Sequence[float]) -> list[tu
 class LinearBaseline(PseudobulkBaseline):
     """Ridge regression of (context, perturbation) effects on perturbation and context features.
 
-    Features of a perturbation ``"A+B"``: the multi-hot of its target genes over the training
-    targets (additive: A+B is the sum of A's and B's columns), optionally the sum of its
-    targets' gene embeddings (scaled to mean norm 1), and the one-hot of the context. The
-    intercept is not penalised; alpha is chosen from ``alphas`` by seeded K-fold
+    Features of a (context, perturbation) group: the perturbation's vector from
+    ``pert_features`` (:mod:`vcell.features.perturbations`; ``"A+B"`` is the sum of A's and B's
+    rows, so with one-hot features the multi-hot of its targets) followed by the one-hot of the
+    context. The intercept is not penalised; alpha is chosen from ``alphas`` by seeded K-fold
     cross-validation over the training groups (mean squared error of held-out effects), then
     the model is refitted on all groups.
 
     A context unseen in training gets the mean of the context coefficients; as the unpenalised
     intercept absorbs whatever the contexts share, the fitted context coefficients sum to zero,
-    so this is no context-specific term at all. A target gene
-    unseen in training (and absent from the embeddings) contributes nothing, so a perturbation
-    of only unseen genes is predicted as intercept + context term.
+    so this is no context-specific term at all.
+
+    Targets without a vector: with ``pert_features="onehot"`` a target unseen in training
+    contributes nothing (logged), so a perturbation of only unseen targets is predicted as
+    intercept + context term (the role of ``pert_mean``'s global-mean fallback). As soon as a
+    gene table is given, a target absent from every source is an error naming it, raised
+    before any prediction work (and, for a training target, at fit time unless ``onehot`` is
+    one of the sources).
 
     Parameters
     ----------
@@ -91,10 +168,10 @@ class LinearBaseline(PseudobulkBaseline):
         A fixed penalty (skips cross-validation).
     n_folds
         Folds of the cross-validation (fewer if there are fewer training groups).
-    gene_embeddings
-        Optional ``{gene: vector}`` mapping or genes x dim DataFrame.
-    use_onehot
-        Use the target multi-hot (default); ``False`` needs ``gene_embeddings``.
+    pert_features
+        ``"onehot"`` (the default), a gene table file, ``"onehot,FILE"``, a
+        :class:`~vcell.features.genes.GeneEmbeddings` table or a list of these, resolved on the
+        training targets at fit time (:meth:`~vcell.features.perturbations.PertFeatures.build`).
     seed
         Seed of the fold assignment.
     """
@@ -106,42 +183,19 @@ class LinearBaseline(PseudobulkBaseline):
         alphas: Sequence[float] = DEFAULT_ALPHAS,
         alpha: float | None = None,
         n_folds: int = 5,
-        gene_embeddings: Mapping[str, Sequence[float]] | pd.DataFrame | None = None,
-        use_onehot: bool = True,
+        pert_features="onehot",
         seed: int = 0,
     ):
         super().__init__(seed)
-        self.alphas = tuple(float(a) for a in alphas)
-        if not self.alphas or any(not np.isfinite(a) or a < 0 for a in self.alphas):
-            raise VcellError(f"linear: alphas must be non-negative numbers, got {alphas!r}")
-        if alpha is not None and not (np.isfinite(alpha) and alpha >= 0):
-            raise VcellError(f"linear: alpha must be a non-negative number, got {alpha!r}")
+        self.alphas = _penalties(self.name, "alphas", alphas)
+        if alpha is not None:
+            alpha = _penalties(self.name, "alpha", [alpha])[0]
         self.alpha = alpha
-        if int(n_folds) < 2:
-            raise VcellError(f"linear: n_folds must be >= 2, got {n_folds}")
-        self.n_folds = int(n_folds)
-        self.use_onehot = bool(use_onehot)
-        self.embeddings, self.embedding_dim = (None, 0) if gene_embeddings is None else _embedding_table(gene_embeddings)
-        if not self.use_onehot and self.embeddings is None:
-            raise VcellError("linear: use_onehot=False needs gene_embeddings")
+        self.n_folds = _folds(self.name, n_folds)
+        check_pert_features(self.name, pert_features)
+        self.pert_features = pert_features
 
     # features -----------------------------------------------------------------------------
-    def _pert_features(self, label: str) -> tuple[np.ndarray, list[str]]:
-        """Perturbation features of ``label`` and its targets that have no feature."""
-        x = np.zeros(self.n_pert_features_)
-        unknown = []
-        for gene in split_combo(label):
-            known = False
-            if self.use_onehot and gene in self.target_pos_:
-                x[self.target_pos_[gene]] += 1.0
-                known = True
-            if self.embeddings is not None and gene in self.embeddings:
-                x[len(self.targets_) :] += self.embeddings[gene]
-                known = True
-            if not known:
-                unknown.append(gene)
-        return x, unknown
-
     def _context_features(self, context: str) -> np.ndarray:
         x = np.zeros(len(self.contexts_))
         i = self.contexts_.get_indexer([str(context)])[0]
@@ -154,18 +208,15 @@ class LinearBaseline(PseudobulkBaseline):
     def _fit(self, stats: TrainingStats) -> None:
         g = stats.groups
         labels = g["perturbation"].tolist()
-        targets = sorted({t for lab in labels for t in split_combo(lab)}) if self.use_onehot else []
-        self.targets_ = pd.Index(targets)
-        self.target_pos_ = {t: i for i, t in enumerate(targets)}
-        self.n_pert_features_ = len(targets) + self.embedding_dim
+        self.features_ = fit_pert_features(self.name, self.pert_features, labels)
         contexts = sorted(set(g["context"]))
         self.contexts_ = pd.Index(contexts if len(contexts) > 1 else [])  # one context: the intercept
-        X = np.array([np.concatenate([self._pert_features(lab)[0], self._context_features(ctx)]) for lab, ctx in zip(labels, g["context"])])
-        X = X.reshape(len(labels), self.n_pert_features_ + len(self.contexts_))
+        P, _, _ = encode_pert_features(self.name, self.features_, labels, str(self._spec.control))
+        X = np.hstack([P, np.array([self._context_features(c) for c in g["context"]]).reshape(len(labels), len(self.contexts_))])
         Y = stats.effects
         self.alpha_, self.cv_scores_ = self._choose_alpha(X, Y)
         (self.coef_, self.intercept_), = _ridge_fit(X, Y, [self.alpha_])
-        log.info("linear: %d groups, %d features, alpha=%g", len(labels), X.shape[1], self.alpha_)
+        log.info("linear: %d groups, %d features (%s), alpha=%g", len(labels), X.shape[1], ", ".join(self.features_.sources), self.alpha_)
 
     def _choose_alpha(self, X: np.ndarray, Y: np.ndarray) -> tuple[float, pd.DataFrame]:
         if self.alpha is not None:
@@ -193,18 +244,12 @@ class LinearBaseline(PseudobulkBaseline):
         ctx = self._context_features(context)
         if len(self.contexts_) and self.contexts_.get_indexer([str(context)])[0] < 0:
             log.info("linear: context %r unseen in training; using the mean context coefficient", context)
-        rows, unknown, featureless = [], set(), []
-        for p in perturbations:
-            if self._is_control(p):
-                rows.append(np.zeros(len(self.intercept_)))
-                continue
-            x, missing = self._pert_features(str(p))
-            unknown.update(missing)
-            if len(missing) == len(split_combo(str(p))):
-                featureless.append(str(p))
-            rows.append(np.concatenate([x, ctx]) @ self.coef_ + self.intercept_)
+        control = str(self._spec.control)
+        P, unknown, featureless = encode_pert_features(self.name, self.features_, perturbations, control)
+        rows = [np.zeros(len(self.intercept_)) if self._is_control(p) else np.concatenate([x, ctx]) @ self.coef_ + self.intercept_
+                for p, x in zip(perturbations, P)]
         if unknown:
-            log.info("linear: target gene(s) unseen in training contribute nothing: %s", preview(sorted(unknown), n=10, quote=False))
+            log.info("linear: target gene(s) unseen in training contribute nothing: %s", preview(unknown, n=10, quote=False))
         if featureless:
             log.info("linear: %d perturbation(s) predicted as intercept + context term only: %s", len(featureless), preview(featureless, n=10, quote=False))
         self.featureless_ = featureless

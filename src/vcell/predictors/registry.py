@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from vcell.errors import VcellError, did_you_mean
 from vcell.predictors.base import Predictor
 from vcell.predictors.baselines import BASELINES
@@ -32,13 +34,19 @@ def make_model(name: str, seed: int = 0, **options) -> Predictor:
         The model's seed.
     **options
         Constructor options: for ``st`` the :class:`~vcell.predictors.st.STPredictor` options
-        (``preset``, ``config``, ``max_steps``, ``set_size``, ``precision``, ...); the baselines
-        take none.
+        (``preset``, ``config``, ``max_steps``, ``set_size``, ``precision``, ...); for ``linear``
+        the :class:`~vcell.predictors.linear.LinearBaseline` ones (``pert_features``,
+        ``alphas``, ``alpha``, ``n_folds``) and for ``kernel_ridge`` the
+        :class:`~vcell.predictors.kernel_ridge.KernelRidgeBaseline` ones (``pert_features``,
+        ``kernel``, ``alphas``, ``gammas``, ``alpha``, ``gamma``, ``n_folds``); the other
+        baselines take none. An unknown option name or a bad value is one :class:`VcellError` line.
 
     Examples
     --------
     >>> make_model("pert_mean").name
     'pert_mean'
+    >>> make_model("kernel_ridge", kernel="cosine").kernel
+    'cosine'
     """
     if name not in MODELS:
         raise VcellError(f"unknown model {name!r}{did_you_mean(name, MODELS, n=2)} (models: {', '.join(MODELS)})")
@@ -48,6 +56,14 @@ def make_model(name: str, seed: int = 0, **options) -> Predictor:
         if unknown:
             raise VcellError(f"st: unknown option(s) {', '.join(map(repr, unknown))} (options: {', '.join(known)})")
         return STPredictor(seed=seed, **options)
-    if options:
+    cls = MODELS[name]
+    known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "seed")]
+    if options and not known:
         raise VcellError(f"{name}: this baseline takes no options (got {', '.join(map(repr, sorted(options)))})")
-    return MODELS[name](seed=seed)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise VcellError(f"{name}: unknown option(s) {', '.join(map(repr, unknown))} (options: {', '.join(known)})")
+    try:
+        return cls(seed=seed, **options)
+    except (TypeError, ValueError) as exc:
+        raise VcellError(f"{name}: bad option value ({exc})") from None

@@ -250,6 +250,13 @@ def resume_differences(saved: dict, ours: dict) -> list[str]:
         diffs.append(f"its perturbation features differ ({'; '.join(parts) or 'another order'})")
     elif "perturbations" in saved and "perturbations" in ours and list(saved["perturbations"]) != list(ours["perturbations"]):
         diffs.append("its perturbation labels differ (another perturbation column or labels)")
+    pf_a, pf_b = saved.get("pert_features"), ours.get("pert_features")
+    if pf_a is None:  # written before feature tables: one-hot over pert_vocab (compared above)
+        pf_a = {"sources": ["onehot"], "digest": pf_b.get("digest") if pf_b and pf_b.get("sources") == ["onehot"] else None}
+    if isinstance(pf_b, dict) and pf_a.get("digest") != pf_b.get("digest"):
+        was, now = ", ".join(pf_a.get("sources", [])), ", ".join(pf_b.get("sources", []))
+        diffs.append(f"it was trained with --pert-features {was}, not {now}" if was != now else
+                     f"its perturbation feature table ({was}) has other values now")
     exp_a, exp_b = saved.get("expression"), ours.get("expression")
     if isinstance(exp_a, dict) and isinstance(exp_b, dict):
         for name in exp_a:

@@ -33,8 +33,9 @@ from vcell.data.rows import row_source
 from vcell.data.spec import split_combo
 from vcell.data.splits import Split
 from vcell.errors import VcellError
+from vcell.features.perturbations import PertFeatures
 from vcell.nn.checkpoint import read_config
-from vcell.nn.transition import StateTransition, STConfig, pert_features
+from vcell.nn.transition import StateTransition, STConfig
 from vcell.train.checkpoint import ResumableModule
 from vcell.train.display import status
 from vcell.train.options import STTrainOptions, check_run_options
@@ -47,6 +48,17 @@ def pert_vocabulary(labels, control: str) -> list[str]:
     return sorted({t for label in labels if str(label) != control for t in split_combo(str(label))})
 
 
+def trained_labels(data: PerturbationData, split: Split | None) -> list[str]:
+    """Perturbation labels with training or validation cells under ``split`` (every label when ``None``)."""
+    index = data.index
+    if split is None:
+        return [str(p) for p in index.perts]
+    used = np.zeros(len(index.perts), dtype=bool)
+    for role in ("train", "val"):
+        used[np.unique(index.pert_codes[split.mask(role)])] = True
+    return [str(p) for p, u in zip(index.perts, used) if u]
+
+
 class STModule(ResumableModule, L.LightningModule):
     """A :class:`StateTransition` with its energy-distance loss and Adam optimiser.
 
@@ -57,25 +69,38 @@ class STModule(ResumableModule, L.LightningModule):
     perturbations
         Perturbation label of each code in a batch's ``pert`` (``CellIndex.perts``).
     pert_vocab
-        Targets making up the multi-hot perturbation vector (length ``config.pert_dim``).
+        The training targets (the one-hot columns when the features have them).
     control
         Control label (all-zero perturbation vector).
     lr
         Adam learning rate.
     meta
         Extra entries for ``config.json`` (gene list, data columns, seed).
+    features
+        The perturbation features (:class:`~vcell.features.perturbations.PertFeatures`; default:
+        one-hot over ``pert_vocab``): a label's vector is its ``pert`` input (``config.pert_dim`` long).
     """
 
-    def __init__(self, config: STConfig, perturbations, pert_vocab, control: str, lr: float = 1e-4, meta: dict | None = None):
+    def __init__(self, config: STConfig, perturbations, pert_vocab, control: str, lr: float = 1e-4, meta: dict | None = None,
+                 features: PertFeatures | None = None):
         super().__init__()
-        if len(pert_vocab) != config.pert_dim:
-            raise VcellError(f"ST config: pert_dim is {config.pert_dim} but the perturbation vocabulary has {len(pert_vocab)} entries")
+        features = PertFeatures.onehot(pert_vocab) if features is None else features
+        if features.dim != config.pert_dim:
+            raise VcellError(f"ST config: pert_dim is {config.pert_dim} but the perturbation features have {features.dim} dimensions")
+        table_rows = 0 if features.is_onehot else len(features.names)
+        if config.pert_table_rows != table_rows:
+            raise VcellError(f"ST config: pert_table_rows is {config.pert_table_rows} but the perturbation feature table has {table_rows} rows")
         self.config, self.lr = config, float(lr)
         self.perturbations, self.pert_vocab, self.control = [str(p) for p in perturbations], list(pert_vocab), control
+        self.features = features
         self.meta = dict(meta or {})
         self.model = StateTransition(config)
-        # code -> multi-hot vector; not a parameter, rebuilt from config.json on load
-        self.register_buffer("pert_table", pert_features(self.perturbations, self.pert_vocab, control=control), persistent=False)
+        if table_rows:
+            self.model.pert_table.copy_(features.vectors)
+        # code -> perturbation vector; not a parameter. Labels whose targets have no vector get a
+        # zero row that is never looked up (build_module checks that no training cell has one).
+        table, self.encodable = features.encode_known(self.perturbations, control)
+        self.register_buffer("pert_table", table, persistent=False)
         self._val_sums: torch.Tensor | None = None
 
     def checkpoint_meta(self) -> dict:
@@ -85,6 +110,7 @@ class STModule(ResumableModule, L.LightningModule):
             "model": self.config.to_dict(),
             "perturbations": self.perturbations,
             "pert_vocab": self.pert_vocab,
+            "pert_features": self.features.to_meta(),
             "control": self.control,
             "lr": self.lr,
         }
@@ -288,21 +314,36 @@ class CellSetDataModule(L.LightningDataModule):
 
 
 def build_module(
-    data: PerturbationData, config: STConfig | dict, lr: float = 1e-4, seed: int = 0, embed_key: str | None = None
+    data: PerturbationData,
+    config: STConfig | dict,
+    lr: float = 1e-4,
+    seed: int = 0,
+    embed_key: str | None = None,
+    split: Split | None = None,
+    pert_features=None,
 ) -> STModule:
     """An :class:`STModule` for ``data``; ``input_dim`` and ``pert_dim`` default to the data's sizes.
 
     ``embed_key``: the model works on the cells' ``.obsm[embed_key]`` embeddings and decodes genes
     (``gene_dim`` = the data's genes, no output ReLU unless the config says otherwise).
+    ``split``: the training targets are those of labels with training or validation cells (all
+    labels when ``None``). ``pert_features``: ``"onehot"`` (default), a gene table file or
+    ``"onehot,FILE"`` (:class:`~vcell.features.perturbations.PertFeatures`); every training or
+    validation label must have a vector.
     """
     spec, index = data.spec, data.index
-    vocab = pert_vocabulary(index.perts, spec.control)
+    labels = trained_labels(data, split)
+    vocab = pert_vocabulary(labels, spec.control)
     if not vocab:
-        raise VcellError("the data has no perturbations besides the control")
+        raise VcellError("the data has no perturbations besides the control" if split is None else
+                         "the split has no training cells")
+    features = PertFeatures.build(pert_features, vocab)
+    features.check([p for p in labels if p != spec.control], what="training perturbation")
     values = config.to_dict() if isinstance(config, STConfig) else dict(config)
     width = int(data.adata.n_vars) if embed_key is None else obsm_matrix(data.adata, embed_key, data.path).shape[1]
     values.setdefault("input_dim", width)
-    values.setdefault("pert_dim", len(vocab))
+    values.setdefault("pert_dim", features.dim)
+    values["pert_table_rows"] = 0 if features.is_onehot else len(features.names)
     if embed_key is not None:
         values["gene_dim"] = int(data.adata.n_vars)
         values.setdefault("relu_output", False)  # embeddings are signed
@@ -316,7 +357,7 @@ def build_module(
         "seed": int(seed),
         "embed_key": embed_key,
     }
-    return STModule(cfg, index.perts, vocab, spec.control, lr=lr, meta=meta)
+    return STModule(cfg, index.perts, vocab, spec.control, lr=lr, meta=meta, features=features)
 
 
 def fit(
@@ -351,6 +392,7 @@ def train_st(
     resume: bool = False,
     embed_key: str | None = None,
     overwrite: bool = False,
+    pert_features=None,
     **option_values,
 ) -> Path:
     """Train a State Transition model; returns ``out_dir`` (``last/``, ``best/``, ``logs/``).
@@ -378,6 +420,10 @@ def train_st(
     overwrite
         Replace a trained run already in ``out_dir`` (without it, and without ``resume``, that is
         refused; see :func:`~vcell.train.runs.open_run_dir`).
+    pert_features
+        Where perturbation vectors come from: ``"onehot"`` (default: one column per training
+        target), a gene table file (the model then predicts any target in it) or ``"onehot,FILE"``
+        (:mod:`vcell.features.perturbations`). The table is stored in the checkpoint.
 
     Notes
     -----
@@ -388,7 +434,8 @@ def train_st(
     out_dir = Path(out_dir)
     start = open_run_dir(out_dir, resume, overwrite)
     L.seed_everything(options.seed, workers=True, verbose=False)
-    module = build_module(data, config, lr=options.lr, seed=options.seed, embed_key=embed_key)
+    module = build_module(data, config, lr=options.lr, seed=options.seed, embed_key=embed_key, split=split,
+                          pert_features=pert_features)
     module.meta["fingerprint"] = st_fingerprint(data, split, embed_key)
     if start is not None:
         check_resume(start, read_config(start), module.checkpoint_meta())

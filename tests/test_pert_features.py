@@ -1,0 +1,147 @@
+"""Perturbation features from gene tables: encoding, errors, ST on a target it never saw, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from vcell.data.dataset import from_anndata
+from vcell.data.splits import Split
+from vcell.errors import VcellError
+from vcell.features import GeneEmbeddings, PertFeatures
+from vcell.predictors.st import STPredictor
+from vcell.train.st import train_st
+
+from conftest import error_line, run_cli
+
+TINY = {"width": 32, "n_layers": 1, "n_heads": 2, "encoder_layers": 2, "dropout": 0.0}
+FAST = dict(batch_size=8, set_size=16, accelerator="cpu", log_every=50, lr=3e-3)
+
+
+def test_onehot_multi_hot_and_errors():
+    feats = PertFeatures.onehot(["A", "B", "C"])
+    got = feats.encode(["A", "B+C", "non-targeting", "C+A"], control="non-targeting")
+    expected = torch.tensor([[1, 0, 0], [0, 1, 1], [0, 0, 0], [1, 0, 1]], dtype=torch.float32)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(VcellError, match=r"'A\+D': target 'D' is not in the model's training targets") as err:
+        feats.encode(["A", "A+D"])
+    assert "\n" not in str(err.value) and "--pert-features FILE" in str(err.value)
+    with pytest.raises(VcellError, match="'non-targeting'"):
+        feats.encode(["non-targeting"])  # a control label is only zero when declared
+    with pytest.raises(VcellError, match="twice"):
+        PertFeatures.onehot(["A", "A"])
+
+
+def test_tables_are_scaled_summed_and_concatenated(tmp_path):
+    table = GeneEmbeddings(names=["A", "B", "C"], vectors=torch.tensor([[3.0, 0.0], [0.0, 3.0], [3.0, 4.0]]), source="test")
+    path = table.save(tmp_path / "genes.safetensors")
+    only = PertFeatures.build(str(path), ["A", "B"])
+    scale = (3 + 3 + 5) / 3  # mean row norm -> 1
+    torch.testing.assert_close(only.encode(["C"]), torch.tensor([[3.0, 4.0]]) / scale)
+    torch.testing.assert_close(only.encode(["A+B"]), only.encode(["A"]) + only.encode(["B"]))  # combinations add up
+    both = PertFeatures.build(f"onehot, {path}", ["A", "Z"])  # Z: a training target the table lacks
+    assert both.widths == [2, 2] and both.names == ["A", "Z", "B", "C"]
+    torch.testing.assert_close(both.encode(["A", "Z", "C"]), torch.tensor(
+        [[1, 0, 3 / scale, 0], [0, 1, 0, 0], [0, 0, 3 / scale, 4 / scale]], dtype=torch.float32))
+    with pytest.raises(VcellError, match=r"target 'Q' is not in the perturbation feature table.*genes.safetensors"):
+        both.encode(["B+Q"])
+    with pytest.raises(VcellError, match="missing.parquet: gene embedding file not found"):
+        PertFeatures.build(str(tmp_path / "missing.parquet"), ["A"])
+    with pytest.raises(VcellError, match="named twice"):
+        PertFeatures.build(f"onehot,{path},onehot", ["A"])
+
+
+# --- ST on a target it never saw: a planted case ----------------------------------------------
+
+SEEN = {"S": (1.0, 0.0), "T": (-1.0, 0.0), "R": (0.0, 1.0), "Q": (0.0, -1.0)}
+UNSEEN = ("U", (0.9, 0.1))  # next to S in the table
+
+
+def _planted(seed: int = 0) -> tuple[ad.AnnData, GeneEmbeddings]:
+    """log1p cells whose effects are linear in 2-D target vectors: genes 0-5 follow the first
+    coordinate, genes 6-11 the second; U is held out and its vector is near S's."""
+    rng = np.random.default_rng(seed)
+    n_genes, n = 24, 48
+    base = rng.uniform(1.0, 2.0, n_genes)
+    loading = np.zeros((2, n_genes))
+    loading[0, :6], loading[1, 6:12] = 1.0, 1.0
+    blocks, labels = [], []
+    for label, vec in [("non-targeting", (0.0, 0.0)), *SEEN.items(), UNSEEN]:
+        mean = np.clip(base + np.asarray(vec) @ loading, 0, None)
+        blocks.append(np.clip(mean + rng.normal(0, 0.15, (n if label != "non-targeting" else 2 * n, n_genes)), 0, None))
+        labels += [label] * len(blocks[-1])
+    obs = pd.DataFrame({"target_gene": labels, "cell_type": "k562"}, index=[f"c{i}" for i in range(len(labels))])
+    adata = ad.AnnData(sp.csr_matrix(np.vstack(blocks).astype(np.float32)), obs=obs,
+                       var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
+    adata.uns["vcell"] = {"expression": "log1p"}
+    vectors = {**SEEN, UNSEEN[0]: UNSEEN[1], "other": (0.0, 0.3)}
+    table = GeneEmbeddings(names=list(vectors), vectors=torch.tensor(list(vectors.values())), source="planted")
+    return adata, table
+
+
+def _split(data) -> Split:
+    labels = data.index.perts[data.index.pert_codes].astype(str)
+    roles = np.where(labels == "non-targeting", "control", np.where(labels == UNSEEN[0], "test", "train"))
+    return Split.from_roles(roles)
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory):
+    adata, table = _planted()
+    folder = tmp_path_factory.mktemp("planted")
+    path = table.save(folder / "genes.safetensors")
+    data = from_anndata(adata)
+    out = train_st(data, _split(data), folder / "run", TINY, pert_features=str(path), max_steps=120, seed=0,
+                   checkpoint_every=60, **FAST)
+    return adata, data, path, out
+
+
+def test_st_predicts_an_unseen_target_in_the_direction_of_its_table_neighbour(planted_run):
+    adata, data, _, out = planted_run
+    model = STPredictor.from_checkpoint(out, checkpoint="last", set_size=16)
+    assert "U" not in model.pert_vocab and "U" in model.known_targets and "other" in model.known_targets
+    controls = adata[adata.obs["target_gene"] == "non-targeting"]
+    cells = model.predict_cells(model.prepare_controls(controls), ["U", "S", "T"], cells_per_perturbation=64, seed=0)
+    ctrl = np.asarray(controls.X.mean(axis=0)).ravel()
+    shift = {p: cells[p].mean(axis=0) - ctrl for p in cells}
+    # the mean effect of the training targets is ~0 on genes 0-5 (S and T cancel); U follows S there
+    assert shift["U"][:6].mean() > 0.5 and shift["T"][:6].mean() < -0.5
+    assert np.corrcoef(shift["U"], shift["S"])[0, 1] > 0.8
+    with pytest.raises(VcellError, match=r"unknown perturbation 'S\+NOPE': target 'NOPE' is not in the perturbation feature table"):
+        model.check_perturbations(["S+NOPE"])
+
+
+def test_checkpoints_carry_the_table_and_resume_exactly(planted_run, tmp_path):
+    adata, data, path, out = planted_run
+    cfg = json.loads((out / "last" / "config.json").read_text())
+    assert cfg["pert_features"]["names"] == ["Q", "R", "S", "T", "U", "other"]  # training targets first
+    assert cfg["model"]["pert_table_rows"] == 6 and cfg["pert_vocab"] == ["Q", "R", "S", "T"]
+    path.unlink()  # the checkpoint alone predicts: the table travels in its weights
+    model = STPredictor.from_checkpoint(out, checkpoint="last")
+    torch.testing.assert_close(model.features.encode(["U"]), PertFeatures.build(_planted()[1], ["S"]).encode(["U"]))
+    # a run stopped at step 60 and resumed to 120 ends with the same weights as the straight run
+    table = _planted()[1]
+    table.save(path)
+    split = _split(data)
+    half = train_st(data, split, tmp_path / "r", TINY, pert_features=str(path), max_steps=60, seed=0, checkpoint_every=60, **FAST)
+    train_st(data, split, half, TINY, pert_features=str(path), max_steps=120, seed=0, checkpoint_every=60, resume=True, **FAST)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(out / "last" / "weights.safetensors")), load_file(str(half / "last" / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = GeneEmbeddings(names=table.names, vectors=table.vectors.flip(1), source="planted")
+    other_path = other.save(tmp_path / "other.safetensors")
+    with pytest.raises(VcellError, match="cannot resume.*--pert-features planted \\(genes.safetensors\\), not planted \\(other.safetensors\\)"):
+        train_st(data, split, half, TINY, pert_features=str(other_path), max_steps=130, seed=0, resume=True, **FAST)
+
+
+def test_train_cli_refuses_a_missing_table_first(tmp_path):
+    proc = run_cli("train", "st", "--data", tmp_path / "nothing.h5ad", "--pert-features", f"onehot,{tmp_path / 'no.safetensors'}",
+                   "--out", tmp_path / "run")
+    assert "no.safetensors: gene embedding file not found" in error_line(proc)
