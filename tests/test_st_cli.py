@@ -162,3 +162,30 @@ def test_st_predictor_in_process(tmp_path):
         model.predict(controls[:, :45].copy(), perts, "ctx_B", cells_per_perturbation=sizes)
     with pytest.raises(VcellError, match="NOPE"):
         model.predict(controls, ["NOPE"], "ctx_B")
+
+
+def test_predict_counts_output_is_a_2026_submission(trained, tmp_path):
+    """`vcell predict --output counts`: integral counts at each cell's control library size, no control rows,
+    the spaces in uns; `vcell eval prep --profile vcc2026`'s checks pass on the file as written."""
+    from vcell.eval.vcc2026.submission import prepare_submission_2026
+
+    _, run, adata = trained
+    raw = simulate_perturbseq(n_genes=50, n_contexts=2, n_perturbations=5, n_combinations=0,
+                              cells_per_perturbation=30, n_controls=60, seed=0)  # _tiny_adata's counts
+    with_counts = adata.copy()
+    with_counts.layers["counts"] = sp.csr_matrix(raw.X, dtype=np.float32)
+    data = tmp_path / "with_counts.h5ad"
+    with_counts.write_h5ad(data)
+    out = tmp_path / "counts.h5ad"
+    proc = run_cli("predict", "--model", run, "--data", data, "--context", "ctx_B", "--output", "counts", "--out", out, "--seed", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "as raw counts" in proc.stdout and "no control rows" in proc.stdout
+    pred = ad.read_h5ad(out)
+    X = pred.X.toarray()
+    np.testing.assert_array_equal(X, np.rint(X))
+    assert X.min() >= 0 and "non-targeting" not in set(pred.obs["target_gene"].astype(str))
+    totals = dict(zip(with_counts.obs_names, np.asarray(with_counts.layers["counts"].sum(axis=1)).ravel()))
+    np.testing.assert_array_equal(X.sum(axis=1), [totals[c] for c in pred.obs["control_cell"]])
+    meta = pred.uns["vcell"]
+    assert (meta["model_space"], meta["expression"], meta["library_size"], meta["seed"]) == ("log1p", "counts", "controls", 4)
+    prepare_submission_2026(out, tmp_path / "sub.h5ad", genes=list(pred.var_names))

@@ -4,13 +4,15 @@ The public API, one import away (``import vcell``); everything the command line 
 
 Data
     :class:`DataSpec` (which ``.obs`` columns mean what), :func:`load_dataset`,
-    :func:`simulate_perturbseq`, :func:`holdout_config` / :func:`read_split_toml` and
-    :func:`apply_split` (which cells train, validate and are held out).
+    :func:`simulate_perturbseq`, :func:`holdout_config` (held-out contexts) /
+    :func:`holdout_perturbations` (perturbations held out in every context) / :func:`read_split_toml`
+    and :func:`apply_split` (which cells train, validate and are held out; refuses leaks).
 Models
     :func:`model_names`, :func:`make_model` (the baselines and the State Transition model,
     ``fit(data, split)``), :class:`STPredictor`, :func:`train_st` and :func:`train_se` with
     :class:`STTrainOptions` / :class:`SETrainOptions`, and :func:`predict_context` (predicted cells
-    of a context's perturbations from its real control cells).
+    of a context's perturbations from its real control cells; log1p, or raw counts with
+    ``output="counts"``, :func:`to_counts`).
 Evaluation
     :func:`evaluate` (the Virtual Cell Challenge metrics, cell-eval's numbers), :func:`score`
     (scaled against a baseline), :func:`evaluate_2026`, :func:`scale_2026` and :func:`score_2026`
@@ -29,7 +31,7 @@ Examples
 >>> spec.control
 'non-targeting'
 >>> vcell.model_names()
-['control_mean', 'cell_mean', 'pert_mean', 'context_mean', 'linear', 'st']
+['control_mean', 'cell_mean', 'pert_mean', 'context_mean', 'linear', 'kernel_ridge', 'st']
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ _EXPORTS = {
     "vcell.data.spec": ["DataSpec"],
     "vcell.data.dataset": ["load_dataset"],
     "vcell.data.simulate": ["simulate_perturbseq"],
-    "vcell.data.splits": ["apply_split", "holdout_config", "read_split_toml"],
+    "vcell.data.splits": ["apply_split", "holdout_config", "holdout_perturbations", "read_split_toml"],
     "vcell.predictors.registry": ["make_model", "model_names"],
     "vcell.predictors.predict": ["predict_context"],
+    "vcell.predictors.counts": ["to_counts"],
     "vcell.predictors.st": ["STPredictor"],
     "vcell.train.options": ["STTrainOptions", "SETrainOptions"],
     "vcell.train.st": ["train_st"],

@@ -12,8 +12,10 @@ Layout of the output folder (the report reads it):
   (mean-response baseline, split-half replicate anchor), ``eval/<model>_<context>/vcc2026/`` the
   model's ``results.csv``, ``agg_results.csv`` and ``score.csv``; the leaderboard gains
   ``vcc2026_score`` and the six scaled metrics ``vcc2026_<metric>``. Predictions are log1p; each
-  is scored as counts drawn from it (:func:`vcell.data.counts.sample_counts`) at library sizes
-  drawn from the context's real control cells, seeded.
+  is scored as counts drawn from it the way ``vcell predict --output counts`` draws them
+  (:func:`vcell.predictors.counts.to_counts`, ``depth="controls"``): each predicted cell at the
+  library size of the real control cell it started from (drawn from the controls' for models
+  whose cells start from none), seeded.
 - ``bench.json``: what was run (data, split, models, seed, runs, timings).
 - ``report.html``.
 
@@ -42,6 +44,7 @@ from vcell.data.dataset import PerturbationData, from_anndata
 from vcell.data.io import atomic_path, read_h5ad, write_h5ad
 from vcell.data.spec import DataSpec
 from vcell.data.splits import Split, SplitConfig, apply_split, holdout_config, read_split_toml
+from vcell.data.splits import holdout_perturbations as holdout_perturbations_config
 from vcell.data.validate import validate
 from vcell.errors import VcellError
 from vcell.eval.inputs import check_pair
@@ -123,24 +126,63 @@ def prepare_data(
     return data
 
 
-def make_folds(data: PerturbationData, split_file: str | os.PathLike | None, holdout: Sequence[str]) -> list[Fold]:
-    """Folds from a split file (one fold) or from held-out contexts (one fold each; ``all``: every context)."""
+def make_folds(
+    data: PerturbationData,
+    split_file: str | os.PathLike | None,
+    holdout: Sequence[str],
+    holdout_perturbations: float | str | Sequence[str] | None = None,
+    seed: int = 0,
+) -> list[Fold]:
+    """The folds of a benchmark: from a split file, held-out contexts and/or held-out perturbations.
+
+    Parameters
+    ----------
+    data
+        The benchmark's data.
+    split_file
+        A split TOML: one fold, scored on every context with test cells.
+    holdout
+        Held-out contexts, one fold each (``["all"]``: every context with controls).
+    holdout_perturbations
+        Perturbations held out in every context (a fraction of the labels drawn with ``seed``, or
+        labels; see :func:`~vcell.data.splits.holdout_perturbations`). Alone: one fold, scored on
+        every context with cells of them. With ``holdout``: the same labels held out in every fold,
+        each fold scored on its held-out context (whose held-out perturbations are unseen everywhere).
+    seed
+        Seeds the draw of a fraction of perturbations (once, for every fold).
+
+    Returns
+    -------
+    list[Fold]
+    """
     index = data.index
     if split_file is not None:
+        if holdout_perturbations is not None:
+            raise VcellError("give either --split FILE or --holdout-perturbations, not both (a split file holds its own)")
         cfg = read_split_toml(split_file)
         split = apply_split(index, cfg)
         return [Fold(Path(split_file).stem, cfg, split, _test_contexts(index, split))]
+    perts = None
+    if holdout_perturbations is not None:  # drawn once: every fold holds out the same labels
+        perts = holdout_perturbations_config(index, holdout_perturbations, seed).holdout_perturbations
+        if not holdout:
+            cfg = holdout_perturbations_config(index, perts)
+            split = apply_split(index, cfg)
+            return [Fold("perturbations", cfg, split, _test_contexts(index, split))]
     if not holdout:
-        raise VcellError("give --split FILE or --holdout-context NAME (or 'all')")
+        raise VcellError("give --split FILE, --holdout-context NAME (or 'all') or --holdout-perturbations FRACTION|LIST")
     names = list(holdout)
     if [n.lower() for n in names] == ["all"]:
         with_controls = np.unique(index.context_codes[index.is_control])
         names = [str(index.contexts[c]) for c in with_controls]
     folds = []
     for name in names:
-        cfg = holdout_config(index, [name])
+        cfg = holdout_config(index, [name]) if perts is None else holdout_perturbations_config(index, perts, contexts=[name])
         split = apply_split(index, cfg)
         contexts = _test_contexts(index, split)
+        if perts is not None:  # score the held-out context; the other contexts' held-out cells are only left out
+            held = {key.split(".", 1)[1] for key, role in cfg.zeroshot.items() if role == "test"}
+            contexts = [c for c in contexts if c in held]
         if not contexts:
             log.warning("context %s has no perturbed cells to predict; skipped", name)
             continue
@@ -200,6 +242,7 @@ def run_bench(
     spec: DataSpec = DataSpec(),
     split_file: str | os.PathLike | None = None,
     holdout: Sequence[str] = (),
+    holdout_perturbations: float | str | Sequence[str] | None = None,
     dataset_col: str | None = "dataset",
     datasets: Sequence[str] = (),
     profile: str = "full",
@@ -209,7 +252,11 @@ def run_bench(
     report: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
-    """Train, predict and score every model on every fold; write the leaderboard and the report."""
+    """Train, predict and score every model on every fold; write the leaderboard and the report.
+
+    The folds come from ``split_file``, ``holdout`` contexts and/or ``holdout_perturbations``
+    (held out in every context, a fraction drawn with ``seed``), as :func:`make_folds` makes them.
+    """
     t0 = time.perf_counter()
     out = Path(out)
     models = list(dict.fromkeys(models))
@@ -225,7 +272,7 @@ def run_bench(
     say(f"reading {data_path}")
     data = prepare_data(data_path, spec, dataset_col, allow_missing_controls, datasets, keep_counts=with_2026)
     spec = data.spec
-    folds = make_folds(data, split_file, holdout)
+    folds = make_folds(data, split_file, holdout, holdout_perturbations, seed)
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     rows, runs, timings = [], [], {}
     fits = 0
@@ -253,7 +300,8 @@ def run_bench(
                 real = real_by_ctx[ctx]
                 say(f"{name} on fold {fold.name}: predicting {ctx}")
                 t = time.perf_counter()
-                pred = _tidy(predict_context(model, data, ctx, "data", seed=seed, cells=_scored_cells(fold.split)), spec)
+                raw = predict_context(model, data, ctx, "data", seed=seed, cells=_scored_cells(fold.split))
+                pred = _tidy(raw, spec)
                 timings[f"predict {name} {ctx}"] = time.perf_counter() - t
                 run_slug = f"{slug(name)}_{slug(ctx)}"
                 write_h5ad(pred, out / "predictions" / f"{run_slug}.h5ad")
@@ -265,7 +313,7 @@ def run_bench(
                 aggs[(name, ctx)] = result.agg
                 if with_2026:
                     t = time.perf_counter()
-                    scores_2026[(name, ctx)] = _score_2026(pred, scales[ctx], spec, threads, seed, out / "eval" / run_slug / "vcc2026")
+                    scores_2026[(name, ctx)] = _score_2026(raw, scales[ctx], spec, threads, seed, out / "eval" / run_slug / "vcc2026")
                     timings[f"vcc2026 {name} {ctx}"] = time.perf_counter() - t
                 runs.append({"model": name, "context": ctx, "fold": fold.name, "slug": run_slug,
                              "prediction": f"predictions/{run_slug}.h5ad", "eval_dir": f"eval/{run_slug}"})
@@ -277,13 +325,16 @@ def run_bench(
             rows.append(row)
     board = _leaderboard(rows)
     write_csv(board, out / "leaderboard.csv")
+    held = [", ".join(holdout)] if holdout else []
+    if folds[0].config.holdout_perturbations and split_file is None:
+        held.append("perturbations " + ", ".join(folds[0].config.holdout_perturbations))
     meta = {
         "data": str(Path(data_path).resolve()), "pert_col": spec.pert_col, "control": spec.control,
         "context_col": spec.context_col, "models": models, "contexts": [c for f in folds for c in f.contexts],
         "folds": [{"name": f.name, "contexts": f.contexts, "split": f.config.to_toml()} for f in folds],
         "runs": runs, "real": {c: f"predictions/real_{slug(c)}.h5ad" for f in folds for c in f.contexts},
         "datasets": list(datasets), "seed": seed, "profile": profile, "vcell_version": __version__, "timings": timings,
-        "split": str(split_file) if split_file else "holdout: " + ", ".join(holdout),
+        "split": str(split_file) if split_file else "holdout: " + "; ".join(held),
     }
     with atomic_path(out / "bench.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
@@ -309,23 +360,23 @@ def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folde
     write_csv(scale.baseline_agg, folder / "baseline_agg_results.csv")
     write_csv(scale.anchor.agg, folder / "anchor_agg.csv")
     write_csv(scale.anchor.splits, folder / "anchor_splits.csv")
-    return scale, cells.totals[cells.rows(spec.control)]
+    rows = cells.rows(spec.control)
+    return scale, pd.Series(cells.totals[rows], index=real.obs_names[rows].astype(str))  # the controls' library sizes
 
 
 def _score_2026(pred: ad.AnnData, scale, spec: DataSpec, threads: int, seed: int, folder: Path) -> dict[str, float]:
-    """A log1p prediction scored with the VCC 2026 metrics as counts drawn from it; the leaderboard columns."""
-    from vcell.data.counts import draw_library_sizes, sample_counts
+    """A log1p prediction scored with the VCC 2026 metrics as counts drawn from it (:func:`to_counts`); the leaderboard columns."""
     from vcell.eval.vcc2026.evaluate import evaluate_cells
     from vcell.eval.vcc2026.inputs import CountsCells
     from vcell.eval.vcc2026.reader import labels_of
     from vcell.eval.vcc2026.scale import score_context
     from vcell.eval.vcc2026.tables import agg_means, agg_wide, results_long
+    from vcell.predictors.counts import to_counts
 
     context_scale, control_totals = scale
-    labels, order = labels_of(pred.obs, spec.pert_col, "the prediction")
-    keep = labels != spec.control
-    X = sample_counts(pred.X[keep], draw_library_sizes(control_totals, int(keep.sum()), seed), seed)
-    cells = CountsCells(X, labels[keep], pred.var_names.copy(), "the prediction as counts", [g for g in order if g != spec.control])
+    counts = to_counts(pred, control_totals, depth="controls", seed=seed, pert_col=spec.pert_col, control=spec.control)
+    labels, order = labels_of(counts.obs, spec.pert_col, "the prediction")
+    cells = CountsCells(sp.csr_matrix(counts.X), labels, counts.var_names.copy(), "the prediction as counts", [g for g in order if g != spec.control])
     values, ratio = evaluate_cells(context_scale.ref, cells, threads, strict=False)
     res = results_long(context_scale.perturbations, values)
     agg = agg_wide(res, ratio)

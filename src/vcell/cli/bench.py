@@ -30,7 +30,8 @@ def model_options(path: Path) -> dict[str, dict]:
     """Per-model constructor options from a YAML/JSON file (``{model: {option: value}}``).
 
     An entry may name a variant of a model with ``model:``, e.g. ``st_se: {model: st, embed_key:
-    X_vcell}`` makes ``st_se`` usable in ``--models`` next to ``st``.
+    X_vcell}`` makes ``st_se`` usable in ``--models`` next to ``st``. A relative FILE in a
+    ``pert_features`` value (``onehot,genes.safetensors``) is relative to the config file's folder.
     """
     from vcell.nn.config import read_config_file
     from vcell.predictors.registry import model_names
@@ -46,6 +47,9 @@ def model_options(path: Path) -> dict[str, dict]:
             raise VcellError(f"{path}: unknown {what} (models: {', '.join(known)}; a variant names its model with `model:`)")
         if "model" in opts and name in known and base != name:
             raise VcellError(f"{path}: {name!r} is a built-in model name; give the {base!r} variant another name")
+        if isinstance(opts.get("pert_features"), str):
+            parts = [p.strip() for p in opts["pert_features"].split(",")]
+            opts["pert_features"] = ",".join(p if p.lower() in ("", "onehot") else str(Path(path).parent / Path(p).expanduser()) for p in parts)
         try:  # option names, types and values are checked now, before any data is read
             build_model(name, values, seed=0)
         except VcellError as exc:
@@ -65,6 +69,11 @@ def bench(
     data: Annotated[Path, typer.Option("--data", help="The .h5ad dataset (counts or log1p).")],
     split: Annotated[Path | None, typer.Option("--split", help="cell-load style split TOML (one fold).")] = None,
     holdout_context: Annotated[list[str] | None, typer.Option("--holdout-context", help="Held-out context, one fold each (repeatable); 'all': leave-one-context-out.")] = None,
+    holdout_perturbations: Annotated[str | None, typer.Option(
+        "--holdout-perturbations", metavar="FRACTION|LIST",
+        help="Hold out perturbations in every context, never trained on: a fraction in (0, 1) of the non-control labels (drawn with "
+             "--seed) or comma-separated labels. Alone: one fold, every context scored on them; with --holdout-context: the same "
+             "labels held out in every fold, each fold scoring its held-out context.")] = None,
     models: Annotated[str, typer.Option("--models", help="Comma-separated model names.")] = DEFAULT_MODELS,
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
@@ -84,11 +93,16 @@ def bench(
 ) -> None:
     """Train each model, predict the held-out contexts, score with vcell eval, write leaderboard + report."""
     from vcell.data.io import check_output_dir
+    from vcell.data.splits import parse_perturbations
     from vcell.eval.profiles import profile_metrics
     from vcell.leaderboard import BENCH_OUTPUTS, run_bench
 
     if profile != "vcc2026":
         profile_metrics(profile)  # an unknown profile is named now, not after every model was trained
+    if split is not None and (holdout_context or holdout_perturbations is not None):
+        raise VcellError("give either --split FILE or --holdout-context/--holdout-perturbations, not both")
+    if holdout_perturbations is not None:
+        parse_perturbations(holdout_perturbations)  # a bad fraction is named before any work
     check_output_dir(out, list(BENCH_OUTPUTS), [data], overwrite=overwrite)
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -96,7 +110,7 @@ def bench(
     with removed_if_interrupted(out, BENCH_OUTPUTS), status("benchmark") as line:
         result = run_bench(
             data, out, names, lambda name: build_model(name, options, seed), spec=spec, split_file=split,
-            holdout=holdout_context or [], dataset_col=dataset_col, datasets=dataset or [], profile=profile, threads=threads, seed=seed,
+            holdout=holdout_context or [], holdout_perturbations=holdout_perturbations, dataset_col=dataset_col, datasets=dataset or [], profile=profile, threads=threads, seed=seed,
             allow_missing_controls=allow_missing_controls, report=not no_report,
             progress=lambda text: line.update(description=f"benchmark: {text}"),
         )

@@ -33,6 +33,8 @@ class Predictor(ABC):
 
     name: str = "predictor"
     spec: DataSpec | None = None
+    #: The expression space :meth:`predict` writes (``vcell.predictors.counts`` turns it into counts).
+    space: str = "log1p"
 
     @abstractmethod
     def fit(self, data: PerturbationData, split: Split) -> Predictor:
@@ -87,6 +89,22 @@ class Predictor(ABC):
     ) -> dict[str, np.ndarray]:
         """``{perturbation: predicted cells [n, genes]}`` from ``controls`` (one context), genes as in ``controls``."""
 
+    def source_controls(
+        self,
+        n_controls: int,
+        perturbations: Sequence[str],
+        cells_per_perturbation: int | Mapping[str, int] = 100,
+        seed: int = 0,
+    ) -> list[np.ndarray] | None:
+        """The control cell each predicted cell of :meth:`predict_cells` started from, or ``None``.
+
+        One array of rows into the (prepared) controls per perturbation, in the order of that
+        perturbation's predicted cells; ``None`` when the predicted cells do not start from one
+        control cell each (here: the default). Used to give a predicted cell drawn as counts the
+        library size of its own control cell (:mod:`vcell.predictors.counts`).
+        """
+        return None
+
     def trained_perturbations(self) -> list[str]:
         """The perturbation labels the model was trained on (control excluded), in a fixed order."""
         raise VcellError(f"{self.name}: this model keeps no list of trained perturbations; name the perturbations to predict")
@@ -118,6 +136,19 @@ class ShiftPredictor(Predictor):
         shifts = self.predict_shift(controls, perturbations, context)
         return shifted_cells(controls, perturbations, shifts, cells_per_perturbation, seed)
 
+    def source_controls(
+        self,
+        n_controls: int,
+        perturbations: Sequence[str],
+        cells_per_perturbation: int | Mapping[str, int] = 100,
+        seed: int = 0,
+    ) -> list[np.ndarray] | None:
+        """The rows :func:`shifted_cells` drew (:func:`control_draws`); ``None`` for a subclass
+        that replaces :meth:`predict_cells` without saying where its cells start."""
+        if type(self).predict_cells is not ShiftPredictor.predict_cells:
+            return None
+        return control_draws(n_controls, [str(p) for p in perturbations], cells_per_perturbation, seed)
+
 
 def cell_count(cells_per_perturbation: int | Mapping[str, int], perturbation: str) -> int:
     """The number of cells to predict for ``perturbation``."""
@@ -136,6 +167,29 @@ def _require_controls(controls: ad.AnnData, context: str) -> None:
         raise VcellError(f"context {context!r} has no control cells to predict from")
 
 
+def control_draws(
+    n_controls: int,
+    perturbations: Sequence[str],
+    cells_per_perturbation: int | Mapping[str, int],
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """The control cells the predicted cells start from: one array of rows per perturbation.
+
+    Drawn with ``seed`` in perturbation order, without replacement unless a perturbation asks
+    for more cells than there are controls. The one draw of :func:`shifted_cells` and the State
+    Transition model, so :meth:`Predictor.source_controls` can say which control each predicted
+    cell came from.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for pert in perturbations:
+        n = cell_count(cells_per_perturbation, pert)
+        if n < 0:
+            raise VcellError(f"cells per perturbation must be >= 0, got {n} for {pert!r}")
+        rows.append(rng.choice(n_controls, size=n, replace=n > n_controls))
+    return rows
+
+
 def shifted_cells(
     controls: ad.AnnData,
     perturbations: Sequence[str],
@@ -143,14 +197,11 @@ def shifted_cells(
     cells_per_perturbation: int | Mapping[str, int],
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """``{perturbation: cells}``: control cells drawn with ``seed`` (in perturbation order) plus the
+    """``{perturbation: cells}``: control cells drawn with ``seed`` (:func:`control_draws`) plus the
     perturbation's shift, clipped at 0."""
-    rng = np.random.default_rng(seed)
     basal = dense(controls.X)
     cells = {}
-    for i, pert in enumerate(perturbations):
-        n = cell_count(cells_per_perturbation, pert)
-        rows = rng.choice(controls.n_obs, size=n, replace=n > controls.n_obs)
+    for i, (pert, rows) in enumerate(zip(perturbations, control_draws(controls.n_obs, perturbations, cells_per_perturbation, seed))):
         cells[pert] = np.clip(basal[rows] + shifts[i][None, :].astype(np.float32), 0, None)
     return cells
 

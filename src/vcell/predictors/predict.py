@@ -1,4 +1,10 @@
-"""One way to predict: a context's perturbations from a dataset, for ``vcell predict``, ``vcell bench`` and Python."""
+"""One way to predict: a context's perturbations from a dataset, for ``vcell predict``, ``vcell bench`` and Python.
+
+The output is log1p (predicted cells, then the context's real controls) or, with
+``output="counts"``, integral raw counts of the predicted cells only (:mod:`vcell.predictors.counts`).
+``uns["vcell"]`` says which: ``model_space`` (what the model predicts in), ``expression`` and
+``output`` (what the object holds), and for counts the library-size rule, depth and seed.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from vcell.data.dataset import PerturbationData
 from vcell.data.spec import DataSpec
 from vcell.errors import VcellError, did_you_mean, preview
 from vcell.predictors.base import Predictor
+from vcell.predictors.counts import CONTROL_CELL_COL, library_source, parse_depth, parse_output, to_counts
 
 DEFAULT_CELLS = 100
 
@@ -24,6 +31,8 @@ def predict_context(
     cells_per_perturbation: int | Mapping[str, int] | None = None,
     seed: int = 0,
     cells: np.ndarray | None = None,
+    output: str = "log1p",
+    depth: int | str = "controls",
 ) -> ad.AnnData:
     """Predicted cells of ``context``'s perturbations from its real control cells in ``data``.
 
@@ -43,18 +52,31 @@ def predict_context(
     cells_per_perturbation
         Cells per perturbation; default: as observed (``"data"``) or 100.
     seed
-        Seed of the control cells drawn.
+        Seed of the control cells drawn (and of the counts drawn).
     cells
         Boolean mask over ``data``'s cells: only these are looked at (e.g. a split's test and
         control cells).
+    output
+        ``"log1p"`` (default) or ``"counts"``: integral raw counts per predicted cell, controls
+        dropped, as the Virtual Cell Challenge 2026 takes them (:func:`~vcell.predictors.counts.to_counts`).
+    depth
+        With ``output="counts"``: ``"controls"`` (each cell at the library size of the control cell
+        it started from, or one drawn from the controls'; needs the raw counts of ``data``'s
+        controls in ``layers["counts"]`` or an obs total column) or counts per cell (e.g. 20000).
 
     Returns
     -------
-    The predicted cells, then the context's real control cells, with ``data.spec``'s perturbation
-    and context columns and control label.
+    The predicted cells, then the context's real control cells (log1p), with ``data.spec``'s
+    perturbation and context columns and control label; column ``control_cell`` names the real
+    control each predicted cell started from when the model says so. ``output="counts"``: the
+    predicted cells only, as counts.
     """
     spec, index = data.spec, data.index
     where = str(data.path) if data.path is not None else "the data"
+    output = parse_output(output)
+    depth = parse_depth(depth)
+    if output != "counts" and depth != "controls":
+        raise VcellError(f"depth {depth}: the depth of drawn counts; add output='counts' (the default output is log1p)")
     contexts = [str(c) for c in index.contexts]
     if context not in contexts:
         raise VcellError(f"{where}: unknown context {context!r}{did_you_mean(context, contexts)} (contexts: {preview(contexts, n=10)})")
@@ -70,8 +92,28 @@ def predict_context(
     if isinstance(sizes, int) and sizes < 1:
         raise VcellError(f"cells per perturbation must be >= 1, got {sizes}")
     controls = data.adata[controls_mask].copy()
+    if output == "counts" and depth == "controls" and library_source(controls) is None:
+        raise VcellError(f"{where}: context {context!r}: no raw counts to take the control cells' library sizes from "
+                         "(no layers['counts'], no obs total-count column): give a fixed depth (--depth 20000, depth=20000)")
     pred = predictor.predict(controls, perts, context, cells_per_perturbation=sizes, seed=seed)
-    return _relabel(pred, predictor.spec, spec)
+    _name_sources(pred, predictor.source_controls(controls.n_obs, perts, sizes, seed), controls.obs_names)
+    pred = _relabel(pred, predictor.spec, spec)
+    space = getattr(predictor, "space", "log1p")
+    pred.uns["vcell"] = {"expression": space, "output": space, "model_space": space, "seed": int(seed)}
+    if output == "counts":
+        pred = to_counts(pred, controls, depth=depth, seed=seed, pert_col=spec.pert_col, control=spec.control, model_space=space)
+    return pred
+
+
+def _name_sources(pred: ad.AnnData, sources: list[np.ndarray] | None, names: pd.Index) -> None:
+    """Column :data:`CONTROL_CELL_COL`: the real control each predicted cell started from (a control: itself)."""
+    if sources is None or CONTROL_CELL_COL in pred.obs.columns:
+        return
+    names = np.asarray(names.astype(str))
+    rows = np.concatenate([np.asarray(r, dtype=np.int64) for r in sources] + [np.arange(len(names))])
+    if len(rows) != pred.n_obs:  # a predictor whose cells do not line up with its draws: say nothing
+        return
+    pred.obs[CONTROL_CELL_COL] = names[rows]
 
 
 def _perturbations(

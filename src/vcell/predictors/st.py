@@ -25,13 +25,14 @@ import torch
 from vcell._heap import keep_freed_heap
 from vcell.data.cellsets import collate_cell_sets
 from vcell.data.dataset import PerturbationData, obsm_matrix
-from vcell.data.spec import DataSpec, split_combo
+from vcell.data.spec import DataSpec
 from vcell.data.splits import Split
-from vcell.errors import VcellError, did_you_mean, preview
+from vcell.errors import VcellError, preview
+from vcell.features.perturbations import PertFeatures
 from vcell.nn.checkpoint import BEST, LAST, find_checkpoint
 from vcell.nn.precision import autocast, half_dtype
-from vcell.nn.transition import StateTransition, STConfig, pert_features
-from vcell.predictors.base import Predictor, cell_count, dense
+from vcell.nn.transition import StateTransition, STConfig
+from vcell.predictors.base import Predictor, control_draws, dense
 from vcell.train.display import task
 from vcell.train.options import STTrainOptions, on_cpu
 
@@ -58,6 +59,9 @@ class STPredictor(Predictor):
     embed_key
         Train in the cell-embedding space ``.obsm[embed_key]`` with a gene decoder (predictions
         are genes either way); ``None``: gene space.
+    pert_features
+        ``"onehot"`` (default), a gene table file or ``"onehot,FILE"``
+        (:mod:`vcell.features.perturbations`): with a table the model predicts any target in it.
     options
         :class:`~vcell.train.options.STTrainOptions` (steps, batch, set size, lr, precision,
         devices, ...); keyword ``option_values`` go on top. ``set_size`` is also the largest
@@ -76,6 +80,7 @@ class STPredictor(Predictor):
         checkpoint: str = BEST,
         resume: bool = False,
         embed_key: str | None = None,
+        pert_features=None,
         options: STTrainOptions | None = None,
         **option_values,
     ):
@@ -86,6 +91,12 @@ class STPredictor(Predictor):
         STConfig.preset_values(preset, self.config_overrides)  # fail early on bad names or values
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint, self.resume, self.train_embed_key = checkpoint, resume, embed_key
+        if pert_features is not None:
+            from vcell.features.perturbations import parse_sources
+
+            parse_sources(pert_features)  # fail early on a bad value
+        self.pert_features = pert_features
+        self.features: PertFeatures | None = None
         self.model: StateTransition | None = None
         self._half_model: tuple | None = None  # ((device, dtype), copy) for mixed-precision prediction
         self.model_config: STConfig | None = None
@@ -106,7 +117,7 @@ class STPredictor(Predictor):
     @classmethod
     def option_names(cls) -> list[str]:
         """Every keyword the constructor takes (``make_model("st", ...)`` checks against these)."""
-        return ["preset", "config", "out_dir", "checkpoint", "resume", "embed_key", *STTrainOptions.names()]
+        return ["preset", "config", "out_dir", "checkpoint", "resume", "embed_key", "pert_features", *STTrainOptions.names()]
 
     # ------------------------------------------------------------------ training / loading
 
@@ -121,7 +132,8 @@ class STPredictor(Predictor):
         values = STConfig.preset_values(self.preset, self.config_overrides)
         from vcell.train.st import train_st  # Lightning: imported when training, not to predict
 
-        train_st(data, split, out, values, self.options, resume=self.resume, embed_key=self.train_embed_key)
+        train_st(data, split, out, values, self.options, resume=self.resume, embed_key=self.train_embed_key,
+                 pert_features=self.pert_features)
         return self.load(find_checkpoint(out, self.checkpoint))
 
     def load(self, directory: str | os.PathLike) -> STPredictor:
@@ -141,6 +153,10 @@ class STPredictor(Predictor):
             expression="log1p",
         )
         self.model, self.model_config, self.meta = model.eval(), config, meta
+        if "pert_features" in meta and config.pert_table_rows:
+            self.features = PertFeatures.from_meta(meta["pert_features"], model.pert_table)
+        else:  # one-hot over the training targets (also every checkpoint written before feature tables)
+            self.features = PertFeatures.onehot(meta["pert_vocab"])
         self._half_model = None
         self.checkpoint_dir = Path(directory)
         return self
@@ -164,9 +180,15 @@ class STPredictor(Predictor):
 
     @property
     def pert_vocab(self) -> list[str]:
-        """The perturbation targets the model knows (its multi-hot vocabulary)."""
+        """The targets the model was trained on (its one-hot columns when it has them)."""
         self._require_fitted()
         return list(self.meta["pert_vocab"])
+
+    @property
+    def known_targets(self) -> list[str]:
+        """Every target the model can encode: its training targets, or every target of its feature table."""
+        self._require_fitted()
+        return list(self.features.names)
 
     def _require_fitted(self) -> None:
         if self.model is None or self.meta is None:
@@ -196,19 +218,9 @@ class STPredictor(Predictor):
         return controls[:, genes].copy()
 
     def check_perturbations(self, perturbations: Sequence[str]) -> None:
-        """Every target of every perturbation must be in the model's vocabulary."""
+        """Every target of every perturbation must have a vector in the model's perturbation features."""
         self._require_fitted()
-        vocab = set(self.pert_vocab)
-        control = self.meta["control"]
-        for p in perturbations:
-            if str(p) == control:
-                continue
-            unknown = [t for t in split_combo(str(p)) if t not in vocab]
-            if unknown or not split_combo(str(p)):
-                raise VcellError(
-                    f"unknown perturbation {str(p)!r}: target(s) {preview(unknown or [p])} not among the "
-                    f"model's {len(vocab)} trained perturbation targets{did_you_mean((unknown or [p])[0], vocab)}"
-                )
+        self.features.check([str(p) for p in perturbations], self.meta["control"], what="unknown perturbation")
 
     def _device(self) -> torch.device:
         return torch.device("cpu") if on_cpu(self.options.accelerator) or not torch.cuda.is_available() else torch.device("cuda")
@@ -234,18 +246,14 @@ class STPredictor(Predictor):
         genes = dense(controls.X)
         key = self.embed_key
         basal = genes if key is None else self.control_embeddings(controls)
-        feats = pert_features([str(p) for p in perturbations], self.pert_vocab, control=self.meta["control"])
+        feats = self.features.encode([str(p) for p in perturbations], self.meta["control"])
         if self.model_config.n_batches:
             log.warning("st: the model has a batch embedding; predicting without batch information")
-        rng = np.random.default_rng(seed)
         # one job per set: (perturbation index, control rows); a set never mixes perturbations
         jobs: list[tuple[int, np.ndarray]] = []
         set_size = self.options.set_size
-        for i, p in enumerate(perturbations):
-            n = cell_count(cells_per_perturbation, p)
-            if n < 0:
-                raise VcellError(f"cells per perturbation must be >= 0, got {n} for {p!r}")
-            rows = rng.choice(controls.n_obs, size=n, replace=n > controls.n_obs)
+        for i, rows in enumerate(control_draws(controls.n_obs, perturbations, cells_per_perturbation, seed)):
+            n = len(rows)
             for chunk in np.array_split(rows, max(1, math.ceil(n / set_size))):
                 if len(chunk):
                     jobs.append((i, chunk))
@@ -276,6 +284,16 @@ class STPredictor(Predictor):
             out[str(perturbations[i])].append(block)
         width = genes.shape[1]
         return {p: (np.vstack(blocks) if blocks else np.zeros((0, width), np.float32)) for p, blocks in out.items()}
+
+    def source_controls(
+        self,
+        n_controls: int,
+        perturbations: Sequence[str],
+        cells_per_perturbation: int | Mapping[str, int] = 100,
+        seed: int = 0,
+    ) -> list[np.ndarray] | None:
+        """The control rows :meth:`predict_cells` starts each predicted cell from (:func:`~vcell.predictors.base.control_draws`)."""
+        return control_draws(n_controls, [str(p) for p in perturbations], cells_per_perturbation, seed)
 
     @staticmethod
     def _set_item(job: tuple[int, np.ndarray], basal: np.ndarray, genes: np.ndarray | None) -> dict:

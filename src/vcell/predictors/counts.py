@@ -1,0 +1,238 @@
+"""A log1p prediction as integral raw counts: what the Virtual Cell Challenge 2026 takes.
+
+Each predicted cell's log1p profile fixes its expected composition; its counts are one seeded
+multinomial draw of ``L`` molecules from it (:func:`vcell.data.counts.sample_counts`), so the
+cell's total is exactly ``L`` (a cell predicted all zero gets none). The library size ``L``
+(``depth``) is either
+
+* ``"controls"`` (default): that of a real control cell of the context. When the predictor
+  reports which control cell each predicted cell started from (:meth:`Predictor.source_controls
+  <vcell.predictors.base.Predictor.source_controls>`: the shift baselines and the State
+  Transition model, column ``control_cell`` of the prediction), the cell gets *that* cell's
+  library size, so a composition that came from a shallow cell is drawn shallow, as the real
+  cell was; otherwise (``cell_mean``, whose cells start from no control) the sizes are drawn
+  with replacement from the controls' library sizes, seeded. The library sizes are the controls'
+  raw-count totals **over the predicted genes**: ``layers["counts"]`` (which ``vcell data
+  preprocess`` keeps, subset to the same genes as ``X``), else an ``obs`` total-count column
+  (:data:`TOTAL_COLUMNS`), which covers every gene measured. The 2026 scorer normalises each
+  cell over the genes in the submitted file (per-cell CPM for the DE tests, pseudobulk to 5e4),
+  and the real cells it compares with hold only those genes too, so the total over the
+  predicted genes is what keeps a predicted cell as deep as a real one; an ``obs`` column
+  overstates it when the prediction holds a gene subset (a 2026 submission holds the full list);
+* a whole number (e.g. ``20000``, the challenge's median depth): every predicted cell gets
+  exactly that many counts (at most 1e6, the challenge's cap per cell).
+
+The counts output holds the predicted cells only: a 2026 submission has no control rows (the
+reference's controls are used on both sides). ``uns["vcell"]`` records the model's space, the
+file's (``expression``/``output``), the library-size rule, its source, the depth and the seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from vcell.data.counts import draw_library_sizes, sample_counts
+from vcell.errors import VcellError, preview
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CONTROL_CELL_COL", "OUTPUTS", "TOTAL_COLUMNS", "control_library_sizes", "parse_depth", "parse_output", "to_counts"]
+
+#: What a prediction can be written as.
+OUTPUTS = ("log1p", "counts")
+#: obs column of a prediction naming the real control cell each predicted cell started from.
+CONTROL_CELL_COL = "control_cell"
+#: obs columns read as a cell's total raw count when there is no ``layers["counts"]``.
+TOTAL_COLUMNS = ("total_counts", "nCount_RNA", "n_counts", "ncounts")
+#: The largest fixed depth: the challenge's cap on one cell's counts.
+MAX_DEPTH = 1_000_000
+_DEPTH_HINT = f"use 'controls' or a whole number of counts per cell from 1 to {MAX_DEPTH:,} (e.g. 20000)"
+
+
+def parse_output(value: str, name: str = "output") -> str:
+    """``"log1p"`` or ``"counts"`` (case-insensitive); anything else is a one-line error naming ``name``."""
+    out = str(value).strip().lower()
+    if out not in OUTPUTS:
+        raise VcellError(f"{name} {value!r}: use 'log1p' (the default) or 'counts'")
+    return out
+
+
+def parse_depth(value: int | str, name: str = "depth") -> int | str:
+    """``"controls"`` or a whole number of counts per cell in ``1..1e6`` (``"20000"`` is read as 20000)."""
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        if text.lower() == "controls":
+            return "controls"
+        if not text.isdigit():
+            raise VcellError(f"{name} {value!r}: {_DEPTH_HINT}")
+        value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise VcellError(f"{name} {value!r}: {_DEPTH_HINT}")
+    if not 1 <= int(value) <= MAX_DEPTH:
+        raise VcellError(f"{name} {value}: {_DEPTH_HINT}")
+    return int(value)
+
+
+def _total_column(controls: ad.AnnData) -> str | None:
+    return next((col for col in TOTAL_COLUMNS if col in controls.obs.columns), None)
+
+
+def library_source(controls: ad.AnnData) -> str | None:
+    """Where :func:`control_library_sizes` reads the controls' totals: ``"layers['counts']"``, an obs column, or ``None``."""
+    if "counts" in controls.layers:
+        return "layers['counts']"
+    col = _total_column(controls)
+    return None if col is None else f"obs[{col!r}]"
+
+
+def _check_sizes(totals: pd.Series, source: str, where: str) -> pd.Series:
+    values = totals.to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values) | (values < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise VcellError(f"{where}: control cell {totals.index[i]!r} has library size {float(values[i])!r} ({source}); expected a count >= 0")
+    return pd.Series(values, index=totals.index)
+
+
+def _no_source(where: str) -> VcellError:
+    return VcellError(
+        f"{where}: no raw counts to take the control cells' library sizes from (no layers['counts'], no obs column "
+        f"{', '.join(TOTAL_COLUMNS)}): give a fixed depth instead (--depth 20000, depth=20000)"
+    )
+
+
+def control_library_sizes(controls: ad.AnnData, genes=None, where: str = "the data") -> tuple[pd.Series, str]:
+    """The control cells' library sizes (raw-count totals) and where they came from.
+
+    Parameters
+    ----------
+    controls
+        The context's real control cells with ``layers["counts"]`` or an obs total column
+        (:data:`TOTAL_COLUMNS`).
+    genes
+        The predicted genes: the counts layer is summed over these only (all, by default).
+    where
+        Names the data in errors.
+
+    Returns
+    -------
+    pandas.Series
+        One total per control cell, indexed by the cells' obs names.
+    str
+        The source, e.g. ``"layers['counts'] over 2000 predicted genes"``.
+    """
+    source = library_source(controls)
+    if source is None:
+        raise _no_source(where)
+    if source == "layers['counts']":
+        layer = controls.layers["counts"]
+        if genes is not None:
+            genes = pd.Index([str(g) for g in genes])
+            var = pd.Index(controls.var_names.astype(str))
+            if not var.is_unique:
+                raise VcellError(f"{where}: duplicated gene names in var ({preview(var[var.duplicated()].unique(), 5)})")
+            cols = var.get_indexer(genes)
+            if (cols < 0).any():
+                missing = genes[cols < 0]
+                raise VcellError(f"{where}: {len(missing)} predicted gene(s) not in the control cells' counts ({preview(missing, 5)})")
+            layer = layer[:, cols]
+            source = f"{source} over {len(genes)} predicted genes"
+        totals = np.asarray(layer.sum(axis=1), dtype=np.float64).ravel()
+    else:
+        totals = pd.to_numeric(controls.obs[_total_column(controls)], errors="coerce").to_numpy(dtype=np.float64)
+        source = f"{source} (all genes measured)"
+    return _check_sizes(pd.Series(totals, index=controls.obs_names.astype(str)), source, where), source
+
+
+def _paired_sizes(pred: ad.AnnData, rows: np.ndarray, totals: pd.Series) -> np.ndarray | None:
+    """Each predicted cell's own control's library size, when the prediction names it and ``totals`` has it."""
+    if CONTROL_CELL_COL not in pred.obs.columns or not totals.index.is_unique:
+        return None
+    names = pred.obs[CONTROL_CELL_COL].to_numpy()[rows].astype(str)
+    pos = totals.index.get_indexer(names)
+    if (pos < 0).any():
+        return None
+    return np.rint(totals.to_numpy()[pos]).astype(np.int64)
+
+
+def to_counts(
+    pred: ad.AnnData,
+    controls: ad.AnnData | pd.Series | None = None,
+    *,
+    depth: int | str = "controls",
+    seed: int = 0,
+    pert_col: str = "target_gene",
+    control: str = "non-targeting",
+    model_space: str = "log1p",
+) -> ad.AnnData:
+    """A log1p prediction's predicted cells as integral raw counts (module docstring: the rules).
+
+    Parameters
+    ----------
+    pred
+        The prediction (:func:`~vcell.predictors.predict.predict_context`): predicted cells in
+        log1p, the real controls (labelled ``control``) after them, which are dropped.
+    controls
+        With ``depth="controls"``: the context's real control cells (their raw counts in
+        ``layers["counts"]`` or an obs total column), or their library sizes as a Series indexed
+        by cell name.
+    depth
+        ``"controls"`` or a whole number of counts per predicted cell (1 to 1e6).
+    seed
+        Seed of the draws (same seed, same counts).
+    pert_col, control
+        The perturbation column and the control label.
+    model_space
+        The space the model predicted in (recorded; only log1p can be converted).
+
+    Returns
+    -------
+    anndata.AnnData
+        The predicted cells (obs as in ``pred``), CSR float32 integral counts, ``uns["vcell"]``
+        saying how they were made.
+    """
+    depth = parse_depth(depth)
+    if model_space != "log1p":
+        raise VcellError(f"model space {model_space!r}: counts are drawn from log1p predictions only")
+    if pert_col not in pred.obs.columns:
+        raise VcellError(f"the prediction has no perturbation column {pert_col!r} (columns: {preview(pred.obs.columns, 10)})")
+    rows = np.flatnonzero(pred.obs[pert_col].astype(str).to_numpy() != str(control))
+    meta: dict = {"expression": "counts", "output": "counts", "model_space": model_space, "seed": int(seed),
+                  "controls": "dropped (a 2026 submission holds none; the scorer uses the reference's)"}
+    if depth == "controls":
+        if controls is None:
+            raise VcellError("depth 'controls' needs the context's control cells (their raw counts); or give a whole-number depth")
+        if isinstance(controls, pd.Series):
+            source = "library sizes given"
+            totals = _check_sizes(controls.set_axis(controls.index.astype(str)), source, "the library sizes")
+        else:
+            totals, source = control_library_sizes(controls, pred.var_names)
+        if totals.empty:
+            raise VcellError("no control cells to take library sizes from; give a whole-number depth")
+        sizes = _paired_sizes(pred, rows, totals)
+        pairing = "each predicted cell's own control cell"
+        if sizes is None:
+            sizes = draw_library_sizes(totals.to_numpy(), len(rows), seed)
+            pairing = "drawn with replacement from the control cells (seeded)"
+        meta.update(library_size="controls", library_source=source, library_pairing=pairing)
+    else:
+        sizes = np.full(len(rows), depth, dtype=np.int64)
+        meta.update(library_size="depth", depth=int(depth))
+    X = pred.X[rows] if len(rows) else sp.csr_matrix((0, pred.n_vars), dtype=np.float32)
+    counts = sample_counts(X, sizes, seed)
+    obs = pred.obs.iloc[rows].copy()
+    for col in obs.columns:
+        if isinstance(obs[col].dtype, pd.CategoricalDtype):
+            obs[col] = obs[col].cat.remove_unused_categories()  # the control label goes with its cells
+    out = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pred.var_names.copy()))
+    base = pred.uns.get("vcell", {})
+    out.uns["vcell"] = {**(dict(base) if isinstance(base, Mapping) else {}), **meta}
+    log.info("counts: %d predicted cells, library sizes: %s", len(rows),
+             f"{depth:,} each" if depth != "controls" else f"{meta['library_pairing']} ({meta['library_source']})")
+    return out

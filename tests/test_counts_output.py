@@ -1,0 +1,168 @@
+"""Predictions as raw counts (issue #14 item 3): ``predict_context(output="counts")`` and ``to_counts``.
+
+Baselines in-process on simulated data (no ST training); ``vcell predict --output counts`` end to
+end is in ``test_st_cli.py`` and its refusals in ``test_bad_inputs.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import vcell
+from vcell.data.dataset import from_anndata
+from vcell.data.io import read_h5ad, write_h5ad
+from vcell.data.normalize import normalize_log1p
+from vcell.data.simulate import simulate_perturbseq
+from vcell.data.splits import apply_split, holdout_config
+from vcell.errors import VcellError
+from vcell.eval.vcc2026.submission import prepare_submission_2026
+from vcell.predictors.counts import CONTROL_CELL_COL, parse_depth, parse_output, to_counts
+from vcell.predictors.predict import predict_context
+from vcell.predictors.registry import make_model
+
+N_GENES = 30  # of the 40 simulated: the predicted genes are a subset, as after HVG selection
+
+
+def _dense(X) -> np.ndarray:
+    return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def world():
+    raw = simulate_perturbseq(n_genes=40, n_contexts=2, n_perturbations=5, n_combinations=0,
+                              cells_per_perturbation=30, n_controls=60, seed=0)
+    raw.X = sp.csr_matrix(raw.X, dtype=np.float32)
+    adata = normalize_log1p(raw)  # raw counts kept in layers["counts"], as `vcell data preprocess` keeps them
+    adata = adata[:, adata.var_names[:N_GENES]].copy()
+    data = from_anndata(adata)
+    split = apply_split(data.index, holdout_config(data.index, ["ctx_B"]))
+    models = {name: make_model(name, seed=0).fit(data, split) for name in ("pert_mean", "cell_mean")}
+    obs = adata.obs
+    controls = adata[((obs["cell_type"] == "ctx_B") & (obs["target_gene"] == "non-targeting")).to_numpy()].copy()
+    return data, models, controls
+
+
+def _assert_counts(X: np.ndarray) -> None:
+    assert np.isfinite(X).all() and X.min() >= 0
+    np.testing.assert_array_equal(X, np.rint(X))
+
+
+def test_fixed_depth_counts_are_integral_exact_and_seeded(world):
+    data, models, _ = world
+    pred = predict_context(models["pert_mean"], data, "ctx_B", output="counts", depth=500, seed=1)
+    X = _dense(pred.X)
+    _assert_counts(X)
+    np.testing.assert_array_equal(X.sum(axis=1), 500)  # exactly the depth asked
+    labels = pred.obs["target_gene"].astype(str)
+    assert "non-targeting" not in set(labels)  # no control rows
+    ctx = data.adata.obs[data.adata.obs["cell_type"] == "ctx_B"]["target_gene"].astype(str)
+    assert labels.value_counts().to_dict() == ctx[ctx != "non-targeting"].value_counts().to_dict()
+    meta = pred.uns["vcell"]
+    assert meta["expression"] == meta["output"] == "counts" and meta["model_space"] == "log1p"
+    assert meta["library_size"] == "depth" and meta["depth"] == 500 and meta["seed"] == 1
+    again = predict_context(models["pert_mean"], data, "ctx_B", output="counts", depth=500, seed=1)
+    np.testing.assert_array_equal(_dense(again.X), X)
+    other = predict_context(models["pert_mean"], data, "ctx_B", output="counts", depth=500, seed=2)
+    assert not np.array_equal(_dense(other.X), X)
+    log1p = vcell.predict_context(models["pert_mean"], data, "ctx_B", seed=1)  # the default stays log1p, controls kept
+    assert log1p.uns["vcell"] == {"expression": "log1p", "output": "log1p", "model_space": "log1p", "seed": 1}
+    assert (log1p.obs["target_gene"] == "non-targeting").sum() == 60
+
+
+def test_counts_at_each_cells_own_control_library_size(world):
+    data, models, controls = world
+    model = models["pert_mean"]
+    log1p = predict_context(model, data, "ctx_B", seed=3)
+    pred = predict_context(model, data, "ctx_B", output="counts", seed=3)
+    X = _dense(pred.X)
+    _assert_counts(X)
+    is_pred = (log1p.obs["target_gene"] != "non-targeting").to_numpy()
+    sources = log1p.obs[CONTROL_CELL_COL].to_numpy()[is_pred]
+    np.testing.assert_array_equal(pred.obs[CONTROL_CELL_COL].to_numpy(), sources)
+    # the recorded control really is the one the cell started from: that control + the perturbation's shift
+    perts = list(dict.fromkeys(log1p.obs["target_gene"].astype(str)[is_pred]))
+    shifts = dict(zip(perts, model.predict_shift(controls, perts, "ctx_B")))
+    pos = controls.obs_names.get_indexer(sources)
+    want = np.clip(_dense(controls.X)[pos] + np.stack([shifts[p] for p in log1p.obs["target_gene"].astype(str)[is_pred]]), 0, None)
+    np.testing.assert_allclose(_dense(log1p.X)[is_pred], want, rtol=1e-5, atol=1e-5)
+    # its counts total is that control's total over the predicted genes (not over all 40 measured)
+    totals = _dense(controls.layers["counts"]).sum(axis=1)
+    np.testing.assert_array_equal(X.sum(axis=1), totals[pos])
+    meta = pred.uns["vcell"]
+    assert meta["library_size"] == "controls" and "depth" not in meta
+    assert meta["library_pairing"].startswith("each predicted cell's own") and f"over {N_GENES} predicted genes" in meta["library_source"]
+
+    # cell_mean's cells start from no control: sizes drawn from the controls' totals, seeded
+    drawn = predict_context(models["cell_mean"], data, "ctx_B", output="counts", seed=3)
+    assert CONTROL_CELL_COL not in drawn.obs.columns and drawn.uns["vcell"]["library_pairing"].startswith("drawn")
+    assert set(_dense(drawn.X).sum(axis=1)) <= set(totals)
+
+
+def test_library_sizes_from_an_obs_column_or_one_error(world):
+    data, models, controls = world
+    log1p = predict_context(models["pert_mean"], data, "ctx_B", seed=0)
+    bare = controls.copy()
+    del bare.layers["counts"]
+    bare.obs["nCount_RNA"] = np.arange(100, 100 + bare.n_obs)
+    pred = to_counts(log1p, bare, seed=0)
+    by_name = dict(zip(bare.obs_names, bare.obs["nCount_RNA"]))
+    np.testing.assert_array_equal(_dense(pred.X).sum(axis=1), [by_name[c] for c in pred.obs[CONTROL_CELL_COL]])
+    assert pred.uns["vcell"]["library_source"] == "obs['nCount_RNA'] (all genes measured)"
+    del bare.obs["nCount_RNA"]
+    with pytest.raises(VcellError, match=r"no raw counts .*--depth 20000"):
+        to_counts(log1p, bare)
+    no_counts = data.adata.copy()
+    del no_counts.layers["counts"]
+    with pytest.raises(VcellError, match=r"context 'ctx_B'.*depth"):
+        predict_context(models["pert_mean"], from_anndata(no_counts), "ctx_B", output="counts")
+
+
+def test_counts_output_passes_the_2026_submission_checks(world, tmp_path):
+    data, models, _ = world
+    pred = predict_context(models["pert_mean"], data, "ctx_B", output="counts", seed=0)
+    path = write_h5ad(pred, tmp_path / "pred.h5ad")
+    back = read_h5ad(path)
+    assert back.uns["vcell"]["model_space"] == "log1p" and back.uns["vcell"]["expression"] == "counts"
+    table = back.obs["target_gene"].astype(str).value_counts().rename_axis("target_gene").reset_index()
+    table.to_csv(tmp_path / "perts.csv", index=False)
+    out = prepare_submission_2026(path, tmp_path / "sub.h5ad", genes=list(back.var_names), perturbations=tmp_path / "perts.csv")
+    assert read_h5ad(out).n_obs == pred.n_obs
+    # the log1p prediction is refused by the same checks (control rows)
+    write_h5ad(predict_context(models["pert_mean"], data, "ctx_B"), tmp_path / "log1p.h5ad")
+    with pytest.raises(VcellError, match="control"):
+        prepare_submission_2026(tmp_path / "log1p.h5ad", tmp_path / "no.h5ad", genes=list(back.var_names))
+
+    norm = pytest.importorskip("cell_eval2.norm", reason="cell-eval2 (test extra) checks submissions its own way")
+    norm.validate_input_type(back, "counts")  # cell-eval2's value checks of a vcc2026 prediction
+    norm.check_scale_limit(back, "counts", 1_000_000.0)
+
+
+@pytest.mark.parametrize("value", [0, -5, "0", "-5", "2e4", "foo", "", 1_000_001, True, 1.5])
+def test_bad_depths_are_one_error_naming_the_value(value):
+    with pytest.raises(VcellError, match=r"^--depth .*'controls' or a whole number"):
+        parse_depth(value, "--depth")
+
+
+def test_bad_options(world):
+    data, models, _ = world
+    assert parse_depth(" Controls ") == "controls" and parse_depth("20000") == 20000 and parse_depth(20_000) == 20000
+    assert parse_output("COUNTS") == "counts"
+    with pytest.raises(VcellError, match="output 'foo'"):
+        predict_context(models["pert_mean"], data, "ctx_B", output="foo")
+    with pytest.raises(VcellError, match="depth 100.*output='counts'"):
+        predict_context(models["pert_mean"], data, "ctx_B", depth=100)
+    log1p = predict_context(models["pert_mean"], data, "ctx_B")
+    with pytest.raises(VcellError, match="needs the context's control cells"):
+        to_counts(log1p)
+    with pytest.raises(VcellError, match="perturbation column 'perturbation'"):
+        to_counts(log1p, depth=10, pert_col="perturbation")
+    with pytest.raises(VcellError, match="model space 'counts'"):
+        to_counts(log1p, depth=10, model_space="counts")
+    # a library-size table may be given directly (bench does), indexed by control cell
+    sizes = pd.Series(7.0, index=log1p.obs_names[log1p.obs["target_gene"] == "non-targeting"])
+    np.testing.assert_array_equal(_dense(to_counts(log1p, sizes).X).sum(axis=1), 7)
+    with pytest.raises(VcellError, match="library size nan"):
+        to_counts(log1p, sizes * np.nan)
