@@ -74,9 +74,68 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
+_BATCH = """
+import contextlib, io, json, os, sys, traceback
+from vcell.cli import main
+
+results = []
+for argv, cwd in json.loads(open(sys.argv[1]).read()):
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    if cwd:
+        os.chdir(cwd)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 99
+    results.append({"args": argv, "returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
+def run_cli_batch(commands: list, cwds: list | None = None, timeout: int = 900) -> list[subprocess.CompletedProcess]:
+    """Run several ``vcell`` command lines one after the other in ONE real subprocess, through the
+    CLI's entry point (``vcell.cli.main``), each with its own exit status, output and working folder
+    (``cwds``): the interpreter and its imports start once, not once per command."""
+    import json
+    import tempfile
+
+    cwds = cwds or [None] * len(commands)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([[[str(a) for a in argv], str(cwd) if cwd else None] for argv, cwd in zip(commands, cwds)], f)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _BATCH, f.name], capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
+    finally:
+        os.unlink(f.name)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [subprocess.CompletedProcess(r["args"], r["returncode"], r["stdout"], r["stderr"])
+            for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+
+
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The single ``error:`` line of a CLI run that failed on a user mistake (exit 2, no traceback)."""
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     return lines[0]
+
+
+@pytest.fixture
+def cli_in_process():
+    """``vcell.cli.main`` for in-process CLI runs; the logging setup it installs (levels, handlers,
+    the say-once filter) is undone afterwards so later tests' ``caplog`` sees vcell's lines."""
+    import logging
+
+    from vcell.cli import main
+
+    names = ["", "vcell", "vcell.inferred"]
+    saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers), list(logging.getLogger(n).filters)) for n in names}
+    yield main
+    for n, (level, handlers, filters) in saved.items():
+        logger = logging.getLogger(n)
+        logger.setLevel(level)
+        logger.handlers[:], logger.filters[:] = handlers, filters

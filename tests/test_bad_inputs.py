@@ -12,8 +12,9 @@ user is promised on any refusal:
 
 Rows cover the faults issue #16 found (NaN embeddings, tracebacks for corrupt checkpoints or a
 mistyped config, misleading messages) and those that were already handled, so that all stay so.
-The rows' commands run concurrently (one process per core) in one module fixture; each row is
-then its own test. The expensive inputs (a tiny trained ST and SE model) are made once.
+The rows' commands run in one module fixture, in one real CLI process per core that runs its
+share of the rows one after the other through ``vcell.cli.main`` (each row in its own working
+folder, with its own exit status and output); each row is then its own test. The expensive inputs (a tiny trained ST and SE model) are made once.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import scipy.sparse as sp
 
 from vcell.data.simulate import simulate_perturbseq
 
-from conftest import run_cli
+from conftest import run_cli, run_cli_batch
 
 TINY_ST = {"width": 16, "n_layers": 1, "n_heads": 2, "encoder_layers": 1}
 TINY_SE = {"d_model": 16, "n_layers": 1, "n_heads": 2, "sentence_len": 18, "n_mask": 8}
@@ -423,6 +424,11 @@ CASES: dict[str, Case] = {
     "predict_out_exists": Case(lambda c: _predict(c, c.w.st), ("pred.h5ad", "--overwrite"), setup=lambda c: _pre(c, "pred.h5ad")),
     "predict_model_missing": Case(lambda c: _predict(c, c.inp / "nope"), ("nope", "not found")),
     "predict_model_is_se": Case(lambda c: _predict(c, c.w.se), ("SE model",)),
+    "predict_output_unknown": Case(lambda c: _predict(c, c.w.st, None, "--output", "foo"), ("--output 'foo'", "counts")),
+    "predict_depth_zero": Case(lambda c: _predict(c, c.w.st, None, "--output", "counts", "--depth", "0"), ("--depth 0", "controls")),
+    "predict_depth_without_counts_output": Case(lambda c: _predict(c, c.w.st, None, "--depth", "20000"), ("--depth 20000", "--output counts")),
+    "predict_counts_without_library_sizes": Case(lambda c: _predict(c, c.w.st, None, "--output", "counts"),
+                                                 ("log.h5ad", "ctx_B", "layers['counts']", "--depth 20000")),
     # ---- vcell embed
     "embed_nan": Case(lambda c: _embed(c, c.w.se, c.h5ad("nan.h5ad", NAN, "counts")), ("nan.h5ad", "NaN or infinite", "cell000003")),
     "embed_negative": Case(lambda c: _embed(c, c.w.se, c.h5ad("neg.h5ad", NEG, "counts")), ("neg.h5ad", "negative values")),
@@ -510,13 +516,18 @@ def outcomes(world, tmp_path_factory, request) -> dict[str, Outcome]:
         args = case.args(ctx)
         prepared[name] = (ctx, args, _tree(ctx.inp), _tree(ctx.out))
 
-    def run(name: str):
-        ctx, args, _, _ = prepared[name]
-        return name, run_cli(*args, cwd=ctx.inp.parent)
+    # One CLI process per core runs its share of the rows one after the other (conftest.run_cli_batch):
+    # the interpreter and its imports start once per share, not once per row.
+    names = list(prepared)
+    shares = [names[i::max(2, os.cpu_count() or 2)] for i in range(max(2, os.cpu_count() or 2))]
+
+    def run(share: list[str]):
+        procs = run_cli_batch([prepared[n][1] for n in share], [prepared[n][0].inp.parent for n in share])
+        return list(zip(share, procs))
 
     results = {}
-    with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
-        for name, proc in pool.map(run, list(prepared)):
+    with ThreadPoolExecutor(len(shares)) as pool:
+        for name, proc in [pair for done in pool.map(run, shares) for pair in done]:
             ctx, args, inp_before, out_before = prepared[name]
             extra = sorted(p.name for p in ctx.inp.parent.iterdir() if p.name not in ("in", "out"))
             results[name] = Outcome(proc, inp_before, _tree(ctx.inp), out_before, _tree(ctx.out), extra)

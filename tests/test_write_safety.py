@@ -38,7 +38,7 @@ from vcell.data.simulate import simulate_perturbseq
 from vcell.errors import VcellError
 from vcell.nn.checkpoint import BEST, CONFIG, LAST, OPTIMIZER, WEIGHTS
 
-from conftest import error_line, run_cli
+from conftest import error_line, run_cli, run_cli_batch
 
 ST_CFG = {"width": 32, "n_layers": 1, "n_heads": 2}
 SE_CFG = {"d_model": 16, "n_layers": 1, "n_heads": 2, "sentence_len": 34, "n_mask": 8}
@@ -49,50 +49,10 @@ REMOVED = re.compile(r"removed (\d+) temporary files? \(\d+(\.\d)? [kMG]?B\) lef
 
 # ------------------------------------------------------------------------------------- fixtures
 
-BATCH = """
-import contextlib, io, json, sys, traceback
-from vcell.cli import main
 
-results = []
-for argv in json.loads(open(sys.argv[1]).read()):
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(argv)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-        except BaseException:
-            traceback.print_exc()
-            code = 99
-    results.append({"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
-print(json.dumps(results))
-"""
-
-
-@dataclass
-class Result:
-    """One command's exit status and output, as ``subprocess.CompletedProcess`` has them."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_batch(*commands: list) -> list[Result]:
-    """Run several ``vcell`` command lines, one after the other, in ONE real subprocess through the CLI's
-    entry point (``vcell.cli.main``), each with its own exit status and output: the interpreter and
-    torch start once, not once per command."""
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump([[str(a) for a in argv] for argv in commands], f)
-    try:
-        proc = subprocess.run([sys.executable, "-c", BATCH, f.name], capture_output=True, text=True, timeout=900,
-                              env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
-    finally:
-        os.unlink(f.name)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [Result(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+def run_batch(*commands: list) -> list[subprocess.CompletedProcess]:
+    """Several ``vcell`` command lines in one real subprocess (:func:`conftest.run_cli_batch`)."""
+    return run_cli_batch(list(commands))
 
 
 @pytest.fixture(scope="module")
