@@ -145,3 +145,24 @@ def test_train_cli_refuses_a_missing_table_first(tmp_path):
     proc = run_cli("train", "st", "--data", tmp_path / "nothing.h5ad", "--pert-features", f"onehot,{tmp_path / 'no.safetensors'}",
                    "--out", tmp_path / "run")
     assert "no.safetensors: gene embedding file not found" in error_line(proc)
+
+
+def test_effect_anchor_sets_the_mean_and_onehot_dropout_needs_both_parts(planted_run, tmp_path):
+    from vcell.predictors.registry import make_model
+
+    adata, data, path, _ = planted_run
+    split = _split(data)
+    model = make_model("st", seed=0, pert_features=str(path), effect_anchor="kernel_ridge", config=TINY, max_steps=40,
+                       out_dir=tmp_path / "st", checkpoint="last", **FAST).fit(data, split)
+    controls = model.prepare_controls(adata[adata.obs["target_gene"] == "non-targeting"].copy())
+    cells = model.predict_cells(controls, ["U"], cells_per_perturbation=64, seed=0)["U"]
+    krr = make_model("kernel_ridge", seed=0, pert_features=str(path)).fit(data, split)
+    want = np.asarray(controls.X.mean(axis=0)).ravel() + krr.predict_shift(controls, ["U"], "k562")[0]
+    np.testing.assert_allclose(cells.mean(axis=0), want, atol=0.02)  # up to the clip at 0
+    assert not np.allclose(cells, cells.mean(axis=0))  # ST's spread is kept
+    with pytest.raises(VcellError, match="unknown model 'cell_mean_x'"):
+        make_model("st", effect_anchor="cell_mean_x")
+    with pytest.raises(VcellError, match="onehot_dropout 0.5 needs pert_features 'onehot,FILE'"):
+        train_st(data, split, tmp_path / "d", {**TINY, "onehot_dropout": 0.5}, pert_features=str(path), max_steps=2, **FAST)
+    both = train_st(data, split, tmp_path / "e", {**TINY, "onehot_dropout": 0.5}, pert_features=f"onehot,{path}", max_steps=2, **FAST)
+    assert json.loads((both / "last" / "config.json").read_text())["model"]["onehot_dropout"] == 0.5

@@ -57,7 +57,9 @@ class STConfig(ModelConfig):
     (a ``pert_table_rows`` x ``pert_dim`` buffer, saved with the weights; the row names live in the
     checkpoint's ``config.json``, see :class:`~vcell.features.perturbations.PertFeatures`), so it
     can encode any target of the table; 0: one-hot over the training targets, rebuilt from
-    ``pert_vocab``.
+    ``pert_vocab``. ``onehot_dropout`` (features ``onehot,FILE`` only): in training, each cell
+    set's one-hot part is zeroed with this probability, so the model also learns to read a seen
+    target from its table vector alone, which is all an unseen target has.
     """
 
     input_dim: int
@@ -78,6 +80,7 @@ class STConfig(ModelConfig):
     gene_residual: bool = True
     detach_gene_decoder: bool = True
     pert_table_rows: int = 0
+    onehot_dropout: float = 0.0
 
     KIND: ClassVar[str] = "ST"
     REQUIRED: ClassVar[tuple[str, ...]] = ("input_dim", "pert_dim")
@@ -95,6 +98,7 @@ class STConfig(ModelConfig):
         self.gene_hidden = [int(h) for h in self.gene_hidden]
         if self.gene_dim < 0 or any(h < 1 for h in self.gene_hidden):
             raise VcellError(f"ST config: gene_dim must be >= 0 and gene_hidden positive, got {self.gene_dim}, {self.gene_hidden}")
+        self.check_dropout(self.onehot_dropout)
         if self.pert_table_rows < 0:
             raise VcellError(f"ST config: pert_table_rows must be >= 0, got {self.pert_table_rows}")
         if self.gene_loss_weight < 0:

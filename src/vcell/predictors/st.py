@@ -62,6 +62,14 @@ class STPredictor(Predictor):
     pert_features
         ``"onehot"`` (default), a gene table file or ``"onehot,FILE"``
         (:mod:`vcell.features.perturbations`): with a table the model predicts any target in it.
+    effect_anchor
+        ``None`` (default) or a shift baseline's name (``"kernel_ridge"``, ``"linear"``,
+        ``"pert_mean"``): fitted beside ST on the same data, split, ``pert_features`` and seed, it
+        sets each predicted perturbation's mean; ST's cells keep their own spread around it
+        (each perturbation's cells are moved by the anchor's shift minus ST's mean shift from the
+        controls, then clipped at 0). An ensemble of ST's cell-level prediction with a
+        pseudobulk learner's mean effect; it lives in this object only (a checkpoint loaded by
+        ``vcell predict`` predicts with ST alone).
     options
         :class:`~vcell.train.options.STTrainOptions` (steps, batch, set size, lr, precision,
         devices, ...); keyword ``option_values`` go on top. ``set_size`` is also the largest
@@ -81,6 +89,7 @@ class STPredictor(Predictor):
         resume: bool = False,
         embed_key: str | None = None,
         pert_features=None,
+        effect_anchor: str | None = None,
         options: STTrainOptions | None = None,
         **option_values,
     ):
@@ -97,6 +106,14 @@ class STPredictor(Predictor):
             parse_sources(pert_features)  # fail early on a bad value
         self.pert_features = pert_features
         self.features: PertFeatures | None = None
+        self.effect_anchor, self.anchor = effect_anchor, None
+        if effect_anchor is not None:
+            from vcell.predictors.registry import make_model
+
+            self._anchor_model = lambda: make_model(effect_anchor, seed=self.seed, **self._anchor_options())
+            model = self._anchor_model()  # an unknown name or a model without options is refused now
+            if not hasattr(model, "predict_shift"):
+                raise VcellError(f"st: effect_anchor {effect_anchor!r} predicts no mean shift; use kernel_ridge, linear or pert_mean")
         self.model: StateTransition | None = None
         self._half_model: tuple | None = None  # ((device, dtype), copy) for mixed-precision prediction
         self.model_config: STConfig | None = None
@@ -117,7 +134,14 @@ class STPredictor(Predictor):
     @classmethod
     def option_names(cls) -> list[str]:
         """Every keyword the constructor takes (``make_model("st", ...)`` checks against these)."""
-        return ["preset", "config", "out_dir", "checkpoint", "resume", "embed_key", "pert_features", *STTrainOptions.names()]
+        return ["preset", "config", "out_dir", "checkpoint", "resume", "embed_key", "pert_features", "effect_anchor",
+                *STTrainOptions.names()]
+
+    def _anchor_options(self) -> dict:
+        """Options of the effect anchor: the same perturbation features where it takes them."""
+        if self.effect_anchor in ("linear", "kernel_ridge") and self.pert_features is not None:
+            return {"pert_features": self.pert_features}
+        return {}
 
     # ------------------------------------------------------------------ training / loading
 
@@ -134,6 +158,8 @@ class STPredictor(Predictor):
 
         train_st(data, split, out, values, self.options, resume=self.resume, embed_key=self.train_embed_key,
                  pert_features=self.pert_features)
+        if self.effect_anchor is not None:
+            self.anchor = self._anchor_model().fit(data, split)
         return self.load(find_checkpoint(out, self.checkpoint))
 
     def load(self, directory: str | os.PathLike) -> STPredictor:
@@ -283,7 +309,20 @@ class STPredictor(Predictor):
         for (i, _), block in zip(jobs, preds):
             out[str(perturbations[i])].append(block)
         width = genes.shape[1]
-        return {p: (np.vstack(blocks) if blocks else np.zeros((0, width), np.float32)) for p, blocks in out.items()}
+        cells = {p: (np.vstack(blocks) if blocks else np.zeros((0, width), np.float32)) for p, blocks in out.items()}
+        return self._anchored(cells, controls, genes, perturbations, context)
+
+    def _anchored(self, cells: dict[str, np.ndarray], controls: ad.AnnData, genes: np.ndarray, perturbations, context: str):
+        """``cells`` with each perturbation's mean moved to the effect anchor's (see ``effect_anchor``)."""
+        if self.anchor is None:
+            return cells
+        shifts = self.anchor.predict_shift(controls, [str(p) for p in perturbations], context)
+        basal = genes.mean(axis=0, dtype=np.float64)
+        for i, p in enumerate(map(str, perturbations)):
+            if len(cells[p]) and p != self.meta["control"]:
+                move = basal + shifts[i] - cells[p].mean(axis=0, dtype=np.float64)
+                cells[p] = np.clip(cells[p] + move.astype(np.float32)[None, :], 0, None)
+        return cells
 
     def source_controls(
         self,

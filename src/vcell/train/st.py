@@ -90,6 +90,9 @@ class STModule(ResumableModule, L.LightningModule):
         table_rows = 0 if features.is_onehot else len(features.names)
         if config.pert_table_rows != table_rows:
             raise VcellError(f"ST config: pert_table_rows is {config.pert_table_rows} but the perturbation feature table has {table_rows} rows")
+        if config.onehot_dropout > 0 and not (features.sources[0] == "onehot" and len(features.sources) > 1):
+            raise VcellError(f"ST config: onehot_dropout {config.onehot_dropout} needs pert_features 'onehot,FILE' "
+                             f"(a one-hot part and a table), not {', '.join(features.sources)!r}")
         self.config, self.lr = config, float(lr)
         self.perturbations, self.pert_vocab, self.control = [str(p) for p in perturbations], list(pert_vocab), control
         self.features = features
@@ -117,6 +120,11 @@ class STModule(ResumableModule, L.LightningModule):
 
     def forward(self, batch: dict) -> torch.Tensor:
         feats = self.pert_table[batch["pert"]]
+        p = self.config.onehot_dropout
+        if self.training and p > 0 and self.features.sources[0] == "onehot" and len(self.features.sources) > 1:
+            width = self.features.widths[0]
+            keep = torch.rand(feats.shape[0], 1, device=feats.device) >= p
+            feats = torch.cat([feats[:, :width] * keep, feats[:, width:]], dim=1)
         cell_batch = batch["batch"] if self.config.n_batches else None
         return self.model(batch["basal"], feats, batch=cell_batch, mask=batch["mask"])
 
