@@ -21,7 +21,17 @@ have none: absent from Kang or constant in its controls), since no model can be 
 target it knows nothing of. The 2026 score needs raw counts: Papalexi's are in the file, and
 McFaline's and Norman's are recovered exactly from their log1p values (the data README).
 
-    .venv/bin/python benchmarks/unseen_perturbations.py --work /tmp/vcell-unseen [--only papalexi,mcfaline]
+ST runs at ``vcell bench``'s default CPU budget (preset ``small``, 300 steps x 8 sets x 64 cells,
+lr 1e-4, fp32) in three variants: ``st_kang`` (``onehot,KANG`` features), ``st_kang_drop`` (the
+same with ``onehot_dropout: 0.5``) and ``st_kang_krr`` (``st_kang`` with ``effect_anchor:
+kernel_ridge``). The variants were chosen on the Papalexi folds (the developer folds) and
+confirmed on the others::
+
+    .venv/bin/python benchmarks/unseen_perturbations.py --work /tmp/vcell-unseen --only papalexi \
+        --models control_mean,pert_mean,linear,linear_kang,kernel_ridge_kang,st_kang
+    .venv/bin/python benchmarks/unseen_perturbations.py --work /tmp/vcell-unseen --only papalexi \
+        --models st_kang_drop,st_kang_krr --tag variants
+    .venv/bin/python benchmarks/unseen_perturbations.py --work /tmp/vcell-unseen --only mcfaline,norman_singles,norman_doubles
 """
 
 from __future__ import annotations
@@ -54,7 +64,7 @@ MODELS = {
     "st_kang_krr": {"model": "st", "pert_features": "onehot,KANG", "effect_anchor": "kernel_ridge"},
 }
 #: The models of one run unless --models says otherwise (cell_mean is added by vcell bench).
-DEFAULT_MODELS = "control_mean,pert_mean,linear,linear_kang,kernel_ridge_kang,st_kang,st_kang_krr"
+DEFAULT_MODELS = "control_mean,pert_mean,linear,linear_kang,kernel_ridge_kang,st_kang,st_kang_drop"
 
 
 def run(cmd: list[str]) -> float:

@@ -166,3 +166,17 @@ def test_effect_anchor_sets_the_mean_and_onehot_dropout_needs_both_parts(planted
         train_st(data, split, tmp_path / "d", {**TINY, "onehot_dropout": 0.5}, pert_features=str(path), max_steps=2, **FAST)
     both = train_st(data, split, tmp_path / "e", {**TINY, "onehot_dropout": 0.5}, pert_features=f"onehot,{path}", max_steps=2, **FAST)
     assert json.loads((both / "last" / "config.json").read_text())["model"]["onehot_dropout"] == 0.5
+
+
+def test_bench_refuses_a_onehot_st_on_unseen_targets_before_training(tmp_path):
+    from vcell.leaderboard import run_bench
+    from vcell.predictors.registry import make_model
+
+    adata, table = _planted()
+    adata.obs["cell_type"] = "k562"
+    path = tmp_path / "planted.h5ad"
+    adata.write_h5ad(path)
+    with pytest.raises(VcellError, match=r"st: fold perturbations holds out target\(s\) never trained on \('U'\).*pert_features"):
+        run_bench(path, tmp_path / "bench", ["st", "pert_mean"], lambda name: make_model(name), holdout_perturbations=["U"],
+                  report=False)
+    assert not (tmp_path / "bench" / "predictions").exists()  # refused before any work

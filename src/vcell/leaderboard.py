@@ -42,11 +42,11 @@ import scipy.sparse as sp
 from vcell._version import __version__
 from vcell.data.dataset import PerturbationData, from_anndata
 from vcell.data.io import atomic_path, read_h5ad, write_h5ad
-from vcell.data.spec import DataSpec
+from vcell.data.spec import DataSpec, split_combo
 from vcell.data.splits import Split, SplitConfig, apply_split, holdout_config, read_split_toml
 from vcell.data.splits import holdout_perturbations as holdout_perturbations_config
 from vcell.data.validate import validate
-from vcell.errors import VcellError
+from vcell.errors import VcellError, preview
 from vcell.eval.inputs import check_pair
 from vcell.eval.profiles import PROFILES
 from vcell.eval.run import evaluate, write_outputs
@@ -273,6 +273,7 @@ def run_bench(
     data = prepare_data(data_path, spec, dataset_col, allow_missing_controls, datasets, keep_counts=with_2026)
     spec = data.spec
     folds = make_folds(data, split_file, holdout, holdout_perturbations, seed)
+    _check_unseen_targets(data, folds, {name: make_model(name) for name in models})
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     rows, runs, timings = [], [], {}
     fits = 0
@@ -345,6 +346,21 @@ def run_bench(
         build_report(out)
     timings["total"] = time.perf_counter() - t0
     return BenchResult(board, out, runs, timings)
+
+
+def _check_unseen_targets(data: PerturbationData, folds: list[Fold], models: dict[str, Predictor]) -> None:
+    """Refuse, before any training, a model that cannot predict a fold's targets never trained on."""
+    index = data.index
+    for fold in folds:
+        labels = index.perts[index.pert_codes].astype(str)
+        trained = {t for p in np.unique(labels[fold.split.mask("train")]) for t in split_combo(p)}
+        scored = np.unique(labels[fold.split.mask("test")])
+        unseen = sorted({t for p in scored for t in split_combo(p)} - trained)
+        for name, model in models.items():
+            if unseen and not model.predicts_unseen_targets():
+                raise VcellError(f"{name}: fold {fold.name} holds out target(s) never trained on ({preview(unseen)}) and the "
+                                 "model's one-hot perturbation features cannot predict them; give it a gene table "
+                                 f"(--model-config: {name}: {{pert_features: 'onehot,genes.safetensors'}}) or leave it out")
 
 
 def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folder: Path):

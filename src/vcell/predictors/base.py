@@ -105,6 +105,11 @@ class Predictor(ABC):
         """
         return None
 
+    def predicts_unseen_targets(self) -> bool:
+        """Whether the model can predict a target it was never trained on (here: yes, by a fallback
+        or from its features; a one-hot ST model cannot)."""
+        return True
+
     def trained_perturbations(self) -> list[str]:
         """The perturbation labels the model was trained on (control excluded), in a fixed order."""
         raise VcellError(f"{self.name}: this model keeps no list of trained perturbations; name the perturbations to predict")

@@ -137,6 +137,12 @@ class STPredictor(Predictor):
         return ["preset", "config", "out_dir", "checkpoint", "resume", "embed_key", "pert_features", "effect_anchor",
                 *STTrainOptions.names()]
 
+    def predicts_unseen_targets(self) -> bool:
+        """Only with a gene table among its ``pert_features`` (one-hot alone knows the trained targets)."""
+        from vcell.features.perturbations import ONEHOT, parse_sources
+
+        return parse_sources(self.pert_features) != [ONEHOT]
+
     def _anchor_options(self) -> dict:
         """Options of the effect anchor: the same perturbation features where it takes them."""
         if self.effect_anchor in ("linear", "kernel_ridge") and self.pert_features is not None:
