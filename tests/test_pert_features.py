@@ -160,7 +160,7 @@ def test_effect_anchor_sets_the_mean_and_onehot_dropout_needs_both_parts(planted
     want = np.asarray(controls.X.mean(axis=0)).ravel() + krr.predict_shift(controls, ["U"], "k562")[0]
     np.testing.assert_allclose(cells.mean(axis=0), want, atol=0.02)  # up to the clip at 0
     assert not np.allclose(cells, cells.mean(axis=0))  # ST's spread is kept
-    with pytest.raises(VcellError, match="unknown model 'cell_mean_x'"):
+    with pytest.raises(VcellError, match="unknown baseline 'cell_mean_x'"):
         make_model("st", effect_anchor="cell_mean_x")
     with pytest.raises(VcellError, match="onehot_dropout 0.5 needs pert_features 'onehot,FILE'"):
         train_st(data, split, tmp_path / "d", {**TINY, "onehot_dropout": 0.5}, pert_features=str(path), max_steps=2, **FAST)

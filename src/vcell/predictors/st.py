@@ -108,9 +108,9 @@ class STPredictor(Predictor):
         self.features: PertFeatures | None = None
         self.effect_anchor, self.anchor = effect_anchor, None
         if effect_anchor is not None:
-            from vcell.predictors.registry import make_model
+            from vcell.predictors.baselines import make_baseline
 
-            self._anchor_model = lambda: make_model(effect_anchor, seed=self.seed, **self._anchor_options())
+            self._anchor_model = lambda: make_baseline(effect_anchor, seed=self.seed, **self._anchor_options())
             model = self._anchor_model()  # an unknown name or a model without options is refused now
             if not hasattr(model, "predict_shift"):
                 raise VcellError(f"st: effect_anchor {effect_anchor!r} predicts no mean shift; use kernel_ridge, linear or pert_mean")
