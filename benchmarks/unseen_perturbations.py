@@ -8,7 +8,8 @@ folds (± their standard deviation) of the VCC 2025 score (x100, scaled against 
 
 - ``papalexi``: Papalexi 2021 THP-1 CRISPR knockouts, 30% of the 25 targets held out (seeds 0-2).
 - ``norman_singles``: Norman 2019 K562 CRISPRa, 30% of the single-target perturbations held out,
-  together with the doubles that contain one of them (seeds 0-2).
+  together with the doubles that contain one of them (seeds 0-2; drawn among the singles whose
+  doubles' targets all have a Kang vector).
 - ``norman_doubles``: Norman 2019, 30% of the doubles whose two singles are both measured held
   out; their singles stay in training (seeds 0-2).
 - ``mcfaline``: McFaline 2023 CRISPRi, one glioblastoma line held out and 3 of the 9 targets held
@@ -32,6 +33,8 @@ confirmed on the others::
     .venv/bin/python benchmarks/unseen_perturbations.py --work /tmp/vcell-unseen --only papalexi \
         --models st_kang_drop,st_kang_krr --tag variants
     .venv/bin/python benchmarks/unseen_perturbations.py --work /tmp/vcell-unseen --only mcfaline,norman_singles,norman_doubles
+
+(benchmarks/README.md says which models each recorded table ran.)
 """
 
 from __future__ import annotations
@@ -140,7 +143,9 @@ def folds(name: str, work: Path, table: Path) -> list[dict]:
         out = []
         for s in SEEDS:
             if name == "norman_singles":
-                held_singles = draw([p for p in singles if p in have], FRACTION, s)
+                # a held-out single takes its doubles with it, so every target of those doubles needs a vector too
+                ok = [p for p in singles if all(t in have for d in labels if p in d.split("+") for t in d.split("+"))]
+                held_singles = draw(ok, FRACTION, s)
                 held = sorted(set(held_singles) | {p for p in labels if "+" in p and set(p.split("+")) & set(held_singles)})
             else:
                 doubles = [p for p in labels if "+" in p and all(t in singles for t in p.split("+"))]
