@@ -35,7 +35,7 @@ class H5adWriter:
         HDF5 paths of the matrices written, e.g. ``("X", "layers/counts")``; every
         :meth:`append` gives a block for each.
     dtype
-        Value dtype stored.
+        Value dtype stored: one for every matrix, or a mapping from matrix path to dtype.
 
     Examples
     --------
@@ -45,7 +45,8 @@ class H5adWriter:
     """
 
     def __init__(self, path: str | os.PathLike, n_vars: int, matrices: tuple[str, ...] = ("X",), dtype=np.float32):
-        self.path, self.n_vars, self.dtype = path, int(n_vars), np.dtype(dtype)
+        self.path, self.n_vars = path, int(n_vars)
+        dtypes = dtype if isinstance(dtype, Mapping) else {key: dtype for key in matrices}
         self.n_rows = 0
         self._finished = False
         self._f = h5py.File(path, "w")
@@ -63,7 +64,7 @@ class H5adWriter:
             indptr[0] = 0
             self._mats[key.replace("/", "_")] = {
                 "group": g,
-                "data": g.create_dataset("data", shape=(0,), dtype=self.dtype, **opts),
+                "data": g.create_dataset("data", shape=(0,), dtype=np.dtype(dtypes[key]), **opts),
                 "indices": g.create_dataset("indices", shape=(0,), dtype=index_dtype, **opts),
                 "indptr": indptr,
                 "nnz": 0,
@@ -97,7 +98,7 @@ class H5adWriter:
             if k:
                 mat["data"].resize((lo + k,))
                 mat["indices"].resize((lo + k,))
-                mat["data"][lo:] = block.data.astype(self.dtype, copy=False)
+                mat["data"][lo:] = block.data.astype(mat["data"].dtype, copy=False)
                 mat["indices"][lo:] = block.indices
             mat["indptr"].resize((self.n_rows + m + 1,))
             mat["indptr"][self.n_rows + 1 :] = block.indptr[1:].astype(np.int64) + lo
