@@ -194,7 +194,7 @@ def subset_cmd(
 ) -> None:
     """Write the cells of a split's role (default: the held-out test cells) with their contexts' controls: the real cells to score a prediction against."""
     from vcell.data.dataset import load_dataset
-    from vcell.data.io import check_output_path, write_h5ad
+    from vcell.data.io import check_output_path
     from vcell.data.splits import apply_split, select_cells
 
     check_split_options(split, holdout_context, holdout_perturbations)
@@ -203,8 +203,14 @@ def subset_cmd(
     data = load_dataset(file, spec, backed=True, dataset_col=dataset_col, require_context_controls=not allow_missing_controls)
     cfg = split_config(data.index, split, holdout_context, holdout_perturbations, seed)
     mask = select_cells(data.index, apply_split(data.index, cfg), role or ["test"], context or [], controls)
-    subset = data.adata[mask].to_memory()
-    write_h5ad(subset, out)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from vcell.data.subset import write_cells
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(f"writing {out.name}", total=int(mask.sum()))
+        write_cells(file, mask, out, progress=lambda n: bar.advance(task, n)).file.close()
     is_ctrl = data.index.is_control[mask]
     n_perts = len(np.unique(data.index.pert_codes[mask][~is_ctrl]))
     contexts = ", ".join(map(str, data.index.contexts[np.unique(data.index.context_codes[mask])]))
