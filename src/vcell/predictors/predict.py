@@ -91,7 +91,8 @@ def predict_context(
         sizes = cells_per_perturbation
     if isinstance(sizes, int) and sizes < 1:
         raise VcellError(f"cells per perturbation must be >= 1, got {sizes}")
-    controls = data.adata[controls_mask].copy()
+    controls = data.adata[controls_mask]
+    controls = controls.to_memory() if data.adata.isbacked else controls.copy()  # only the controls are read
     if output == "counts" and depth == "controls" and library_source(controls) is None:
         raise VcellError(f"{where}: context {context!r}: no raw counts to take the control cells' library sizes from "
                          "(no layers['counts'], no obs total-count column): give a fixed depth (--depth 20000, depth=20000)")
