@@ -84,6 +84,7 @@ def st(
     strategy: Strategy = ST.strategy,
     precision: Precision = ST.precision,
     num_workers: NumWorkers = ST.num_workers,
+    backed: Annotated[bool, typer.Option("--backed/--in-memory", help="Stream the cell sets' rows from the file on disk (memory stays flat whatever its size) or load X first (faster when it fits).")] = False,
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
     context_col: ContextCol = "cell_type",
@@ -109,7 +110,7 @@ def st(
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
     # only what training reads: a raw-counts layer or other .obsm entries would just take memory
     with status(f"reading {data}"):
-        dataset = load_dataset(data, spec, only_obsm=[embed_key] if embed_key else [],
+        dataset = load_dataset(data, spec, backed=backed, only_obsm=None if backed else [embed_key] if embed_key else [],
                                require_context_controls=not allow_missing_controls)
     if dataset.spec.expression == "counts":
         raise VcellError(f"{data}: X holds raw counts; the ST model trains on log1p expression: run `vcell data preprocess` first")
@@ -124,6 +125,8 @@ def st(
 
     if rank_zero_only.rank == 0:
         console.print(table(split_view(applied.summary(index)), title="split"))
+        where = "streamed from disk (--backed)" if backed else "in memory (--in-memory)"
+        console.print(f"data: {index.n_cells:,} cells x {dataset.adata.n_vars:,} genes, {where}", highlight=False, soft_wrap=True)
     run = train_st(dataset, applied, out, values, options, resume=resume, embed_key=embed_key, overwrite=overwrite,
                    pert_features=pert_features)
     if rank_zero_only.rank == 0:
