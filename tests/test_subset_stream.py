@@ -7,6 +7,7 @@ import scipy.sparse as sp
 
 from vcell.data import subset as subset_mod
 from vcell.data.simulate import simulate_perturbseq
+from vcell.errors import VcellError
 
 
 def _file(tmp_path, dense=False):
@@ -56,3 +57,23 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         subset_mod.write_cells(path, np.ones(a.n_obs, bool), tmp_path / "out.h5ad", progress=boom)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_gene_subset_in_the_order_asked(tmp_path, dense):
+    path, a = _file(tmp_path, dense)
+    genes = list(a.var_names[[7, 2, 40]])
+    mask = np.arange(a.n_obs) % 3 == 0
+    got = subset_mod.write_cells(path, mask, tmp_path / "out.h5ad", genes=genes)
+    got.file.close()
+    got = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert list(got.var_names) == genes
+    want = a[mask][:, genes]
+    np.testing.assert_array_equal(got.layers["counts"].toarray(), want.layers["counts"].toarray())
+
+
+def test_unknown_gene_is_named(tmp_path):
+    path, a = _file(tmp_path)
+    with pytest.raises(VcellError, match="in.h5ad: 1 of the 2 genes.*NOPE"):
+        subset_mod.write_cells(path, np.ones(a.n_obs, bool), tmp_path / "out.h5ad", genes=[a.var_names[0], "NOPE"])
+    assert not (tmp_path / "out.h5ad").exists()

@@ -182,6 +182,7 @@ def subset_cmd(
     role: Annotated[list[str] | None, typer.Option("--role", help="Cells of this role: test (default), val, train or control; repeatable.")] = None,
     context: Annotated[list[str] | None, typer.Option("--context", help="Only cells of this context (name or dataset.context); repeatable.")] = None,
     controls: Annotated[bool, typer.Option("--controls/--no-controls", help="Add the control cells of the selected cells' contexts (needed to score).")] = True,
+    genes: Annotated[Path | None, typer.Option("--genes", help="Keep only these genes, in this order: text file, one gene per line (or a CSV whose first column lists them).")] = None,
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
     context_col: ContextCol = "cell_type",
@@ -197,9 +198,12 @@ def subset_cmd(
     from vcell.data.io import check_output_path
     from vcell.data.splits import apply_split, select_cells
 
+    from vcell.eval.prep import read_gene_list
+
     check_split_options(split, holdout_context, holdout_perturbations)
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
-    check_output_path(out, [file] + ([split] if split else []), overwrite=overwrite)
+    gene_list = read_gene_list(genes) if genes else None
+    check_output_path(out, [file] + ([split] if split else []) + ([genes] if genes else []), overwrite=overwrite)
     data = load_dataset(file, spec, backed=True, dataset_col=dataset_col, require_context_controls=not allow_missing_controls)
     cfg = split_config(data.index, split, holdout_context, holdout_perturbations, seed)
     mask = select_cells(data.index, apply_split(data.index, cfg), role or ["test"], context or [], controls)
@@ -210,7 +214,7 @@ def subset_cmd(
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task(f"writing {out.name}", total=int(mask.sum()))
-        write_cells(file, mask, out, progress=lambda n: bar.advance(task, n)).file.close()
+        write_cells(file, mask, out, progress=lambda n: bar.advance(task, n), genes=gene_list).file.close()
     is_ctrl = data.index.is_control[mask]
     n_perts = len(np.unique(data.index.pert_codes[mask][~is_ctrl]))
     contexts = ", ".join(map(str, data.index.contexts[np.unique(data.index.context_codes[mask])]))

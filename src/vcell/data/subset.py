@@ -10,7 +10,7 @@ chosen rows of a dense matrix.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -21,6 +21,7 @@ import scipy.sparse as sp
 
 from vcell.data.h5write import H5adWriter
 from vcell.data.io import atomic_path, read_h5ad, write_h5ad
+from vcell.errors import VcellError, preview
 
 _WINDOW_NNZ = 32_000_000  # non-zeros read per window (~256 MB of float32 values + int32 indices)
 
@@ -54,6 +55,7 @@ def write_cells(
     mask: np.ndarray,
     out: str | os.PathLike,
     progress: Callable[[int], None] | None = None,
+    genes: Sequence[str] | None = None,
 ) -> ad.AnnData:
     """Write the cells of ``path`` where ``mask`` is true to ``out`` (atomically), every slot kept.
 
@@ -67,6 +69,8 @@ def write_cells(
         The new file.
     progress
         Called with the number of rows written after each window.
+    genes
+        Keep only these genes, in this order (every name must be in the file); default all.
 
     Returns
     -------
@@ -77,20 +81,29 @@ def write_cells(
     mask = np.asarray(mask, dtype=bool)
     meta = read_h5ad(path, backed=True)
     try:
+        cols = None
+        if genes is not None:
+            genes = [str(g) for g in genes]
+            cols = meta.var_names.get_indexer(genes)
+            if (cols < 0).any():
+                missing = [g for g, c in zip(genes, cols) if c < 0]
+                raise VcellError(f"{path}: {len(missing)} of the {len(genes)} genes asked for are not in the file "
+                                 f"(first: {preview(missing)})")
         with h5py.File(path, "r") as f:
             keys = _csr_keys(f)
         if keys is None:
-            write_h5ad(meta[mask].to_memory(), out)
+            view = meta[mask] if cols is None else meta[mask, cols]
+            write_h5ad(view.to_memory(), out)
             if progress is not None:
                 progress(int(mask.sum()))
         else:
-            _copy_csr(path, meta, mask, keys, out, progress)
+            _copy_csr(path, meta, mask, keys, out, progress, cols)
     finally:
         meta.file.close()
     return read_h5ad(out, backed=True)
 
 
-def _copy_csr(path: Path, meta: ad.AnnData, mask: np.ndarray, keys: list[str], out: Path, progress) -> None:
+def _copy_csr(path: Path, meta: ad.AnnData, mask: np.ndarray, keys: list[str], out: Path, progress, cols) -> None:
     rows = np.flatnonzero(mask)
     obs = meta.obs.iloc[rows].copy()
     for col in obs.columns:  # categories no remaining cell has would look like empty groups downstream
@@ -101,15 +114,17 @@ def _copy_csr(path: Path, meta: ad.AnnData, mask: np.ndarray, keys: list[str], o
         nodes = [f[k] for k in keys]
         indptrs = [n["indptr"][:].astype(np.int64) for n in nodes]
         n_vars = int(nodes[0].attrs["shape"][1])
-        with H5adWriter(tmp, n_vars, tuple(keys), dtype={k: n["data"].dtype for k, n in zip(keys, nodes)}) as w:
+        var = meta.var.copy() if cols is None else meta.var.iloc[cols].copy()
+        with H5adWriter(tmp, len(var), tuple(keys), dtype={k: n["data"].dtype for k, n in zip(keys, nodes)}) as w:
             for part in _windows(indptrs[0], rows, _WINDOW_NNZ):
                 a, b = int(part[0]), int(part[-1]) + 1
                 blocks = {}
                 for key, node, ptr in zip(keys, nodes, indptrs):
                     lo, hi = int(ptr[a]), int(ptr[b])
                     block = sp.csr_matrix((node["data"][lo:hi], node["indices"][lo:hi], ptr[a : b + 1] - lo), shape=(b - a, n_vars))
-                    blocks[key.replace("/", "_")] = block[part - a]
+                    block = block[part - a]
+                    blocks[key.replace("/", "_")] = block if cols is None else block[:, cols]
                 w.append(**blocks)
                 if progress is not None:
                     progress(part.size)
-            w.finish(obs, meta.var.copy(), uns=meta.uns, obsm=obsm)
+            w.finish(obs, var, uns=meta.uns, obsm=obsm)
