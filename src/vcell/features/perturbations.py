@@ -74,14 +74,39 @@ def parse_sources(spec) -> list:
     return out
 
 
-def check_sources(spec) -> None:
-    """Parse ``spec`` and read every table it names: bad values and unreadable files are refused
-    (one line) before any data is read."""
-    from vcell.features.genes import GeneEmbeddings
+def check_sources(spec, name: str | None = None, read: bool = True) -> None:
+    """Refuse a bad ``pert_features`` value before any data is read (one line, starting with ``name``).
 
-    for s in parse_sources(spec):
-        if isinstance(s, str) and s != ONEHOT:
-            GeneEmbeddings.load(s)
+    Parameters
+    ----------
+    spec
+        The value (see :func:`parse_sources`).
+    name
+        Who is asking (a model name), put at the start of the message.
+    read
+        Also read every table (the CLI does; a model being built checks each file's existence
+        and kind only, and reads it when it is fitted).
+    """
+    from vcell.features.genes import TABLE_SUFFIXES, GeneEmbeddings
+
+    where = f"{name}: " if name else ""
+    try:
+        sources = parse_sources(spec)
+    except VcellError as exc:
+        raise VcellError(f"{where}{exc}") from None
+    except TypeError:
+        raise VcellError(f"{where}pert_features must be 'onehot', a gene table file, 'onehot,FILE' or a GeneEmbeddings table, "
+                         f"got {spec!r}") from None
+    for source in sources:
+        if not isinstance(source, str) or source == ONEHOT:
+            continue
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise VcellError(f"{where}pert_features file {source!r} not found (give 'onehot', a gene table file or 'onehot,FILE')")
+        if path.suffix.lower() not in TABLE_SUFFIXES:
+            raise VcellError(f"{where}pert_features file {source!r} is not a gene table ({', '.join(TABLE_SUFFIXES)})")
+        if read:
+            GeneEmbeddings.load(path)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcell.errors import VcellError, preview
-from vcell.predictors.linear import _folds, _penalties, check_pert_features, encode_pert_features, fit_pert_features
+from vcell.predictors.linear import _folds, _penalties, encode_pert_features, fit_pert_features
 from vcell.predictors.pseudobulk import PseudobulkBaseline, TrainingStats
 
 log = logging.getLogger("vcell.predictors.baselines")
@@ -135,7 +135,9 @@ class KernelRidgeBaseline(PseudobulkBaseline):
                 raise VcellError(f"{self.name}: {option} must be positive, got {given!r}")
         self.alpha, self.gamma = alpha, gamma
         self.n_folds = _folds(self.name, n_folds)
-        check_pert_features(self.name, pert_features)
+        from vcell.features.perturbations import check_sources  # torch only when a model is built
+
+        check_sources(pert_features, self.name, read=False)
         self.pert_features = pert_features
 
     # fitting ------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -27,30 +26,6 @@ DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 4, 1
 
 # --------------------------------------------------------------------------------------------
 # Perturbation features (shared with kernel_ridge)
-
-
-def check_pert_features(name: str, spec) -> None:
-    """Check a ``pert_features`` value when a model is built: its syntax, and that each FILE is a gene table file.
-
-    Raises one :class:`VcellError` line starting with ``name``.
-    """
-    from vcell.features.genes import TABLE_SUFFIXES
-    from vcell.features.perturbations import ONEHOT, parse_sources
-
-    try:
-        sources = parse_sources(spec)
-    except VcellError as exc:
-        raise VcellError(f"{name}: {exc}") from None
-    except TypeError:
-        raise VcellError(f"{name}: pert_features must be 'onehot', a gene table file, 'onehot,FILE' or a GeneEmbeddings table, got {spec!r}") from None
-    for source in sources:
-        if not isinstance(source, str) or source == ONEHOT:
-            continue
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise VcellError(f"{name}: pert_features file {source!r} not found (give 'onehot', a gene table file or 'onehot,FILE')")
-        if path.suffix.lower() not in TABLE_SUFFIXES:
-            raise VcellError(f"{name}: pert_features file {source!r} is not a gene table ({', '.join(TABLE_SUFFIXES)})")
 
 
 def fit_pert_features(name: str, spec, labels: Sequence[str]):
@@ -192,7 +167,9 @@ class LinearBaseline(PseudobulkBaseline):
             alpha = _penalties(self.name, "alpha", [alpha])[0]
         self.alpha = alpha
         self.n_folds = _folds(self.name, n_folds)
-        check_pert_features(self.name, pert_features)
+        from vcell.features.perturbations import check_sources  # torch only when a model is built
+
+        check_sources(pert_features, self.name, read=False)
         self.pert_features = pert_features
 
     # features -----------------------------------------------------------------------------

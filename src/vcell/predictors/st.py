@@ -101,9 +101,9 @@ class STPredictor(Predictor):
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint, self.resume, self.train_embed_key = checkpoint, resume, embed_key
         if pert_features is not None:
-            from vcell.predictors.linear import check_pert_features
+            from vcell.features.perturbations import check_sources
 
-            check_pert_features("st", pert_features)  # a bad value or a missing file, before any data is read (as the baselines)
+            check_sources(pert_features, "st", read=False)  # a bad value or a missing file, before any data is read (as the baselines)
         self.pert_features = pert_features
         self.features: PertFeatures | None = None
         self.effect_anchor, self.anchor = effect_anchor, None
