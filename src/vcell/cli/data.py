@@ -94,18 +94,31 @@ def preprocess_cmd(
     allow_missing_controls: AllowMissingControls = False,
     seed: NoRandomSeed = 0,
 ) -> None:
-    """normalize_total + log1p + HVG selection (+ gene list, + on-target knockdown QC)."""
+    """normalize_total + log1p + HVG selection (+ gene list, + on-target knockdown QC), streamed from disk.
+
+    The matrix is read in row blocks (a pass per statistic, then one that writes), so memory does
+    not grow with the number of cells; raw counts are kept in layers['counts'].
+    """
+    import time
+
     from vcell.data.io import check_output_path, read_h5ad
     from vcell.data.preprocess import preprocess_file
     from vcell.data.validate import validate
     from vcell.eval.prep import read_gene_list
+    from vcell.train.display import format_duration, status, task
 
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
     if n_top_genes < 1 or not target_sum > 0:  # options are checked before any work, not after normalising
         raise VcellError(f"--n-top-genes must be >= 1 and --target-sum > 0, got {n_top_genes} and {target_sum:g}")
     gene_list = read_gene_list(genes) if genes else None  # a missing or unreadable file is named now
     check_output_path(output, [input], overwrite=overwrite)
-    info = validate(read_h5ad(input, backed=True), spec, input, require_context_controls=not allow_missing_controls)
+    t0 = time.perf_counter()
+    with status(f"checking {input.name}"):
+        backed = read_h5ad(input, backed=True)
+        try:
+            info = validate(backed, spec, input, require_context_controls=not allow_missing_controls)
+        finally:
+            backed.file.close()
     summary = preprocess_file(
         input,
         output,
@@ -119,9 +132,19 @@ def preprocess_cmd(
         cell_residual_expression=cell_residual_expression,
         min_cells=min_cells,
         overwrite=overwrite,
+        progress=task,
     )
-    rows = pd.DataFrame([{"item": k, "value": str(v)} for k, v in summary.items() if not isinstance(v, (list, dict))])
-    console.print(table(rows, title=f"wrote {output}"))
+    s = summary
+    what = [f"log1p of normalize_total {s['target_sum']:,g}, counts in layers['counts']" if s["normalized"] else "log1p as given"]
+    if "n_target_genes_kept" in s and s["n_top_genes"] >= s["n_genes_before"]:
+        what.append(f"all genes kept (--n-top-genes {s['n_top_genes']:,})")
+    elif "n_target_genes_kept" in s:
+        what.append(f"{s['n_top_genes']:,} highly variable genes + {s['n_target_genes_kept']:,} target genes kept"
+                    if subset_hvg else "highly variable genes flagged in var['highly_variable']")
+    if "n_cells_dropped_qc" in s:
+        what.append(f"knockdown QC dropped {s['n_perturbations_dropped_qc']:,} perturbation(s), {s['n_cells_dropped_qc']:,} cells")
+    console.print(f"wrote {output} in {format_duration(time.perf_counter() - t0)}: {s['n_cells_before']:,} x {s['n_genes_before']:,} "
+                  f"-> {s['n_cells_after']:,} cells x {s['n_genes_after']:,} genes ({'; '.join(what)})", highlight=False, soft_wrap=True)
 
 
 @app.command("split")

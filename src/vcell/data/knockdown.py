@@ -1,7 +1,10 @@
 """Knockdown QC: drop perturbations whose target gene is not knocked down (cell-load / arc-state style).
 
-:func:`knockdown_qc` takes an :class:`~anndata.AnnData` and returns a new object plus a report;
-the input is never modified in place.
+:class:`KnockdownStats` collects what the QC needs from row blocks of the matrix (the control
+mean of every target gene per context, and each perturbed cell's value of its own targets), so
+a file streamed in blocks and a matrix in memory (one block) give the same report.
+:func:`knockdown_qc` runs it on an :class:`~anndata.AnnData` and returns a new object plus the
+report; the input is never modified in place.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ import logging
 import math
 
 import anndata as ad
+import numba
 import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from vcell.data.normalize import _require_x, _vcell_uns
+from vcell.data.normalize import _csr_totals, _require_x, _vcell_uns
 from vcell.data.spec import EXPRESSION_TYPES, SINGLE_CONTEXT, DataSpec, split_combo
 from vcell.errors import VcellError
 
@@ -50,64 +54,222 @@ def _bad_expression(value) -> str:
     return f"unknown expression type '{value}' (expected one of {', '.join(EXPRESSION_TYPES)})"
 
 
-def _check_columns(adata: ad.AnnData, spec: DataSpec) -> None:
+def _check_columns(adata_or_obs, spec: DataSpec) -> None:
+    obs = adata_or_obs.obs if isinstance(adata_or_obs, ad.AnnData) else adata_or_obs
     for role, col in (("perturbation", spec.pert_col), ("context", spec.context_col)):
         if col is None:
             continue
-        if col not in adata.obs:
+        if col not in obs:
             raise VcellError(f"{role} column '{col}' not found in .obs")
-        n_na = int(adata.obs[col].isna().sum())
+        n_na = int(obs[col].isna().sum())
         if n_na:
             raise VcellError(f"{role} column '{col}' has {n_na} missing values")
 
 
-def _labels(adata: ad.AnnData, col: str | None) -> np.ndarray:
+def _labels(obs: pd.DataFrame, col: str | None) -> np.ndarray:
     if col is None:
-        return np.full(adata.n_obs, SINGLE_CONTEXT, dtype=object)
-    return adata.obs[col].astype(str).to_numpy(dtype=object)
+        return np.full(len(obs), SINGLE_CONTEXT, dtype=object)
+    return obs[col].astype(str).to_numpy(dtype=object)
 
 
-class _TargetExpression:
-    """Normalised expression of selected genes for selected cells (expm1 of log1p, or CP10k)."""
+def check_qc_options(residual_expression: float, cell_residual_expression: float | None, min_cells: int) -> None:
+    """One-line errors for knockdown-QC thresholds out of range."""
+    if not (0 <= residual_expression):
+        raise VcellError(f"residual_expression must be >= 0, got {residual_expression}")
+    if cell_residual_expression is not None and not (0 <= cell_residual_expression):
+        raise VcellError(f"cell_residual_expression must be >= 0, got {cell_residual_expression}")
+    if min_cells < 0:
+        raise VcellError(f"min_cells must be >= 0, got {min_cells}")
 
-    def __init__(self, adata: ad.AnnData, expression: str):
-        x = adata.X
-        self.x = x.tocsr() if sparse.issparse(x) and x.format != "csr" else x
-        self.expression = expression
-        self.scale = None
-        base = (adata.uns.get("log1p") or {}).get("base") if expression == "log1p" else None
-        self.log_base = None if base is None else float(base)
-        if expression == "counts":
-            totals = np.asarray(self.x.sum(axis=1), dtype=np.float64).ravel()
-            with np.errstate(divide="ignore"):
-                self.scale = np.where(totals > 0, _QC_TARGET_SUM / totals, 0.0)
 
-    def matrix(self, rows: np.ndarray, cols: np.ndarray):
-        """Normalised expression, cells ``rows`` x genes ``cols`` (sparse stays sparse)."""
-        sub = self.x[rows][:, cols]
-        if sparse.issparse(sub):
-            sub = sparse.csr_matrix(sub, dtype=np.float64, copy=True)
-            vals = sub.data
-        else:
-            sub = np.asarray(sub, dtype=np.float64).copy()
-            vals = sub
+@numba.njit(cache=True, nogil=True)
+def _accumulate(indptr, indices, data, start, ctrl_ctx, slots, ctrl_sums, cell_vals):
+    n_slots = slots.shape[1]
+    for r in range(indptr.size - 1):
+        cell = start + r
+        ctx = ctrl_ctx[cell]
+        if ctx >= 0:
+            for j in range(indptr[r], indptr[r + 1]):
+                ctrl_sums[ctx, indices[j]] += data[j]
+        elif n_slots and slots[cell, 0] >= 0:
+            for j in range(indptr[r], indptr[r + 1]):
+                c = indices[j]
+                for k in range(n_slots):
+                    if slots[cell, k] == c:
+                        cell_vals[cell, k] = data[j]
+
+
+class KnockdownStats:
+    """What knockdown QC needs from the matrix, added up over row blocks (in row order).
+
+    Parameters
+    ----------
+    obs
+        The cells' annotations (all cells of the matrix, in row order).
+    var_names
+        The genes (columns of the matrix).
+    spec
+        Column conventions.
+    expression
+        ``"log1p"`` (values are expm1-ed, with ``log_base``) or ``"counts"`` (scaled to 10,000 per cell).
+    log_base
+        Base of the log1p values (``None``: natural log).
+    """
+
+    def __init__(self, obs: pd.DataFrame, var_names, spec: DataSpec, expression: str, log_base: float | None = None):
+        if expression not in EXPRESSION_TYPES:
+            raise VcellError(_bad_expression(expression))
+        _check_columns(obs, spec)
+        self.expression, self.log_base = expression, log_base
+        self.perts, self.contexts = _labels(obs, spec.pert_col), _labels(obs, spec.context_col)
+        self.control = str(spec.control)
+        is_control = self.perts == self.control
+        if not is_control.any():
+            raise VcellError(f"control label '{self.control}' not found in column '{spec.pert_col}'")
+        no_ctrl = sorted(set(self.contexts[~is_control]) - set(self.contexts[is_control]))
+        if no_ctrl:
+            more = f" (and {len(no_ctrl) - 1} more)" if len(no_ctrl) > 1 else ""
+            raise VcellError(
+                f"no control cells ('{self.control}' in column '{spec.pert_col}') in context "
+                f"'{no_ctrl[0]}'{more} of column '{spec.context_col}'"
+            )
+        self.gene_pos: dict[str, int] = {}
+        for i, g in enumerate(var_names):
+            self.gene_pos.setdefault(str(g), i)  # first occurrence if names repeat
+
+        self.groups = pd.DataFrame({"context": self.contexts, "perturbation": self.perts}).groupby(
+            ["context", "perturbation"], sort=True).indices
+        ctx_names, ctx_codes = np.unique(self.contexts.astype(str), return_inverse=True)
+        self.ctx_index = {c: i for i, c in enumerate(ctx_names)}
+        self.n_ctrl = np.bincount(ctx_codes[is_control], minlength=len(ctx_names))
+        self.ctrl_ctx = np.where(is_control, ctx_codes, -1).astype(np.int64)
+
+        measured = {}  # label -> its measured targets, in label order
+        for lab in pd.unique(self.perts):
+            if lab != self.control:
+                measured[lab] = [t for t in dict.fromkeys(split_combo(lab)) if t in self.gene_pos]
+        self.measured = measured
+        self.targets = list(dict.fromkeys(t for ts in measured.values() for t in ts))
+        self.local = {t: i for i, t in enumerate(self.targets)}
+        self.cols = np.array([self.gene_pos[t] for t in self.targets], dtype=np.int64)
+        width = max((len(ts) for ts in measured.values()), default=0)
+        codes, uniques = pd.factorize(self.perts)
+        table = np.full((len(uniques), width), -1, dtype=np.int64)
+        for u, lab in enumerate(uniques):
+            for k, t in enumerate(measured.get(lab, [])):
+                table[u, k] = self.local[t]
+        self.slots = table[codes] if len(uniques) else np.full((len(obs), width), -1, dtype=np.int64)
+        self.ctrl_sums = np.zeros((len(ctx_names), len(self.targets)), dtype=np.float64)
+        self.cell_vals = np.zeros((len(obs), width), dtype=np.float64)
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether any target gene is measured (otherwise the matrix need not be read)."""
+        return len(self.targets) > 0
+
+    def add(self, start: int, block) -> None:
+        """Add rows ``start, start + 1, ...`` given as ``block``: full rows of the matrix (CSR or dense)."""
+        if not self.needs_data:
+            return
+        if sparse.issparse(block):
+            block = block if block.format == "csr" else block.tocsr()
+        totals = None
+        if self.expression == "counts":
+            if sparse.issparse(block):
+                totals = np.zeros(block.shape[0], dtype=np.float64)
+                _csr_totals(block.indptr, block.data, totals)
+            else:
+                totals = np.sum(np.asarray(block), axis=1, dtype=np.float64)
+        self.add_columns(start, block[:, self.cols], totals)
+
+    def add_columns(self, start: int, sub, totals: np.ndarray | None = None) -> None:
+        """:meth:`add` given only the target columns (``sub``: rows x :attr:`cols`), and for counts the full rows' totals."""
+        if not self.needs_data:
+            return
+        sub = sparse.csr_matrix(sub, dtype=np.float64, copy=True)
+        vals = sub.data
         if self.expression == "log1p":
             if self.log_base is not None:
                 vals *= math.log(self.log_base)
             np.expm1(vals, out=vals)
-            return sub
-        if sparse.issparse(sub):
-            return sparse.diags(self.scale[rows]) @ sub
-        return sub * self.scale[rows][:, None]
+        else:
+            with np.errstate(divide="ignore"):
+                scale = np.where(totals > 0, _QC_TARGET_SUM / totals, 0.0)
+            vals *= np.repeat(scale, np.diff(sub.indptr))
+        _accumulate(sub.indptr, sub.indices, vals, int(start), self.ctrl_ctx, self.slots, self.ctrl_sums, self.cell_vals)
 
-    def mean(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        if len(rows) == 0:
-            return np.full(len(cols), np.nan)
-        return np.asarray(self.matrix(rows, cols).mean(axis=0), dtype=np.float64).ravel()
+    def result(self, residual_expression: float = 0.30, cell_residual_expression: float | None = None,
+               min_cells: int = 30) -> tuple[np.ndarray, pd.DataFrame]:
+        """The cells kept (bool mask) and the report, once every row was added (see :func:`knockdown_qc`)."""
+        keep_cells = np.ones(len(self.perts), dtype=bool)
+        rows: list[dict] = []
+        for (ctx, pert), idx in self.groups.items():
+            idx = np.asarray(idx)
+            row = dict(context=ctx, perturbation=pert, n_cells=len(idx), n_cells_kept=len(idx),
+                       target_gene=None, control_mean=np.nan, pert_mean=np.nan, ratio=np.nan)
+            if pert == self.control:
+                rows.append(row | {"status": STATUS_CONTROL})
+                continue
+            measured = self.measured[pert]
+            if not measured:
+                targets = list(dict.fromkeys(split_combo(pert)))
+                rows.append(row | {"target_gene": "+".join(targets), "status": STATUS_NOT_MEASURED})
+                continue
+            c = self.ctx_index[ctx]
+            ctrl = {t: float(self.ctrl_sums[c, self.local[t]] / self.n_ctrl[c]) for t in measured}
+            values = self.cell_vals[idx, : len(measured)]
+            pmeans = dict(zip(measured, values.mean(axis=0).tolist(), strict=True))
+            testable = [t for t in measured if ctrl[t] > 0]
+            if not testable:
+                t = measured[0]
+                rows.append(row | {"target_gene": t, "control_mean": ctrl[t], "pert_mean": pmeans[t],
+                                   "status": STATUS_NO_CONTROL_EXPR})
+                continue
+            ratios = {t: pmeans[t] / ctrl[t] for t in testable}
+            worst = max(testable, key=lambda t: ratios[t])
+            row |= {"target_gene": worst, "control_mean": ctrl[worst], "pert_mean": pmeans[worst],
+                    "ratio": ratios[worst]}
+            if ratios[worst] > residual_expression:
+                keep_cells[idx] = False
+                rows.append(row | {"n_cells_kept": 0, "status": STATUS_NOT_KNOCKED_DOWN})
+                continue
+            kept_idx = idx
+            if cell_residual_expression is not None:
+                k = [measured.index(t) for t in testable]
+                thresholds = cell_residual_expression * np.array([ctrl[t] for t in testable])
+                cell_ok = np.all(values[:, k] <= thresholds[None, :], axis=1)
+                keep_cells[idx[~cell_ok]] = False
+                kept_idx = idx[cell_ok]
+            if len(kept_idx) < min_cells:
+                keep_cells[idx] = False
+                rows.append(row | {"n_cells_kept": 0, "status": STATUS_TOO_FEW_CELLS})
+                continue
+            rows.append(row | {"n_cells_kept": len(kept_idx), "status": STATUS_KEPT})
 
-    def dense(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        m = self.matrix(rows, cols)
-        return m.toarray() if sparse.issparse(m) else np.asarray(m)
+        report = pd.DataFrame(rows, columns=REPORT_COLUMNS)
+        report["n_cells"] = report["n_cells"].astype(int)
+        report["n_cells_kept"] = report["n_cells_kept"].astype(int)
+        for col in ("control_mean", "pert_mean", "ratio"):
+            report[col] = report[col].astype(float)
+        n_dropped = int(report["status"].isin(DROP_STATUSES).sum())
+        logger.info(
+            "knockdown QC: %d of %d perturbation groups dropped, %d of %d cells removed; "
+            "%d groups with unmeasured targets kept",
+            n_dropped, int((report["status"] != STATUS_CONTROL).sum()),
+            int((~keep_cells).sum()), len(keep_cells), int((report["status"] == STATUS_NOT_MEASURED).sum()),
+        )
+        return keep_cells, report
+
+
+def qc_record(report: pd.DataFrame, keep_cells: np.ndarray, residual_expression: float,
+              cell_residual_expression: float | None, min_cells: int) -> dict:
+    """The ``uns["vcell"]["knockdown_qc"]`` record of a QC run."""
+    rec = {"residual_expression": float(residual_expression), "min_cells": int(min_cells),
+           "n_groups_dropped": int(report["status"].isin(DROP_STATUSES).sum()),
+           "n_cells_dropped": int((~keep_cells).sum())}
+    if cell_residual_expression is not None:
+        rec["cell_residual_expression"] = float(cell_residual_expression)
+    return rec
 
 
 def knockdown_qc(
@@ -156,114 +318,13 @@ def knockdown_qc(
         raise VcellError("expression type not set")
     if spec.expression not in EXPRESSION_TYPES:
         raise VcellError(_bad_expression(spec.expression))
-    if not (0 <= residual_expression):
-        raise VcellError(f"residual_expression must be >= 0, got {residual_expression}")
-    if cell_residual_expression is not None and not (0 <= cell_residual_expression):
-        raise VcellError(f"cell_residual_expression must be >= 0, got {cell_residual_expression}")
-    if min_cells < 0:
-        raise VcellError(f"min_cells must be >= 0, got {min_cells}")
-    _check_columns(adata, spec)
-
-    perts = _labels(adata, spec.pert_col)
-    contexts = _labels(adata, spec.context_col)
-    control = str(spec.control)
-    is_control = perts == control
-    if not is_control.any():
-        raise VcellError(f"control label '{control}' not found in column '{spec.pert_col}'")
-
-    no_ctrl = sorted(set(contexts[~is_control]) - set(contexts[is_control]))
-    if no_ctrl:
-        more = f" (and {len(no_ctrl) - 1} more)" if len(no_ctrl) > 1 else ""
-        raise VcellError(
-            f"no control cells ('{control}' in column '{spec.pert_col}') in context "
-            f"'{no_ctrl[0]}'{more} of column '{spec.context_col}'"
-        )
-
-    gene_pos: dict[str, int] = {}
-    for i, g in enumerate(adata.var_names):
-        gene_pos.setdefault(str(g), i)  # first occurrence if names repeat
-
-    expr = _TargetExpression(adata, spec.expression)
-    groups = pd.DataFrame({"context": contexts, "perturbation": perts}).groupby(
-        ["context", "perturbation"], sort=True
-    ).indices
-    keep_cells = np.ones(adata.n_obs, dtype=bool)
-    rows: list[dict] = []
-    control_cache: dict[str, tuple[np.ndarray, dict[str, float]]] = {}
-
-    def control_means(ctx: str, genes: list[str]) -> dict[str, float]:
-        if ctx not in control_cache:
-            ctrl_rows = np.flatnonzero(is_control & (contexts == ctx))
-            control_cache[ctx] = (ctrl_rows, {})
-        ctrl_rows, cache = control_cache[ctx]
-        todo = [g for g in genes if g not in cache]
-        if todo:
-            means = expr.mean(ctrl_rows, np.array([gene_pos[g] for g in todo]))
-            cache.update(zip(todo, means.tolist(), strict=True))
-        return {g: cache[g] for g in genes}
-
-    for (ctx, pert), idx in groups.items():
-        idx = np.asarray(idx)
-        row = dict(context=ctx, perturbation=pert, n_cells=len(idx), n_cells_kept=len(idx),
-                   target_gene=None, control_mean=np.nan, pert_mean=np.nan, ratio=np.nan)
-        if pert == control:
-            rows.append(row | {"status": STATUS_CONTROL})
-            continue
-        targets = list(dict.fromkeys(split_combo(pert)))
-        measured = [t for t in targets if t in gene_pos]
-        if not measured:
-            rows.append(row | {"target_gene": "+".join(targets), "status": STATUS_NOT_MEASURED})
-            continue
-        ctrl = control_means(ctx, measured)
-        cols = np.array([gene_pos[t] for t in measured])
-        pmeans = dict(zip(measured, expr.mean(idx, cols).tolist(), strict=True))
-        testable = [t for t in measured if ctrl[t] > 0]
-        if not testable:
-            t = measured[0]
-            rows.append(row | {"target_gene": t, "control_mean": ctrl[t], "pert_mean": pmeans[t],
-                               "status": STATUS_NO_CONTROL_EXPR})
-            continue
-        ratios = {t: pmeans[t] / ctrl[t] for t in testable}
-        worst = max(testable, key=lambda t: ratios[t])
-        row |= {"target_gene": worst, "control_mean": ctrl[worst], "pert_mean": pmeans[worst],
-                "ratio": ratios[worst]}
-        if ratios[worst] > residual_expression:
-            keep_cells[idx] = False
-            rows.append(row | {"n_cells_kept": 0, "status": STATUS_NOT_KNOCKED_DOWN})
-            continue
-        kept_idx = idx
-        if cell_residual_expression is not None:
-            tcols = np.array([gene_pos[t] for t in testable])
-            thresholds = cell_residual_expression * np.array([ctrl[t] for t in testable])
-            cell_ok = np.all(expr.dense(idx, tcols) <= thresholds[None, :], axis=1)
-            keep_cells[idx[~cell_ok]] = False
-            kept_idx = idx[cell_ok]
-        if len(kept_idx) < min_cells:
-            keep_cells[idx] = False
-            rows.append(row | {"n_cells_kept": 0, "status": STATUS_TOO_FEW_CELLS})
-            continue
-        rows.append(row | {"n_cells_kept": len(kept_idx), "status": STATUS_KEPT})
-
-    report = pd.DataFrame(rows, columns=REPORT_COLUMNS)
-    report["n_cells"] = report["n_cells"].astype(int)
-    report["n_cells_kept"] = report["n_cells_kept"].astype(int)
-    for col in ("control_mean", "pert_mean", "ratio"):
-        report[col] = report[col].astype(float)
-
-    n_dropped = int(report["status"].isin(DROP_STATUSES).sum())
-    logger.info(
-        "knockdown QC: %d of %d perturbation groups dropped, %d of %d cells removed; "
-        "%d groups with unmeasured targets kept",
-        n_dropped, int((report["status"] != STATUS_CONTROL).sum()),
-        int((~keep_cells).sum()), adata.n_obs, int((report["status"] == STATUS_NOT_MEASURED).sum()),
-    )
+    check_qc_options(residual_expression, cell_residual_expression, min_cells)
+    base = (adata.uns.get("log1p") or {}).get("base") if spec.expression == "log1p" else None
+    stats = KnockdownStats(adata.obs, adata.var_names, spec, spec.expression, None if base is None else float(base))
+    stats.add(0, adata.X)
+    keep_cells, report = stats.result(residual_expression, cell_residual_expression, min_cells)
     out = adata[keep_cells].copy()
     meta = _vcell_uns(out)
-    qc_meta = {"residual_expression": float(residual_expression), "min_cells": int(min_cells),
-               "n_groups_dropped": n_dropped, "n_cells_dropped": int((~keep_cells).sum())}
-    if cell_residual_expression is not None:
-        qc_meta["cell_residual_expression"] = float(cell_residual_expression)
-    meta["knockdown_qc"] = qc_meta
+    meta["knockdown_qc"] = qc_record(report, keep_cells, residual_expression, cell_residual_expression, min_cells)
     out.uns["vcell"] = meta
     return out, report
-

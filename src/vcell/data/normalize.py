@@ -1,7 +1,12 @@
 """Library-size normalisation and log1p of raw counts, and helpers shared by the preprocessing steps.
 
-Every function takes an :class:`~anndata.AnnData` plus keyword options and returns a new object;
-the input is never modified in place.
+The arithmetic is scanpy's ``normalize_total`` + ``log1p`` (float32, same rounding), written per
+row block so that a file streamed in blocks (:mod:`vcell.data.preprocess_stream`) and a matrix in
+memory (one block) give the same numbers: :func:`row_totals` then :func:`log1p_normalize`, which
+may be applied to any subset of the block's columns once the totals of the full rows are known.
+
+Every function that takes an :class:`~anndata.AnnData` returns a new object; the input is never
+modified in place.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ import numbers
 from collections.abc import Mapping
 
 import anndata as ad
+import numba
 import numpy as np
-import scanpy as sc
 from scipy import sparse
 
 from vcell.errors import VcellError
@@ -21,10 +26,13 @@ from vcell.errors import VcellError
 # One logger for the whole preprocessing pipeline (`vcell data preprocess`), whichever module logs.
 logger = logging.getLogger("vcell.data.preprocess")
 
+NEGATIVE, NOT_FINITE, NOT_INTEGER = 1, 2, 4  # flags of :func:`count_flags`
 
-def _vcell_uns(adata: ad.AnnData) -> dict:
+
+def _vcell_uns(adata_or_uns) -> dict:
     """A fresh copy of ``uns["vcell"]`` (so edits never reach a shared dict); ``{}`` when it is not a mapping."""
-    meta = adata.uns.get("vcell", {})
+    uns = adata_or_uns.uns if isinstance(adata_or_uns, ad.AnnData) else adata_or_uns
+    meta = uns.get("vcell", {})
     if not isinstance(meta, Mapping):
         logger.warning("uns['vcell'] is a %s, not a mapping of vcell's metadata: ignored", type(meta).__name__)
         return {}
@@ -38,16 +46,93 @@ def _require_x(adata: ad.AnnData, what: str) -> None:
         raise VcellError(f"{what}: the AnnData has no expression matrix X")
 
 
-def _as_float32(x):
-    """X as float32, keeping its sparse format (CSR stays CSR) or making it a dense ndarray."""
-    if sparse.issparse(x):
-        return x.astype(np.float32, copy=True)
-    return np.array(x, dtype=np.float32, copy=True)
+def check_target_sum(target_sum) -> float:
+    """``target_sum`` as a float, or a one-line error unless it is a positive finite number."""
+    if not (isinstance(target_sum, numbers.Real) and math.isfinite(target_sum) and target_sum > 0):
+        raise VcellError(f"target_sum must be a positive number, got {target_sum!r}")
+    return float(target_sum)
 
 
-def _values(x) -> np.ndarray:
-    """The stored values of a dense or sparse matrix (cheap checks on counts)."""
-    return x.data if sparse.issparse(x) else np.asarray(x)
+@numba.njit(cache=True, nogil=True)
+def _flags(vals):
+    flags = 0
+    for k in range(vals.size):
+        v = vals[k]
+        if not np.isfinite(v):
+            flags |= 2
+        elif v < 0:
+            flags |= 1
+        elif v != np.floor(v):
+            flags |= 4
+    return flags
+
+
+def count_flags(block) -> int:
+    """Bit flags of a block of raw counts: ``NEGATIVE``, ``NOT_FINITE``, ``NOT_INTEGER`` values present."""
+    vals = block.data if sparse.issparse(block) else np.asarray(block)
+    vals = np.ascontiguousarray(vals).reshape(-1)
+    if vals.size == 0 or vals.dtype.kind in "biu":
+        return NEGATIVE if vals.size and vals.dtype.kind == "i" and vals.min() < 0 else 0
+    if vals.dtype == np.float16:
+        vals = vals.astype(np.float32)
+    return int(_flags(vals))
+
+
+def raise_count_flags(flags: int) -> None:
+    """Raise (negative, NaN/inf values) or warn (non-integer values) about what :func:`count_flags` found."""
+    if flags & NEGATIVE:
+        raise VcellError("X has negative values; expected raw counts")
+    if flags & NOT_FINITE:
+        raise VcellError("X has NaN or infinite values; expected raw counts")
+    if flags & NOT_INTEGER:
+        logger.warning("X has non-integer values; normalising them as if they were counts")
+
+
+@numba.njit(cache=True, nogil=True)
+def _csr_totals(indptr, data, out):
+    for i in range(out.size):
+        count = 0.0  # float64 accumulator, stored as float32: scanpy's _normalize_csr
+        for j in range(indptr[i], indptr[i + 1]):
+            count += data[j]
+        out[i] = count
+
+
+def _float32(block):
+    """A block as float32 (CSR stays CSR, sharing its index arrays; dense becomes an ndarray)."""
+    if sparse.issparse(block):
+        block = block if block.format == "csr" else block.tocsr()
+        data = block.data if block.data.dtype == np.float32 else block.data.astype(np.float32)
+        return sparse.csr_matrix((data, block.indices, block.indptr), shape=block.shape)
+    return np.asarray(block, dtype=np.float32)
+
+
+def row_totals(block) -> np.ndarray:
+    """Per-row totals of a block of counts, as scanpy's ``normalize_total`` computes them (float32)."""
+    block = _float32(block)
+    if sparse.issparse(block):
+        out = np.zeros(block.shape[0], dtype=np.float32)
+        _csr_totals(block.indptr, block.data, out)
+        return out
+    return np.sum(block, axis=1)
+
+
+def log1p_normalize(block, totals: np.ndarray, target_sum: float):
+    """``log1p(block / totals * target_sum)`` in float32, rows with a zero total left at zero.
+
+    ``block`` holds rows of counts (CSR or dense; any subset of the columns whose full-row sums
+    are ``totals`` from :func:`row_totals`). Returns a new float32 block of the same format (CSR
+    for sparse input); the input is not modified.
+    """
+    scale = totals / float(target_sum)
+    scale = scale + (scale == 0)
+    block = _float32(block)
+    if sparse.issparse(block):
+        data = block.data / np.repeat(scale, np.diff(block.indptr))
+        np.log1p(data, out=data)
+        return sparse.csr_matrix((data, block.indices.copy(), block.indptr.copy()), shape=block.shape)
+    out = np.true_divide(block, scale[:, None])
+    np.log1p(out, out=out)
+    return out
 
 
 def normalize_log1p(adata: ad.AnnData, target_sum: float = 1e4, counts_layer: str = "counts") -> ad.AnnData:
@@ -70,31 +155,21 @@ def normalize_log1p(adata: ad.AnnData, target_sum: float = 1e4, counts_layer: st
         ``target_sum``).
     """
     _require_x(adata, "normalize_log1p")
-    if not (isinstance(target_sum, numbers.Real) and math.isfinite(target_sum) and target_sum > 0):
-        raise VcellError(f"target_sum must be a positive number, got {target_sum!r}")
+    target_sum = check_target_sum(target_sum)
     if "log1p" in adata.uns:
         raise VcellError("X is already log1p-transformed (uns['log1p'] is present); expected raw counts")
-    vals = _values(adata.X)
-    if vals.size and np.nanmin(vals) < 0:
-        raise VcellError("X has negative values; expected raw counts")
-    if vals.size and not np.all(np.isfinite(vals)):
-        raise VcellError("X has NaN or infinite values; expected raw counts")
-    if vals.size and not np.array_equal(vals, np.round(vals)):
-        logger.warning("X has non-integer values; normalising them as if they were counts")
+    raise_count_flags(count_flags(adata.X))
 
     out = adata.copy()
     out.layers[counts_layer] = adata.X.copy()
-    out.X = _as_float32(adata.X)
-    n_empty = int(np.sum(np.asarray(out.X.sum(axis=1)).ravel() == 0))
+    totals = row_totals(adata.X)
+    n_empty = int(np.sum(totals == 0))
     if n_empty:
         logger.warning("%d cells have zero total counts; they stay all-zero after normalisation", n_empty)
-    sc.pp.normalize_total(out, target_sum=float(target_sum))
-    sc.pp.log1p(out)
-    if out.X.dtype != np.float32:  # scanpy keeps float32 today; do not rely on it
-        out.X = out.X.astype(np.float32)
+    out.X = log1p_normalize(adata.X, totals, target_sum)
+    out.uns["log1p"] = {"base": None}
     meta = _vcell_uns(out)
-    meta.update(expression="log1p", target_sum=float(target_sum))
+    meta.update(expression="log1p", target_sum=target_sum)
     out.uns["vcell"] = meta
     logger.info("normalised %d cells to %g counts and log1p-transformed", out.n_obs, target_sum)
     return out
-
