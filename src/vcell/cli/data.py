@@ -217,10 +217,12 @@ def subset_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Random seed: draws a --holdout-perturbations fraction (the same seed as `vcell data split` gives the same cells).")] = 0,
 ) -> None:
     """Write the cells of a split's role (default: the held-out test cells) with their contexts' controls: the real cells to score a prediction against."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
     from vcell.data.dataset import load_dataset
     from vcell.data.io import check_output_path
     from vcell.data.splits import apply_split, select_cells
-
+    from vcell.data.subset import write_cells
     from vcell.eval.prep import read_gene_list
 
     check_split_options(split, holdout_context, holdout_perturbations)
@@ -230,10 +232,6 @@ def subset_cmd(
     data = load_dataset(file, spec, backed=True, dataset_col=dataset_col, require_context_controls=not allow_missing_controls)
     cfg = split_config(data.index, split, holdout_context, holdout_perturbations, seed)
     mask = select_cells(data.index, apply_split(data.index, cfg), role or ["test"], context or [], controls)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    from vcell.data.subset import write_cells
-
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task(f"writing {out.name}", total=int(mask.sum()))
