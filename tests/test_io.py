@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from vcell.data.io import atomic_paths, read_h5ad_mapped
+from vcell.data.io import atomic_paths, read_h5ad, read_h5ad_mapped
 from vcell.data.matrix import block_values, iter_row_chunks, locate
 from vcell.data.validate import MatrixStats, _scan_values, scan_matrix
 
@@ -106,3 +106,21 @@ def test_atomic_paths_all_or_nothing(tmp_path):
         tmp["a.csv"].write_text("A")
         tmp["b.csv"].write_text("B")
     assert sorted(p.name for p in existing.iterdir()) == ["a.csv", "b.csv"] and (existing / "a.csv").read_text() == "A"
+
+
+def test_backed_read_leaves_sparse_layers_on_disk(tmp_path):
+    """anndata's backed mode loads every layer; vcell's keeps a CSR layer lazy and reads only the rows asked for."""
+    from anndata.abc import CSRDataset
+
+    X = sp.random(40, 6, density=0.5, format="csr", random_state=0, dtype=np.float32)
+    a = ad.AnnData(X=X, layers={"counts": (X * 3).tocsr(), "dense": X.toarray()})
+    a.write_h5ad(tmp_path / "a.h5ad")
+    b = read_h5ad(tmp_path / "a.h5ad", backed=True)
+    try:
+        assert b.isbacked and isinstance(b.layers["counts"], CSRDataset)
+        rows = np.arange(40) % 4 == 1
+        sub = b[rows].to_memory()
+        np.testing.assert_array_equal(sub.layers["counts"].toarray(), (X * 3).toarray()[rows])
+        np.testing.assert_array_equal(sub.layers["dense"], X.toarray()[rows])
+    finally:
+        b.file.close()

@@ -38,9 +38,35 @@ def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
     import anndata as ad  # here, not at the top: readers of other formats need not import it
 
     try:
-        return ad.read_h5ad(path, backed="r" if backed else None)
+        return _read_backed(path) if backed else ad.read_h5ad(path)
     except Exception as exc:  # anndata raises many types for corrupt files
         raise VcellError(f"{path}: unreadable .h5ad file ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_backed(path: Path) -> ad.AnnData:
+    """anndata's backed read, with sparse layers left on disk too.
+
+    anndata's own backed mode leaves ``X`` on disk but reads every layer into memory (a raw-counts
+    layer beside a log1p ``X`` doubles what a "backed" file costs); here a CSR/CSC layer is a lazy
+    dataset, read where it is indexed. Files of old layouts, or with ``raw``, take anndata's path.
+    """
+    import anndata as ad
+    from anndata.io import read_elem, sparse_dataset
+
+    f = h5py.File(path, "r")
+    if "encoding-type" not in f.attrs or not isinstance(f.get("obs"), h5py.Group) or "raw" in f:
+        f.close()
+        return ad.read_h5ad(path, backed="r")
+    try:
+        slots = {k: read_elem(f[k]) for k in ("obs", "var", "obsm", "varm", "obsp", "varp", "uns") if k in f}
+        layers = {}
+        for key, node in f.get("layers", {}).items():
+            sparse = isinstance(node, h5py.Group) and str(node.attrs.get("encoding-type", "")) in ("csr_matrix", "csc_matrix")
+            layers[key] = sparse_dataset(node) if sparse else read_elem(node)
+        return ad.AnnData(filename=f, layers=layers, **slots)
+    except BaseException:
+        f.close()
+        raise
 
 
 def dense_x_memmap(adata: ad.AnnData) -> np.memmap | None:
