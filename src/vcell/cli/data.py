@@ -245,31 +245,80 @@ def subset_cmd(
 @app.command("simulate")
 def simulate_cmd(
     output: Annotated[Path, typer.Argument(help="Output .h5ad of raw counts (written atomically).")],
-    n_genes: Annotated[int, typer.Option(help="Genes.")] = 2000,
-    n_contexts: Annotated[int, typer.Option(help="Cell contexts.")] = 3,
-    n_perturbations: Annotated[int, typer.Option(help="Single-gene perturbations.")] = 40,
-    n_combinations: Annotated[int, typer.Option(help="Two-gene combinations (A+B).")] = 10,
-    cells_per_perturbation: Annotated[int, typer.Option(help="Cells per perturbation and context.")] = 100,
-    n_controls: Annotated[int, typer.Option(help="Control cells per context.")] = 600,
+    preset: Annotated[str | None, typer.Option(help="'vcc': the Virtual Cell Challenge's size and structure "
+                                               "(300,000 cells x 18,080 genes, 300 perturbations), written chunk by chunk.")] = None,
+    n_cells: Annotated[int | None, typer.Option(help="Cells in all, controls included (vcc: 300,000; --preset only).")] = None,
+    n_genes: Annotated[int | None, typer.Option(help="Genes (default: 2000; vcc: 18,080).")] = None,
+    n_contexts: Annotated[int | None, typer.Option(help="Cell contexts (default: 3; vcc: 1, cells split between them).")] = None,
+    n_perturbations: Annotated[int | None, typer.Option(help="Single-gene perturbations (default: 40; vcc: 300).")] = None,
+    n_val_perturbations: Annotated[int | None, typer.Option(help="Perturbations given the validation role (vcc: a sixth; --preset only).")] = None,
+    n_test_perturbations: Annotated[int | None, typer.Option(help="Held-out test perturbations (vcc: a third; --preset only).")] = None,
+    n_combinations: Annotated[int | None, typer.Option(help="Two-gene combinations (A+B) (default: 10; vcc: none).")] = None,
+    cells_per_perturbation: Annotated[int | None, typer.Option(help="Cells per perturbation and context (default: 100; "
+                                                               "vcc: from --n-cells, ~870).")] = None,
+    n_controls: Annotated[int | None, typer.Option(help="Control cells per context (default: 600; vcc: 38,000 in all).")] = None,
+    n_batches: Annotated[int | None, typer.Option(help="Batches (obs 'gem_group') (default: 2; vcc: 8).")] = None,
+    umi_per_cell: Annotated[float | None, typer.Option(help="Median UMIs per cell (vcc: 20,000; --preset only).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads drawing cells (default: all CPUs; --preset only); the file does not depend on it.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
     seed: Seed = 0,
 ) -> None:
-    """Simulate a Perturb-seq dataset (negative-binomial counts, several contexts)."""
-    from vcell.data.io import check_output_path, write_h5ad
-    from vcell.data.simulate import simulate_perturbseq
+    """Simulate a Perturb-seq dataset (negative-binomial counts, known effects in uns['simulation'])."""
+    import time
 
+    from vcell.data.io import check_output_path, disk_size, human_size, write_h5ad
+    from vcell.data.simulate import simulate_perturbseq
+    from vcell.train.display import format_duration, task
+
+    if preset is not None and preset != "vcc":
+        raise VcellError(f"--preset {preset!r}: the only preset is 'vcc'")
+    if preset is None:
+        only = {"--n-cells": n_cells, "--n-val-perturbations": n_val_perturbations, "--n-test-perturbations": n_test_perturbations,
+                "--umi-per-cell": umi_per_cell, "--threads": threads}
+        given = [name for name, value in only.items() if value is not None]
+        if given:
+            raise VcellError(f"{', '.join(given)}: only with --preset vcc")
+        check_output_path(output, overwrite=overwrite)
+        adata = simulate_perturbseq(
+            n_genes=2000 if n_genes is None else n_genes,
+            n_contexts=3 if n_contexts is None else n_contexts,
+            n_perturbations=40 if n_perturbations is None else n_perturbations,
+            n_combinations=10 if n_combinations is None else n_combinations,
+            cells_per_perturbation=100 if cells_per_perturbation is None else cells_per_perturbation,
+            n_controls=600 if n_controls is None else n_controls,
+            n_batches=2 if n_batches is None else n_batches,
+            seed=seed,
+        )
+        write_h5ad(adata, output)
+        console.print(f"wrote {output}: {adata.n_obs:,} cells x {adata.n_vars:,} genes")
+        return
+
+    from vcell.data.simulate_vcc import VCC_PRESET, write_vcc_simulation
+
+    if n_combinations:
+        raise VcellError("--n-combinations: --preset vcc simulates single-gene perturbations only")
+    if cells_per_perturbation is not None and n_cells is not None:
+        raise VcellError("give --n-cells or --cells-per-perturbation, not both")
+    sizes = {k: v for k, v in dict(n_genes=n_genes, n_contexts=n_contexts, n_perturbations=n_perturbations, n_controls=n_controls,
+                                   n_batches=n_batches, umi_per_cell=umi_per_cell).items() if v is not None}
+    opts = {**VCC_PRESET, **sizes}
+    if cells_per_perturbation is not None:
+        if cells_per_perturbation < 1:
+            raise VcellError(f"--cells-per-perturbation must be >= 1, got {cells_per_perturbation}")
+        opts["n_cells"] = opts["n_controls"] + cells_per_perturbation * opts["n_perturbations"] * opts["n_contexts"]
+    elif n_cells is not None:
+        opts["n_cells"] = n_cells
     check_output_path(output, overwrite=overwrite)
-    adata = simulate_perturbseq(
-        n_genes=n_genes,
-        n_contexts=n_contexts,
-        n_perturbations=n_perturbations,
-        n_combinations=n_combinations,
-        cells_per_perturbation=cells_per_perturbation,
-        n_controls=n_controls,
-        seed=seed,
-    )
-    write_h5ad(adata, output)
-    console.print(f"wrote {output}: {adata.n_obs:,} cells x {adata.n_vars:,} genes")
+    t0 = time.perf_counter()
+    with task("simulating", total=opts["n_cells"], unit="cells") as line:
+        s = write_vcc_simulation(output, **opts, n_val_perturbations=n_val_perturbations, n_test_perturbations=n_test_perturbations,
+                                 threads=threads, seed=seed, progress=line.advance)
+    ctx = f", {s.n_contexts} contexts" if s.n_contexts > 1 else ""
+    console.print(f"wrote {output} in {format_duration(time.perf_counter() - t0)}: {s.n_cells:,} cells x {s.n_genes:,} genes, "
+                  f"{s.n_perturbations} perturbations ({s.roles['train']} train / {s.roles['val']} val / {s.roles['test']} test) "
+                  f"+ {s.n_controls:,} controls{ctx}, median {s.median_umi:,.0f} UMI/cell, "
+                  f"{s.nnz / (s.n_cells * s.n_genes):.1%} non-zero, {human_size(disk_size(output))}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command("list")
