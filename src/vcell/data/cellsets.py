@@ -199,13 +199,50 @@ class CellSetDataset(Dataset):
             item["target_genes"], item["basal_genes"] = torch.from_numpy(genes[:n]), torch.from_numpy(genes[n:])
         return item
 
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """The items of one DataLoader batch, read together (one row read for all their cells).
+
+        Sets of equal size come back as a :class:`SetBatch`: the item dicts are views into one
+        block, and :func:`collate_cell_sets` hands that block on without copying it.
+        """
+        sets = [self.sets[i] for i in indices]
+        if not sets or len({s.size for s in sets}) > 1:
+            return [self[i] for i in indices]
+        B, S = len(sets), sets[0].size
+        rows = np.concatenate([s.pert_rows for s in sets] + [s.control_rows for s in sets])
+        block = torch.from_numpy(self.rows.read(rows)).view(2, B, S, -1)
+        batch = {
+            "target": block[0],
+            "basal": block[1],
+            "mask": torch.ones((B, S), dtype=torch.bool),
+            "pert": torch.tensor([s.pert_code for s in sets]),
+            "context": torch.tensor([s.context_code for s in sets]),
+            "batch": torch.tensor([s.batch_code for s in sets]),
+        }
+        if self.gene_rows is not None:
+            genes = torch.from_numpy(self.gene_rows.read(rows)).view(2, B, S, -1)
+            batch["target_genes"], batch["basal_genes"] = genes[0], genes[1]
+        return SetBatch(batch)
+
+
+class SetBatch(list):
+    """The items of a batch of equal-size cell sets (a list of dicts, views into ``batch``) and the
+    collated ``batch`` itself, which :func:`collate_cell_sets` returns as is."""
+
+    def __init__(self, batch: dict):
+        super().__init__({key: value[b] for key, value in batch.items()} for b in range(len(batch["pert"])))
+        self.batch = batch
+
 
 def collate_cell_sets(items: list[dict]) -> dict:
     """Stack cell sets into a batch, zero-padding short sets (``mask`` marks the real cells).
 
     Training items hold ``target`` and ``basal`` (and the codes ``pert``, ``context``, ``batch``);
     prediction items hold ``basal``, ``mask`` and ``pert`` only. Keys an item lacks are left out.
+    A :class:`SetBatch` is already collated: its batch is returned without a copy.
     """
+    if isinstance(items, SetBatch):
+        return items.batch
     S = max(item["basal"].shape[0] for item in items)
     out: dict = {}
     for key in ("target", "basal", "mask", "target_genes", "basal_genes"):
