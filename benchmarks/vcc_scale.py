@@ -30,9 +30,11 @@ What it runs, in ``--workdir`` (files are reused when present, so a run can be c
    prediction), on the model's genes; peers: cell-eval 0.8.2 and cell-eval2 0.20.0 on the same
    pairs.
 10. At full size (every gene): ``vcell eval baseline --profile vcc2026`` (the mean-response
-    baseline scored + the 5-split replicate anchor) and the 2025 profile on the cell-mean baseline
-    prediction (``vcell eval baseline`` + ``vcell eval run --backed``); peers: ``cell-eval2
-    baseline`` and ``cell-eval run`` on the same files.
+    baseline scored + the 5-split replicate anchor); peer: ``cell-eval2 baseline`` (the baseline
+    end only) on the same file. The 2025 profile's cell-mean baseline is not run at this size: it
+    writes every cell as its perturbation's dense mean (125k x 18,080 floats, ~18 GB as CSR), more
+    than this machine's free disk; ``eval_speed.py --vcc-scale`` measures the 2025 evaluator at
+    188k x 18,080.
 
 Every step is a fresh child process. Peak RSS is ``os.wait4``'s ``ru_maxrss`` (the largest
 process); a sampler also records the peak summed RSS of the process tree every 0.5 s and stops a
@@ -252,11 +254,6 @@ def vcell_steps(o, work: Path) -> list[dict]:
     step("eval baseline+anchor vcc2026 (all genes)", [*VCELL, "eval", "baseline", "--profile", "vcc2026", "--real",
                                                       work / "real_full.h5ad", "--out", work / "ends26", "--overwrite", *threads,
                                                       *seed], work / "ends26")
-    step("eval baseline vcc (all genes)", [*VCELL, "eval", "baseline", "--real", work / "real_full.h5ad", "--out",
-                                           work / "base25.h5ad", "--overwrite", *threads, *seed], work / "base25.h5ad")
-    step("eval run vcc (all genes)", [*VCELL, "eval", "run", "--profile", "vcc", "--backed", "--pred", work / "base25.h5ad",
-                                      "--real", work / "real_full.h5ad", "--out", work / "eval25_full", "--overwrite", *threads,
-                                      *seed], work / "eval25_full" / "agg_results.csv")
     return rows
 
 
@@ -303,8 +300,6 @@ def peer_steps(o, work: Path) -> list[dict]:
                                             *ce2v], "cell-eval2 0.20.0"),
         ("eval baseline vcc2026 (all genes)", [ce2, "baseline", "-ar", work / "real_full.h5ad", "-o", work / "ce2_base26", *ce2v],
          "cell-eval2 0.20.0"),
-        ("eval run vcc (all genes)", [ce, "run", "-ap", work / "base25.h5ad", "-ar", work / "real_full.h5ad", "--profile", "vcc",
-                                      "-o", work / "ce_eval25_full", *cev], "cell-eval 0.8.2"),
     ]
     for name, cmd, tool in evals:
         rows.append({**measure(f"{name} ({tool})", cmd, work, **lim), "tool": tool})

@@ -27,7 +27,7 @@ def draw_library_sizes(totals: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return np.rint(totals[rng.integers(0, totals.size, size=n)]).astype(np.int64)
 
 
-def sample_counts(X, library_sizes: np.ndarray, seed: int = 0) -> sp.csr_matrix:
+def sample_counts(X, library_sizes: np.ndarray, seed: int = 0, rows: np.ndarray | None = None) -> sp.csr_matrix:
     """Integral counts for each row of log1p-normalised ``X``, row ``i`` summing to ``library_sizes[i]``.
 
     Parameters
@@ -38,13 +38,16 @@ def sample_counts(X, library_sizes: np.ndarray, seed: int = 0) -> sp.csr_matrix:
         Total count of each cell (integers >= 0).
     seed : int
         Seed of the draws.
+    rows : numpy.ndarray, optional
+        Draw for these rows of ``X`` only (read block by block: ``X`` is not copied).
 
     Returns
     -------
     scipy.sparse.csr_matrix
         float32 counts, no explicit zeros.
     """
-    n = X.shape[0]
+    rows = np.arange(X.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+    n = rows.size
     sizes = np.asarray(library_sizes, dtype=np.int64)
     if sizes.shape != (n,):
         raise VcellError(f"{sizes.size} library sizes for {n} cells")
@@ -53,7 +56,7 @@ def sample_counts(X, library_sizes: np.ndarray, seed: int = 0) -> sp.csr_matrix:
     rng = np.random.default_rng(seed)
     blocks = []
     for s in range(0, n, _BLOCK_ROWS):
-        block = X[s:s + _BLOCK_ROWS]
+        block = X[rows[s:s + _BLOCK_ROWS]]
         block = block.toarray() if sp.issparse(block) else np.asarray(block)
         expr = np.expm1(np.asarray(block, dtype=np.float64))
         if not np.isfinite(expr).all() or (expr < 0).any():

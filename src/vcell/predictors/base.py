@@ -215,21 +215,36 @@ def assemble_prediction(spec: DataSpec, controls: ad.AnnData, context: str, cell
     """The prediction AnnData: the predicted ``cells`` of each perturbation, then the real ``controls``.
 
     The output has the controls' genes, ``spec.pert_col`` and the context column (``spec.context_col``
-    or ``context``), CSR float32 ``X``.
+    or ``context``), CSR float32 ``X``, built in place block by block: memory holds the dense
+    predictions and the CSR result, never a dense copy of both stacked.
     """
     _require_controls(controls, context)
-    basal = dense(controls.X)
-    blocks, labels = [], []
-    for pert, block in cells.items():
-        block = np.asarray(block, dtype=np.float32)
-        blocks.append(block)
-        labels += [pert] * len(block)
-    blocks.append(basal)
-    labels += [spec.control] * controls.n_obs
-    X = np.vstack(blocks)
+    blocks = [np.asarray(block, dtype=np.float32) for block in cells.values()]
+    basal = controls.X if sp.issparse(controls.X) else np.asarray(controls.X, dtype=np.float32)
+    labels = [pert for pert, block in zip(cells, blocks) for _ in range(len(block))] + [spec.control] * controls.n_obs
+    X = _stack_csr([*blocks, basal], controls.n_vars)
     context_col = spec.context_col or "context"
     obs = pd.DataFrame(
         {spec.pert_col: pd.Categorical(labels), context_col: context},
         index=[f"pred{i}" for i in range(len(labels) - controls.n_obs)] + [str(n) for n in controls.obs_names],
     )
-    return ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=controls.var_names.copy()))
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=controls.var_names.copy()))
+
+
+def _stack_csr(blocks: list, n_cols: int, rows_per_part: int = 4096) -> sp.csr_matrix:
+    """Row blocks (dense or sparse) stacked into one float32 CSR matrix, its arrays allocated once."""
+    nnz = sum(b.nnz if sp.issparse(b) else int(np.count_nonzero(b)) for b in blocks)
+    n_rows = sum(b.shape[0] for b in blocks)
+    index = np.int32 if max(nnz, n_cols) < np.iinfo(np.int32).max else np.int64
+    data, indices = np.empty(nnz, np.float32), np.empty(nnz, index)
+    indptr = np.zeros(n_rows + 1, np.int64)
+    row = pos = 0
+    for block in blocks:
+        for s in range(0, block.shape[0], rows_per_part):  # small parts: each conversion's temporaries stay small
+            part = sp.csr_matrix(block[s:s + rows_per_part], dtype=np.float32)
+            part.eliminate_zeros()
+            k, m = part.nnz, part.shape[0]
+            data[pos:pos + k], indices[pos:pos + k] = part.data, part.indices
+            indptr[row + 1:row + m + 1] = part.indptr[1:] + pos
+            row, pos = row + m, pos + k
+    return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_cols))

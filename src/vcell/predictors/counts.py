@@ -35,7 +35,6 @@ from collections.abc import Mapping
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from vcell.data.counts import draw_library_sizes, sample_counts
 from vcell.errors import VcellError, preview
@@ -224,8 +223,7 @@ def to_counts(
     else:
         sizes = np.full(len(rows), depth, dtype=np.int64)
         meta.update(library_size="depth", depth=int(depth))
-    X = pred.X[rows] if len(rows) else sp.csr_matrix((0, pred.n_vars), dtype=np.float32)
-    counts = sample_counts(X, sizes, seed)
+    counts = sample_counts(pred.X, sizes, seed, rows=rows)
     obs = pred.obs.iloc[rows].copy()
     for col in obs.columns:
         if isinstance(obs[col].dtype, pd.CategoricalDtype):

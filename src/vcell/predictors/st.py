@@ -297,7 +297,15 @@ class STPredictor(Predictor):
         # Batch sets of similar size together so little of each batch is padding; the results
         # go back to job order (padding never changes a real cell's output: keys are masked).
         order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][1]))
-        preds: list[np.ndarray | None] = [None] * len(jobs)
+        # each set's cells go straight to their rows of their perturbation's output (no second copy)
+        labels = [str(p) for p in perturbations]
+        width = genes.shape[1]
+        sizes: dict[str, int] = dict.fromkeys(labels, 0)
+        offsets = []
+        for i, rows in jobs:
+            offsets.append(sizes[labels[i]])
+            sizes[labels[i]] += len(rows)
+        cells = {p: np.empty((n, width), np.float32) for p, n in sizes.items()}
         where = f" {context}" if context else ""
         with torch.no_grad(), autocast(device, self.options.precision), task(f"predicting{where}", len(jobs), "sets") as line:
             for start in range(0, len(order), bs):
@@ -309,13 +317,9 @@ class STPredictor(Predictor):
                     pred = model.decode_genes(pred, x, batch["basal_genes"].to(device))
                 pred = pred.float().cpu().numpy()
                 for k, j in enumerate(part):
-                    preds[j] = np.clip(pred[k, :len(jobs[j][1])], 0, None)
+                    i, rows = jobs[j]
+                    np.clip(pred[k, :len(rows)], 0, None, out=cells[labels[i]][offsets[j]:offsets[j] + len(rows)])
                 line.advance(len(part))
-        out: dict[str, list[np.ndarray]] = {str(p): [] for p in perturbations}
-        for (i, _), block in zip(jobs, preds):
-            out[str(perturbations[i])].append(block)
-        width = genes.shape[1]
-        cells = {p: (np.vstack(blocks) if blocks else np.zeros((0, width), np.float32)) for p, blocks in out.items()}
         return self._anchored(cells, controls, genes, perturbations, context)
 
     def _anchored(self, cells: dict[str, np.ndarray], controls: ad.AnnData, genes: np.ndarray, perturbations, context: str):
