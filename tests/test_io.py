@@ -10,7 +10,7 @@ import scipy.sparse as sp
 
 from vcell.data.io import atomic_paths, read_h5ad, read_h5ad_mapped
 from vcell.data.matrix import block_values, iter_row_chunks, locate
-from vcell.data.validate import MatrixStats, _scan_values, scan_matrix
+from vcell.data.validate import MatrixStats, scan_matrix, scan_values
 
 
 def _adata(X) -> ad.AnnData:
@@ -51,7 +51,7 @@ def _reference_scan(X, chunk_rows: int) -> MatrixStats:
         if vals.size == 0:
             continue
         stats.n_values += vals.size
-        bad, neg, nonint, frac, vmax, pmax = _scan_values(vals, 1e-3)
+        bad, neg, nonint, frac, vmax, pmax = scan_values(vals, 1e-3)
         if bad >= 0 and stats.nan is None:
             stats.nan = tuple(v + o for v, o in zip(locate(block, bad), (start, 0)))
         if neg >= 0 and stats.negative is None:

@@ -11,7 +11,7 @@ import typer
 
 from vcell.cli.common import Control, NoRandomSeed, PertCol, console, spelled, table
 from vcell.cli.interrupts import removed_if_interrupted
-from vcell.train.display import status
+from vcell.train.display import status, task
 
 app = typer.Typer(help="Evaluate predictions with the Virtual Cell Challenge metrics (cell-eval compatible).", no_args_is_help=True)
 
@@ -38,16 +38,28 @@ TargetGenes = Annotated[
                  "Default: a label that names a gene targets it."),
 ]
 NoTargetGenes = Annotated[bool, typer.Option("--no-target-genes", help="vcc2026: the perturbations are not genes (drugs, cytokines): exclude no gene.")]
+Backed = Annotated[
+    bool,
+    typer.Option("--backed/--in-memory", help="--backed (default): a matrix larger than --memory-budget is read once into gene bands "
+                 "on disk (a temporary folder beside OUT, removed at the end) and tested band by band; --in-memory reads each matrix whole."),
+]
+MemoryBudget = Annotated[
+    float,
+    typer.Option("--memory-budget", help="GB of memory for the expression matrix with --backed: a matrix that fits is read "
+                 "whole; else two bands of half this each (one tested, the next being read)."),
+]
 Context2026 = Annotated[str, typer.Option("--context-col", help="vcc2026: obs column of the context (cell line); each is scored on its own. Absent: one context.")]
 
 
-def _options_2026(pert_col, control, context_col, target_genes, no_target_genes, threads):
+def _options_2026(pert_col, control, context_col, target_genes, no_target_genes, threads, backed=True, memory_budget=2.0):
     from vcell.errors import VcellError
+    from vcell.eval.bands import budget_bytes
     from vcell.eval.vcc2026.files import Options
 
     if target_genes is not None and no_target_genes:
         raise VcellError("--target-genes and --no-target-genes exclude each other")
-    return Options(pert_col, control, context_col, target_genes, no_target_genes, threads)
+    budget = budget_bytes(memory_budget) if backed else float("inf")
+    return Options(pert_col, control, context_col, target_genes, no_target_genes, threads, budget=budget, progress=task)
 
 
 def _only_2026(profile: str, **given) -> None:
@@ -87,7 +99,8 @@ def run_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("vcell-eval"),
     threads: Threads = 2,
     input_type: InputType = "auto",
-    backed: Annotated[bool, typer.Option("--backed/--in-memory", help="Read the files backed (CSR stays on disk until needed).")] = False,
+    backed: Backed = True,
+    memory_budget: MemoryBudget = 2.0,
     skip_metrics: Annotated[str | None, typer.Option("--skip-metrics", help="Comma-separated metric names to leave out.")] = None,
     context_col: Context2026 = "context",
     target_genes: TargetGenes = None,
@@ -102,11 +115,11 @@ def run_cmd(
     context in OUT/CONTEXT/ when the reference has several.
     """
     if profile == "vcc2026":
-        _only_2026("vcc", **{"--backed": (backed, False), "--skip-metrics": (skip_metrics, None), _expression_option(): (input_type, "auto")})
+        _only_2026("vcc", **{"--skip-metrics": (skip_metrics, None), _expression_option(): (input_type, "auto")})
         from vcell.eval.vcc2026.files import RUN_FILES
         from vcell.eval.vcc2026.files import run as run_2026
 
-        opts = _options_2026(pert_col, control, context_col, target_genes, no_target_genes, threads)
+        opts = _options_2026(pert_col, control, context_col, target_genes, no_target_genes, threads, backed, memory_budget)
         with removed_if_interrupted(out, RUN_FILES), status(f"evaluating {pred} against {real} (vcc2026 profile)") as st:
             aggs = run_2026(pred, real, out, opts, overwrite=overwrite, report=lambda m: st.update(info=m))
         for ctx, agg in aggs.items():
@@ -115,12 +128,13 @@ def run_cmd(
         gc.freeze()
         return
     _only_2026("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False)})
+    from vcell.eval.bands import budget_bytes
     from vcell.eval.run import OUTPUT_NAMES, run
 
     skip = tuple(s.strip() for s in skip_metrics.split(",") if s.strip()) if skip_metrics else ()
     with removed_if_interrupted(out, OUTPUT_NAMES), status(f"evaluating {pred} against {real} ({profile} profile)"):
         result, paths = run(pred, real, out, pert_col, control, profile, threads, input_type, backed, skip, overwrite=overwrite,
-                            option=_expression_option())
+                            option=_expression_option(), budget=budget_bytes(memory_budget), progress=task)
     console.print(table(_metric_table(result.agg), title=f"{profile} profile, {len(result.results)} perturbations"))
     console.print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
     console.print("wrote " + ", ".join(str(p) for p in paths))
@@ -189,6 +203,8 @@ def baseline_cmd(
     splits: Annotated[int, typer.Option("--splits", help="vcc2026: split-half replicates of the anchor (cell-eval2: 5).")] = 5,
     anchor_seed: Annotated[int, typer.Option("--anchor-seed", help="vcc2026: base seed of the anchor's splits (cell-eval2: 0).")] = 0,
     only: Annotated[str | None, typer.Option("--only", help="vcc2026: 'baseline' or 'anchor' (default: both ends).")] = None,
+    backed: Backed = True,
+    memory_budget: MemoryBudget = 2.0,
     overwrite: Annotated[bool, typer.Option(help="Replace outputs that exist.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="vcc2026: seed of the baseline's control-cell draws (cell-eval2: 0); the 2025 baseline draws nothing.")] = 0,
 ) -> None:
@@ -206,7 +222,7 @@ def baseline_cmd(
                              _expression_option(): (input_type, "auto")})
         if only not in (None, "baseline", "anchor"):
             raise VcellError(f"--only {only!r}: use 'baseline' or 'anchor'")
-        opts = _options_2026(pert_col, control, context_col, target_genes, no_target_genes, threads)
+        opts = _options_2026(pert_col, control, context_col, target_genes, no_target_genes, threads, backed, memory_budget)
         with removed_if_interrupted(out, SCALE_FILES), status(f"computing the vcc2026 scale of {real}") as st:
             done = scale_ends(real, out, opts, splits=splits, anchor_seed=anchor_seed, seed=seed, anchor=only != "baseline",
                               baseline=only != "anchor", overwrite=overwrite, report=lambda m: st.update(info=m))
@@ -224,7 +240,8 @@ def baseline_cmd(
         console.print(f"wrote {out}")
         return
     _only_2026("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False),
-                             "--only": (only, None), "--splits": (splits, 5), "--anchor-seed": (anchor_seed, 0)})
+                             "--only": (only, None), "--splits": (splits, 5), "--anchor-seed": (anchor_seed, 0),
+                             "--in-memory": (backed, True), "--memory-budget": (memory_budget, 2.0)})
     from vcell.data.io import check_output_path, read_h5ad, write_h5ad
     from vcell.eval.baseline import build_cell_mean_baseline, read_counts_table
     from vcell.eval.de import differential_expression

@@ -72,7 +72,7 @@ class MatrixStats:
 
 
 @numba.njit(cache=True, nogil=True)
-def _scan_values(vals, frac_eps):
+def scan_values(vals, frac_eps):
     """One pass: first non-finite, negative, non-integer and (frac > eps) positions; max and its position."""
     bad = neg = nonint = frac = -1
     vmax, pmax = -np.inf, -1
@@ -144,7 +144,7 @@ def _scan_block(block, frac_eps: float):
         vals = vals.astype(np.float32)
     vmin, vmax, total, fmax = _summarise_values(vals)
     if not np.isfinite(total) or vmin < 0:
-        return ("full", vals.size, _scan_values(vals, frac_eps))
+        return ("full", vals.size, scan_values(vals, frac_eps))
     nonint, frac = _first_fractions(vals, frac_eps) if fmax != 0 else (-1, -1)
     pmax = _first_index(vals, vmax)  # first occurrence, as the full scan
     return ("fast", vals.size, (-1, -1, nonint, frac, vmax, pmax))

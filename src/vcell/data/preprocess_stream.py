@@ -65,7 +65,8 @@ class MemorySource:
         return self.X if (lo, hi) == (0, self.shape[0]) else self.X[lo:hi]
 
 
-def _encoding(node) -> str:
+def encoding_type(node) -> str:
+    """The anndata ``encoding-type`` of an h5py node (``""`` when it has none)."""
     enc = node.attrs.get("encoding-type", "")
     return enc.decode() if isinstance(enc, bytes) else str(enc)
 
@@ -84,8 +85,8 @@ class H5Source:
     def __init__(self, node, where: str):
         self.where = where
         if isinstance(node, h5py.Group):
-            if _encoding(node) != "csr_matrix":
-                raise VcellError(f"{where} is stored as {_encoding(node) or 'an unknown group'}, not CSR")
+            if encoding_type(node) != "csr_matrix":
+                raise VcellError(f"{where} is stored as {encoding_type(node) or 'an unknown group'}, not CSR")
             self.sparse = True
             self.shape = tuple(int(s) for s in node.attrs["shape"])
             self.data, self.indices = node["data"], node["indices"]
@@ -151,12 +152,12 @@ def matrix_source(f: h5py.File, key: str, path: Path):
     """A block source for matrix ``key`` of the open file ``f``: streamed when CSR or dense, else read whole."""
     node = f[key]
     where = f"{path}: {key}"
-    if isinstance(node, h5py.Dataset) or _encoding(node) == "csr_matrix":
+    if isinstance(node, h5py.Dataset) or encoding_type(node) == "csr_matrix":
         return H5Source(node, where)
     from anndata.io import read_elem
 
     log.warning("%s is stored as %s, which cannot be read by rows: it is read into memory whole "
-                "(store it as CSR to stream it)", where, _encoding(node) or "an unknown group")
+                "(store it as CSR to stream it)", where, encoding_type(node) or "an unknown group")
     try:
         return MemorySource(read_elem(node))
     except Exception as exc:

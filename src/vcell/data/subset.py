@@ -21,20 +21,16 @@ import scipy.sparse as sp
 
 from vcell.data.h5write import H5adWriter
 from vcell.data.io import atomic_path, read_h5ad, write_h5ad
+from vcell.data.preprocess_stream import encoding_type
 from vcell.errors import VcellError, preview
 
 _WINDOW_NNZ = 32_000_000  # non-zeros read per window (~256 MB of float32 values + int32 indices)
 
 
-def _encoding(node) -> str:
-    enc = node.attrs.get("encoding-type", "")
-    return enc.decode() if isinstance(enc, bytes) else str(enc)
-
-
 def _csr_keys(f: h5py.File) -> list[str] | None:
     """HDF5 paths of X and every layer when all are CSR, else None."""
     keys = ["X"] + [f"layers/{k}" for k in f.get("layers", {})]
-    if not all(k in f and isinstance(f[k], h5py.Group) and _encoding(f[k]) == "csr_matrix" for k in keys):
+    if not all(k in f and isinstance(f[k], h5py.Group) and encoding_type(f[k]) == "csr_matrix" for k in keys):
         return None
     return keys
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from vcell.data.labels import blank_codes, factorize
-from vcell.data.matrix import MatrixStats, _scan_values, scan_matrix, storage_kind  # noqa: F401 (re-exported)
+from vcell.data.matrix import MatrixStats, scan_matrix, scan_values, storage_kind  # noqa: F401 (re-exported)
 from vcell.data.spec import EXPRESSION_TYPES, SINGLE_CONTEXT, DataSpec
 from vcell.errors import VcellError, did_you_mean, preview
 

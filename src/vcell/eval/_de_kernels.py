@@ -363,40 +363,58 @@ def _dense_buffers(block: int, n_rows: int, n_groups: int, dtype):
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
-def _csr_chunk(data, indices, indptr, order, gptr, sizes, scale, mean_mode, j0, j1, stat, pval, means, sums):
-    """Genes ``j0:j1`` of a CSR matrix (sorted indices); returns whether a NaN was seen."""
-    n_rows = order.shape[0]
+def _csr_chunk(data, indices, indptr, gid, n_rows, sizes, scale, mean_mode, j0, j1, stat, pval, means, sums, rb, bi):
+    """Genes ``j0:j1`` of a CSR matrix (sorted indices); returns whether a NaN was seen.
+
+    Rows are read in storage order (``gid``: each row's group, -1: left out; ``n_rows`` rows
+    grouped in all): each row's slice is read in address order, where a walk in group order
+    would miss the cache once per row and block. Each (gene, group) region of the gathered
+    values is filled in row order, as the group order gives. ``rb[row, bi]`` and
+    ``rb[row, bi + 1]`` bound each row's slice when ``rb`` has rows
+    (:func:`vcell.eval._band_kernels.row_bounds`), else they are searched.
+    """
+    n_all = gid.shape[0]
     n_g1 = sizes.shape[0]
     cl = j1 - j0
-    lo_r = np.empty(n_rows, np.int64)
-    hi_r = np.empty(n_rows, np.int64)
+    lo_r = np.empty(n_all, np.int64)
+    hi_r = np.empty(n_all, np.int64)
     cnt = np.zeros((cl, n_g1), np.int64)
-    g = 0
-    for r in range(n_rows):  # pass 1: this block's slice of every row, non-zeros per gene/group
-        while r >= gptr[g + 1]:
-            g += 1
-        row = order[r]
-        s = _lower_bound(indices, indptr[row], indptr[row + 1], j0)
-        e = _lower_bound(indices, s, indptr[row + 1], j1)
-        lo_r[r] = s
-        hi_r[r] = e
+    for row in range(n_all):  # pass 1: this block's slice of every row, non-zeros per gene/group
+        g = gid[row]
+        if g < 0:
+            continue
+        if rb.shape[0] > 0:
+            s = rb[row, bi]
+            e = rb[row, bi + 1]
+        else:
+            s = _lower_bound(indices, indptr[row], indptr[row + 1], j0)
+            e = _lower_bound(indices, s, indptr[row + 1], j1)
+        lo_r[row] = s
+        hi_r[row] = e
         for k in range(s, e):
             if data[k] != 0:
                 cnt[indices[k] - j0, g] += 1
     gene_ptr = np.zeros(cl + 1, np.int64)
+    cur = np.empty((cl, n_g1), np.int64)  # next free slot of each (gene, group) region
     for jl in range(cl):
-        gene_ptr[jl + 1] = gene_ptr[jl] + cnt[jl].sum()
+        acc = gene_ptr[jl]
+        for q in range(n_g1):
+            cur[jl, q] = acc
+            acc += cnt[jl, q]
+        gene_ptr[jl + 1] = acc
     vals = np.empty(gene_ptr[cl], data.dtype)
-    pos = gene_ptr[:cl].copy()
     nan_seen = False
-    for r in range(n_rows):  # pass 2: gather (rows are in group order, so groups stay contiguous)
-        for k in range(lo_r[r], hi_r[r]):
+    for row in range(n_all):  # pass 2: gather
+        g = gid[row]
+        if g < 0:
+            continue
+        for k in range(lo_r[row], hi_r[row]):
             v = data[k]
             if v != 0:
                 nan_seen |= v != v
                 jl = indices[k] - j0
-                vals[pos[jl]] = v
-                pos[jl] += 1
+                vals[cur[jl, g]] = v
+                cur[jl, g] += 1
     accs = np.empty(n_g1, data.dtype)
     work, fwork = _work_arrays(n_rows, vals)
     gstart = np.empty(n_g1, np.int64)

@@ -24,9 +24,10 @@ bucket table finds the position of any value among them in O(1) expected time. U
 perturbation is then counted directly, U = sum over its cells x of #(control < x) +
 #(control == x) / 2, without sorting the perturbation's values, and the tie term of the pooled
 sample is updated as cells join values already present. Memory is bounded by one block per
-thread; a CSR matrix is never densified nor converted to CSC as a whole.
-The kernels live in :mod:`vcell.eval._de_kernels`; this module groups the cells, hands out the
-blocks and builds the results.
+thread; a CSR matrix is never densified nor converted to CSC as a whole. A matrix on disk
+(a :class:`~vcell.eval.tiles.TileStore`) is tested one band of genes at a time.
+The kernels live in :mod:`vcell.eval._de_kernels`, the work distribution (groups, blocks,
+threads, bands) in :mod:`vcell.eval._de_engine`; this module builds the results.
 
 Exactness: U and the tie term are exact integer counts, and p is computed with the same
 floating-point expression as pdex, so ``statistic``, ``p_value`` and ``fdr`` are bit-identical
@@ -40,26 +41,17 @@ as cell-eval's do; tests, FDR and significant sets do not depend on the storage.
 
 from __future__ import annotations
 
-import os
-import threading
+import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
+from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.errors import VcellError, preview
-from vcell.eval._de_kernels import (
-    _MEAN_DENSE,
-    _MEAN_SPARSE,
-    _csr_chunk,
-    _dense_buffers,
-    _dense_chunk,
-    _expm1,
-    _fold_changes,
-)
+from vcell.eval._de_engine import run_tests
+from vcell.eval._de_kernels import _expm1, _fold_changes
 
 __all__ = [
     "COLUMNS",
@@ -85,9 +77,6 @@ COLUMNS = (
     "statistic",
     "fdr",
 )
-
-_WORK_ENTRIES = 4_000_000  # per-thread gather buffer of the dense kernel, in matrix entries
-
 
 # --------------------------------------------------------------------------------------------
 # Python layer
@@ -183,143 +172,6 @@ def bh_fdr(pvals, axis: int = -1) -> np.ndarray:
     return np.moveaxis(out, -1, axis)
 
 
-def _n_threads(threads: int | None) -> int:
-    """``threads`` (``None`` or < 1: every CPU this process may use)."""
-    if threads is None or threads < 1:
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # not Linux
-            return max(1, os.cpu_count() or 1)
-    return int(threads)
-
-
-def _prepare_matrix(X):
-    """``("dense", array)`` or ``("csr", csr)`` with float32/float64 values, no copy when possible."""
-    if X is None:
-        raise VcellError("the expression matrix is missing (adata.X is None)")
-    if sp.issparse(X):
-        if X.format != "csr":
-            X = sp.csr_matrix(X)
-        if not X.has_canonical_format:  # unsorted column indices or duplicates
-            X = X.copy()
-            X.sum_duplicates()
-        if X.dtype == np.float16:
-            X = X.astype(np.float32)
-        elif X.dtype not in (np.float32, np.float64):
-            X = X.astype(np.float64)
-        return "csr", X
-    if hasattr(X, "to_memory"):  # anndata backed sparse dataset: load it
-        X = X.to_memory()
-    if sp.issparse(X):
-        return _prepare_matrix(X)
-    if type(X) is not np.ndarray:  # np.matrix, h5py dataset, ...
-        X = np.asarray(X)
-    if X.ndim != 2:
-        raise VcellError(f"the expression matrix must be 2-D, got shape {X.shape}")
-    if X.dtype == np.float16:
-        X = X.astype(np.float32)
-    elif X.dtype not in (np.float32, np.float64):
-        X = X.astype(np.float64)
-    if not X.flags.c_contiguous:
-        X = np.ascontiguousarray(X)
-    return "dense", X
-
-
-def _groups(labels, reference) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Group the cells: ``(names, gid, order, gptr, sizes)``.
-
-    Group 0 is the reference, then every other non-empty label in category order (sorted for
-    plain strings, as ``pd.Categorical``); empty strings and missing labels are left out.
-    ``gid`` is the group of each row (-1: left out). ``order`` lists the rows of group 0, then
-    1, ... (each in row order); group ``g`` is ``order[gptr[g]:gptr[g + 1]]`` and has
-    ``sizes[g]`` cells.
-    """
-    cat = pd.Categorical(labels)
-    cats = np.asarray(cat.categories, dtype=object)
-    codes = np.asarray(cat.codes, dtype=np.int64)
-    keep_cat = np.array([not (isinstance(c, str) and c == "") and not pd.isna(c) for c in cats], dtype=bool)
-    is_ref = np.array([c == reference for c in cats], dtype=bool) & keep_cat
-    if not is_ref.any():
-        shown = preview(cats[keep_cat], 10, quote=False)
-        raise VcellError(f"control group {reference!r} not found among the perturbation labels ({shown})")
-    counts = np.bincount(codes[codes >= 0], minlength=len(cats))
-    ref_code = int(np.flatnonzero(is_ref)[0])
-    if counts[ref_code] == 0:
-        raise VcellError(f"control group {reference!r} has no cells")
-    others = [c for c in range(len(cats)) if keep_cat[c] and c != ref_code and counts[c] > 0]
-    gid_of_code = np.full(len(cats) + 1, -1, dtype=np.int64)  # last slot: code -1 (missing label)
-    gid_of_code[ref_code] = 0
-    gid_of_code[others] = np.arange(1, len(others) + 1)
-    gid = gid_of_code[codes]
-    rows = np.flatnonzero(gid >= 0)
-    order = rows[np.argsort(gid[rows], kind="stable")].astype(np.int64)
-    sizes = np.bincount(gid[rows], minlength=len(others) + 1).astype(np.int64)
-    gptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    names = np.empty(len(others), dtype=object)
-    names[:] = [cats[c] for c in others]
-    return names, gid, order, gptr, sizes
-
-
-def _block_genes(kind: str, n_rows: int, n_genes: int, threads: int, block_genes: int | None) -> int:
-    if block_genes:
-        return max(1, int(block_genes))
-    if kind == "dense":  # gather buffer of block x n_rows values per thread
-        b = _WORK_ENTRIES // max(n_rows, 1)
-        return int(min(256, max(8, b)))
-    # CSR: every block re-locates its slice of each row (binary search), so fewer, larger blocks;
-    # still at least a few blocks per thread for load balance
-    return int(min(1024, max(32, -(-n_genes // (4 * max(threads, 1))))))
-
-
-def _run(X, labels, reference, threads, block_genes):
-    kind, M = _prepare_matrix(X)
-    n_obs, n_genes = M.shape
-    if len(labels) != n_obs:
-        raise VcellError(f"{len(labels)} perturbation labels for a matrix of {n_obs} cells")
-    names, gid, order, gptr, sizes = _groups(labels, reference)
-    dtype = M.dtype
-    n_t = len(names)
-    stat = np.empty((n_t, n_genes), np.float64)
-    pval = np.empty((n_t, n_genes), np.float64)
-    means = np.empty((n_t + 1, n_genes), dtype)
-    sums = np.zeros((n_t + 1, n_genes), np.float64)
-    if kind == "dense":
-        mean_mode = _MEAN_DENSE
-        scale = sizes.astype(dtype)  # numpy mean: sum, then divide by n in the array dtype
-    else:
-        mean_mode = _MEAN_SPARSE
-        scale = (1.0 / sizes.astype(np.float64)).astype(dtype)  # scipy mean: sum of x * (1/n)
-    if n_genes == 0 or n_t == 0:
-        return names, sizes, stat, pval, means, sums
-    n_threads = _n_threads(threads)
-    chunk = _block_genes(kind, len(order), n_genes, n_threads, block_genes)
-    starts = range(0, n_genes, chunk)
-    groups = (gptr, sizes, scale, mean_mode)
-    if kind == "dense":
-        local = threading.local()
-
-        def work(j0):
-            bufs = getattr(local, "bufs", None)
-            if bufs is None:
-                bufs = local.bufs = _dense_buffers(chunk, int(gptr[-1]), len(sizes), M.dtype)
-            return _dense_chunk(M, gid, *groups, j0, min(n_genes, j0 + chunk), stat, pval, means, sums, *bufs)
-
-    else:
-        data, indices, indptr = M.data, M.indices, M.indptr
-
-        def work(j0):
-            return _csr_chunk(data, indices, indptr, order, *groups, j0, min(n_genes, j0 + chunk), stat, pval, means, sums)
-
-    if n_threads == 1 or len(starts) == 1:
-        bad = [work(j0) for j0 in starts]
-    else:  # the kernels release the GIL: blocks run in parallel, handed out as threads free up
-        with ThreadPoolExecutor(max_workers=n_threads) as pool:
-            bad = list(pool.map(work, starts))
-    if any(bad):
-        raise VcellError("the expression matrix contains NaN values; differential expression needs finite values")
-    return names, sizes, stat, pval, means, sums
-
-
 def mannwhitney_vs_reference(
     X, labels, reference="non-targeting", *, threads: int | None = 2, block_genes: int | None = None
 ) -> MannWhitneyResult:
@@ -345,7 +197,7 @@ def mannwhitney_vs_reference(
         ``pvalue`` two-sided, identical to ``scipy.stats.mannwhitneyu(method="asymptotic")``
         (p = 1 where every value is equal).
     """
-    names, sizes, stat, pval, _, _ = _run(X, labels, reference, threads, block_genes)
+    names, sizes, stat, pval, _, _ = run_tests(X, labels, reference, threads, block_genes)
     return MannWhitneyResult(names, sizes[1:].copy(), int(sizes[0]), stat, pval)
 
 
@@ -358,13 +210,16 @@ def de_arrays(
     threads: int | None = 2,
     epsilon: float = 0.0,
     block_genes: int | None = None,
+    budget: float = math.inf,
+    progress: Progress = no_progress,
 ) -> DEResult:
     """Differential expression of each perturbation against the control, as arrays.
 
     Parameters
     ----------
-    X : numpy array or scipy sparse matrix, cells x genes
-        log1p expression (float32 or float64; float16 is read as float32, integers as float64).
+    X : numpy array, scipy sparse matrix or :class:`~vcell.eval.tiles.TileStore`, cells x genes
+        log1p expression (float32 or float64; float16 is read as float32, integers as float64);
+        a tile store on disk is read band by band (:func:`vcell.eval.bands.sweep`).
     labels : array-like of length n_cells
         Perturbation of each cell (a pandas categorical keeps its category order).
     control : str
@@ -377,6 +232,10 @@ def de_arrays(
         Pseudocount of the fold changes (cell-eval's default 0).
     block_genes : int, optional
         Genes per work block (default: chosen from the matrix shape).
+    budget : float
+        Bytes of a tile store's bands read at once (half of it each; see :mod:`vcell.eval.bands`).
+    progress : callable
+        Progress line over the bands (``vcell.train.display.task``'s signature).
 
     Returns
     -------
@@ -384,7 +243,7 @@ def de_arrays(
     """
     if epsilon < 0:
         raise VcellError(f"epsilon must be >= 0, got {epsilon}")
-    names, sizes, stat, pval, means, sums = _run(X, labels, control, threads, block_genes)
+    names, sizes, stat, pval, means, sums = run_tests(X, labels, control, threads, block_genes, budget, progress)
     n_genes = means.shape[1]
     features = np.asarray(var_names if var_names is not None else [str(i) for i in range(n_genes)], dtype=object)
     if features.shape != (n_genes,):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,23 +17,28 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
-from vcell.data.io import atomic_path, atomic_paths, check_output_dir, read_h5ad, read_h5ad_mapped
+from vcell.data.aggregate import group_sums
+from vcell.data.io import atomic_path, atomic_paths, check_output_dir, read_h5ad
+from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.errors import VcellError
+from vcell.eval.bands import DEFAULT_BUDGET, sweep
 from vcell.eval.de import COLUMNS, DEResult, de_arrays
-from vcell.eval.inputs import INPUT_TYPES, EvalPair, check_structure, prepare
+from vcell.eval.inputs import INPUT_TYPES, EvalPair, check_structure
 from vcell.eval.metrics import (
     DEData,
     EnergyDistances,
     ExpressionData,
     as_cell_eval_bulk,
-    as_rows,
     energy_distances,
     get_metric,
     pseudobulk,
 )
 from vcell.eval.profiles import compute_results, selected_metrics
 from vcell.eval.scoring import agg_results, write_csv
+from vcell.eval.sides import Side, open_side, side_from_anndata
+from vcell.eval.tiles import Scratch, TileStore
 
 log = logging.getLogger(__name__)
 
@@ -59,25 +65,45 @@ class SideSummary:
 
 
 def summarise(adata, pert_col: str, control: str, perturbations: list[str], need_de: bool, need_energy: bool, threads: int) -> SideSummary:
-    """Pseudobulks, DE table and (if needed) energy distances of one log1p AnnData."""
-    labels = adata.obs[pert_col].astype(str).to_numpy()
+    """Pseudobulks, DE table and (if needed) energy distances of one in-memory log1p AnnData."""
+    return summarise_side(side_from_anndata(adata, pert_col, "data"), control, perturbations, need_de, need_energy, threads)
+
+
+def summarise_side(side: Side, control: str, perturbations: list[str], need_de: bool, need_energy: bool, threads: int,
+                   budget: float = math.inf, progress: Progress = no_progress) -> SideSummary:
+    """Pseudobulks, DE table and (if needed) energy distances of one side (its matrix in memory or
+    as gene tiles on disk, read band by band within ``budget`` bytes)."""
+    labels = side.labels.astype(str).to_numpy()
     order = [*perturbations, control]
     de = de_result = bulk = None
     if need_de:
-        de_result = de_arrays(adata.X, adata.obs[pert_col], control, var_names=adata.var_names, threads=threads)
+        de_result = de_arrays(side.X, side.labels, control, var_names=side.genes, threads=threads, budget=budget, progress=progress)
         de = de_result.to_frame()
         bulk = _bulk_from_de(de_result, order)
     if bulk is None:
-        bulk = pseudobulk(adata.X, labels, order)
-    bulk = as_cell_eval_bulk(bulk, adata.X.dtype)
+        bulk = pseudobulk(side.X, labels, order) if not isinstance(side.X, TileStore) else _tile_bulk(side.X, labels, order, budget)
+    bulk = as_cell_eval_bulk(bulk, side.X.dtype)
     energy = None
     if need_energy:
         energy = energy_distances(
             perturbations,
-            lambda p: as_rows(adata.X, np.flatnonzero(labels == p)),
-            as_rows(adata.X, np.flatnonzero(labels == control)),
+            lambda p: side.rows(np.flatnonzero(labels == p)),
+            side.rows(np.flatnonzero(labels == control)),
         )
     return SideSummary(bulk=bulk, de=de, energy=energy, de_result=de_result)
+
+
+def _tile_bulk(store: TileStore, labels: np.ndarray, order: list[str], budget: float) -> np.ndarray:
+    """:func:`pseudobulk` of a matrix in gene tiles: the same float64 sums in row order, tile by tile."""
+    rows = pd.Index(order).get_indexer(labels)
+    sums = np.zeros((len(order), store.n_genes), np.float64)
+    for _, parts in sweep([store], budget):  # noqa: B007
+        for data, indices, indptr in parts[0]:
+            sums += group_sums(sp.csr_matrix((data, indices, indptr), shape=(store.n_rows, store.n_genes)), rows, len(order))
+    counts = np.bincount(rows[rows >= 0], minlength=len(order)).astype(np.float64)
+    if np.any(counts == 0):
+        raise VcellError(f"no cells for group(s) {', '.join(np.asarray(order)[counts == 0][:5])}")
+    return sums / counts[:, None]
 
 
 def _bulk_from_de(res: DEResult, order: list[str]) -> np.ndarray | None:
@@ -236,10 +262,12 @@ def run(
     profile: str = "vcc",
     threads: int = 2,
     input_type: str = "auto",
-    backed: bool = False,
+    backed: bool = True,
     skip: tuple[str, ...] = (),
     overwrite: bool = False,
     option: str = "--expression",
+    budget: float = DEFAULT_BUDGET,
+    progress: Progress = no_progress,
 ) -> tuple[EvalResult, list[Path]]:
     """Load, check, evaluate and write: the whole of ``vcell eval run``.
 
@@ -247,8 +275,10 @@ def run(
     only with ``overwrite``, and then those this run does not write are removed too). The
     structure of both files is checked next from their ``obs``/``var`` alone; then each side is
     read, checked, summarised and released in turn, so only one matrix is in memory at a time.
-    Nothing is written unless everything succeeded. ``option`` is how messages name the option
-    that declares ``input_type`` (the command line's spelling).
+    A side whose matrix does not fit in ``budget`` bytes is read once into gene tiles on disk,
+    beside ``out``, and tested band by band (:mod:`vcell.eval.bands`); ``backed=False`` reads
+    every matrix whole (no budget). Nothing is written unless everything succeeded. ``option``
+    is how messages name the option that declares ``input_type`` (the command line's spelling).
     """
     if input_type not in INPUT_TYPES:
         raise VcellError(f"{option} {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
@@ -268,18 +298,22 @@ def run(
     # read and scored; all files are renamed into place only when everything succeeded.
     # gc.collect() below only needs to find this run's cycles: objects that exist now (modules,
     # the caller's data) are set aside for its duration, so a collection does not walk them all.
+    budget = budget if backed else math.inf
     gc.freeze()
     try:
-        with atomic_paths(out, names_out) as tmp, ThreadPoolExecutor(2) as writer:
+        with atomic_paths(out, names_out) as tmp, ThreadPoolExecutor(2) as writer, Scratch(out) as scratch:
             sides, writes = [], []
             for side, path, order in (("real", real, None), ("pred", pred, genes if reorder else None)):
                 t = time.perf_counter()
-                adata = prepare(read_h5ad_mapped(path, backed=backed), str(path), input_type, order, option)
+                data = open_side(path, pert_col, input_type, order, budget, scratch, backed, option, progress, side)
                 timings[f"load {Path(path).name}"] = time.perf_counter() - t
                 t = time.perf_counter()
-                sides.append(summarise(adata, pert_col, control, perturbations, need_de, need_energy, threads))
+                try:
+                    sides.append(summarise_side(data, control, perturbations, need_de, need_energy, threads, budget, progress))
+                finally:
+                    data.close()
                 timings[f"de+pseudobulk {Path(path).name}"] = time.perf_counter() - t
-                del adata
+                del data
                 gc.collect()  # AnnData holds reference cycles: unmap this side's matrix before the next is read
                 if need_de:  # the last table is on the critical path: format it on more threads
                     table = sides[-1].de_result if sides[-1].de_result is not None else sides[-1].de

@@ -18,91 +18,109 @@ import numpy as np
 
 from vcell.eval._de_kernels import _gene_tests, _lower_bound, _work_arrays
 
+_NO_SCALE = np.empty(0, np.float64)
+
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
-def _count_slice(data, indices, indptr, row, j0, j1, keep, cnt, g):
-    """The slice of ``row`` holding genes ``j0:j1``; counts its kept non-zeros into ``cnt[:, g]``."""
+def value(data, k, indices, colscale):
+    """Stored value ``k`` as float64; with a column scale (the baseline: control cells scaled gene
+    by gene), ``float32(float32(x) * scale[gene])`` as the baseline's emitted matrix holds it."""
+    if colscale.shape[0] == 0:
+        return float(data[k])
+    return float(np.float32(float(np.float32(data[k])) * colscale[indices[k]]))
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def _bounds(indices, indptr, row, j0, j1, rb, bi):
+    """The slice of ``row`` holding genes ``j0:j1``: from ``rb`` when it has rows, else searched."""
+    if rb.shape[0] > 0:
+        return rb[row, bi], rb[row, bi + 1]
     s = _lower_bound(indices, indptr[row], indptr[row + 1], j0)
-    e = _lower_bound(indices, s, indptr[row + 1], j1)
-    for k in range(s, e):
-        if data[k] != 0 and keep[indices[k]]:
-            cnt[indices[k] - j0, g] += 1
-    return s, e
+    return s, _lower_bound(indices, s, indptr[row + 1], j1)
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
-def _gather_slice(data, indices, lo, hi, d, w, g, j0, keep, raw_sums, cpm_sums, vals, pos):
-    """Entries ``lo:hi`` of one row of group ``g``: add them to the sums, gather ``log1p(CPM)`` of
-    the kept genes; returns whether a NaN was seen. ``d``: the row's library size / 1e6;
-    ``w``: 1 / (cells in the group)."""
+def _count_rows(data, indices, indptr, rows, grp, j0, j1, keep, cnt, colscale, rb, bi, lo_r, hi_r):
+    """Count the kept non-zeros of each visited row's slice into ``cnt[:, grp[q]]``; keep the slices."""
+    for q in range(rows.shape[0]):
+        s, e = _bounds(indices, indptr, rows[q], j0, j1, rb, bi)
+        lo_r[q] = s
+        hi_r[q] = e
+        g = grp[q]
+        for k in range(s, e):
+            if keep[indices[k]] and value(data, k, indices, colscale) != 0:
+                cnt[indices[k] - j0, g] += 1
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def _gather_rows(data, indices, rows, grp, lo_r, hi_r, div, inv_n, j0, keep, raw_sums, cpm_sums, vals, cur, colscale):
+    """Each visited row's slice: add it to its group's sums, gather ``log1p(CPM)`` of the kept
+    genes into the (gene, group) regions; returns whether a NaN was seen. ``div``: each row's
+    library size / 1e6; ``inv_n``: 1 / (cells in the group)."""
     nan_seen = False
-    for k in range(lo, hi):
-        v = float(data[k])
-        if v != 0:
-            nan_seen |= v != v
-            j = indices[k]
-            c = v / d
-            raw_sums[g, j] += v
-            cpm_sums[g, j] += c * w
-            if keep[j]:
-                jl = j - j0
-                vals[pos[jl]] = math.log1p(c)
-                pos[jl] += 1
+    for q in range(rows.shape[0]):
+        g = grp[q]
+        d = div[rows[q]]
+        w = inv_n[g]
+        for k in range(lo_r[q], hi_r[q]):
+            v = value(data, k, indices, colscale)
+            if v != 0:
+                nan_seen |= v != v
+                j = indices[k]
+                c = v / d
+                raw_sums[g, j] += v
+                cpm_sums[g, j] += c * w
+                if keep[j]:
+                    jl = j - j0
+                    vals[cur[jl, g]] = math.log1p(c)
+                    cur[jl, g] += 1
     return nan_seen
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
 def counts_chunk(
-    data0, indices0, indptr0, div0, data1, indices1, indptr1, div1,
-    order, gptr, sizes, keep, j0, j1, stat, pval, raw_sums, cpm_sums, inv_n,
+    data0, indices0, indptr0, div0, rows0, grp0, rb0,
+    data1, indices1, indptr1, div1, rows1, grp1, rb1, bi,
+    sizes, keep, j0, j1, stat, pval, raw_sums, cpm_sums, inv_n, colscale1,
 ):
     """Genes ``j0:j1``: pseudobulk sums, CPM sums and the tests of the kept genes.
 
-    Group 0 (the control) is rows ``order[:gptr[1]]`` of CSR matrix 0, every other group
-    ``g`` rows ``order[gptr[g]:gptr[g + 1]]`` of matrix 1 (sorted column indices). ``div*``
-    hold each row's library size / 1e6 (CPM = count / div). ``raw_sums[g, j]`` accumulates the
-    raw counts, ``cpm_sums[g, j]`` the CPM values times ``inv_n[g]`` (scipy's mean: sum in row
-    order of ``x * (1 / n)``), both in float64; ``stat``/``pval[g - 1, j]`` are written for
-    genes with ``keep[j]``. Returns whether a NaN was seen.
+    The cells of group ``grp0[q]`` (0: the control) are rows ``rows0[q]`` of CSR matrix 0; those
+    of group ``grp1[q]`` (>= 1) rows ``rows1[q]`` of matrix 1 (sorted column indices; a row may
+    come more than once). Each group's rows are visited in the order given, which is the order
+    of its sums: callers list rows in storage order when each group's rows increase (each
+    row's slice is then read in address order), else in group order. ``div*`` hold each row's
+    library size / 1e6 (CPM = count / div). ``raw_sums[g, j]`` accumulates the raw counts,
+    ``cpm_sums[g, j]`` the CPM values times ``inv_n[g]`` (scipy's mean: sum in row order of
+    ``x * (1 / n)``), both in float64; ``stat``/``pval[g - 1, j]`` are written for genes with
+    ``keep[j]``. Matrix 1's values are scaled by ``colscale1`` when it is not empty
+    (:func:`value`). ``rb*[row, bi]``, ``rb*[row, bi + 1]`` bound the rows' slices when given.
+    Returns whether a NaN was seen.
     """
-    n_rows = order.shape[0]
     n_g1 = sizes.shape[0]
-    n_ctrl = gptr[1]
     cl = j1 - j0
-    lo_r = np.empty(n_rows, np.int64)
-    hi_r = np.empty(n_rows, np.int64)
+    lo0, hi0 = np.empty(rows0.shape[0], np.int64), np.empty(rows0.shape[0], np.int64)
+    lo1, hi1 = np.empty(rows1.shape[0], np.int64), np.empty(rows1.shape[0], np.int64)
     cnt = np.zeros((cl, n_g1), np.int64)
-    g = 0
-    for r in range(n_rows):  # pass 1: this block's slice of every row, kept non-zeros per gene/group
-        while r >= gptr[g + 1]:
-            g += 1
-        row = order[r]
-        if r < n_ctrl:  # the two matrices may differ in dtype: one helper, compiled for each
-            s, e = _count_slice(data0, indices0, indptr0, row, j0, j1, keep, cnt, g)
-        else:
-            s, e = _count_slice(data1, indices1, indptr1, row, j0, j1, keep, cnt, g)
-        lo_r[r] = s
-        hi_r[r] = e
+    # the two matrices may differ in dtype: one helper, compiled for each
+    _count_rows(data0, indices0, indptr0, rows0, grp0, j0, j1, keep, cnt, _NO_SCALE, rb0, bi, lo0, hi0)
+    _count_rows(data1, indices1, indptr1, rows1, grp1, j0, j1, keep, cnt, colscale1, rb1, bi, lo1, hi1)
     gene_ptr = np.zeros(cl + 1, np.int64)
+    cur = np.empty((cl, n_g1), np.int64)  # next free slot of each (gene, group) region
     for jl in range(cl):
-        gene_ptr[jl + 1] = gene_ptr[jl] + cnt[jl].sum()
+        acc = gene_ptr[jl]
+        for q in range(n_g1):
+            cur[jl, q] = acc
+            acc += cnt[jl, q]
+        gene_ptr[jl + 1] = acc
     vals = np.empty(gene_ptr[cl], np.float64)
-    pos = gene_ptr[:cl].copy()
-    nan_seen = False
-    g = 0
-    for r in range(n_rows):  # pass 2: sums, and gather log1p(CPM) (rows are in group order)
-        while r >= gptr[g + 1]:
-            g += 1
-        row = order[r]
-        if r < n_ctrl:
-            nan_seen |= _gather_slice(data0, indices0, lo_r[r], hi_r[r], div0[row], inv_n[g], g, j0, keep, raw_sums, cpm_sums, vals, pos)
-        else:
-            nan_seen |= _gather_slice(data1, indices1, lo_r[r], hi_r[r], div1[row], inv_n[g], g, j0, keep, raw_sums, cpm_sums, vals, pos)
+    nan_seen = _gather_rows(data0, indices0, rows0, grp0, lo0, hi0, div0, inv_n, j0, keep, raw_sums, cpm_sums, vals, cur, _NO_SCALE)
+    nan_seen |= _gather_rows(data1, indices1, rows1, grp1, lo1, hi1, div1, inv_n, j0, keep, raw_sums, cpm_sums, vals, cur, colscale1)
     accs = np.empty(n_g1, np.float64)
     scale = np.ones(n_g1, np.float64)
     means = np.empty((n_g1, 1), np.float64)  # the log-space means of _gene_tests: not needed here
     lsums = np.empty((n_g1, 1), np.float64)
-    work, fwork = _work_arrays(n_rows, vals)
+    work, fwork = _work_arrays(rows0.shape[0] + rows1.shape[0], vals)
     gstart = np.empty(n_g1, np.int64)
     sid = 0
     for jl in range(cl):
@@ -124,17 +142,51 @@ def _gene_tests_at(vals, gstart, cnt, sizes, scale, j, stat, pval, means, lsums,
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
-def row_totals(data, indptr, out, r0, r1):
-    """Rows ``r0:r1``: their sums in float64 into ``out`` (index order; exact for integral counts
-    below 2**53). Returns the position in ``data`` of the first value that is not a count
-    (NaN, inf, negative or fractional), or -1."""
-    bad = -1
-    for i in range(r0, r1):
-        s = 0.0
-        for k in range(indptr[i], indptr[i + 1]):
-            v = float(data[k])
-            if bad < 0 and not (v >= 0 and v == math.floor(v) and v < np.inf):
-                bad = k
-            s += v
-        out[i] = s
-    return bad
+def mean_counts(data, indices, indptr, rows, grp, inv_n, j0, j1, out, rb, bi):
+    """Genes ``j0:j1``: ``out[g, j]`` += ``float64(x) * inv_n[g]`` over the rows ``rows`` of group
+    ``grp`` in the order given: scipy's mean of the rows of a CSR matrix (rows increasing per group)."""
+    for q in range(rows.shape[0]):
+        g = grp[q]
+        w = inv_n[g]
+        s, e = _bounds(indices, indptr, rows[q], j0, j1, rb, bi)
+        for k in range(s, e):
+            out[g, indices[k]] += float(data[k]) * w
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def scaled_totals(data, indices, indptr, rows, colscale, j0, j1, acc, rb, bi):
+    """Genes ``j0:j1`` of rows ``rows``: ``acc[q]`` += each scaled value (:func:`value`) in
+    column order. Called tile after tile in gene order, this is each scaled row's sum in index
+    order, as :func:`row_totals` sums the baseline's emitted rows."""
+    for q in range(rows.shape[0]):
+        row = rows[q]
+        s, e = _bounds(indices, indptr, row, j0, j1, rb, bi)
+        t = acc[q]
+        for k in range(s, e):
+            t += value(data, k, indices, colscale)
+        acc[q] = t
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def group_sums(data, indices, indptr, gid, out):
+    """``out[gid[r], j]`` += each value of row ``r`` (rows with ``gid < 0`` skipped), in float64:
+    exact for counts, so equal to the pseudobulks the tests sum later in any order."""
+    for r in range(indptr.shape[0] - 1):
+        g = gid[r]
+        if g < 0:
+            continue
+        for k in range(indptr[r], indptr[r + 1]):
+            out[g, indices[k]] += float(data[k])
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def scaled_sums(data, indices, indptr, rows, grp, colscale, j0, j1, out):
+    """Genes ``j0:j1``: ``out[grp[q], j]`` += each scaled value (:func:`value`) of row ``rows[q]``,
+    rows in the order given: the pseudobulks :func:`counts_chunk` sums for these rows."""
+    for q in range(rows.shape[0]):
+        g = grp[q]
+        row = rows[q]
+        s = _lower_bound(indices, indptr[row], indptr[row + 1], j0)
+        e = _lower_bound(indices, s, indptr[row + 1], j1)
+        for k in range(s, e):
+            out[g, indices[k]] += value(data, k, indices, colscale)

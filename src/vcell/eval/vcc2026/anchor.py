@@ -23,10 +23,11 @@ import numpy as np
 import pandas as pd
 
 from vcell.errors import VcellError
+from vcell.eval.vcc2026.engine import Engine, run_tasks
 from vcell.eval.vcc2026.evaluate import DESide, Reference, de_side, score_summaries
 from vcell.eval.vcc2026.inputs import CountsCells
 from vcell.eval.vcc2026.metrics import ALPHA, MIN_LFC_GATE, SCORED
-from vcell.eval.vcc2026.summary import SideSummary, summarise, summarise_control
+from vcell.eval.vcc2026.summary import SideSummary, control_of, control_task, side_task, summary_of
 from vcell.eval.vcc2026.tables import RATIO_METRIC
 
 #: cell-eval2's defaults.
@@ -105,33 +106,75 @@ def split_aggregates(values: dict[str, np.ndarray], ratio: float) -> dict[str, t
     return out
 
 
-def replicate_anchor(ref: Reference, real: CountsCells, control: str, base_seed: int = BASE_SEED,
-                     n_splits: int = N_SPLITS, threads: int = 2, progress=None, strict: bool = True) -> AnchorResult:
-    """The replicate anchor of a reference context (``real`` holds its cells).
+#: Most bytes of half summaries one pass holds: more splits than that are run in several passes.
+ANCHOR_RESULT_BYTES = 1e9
 
-    ``progress``, when given, is called with the split index after each split. A perturbation
-    of one cell cannot be split: an error when ``strict`` (as in cell-eval2), else it is left out
-    of the anchor; an undefined panel ratio in a split likewise (see
+
+class AnchorPlan:
+    """The splits of a replicate anchor: their halves drawn now, their summaries made as tasks
+    (:mod:`vcell.eval.vcc2026.engine`) a few splits at a time, then scored.
+
+    A perturbation of one cell cannot be split: an error when ``strict`` (as in cell-eval2), else
+    it is left out of the anchor; an undefined panel ratio in a split likewise (see
     :func:`~vcell.eval.vcc2026.evaluate.score_summaries`).
     """
-    single = [p for p in ref.perturbations if real.rows(p).size < 2]
-    if single and strict:
-        raise VcellError(
-            f"{real.where}: {len(single)} perturbation(s) have a single cell ({', '.join(map(repr, single[:3]))}); "
-            "the replicate anchor splits every group in two halves"
-        )
-    rows_split = []
-    for i, seed in enumerate(split_seeds(base_seed, n_splits)):
-        rows_a, rows_b = halves(real, seed)
-        sides = []
-        for rows in (rows_a, rows_b):
-            half = _half(real, rows)
-            if control not in half.groups:
-                raise VcellError(f"{real.where}: the control group has fewer than two cells; the replicate anchor cannot split it")
-            ctrl = summarise_control(half, control, threads)
-            perts = [p for p in ref.perturbations if p in half.groups]
-            side = summarise(half, perts, ctrl, threads)
-            sides.append((side, ctrl, de_side(side, ctrl, ctrl)))
+
+    def __init__(self, real: CountsCells, control: str, perturbations: list[str], base_seed: int = BASE_SEED,
+                 n_splits: int = N_SPLITS, strict: bool = True):
+        single = [p for p in perturbations if real.rows(p).size < 2]
+        if single and strict:
+            raise VcellError(
+                f"{real.where}: {len(single)} perturbation(s) have a single cell ({', '.join(map(repr, single[:3]))}); "
+                "the replicate anchor splits every group in two halves"
+            )
+        self.real, self.control, self.perturbations, self.strict = real, control, list(perturbations), strict
+        self.seeds = split_seeds(base_seed, n_splits)
+        self.halves = []
+        for seed in self.seeds:
+            pair = []
+            for rows in halves(real, seed):
+                half = _half(real, rows)
+                if control not in half.groups:
+                    raise VcellError(f"{real.where}: the control group has fewer than two cells; the replicate anchor cannot split it")
+                pair.append(half)
+            self.halves.append(pair)
+        self._tasks: dict[int, list] = {}
+        self._rows: list[dict] = []
+
+    def groups(self, budget: float = math.inf) -> list[list[int]]:
+        """Splits run together: their half summaries take at most ``min(budget / 2, ANCHOR_RESULT_BYTES)``."""
+        n_genes = len(self.real.genes)
+        per_split = 2 * 4 * 8 * (len(self.perturbations) + 2) * n_genes
+        k = max(1, int(min(budget / 2, ANCHOR_RESULT_BYTES) // per_split))
+        ids = list(range(len(self.seeds)))
+        return [ids[i:i + k] for i in range(0, len(ids), k)]
+
+    def tasks(self, splits: list[int]) -> list:
+        """The tasks of ``splits`` (each half: its control summary, then its perturbations')."""
+        out = []
+        for i in splits:
+            pair = []
+            for half in self.halves[i]:
+                rows = half.rows(self.control)
+                ctrl_task = control_task(half, rows)
+                perts = [p for p in self.perturbations if p in half.groups]
+                pair.append((ctrl_task, side_task(half, perts, (ctrl_task, half, rows)), half, rows, perts))
+            self._tasks[i] = pair
+            out += [t for ctrl_task, side, *_ in pair for t in (ctrl_task, side)]
+        return out
+
+    def score(self, ref: Reference, splits: list[int]) -> None:
+        """Score ``splits`` once their tasks have run (and let their summaries go)."""
+        for i in splits:
+            sides = []
+            for ctrl_task, task, half, rows, perts in self._tasks.pop(i):
+                ctrl = control_of(ctrl_task, half, rows)
+                side = summary_of(task, perts)
+                sides.append((side, ctrl, de_side(side, ctrl, ctrl)))
+            self._score_split(ref, i, sides)
+
+    def _score_split(self, ref: Reference, i: int, sides) -> None:
+        seed = self.seeds[i]
         (sa, ca, da), (sb, cb, db) = sides
         keep = [p for p in sa.perturbations if p in set(sb.perturbations)]
         ia = [sa.perturbations.index(p) for p in keep]
@@ -140,32 +183,52 @@ def replicate_anchor(ref: Reference, real: CountsCells, control: str, base_seed:
         targets = ref.targets[idx]
         sa_k, sb_k = _take(sa, ia), _take(sb, ib)
         da_k, db_k = _take_de(da, ia), _take_de(db, ib)
-        values, ratio = score_summaries(sa_k, da_k, ca, sb_k, db_k, cb, targets, ref.gene_rank, strict=strict,
+        values, ratio = score_summaries(sa_k, da_k, ca, sb_k, db_k, cb, targets, ref.gene_rank, strict=self.strict,
                                         where=f" in anchor split {i + 1} (seed {seed})")
         rows_of = np.full(len(ref.perturbations), -1, dtype=np.int64)
         rows_of[idx] = np.arange(len(keep))
         nmae = _full_gate_nmae(ref, da_k.lfc, ~np.isnan(da_k.padj), db_k.lfc, ~np.isnan(db_k.padj), rows_of)
         values[NMAE] = nmae[~np.isnan(nmae)]
         for metric, (value, n) in sorted(split_aggregates(values, ratio).items()):
-            rows_split.append({"split_index": i, "seed": seed, "metric": metric, "value": value, "n_perturbations": n})
+            self._rows.append({"split_index": i, "seed": seed, "metric": metric, "value": value, "n_perturbations": n})
+
+    def result(self) -> AnchorResult:
+        """The per-split aggregates and their mean over splits (every split scored)."""
+        splits = pd.DataFrame(sorted(self._rows, key=lambda r: r["split_index"]))
+        splits["n_perturbations"] = splits["n_perturbations"].astype("Int64")
+        agg = []
+        for metric, group in splits.groupby("metric", sort=True):
+            v = group.sort_values("split_index")["value"].to_numpy(dtype=np.float64)
+            n = group["n_perturbations"].dropna()
+            agg.append({
+                "metric": metric, "replicate": float(math.fsum(v) / v.size), "replicate_sd": float(np.std(v, ddof=0)),
+                "replicate_min": float(v.min()), "replicate_max": float(v.max()),
+                "n_perturbations_min": int(n.min()) if len(n) else None, "n_perturbations_max": int(n.max()) if len(n) else None,
+                "estimator": "full_gate_raw" if metric == NMAE else "split_half_raw",
+            })
+        agg = pd.DataFrame(agg)
+        for col in ("n_perturbations_min", "n_perturbations_max"):
+            agg[col] = agg[col].astype("Int64")
+        return AnchorResult(splits, agg)
+
+
+def replicate_anchor(ref: Reference, real: CountsCells, control: str, base_seed: int = BASE_SEED,
+                     n_splits: int = N_SPLITS, threads: int = 2, progress=None, strict: bool = True,
+                     engine: Engine | None = None) -> AnchorResult:
+    """The replicate anchor of a reference context (``real`` holds its cells).
+
+    ``progress``, when given, is called with the split index after each split. See
+    :class:`AnchorPlan` for ``strict``; ``engine`` runs the passes (default: in memory).
+    """
+    engine = engine or Engine(threads)
+    plan = AnchorPlan(real, control, ref.perturbations, base_seed, n_splits, strict)
+    for group in plan.groups(engine.budget):
+        run_tasks(plan.tasks(group), engine, "replicate anchor")
+        plan.score(ref, group)
         if progress is not None:
-            progress(i)
-    splits = pd.DataFrame(rows_split)
-    splits["n_perturbations"] = splits["n_perturbations"].astype("Int64")
-    agg = []
-    for metric, group in splits.groupby("metric", sort=True):
-        v = group.sort_values("split_index")["value"].to_numpy(dtype=np.float64)
-        n = group["n_perturbations"].dropna()
-        agg.append({
-            "metric": metric, "replicate": float(math.fsum(v) / v.size), "replicate_sd": float(np.std(v, ddof=0)),
-            "replicate_min": float(v.min()), "replicate_max": float(v.max()),
-            "n_perturbations_min": int(n.min()) if len(n) else None, "n_perturbations_max": int(n.max()) if len(n) else None,
-            "estimator": "full_gate_raw" if metric == NMAE else "split_half_raw",
-        })
-    agg = pd.DataFrame(agg)
-    for col in ("n_perturbations_min", "n_perturbations_max"):
-        agg[col] = agg[col].astype("Int64")
-    return AnchorResult(splits, agg)
+            for i in group:
+                progress(i)
+    return plan.result()
 
 
 def _take(side, idx):
@@ -177,4 +240,4 @@ def _take_de(de, idx):
     return DESide(de.lfc[idx], de.pval[idx], de.padj[idx])
 
 
-__all__ = ["AnchorResult", "BASE_SEED", "N_SPLITS", "SCORED", "halves", "replicate_anchor", "split_seeds"]
+__all__ = ["AnchorPlan", "AnchorResult", "BASE_SEED", "N_SPLITS", "SCORED", "halves", "replicate_anchor", "split_seeds"]

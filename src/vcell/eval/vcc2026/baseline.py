@@ -8,73 +8,84 @@ predicted cell is a reference control cell drawn at random (``numpy.random.defau
 perturbations in sorted order, seed 0 as cell-eval2) with every gene scaled by
 ``profile / control mean`` and stored as float32, the procedure of ``cell-eval2 baseline``. It
 is then scored as an ordinary prediction.
+
+The predicted cells are never built: they are the reference's control cells, drawn (with
+repeats) and scaled gene by gene, so :func:`baseline_summary` summarises the control cells
+themselves with that column scale (:class:`~vcell.eval.vcc2026.engine.SumsTask`), the values
+rounded to float32 as the emitted matrix holds them; the drawn cells' totals are summed first,
+gene tile after gene tile in gene order (:class:`~vcell.eval.vcc2026.engine.TotalsTask`). No
+matrix of the baseline's size is ever held.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 
 from vcell.errors import VcellError
+from vcell.eval.vcc2026.engine import Engine, MeansTask, SumsTask, TotalsTask, run_tasks
 from vcell.eval.vcc2026.evaluate import Reference
 from vcell.eval.vcc2026.inputs import CountsCells
+from vcell.eval.vcc2026.summary import SideSummary, summary_of
 
 #: cell-eval2's default seed of the baseline's control draws.
 BASELINE_SEED = 0
-_CHUNK = 1 << 22
 
 
-def _mean_counts(X: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
-    """Mean count of each gene over ``rows`` as scipy computes it (sum of ``x * (1 / n)`` in row order)."""
-    sub = X[np.asarray(rows)]
-    sub = sp.csr_matrix((sub.data.astype(np.float64) * (1.0 / len(rows)), sub.indices, sub.indptr), shape=sub.shape)
-    return np.asarray(sub.sum(axis=0)).ravel()
+def profile_task(real: CountsCells, perturbations: list[str]) -> MeansTask:
+    """The task of each perturbation's mean counts (run it with the reference's other tasks)."""
+    return MeansTask(real, [real.rows(p) for p in perturbations])
 
 
-def generic_profile(real: CountsCells, ref: Reference) -> np.ndarray:
-    """The mean perturbation response of the reference (counts per cell, per gene)."""
-    perts = ref.perturbations
-    total = np.zeros(real.X.shape[1], np.float64)
-    means = []
-    for p in perts:
-        m = _mean_counts(real.X, real.rows(p))
-        means.append(m)
+def profile_from_means(means: np.ndarray, ref: Reference, where: str = "") -> np.ndarray:
+    """The mean perturbation response from each perturbation's mean counts (rows in ``ref.perturbations`` order)."""
+    total = np.zeros(means.shape[1], np.float64)
+    for m in means:
         total += m
-    count = np.full(total.size, float(len(perts)))
+    count = np.full(total.size, float(len(means)))
     for m, col in zip(means, ref.targets, strict=True):
         if col >= 0:
             total[col] -= m[col]
             count[col] -= 1.0
     if (count <= 0).any():
-        gene = real.genes[int(np.flatnonzero(count <= 0)[0])]
-        raise VcellError(f"{real.where}: gene {gene!r} is the target of every perturbation; the mean response has no value there")
+        gene = ref.genes[int(np.flatnonzero(count <= 0)[0])]
+        raise VcellError(f"{where}: gene {gene!r} is the target of every perturbation; the mean response has no value there")
     return total / count
 
 
-def baseline_cells(real: CountsCells, ref: Reference, seed: int = BASELINE_SEED) -> CountsCells:
-    """The baseline prediction: reference control cells scaled to the generic profile."""
-    return emit_baseline(generic_profile(real, ref), ref, {p: real.rows(p).size for p in ref.perturbations}, seed)
+def generic_profile(real: CountsCells, ref: Reference, engine: Engine | None = None) -> np.ndarray:
+    """The mean perturbation response of the reference (counts per cell, per gene)."""
+    task = profile_task(real, ref.perturbations)
+    run_tasks([task], engine)
+    return profile_from_means(task.means, ref, real.where)
 
 
-def emit_baseline(profile: np.ndarray, ref: Reference, sizes: dict[str, int], seed: int = BASELINE_SEED) -> CountsCells:
-    """The baseline prediction from its profile: ``sizes[p]`` control cells drawn for each
-    perturbation ``p`` and scaled gene by gene to the profile (the reference matrix is not needed)."""
-    ctrl = ref.ctrl.cells
-    ctrl_mean = _mean_counts(ctrl.X, np.arange(ctrl.X.shape[0]))
+def control_mean_task(ref: Reference) -> MeansTask:
+    """The task of the reference controls' mean counts (run it with the reference's other tasks)."""
+    return MeansTask(ref.ctrl.cells, [ref.ctrl.rows])
+
+
+def baseline_summary(profile: np.ndarray, ref: Reference, sizes: dict[str, int], seed: int = BASELINE_SEED,
+                     engine: Engine | None = None, ctrl_mean: np.ndarray | None = None) -> SideSummary:
+    """The baseline prediction summarised as :func:`~vcell.eval.vcc2026.summary.summarise` would
+    summarise its emitted cells: ``sizes[p]`` control cells drawn for each perturbation ``p``
+    (``numpy.random.default_rng(seed)``, perturbations sorted) and scaled gene by gene to the profile.
+    ``ctrl_mean``: the controls' mean counts, if already known (:func:`control_mean_task`)."""
+    ctrl = ref.ctrl
+    cells, rows = ctrl.cells, ctrl.rows
+    if ctrl_mean is None:
+        means = control_mean_task(ref)
+        run_tasks([means], engine, "baseline")
+        ctrl_mean = means.means[0]
     zero = ctrl_mean <= 0
     scale = np.where(zero, 0.0, profile / np.where(zero, 1.0, ctrl_mean))
     rng = np.random.default_rng(seed)
-    draws, labels = [], []
-    for p in sorted(ref.perturbations):
-        n = sizes[p]
-        draws.append(rng.integers(0, ctrl.X.shape[0], size=n))
-        labels.extend([p] * n)
-    src = np.concatenate(draws).astype(np.intp)
-    X = ctrl.X[src]
-    data = X.data.astype(np.float32, copy=False) if X.data.dtype == np.float32 else X.data.astype(np.float32)
-    for s in range(0, data.size, _CHUNK):  # in place, by chunks: no temporary the size of the matrix
-        e = min(data.size, s + _CHUNK)
-        data[s:e] = (data[s:e] * scale[X.indices[s:e]]).astype(np.float32)  # float32 x float64, rounded to float32
-    X = sp.csr_matrix((data, X.indices, X.indptr), shape=X.shape)
-    X.eliminate_zeros()
-    return CountsCells(X, np.asarray(labels, dtype=object), ref.genes, "the mean-response baseline")
+    drawn = {p: rows[rng.integers(0, rows.size, size=sizes[p])] for p in sorted(ref.perturbations)}
+    groups = [drawn[p] for p in ref.perturbations]
+    totals = TotalsTask(cells, rows, scale, groups)  # the drawn cells' totals and pseudobulks: one pass
+    run_tasks([totals], engine, "baseline")
+    b_totals = np.zeros(len(cells.labels), np.float64)
+    b_totals[rows] = totals.totals  # a drawn cell's total is its control cell's, scaled
+    task = SumsTask(cells, rows, cells, groups, keep=ctrl.keep, colscale=scale, b_totals=b_totals, prior=totals.sums)
+    task.where = "the mean-response baseline"
+    run_tasks([task], engine, "baseline")
+    return summary_of(task, ref.perturbations)

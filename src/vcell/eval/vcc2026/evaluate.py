@@ -16,6 +16,7 @@ import pandas as pd
 
 from vcell.errors import VcellError, preview
 from vcell.eval.de import bh_fdr
+from vcell.eval.vcc2026.engine import Engine, run_tasks
 from vcell.eval.vcc2026.inputs import CountsCells
 from vcell.eval.vcc2026.metrics import (
     bulk_profiles,
@@ -25,7 +26,16 @@ from vcell.eval.vcc2026.metrics import (
     pds_cosine,
     ratio_of_sums,
 )
-from vcell.eval.vcc2026.summary import Control, SideSummary, summarise, summarise_control
+from vcell.eval.vcc2026.summary import (
+    Control,
+    SideSummary,
+    control_of,
+    control_rows,
+    control_task,
+    side_task,
+    summarise,
+    summary_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +114,37 @@ class Reference:
         return self.real.perturbations
 
 
+def reference_tasks(real: CountsCells, control: str, perturbations: list[str], prior: dict | None = None):
+    """The tasks of a reference's summary (to run with others in one pass): ``(control task, side
+    task, finish)``, ``finish(targets)`` building the :class:`Reference` once they have run.
+    ``prior`` (label -> summed counts, controls included), if given, fuses the jackknife in.
+
+    The tasks read the control cells where the reference holds them (one matrix to sweep); the
+    :class:`Reference`'s controls are the control store a file read in tiles keeps apart, which
+    outlives the reference's matrix (the same cells)."""
+    cells, rows = control_rows(real, control)
+    here, here_rows = (real, real.rows(control)) if real.controls is not None else (cells, rows)
+    ctrl_task = control_task(here, here_rows, None if prior is None else prior[control])
+    task = side_task(real, perturbations, (ctrl_task, here, here_rows),
+                     None if prior is None else np.vstack([prior[p] for p in perturbations]))
+
+    def finish(targets: np.ndarray) -> Reference:
+        ctrl = control_of(ctrl_task, cells, rows)
+        summary = summary_of(task, perturbations)
+        rank = np.empty(len(real.genes), np.int64)
+        rank[np.argsort(np.asarray(real.genes, dtype=str), kind="stable")] = np.arange(len(real.genes))
+        return Reference(ctrl, summary, de_side(summary, ctrl, ctrl), targets, real.genes, rank)
+
+    return ctrl_task, task, finish
+
+
 def summarise_reference(
-    real: CountsCells, control: str, perturbations: list[str], targets: np.ndarray, threads: int = 2,
+    real: CountsCells, control: str, perturbations: list[str], targets: np.ndarray, threads: int = 2, engine: Engine | None = None,
 ) -> Reference:
     """Controls, per-perturbation summaries and DE table of a reference context."""
-    ctrl = summarise_control(real, control, threads)
-    summary = summarise(real, perturbations, ctrl, threads)
-    rank = np.empty(len(real.genes), np.int64)
-    rank[np.argsort(np.asarray(real.genes, dtype=str), kind="stable")] = np.arange(len(real.genes))
-    return Reference(ctrl, summary, de_side(summary, ctrl, ctrl), targets, real.genes, rank)
+    ctrl_task, task, finish = reference_tasks(real, control, perturbations)
+    run_tasks([ctrl_task, task], engine or Engine(threads))
+    return finish(targets)
 
 
 def score_summaries(
@@ -145,10 +177,17 @@ def score_summaries(
     return values, ratio
 
 
-def evaluate_cells(ref: Reference, pred: CountsCells, threads: int = 2, strict: bool = True) -> tuple[dict[str, np.ndarray], float]:
-    """Score a prediction (one context) against a summarised reference (``strict``: see :func:`score_summaries`)."""
+def evaluate_cells(ref: Reference, pred: CountsCells, threads: int = 2, strict: bool = True,
+                   engine: Engine | None = None, prior: dict | None = None) -> tuple[dict[str, np.ndarray], float]:
+    """Score a prediction (one context) against a summarised reference (``strict``: see
+    :func:`score_summaries`; ``prior``: label -> summed counts of the prediction, if known)."""
     if not pred.genes.equals(ref.genes):
         raise VcellError(f"{pred.where}: genes differ from the reference's")
-    side = summarise(pred, ref.perturbations, ref.ctrl, threads)
+    sums = None if prior is None else np.vstack([prior[p] for p in ref.perturbations])
+    return evaluate_summary(ref, summarise(pred, ref.perturbations, ref.ctrl, threads, engine, sums), strict)
+
+
+def evaluate_summary(ref: Reference, side: SideSummary, strict: bool = True) -> tuple[dict[str, np.ndarray], float]:
+    """Score a summarised prediction against a summarised reference."""
     return score_summaries(ref.real, ref.de, ref.ctrl, side, de_side(side, ref.ctrl, ref.ctrl), ref.ctrl, ref.targets, ref.gene_rank,
                            strict=strict)

@@ -27,12 +27,15 @@ import numpy as np
 import pandas as pd
 
 from vcell.data.io import atomic_paths, check_output_dir, check_output_path
+from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.errors import VcellError, did_you_mean, preview
 from vcell.eval.csvio import read_csv, write_csv
-from vcell.eval.vcc2026.anchor import BASE_SEED, N_SPLITS, AnchorResult, replicate_anchor
-from vcell.eval.vcc2026.baseline import BASELINE_SEED, emit_baseline, generic_profile
-from vcell.eval.vcc2026.evaluate import Reference, evaluate_cells, resolve_targets, summarise_reference
-from vcell.eval.vcc2026.inputs import CountsCells, check_genes, check_perturbations, read_cells, read_target_map
+from vcell.eval.tiles import Scratch, TileStore
+from vcell.eval.vcc2026.anchor import BASE_SEED, N_SPLITS, AnchorPlan, AnchorResult
+from vcell.eval.vcc2026.baseline import BASELINE_SEED, baseline_summary, profile_from_means, profile_task
+from vcell.eval.vcc2026.engine import Engine, MeansTask, run_tasks
+from vcell.eval.vcc2026.evaluate import Reference, evaluate_cells, evaluate_summary, reference_tasks, resolve_targets
+from vcell.eval.vcc2026.inputs import CountsCells, check_genes, check_perturbations, close_cells, read_cells, read_target_map
 from vcell.eval.vcc2026.reader import ObsColumns, read_obs
 from vcell.eval.vcc2026.scale import average_contexts, score_context
 from vcell.eval.vcc2026.tables import agg_means, agg_wide, results_long
@@ -53,6 +56,12 @@ class Options:
     no_target_genes: bool = False
     threads: int = 2
     strict: bool = True  # refuse what cell-eval2 refuses (an undefined panel ratio, one-cell groups in the anchor)
+    budget: float = math.inf  # bytes a matrix may take in memory; above, gene tiles on disk (vcell.eval.bands)
+    progress: Progress = no_progress
+
+    def engine(self) -> Engine:
+        """How the passes over the counts run."""
+        return Engine(self.threads, self.budget, self.progress)
 
 
 def _contexts(path, col: str, obs: ObsColumns, required: bool) -> list[str] | None:
@@ -88,22 +97,70 @@ def _context_cells(cells: CountsCells, contexts: np.ndarray | None, name: str | 
         return cells
     labels = np.where(contexts == name, cells.labels, "").astype(object)
     order = [g for g in cells.group_order if g in set(labels)]
-    return CountsCells(cells.X, labels, cells.genes, f"{cells.where} (context {name})", order, cells.totals)
+    out = CountsCells(cells.X, labels, cells.genes, f"{cells.where} (context {name})", order, cells.totals)
+    c = cells.controls
+    if c is not None:
+        sub = np.where(contexts[c.source_rows] == name, c.labels, "").astype(object)
+        out.controls = CountsCells(c.X, sub, c.genes, out.where, None, c.totals, source_rows=c.source_rows)
+    return out
+
+
+def _sum_groups(labels: np.ndarray, contexts: np.ndarray | None, skip: str | None = None) -> tuple[np.ndarray, dict]:
+    """Each row's group for the sums taken while a file is read (one group per context and
+    label; ``skip`` and unlabelled rows: -1), and ``(context, label) -> group``."""
+    ctx = contexts if contexts is not None else np.full(labels.shape, "", dtype=object)
+    c_codes, c_names = pd.factorize(pd.Series(ctx, dtype=object).astype(str))
+    l_codes, l_names = pd.factorize(pd.Series(labels, dtype=object).astype(str))
+    keys = c_codes.astype(np.int64) * len(l_names) + l_codes
+    keys[(labels == "") | ((labels == skip) if skip is not None else False)] = -1
+    codes, pairs = pd.factorize(keys, use_na_sentinel=False)
+    out = codes.astype(np.int64)
+    index = {}
+    for i, k in enumerate(pairs):
+        if k >= 0:
+            index[(str(c_names[k // len(l_names)]), str(l_names[k % len(l_names)]))] = i
+        else:
+            out[codes == i] = -1
+    return out, index
+
+
+def _priors(cells: CountsCells, index: dict, context: str | None) -> dict | None:
+    """label -> summed counts of one context, from the sums taken while the file was read."""
+    if cells.group_sums is None:
+        return None
+    ctx = "" if context is None else context
+    return {label: cells.group_sums[i] for (c, label), i in index.items() if c == ctx}
+
+
+def _bounds(cells: CountsCells) -> np.ndarray | None:
+    """The gene tiles of a reference read in tiles (a prediction swept with it follows them)."""
+    for c in (cells.controls, cells):
+        if c is not None and isinstance(c.X, TileStore) and c.X.n_tiles > 1:
+            return c.X.bounds
+    return None
 
 
 def _folder(name: str | None) -> str:
     return "" if name is None else f"{name}/"
 
 
-def reference_context(real: CountsCells, opts: Options, target_map) -> tuple[Reference, list[str]]:
-    """A reference context summarised, with its sorted perturbations (targets resolved per ``opts``)."""
+def _perturbations(real: CountsCells, opts: Options, target_map) -> tuple[list[str], np.ndarray]:
+    """The sorted perturbations of a reference context and their target genes (resolved per ``opts``)."""
     perts = sorted(set(real.labels) - {opts.control, ""})
     if opts.control not in set(real.labels):
         raise VcellError(f"{real.where}: no control cells labelled {opts.control!r} in column {opts.pert_col!r}")
     if not perts:
         raise VcellError(f"{real.where}: no perturbed cells besides the controls {opts.control!r}")
-    targets = resolve_targets(perts, real.genes, target_map, opts.no_target_genes)
-    return summarise_reference(real, opts.control, perts, targets, opts.threads), perts
+    return perts, resolve_targets(perts, real.genes, target_map, opts.no_target_genes)
+
+
+def reference_context(real: CountsCells, opts: Options, target_map, extra=None, prior: dict | None = None) -> tuple[Reference, list[str]]:
+    """A reference context summarised, with its sorted perturbations (targets resolved per ``opts``);
+    ``extra`` tasks run in the same passes over the counts; ``prior``: label -> summed counts."""
+    perts, targets = _perturbations(real, opts, target_map)
+    ctrl_task, task, finish = reference_tasks(real, opts.control, perts, prior)
+    run_tasks([ctrl_task, task, *(extra or [])], opts.engine(), "reference")
+    return finish(targets), perts
 
 
 def _target_map(opts: Options):
@@ -127,31 +184,44 @@ def run(pred, real, out, opts: Options, overwrite: bool = False, report: Callabl
     target_map = _target_map(opts)
     labels_real, labels_pred = _labels(real_obs, real, opts.pert_col), _labels(pred_obs, pred, opts.pert_col)
     check_perturbations(labels_pred, labels_real, opts.control, str(pred), str(real))
-    # One matrix in memory at a time: the reference is summarised (its controls kept) and released
-    # before the prediction is read.
-    t = time.perf_counter()
-    real_cells = read_cells(real, opts.pert_col)
-    real_ctx = real_obs.columns[opts.context_col][0] if contexts else None
-    refs = {}
-    for name in contexts or [None]:
-        r = _context_cells(real_cells, real_ctx, name)
-        refs[name] = (reference_context(r, opts, target_map), r.where)
-    genes = real_cells.genes
-    del real_cells, r
-    gc.collect()
-    report(f"reference summarised in {time.perf_counter() - t:.1f} s")
-    t = time.perf_counter()
-    pred_cells = read_cells(pred, opts.pert_col)
-    check_genes(pred_cells.genes, genes, str(pred), str(real))
-    pred_ctx_values = pred_obs.columns[opts.context_col][0] if contexts else None
-    tables = {}
-    for name in contexts or [None]:
-        (ref, perts), real_where = refs[name]
-        p = _context_cells(pred_cells, pred_ctx_values, name)
-        check_perturbations(p.labels, np.array(perts + [opts.control], dtype=object), opts.control, p.where, real_where)
-        values, ratio = evaluate_cells(ref, p, opts.threads)
-        res = results_long(perts, values)
-        tables[name or ""] = (res, agg_wide(res, ratio))
+    # One matrix in memory at a time (or one band of it, for a matrix on disk): the reference is
+    # summarised (its controls kept) and released before the prediction is read.
+    with Scratch(out) as scratch:
+        t = time.perf_counter()
+        real_ctx = real_obs.columns[opts.context_col][0] if contexts else None
+        groups, index = _sum_groups(labels_real, real_ctx)
+        real_cells = read_cells(real, opts.pert_col, opts.control, opts.budget, scratch, opts.progress, "real", groups=groups)
+        refs = {}
+        controls = real_cells.controls
+        try:
+            for name in contexts or [None]:
+                r = _context_cells(real_cells, real_ctx, name)
+                refs[name] = (reference_context(r, opts, target_map, prior=_priors(real_cells, index, name)), r.where)
+            genes, bounds = real_cells.genes, _bounds(real_cells)
+            real_cells.controls = None
+            close_cells(real_cells)  # the controls stay: the prediction is scored against them
+            del real_cells, r
+            gc.collect()
+            report(f"reference summarised in {time.perf_counter() - t:.1f} s")
+            t = time.perf_counter()
+            pred_ctx_values = pred_obs.columns[opts.context_col][0] if contexts else None
+            groups, index = _sum_groups(labels_pred, pred_ctx_values, opts.control)
+            pred_cells = read_cells(pred, opts.pert_col, None, opts.budget, scratch, opts.progress, "pred", bounds, groups)
+            try:
+                check_genes(pred_cells.genes, genes, str(pred), str(real))
+                tables = {}
+                for name in contexts or [None]:
+                    (ref, perts), real_where = refs[name]
+                    p = _context_cells(pred_cells, pred_ctx_values, name)
+                    check_perturbations(p.labels, np.array(perts + [opts.control], dtype=object), opts.control, p.where, real_where)
+                    values, ratio = evaluate_cells(ref, p, opts.threads, engine=opts.engine(), prior=_priors(pred_cells, index, name))
+                    res = results_long(perts, values)
+                    tables[name or ""] = (res, agg_wide(res, ratio))
+            finally:
+                close_cells(pred_cells)
+        finally:
+            if controls is not None:
+                close_cells(controls)
     report(f"prediction scored in {time.perf_counter() - t:.1f} s")
     with atomic_paths(out, names) as tmp:
         for name in contexts or [None]:
@@ -179,21 +249,31 @@ def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: in
     check_output_dir(out, names, [real], overwrite=overwrite)
     target_map = _target_map(opts)
     _labels(real_obs, real, opts.pert_col)
-    real_cells = read_cells(real, opts.pert_col)
-    real_ctx = real_obs.columns[opts.context_col][0] if contexts else None
     done: dict[str, dict] = {}
     outputs = {}
     scales = {}
-    for name in contexts or [None]:
-        r = _context_cells(real_cells, real_ctx, name)
-        where = f" of context {name}" if name else ""
-        scales[name] = _context_scale(r, opts, target_map, splits, anchor_seed, anchor, baseline,
-                                      report=lambda text, where=where: report(text + where))
-    del real_cells, r  # the baselines need only the controls: the reference's matrix goes first
-    gc.collect()
-    for name, (cs, pending) in scales.items():
-        if pending is not None:
-            _score_baseline(cs, pending, seed, opts.threads, lambda text, name=name: report(text + (f" of context {name}" if name else "")))
+    with Scratch(out) as scratch:
+        real_cells = read_cells(real, opts.pert_col, opts.control, opts.budget, scratch, opts.progress, "real")
+        controls = real_cells.controls
+        try:
+            real_ctx = real_obs.columns[opts.context_col][0] if contexts else None
+            for name in contexts or [None]:
+                r = _context_cells(real_cells, real_ctx, name)
+                where = f" of context {name}" if name else ""
+                scales[name] = _context_scale(r, opts, target_map, splits, anchor_seed, anchor, baseline,
+                                              report=lambda text, where=where: report(text + where))
+            real_cells.controls = None
+            close_cells(real_cells)  # the baselines need only the controls: the reference's matrix goes first
+            del real_cells, r
+            gc.collect()
+            for name, (cs, pending) in scales.items():
+                if pending is not None:
+                    _score_baseline(cs, pending, seed, opts,
+                                    lambda text, name=name: report(text + (f" of context {name}" if name else "")))
+        finally:
+            if controls is not None:
+                close_cells(controls)
+    for name, (cs, _) in scales.items():
         files_ctx = {}
         if cs.anchor is not None:
             files_ctx["anchor_splits.csv"] = cs.anchor.splits
@@ -244,29 +324,50 @@ def context_scale(r: CountsCells, opts: Options, target_map=None, splits: int = 
     """The baseline and the replicate anchor of one reference context (its cells ``r``)."""
     scale, pending = _context_scale(r, opts, target_map, splits, anchor_seed, anchor, baseline, report)
     if pending is not None:
-        _score_baseline(scale, pending, seed, opts.threads, report)
+        _score_baseline(scale, pending, seed, opts, report)
     return scale
 
 
 def _context_scale(r, opts, target_map, splits, anchor_seed, anchor, baseline, report):
-    """Everything that reads the reference's matrix: the summary, the anchor and the baseline's
-    profile (returned with the group sizes, to emit and score the baseline once the matrix is gone)."""
+    """Everything that reads the reference's matrix, in as few passes as memory allows: the
+    summary, the anchor (its first splits with the summary) and the baseline's profile
+    (returned with the group sizes, to summarise and score the baseline once the matrix is gone)."""
     report = report or (lambda _: None)
-    ref, perts = reference_context(r, opts, target_map)
-    out = ContextScale(ref, perts)
-    if anchor:
-        t = time.perf_counter()
-        out.anchor = replicate_anchor(ref, r, opts.control, anchor_seed, splits, opts.threads,
-                                      progress=lambda i: report(f"anchor split {i + 1}/{splits}"), strict=opts.strict)
+    engine = opts.engine()
+    perts, targets = _perturbations(r, opts, target_map)
+    t = time.perf_counter()
+    ctrl_task, task, finish = reference_tasks(r, opts.control, perts)
+    tasks = [ctrl_task, task]
+    means = profile_task(r, perts) if baseline else None
+    ctrl_means = MeansTask(ctrl_task.A, [ctrl_task.ctrl_rows]) if baseline else None  # the baseline's scale, in the same pass
+    tasks += [means, ctrl_means] if baseline else []
+    plan = AnchorPlan(r, opts.control, perts, anchor_seed, splits, opts.strict) if anchor else None
+    groups = plan.groups(opts.budget) if plan is not None else [[]]
+    if plan is not None:
+        tasks += plan.tasks(groups[0])
+    run_tasks(tasks, engine, "reference" + (" and replicate anchor" if plan is not None else ""))
+    out = ContextScale(finish(targets), perts)
+    report(f"reference summarised in {time.perf_counter() - t:.1f} s")
+    if plan is not None:
+        for i, group in enumerate(groups):
+            if i:
+                run_tasks(plan.tasks(group), engine, "replicate anchor")
+            plan.score(out.ref, group)
+            report(f"anchor split {group[-1] + 1}/{splits}")
+        out.anchor = plan.result()
         report(f"replicate anchor in {time.perf_counter() - t:.1f} s")
-    pending = (generic_profile(r, ref), {p: r.rows(p).size for p in perts}, opts.strict) if baseline else None
+    pending = None
+    if means is not None:
+        pending = (profile_from_means(means.means, out.ref, r.where), {p: r.rows(p).size for p in perts}, opts.strict,
+                   ctrl_means.means[0])
     return out, pending
 
 
-def _score_baseline(scale: ContextScale, pending, seed: int, threads: int, report=None) -> None:
+def _score_baseline(scale: ContextScale, pending, seed: int, opts: Options, report=None) -> None:
     t = time.perf_counter()
-    profile, sizes, strict = pending
-    values, ratio = evaluate_cells(scale.ref, emit_baseline(profile, scale.ref, sizes, seed), threads, strict=strict)
+    profile, sizes, strict, ctrl_mean = pending
+    side = baseline_summary(profile, scale.ref, sizes, seed, opts.engine(), ctrl_mean)
+    values, ratio = evaluate_summary(scale.ref, side, strict)
     scale.baseline_results = results_long(scale.perturbations, values)
     scale.baseline_agg = agg_wide(scale.baseline_results, ratio)
     if report is not None:

@@ -18,9 +18,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.errors import VcellError, did_you_mean, preview
-from vcell.eval.vcc2026._kernels import row_totals
-from vcell.eval.vcc2026.reader import as_csr, labels_of, read_counts_file, read_obs
+from vcell.eval._band_kernels import row_totals
+from vcell.eval.tiles import Scratch, TileStore
+from vcell.eval.vcc2026.reader import as_csr, labels_of, read_counts_file, read_obs, read_tiles
 
 _NO_ROWS = np.empty(0, np.int64)
 
@@ -30,20 +32,31 @@ MAX_COUNTS_PER_CELL = 1e6
 
 @dataclass
 class CountsCells:
-    """One side's cells: raw counts as canonical CSR, one label per row, library sizes."""
+    """One side's cells: raw counts (canonical CSR, or gene tiles of a file: a
+    :class:`~vcell.eval.tiles.TileStore`), one label per row, library sizes.
 
-    X: sp.csr_matrix
+    ``controls``, for a file read in tiles, holds its control cells in a store of their own.
+    """
+
+    X: sp.csr_matrix | TileStore
     labels: np.ndarray
     genes: pd.Index
     where: str
     group_order: list[str] | None = None  # the labels in the file's group order (categories, else sorted)
     totals: np.ndarray | None = None  # each row's total count (float64)
+    controls: CountsCells | None = None
+    source_rows: np.ndarray | None = None  # for a control store: the rows of the file it holds
+    group_sums: np.ndarray | None = None  # summed counts of the groups read_cells was asked for
 
     def __post_init__(self) -> None:
-        self.first_bad = -1  # position in X.data of the first value that is not a count (-1: none)
+        self.bad = None  # (row, column, value) of the first value that is not a count
         self._groups = None
         if self.totals is None:
-            self.totals, self.first_bad = _totals(self.X)
+            if isinstance(self.X, TileStore):
+                raise ValueError("cells in tiles come with their totals")
+            self.totals, first = _totals(self.X)
+            if first >= 0:
+                self.bad = (int(np.searchsorted(self.X.indptr, first, side="right") - 1), int(self.X.indices[first]), self.X.data[first])
         if self.group_order is None:
             self.group_order = sorted(set(self.labels) - {""})
 
@@ -84,13 +97,9 @@ def check_counts(cells: CountsCells, max_per_cell: float = MAX_COUNTS_PER_CELL) 
     VcellError
         Naming the file, the cell (obs name or row) and the gene of the first bad value.
     """
-    X = cells.X
-    data = X.data
-    k = cells.first_bad  # found while the row totals were summed
-    if k >= 0:
-        row = int(np.searchsorted(X.indptr, k, side="right") - 1)
-        value = data[k]
-        gene = cells.genes[X.indices[k]]
+    if cells.bad is not None:  # found while the row totals were summed
+        row, col, value = cells.bad
+        gene = cells.genes[col]
         what = "not finite" if not np.isfinite(value) else "negative" if value < 0 else "not an integer"
         hint = " (log-normalised values? the vcc2026 profile needs raw counts)" if what == "not an integer" else ""
         raise VcellError(
@@ -158,18 +167,54 @@ def cells_from_anndata(adata, pert_col: str, where: str, layer: str | None = Non
     return cells
 
 
-def read_cells(path: str | os.PathLike, pert_col: str) -> CountsCells:
-    """Read an ``.h5ad`` of raw counts into memory as :class:`CountsCells` (matrix checked)."""
+def read_cells(path: str | os.PathLike, pert_col: str, control: str | None = None, budget: float = np.inf,
+               scratch: Scratch | None = None, progress: Progress = no_progress, name: str = "X",
+               bounds: np.ndarray | None = None, groups: np.ndarray | None = None) -> CountsCells:
+    """Read an ``.h5ad`` of raw counts as :class:`CountsCells` (matrix checked).
+
+    The matrix is read once by rows into gene tiles (:mod:`vcell.eval.bands`): in memory when it
+    fits in ``budget`` bytes, else in ``scratch`` (cut at ``bounds`` when given: the tiles of
+    another file it is swept with). With ``control``, the control cells are also kept in a store
+    of their own (``controls``), what the predictions are scored against. With ``groups`` (each
+    row's group, -1: none), ``group_sums`` holds each group's summed counts (none for a layout
+    read with anndata).
+    """
     where = str(path)
     meta = read_obs(path, [pert_col])  # the column is checked before the matrix is read
     if pert_col not in meta.columns:
         hint = did_you_mean(pert_col, meta.names)
         raise VcellError(f"{where}: perturbation column {pert_col!r} not found in obs{hint} (columns: {preview(meta.names, 20)})")
-    f = read_counts_file(path, [pert_col])
-    labels, order = f.columns[pert_col]
-    cells = CountsCells(as_csr(f.X, where), labels, pd.Index(f.genes), where, order)
-    check_counts(cells)
+    labels, order = meta.columns[pert_col]
+    mask = (labels == control) if control is not None else None
+    tiled = read_tiles(path, mask, budget, scratch, progress, name, bounds, groups)
+    if tiled is None:  # a layout read with anndata, into memory
+        f = read_counts_file(path, [pert_col])
+        labels, order = f.columns[pert_col]
+        cells = CountsCells(as_csr(f.X, where), labels, pd.Index(f.genes), where, order)
+    else:
+        def matrix(store):  # in memory: a plain CSR matrix
+            return store if store.on_disk else store.to_csr()
+
+        cells = CountsCells(matrix(tiled.store), labels, pd.Index(tiled.genes), where, order, tiled.totals)
+        cells.bad = tiled.bad
+        cells.group_sums = tiled.group_sums
+        if tiled.controls is not None:
+            rows = tiled.control_rows
+            cells.controls = CountsCells(matrix(tiled.controls), labels[rows], cells.genes, where, None, tiled.totals[rows],
+                                         source_rows=rows)
+    try:
+        check_counts(cells)
+    except VcellError:
+        close_cells(cells)
+        raise
     return cells
+
+
+def close_cells(cells: CountsCells) -> None:
+    """Release a side's matrix (and delete its tiles on disk)."""
+    for c in (cells, cells.controls):
+        if c is not None and isinstance(c.X, TileStore):
+            c.X.close()
 
 
 def read_target_map(path: str | os.PathLike, perturbations: list[str]) -> dict[str, str | None]:

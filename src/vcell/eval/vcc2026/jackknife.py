@@ -11,6 +11,11 @@ When every ``t_i`` is small (groups of more than a few cells) the sums of those 
 cells are a power series in ``t`` (per gene: ``sum_k c_k w^k sum_i t_i^k``, summed to 1e-18),
 and only the non-zero counts are visited, each replacing its zero-count term by its own; small
 groups are evaluated cell by cell. Sums are taken around ``b``; cells run in blocks on threads.
+
+Every gene's sums involve that gene's counts only (and the group's totals), so a matrix in gene
+tiles (:mod:`vcell.eval.bands`) is corrected tile by tile (:class:`Jackknife`): each gene's sums
+are finished with its tile and kept, and the correction summed over all genes at the end, with
+the same arithmetic as on the whole matrix.
 """
 
 from __future__ import annotations
@@ -21,31 +26,37 @@ from concurrent.futures import ThreadPoolExecutor
 import numba as nb
 import numpy as np
 
-from vcell.eval.de import _n_threads
+from vcell.eval._de_engine import _n_threads
+from vcell.eval.vcc2026._kernels import value
 
 _BLOCK_CELLS = 256
+_BLOCKS_PER_TASK = 8  # blocks of one group a thread takes at a time
 #: Largest ``l_i / (S - l_i)`` (a cell's share of its group against the rest) for the series form;
 #: larger (groups of a few cells) take the direct form.
 _T_MAX = 0.1
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
-def _jack_block(data, indices, indptr, rows, totals, P, S, ts, active, b, s1, s2):
-    """Direct form: add ``v_i - b`` of cells ``rows`` to ``s1`` and their squares to ``s2`` (every active gene)."""
+def _jack_block(data, indices, indptr, rows, totals, P, S, ts, active, b, s1, s2, colscale):
+    """Direct form: add ``v_i - b`` of cells ``rows`` to ``s1`` and their squares to ``s2`` (genes ``active``)."""
     n_act = active.shape[0]
+    if n_act == 0:
+        return
     for q in range(rows.shape[0]):
         row = rows[q]
         r = S - totals[row]
         k = indptr[row]
         end = indptr[row + 1]
         if r > 0:
+            while k < end and indices[k] < active[0]:
+                k += 1
             for a in range(n_act):
                 j = active[a]
                 y = 0.0
                 while k < end and indices[k] < j:
                     k += 1
                 if k < end and indices[k] == j:
-                    y = float(data[k])
+                    y = value(data, k, indices, colscale)
                 v = math.log1p(ts * (P[j] - y) / r) - b[a]
                 s1[a] += v
                 s2[a] += v * v
@@ -57,12 +68,12 @@ def _jack_block(data, indices, indptr, rows, totals, P, S, ts, active, b, s1, s2
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
-def _jack_sparse(data, indices, indptr, rows, totals, P, S, ts, slot, b, w, s1, s2):
-    """Series form, non-zero entries only: add ``d - z`` and ``d^2 - z^2`` per active gene.
+def _jack_sparse(data, indices, indptr, rows, totals, P, S, ts, slot, j0, j1, b, w, s1, s2, colscale):
+    """Series form, non-zero entries of genes ``j0:j1`` only: add ``d - z`` and ``d^2 - z^2`` per active gene.
 
     ``d = log1p(ts * (P - y) / r) - b`` is the entry's deviation, ``z = log1p(t * w)`` the
     deviation it would have if the count were 0 (``t = l / r``); the all-zero sums come from
-    :func:`_zero_sums`. ``slot[j]`` is gene ``j``'s index among the active genes.
+    :func:`_zero_sums`. ``slot[j - j0]`` is gene ``j``'s index among this tile's active genes.
     """
     for q in range(rows.shape[0]):
         row = rows[q]
@@ -70,17 +81,41 @@ def _jack_sparse(data, indices, indptr, rows, totals, P, S, ts, slot, b, w, s1, 
         r = S - lib
         t = lib / r
         for k in range(indptr[row], indptr[row + 1]):
-            y = float(data[k])
+            j = indices[k]
+            if j < j0 or j >= j1:
+                continue
+            y = value(data, k, indices, colscale)
             if y == 0:
                 continue
-            j = indices[k]
-            a = slot[j]
+            a = slot[j - j0]
             # log(1 + v) rather than log1p(v): twice as fast, and its absolute error (~1e-16) is
             # the size of log1p's own rounding here, far below what the sums need
             d = math.log(1.0 + ts * (P[j] - y) / r) - b[a]
             z = math.log(1.0 + t * w[a])
             s1[a] += d - z
             s2[a] += d * d - z * z
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def _jack_blocks(data, indices, indptr, rows, totals, P, S, ts, series, slot, active, j0, j1, b, w, colscale, block, out1, out2):
+    """The sums of consecutive blocks of ``block`` cells of one group, each from zero, into
+    rows of ``out1``/``out2`` (added to the group's sums in block order afterwards: the
+    summation of the whole-matrix evaluation, whatever the tiles and threads)."""
+    for i in range(out1.shape[0]):
+        part = rows[i * block:(i + 1) * block]
+        if series:
+            _jack_sparse(data, indices, indptr, part, totals, P, S, ts, slot, j0, j1, b, w, out1[i], out2[i], colscale)
+        else:
+            _jack_block(data, indices, indptr, part, totals, P, S, ts, active, b, out1[i], out2[i], colscale)
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def _add_blocks(s1, s2, out1, out2):
+    """``s += out[i]`` for each block ``i`` in order."""
+    for i in range(out1.shape[0]):
+        for a in range(s1.shape[0]):
+            s1[a] += out1[i, a]
+            s2[a] += out2[i, a]
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -118,8 +153,96 @@ def _zero_sums(t, w, s1, s2):
             xk *= x
 
 
+_EMPTY = np.empty(0, np.float64)
+_NO_SLOT = np.empty(0, np.int64)
+
+
+class Jackknife:
+    """The corrections ``C`` of groups of cells of one matrix, gene tile by gene tile.
+
+    Parameters
+    ----------
+    group_rows : sequence of numpy.ndarray
+        Row indices of each group (a row may repeat).
+    raw_sums : numpy.ndarray
+        ``(groups, genes)`` summed counts of each group (its pseudobulk), complete.
+    totals : numpy.ndarray
+        Total count of each row of the matrix (float64).
+    ts : float
+        Total the profiles are normalised to (5e4 in the challenge).
+    colscale : numpy.ndarray, optional
+        Column scale of the matrix's values (see :func:`vcell.eval.vcc2026._kernels.value`).
+    """
+
+    def __init__(self, group_rows, raw_sums: np.ndarray, totals: np.ndarray, ts: float, colscale: np.ndarray | None = None):
+        self.ts, self.totals = float(ts), totals
+        self.colscale = _EMPTY if colscale is None else np.asarray(colscale, np.float64)
+        self.groups = []
+        for g, rows in enumerate(group_rows):
+            n = len(rows)
+            P = np.ascontiguousarray(raw_sums[g], dtype=np.float64)
+            S = float(P.sum())
+            if n < 2 or S <= 0:
+                continue
+            rows = np.asarray(rows, np.int64)
+            active = np.flatnonzero(P > 0).astype(np.int64)
+            r = S - totals[rows]
+            series = bool((r > 0).all()) and float((totals[rows] / r).max()) <= _T_MAX
+            t = totals[rows] / r if series else None
+            self.groups.append((g, rows, P, S, active, t, np.empty(active.size)))
+        self.n_groups = len(group_rows)
+
+    def tile(self, data, indices, indptr, j0: int, j1: int, threads: int = 2) -> None:
+        """Finish the sums of genes ``j0:j1`` from a matrix holding (at least) their columns."""
+        local, tasks = [], []
+        for gi, (_, rows, P, S, active, t, _) in enumerate(self.groups):
+            lo, hi = np.searchsorted(active, [j0, j1])
+            x = self.ts * P[active[lo:hi]] / S
+            b = np.log1p(x)
+            s1, s2 = np.zeros(hi - lo), np.zeros(hi - lo)
+            w, slot = _EMPTY, _NO_SLOT
+            if t is not None:  # the all-zero part of every gene in closed form; the blocks add the non-zeros
+                w = x / (1.0 + x)
+                slot = np.full(j1 - j0, -1, np.int64)
+                slot[active[lo:hi] - j0] = np.arange(hi - lo)
+                _zero_sums(t, w, s1, s2)
+            local.append((lo, hi, b, w, slot, s1, s2, []))
+            step = _BLOCK_CELLS * _BLOCKS_PER_TASK
+            tasks += [(gi, start) for start in range(0, rows.size, step)]
+
+        def work(task):
+            gi, start = task
+            _, rows, P, S, active, t, _ = self.groups[gi]
+            lo, hi, b, w, slot, *_ = local[gi]
+            part = rows[start:start + _BLOCK_CELLS * _BLOCKS_PER_TASK]
+            n_blocks = -(-part.size // _BLOCK_CELLS)
+            out1, out2 = np.zeros((n_blocks, hi - lo)), np.zeros((n_blocks, hi - lo))
+            _jack_blocks(data, indices, indptr, part, self.totals, P, S, self.ts, t is not None, slot, active[lo:hi], j0, j1, b, w,
+                         self.colscale, _BLOCK_CELLS, out1, out2)
+            return gi, out1, out2
+
+        n_threads = _n_threads(threads)
+        if n_threads == 1 or len(tasks) <= 1:
+            parts = [work(task) for task in tasks]
+        else:
+            with ThreadPoolExecutor(max_workers=n_threads) as pool:
+                parts = list(pool.map(work, tasks))
+        for gi, out1, out2 in parts:  # in task order: each group's blocks in block order
+            _add_blocks(local[gi][5], local[gi][6], out1, out2)
+        for (_, rows, _, _, _, _, q), (lo, hi, _, _, _, s1, s2, _) in zip(self.groups, local, strict=True):
+            q[lo:hi] = s2 - s1 * s1 / rows.size
+
+    def result(self) -> np.ndarray:
+        """``(groups,)`` corrections (float64, >= 0); 0 for a group of fewer than two cells."""
+        out = np.zeros(self.n_groups, np.float64)
+        for g, rows, _, _, _, _, q in self.groups:
+            n = rows.size
+            out[g] = max((n - 1) / n * float(q.sum()), 0.0)
+        return out
+
+
 def jackknife_corrections(X, totals: np.ndarray, group_rows, raw_sums: np.ndarray, ts: float, threads: int = 2) -> np.ndarray:
-    """The jackknife correction ``C`` of each group of cells (float64, >= 0).
+    """The jackknife correction ``C`` of each group of cells of a CSR matrix in memory (float64, >= 0).
 
     Parameters
     ----------
@@ -141,55 +264,6 @@ def jackknife_corrections(X, totals: np.ndarray, group_rows, raw_sums: np.ndarra
     numpy.ndarray
         ``(groups,)`` corrections.
     """
-    out = np.zeros(len(group_rows), np.float64)
-    tasks, setups = [], {}
-    for g, rows in enumerate(group_rows):
-        n = len(rows)
-        P = np.ascontiguousarray(raw_sums[g], dtype=np.float64)
-        S = float(P.sum())
-        if n < 2 or S <= 0:
-            continue
-        rows = np.asarray(rows, np.int64)
-        active = np.flatnonzero(P > 0).astype(np.int64)
-        x = ts * P[active] / S
-        b = np.log1p(x)
-        r = S - totals[rows]
-        series = bool((r > 0).all()) and float((totals[rows] / r).max()) <= _T_MAX
-        init = (np.zeros(active.size), np.zeros(active.size))
-        if series:  # the all-zero part of every gene in closed form; the blocks add the non-zeros
-            w = x / (1.0 + x)
-            slot = np.full(P.size, -1, np.int64)
-            slot[active] = np.arange(active.size)
-            _zero_sums(totals[rows] / r, w, *init)
-            setups[g] = (P, S, active, b, n, w, slot, init)
-        else:
-            setups[g] = (P, S, active, b, n, None, None, init)
-        for s in range(0, n, _BLOCK_CELLS):
-            tasks.append((g, rows[s:s + _BLOCK_CELLS]))
-
-    def work(task):
-        g, rows = task
-        P, S, active, b, _, w, slot, _ = setups[g]
-        s1 = np.zeros(active.size, np.float64)
-        s2 = np.zeros(active.size, np.float64)
-        if w is not None:
-            _jack_sparse(X.data, X.indices, X.indptr, rows, totals, P, S, float(ts), slot, b, w, s1, s2)
-        else:
-            _jack_block(X.data, X.indices, X.indptr, rows, totals, P, S, float(ts), active, b, s1, s2)
-        return g, s1, s2
-
-    n_threads = _n_threads(threads)
-    if n_threads == 1 or len(tasks) <= 1:
-        parts = [work(t) for t in tasks]
-    else:
-        with ThreadPoolExecutor(max_workers=n_threads) as pool:
-            parts = list(pool.map(work, tasks))
-    acc = {g: list(setup[7]) for g, setup in setups.items()}
-    for g, s1, s2 in parts:
-        acc[g][0] += s1
-        acc[g][1] += s2
-    for g, (s1, s2) in acc.items():
-        n = setups[g][4]
-        q = s2 - s1 * s1 / n
-        out[g] = max((n - 1) / n * float(q.sum()), 0.0)
-    return out
+    jack = Jackknife(group_rows, raw_sums, totals, ts)
+    jack.tile(X.data, X.indices, X.indptr, 0, X.shape[1], threads)
+    return jack.result()

@@ -17,7 +17,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.errors import VcellError, did_you_mean, preview
+from vcell.eval._band_kernels import row_totals
+from vcell.eval.row_reader import MatrixReader
+from vcell.eval.tiles import Scratch, TileStore, open_store, plan_tiles, write_stores
+from vcell.eval.vcc2026._kernels import group_sums
 
 _DENSE_BLOCK_ROWS = 2048
 
@@ -133,6 +138,76 @@ def read_counts_file(path: str | os.PathLike, columns: list[str]) -> CountsFile:
 
 class _Unsupported(Exception):
     pass
+
+
+@dataclass
+class TiledCounts:
+    """A file's counts read once into gene tiles: all rows, the control rows apart, the totals."""
+
+    store: TileStore
+    controls: TileStore | None
+    control_rows: np.ndarray | None
+    totals: np.ndarray  # each row's total count (float64)
+    bad: tuple | None  # (row, column, value) of the first value that is not a count
+    genes: np.ndarray
+    group_sums: np.ndarray | None = None  # (groups, genes) summed counts of the groups asked for
+
+
+def read_tiles(path: str | os.PathLike, control_mask: np.ndarray | None, budget: float, scratch: Scratch | None,
+               progress: Progress = no_progress, name: str = "X", bounds: np.ndarray | None = None,
+               groups: np.ndarray | None = None) -> TiledCounts | None:
+    """Read the matrix of ``path`` once by rows into gene tiles (in memory when the tiles of all
+    rows and of the control rows (``control_mask``) fit in ``budget`` bytes, else in ``scratch``),
+    summing each row and finding the first value that is not a count on the way; with
+    ``groups`` (each row's group, -1: none), each group's summed counts too.
+
+    ``None`` for a layout read otherwise (CSC, no plain gene index): see :func:`read_counts_file`.
+    """
+    reader = MatrixReader(path)
+    try:
+        if reader.kind is None or not isinstance(reader.file.get("var"), h5py.Group):
+            return None
+        try:
+            genes = _index(reader.file["var"])
+        except _Unsupported:
+            return None
+        dtype = reader.dtype if reader.dtype.kind in "iu" or reader.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+        rows = np.flatnonzero(control_mask).astype(np.int64) if control_mask is not None else None
+        share = 1.0 + (rows.size / max(reader.n_rows, 1) if rows is not None else 0.0)
+        total = reader.values() * (np.dtype(dtype).itemsize + 4) * share
+        if total <= budget:
+            bounds = np.array([0, reader.n_genes], np.int64)
+        elif bounds is None or len(bounds) < 3:
+            bounds = plan_tiles(reader.gene_weights(), total, budget)
+        store = open_store(reader, bounds, scratch, name, dtype=dtype, counts=True)
+        targets = [(store, None)]
+        controls = None
+        if rows is not None:
+            controls = open_store(reader, bounds, scratch, f"{name}.controls", rows=rows, dtype=dtype, counts=True)
+            targets.append((controls, rows))
+        totals = np.empty(reader.n_rows, np.float64)
+        bad: list = [None]
+        sums = None if groups is None else np.zeros((int(groups.max(initial=-1)) + 1, reader.n_genes), np.float64)
+
+        def on_chunk(r0, r1, parts):
+            data, indices, indptr = parts
+            if sums is not None:
+                group_sums(data, indices, indptr, groups[r0:r1], sums)
+            k = row_totals(data, indptr, totals[r0:r1], 0, r1 - r0)
+            if k >= 0 and bad[0] is None:
+                bad[0] = (r0 + int(np.searchsorted(indptr, k, side="right") - 1), int(indices[k]), data[k])
+
+        for store_, _ in targets:
+            store_.keep_small = True  # the kernels take counts as uint16: tiles read without conversion
+        try:
+            write_stores(reader, targets, on_chunk, None, progress, f"reading {os.path.basename(str(path))}")
+        except BaseException:
+            for store_, _ in targets:
+                store_.close()
+            raise
+        return TiledCounts(store, controls, rows, totals, bad[0], genes, sums)
+    finally:
+        reader.close()
 
 
 def as_csr(X, where: str) -> sp.csr_matrix:

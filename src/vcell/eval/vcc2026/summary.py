@@ -1,39 +1,35 @@
 """One side of a VCC 2026 evaluation, reduced to what the metrics read: sums, means and tests.
 
-:func:`summarise` makes one pass over a side's raw counts (blocks of genes on several threads)
-and keeps, per perturbation: the pseudobulk (summed raw counts), the mean CPM of each gene
-(counts per million of the cell's total) and the two-sided Wilcoxon p-value of every gene
-against the **reference** control cells, on ``log1p(CPM)``. Only genes whose mean CPM in the
-reference controls exceeds :data:`MIN_CONTROL_CPM` are tested: that gene set is one property of
-the reference, the same for every perturbation and for both sides. The jackknife sampling
-correction of each group (:mod:`vcell.eval.vcc2026.jackknife`) is computed in the same call.
-After this the matrix can be released.
+:func:`summarise` makes one pass over a side's raw counts (blocks of genes on several threads,
+band by band for a matrix on disk: :mod:`vcell.eval.vcc2026.engine`) and keeps, per
+perturbation: the pseudobulk (summed raw counts), the mean CPM of each gene (counts per million
+of the cell's total) and the two-sided Wilcoxon p-value of every gene against the
+**reference** control cells, on ``log1p(CPM)``. Only genes whose mean CPM in the reference
+controls exceeds :data:`MIN_CONTROL_CPM` are tested: that gene set is one property of the
+reference, the same for every perturbation and for both sides. The jackknife sampling
+correction of each group (:mod:`vcell.eval.vcc2026.jackknife`) is computed in a second pass.
+After this the matrix can be released. :func:`control_task` and :func:`side_task` are the same
+work as tasks, for callers that run several summaries in one pass over the tiles.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from vcell.errors import VcellError
-from vcell.eval.de import _n_threads
-from vcell.eval.vcc2026._kernels import counts_chunk
+from vcell.eval.tiles import TileStore
+from vcell.eval.vcc2026.engine import BULK_TARGET_SUM, CPM, MIN_CONTROL_CPM, Engine, SumsTask, run_tasks
 from vcell.eval.vcc2026.inputs import CountsCells
-from vcell.eval.vcc2026.jackknife import jackknife_corrections
 
-#: Genes are tested when their mean CPM in the reference controls is above this (5 CPM).
-MIN_CONTROL_CPM = 5.0
-#: CPM scale of the Wilcoxon values (counts per million).
-CPM = 1e6
-#: Total of the pseudobulk profiles (``bulk_target_sum``).
-BULK_TARGET_SUM = 5e4
+__all__ = ["BULK_TARGET_SUM", "CPM", "MIN_CONTROL_CPM", "Control", "SideSummary", "control_of", "control_task", "side_task",
+           "summarise", "summarise_control", "summary_of"]
 
 
 @dataclass
 class Control:
-    """The reference control cells: where every effect and every test starts from."""
+    """The reference control cells (rows ``rows`` of ``cells``): where every effect and test starts from."""
 
     cells: CountsCells
     rows: np.ndarray
@@ -60,70 +56,64 @@ class SideSummary:
     jackknife: np.ndarray  # (P,) float64
 
 
-#: Non-zeros a gene block gathers (float64 each, per thread): bounds the kernel's working memory.
-_BLOCK_VALUES = 8_000_000
-
-
-def _blocks(n_genes: int, threads: int, nnz: float) -> list[tuple[int, int]]:
-    """Gene blocks: at least four per thread (load balance), each gathering at most about
-    :data:`_BLOCK_VALUES` non-zeros (memory), 16 to 1024 genes."""
-    size = -(-n_genes // (4 * max(threads, 1)))
-    if nnz > 0:
-        size = min(size, int(n_genes * _BLOCK_VALUES / nnz))
-    size = int(min(1024, max(16, size)))
-    return [(j0, min(n_genes, j0 + size)) for j0 in range(0, n_genes, size)]
-
-
-def _run_blocks(ctrl: CountsCells, ctrl_rows, cells: CountsCells, group_rows, keep, threads: int):
-    """The kernel over gene blocks: (raw sums, cpm sums, pvals) for [control] + groups."""
-    n_genes = cells.X.shape[1]
-    sizes = np.array([len(ctrl_rows)] + [len(r) for r in group_rows], dtype=np.int64)
-    if (sizes == 0).any():
-        raise VcellError("a group without cells reached the tests")  # callers only pass non-empty groups
-    order = np.concatenate([np.asarray(ctrl_rows, np.int64), *[np.asarray(r, np.int64) for r in group_rows]])
-    gptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    inv_n = 1.0 / sizes.astype(np.float64)
-    n_g1 = sizes.size
-    stat = np.zeros((n_g1 - 1, n_genes), np.float64)
-    pval = np.full((n_g1 - 1, n_genes), np.nan)
-    raw = np.zeros((n_g1, n_genes), np.float64)
-    cpm = np.zeros((n_g1, n_genes), np.float64)
-    A, B = ctrl.X, cells.X
-    div0, div1 = ctrl.totals / CPM, cells.totals / CPM
-
-    def work(block):
-        j0, j1 = block
-        return counts_chunk(A.data, A.indices, A.indptr, div0, B.data, B.indices, B.indptr, div1,
-                            order, gptr, sizes, keep, j0, j1, stat, pval, raw, cpm, inv_n)
-
-    n_threads = _n_threads(threads)
-    nnz = A.nnz * len(ctrl_rows) / max(A.shape[0], 1) + B.nnz * (order.size - len(ctrl_rows)) / max(B.shape[0], 1)
-    blocks = _blocks(n_genes, n_threads, nnz)
-    if n_threads == 1 or len(blocks) == 1:
-        bad = [work(b) for b in blocks]
-    else:
-        with ThreadPoolExecutor(max_workers=n_threads) as pool:
-            bad = list(pool.map(work, blocks))
-    if any(bad):
-        raise VcellError(f"{cells.where}: the expression matrix contains NaN values")
-    return raw, cpm, pval
-
-
-def summarise_control(real: CountsCells, control: str, threads: int = 2) -> Control:
-    """The reference's control cells: their pseudobulk, mean CPM, tested genes and jackknife."""
-    rows = real.rows(control)
+def control_rows(cells: CountsCells, control: str) -> tuple[CountsCells, np.ndarray]:
+    """The cells holding ``cells``' controls and their rows there: the control store of a file
+    read in tiles, else a copy of the control rows (so the rest of the matrix may be released)."""
+    where = cells.controls if cells.controls is not None else cells
+    rows = where.rows(control)
     if rows.size == 0:
-        raise VcellError(f"{real.where}: no control cells labelled {control!r}")
-    cells = CountsCells(real.X[rows], real.labels[rows], real.genes, real.where, [control])  # its own copy: the rest may go
-    rows = np.arange(rows.size)
-    none = np.zeros(cells.X.shape[1], dtype=np.bool_)
-    raw, cpm, _ = _run_blocks(cells, rows, cells, [], none, threads)
-    keep = cpm[0] > MIN_CONTROL_CPM
-    jack = jackknife_corrections(cells.X, cells.totals, [rows], raw[:1], BULK_TARGET_SUM, threads)[0]
-    return Control(cells, rows, raw[0], cpm[0], keep, float(jack))
+        raise VcellError(f"{cells.where}: no control cells labelled {control!r}")
+    if cells.controls is None and not isinstance(cells.X, TileStore):
+        where = CountsCells(cells.X[rows], cells.labels[rows], cells.genes, cells.where, [control])
+        rows = np.arange(rows.size)
+    return where, rows
 
 
-def summarise(cells: CountsCells, perturbations: list[str], ctrl: Control, threads: int = 2) -> SideSummary:
+def control_task(cells: CountsCells, rows: np.ndarray, prior: np.ndarray | None = None) -> SumsTask:
+    """The summary of control rows ``rows`` of ``cells``: sums, mean CPM, jackknife (no tests);
+    ``prior``: their summed counts if known (see :class:`~vcell.eval.vcc2026.engine.SumsTask`)."""
+    return SumsTask(cells, rows, cells, [], keep=None, jack="control", prior=None if prior is None else prior[None, :])
+
+
+def control_of(task: SumsTask, cells: CountsCells, rows: np.ndarray) -> Control:
+    """The :class:`Control` a run :func:`control_task` gave."""
+    return Control(cells, rows, task.raw[0], task.cpm[0], task.cpm[0] > MIN_CONTROL_CPM, float(task.jackknife[0]))
+
+
+def side_task(cells: CountsCells, perturbations: list[str], ctrl: Control | tuple[SumsTask, CountsCells, np.ndarray],
+              prior: np.ndarray | None = None) -> SumsTask:
+    """The summary of ``perturbations``' cells against the controls: a :class:`Control`, or a control
+    task of the same run with its cells and rows (the tested genes are then read from it tile by
+    tile). ``prior``: the perturbations' summed counts if known, in their order."""
+    group_rows = []
+    for p in perturbations:
+        rows = cells.rows(p)
+        if rows.size == 0:
+            raise VcellError(f"{cells.where}: perturbation {p!r} has no cells")
+        group_rows.append(rows)
+    n_genes = len(cells.genes)
+    full = None if prior is None else np.vstack([np.zeros((1, n_genes)), prior])  # the jackknife of the groups reads rows 1..
+    if isinstance(ctrl, Control):
+        return SumsTask(ctrl.cells, ctrl.rows, cells, group_rows, keep=ctrl.keep, prior=full)
+    task, ctrl_cells, rows = ctrl
+    return SumsTask(ctrl_cells, rows, cells, group_rows, keep=task, prior=full)
+
+
+def summary_of(task: SumsTask, perturbations: list[str]) -> SideSummary:
+    """The :class:`SideSummary` a run :func:`side_task` gave."""
+    return SideSummary(list(perturbations), task.sizes[1:].copy(), task.raw[1:], task.cpm[1:], task.pval, task.jackknife)
+
+
+def summarise_control(real: CountsCells, control: str, threads: int = 2, engine: Engine | None = None) -> Control:
+    """The reference's control cells: their pseudobulk, mean CPM, tested genes and jackknife."""
+    cells, rows = control_rows(real, control)
+    task = control_task(cells, rows)
+    run_tasks([task], engine or Engine(threads))
+    return control_of(task, cells, rows)
+
+
+def summarise(cells: CountsCells, perturbations: list[str], ctrl: Control, threads: int = 2, engine: Engine | None = None,
+              prior: np.ndarray | None = None) -> SideSummary:
     """One side (the reference or a prediction) against the reference's controls.
 
     Parameters
@@ -136,24 +126,15 @@ def summarise(cells: CountsCells, perturbations: list[str], ctrl: Control, threa
         The reference's controls (:func:`summarise_control`).
     threads : int
         Threads for the gene blocks.
+    engine : Engine, optional
+        Threads, memory budget and progress of the passes (default: ``threads``, no budget).
+    prior : numpy.ndarray, optional
+        The perturbations' summed counts, if known (the jackknife then needs no pass of its own).
 
     Returns
     -------
     SideSummary
     """
-    group_rows = []
-    for p in perturbations:
-        rows = cells.rows(p)
-        if rows.size == 0:
-            raise VcellError(f"{cells.where}: perturbation {p!r} has no cells")
-        group_rows.append(rows)
-    raw, cpm, pval = _run_blocks(ctrl.cells, ctrl.rows, cells, group_rows, ctrl.keep, threads)
-    jack = jackknife_corrections(cells.X, cells.totals, group_rows, raw[1:], BULK_TARGET_SUM, threads)
-    return SideSummary(
-        perturbations=list(perturbations),
-        n_cells=np.array([len(r) for r in group_rows], dtype=np.int64),
-        raw_sums=raw[1:],
-        cpm_mean=cpm[1:],
-        pval=pval,
-        jackknife=jack,
-    )
+    task = side_task(cells, perturbations, ctrl, prior)
+    run_tasks([task], engine or Engine(threads))
+    return summary_of(task, perturbations)
