@@ -160,6 +160,11 @@ def test_effect_anchor_sets_the_mean_and_onehot_dropout_needs_both_parts(planted
     want = np.asarray(controls.X.mean(axis=0)).ravel() + krr.predict_shift(controls, ["U"], "k562")[0]
     np.testing.assert_allclose(cells.mean(axis=0), want, atol=0.02)  # up to the clip at 0
     assert not np.allclose(cells, cells.mean(axis=0))  # ST's spread is kept
+    # the anchor travels in the checkpoints: loaded later (as `vcell predict` does), the same cells
+    assert {"anchor.safetensors"} <= {p.name for p in (tmp_path / "st" / "last").iterdir()}
+    loaded = STPredictor.from_checkpoint(tmp_path / "st", checkpoint="last", batch_size=8, set_size=16, accelerator="cpu")
+    assert loaded.effect_anchor == "kernel_ridge" and loaded.anchor.pert_features is None  # the table is inside
+    np.testing.assert_array_equal(loaded.predict_cells(controls, ["U"], cells_per_perturbation=64, seed=0)["U"], cells)
     with pytest.raises(VcellError, match="unknown baseline 'cell_mean_x'"):
         make_model("st", effect_anchor="cell_mean_x")
     with pytest.raises(VcellError, match="onehot_dropout 0.5 needs pert_features 'onehot,FILE'"):

@@ -83,4 +83,6 @@ def predict(
         what += f" as raw counts ({sizes}; no control rows)"
     else:
         what += f" + {n_ctrl} controls"
+    if predictor.anchor is not None:
+        what += f"; each perturbation's mean set by the checkpoint's effect anchor ({predictor.effect_anchor})"
     console.print(f"wrote {out} in {format_duration(time.perf_counter() - t0)}: {what}", highlight=False, soft_wrap=True)

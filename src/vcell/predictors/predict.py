@@ -101,6 +101,8 @@ def predict_context(
     pred = _relabel(pred, predictor.spec, spec)
     space = getattr(predictor, "space", "log1p")
     pred.uns["vcell"] = {"expression": space, "output": space, "model_space": space, "seed": int(seed)}
+    if getattr(predictor, "effect_anchor", None) is not None:
+        pred.uns["vcell"]["effect_anchor"] = predictor.effect_anchor
     if output == "counts":
         pred = to_counts(pred, controls, depth=depth, seed=seed, pert_col=spec.pert_col, control=spec.control, model_space=space)
     return pred

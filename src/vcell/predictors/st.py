@@ -25,6 +25,7 @@ import torch
 from vcell._heap import keep_freed_heap
 from vcell.data.cellsets import collate_cell_sets
 from vcell.data.dataset import PerturbationData, obsm_matrix
+from vcell.data.io import atomic_path
 from vcell.data.spec import DataSpec
 from vcell.data.splits import Split
 from vcell.errors import VcellError, preview
@@ -33,6 +34,7 @@ from vcell.nn.checkpoint import BEST, LAST, find_checkpoint
 from vcell.nn.precision import autocast, half_dtype
 from vcell.nn.transition import StateTransition, STConfig
 from vcell.predictors.base import Predictor, control_draws, dense
+from vcell.predictors.fitted_state import ANCHOR, load_fitted, save_fitted
 from vcell.train.display import task
 from vcell.train.options import STTrainOptions, on_cpu
 
@@ -68,8 +70,8 @@ class STPredictor(Predictor):
         sets each predicted perturbation's mean; ST's cells keep their own spread around it
         (each perturbation's cells are moved by the anchor's shift minus ST's mean shift from the
         controls, then clipped at 0). An ensemble of ST's cell-level prediction with a
-        pseudobulk learner's mean effect; it lives in this object only (a checkpoint loaded by
-        ``vcell predict`` predicts with ST alone).
+        pseudobulk learner's mean effect, stored in the run's checkpoints (``anchor.safetensors``,
+        :mod:`vcell.predictors.fitted_state`): a checkpoint loaded later predicts with it too.
     options
         :class:`~vcell.train.options.STTrainOptions` (steps, batch, set size, lr, precision,
         devices, ...); keyword ``option_values`` go on top. ``set_size`` is also the largest
@@ -164,8 +166,11 @@ class STPredictor(Predictor):
 
         train_st(data, split, out, values, self.options, resume=self.resume, embed_key=self.train_embed_key,
                  pert_features=self.pert_features)
-        if self.effect_anchor is not None:
-            self.anchor = self._anchor_model().fit(data, split)
+        anchor = self._anchor_model().fit(data, split) if self.effect_anchor is not None else None
+        for folder in (out / BEST, out / LAST):  # every checkpoint of the run predicts with the anchor
+            if anchor is not None and folder.is_dir():
+                with atomic_path(folder / ANCHOR) as tmp:
+                    save_fitted(anchor, tmp)
         return self.load(find_checkpoint(out, self.checkpoint))
 
     def load(self, directory: str | os.PathLike) -> STPredictor:
@@ -191,6 +196,8 @@ class STPredictor(Predictor):
             self.features = PertFeatures.onehot(meta["pert_vocab"])
         self._half_model = None
         self.checkpoint_dir = Path(directory)
+        self.anchor = load_fitted(directory / ANCHOR) if (directory / ANCHOR).is_file() else None
+        self.effect_anchor = self.anchor.name if self.anchor is not None else None
         return self
 
     @classmethod
