@@ -284,12 +284,15 @@ def peer_steps(o, work: Path) -> list[dict]:
         ("preprocess", [state, "tx", "preprocess_train", "--adata", work / "raw.h5ad", "--output", work / "arc_pp.h5ad",
                         "--num_hvgs", "2000"]),
     ]
-    for name, cmd in pairs:
-        rows.append({**measure(f"{name} (arc-state)", cmd, work, **lim), "tool": "arc-state"})
-    (work / "arc").mkdir(exist_ok=True)
-    toml = work / "arc" / "data.toml"
-    toml.write_text(f'[datasets]\nsim = "{work / "pp"}"\n\n[training]\nsim = "train"\n')
-    rows.append(train(o, "arc", work, ts.arc_train_args(work / "pp" / "pp.h5ad", toml, work / "arc", "scale", o.steps, o.arc_workers)))
+    if "arc" in o.peers:
+        for name, cmd in pairs:
+            rows.append({**measure(f"{name} (arc-state)", cmd, work, **lim), "tool": "arc-state"})
+        (work / "arc").mkdir(exist_ok=True)
+        toml = work / "arc" / "data.toml"
+        toml.write_text(f'[datasets]\nsim = "{work / "pp"}"\n\n[training]\nsim = "train"\n')
+        rows.append(train(o, "arc", work, ts.arc_train_args(work / "pp" / "pp.h5ad", toml, work / "arc", "scale", o.steps, o.arc_workers)))
+    if "eval" not in o.peers:
+        return rows
     ctrl = work / "prep_with_controls.h5ad"
     if not ctrl.exists():
         measure("prediction + controls for cell-eval2", _with_controls(work, work / "prep.h5ad", work / "real_counts.h5ad", ctrl), work)
@@ -340,12 +343,17 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="vcell data-loader workers")
     ap.add_argument("--arc-workers", type=int, default=4, help="arc-state data-loader workers (its fastest here)")
     ap.add_argument("--no-peers", action="store_true", help="vcell steps only")
+    ap.add_argument("--peers", default="arc,eval", help="which peers run: arc (arc-state preprocess and training), eval "
+                    "(cell-eval and cell-eval2), comma-separated")
     ap.add_argument("--peer-timeout", type=float, default=30, help="minutes before a peer's step is stopped")
     ap.add_argument("--peer-memory-gib", type=float, default=18, help="tree RSS at which a peer's step is stopped")
     ap.add_argument("--reuse", action="store_true", help="skip vcell steps whose output exists (their earlier figures are reported)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     o = ap.parse_args()
+    o.peers = {p.strip() for p in o.peers.split(",") if p.strip()}
+    if o.peers - {"arc", "eval"}:
+        ap.error(f"--peers: unknown peer(s) {', '.join(sorted(o.peers - {'arc', 'eval'}))} (use arc, eval)")
     work = o.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     rows = vcell_steps(o, work)

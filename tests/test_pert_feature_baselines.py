@@ -163,3 +163,22 @@ def test_bad_options_are_one_error_line(name, options, message):
     with pytest.raises(VcellError) as err:
         make_model(name, **options)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name,options", [("kernel_ridge", {"kernel": "cosine"}), ("linear", {}), ("pert_mean", {})])
+def test_fitted_shift_models_round_trip_through_their_file(case, tmp_path, name, options):
+    """What an ST checkpoint stores as its effect anchor predicts the same shifts once read back,
+    without the feature table's file; a file that is not one is one error line naming it."""
+    from vcell.predictors.fitted_state import load_fitted, save_fitted
+
+    data, split, table, _, controls = case
+    if name != "pert_mean":
+        options = {**options, "pert_features": table}
+    model = make_model(name, **options).fit(data, split)
+    loaded = load_fitted(save_fitted(model, tmp_path / "anchor.safetensors"))
+    labels = ["S", "U", "T0+U", CTRL]
+    for ctx in ("ctx_A", "ctx_Z"):
+        np.testing.assert_array_equal(loaded.predict_shift(controls["ctx_A"], labels, ctx), model.predict_shift(controls["ctx_A"], labels, ctx))
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(VcellError, match="bad.safetensors: unreadable checkpoint file"):
+        load_fitted(tmp_path / "bad.safetensors")
