@@ -56,6 +56,8 @@ class Side:
         """Release the matrix and delete its tiles."""
         for s in self.stores:
             s.close()
+        if isinstance(self.read_rows, _FileRows):
+            self.read_rows.close()
         self.X = None
 
 
@@ -125,16 +127,16 @@ class _FileRows:
     """Rows of a side's log1p matrix read from its file (the energy distances of a matrix on disk)."""
 
     def __init__(self, path, kind: str, dtype, col_map: np.ndarray | None, scale: np.ndarray | None):
-        self.path, self.kind, self.dtype, self.col_map, self.scale = path, kind, dtype, col_map, scale
+        self.path, self.kind, self.dtype, self.scale = path, kind, dtype, scale
+        self.perm = None if col_map is None else np.argsort(col_map)
+        self._meta = None  # the file, opened backed at the first call (one perturbation after another)
 
     def __call__(self, idx: np.ndarray):
         idx = np.asarray(idx, np.int64)
-        meta = read_h5ad(self.path, backed=True)
-        try:
-            X = meta.X[idx] if idx.size else meta.X[:0]
-        finally:
-            meta.file.close()
-        perm = None if self.col_map is None else np.argsort(self.col_map)
+        if self._meta is None:
+            self._meta = read_h5ad(self.path, backed=True)
+        X = self._meta.X[idx] if idx.size else self._meta.X[:0]
+        perm = self.perm
         if self.kind == "dense":
             X = np.asarray(X, dtype=self.dtype)
             X = X[:, perm] if perm is not None else X
@@ -149,6 +151,12 @@ class _FileRows:
         if self.scale is not None:
             X.data = _scale_log1p(X.data, X.indptr.astype(np.int64), self.scale[idx])
         return X
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._meta is not None:
+            self._meta.file.close()
+            self._meta = None
 
 
 def open_side(path: str | os.PathLike, pert_col: str, input_type: str = "auto", genes: pd.Index | None = None,
