@@ -15,14 +15,13 @@ one tile: the same code, one band.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.errors import VcellError
-from vcell.eval._de_engine import _n_threads, block_bounds
+from vcell.eval._de_engine import _map, _n_threads, block_bounds
 from vcell.eval.bands import sweep
 from vcell.eval.tiles import TileStore
 from vcell.eval.vcc2026._kernels import counts_chunk, mean_counts, scaled_sums, scaled_totals
@@ -108,13 +107,6 @@ class Tile:
             n = store.n_rows
             self._bounds[key] = block_bounds(self.parts[key], self.blocks, self.threads) if n * self.blocks.size * 8 <= _MAX_BOUNDS else _NO_BOUNDS
         return self._bounds[key]
-
-
-def _map(work, tasks: list, threads: int) -> list:
-    if threads == 1 or len(tasks) <= 1:
-        return [work(t) for t in tasks]
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(work, tasks))
 
 
 class SumsTask:
