@@ -114,6 +114,46 @@ def test_tiles_hold_the_rows_and_bands_keep_to_the_budget(tmp_path):
     assert one.n_tiles == 1 and not one.on_disk and band_plan([one], 1.0) == [[0]]
 
 
+@pytest.mark.parametrize("unsorted_chunks", [(), (0,), (2,), (1, 3)])
+def test_an_in_memory_store_is_read_in_place_and_unsorted_chunks_move_down(tmp_path, monkeypatch, unsorted_chunks):
+    """A file read into an in-memory store of all its rows lands in the store's own arrays with no
+    copy; a chunk whose rows are unsorted or hold duplicates (summed, so shorter) is made
+    canonical and every later chunk moves down to follow it: the store is the canonical matrix."""
+    rng = np.random.default_rng(3)
+    X = sp.random(200, 60, density=0.3, random_state=4, format="csr", dtype=np.float32)
+    X.data[:] = rng.integers(1, 9, X.nnz)
+    data, indices, indptr = X.data.copy(), X.indices.copy(), X.indptr.copy()
+    for c in unsorted_chunks:  # rows 50c..50c+50: reversed, and one entry of row 50c repeated
+        for r in range(50 * c, 50 * c + 50):
+            a, b = indptr[r], indptr[r + 1]
+            data[a:b], indices[a:b] = data[a:b][::-1], indices[a:b][::-1]
+        r = 50 * c
+        indices[indptr[r] + 1] = indices[indptr[r]]
+    path = tmp_path / "m.h5ad"
+    bad = sp.csr_matrix((data, indices, indptr), shape=X.shape)
+    _adata(sp.csr_matrix((2, 60), dtype=np.float32), np.array(["a"] * 2, dtype=object), [f"g{j}" for j in range(60)]).write_h5ad(path)
+    import h5py  # a matrix written as it is (anndata would sort it)
+    with h5py.File(path, "r+") as f:
+        del f["X"]
+        g = f.create_group("X")
+        g.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": X.shape})
+        g["data"], g["indices"], g["indptr"] = data, indices, indptr
+    expect = bad.copy()
+    expect.sum_duplicates()
+    monkeypatch.setattr(preprocess_stream, "BLOCK_VALUES", int(indptr[50]))  # chunks of about 50 rows
+    copies = []
+    real_fill = __import__("vcell.eval.tiles", fromlist=["tile_fill"]).tile_fill
+    monkeypatch.setattr("vcell.eval.tiles.tile_fill", lambda *a: copies.append(1) or real_fill(*a))
+    with MatrixReader(path) as reader, Scratch(tmp_path / "out") as scratch:
+        store = open_store(reader, np.array([0, 60]), scratch, "all")
+        write_stores(reader, [(store, None)])
+        got = store.to_csr()
+        assert got.has_canonical_format
+        np.testing.assert_array_equal(got.toarray(), expect.toarray())
+        np.testing.assert_array_equal(got.indptr, expect.indptr)
+    assert (not copies) == (not unsorted_chunks)  # in place unless a chunk was made canonical
+
+
 # --------------------------------------------------------------------------------------------
 # 2025 profile
 # --------------------------------------------------------------------------------------------

@@ -94,18 +94,28 @@ class MatrixReader:
             self.gene_weights()
         return int(math.ceil(self._density * self.n_rows * self.n_genes))
 
-    def chunks(self, values: int | None = None, col_map: np.ndarray | None = None) -> Iterator[tuple[int, int, Parts]]:
+    def chunks(self, values: int | None = None, col_map: np.ndarray | None = None,
+               into: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[tuple[int, int, Parts]]:
         """``(r0, r1, (data, indices, indptr))`` for consecutive row ranges of at most ``values``
         stored values, canonical CSR with local row pointers (arrays valid until the next chunk).
 
-        ``col_map[j]`` renumbers column ``j`` (a file with the genes in another order).
+        ``col_map[j]`` renumbers column ``j`` (a file with the genes in another order). ``into``
+        (arrays of the file's ``nnz`` values and ``int32`` indices; a CSR file, no ``col_map``):
+        each chunk is read straight into its place there and handed out as views of it (unless
+        the file's chunk was not canonical: then new arrays).
         """
         if self.kind is None:
             raise VcellError(f"{self.where}: X is neither a CSR matrix nor a dense array; cannot read it by rows")
+        direct = into is not None and self.kind == "csr" and col_map is None and self.indices.dtype == np.int32
         for r0, r1 in self.source.bounds(values, max_rows=self.n_rows):
             if self.kind == "csr":
                 a, b = int(self.indptr[r0]), int(self.indptr[r1])
-                data, indices = self.data[a:b], self.indices[a:b]
+                if direct and a < b:
+                    self.data.read_direct(into[0], np.s_[a:b], np.s_[a:b])
+                    self.indices.read_direct(into[1], np.s_[a:b], np.s_[a:b])
+                    data, indices = into[0][a:b], into[1][a:b]
+                else:
+                    data, indices = self.data[a:b], self.indices[a:b]
                 indptr = self.indptr[r0 : r1 + 1] - a
                 if indices.dtype != np.int32 and indices.size and int(indices.max(initial=0)) < 2**31 - 1:
                     indices = indices.astype(np.int32)

@@ -104,6 +104,12 @@ class TileStore:
                threads: int = 2) -> None:
         """Add rows ``sel`` (local, increasing; default all) of a canonical CSR chunk."""
         n_chunk = indptr.shape[0] - 1
+        if not self.on_disk and sel is None and self._read_in_place(data, indices, int(self._indptr[self.n_written])):
+            start = int(self._indptr[self.n_written])
+            self._indptr[self.n_written + 1 : self.n_written + 1 + n_chunk] = start + indptr[1:] - indptr[0]
+            self.nnz[0] += int(indptr[-1] - indptr[0])
+            self.n_written += n_chunk
+            return
         sel = np.arange(n_chunk, dtype=np.int64) if sel is None else np.asarray(sel, np.int64)
         counts = np.empty((self.n_tiles, sel.size), np.int64)
         pos = np.empty((sel.size, self.n_tiles), np.int64)
@@ -117,6 +123,8 @@ class TileStore:
                 self._data = np.concatenate([self._data[:start], np.empty(size - start, self.dtype)])
                 self._idx = np.concatenate([self._idx[:start], np.empty(size - start, np.int32)])
             ends = start + np.cumsum(counts[0])
+            if np.shares_memory(data, self._data):  # read in place after a chunk that was not: moved down, in order
+                threads = 1
             half = sel.size // 2 if threads > 1 else sel.size  # two halves of the rows, filled at once
             jobs = [(0, half, start), (half, sel.size, int(ends[half - 1]) if half else start)]
             with ThreadPoolExecutor(2) as pool:
@@ -127,6 +135,21 @@ class TileStore:
             self._write(data, indices, sel, counts, pos, per_tile, threads)
         self.nnz += per_tile
         self.n_written += sel.size
+
+    def direct_buffers(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The arrays a reader may read the rows straight into (:meth:`MatrixReader.chunks`'s
+        ``into``): those of an in-memory store of the file's rows, all of them, in its dtype."""
+        if self.on_disk or self.n_written:
+            return None
+        return self._data, self._idx
+
+    def _read_in_place(self, data: np.ndarray, indices: np.ndarray, start: int) -> bool:
+        """Whether a chunk's arrays already are this store's, at ``start`` (nothing to copy)."""
+        def at(a: np.ndarray) -> int:
+            return a.__array_interface__["data"][0]
+
+        return (data.size > 0 and data.dtype == self._data.dtype and indices.dtype == self._idx.dtype
+                and at(data) == at(self._data) + start * self._data.itemsize and at(indices) == at(self._idx) + start * 4)
 
     def _write(self, data, indices, sel, counts, pos, per_tile, threads: int) -> None:
         """Append a chunk's tiles to the files, in their compact form (uint16 column offsets,
@@ -269,7 +292,10 @@ def write_stores(reader: MatrixReader, targets: list[tuple[TileStore, np.ndarray
 
 
 def _write_stores(reader, targets, on_chunk, col_map, progress, description, threads) -> None:
-    chunks = reader.chunks(col_map=col_map)
+    # a store of all the rows in memory is read into directly (one copy of the values fewer)
+    into = next((s.direct_buffers() for s, rows in targets if rows is None and s.direct_buffers() is not None
+                 and s.dtype == reader.dtype and s._data.size >= (reader.nnz or 0) > 0), None)
+    chunks = reader.chunks(col_map=col_map, into=into)
     with progress(description, total=reader.n_rows, unit="cells") as line, ThreadPoolExecutor(1) as io:
         pending = io.submit(next, chunks, None)
         while (item := pending.result()) is not None:

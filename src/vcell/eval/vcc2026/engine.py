@@ -24,7 +24,7 @@ from vcell.errors import VcellError
 from vcell.eval._de_engine import _map, _n_threads, block_bounds
 from vcell.eval.bands import sweep
 from vcell.eval.tiles import TileStore
-from vcell.eval.vcc2026._kernels import counts_chunk, mean_counts, scaled_sums, scaled_totals
+from vcell.eval.vcc2026._kernels import counts_chunk, log1p_table, mean_counts, scaled_sums, scaled_totals
 from vcell.eval.vcc2026.jackknife import Jackknife
 
 #: Genes are tested when their mean CPM in the reference controls is above this (5 CPM).
@@ -37,6 +37,7 @@ BULK_TARGET_SUM = 5e4
 _BLOCK_VALUES = 8_000_000
 _NO_SCALE = np.empty(0, np.float64)
 _NO_BOUNDS = np.empty((0, 0), np.int64)
+_NO_TABLE = np.empty((0, 0), np.float64)
 #: Most bytes of precomputed row bounds per store and tile (beyond, each block searches its rows).
 _MAX_BOUNDS = 256_000_000
 
@@ -146,6 +147,11 @@ class SumsTask:
         self.b_totals = B.totals if b_totals is None else b_totals
         self.div0, self.div1 = self.a_totals / CPM, self.b_totals / CPM
         self.colscale = _NO_SCALE if colscale is None else np.asarray(colscale, np.float64)
+        # log1p(CPM) of small counts looked up per visited row (a control summary tests nothing;
+        # the baseline's scaled values are not counts)
+        tests = keep is not None
+        self.table0 = log1p_table(self.rows0, self.div0) if tests else _NO_TABLE
+        self.table1 = log1p_table(self.rows1, self.div1) if tests and colscale is None else _NO_TABLE
         self.jack_on = jack
         self.jackknife: np.ndarray | None = None
         self._jack: Jackknife | None = None
@@ -161,7 +167,7 @@ class SumsTask:
 
     def nbytes(self) -> int:
         """Bytes of the results held."""
-        return (self.raw.size + self.cpm.size + self.pval.size * 2) * 8
+        return (self.raw.size + self.cpm.size + self.pval.size * 2 + self.table0.size + self.table1.size) * 8
 
     def counts(self, tile: Tile, threads: int) -> None:
         """Sums, mean CPM and tests of the tile's genes."""
@@ -174,7 +180,8 @@ class SumsTask:
             j0, j1 = tile.blocks[i], tile.blocks[i + 1]
             return counts_chunk(a_data, a_idx, a_ptr, self.div0, self.rows0, self.grp0, rb0,
                                 b_data, b_idx, b_ptr, self.div1, self.rows1, self.grp1, rb1, i,
-                                self.sizes, self.keep, j0, j1, self._stat, self.pval, self.raw, self.cpm, self.inv_n, self.colscale)
+                                self.sizes, self.keep, j0, j1, self._stat, self.pval, self.raw, self.cpm, self.inv_n, self.colscale,
+                                self.table0, self.table1)
 
         if any(_map(work, list(range(tile.blocks.size - 1)), threads)):
             raise VcellError(f"{self.where}: the expression matrix contains NaN values")
@@ -184,6 +191,7 @@ class SumsTask:
     def start_jack(self) -> None:
         """The pseudobulks are complete: set up the jackknife."""
         self._stat = None
+        self.table0 = self.table1 = _NO_TABLE
         self._setup_jack(self.raw)
 
     def _setup_jack(self, raw: np.ndarray) -> None:
@@ -205,6 +213,7 @@ class SumsTask:
 
     def finish(self) -> None:
         """The corrections, once every tile is done."""
+        self.table0 = self.table1 = _NO_TABLE
         if self._jack is not None:
             self.jackknife = self._jack.result()
             self._jack = None

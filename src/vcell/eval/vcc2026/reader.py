@@ -10,6 +10,7 @@ columns, ...) goes through anndata.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import h5py
@@ -19,10 +20,9 @@ import scipy.sparse as sp
 
 from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.errors import VcellError, did_you_mean, preview
-from vcell.eval._band_kernels import row_totals
 from vcell.eval.row_reader import MatrixReader
 from vcell.eval.tiles import Scratch, TileStore, open_store, plan_tiles, write_stores
-from vcell.eval.vcc2026._kernels import group_sums
+from vcell.eval.vcc2026._kernels import row_stats
 
 _DENSE_BLOCK_ROWS = 2048
 
@@ -187,25 +187,32 @@ def read_tiles(path: str | os.PathLike, control_mask: np.ndarray | None, budget:
             targets.append((controls, rows))
         totals = np.empty(reader.n_rows, np.float64)
         bad: list = [None]
-        sums = None if groups is None else np.zeros((int(groups.max(initial=-1)) + 1, reader.n_genes), np.float64)
+        n_groups = 0 if groups is None else int(groups.max(initial=-1)) + 1
+        sums = [np.zeros((n_groups, reader.n_genes), np.float64) for _ in range(2)]  # one per half of each chunk
+        gid = groups if groups is not None else np.empty(0, np.int64)
 
         def on_chunk(r0, r1, parts):
             data, indices, indptr = parts
-            if sums is not None:
-                group_sums(data, indices, indptr, groups[r0:r1], sums)
-            k = row_totals(data, indptr, totals[r0:r1], 0, r1 - r0)
+            mid = (r1 - r0) // 2
+            halves = [(0, mid, sums[0]), (mid, r1 - r0, sums[1])]
+            found = list(pool.map(lambda h: row_stats(data, indices, indptr, gid[r0:r1] if n_groups else gid, h[2], totals[r0:r1],
+                                                      h[0], h[1]), halves))
+            k = next((k for k in found if k >= 0), -1)
             if k >= 0 and bad[0] is None:
                 bad[0] = (r0 + int(np.searchsorted(indptr, k, side="right") - 1), int(indices[k]), data[k])
 
         for store_, _ in targets:
             store_.keep_small = True  # the kernels take counts as uint16: tiles read without conversion
         try:
-            write_stores(reader, targets, on_chunk, None, progress, f"reading {os.path.basename(str(path))}")
+            with ThreadPoolExecutor(2) as pool:
+                write_stores(reader, targets, on_chunk, None, progress, f"reading {os.path.basename(str(path))}")
         except BaseException:
             for store_, _ in targets:
                 store_.close()
             raise
-        return TiledCounts(store, controls, rows, totals, bad[0], genes, sums)
+        if n_groups:
+            sums[0] += sums[1]  # counts: exact in float64, whichever half summed them
+        return TiledCounts(store, controls, rows, totals, bad[0], genes, sums[0] if n_groups else None)
     finally:
         reader.close()
 
