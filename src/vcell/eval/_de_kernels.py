@@ -16,6 +16,7 @@ import numpy as np
 
 _MEAN_DENSE = 0  # numpy: (sum in row order) / n
 _MEAN_SPARSE = 1  # scipy CSR: sum in row order of x * (1 / n)
+_MEAN_NONE = 2  # no means nor sums (the caller summed the values itself)
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -197,7 +198,7 @@ def _gene_tests(vals, gstart, cnt, sizes, scale, mean_mode, j, stat, pval, means
     n_g1 = sizes.shape[0]
     # log-space means, with the rounding of numpy (dense) or scipy (CSR) for cell-eval parity
     # and float64 sums in row order (the pseudobulks of vcell.eval.metrics.pseudobulk)
-    for g in range(n_g1):
+    for g in range(n_g1 if mean_mode != _MEAN_NONE else 0):
         k = cnt[g]
         off = gstart[g]
         accs[g] = 0.0

@@ -16,7 +16,7 @@ import math
 import numba as nb
 import numpy as np
 
-from vcell.eval._de_kernels import _gene_tests, _lower_bound, _work_arrays
+from vcell.eval._de_kernels import _MEAN_NONE, _gene_tests, _lower_bound, _work_arrays
 
 _NO_SCALE = np.empty(0, np.float64)
 #: Counts below this have their ``log1p(CPM)`` looked up per cell (:func:`log1p_table`): 99 % of
@@ -44,7 +44,7 @@ def _bounds(indices, indptr, row, j0, j1, rb, bi):
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
 def _count_rows(data, indices, indptr, rows, grp, j0, j1, keep, cnt, colscale, rb, bi, lo_r, hi_r):
-    """Count the kept non-zeros of each visited row's slice into ``cnt[:, grp[q]]``; keep the slices."""
+    """Count the kept non-zeros of each visited row's slice into ``cnt[grp[q]]``; keep the slices."""
     for q in range(rows.shape[0]):
         s, e = _bounds(indices, indptr, rows[q], j0, j1, rb, bi)
         lo_r[q] = s
@@ -52,7 +52,7 @@ def _count_rows(data, indices, indptr, rows, grp, j0, j1, keep, cnt, colscale, r
         g = grp[q]
         for k in range(s, e):
             if keep[indices[k]] and value(data, k, indices, colscale) != 0:
-                cnt[indices[k] - j0, g] += 1
+                cnt[g, indices[k] - j0] += 1
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
@@ -90,10 +90,10 @@ def _gather_rows(data, indices, rows, grp, lo_r, hi_r, div, inv_n, j0, keep, raw
                 if keep[j]:
                     jl = j - j0
                     if tabled and v > 0 and v < TABLE_COUNTS and v == math.floor(v):
-                        vals[cur[jl, g]] = table[q, int(v)]
+                        vals[cur[g, jl]] = table[q, int(v)]
                     else:
-                        vals[cur[jl, g]] = math.log1p(c)
-                    cur[jl, g] += 1
+                        vals[cur[g, jl]] = math.log1p(c)
+                    cur[g, jl] += 1
     return nan_seen
 
 
@@ -108,8 +108,7 @@ def counts_chunk(
     The cells of group ``grp0[q]`` (0: the control) are rows ``rows0[q]`` of CSR matrix 0; those
     of group ``grp1[q]`` (>= 1) rows ``rows1[q]`` of matrix 1 (sorted column indices; a row may
     come more than once). Each group's rows are visited in the order given, which is the order
-    of its sums: callers list rows in storage order when each group's rows increase (each
-    row's slice is then read in address order), else in group order. ``div*`` hold each row's
+    of its sums (callers list them group after group). ``div*`` hold each row's
     library size / 1e6 (CPM = count / div). ``raw_sums[g, j]`` accumulates the raw counts,
     ``cpm_sums[g, j]`` the CPM values times ``inv_n[g]`` (scipy's mean: sum in row order of
     ``x * (1 / n)``), both in float64; ``stat``/``pval[g - 1, j]`` are written for genes with
@@ -121,17 +120,17 @@ def counts_chunk(
     cl = j1 - j0
     lo0, hi0 = np.empty(rows0.shape[0], np.int64), np.empty(rows0.shape[0], np.int64)
     lo1, hi1 = np.empty(rows1.shape[0], np.int64), np.empty(rows1.shape[0], np.int64)
-    cnt = np.zeros((cl, n_g1), np.int64)
+    cnt = np.zeros((n_g1, cl), np.int64)  # (group, gene): a group's cells write along one row
     # the two matrices may differ in dtype: one helper, compiled for each
     _count_rows(data0, indices0, indptr0, rows0, grp0, j0, j1, keep, cnt, _NO_SCALE, rb0, bi, lo0, hi0)
     _count_rows(data1, indices1, indptr1, rows1, grp1, j0, j1, keep, cnt, colscale1, rb1, bi, lo1, hi1)
     gene_ptr = np.zeros(cl + 1, np.int64)
-    cur = np.empty((cl, n_g1), np.int64)  # next free slot of each (gene, group) region
+    cur = np.empty((n_g1, cl), np.int64)  # next free slot of each (gene, group) region
     for jl in range(cl):
         acc = gene_ptr[jl]
         for q in range(n_g1):
-            cur[jl, q] = acc
-            acc += cnt[jl, q]
+            cur[q, jl] = acc
+            acc += cnt[q, jl]
         gene_ptr[jl + 1] = acc
     vals = np.empty(gene_ptr[cl], np.float64)
     nan_seen = _gather_rows(data0, indices0, rows0, grp0, lo0, hi0, div0, inv_n, j0, keep, raw_sums, cpm_sums, vals, cur, _NO_SCALE, table0)
@@ -142,6 +141,7 @@ def counts_chunk(
     lsums = np.empty((n_g1, 1), np.float64)
     work, fwork = _work_arrays(rows0.shape[0] + rows1.shape[0], vals)
     gstart = np.empty(n_g1, np.int64)
+    gcnt = np.empty(n_g1, np.int64)
     sid = 0
     for jl in range(cl):
         if not keep[j0 + jl]:
@@ -149,15 +149,16 @@ def counts_chunk(
         acc = gene_ptr[jl]
         for q in range(n_g1):
             gstart[q] = acc
-            acc += cnt[jl, q]
-        sid = _gene_tests_at(vals, gstart, cnt[jl], sizes, scale, j0 + jl, stat, pval, means, lsums, accs, work, fwork, sid)
+            gcnt[q] = cnt[q, jl]
+            acc += gcnt[q]
+        sid = _gene_tests_at(vals, gstart, gcnt, sizes, scale, j0 + jl, stat, pval, means, lsums, accs, work, fwork, sid)
     return nan_seen
 
 
 @nb.njit(cache=True, error_model="numpy")
 def _gene_tests_at(vals, gstart, cnt, sizes, scale, j, stat, pval, means, lsums, accs, work, fwork, sid):
-    """:func:`_gene_tests` for gene ``j``, its (unused) means written to column 0 of scratch arrays."""
-    sid = _gene_tests(vals, gstart, cnt, sizes, scale, 0, 0, stat[:, j:j + 1], pval[:, j:j + 1], means, lsums, accs, work, fwork, sid)
+    """:func:`_gene_tests` for gene ``j``, without its log-space means (not needed here)."""
+    sid = _gene_tests(vals, gstart, cnt, sizes, scale, _MEAN_NONE, 0, stat[:, j:j + 1], pval[:, j:j + 1], means, lsums, accs, work, fwork, sid)
     return sid
 
 
