@@ -174,7 +174,7 @@ def run_tests(X, labels, reference, threads, block_genes, budget: float = math.i
     else:
         def csr_work(task):
             (data, indices, indptr), j0, j1, rb, bi = task
-            return _csr_chunk(data, indices, indptr, gid, int(gptr[-1]), sizes, scale, mean_mode, j0, j1, stat, pval, means, sums, rb, bi)
+            return _csr_chunk(data, indices, indptr, order, gid, sizes, scale, mean_mode, j0, j1, stat, pval, means, sums, rb, bi)
 
         for band in _csr_bands(kind, M, budget, progress):
             tasks = []

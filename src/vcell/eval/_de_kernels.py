@@ -364,69 +364,68 @@ def _dense_buffers(block: int, n_rows: int, n_groups: int, dtype):
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
-def _csr_chunk(data, indices, indptr, gid, n_rows, sizes, scale, mean_mode, j0, j1, stat, pval, means, sums, rb, bi):
+def _csr_chunk(data, indices, indptr, order, gid, sizes, scale, mean_mode, j0, j1, stat, pval, means, sums, rb, bi):
     """Genes ``j0:j1`` of a CSR matrix (sorted indices); returns whether a NaN was seen.
 
-    Rows are read in storage order (``gid``: each row's group, -1: left out; ``n_rows`` rows
-    grouped in all): each row's slice is read in address order, where a walk in group order
-    would miss the cache once per row and block. Each (gene, group) region of the gathered
-    values is filled in row order, as the group order gives. ``rb[row, bi]`` and
-    ``rb[row, bi + 1]`` bound each row's slice when ``rb`` has rows
-    (:func:`vcell.eval._band_kernels.row_bounds`), else they are searched.
+    Rows are visited group after group (``order``: the grouped rows, each group in row order;
+    ``gid``: each row's group): one group's cells write to the ~``j1 - j0`` regions of that group
+    only, where cells in storage order would interleave the groups and keep every (gene,
+    group) region open at once (about 30% slower). Each (gene, group) region of the gathered
+    values is filled in row order. ``rb[row, bi]`` and ``rb[row, bi + 1]`` bound each row's
+    slice when ``rb`` has rows (:func:`vcell.eval._band_kernels.row_bounds`), else they are searched.
     """
-    n_all = gid.shape[0]
+    n_vis = order.shape[0]
     n_g1 = sizes.shape[0]
     cl = j1 - j0
-    lo_r = np.empty(n_all, np.int64)
-    hi_r = np.empty(n_all, np.int64)
-    cnt = np.zeros((cl, n_g1), np.int64)
-    for row in range(n_all):  # pass 1: this block's slice of every row, non-zeros per gene/group
+    lo_r = np.empty(n_vis, np.int64)
+    hi_r = np.empty(n_vis, np.int64)
+    cnt = np.zeros((n_g1, cl), np.int64)
+    for q in range(n_vis):  # pass 1: this block's slice of every row, non-zeros per group/gene
+        row = order[q]
         g = gid[row]
-        if g < 0:
-            continue
         if rb.shape[0] > 0:
             s = rb[row, bi]
             e = rb[row, bi + 1]
         else:
             s = _lower_bound(indices, indptr[row], indptr[row + 1], j0)
             e = _lower_bound(indices, s, indptr[row + 1], j1)
-        lo_r[row] = s
-        hi_r[row] = e
+        lo_r[q] = s
+        hi_r[q] = e
         for k in range(s, e):
             if data[k] != 0:
-                cnt[indices[k] - j0, g] += 1
+                cnt[g, indices[k] - j0] += 1
     gene_ptr = np.zeros(cl + 1, np.int64)
-    cur = np.empty((cl, n_g1), np.int64)  # next free slot of each (gene, group) region
+    cur = np.empty((n_g1, cl), np.int64)  # next free slot of each (gene, group) region
     for jl in range(cl):
         acc = gene_ptr[jl]
-        for q in range(n_g1):
-            cur[jl, q] = acc
-            acc += cnt[jl, q]
+        for g in range(n_g1):
+            cur[g, jl] = acc
+            acc += cnt[g, jl]
         gene_ptr[jl + 1] = acc
     vals = np.empty(gene_ptr[cl], data.dtype)
     nan_seen = False
-    for row in range(n_all):  # pass 2: gather
-        g = gid[row]
-        if g < 0:
-            continue
-        for k in range(lo_r[row], hi_r[row]):
+    for q in range(n_vis):  # pass 2: gather
+        g = gid[order[q]]
+        for k in range(lo_r[q], hi_r[q]):
             v = data[k]
             if v != 0:
                 nan_seen |= v != v
                 jl = indices[k] - j0
-                vals[cur[jl, g]] = v
-                cur[jl, g] += 1
+                vals[cur[g, jl]] = v
+                cur[g, jl] += 1
     accs = np.empty(n_g1, data.dtype)
-    work, fwork = _work_arrays(n_rows, vals)
+    work, fwork = _work_arrays(n_vis, vals)
     gstart = np.empty(n_g1, np.int64)
+    gcnt = np.empty(n_g1, np.int64)
     sid = 0
     for jl in range(cl):
         acc = gene_ptr[jl]
-        for q in range(n_g1):
-            gstart[q] = acc
-            acc += cnt[jl, q]
+        for g in range(n_g1):
+            gstart[g] = acc
+            gcnt[g] = cnt[g, jl]
+            acc += gcnt[g]
         sid = _gene_tests(
-            vals, gstart, cnt[jl], sizes, scale, mean_mode, j0 + jl, stat, pval, means, sums, accs, work, fwork, sid
+            vals, gstart, gcnt, sizes, scale, mean_mode, j0 + jl, stat, pval, means, sums, accs, work, fwork, sid
         )
     return nan_seen
 
