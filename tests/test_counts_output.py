@@ -166,3 +166,46 @@ def test_bad_options(world):
     np.testing.assert_array_equal(_dense(to_counts(log1p, sizes).X).sum(axis=1), 7)
     with pytest.raises(VcellError, match="library size nan"):
         to_counts(log1p, sizes * np.nan)
+
+
+def _same_prediction(a, b) -> None:
+    """Two predictions with the same cells, names, labels, sources and record."""
+    np.testing.assert_array_equal(_dense(a.X), _dense(b.X))
+    assert list(a.obs_names) == list(b.obs_names) and list(a.var_names) == list(b.var_names)
+    assert list(a.obs.columns) == list(b.obs.columns)
+    for col in a.obs.columns:
+        assert a.obs[col].astype(str).tolist() == b.obs[col].astype(str).tolist(), col
+    assert list(a.obs["target_gene"].cat.categories) == list(b.obs["target_gene"].cat.categories)
+    assert a.uns["vcell"] == b.uns["vcell"]
+
+
+@pytest.mark.parametrize(("model", "output", "depth"), [
+    ("pert_mean", "log1p", "controls"),
+    ("pert_mean", "counts", "controls"),  # each cell at its own control's library size
+    ("cell_mean", "counts", "controls"),  # library sizes drawn from the controls'
+    ("cell_mean", "counts", 300),
+])
+def test_a_prediction_written_in_pieces_is_the_prediction_made_at_once(world, tmp_path, model, output, depth):
+    """``write_prediction`` holds a few cells at a time (here 7: pieces of one or two
+    perturbations) and writes the file ``predict_context`` returns, draws and counts included."""
+    from vcell.predictors.predict import write_prediction
+
+    data, models, _ = world
+    whole = predict_context(models[model], data, "ctx_B", output=output, depth=depth, seed=3)
+    out = tmp_path / "pred.h5ad"
+    meta = write_prediction(out, models[model], data, "ctx_B", output=output, depth=depth, seed=3, piece_cells=7)
+    assert meta.n_obs == whole.n_obs and meta.uns["vcell"] == whole.uns["vcell"]
+    _same_prediction(read_h5ad(out), whole)
+    assert not [p for p in tmp_path.iterdir() if p.name != "pred.h5ad"]  # no temporary file left
+
+
+def test_a_perturbation_starts_from_the_same_controls_whatever_is_predicted_with_it(world):
+    data, models, _ = world
+    perts = [p for p in data.index.perts.astype(str) if p != "non-targeting"][:3]
+    both = predict_context(models["pert_mean"], data, "ctx_B", perts, cells_per_perturbation=8, seed=5)
+    alone = predict_context(models["pert_mean"], data, "ctx_B", perts[1:2], cells_per_perturbation=8, seed=5)
+    first = both.obs["target_gene"].astype(str).to_numpy() == perts[1]
+    np.testing.assert_array_equal(_dense(both.X)[first], _dense(alone.X)[:8])
+    assert both.obs[CONTROL_CELL_COL].to_numpy()[first].tolist() == alone.obs[CONTROL_CELL_COL].to_numpy()[:8].tolist()
+    other = predict_context(models["pert_mean"], data, "ctx_B", perts[1:2], cells_per_perturbation=8, seed=6)
+    assert alone.obs[CONTROL_CELL_COL].tolist()[:8] != other.obs[CONTROL_CELL_COL].tolist()[:8]  # the seed matters

@@ -206,3 +206,22 @@ def test_predict_counts_output_is_a_2026_submission(trained, tmp_path):
     meta = pred.uns["vcell"]
     assert (meta["model_space"], meta["expression"], meta["library_size"], meta["seed"]) == ("log1p", "counts", "controls", 4)
     prepare_submission_2026(out, tmp_path / "sub.h5ad", genes=list(pred.var_names))
+
+
+def test_st_prediction_written_in_pieces_is_the_one_made_at_once(trained, tmp_path):
+    """ST cells predicted perturbation group by perturbation group (``write_prediction``, which
+    `vcell predict` runs) are the cells predicted all at once, to float32 rounding (the cell sets
+    of a forward pass differ, and a matmul's summation order with them)."""
+    from vcell.data.dataset import load_dataset
+    from vcell.predictors.predict import predict_context, write_prediction
+    from vcell.predictors.st import STPredictor
+
+    data, run, _ = trained
+    predictor = STPredictor.from_checkpoint(run, seed=0)
+    dataset = load_dataset(data, predictor.spec)
+    whole = predict_context(predictor, dataset, "ctx_B", seed=2)
+    meta = write_prediction(tmp_path / "p.h5ad", predictor, dataset, "ctx_B", seed=2, piece_cells=40)
+    got = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert meta.n_obs == whole.n_obs == got.n_obs
+    np.testing.assert_allclose(got.X.toarray(), whole.X.toarray(), rtol=1e-5, atol=1e-6)
+    assert got.obs.astype(str).equals(whole.obs.astype(str)) and got.uns["vcell"] == whole.uns["vcell"]

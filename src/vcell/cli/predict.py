@@ -36,9 +36,9 @@ def predict(
 ) -> None:
     """Predict perturbed cells of CONTEXT from its real control cells with a trained ST model (log1p, or raw counts with --output counts)."""
     from vcell.data.dataset import load_dataset, missing_obsm_error
-    from vcell.data.io import check_output_path, write_h5ad
+    from vcell.data.io import check_output_path
     from vcell.predictors.counts import parse_depth, parse_output
-    from vcell.predictors.predict import predict_context
+    from vcell.predictors.predict import write_prediction
     from vcell.predictors.st import STPredictor
 
     if cells_per_pert is not None and cells_per_pert < 1:
@@ -69,10 +69,9 @@ def predict(
     if which.lower() not in ("all", "data"):
         which = [p.strip() for p in perturbations.split(",") if p.strip()]
         predictor.check_perturbations(which)
-    # shows the sets done; uns["vcell"] records the model's space, the file's, and how counts were drawn
-    pred = predict_context(predictor, dataset, context, which, cells_per_pert, seed=seed, output=output, depth=depth)
-    with status(f"writing {out}"):
-        write_h5ad(pred, out)
+    # written piece by piece (memory does not grow with the cells predicted); shows the sets done;
+    # uns["vcell"] records the model's space, the file's, and how counts were drawn
+    pred = write_prediction(out, predictor, dataset, context, which, cells_per_pert, seed=seed, output=output, depth=depth)
     labels = pred.obs[spec.pert_col].astype(str)
     n_ctrl = int((labels == spec.control).sum())
     n_perts = labels[labels != spec.control].nunique()

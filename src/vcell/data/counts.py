@@ -27,7 +27,7 @@ def draw_library_sizes(totals: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return np.rint(totals[rng.integers(0, totals.size, size=n)]).astype(np.int64)
 
 
-def sample_counts(X, library_sizes: np.ndarray, seed: int = 0, rows: np.ndarray | None = None) -> sp.csr_matrix:
+def sample_counts(X, library_sizes: np.ndarray, seed: int | np.random.Generator = 0, rows: np.ndarray | None = None) -> sp.csr_matrix:
     """Integral counts for each row of log1p-normalised ``X``, row ``i`` summing to ``library_sizes[i]``.
 
     Parameters
@@ -36,8 +36,9 @@ def sample_counts(X, library_sizes: np.ndarray, seed: int = 0, rows: np.ndarray 
         log1p-normalised expression, cells x genes (non-negative).
     library_sizes : numpy.ndarray
         Total count of each cell (integers >= 0).
-    seed : int
-        Seed of the draws.
+    seed : int or numpy.random.Generator
+        Seed of the draws, or the generator to draw from (rows are drawn in order, one after
+        the other: rows drawn in several calls from one generator are the rows drawn in one).
     rows : numpy.ndarray, optional
         Draw for these rows of ``X`` only (read block by block: ``X`` is not copied).
 
@@ -53,7 +54,7 @@ def sample_counts(X, library_sizes: np.ndarray, seed: int = 0, rows: np.ndarray 
         raise VcellError(f"{sizes.size} library sizes for {n} cells")
     if (sizes < 0).any():
         raise VcellError("library sizes must be >= 0")
-    rng = np.random.default_rng(seed)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     blocks = []
     for s in range(0, n, _BLOCK_ROWS):
         block = X[rows[s:s + _BLOCK_ROWS]]

@@ -11,6 +11,7 @@ shift per perturbation derive from :class:`ShiftPredictor`.
 
 from __future__ import annotations
 
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
@@ -180,17 +181,19 @@ def control_draws(
 ) -> list[np.ndarray]:
     """The control cells the predicted cells start from: one array of rows per perturbation.
 
-    Drawn with ``seed`` in perturbation order, without replacement unless a perturbation asks
-    for more cells than there are controls. The one draw of :func:`shifted_cells` and the State
-    Transition model, so :meth:`Predictor.source_controls` can say which control each predicted
-    cell came from.
+    Drawn without replacement unless a perturbation asks for more cells than there are
+    controls, each perturbation from its own generator, seeded by ``seed`` and its label: a
+    perturbation starts from the same control cells whatever else is predicted with it, so a
+    prediction made in pieces (:func:`vcell.predictors.predict.write_prediction`) is the one
+    made at once. The one draw of :func:`shifted_cells` and the State Transition model, so
+    :meth:`Predictor.source_controls` can say which control each predicted cell came from.
     """
-    rng = np.random.default_rng(seed)
     rows = []
     for pert in perturbations:
         n = cell_count(cells_per_perturbation, pert)
         if n < 0:
             raise VcellError(f"cells per perturbation must be >= 0, got {n} for {pert!r}")
+        rng = np.random.default_rng([int(seed), zlib.crc32(str(pert).encode())])
         rows.append(rng.choice(n_controls, size=n, replace=n > n_controls))
     return rows
 
@@ -219,16 +222,28 @@ def assemble_prediction(spec: DataSpec, controls: ad.AnnData, context: str, cell
     predictions and the CSR result, never a dense copy of both stacked.
     """
     _require_controls(controls, context)
-    blocks = [np.asarray(block, dtype=np.float32) for block in cells.values()]
     basal = controls.X if sp.issparse(controls.X) else np.asarray(controls.X, dtype=np.float32)
-    labels = [pert for pert, block in zip(cells, blocks) for _ in range(len(block))] + [spec.control] * controls.n_obs
-    X = _stack_csr([*blocks, basal], controls.n_vars)
-    context_col = spec.context_col or "context"
-    obs = pd.DataFrame(
-        {spec.pert_col: pd.Categorical(labels), context_col: context},
-        index=[f"pred{i}" for i in range(len(labels) - controls.n_obs)] + [str(n) for n in controls.obs_names],
-    )
+    pred = assemble_cells(spec, controls.var_names, context, cells)
+    X = _stack_csr([pred.X, basal], controls.n_vars)
+    obs = pd.concat([pred.obs, control_obs(spec, controls.obs_names, context)])
+    obs[spec.pert_col] = pd.Categorical(obs[spec.pert_col])
     return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=controls.var_names.copy()))
+
+
+def assemble_cells(spec: DataSpec, genes: pd.Index, context: str, cells: Mapping[str, np.ndarray], first: int = 0) -> ad.AnnData:
+    """The predicted ``cells`` of each perturbation as one AnnData (CSR float32, no controls),
+    cells named ``pred{first}``, ``pred{first + 1}``, ...; the perturbation labels as strings."""
+    blocks = [np.asarray(block, dtype=np.float32) for block in cells.values()]
+    labels = [pert for pert, block in zip(cells, blocks) for _ in range(len(block))]
+    obs = pd.DataFrame({spec.pert_col: np.array(labels, dtype=object), spec.context_col or "context": context},
+                       index=[f"pred{first + i}" for i in range(len(labels))])
+    return ad.AnnData(X=_stack_csr(blocks, len(genes)), obs=obs, var=pd.DataFrame(index=pd.Index(genes).copy()))
+
+
+def control_obs(spec: DataSpec, names: pd.Index, context: str) -> pd.DataFrame:
+    """The obs rows of the real control cells appended to a log1p prediction."""
+    return pd.DataFrame({spec.pert_col: np.array([spec.control] * len(names), dtype=object), spec.context_col or "context": context},
+                        index=[str(n) for n in names])
 
 
 def _stack_csr(blocks: list, n_cols: int, rows_per_part: int = 4096) -> sp.csr_matrix:

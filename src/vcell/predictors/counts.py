@@ -41,7 +41,7 @@ from vcell.errors import VcellError, preview
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONTROL_CELL_COL", "OUTPUTS", "TOTAL_COLUMNS", "control_library_sizes", "parse_depth", "parse_output", "to_counts"]
+__all__ = ["CONTROL_CELL_COL", "OUTPUTS", "TOTAL_COLUMNS", "CountsDraw", "control_library_sizes", "parse_depth", "parse_output", "to_counts"]
 
 #: What a prediction can be written as.
 OUTPUTS = ("log1p", "counts")
@@ -196,41 +196,81 @@ def to_counts(
         The predicted cells (obs as in ``pred``), CSR float32 integral counts, ``uns["vcell"]``
         saying how they were made.
     """
-    depth = parse_depth(depth)
-    if model_space != "log1p":
-        raise VcellError(f"model space {model_space!r}: counts are drawn from log1p predictions only")
     if pert_col not in pred.obs.columns:
         raise VcellError(f"the prediction has no perturbation column {pert_col!r} (columns: {preview(pred.obs.columns, 10)})")
-    rows = np.flatnonzero(pred.obs[pert_col].astype(str).to_numpy() != str(control))
-    meta: dict = {"expression": "counts", "output": "counts", "model_space": model_space, "seed": int(seed),
-                  "controls": "dropped (a 2026 submission holds none; the scorer uses the reference's)"}
-    if depth == "controls":
-        if controls is None:
-            raise VcellError("depth 'controls' needs the context's control cells (their raw counts); or give a whole-number depth")
-        if isinstance(controls, pd.Series):
-            source = "library sizes given"
-            totals = _check_sizes(controls.set_axis(controls.index.astype(str)), source, "the library sizes")
+    n = int((pred.obs[pert_col].astype(str).to_numpy() != str(control)).sum())
+    draw = CountsDraw(controls, n, depth=depth, seed=seed, pert_col=pert_col, control=control, model_space=model_space, genes=pred.var_names)
+    return draw.convert(pred)
+
+
+class CountsDraw:
+    """The counts of a prediction's predicted cells, drawn piece after piece (a prediction written
+    as it is made): the pieces together are what :func:`to_counts` draws for them at once.
+
+    Parameters
+    ----------
+    controls, depth, seed, pert_col, control, model_space
+        As for :func:`to_counts`.
+    n_cells
+        Predicted cells in all the pieces (library sizes drawn from the controls' are drawn for
+        all of them at once, as for the whole).
+    genes
+        The prediction's genes (the library sizes are the controls' totals over them).
+    """
+
+    def __init__(self, controls: ad.AnnData | pd.Series | None, n_cells: int, *, depth: int | str = "controls", seed: int = 0,
+                 pert_col: str = "target_gene", control: str = "non-targeting", model_space: str = "log1p", genes=None):
+        self.depth = parse_depth(depth)
+        if model_space != "log1p":
+            raise VcellError(f"model space {model_space!r}: counts are drawn from log1p predictions only")
+        self.n_cells, self.seed, self.pert_col, self.control = int(n_cells), int(seed), pert_col, str(control)
+        self.meta: dict = {"expression": "counts", "output": "counts", "model_space": model_space, "seed": int(seed),
+                           "controls": "dropped (a 2026 submission holds none; the scorer uses the reference's)"}
+        self.totals = None
+        if self.depth == "controls":
+            if controls is None:
+                raise VcellError("depth 'controls' needs the context's control cells (their raw counts); or give a whole-number depth")
+            if isinstance(controls, pd.Series):
+                source = "library sizes given"
+                self.totals = _check_sizes(controls.set_axis(controls.index.astype(str)), source, "the library sizes")
+            else:
+                self.totals, source = control_library_sizes(controls, genes)
+            if self.totals.empty:
+                raise VcellError("no control cells to take library sizes from; give a whole-number depth")
+            self.meta.update(library_size="controls", library_source=source)
         else:
-            totals, source = control_library_sizes(controls, pred.var_names)
-        if totals.empty:
-            raise VcellError("no control cells to take library sizes from; give a whole-number depth")
-        sizes = _paired_sizes(pred, rows, totals)
-        pairing = "each predicted cell's own control cell"
-        if sizes is None:
-            sizes = draw_library_sizes(totals.to_numpy(), len(rows), seed)
-            pairing = "drawn with replacement from the control cells (seeded)"
-        meta.update(library_size="controls", library_source=source, library_pairing=pairing)
-    else:
-        sizes = np.full(len(rows), depth, dtype=np.int64)
-        meta.update(library_size="depth", depth=int(depth))
-    counts = sample_counts(pred.X, sizes, seed, rows=rows)
-    obs = pred.obs.iloc[rows].copy()
-    for col in obs.columns:
-        if isinstance(obs[col].dtype, pd.CategoricalDtype):
-            obs[col] = obs[col].cat.remove_unused_categories()  # the control label goes with its cells
-    out = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pred.var_names.copy()))
-    base = pred.uns.get("vcell", {})
-    out.uns["vcell"] = {**(dict(base) if isinstance(base, Mapping) else {}), **meta}
-    log.info("counts: %d predicted cells, library sizes: %s", len(rows),
-             f"{depth:,} each" if depth != "controls" else f"{meta['library_pairing']} ({meta['library_source']})")
-    return out
+            self.meta.update(library_size="depth", depth=int(self.depth))
+        self._rng = np.random.default_rng(seed)
+        self._drawn: np.ndarray | None = None
+        self.done = 0  # predicted cells drawn so far
+
+    def convert(self, pred: ad.AnnData) -> ad.AnnData:
+        """The next piece: ``pred``'s predicted cells (its control rows dropped) as counts."""
+        if self.pert_col not in pred.obs.columns:
+            raise VcellError(f"the prediction has no perturbation column {self.pert_col!r} (columns: {preview(pred.obs.columns, 10)})")
+        rows = np.flatnonzero(pred.obs[self.pert_col].astype(str).to_numpy() != self.control)
+        if self.done + len(rows) > self.n_cells:
+            raise VcellError(f"counts: {self.done + len(rows)} predicted cells drawn, {self.n_cells} announced")
+        if self.depth == "controls":
+            sizes = _paired_sizes(pred, rows, self.totals)
+            pairing = "each predicted cell's own control cell"
+            if sizes is None:
+                if self._drawn is None:
+                    self._drawn = draw_library_sizes(self.totals.to_numpy(), self.n_cells, self.seed)
+                sizes = self._drawn[self.done:self.done + len(rows)]
+                pairing = "drawn with replacement from the control cells (seeded)"
+            self.meta.setdefault("library_pairing", pairing)
+        else:
+            sizes = np.full(len(rows), self.depth, dtype=np.int64)
+        counts = sample_counts(pred.X, sizes, self._rng, rows=rows)
+        self.done += len(rows)
+        obs = pred.obs.iloc[rows].copy()
+        for col in obs.columns:
+            if isinstance(obs[col].dtype, pd.CategoricalDtype):
+                obs[col] = obs[col].cat.remove_unused_categories()  # the control label goes with its cells
+        out = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pred.var_names.copy()))
+        base = pred.uns.get("vcell", {})
+        out.uns["vcell"] = {**(dict(base) if isinstance(base, Mapping) else {}), **self.meta}
+        log.info("counts: %d predicted cells, library sizes: %s", len(rows),
+                 f"{self.depth:,} each" if self.depth != "controls" else f"{self.meta['library_pairing']} ({self.meta['library_source']})")
+        return out

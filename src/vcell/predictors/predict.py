@@ -8,19 +8,27 @@ The output is log1p (predicted cells, then the context's real controls) or, with
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from vcell.data.dataset import PerturbationData
+from vcell.data.h5write import H5adWriter
+from vcell.data.io import atomic_path
 from vcell.data.spec import DataSpec
 from vcell.errors import VcellError, did_you_mean, preview
-from vcell.predictors.base import Predictor
-from vcell.predictors.counts import CONTROL_CELL_COL, library_source, parse_depth, parse_output, to_counts
+from vcell.predictors.base import Predictor, _require_controls, assemble_cells, cell_count, control_obs
+from vcell.predictors.counts import CONTROL_CELL_COL, CountsDraw, library_source, parse_depth, parse_output
+from vcell.train.display import task
 
 DEFAULT_CELLS = 100
+#: Predicted cells :func:`write_prediction` holds at a time (about 160 MB at 2,000 genes).
+PIECE_CELLS = 20_000
 
 
 def predict_context(
@@ -69,51 +77,163 @@ def predict_context(
     The predicted cells, then the context's real control cells (log1p), with ``data.spec``'s
     perturbation and context columns and control label; column ``control_cell`` names the real
     control each predicted cell started from when the model says so. ``output="counts"``: the
-    predicted cells only, as counts.
+    predicted cells only, as counts. The same cells as :func:`write_prediction` writes.
     """
-    spec, index = data.spec, data.index
-    where = str(data.path) if data.path is not None else "the data"
-    output = parse_output(output)
-    depth = parse_depth(depth)
-    if output != "counts" and depth != "controls":
-        raise VcellError(f"depth {depth}: the depth of drawn counts; add output='counts' (the default output is log1p)")
-    contexts = [str(c) for c in index.contexts]
-    if context not in contexts:
-        raise VcellError(f"{where}: unknown context {context!r}{did_you_mean(context, contexts)} (contexts: {preview(contexts, n=10)})")
-    in_ctx = index.context_codes == contexts.index(context)
-    if cells is not None:
-        in_ctx &= np.asarray(cells, dtype=bool)
-    controls_mask = in_ctx & index.is_control
-    if not controls_mask.any():
-        raise VcellError(f"{where}: context {context!r} has no control cells ({spec.control!r}) to predict from")
-    perts, sizes = _perturbations(predictor, data, in_ctx, context, perturbations, where)
-    if cells_per_perturbation is not None:
-        sizes = cells_per_perturbation
-    if isinstance(sizes, int) and sizes < 1:
-        raise VcellError(f"cells per perturbation must be >= 1, got {sizes}")
-    controls = data.adata[controls_mask]
-    controls = controls.to_memory() if data.adata.isbacked else controls.copy()  # only the controls are read
-    if output == "counts" and depth == "controls" and library_source(controls) is None:
-        raise VcellError(f"{where}: context {context!r}: no raw counts to take the control cells' library sizes from "
-                         "(no layers['counts'], no obs total-count column): give a fixed depth (--depth 20000, depth=20000)")
-    pred = predictor.predict(controls, perts, context, cells_per_perturbation=sizes, seed=seed)
-    _name_sources(pred, predictor.source_controls(controls.n_obs, perts, sizes, seed), controls.obs_names)
-    pred = _relabel(pred, predictor.spec, spec)
-    space = getattr(predictor, "space", "log1p")
-    pred.uns["vcell"] = {"expression": space, "output": space, "model_space": space, "seed": int(seed)}
-    if getattr(predictor, "effect_anchor", None) is not None:
-        pred.uns["vcell"]["effect_anchor"] = predictor.effect_anchor
-    if output == "counts":
-        pred = to_counts(pred, controls, depth=depth, seed=seed, pert_col=spec.pert_col, control=spec.control, model_space=space)
+    job = _Job(predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth)
+    pieces = list(job.pieces())
+    X = sp.vstack([p.X for p in pieces], format="csr") if len(pieces) > 1 else pieces[0].X
+    pred = ad.AnnData(X=X, obs=job.obs([p.obs for p in pieces]), var=pd.DataFrame(index=pieces[0].var_names.copy()))
+    pred.uns["vcell"] = job.uns
     return pred
 
 
+def write_prediction(
+    out: str | os.PathLike,
+    predictor: Predictor,
+    data: PerturbationData,
+    context: str,
+    perturbations: str | Sequence[str] = "data",
+    cells_per_perturbation: int | Mapping[str, int] | None = None,
+    seed: int = 0,
+    cells: np.ndarray | None = None,
+    output: str = "log1p",
+    depth: int | str = "controls",
+    piece_cells: int = PIECE_CELLS,
+) -> ad.AnnData:
+    """:func:`predict_context` written to ``out`` (``.h5ad``, atomically) piece by piece: about
+    ``piece_cells`` predicted cells are held at a time, whatever the number predicted.
+
+    Each piece is a run of whole perturbations; each perturbation's control cells, counts and
+    library sizes are drawn as for the whole (:func:`~vcell.predictors.base.control_draws`,
+    :class:`~vcell.predictors.counts.CountsDraw`), so the file holds :func:`predict_context`'s
+    cells: exactly for the shift baselines, to float32 rounding for ST (a forward pass batches
+    other cell sets together, which changes a matmul's summation order).
+
+    Returns the written file's annotations (obs, var and uns; no matrix). The parameters are
+    :func:`predict_context`'s.
+    """
+    job = _Job(predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth, piece_cells)
+    obs, writer = [], None
+    with atomic_path(out) as tmp:
+        try:
+            for piece in job.pieces():
+                writer = writer or H5adWriter(tmp, piece.n_vars)
+                writer.append(X=piece.X)
+                obs.append(piece.obs)
+                var = piece.var_names
+            frame = job.obs(obs)
+            writer.finish(frame, pd.DataFrame(index=var.copy()), {"vcell": job.uns})
+        finally:
+            if writer is not None:
+                writer.close()
+    return ad.AnnData(obs=frame, var=pd.DataFrame(index=var.copy()), uns={"vcell": job.uns})
+
+
+class _Job:
+    """One prediction, made piece by piece: the checks, the controls read, then :meth:`pieces`."""
+
+    def __init__(self, predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth, piece_cells=None):
+        spec, index = data.spec, data.index
+        where = str(data.path) if data.path is not None else "the data"
+        output = parse_output(output)
+        depth = parse_depth(depth)
+        if output != "counts" and depth != "controls":
+            raise VcellError(f"depth {depth}: the depth of drawn counts; add output='counts' (the default output is log1p)")
+        contexts = [str(c) for c in index.contexts]
+        if context not in contexts:
+            raise VcellError(f"{where}: unknown context {context!r}{did_you_mean(context, contexts)} (contexts: {preview(contexts, n=10)})")
+        in_ctx = index.context_codes == contexts.index(context)
+        if cells is not None:
+            in_ctx &= np.asarray(cells, dtype=bool)
+        controls_mask = in_ctx & index.is_control
+        if not controls_mask.any():
+            raise VcellError(f"{where}: context {context!r} has no control cells ({spec.control!r}) to predict from")
+        perts, sizes = _perturbations(predictor, data, in_ctx, context, perturbations, where)
+        if cells_per_perturbation is not None:
+            sizes = cells_per_perturbation
+        if isinstance(sizes, int) and sizes < 1:
+            raise VcellError(f"cells per perturbation must be >= 1, got {sizes}")
+        controls = data.adata[controls_mask]
+        controls = controls.to_memory() if data.adata.isbacked else controls.copy()  # only the controls are read
+        if output == "counts" and depth == "controls" and library_source(controls) is None:
+            raise VcellError(f"{where}: context {context!r}: no raw counts to take the control cells' library sizes from "
+                             "(no layers['counts'], no obs total-count column): give a fixed depth (--depth 20000, depth=20000)")
+        self.predictor, self.spec, self.context, self.seed = predictor, spec, context, seed
+        self.perts, self.sizes, self.controls, self.output = [str(p) for p in perts], sizes, controls, output
+        self.piece_cells = piece_cells
+        space = getattr(predictor, "space", "log1p")
+        self.uns = {"expression": space, "output": space, "model_space": space, "seed": int(seed)}
+        if getattr(predictor, "effect_anchor", None) is not None:
+            self.uns["effect_anchor"] = predictor.effect_anchor
+        self.depth, self.space = depth, space
+        self.draw: CountsDraw | None = None
+
+    def _groups(self) -> list[list[str]]:
+        """The perturbations cut into runs of about ``piece_cells`` cells (one run: all at once)."""
+        if not self.piece_cells:
+            return [self.perts]
+        groups, n = [[]], 0
+        for p in self.perts:
+            k = cell_count(self.sizes, p)
+            if groups[-1] and n + k > self.piece_cells:
+                groups.append([])
+                n = 0
+            groups[-1].append(p)
+            n += k
+        return groups
+
+    def pieces(self):
+        """The output's rows, piece by piece (AnnData with X and obs): the predicted cells, then (log1p) the controls."""
+        predictor, spec = self.predictor, self.spec
+        _require_controls(self.controls, self.context)
+        prepared = predictor.prepare_controls(self.controls)
+        if self.output == "counts":
+            n_cells = sum(cell_count(self.sizes, p) for p in self.perts)
+            self.draw = CountsDraw(self.controls, n_cells, depth=self.depth, seed=self.seed, pert_col=spec.pert_col,
+                                   control=spec.control, model_space=self.space, genes=prepared.var_names)
+        first = 0
+        with task(f"predicting {self.context}", len(self.perts), "perturbations") if len(self._groups()) > 1 else nullcontext() as line:
+            for group in self._groups():
+                cells = predictor.predict_cells(prepared, group, self.context, self.sizes, self.seed)
+                piece = assemble_cells(predictor._spec, prepared.var_names, self.context, cells, first)
+                first += piece.n_obs
+                sources = predictor.source_controls(prepared.n_obs, group, self.sizes, self.seed)
+                _name_sources(piece, sources, prepared.obs_names)
+                piece = _relabel(piece, predictor.spec, spec)
+                piece.uns["vcell"] = dict(self.uns)
+                yield self.draw.convert(piece) if self.draw is not None else piece
+                if line is not None:
+                    line.advance(len(group))
+        if self.output != "counts":
+            ctrl = ad.AnnData(X=_csr(prepared.X), obs=control_obs(spec, prepared.obs_names, self.context),
+                              var=pd.DataFrame(index=prepared.var_names.copy()))
+            yield ctrl
+        if self.draw is not None:
+            self.uns = {**self.uns, **self.draw.meta}
+
+    def obs(self, frames: list[pd.DataFrame]) -> pd.DataFrame:
+        """The pieces' obs as one frame, the perturbation column categorical (as one prediction's)."""
+        obs = pd.concat(frames)
+        obs[self.spec.pert_col] = pd.Categorical(obs[self.spec.pert_col].astype(str))
+        if CONTROL_CELL_COL in obs.columns and self.output != "counts":  # a control row started from itself
+            missing = obs[CONTROL_CELL_COL].isna().to_numpy()
+            obs.loc[missing, CONTROL_CELL_COL] = obs.index[missing]
+        return obs
+
+
+def _csr(X) -> sp.csr_matrix:
+    """``X`` as float32 CSR without explicit zeros."""
+    m = sp.csr_matrix(X, dtype=np.float32)
+    m.eliminate_zeros()
+    return m
+
+
 def _name_sources(pred: ad.AnnData, sources: list[np.ndarray] | None, names: pd.Index) -> None:
-    """Column :data:`CONTROL_CELL_COL`: the real control each predicted cell started from (a control: itself)."""
+    """Column :data:`CONTROL_CELL_COL` of predicted cells: the real control each started from."""
     if sources is None or CONTROL_CELL_COL in pred.obs.columns:
         return
     names = np.asarray(names.astype(str))
-    rows = np.concatenate([np.asarray(r, dtype=np.int64) for r in sources] + [np.arange(len(names))])
+    rows = np.concatenate([np.asarray(r, dtype=np.int64) for r in sources] + [np.empty(0, np.int64)])
     if len(rows) != pred.n_obs:  # a predictor whose cells do not line up with its draws: say nothing
         return
     pred.obs[CONTROL_CELL_COL] = names[rows]

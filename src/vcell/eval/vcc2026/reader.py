@@ -230,6 +230,9 @@ def as_csr(X, where: str) -> sp.csr_matrix:
         X = sp.csr_matrix(X)
     elif X.format != "csr":
         X = sp.csr_matrix(X)
+    if X.indices.dtype != X.indptr.dtype:  # e.g. int32 columns, int64 row pointers (files written block by block)
+        idx = np.int32 if max(X.nnz, X.shape[1]) < np.iinfo(np.int32).max else np.int64
+        X = sp.csr_matrix((X.data, X.indices.astype(idx, copy=False), X.indptr.astype(idx, copy=False)), shape=X.shape)
     if not X.has_canonical_format:
         X = X.copy()
         X.sum_duplicates()
