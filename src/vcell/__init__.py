@@ -12,7 +12,8 @@ Models
     ``fit(data, split)``), :class:`STPredictor`, :func:`train_st` and :func:`train_se` with
     :class:`STTrainOptions` / :class:`SETrainOptions`, and :func:`predict_context` (predicted cells
     of a context's perturbations from its real control cells; log1p, or raw counts with
-    ``output="counts"``, :func:`to_counts`).
+    ``output="counts"``, :func:`to_counts`; :func:`write_prediction` writes them to a file piece
+    by piece, as ``vcell predict`` does).
 Evaluation
     :func:`evaluate` (the Virtual Cell Challenge metrics, cell-eval's numbers), :func:`score`
     (scaled against a baseline), :func:`evaluate_2026`, :func:`scale_2026` and :func:`score_2026`
@@ -53,7 +54,7 @@ _EXPORTS = {
     "vcell.data.simulate": ["simulate_perturbseq"],
     "vcell.data.splits": ["apply_split", "holdout_config", "holdout_perturbations", "read_split_toml"],
     "vcell.predictors.registry": ["make_model", "model_names"],
-    "vcell.predictors.predict": ["predict_context"],
+    "vcell.predictors.predict": ["predict_context", "write_prediction"],
     "vcell.predictors.counts": ["to_counts"],
     "vcell.predictors.st": ["STPredictor"],
     "vcell.train.options": ["STTrainOptions", "SETrainOptions"],

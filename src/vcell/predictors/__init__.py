@@ -10,7 +10,7 @@ from vcell._lazy import lazy_exports
 _EXPORTS = {
     ".base": ["Predictor", "ShiftPredictor", "assemble_prediction"],
     ".baselines": ["BASELINES", "CellMean", "ContextMean", "ControlMean", "KernelRidgeBaseline", "LinearBaseline", "PertMean", "TrainingStats", "make_baseline", "training_stats"],
-    ".predict": ["predict_context"],
+    ".predict": ["predict_context", "write_prediction"],
     ".registry": ["MODELS", "make_model", "model_names"],
     ".st": ["STPredictor"],
 }
