@@ -336,8 +336,8 @@ def test_h5ad_writers_killed_mid_write_leave_nothing_after_a_rerun(ws, tmp_path)
                       "--out", folder / "pred.h5ad"],
         "emb.h5ad": ["embed", "--model", ws["se"], "--data", ws["counts"], "--out", folder / "emb.h5ad"],
     }
-    # preprocess streams its output with H5adWriter (no AnnData.write_h5ad); the others write an AnnData
-    writes = {"pp.h5ad": "vcell.data.h5write:H5adWriter.finish"}
+    # preprocess and predict stream their output with H5adWriter (no AnnData.write_h5ad); embed writes an AnnData
+    writes = {"pp.h5ad": "vcell.data.h5write:H5adWriter.finish", "pred.h5ad": "vcell.data.h5write:H5adWriter.finish"}
     left = {}
     for name, argv in args.items():
         target = writes.get(name, "anndata:AnnData.write_h5ad")
