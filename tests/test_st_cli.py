@@ -208,6 +208,39 @@ def test_predict_counts_output_is_a_2026_submission(trained, tmp_path):
     prepare_submission_2026(out, tmp_path / "sub.h5ad", genes=list(pred.var_names))
 
 
+def test_predict_all_genes_writes_a_full_submission_from_a_gene_subset_model(trained, tmp_path):
+    """`vcell predict --all-genes RAW --output counts`: the model's 50 genes drawn, the 10 genes it never saw
+    copied from each cell's control cell, every gene of RAW in its order; log1p without the preprocessing's
+    target_sum is one error line."""
+    from vcell.eval.vcc2026.submission import prepare_submission_2026
+
+    data, run, adata = trained
+    raw = simulate_perturbseq(n_genes=50, n_contexts=2, n_perturbations=5, n_combinations=0,
+                              cells_per_perturbation=30, n_controls=60, seed=0)  # _tiny_adata's counts
+    extra = np.random.default_rng(0).poisson(3.0, size=(raw.n_obs, 10)).astype(np.float32)
+    X = np.hstack([extra[:, :4], raw.X.toarray() if sp.issparse(raw.X) else raw.X, extra[:, 4:]]).astype(np.float32)
+    genes = [f"other{i}" for i in range(4)] + list(raw.var_names) + [f"other{i}" for i in range(4, 10)]
+    full = ad.AnnData(X=sp.csr_matrix(X), obs=raw.obs.copy(), var=raw.var.reindex(genes))
+    full.write_h5ad(tmp_path / "raw.h5ad")
+    out = tmp_path / "full.h5ad"
+    proc = run_cli("predict", "--model", run, "--data", data, "--context", "ctx_B", "--output", "counts", "--all-genes",
+                   tmp_path / "raw.h5ad", "--out", out, "--seed", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "all 60 genes of raw.h5ad (50 predicted by the model" in proc.stdout
+    pred = ad.read_h5ad(out)
+    assert list(pred.var_names) == genes
+    got = pred.X.toarray()
+    rows = full.obs_names.get_indexer(pred.obs["control_cell"].astype(str))
+    src = X[rows]
+    other = [i for i, g in enumerate(genes) if g.startswith("other")]
+    np.testing.assert_array_equal(got[:, other], src[:, other])
+    np.testing.assert_array_equal(got.sum(axis=1), src.sum(axis=1))
+    prepare_submission_2026(out, tmp_path / "sub.h5ad", genes=genes)
+    proc = run_cli("predict", "--model", run, "--data", data, "--context", "ctx_B", "--all-genes", tmp_path / "raw.h5ad",
+                   "--out", tmp_path / "log1p.h5ad")
+    assert "needs the preprocessing's target_sum" in error_line(proc) and not (tmp_path / "log1p.h5ad").exists()
+
+
 def test_st_prediction_written_in_pieces_is_the_one_made_at_once(trained, tmp_path):
     """ST cells predicted perturbation group by perturbation group (``write_prediction``, which
     `vcell predict` runs) are the cells predicted all at once, to float32 rounding (the cell sets

@@ -216,10 +216,15 @@ class CountsDraw:
         all of them at once, as for the whole).
     genes
         The prediction's genes (the library sizes are the controls' totals over them).
+    sizes_from
+        Set when the caller passes each piece's library sizes to :meth:`convert` (e.g.
+        :class:`~vcell.predictors.all_genes.GeneFill`): says where they come from; ``controls``
+        is then not read.
     """
 
     def __init__(self, controls: ad.AnnData | pd.Series | None, n_cells: int, *, depth: int | str = "controls", seed: int = 0,
-                 pert_col: str = "target_gene", control: str = "non-targeting", model_space: str = "log1p", genes=None):
+                 pert_col: str = "target_gene", control: str = "non-targeting", model_space: str = "log1p", genes=None,
+                 sizes_from: str | None = None):
         self.depth = parse_depth(depth)
         if model_space != "log1p":
             raise VcellError(f"model space {model_space!r}: counts are drawn from log1p predictions only")
@@ -227,7 +232,13 @@ class CountsDraw:
         self.meta: dict = {"expression": "counts", "output": "counts", "model_space": model_space, "seed": int(seed),
                            "controls": "dropped (a 2026 submission holds none; the scorer uses the reference's)"}
         self.totals = None
-        if self.depth == "controls":
+        self.sizes_from = sizes_from
+        if sizes_from is not None:
+            self.meta.update(library_size="controls" if self.depth == "controls" else "depth", library_source=sizes_from,
+                             library_pairing="each predicted cell's own control cell")
+            if self.depth != "controls":
+                self.meta["depth"] = int(self.depth)
+        elif self.depth == "controls":
             if controls is None:
                 raise VcellError("depth 'controls' needs the context's control cells (their raw counts); or give a whole-number depth")
             if isinstance(controls, pd.Series):
@@ -244,14 +255,25 @@ class CountsDraw:
         self._drawn: np.ndarray | None = None
         self.done = 0  # predicted cells drawn so far
 
-    def convert(self, pred: ad.AnnData) -> ad.AnnData:
-        """The next piece: ``pred``'s predicted cells (its control rows dropped) as counts."""
+    def predicted_rows(self, pred: ad.AnnData) -> np.ndarray:
+        """Positions of ``pred``'s predicted (not control) rows."""
         if self.pert_col not in pred.obs.columns:
             raise VcellError(f"the prediction has no perturbation column {self.pert_col!r} (columns: {preview(pred.obs.columns, 10)})")
-        rows = np.flatnonzero(pred.obs[self.pert_col].astype(str).to_numpy() != self.control)
+        return np.flatnonzero(pred.obs[self.pert_col].astype(str).to_numpy() != self.control)
+
+    def convert(self, pred: ad.AnnData, sizes: np.ndarray | None = None) -> ad.AnnData:
+        """The next piece: ``pred``'s predicted cells (its control rows dropped) as counts.
+
+        ``sizes``: each predicted cell's library size, when the draw was made with ``sizes_from``.
+        """
+        rows = self.predicted_rows(pred)
         if self.done + len(rows) > self.n_cells:
             raise VcellError(f"counts: {self.done + len(rows)} predicted cells drawn, {self.n_cells} announced")
-        if self.depth == "controls":
+        if (sizes is None) != (self.sizes_from is None):
+            raise VcellError("counts: library sizes are given to convert() exactly when the draw was made with sizes_from")
+        if sizes is not None:
+            sizes = np.asarray(sizes, dtype=np.int64)
+        elif self.depth == "controls":
             sizes = _paired_sizes(pred, rows, self.totals)
             pairing = "each predicted cell's own control cell"
             if sizes is None:
@@ -272,5 +294,6 @@ class CountsDraw:
         base = pred.uns.get("vcell", {})
         out.uns["vcell"] = {**(dict(base) if isinstance(base, Mapping) else {}), **self.meta}
         log.info("counts: %d predicted cells, library sizes: %s", len(rows),
-                 f"{self.depth:,} each" if self.depth != "controls" else f"{self.meta['library_pairing']} ({self.meta['library_source']})")
+                 f"{self.depth:,} each" if self.depth != "controls" and self.sizes_from is None
+                 else f"{self.meta['library_pairing']} ({self.meta['library_source']})")
         return out

@@ -22,6 +22,7 @@ from vcell.data.h5write import H5adWriter
 from vcell.data.io import atomic_path
 from vcell.data.spec import DataSpec
 from vcell.errors import VcellError, did_you_mean, preview
+from vcell.predictors.all_genes import GeneFill
 from vcell.predictors.base import Predictor, _require_controls, assemble_cells, cell_count, control_obs
 from vcell.predictors.counts import CONTROL_CELL_COL, CountsDraw, library_source, parse_depth, parse_output
 from vcell.train.display import task
@@ -41,6 +42,7 @@ def predict_context(
     cells: np.ndarray | None = None,
     output: str = "log1p",
     depth: int | str = "controls",
+    all_genes: str | os.PathLike | None = None,
 ) -> ad.AnnData:
     """Predicted cells of ``context``'s perturbations from its real control cells in ``data``.
 
@@ -71,6 +73,11 @@ def predict_context(
         With ``output="counts"``: ``"controls"`` (each cell at the library size of the control cell
         it started from, or one drawn from the controls'; needs the raw counts of ``data``'s
         controls in ``layers["counts"]`` or an obs total column) or counts per cell (e.g. 20000).
+    all_genes
+        A raw-count ``.h5ad`` (the file ``data`` was preprocessed from): the output holds every gene
+        of it, in its order; the genes the model does not predict are taken from the control cell
+        each predicted cell started from (:mod:`vcell.predictors.all_genes`), as a full challenge
+        submission needs.
 
     Returns
     -------
@@ -79,7 +86,7 @@ def predict_context(
     control each predicted cell started from when the model says so. ``output="counts"``: the
     predicted cells only, as counts. The same cells as :func:`write_prediction` writes.
     """
-    job = _Job(predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth)
+    job = _Job(predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth, all_genes=all_genes)
     pieces = list(job.pieces())
     X = sp.vstack([p.X for p in pieces], format="csr") if len(pieces) > 1 else pieces[0].X
     pred = ad.AnnData(X=X, obs=job.obs([p.obs for p in pieces]), var=pd.DataFrame(index=pieces[0].var_names.copy()))
@@ -98,6 +105,7 @@ def write_prediction(
     cells: np.ndarray | None = None,
     output: str = "log1p",
     depth: int | str = "controls",
+    all_genes: str | os.PathLike | None = None,
     piece_cells: int = PIECE_CELLS,
 ) -> ad.AnnData:
     """:func:`predict_context` written to ``out`` (``.h5ad``, atomically) piece by piece: about
@@ -112,7 +120,7 @@ def write_prediction(
     Returns the written file's annotations (obs, var and uns; no matrix). The parameters are
     :func:`predict_context`'s.
     """
-    job = _Job(predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth, piece_cells)
+    job = _Job(predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth, piece_cells, all_genes)
     obs, writer = [], None
     with atomic_path(out) as tmp:
         try:
@@ -132,7 +140,8 @@ def write_prediction(
 class _Job:
     """One prediction, made piece by piece: the checks, the controls read, then :meth:`pieces`."""
 
-    def __init__(self, predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth, piece_cells=None):
+    def __init__(self, predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth, piece_cells=None,
+                 all_genes=None):
         spec, index = data.spec, data.index
         where = str(data.path) if data.path is not None else "the data"
         output = parse_output(output)
@@ -155,7 +164,20 @@ class _Job:
             raise VcellError(f"cells per perturbation must be >= 1, got {sizes}")
         controls = data.adata[controls_mask]
         controls = controls.to_memory() if data.adata.isbacked else controls.copy()  # only the controls are read
-        if output == "counts" and depth == "controls" and library_source(controls) is None:
+        _require_controls(controls, context)
+        self.prepared = predictor.prepare_controls(controls)
+        self.fill = None
+        if all_genes is not None:
+            if predictor.source_controls(self.prepared.n_obs, [str(p) for p in perts[:1]], 1, seed) is None:
+                raise VcellError(f"model {predictor.name!r} does not start each predicted cell from a control cell: "
+                                 "the other genes cannot be taken from one (all_genes, --all-genes)")
+            meta = data.adata.uns.get("vcell", {})
+            target_sum = meta.get("target_sum") if isinstance(meta, Mapping) else None
+            self.fill = GeneFill(all_genes, self.prepared.var_names, output, target_sum=target_sum, depth=depth, seed=seed)
+            self.fill.require_cells(self.prepared.obs_names)
+            if piece_cells:  # a piece's cells now hold every gene: fewer of them, the same bytes
+                piece_cells = max(1, piece_cells * self.prepared.n_vars // len(self.fill.var_names))
+        elif output == "counts" and depth == "controls" and library_source(controls) is None:
             raise VcellError(f"{where}: context {context!r}: no raw counts to take the control cells' library sizes from "
                              "(no layers['counts'], no obs total-count column): give a fixed depth (--depth 20000, depth=20000)")
         self.predictor, self.spec, self.context, self.seed = predictor, spec, context, seed
@@ -184,13 +206,12 @@ class _Job:
 
     def pieces(self):
         """The output's rows, piece by piece (AnnData with X and obs): the predicted cells, then (log1p) the controls."""
-        predictor, spec = self.predictor, self.spec
-        _require_controls(self.controls, self.context)
-        prepared = predictor.prepare_controls(self.controls)
+        predictor, spec, prepared, fill = self.predictor, self.spec, self.prepared, self.fill
         if self.output == "counts":
             n_cells = sum(cell_count(self.sizes, p) for p in self.perts)
             self.draw = CountsDraw(self.controls, n_cells, depth=self.depth, seed=self.seed, pert_col=spec.pert_col,
-                                   control=spec.control, model_space=self.space, genes=prepared.var_names)
+                                   control=spec.control, model_space=self.space, genes=prepared.var_names,
+                                   sizes_from=None if fill is None else f"{fill.path.name}: the control cell's raw counts")
         first = 0
         with task(f"predicting {self.context}", len(self.perts), "perturbations") if len(self._groups()) > 1 else nullcontext() as line:
             for group in self._groups():
@@ -201,15 +222,20 @@ class _Job:
                 _name_sources(piece, sources, prepared.obs_names)
                 piece = _relabel(piece, predictor.spec, spec)
                 piece.uns["vcell"] = dict(self.uns)
-                yield self.draw.convert(piece) if self.draw is not None else piece
+                if fill is not None:
+                    yield fill.widen(piece, fill.sources(piece, CONTROL_CELL_COL), self.draw)
+                else:
+                    yield self.draw.convert(piece) if self.draw is not None else piece
                 if line is not None:
                     line.advance(len(group))
         if self.output != "counts":
             ctrl = ad.AnnData(X=_csr(prepared.X), obs=control_obs(spec, prepared.obs_names, self.context),
                               var=pd.DataFrame(index=prepared.var_names.copy()))
-            yield ctrl
+            yield ctrl if fill is None else fill.widen(ctrl, fill.sources(ctrl, CONTROL_CELL_COL))
         if self.draw is not None:
             self.uns = {**self.uns, **self.draw.meta}
+        if fill is not None:
+            self.uns = {**self.uns, **fill.meta}
 
     def obs(self, frames: list[pd.DataFrame]) -> pd.DataFrame:
         """The pieces' obs as one frame, the perturbation column categorical (as one prediction's)."""
