@@ -202,6 +202,7 @@ def main() -> int:
     p.add_argument("--only", default="papalexi,norman_singles,norman_doubles,mcfaline", help="benchmarks to run")
     p.add_argument("--models", default=DEFAULT_MODELS, help="models to run (names of MODELS)")
     p.add_argument("--tag", default="", help="name of this set of runs (runs/NAME_SEED_TAG); the tables join every tag's models")
+    p.add_argument("--seeds", default="0,1,2", help="folds to run (by seed; McFaline's fold number), e.g. 1,2")
     p.add_argument("--st", default="{}", help="JSON of extra st options, e.g. '{\"max_steps\": 600}'")
     args = p.parse_args()
     if not DATA.is_dir():
@@ -217,10 +218,13 @@ def main() -> int:
             o.update(json.loads(args.st))
         if o:
             options[m] = o
+    seeds = {int(s) for s in args.seeds.split(",")}
     config = work / "models.json"
     config.write_text(json.dumps(options, indent=1))
     for name in args.only.split(","):
         for f in folds(name, work, table_path):
+            if f["seed"] not in seeds:
+                continue
             bench_fold(name, f, work, config, args.models, args.tag)
         boards = []
         for board in sorted((work / "runs").glob(f"{name}_*/leaderboard.csv")):

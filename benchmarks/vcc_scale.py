@@ -22,13 +22,14 @@ What it runs, in ``--workdir`` (files are reused when present, so a run can be c
    ``train_speed.py``'s timing child: cells/s after ``--warmup`` steps, the share of step time
    spent waiting for data, peak RSS. arc-state trains on every cell (throughput only).
 6. ``vcell data subset`` of the held-out cells + controls: from ``pp.h5ad`` (log1p, the model's
-   genes), from ``raw.h5ad`` restricted to the model's genes (raw counts) and from ``raw.h5ad``
-   with every gene (the 2026 scale's reference at full size).
-7. ``vcell predict`` of the held-out perturbations, log1p and ``--output counts``.
-8. ``vcell eval prep --profile vcc2026`` of the counts prediction.
-9. ``vcell eval run --backed``: the 2025 profile (log1p prediction) and the 2026 profile (counts
-   prediction), on the model's genes; peers: cell-eval 0.8.2 and cell-eval2 0.20.0 on the same
-   pairs.
+   genes) and from ``raw.h5ad`` with every gene (raw counts: the 2026 reference at full size).
+7. ``vcell predict`` of the held-out perturbations: log1p over the model's genes, and
+   ``--output counts --all-genes raw.h5ad``: a full 2026 submission, every gene of the raw file
+   (the genes the model does not predict taken from each predicted cell's control cell).
+8. ``vcell eval prep --profile vcc2026`` of the counts prediction (every gene).
+9. ``vcell eval run --backed``: the 2025 profile (log1p prediction, the model's genes) and the
+   2026 profile (the full counts submission against the full raw reference); peers: cell-eval
+   0.8.2 and cell-eval2 0.20.0 on the same pairs.
 10. At full size (every gene): ``vcell eval baseline --profile vcc2026`` (the mean-response
     baseline scored + the 5-split replicate anchor); peer: ``cell-eval2 baseline`` (the baseline
     end only) on the same file. The 2025 profile's cell-mean baseline is not run at this size: it
@@ -43,9 +44,8 @@ work) or whose wall time passes ``--peer-timeout``; such a step is reported as n
 with its peak before it was stopped. The orchestrating process imports no numpy/anndata/torch,
 so a child cannot inherit a large high-water mark.
 
-A model predicts its own genes (the HVGs + targets): a full 18,080-gene 2026 submission from an
-HVG model would need the remaining genes filled (not built), so the 2026 profile scores the
-model on its genes and the full-size 2026 scoring is exercised by the scale's two ends.
+The model predicts its own genes (the HVGs + targets); ``--all-genes`` widens its counts to the
+18,080 genes a submission holds, so the 2026 run, baseline and anchor all score every gene.
 
 Example (about an hour with the peers; ``--no-peers`` for vcell alone)::
 
@@ -165,7 +165,7 @@ import json, anndata as ad
 a = ad.read_h5ad({str(raw)!r}, backed="r")
 sim = a.uns.get("simulation", {{}})
 roles = {{k: list(map(str, v)) for k, v in dict(sim.get("roles", {{}})).items()}}
-info = {{"n_obs": a.n_obs, "n_vars": a.n_vars, "roles": roles,
+info = {{"n_obs": a.n_obs, "n_vars": a.n_vars, "roles": roles, "all_genes": list(map(str, a.var_names)),
          "contexts": sorted(map(str, a.obs["cell_type"].unique()))}}
 if {str(pp) if pp else ''!r}:
     info["genes"] = list(map(str, ad.read_h5ad({str(pp)!r}, backed="r").var_names))
@@ -217,11 +217,12 @@ def vcell_steps(o, work: Path) -> list[dict]:
     step("preprocess", [*VCELL, "data", "preprocess", raw, pp, "--n-top-genes", "2000", "--overwrite", *seed], pp)
     info = _probe(work, raw, pp)
     (work / "genes.txt").write_text("\n".join(info["genes"]) + "\n")
+    (work / "genes_all.txt").write_text("\n".join(info["all_genes"]) + "\n")
     test = info["roles"]["test"]
     split = work / "split.toml"
     step("split", [*VCELL, "data", "split", pp, "--holdout-perturbations", ",".join(test), "--out", split, "--overwrite", *seed],
          split, part_of_job=False)
-    subsets = {"real_pp.h5ad": [pp], "real_counts.h5ad": [raw, "--genes", work / "genes.txt"], "real_full.h5ad": [raw]}
+    subsets = {"real_pp.h5ad": [pp], "real_full.h5ad": [raw]}
     for name, src in subsets.items():
         step(f"subset {name}", [*VCELL, "data", "subset", *src, "--split", split, "--out", work / name, "--overwrite", *seed],
              work / name)
@@ -238,19 +239,21 @@ def vcell_steps(o, work: Path) -> list[dict]:
             "--batch-size", str(ts.BATCH), "--set-size", str(ts.SET_LEN), "--max-steps", str(o.steps),
             "--accelerator", "cpu", "--num-workers", str(o.workers), "--pert-features", f"onehot,{table}",
             "--out", str(run), "--overwrite", *seed]))
-    for name, extra in (("pred.h5ad", []), ("pred_counts.h5ad", ["--output", "counts"])):
+    # log1p over the model's genes (scored by the 2025 profile); raw counts over every gene of the raw file, the
+    # genes the model does not predict taken from each cell's control cell: a full 2026 submission
+    for name, extra in (("pred.h5ad", []), ("pred_counts.h5ad", ["--output", "counts", "--all-genes", raw])):
         step(f"predict {name}", [*VCELL, "predict", "--model", run, "--checkpoint", "last", "--data", work / "real_pp.h5ad",
                                  "--context", ctx, "--out", work / name, *extra, "--overwrite", *seed], work / name)
     step("eval prep (vcc2026)", [*VCELL, "eval", "prep", "--profile", "vcc2026", "--pred", work / "pred_counts.h5ad",
-                                 "--genes", work / "genes.txt",
+                                 "--genes", work / "genes_all.txt",
                                  "--out", work / "prep.h5ad", "--overwrite", *seed], work / "prep.h5ad")
     threads = ["--threads", "2"]
     step("eval run vcc (model genes)", [*VCELL, "eval", "run", "--profile", "vcc", "--backed", "--pred", work / "pred.h5ad",
                                         "--real", work / "real_pp.h5ad", "--out", work / "eval25", "--overwrite", *threads, *seed],
          work / "eval25" / "agg_results.csv")
-    step("eval run vcc2026 (model genes)", [*VCELL, "eval", "run", "--profile", "vcc2026", "--backed", "--pred", work / "prep.h5ad",
-                                            "--real", work / "real_counts.h5ad", "--out", work / "eval26", "--overwrite", *threads,
-                                            *seed], work / "eval26" / "agg_results.csv")
+    step("eval run vcc2026 (all genes)", [*VCELL, "eval", "run", "--profile", "vcc2026", "--backed", "--pred", work / "prep.h5ad",
+                                          "--real", work / "real_full.h5ad", "--out", work / "eval26", "--overwrite", *threads,
+                                          *seed], work / "eval26" / "agg_results.csv")
     step("eval baseline+anchor vcc2026 (all genes)", [*VCELL, "eval", "baseline", "--profile", "vcc2026", "--real",
                                                       work / "real_full.h5ad", "--out", work / "ends26", "--overwrite", *threads,
                                                       *seed], work / "ends26")
@@ -295,11 +298,11 @@ def peer_steps(o, work: Path) -> list[dict]:
         return rows
     ctrl = work / "prep_with_controls.h5ad"
     if not ctrl.exists():
-        measure("prediction + controls for cell-eval2", _with_controls(work, work / "prep.h5ad", work / "real_counts.h5ad", ctrl), work)
+        measure("prediction + controls for cell-eval2", _with_controls(work, work / "prep.h5ad", work / "real_full.h5ad", ctrl), work)
     evals = [
         ("eval run vcc (model genes)", [ce, "run", "-ap", work / "pred.h5ad", "-ar", work / "real_pp.h5ad", "--profile", "vcc",
                                         "-o", work / "ce_eval25", *cev], "cell-eval 0.8.2"),
-        ("eval run vcc2026 (model genes)", [ce2, "run", "-ap", ctrl, "-ar", work / "real_counts.h5ad", "-o", work / "ce2_eval26",
+        ("eval run vcc2026 (all genes)", [ce2, "run", "-ap", ctrl, "-ar", work / "real_full.h5ad", "-o", work / "ce2_eval26",
                                             *ce2v], "cell-eval2 0.20.0"),
         ("eval baseline vcc2026 (all genes)", [ce2, "baseline", "-ar", work / "real_full.h5ad", "-o", work / "ce2_base26", *ce2v],
          "cell-eval2 0.20.0"),

@@ -104,8 +104,10 @@ class GeneFill:
         return pos
 
     def require_cells(self, names) -> None:
-        """A one-line error unless every cell in ``names`` (the context's control cells) is in the file."""
-        self._raw_rows(np.asarray([str(n) for n in names], dtype=str))
+        """A one-line error unless every cell in ``names`` (the context's control cells) is in the file
+        and holds raw counts (the first cells are read), so nothing is predicted in vain."""
+        rows = self._raw_rows(np.asarray([str(n) for n in names], dtype=str))
+        self._read(np.sort(rows[:64]))
 
     def _read(self, rows: np.ndarray) -> np.ndarray:
         block = self.rows.read(rows)
