@@ -726,3 +726,31 @@ def test_prep_2026(tiny, tmp_path):
     assert proc.returncode == 2, (words, proc.stderr[-1500:])
     assert words in error_line(proc), (words, error_line(proc))
     assert not target.exists()
+
+
+def test_prep_2026_reads_and_writes_a_block_of_cells_at_a_time(tiny, tmp_path, monkeypatch):
+    """Blocks of 4 cells (a full-size submission is ~4 GB as CSR): the file written is the whole
+    prediction, genes reordered; a bad value in a later block names the file's row, nothing written."""
+    import vcell.eval.vcc2026.submission as submission
+    from vcell.errors import VcellError
+
+    monkeypatch.setattr(submission, "CHUNK_CELLS", 4)
+    d, files = tiny
+    src = ad.read_h5ad(files["pred"])
+    genes = list(src.var_names)
+    (tmp_path / "genes.csv").write_text("\n".join(genes) + "\n")
+    X = src.X.toarray()
+    assert X.shape[0] > 3 * 4
+    shuffled = _write(tmp_path / "shuffled.h5ad", X[:, ::-1], src.obs[PERT_COL], genes[::-1], obs={"ctx": "c1"})
+    out = submission.prepare_submission_2026(shuffled, tmp_path / "sub.h5ad", genes=tmp_path / "genes.csv", context_col="ctx")
+    sub = ad.read_h5ad(out)
+    assert list(sub.var_names) == genes and sub.X.dtype == np.float32
+    np.testing.assert_array_equal(sub.X.toarray(), X)
+    assert list(sub.obs["target_gene"].astype(str)) == list(src.obs[PERT_COL].astype(str)) and set(sub.obs["ctx"]) == {"c1"}
+    assert sub.uns["vcell"]["prepared_for"] == "vcc2026"
+    bad = X.copy()
+    bad[13, 2] = 0.5  # in the fourth block
+    path = _write(tmp_path / "late.h5ad", bad, src.obs[PERT_COL], genes)
+    with pytest.raises(VcellError, match=rf"late\.h5ad: value 0\.5 at cell 13 \('{src.obs[PERT_COL].astype(str).iloc[13]}'\), gene '{genes[2]}'"):
+        submission.prepare_submission_2026(path, tmp_path / "late_out.h5ad", genes=tmp_path / "genes.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["genes.csv", "late.h5ad", "shuffled.h5ad", "sub.h5ad"]

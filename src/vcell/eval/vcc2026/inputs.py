@@ -86,11 +86,12 @@ def _totals(X: sp.csr_matrix) -> tuple[np.ndarray, int]:
     return out, (min(found) if found else -1)
 
 
-def check_counts(cells: CountsCells, max_per_cell: float = MAX_COUNTS_PER_CELL) -> None:
+def check_counts(cells: CountsCells, max_per_cell: float = MAX_COUNTS_PER_CELL, first_row: int = 0) -> None:
     """Stop at the first value that is not a raw count, or a cell above ``max_per_cell``.
 
     The values were scanned when ``cells`` was made (with its row totals); cells made from
-    another's totals inherit that check.
+    another's totals inherit that check. ``first_row``: the file row of ``cells``' first row
+    (cells read a block at a time), so that errors name the file's row.
 
     Raises
     ------
@@ -101,16 +102,16 @@ def check_counts(cells: CountsCells, max_per_cell: float = MAX_COUNTS_PER_CELL) 
         row, col, value = cells.bad
         gene = cells.genes[col]
         what = "not finite" if not np.isfinite(value) else "negative" if value < 0 else "not an integer"
-        hint = " (log-normalised values? the vcc2026 profile needs raw counts)" if what == "not an integer" else ""
+        hint = " (log-normalised values?)" if what == "not an integer" else ""
         raise VcellError(
-            f"{cells.where}: value {value!r} at cell {row} ({cells.labels[row]!r}), gene {gene!r} is {what}; "
+            f"{cells.where}: value {float(value)!r} at cell {row + first_row} ({cells.labels[row]!r}), gene {gene!r} is {what}; "
             f"the vcc2026 profile scores raw counts{hint}"
         )
     over = np.flatnonzero(cells.totals > max_per_cell)
     if over.size:
         row = int(over[0])
         raise VcellError(
-            f"{cells.where}: cell {row} ({cells.labels[row]!r}) holds {cells.totals[row]:,.0f} counts, more than "
+            f"{cells.where}: cell {row + first_row} ({cells.labels[row]!r}) holds {cells.totals[row]:,.0f} counts, more than "
             f"the {max_per_cell:,.0f} allowed per cell ({over.size} such cell(s))"
         )
 
