@@ -5,6 +5,7 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader
 
@@ -113,11 +114,16 @@ def test_h5_rows_match_memory(tmp_path, pap, mcf):
         rows[5:20] = np.arange(100, 115)  # a run of consecutive rows
         h5 = H5Rows(path)
         np.testing.assert_array_equal(h5.read(rows), MemoryRows(mem.X).read(rows))
+        csr = h5.read_csr(rows)  # the same rows without a dense block
+        assert sp.issparse(csr) and csr.format == "csr" and csr.dtype == np.float32
+        np.testing.assert_array_equal(csr.toarray(), MemoryRows(mem.X).read(rows))
+        np.testing.assert_array_equal(h5.read_csr(np.sort(np.unique(rows))).toarray(), MemoryRows(mem.X).read(np.sort(np.unique(rows))))
     dense = ad.read_h5ad(pap.path)[:500].copy()
     dense.X = dense.X.toarray()
     dense.write_h5ad(tmp_path / "dense.h5ad")
     rows = rng.integers(0, 500, 100)
     np.testing.assert_array_equal(H5Rows(tmp_path / "dense.h5ad").read(rows), dense.X[rows].astype(np.float32))
+    np.testing.assert_array_equal(H5Rows(tmp_path / "dense.h5ad").read_csr(rows).toarray(), dense.X[rows].astype(np.float32))
     with pytest.raises(VcellError, match="no matrix at 'layers/counts'"):
         H5Rows(pap.path, "layers/counts")
 

@@ -218,6 +218,28 @@ class H5Rows:
             raise VcellError(f"{self.path}:{self.key}: a CSR column index is out of range (corrupt file)")
         return out
 
+    def read_csr(self, rows: np.ndarray) -> sp.csr_matrix:
+        """``rows`` (any order, repeats allowed) as a CSR matrix of the stored values: no dense
+        block, for wide rows of which few values are stored (e.g. every gene's raw counts)."""
+        rows = _check_rows(rows, self.shape[0], f"{self.path}:{self.key}")
+        self._open()
+        if self._ext is None or not self.sparse:
+            return sp.csr_matrix(self.read(rows))
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        lo, hi = self._indptr[uniq], self._indptr[uniq + 1]
+        lengths = hi - lo
+        if uniq.size and (lengths.min() < 0 or lo.min() < 0 or hi.max() > self._indptr[-1]):
+            raise VcellError(f"{self.path}:{self.key}: corrupt CSR indptr near row {int(uniq[np.argmin(lengths)])}")
+        at = np.concatenate([[0], np.cumsum(lengths)])
+        ext_d, ext_i = self._ext["data"], self._ext["indices"]
+        data, indices = np.empty(int(at[-1]), dtype=ext_d.dtype), np.empty(int(at[-1]), dtype=ext_i.dtype)
+        self._pread(ext_d, lo, hi, data, at[:-1] * ext_d.itemsize)
+        self._pread(ext_i, lo, hi, indices, at[:-1] * ext_i.itemsize)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.shape[1]):
+            raise VcellError(f"{self.path}:{self.key}: a CSR column index is out of range (corrupt file)")
+        block = sp.csr_matrix((data.astype(np.float32, copy=False), indices, at), shape=(uniq.size, self.shape[1]))
+        return block if uniq.size == rows.size and (inverse == np.arange(rows.size)).all() else block[inverse]
+
     def _pread(self, ext, starts, stops, out, dst) -> None:
         if not h5direct.read_ranges(self._fd, ext, starts, stops, out, dst):
             raise VcellError(f"{self.path}: the file ended before the rows it lists; it changed or is truncated")

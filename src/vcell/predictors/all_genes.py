@@ -18,8 +18,9 @@ names), so the genes the model knows nothing about are predicted unchanged from 
   are the values the preprocessed file would have held for them; the model's genes are the
   model's. The real control rows appended to a log1p prediction are widened the same way.
 
-Genes are written in the raw file's order. Rows are read ``BLOCK_CELLS`` at a time, straight from
-the file (:class:`~vcell.data.rows.H5Rows`): memory does not grow with the file.
+Genes are written in the raw file's order. Rows are read ``BLOCK_CELLS`` at a time as CSR, straight
+from the file (:meth:`~vcell.data.rows.H5Rows.read_csr`; no dense block of every gene): memory does
+not grow with the file.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from vcell.errors import VcellError, preview
 
 __all__ = ["GeneFill"]
 
-#: Cells widened at a time (a dense block of every gene: ~75 MB at 18,533 genes).
-BLOCK_CELLS = 1024
+#: Cells widened at a time.
+BLOCK_CELLS = 2048
 
 
 class GeneFill:
@@ -109,13 +110,15 @@ class GeneFill:
         rows = self._raw_rows(np.asarray([str(n) for n in names], dtype=str))
         self._read(np.sort(rows[:64]))
 
-    def _read(self, rows: np.ndarray) -> np.ndarray:
-        block = self.rows.read(rows)
-        bad = (block < 0) | (block != np.rint(block))
+    def _read(self, rows: np.ndarray) -> sp.csr_matrix:
+        block = self.rows.read_csr(rows)
+        d = block.data
+        bad = ~np.isfinite(d) | (d < 0) | (d != np.rint(d))
         if bad.any():
-            i, j = np.argwhere(bad)[0]
+            k = int(np.argmax(bad))
+            i, j = int(np.searchsorted(block.indptr, k, side="right") - 1), int(block.indices[k])
             raise VcellError(f"{self.path}: X is not raw counts (cell {self.obs_names[rows[i]]!r}, gene {self.var_names[j]!r}: "
-                             f"{float(block[i, j])!r}); the other genes are taken from raw counts")
+                             f"{float(d[k])!r}); the other genes are taken from raw counts")
         return block
 
     def sources(self, piece: ad.AnnData, control_col: str) -> np.ndarray:
@@ -136,23 +139,28 @@ class GeneFill:
         """
         rows = self._raw_rows(names)
         X = piece.X.tocsr() if sp.issparse(piece.X) else sp.csr_matrix(piece.X)
+        n_genes = len(self.var_names)
         blocks, frames = [], []
         for s in range(0, len(rows), BLOCK_CELLS):
             raw = self._read(rows[s:s + BLOCK_CELLS])
+            total = np.asarray(raw.sum(axis=1), dtype=np.float64).ravel()
+            other = _keep_columns(raw, self.other)
             if draw is None:
-                model = X[s:s + BLOCK_CELLS].toarray()
-                out = log1p_normalize(raw, raw.sum(axis=1, dtype=np.float64), self.target_sum)
+                model = sp.csr_matrix(X[s:s + BLOCK_CELLS], dtype=np.float32)
+                other = log1p_normalize(other, total, self.target_sum)
             else:
-                totals = raw.sum(axis=1, dtype=np.float64), raw[:, self.model_cols].sum(axis=1, dtype=np.float64)
-                drawn = draw.convert(piece[s:s + BLOCK_CELLS], sizes=self.model_sizes(totals[1], totals[0]))
+                rest = np.asarray(other.sum(axis=1), dtype=np.float64).ravel()
+                drawn = draw.convert(piece[s:s + BLOCK_CELLS], sizes=self.model_sizes(total - rest, total))
                 frames.append(drawn.obs)
-                model = drawn.X.toarray()
-                out = raw if self.depth == "controls" else self._thin(raw, model.sum(axis=1))
-            out[:, self.model_cols] = model
-            part = sp.csr_matrix(out, dtype=np.float32)
+                model = drawn.X
+                if self.depth != "controls":
+                    other = self._thin(other, rest, np.asarray(model.sum(axis=1)).ravel())
+            model = sp.csr_matrix((model.data, self.model_cols[model.indices], model.indptr), shape=(model.shape[0], n_genes))
+            part = sp.csr_matrix(other + model, dtype=np.float32)
+            part.sort_indices()
             part.eliminate_zeros()
             blocks.append(part)
-        X = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(self.var_names)), dtype=np.float32)
+        X = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, n_genes), dtype=np.float32)
         obs = pd.concat(frames) if frames else piece.obs
         out = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=self.var_names.copy()))
         out.uns["vcell"] = {**dict(piece.uns.get("vcell", {})), **(draw.meta if draw is not None else {}), **self.meta}
@@ -165,12 +173,21 @@ class GeneFill:
         share = np.divide(m, t, out=np.ones_like(m), where=t > 0)
         return np.rint(self.depth * share).astype(np.int64)
 
-    def _thin(self, raw: np.ndarray, drawn: np.ndarray) -> np.ndarray:
+    def _thin(self, other: sp.csr_matrix, left: np.ndarray, drawn: np.ndarray) -> sp.csr_matrix:
         """The other genes of a fixed-depth cell: ``D - drawn`` counts from the control's composition over them."""
-        other = np.where(self.other[None, :], raw.astype(np.float64), 0.0)
-        left = other.sum(axis=1)
         n = np.maximum(self.depth - np.rint(drawn).astype(np.int64), 0)
-        n[left <= 0] = 0
-        p = np.divide(other, left[:, None], out=np.zeros_like(other), where=left[:, None] > 0)
-        p[left <= 0, 0] = 1.0  # any valid composition: nothing is drawn from it
-        return self._rng.multinomial(n, p).astype(np.float32)
+        data = np.zeros(other.nnz, dtype=np.float32)
+        ptr = other.indptr
+        for i in np.flatnonzero((n > 0) & (left > 0)):
+            a, b = ptr[i], ptr[i + 1]
+            values = other.data[a:b].astype(np.float64)
+            data[a:b] = self._rng.multinomial(n[i], values / values.sum())
+        return sp.csr_matrix((data, other.indices, ptr), shape=other.shape)
+
+
+def _keep_columns(X: sp.csr_matrix, keep: np.ndarray) -> sp.csr_matrix:
+    """``X`` with the stored values of columns where ``keep`` is False dropped (same shape)."""
+    mask = keep[X.indices]
+    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[mask], minlength=X.shape[0]))])
+    return sp.csr_matrix((X.data[mask], X.indices[mask], indptr), shape=X.shape)
