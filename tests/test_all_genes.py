@@ -140,3 +140,13 @@ def test_refusals_name_the_gene_the_cell_or_the_missing_piece(world):
     bare = ad.AnnData(X=data.adata.X.copy(), obs=data.adata.obs.copy(), var=data.adata.var.copy())
     with pytest.raises(VcellError, match=r"needs the preprocessing's target_sum"):
         predict_context(models["pert_mean"], from_anndata(bare), "ctx_B", all_genes=path)
+
+
+def test_a_dense_raw_file_gives_the_same_cells(world):
+    tmp, raw, data, models, genes, counts = world
+    dense = raw.copy()
+    dense.X = dense.X.toarray()
+    dense.write_h5ad(tmp / "dense.h5ad")
+    a = predict_context(models["pert_mean"], data, "ctx_B", output="counts", seed=2, all_genes=tmp / "raw.h5ad")
+    b = predict_context(models["pert_mean"], data, "ctx_B", output="counts", seed=2, all_genes=tmp / "dense.h5ad")
+    np.testing.assert_array_equal(_dense(a.X), _dense(b.X))
