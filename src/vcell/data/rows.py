@@ -204,17 +204,9 @@ class H5Rows:
             out = np.empty((rows.size, n_cols), dtype=np.float32)
             out[order] = buf
             return out
-        lo, hi = self._indptr[srt], self._indptr[srt + 1]
-        lengths = hi - lo
-        if rows.size and (lengths.min() < 0 or lo.min() < 0 or hi.max() > self._indptr[-1]):
-            raise VcellError(f"{self.path}:{self.key}: corrupt CSR indptr near row {int(srt[np.argmin(lengths)])}")
-        at = np.concatenate([[0], np.cumsum(lengths)])
-        ext_d, ext_i = self._ext["data"], self._ext["indices"]
-        data, indices = np.empty(int(at[-1]), dtype=ext_d.dtype), np.empty(int(at[-1]), dtype=ext_i.dtype)
-        self._pread(ext_d, lo, hi, data, at[:-1] * ext_d.itemsize)
-        self._pread(ext_i, lo, hi, indices, at[:-1] * ext_i.itemsize)
+        data, indices, at = self._csr_parts(srt)
         out = np.zeros((rows.size, n_cols), dtype=np.float32)
-        if h5direct.scatter_csr(data, indices, lengths, order, out) != 0:
+        if h5direct.scatter_csr(data, indices, np.diff(at), order, out) != 0:
             raise VcellError(f"{self.path}:{self.key}: a CSR column index is out of range (corrupt file)")
         return out
 
@@ -226,19 +218,24 @@ class H5Rows:
         if self._ext is None or not self.sparse:
             return sp.csr_matrix(self.read(rows))
         uniq, inverse = np.unique(rows, return_inverse=True)
-        lo, hi = self._indptr[uniq], self._indptr[uniq + 1]
+        data, indices, at = self._csr_parts(uniq)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.shape[1]):
+            raise VcellError(f"{self.path}:{self.key}: a CSR column index is out of range (corrupt file)")
+        block = sp.csr_matrix((data.astype(np.float32, copy=False), indices, at), shape=(uniq.size, self.shape[1]))
+        return block if uniq.size == rows.size and (inverse == np.arange(rows.size)).all() else block[inverse]
+
+    def _csr_parts(self, srt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stored values, column indices and row pointers of the sorted rows ``srt``, one pread per run."""
+        lo, hi = self._indptr[srt], self._indptr[srt + 1]
         lengths = hi - lo
-        if uniq.size and (lengths.min() < 0 or lo.min() < 0 or hi.max() > self._indptr[-1]):
-            raise VcellError(f"{self.path}:{self.key}: corrupt CSR indptr near row {int(uniq[np.argmin(lengths)])}")
+        if srt.size and (lengths.min() < 0 or lo.min() < 0 or hi.max() > self._indptr[-1]):
+            raise VcellError(f"{self.path}:{self.key}: corrupt CSR indptr near row {int(srt[np.argmin(lengths)])}")
         at = np.concatenate([[0], np.cumsum(lengths)])
         ext_d, ext_i = self._ext["data"], self._ext["indices"]
         data, indices = np.empty(int(at[-1]), dtype=ext_d.dtype), np.empty(int(at[-1]), dtype=ext_i.dtype)
         self._pread(ext_d, lo, hi, data, at[:-1] * ext_d.itemsize)
         self._pread(ext_i, lo, hi, indices, at[:-1] * ext_i.itemsize)
-        if indices.size and (indices.min() < 0 or indices.max() >= self.shape[1]):
-            raise VcellError(f"{self.path}:{self.key}: a CSR column index is out of range (corrupt file)")
-        block = sp.csr_matrix((data.astype(np.float32, copy=False), indices, at), shape=(uniq.size, self.shape[1]))
-        return block if uniq.size == rows.size and (inverse == np.arange(rows.size)).all() else block[inverse]
+        return data, indices, at
 
     def _pread(self, ext, starts, stops, out, dst) -> None:
         if not h5direct.read_ranges(self._fd, ext, starts, stops, out, dst):
