@@ -123,6 +123,9 @@ def test_refusals_name_the_gene_the_cell_or_the_missing_piece(world):
         predict_context(models["cell_mean"], data, "ctx_B", output="counts", all_genes=path)
     with pytest.raises(VcellError, match=r"no_such\.h5ad: no such file"):
         predict_context(models["pert_mean"], data, "ctx_B", output="counts", all_genes=tmp / "no_such.h5ad")
+    (tmp / "broken.h5ad").write_text("not an h5ad file")
+    with pytest.raises(VcellError, match=r"broken\.h5ad: unreadable file"):
+        predict_context(models["pert_mean"], data, "ctx_B", output="counts", all_genes=tmp / "broken.h5ad")
     fewer = raw[:, [g for g in raw.var_names if g != genes[3]]].copy()
     fewer.write_h5ad(tmp / "fewer.h5ad")
     with pytest.raises(VcellError, match=rf"fewer\.h5ad: 1 of the model's genes are not in this file \('{genes[3]}'\)"):

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from vcell.data.io import read_h5ad
 from vcell.data.normalize import log1p_normalize
 from vcell.data.rows import H5Rows
 from vcell.errors import VcellError, preview
@@ -69,7 +70,7 @@ class GeneFill:
         self.path = Path(raw)
         if not self.path.is_file():
             raise VcellError(f"{self.path}: no such file (the raw-count file to take the other genes from)")
-        meta = ad.read_h5ad(self.path, backed="r")
+        meta = read_h5ad(self.path, backed=True)  # an unreadable file is one error line
         try:
             self.var_names = pd.Index(meta.var_names.astype(str))
             self.obs_names = pd.Index(meta.obs_names.astype(str))
