@@ -209,3 +209,22 @@ def test_a_perturbation_starts_from_the_same_controls_whatever_is_predicted_with
     assert both.obs[CONTROL_CELL_COL].to_numpy()[first].tolist() == alone.obs[CONTROL_CELL_COL].to_numpy()[:8].tolist()
     other = predict_context(models["pert_mean"], data, "ctx_B", perts[1:2], cells_per_perturbation=8, seed=6)
     assert alone.obs[CONTROL_CELL_COL].tolist()[:8] != other.obs[CONTROL_CELL_COL].tolist()[:8]  # the seed matters
+
+
+@pytest.mark.parametrize(("model", "output"), [("pert_mean", "log1p"), ("pert_mean", "counts"), ("cell_mean", "counts")])
+def test_a_backed_file_gives_the_prediction_of_the_data_in_memory(world, tmp_path, monkeypatch, model, output):
+    """From a backed file only the controls' ``X`` rows are read and the counts layer is summed as it
+    is read (a few cells at a time): the same cells, counts and library-size record as in memory."""
+    from vcell.data.dataset import load_dataset
+    from vcell.predictors import predict as predict_mod
+    from vcell.predictors.predict import write_prediction
+
+    data, models, _ = world
+    whole = predict_context(models[model], data, "ctx_B", output=output, seed=4)
+    path = write_h5ad(data.adata, tmp_path / "data.h5ad")
+    backed = load_dataset(path, data.spec, backed=True)
+    assert backed.backed
+    monkeypatch.setattr(predict_mod, "CHUNK_CELLS", 7)  # library sizes summed 7 control cells at a time
+    meta = write_prediction(tmp_path / "pred.h5ad", models[model], backed, "ctx_B", output=output, seed=4, piece_cells=9)
+    assert meta.uns["vcell"] == whole.uns["vcell"]
+    _same_prediction(read_h5ad(tmp_path / "pred.h5ad"), whole)

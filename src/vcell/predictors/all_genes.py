@@ -94,6 +94,7 @@ class GeneFill:
         self.other[self.model_cols] = False
         self.output, self.target_sum, self.depth = output, target_sum, depth
         self.rows = H5Rows(self.path)
+        self._rows: np.ndarray | None = None  # file rows of obs_names once narrowed to the controls (require_cells)
         self._rng = np.random.default_rng([int(seed), 0x9E3779B9])  # not the model-gene draw's stream
         self.meta = {"genes": f"all {len(self.var_names)} genes of {self.path.name}: {len(genes)} predicted by the model, "
                               "the others from each cell's control cell", "genes_source": str(self.path)}
@@ -103,13 +104,19 @@ class GeneFill:
         if (pos < 0).any():
             raise VcellError(f"{self.path}: control cell {str(names[np.flatnonzero(pos < 0)[0]])!r} is not in this file "
                              "(the raw-count file the model's data was preprocessed from holds every control cell under the same name)")
-        return pos
+        return pos if self._rows is None else self._rows[pos]
 
     def require_cells(self, names) -> None:
         """A one-line error unless every cell in ``names`` (the context's control cells) is in the file
-        and holds raw counts (the first cells are read), so nothing is predicted in vain."""
-        rows = self._raw_rows(np.asarray([str(n) for n in names], dtype=str))
+        and holds raw counts (the first cells are read), so nothing is predicted in vain.
+
+        From then on only these cells are looked up: the file's other cell names are dropped (a
+        300,000-cell file's names and their hash table are tens of MB).
+        """
+        names = np.asarray([str(n) for n in names], dtype=str)
+        rows = self._raw_rows(names)
         self._read(np.sort(rows[:64]))
+        self.obs_names, self._rows = pd.Index(names), rows
 
     def _read(self, rows: np.ndarray) -> sp.csr_matrix:
         block = self.rows.read_csr(rows)
@@ -118,7 +125,8 @@ class GeneFill:
         if bad.any():
             k = int(np.argmax(bad))
             i, j = int(np.searchsorted(block.indptr, k, side="right") - 1), int(block.indices[k])
-            raise VcellError(f"{self.path}: X is not raw counts (cell {self.obs_names[rows[i]]!r}, gene {self.var_names[j]!r}: "
+            at = rows[i] if self._rows is None else int(np.flatnonzero(self._rows == rows[i])[0])
+            raise VcellError(f"{self.path}: X is not raw counts (cell {self.obs_names[at]!r}, gene {self.var_names[j]!r}: "
                              f"{float(d[k])!r}); the other genes are taken from raw counts")
         return block
 

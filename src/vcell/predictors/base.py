@@ -21,6 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcell.data.dataset import PerturbationData
+from vcell.data.rows import MemoryRows
 from vcell.data.spec import DataSpec
 from vcell.data.splits import Split
 from vcell.errors import VcellError
@@ -163,11 +164,6 @@ def cell_count(cells_per_perturbation: int | Mapping[str, int], perturbation: st
     return int(cells_per_perturbation)
 
 
-def dense(X) -> np.ndarray:
-    """``X`` (sparse or dense) as a dense float32 array."""
-    return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
-
-
 def _require_controls(controls: ad.AnnData, context: str) -> None:
     if controls.n_obs == 0:
         raise VcellError(f"context {context!r} has no control cells to predict from")
@@ -207,10 +203,10 @@ def shifted_cells(
 ) -> dict[str, np.ndarray]:
     """``{perturbation: cells}``: control cells drawn with ``seed`` (:func:`control_draws`) plus the
     perturbation's shift, clipped at 0."""
-    basal = dense(controls.X)
+    basal = MemoryRows(controls.X)  # each perturbation's rows made dense, never all the controls at once
     cells = {}
     for i, (pert, rows) in enumerate(zip(perturbations, control_draws(controls.n_obs, perturbations, cells_per_perturbation, seed))):
-        cells[pert] = np.clip(basal[rows] + shifts[i][None, :].astype(np.float32), 0, None)
+        cells[pert] = np.clip(basal.read(rows) + shifts[i][None, :].astype(np.float32), 0, None)
     return cells
 
 

@@ -220,11 +220,13 @@ class CountsDraw:
         Set when the caller passes each piece's library sizes to :meth:`convert` (e.g.
         :class:`~vcell.predictors.all_genes.GeneFill`): says where they come from; ``controls``
         is then not read.
+    totals_source
+        When ``controls`` is a Series of library sizes: where they were read (recorded in ``uns``).
     """
 
     def __init__(self, controls: ad.AnnData | pd.Series | None, n_cells: int, *, depth: int | str = "controls", seed: int = 0,
                  pert_col: str = "target_gene", control: str = "non-targeting", model_space: str = "log1p", genes=None,
-                 sizes_from: str | None = None):
+                 sizes_from: str | None = None, totals_source: str = "library sizes given"):
         self.depth = parse_depth(depth)
         if model_space != "log1p":
             raise VcellError(f"model space {model_space!r}: counts are drawn from log1p predictions only")
@@ -242,7 +244,7 @@ class CountsDraw:
             if controls is None:
                 raise VcellError("depth 'controls' needs the context's control cells (their raw counts); or give a whole-number depth")
             if isinstance(controls, pd.Series):
-                source = "library sizes given"
+                source = totals_source
                 self.totals = _check_sizes(controls.set_axis(controls.index.astype(str)), source, "the library sizes")
             else:
                 self.totals, source = control_library_sizes(controls, genes)

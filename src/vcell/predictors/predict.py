@@ -17,19 +17,23 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from vcell._heap import release_freed_heap
 from vcell.data.dataset import PerturbationData
 from vcell.data.h5write import H5adWriter
 from vcell.data.io import atomic_path
+from vcell.data.rows import H5Rows
 from vcell.data.spec import DataSpec
 from vcell.errors import VcellError, did_you_mean, preview
 from vcell.predictors.all_genes import GeneFill
 from vcell.predictors.base import Predictor, _require_controls, assemble_cells, cell_count, control_obs
-from vcell.predictors.counts import CONTROL_CELL_COL, CountsDraw, library_source, parse_depth, parse_output
+from vcell.predictors.counts import CONTROL_CELL_COL, CountsDraw, control_library_sizes, library_source, parse_depth, parse_output
 from vcell.train.display import task
 
 DEFAULT_CELLS = 100
 #: Predicted cells :func:`write_prediction` holds at a time (about 160 MB at 2,000 genes).
 PIECE_CELLS = 20_000
+#: Control cells whose counts are summed at a time (library sizes from a backed file).
+CHUNK_CELLS = 4096
 
 
 def predict_context(
@@ -129,6 +133,7 @@ def write_prediction(
                 writer.append(X=piece.X)
                 obs.append(piece.obs)
                 var = piece.var_names
+                del piece  # freed before the next piece is predicted
             frame = job.obs(obs)
             writer.finish(frame, pd.DataFrame(index=var.copy()), {"vcell": job.uns})
         finally:
@@ -162,10 +167,11 @@ class _Job:
             sizes = cells_per_perturbation
         if isinstance(sizes, int) and sizes < 1:
             raise VcellError(f"cells per perturbation must be >= 1, got {sizes}")
-        controls = data.adata[controls_mask]
-        controls = controls.to_memory() if data.adata.isbacked else controls.copy()  # only the controls are read
+        release_freed_heap()  # what loading and validating the data freed: not part of what prediction holds
+        controls = _control_cells(data, controls_mask)
         _require_controls(controls, context)
         self.prepared = predictor.prepare_controls(controls)
+        del controls  # the prepared copy is the one kept (when the genes were reordered, a second one)
         self.fill = None
         if all_genes is not None:
             if predictor.source_controls(self.prepared.n_obs, [str(p) for p in perts[:1]], 1, seed) is None:
@@ -175,13 +181,17 @@ class _Job:
             target_sum = meta.get("target_sum") if isinstance(meta, Mapping) else None
             self.fill = GeneFill(all_genes, self.prepared.var_names, output, target_sum=target_sum, depth=depth, seed=seed)
             self.fill.require_cells(self.prepared.obs_names)
+            release_freed_heap()  # what reading the raw file's annotations freed
             if piece_cells:  # a piece's cells now hold every gene: fewer of them, the same bytes
                 piece_cells = max(1, piece_cells * self.prepared.n_vars // len(self.fill.var_names))
-        elif output == "counts" and depth == "controls" and library_source(controls) is None:
-            raise VcellError(f"{where}: context {context!r}: no raw counts to take the control cells' library sizes from "
-                             "(no layers['counts'], no obs total-count column): give a fixed depth (--depth 20000, depth=20000)")
+        self.totals = None
+        if output == "counts" and depth == "controls" and all_genes is None:
+            if library_source(data.adata) is None:
+                raise VcellError(f"{where}: context {context!r}: no raw counts to take the control cells' library sizes from "
+                                 "(no layers['counts'], no obs total-count column): give a fixed depth (--depth 20000, depth=20000)")
+            self.totals = _control_totals(data, controls_mask, self.prepared.var_names, where)
         self.predictor, self.spec, self.context, self.seed = predictor, spec, context, seed
-        self.perts, self.sizes, self.controls, self.output = [str(p) for p in perts], sizes, controls, output
+        self.perts, self.sizes, self.output = [str(p) for p in perts], sizes, output
         self.piece_cells = piece_cells
         space = getattr(predictor, "space", "log1p")
         self.uns = {"expression": space, "output": space, "model_space": space, "seed": int(seed)}
@@ -206,36 +216,47 @@ class _Job:
 
     def pieces(self):
         """The output's rows, piece by piece (AnnData with X and obs): the predicted cells, then (log1p) the controls."""
-        predictor, spec, prepared, fill = self.predictor, self.spec, self.prepared, self.fill
+        spec, prepared, fill = self.spec, self.prepared, self.fill
         if self.output == "counts":
             n_cells = sum(cell_count(self.sizes, p) for p in self.perts)
-            self.draw = CountsDraw(self.controls, n_cells, depth=self.depth, seed=self.seed, pert_col=spec.pert_col,
+            totals, source = self.totals if self.totals is not None else (None, "")
+            self.draw = CountsDraw(totals, n_cells, totals_source=source, depth=self.depth, seed=self.seed, pert_col=spec.pert_col,
                                    control=spec.control, model_space=self.space, genes=prepared.var_names,
                                    sizes_from=None if fill is None else f"{fill.path.name}: the control cell's raw counts")
         first = 0
         with task(f"predicting {self.context}", len(self.perts), "perturbations") if len(self._groups()) > 1 else nullcontext() as line:
             for group in self._groups():
-                cells = predictor.predict_cells(prepared, group, self.context, self.sizes, self.seed)
-                piece = assemble_cells(predictor._spec, prepared.var_names, self.context, cells, first)
-                first += piece.n_obs
-                sources = predictor.source_controls(prepared.n_obs, group, self.sizes, self.seed)
-                _name_sources(piece, sources, prepared.obs_names)
-                piece = _relabel(piece, predictor.spec, spec)
-                piece.uns["vcell"] = dict(self.uns)
-                if fill is not None:
-                    yield fill.widen(piece, fill.sources(piece, CONTROL_CELL_COL), self.draw)
-                else:
-                    yield self.draw.convert(piece) if self.draw is not None else piece
+                # yielded without a local name: a piece is freed as soon as the caller has written it,
+                # before the next one is predicted
+                yield self._piece(group, first)
+                first += sum(cell_count(self.sizes, p) for p in group)
                 if line is not None:
                     line.advance(len(group))
-        if self.output != "counts":
-            ctrl = ad.AnnData(X=_csr(prepared.X), obs=control_obs(spec, prepared.obs_names, self.context),
-                              var=pd.DataFrame(index=prepared.var_names.copy()))
-            yield ctrl if fill is None else fill.widen(ctrl, fill.sources(ctrl, CONTROL_CELL_COL))
+        if self.output != "counts":  # the real controls, in pieces of the predicted cells' size
+            step = self.piece_cells or prepared.n_obs
+            for start in range(0, prepared.n_obs, step):
+                part = prepared[start:start + step]
+                ctrl = ad.AnnData(X=_csr(part.X), obs=control_obs(spec, part.obs_names, self.context),
+                                  var=pd.DataFrame(index=prepared.var_names.copy()))
+                yield ctrl if fill is None else fill.widen(ctrl, fill.sources(ctrl, CONTROL_CELL_COL))
         if self.draw is not None:
             self.uns = {**self.uns, **self.draw.meta}
         if fill is not None:
             self.uns = {**self.uns, **fill.meta}
+
+    def _piece(self, group: list[str], first: int) -> ad.AnnData:
+        """The predicted cells of the perturbations ``group`` (the first named ``pred{first}``), as written."""
+        predictor, prepared, fill = self.predictor, self.prepared, self.fill
+        cells = predictor.predict_cells(prepared, group, self.context, self.sizes, self.seed)
+        piece = assemble_cells(predictor._spec, prepared.var_names, self.context, cells, first)
+        del cells
+        sources = predictor.source_controls(prepared.n_obs, group, self.sizes, self.seed)
+        _name_sources(piece, sources, prepared.obs_names)
+        piece = _relabel(piece, predictor.spec, self.spec)
+        piece.uns["vcell"] = dict(self.uns)
+        if fill is not None:
+            return fill.widen(piece, fill.sources(piece, CONTROL_CELL_COL), self.draw)
+        return self.draw.convert(piece) if self.draw is not None else piece
 
     def obs(self, frames: list[pd.DataFrame]) -> pd.DataFrame:
         """The pieces' obs as one frame, the perturbation column categorical (as one prediction's)."""
@@ -245,6 +266,54 @@ class _Job:
             missing = obs[CONTROL_CELL_COL].isna().to_numpy()
             obs.loc[missing, CONTROL_CELL_COL] = obs.index[missing]
         return obs
+
+
+def _control_cells(data: PerturbationData, mask: np.ndarray) -> ad.AnnData:
+    """The control cells ``mask`` selects, in memory.
+
+    From a backed file only what prediction uses is read: ``X`` as stored (CSR rows straight from
+    the file, :class:`~vcell.data.rows.H5Rows`), obs and obsm; the counts layer is summed where it
+    is read (:func:`_control_totals`). What is held is one copy of the controls' expression
+    (~7 KB a cell at 2,000 genes and 40 % non-zeros), not anndata's read of every slot.
+    """
+    adata = data.adata
+    if not adata.isbacked:
+        return adata[mask].copy()
+    rows = np.flatnonzero(mask)
+    try:
+        reader = H5Rows(adata.filename)
+    except VcellError:  # a layout H5Rows does not stream (CSC): anndata reads it
+        return adata[mask].to_memory()
+    try:
+        X = reader.read_csr(rows) if reader.sparse else reader.read(rows)
+    finally:
+        reader.close()
+    view = adata[mask]
+    return ad.AnnData(X=X, obs=view.obs.copy(), var=view.var.copy(), obsm={k: np.array(v) for k, v in view.obsm.items()},
+                      uns=adata.uns)
+
+
+def _control_totals(data: PerturbationData, mask: np.ndarray, genes: pd.Index, where: str) -> tuple[pd.Series, str]:
+    """The control cells' library sizes over ``genes`` (:func:`~vcell.predictors.counts.control_library_sizes`),
+    a backed file's counts layer read 4,096 cells at a time."""
+    adata = data.adata
+    if not adata.isbacked or library_source(adata) != "layers['counts']":
+        return control_library_sizes(adata[mask], genes, where)
+    rows = np.flatnonzero(mask)
+    try:
+        reader = H5Rows(adata.filename, "layers/counts")
+    except VcellError:
+        return control_library_sizes(adata[mask].to_memory(), genes, where)
+    parts, source = [], None
+    try:
+        for start in range(0, rows.size, CHUNK_CELLS):
+            take = rows[start:start + CHUNK_CELLS]
+            block = ad.AnnData(obs=adata.obs.iloc[take], var=adata.var, layers={"counts": reader.read_csr(take)})
+            totals, source = control_library_sizes(block, genes, where)
+            parts.append(totals)
+    finally:
+        reader.close()
+    return pd.concat(parts), source
 
 
 def _csr(X) -> sp.csr_matrix:

@@ -26,6 +26,7 @@ from vcell._heap import keep_freed_heap
 from vcell.data.cellsets import collate_cell_sets
 from vcell.data.dataset import PerturbationData, obsm_matrix
 from vcell.data.io import atomic_path
+from vcell.data.rows import MemoryRows
 from vcell.data.spec import DataSpec
 from vcell.data.splits import Split
 from vcell.errors import VcellError, preview
@@ -33,7 +34,7 @@ from vcell.features.perturbations import PertFeatures
 from vcell.nn.checkpoint import BEST, LAST, find_checkpoint
 from vcell.nn.precision import autocast, half_dtype
 from vcell.nn.transition import StateTransition, STConfig
-from vcell.predictors.base import Predictor, control_draws, dense
+from vcell.predictors.base import Predictor, control_draws
 from vcell.predictors.fitted_state import ANCHOR, load_fitted, save_fitted
 from vcell.train.display import task
 from vcell.train.options import STTrainOptions, on_cpu
@@ -282,9 +283,10 @@ class STPredictor(Predictor):
         self.check_perturbations(perturbations)
         if controls.n_obs == 0:
             raise VcellError("no control cells to predict from")
-        genes = dense(controls.X)
+        # rows are made dense set by set: the controls stay as stored (CSR), never one dense copy of all
+        genes = MemoryRows(controls.X)
         key = self.embed_key
-        basal = genes if key is None else self.control_embeddings(controls)
+        basal = genes if key is None else MemoryRows(self.control_embeddings(controls))
         feats = self.features.encode([str(p) for p in perturbations], self.meta["control"])
         if self.model_config.n_batches:
             log.warning("st: the model has a batch embedding; predicting without batch information")
@@ -306,7 +308,7 @@ class STPredictor(Predictor):
         order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][1]))
         # each set's cells go straight to their rows of their perturbation's output (no second copy)
         labels = [str(p) for p in perturbations]
-        width = genes.shape[1]
+        width = controls.n_vars
         sizes: dict[str, int] = dict.fromkeys(labels, 0)
         offsets = []
         for i, rows in jobs:
@@ -327,14 +329,14 @@ class STPredictor(Predictor):
                     i, rows = jobs[j]
                     np.clip(pred[k, :len(rows)], 0, None, out=cells[labels[i]][offsets[j]:offsets[j] + len(rows)])
                 line.advance(len(part))
-        return self._anchored(cells, controls, genes, perturbations, context)
+        return self._anchored(cells, controls, perturbations, context)
 
-    def _anchored(self, cells: dict[str, np.ndarray], controls: ad.AnnData, genes: np.ndarray, perturbations, context: str):
+    def _anchored(self, cells: dict[str, np.ndarray], controls: ad.AnnData, perturbations, context: str):
         """``cells`` with each perturbation's mean moved to the effect anchor's (see ``effect_anchor``)."""
         if self.anchor is None:
             return cells
         shifts = self.anchor.predict_shift(controls, [str(p) for p in perturbations], context)
-        basal = genes.mean(axis=0, dtype=np.float64)
+        basal = np.asarray(controls.X.mean(axis=0, dtype=np.float64)).ravel()
         for i, p in enumerate(map(str, perturbations)):
             if len(cells[p]) and p != self.meta["control"]:
                 move = basal + shifts[i] - cells[p].mean(axis=0, dtype=np.float64)
@@ -352,12 +354,12 @@ class STPredictor(Predictor):
         return control_draws(n_controls, [str(p) for p in perturbations], cells_per_perturbation, seed)
 
     @staticmethod
-    def _set_item(job: tuple[int, np.ndarray], basal: np.ndarray, genes: np.ndarray | None) -> dict:
+    def _set_item(job: tuple[int, np.ndarray], basal: MemoryRows, genes: MemoryRows | None) -> dict:
         """One prediction cell set in the training sets' layout (:func:`~vcell.data.cellsets.collate_cell_sets` pads it)."""
         pert, rows = job
-        item = {"basal": torch.from_numpy(basal[rows]), "mask": torch.ones(len(rows), dtype=torch.bool), "pert": torch.tensor(pert)}
+        item = {"basal": torch.from_numpy(basal.read(rows)), "mask": torch.ones(len(rows), dtype=torch.bool), "pert": torch.tensor(pert)}
         if genes is not None:
-            item["basal_genes"] = torch.from_numpy(genes[rows])
+            item["basal_genes"] = torch.from_numpy(genes.read(rows))
         return item
 
     def _inference_model(self, device: torch.device) -> torch.nn.Module:
