@@ -18,7 +18,6 @@ import numpy as np
 
 from vcell.eval._de_kernels import _MEAN_NONE, _gene_tests, _lower_bound, _work_arrays
 
-_NO_SCALE = np.empty(0, np.float64)
 #: Counts below this have their ``log1p(CPM)`` looked up per cell (:func:`log1p_table`): 99 % of
 #: the non-zeros of ~20k-UMI cells; the rest are computed.
 TABLE_COUNTS = 32
@@ -121,8 +120,9 @@ def counts_chunk(
     lo0, hi0 = np.empty(rows0.shape[0], np.int64), np.empty(rows0.shape[0], np.int64)
     lo1, hi1 = np.empty(rows1.shape[0], np.int64), np.empty(rows1.shape[0], np.int64)
     cnt = np.zeros((n_g1, cl), np.int64)  # (group, gene): a group's cells write along one row
+    no_scale = np.empty(0, np.float64)  # made here: a global array is typed read-only, another compilation of each helper
     # the two matrices may differ in dtype: one helper, compiled for each
-    _count_rows(data0, indices0, indptr0, rows0, grp0, j0, j1, keep, cnt, _NO_SCALE, rb0, bi, lo0, hi0)
+    _count_rows(data0, indices0, indptr0, rows0, grp0, j0, j1, keep, cnt, no_scale, rb0, bi, lo0, hi0)
     _count_rows(data1, indices1, indptr1, rows1, grp1, j0, j1, keep, cnt, colscale1, rb1, bi, lo1, hi1)
     gene_ptr = np.zeros(cl + 1, np.int64)
     cur = np.empty((n_g1, cl), np.int64)  # next free slot of each (gene, group) region
@@ -133,7 +133,7 @@ def counts_chunk(
             acc += cnt[q, jl]
         gene_ptr[jl + 1] = acc
     vals = np.empty(gene_ptr[cl], np.float64)
-    nan_seen = _gather_rows(data0, indices0, rows0, grp0, lo0, hi0, div0, inv_n, j0, keep, raw_sums, cpm_sums, vals, cur, _NO_SCALE, table0)
+    nan_seen = _gather_rows(data0, indices0, rows0, grp0, lo0, hi0, div0, inv_n, j0, keep, raw_sums, cpm_sums, vals, cur, no_scale, table0)
     nan_seen |= _gather_rows(data1, indices1, rows1, grp1, lo1, hi1, div1, inv_n, j0, keep, raw_sums, cpm_sums, vals, cur, colscale1, table1)
     accs = np.empty(n_g1, np.float64)
     scale = np.ones(n_g1, np.float64)
@@ -142,7 +142,7 @@ def counts_chunk(
     work, fwork = _work_arrays(rows0.shape[0] + rows1.shape[0], vals)
     gstart = np.empty(n_g1, np.int64)
     gcnt = np.empty(n_g1, np.int64)
-    sid = 0
+    sid = np.int64(0)
     for jl in range(cl):
         if not keep[j0 + jl]:
             continue
