@@ -228,3 +228,16 @@ def test_a_backed_file_gives_the_prediction_of_the_data_in_memory(world, tmp_pat
     meta = write_prediction(tmp_path / "pred.h5ad", models[model], backed, "ctx_B", output=output, seed=4, piece_cells=9)
     assert meta.uns["vcell"] == whole.uns["vcell"]
     _same_prediction(read_h5ad(tmp_path / "pred.h5ad"), whole)
+
+
+def test_counts_written_in_pieces_say_their_library_sizes_once(world, tmp_path, caplog):
+    """One log line for the whole prediction, not one per piece (a full-size one has dozens)."""
+    import logging
+
+    from vcell.predictors.predict import write_prediction
+
+    data, models, _ = world
+    with caplog.at_level(logging.INFO, logger="vcell"):
+        meta = write_prediction(tmp_path / "pred.h5ad", models["pert_mean"], data, "ctx_B", output="counts", seed=3, piece_cells=7)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("counts:")]
+    assert len(lines) == 1 and lines[0].startswith(f"counts: {meta.n_obs} predicted cells, library sizes: each predicted cell's own")

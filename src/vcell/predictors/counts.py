@@ -287,6 +287,7 @@ class CountsDraw:
         else:
             sizes = np.full(len(rows), self.depth, dtype=np.int64)
         counts = sample_counts(pred.X, sizes, self._rng, rows=rows)
+        first = self.done == 0
         self.done += len(rows)
         obs = pred.obs.iloc[rows].copy()
         for col in obs.columns:
@@ -295,7 +296,8 @@ class CountsDraw:
         out = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pred.var_names.copy()))
         base = pred.uns.get("vcell", {})
         out.uns["vcell"] = {**(dict(base) if isinstance(base, Mapping) else {}), **self.meta}
-        log.info("counts: %d predicted cells, library sizes: %s", len(rows),
-                 f"{self.depth:,} each" if self.depth != "controls" and self.sizes_from is None
-                 else f"{self.meta['library_pairing']} ({self.meta['library_source']})")
+        if first:  # once per prediction, not once per piece (a full-size one is written in dozens)
+            log.info("counts: %d predicted cells, library sizes: %s", self.n_cells,
+                     f"{self.depth:,} each" if self.depth != "controls" and self.sizes_from is None
+                     else f"{self.meta['library_pairing']} ({self.meta['library_source']})")
         return out
