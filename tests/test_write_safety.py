@@ -360,6 +360,28 @@ def test_eval_run_killed_mid_write_leaves_nothing_after_a_rerun(ws, tmp_path):
     assert (out / "results.csv").read_text().startswith("perturbation") and (out / "real_de.csv").is_file()
 
 
+def test_a_folder_another_run_is_writing_into_is_refused(ws, tmp_path):
+    """Two runs into one --out would both pass the "already holds" check (their outputs land at the
+    end) and leave a mix; while one holds the folder, the other is one error line, and writes nothing."""
+    import fcntl
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    args = ["eval", "run", "--pred", ws["pred"], "--real", ws["real"], "--profile", "minimal", "--threads", "1", "--out", out]
+    fd = os.open(out, os.O_RDONLY)  # what a running vcell command holds
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = run_cli(*args)
+    finally:
+        os.close(fd)
+    assert busy.returncode == 2, busy.stderr
+    assert error_line(busy) == f"error: {out}: another vcell command is writing into this folder now; wait for it to finish or choose another --out"
+    assert not any(out.iterdir())
+    done = run_cli(*args)  # the lock went with its holder
+    assert done.returncode == 0, done.stderr
+    assert (out / "results.csv").is_file() and not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
 @pytest.mark.parametrize("kind", ["st", "se"])
 def test_a_checkpoint_write_killed_midway_is_cleaned_by_resume(ws, tmp_path, kind):
     run = tmp_path / "run"

@@ -1,4 +1,5 @@
-"""Ctrl-C in commands that write a folder of several outputs: no partial results left under their names.
+"""Commands that write a folder of several outputs: one writer at a time, and no partial results
+left under their names after Ctrl-C.
 
 A single-file output needs nothing here (it is written to a temporary file and renamed, so an
 interrupted write leaves nothing, and :func:`vcell.cli.main` says "interrupted; nothing written").
@@ -7,17 +8,54 @@ interrupted write leaves nothing, and :func:`vcell.cli.main` says "interrupted; 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from vcell.errors import Interrupted
+from vcell.errors import Interrupted, VcellError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no folder lock
+    fcntl = None
+
+
+@contextlib.contextmanager
+def _sole_writer(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the folder ``out`` (created if missing) while the body runs.
+
+    Two runs into one folder would both pass the "already holds" check (their outputs are only
+    renamed into place at the end) and leave a mix of both; the second is refused instead. The
+    lock is the kernel's (``flock`` on the folder itself): no lock file, and it goes with the
+    process however that ends. A folder made here and left empty is removed.
+    """
+    from vcell.data.io import check_writable
+
+    check_writable(out, folder=True)  # a file there, or a read-only place: its own one-line error
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY) if fcntl is not None else None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise VcellError(f"{out}: another vcell command is writing into this folder now; "
+                                 "wait for it to finish or choose another --out") from None
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
 
 
 @contextlib.contextmanager
 def removed_if_interrupted(out: Path, names: Iterable[str]) -> Iterator[None]:
     """On Ctrl-C in the body, remove the outputs ``names`` of the folder ``out`` that the body created
     (and ``out`` itself if it created it and left it empty), then raise :class:`Interrupted` saying so.
+    While the body runs no other vcell command can write into ``out`` (:func:`_sole_writer`).
 
     Outputs that were there before (replaced with ``--overwrite``) are left, and the message says
     they may be partly replaced.
@@ -26,7 +64,8 @@ def removed_if_interrupted(out: Path, names: Iterable[str]) -> Iterator[None]:
     existed = out.exists()
     before = {name for name in names if (out / name).exists()}
     try:
-        yield
+        with _sole_writer(out):
+            yield
     except KeyboardInterrupt:
         made = [name for name in names if name not in before and (out / name).exists()]
         for name in made:
