@@ -174,3 +174,20 @@ def test_baseline_matches_cell_eval_and_scores(tmp_path):
     assert "unclipped" in table.columns
     missing = run_cli("eval", "score", "--user", tmp_path / "nope.csv", "--baseline", tmp_path / "score.csv")
     assert missing.returncode == 2 and "nope.csv: file not found" in missing.stderr
+
+
+def test_counts_with_no_positive_cell_total_are_one_error_not_nans():
+    """normalize_total's target is the median of the positive totals: with none it is NaN, and scanpy
+    then fails deep inside (found by test_properties); vcell names the file instead."""
+    import scipy.sparse as sp
+
+    from vcell.errors import VcellError
+    from vcell.eval.inputs import to_log1p
+
+    zeros = ad.AnnData(X=sp.csr_matrix(np.zeros((3, 2), np.float32)), obs=pd.DataFrame(index=["a", "b", "c"]))
+    for declared in ("counts", "auto"):
+        with pytest.raises(VcellError, match=r"^real\.h5ad: every cell has 0 counts in total"):
+            to_log1p(zeros, "real.h5ad", declared)
+    one = zeros.copy()
+    one.X = sp.csr_matrix(np.array([[0, 0], [0, 3], [0, 0]], np.float32))
+    assert np.isfinite(to_log1p(one, "real.h5ad", "counts").X.toarray()).all()

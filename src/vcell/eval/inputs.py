@@ -68,9 +68,18 @@ def to_log1p(adata: ad.AnnData, where: str, input_type: str = "auto", option: st
 
     log.info("%s: counts -> normalize_total (median library size) + log1p, as cell-eval does", where)
     adata = adata.to_memory() if adata.isbacked else adata.copy()
-    if not sp.issparse(adata.X):
-        adata.X = np.asarray(adata.X, dtype=np.float32 if adata.X.dtype == np.float16 else adata.X.dtype)
+    if adata.X.dtype == np.float16:  # its sums overflow
+        adata.X = adata.X.astype(np.float32)
+    elif not sp.issparse(adata.X):
+        adata.X = np.asarray(adata.X)
+    if adata.n_obs and not (np.asarray(adata.X.sum(axis=1)).ravel() > 0).any():
+        # normalize_total's target (the median of the positive totals) would be NaN, and so every value
+        raise VcellError(f"{where}: every cell has 0 counts in total: counts cannot be normalised to log1p")
     sc.pp.normalize_total(adata)
+    values = adata.X.data if sp.issparse(adata.X) else adata.X
+    if not np.isfinite(values).all():
+        raise VcellError(f"{where}: the counts normalised to the median library size are not finite "
+                         f"({adata.X.dtype} values too large); store X as float32 or float64")
     sc.pp.log1p(adata)
     return adata
 
