@@ -8,17 +8,11 @@ interrupted write leaves nothing, and :func:`vcell.cli.main` says "interrupted; 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from vcell.errors import Interrupted, VcellError
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no folder lock
-    fcntl = None
+from vcell.errors import Interrupted
 
 
 @contextlib.contextmanager
@@ -30,23 +24,16 @@ def _sole_writer(out: Path) -> Iterator[None]:
     lock is the kernel's (``flock`` on the folder itself): no lock file, and it goes with the
     process however that ends. A folder made here and left empty is removed.
     """
-    from vcell.data.io import check_writable
+    from vcell.data.io import check_writable, held_exclusively
 
     check_writable(out, folder=True)  # a file there, or a read-only place: its own one-line error
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY) if fcntl is not None else None
     try:
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise VcellError(f"{out}: another vcell command is writing into this folder now; "
-                                 "wait for it to finish or choose another --out") from None
-        yield
+        with held_exclusively(out, f"{out}: another vcell command is writing into this folder now; "
+                                   "wait for it to finish or choose another --out"):
+            yield
     finally:
-        if fd is not None:
-            os.close(fd)
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
 

@@ -21,17 +21,13 @@ import os
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from vcell._version import __version__
+from vcell.data.io import held_exclusively
 from vcell.errors import VcellError
-
-try:  # POSIX only; without it concurrent fetches of one file are simply not guarded
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
 
 CACHE_ENV = "VCELL_CACHE_DIR"
 DEFAULT_TIMEOUT = 60.0
@@ -159,24 +155,8 @@ def download(info: DatasetFile, directory: Path, *, force: bool = False,
     return final
 
 
-@contextlib.contextmanager
-def _lock(path: Path, info: DatasetFile) -> Iterator[None]:
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise VcellError(f"{path}: cannot create lock file ({exc.strerror or exc})") from exc
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise VcellError(f"another vcell process is downloading {info.name} into {path.parent}; "
-                             "wait for it to finish") from None
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+def _lock(path: Path, info: DatasetFile) -> contextlib.AbstractContextManager[None]:
+    return held_exclusively(path, f"another vcell process is downloading {info.name} into {path.parent}; wait for it to finish")
 
 
 def _meta_path(part: Path) -> Path:

@@ -17,6 +17,11 @@ import numpy as np
 
 from vcell.errors import VcellError, preview
 
+try:  # POSIX only; without it concurrent writers are not guarded
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 if TYPE_CHECKING:
     import anndata as ad
 
@@ -323,3 +328,29 @@ def check_output_dir(
                          "(pass --overwrite to replace them, or choose another --out)")
     clean_leftovers(*(directory / name for name in names))
     return directory
+
+
+@contextlib.contextmanager
+def held_exclusively(path: str | os.PathLike, busy: str) -> Iterator[None]:
+    """Hold the kernel's exclusive lock (``flock``) on ``path`` while the body runs.
+
+    ``path`` is an existing folder, or a lock file created if missing. Another process holding it
+    is a one-line :class:`VcellError` saying ``busy``; the lock goes with its process however that
+    ends. Not POSIX: no lock.
+    """
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise VcellError(f"{path}: cannot create lock file ({exc.strerror or exc})") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise VcellError(busy) from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

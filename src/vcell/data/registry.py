@@ -46,9 +46,9 @@ from vcell.data.download import (  # noqa: F401 - re-exported: part of this modu
     ProgressCallback,
     cache_dir,
     download,
-    fcntl,
     sha256_file,
 )
+from vcell.data.io import fcntl  # noqa: F401 - re-exported: the lock a concurrent fetch holds
 from vcell.data.spec import EXPRESSION_TYPES, DataSpec
 from vcell.errors import VcellError, did_you_mean
 
