@@ -153,3 +153,42 @@ def test_a_dense_raw_file_gives_the_same_cells(world):
     a = predict_context(models["pert_mean"], data, "ctx_B", output="counts", seed=2, all_genes=tmp / "raw.h5ad")
     b = predict_context(models["pert_mean"], data, "ctx_B", output="counts", seed=2, all_genes=tmp / "dense.h5ad")
     np.testing.assert_array_equal(_dense(a.X), _dense(b.X))
+
+
+@pytest.mark.parametrize(("output", "all_genes"), [("log1p", False), ("counts", False), ("log1p", True), ("counts", True)])
+def test_a_written_piece_is_freed_before_the_next_is_predicted(world, monkeypatch, output, all_genes):
+    """Pieces are AnnData objects, and widening one takes views of it: reference cycles, which
+    Python's collector frees only when its thresholds (counts of objects, not bytes) are reached,
+    dozens of pieces later in a full-size prediction. With automatic collection off, no earlier
+    piece (the model's cells or the written matrix) is alive when the next one is written."""
+    import gc
+    import weakref
+
+    from vcell.predictors import predict as predict_mod
+
+    tmp, raw, data, models, genes, counts = world
+    made, written, alive = [], [], []
+    assemble = predict_mod.assemble_cells
+
+    def recording_assemble(*args, **kwargs):
+        piece = assemble(*args, **kwargs)
+        made.append(weakref.ref(piece.X))
+        return piece
+
+    class RecordingWriter(predict_mod.H5adWriter):
+        def append(self, *, X, **kwargs):
+            alive.append(sum(r() is not None for r in made[:-1] + written))
+            written.append(weakref.ref(X))
+            return super().append(X=X, **kwargs)
+
+    monkeypatch.setattr(predict_mod, "assemble_cells", recording_assemble)
+    monkeypatch.setattr(predict_mod, "H5adWriter", RecordingWriter)
+    gc.collect()
+    gc.disable()
+    try:
+        write_prediction(tmp / f"freed_{output}_{all_genes}.h5ad", models["pert_mean"], data, "ctx_B", output=output, seed=4,
+                         piece_cells=7, all_genes=tmp / "raw.h5ad" if all_genes else None)
+    finally:
+        gc.enable()
+    assert len(made) > 3 and len(written) >= len(made)
+    assert alive == [0] * len(alive)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from vcell._heap import cycles_collected_promptly
 from vcell.data.aggregate import group_sums
 from vcell.data.io import atomic_path, atomic_paths, check_output_dir, read_h5ad
 from vcell.data.preprocess_stream import Progress, no_progress
@@ -296,31 +297,25 @@ def run(
     names_out = ["results.csv", "agg_results.csv", *(["real_de.csv", "pred_de.csv"] if need_de else [])]
     # The DE tables are written (to temporary files) in the background while the next side is
     # read and scored; all files are renamed into place only when everything succeeded.
-    # gc.collect() below only needs to find this run's cycles: objects that exist now (modules,
-    # the caller's data) are set aside for its duration, so a collection does not walk them all.
     budget = budget if backed else math.inf
-    gc.freeze()
-    try:
-        with atomic_paths(out, names_out) as tmp, ThreadPoolExecutor(2) as writer, Scratch(out) as scratch:
-            sides, writes = [], []
-            for side, path, order in (("real", real, None), ("pred", pred, genes if reorder else None)):
-                t = time.perf_counter()
-                data = open_side(path, pert_col, input_type, order, budget, scratch, backed, option, progress, side)
-                timings[f"load {Path(path).name}"] = time.perf_counter() - t
-                t = time.perf_counter()
-                try:
-                    sides.append(summarise_side(data, control, perturbations, need_de, need_energy, threads, budget, progress))
-                finally:
-                    data.close()
-                timings[f"de+pseudobulk {Path(path).name}"] = time.perf_counter() - t
-                del data
-                gc.collect()  # AnnData holds reference cycles: unmap this side's matrix before the next is read
-                if need_de:  # the last table is on the critical path: format it on more threads
-                    table = sides[-1].de_result if sides[-1].de_result is not None else sides[-1].de
-                    writes.append(writer.submit(write_de_csv, table, tmp[f"{side}_de.csv"], threads=1 if side == "real" else max(1, threads)))
-            result = _finish(sides, perturbations, genes, names, timings, tmp, writes)
-    finally:
-        gc.unfreeze()
+    with cycles_collected_promptly(), atomic_paths(out, names_out) as tmp, ThreadPoolExecutor(2) as writer, Scratch(out) as scratch:
+        sides, writes = [], []
+        for side, path, order in (("real", real, None), ("pred", pred, genes if reorder else None)):
+            t = time.perf_counter()
+            data = open_side(path, pert_col, input_type, order, budget, scratch, backed, option, progress, side)
+            timings[f"load {Path(path).name}"] = time.perf_counter() - t
+            t = time.perf_counter()
+            try:
+                sides.append(summarise_side(data, control, perturbations, need_de, need_energy, threads, budget, progress))
+            finally:
+                data.close()
+            timings[f"de+pseudobulk {Path(path).name}"] = time.perf_counter() - t
+            del data
+            gc.collect()  # AnnData holds reference cycles: unmap this side's matrix before the next is read
+            if need_de:  # the last table is on the critical path: format it on more threads
+                table = sides[-1].de_result if sides[-1].de_result is not None else sides[-1].de
+                writes.append(writer.submit(write_de_csv, table, tmp[f"{side}_de.csv"], threads=1 if side == "real" else max(1, threads)))
+        result = _finish(sides, perturbations, genes, names, timings, tmp, writes)
     for stale in set(OUTPUT_NAMES) - set(names_out):  # an earlier run's, replaced (--overwrite)
         (Path(out) / stale).unlink(missing_ok=True)
     paths = [Path(out) / name for name in names_out]

@@ -8,6 +8,7 @@ The output is log1p (predicted cells, then the context's real controls) or, with
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from vcell._heap import release_freed_heap
+from vcell._heap import cycles_collected_promptly, release_freed_heap
 from vcell.data.dataset import PerturbationData
 from vcell.data.h5write import H5adWriter
 from vcell.data.io import atomic_path
@@ -126,14 +127,15 @@ def write_prediction(
     """
     job = _Job(predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth, piece_cells, all_genes)
     obs, writer = [], None
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, cycles_collected_promptly():
         try:
             for piece in job.pieces():
                 writer = writer or H5adWriter(tmp, piece.n_vars)
                 writer.append(X=piece.X)
                 obs.append(piece.obs)
                 var = piece.var_names
-                del piece  # freed before the next piece is predicted
+                del piece
+                gc.collect()  # the piece and its intermediates (AnnData cycles) are freed before the next is predicted
             frame = job.obs(obs)
             writer.finish(frame, pd.DataFrame(index=var.copy()), {"vcell": job.uns})
         finally:
