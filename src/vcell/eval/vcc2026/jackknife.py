@@ -195,6 +195,7 @@ class Jackknife:
     def tile(self, data, indices, indptr, j0: int, j1: int, threads: int = 2) -> None:
         """Finish the sums of genes ``j0:j1`` from a matrix holding (at least) their columns."""
         local, tasks = [], []
+        n_threads = _n_threads(threads)
         for gi, (_, rows, P, S, active, t, _) in enumerate(self.groups):
             lo, hi = np.searchsorted(active, [j0, j1])
             x = self.ts * P[active[lo:hi]] / S
@@ -206,22 +207,23 @@ class Jackknife:
                 slot = np.full(j1 - j0, -1, np.int64)
                 slot[active[lo:hi] - j0] = np.arange(hi - lo)
                 _zero_sums(t, w, s1, s2)
-            local.append((lo, hi, b, w, slot, s1, s2, []))
-            step = _BLOCK_CELLS * _BLOCKS_PER_TASK
-            tasks += [(gi, start) for start in range(0, rows.size, step)]
+            local.append((lo, hi, b, w, slot, s1, s2))
+            # a large group (the controls) is shared between the threads too; blocks stay the unit
+            n_blocks = -(-rows.size // _BLOCK_CELLS)
+            per_task = max(1, min(_BLOCKS_PER_TASK, -(-n_blocks // n_threads)))
+            tasks += [(gi, start, per_task) for start in range(0, rows.size, _BLOCK_CELLS * per_task)]
 
         def work(task):
-            gi, start = task
+            gi, start, per_task = task
             _, rows, P, S, active, t, _ = self.groups[gi]
             lo, hi, b, w, slot, *_ = local[gi]
-            part = rows[start:start + _BLOCK_CELLS * _BLOCKS_PER_TASK]
+            part = rows[start:start + _BLOCK_CELLS * per_task]
             n_blocks = -(-part.size // _BLOCK_CELLS)
             out1, out2 = np.zeros((n_blocks, hi - lo)), np.zeros((n_blocks, hi - lo))
             _jack_blocks(data, indices, indptr, part, self.totals, P, S, self.ts, t is not None, slot, active[lo:hi], j0, j1, b, w,
                          self.colscale, _BLOCK_CELLS, out1, out2)
             return gi, out1, out2
 
-        n_threads = _n_threads(threads)
         if n_threads == 1 or len(tasks) <= 1:
             parts = [work(task) for task in tasks]
         else:
@@ -229,7 +231,7 @@ class Jackknife:
                 parts = list(pool.map(work, tasks))
         for gi, out1, out2 in parts:  # in task order: each group's blocks in block order
             _add_blocks(local[gi][5], local[gi][6], out1, out2)
-        for (_, rows, _, _, _, _, q), (lo, hi, _, _, _, s1, s2, _) in zip(self.groups, local, strict=True):
+        for (_, rows, _, _, _, _, q), (lo, hi, _, _, _, s1, s2) in zip(self.groups, local, strict=True):
             q[lo:hi] = s2 - s1 * s1 / rows.size
 
     def result(self) -> np.ndarray:
