@@ -192,16 +192,29 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+# ``python -m vcell`` with its threads' stacks dumped to stderr on SIGUSR1: a run that ignores the
+# Ctrl-C shows where it was (this test once timed out inside `make test` and never again in isolation)
+_VCELL_WITH_STACK_DUMPS = ("import faulthandler, runpy, signal, sys; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+                           "sys.argv[0] = 'vcell'; runpy.run_module('vcell', run_name='__main__', alter_sys=True)")
+
+
 def _interrupt(args: list, marker: Path, settle: float = 0.0) -> subprocess.CompletedProcess:
     """Start ``vcell ARGS``, send SIGINT once ``marker`` exists (and ``settle`` seconds more), wait for the end."""
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "vcell", *map(str, args)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", _VCELL_WITH_STACK_DUMPS, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
         _wait_for(marker, proc)
         time.sleep(settle)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(3)
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"vcell {' '.join(map(str, args[:1]))} still ran 120 s after Ctrl-C; its stacks:\n{err[-8000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
