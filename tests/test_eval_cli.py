@@ -191,3 +191,17 @@ def test_counts_with_no_positive_cell_total_are_one_error_not_nans():
     one = zeros.copy()
     one.X = sp.csr_matrix(np.array([[0, 0], [0, 3], [0, 0]], np.float32))
     assert np.isfinite(to_log1p(one, "real.h5ad", "counts").X.toarray()).all()
+
+
+def test_counts_whose_totals_overflow_are_one_error_not_nans():
+    """Cell totals beyond float32's range (here the median total: normalize_total's target) make the
+    normalised values NaN; vcell names the file."""
+    import scipy.sparse as sp
+
+    from vcell.errors import VcellError
+    from vcell.eval.inputs import to_log1p
+
+    huge = ad.AnnData(X=sp.csr_matrix(np.array([[3e38, 3e38], [3e38, 3e38], [2, 0]], np.float32)), obs=pd.DataFrame(index=["a", "b", "c"]))
+    with pytest.raises(VcellError, match=r"^real\.h5ad: the counts normalised to the median library size are not finite "
+                                         r"\(cell totals beyond the range of float32\)$"):
+        to_log1p(huge, "real.h5ad", "counts")

@@ -214,7 +214,7 @@ def _interrupt(args: list, marker: Path, settle: float = 0.0) -> subprocess.Comp
             time.sleep(3)
             proc.kill()
             out, err = proc.communicate()
-            pytest.fail(f"vcell {' '.join(map(str, args[:1]))} still ran 120 s after Ctrl-C; its stacks:\n{err[-8000:]}")
+            pytest.fail(f"vcell {args[0]} still ran 120 s after Ctrl-C; its stacks:\n{err[-8000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()

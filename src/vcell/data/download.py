@@ -138,7 +138,8 @@ def download(info: DatasetFile, directory: Path, *, force: bool = False,
     final = directory / info.filename
     part = directory / f"{info.filename}.part"
 
-    with _lock(directory / f".{info.filename}.lock", info):
+    with held_exclusively(directory / f".{info.filename}.lock",
+                          f"another vcell process is downloading {info.name} into {directory}; wait for it to finish"):
         if force:
             _discard(part)
         elif final.is_file() and _is_valid(final, info):
@@ -153,10 +154,6 @@ def download(info: DatasetFile, directory: Path, *, force: bool = False,
         if info.sha256:
             _write_stamp(final, info.sha256)
     return final
-
-
-def _lock(path: Path, info: DatasetFile) -> contextlib.AbstractContextManager[None]:
-    return held_exclusively(path, f"another vcell process is downloading {info.name} into {path.parent}; wait for it to finish")
 
 
 def _meta_path(part: Path) -> Path:

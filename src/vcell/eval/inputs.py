@@ -79,7 +79,7 @@ def to_log1p(adata: ad.AnnData, where: str, input_type: str = "auto", option: st
     values = adata.X.data if sp.issparse(adata.X) else adata.X
     if not np.isfinite(values).all():
         raise VcellError(f"{where}: the counts normalised to the median library size are not finite "
-                         f"({adata.X.dtype} values too large); store X as float32 or float64")
+                         f"(cell totals beyond the range of {adata.X.dtype})")
     sc.pp.log1p(adata)
     return adata
 
