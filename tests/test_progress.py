@@ -198,6 +198,15 @@ _VCELL_WITH_STACK_DUMPS = ("import faulthandler, runpy, signal, sys; faulthandle
                            "sys.argv[0] = 'vcell'; runpy.run_module('vcell', run_name='__main__', alter_sys=True)")
 
 
+def _signal_state(pid: int) -> str:
+    """The signal masks of process ``pid`` (``SigBlk``, ``SigIgn``, ``SigCgt`` from ``/proc``) and its thread count."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as exc:
+        return f"unreadable ({exc})"
+    return ", ".join(line.replace("\t", " ") for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt", "Threads")))
+
+
 def _interrupt(args: list, marker: Path, settle: float = 0.0) -> subprocess.CompletedProcess:
     """Start ``vcell ARGS``, send SIGINT once ``marker`` exists (and ``settle`` seconds more), wait for the end."""
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
@@ -206,6 +215,7 @@ def _interrupt(args: list, marker: Path, settle: float = 0.0) -> subprocess.Comp
     try:
         _wait_for(marker, proc)
         time.sleep(settle)
+        signals = _signal_state(proc.pid)
         proc.send_signal(signal.SIGINT)
         try:
             out, err = proc.communicate(timeout=120)
@@ -214,7 +224,8 @@ def _interrupt(args: list, marker: Path, settle: float = 0.0) -> subprocess.Comp
             time.sleep(3)
             proc.kill()
             out, err = proc.communicate()
-            pytest.fail(f"vcell {args[0]} still ran 120 s after Ctrl-C; its stacks:\n{err[-8000:]}")
+            pytest.fail(f"vcell {args[0]} still ran 120 s after Ctrl-C (signal state when it was sent: {signals}); "
+                        f"its stacks:\n{err[-8000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
