@@ -23,9 +23,10 @@ What it runs, in ``--workdir`` (files are reused when present, so a run can be c
    spent waiting for data, peak RSS. arc-state trains on every cell (throughput only).
 6. ``vcell data subset`` of the held-out cells + controls: from ``pp.h5ad`` (log1p, the model's
    genes) and from ``raw.h5ad`` with every gene (raw counts: the 2026 reference at full size).
-7. ``vcell predict`` of the held-out perturbations: log1p over the model's genes, and
-   ``--output counts --all-genes raw.h5ad``: a full 2026 submission, every gene of the raw file
-   (the genes the model does not predict taken from each predicted cell's control cell).
+7. ``vcell predict`` of the held-out perturbations, one run writing two files: ``--output counts
+   --all-genes raw.h5ad``, a full 2026 submission, every gene of the raw file (the genes the model
+   does not predict taken from each predicted cell's control cell), and ``--log1p-out``, the log1p
+   cells the counts were drawn from, over the model's genes.
 8. ``vcell eval prep --profile vcc2026`` of the counts prediction (every gene).
 9. ``vcell eval run --backed``: the 2025 profile (log1p prediction, the model's genes) and the
    2026 profile (the full counts submission against the full raw reference); peers: cell-eval
@@ -239,11 +240,13 @@ def vcell_steps(o, work: Path) -> list[dict]:
             "--batch-size", str(ts.BATCH), "--set-size", str(ts.SET_LEN), "--max-steps", str(o.steps),
             "--accelerator", "cpu", "--num-workers", str(o.workers), "--pert-features", f"onehot,{table}",
             "--out", str(run), "--overwrite", *seed]))
-    # log1p over the model's genes (scored by the 2025 profile); raw counts over every gene of the raw file, the
-    # genes the model does not predict taken from each cell's control cell: a full 2026 submission
-    for name, extra in (("pred.h5ad", []), ("pred_counts.h5ad", ["--output", "counts", "--all-genes", raw])):
-        step(f"predict {name}", [*VCELL, "predict", "--model", run, "--checkpoint", "last", "--data", work / "real_pp.h5ad",
-                                 "--context", ctx, "--out", work / name, *extra, "--overwrite", *seed], work / name)
+    # one prediction, two files: raw counts over every gene of the raw file (the genes the model does not predict taken
+    # from each cell's control cell: a full 2026 submission) and the log1p cells they were drawn from, over the model's
+    # genes (scored by the 2025 profile)
+    step("predict pred_counts.h5ad + pred.h5ad", [
+        *VCELL, "predict", "--model", run, "--checkpoint", "last", "--data", work / "real_pp.h5ad", "--context", ctx,
+        "--output", "counts", "--all-genes", raw, "--out", work / "pred_counts.h5ad", "--log1p-out", work / "pred.h5ad",
+        "--overwrite", *seed], work / "pred.h5ad")
     step("eval prep (vcc2026)", [*VCELL, "eval", "prep", "--profile", "vcc2026", "--pred", work / "pred_counts.h5ad",
                                  "--genes", work / "genes_all.txt",
                                  "--out", work / "prep.h5ad", "--overwrite", *seed], work / "prep.h5ad")

@@ -116,6 +116,53 @@ def test_widened_pieces_are_the_prediction_made_at_once(world, output, depth):
     assert got.obs.astype(str).equals(whole.obs.astype(str)) and list(got.var_names) == list(raw.var_names)
 
 
+@pytest.mark.parametrize(("depth", "all_genes"), [("controls", True), (300, True), (300, False)])
+def test_one_prediction_writes_the_counts_and_the_log1p_cells_they_were_drawn_from(world, depth, all_genes):
+    """``log1p_out``: the counts file is the one a counts-only run writes, and the log1p file the one a
+    log1p run writes (model's genes, controls appended), to the bit, both written in pieces."""
+    tmp, raw, data, models, genes, counts = world
+    model, widen = models["pert_mean"], (tmp / "raw.h5ad" if all_genes else None)
+    kw = dict(depth=depth, seed=5, piece_cells=7, all_genes=widen)
+    both, cells = tmp / f"both_{depth}_{all_genes}.h5ad", tmp / f"cells_{depth}_{all_genes}.h5ad"
+    meta = write_prediction(both, model, data, "ctx_B", output="counts", log1p_out=cells, **kw)
+    write_prediction(tmp / "alone.h5ad", model, data, "ctx_B", output="counts", **kw)
+    alone, got = read_h5ad(tmp / "alone.h5ad"), read_h5ad(both)
+    np.testing.assert_array_equal(_dense(got.X), _dense(alone.X))
+    assert got.obs.astype(str).equals(alone.obs.astype(str)) and meta.uns["vcell"] == got.uns["vcell"] == alone.uns["vcell"]
+    log1p = predict_context(model, data, "ctx_B", seed=5)  # what a log1p prediction holds
+    written = read_h5ad(cells)
+    np.testing.assert_array_equal(_dense(written.X), _dense(log1p.X))
+    assert written.obs.astype(str).equals(log1p.obs.astype(str)) and list(written.var_names) == genes
+    assert written.uns["vcell"] == log1p.uns["vcell"] and written.uns["vcell"]["output"] == "log1p"
+    # the counts were drawn from these cells: each counts row is a log1p row's cell, in order
+    assert list(got.obs_names) == [n for n, p in zip(written.obs_names, written.obs["target_gene"].astype(str)) if p != "non-targeting"]
+    with pytest.raises(VcellError, match="add output='counts'"):
+        write_prediction(tmp / "never.h5ad", model, data, "ctx_B", log1p_out=tmp / "never_cells.h5ad")
+    assert not (tmp / "never.h5ad").exists() and not (tmp / "never_cells.h5ad").exists()
+
+
+def test_a_failed_two_file_prediction_leaves_neither_file(world, monkeypatch):
+    from vcell.predictors import predict as predict_mod
+
+    tmp, raw, data, models, genes, counts = world
+    calls = []
+    as_output = predict_mod._Job._as_output
+
+    def failing(self, piece):
+        calls.append(1)
+        if len(calls) == 2:
+            raise VcellError("stopped in the second piece")
+        return as_output(self, piece)
+
+    monkeypatch.setattr(predict_mod._Job, "_as_output", failing)
+    folder = tmp / "failed"
+    folder.mkdir()
+    with pytest.raises(VcellError, match="second piece"):
+        write_prediction(folder / "c.h5ad", models["pert_mean"], data, "ctx_B", output="counts", depth=300, piece_cells=7,
+                         log1p_out=folder / "l.h5ad")
+    assert len(calls) == 2 and list(folder.iterdir()) == []
+
+
 def test_refusals_name_the_gene_the_cell_or_the_missing_piece(world):
     tmp, raw, data, models, genes, counts = world
     path = tmp / "raw.h5ad"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import anndata as ad
 import numpy as np
@@ -239,6 +240,36 @@ def test_predict_all_genes_writes_a_full_submission_from_a_gene_subset_model(tra
     proc = run_cli("predict", "--model", run, "--data", data, "--context", "ctx_B", "--all-genes", tmp_path / "raw.h5ad",
                    "--out", tmp_path / "log1p.h5ad")
     assert "needs the preprocessing's target_sum" in error_line(proc) and not (tmp_path / "log1p.h5ad").exists()
+
+
+def test_one_predict_writes_a_submission_and_the_log1p_cells_it_was_drawn_from(trained, tmp_path):
+    """`vcell predict --output counts --all-genes RAW --log1p-out CELLS`: OUT is the file a counts-only run
+    writes and CELLS the one `--output log1p` writes, from one prediction; misuse is one error line."""
+    data, run, adata = trained
+    raw = simulate_perturbseq(n_genes=50, n_contexts=2, n_perturbations=5, n_combinations=0,
+                              cells_per_perturbation=30, n_controls=60, seed=0)  # _tiny_adata's counts
+    raw.X = sp.csr_matrix(raw.X, dtype=np.float32)
+    raw.write_h5ad(tmp_path / "raw.h5ad")
+    base = ["predict", "--model", run, "--data", data, "--context", "ctx_B", "--seed", "4"]
+    sub = [*base, "--output", "counts", "--all-genes", tmp_path / "raw.h5ad"]
+    proc = run_cli(*sub, "--out", tmp_path / "sub.h5ad", "--log1p-out", tmp_path / "cells.h5ad")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"; their log1p cells \+ 60 controls in \S*cells\.h5ad", proc.stdout), proc.stdout
+    assert run_cli(*sub, "--out", tmp_path / "sub_alone.h5ad").returncode == 0
+    assert run_cli(*base, "--out", tmp_path / "cells_alone.h5ad").returncode == 0
+    for name in ("sub", "cells"):
+        got, alone = ad.read_h5ad(tmp_path / f"{name}.h5ad"), ad.read_h5ad(tmp_path / f"{name}_alone.h5ad")
+        np.testing.assert_array_equal(got.X.toarray(), alone.X.toarray())
+        assert got.obs.astype(str).equals(alone.obs.astype(str)) and got.uns["vcell"] == alone.uns["vcell"]
+        assert list(got.var_names) == list(alone.var_names)
+
+    line = error_line(run_cli(*base, "--out", tmp_path / "x.h5ad", "--log1p-out", tmp_path / "y.h5ad"))
+    assert line.startswith("error: --log1p-out") and "--output counts" in line
+    line = error_line(run_cli(*sub, "--out", tmp_path / "x.h5ad", "--log1p-out", tmp_path / "x.h5ad"))
+    assert "the same file as --out" in line
+    line = error_line(run_cli(*sub, "--out", tmp_path / "x.h5ad", "--log1p-out", tmp_path / "cells.h5ad"))
+    assert "cells.h5ad: output file already exists" in line
+    assert not (tmp_path / "x.h5ad").exists() and not (tmp_path / "y.h5ad").exists()
 
 
 def test_st_prediction_written_in_pieces_is_the_one_made_at_once(trained, tmp_path):

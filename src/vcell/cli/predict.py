@@ -30,7 +30,8 @@ def predict(
     output: Annotated[str, typer.Option("--output", help="'log1p' (predicted cells + real controls) or 'counts': integral raw counts of the predicted cells only, no control rows, as a VCC 2026 submission takes them.")] = "log1p",
     depth: Annotated[str, typer.Option("--depth", help="With --output counts: counts per cell, 'controls' (each cell at the library size of the real control cell it started from; needs DATA's raw counts in layers['counts'] or an obs total-count column) or a number (e.g. 20000: exactly that many per cell). --seed seeds the draw.")] = "controls",
     all_genes: Annotated[Path | None, typer.Option("--all-genes", help="Raw-count .h5ad that DATA was preprocessed from (same cell names): write every gene of it, in its order, as a full challenge submission needs; the genes the model does not predict are taken from the control cell each predicted cell started from (counts: its own counts; log1p: normalised as preprocessing did).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    log1p_out: Annotated[Path | None, typer.Option("--log1p-out", help="With --output counts: also write the log1p cells the counts are drawn from (the model's genes, the real controls appended: what --output log1p writes without --all-genes) to this .h5ad. One prediction for both files, so a 2025 score of it and a 2026 score of OUT judge the same cells.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT (and --log1p-out) if it exists.")] = False,
     precision: Precision = "32",
     expression: Expression = None,
     seed: Seed = 0,
@@ -52,7 +53,14 @@ def predict(
     depth = parse_depth(depth, "--depth")
     if output != "counts" and depth != "controls":
         raise VcellError(f"--depth {depth}: the depth of drawn counts; add --output counts (the default output is log1p)")
-    check_output_path(out, [data] + ([all_genes] if all_genes is not None else []), overwrite=overwrite)
+    inputs = [data] + ([all_genes] if all_genes is not None else [])
+    if log1p_out is not None:
+        if output != "counts":
+            raise VcellError("--log1p-out: the log1p file of a counts prediction; add --output counts (the default output is log1p: OUT)")
+        if log1p_out.resolve() == out.resolve():
+            raise VcellError(f"--log1p-out {log1p_out}: the same file as --out; give another path")
+        check_output_path(log1p_out, inputs, overwrite=overwrite)
+    check_output_path(out, inputs, overwrite=overwrite)
     t0 = time.perf_counter()
     predictor = STPredictor.from_checkpoint(model, seed=seed, checkpoint=checkpoint, set_size=set_size, precision=precision)
     mspec = predictor.spec
@@ -73,7 +81,7 @@ def predict(
     # written piece by piece (memory does not grow with the cells predicted); shows the sets done;
     # uns["vcell"] records the model's space, the file's, and how counts were drawn
     pred = write_prediction(out, predictor, dataset, context, which, cells_per_pert, seed=seed, output=output, depth=depth,
-                            all_genes=all_genes)
+                            all_genes=all_genes, log1p_out=log1p_out)
     labels = pred.obs[spec.pert_col].astype(str)
     n_ctrl = int((labels == spec.control).sum())
     n_perts = labels[labels != spec.control].nunique()
@@ -86,6 +94,10 @@ def predict(
         what += f" + {n_ctrl} controls"
     if all_genes is not None:
         what += f"; all {pred.n_vars} genes of {all_genes.name} ({len(predictor.genes)} predicted by the model, the rest from each cell's control cell)"
+    if log1p_out is not None:
+        index = dataset.index
+        in_ctx = index.context_codes == [str(c) for c in index.contexts].index(context)
+        what += f"; their log1p cells + {int((in_ctx & index.is_control).sum())} controls in {log1p_out}"
     if predictor.anchor is not None:
         what += f"; each perturbation's mean set by the checkpoint's effect anchor ({predictor.effect_anchor})"
     console.print(f"wrote {out} in {format_duration(time.perf_counter() - t0)}: {what}", highlight=False, soft_wrap=True)

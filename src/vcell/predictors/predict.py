@@ -8,10 +8,10 @@ The output is log1p (predicted cells, then the context's real controls) or, with
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 
 import anndata as ad
 import numpy as np
@@ -35,6 +35,8 @@ DEFAULT_CELLS = 100
 PIECE_CELLS = 20_000
 #: Control cells whose counts are summed at a time (library sizes from a backed file).
 CHUNK_CELLS = 4096
+#: The files :func:`write_prediction` writes: the output, and the log1p cells of a counts output.
+OUT, LOG1P = "out", "log1p"
 
 
 def predict_context(
@@ -92,7 +94,7 @@ def predict_context(
     predicted cells only, as counts. The same cells as :func:`write_prediction` writes.
     """
     job = _Job(predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth, all_genes=all_genes)
-    pieces = list(job.pieces())
+    pieces = [piece for _, piece in job.pieces()]
     X = sp.vstack([p.X for p in pieces], format="csr") if len(pieces) > 1 else pieces[0].X
     pred = ad.AnnData(X=X, obs=job.obs([p.obs for p in pieces]), var=pd.DataFrame(index=pieces[0].var_names.copy()))
     pred.uns["vcell"] = job.uns
@@ -112,9 +114,15 @@ def write_prediction(
     depth: int | str = "controls",
     all_genes: str | os.PathLike | None = None,
     piece_cells: int = PIECE_CELLS,
+    log1p_out: str | os.PathLike | None = None,
 ) -> ad.AnnData:
     """:func:`predict_context` written to ``out`` (``.h5ad``, atomically) piece by piece: about
     ``piece_cells`` predicted cells are held at a time, whatever the number predicted.
+
+    With ``output="counts"``, ``log1p_out`` also receives the log1p cells the counts were drawn
+    from, over the model's own genes, the context's real controls appended (what ``output="log1p"``
+    without ``all_genes`` writes): one prediction, two files, so a 2025 score of ``log1p_out``
+    and a 2026 score of ``out`` judge the same predicted cells.
 
     Each piece is a run of whole perturbations; each perturbation's control cells, counts and
     library sizes are drawn as for the whole (:func:`~vcell.predictors.base.control_draws`,
@@ -122,33 +130,66 @@ def write_prediction(
     cells: exactly for the shift baselines, to float32 rounding for ST (a forward pass batches
     other cell sets together, which changes a matmul's summation order).
 
-    Returns the written file's annotations (obs, var and uns; no matrix). The parameters are
-    :func:`predict_context`'s.
+    Returns the written file's annotations (obs, var and uns; no matrix). The other parameters
+    are :func:`predict_context`'s.
     """
-    job = _Job(predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth, piece_cells, all_genes)
-    obs, writer = [], None
-    with atomic_path(out) as tmp, cycles_collected_promptly():
-        try:
-            for piece in job.pieces():
-                writer = writer or H5adWriter(tmp, piece.n_vars)
-                writer.append(X=piece.X)
-                obs.append(piece.obs)
-                var = piece.var_names
-                del piece
-                gc.collect()  # the piece and its intermediates (AnnData cycles) are freed before the next is predicted
-            frame = job.obs(obs)
-            writer.finish(frame, pd.DataFrame(index=var.copy()), {"vcell": job.uns})
-        finally:
-            if writer is not None:
-                writer.close()
-    return ad.AnnData(obs=frame, var=pd.DataFrame(index=var.copy()), uns={"vcell": job.uns})
+    if log1p_out is not None and parse_output(output) != "counts":
+        raise VcellError("log1p_out (--log1p-out): a second, log1p file of a counts prediction; add output='counts'")
+    job = _Job(predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth, piece_cells, all_genes,
+               log1p_too=log1p_out is not None)
+    files = {OUT: _Output(OUT, out)} | ({LOG1P: _Output(LOG1P, log1p_out)} if log1p_out is not None else {})
+    with contextlib.ExitStack() as stack:
+        for f in files.values():
+            f.tmp = stack.enter_context(atomic_path(f.path))
+        stack.enter_context(cycles_collected_promptly())
+        for f in files.values():
+            stack.callback(f.close)
+        for name, piece in job.pieces():
+            files[name].append(piece)
+            del piece
+            gc.collect()  # the piece and its intermediates (AnnData cycles) are freed before the next is predicted
+        for f in files.values():
+            f.finish(job)
+    return files[OUT].annotations
+
+
+class _Output:
+    """One file :func:`write_prediction` writes: its pieces appended, then its annotations."""
+
+    def __init__(self, name: str, path: str | os.PathLike):
+        self.name, self.path, self.tmp = name, path, None
+        self.writer: H5adWriter | None = None
+        self.frames: list[pd.DataFrame] = []
+        self.var = None
+        self.annotations: ad.AnnData | None = None
+
+    def append(self, piece: ad.AnnData) -> None:
+        self.writer = self.writer or H5adWriter(self.tmp, piece.n_vars)
+        self.writer.append(X=piece.X)
+        self.frames.append(piece.obs)
+        self.var = piece.var_names
+
+    def finish(self, job: _Job) -> None:
+        frame = job.obs(self.frames, self.name)
+        uns = {"vcell": job.uns if self.name == OUT else job.log1p_uns}
+        self.writer.finish(frame, pd.DataFrame(index=self.var.copy()), uns)
+        self.annotations = ad.AnnData(obs=frame, var=pd.DataFrame(index=self.var.copy()), uns=uns)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 class _Job:
-    """One prediction, made piece by piece: the checks, the controls read, then :meth:`pieces`."""
+    """One prediction, made piece by piece: the checks, the controls read, then :meth:`pieces`.
+
+    With ``log1p_too`` (counts output), :meth:`pieces` also yields the log1p cells each counts
+    piece was drawn from, then the real controls over the model's genes (the second file of
+    :func:`write_prediction`).
+    """
 
     def __init__(self, predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth, piece_cells=None,
-                 all_genes=None):
+                 all_genes=None, log1p_too=False):
         spec, index = data.spec, data.index
         where = str(data.path) if data.path is not None else "the data"
         output = parse_output(output)
@@ -201,6 +242,8 @@ class _Job:
             self.uns["effect_anchor"] = predictor.effect_anchor
         self.depth, self.space = depth, space
         self.draw: CountsDraw | None = None
+        self.log1p_too = bool(log1p_too) and output == "counts"
+        self.log1p_uns = dict(self.uns)
 
     def _groups(self) -> list[list[str]]:
         """The perturbations cut into runs of about ``piece_cells`` cells (one run: all at once)."""
@@ -217,7 +260,9 @@ class _Job:
         return groups
 
     def pieces(self):
-        """The output's rows, piece by piece (AnnData with X and obs): the predicted cells, then (log1p) the controls."""
+        """``(file, piece)`` pairs: the output's rows (file :data:`OUT`) piece by piece (AnnData with X
+        and obs), the predicted cells, then (log1p) the controls; with ``log1p_too``, each counts
+        piece follows its log1p cells (file :data:`LOG1P`), and the controls come last."""
         spec, prepared, fill = self.spec, self.prepared, self.fill
         if self.output == "counts":
             n_cells = sum(cell_count(self.sizes, p) for p in self.perts)
@@ -226,29 +271,36 @@ class _Job:
                                    control=spec.control, model_space=self.space, genes=prepared.var_names,
                                    sizes_from=None if fill is None else f"{fill.path.name}: the control cell's raw counts")
         first = 0
-        with task(f"predicting {self.context}", len(self.perts), "perturbations") if len(self._groups()) > 1 else nullcontext() as line:
+        with task(f"predicting {self.context}", len(self.perts), "perturbations") if len(self._groups()) > 1 else contextlib.nullcontext() as line:
             for group in self._groups():
                 # yielded without a local name: a piece is freed as soon as the caller has written it,
                 # before the next one is predicted
-                yield self._piece(group, first)
+                cells = self._cells(group, first)
+                if self.log1p_too:
+                    yield LOG1P, cells
+                yield OUT, self._as_output(cells)
+                del cells
                 first += sum(cell_count(self.sizes, p) for p in group)
                 if line is not None:
                     line.advance(len(group))
-        if self.output != "counts":  # the real controls, in pieces of the predicted cells' size
+        if self.output != "counts" or self.log1p_too:  # the real controls, in pieces of the predicted cells' size
             step = self.piece_cells or prepared.n_obs
             for start in range(0, prepared.n_obs, step):
                 part = prepared[start:start + step]
                 ctrl = ad.AnnData(X=_csr(part.X), obs=control_obs(spec, part.obs_names, self.context),
                                   var=pd.DataFrame(index=prepared.var_names.copy()))
-                yield ctrl if fill is None else fill.widen(ctrl, fill.sources(ctrl, CONTROL_CELL_COL))
+                if self.log1p_too:
+                    yield LOG1P, ctrl
+                else:
+                    yield OUT, (ctrl if fill is None else fill.widen(ctrl, fill.sources(ctrl, CONTROL_CELL_COL)))
         if self.draw is not None:
             self.uns = {**self.uns, **self.draw.meta}
         if fill is not None:
             self.uns = {**self.uns, **fill.meta}
 
-    def _piece(self, group: list[str], first: int) -> ad.AnnData:
-        """The predicted cells of the perturbations ``group`` (the first named ``pred{first}``), as written."""
-        predictor, prepared, fill = self.predictor, self.prepared, self.fill
+    def _cells(self, group: list[str], first: int) -> ad.AnnData:
+        """The predicted cells of the perturbations ``group`` (the first named ``pred{first}``), log1p over the model's genes."""
+        predictor, prepared = self.predictor, self.prepared
         cells = predictor.predict_cells(prepared, group, self.context, self.sizes, self.seed)
         piece = assemble_cells(predictor._spec, prepared.var_names, self.context, cells, first)
         del cells
@@ -256,15 +308,20 @@ class _Job:
         _name_sources(piece, sources, prepared.obs_names)
         piece = _relabel(piece, predictor.spec, self.spec)
         piece.uns["vcell"] = dict(self.uns)
-        if fill is not None:
-            return fill.widen(piece, fill.sources(piece, CONTROL_CELL_COL), self.draw)
+        return piece
+
+    def _as_output(self, piece: ad.AnnData) -> ad.AnnData:
+        """Predicted cells (:meth:`_cells`) as the output holds them: widened to every gene, drawn as counts."""
+        if self.fill is not None:
+            return self.fill.widen(piece, self.fill.sources(piece, CONTROL_CELL_COL), self.draw)
         return self.draw.convert(piece) if self.draw is not None else piece
 
-    def obs(self, frames: list[pd.DataFrame]) -> pd.DataFrame:
-        """The pieces' obs as one frame, the perturbation column categorical (as one prediction's)."""
+    def obs(self, frames: list[pd.DataFrame], file: str = "out") -> pd.DataFrame:
+        """The pieces' obs of ``file`` (:data:`OUT` or :data:`LOG1P`) as one frame, the perturbation column
+        categorical (as one prediction's)."""
         obs = pd.concat(frames)
         obs[self.spec.pert_col] = pd.Categorical(obs[self.spec.pert_col].astype(str))
-        if CONTROL_CELL_COL in obs.columns and self.output != "counts":  # a control row started from itself
+        if CONTROL_CELL_COL in obs.columns and (self.output != "counts" or file == LOG1P):  # a control row started from itself
             missing = obs[CONTROL_CELL_COL].isna().to_numpy()
             obs.loc[missing, CONTROL_CELL_COL] = obs.index[missing]
         return obs
