@@ -87,6 +87,44 @@ def test_threaded_fast_scan_matches_the_plain_scan():
                     assert scan_matrix(M, chunk_rows=chunk_rows, threads=threads) == _reference_scan(M, chunk_rows)
 
 
+def test_a_backed_csr_file_is_scanned_from_its_stored_values_alone(tmp_path, monkeypatch):
+    """An uncompressed backed CSR matrix is scanned from its ``data`` read straight from the file (no row
+    blocks built: iter_row_chunks is never called), with the plain scan's findings and positions; a
+    compressed one falls back to row blocks, with the same findings."""
+    from vcell.data import matrix
+
+    rng = np.random.default_rng(1)
+    specials = [np.nan, np.inf, -0.5, -3.0, 2.0000001, 7.5, 1e6, 1e-4]
+    monkeypatch.setattr(matrix, "DIRECT_VALUES", 5)  # many blocks, the threads' merge in order
+    for case in range(40):
+        n, g = int(rng.integers(1, 40)), int(rng.integers(1, 25))
+        dtype = [np.float32, np.float64, np.int32, np.uint16][case % 4]
+        X = rng.poisson(1.0, (n, g)).astype(np.float64)
+        if case % 3 == 1:
+            X = np.log1p(X)
+        if case % 7 == 6:
+            X[:] = 0
+        for _ in range(int(rng.integers(0, 3))):
+            X[rng.integers(n), rng.integers(g)] = rng.choice(specials)
+        if np.dtype(dtype).kind in "iu":
+            X = np.nan_to_num(np.floor(X), posinf=9, neginf=-9)
+            X = np.abs(X) if np.dtype(dtype).kind == "u" else X
+        M = sp.csr_matrix(X.astype(dtype))
+        want = _reference_scan(M, 4096)
+        for compression in (None, "gzip"):
+            path = tmp_path / f"m{case}_{compression}.h5ad"
+            ad.AnnData(X=M).write_h5ad(path, compression=compression)
+            backed = read_h5ad(path, backed=True)
+            try:
+                with monkeypatch.context() as m:
+                    if compression is None:
+                        m.setattr(matrix, "iter_row_chunks", lambda *a, **k: pytest.fail("read as row blocks"))
+                    for threads in (1, 2):
+                        assert scan_matrix(backed.X, threads=threads) == want, (case, compression, threads)
+            finally:
+                backed.file.close()
+
+
 def test_atomic_paths_all_or_nothing(tmp_path):
     out = tmp_path / "new"
     with pytest.raises(RuntimeError):

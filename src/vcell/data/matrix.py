@@ -3,6 +3,7 @@ one scan of its values (NaN/inf, negative, non-integer, maximum) every expressio
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -137,7 +138,11 @@ def _first_index(vals, value):
 
 def _scan_block(block, frac_eps: float):
     """Scan one block: the vectorised summary, and the exact positions only where something was found."""
-    vals = np.ascontiguousarray(block_values(block)).reshape(-1)
+    return _scan_array(np.ascontiguousarray(block_values(block)).reshape(-1), frac_eps)
+
+
+def _scan_array(vals: np.ndarray, frac_eps: float):
+    """:func:`_scan_block` of a block's stored values."""
     if vals.size == 0:
         return None
     if vals.dtype == np.float16 or vals.dtype.kind == "b":  # numba's kernels take neither; float32 holds them exactly
@@ -160,6 +165,9 @@ def scan_matrix(X, chunk_rows: int = 4096, frac_eps: float = 1e-3, threads: int 
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
+    stats = _scan_stored_values(X, frac_eps, threads)
+    if stats is not None:
+        return stats
     stats = MatrixStats()
 
     def merge(start: int, block, found) -> None:
@@ -196,3 +204,84 @@ def scan_matrix(X, chunk_rows: int = 4096, frac_eps: float = 1e-3, threads: int 
             start0, block0, fut = pending.popleft()
             merge(start0, block0, fut.result())
     return stats
+
+
+#: Stored values :func:`_scan_stored_values` reads and scans at a time (32 MB of float32).
+DIRECT_VALUES = 1 << 23
+
+
+def _scan_stored_values(X, frac_eps: float, threads: int) -> MatrixStats | None:
+    """:func:`scan_matrix` of a backed CSR matrix whose ``data`` is uncompressed: its stored values only,
+    read straight from the file (:mod:`vcell.data.h5direct`) in blocks of :data:`DIRECT_VALUES`.
+
+    The column indices, half of the bytes, are not read, and no sparse block is built; a value's
+    row comes from ``indptr`` and its column from one element of ``indices``. ``None`` when ``X``
+    is not such a matrix (the caller then reads row blocks).
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vcell.data import h5direct
+
+    group = getattr(X, "group", None)
+    if group is None or getattr(X, "format", None) != "csr" or not h5direct.AVAILABLE:
+        return None
+    try:
+        data, indices = group["data"], group["indices"]
+        indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+        filename = group.file.filename
+    except (KeyError, TypeError, OSError):
+        return None
+    n = int(indptr[-1]) if indptr.size else 0
+    ext, _ = h5direct.extents(data)
+    if ext is None or data.ndim != 1 or n > data.shape[0] or indptr.size != X.shape[0] + 1 or (np.diff(indptr) < 0).any():
+        return None
+    fd = os.open(filename, os.O_RDONLY)
+    try:
+        if not h5direct.verify(fd, data, ext):
+            return None
+        stats = MatrixStats()
+
+        def scan(lo: int, hi: int):
+            vals = np.empty(hi - lo, dtype=ext.dtype)
+            if not h5direct.read_ranges(fd, ext, np.array([lo], np.int64), np.array([hi], np.int64), vals, np.zeros(1, np.int64)):
+                raise OSError(f"{filename}: the file is shorter than its layout says (changed or truncated)")
+            found = _scan_array(vals, frac_eps)
+            if found is None:
+                return None
+            _, n_values, positions = found
+            return n_values, positions, {k: float(vals[k]) for k in positions[:3] if k >= 0}
+
+        def where(pos: int) -> tuple[int, int]:
+            return int(np.searchsorted(indptr, pos, side="right") - 1), int(indices[pos])
+
+        def merge(lo: int, found) -> None:
+            if found is None:
+                return
+            n_values, (bad, neg, nonint, frac, vmax, pmax), values = found
+            stats.n_values += n_values
+            if bad >= 0 and stats.nan is None:
+                stats.nan = where(lo + bad)
+            if neg >= 0 and stats.negative is None:
+                stats.negative = (*where(lo + neg), values[neg])
+            if nonint >= 0:
+                stats.all_integer = False
+                if stats.non_integer is None:
+                    stats.non_integer = (*where(lo + nonint), values[nonint])
+            stats.has_fraction = stats.has_fraction or frac >= 0
+            if pmax >= 0 and (vmax > stats.max_value or stats.max_pos is None):
+                stats.max_value, stats.max_pos = float(vmax), where(lo + pmax)
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            pending: deque = deque()
+            for lo in range(0, n, DIRECT_VALUES):
+                pending.append((lo, pool.submit(scan, lo, min(lo + DIRECT_VALUES, n))))
+                if len(pending) > threads:
+                    start, fut = pending.popleft()
+                    merge(start, fut.result())
+            while pending:
+                start, fut = pending.popleft()
+                merge(start, fut.result())
+        return stats
+    finally:
+        os.close(fd)
