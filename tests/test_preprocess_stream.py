@@ -150,6 +150,34 @@ def test_hvg_and_normalisation_equal_scanpy(sim):
         assert mine.uns["hvg"] == theirs.uns["hvg"]
 
 
+@pytest.mark.parametrize("then_expm1", [False, True])
+def test_tabulated_log1p_is_the_plain_expression_to_the_bit(then_expm1):
+    """log1p_normalize looks small whole counts up in per-row tables: the same float32 bits as the plain
+    numpy expression on every value (large and fractional counts, a zero-total row, ints and float64 in)."""
+    from vcell.data import normalize
+
+    rng = np.random.default_rng(3)
+    counts = rng.negative_binomial(2, 0.15, size=(300, 200)).astype(np.float64)  # ~90% below 16, some far above
+    counts[rng.random(counts.shape) < 0.002] += 0.5  # a few fractional values
+    counts[7] = 0
+    seen = []
+    for dtype in (np.float32, np.float64, np.int64):
+        block = sparse.csr_matrix(counts.astype(dtype) if dtype is not np.int64 else np.floor(counts).astype(dtype))
+        assert block.nnz >= normalize.TABLE_COUNTS * block.shape[0]  # the tabulated path
+        totals = normalize.row_totals(block)
+        got = normalize.log1p_normalize(block, totals, 1e4, then_expm1=then_expm1)
+        scale = totals / np.float32(1e4)
+        scale = scale + (scale == 0)
+        data = block.data.astype(np.float32) / np.repeat(scale, np.diff(block.indptr))
+        want = np.expm1(np.log1p(data)) if then_expm1 else np.log1p(data)
+        assert got.data.dtype == np.float32 and got.data.tobytes() == want.tobytes()
+        np.testing.assert_array_equal(got.indices, block.indices)
+        dense = normalize.log1p_normalize(block.toarray(), totals, 1e4, then_expm1=then_expm1)
+        assert dense.tobytes() == got.toarray().tobytes()
+        seen.append(int((block.data >= normalize.TABLE_COUNTS).sum()))
+    assert min(seen) > 100  # values outside the tables were computed too
+
+
 def test_log1p_input_gene_list_and_flagged_hvgs_stream(sim, tmp_path, small_blocks):
     log = normalize_log1p(sim)  # log1p X with layers counts and extra, uns log1p
     log.X = log.X.astype(np.float64)  # the dtype of X is kept for log1p input

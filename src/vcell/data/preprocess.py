@@ -112,6 +112,12 @@ class _Rows:
                 logger.warning("%d cells have zero total counts; they stay all-zero after normalisation", self.n_empty)
         return totals
 
+    def hvg_values(self, lo: int, block, base: float | None):
+        """``expm1`` of the block's log1p values (:func:`~vcell.data.gene_selection.hvg_values`), from counts in one step."""
+        if not self.normalize:
+            return hvg_values(block, base)
+        return log1p_normalize(block, self.totals(lo, block), self.target_sum, then_expm1=True)
+
     def log1p(self, lo: int, block, cols=None):
         """The block's log1p values (of columns ``cols`` when given)."""
         sub = block if cols is None else block[:, cols]
@@ -233,7 +239,7 @@ def plan_preprocess(source, obs: pd.DataFrame, var_names: pd.Index, uns, spec: D
             groups = None if plan.keep_cells is None else np.where(plan.keep_cells, 0, -1)
             for lo, block in _passes(source, f"highly variable genes (pass {done}/{n_passes})", progress):
                 part = None if groups is None else groups[lo : lo + block.shape[0]]
-                moments.add(hvg_values(rows.log1p(lo, block), base), part)
+                moments.add(rows.hvg_values(lo, block, base), part)
             table = hvg_table(moments, var_names, n_top_genes)
             hv = table["highly_variable"].to_numpy(dtype=bool)
             logger.info(
