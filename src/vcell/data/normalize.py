@@ -129,6 +129,8 @@ def log1p_normalize(block, totals: np.ndarray, target_sum: float, then_expm1: bo
     block = _float32(block)
     if sparse.issparse(block):
         data = _csr_log1p(block, scale, then_expm1)
+        if then_expm1:  # read once by the caller (moments): the index arrays are shared, not copied
+            return sparse.csr_matrix((data, block.indices, block.indptr), shape=block.shape)
         return sparse.csr_matrix((data, block.indices.copy(), block.indptr.copy()), shape=block.shape)
     out = np.true_divide(block, scale[:, None])
     np.log1p(out, out=out)
@@ -158,41 +160,35 @@ def _csr_log1p(block: sparse.csr_matrix, scale: np.ndarray, then_expm1: bool) ->
         return f(block.data / np.repeat(scale, np.diff(block.indptr)))
     tables = f(np.arange(TABLE_COUNTS, dtype=np.float32)[None, :] / scale[:, None])
     out = np.empty_like(block.data)
-    n_other = _table_lookup(block.indptr, block.data, tables, out)
-    if n_other:
-        pos = np.empty(n_other, np.int64)
-        rows = np.empty(n_other, np.int64)
-        _untabulated(block.indptr, block.data, TABLE_COUNTS, pos, rows)
-        out[pos] = f(block.data[pos] / scale[rows])
+    room = max(4096, block.nnz // 8)  # the other values' places; all of them in the rare block that needs it
+    pos, rows = np.empty(room, np.int64), np.empty(room, np.int64)
+    n_other = _table_lookup(block.indptr, block.data, tables, out, pos, rows)
+    if n_other > room:
+        pos, rows = np.empty(n_other, np.int64), np.empty(n_other, np.int64)
+        _table_lookup(block.indptr, block.data, tables, out, pos, rows)
+    pos, rows = pos[:n_other], rows[:n_other]
+    out[pos] = f(block.data[pos] / scale[rows])
     return out
 
 
 @numba.njit(cache=True, nogil=True)
-def _table_lookup(indptr, data, tables, out):
-    """``out[p] = tables[row, data[p]]`` where ``data[p]`` is a whole number below the table's width; the number of other values."""
+def _table_lookup(indptr, data, tables, out, pos, rows):
+    """``out[p] = tables[row, data[p]]`` where ``data[p]`` is a whole number below the table's width; the
+    other values' places and rows go to ``pos`` and ``rows`` while they fit. Returns how many there are."""
     width = tables.shape[1]
-    n_other = 0
+    room = pos.size
+    k = 0
     for r in range(indptr.size - 1):
         for p in range(indptr[r], indptr[r + 1]):
             x = data[p]
             if x >= 0 and x < width and x == np.floor(x):
                 out[p] = tables[r, np.int64(x)]
             else:
-                n_other += 1
-    return n_other
-
-
-@numba.njit(cache=True, nogil=True)
-def _untabulated(indptr, data, width, pos, rows):
-    """Positions and rows of the values :func:`_table_lookup` did not look up."""
-    k = 0
-    for r in range(indptr.size - 1):
-        for p in range(indptr[r], indptr[r + 1]):
-            x = data[p]
-            if not (x >= 0 and x < width and x == np.floor(x)):
-                pos[k] = p
-                rows[k] = r
+                if k < room:
+                    pos[k] = p
+                    rows[k] = r
                 k += 1
+    return k
 
 
 def normalize_log1p(adata: ad.AnnData, target_sum: float = 1e4, counts_layer: str = "counts") -> ad.AnnData:
