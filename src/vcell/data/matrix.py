@@ -222,6 +222,7 @@ def _scan_stored_values(X, frac_eps: float, threads: int) -> MatrixStats | None:
     from concurrent.futures import ThreadPoolExecutor
 
     from vcell.data import h5direct
+    from vcell.errors import VcellError
 
     group = getattr(X, "group", None)
     if group is None or getattr(X, "format", None) != "csr" or not h5direct.AVAILABLE:
@@ -236,7 +237,10 @@ def _scan_stored_values(X, frac_eps: float, threads: int) -> MatrixStats | None:
     ext, _ = h5direct.extents(data)
     if ext is None or data.ndim != 1 or n > data.shape[0] or indptr.size != X.shape[0] + 1 or (np.diff(indptr) < 0).any():
         return None
-    fd = os.open(filename, os.O_RDONLY)
+    try:
+        fd = os.open(filename, os.O_RDONLY)
+    except OSError:  # e.g. a file h5py holds in memory
+        return None
     try:
         if not h5direct.verify(fd, data, ext):
             return None
@@ -245,7 +249,7 @@ def _scan_stored_values(X, frac_eps: float, threads: int) -> MatrixStats | None:
         def scan(lo: int, hi: int):
             vals = np.empty(hi - lo, dtype=ext.dtype)
             if not h5direct.read_ranges(fd, ext, np.array([lo], np.int64), np.array([hi], np.int64), vals, np.zeros(1, np.int64)):
-                raise OSError(f"{filename}: the file is shorter than its layout says (changed or truncated)")
+                raise VcellError(f"{filename}: the file is shorter than its layout says (it changed or is truncated)")
             found = _scan_array(vals, frac_eps)
             if found is None:
                 return None
