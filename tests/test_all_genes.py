@@ -138,6 +138,8 @@ def test_one_prediction_writes_the_counts_and_the_log1p_cells_they_were_drawn_fr
     assert list(got.obs_names) == [n for n, p in zip(written.obs_names, written.obs["target_gene"].astype(str)) if p != "non-targeting"]
     with pytest.raises(VcellError, match="add output='counts'"):
         write_prediction(tmp / "never.h5ad", model, data, "ctx_B", log1p_out=tmp / "never_cells.h5ad")
+    with pytest.raises(VcellError, match="the same file as the output"):
+        write_prediction(tmp / "never.h5ad", model, data, "ctx_B", output="counts", log1p_out=tmp / "never.h5ad", **kw)
     assert not (tmp / "never.h5ad").exists() and not (tmp / "never_cells.h5ad").exists()
 
 

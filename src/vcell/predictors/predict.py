@@ -135,6 +135,8 @@ def write_prediction(
     """
     if log1p_out is not None and parse_output(output) != "counts":
         raise VcellError("log1p_out (--log1p-out): a second, log1p file of a counts prediction; add output='counts'")
+    if log1p_out is not None and os.path.abspath(log1p_out) == os.path.abspath(out):
+        raise VcellError(f"log1p_out (--log1p-out) {log1p_out}: the same file as the output; give another path")
     job = _Job(predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth, piece_cells, all_genes,
                log1p_too=log1p_out is not None)
     files = {OUT: _Output(OUT, out)} | ({LOG1P: _Output(LOG1P, log1p_out)} if log1p_out is not None else {})
