@@ -176,6 +176,11 @@ def test_tabulated_log1p_is_the_plain_expression_to_the_bit(then_expm1, depth):
         dense = normalize.log1p_normalize(block.toarray(), totals, 1e4, then_expm1=then_expm1)
         assert dense.tobytes() == got.toarray().tobytes()
         seen.append(int((block.data >= normalize.TABLE_COUNTS).sum()))
+        wide = normalize.log1p_normalize(block, totals.astype(np.float64), 1e4, then_expm1=then_expm1)  # float64 totals
+        scale64 = totals.astype(np.float64) / 1e4
+        data64 = block.data.astype(np.float32) / np.repeat(scale64 + (scale64 == 0), np.diff(block.indptr))
+        want64 = np.expm1(np.log1p(data64)) if then_expm1 else np.log1p(data64)
+        assert wide.data.dtype == np.float64 and wide.data.tobytes() == want64.tobytes()
     assert min(seen) > (100 if depth == 1 else counts.size // 2)  # values outside the tables were computed too
 
 

@@ -121,8 +121,9 @@ def log1p_normalize(block, totals: np.ndarray, target_sum: float, then_expm1: bo
 
     ``block`` holds rows of counts (CSR or dense; any subset of the columns whose full-row sums
     are ``totals`` from :func:`row_totals`). Returns a new float32 block of the same format (CSR
-    for sparse input); the input is not modified. ``then_expm1``: ``expm1`` of that, in float32
-    (what scanpy's seurat HVG flavour computes its moments on), without a second block.
+    for sparse input; float64 if ``totals`` are); the input is not modified. ``then_expm1``:
+    ``expm1`` of that (what scanpy's seurat HVG flavour computes its moments on), without a second
+    block; a CSR result then shares the input's index arrays.
     """
     scale = totals / float(target_sum)
     scale = scale + (scale == 0)
@@ -159,7 +160,7 @@ def _csr_log1p(block: sparse.csr_matrix, scale: np.ndarray, then_expm1: bool) ->
     if block.shape[0] * TABLE_COUNTS > block.nnz:  # few values per row: no table
         return f(block.data / np.repeat(scale, np.diff(block.indptr)))
     tables = f(np.arange(TABLE_COUNTS, dtype=np.float32)[None, :] / scale[:, None])
-    out = np.empty_like(block.data)
+    out = np.empty(block.nnz, dtype=tables.dtype)  # float64 where the totals are (numpy's promotion, as computed whole)
     room = max(4096, block.nnz // 8)  # the other values' places; all of them in the rare block that needs it
     pos, rows = np.empty(room, np.int64), np.empty(room, np.int64)
     n_other = _table_lookup(block.indptr, block.data, tables, out, pos, rows)
