@@ -221,7 +221,7 @@ def _scan_stored_values(X, frac_eps: float, threads: int) -> MatrixStats | None:
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    from vcell.data import h5direct
+    import vcell.data.h5direct as h5direct
     from vcell.errors import VcellError
 
     group = getattr(X, "group", None)
