@@ -11,7 +11,7 @@ import pytest
 
 from vcell.eval.scoring import read_csv
 
-from conftest import error_line, run_cli
+from conftest import error_line, run_cli, run_cli_batch
 
 MODELS = ["control_mean", "cell_mean", "pert_mean", "context_mean", "linear"]
 
@@ -115,18 +115,20 @@ def test_bench_model_config(tmp_path, mcfaline):
     """`--model-config` reaches the st model (a tiny budget here); bad files fail in one line, before any work."""
     common = ["bench", "--data", mcfaline, "--pert-col", "perturbation", "--control", "control", "--dataset", "mcfaline23",
               "--holdout-context", "A172", "--no-report"]
-    for model, text, expected in (("st", "st: {max_step: 3}\n", "st: unknown option(s) 'max_step'"),
-                                  ("linear", "linear: {lr: 0.1}\n", "linear: unknown option(s) 'lr' (options: alphas, alpha, n_folds, pert_features)"),
-                                  ("st", "sst: {}\n", "unknown model 'sst'"),
-                                  ("st", "st_x: {model: nope}\n", "unknown model 'nope' of 'st_x'"),
-                                  ("st", "linear: {model: st}\n", "'linear' is a built-in model name"),
-                                  ("st_x", "st_x: {model: st, embed_key: X_none}\n", "no .obsm['X_none']")):
-        config = tmp_path / "bad.yaml"
-        config.write_text(text)
-        bad = run_cli(*common, "--models", model, "--model-config", config, "--out", tmp_path / "bad", timeout=60)
+    cases = (("st", "st: {max_step: 3}\n", "st: unknown option(s) 'max_step'"),
+             ("linear", "linear: {lr: 0.1}\n", "linear: unknown option(s) 'lr' (options: alphas, alpha, n_folds, pert_features)"),
+             ("st", "sst: {}\n", "unknown model 'sst'"),
+             ("st", "st_x: {model: nope}\n", "unknown model 'nope' of 'st_x'"),
+             ("st", "linear: {model: st}\n", "'linear' is a built-in model name"),
+             ("st_x", "st_x: {model: st, embed_key: X_none}\n", "no .obsm['X_none']"))
+    commands = []
+    for i, (model, text, _) in enumerate(cases):
+        (tmp_path / f"bad{i}.yaml").write_text(text)
+        commands.append([*common, "--models", model, "--model-config", tmp_path / f"bad{i}.yaml", "--out", tmp_path / f"bad{i}"])
+    for i, (bad, (_, text, expected)) in enumerate(zip(run_cli_batch(commands, timeout=300), cases)):  # one interpreter
         assert bad.returncode == 2 and expected in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
         if "X_none" not in text:  # that one fails when st_x starts training
-            assert not (tmp_path / "bad").exists()
+            assert not (tmp_path / f"bad{i}").exists()
     config = tmp_path / "st.yaml"
     tiny = "  max_steps: 3\n  set_size: 8\n  batch_size: 2\n"
     config.write_text(f"st:\n{tiny}  config: {{width: 16, n_layers: 1, n_heads: 2, encoder_layers: 1}}\n"
