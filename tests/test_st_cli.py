@@ -17,7 +17,7 @@ from vcell.data.splits import apply_split, holdout_config
 from vcell.errors import VcellError
 from vcell.predictors.registry import make_model
 
-from conftest import error_line, run_cli
+from conftest import error_line, run_cli, run_cli_batch
 
 TINY = {"width": 32, "n_layers": 1, "n_heads": 2}
 TINY_OPTS = dict(config={**TINY, "encoder_layers": 1}, max_steps=15, set_size=16, batch_size=4, accelerator="cpu")
@@ -252,23 +252,28 @@ def test_one_predict_writes_a_submission_and_the_log1p_cells_it_was_drawn_from(t
     raw.write_h5ad(tmp_path / "raw.h5ad")
     base = ["predict", "--model", run, "--data", data, "--context", "ctx_B", "--seed", "4"]
     sub = [*base, "--output", "counts", "--all-genes", tmp_path / "raw.h5ad"]
-    proc = run_cli(*sub, "--out", tmp_path / "sub.h5ad", "--log1p-out", tmp_path / "cells.h5ad")
+    # the single-output runs come first, so the two-file run cannot lean on what they left in the interpreter
+    alone_sub, alone_cells, proc, *refused = run_cli_batch([
+        [*sub, "--out", tmp_path / "sub_alone.h5ad"],
+        [*base, "--out", tmp_path / "cells_alone.h5ad"],
+        [*sub, "--out", tmp_path / "sub.h5ad", "--log1p-out", tmp_path / "cells.h5ad"],
+        [*base, "--out", tmp_path / "x.h5ad", "--log1p-out", tmp_path / "y.h5ad"],
+        [*sub, "--out", tmp_path / "x.h5ad", "--log1p-out", tmp_path / "x.h5ad"],
+        [*sub, "--out", tmp_path / "x.h5ad", "--log1p-out", tmp_path / "cells.h5ad"],
+    ])
+    assert alone_sub.returncode == alone_cells.returncode == 0, alone_sub.stderr[-3000:] + alone_cells.stderr[-3000:]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"; their log1p cells \+ 60 controls in \S*cells\.h5ad", proc.stdout), proc.stdout
-    assert run_cli(*sub, "--out", tmp_path / "sub_alone.h5ad").returncode == 0
-    assert run_cli(*base, "--out", tmp_path / "cells_alone.h5ad").returncode == 0
     for name in ("sub", "cells"):
         got, alone = ad.read_h5ad(tmp_path / f"{name}.h5ad"), ad.read_h5ad(tmp_path / f"{name}_alone.h5ad")
         np.testing.assert_array_equal(got.X.toarray(), alone.X.toarray())
         assert got.obs.astype(str).equals(alone.obs.astype(str)) and got.uns["vcell"] == alone.uns["vcell"]
         assert list(got.var_names) == list(alone.var_names)
 
-    line = error_line(run_cli(*base, "--out", tmp_path / "x.h5ad", "--log1p-out", tmp_path / "y.h5ad"))
-    assert line.startswith("error: --log1p-out") and "--output counts" in line
-    line = error_line(run_cli(*sub, "--out", tmp_path / "x.h5ad", "--log1p-out", tmp_path / "x.h5ad"))
-    assert "the same file as --out" in line
-    line = error_line(run_cli(*sub, "--out", tmp_path / "x.h5ad", "--log1p-out", tmp_path / "cells.h5ad"))
-    assert "cells.h5ad: output file already exists" in line
+    lines = [error_line(p) for p in refused]
+    assert lines[0].startswith("error: --log1p-out") and "--output counts" in lines[0]
+    assert "the same file as --out" in lines[1]
+    assert "cells.h5ad: output file already exists" in lines[2]
     assert not (tmp_path / "x.h5ad").exists() and not (tmp_path / "y.h5ad").exists()
 
 
