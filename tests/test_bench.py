@@ -94,12 +94,11 @@ def test_bench_predictions_score_the_same_under_cell_eval(bench_dir, model, tmp_
 
 
 def test_bench_bad_inputs(tmp_path, mcfaline):
-    unknown = run_cli("bench", "--data", mcfaline, "--pert-col", "perturbation", "--control", "control",
-                      "--holdout-context", "T98G", "--models", "pert_mean,linaer", "--out", tmp_path / "b")
+    common = ["bench", "--data", mcfaline, "--pert-col", "perturbation", "--control", "control"]
+    unknown, ctx = run_cli_batch([[*common, "--holdout-context", "T98G", "--models", "pert_mean,linaer", "--out", tmp_path / "b"],
+                                  [*common, "--holdout-context", "T99G", "--out", tmp_path / "c"]])
     assert unknown.returncode == 2 and "unknown model 'linaer'; did you mean 'linear'" in unknown.stderr
     assert not (tmp_path / "b").exists()
-    ctx = run_cli("bench", "--data", mcfaline, "--pert-col", "perturbation", "--control", "control",
-                  "--holdout-context", "T99G", "--out", tmp_path / "c")
     assert ctx.returncode == 2 and "unknown context 'T99G'" in ctx.stderr
 
 

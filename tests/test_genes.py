@@ -16,7 +16,7 @@ from vcell.errors import VcellError
 from vcell.features import GeneEmbeddings, data_gene_embeddings, embed_fasta
 from vcell.features.protein import ShardStore, _fingerprint, chunk, partial_dir, plan_batches, read_fasta, sequence_key
 
-from conftest import MCFALINE, real_data, run_cli
+from conftest import MCFALINE, real_data, run_cli, run_cli_batch
 
 ESM_ALPHABET = ["<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO.-", "<null_1>", "<mask>"]
 MAX_POSITIONS = 34  # a 32-residue window, so a 70-residue protein is cut into 3 chunks
@@ -321,16 +321,18 @@ def test_esm_dir_errors(tmp_path, fasta):
 
 def test_cli_embed_and_errors(esm_dir, fasta, tmp_path):
     out = tmp_path / "genes.safetensors"
-    res = run_cli("genes", "embed", "--fasta", fasta, "--esm-model", esm_dir, "--out", out, "--max-tokens", "64", "--seed", "0")
+    bad = tmp_path / "bad.fa"
+    bad.write_text(">A\nMKJ\n")
+    embed = ["genes", "embed", "--esm-model", esm_dir, "--fasta"]
+    res, again, res_bad = run_cli_batch([[*embed, fasta, "--out", out, "--max-tokens", "64", "--seed", "0"],  # one interpreter
+                                         [*embed, fasta, "--out", out],
+                                         [*embed, bad, "--out", tmp_path / "x.safetensors"]])
     assert res.returncode == 0, res.stderr
     assert "genes" in res.stdout and "esm2_tiny" in res.stdout and "1.67 mean, 2 max" in res.stdout
     emb = GeneEmbeddings.load(out)
     assert emb.names == ["TP53", "KRAS", "MYC"] and emb.dim == 16
-    res = run_cli("genes", "embed", "--fasta", fasta, "--esm-model", esm_dir, "--out", out)
-    assert res.returncode == 2 and "already exists" in res.stderr
-    bad = tmp_path / "bad.fa"
-    bad.write_text(">A\nMKJ\n")
-    res = run_cli("genes", "embed", "--fasta", bad, "--esm-model", esm_dir, "--out", tmp_path / "x.safetensors")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    res = res_bad
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [f"error: {bad}: line 2: invalid residue 'J' in the sequence of gene 'A'; expected amino-acid letters (ACDEFGHIKLMNPQRSTVWY or XBUZO)"]
 
