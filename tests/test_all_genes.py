@@ -136,9 +136,9 @@ def test_one_prediction_writes_the_counts_and_the_log1p_cells_they_were_drawn_fr
     assert written.uns["vcell"] == log1p.uns["vcell"] and written.uns["vcell"]["output"] == "log1p"
     # the counts were drawn from these cells: each counts row is a log1p row's cell, in order
     assert list(got.obs_names) == [n for n, p in zip(written.obs_names, written.obs["target_gene"].astype(str)) if p != "non-targeting"]
-    with pytest.raises(VcellError, match="add output='counts'"):
+    with pytest.raises(VcellError, match=r"add --output counts \(output='counts'\)"):
         write_prediction(tmp / "never.h5ad", model, data, "ctx_B", log1p_out=tmp / "never_cells.h5ad")
-    with pytest.raises(VcellError, match="the same file as the output"):
+    with pytest.raises(VcellError, match=r"the same file as --out \(the output\)"):
         write_prediction(tmp / "never.h5ad", model, data, "ctx_B", output="counts", log1p_out=tmp / "never.h5ad", **kw)
     assert not (tmp / "never.h5ad").exists() and not (tmp / "never_cells.h5ad").exists()
 

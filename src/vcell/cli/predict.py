@@ -40,7 +40,7 @@ def predict(
     from vcell.data.dataset import load_dataset, missing_obsm_error
     from vcell.data.io import check_output_path
     from vcell.predictors.counts import parse_depth, parse_output
-    from vcell.predictors.predict import write_prediction
+    from vcell.predictors.predict import check_log1p_out, write_prediction
     from vcell.predictors.st import STPredictor
 
     if cells_per_pert is not None and cells_per_pert < 1:
@@ -54,11 +54,8 @@ def predict(
     if output != "counts" and depth != "controls":
         raise VcellError(f"--depth {depth}: the depth of drawn counts; add --output counts (the default output is log1p)")
     inputs = [data] + ([all_genes] if all_genes is not None else [])
+    check_log1p_out(out, log1p_out, output)
     if log1p_out is not None:
-        if output != "counts":
-            raise VcellError("--log1p-out: the log1p file of a counts prediction; add --output counts (the default output is log1p: OUT)")
-        if log1p_out.resolve() == out.resolve():
-            raise VcellError(f"--log1p-out {log1p_out}: the same file as --out; give another path")
         check_output_path(log1p_out, inputs, overwrite=overwrite)
     check_output_path(out, inputs, overwrite=overwrite)
     t0 = time.perf_counter()

@@ -162,48 +162,62 @@ def scan_matrix(X, chunk_rows: int = 4096, frac_eps: float = 1e-3, threads: int 
     (cell-eval's test for log-normalised data). Blocks are scanned on ``threads`` threads, at
     most ``threads`` of them in memory at a time; positions reported are the first in row order.
     """
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
     stats = _scan_stored_values(X, frac_eps, threads)
     if stats is not None:
         return stats
     stats = MatrixStats()
 
-    def merge(start: int, block, found) -> None:
-        if found is None:
-            return
-        _, n_values, (bad, neg, nonint, frac, vmax, pmax) = found
+    def fold(job, found) -> None:
+        start, block = job
         vals = block_values(block).reshape(-1)
-        stats.n_values += n_values
-        if bad >= 0 and stats.nan is None:
-            r, c = locate(block, bad)
-            stats.nan = (start + r, c)
-        if neg >= 0 and stats.negative is None:
-            r, c = locate(block, neg)
-            stats.negative = (start + r, c, float(vals[neg]))
-        if nonint >= 0:
-            stats.all_integer = False
-            if stats.non_integer is None:
-                r, c = locate(block, nonint)
-                stats.non_integer = (start + r, c, float(vals[nonint]))
-        stats.has_fraction = stats.has_fraction or frac >= 0
-        if pmax >= 0 and (vmax > stats.max_value or stats.max_pos is None):
-            r, c = locate(block, pmax)
-            stats.max_value, stats.max_pos = float(vmax), (start + r, c)
+
+        def at(k: int) -> tuple[int, int]:
+            r, c = locate(block, k)
+            return start + r, c
+
+        _fold(stats, found, at, lambda k: float(vals[k]))
 
     chunk_rows = max(1, min(chunk_rows, -(-X.shape[0] // max(1, 4 * threads)))) if threads > 1 else chunk_rows
+    _in_order(iter_row_chunks(X, chunk_rows), lambda start, block: _scan_block(block, frac_eps), fold, threads)
+    return stats
+
+
+def _fold(stats: MatrixStats, found, at, value) -> None:
+    """Add one block's scan (:func:`_scan_array`'s result) to ``stats``, blocks taken in row order:
+    ``at(k)`` is the (row, column) of the block's ``k``-th stored value, ``value(k)`` the value."""
+    if found is None:
+        return
+    _, n_values, (bad, neg, nonint, frac, vmax, pmax) = found
+    stats.n_values += n_values
+    if bad >= 0 and stats.nan is None:
+        stats.nan = at(bad)
+    if neg >= 0 and stats.negative is None:
+        stats.negative = (*at(neg), value(neg))
+    if nonint >= 0:
+        stats.all_integer = False
+        if stats.non_integer is None:
+            stats.non_integer = (*at(nonint), value(nonint))
+    stats.has_fraction = stats.has_fraction or frac >= 0
+    if pmax >= 0 and (vmax > stats.max_value or stats.max_pos is None):
+        stats.max_value, stats.max_pos = float(vmax), at(pmax)
+
+
+def _in_order(jobs, scan, fold, threads: int) -> None:
+    """``scan(*job)`` of each job on ``threads`` threads, at most ``threads`` jobs ahead of the
+    oldest; ``fold(job, result)`` in the jobs' order."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max(1, threads)) as pool:
         pending: deque = deque()
-        for start, block in iter_row_chunks(X, chunk_rows):
-            pending.append((start, block, pool.submit(_scan_block, block, frac_eps)))
+        for job in jobs:
+            pending.append((job, pool.submit(scan, *job)))
             if len(pending) > threads:
-                start0, block0, fut = pending.popleft()
-                merge(start0, block0, fut.result())
+                done, fut = pending.popleft()
+                fold(done, fut.result())
         while pending:
-            start0, block0, fut = pending.popleft()
-            merge(start0, block0, fut.result())
-    return stats
+            done, fut = pending.popleft()
+            fold(done, fut.result())
 
 
 #: Stored values :func:`_scan_stored_values` reads and scans at a time (32 MB of float32).
@@ -218,9 +232,6 @@ def _scan_stored_values(X, frac_eps: float, threads: int) -> MatrixStats | None:
     row comes from ``indptr`` and its column from one element of ``indices``. ``None`` when ``X``
     is not such a matrix (the caller then reads row blocks).
     """
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
     import vcell.data.h5direct as h5direct
     from vcell.errors import VcellError
 
@@ -251,41 +262,19 @@ def _scan_stored_values(X, frac_eps: float, threads: int) -> MatrixStats | None:
             if not h5direct.read_ranges(fd, ext, np.array([lo], np.int64), np.array([hi], np.int64), vals, np.zeros(1, np.int64)):
                 raise VcellError(f"{filename}: the file is shorter than its layout says (it changed or is truncated)")
             found = _scan_array(vals, frac_eps)
-            if found is None:
-                return None
-            _, n_values, positions = found
-            return n_values, positions, {k: float(vals[k]) for k in positions[:3] if k >= 0}
+            # the few values a message may quote, not the block: it is freed as soon as it is scanned
+            return found, ({} if found is None else {k: float(vals[k]) for k in found[2][1:3] if k >= 0})
 
-        def where(pos: int) -> tuple[int, int]:
-            return int(np.searchsorted(indptr, pos, side="right") - 1), int(indices[pos])
+        def fold(job, result) -> None:
+            lo, _ = job
+            found, values = result
 
-        def merge(lo: int, found) -> None:
-            if found is None:
-                return
-            n_values, (bad, neg, nonint, frac, vmax, pmax), values = found
-            stats.n_values += n_values
-            if bad >= 0 and stats.nan is None:
-                stats.nan = where(lo + bad)
-            if neg >= 0 and stats.negative is None:
-                stats.negative = (*where(lo + neg), values[neg])
-            if nonint >= 0:
-                stats.all_integer = False
-                if stats.non_integer is None:
-                    stats.non_integer = (*where(lo + nonint), values[nonint])
-            stats.has_fraction = stats.has_fraction or frac >= 0
-            if pmax >= 0 and (vmax > stats.max_value or stats.max_pos is None):
-                stats.max_value, stats.max_pos = float(vmax), where(lo + pmax)
+            def at(k: int) -> tuple[int, int]:  # a value's row from indptr, its column read from the file
+                return int(np.searchsorted(indptr, lo + k, side="right") - 1), int(indices[lo + k])
 
-        with ThreadPoolExecutor(max(1, threads)) as pool:
-            pending: deque = deque()
-            for lo in range(0, n, DIRECT_VALUES):
-                pending.append((lo, pool.submit(scan, lo, min(lo + DIRECT_VALUES, n))))
-                if len(pending) > threads:
-                    start, fut = pending.popleft()
-                    merge(start, fut.result())
-            while pending:
-                start, fut = pending.popleft()
-                merge(start, fut.result())
+            _fold(stats, found, at, values.__getitem__)
+
+        _in_order(((lo, min(lo + DIRECT_VALUES, n)) for lo in range(0, n, DIRECT_VALUES)), scan, fold, threads)
         return stats
     finally:
         os.close(fd)

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -133,10 +134,7 @@ def write_prediction(
     Returns the written file's annotations (obs, var and uns; no matrix). The other parameters
     are :func:`predict_context`'s.
     """
-    if log1p_out is not None and parse_output(output) != "counts":
-        raise VcellError("log1p_out (--log1p-out): a second, log1p file of a counts prediction; add output='counts'")
-    if log1p_out is not None and os.path.abspath(log1p_out) == os.path.abspath(out):
-        raise VcellError(f"log1p_out (--log1p-out) {log1p_out}: the same file as the output; give another path")
+    check_log1p_out(out, log1p_out, output)
     job = _Job(predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth, piece_cells, all_genes,
                log1p_too=log1p_out is not None)
     files = {OUT: _Output(OUT, out)} | ({LOG1P: _Output(LOG1P, log1p_out)} if log1p_out is not None else {})
@@ -153,6 +151,18 @@ def write_prediction(
         for f in files.values():
             f.finish(job)
     return files[OUT].annotations
+
+
+def check_log1p_out(out: str | os.PathLike, log1p_out: str | os.PathLike | None, output: str) -> None:
+    """A one-line :class:`VcellError` unless ``log1p_out`` (``--log1p-out``) can go with ``out`` and ``output``:
+    it comes with a counts output only, and is another file than ``out``."""
+    if log1p_out is None:
+        return
+    if parse_output(output) != "counts":
+        raise VcellError("--log1p-out (log1p_out): a second, log1p file of a counts prediction; "
+                         "add --output counts (output='counts')")
+    if Path(log1p_out).resolve() == Path(out).resolve():
+        raise VcellError(f"--log1p-out (log1p_out) {log1p_out}: the same file as --out (the output); give another path")
 
 
 class _Output:
@@ -244,7 +254,7 @@ class _Job:
             self.uns["effect_anchor"] = predictor.effect_anchor
         self.depth, self.space = depth, space
         self.draw: CountsDraw | None = None
-        self.log1p_too = bool(log1p_too) and output == "counts"
+        self.log1p_too = log1p_too  # (a counts output: write_prediction checked)
         self.log1p_uns = dict(self.uns)
 
     def _groups(self) -> list[list[str]]:
