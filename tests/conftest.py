@@ -20,6 +20,19 @@ PAPALEXI = "papalexi2021_thp1.h5ad"
 FIXTURES = Path(__file__).resolve().parent / "data"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Run the files that hold a ``slow`` test first, then the others from the most tests to the fewest.
+
+    `make test` hands whole files to its workers in this order (``--dist loadfile
+    --no-loadscope-reorder``), so the longest tests start early instead of running alone at the end.
+    A file's own order is kept."""
+    files: dict[str, list] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    order = sorted(files.values(), key=lambda group: (not any(i.get_closest_marker("slow") for i in group), -len(group)))
+    items[:] = [item for group in order for item in group]
+
+
 def shared_path(name: str) -> Path:
     """Path of a real dataset in ../shared/data; skips the test with a clear reason if absent.
 

@@ -110,6 +110,7 @@ def test_bench_writes_a_self_contained_report(bench_dir):
     assert html.count("data:image/png;base64,") >= 5
 
 
+@pytest.mark.slow
 def test_bench_model_config(tmp_path, mcfaline):
     """`--model-config` reaches the st model (a tiny budget here); bad files fail in one line, before any work."""
     common = ["bench", "--data", mcfaline, "--pert-col", "perturbation", "--control", "control", "--dataset", "mcfaline23",

@@ -21,6 +21,7 @@ def test_version_and_help():
         assert command in helped.stdout
 
 
+@pytest.mark.slow
 def test_demo_runs(tmp_path):
     result = run_cli("demo", "--out", tmp_path / "demo", "--seed", "1", "--models", "control_mean,pert_mean")
     assert result.returncode == 0, result.stderr

@@ -147,6 +147,7 @@ def test_training_lowers_both_losses_and_predicts_genes(tiny, tmp_path):
         predictor.predict(narrow, perts, "ctx_B", cells_per_perturbation=7)
 
 
+@pytest.mark.slow
 def test_se_embed_st_predict_end_to_end(tmp_path):
     """The whole path through the real CLI: train SE, embed, train ST on the embeddings, predict genes."""
     adata = _adata()

@@ -79,6 +79,7 @@ def test_data_module_gives_each_process_its_share(tiny):
         dm.train_dataloader()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tiny, tmp_path):
     """`vcell train st --devices 2` on CPU (gloo), stopped at step 4 and resumed to 8, ends with the weights of
     one process trained 8 steps on the same global batch of 8 sets, within TOL (measured: ~7e-8)."""
