@@ -473,6 +473,27 @@ def test_energy_distance_matches_brute_force_dense_and_sparse():
     assert energy_distances(["p"], blocks.__getitem__, b)[0] == pytest.approx(brute, rel=1e-12)
 
 
+@pytest.mark.parametrize("density", [0.02, 0.4])
+@pytest.mark.parametrize("block_bytes", [8 * 12 * 4, 32 << 20])
+def test_sparse_cells_give_the_distances_of_their_dense_form(monkeypatch, density, block_bytes):
+    """Sparse cells dense enough to be multiplied as dense blocks (blocks of 4 rows, or one block) and
+    sparser ones multiplied as sparse give the dense cells' distances, in float64 and float32."""
+    from scipy.spatial.distance import cdist
+
+    from vcell.eval.metrics import _energy
+
+    monkeypatch.setattr(_energy, "DENSE_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(1)
+    a = rng.gamma(1.0, 1.0, (30, 12)) * (rng.random((30, 12)) < density)
+    b = rng.gamma(1.0, 1.0, (45, 12)) * (rng.random((45, 12)) < density)
+    assert (_energy._density(sp.csr_matrix(a)) >= _energy.DENSE_FROM) == (density > 0.1)
+    brute = 2 * cdist(a, b).mean() - cdist(a, a).mean() - cdist(b, b).mean()
+    assert energy_distance(sp.csr_matrix(a), sp.csr_matrix(b)) == pytest.approx(brute, rel=1e-12)
+    assert mean_pairwise_distance(sp.csr_matrix(a), sp.csr_matrix(b), chunk=7) == pytest.approx(cdist(a, b).mean(), rel=1e-12)
+    a32, b32 = a.astype(np.float32), b.astype(np.float32)
+    assert energy_distance(sp.csr_matrix(a32), sp.csr_matrix(b32)) == energy_distance(a32, b32)
+
+
 def test_pearson_edistance_takes_precomputed_or_lazy_distances():
     perts, genes = np.array(["A", "B", "C"]), np.array(["x", "y"])
     bulk, zeros = np.zeros((3, 2)), np.zeros(2)
