@@ -31,12 +31,13 @@ demo: $(VENV)/.installed
 	$(BIN)/vcell demo --overwrite
 
 # One pytest worker per core, up to 4, a test file per worker at a time (module fixtures are built once),
-# in the order tests/conftest.py gives (slow files first); `make test PYTEST_ARGS=` runs it in one process.
+# in the order tests/conftest.py gives; `make test PYTEST_ARGS=` runs it in one process. Idle OpenMP
+# threads sleep instead of spinning, which otherwise takes CPU from the other worker.
 PYTEST_ARGS ?= -n logical --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -18,19 +18,20 @@ PAPALEXI = "papalexi2021_thp1.h5ad"
 
 
 FIXTURES = Path(__file__).resolve().parent / "data"
+#: Test files started first in a parallel run: the README quick start is the longest single test
+#: (~2 min alone); started last, it ran alone at the end of `make test`.
+FIRST = ("tests/test_quickstart.py",)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Run the files that hold a ``slow`` test first, then the others from the most tests to the fewest.
-
-    `make test` hands whole files to its workers in this order (``--dist loadfile
-    --no-loadscope-reorder``), so the longest tests start early instead of running alone at the end.
-    A file's own order is kept."""
+    """Order the files as `make test` hands them to its workers (``--dist loadfile
+    --no-loadscope-reorder``): ``FIRST``, then the others from the most tests to the fewest
+    (pytest-xdist's own order). A file's tests keep their order."""
     files: dict[str, list] = {}
     for item in items:
         files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
-    order = sorted(files.values(), key=lambda group: (not any(i.get_closest_marker("slow") for i in group), -len(group)))
-    items[:] = [item for group in order for item in group]
+    order = sorted(files.items(), key=lambda kv: (kv[0] not in FIRST, -len(kv[1])))
+    items[:] = [item for _, group in order for item in group]
 
 
 def shared_path(name: str) -> Path:
