@@ -332,9 +332,8 @@ def test_cli_embed_and_errors(esm_dir, fasta, tmp_path):
     emb = GeneEmbeddings.load(out)
     assert emb.names == ["TP53", "KRAS", "MYC"] and emb.dim == 16
     assert again.returncode == 2 and "already exists" in again.stderr
-    res = res_bad
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines() == [f"error: {bad}: line 2: invalid residue 'J' in the sequence of gene 'A'; expected amino-acid letters (ACDEFGHIKLMNPQRSTVWY or XBUZO)"]
+    assert res_bad.returncode == 2 and "Traceback" not in res_bad.stderr
+    assert res_bad.stderr.strip().splitlines() == [f"error: {bad}: line 2: invalid residue 'J' in the sequence of gene 'A'; expected amino-acid letters (ACDEFGHIKLMNPQRSTVWY or XBUZO)"]
 
 
 def test_cli_embed_without_transformers(tmp_path, fasta, esm_dir):

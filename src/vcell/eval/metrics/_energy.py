@@ -59,13 +59,11 @@ def _gram(a, b) -> np.ndarray:
     if min(_density(a), _density(b)) < DENSE_FROM:
         return _dense(a @ b.T)
     rows = max(1, DENSE_BLOCK_BYTES // (8 * a.shape[1]))
-    a_whole = _dense(a) if a.shape[0] <= rows else None
     out = np.empty((a.shape[0], b.shape[0]))
-    for j in range(0, b.shape[0], rows):
-        other = _dense(b[j:j + rows]).T
-        for i in range(0, a.shape[0], rows):
-            block = a_whole if a_whole is not None else _dense(a[i:i + rows])
-            out[i:i + rows, j:j + rows] = block @ other
+    for i in range(0, a.shape[0], rows):
+        block = _dense(a[i:i + rows])
+        for j in range(0, b.shape[0], rows):
+            out[i:i + rows, j:j + rows] = block @ _dense(b[j:j + rows]).T
     return out
 
 
