@@ -84,6 +84,40 @@ def test_short_groups_padded_in_train_left_short_in_test(mcf):
         assert len(s.control_rows) == s.size
 
 
+
+def test_control_sets_map_each_training_context_controls_to_other_controls(mcf, pap):
+    data, split = mcf
+    idx = data.index
+    plain = CellSetSampler(idx, split, "train", 32, "random", seed=5).plan()
+    sets = CellSetSampler(idx, split, "train", 32, "random", seed=5, control_sets=True).plan()
+    ctrl = [s for s in sets if s.pert_code == idx.control_code]
+    assert len(sets) - len(ctrl) == len(plain) and ctrl
+    assert {s.perturbation for s in ctrl} == {"control"}
+    keys = idx.context_keys()
+    for line in ("A172", "U87MG"):  # the training lines; T98G is held out and gets no control sets
+        mine = [s for s in ctrl if s.context == line]
+        groups = [g for g in CellSetSampler(idx, split, "train", 32, "random").groups.itertuples() if g.context == line]
+        targets = np.unique(np.concatenate([s.pert_rows for s in mine]))
+        assert len(targets) == int(np.ceil(np.mean([g.n_cells for g in groups])))  # as many as an average perturbation
+        basal = np.concatenate([s.control_rows for s in mine])
+        pool = np.flatnonzero(idx.is_control & (keys == f"mcfaline23.{line}"))
+        assert np.isin(targets, pool).all() and np.isin(basal, pool).all()
+        assert not np.isin(basal, targets).any()  # the basal cells are other controls
+        assert all(s.size == 32 for s in mine)
+    assert not [s for s in ctrl if s.context == "T98G"]
+    again = CellSetSampler(idx, split, "train", 32, "random", seed=5, control_sets=True)
+    assert _plan_key(again.plan(0)) == _plan_key(sets) and _plan_key(again.plan(1)) != _plan_key(sets)
+    # evaluation sets never hold control sets
+    assert not [s for s in CellSetSampler(idx, split, "test", 32, "random", train=False, control_sets=True).plan()
+                if s.pert_code == idx.control_code]
+    # with batch-matched controls: one draw per (context, batch), from that batch's controls
+    pidx = pap.index
+    bsets = [s for s in CellSetSampler(pidx, None, "train", 64, "batch", seed=1, control_sets=True).plan()
+             if s.pert_code == pidx.control_code]
+    assert {s.batch for s in bsets} == {"rep_1", "rep_2", "rep_3"}
+    for s in bsets:
+        assert (pidx.batch_codes[s.pert_rows] == s.batch_code).all() and (pidx.batch_codes[s.control_rows] == s.batch_code).all()
+
 def test_batch_matched_controls_with_fallback(pap):
     idx = pap.index
     sampler = CellSetSampler(idx, None, "train", 64, control_strategy="batch", seed=1)

@@ -173,6 +173,32 @@ def test_effect_anchor_sets_the_mean_and_onehot_dropout_needs_both_parts(planted
     assert json.loads((both / "last" / "config.json").read_text())["model"]["onehot_dropout"] == 0.5
 
 
+
+def test_control_relative_st_reads_its_effect_against_its_own_control_prediction(planted_run, tmp_path):
+    from vcell.nn.transition import STConfig
+
+    adata, data, path, _ = planted_run
+    split = _split(data)
+    with pytest.raises(VcellError, match="control_relative needs predict_residual and output_dim equal to input_dim"):
+        STConfig(input_dim=24, pert_dim=4, output_dim=12, control_relative=True)
+    out = train_st(data, split, tmp_path / "rel", {**TINY, "control_relative": True}, pert_features=str(path), max_steps=30,
+                   seed=0, **FAST)
+    assert json.loads((out / "last" / "config.json").read_text())["model"]["control_relative"] is True
+    model = STPredictor.from_checkpoint(out, checkpoint="last", set_size=256, accelerator="cpu")  # one set per perturbation
+    controls = model.prepare_controls(adata[adata.obs["target_gene"] == "non-targeting"].copy())
+    cells = model.predict_cells(controls, ["U", "S", "non-targeting"], cells_per_perturbation=96, seed=0)
+    draws = model.source_controls(controls.n_obs, ["U", "S", "non-targeting"], 96, seed=0)
+    feats = model.features.encode(["U", "S", "non-targeting"], "non-targeting")
+    with torch.no_grad():
+        for i, p in enumerate(["U", "S", "non-targeting"]):
+            x = torch.from_numpy(controls.X[draws[i]].toarray())[None]
+            raw = model.model(x, feats[i:i + 1])
+            drift = (model.model(x, torch.zeros_like(feats[i:i + 1])) - x).mean(dim=1, keepdim=True)
+            np.testing.assert_allclose(cells[p], np.clip((raw - drift)[0].numpy(), 0, None), atol=1e-5)
+            assert not np.allclose(cells[p], np.clip(raw[0].numpy(), 0, None), atol=1e-3)  # the correction is not zero
+    # the control label gives back the controls' mean (its set's drift is itself)
+    np.testing.assert_allclose(cells["non-targeting"].mean(axis=0), controls.X[draws[2]].toarray().mean(axis=0), atol=1e-5)
+
 def test_bench_refuses_a_onehot_st_on_unseen_targets_before_training(tmp_path):
     from vcell.leaderboard import run_bench
     from vcell.predictors.registry import make_model

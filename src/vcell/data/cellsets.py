@@ -8,6 +8,7 @@ the numbers); :class:`CellSetDataset` reads those rows from memory or from a bac
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +71,11 @@ class CellSetSampler:
         mode keeps every cell once, in file order, and leaves the last set of a group short.
     seed
         Seed of every random draw; the plan of an epoch depends only on (seed, epoch).
+    control_sets
+        Train mode only: each context (and batch, with ``control_strategy="batch"``) that has
+        perturbed groups also gets sets of the control label, control cells as the target and
+        other control cells of the same pool as the basal cells, as many cells per epoch as its
+        average perturbed group (so the model learns that the control label changes nothing).
     """
 
     def __init__(
@@ -81,6 +87,7 @@ class CellSetSampler:
         control_strategy: str = "batch",
         train: bool = True,
         seed: int = 0,
+        control_sets: bool = False,
     ):
         if set_size < 1:
             raise VcellError(f"cell set size must be >= 1, got {set_size}")
@@ -88,6 +95,7 @@ class CellSetSampler:
             raise VcellError(f"unknown control strategy {control_strategy!r}; use one of {', '.join(CONTROL_STRATEGIES)}")
         self.index, self.role, self.set_size = index, role, set_size
         self.control_strategy, self.train, self.seed = control_strategy, train, seed
+        self.control_sets = bool(control_sets and train)
         by_batch = control_strategy == "batch"
         mask = split.mask(role) if split is not None else None
         self.groups = index.groups(by_batch=by_batch, mask=mask)
@@ -153,8 +161,45 @@ class CellSetSampler:
                         n_distinct=n_distinct,
                     )
                 )
+        if self.control_sets:
+            sets += self._control_plan(rng)
         if self.train:
             sets = [sets[i] for i in rng.permutation(len(sets))]
+        return sets
+
+    def _control_plan(self, rng: np.random.Generator) -> list[CellSet]:
+        """Sets of the control label (see ``control_sets``): per pool of the perturbed groups'
+        contexts (and batches), a fresh draw of as many control cells as the pool's average
+        perturbed group, each set's basal cells drawn from the pool's other controls."""
+        by_batch = self.control_strategy == "batch"
+        keys = ["dataset_code", "context_code"] + (["batch_code"] if by_batch else [])
+        sets: list[CellSet] = []
+        S = self.set_size
+        for key, groups in self.groups.groupby(keys, sort=True):
+            first = groups.iloc[0]
+            pool = self._control_pool(first)
+            size = min(pool.size, math.ceil(groups["n_cells"].mean()))
+            if size == 0:
+                continue
+            drawn = rng.permutation(pool)
+            targets, rest = drawn[:size], drawn[size:]
+            basal_pool = rest if rest.size else pool
+            batch = first["batch"] if by_batch else None
+            for start in range(0, size, S):
+                chunk = targets[start:start + S]
+                n_distinct = len(chunk)
+                if len(chunk) < S:
+                    chunk = np.concatenate([chunk, rng.choice(targets, size=S - len(chunk), replace=True)])
+                sets.append(CellSet(
+                    dataset=str(first["dataset"]), context=str(first["context"]),
+                    perturbation=str(self.index.perts[self.index.control_code]),
+                    batch=None if batch is None else str(batch),
+                    context_code=int(first["context_code"]), pert_code=int(self.index.control_code),
+                    batch_code=int(first["batch_code"]) if by_batch else 0,
+                    pert_rows=np.asarray(chunk, dtype=np.int64),
+                    control_rows=np.asarray(_draw(rng, basal_pool, len(chunk)), dtype=np.int64),
+                    n_distinct=n_distinct,
+                ))
         return sets
 
 

@@ -60,6 +60,14 @@ class STConfig(ModelConfig):
     ``pert_vocab``. ``onehot_dropout`` (features ``onehot,FILE`` only): in training, each cell
     set's one-hot part is zeroed with this probability, so the model also learns to read a seen
     target from its table vector alone, which is all an unseen target has.
+
+    ``control_relative``: training also maps each training context's control cells to other
+    control cells of it under the control label (a zero perturbation vector), and prediction reads
+    the model relative to that: a cell's prediction is the cell plus the difference between the
+    model's output for the perturbation and for the control label, both from the same cell set.
+    What the model does to a context's cells regardless of the perturbation (its drift on a context
+    it never trained on) cancels. Needs ``predict_residual`` in one space (``output_dim ==
+    input_dim``); prediction costs two forward passes.
     """
 
     input_dim: int
@@ -81,6 +89,7 @@ class STConfig(ModelConfig):
     detach_gene_decoder: bool = True
     pert_table_rows: int = 0
     onehot_dropout: float = 0.0
+    control_relative: bool = False
 
     KIND: ClassVar[str] = "ST"
     REQUIRED: ClassVar[tuple[str, ...]] = ("input_dim", "pert_dim")
@@ -103,6 +112,9 @@ class STConfig(ModelConfig):
             raise VcellError(f"ST config: pert_table_rows must be >= 0, got {self.pert_table_rows}")
         if self.gene_loss_weight < 0:
             raise VcellError(f"ST config: gene_loss_weight must be >= 0, got {self.gene_loss_weight}")
+        if self.control_relative and not (self.predict_residual and self.output_dim == self.input_dim):
+            raise VcellError("ST config: control_relative needs predict_residual and output_dim equal to input_dim "
+                             f"(got predict_residual {self.predict_residual}, {self.input_dim} -> {self.output_dim})")
 
 
 class StateTransition(nn.Module):

@@ -278,6 +278,8 @@ class STPredictor(Predictor):
 
         Cell sets of at most ``options.set_size`` control cells, ``batch_size`` sets (default
         ``options.batch_size``) per forward pass; the result does not depend on either.
+        A ``control_relative`` model (:class:`~vcell.nn.transition.STConfig`) runs each set twice, with
+        the perturbation and with the control label, and returns the cells plus the difference.
         """
         self._require_fitted()
         self.check_perturbations(perturbations)
@@ -302,6 +304,7 @@ class STPredictor(Predictor):
         if device.type == "cpu":
             keep_freed_heap()
         model = self._inference_model(device)
+        relative = self.model_config.control_relative
         bs = batch_size or max(1, self.options.batch_size)
         # Batch sets of similar size together so little of each batch is padding; the results
         # go back to job order (padding never changes a real cell's output: keys are masked).
@@ -320,8 +323,13 @@ class STPredictor(Predictor):
             for start in range(0, len(order), bs):
                 part = order[start:start + bs]
                 batch = collate_cell_sets([self._set_item(jobs[j], basal, genes if key is not None else None) for j in part])
-                x = batch["basal"].to(device)
-                pred = model(x, feats[batch["pert"]].to(device), mask=batch["mask"].to(device))
+                x, mask = batch["basal"].to(device), batch["mask"].to(device)
+                pert = feats[batch["pert"]].to(device)
+                pred = model(x, pert, mask=mask)
+                if relative:  # minus the mean change the model makes to the set under the control label
+                    drift = model(x, torch.zeros_like(pert), mask=mask).float() - x
+                    w = mask[..., None].to(drift.dtype)
+                    pred = pred.float() - (drift * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True)
                 if key is not None:
                     pred = model.decode_genes(pred, x, batch["basal_genes"].to(device))
                 pred = pred.float().cpu().numpy()

@@ -242,7 +242,8 @@ class CellSetDataModule(L.LightningDataModule):
     """Train/val cell-set batches of a :class:`PerturbationData` under a :class:`Split`.
 
     ``embed_key``: the sets hold the cells' ``.obsm[embed_key]`` embeddings, plus their genes
-    (``X``) for the gene decoder.
+    (``X``) for the gene decoder. ``control_sets``: the training sets include control-label sets
+    (:class:`~vcell.data.cellsets.CellSetSampler`; for ``STConfig.control_relative``).
 
     The train plan of epoch ``e`` depends only on ``(seed, e)``; the data loaders are rebuilt
     every epoch (``reload_dataloaders_every_n_epochs=1``) to draw it.
@@ -258,6 +259,7 @@ class CellSetDataModule(L.LightningDataModule):
         control_strategy: str = STTrainOptions.control_strategy,
         num_workers: int = 0,
         embed_key: str | None = None,
+        control_sets: bool = False,
     ):
         super().__init__()
         if batch_size < 1:
@@ -268,7 +270,7 @@ class CellSetDataModule(L.LightningDataModule):
         genes = row_source(data.adata, data.path)
         rows, gene_rows = (genes, None) if embed_key is None else (row_source(data.adata, data.path, f"obsm/{embed_key}"), genes)
         idx = data.index
-        train = CellSetSampler(idx, split, "train", set_size, control_strategy, True, seed)
+        train = CellSetSampler(idx, split, "train", set_size, control_strategy, True, seed, control_sets=control_sets)
         self.train_set = CellSetDataset(train, rows, gene_rows=gene_rows)
         if len(self.train_set) == 0:
             raise VcellError("the split has no training cells")
@@ -449,6 +451,6 @@ def train_st(
         check_resume(start, read_config(start), module.checkpoint_meta())
     with status("building the cell sets"):
         dm = CellSetDataModule(data, split, options.batch_size, options.set_size, options.seed, options.control_strategy,
-                               options.num_workers, embed_key)
+                               options.num_workers, embed_key, control_sets=module.config.control_relative)
     fit(module, dm, out_dir, options, start)
     return out_dir
