@@ -23,16 +23,20 @@ target it knows nothing of. The 2026 score needs raw counts: Papalexi's are in t
 McFaline's and Norman's are recovered exactly from their log1p values (the data README).
 
 ST runs at ``vcell bench``'s default CPU budget (preset ``small``, 300 steps x 8 sets x 64 cells,
-lr 1e-4, fp32) in three variants: ``st_kang`` (``onehot,KANG`` features), ``st_kang_drop`` (the
-same with ``onehot_dropout: 0.5``) and ``st_kang_krr`` (``st_kang`` with ``effect_anchor:
-kernel_ridge``). The variants were chosen on the Papalexi folds (the developer folds) and
-confirmed on the others::
+lr 1e-4, fp32) in five variants: ``st_kang`` (``onehot,KANG`` features), ``st_kang_drop`` (the
+same with ``onehot_dropout: 0.5``), ``st_kang_krr`` (``st_kang`` with ``effect_anchor:
+kernel_ridge``), ``st_kang_ctrl`` (``st_kang`` with ``control_relative: true``) and
+``st_kang_drop_ctrl`` (both options). ``st_kang_drop`` and ``st_kang_krr`` were chosen on the
+Papalexi folds (the developer folds) and confirmed on the others; ``control_relative`` was
+designed for McFaline's unseen lines (benchmarks/README.md says how each table was run)::
 
     .venv/bin/python benchmarks/unseen_perturbations.py --work /tmp/vcell-unseen --only papalexi \
         --models control_mean,pert_mean,linear,linear_kang,kernel_ridge_kang,st_kang
     .venv/bin/python benchmarks/unseen_perturbations.py --work /tmp/vcell-unseen --only papalexi \
         --models st_kang_drop,st_kang_krr --tag variants
     .venv/bin/python benchmarks/unseen_perturbations.py --work /tmp/vcell-unseen --only mcfaline,norman_singles,norman_doubles
+    .venv/bin/python benchmarks/unseen_perturbations.py --work /tmp/vcell-unseen --only papalexi,mcfaline \
+        --models control_mean,pert_mean,linear,linear_kang,kernel_ridge_kang,st_kang,st_kang_drop,st_kang_ctrl --tag ctrl
 
 (benchmarks/README.md says which models each recorded table ran.)
 """
@@ -65,6 +69,8 @@ MODELS = {
     "st_kang": {"model": "st", "pert_features": "onehot,KANG"},
     "st_kang_drop": {"model": "st", "pert_features": "onehot,KANG", "config": {"onehot_dropout": 0.5}},
     "st_kang_krr": {"model": "st", "pert_features": "onehot,KANG", "effect_anchor": "kernel_ridge"},
+    "st_kang_ctrl": {"model": "st", "pert_features": "onehot,KANG", "config": {"control_relative": True}},
+    "st_kang_drop_ctrl": {"model": "st", "pert_features": "onehot,KANG", "config": {"onehot_dropout": 0.5, "control_relative": True}},
 }
 #: The models of one run unless --models says otherwise (cell_mean is added by vcell bench).
 DEFAULT_MODELS = "control_mean,pert_mean,linear,linear_kang,kernel_ridge_kang,st_kang,st_kang_drop"
