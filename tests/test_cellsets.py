@@ -84,7 +84,6 @@ def test_short_groups_padded_in_train_left_short_in_test(mcf):
         assert len(s.control_rows) == s.size
 
 
-
 def test_control_sets_map_each_training_context_controls_to_other_controls(mcf, pap):
     data, split = mcf
     idx = data.index
@@ -117,6 +116,7 @@ def test_control_sets_map_each_training_context_controls_to_other_controls(mcf, 
     assert {s.batch for s in bsets} == {"rep_1", "rep_2", "rep_3"}
     for s in bsets:
         assert (pidx.batch_codes[s.pert_rows] == s.batch_code).all() and (pidx.batch_codes[s.control_rows] == s.batch_code).all()
+
 
 def test_batch_matched_controls_with_fallback(pap):
     idx = pap.index

@@ -173,7 +173,6 @@ def test_effect_anchor_sets_the_mean_and_onehot_dropout_needs_both_parts(planted
     assert json.loads((both / "last" / "config.json").read_text())["model"]["onehot_dropout"] == 0.5
 
 
-
 def test_control_relative_st_reads_its_effect_against_its_own_control_prediction(planted_run, tmp_path):
     from vcell.nn.transition import STConfig
 
@@ -198,6 +197,7 @@ def test_control_relative_st_reads_its_effect_against_its_own_control_prediction
             assert not np.allclose(cells[p], np.clip(raw[0].numpy(), 0, None), atol=1e-3)  # the correction is not zero
     # the control label gives back the controls' mean (its set's drift is itself)
     np.testing.assert_allclose(cells["non-targeting"].mean(axis=0), controls.X[draws[2]].toarray().mean(axis=0), atol=1e-5)
+
 
 def test_bench_refuses_a_onehot_st_on_unseen_targets_before_training(tmp_path):
     from vcell.leaderboard import run_bench

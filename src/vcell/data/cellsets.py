@@ -137,45 +137,51 @@ class CellSetSampler:
         """The cell sets of ``epoch`` (train mode: shuffled; same seed and epoch, same sets)."""
         rng = np.random.default_rng([self.seed, epoch])
         sets: list[CellSet] = []
-        S = self.set_size
         for g in self.groups.itertuples(index=False):
             cells = rng.permutation(g.cells) if self.train else g.cells
-            controls = self._control_pool(g)
-            batch = getattr(g, "batch", None)
-            for start in range(0, len(cells), S):
-                chunk = cells[start : start + S]
-                n_distinct = len(chunk)
-                if self.train and len(chunk) < S:
-                    chunk = np.concatenate([chunk, rng.choice(g.cells, size=S - len(chunk), replace=True)])
-                sets.append(
-                    CellSet(
-                        dataset=str(g.dataset),
-                        context=str(g.context),
-                        perturbation=str(g.perturbation),
-                        batch=None if batch is None else str(batch),
-                        context_code=int(g.context_code),
-                        pert_code=int(g.perturbation_code),
-                        batch_code=int(getattr(g, "batch_code", 0)),
-                        pert_rows=np.asarray(chunk, dtype=np.int64),
-                        control_rows=np.asarray(_draw(rng, controls, len(chunk)), dtype=np.int64),
-                        n_distinct=n_distinct,
-                    )
-                )
+            sets += self._cut(rng, g, cells, g.cells, self._control_pool(g), str(g.perturbation), int(g.perturbation_code))
         if self.control_sets:
             sets += self._control_plan(rng)
         if self.train:
             sets = [sets[i] for i in rng.permutation(len(sets))]
         return sets
 
+    def _cut(self, rng: np.random.Generator, g, cells: np.ndarray, pad_from: np.ndarray, controls: np.ndarray,
+             perturbation: str, pert_code: int) -> list[CellSet]:
+        """``cells`` of group ``g`` (its dataset, context and batch) cut into sets of S, the last one
+        padded in train mode by resampling ``pad_from``, each with its basal cells drawn from ``controls``."""
+        S = self.set_size
+        batch = getattr(g, "batch", None)
+        sets = []
+        for start in range(0, len(cells), S):
+            chunk = cells[start : start + S]
+            n_distinct = len(chunk)
+            if self.train and len(chunk) < S:
+                chunk = np.concatenate([chunk, rng.choice(pad_from, size=S - len(chunk), replace=True)])
+            sets.append(
+                CellSet(
+                    dataset=str(g.dataset),
+                    context=str(g.context),
+                    perturbation=perturbation,
+                    batch=None if batch is None else str(batch),
+                    context_code=int(g.context_code),
+                    pert_code=pert_code,
+                    batch_code=int(getattr(g, "batch_code", 0)),
+                    pert_rows=np.asarray(chunk, dtype=np.int64),
+                    control_rows=np.asarray(_draw(rng, controls, len(chunk)), dtype=np.int64),
+                    n_distinct=n_distinct,
+                )
+            )
+        return sets
+
     def _control_plan(self, rng: np.random.Generator) -> list[CellSet]:
         """Sets of the control label (see ``control_sets``): per pool of the perturbed groups'
         contexts (and batches), a fresh draw of as many control cells as the pool's average
         perturbed group, each set's basal cells drawn from the pool's other controls."""
-        by_batch = self.control_strategy == "batch"
-        keys = ["dataset_code", "context_code"] + (["batch_code"] if by_batch else [])
+        keys = ["dataset_code", "context_code"] + (["batch_code"] if self.control_strategy == "batch" else [])
+        control = int(self.index.control_code)
         sets: list[CellSet] = []
-        S = self.set_size
-        for key, groups in self.groups.groupby(keys, sort=True):
+        for _, groups in self.groups.groupby(keys, sort=True):
             first = groups.iloc[0]
             pool = self._control_pool(first)
             size = min(pool.size, math.ceil(groups["n_cells"].mean()))
@@ -183,23 +189,7 @@ class CellSetSampler:
                 continue
             drawn = rng.permutation(pool)
             targets, rest = drawn[:size], drawn[size:]
-            basal_pool = rest if rest.size else pool
-            batch = first["batch"] if by_batch else None
-            for start in range(0, size, S):
-                chunk = targets[start:start + S]
-                n_distinct = len(chunk)
-                if len(chunk) < S:
-                    chunk = np.concatenate([chunk, rng.choice(targets, size=S - len(chunk), replace=True)])
-                sets.append(CellSet(
-                    dataset=str(first["dataset"]), context=str(first["context"]),
-                    perturbation=str(self.index.perts[self.index.control_code]),
-                    batch=None if batch is None else str(batch),
-                    context_code=int(first["context_code"]), pert_code=int(self.index.control_code),
-                    batch_code=int(first["batch_code"]) if by_batch else 0,
-                    pert_rows=np.asarray(chunk, dtype=np.int64),
-                    control_rows=np.asarray(_draw(rng, basal_pool, len(chunk)), dtype=np.int64),
-                    n_distinct=n_distinct,
-                ))
+            sets += self._cut(rng, first, targets, targets, rest if rest.size else pool, str(self.index.perts[control]), control)
         return sets
 
 

@@ -63,10 +63,10 @@ class STConfig(ModelConfig):
 
     ``control_relative``: training also maps each training context's control cells to other
     control cells of it under the control label (a zero perturbation vector), and prediction reads
-    the model relative to that: a cell's prediction is the cell plus the difference between the
-    model's output for the perturbation and for the control label, both from the same cell set.
-    What the model does to a context's cells regardless of the perturbation (its drift on a context
-    it never trained on) cancels. Needs ``predict_residual`` in one space (``output_dim ==
+    the model relative to that: each predicted cell set is shifted by minus the mean change the
+    model makes to the same set under the control label. What the model does to a context's cells
+    regardless of the perturbation (its drift on a context it never trained on) cancels; its
+    cell-level spread is kept. Needs ``predict_residual`` in one space (``output_dim ==
     input_dim``); prediction costs two forward passes.
     """
 

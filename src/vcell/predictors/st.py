@@ -279,7 +279,8 @@ class STPredictor(Predictor):
         Cell sets of at most ``options.set_size`` control cells, ``batch_size`` sets (default
         ``options.batch_size``) per forward pass; the result does not depend on either.
         A ``control_relative`` model (:class:`~vcell.nn.transition.STConfig`) runs each set twice, with
-        the perturbation and with the control label, and returns the cells plus the difference.
+        the perturbation and with the control label, and shifts the first output by minus the mean
+        change the second made to the set.
         """
         self._require_fitted()
         self.check_perturbations(perturbations)
