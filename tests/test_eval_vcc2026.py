@@ -754,3 +754,20 @@ def test_prep_2026_reads_and_writes_a_block_of_cells_at_a_time(tiny, tmp_path, m
     with pytest.raises(VcellError, match=rf"late\.h5ad: value 0\.5 at cell 13 \('{src.obs[PERT_COL].astype(str).iloc[13]}'\), gene '{genes[2]}'"):
         submission.prepare_submission_2026(path, tmp_path / "late_out.h5ad", genes=tmp_path / "genes.csv")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["genes.csv", "late.h5ad", "shuffled.h5ad", "sub.h5ad"]
+
+
+def test_a_context_whose_every_scale_is_degenerate_scores_nan_quietly(caplog):
+    """Lenient scoring (bench) of a context where the baseline already equals the replicate on every
+    metric: each metric is logged and left out, the context score is NaN, and numpy's
+    empty-slice RuntimeWarning does not reach the user."""
+    from vcell.eval.vcc2026.scale import ORDER, score_context
+
+    same = {m: (0.0 if m in ("expr_mse_unbiased_capped_norm", "de_wilcoxon_lfc_nmae") else 1.0) for m in ORDER}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = score_context(dict(same), dict(same), dict(same), strict=False)
+    avg = table.set_index("metric").loc["avg_score"]
+    assert math.isnan(avg["score"]) and math.isnan(avg["from_baseline"])
+    assert sum("left out of the score" in r.message for r in caplog.records) == 2 * len(ORDER)
+    with pytest.raises(Exception, match="degenerate"):
+        score_context(dict(same), dict(same), dict(same))  # strict (vcell eval score): an error

@@ -94,9 +94,15 @@ def score_context(user: dict[str, float], baseline: dict[str, float], replicate:
         })
     table = pd.DataFrame(rows)
     avg = {"metric": "avg_score", "value": math.nan, "baseline": math.nan, "replicate": math.nan,
-           "from_baseline": float(np.nanmean(table["from_baseline"])),
-           "score": float(np.nanmean(table["score"])) if replicate is not None else math.nan}
+           "from_baseline": _mean_of_scored(table["from_baseline"]), "score": _mean_of_scored(table["score"])}
     return pd.concat([table, pd.DataFrame([avg])], ignore_index=True)
+
+
+def _mean_of_scored(values: pd.Series) -> float:
+    """``nanmean`` of ``values``; NaN without numpy's empty-slice warning when no metric could be scaled."""
+    scored = values.to_numpy(dtype=float)
+    scored = scored[~np.isnan(scored)]
+    return float(scored.mean()) if scored.size else math.nan
 
 
 def average_contexts(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
