@@ -71,7 +71,6 @@ MODELS = {
     "st_kang_krr": {"model": "st", "pert_features": "onehot,KANG", "effect_anchor": "kernel_ridge"},
     "st_kang_ctrl": {"model": "st", "pert_features": "onehot,KANG", "config": {"control_relative": True}},
     "st_kang_drop_ctrl": {"model": "st", "pert_features": "onehot,KANG", "config": {"onehot_dropout": 0.5, "control_relative": True}},
-    "st_kang_ctok": {"model": "st", "pert_features": "onehot,KANG", "config": {"control_relative": True, "control_token": True}},
 }
 #: The models of one run unless --models says otherwise (cell_mean is added by vcell bench).
 DEFAULT_MODELS = "control_mean,pert_mean,linear,linear_kang,kernel_ridge_kang,st_kang,st_kang_drop"

@@ -199,33 +199,6 @@ def test_control_relative_st_reads_its_effect_against_its_own_control_prediction
     np.testing.assert_allclose(cells["non-targeting"].mean(axis=0), controls.X[draws[2]].toarray().mean(axis=0), atol=1e-5)
 
 
-
-def test_control_token_encodes_the_control_label_apart_from_the_perturbation_encoder(planted_run, tmp_path):
-    from vcell.nn.transition import STConfig
-
-    adata, data, path, _ = planted_run
-    with pytest.raises(VcellError, match="control_token needs control_relative"):
-        STConfig(input_dim=24, pert_dim=4, control_token=True)
-    out = train_st(data, _split(data), tmp_path / "tok", {**TINY, "control_relative": True, "control_token": True},
-                   pert_features=str(path), max_steps=30, seed=0, **FAST)
-    model = STPredictor.from_checkpoint(out, checkpoint="last", set_size=256, accelerator="cpu")
-    net = model.model
-    token = net.control_embedding.detach().clone()
-    assert token.abs().max() > 0  # trained by the control-label sets (it starts at zero)
-    controls = model.prepare_controls(adata[adata.obs["target_gene"] == "non-targeting"].copy())
-    x = torch.from_numpy(controls.X[:64].toarray())[None]
-    feats = model.features.encode(["U", "non-targeting"], "non-targeting")
-    with torch.no_grad():
-        before = [net(x, feats[i:i + 1]) for i in range(2)]
-        for param in net.pert_encoder.parameters():
-            param.add_(0.5)
-        after = [net(x, feats[i:i + 1]) for i in range(2)]
-        net.control_embedding.zero_()
-        zeroed = net(x, feats[1:2])
-    torch.testing.assert_close(after[1], before[1])  # the control label never goes through the encoder
-    assert not torch.allclose(after[0], before[0])  # a target does
-    assert not torch.allclose(zeroed, before[1])  # the control output is the token's
-
 def test_bench_refuses_a_onehot_st_on_unseen_targets_before_training(tmp_path):
     from vcell.leaderboard import run_bench
     from vcell.predictors.registry import make_model

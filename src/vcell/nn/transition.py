@@ -67,11 +67,7 @@ class STConfig(ModelConfig):
     model makes to the same set under the control label. What the model does to a context's cells
     regardless of the perturbation (its drift on a context it never trained on) cancels; its
     cell-level spread is kept. Needs ``predict_residual`` in one space (``output_dim ==
-    input_dim``); prediction costs two forward passes. ``control_token`` (with
-    ``control_relative``): the control label is encoded by a learned vector of its own instead
-    of the perturbation encoder's output for the zero vector, so a target the model never saw
-    (zero one-hot part) is not encoded next to the control label the control sets teach as
-    "no effect".
+    input_dim``); prediction costs two forward passes.
     """
 
     input_dim: int
@@ -94,7 +90,6 @@ class STConfig(ModelConfig):
     pert_table_rows: int = 0
     onehot_dropout: float = 0.0
     control_relative: bool = False
-    control_token: bool = False
 
     KIND: ClassVar[str] = "ST"
     REQUIRED: ClassVar[tuple[str, ...]] = ("input_dim", "pert_dim")
@@ -120,8 +115,6 @@ class STConfig(ModelConfig):
         if self.control_relative and not (self.predict_residual and self.output_dim == self.input_dim):
             raise VcellError("ST config: control_relative needs predict_residual and output_dim equal to input_dim "
                              f"(got predict_residual {self.predict_residual}, {self.input_dim} -> {self.output_dim})")
-        if self.control_token and not self.control_relative:
-            raise VcellError("ST config: control_token needs control_relative (only its control-label sets train the token)")
 
 
 class StateTransition(nn.Module):
@@ -141,8 +134,6 @@ class StateTransition(nn.Module):
             nn.init.zeros_(self.decoder.weight)
             nn.init.zeros_(self.decoder.bias)
         self.gene_decoder = norm_mlp(c.output_dim, c.gene_hidden, c.gene_dim, c.dropout) if c.gene_dim else None
-        # the control label's own encoding (control_token); zero-initialised like the decoder
-        self.control_embedding = nn.Parameter(torch.zeros(c.width)) if c.control_token else None
         if c.pert_table_rows:  # not trained: stored so the checkpoint can encode any target of its table
             self.register_buffer("pert_table", torch.zeros(c.pert_table_rows, c.pert_dim))
 
@@ -183,11 +174,6 @@ class StateTransition(nn.Module):
             if pert.dim() == 2:
                 pert = pert[:, None, :].expand(-1, basal.shape[1], -1)
             pert_state = self.pert_encoder(pert)
-        if self.control_embedding is not None:  # the control label is the zero vector (vcell.features.perturbations)
-            is_control = (pert == 0).all(dim=-1, keepdim=True)
-            if pert_state.dim() > is_control.dim():
-                is_control = is_control[:, None, :]
-            pert_state = torch.where(is_control, self.control_embedding.to(pert_state.dtype), pert_state)
         h = basal_state + pert_state
         if batch is not None:
             if self.batch_embedding is None:
