@@ -174,6 +174,7 @@ def test_effect_anchor_sets_the_mean_and_onehot_dropout_needs_both_parts(planted
 
 
 def test_control_relative_st_reads_its_effect_against_its_own_control_prediction(planted_run, tmp_path):
+    from vcell.data.cellsets import CellSetSampler
     from vcell.nn.transition import STConfig
 
     adata, data, path, _ = planted_run
@@ -184,6 +185,15 @@ def test_control_relative_st_reads_its_effect_against_its_own_control_prediction
                    seed=0, **FAST)
     assert json.loads((out / "last" / "config.json").read_text())["model"]["control_relative"] is True
     model = STPredictor.from_checkpoint(out, checkpoint="last", set_size=256, accelerator="cpu")  # one set per perturbation
+    net = model.model
+    # the stored reference is the model's mean control-label drift on its training contexts' controls
+    probe = CellSetSampler(data.index, split, "train", FAST["set_size"], seed=0).drift_probe()
+    X = adata.X.toarray()
+    with torch.no_grad():
+        expected = torch.stack([(net(x, torch.zeros(len(x), net.config.pert_dim)) - x).mean(dim=(0, 1))
+                                for x in (torch.from_numpy(X[rows]) for rows in probe)]).mean(dim=0)
+    torch.testing.assert_close(net.control_drift, expected, atol=1e-5, rtol=1e-5)
+    assert net.control_drift.abs().max() > 1e-3
     controls = model.prepare_controls(adata[adata.obs["target_gene"] == "non-targeting"].copy())
     cells = model.predict_cells(controls, ["U", "S", "non-targeting"], cells_per_perturbation=96, seed=0)
     draws = model.source_controls(controls.n_obs, ["U", "S", "non-targeting"], 96, seed=0)
@@ -191,12 +201,10 @@ def test_control_relative_st_reads_its_effect_against_its_own_control_prediction
     with torch.no_grad():
         for i, p in enumerate(["U", "S", "non-targeting"]):
             x = torch.from_numpy(controls.X[draws[i]].toarray())[None]
-            raw = model.model(x, feats[i:i + 1])
-            drift = (model.model(x, torch.zeros_like(feats[i:i + 1])) - x).mean(dim=1, keepdim=True)
-            np.testing.assert_allclose(cells[p], np.clip((raw - drift)[0].numpy(), 0, None), atol=1e-5)
+            raw = net(x, feats[i:i + 1])
+            drift = (net(x, torch.zeros_like(feats[i:i + 1])) - x).mean(dim=1, keepdim=True)
+            np.testing.assert_allclose(cells[p], np.clip((raw - drift + net.control_drift)[0].numpy(), 0, None), atol=1e-5)
             assert not np.allclose(cells[p], np.clip(raw[0].numpy(), 0, None), atol=1e-3)  # the correction is not zero
-    # the control label gives back the controls' mean (its set's drift is itself)
-    np.testing.assert_allclose(cells["non-targeting"].mean(axis=0), controls.X[draws[2]].toarray().mean(axis=0), atol=1e-5)
 
 
 def test_bench_refuses_a_onehot_st_on_unseen_targets_before_training(tmp_path):

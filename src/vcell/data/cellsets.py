@@ -193,6 +193,20 @@ class CellSetSampler:
         return sets
 
 
+    def drift_probe(self, n_sets: int = 2) -> list[np.ndarray]:
+        """Control rows of each context with perturbed groups (pools as ``_control_pool`` picks them
+        for the context's first group, by context only), ``n_sets`` sets of S per context, drawn
+        with the seed alone (resampled when a context has fewer controls): where a
+        ``control_relative`` model's reference drift under the control label is measured."""
+        rng = np.random.default_rng([self.seed, 1 << 20])
+        out = []
+        for (d, c), _ in self.groups.groupby(["dataset_code", "context_code"], sort=True):
+            pool = self._controls_by_context[(int(d), int(c))]
+            n = n_sets * self.set_size
+            out.append(np.sort(rng.choice(pool, size=n, replace=pool.size < n)).reshape(n_sets, self.set_size))
+        return out
+
+
 class CellSetDataset(Dataset):
     """A PyTorch dataset of cell sets, reading expression rows from a row source.
 

@@ -67,7 +67,11 @@ class STConfig(ModelConfig):
     model makes to the same set under the control label. What the model does to a context's cells
     regardless of the perturbation (its drift on a context it never trained on) cancels; its
     cell-level spread is kept. Needs ``predict_residual`` in one space (``output_dim ==
-    input_dim``); prediction costs two forward passes.
+    input_dim``); prediction costs two forward passes. The shift is taken relative to
+    ``control_drift``, the mean change the model makes under the control label to control cells
+    of its training contexts (measured at every checkpoint save, stored with the weights): in a
+    trained context the two cancel and the model's own effect is kept, including the part all
+    perturbations share, which the control-label sets alone do not teach it to remove.
     """
 
     input_dim: int
@@ -134,6 +138,8 @@ class StateTransition(nn.Module):
             nn.init.zeros_(self.decoder.weight)
             nn.init.zeros_(self.decoder.bias)
         self.gene_decoder = norm_mlp(c.output_dim, c.gene_hidden, c.gene_dim, c.dropout) if c.gene_dim else None
+        if c.control_relative:  # not trained: measured on training controls at each checkpoint save
+            self.register_buffer("control_drift", torch.zeros(c.output_dim))
         if c.pert_table_rows:  # not trained: stored so the checkpoint can encode any target of its table
             self.register_buffer("pert_table", torch.zeros(c.pert_table_rows, c.pert_dim))
 

@@ -280,7 +280,8 @@ class STPredictor(Predictor):
         ``options.batch_size``) per forward pass; the result does not depend on either.
         A ``control_relative`` model (:class:`~vcell.nn.transition.STConfig`) runs each set twice, with
         the perturbation and with the control label, and shifts the first output by minus the mean
-        change the second made to the set.
+        change the second made to the set, less the model's ``control_drift`` (that change on its
+        training contexts' controls).
         """
         self._require_fitted()
         self.check_perturbations(perturbations)
@@ -327,10 +328,11 @@ class STPredictor(Predictor):
                 x, mask = batch["basal"].to(device), batch["mask"].to(device)
                 pert = feats[batch["pert"]].to(device)
                 pred = model(x, pert, mask=mask)
-                if relative:  # minus the mean change the model makes to the set under the control label
+                if relative:  # minus the set's mean change under the control label beyond the trained contexts'
                     drift = model(x, torch.zeros_like(pert), mask=mask).float() - x
                     w = mask[..., None].to(drift.dtype)
-                    pred = pred.float() - (drift * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True)
+                    drift = (drift * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True)
+                    pred = pred.float() - (drift - model.control_drift.float())
                 if key is not None:
                     pred = model.decode_genes(pred, x, batch["basal_genes"].to(device))
                 pred = pred.float().cpu().numpy()

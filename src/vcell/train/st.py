@@ -105,6 +105,33 @@ class STModule(ResumableModule, L.LightningModule):
         table, self.encodable = features.encode_known(self.perturbations, control)
         self.register_buffer("pert_table", table, persistent=False)
         self._val_sums: torch.Tensor | None = None
+        #: (row source, [per context: rows [sets, S]]) of training controls, set by train_st for control_relative
+        self.drift_probe: tuple | None = None
+
+    def refresh_control_drift(self) -> None:
+        """Measure ``model.control_drift`` (``control_relative``): the mean change the model, in eval
+        mode, makes under the control label to ``drift_probe``'s control sets, contexts weighted
+        equally. Called before every checkpoint save, so the stored value always matches the weights."""
+        if self.drift_probe is None:
+            return
+        rows, sets = self.drift_probe
+        model, was_training = self.model, self.model.training
+        dtype = next(model.parameters()).dtype
+        model.eval()
+        drifts = []
+        with torch.no_grad():
+            for ctx in sets:
+                x = torch.from_numpy(rows.read(ctx.ravel())).reshape(*ctx.shape, -1).to(self.device, dtype)
+                pert = torch.zeros(x.shape[0], self.config.pert_dim, device=self.device, dtype=dtype)
+                drifts.append((model(x, pert).float() - x.float()).mean(dim=(0, 1)))
+        model.train(was_training)
+        model.control_drift.copy_(torch.stack(drifts).mean(dim=0))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.drift_probe is not None:
+            self.refresh_control_drift()
+            checkpoint["state_dict"]["model.control_drift"] = self.model.control_drift.detach().clone()
 
     def checkpoint_meta(self) -> dict:
         """The content of ``config.json`` (without step, epoch and version)."""
@@ -452,5 +479,7 @@ def train_st(
     with status("building the cell sets"):
         dm = CellSetDataModule(data, split, options.batch_size, options.set_size, options.seed, options.control_strategy,
                                options.num_workers, embed_key, control_sets=module.config.control_relative)
+    if module.config.control_relative:
+        module.drift_probe = (dm.train_set.rows, dm.train_set.sampler.drift_probe())
     fit(module, dm, out_dir, options, start)
     return out_dir
