@@ -118,6 +118,24 @@ def test_control_sets_map_each_training_context_controls_to_other_controls(mcf, 
         assert (pidx.batch_codes[s.pert_rows] == s.batch_code).all() and (pidx.batch_codes[s.control_rows] == s.batch_code).all()
 
 
+
+def test_drift_probe_draws_each_training_context_controls_by_seed(mcf):
+    """Where a control_relative model measures its reference drift: the training lines' controls only
+    (not the held-out line's), sets of S per line, the same rows for the same seed."""
+    data, split = mcf
+    idx = data.index
+    keys = idx.context_keys()
+    probe = CellSetSampler(idx, split, "train", 32, "random", seed=5).drift_probe(n_sets=3)
+    lines = ("mcfaline23.A172", "mcfaline23.U87MG", "norman19.k562")  # in code order; T98G is held out
+    assert len(probe) == len(lines) and all(rows.shape == (3, 32) for rows in probe)
+    for rows, line in zip(probe, lines):
+        assert (keys[rows] == line).all() and idx.is_control[rows].all()
+        assert len(np.unique(rows)) == rows.size  # enough controls: no cell twice
+    again = CellSetSampler(idx, split, "train", 32, "batch", seed=5, control_sets=True).drift_probe(n_sets=3)
+    assert all((a == b).all() for a, b in zip(again, probe))  # the seed alone decides
+    other = CellSetSampler(idx, split, "train", 32, "random", seed=6).drift_probe(n_sets=3)
+    assert not all((a == b).all() for a, b in zip(other, probe))
+
 def test_batch_matched_controls_with_fallback(pap):
     idx = pap.index
     sampler = CellSetSampler(idx, None, "train", 64, control_strategy="batch", seed=1)

@@ -192,12 +192,10 @@ class CellSetSampler:
             sets += self._cut(rng, first, targets, targets, rest if rest.size else pool, str(self.index.perts[control]), control)
         return sets
 
-
     def drift_probe(self, n_sets: int = 2) -> list[np.ndarray]:
-        """Control rows of each context with perturbed groups (pools as ``_control_pool`` picks them
-        for the context's first group, by context only), ``n_sets`` sets of S per context, drawn
-        with the seed alone (resampled when a context has fewer controls): where a
-        ``control_relative`` model's reference drift under the control label is measured."""
+        """Per context that has perturbed groups, ``n_sets`` sets of S of its control cells (rows
+        ``[n_sets, S]``; drawn with replacement when it has fewer), from the seed alone: where a
+        ``control_relative`` model measures its reference change under the control label."""
         rng = np.random.default_rng([self.seed, 1 << 20])
         out = []
         for (d, c), _ in self.groups.groupby(["dataset_code", "context_code"], sort=True):
