@@ -28,7 +28,9 @@ same with ``onehot_dropout: 0.5``), ``st_kang_krr`` (``st_kang`` with ``effect_a
 kernel_ridge``), ``st_kang_ctrl`` (``st_kang`` with ``control_relative: true``) and
 ``st_kang_drop_ctrl`` (both options). ``st_kang_drop`` and ``st_kang_krr`` were chosen on the
 Papalexi folds (the developer folds) and confirmed on the others; ``control_relative`` was
-designed for McFaline's unseen lines (benchmarks/README.md says how each table was run)::
+designed for McFaline's unseen lines, and since commit 619bb5c it shifts relative to the drift
+the model makes on its training contexts' controls (benchmarks/README.md says how each table was
+run and at which commit)::
 
     .venv/bin/python benchmarks/unseen_perturbations.py --work /tmp/vcell-unseen --only papalexi \
         --models control_mean,pert_mean,linear,linear_kang,kernel_ridge_kang,st_kang
@@ -37,6 +39,8 @@ designed for McFaline's unseen lines (benchmarks/README.md says how each table w
     .venv/bin/python benchmarks/unseen_perturbations.py --work /tmp/vcell-unseen --only mcfaline,norman_singles,norman_doubles
     .venv/bin/python benchmarks/unseen_perturbations.py --work /tmp/vcell-unseen --only papalexi,mcfaline \
         --models control_mean,pert_mean,linear,linear_kang,kernel_ridge_kang,st_kang,st_kang_drop,st_kang_ctrl --tag ctrl
+    .venv/bin/python benchmarks/unseen_perturbations.py --work /tmp/vcell-unseen \
+        --only papalexi,mcfaline,norman_singles,norman_doubles --models st_kang_ctrl --tag cal
 
 (benchmarks/README.md says which models each recorded table ran.)
 """
