@@ -118,7 +118,6 @@ def test_control_sets_map_each_training_context_controls_to_other_controls(mcf, 
         assert (pidx.batch_codes[s.pert_rows] == s.batch_code).all() and (pidx.batch_codes[s.control_rows] == s.batch_code).all()
 
 
-
 def test_drift_probe_draws_each_training_context_controls_by_seed(mcf):
     """Where a control_relative model measures its reference drift: the training lines' controls only
     (not the held-out line's), sets of S per line, the same rows for the same seed."""
@@ -135,6 +134,7 @@ def test_drift_probe_draws_each_training_context_controls_by_seed(mcf):
     assert all((a == b).all() for a, b in zip(again, probe))  # the seed alone decides
     other = CellSetSampler(idx, split, "train", 32, "random", seed=6).drift_probe(n_sets=3)
     assert not all((a == b).all() for a, b in zip(other, probe))
+
 
 def test_batch_matched_controls_with_fallback(pap):
     idx = pap.index

@@ -193,10 +193,10 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 # ``python -m vcell`` with its threads' stacks dumped to stderr on SIGUSR1: a run that ignores the
-# Ctrl-C shows where it was (this test once timed out inside `make test` and never again in isolation)
-# SIGINT back to Python's default first: a suite started in the background by a non-interactive
-# shell (`make test &`) passes SIGINT and SIGQUIT down ignored, as POSIX says, and vcell, like any
-# program, keeps an ignored SIGINT ignored; the Ctrl-C tests stand for a user at a terminal.
+# Ctrl-C shows where it was. SIGINT goes back to Python's default first: a suite started in the
+# background by a non-interactive shell (`make test &`) passes SIGINT and SIGQUIT down ignored, as
+# POSIX says, and vcell, like any program, keeps an ignored SIGINT ignored (why this test used to
+# time out inside `make test` only); the Ctrl-C tests stand for a user at a terminal.
 _VCELL_WITH_STACK_DUMPS = ("import faulthandler, runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
                            "faulthandler.register(signal.SIGUSR1, all_threads=True); "
                            "sys.argv[0] = 'vcell'; runpy.run_module('vcell', run_name='__main__', alter_sys=True)")
