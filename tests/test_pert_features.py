@@ -205,6 +205,13 @@ def test_control_relative_st_reads_its_effect_against_its_own_control_prediction
             drift = (net(x, torch.zeros_like(feats[i:i + 1])) - x).mean(dim=1, keepdim=True)
             np.testing.assert_allclose(cells[p], np.clip((raw - drift + net.control_drift)[0].numpy(), 0, None), atol=1e-5)
             assert not np.allclose(cells[p], np.clip(raw[0].numpy(), 0, None), atol=1e-3)  # the correction is not zero
+    # a checkpoint written before control_drift was recorded says so, rather than "was config.json edited?"
+    from safetensors.torch import load_file, save_file
+
+    weights = out / "last" / "weights.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if k != "control_drift"}, weights)
+    with pytest.raises(VcellError, match=r"parameter 'control_drift' \[\d+\] .* missing .*control drift: retrain it$"):
+        STPredictor.from_checkpoint(out, checkpoint="last", accelerator="cpu")
 
 
 def test_bench_refuses_a_onehot_st_on_unseen_targets_before_training(tmp_path):

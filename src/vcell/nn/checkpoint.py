@@ -285,8 +285,12 @@ def check_weights(expected: dict[str, torch.Tensor], weights: dict[str, torch.Te
                  for name in weights if name not in expected]
     if problems:
         more = f" (and {len(problems) - 1} more difference(s))" if len(problems) > 1 else ""
-        raise VcellError(f"{directory / WEIGHTS}: weights do not match {directory / CONFIG}: {problems[0]}{more}; "
-                         f"was {CONFIG} edited, or copied from another model?")
+        hint = f"was {CONFIG} edited, or copied from another model?"
+        if set(expected) - set(weights) == {"control_drift"} and len(problems) == 1:
+            # control_relative checkpoints store control_drift since the drift fix of issue #14;
+            # an older one would be read differently from how it was trained.
+            hint = "it was written before control_relative models recorded their control drift: retrain it"
+        raise VcellError(f"{directory / WEIGHTS}: weights do not match {directory / CONFIG}: {problems[0]}{more}; {hint}")
 
 
 def write_checkpoint(
