@@ -756,11 +756,12 @@ def test_prep_2026_reads_and_writes_a_block_of_cells_at_a_time(tiny, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["genes.csv", "late.h5ad", "shuffled.h5ad", "sub.h5ad"]
 
 
-def test_a_context_whose_every_scale_is_degenerate_scores_nan_quietly(caplog):
+def test_a_context_whose_every_scale_is_degenerate_scores_nan_quietly():
     """Lenient scoring (bench) of a context where the baseline already equals the replicate on every
-    metric: each metric is logged and left out, the context score is NaN, and numpy's
-    empty-slice RuntimeWarning does not reach the user."""
-    from vcell.eval.vcc2026.scale import ORDER, score_context
+    metric: each metric is left out, the context score is NaN, and numpy's empty-slice
+    RuntimeWarning does not reach the user; :func:`degenerate` names the metrics left out (the
+    bench says so once per scale, not once per model)."""
+    from vcell.eval.vcc2026.scale import ORDER, degenerate, score_context
 
     same = {m: (0.0 if m in ("expr_mse_unbiased_capped_norm", "de_wilcoxon_lfc_nmae") else 1.0) for m in ORDER}
     with warnings.catch_warnings():
@@ -768,6 +769,15 @@ def test_a_context_whose_every_scale_is_degenerate_scores_nan_quietly(caplog):
         table = score_context(dict(same), dict(same), dict(same), strict=False)
     avg = table.set_index("metric").loc["avg_score"]
     assert math.isnan(avg["score"]) and math.isnan(avg["from_baseline"])
-    assert sum("left out of the score" in r.message for r in caplog.records) == 2 * len(ORDER)
+    assert [d.split(" ")[0] for d in degenerate(same, same)] == ORDER
     with pytest.raises(Exception, match="degenerate"):
         score_context(dict(same), dict(same), dict(same))  # strict (vcell eval score): an error
+    # one degenerate metric: only it is left out, and only it is named
+    base = {m: (0.5 if m in ("expr_mse_unbiased_capped_norm", "de_wilcoxon_lfc_nmae") else 0.2) for m in ORDER}
+    rep = {**same, "de_wilcoxon_sig_jaccard": 0.2}
+    table = score_context(dict(same), base, rep, strict=False).set_index("metric")
+    assert degenerate(base, rep) == ["de_wilcoxon_sig_jaccard (baseline 0.2, replicate 0.2)"]
+    assert math.isnan(table.loc["de_wilcoxon_sig_jaccard", "score"])
+    assert table["score"].drop(["de_wilcoxon_sig_jaccard", "avg_score"]).eq(1.0).all()
+    assert table.loc["avg_score", "score"] == 1.0
+    assert degenerate(base, None) == []  # against the perfect values alone, nothing is degenerate

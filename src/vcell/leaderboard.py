@@ -285,11 +285,16 @@ def run_bench(
         aggs: dict[tuple[str, str], pd.DataFrame] = {}
         scales = {}
         if with_2026:
+            from vcell.eval.vcc2026.scale import degenerate
+
             for ctx in fold.contexts:
                 say(f"fold {fold.name}: the vcc2026 scale of {ctx} (baseline and replicate anchor)")
                 t = time.perf_counter()
                 scales[ctx] = _scale_2026(_real_cells(data, fold.split, ctx), spec, threads, seed, out / "eval" / f"vcc2026_scale_{slug(ctx)}")
                 timings[f"vcc2026 scale {ctx}"] = time.perf_counter() - t
+                if bad := degenerate(*scales[ctx][0].ends()):
+                    log.warning("fold %s, %s: the vcc2026 scale of %s is degenerate (the baseline is not worse than the "
+                                "replicate); left out of every model's 2026 score there", fold.name, ctx, ", ".join(bad))
         scores_2026: dict[tuple[str, str], dict[str, float]] = {}
         for name in models:
             fits += 1

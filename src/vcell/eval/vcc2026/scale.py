@@ -11,7 +11,6 @@ same with the metric's perfect value (1, or 0 when lower is better) in place of 
 
 from __future__ import annotations
 
-import logging
 import math
 
 import numpy as np
@@ -19,8 +18,6 @@ import pandas as pd
 
 from vcell.errors import VcellError
 from vcell.eval.vcc2026.metrics import SCORED
-
-log = logging.getLogger(__name__)
 
 #: metric -> (lower is better, perfect value, clamp low, clamp high); None: not clamped.
 POLICY: dict[str, tuple[bool, float, float | None, float]] = {
@@ -41,11 +38,15 @@ def _clip(x: float, lo: float, hi: float) -> float:
     return hi if x >= hi else x
 
 
+def _is_degenerate(metric: str, b: float, top: float) -> bool:
+    span = (b - top) if POLICY[metric][0] else (top - b)
+    return not (math.isfinite(b) and math.isfinite(span) and span > 0)
+
+
 def scaled(metric: str, u: float, b: float, top: float) -> float:
     """One metric's value on the scale from ``b`` (0) to ``top`` (1), clamped as the challenge does."""
     lower, _, clamp_lo, hi = POLICY[metric]
-    span = (b - top) if lower else (top - b)
-    if not (math.isfinite(b) and math.isfinite(span) and span > 0):
+    if _is_degenerate(metric, b, top):
         raise VcellError(f"{metric}: the scale is degenerate (baseline {b!r}, top {top!r}): the baseline is not worse than the top end")
 
     def line(x: float) -> float:
@@ -67,18 +68,14 @@ def score_context(user: dict[str, float], baseline: dict[str, float], replicate:
     Columns: ``metric``, ``value`` (the model's aggregate), ``baseline``, ``replicate``,
     ``from_baseline`` and ``score`` (against the replicate; NaN without one). A degenerate
     scale (the baseline not worse than the top end, or not finite) is an error, as in
-    cell-eval2; with ``strict=False`` that metric scores NaN (logged) and ``avg_score`` is
-    the mean of the others.
+    cell-eval2; with ``strict=False`` that metric scores NaN and ``avg_score`` is the mean of
+    the others (the caller says which, once per scale: :func:`degenerate`).
     """
 
     def scaled_or_nan(m, u, b, top):
-        try:
-            return scaled(m, u, b, top)
-        except VcellError as exc:
-            if strict:
-                raise
-            log.warning("%s; it is left out of the score", exc)
+        if not strict and _is_degenerate(m, b, top):
             return math.nan
+        return scaled(m, u, b, top)
 
     rows = []
     for m in ORDER:
@@ -96,6 +93,21 @@ def score_context(user: dict[str, float], baseline: dict[str, float], replicate:
     avg = {"metric": "avg_score", "value": math.nan, "baseline": math.nan, "replicate": math.nan,
            "from_baseline": _mean_of_scored(table["from_baseline"]), "score": _mean_of_scored(table["score"])}
     return pd.concat([table, pd.DataFrame([avg])], ignore_index=True)
+
+
+def degenerate(baseline: dict[str, float], replicate: dict[str, float] | None) -> list[str]:
+    """The scored metrics whose scale is degenerate, each as ``"metric (baseline b, replicate r)"``.
+
+    Checked against the replicate (``score``) and the metric's perfect value (``from_baseline``);
+    these are the metrics :func:`score_context` leaves out with ``strict=False``.
+    """
+    out = []
+    for m in ORDER:
+        b = baseline.get(m, math.nan)
+        r = replicate.get(m, math.nan) if replicate is not None else None
+        if _is_degenerate(m, b, POLICY[m][1]) or (r is not None and _is_degenerate(m, b, r)):
+            out.append(f"{m} (baseline {b:.4g}" + (f", replicate {r:.4g})" if r is not None else ")"))
+    return out
 
 
 def _mean_of_scored(values: pd.Series) -> float:
