@@ -134,6 +134,8 @@ def test_drift_probe_draws_each_training_context_controls_by_seed(mcf):
     assert all((a == b).all() for a, b in zip(again, probe))  # the seed alone decides
     other = CellSetSampler(idx, split, "train", 32, "random", seed=6).drift_probe(n_sets=3)
     assert not all((a == b).all() for a, b in zip(other, probe))
+    # by default 8 sets per line (DRIFT_PROBE_SETS: ahead of 2 in benchmarks/README.md)
+    assert all(rows.shape == (8, 32) for rows in CellSetSampler(idx, split, "train", 32, seed=5).drift_probe())
 
 
 def test_batch_matched_controls_with_fallback(pap):

@@ -20,6 +20,10 @@ from vcell.data.spec import CONTROL_STRATEGIES, DEFAULT_SET_SIZE
 from vcell.data.splits import CONTROL, Split
 from vcell.errors import VcellError
 
+#: Sets of S control cells per training context on which a ``control_relative`` model measures
+#: ``control_drift``: 8 was ahead of 2 on the unseen-perturbation benchmarks (benchmarks/README.md).
+DRIFT_PROBE_SETS = 8
+
 
 @dataclass(frozen=True)
 class CellSet:
@@ -192,7 +196,7 @@ class CellSetSampler:
             sets += self._cut(rng, first, targets, targets, rest if rest.size else pool, str(self.index.perts[control]), control)
         return sets
 
-    def drift_probe(self, n_sets: int = 2) -> list[np.ndarray]:
+    def drift_probe(self, n_sets: int = DRIFT_PROBE_SETS) -> list[np.ndarray]:
         """Per context that has perturbed groups, ``n_sets`` sets of S of its control cells (rows
         ``[n_sets, S]``; drawn with replacement when it has fewer), from the seed alone: where a
         ``control_relative`` model measures its reference change under the control label."""

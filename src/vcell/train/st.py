@@ -121,9 +121,12 @@ class STModule(ResumableModule, L.LightningModule):
         drifts = []
         with torch.no_grad():
             for ctx in sets:
-                x = torch.from_numpy(rows.read(ctx.ravel())).reshape(*ctx.shape, -1).to(self.device, dtype)
-                pert = torch.zeros(x.shape[0], self.config.pert_dim, device=self.device, dtype=dtype)
-                drifts.append((model(x, pert).float() - x.float()).mean(dim=(0, 1)))
+                total = 0.0
+                for one in ctx:  # a set at a time: with every gene, sets of a context are ~10 MB each
+                    x = torch.from_numpy(rows.read(one)).to(self.device, dtype)[None]
+                    pert = torch.zeros(1, self.config.pert_dim, device=self.device, dtype=dtype)
+                    total = total + (model(x, pert).float() - x.float()).mean(dim=(0, 1))
+                drifts.append(total / len(ctx))
         model.train(was_training)
         model.control_drift.copy_(torch.stack(drifts).mean(dim=0))
 
