@@ -285,16 +285,12 @@ def run_bench(
         aggs: dict[tuple[str, str], pd.DataFrame] = {}
         scales = {}
         if with_2026:
-            from vcell.eval.vcc2026.scale import degenerate
-
             for ctx in fold.contexts:
                 say(f"fold {fold.name}: the vcc2026 scale of {ctx} (baseline and replicate anchor)")
                 t = time.perf_counter()
-                scales[ctx] = _scale_2026(_real_cells(data, fold.split, ctx), spec, threads, seed, out / "eval" / f"vcc2026_scale_{slug(ctx)}")
+                scales[ctx] = _scale_2026(_real_cells(data, fold.split, ctx), spec, threads, seed, out / "eval" / f"vcc2026_scale_{slug(ctx)}",
+                                          where=f"fold {fold.name}, {ctx}")
                 timings[f"vcc2026 scale {ctx}"] = time.perf_counter() - t
-                if bad := degenerate(*scales[ctx][0].ends()):
-                    log.warning("fold %s, %s: the vcc2026 scale of %s is degenerate (the baseline is not worse than the "
-                                "replicate); left out of every model's 2026 score there", fold.name, ctx, ", ".join(bad))
         scores_2026: dict[tuple[str, str], dict[str, float]] = {}
         for name in models:
             fits += 1
@@ -368,15 +364,20 @@ def _check_unseen_targets(data: PerturbationData, folds: list[Fold], models: dic
                                  f"(--model-config: {name}: {{pert_features: 'onehot,genes.safetensors'}}) or leave it out")
 
 
-def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folder: Path):
-    """Both ends of the VCC 2026 scale of one held-out context, written to ``folder``."""
+def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folder: Path, where: str):
+    """Both ends of the VCC 2026 scale of one held-out context, written to ``folder``; a metric whose
+    scale is degenerate is named once here (``where``: the fold and context), not for every model."""
     from vcell.eval.vcc2026.files import Options, context_scale
     from vcell.eval.vcc2026.inputs import cells_from_anndata
+    from vcell.eval.vcc2026.scale import degenerate
 
     cells = cells_from_anndata(real, spec.pert_col, "the held-out cells", layer="counts")
     named = bool(set(cells.groups) & set(real.var_names))  # perturbations that are genes: their own gene is excluded
     opts = Options(spec.pert_col, spec.control, no_target_genes=not named, threads=threads, strict=False)  # a degenerate metric is shown as such
     scale = context_scale(cells, opts, None, seed=0)
+    if bad := degenerate(*scale.ends()):
+        log.warning("%s: the vcc2026 scale of %s is degenerate (the baseline is not worse than the top end); "
+                    "left out of every model's 2026 score there", where, ", ".join(bad))
     folder.mkdir(parents=True, exist_ok=True)
     write_csv(scale.baseline_agg, folder / "baseline_agg_results.csv")
     write_csv(scale.anchor.agg, folder / "anchor_agg.csv")
