@@ -138,6 +138,11 @@ def main() -> int:
                         ("real",) if args.no_pred else ("real", "pred"))
         data["simulate_s"] = round(time.perf_counter() - t, 1)
         meta_path.write_text(json.dumps({"params": params, "data": data}, indent=2))
+        if not args.simulate_only:
+            # Start afresh on the data just written: a child's ru_maxrss counts the peak of the
+            # process it was forked from (Linux carries it across exec), here ~1.3 GB of simulation.
+            sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, *sys.argv])
     if args.simulate_only:
         print(json.dumps({"params": params, "data": data}, indent=2))
         return 0
