@@ -781,3 +781,66 @@ def test_a_context_whose_every_scale_is_degenerate_scores_nan_quietly():
     assert table["score"].drop(["de_wilcoxon_sig_jaccard", "avg_score"]).eq(1.0).all()
     assert table.loc["avg_score", "score"] == 1.0
     assert degenerate(base, None) == []  # against the perfect values alone, nothing is degenerate
+
+
+def test_unresolved_names_a_replicate_within_two_standard_errors_of_the_baseline():
+    """:func:`unresolved` names a metric whose replicate lies within UNRESOLVED_SE standard errors
+    (over the splits) of its baseline, and no other: not a resolved scale, not a degenerate one
+    (that is :func:`degenerate`'s), not one without a spread; the standard error of 5 splits is
+    their ddof-0 sd / 2."""
+    from vcell.eval.vcc2026.scale import ORDER, UNRESOLVED_SE, standard_errors, unresolved
+
+    assert standard_errors({"m": 0.3}, 5) == {"m": 0.15} and standard_errors({"m": 0.3}, 1) == {}
+    lower = ("expr_mse_unbiased_capped_norm", "de_wilcoxon_lfc_nmae")
+    base = {m: (0.5 if m in lower else 0.2) for m in ORDER}
+    rep = {m: (0.1 if m in lower else 0.6) for m in ORDER}  # every scale 0.4 long
+    se = {m: 0.01 for m in ORDER}
+    assert unresolved(base, rep, se) == []
+    se["de_wilcoxon_sig_jaccard"] = 1.01 * 0.4 / UNRESOLVED_SE
+    se["de_wilcoxon_lfc_nmae"] = 1.01 * 0.4 / UNRESOLVED_SE  # lower is better: the same length
+    se["pds_cosine"] = 0.99 * 0.4 / UNRESOLVED_SE
+    named = unresolved(base, rep, se)
+    assert [n.split(" ")[0] for n in named] == ["de_wilcoxon_lfc_nmae", "de_wilcoxon_sig_jaccard"]
+    assert unresolved(base, {**rep, "de_wilcoxon_sig_jaccard": 0.2}, se) == named[:1]  # degenerate: not here
+    assert unresolved(base, rep, {**se, "de_wilcoxon_sig_jaccard": math.nan, "de_wilcoxon_lfc_nmae": math.nan}) == []
+
+
+def test_eval_score_warns_of_an_unresolved_scale_and_keeps_cell_eval2s_numbers(sim_vcell, tmp_path):
+    """`vcell eval score --profile vcc2026` names the metrics whose scale is unresolved (their
+    replicate's spread over the anchor's splits, with the number of splits from scale.json) in one
+    warning and scores exactly as without it; the simulated reference's own scale is resolved."""
+    import shutil
+
+    from vcell.eval.csvio import read_csv, write_csv
+    from vcell.eval.vcc2026.scale import UNRESOLVED_SE
+    from vcell.eval.vcc2026.tables import agg_means
+
+    clean = run_cli("eval", "score", "--profile", "vcc2026", "--user", sim_vcell["honest"], "--baseline", sim_vcell["scale"],
+                    "--out", tmp_path / "clean.csv")
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    assert "not resolved" not in clean.stderr
+    scale = tmp_path / "scale"
+    shutil.copytree(sim_vcell["scale"], scale)
+    assert json.loads((scale / "scale.json").read_text())["anchor"]["splits"] == 5
+    anchor = read_csv(scale / "anchor_agg.csv", text_columns=("metric", "estimator"))
+    b = agg_means(read_csv(scale / "baseline_agg_results.csv"))
+    row = anchor["metric"] == "de_wilcoxon_sig_jaccard"
+    span = abs(float(anchor.loc[row, "replicate"].iloc[0]) - b["de_wilcoxon_sig_jaccard"])
+    anchor.loc[row, "replicate_sd"] = 2 * 1.05 * span / UNRESOLVED_SE  # standard error over 5 splits: sd / 2
+    write_csv(anchor, scale / "anchor_agg.csv")
+
+    def said(folder, name):
+        proc = run_cli("eval", "score", "--profile", "vcc2026", "--user", sim_vcell["honest"], "--baseline", folder,
+                       "--out", tmp_path / name)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return " ".join(proc.stderr.split())
+
+    text = said(scale, "unresolved.csv")
+    assert "de_wilcoxon_sig_jaccard (baseline" in text and text.count("is not resolved") == 1, text
+    assert "pds_cosine (baseline" not in text
+    assert (tmp_path / "unresolved.csv").read_bytes() == (tmp_path / "clean.csv").read_bytes()
+    # with 17 splits the same sd is a standard error half as large: resolved
+    meta = json.loads((scale / "scale.json").read_text())
+    meta["anchor"]["splits"] = 17
+    (scale / "scale.json").write_text(json.dumps(meta))
+    assert "not resolved" not in said(scale, "resolved.csv")

@@ -366,10 +366,10 @@ def _check_unseen_targets(data: PerturbationData, folds: list[Fold], models: dic
 
 def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folder: Path, where: str):
     """Both ends of the VCC 2026 scale of one held-out context, written to ``folder``; a metric whose
-    scale is degenerate is named once here (``where``: the fold and context), not for every model."""
+    scale is degenerate or unresolved is named once here (``where``: the fold and context), not for every model."""
     from vcell.eval.vcc2026.files import Options, context_scale
     from vcell.eval.vcc2026.inputs import cells_from_anndata
-    from vcell.eval.vcc2026.scale import degenerate
+    from vcell.eval.vcc2026.scale import degenerate, unresolved_note
 
     cells = cells_from_anndata(real, spec.pert_col, "the held-out cells", layer="counts")
     named = bool(set(cells.groups) & set(real.var_names))  # perturbations that are genes: their own gene is excluded
@@ -378,6 +378,8 @@ def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folde
     if bad := degenerate(*scale.ends()):
         log.warning("%s: the vcc2026 scale of %s is degenerate (the baseline is not worse than the top end); "
                     "left out of every model's 2026 score there", where, ", ".join(bad))
+    if note := unresolved_note(*scale.ends(), scale.replicate_se()):
+        log.warning("%s: %s", where, note)
     folder.mkdir(parents=True, exist_ok=True)
     write_csv(scale.baseline_agg, folder / "baseline_agg_results.csv")
     write_csv(scale.anchor.agg, folder / "anchor_agg.csv")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import os
 import time
@@ -37,8 +38,10 @@ from vcell.eval.vcc2026.engine import Engine, MeansTask, run_tasks
 from vcell.eval.vcc2026.evaluate import Reference, evaluate_cells, evaluate_summary, reference_tasks, resolve_targets
 from vcell.eval.vcc2026.inputs import CountsCells, check_genes, check_perturbations, close_cells, read_cells, read_target_map
 from vcell.eval.vcc2026.reader import ObsColumns, read_obs
-from vcell.eval.vcc2026.scale import average_contexts, score_context
+from vcell.eval.vcc2026.scale import average_contexts, score_context, standard_errors, unresolved_note
 from vcell.eval.vcc2026.tables import agg_means, agg_wide, results_long
+
+log = logging.getLogger(__name__)
 
 RUN_FILES = ("results.csv", "agg_results.csv")
 SCALE_FILES = ("baseline_results.csv", "baseline_agg_results.csv", "anchor_splits.csv", "anchor_agg.csv", "scale.json")
@@ -274,6 +277,8 @@ def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: in
             if controls is not None:
                 close_cells(controls)
     for name, (cs, _) in scales.items():
+        if cs.anchor is not None and cs.baseline_agg is not None and (note := unresolved_note(*cs.ends(), cs.replicate_se())):
+            log.warning("%s%s: %s", real, f", context {name}" if name else "", note)
         files_ctx = {}
         if cs.anchor is not None:
             files_ctx["anchor_splits.csv"] = cs.anchor.splits
@@ -316,6 +321,13 @@ class ContextScale:
         b = agg_means(self.baseline_agg) if self.baseline_agg is not None else {}
         r = dict(zip(self.anchor.agg["metric"], self.anchor.agg["replicate"])) if self.anchor is not None else None
         return b, r
+
+    def replicate_se(self) -> dict[str, float]:
+        """Metric -> the replicate's standard error over the anchor's splits (empty without an anchor)."""
+        if self.anchor is None:
+            return {}
+        sd = dict(zip(self.anchor.agg["metric"], self.anchor.agg["replicate_sd"]))
+        return standard_errors(sd, int(self.anchor.splits["split_index"].nunique()))
 
 
 def context_scale(r: CountsCells, opts: Options, target_map=None, splits: int = N_SPLITS, anchor_seed: int = BASE_SEED,
@@ -388,6 +400,14 @@ def _mean_row(path: Path) -> dict[str, float]:
     return agg_means(read_csv(path))
 
 
+def _n_splits(folder: Path) -> int:
+    """The anchor's number of splits, from the ``scale.json`` beside it (cell-eval2's 5 when it says nothing)."""
+    try:
+        return int(json.loads((folder / "scale.json").read_text())["anchor"]["splits"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return N_SPLITS
+
+
 def score(user, scale_dir, out=None, overwrite: bool = False) -> pd.DataFrame:
     """The scaled 2026 score of a run folder against a folder of scale ends, per context and averaged."""
     user, scale_dir = Path(user), Path(scale_dir)
@@ -409,6 +429,10 @@ def score(user, scale_dir, out=None, overwrite: bool = False) -> pd.DataFrame:
         if anchor_path.is_file():
             a = read_csv(anchor_path, text_columns=("metric", "estimator"))
             r = {str(m): float(v) for m, v in zip(a["metric"], a["replicate"])}
+            if "replicate_sd" in a.columns:
+                se = standard_errors(dict(zip(a["metric"].astype(str), a["replicate_sd"])), _n_splits(ends[ctx]))
+                if note := unresolved_note(b, r, se):
+                    log.warning("%s: %s", anchor_path, note)
         tables[ctx] = score_context(u, b, r)
     table = average_contexts(tables)
     if out is not None:

@@ -28,6 +28,8 @@ POLICY: dict[str, tuple[bool, float, float | None, float]] = {
     "de_wilcoxon_direction_reach_raw": (False, 1.0, None, math.inf),
     "de_wilcoxon_sig_jaccard": (False, 1.0, None, math.inf),
 }
+#: A scale is unresolved when its replicate lies within this many standard errors of its baseline: :func:`unresolved`.
+UNRESOLVED_SE = 2.0
 #: Order of the score table's rows: lower-is-better metrics, then the others, by name.
 ORDER = sorted(m for m in SCORED if POLICY[m][0]) + sorted(m for m in SCORED if not POLICY[m][0])
 
@@ -108,6 +110,43 @@ def degenerate(baseline: dict[str, float], replicate: dict[str, float] | None) -
         if _is_degenerate(m, b, POLICY[m][1]) or (r is not None and _is_degenerate(m, b, r)):
             out.append(f"{m} (baseline {b:.4g}" + (f", replicate {r:.4g})" if r is not None else ")"))
     return out
+
+
+def standard_errors(spread: dict[str, float], n_splits: int) -> dict[str, float]:
+    """Each metric's standard error of the replicate (the mean over ``n_splits`` splits) from its
+    standard deviation over the splits (``replicate_sd``, ddof 0): ``sd / sqrt(n_splits - 1)``;
+    empty for fewer than two splits."""
+    return {m: sd / math.sqrt(n_splits - 1) for m, sd in spread.items()} if n_splits >= 2 else {}
+
+
+def unresolved(baseline: dict[str, float], replicate: dict[str, float], se: dict[str, float]) -> list[str]:
+    """The scored metrics whose replicate lies within :data:`UNRESOLVED_SE` standard errors of the
+    baseline (``se``: :func:`standard_errors`), each as ``"metric (baseline b, replicate r, standard error e)"``.
+
+    There the length of the scale, ``|r - b|``, is not told apart from zero by the anchor's splits,
+    and a scaled value, ``(u - b) / (r - b)``, is the model's distance from the baseline magnified
+    by an arbitrary factor: averaged with the other metrics, or over contexts or folds, it can
+    outweigh all of them. The numbers stay cell-eval2's; the caller warns. Degenerate scales are
+    :func:`degenerate`'s and not named here.
+    """
+    out = []
+    for m in ORDER:
+        b, r, e = baseline.get(m, math.nan), replicate.get(m, math.nan), se.get(m, math.nan)
+        if _is_degenerate(m, b, r) or not math.isfinite(e):
+            continue
+        if abs(r - b) <= UNRESOLVED_SE * e:
+            out.append(f"{m} (baseline {b:.4g}, replicate {r:.4g}, standard error {e:.2g})")
+    return out
+
+
+def unresolved_note(baseline: dict[str, float], replicate: dict[str, float], se: dict[str, float]) -> str | None:
+    """The warning about :func:`unresolved` metrics (without where it applies), or None when there are none."""
+    names = unresolved(baseline, replicate, se)
+    if not names:
+        return None
+    return (f"the vcc2026 scale of {', '.join(names)} is not resolved: the replicate is within {UNRESOLVED_SE:g} standard "
+            "errors of the baseline over the anchor's splits, so a scaled value there is the model's distance from the "
+            "baseline magnified by an arbitrary factor (more cells per perturbation, or more perturbations, resolve it)")
 
 
 def _mean_of_scored(values: pd.Series) -> float:
