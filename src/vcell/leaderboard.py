@@ -116,6 +116,7 @@ def prepare_data(
         adata = adata.copy()
         if keep_counts:
             adata.layers["counts"] = sp.csr_matrix(adata.X, dtype=np.float32)
+        adata.uns.pop("log1p", None)  # stale (X holds counts): scanpy would say X "seems to be already log-transformed"
         sc.pp.normalize_total(adata, target_sum=1e4)
         sc.pp.log1p(adata)
         adata.X = sp.csr_matrix(adata.X, dtype=np.float32) if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float32)
