@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import pandas as pd
 import typer
 
 from vcell.cli.common import (
@@ -327,6 +326,8 @@ def list_cmd(
     seed: NoRandomSeed = 0,
 ) -> None:
     """List the datasets `vcell data fetch` knows."""
+    import pandas as pd
+
     from vcell.data.registry import list_datasets, load_registry
 
     rows = pd.DataFrame(list_datasets(load_registry(registry)))

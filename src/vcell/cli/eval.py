@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import pandas as pd
 import typer
 
 from vcell.cli.common import Control, NoRandomSeed, PertCol, console, spelled, table
 from vcell.cli.interrupts import removed_if_interrupted
 from vcell.train.display import status, task
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 app = typer.Typer(help="Evaluate predictions with the Virtual Cell Challenge metrics (cell-eval compatible).", no_args_is_help=True)
 
@@ -73,6 +75,8 @@ def _only_2026(profile: str, **given) -> None:
 
 
 def _agg_2026(agg: pd.DataFrame) -> pd.DataFrame:
+    import pandas as pd
+
     from vcell.eval.vcc2026.metrics import SCORED
 
     stats = agg.set_index("statistic")
@@ -81,6 +85,8 @@ def _agg_2026(agg: pd.DataFrame) -> pd.DataFrame:
 
 def _metric_table(agg: pd.DataFrame) -> pd.DataFrame:
     """Mean (and std) per metric, one row each: the short terminal summary."""
+    import pandas as pd
+
     stats = agg.set_index("statistic")
     rows = []
     for metric in agg.columns[1:]:
@@ -226,6 +232,8 @@ def baseline_cmd(
         with removed_if_interrupted(out, SCALE_FILES), status(f"computing the vcc2026 scale of {real}") as st:
             done = scale_ends(real, out, opts, splits=splits, anchor_seed=anchor_seed, seed=seed, anchor=only != "baseline",
                               baseline=only != "anchor", overwrite=overwrite, report=lambda m: st.update(info=m))
+        import pandas as pd
+
         from vcell.eval.vcc2026.metrics import SCORED
 
         for ctx, ends in done.items():
