@@ -170,6 +170,21 @@ def test_bench_vcc2026_profile(tmp_path):
     assert {"baseline_agg_results.csv", "anchor_agg.csv", "anchor_splits.csv"} <= {p.name for p in scale.iterdir()}
     assert (out / "eval" / "pert_mean_ctx_B" / "vcc2026" / "score.csv").is_file()
     assert "VCC 2026 score and its six scaled metrics" in (out / "report.html").read_text()
+    # each held-out context's scale caveats are recorded, and the report names them when there are any
+    from vcell.report.inputs import load_bench
+    from vcell.report.sections import _scale_caveats
+
+    caveats = json.loads((out / "bench.json").read_text())["vcc2026_scale_caveats"]
+    assert [c["context"] for c in caveats] == ["ctx_B"] and set(caveats[0]) == {"fold", "context", "degenerate", "unresolved"}
+    flagged = bool(caveats[0]["degenerate"] or caveats[0]["unresolved"])
+    assert ("Scales to read with care" in (out / "report.html").read_text()) == flagged
+    bench = load_bench(out)
+    bench.meta["vcc2026_scale_caveats"] = [{"fold": "f1", "context": "ctx_B", "degenerate": [], "unresolved": [
+        "de_wilcoxon_sig_jaccard (baseline 0.6667, replicate 0.6694, standard error 0.084)"]}]
+    note = _scale_caveats(bench)
+    assert "fold f1, context ctx_B: not resolved: de_wilcoxon_sig_jaccard (baseline 0.6667" in note and "left out:" not in note
+    bench.meta["vcc2026_scale_caveats"][0]["unresolved"] = []
+    assert _scale_caveats(bench) == ""
 
     import scanpy as sc
 

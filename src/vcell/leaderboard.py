@@ -277,6 +277,7 @@ def run_bench(
     _check_unseen_targets(data, folds, {name: make_model(name) for name in models})
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     rows, runs, timings = [], [], {}
+    scale_caveats: list[dict] = []  # per fold and context: the vcc2026 metrics whose scale is degenerate or not resolved
     fits = 0
     for fold in folds:
         real_by_ctx = {}
@@ -292,6 +293,7 @@ def run_bench(
                 scales[ctx] = _scale_2026(_real_cells(data, fold.split, ctx), spec, threads, seed, out / "eval" / f"vcc2026_scale_{slug(ctx)}",
                                           where=f"fold {fold.name}, {ctx}")
                 timings[f"vcc2026 scale {ctx}"] = time.perf_counter() - t
+                scale_caveats.append({"fold": fold.name, "context": ctx, **scales[ctx][0].caveats()})
         scores_2026: dict[tuple[str, str], dict[str, float]] = {}
         for name in models:
             fits += 1
@@ -339,6 +341,8 @@ def run_bench(
         "datasets": list(datasets), "seed": seed, "profile": profile, "vcell_version": __version__, "timings": timings,
         "split": str(split_file) if split_file else "holdout: " + "; ".join(held),
     }
+    if with_2026:
+        meta["vcc2026_scale_caveats"] = scale_caveats
     with atomic_path(out / "bench.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
     if report:
@@ -370,17 +374,18 @@ def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folde
     scale is degenerate or unresolved is named once here (``where``: the fold and context), not for every model."""
     from vcell.eval.vcc2026.files import Options, context_scale
     from vcell.eval.vcc2026.inputs import cells_from_anndata
-    from vcell.eval.vcc2026.scale import degenerate, unresolved_note
+    from vcell.eval.vcc2026.scale import unresolved_note
 
     cells = cells_from_anndata(real, spec.pert_col, "the held-out cells", layer="counts")
     named = bool(set(cells.groups) & set(real.var_names))  # perturbations that are genes: their own gene is excluded
     opts = Options(spec.pert_col, spec.control, no_target_genes=not named, threads=threads, strict=False)  # a degenerate metric is shown as such
     scale = context_scale(cells, opts, None, seed=0)
-    if bad := degenerate(*scale.ends()):
+    caveats = scale.caveats()
+    if caveats["degenerate"]:
         log.warning("%s: the vcc2026 scale of %s is degenerate (the baseline is not worse than the top end); "
-                    "left out of every model's 2026 score there", where, ", ".join(bad))
-    if note := unresolved_note(*scale.ends(), scale.replicate_se()):
-        log.warning("%s: %s", where, note)
+                    "left out of every model's 2026 score there", where, ", ".join(caveats["degenerate"]))
+    if caveats["unresolved"]:
+        log.warning("%s: %s", where, unresolved_note(caveats["unresolved"]))
     folder.mkdir(parents=True, exist_ok=True)
     write_csv(scale.baseline_agg, folder / "baseline_agg_results.csv")
     write_csv(scale.anchor.agg, folder / "anchor_agg.csv")

@@ -199,10 +199,29 @@ def leaderboard_section(bench: Bench) -> str:
             "(expr_mse_unbiased_capped_norm is clamped to [0, 1], de_wilcoxon_lfc_nmae floored at -6). "
             "The score is the mean of the six. Predictions are scored as counts drawn from them at the "
             "control cells' library sizes. A metric whose scale is degenerate on a context shows – and is "
-            "left out of that context's score.</p>" + leaderboard_table(bench, key_2026))
+            "left out of that context's score.</p>" + leaderboard_table(bench, key_2026) + _scale_caveats(bench))
     parts.append("<h3>All metrics</h3>" + leaderboard_table(bench, bench.metric_columns))
     parts.append("</section>")
     return "".join(parts)
+
+
+def _scale_caveats(bench: Bench) -> str:
+    """A note naming, per fold and context, the 2026 metrics whose scale is degenerate or not resolved
+    (``vcc2026_scale_caveats`` of ``bench.json``); empty when every scale is sound."""
+    items = []
+    for c in bench.meta.get("vcc2026_scale_caveats") or []:
+        said = [f"{label}: {esc('; '.join(c[key]))}" for key, label in (("degenerate", "degenerate, left out"),
+                                                                        ("unresolved", "not resolved"))
+                if c.get(key)]
+        if said:
+            items.append(f"<li>fold {esc(str(c.get('fold', '')))}, context {esc(str(c.get('context', '')))}: {' | '.join(said)}</li>")
+    if not items:
+        return ""
+    return ('<p class="note"><b>Scales to read with care.</b> A <i>degenerate</i> scale (the baseline already at '
+            "the replicate, or a metric undefined on it) is left out of the score. A scale <i>not resolved</i> has "
+            "its replicate within two standard errors of its baseline over the anchor's splits: a scaled value "
+            "there is the model's distance from the baseline magnified by an arbitrary factor, and can outweigh "
+            'the other metrics in the mean.</p><ul class="note">' + "".join(items) + "</ul>")
 
 
 def bars_section(bench: Bench, colors) -> tuple[str, int]:

@@ -38,7 +38,7 @@ from vcell.eval.vcc2026.engine import Engine, MeansTask, run_tasks
 from vcell.eval.vcc2026.evaluate import Reference, evaluate_cells, evaluate_summary, reference_tasks, resolve_targets
 from vcell.eval.vcc2026.inputs import CountsCells, check_genes, check_perturbations, close_cells, read_cells, read_target_map
 from vcell.eval.vcc2026.reader import ObsColumns, read_obs
-from vcell.eval.vcc2026.scale import average_contexts, score_context, standard_errors, unresolved_note
+from vcell.eval.vcc2026.scale import average_contexts, degenerate, score_context, standard_errors, unresolved, unresolved_note
 from vcell.eval.vcc2026.tables import agg_means, agg_wide, results_long
 
 log = logging.getLogger(__name__)
@@ -277,8 +277,8 @@ def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: in
             if controls is not None:
                 close_cells(controls)
     for name, (cs, _) in scales.items():
-        if cs.anchor is not None and cs.baseline_agg is not None and (note := unresolved_note(*cs.ends(), cs.replicate_se())):
-            log.warning("%s%s: %s", real, f", context {name}" if name else "", note)
+        if cs.anchor is not None and cs.baseline_agg is not None and (flagged := cs.caveats()["unresolved"]):
+            log.warning("%s%s: %s", real, f", context {name}" if name else "", unresolved_note(flagged))
         files_ctx = {}
         if cs.anchor is not None:
             files_ctx["anchor_splits.csv"] = cs.anchor.splits
@@ -321,6 +321,13 @@ class ContextScale:
         b = agg_means(self.baseline_agg) if self.baseline_agg is not None else {}
         r = dict(zip(self.anchor.agg["metric"], self.anchor.agg["replicate"])) if self.anchor is not None else None
         return b, r
+
+    def caveats(self) -> dict[str, list[str]]:
+        """The metrics whose scale is ``degenerate`` or ``unresolved`` (:mod:`vcell.eval.vcc2026.scale`), each list as those functions give it."""
+        b, r = self.ends()
+        if self.anchor is None:
+            return {"degenerate": degenerate(b, None), "unresolved": []}
+        return {"degenerate": degenerate(b, r), "unresolved": unresolved(b, r, self.replicate_se())}
 
     def replicate_se(self) -> dict[str, float]:
         """Metric -> the replicate's standard error over the anchor's splits (empty without an anchor)."""
@@ -431,8 +438,8 @@ def score(user, scale_dir, out=None, overwrite: bool = False) -> pd.DataFrame:
             r = {str(m): float(v) for m, v in zip(a["metric"], a["replicate"])}
             if "replicate_sd" in a.columns:
                 se = standard_errors(dict(zip(a["metric"].astype(str), a["replicate_sd"])), _n_splits(ends[ctx]))
-                if note := unresolved_note(b, r, se):
-                    log.warning("%s: %s", anchor_path, note)
+                if flagged := unresolved(b, r, se):
+                    log.warning("%s: %s", anchor_path, unresolved_note(flagged))
         tables[ctx] = score_context(u, b, r)
     table = average_contexts(tables)
     if out is not None:

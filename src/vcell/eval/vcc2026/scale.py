@@ -139,11 +139,8 @@ def unresolved(baseline: dict[str, float], replicate: dict[str, float], se: dict
     return out
 
 
-def unresolved_note(baseline: dict[str, float], replicate: dict[str, float], se: dict[str, float]) -> str | None:
-    """The warning about :func:`unresolved` metrics (without where it applies), or None when there are none."""
-    names = unresolved(baseline, replicate, se)
-    if not names:
-        return None
+def unresolved_note(names: list[str]) -> str:
+    """The warning about the :func:`unresolved` metrics ``names`` (without where it applies)."""
     return (f"the vcc2026 scale of {', '.join(names)} is not resolved: the replicate is within {UNRESOLVED_SE:g} standard "
             "errors of the baseline over the anchor's splits, so a scaled value there is the model's distance from the "
             "baseline magnified by an arbitrary factor (more cells per perturbation, or more perturbations, resolve it)")
