@@ -844,3 +844,25 @@ def test_eval_score_warns_of_an_unresolved_scale_and_keeps_cell_eval2s_numbers(s
     meta["anchor"]["splits"] = 17
     (scale / "scale.json").write_text(json.dumps(meta))
     assert "not resolved" not in said(scale, "resolved.csv")
+
+
+def test_eval_baseline_names_a_degenerate_scale_that_score_will_refuse(tmp_path):
+    """A reference whose perturbations all have the same effect: the mean-response baseline is each
+    one's truth, so some metric's scale is degenerate (pds_cosine, at least: every effect ties);
+    `vcell eval baseline --profile vcc2026` writes both ends and names those metrics in one warning,
+    and `vcell eval score` then refuses the scale as cell-eval2 does."""
+    rng = np.random.default_rng(3)
+    genes = [f"g{i}" for i in range(120)]
+    labels = np.array([CONTROL] * 80 + [p for p in ("dA", "dB", "dC") for _ in range(30)])
+    mean = np.tile(rng.gamma(2.0, 3.0, len(genes)), (len(labels), 1))
+    mean[labels != CONTROL, :20] *= 4.0
+    X = rng.poisson(mean)
+    real = _write(tmp_path / "real.h5ad", X, labels, genes)
+    proc = run_cli("eval", "baseline", "--profile", "vcc2026", "--real", real, "--out", tmp_path / "scale", "--no-target-genes")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = " ".join(proc.stderr.split())
+    assert said.count("is degenerate") == 1 and "refuses it" in said, said
+    assert (tmp_path / "scale" / "anchor_agg.csv").is_file() and (tmp_path / "scale" / "baseline_agg_results.csv").is_file()
+    _vcell_run(real, real, tmp_path / "self", no_target_genes=True)
+    score = run_cli("eval", "score", "--profile", "vcc2026", "--user", tmp_path / "self", "--baseline", tmp_path / "scale")
+    assert score.returncode == 2 and "degenerate" in error_line(score)

@@ -277,8 +277,13 @@ def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: in
             if controls is not None:
                 close_cells(controls)
     for name, (cs, _) in scales.items():
-        if cs.anchor is not None and cs.baseline_agg is not None and (flagged := cs.caveats()["unresolved"]):
-            log.warning("%s%s: %s", real, f", context {name}" if name else "", unresolved_note(flagged))
+        if cs.anchor is not None and cs.baseline_agg is not None:
+            caveats, where = cs.caveats(), f"{real}" + (f", context {name}" if name else "")
+            if caveats["degenerate"]:
+                log.warning("%s: the vcc2026 scale of %s is degenerate (the baseline is not worse than the top end): "
+                            "`vcell eval score` refuses it, as cell-eval2 does", where, ", ".join(caveats["degenerate"]))
+            if caveats["unresolved"]:
+                log.warning("%s: %s", where, unresolved_note(caveats["unresolved"]))
         files_ctx = {}
         if cs.anchor is not None:
             files_ctx["anchor_splits.csv"] = cs.anchor.splits
