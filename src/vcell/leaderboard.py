@@ -374,7 +374,7 @@ def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folde
     scale is degenerate or unresolved is named once here (``where``: the fold and context), not for every model."""
     from vcell.eval.vcc2026.files import Options, context_scale
     from vcell.eval.vcc2026.inputs import cells_from_anndata
-    from vcell.eval.vcc2026.scale import unresolved_note
+    from vcell.eval.vcc2026.scale import degenerate_note, unresolved_note
 
     cells = cells_from_anndata(real, spec.pert_col, "the held-out cells", layer="counts")
     named = bool(set(cells.groups) & set(real.var_names))  # perturbations that are genes: their own gene is excluded
@@ -382,8 +382,7 @@ def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folde
     scale = context_scale(cells, opts, None, seed=0)
     caveats = scale.caveats()
     if caveats["degenerate"]:
-        log.warning("%s: the vcc2026 scale of %s is degenerate (the baseline is not worse than the top end); "
-                    "left out of every model's 2026 score there", where, ", ".join(caveats["degenerate"]))
+        log.warning("%s: %s; left out of every model's 2026 score there", where, degenerate_note(caveats["degenerate"]))
     if caveats["unresolved"]:
         log.warning("%s: %s", where, unresolved_note(caveats["unresolved"]))
     folder.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,15 @@ from vcell.eval.vcc2026.engine import Engine, MeansTask, run_tasks
 from vcell.eval.vcc2026.evaluate import Reference, evaluate_cells, evaluate_summary, reference_tasks, resolve_targets
 from vcell.eval.vcc2026.inputs import CountsCells, check_genes, check_perturbations, close_cells, read_cells, read_target_map
 from vcell.eval.vcc2026.reader import ObsColumns, read_obs
-from vcell.eval.vcc2026.scale import average_contexts, degenerate, score_context, standard_errors, unresolved, unresolved_note
+from vcell.eval.vcc2026.scale import (
+    average_contexts,
+    degenerate,
+    degenerate_note,
+    score_context,
+    standard_errors,
+    unresolved,
+    unresolved_note,
+)
 from vcell.eval.vcc2026.tables import agg_means, agg_wide, results_long
 
 log = logging.getLogger(__name__)
@@ -280,8 +288,7 @@ def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: in
         if cs.anchor is not None and cs.baseline_agg is not None:
             caveats, where = cs.caveats(), f"{real}" + (f", context {name}" if name else "")
             if caveats["degenerate"]:
-                log.warning("%s: the vcc2026 scale of %s is degenerate (the baseline is not worse than the top end): "
-                            "`vcell eval score` refuses it, as cell-eval2 does", where, ", ".join(caveats["degenerate"]))
+                log.warning("%s: %s: `vcell eval score` refuses it, as cell-eval2 does", where, degenerate_note(caveats["degenerate"]))
             if caveats["unresolved"]:
                 log.warning("%s: %s", where, unresolved_note(caveats["unresolved"]))
         files_ctx = {}

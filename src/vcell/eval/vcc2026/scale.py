@@ -139,6 +139,11 @@ def unresolved(baseline: dict[str, float], replicate: dict[str, float], se: dict
     return out
 
 
+def degenerate_note(names: list[str]) -> str:
+    """The warning about the :func:`degenerate` metrics ``names`` (without where it applies, nor what follows)."""
+    return f"the vcc2026 scale of {', '.join(names)} is degenerate (the baseline is not worse than the top end)"
+
+
 def unresolved_note(names: list[str]) -> str:
     """The warning about the :func:`unresolved` metrics ``names`` (without where it applies)."""
     return (f"the vcc2026 scale of {', '.join(names)} is not resolved: the replicate is within {UNRESOLVED_SE:g} standard "
