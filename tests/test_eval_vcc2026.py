@@ -790,7 +790,8 @@ def test_unresolved_names_a_replicate_within_two_standard_errors_of_the_baseline
     their ddof-0 sd / 2."""
     from vcell.eval.vcc2026.scale import ORDER, UNRESOLVED_SE, standard_errors, unresolved
 
-    assert standard_errors({"m": 0.3}, 5) == {"m": 0.15} and standard_errors({"m": 0.3}, 1) == {}
+    sd = pd.DataFrame({"metric": ["m"], "replicate_sd": [0.3]})
+    assert standard_errors(sd, 5) == {"m": 0.15} and standard_errors(sd, 1) == {}
     lower = ("expr_mse_unbiased_capped_norm", "de_wilcoxon_lfc_nmae")
     base = {m: (0.5 if m in lower else 0.2) for m in ORDER}
     rep = {m: (0.1 if m in lower else 0.6) for m in ORDER}  # every scale 0.4 long

@@ -290,10 +290,11 @@ def run_bench(
             for ctx in fold.contexts:
                 say(f"fold {fold.name}: the vcc2026 scale of {ctx} (baseline and replicate anchor)")
                 t = time.perf_counter()
-                scales[ctx] = _scale_2026(_real_cells(data, fold.split, ctx), spec, threads, seed, out / "eval" / f"vcc2026_scale_{slug(ctx)}",
-                                          where=f"fold {fold.name}, {ctx}")
+                scale, totals, caveats = _scale_2026(_real_cells(data, fold.split, ctx), spec, threads, seed,
+                                                     out / "eval" / f"vcc2026_scale_{slug(ctx)}", where=f"fold {fold.name}, {ctx}")
+                scales[ctx] = (scale, totals)
                 timings[f"vcc2026 scale {ctx}"] = time.perf_counter() - t
-                scale_caveats.append({"fold": fold.name, "context": ctx, **scales[ctx][0].caveats()})
+                scale_caveats.append({"fold": fold.name, "context": ctx, **caveats})
         scores_2026: dict[tuple[str, str], dict[str, float]] = {}
         for name in models:
             fits += 1
@@ -370,8 +371,10 @@ def _check_unseen_targets(data: PerturbationData, folds: list[Fold], models: dic
 
 
 def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folder: Path, where: str):
-    """Both ends of the VCC 2026 scale of one held-out context, written to ``folder``; a metric whose
-    scale is degenerate or unresolved is named once here (``where``: the fold and context), not for every model."""
+    """Both ends of the VCC 2026 scale of one held-out context, written to ``folder``: ``(scale, the
+    controls' library sizes, caveats)``. A metric whose scale is degenerate or unresolved
+    (:meth:`~vcell.eval.vcc2026.files.ContextScale.caveats`) is named once here (``where``: the
+    fold and context), not for every model."""
     from vcell.eval.vcc2026.files import Options, context_scale
     from vcell.eval.vcc2026.inputs import cells_from_anndata
     from vcell.eval.vcc2026.scale import degenerate_note, unresolved_note
@@ -390,7 +393,7 @@ def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folde
     write_csv(scale.anchor.agg, folder / "anchor_agg.csv")
     write_csv(scale.anchor.splits, folder / "anchor_splits.csv")
     rows = cells.rows(spec.control)
-    return scale, pd.Series(cells.totals[rows], index=real.obs_names[rows].astype(str))  # the controls' library sizes
+    return scale, pd.Series(cells.totals[rows], index=real.obs_names[rows].astype(str)), caveats
 
 
 def _score_2026(pred: ad.AnnData, scale, spec: DataSpec, threads: int, seed: int, folder: Path) -> dict[str, float]:

@@ -345,8 +345,7 @@ class ContextScale:
         """Metric -> the replicate's standard error over the anchor's splits (empty without an anchor)."""
         if self.anchor is None:
             return {}
-        sd = dict(zip(self.anchor.agg["metric"], self.anchor.agg["replicate_sd"]))
-        return standard_errors(sd, int(self.anchor.splits["split_index"].nunique()))
+        return standard_errors(self.anchor.agg, int(self.anchor.splits["split_index"].nunique()))
 
 
 def context_scale(r: CountsCells, opts: Options, target_map=None, splits: int = N_SPLITS, anchor_seed: int = BASE_SEED,
@@ -449,8 +448,7 @@ def score(user, scale_dir, out=None, overwrite: bool = False) -> pd.DataFrame:
             a = read_csv(anchor_path, text_columns=("metric", "estimator"))
             r = {str(m): float(v) for m, v in zip(a["metric"], a["replicate"])}
             if "replicate_sd" in a.columns:
-                se = standard_errors(dict(zip(a["metric"].astype(str), a["replicate_sd"])), _n_splits(ends[ctx]))
-                if flagged := unresolved(b, r, se):
+                if flagged := unresolved(b, r, standard_errors(a, _n_splits(ends[ctx]))):
                     log.warning("%s: %s", anchor_path, unresolved_note(flagged))
         tables[ctx] = score_context(u, b, r)
     table = average_contexts(tables)

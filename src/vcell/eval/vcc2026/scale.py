@@ -112,11 +112,13 @@ def degenerate(baseline: dict[str, float], replicate: dict[str, float] | None) -
     return out
 
 
-def standard_errors(spread: dict[str, float], n_splits: int) -> dict[str, float]:
-    """Each metric's standard error of the replicate (the mean over ``n_splits`` splits) from its
-    standard deviation over the splits (``replicate_sd``, ddof 0): ``sd / sqrt(n_splits - 1)``;
-    empty for fewer than two splits."""
-    return {m: sd / math.sqrt(n_splits - 1) for m, sd in spread.items()} if n_splits >= 2 else {}
+def standard_errors(anchor_agg: pd.DataFrame, n_splits: int) -> dict[str, float]:
+    """Each metric's standard error of the replicate (the mean over ``n_splits`` splits) from the
+    anchor's aggregate table (``metric``, ``replicate_sd``: the sd over the splits, ddof 0):
+    ``sd / sqrt(n_splits - 1)``; empty for fewer than two splits."""
+    if n_splits < 2:
+        return {}
+    return {str(m): float(sd) / math.sqrt(n_splits - 1) for m, sd in zip(anchor_agg["metric"], anchor_agg["replicate_sd"])}
 
 
 def unresolved(baseline: dict[str, float], replicate: dict[str, float], se: dict[str, float]) -> list[str]:
