@@ -114,6 +114,28 @@ def test_tiles_hold_the_rows_and_bands_keep_to_the_budget(tmp_path):
     assert one.n_tiles == 1 and not one.on_disk and band_plan([one], 1.0) == [[0]]
 
 
+def test_dense_rows_become_the_csr_scipy_makes(tmp_path):
+    """A dense X is read by rows into the CSR scipy would make of it (NaN and inf kept, -0.0
+    dropped), chunk after chunk."""
+    rng = np.random.default_rng(4)
+    X = np.where(rng.random((300, 57)) < 0.4, rng.normal(size=(300, 57)), 0.0).astype(np.float32)
+    X[0, :4] = [np.nan, -0.0, np.inf, -np.inf]
+    X[7] = 0.0  # an empty row
+    path = tmp_path / "dense.h5ad"
+    _adata(X, np.array(["c"] * 300), [f"g{i}" for i in range(57)]).write_h5ad(path)
+    want = sp.csr_matrix(X)
+    with MatrixReader(path) as reader:
+        assert reader.kind == "dense"
+        got = [(r0, r1, [a.copy() for a in parts]) for r0, r1, parts in reader.chunks(values=57 * 40)]
+    assert len(got) > 1 and got[0][0] == 0 and got[-1][1] == 300
+    for r0, r1, (data, indices, indptr) in got:
+        ref = want[r0:r1]
+        assert data.dtype == np.float32 and indices.dtype == np.int32 and indptr.dtype == np.int64
+        np.testing.assert_array_equal(indptr, ref.indptr)
+        np.testing.assert_array_equal(indices, ref.indices)
+        np.testing.assert_array_equal(data, ref.data)  # NaN faces NaN
+
+
 @pytest.mark.parametrize("unsorted_chunks", [(), (0,), (2,), (1, 3)])
 def test_an_in_memory_store_is_read_in_place_and_unsorted_chunks_move_down(tmp_path, monkeypatch, unsorted_chunks):
     """A file read into an in-memory store of all its rows lands in the store's own arrays with no

@@ -7,6 +7,7 @@ copies them tile after tile, each tile's entries in row order with their global 
 :func:`row_totals` sums rows (float64, index order) and finds the first value that is not a count.
 :func:`remap_columns` renumbers the columns of a chunk (a file whose genes come in another
 order) and sorts each row again; :func:`is_canonical` tells whether every row is strictly sorted.
+:func:`dense_row_counts` and :func:`dense_fill` turn a block of dense rows into CSR.
 """
 
 from __future__ import annotations
@@ -142,3 +143,28 @@ def row_bounds(indices, indptr, bounds, r0, r1, out):
             while k < end and indices[k] < b:
                 k += 1
             out[r, i] = k
+
+
+@nb.njit(cache=True, nogil=True)
+def dense_row_counts(block, indptr):
+    """``indptr``: the row pointers of ``block`` (2-D, C order) as CSR, entries ``!= 0`` (NaN kept,
+    ``-0.0`` dropped, as scipy converts a dense array)."""
+    indptr[0] = 0
+    for r in range(block.shape[0]):
+        n = 0
+        for j in range(block.shape[1]):
+            n += block[r, j] != 0
+        indptr[r + 1] = indptr[r] + n
+
+
+@nb.njit(cache=True, nogil=True)
+def dense_fill(block, indptr, data, indices):
+    """The entries of ``block`` that are ``!= 0`` into ``data``/``indices``, row by row from ``indptr``."""
+    for r in range(block.shape[0]):
+        p = indptr[r]
+        for j in range(block.shape[1]):
+            v = block[r, j]
+            if v != 0:
+                data[p] = v
+                indices[p] = j
+                p += 1

@@ -15,12 +15,21 @@ import scipy.sparse as sp
 
 from vcell.data.preprocess_stream import H5Source, encoding_type
 from vcell.errors import VcellError
-from vcell.eval._band_kernels import is_canonical, remap_columns
+from vcell.eval._band_kernels import dense_fill, dense_row_counts, is_canonical, remap_columns
 
 _SAMPLE_WINDOWS = 32
 _SAMPLE_VALUES = 1 << 22
 
 Parts = tuple[np.ndarray, np.ndarray, np.ndarray]  # data, indices (global columns), indptr (int64)
+
+
+def dense_to_csr(block: np.ndarray) -> Parts:
+    """Dense rows as canonical CSR arrays (entries ``!= 0``, as scipy converts them; int32 columns)."""
+    indptr = np.empty(block.shape[0] + 1, np.int64)
+    dense_row_counts(block, indptr)
+    data, indices = np.empty(int(indptr[-1]), block.dtype), np.empty(int(indptr[-1]), np.int32)
+    dense_fill(block, indptr, data, indices)
+    return data, indices, indptr
 
 
 class MatrixReader:
@@ -124,8 +133,7 @@ class MatrixReader:
                     m.sum_duplicates()  # sorts each row and sums its duplicates, as on the whole matrix
                     data, indices, indptr = m.data, m.indices, m.indptr.astype(np.int64)
             else:
-                m = sp.csr_matrix(self.source.read(r0, r1))
-                data, indices, indptr = m.data, m.indices.astype(np.int32), m.indptr.astype(np.int64)
+                data, indices, indptr = dense_to_csr(np.ascontiguousarray(self.source.read(r0, r1)))
             if col_map is not None:
                 out_d, out_i = np.empty_like(data), np.empty(indices.size, np.int32)
                 remap_columns(data, indices, indptr, col_map, self.n_genes, out_d, out_i)
