@@ -135,6 +135,30 @@ def test_mwu_matches_scipy_skewed_values_and_large_groups():
         _assert_p_close(res.pvalue, p)
 
 
+def test_distinct_ties_counts_each_value_and_leaves_its_table_empty():
+    """The tie term of the values sharing a gap between control values, counted in a hash
+    table: sum(a^3 - a) over the distinct values, whatever their number, order or collisions."""
+    from vcell.eval._de_kernels import _distinct_ties
+
+    rng = np.random.default_rng(2)
+    count, used = np.zeros(64, np.int64), np.empty(64, np.int64)
+    key = np.empty(64, np.float64)
+
+    def by_sort(x):
+        x = x[~np.isnan(x)]
+        _, a = np.unique(x, return_counts=True)
+        return int((a**3 - a).sum())
+
+    cases = [np.full(30, 2.5), np.arange(30.0), rng.choice([1.0, 2.0, 3.5, -1.0, 1e300], 31),
+             np.array([np.nan, np.nan, 1.0, 1.0, np.inf, np.inf, np.inf, -0.0, 0.0]),
+             rng.normal(size=31).round(1), np.ldexp(1.0, np.arange(31))]  # powers of 2: one mantissa
+    for x in cases:
+        want = by_sort(x)
+        assert _distinct_ties(x, x.size, count, key, used) == want
+        assert not count.any()  # emptied for the next gene and group
+    assert _distinct_ties(cases[0], 30, count, key, used) == 30**3 - 30
+
+
 def test_results_do_not_depend_on_blocks_threads_or_row_order():
     rng = np.random.default_rng(11)
     X = (rng.poisson(0.4, size=(400, 77)) * rng.random((400, 77))).astype(np.float32)
