@@ -278,6 +278,32 @@ def test_2026_sweeps_use_several_bands(tmp_path, bands_used):
     assert min(bands_used) > 1
 
 
+def test_the_anchors_tasks_walk_the_reference_once_per_tile(tmp_path, monkeypatch):
+    """The replicate anchor's tasks (two halves of five splits, and the full reference) each
+    wrap the reference's matrix in a store of their own; its rows' block bounds are found once
+    per tile, not once per store (they were 44 walks of the whole matrix)."""
+    from vcell.eval.vcc2026 import engine
+    from vcell.eval.vcc2026.files import Options, scale_ends
+
+    walks, tiles = [], []
+    real_bounds, real_tile = engine.block_bounds, engine.Tile.__init__
+
+    def spy_bounds(parts, blocks, threads):
+        walks.append(parts[1].ctypes.data)
+        return real_bounds(parts, blocks, threads)
+
+    def spy_tile(self, j0, j1, parts, stores, threads):
+        tiles.append(len(stores))
+        real_tile(self, j0, j1, parts, stores, threads)
+
+    monkeypatch.setattr(engine, "block_bounds", spy_bounds)
+    monkeypatch.setattr(engine.Tile, "__init__", spy_tile)
+    real, _ = _pair_2026(tmp_path)
+    scale_ends(real, tmp_path / "scale", Options(budget=np.inf), baseline=False)
+    assert min(tiles) > 10  # many stores in each tile, one matrix behind them...
+    assert 0 < len(walks) <= len(tiles)  # ...walked once
+
+
 def test_jackknife_in_tiles_and_tasks_is_the_whole_matrix_s(monkeypatch):
     """The jackknife summed tile by tile, one 256-cell block per thread task, equals the
     whole-matrix evaluation bit for bit (blocks added in the same order), in both its forms."""

@@ -98,11 +98,16 @@ class Tile:
         self._bounds: dict = {}
 
     def row_bounds(self, store: TileStore) -> np.ndarray:
-        """``[row, i]``: the first entry of ``row`` at or after gene ``blocks[i]`` (empty when too large to hold)."""
-        key = id(store)
+        """``[row, i]``: the first entry of ``row`` at or after gene ``blocks[i]`` (empty when too large to hold).
+
+        Found once per matrix in memory: stores wrapping the same arrays (the replicate
+        anchor's 44 tasks each wrap the reference's CSR) share them, which the tile's parts,
+        held as long as the tile, make safe to key by address."""
+        parts = self.parts[id(store)]
+        key = tuple((a.ctypes.data, a.size) for a in parts[1:])
         if key not in self._bounds:
             n = store.n_rows
-            self._bounds[key] = block_bounds(self.parts[key], self.blocks, self.threads) if n * self.blocks.size * 8 <= _MAX_BOUNDS else _NO_BOUNDS
+            self._bounds[key] = block_bounds(parts, self.blocks, self.threads) if n * self.blocks.size * 8 <= _MAX_BOUNDS else _NO_BOUNDS
         return self._bounds[key]
 
 
