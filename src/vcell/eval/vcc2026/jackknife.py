@@ -119,7 +119,7 @@ def _jack_sparse(data, indices, indptr, rows, totals, P, S, ts, slot, j0, j1, b,
         lib = totals[row]
         r = S - lib
         t = lib / r
-        m = 0
+        m = np.int64(0)
         for k in range(indptr[row], indptr[row + 1]):
             j = indices[k]
             if j < j0 or j >= j1:
