@@ -121,19 +121,21 @@ def test_dense_rows_become_the_csr_scipy_makes(tmp_path):
     X = np.where(rng.random((300, 57)) < 0.4, rng.normal(size=(300, 57)), 0.0).astype(np.float32)
     X[0, :4] = [np.nan, -0.0, np.inf, -np.inf]
     X[7] = 0.0  # an empty row
-    path = tmp_path / "dense.h5ad"
-    _adata(X, np.array(["c"] * 300), [f"g{i}" for i in range(57)]).write_h5ad(path)
-    want = sp.csr_matrix(X)
-    with MatrixReader(path) as reader:
-        assert reader.kind == "dense"
-        got = [(r0, r1, [a.copy() for a in parts]) for r0, r1, parts in reader.chunks(values=57 * 40)]
-    assert len(got) > 1 and got[0][0] == 0 and got[-1][1] == 300
-    for r0, r1, (data, indices, indptr) in got:
-        ref = want[r0:r1]
-        assert data.dtype == np.float32 and indices.dtype == np.int32 and indptr.dtype == np.int64
-        np.testing.assert_array_equal(indptr, ref.indptr)
-        np.testing.assert_array_equal(indices, ref.indices)
-        np.testing.assert_array_equal(data, ref.data)  # NaN faces NaN
+    for dtype in (np.float32, np.int16, np.float16):  # float16 (not in numba or scipy.sparse): as float32
+        Xd = X if dtype == np.float32 else np.nan_to_num(X * 10, posinf=7, neginf=-7).astype(dtype)
+        path = tmp_path / f"dense_{np.dtype(dtype).name}.h5ad"
+        _adata(Xd, np.array(["c"] * 300), [f"g{i}" for i in range(57)]).write_h5ad(path)
+        want = sp.csr_matrix(Xd.astype(np.float32) if dtype == np.float16 else Xd)
+        with MatrixReader(path) as reader:
+            assert reader.kind == "dense"
+            got = [(r0, r1, [a.copy() for a in parts]) for r0, r1, parts in reader.chunks(values=57 * 40)]
+        assert len(got) > 1 and got[0][0] == 0 and got[-1][1] == 300
+        for r0, r1, (data, indices, indptr) in got:
+            ref = want[r0:r1]
+            assert data.dtype == want.dtype and indices.dtype == np.int32 and indptr.dtype == np.int64
+            np.testing.assert_array_equal(indptr, ref.indptr)
+            np.testing.assert_array_equal(indices, ref.indices)
+            np.testing.assert_array_equal(data, ref.data)  # NaN faces NaN
 
 
 @pytest.mark.parametrize("unsorted_chunks", [(), (0,), (2,), (1, 3)])

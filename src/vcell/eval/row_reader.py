@@ -24,7 +24,10 @@ Parts = tuple[np.ndarray, np.ndarray, np.ndarray]  # data, indices (global colum
 
 
 def dense_to_csr(block: np.ndarray) -> Parts:
-    """Dense rows as canonical CSR arrays (entries ``!= 0``, as scipy converts them; int32 columns)."""
+    """Dense rows as canonical CSR arrays (entries ``!= 0``, as scipy converts them; int32 columns;
+    float16 values as float32)."""
+    if block.dtype == np.float16:  # neither numba nor scipy.sparse takes it: exact in float32
+        block = block.astype(np.float32)
     indptr = np.empty(block.shape[0] + 1, np.int64)
     dense_row_counts(block, indptr)
     data, indices = np.empty(int(indptr[-1]), block.dtype), np.empty(int(indptr[-1]), np.int32)
