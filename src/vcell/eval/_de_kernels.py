@@ -186,6 +186,8 @@ def _sort_control(src, start, k0, cs, table, cursor):
 @nb.njit(cache=True, error_model="numpy")
 def _slot(v, mask):
     """A hash of the value ``v`` in ``[0, mask]`` (``mask``: a power of 2 minus 1)."""
+    if math.isinf(v):  # frexp's mantissa is inf: no integer to convert it to
+        return 0
     m, e = math.frexp(float(v))
     bits = np.int64(m * 9007199254740992.0) * np.int64(-7046029254386353131) + np.int64(e)
     return (bits >> 17) & mask
@@ -342,7 +344,7 @@ def _gene_tests(vals, gstart, cnt, sizes, scale, mean_mode, j, stat, pval, means
                     over[n_over] = x
                     n_over += 1
         sid += 1
-        if n_over > 1:
+        if n_over > 1:  # cursor is free until the next gene's _sort_control: the table's slot list
             dtie += _distinct_ties(over, n_over, work[7], fkey, cursor)
         nz = float(z1 + cz)  # the pooled zero block is one tie group
         tie = (nz * nz * nz - nz) + float(ctie + dtie)
