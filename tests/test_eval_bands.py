@@ -281,9 +281,9 @@ def test_2026_sweeps_use_several_bands(tmp_path, bands_used):
 
 
 def test_the_anchors_tasks_walk_the_reference_once_per_tile(tmp_path, monkeypatch):
-    """The replicate anchor's tasks (two halves of five splits, and the full reference) each
-    wrap the reference's matrix in a store of their own; its rows' block bounds are found once
-    per tile, not once per store (they were 44 walks of the whole matrix)."""
+    """The scale's tasks (the full reference's, the anchor's halves) each wrap the reference's
+    matrix in a store of their own; its rows' block bounds are found once per tile, not once per
+    store (they were 44 walks of the whole matrix when each half tested its own genes)."""
     from vcell.eval.vcc2026 import engine
     from vcell.eval.vcc2026.files import Options, scale_ends
 
@@ -302,7 +302,7 @@ def test_the_anchors_tasks_walk_the_reference_once_per_tile(tmp_path, monkeypatc
     monkeypatch.setattr(engine.Tile, "__init__", spy_tile)
     real, _ = _pair_2026(tmp_path)
     scale_ends(real, tmp_path / "scale", Options(budget=np.inf), baseline=False)
-    assert min(tiles) > 10  # many stores in each tile, one matrix behind them...
+    assert min(tiles) > 2  # several stores in each tile, one matrix behind them...
     assert 0 < len(walks) <= len(tiles)  # ...walked once
 
 

@@ -44,10 +44,15 @@ def _bounds(indices, indptr, row, j0, j1, rb, bi):
 @nb.njit(cache=True, nogil=True, error_model="numpy")
 def _count_rows(data, indices, indptr, rows, grp, j0, j1, keep, cnt, colscale, rb, bi, lo_r, hi_r):
     """Count the kept non-zeros of each visited row's slice into ``cnt[grp[q]]``; keep the slices."""
+    tested = False
+    for j in range(j0, j1):
+        tested |= keep[j]
     for q in range(rows.shape[0]):
         s, e = _bounds(indices, indptr, rows[q], j0, j1, rb, bi)
         lo_r[q] = s
         hi_r[q] = e
+        if not tested:  # nothing to count (a summary without tests)
+            continue
         g = grp[q]
         for k in range(s, e):
             if keep[indices[k]] and value(data, k, indices, colscale) != 0:

@@ -27,6 +27,7 @@ from vcell.eval.vcc2026.engine import Engine, run_tasks
 from vcell.eval.vcc2026.evaluate import DESide, Reference, de_side, score_summaries
 from vcell.eval.vcc2026.inputs import CountsCells
 from vcell.eval.vcc2026.metrics import ALPHA, MIN_LFC_GATE, SCORED
+from vcell.eval.vcc2026.split_tests import SplitsTask
 from vcell.eval.vcc2026.summary import SideSummary, control_of, control_task, side_task, summary_of
 from vcell.eval.vcc2026.tables import RATIO_METRIC
 
@@ -150,17 +151,22 @@ class AnchorPlan:
         return [ids[i:i + k] for i in range(0, len(ids), k)]
 
     def tasks(self, splits: list[int]) -> list:
-        """The tasks of ``splits`` (each half: its control summary, then its perturbations')."""
-        out = []
-        for i in splits:
+        """The tasks of ``splits``: every half's sums and tests in one task
+        (:class:`~vcell.eval.vcc2026.split_tests.SplitsTask`), then each half's jackknife (its
+        control summary's and its perturbations')."""
+        tested = [p for p in self.perturbations if self.real.rows(p).size >= 2]  # those in every half
+        splits_task = SplitsTask(self.real, self.control, tested, [self.halves[i] for i in splits])
+        out = [splits_task]
+        for k, i in enumerate(splits):
             pair = []
-            for half in self.halves[i]:
+            for c, half in enumerate(self.halves[i]):
                 rows = half.rows(self.control)
                 ctrl_task = control_task(half, rows)
-                perts = [p for p in self.perturbations if p in half.groups]
-                pair.append((ctrl_task, side_task(half, perts, (ctrl_task, half, rows)), half, rows, perts))
+                side = side_task(half, tested, (ctrl_task, half, rows))
+                splits_task.lend(2 * k + c, ctrl_task, side)
+                pair.append((ctrl_task, side, half, rows, tested))
+                out += [ctrl_task, side]
             self._tasks[i] = pair
-            out += [t for ctrl_task, side, *_ in pair for t in (ctrl_task, side)]
         return out
 
     def score(self, ref: Reference, splits: list[int]) -> None:
