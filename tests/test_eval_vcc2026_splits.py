@@ -84,8 +84,9 @@ def _nonzero_cpm(real: CountsCells, rows: np.ndarray) -> np.ndarray:
 
 
 def test_the_anchor_runs_its_halves_in_one_pass_over_the_values(monkeypatch):
-    """The anchor's tasks for a group of splits: one :class:`SplitsTask` sums and tests every
-    half; the halves' own tasks only compute their jackknife from what it lent them."""
+    """The anchor's tasks for a group of three splits: one :class:`SplitsTask` sums and tests
+    every half; the halves' own tasks only compute their jackknife from what it lent them. A
+    group of two (where the fused pass does not pay) runs each half's own tests."""
     from vcell.eval.vcc2026 import split_tests
 
     calls = []
@@ -93,7 +94,10 @@ def test_the_anchor_runs_its_halves_in_one_pass_over_the_values(monkeypatch):
     monkeypatch.setattr(split_tests, "split_chunk", lambda *a: calls.append(a[13]) or real_split(*a))
     real = _tied_counts(3)
     perts = [p for p in real.group_order if p not in (CONTROL, "p1")]
-    plan = AnchorPlan(real, CONTROL, perts, n_splits=3)
+    plan = AnchorPlan(real, CONTROL, perts, n_splits=5)
+    pairs = plan.tasks([3, 4])
+    assert len(pairs) == 8 and not any(isinstance(t, SplitsTask) for t in pairs)
+    assert all("counts" in t.phases for t in pairs)
     tasks = plan.tasks([0, 1, 2])
     (fused,) = [t for t in tasks if isinstance(t, SplitsTask)]
     halves = [t for t in tasks if t is not fused]

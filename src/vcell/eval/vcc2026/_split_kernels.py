@@ -30,6 +30,8 @@ from vcell.eval.vcc2026._kernels import TABLE_COUNTS, _bounds
 _COUNT_SHIFT = 40
 _COUNT_UNIT = 1 << _COUNT_SHIFT
 _U_MASK = _COUNT_UNIT - 1
+#: Values the tests gather at a time (float64 + int32 row each): a thread's working memory.
+_RANGE_VALUES = 2_000_000
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
@@ -247,34 +249,11 @@ def _half_sums(data, indices, rows, grp, lo_r, hi_r, div, inv_n, codes, raw, cpm
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
-def split_chunk(data, indices, indptr, div, rows, grp, rb, bi, table, codes, n_half, inv_n, min_cpm, j0, j1, raw, cpm, keep, pval):
-    """Genes ``j0:j1`` of every half of every split: sums, mean CPM, tested genes and tests.
-
-    Group 0 (the control) and the groups ``g >= 1`` are rows ``rows[q]`` (group ``grp[q]``,
-    group after group, each in row order) of the CSR matrix (sorted column indices); ``div``
-    holds each row's library size / 1e6, ``table`` the rows'
-    :func:`~vcell.eval.vcc2026._kernels.log1p_table`; ``codes[row, s]`` the row's half in split
-    ``s`` (0: A, 1: B, -1: none), half ``h = 2 s + code``; ``n_half[g]``: the cells of group ``g``
-    in each half, ``inv_n`` their inverses. Writes ``raw[h, g, j]`` (summed counts),
-    ``cpm[h, g, j]`` (mean CPM), ``keep[h, j]`` (the half's control mean CPM above ``min_cpm``)
-    and ``pval[h, g - 1, j]`` where kept. ``rb[row, bi]``, ``rb[row, bi + 1]`` bound the rows'
-    slices when given. Returns whether a NaN was seen.
-    """
+def _test_range(data, indices, rows, grp, lo, hi, div, table, codes, n_half, keep, keep_any, j0, j1, pval):
+    """Every half's tests of genes ``j0:j1``, the visited rows' slices of them ``lo:hi``: each
+    (gene, group)'s values gathered once, then :func:`_gene`."""
     n_g1 = n_half.shape[0]
-    n_h = 2 * codes.shape[1]
     cl = j1 - j0
-    lo, hi = np.empty(rows.shape[0], np.int64), np.empty(rows.shape[0], np.int64)
-    n_ctrl = np.int64(0)
-    for q in range(rows.shape[0]):
-        lo[q], hi[q] = _bounds(indices, indptr, rows[q], j0, j1, rb, bi)
-        n_ctrl += grp[q] == 0
-    nan_seen = _half_sums(data, indices, rows, grp, lo, hi, div, inv_n, codes, raw, cpm, np.int64(0), n_ctrl)
-    keep_any = np.zeros(j1, np.bool_)  # indexed by gene: j0:j1 set
-    for h in range(n_h):
-        for j in range(j0, j1):
-            keep[h, j] = cpm[h, 0, j] > min_cpm
-            keep_any[j] |= keep[h, j]
-    nan_seen |= _half_sums(data, indices, rows, grp, lo, hi, div, inv_n, codes, raw, cpm, n_ctrl, np.int64(rows.shape[0]))
     cnt = np.zeros((n_g1, cl), np.int64)
     for q in range(rows.shape[0]):
         g = grp[q]
@@ -294,9 +273,54 @@ def split_chunk(data, indices, indptr, div, rows, grp, rb, bi, table, codes, n_h
     vals = np.empty(acc, np.float64)
     ids = np.empty(acc, np.int32)
     _gather(data, indices, rows, grp, lo, hi, div, j0, keep_any, vals, ids, cur, table)
-    iw, fw, below, step, mult, hw = work_arrays(most, n_h)
+    iw, fw, below, step, mult, hw = work_arrays(most, 2 * codes.shape[1])
     sid = np.int64(0)
     for jl in range(cl):
         if keep_any[j0 + jl]:
             sid = _gene(vals, ids, gstart, cnt, codes, n_half, keep, j0 + jl, jl, pval, iw, fw, below, step, mult, hw, sid)
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def split_chunk(data, indices, indptr, div, rows, grp, rb, bi, table, codes, n_half, inv_n, min_cpm, j0, j1, raw, cpm, keep, pval):
+    """Genes ``j0:j1`` of every half of every split: sums, mean CPM, tested genes and tests.
+
+    Group 0 (the control) and the groups ``g >= 1`` are rows ``rows[q]`` (group ``grp[q]``,
+    group after group, each in row order) of the CSR matrix (sorted column indices); ``div``
+    holds each row's library size / 1e6, ``table`` the rows'
+    :func:`~vcell.eval.vcc2026._kernels.log1p_table`; ``codes[row, s]`` the row's half in split
+    ``s`` (0: A, 1: B, -1: none), half ``h = 2 s + code``; ``n_half[g]``: the cells of group ``g``
+    in each half, ``inv_n`` their inverses. Writes ``raw[h, g, j]`` (summed counts),
+    ``cpm[h, g, j]`` (mean CPM), ``keep[h, j]`` (the half's control mean CPM above ``min_cpm``)
+    and ``pval[h, g - 1, j]`` where kept. ``rb[row, bi]``, ``rb[row, bi + 1]`` bound the rows'
+    slices when given. Returns whether a NaN was seen.
+    """
+    n_h = 2 * codes.shape[1]
+    cl = j1 - j0
+    lo, hi = np.empty(rows.shape[0], np.int64), np.empty(rows.shape[0], np.int64)
+    n_ctrl = np.int64(0)
+    for q in range(rows.shape[0]):
+        lo[q], hi[q] = _bounds(indices, indptr, rows[q], j0, j1, rb, bi)
+        n_ctrl += grp[q] == 0
+    nan_seen = _half_sums(data, indices, rows, grp, lo, hi, div, inv_n, codes, raw, cpm, np.int64(0), n_ctrl)
+    keep_any = np.zeros(j1, np.bool_)  # indexed by gene: j0:j1 set
+    for h in range(n_h):
+        for j in range(j0, j1):
+            keep[h, j] = cpm[h, 0, j] > min_cpm
+            keep_any[j] |= keep[h, j]
+    nan_seen |= _half_sums(data, indices, rows, grp, lo, hi, div, inv_n, codes, raw, cpm, n_ctrl, np.int64(rows.shape[0]))
+    ends = hi.copy()
+    # the tests gene range after gene range, each gathering about _RANGE_VALUES values
+    n_vals = np.int64(0)
+    for q in range(rows.shape[0]):
+        n_vals += hi[q] - lo[q]
+    n_ranges = max(np.int64(1), min(np.int64(cl), (n_vals + _RANGE_VALUES - 1) // _RANGE_VALUES))
+    a = j0
+    for r in range(n_ranges):
+        b = j0 + (cl * (r + 1)) // n_ranges
+        for q in range(rows.shape[0]):  # lo: where each row's slice of a:b starts; hi: ends
+            hi[q] = _lower_bound(indices, lo[q], ends[q], b)
+        _test_range(data, indices, rows, grp, lo, hi, div, table, codes, n_half, keep, keep_any, a, b, pval)
+        for q in range(rows.shape[0]):
+            lo[q] = hi[q]
+        a = b
     return nan_seen

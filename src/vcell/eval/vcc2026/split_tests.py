@@ -5,7 +5,8 @@ perturbations' (:func:`~vcell.eval.vcc2026.summary.control_task`,
 :func:`~vcell.eval.vcc2026.summary.side_task`). :class:`SplitsTask` computes the sums, mean CPM,
 tested genes and tests of every half in one pass over the values
 (:func:`~vcell.eval.vcc2026._split_kernels.split_chunk`), instead of one pass per half, and
-hands them to those tasks, which then only compute their jackknife.
+hands them to those tasks, which then only compute their jackknife. The replicate anchor uses it
+for passes of at least :data:`~vcell.eval.vcc2026.anchor.FUSED_MIN_SPLITS` splits.
 """
 
 from __future__ import annotations

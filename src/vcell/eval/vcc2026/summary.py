@@ -81,10 +81,11 @@ def control_of(task: SumsTask, cells: CountsCells, rows: np.ndarray) -> Control:
 
 
 def side_task(cells: CountsCells, perturbations: list[str], ctrl: Control | tuple[SumsTask, CountsCells, np.ndarray],
-              prior: np.ndarray | None = None) -> SumsTask:
+              prior: np.ndarray | None = None, tests: bool = True) -> SumsTask:
     """The summary of ``perturbations``' cells against the controls: a :class:`Control`, or a control
     task of the same run with its cells and rows (the tested genes are then read from it tile by
-    tile). ``prior``: the perturbations' summed counts if known, in their order."""
+    tile). ``prior``: the perturbations' summed counts if known, in their order. ``tests=False``:
+    no tests (another task gives the p-values: the replicate anchor's halves)."""
     group_rows = []
     for p in perturbations:
         rows = cells.rows(p)
@@ -94,9 +95,9 @@ def side_task(cells: CountsCells, perturbations: list[str], ctrl: Control | tupl
     n_genes = len(cells.genes)
     full = None if prior is None else np.vstack([np.zeros((1, n_genes)), prior])  # the jackknife of the groups reads rows 1..
     if isinstance(ctrl, Control):
-        return SumsTask(ctrl.cells, ctrl.rows, cells, group_rows, keep=ctrl.keep, prior=full)
+        return SumsTask(ctrl.cells, ctrl.rows, cells, group_rows, keep=ctrl.keep if tests else None, prior=full)
     task, ctrl_cells, rows = ctrl
-    return SumsTask(ctrl_cells, rows, cells, group_rows, keep=task, prior=full)
+    return SumsTask(ctrl_cells, rows, cells, group_rows, keep=task if tests else None, prior=full)
 
 
 def summary_of(task: SumsTask, perturbations: list[str]) -> SideSummary:
