@@ -31,7 +31,7 @@ _COUNT_SHIFT = 40
 _COUNT_UNIT = 1 << _COUNT_SHIFT
 _U_MASK = _COUNT_UNIT - 1
 #: Values the tests gather at a time (float64 + int32 row each): a thread's working memory.
-_RANGE_VALUES = 2_000_000
+_RANGE_VALUES = 4_000_000
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
