@@ -90,8 +90,8 @@ def test_the_anchor_runs_its_halves_in_one_pass_over_the_values(monkeypatch):
     from vcell.eval.vcc2026 import split_tests
 
     calls = []
-    real_split = split_tests.split_chunk
-    monkeypatch.setattr(split_tests, "split_chunk", lambda *a: calls.append(a[13]) or real_split(*a))
+    real_split = split_tests.split_tests_chunk
+    monkeypatch.setattr(split_tests, "split_tests_chunk", lambda *a: calls.append(a[11]) or real_split(*a))
     real = _tied_counts(3)
     perts = [p for p in real.group_order if p not in (CONTROL, "p1")]
     plan = AnchorPlan(real, CONTROL, perts, n_splits=5)

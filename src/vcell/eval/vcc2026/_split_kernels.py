@@ -1,16 +1,17 @@
-"""numba kernel of the replicate anchor: every half of every split summarised and tested in one pass.
+"""numba kernels of the replicate anchor: every half of every split summarised and tested in one pass.
 
 Each split of the anchor gives every cell of the reference to half A, half B or neither, and
 each half is summarised (summed counts, mean CPM) and its perturbations tested against that
 half's own controls. Done half by half, every value is read, gathered and looked up once per
-split. :func:`split_chunk` reads each value once: it adds it to the sums of the halves its cell
-belongs to (row after row, so each half's sums are added in the order its own pass adds them),
-gathers each (gene, group)'s ``log1p(CPM)`` values once, sorts a gene's control values once,
-finds each value's place among them once, and counts every half's U statistic and tie term from
-that place: the number of a half's control values below a place is a prefix count over the
-sorted controls (``below[place, half]``). U (in half units) and the tie term are integers, so
-every half's p-value is the float its own test gives
-(:func:`vcell.eval._de_kernels._gene_tests`), bit for bit, and so are its sums.
+split. Here each value is read once for all the splits: :func:`split_sums_chunk` adds it to the
+sums of the halves its cell belongs to (row after row, so each half's sums are added in the
+order its own pass adds them); :func:`split_tests_chunk` gathers each (gene, group)'s
+``log1p(CPM)`` values once, sorts a gene's control values once, finds each value's place among
+them once, and counts every half's U statistic and tie term from that place: the number of a
+half's control values below a place is a prefix count over the sorted controls
+(``below[place, half]``). U (in half units) and the tie term are integers, so every half's
+p-value is the float its own test gives (:func:`vcell.eval._de_kernels._gene_tests`), bit for
+bit, and so are its sums.
 
 Values are the reference's raw counts: non-negative, so every gathered value is positive.
 """
@@ -249,78 +250,78 @@ def _half_sums(data, indices, rows, grp, lo_r, hi_r, div, inv_n, codes, raw, cpm
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
-def _test_range(data, indices, rows, grp, lo, hi, div, table, codes, n_half, keep, keep_any, j0, j1, pval):
-    """Every half's tests of genes ``j0:j1``, the visited rows' slices of them ``lo:hi``: each
-    (gene, group)'s values gathered once, then :func:`_gene`."""
-    n_g1 = n_half.shape[0]
-    cl = j1 - j0
-    cnt = np.zeros((n_g1, cl), np.int64)
-    for q in range(rows.shape[0]):
-        g = grp[q]
-        for k in range(lo[q], hi[q]):
-            if keep_any[indices[k]] and data[k] != 0:
-                cnt[g, indices[k] - j0] += 1
-    gstart = np.empty((n_g1, cl), np.int64)
-    cur = np.empty((n_g1, cl), np.int64)
-    acc = 0
-    most = np.int64(1)
-    for jl in range(cl):
-        for g in range(n_g1):
-            gstart[g, jl] = acc
-            cur[g, jl] = acc
-            acc += cnt[g, jl]
-            most = max(most, cnt[g, jl])
-    vals = np.empty(acc, np.float64)
-    ids = np.empty(acc, np.int32)
-    _gather(data, indices, rows, grp, lo, hi, div, j0, keep_any, vals, ids, cur, table)
-    iw, fw, below, step, mult, hw = work_arrays(most, 2 * codes.shape[1])
-    sid = np.int64(0)
-    for jl in range(cl):
-        if keep_any[j0 + jl]:
-            sid = _gene(vals, ids, gstart, cnt, codes, n_half, keep, j0 + jl, jl, pval, iw, fw, below, step, mult, hw, sid)
-
-
-@nb.njit(cache=True, nogil=True, error_model="numpy")
-def split_chunk(data, indices, indptr, div, rows, grp, rb, bi, table, codes, n_half, inv_n, min_cpm, j0, j1, raw, cpm, keep, pval):
-    """Genes ``j0:j1`` of every half of every split: sums, mean CPM, tested genes and tests.
+def split_sums_chunk(data, indices, indptr, div, rows, grp, rb, bi, codes, inv_n, min_cpm, j0, j1, raw, cpm, keep, lo, hi):
+    """Genes ``j0:j1`` of every half of every split: sums, mean CPM and tested genes.
 
     Group 0 (the control) and the groups ``g >= 1`` are rows ``rows[q]`` (group ``grp[q]``,
     group after group, each in row order) of the CSR matrix (sorted column indices); ``div``
-    holds each row's library size / 1e6, ``table`` the rows'
-    :func:`~vcell.eval.vcc2026._kernels.log1p_table`; ``codes[row, s]`` the row's half in split
-    ``s`` (0: A, 1: B, -1: none), half ``h = 2 s + code``; ``n_half[g]``: the cells of group ``g``
-    in each half, ``inv_n`` their inverses. Writes ``raw[h, g, j]`` (summed counts),
-    ``cpm[h, g, j]`` (mean CPM), ``keep[h, j]`` (the half's control mean CPM above ``min_cpm``)
-    and ``pval[h, g - 1, j]`` where kept. ``rb[row, bi]``, ``rb[row, bi + 1]`` bound the rows'
-    slices when given. Returns whether a NaN was seen.
+    holds each row's library size / 1e6; ``codes[row, s]`` the row's half in split ``s`` (0: A,
+    1: B, -1: none), half ``h = 2 s + code``; ``inv_n[g]``: 1 / the cells of group ``g`` in each
+    half. Writes ``raw[h, g, j]`` (summed counts), ``cpm[h, g, j]`` (mean CPM), ``keep[h, j]``
+    (the half's control mean CPM above ``min_cpm``) and each visited row's slice of the genes,
+    ``lo[q]:hi[q]``. ``rb[row, bi]``, ``rb[row, bi + 1]`` bound the rows' slices when given.
+    Returns whether a NaN was seen.
     """
-    n_h = 2 * codes.shape[1]
-    cl = j1 - j0
-    lo, hi = np.empty(rows.shape[0], np.int64), np.empty(rows.shape[0], np.int64)
     n_ctrl = np.int64(0)
     for q in range(rows.shape[0]):
         lo[q], hi[q] = _bounds(indices, indptr, rows[q], j0, j1, rb, bi)
         n_ctrl += grp[q] == 0
     nan_seen = _half_sums(data, indices, rows, grp, lo, hi, div, inv_n, codes, raw, cpm, np.int64(0), n_ctrl)
-    keep_any = np.zeros(j1, np.bool_)  # indexed by gene: j0:j1 set
-    for h in range(n_h):
+    for h in range(keep.shape[0]):
         for j in range(j0, j1):
             keep[h, j] = cpm[h, 0, j] > min_cpm
-            keep_any[j] |= keep[h, j]
     nan_seen |= _half_sums(data, indices, rows, grp, lo, hi, div, inv_n, codes, raw, cpm, n_ctrl, np.int64(rows.shape[0]))
+    return nan_seen
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def split_tests_chunk(data, indices, rows, grp, lo, hi, div, table, codes, n_half, keep, j0, j1, pval):
+    """Genes ``j0:j1`` of every half of every split: the tests (``pval[h, g - 1, j]`` where
+    ``keep[h, j]``), after :func:`split_sums_chunk` (the rows' slices ``lo:hi``, which this moves).
+    ``table``: the visited rows' :func:`~vcell.eval.vcc2026._kernels.log1p_table`;
+    ``n_half[g]``: the cells of group ``g`` in each half. Gene range after gene range, each
+    (gene, group)'s values gathered once (about :data:`_RANGE_VALUES` at a time), then
+    :func:`_gene`."""
+    n_g1 = n_half.shape[0]
+    keep_any = np.zeros(j1, np.bool_)  # indexed by gene: j0:j1 set
+    for h in range(keep.shape[0]):
+        for j in range(j0, j1):
+            keep_any[j] |= keep[h, j]
     ends = hi.copy()
-    # the tests gene range after gene range, each gathering about _RANGE_VALUES values
     n_vals = np.int64(0)
     for q in range(rows.shape[0]):
         n_vals += hi[q] - lo[q]
-    n_ranges = max(np.int64(1), min(np.int64(cl), (n_vals + _RANGE_VALUES - 1) // _RANGE_VALUES))
+    n_ranges = max(np.int64(1), min(np.int64(j1 - j0), (n_vals + _RANGE_VALUES - 1) // _RANGE_VALUES))
     a = j0
     for r in range(n_ranges):
-        b = j0 + (cl * (r + 1)) // n_ranges
-        for q in range(rows.shape[0]):  # lo: where each row's slice of a:b starts; hi: ends
+        b = j0 + ((j1 - j0) * (r + 1)) // n_ranges
+        for q in range(rows.shape[0]):  # each row's slice of genes a:b
             hi[q] = _lower_bound(indices, lo[q], ends[q], b)
-        _test_range(data, indices, rows, grp, lo, hi, div, table, codes, n_half, keep, keep_any, a, b, pval)
+        cl = b - a
+        cnt = np.zeros((n_g1, cl), np.int64)
+        for q in range(rows.shape[0]):
+            g = grp[q]
+            for k in range(lo[q], hi[q]):
+                if keep_any[indices[k]] and data[k] != 0:
+                    cnt[g, indices[k] - a] += 1
+        gstart = np.empty((n_g1, cl), np.int64)
+        cur = np.empty((n_g1, cl), np.int64)
+        acc = 0
+        most = np.int64(1)
+        for jl in range(cl):
+            for g in range(n_g1):
+                gstart[g, jl] = acc
+                cur[g, jl] = acc
+                acc += cnt[g, jl]
+                most = max(most, cnt[g, jl])
+        vals = np.empty(acc, np.float64)
+        ids = np.empty(acc, np.int32)
+        _gather(data, indices, rows, grp, lo, hi, div, a, keep_any, vals, ids, cur, table)
+        iw, fw, below, step, mult, hw = work_arrays(most, 2 * codes.shape[1])
+        sid = np.int64(0)
+        for jl in range(cl):
+            if keep_any[a + jl]:
+                sid = _gene(vals, ids, gstart, cnt, codes, n_half, keep, a + jl, jl, pval, iw, fw, below, step, mult, hw, sid)
         for q in range(rows.shape[0]):
             lo[q] = hi[q]
         a = b
-    return nan_seen

@@ -110,8 +110,9 @@ def split_aggregates(values: dict[str, np.ndarray], ratio: float) -> dict[str, t
 #: Most bytes of half summaries one pass holds: more splits than that are run in several passes.
 ANCHOR_RESULT_BYTES = 1e9
 #: Splits in one pass from which their halves are summed and tested together (:class:`SplitsTask`):
-#: its pass costs about what two halves' own passes cost (measured at 123,000 cells x 2,000
-#: genes: 4.9 s for one split against 2.7 s, 5.2 against 5.1 for two, 6.2 against 12.6 for five).
+#: its pass costs about what one split's halves cost in their own passes, plus a little per split
+#: (measured at 123,000 cells x 2,000 genes: 4.0 s for one split against 2.4 s, 4.2 against 4.6
+#: for two, within noise, 4.3 against 7.0 for three, 4.9 against 11.3 for five).
 FUSED_MIN_SPLITS = 3
 
 

@@ -4,7 +4,7 @@ Each half of a split needs what a side of an evaluation needs: its control summa
 perturbations' (:func:`~vcell.eval.vcc2026.summary.control_task`,
 :func:`~vcell.eval.vcc2026.summary.side_task`). :class:`SplitsTask` computes the sums, mean CPM,
 tested genes and tests of every half in one pass over the values
-(:func:`~vcell.eval.vcc2026._split_kernels.split_chunk`), instead of one pass per half, and
+(:func:`~vcell.eval.vcc2026._split_kernels.split_sums_chunk`, :func:`~vcell.eval.vcc2026._split_kernels.split_tests_chunk`), instead of one pass per half, and
 hands them to those tasks, which then only compute their jackknife. The replicate anchor uses it
 for passes of at least :data:`~vcell.eval.vcc2026.anchor.FUSED_MIN_SPLITS` splits.
 """
@@ -16,7 +16,7 @@ import numpy as np
 from vcell.errors import VcellError
 from vcell.eval._de_engine import _map
 from vcell.eval.vcc2026._kernels import log1p_table
-from vcell.eval.vcc2026._split_kernels import split_chunk
+from vcell.eval.vcc2026._split_kernels import split_sums_chunk, split_tests_chunk
 from vcell.eval.vcc2026.engine import CPM, MIN_CONTROL_CPM, SumsTask, Tile, _visits, store_of
 from vcell.eval.vcc2026.inputs import CountsCells
 
@@ -71,8 +71,14 @@ class SplitsTask:
     def counts(self, tile: Tile, threads: int) -> None:
         """The sums and tests of the tile's genes in every half."""
         (data, idx, ptr), rb = tile.parts[id(self.A)], tile.row_bounds(self.A)
-        if any(_map(lambda i: split_chunk(data, idx, ptr, self.div, self.rows, self.grp, rb, i, self.table, self.codes,
-                                          self.n_half, self.inv_n, MIN_CONTROL_CPM, tile.blocks[i], tile.blocks[i + 1],
-                                          self.raw, self.cpm, self.keep, self.pval),
-                    list(range(tile.blocks.size - 1)), threads)):
+
+        def work(i):  # two kernels, not one calling both: a first run compiles them faster
+            j0, j1 = tile.blocks[i], tile.blocks[i + 1]
+            lo, hi = np.empty(self.rows.size, np.int64), np.empty(self.rows.size, np.int64)
+            nan_seen = split_sums_chunk(data, idx, ptr, self.div, self.rows, self.grp, rb, i, self.codes, self.inv_n, MIN_CONTROL_CPM,
+                                  j0, j1, self.raw, self.cpm, self.keep, lo, hi)
+            split_tests_chunk(data, idx, self.rows, self.grp, lo, hi, self.div, self.table, self.codes, self.n_half, self.keep, j0, j1, self.pval)
+            return nan_seen
+
+        if any(_map(work, list(range(tile.blocks.size - 1)), threads)):
             raise VcellError(f"{self.where}: the expression matrix contains NaN values")
