@@ -116,8 +116,9 @@ class SumsTask:
 
     Group 0 is ``ctrl_rows`` of ``A``, group ``g >= 1`` is ``group_rows[g - 1]`` of ``B`` (rows in
     the given order, possibly repeated). ``keep`` chooses the tested genes: ``None`` (none: a
-    control summary, or groups another task tests), a boolean array, or the control :class:`SumsTask` run before this one on
-    each tile (genes whose mean CPM there exceeds :data:`MIN_CONTROL_CPM`). ``jack`` says whose
+    control summary, or groups another task tests), a boolean array, or the control
+    :class:`SumsTask` run before this one on each tile (genes whose mean CPM there exceeds
+    :data:`MIN_CONTROL_CPM`). ``jack`` says whose
     jackknife to compute: ``"control"`` (group 0), ``"groups"`` (the others) or ``None``.
     ``colscale`` scales ``B``'s values gene by gene and ``b_totals`` replaces its cell totals
     (the baseline's cells: control cells scaled). ``prior``, the groups' summed counts known

@@ -4,8 +4,9 @@ Each half of a split needs what a side of an evaluation needs: its control summa
 perturbations' (:func:`~vcell.eval.vcc2026.summary.control_task`,
 :func:`~vcell.eval.vcc2026.summary.side_task`). :class:`SplitsTask` computes the sums, mean CPM,
 tested genes and tests of every half in one pass over the values
-(:func:`~vcell.eval.vcc2026._split_kernels.split_sums_chunk`, :func:`~vcell.eval.vcc2026._split_kernels.split_tests_chunk`), instead of one pass per half, and
-hands them to those tasks, which then only compute their jackknife. The replicate anchor uses it
+(:func:`~vcell.eval.vcc2026._split_kernels.split_sums_chunk`, then
+:func:`~vcell.eval.vcc2026._split_kernels.split_tests_chunk`), instead of one pass per half,
+and hands them to those tasks, which then only compute their jackknife. The replicate anchor uses it
 for passes of at least :data:`~vcell.eval.vcc2026.anchor.FUSED_MIN_SPLITS` splits.
 """
 
@@ -72,12 +73,13 @@ class SplitsTask:
         """The sums and tests of the tile's genes in every half."""
         (data, idx, ptr), rb = tile.parts[id(self.A)], tile.row_bounds(self.A)
 
-        def work(i):  # two kernels, not one calling both: a first run compiles them faster
+        def work(i):  # the sums first: a half's tested genes come from its controls' means
             j0, j1 = tile.blocks[i], tile.blocks[i + 1]
             lo, hi = np.empty(self.rows.size, np.int64), np.empty(self.rows.size, np.int64)
-            nan_seen = split_sums_chunk(data, idx, ptr, self.div, self.rows, self.grp, rb, i, self.codes, self.inv_n, MIN_CONTROL_CPM,
-                                  j0, j1, self.raw, self.cpm, self.keep, lo, hi)
-            split_tests_chunk(data, idx, self.rows, self.grp, lo, hi, self.div, self.table, self.codes, self.n_half, self.keep, j0, j1, self.pval)
+            nan_seen = split_sums_chunk(data, idx, ptr, self.div, self.rows, self.grp, rb, i, self.codes, self.inv_n,
+                                        MIN_CONTROL_CPM, j0, j1, self.raw, self.cpm, self.keep, lo, hi)
+            split_tests_chunk(data, idx, self.rows, self.grp, lo, hi, self.div, self.table, self.codes, self.n_half,
+                              self.keep, j0, j1, self.pval)
             return nan_seen
 
         if any(_map(work, list(range(tile.blocks.size - 1)), threads)):
