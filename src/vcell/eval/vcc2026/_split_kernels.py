@@ -220,10 +220,11 @@ def work_arrays(n_values, n_halves):
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
-def _half_sums(data, indices, rows, grp, lo_r, hi_r, div, inv_n, codes, raw, cpm, q0, q1):
+def _half_sums(data, indices, rows, grp, lo_r, hi_r, div, inv_n, codes, raw, cpm, q0, q1, cnt, j0):
     """Visits ``q0:q1``: each value added to the sums of its row's halves, ``raw[h, g, j]`` (the
     count) and ``cpm[h, g, j]`` (CPM times ``inv_n[g]``): a half's rows in row order, as its own
-    :func:`~vcell.eval.vcc2026._kernels.counts_chunk` sums them. Returns whether a NaN was seen."""
+    :func:`~vcell.eval.vcc2026._kernels.counts_chunk` sums them; ``cnt[g, j - j0]`` counts the
+    non-zeros. Returns whether a NaN was seen."""
     n_splits = codes.shape[1]
     hs = np.empty(n_splits, np.int64)
     nan_seen = False
@@ -242,6 +243,7 @@ def _half_sums(data, indices, rows, grp, lo_r, hi_r, div, inv_n, codes, raw, cpm
             if v != 0:
                 nan_seen |= v != v
                 j = indices[k]
+                cnt[g, j - j0] += 1
                 c = v / d
                 for t in range(n_in):
                     raw[hs[t], g, j] += v
@@ -250,7 +252,7 @@ def _half_sums(data, indices, rows, grp, lo_r, hi_r, div, inv_n, codes, raw, cpm
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
-def split_sums_chunk(data, indices, indptr, div, rows, grp, rb, bi, codes, inv_n, min_cpm, j0, j1, raw, cpm, keep, lo, hi):
+def split_sums_chunk(data, indices, indptr, div, rows, grp, rb, bi, codes, inv_n, min_cpm, j0, j1, raw, cpm, keep, lo, hi, cnt):
     """Genes ``j0:j1`` of every half of every split: sums, mean CPM and tested genes.
 
     Group 0 (the control) and the groups ``g >= 1`` are rows ``rows[q]`` (group ``grp[q]``,
@@ -258,26 +260,28 @@ def split_sums_chunk(data, indices, indptr, div, rows, grp, rb, bi, codes, inv_n
     holds each row's library size / 1e6; ``codes[row, s]`` the row's half in split ``s`` (0: A,
     1: B, -1: none), half ``h = 2 s + code``; ``inv_n[g]``: 1 / the cells of group ``g`` in each
     half. Writes ``raw[h, g, j]`` (summed counts), ``cpm[h, g, j]`` (mean CPM), ``keep[h, j]``
-    (the half's control mean CPM above ``min_cpm``) and each visited row's slice of the genes,
-    ``lo[q]:hi[q]``. ``rb[row, bi]``, ``rb[row, bi + 1]`` bound the rows' slices when given.
-    Returns whether a NaN was seen.
+    (the half's control mean CPM above ``min_cpm``), each visited row's slice of the genes,
+    ``lo[q]:hi[q]``, and ``cnt[g, j - j0]``: the non-zeros of group ``g`` (all its cells) in gene
+    ``j``. ``rb[row, bi]``, ``rb[row, bi + 1]`` bound the rows' slices when given. Returns
+    whether a NaN was seen.
     """
     n_ctrl = np.int64(0)
     for q in range(rows.shape[0]):
         lo[q], hi[q] = _bounds(indices, indptr, rows[q], j0, j1, rb, bi)
         n_ctrl += grp[q] == 0
-    nan_seen = _half_sums(data, indices, rows, grp, lo, hi, div, inv_n, codes, raw, cpm, np.int64(0), n_ctrl)
+    nan_seen = _half_sums(data, indices, rows, grp, lo, hi, div, inv_n, codes, raw, cpm, np.int64(0), n_ctrl, cnt, j0)
     for h in range(keep.shape[0]):
         for j in range(j0, j1):
             keep[h, j] = cpm[h, 0, j] > min_cpm
-    nan_seen |= _half_sums(data, indices, rows, grp, lo, hi, div, inv_n, codes, raw, cpm, n_ctrl, np.int64(rows.shape[0]))
+    nan_seen |= _half_sums(data, indices, rows, grp, lo, hi, div, inv_n, codes, raw, cpm, n_ctrl, np.int64(rows.shape[0]), cnt, j0)
     return nan_seen
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
-def split_tests_chunk(data, indices, rows, grp, lo, hi, div, table, codes, n_half, keep, j0, j1, pval):
+def split_tests_chunk(data, indices, rows, grp, lo, hi, div, table, codes, n_half, keep, j0, j1, pval, counts):
     """Genes ``j0:j1`` of every half of every split: the tests (``pval[h, g - 1, j]`` where
-    ``keep[h, j]``), after :func:`split_sums_chunk` (the rows' slices ``lo:hi``, which this moves).
+    ``keep[h, j]``), after :func:`split_sums_chunk` (the rows' slices ``lo:hi``, which this moves,
+    and the groups' non-zeros per gene ``counts``).
     ``table``: the visited rows' :func:`~vcell.eval.vcc2026._kernels.log1p_table`;
     ``n_half[g]``: the cells of group ``g`` in each half. Gene range after gene range, each
     (gene, group)'s values gathered once (about :data:`_RANGE_VALUES` at a time), then
@@ -298,12 +302,11 @@ def split_tests_chunk(data, indices, rows, grp, lo, hi, div, table, codes, n_hal
         for q in range(rows.shape[0]):  # each row's slice of genes a:b
             hi[q] = _lower_bound(indices, lo[q], ends[q], b)
         cl = b - a
-        cnt = np.zeros((n_g1, cl), np.int64)
-        for q in range(rows.shape[0]):
-            g = grp[q]
-            for k in range(lo[q], hi[q]):
-                if keep_any[indices[k]] and data[k] != 0:
-                    cnt[g, indices[k] - a] += 1
+        cnt = np.zeros((n_g1, cl), np.int64)  # the kept genes' non-zeros, counted by the sums
+        for jl in range(cl):
+            if keep_any[a + jl]:
+                for g in range(n_g1):
+                    cnt[g, jl] = counts[g, a - j0 + jl]
         gstart = np.empty((n_g1, cl), np.int64)
         cur = np.empty((n_g1, cl), np.int64)
         acc = 0

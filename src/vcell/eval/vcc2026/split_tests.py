@@ -76,10 +76,11 @@ class SplitsTask:
         def work(i):  # the sums first: a half's tested genes come from its controls' means
             j0, j1 = tile.blocks[i], tile.blocks[i + 1]
             lo, hi = np.empty(self.rows.size, np.int64), np.empty(self.rows.size, np.int64)
+            cnt = np.zeros((self.n_half.size, j1 - j0), np.int64)
             nan_seen = split_sums_chunk(data, idx, ptr, self.div, self.rows, self.grp, rb, i, self.codes, self.inv_n,
-                                        MIN_CONTROL_CPM, j0, j1, self.raw, self.cpm, self.keep, lo, hi)
+                                        MIN_CONTROL_CPM, j0, j1, self.raw, self.cpm, self.keep, lo, hi, cnt)
             split_tests_chunk(data, idx, self.rows, self.grp, lo, hi, self.div, self.table, self.codes, self.n_half,
-                              self.keep, j0, j1, self.pval)
+                              self.keep, j0, j1, self.pval, cnt)
             return nan_seen
 
         if any(_map(work, list(range(tile.blocks.size - 1)), threads)):
