@@ -184,6 +184,20 @@ def _sort_control(src, start, k0, cs, table, cursor):
 
 
 @nb.njit(cache=True, error_model="numpy")
+def _place(cs, table, x, vmin, tscale, n_buckets):
+    """First index of ``cs`` (sorted by :func:`_sort_control`, with its ``table``) whose value is >= ``x`` (> 0)."""
+    bk = _bucket(x, vmin, tscale, n_buckets)
+    lo, hi = table[bk], table[bk + 1]
+    if hi - lo > 8:
+        return _lower_bound(cs, lo, hi, x)
+    lo += cs[lo] < x  # two steps without a branch: a bucket holds about one value
+    lo += cs[lo] < x
+    while cs[lo] < x:  # cs[hi:] >= x and cs[k0] = inf: no bound check
+        lo += 1
+    return lo
+
+
+@nb.njit(cache=True, error_model="numpy")
 def _slot(v, mask):
     """A hash of the value ``v`` in ``[0, mask]`` (``mask``: a power of 2 minus 1)."""
     if math.isinf(v):  # frexp's mantissa is inf: no integer to convert it to
@@ -274,10 +288,7 @@ def _gene_tests(vals, gstart, cnt, sizes, scale, mean_mode, j, stat, pval, means
     mult_e = work[4]
     stamp_g = work[5]
     mult_g = work[6]
-    cs = fwork[0]
-    fval = fwork[1]
-    over = fwork[2]
-    fkey = fwork[3]
+    cs, fval, over, fkey = fwork[0], fwork[1], fwork[2], fwork[3]
 
     k0 = cnt[0]
     cneg, vmin, tscale, n_buckets = _sort_control(vals, gstart[0], k0, cs, table, cursor)
@@ -305,16 +316,7 @@ def _gene_tests(vals, gstart, cnt, sizes, scale, mean_mode, j, stat, pval, means
         for i in range(off, off + k):
             x = vals[i]
             if x > 0:
-                bk = _bucket(x, vmin, tscale, n_buckets)
-                lo = table[bk]
-                hi = table[bk + 1]
-                if hi - lo > 8:
-                    lo = _lower_bound(cs, lo, hi, x)
-                else:  # values from index hi on exceed x, and cs[k0] = inf: no bound check
-                    lo += cs[lo] < x
-                    lo += cs[lo] < x
-                    while cs[lo] < x:
-                        lo += 1
+                lo = _place(cs, table, x, vmin, tscale, n_buckets)
                 less = lo + cz
             else:
                 lo = _lower_bound(cs, np.int64(0), cneg, x)
@@ -470,9 +472,7 @@ def _csr_chunk(data, indices, indptr, order, gid, sizes, scale, mean_mode, j0, j
             gstart[g] = acc
             gcnt[g] = cnt[g, jl]
             acc += gcnt[g]
-        sid = _gene_tests(
-            vals, gstart, gcnt, sizes, scale, mean_mode, j0 + jl, stat, pval, means, sums, accs, work, fwork, sid
-        )
+        sid = _gene_tests(vals, gstart, gcnt, sizes, scale, mean_mode, j0 + jl, stat, pval, means, sums, accs, work, fwork, sid)
     return nan_seen
 
 

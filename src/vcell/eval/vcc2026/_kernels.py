@@ -72,13 +72,23 @@ def log1p_table(rows, div):
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
+def log1p_cpm(v, d, table, q):
+    """``log1p(v / d)`` of the non-zero count ``v`` in visited row ``q`` (``d``: its library size /
+    1e6): from its :func:`log1p_table` row when given (``table`` not empty) and ``v`` is a small
+    count, else computed. Every kernel that tests ``log1p(CPM)`` values takes them from here,
+    so equal counts give equal bits whichever path gathered them."""
+    if table.shape[0] > 0 and v > 0 and v < TABLE_COUNTS and v == math.floor(v):
+        return table[q, int(v)]
+    return math.log1p(v / d)
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
 def _gather_rows(data, indices, rows, grp, lo_r, hi_r, div, inv_n, j0, keep, raw_sums, cpm_sums, vals, cur, colscale, table):
     """Each visited row's slice: add it to its group's sums, gather ``log1p(CPM)`` of the kept
     genes into the (gene, group) regions; returns whether a NaN was seen. ``div``: each row's
     library size / 1e6; ``inv_n``: 1 / (cells in the group); ``table``: :func:`log1p_table` of
     ``rows`` (the same expression, so the same bits; empty: every value computed)."""
     nan_seen = False
-    tabled = table.shape[0] > 0
     for q in range(rows.shape[0]):
         g = grp[q]
         d = div[rows[q]]
@@ -93,10 +103,7 @@ def _gather_rows(data, indices, rows, grp, lo_r, hi_r, div, inv_n, j0, keep, raw
                 cpm_sums[g, j] += c * w
                 if keep[j]:
                     jl = j - j0
-                    if tabled and v > 0 and v < TABLE_COUNTS and v == math.floor(v):
-                        vals[cur[g, jl]] = table[q, int(v)]
-                    else:
-                        vals[cur[g, jl]] = math.log1p(c)
+                    vals[cur[g, jl]] = log1p_cpm(v, d, table, q)
                     cur[g, jl] += 1
     return nan_seen
 

@@ -18,13 +18,11 @@ Values are the reference's raw counts: non-negative, so every gathered value is 
 
 from __future__ import annotations
 
-import math
-
 import numba as nb
 import numpy as np
 
-from vcell.eval._de_kernels import _bucket, _lower_bound, _mwu_from_u, _sort_control, _sort_range
-from vcell.eval.vcc2026._kernels import TABLE_COUNTS, _bounds
+from vcell.eval._de_kernels import _lower_bound, _mwu_from_u, _place, _sort_control, _sort_range
+from vcell.eval.vcc2026._kernels import _bounds, log1p_cpm
 
 #: A half's 2U and its count of non-zero values are added together, packed in one int64: 2U in the
 #: low 40 bits (2 n1 n2 < 2^40 for halves of up to ~700,000 cells), the count above.
@@ -37,9 +35,9 @@ _RANGE_VALUES = 4_000_000
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
 def _gather(data, indices, rows, grp, lo_r, hi_r, div, j0, keep, vals, ids, cur, table):
-    """Each visited row's kept non-zeros as ``log1p(CPM)`` (the expression of
-    :func:`~vcell.eval.vcc2026._kernels._gather_rows`, so the same bits) into the (gene, group)
-    regions of ``vals``, the row into ``ids``."""
+    """Each visited row's kept non-zeros as ``log1p(CPM)``
+    (:func:`~vcell.eval.vcc2026._kernels.log1p_cpm`) into the (gene, group) regions of ``vals``,
+    the row into ``ids``."""
     for q in range(rows.shape[0]):
         g = grp[q]
         d = div[rows[q]]
@@ -48,26 +46,9 @@ def _gather(data, indices, rows, grp, lo_r, hi_r, div, j0, keep, vals, ids, cur,
             j = indices[k]
             if v != 0 and keep[j]:
                 jl = j - j0
-                if v > 0 and v < TABLE_COUNTS and v == math.floor(v):
-                    vals[cur[g, jl]] = table[q, int(v)]
-                else:
-                    vals[cur[g, jl]] = math.log1p(v / d)
+                vals[cur[g, jl]] = log1p_cpm(v, d, table, q)
                 ids[cur[g, jl]] = rows[q]
                 cur[g, jl] += 1
-
-
-@nb.njit(cache=True, nogil=True, error_model="numpy")
-def _place(cs, table, x, vmin, tscale, n_buckets):
-    """First index of the sorted controls ``cs`` whose value is >= ``x`` (> 0)."""
-    bk = _bucket(x, vmin, tscale, n_buckets)
-    lo, hi = table[bk], table[bk + 1]
-    if hi - lo > 8:
-        return _lower_bound(cs, lo, hi, x)
-    lo += cs[lo] < x  # two steps without a branch: a bucket holds about one value
-    lo += cs[lo] < x
-    while cs[lo] < x:  # cs[hi:] >= x and cs[k0] = inf: no bound check
-        lo += 1
-    return lo
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
