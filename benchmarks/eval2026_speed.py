@@ -52,10 +52,10 @@ machine at the same time neither fill nor empty it (``eval_speed.clear_numba_cac
 shared ``src/vcell/**/__pycache__`` caches instead). vcell runs per case first with that cache
 emptied ("cold", JIT compilation included), then with it loaded ("warm"). cell-eval2 (pdex
 0.3.0, numba-mwu) and cell-eval keep no numba cache on disk (no ``cache=True``), so they compile
-in every run: one run each. Before every run the script
-waits until the machine is idle and repeats a run that other processes disturbed (more than 10 %
-of a core), as ``eval_speed`` does. On a shared machine run it under ``flock
-/tmp/vcell_cpu.lock`` so other benchmarks wait.
+in every run: one run each. Before every run the script waits until the machine is idle and
+repeats a run that other processes or the hypervisor's steal disturbed (more than 10 % of a
+core), as ``eval_speed`` does. On a shared machine run it under ``flock /tmp/vcell_cpu.lock`` so
+other benchmarks wait.
 
 Agreement (vcell's warm run against the peer's run): per (perturbation, metric) values of
 ``results.csv``, every (statistic, metric) of ``agg_results.csv``, the anchor's aggregate
@@ -535,7 +535,7 @@ def main() -> int:
     ap.add_argument("--max-busy", type=float, default=0.15, help="before each run, wait until fewer cores than this are busy")
     ap.add_argument("--max-wait", type=float, default=120.0, help="... for at most this many seconds per run")
     ap.add_argument("--retry-disturbed", type=int, default=2,
-                    help="run again (at most this many times) when other processes used > 10%% of a core meanwhile")
+                    help="run again (at most this many times) when other processes or steal took > 10%% of a core meanwhile")
     ap.add_argument("--procs", type=int, default=2, help="processes for the simulation")
     ap.add_argument("--worker", choices=["simulate", "compare"], help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
@@ -585,13 +585,14 @@ def main() -> int:
             r = es.timed_run(key, cmd, workdir / "out" / f"log_{stem}.txt", env, max_rss, args.timeout)
             if not es._disturbed(r):
                 break
-            print(f"  disturbed ({r['other_cpu_s']:.1f} CPU s of other processes during {r['wall_s']:.1f} s): again",
+            print(f"  disturbed ({es.disturbance(r)}): again",
                   file=sys.stderr, flush=True)
         r.update(case=case, tool=tool, mode=mode, out=str(out), busy_before=busy, attempts=attempt + 1,
                  numba_cache_files_before=cache, numba_cache_cleared=cleared)
         tl = r.get("timeline") or []
         r["timeline"] = tl[:: max(1, len(tl) // 200)]  # a coarse RSS timeline is enough for the JSON
-        print(f"  {key}: rc {r['rc']}, wall {r['wall_s']:.2f} s, peak {r['peak_mib']:,.0f} MiB"
+        print(f"  {key}: rc {r['rc']}, wall {r['wall_s']:.2f} s, peak {r['peak_mib']:,.0f} MiB, "
+              f"other processes {r['other_cpu_s']:.1f} CPU s, steal {r['steal_s']:.1f} s"
               + (f", ABORTED: {r['aborted']}" if r["aborted"] else ""), file=sys.stderr, flush=True)
         if r["rc"] != 0:
             print("".join(open(r["log"], errors="replace").readlines()[-30:]), file=sys.stderr)

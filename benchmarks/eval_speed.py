@@ -28,9 +28,9 @@ What it does:
    compilation included), then ``--vcell-runs - 1`` more times (cache loaded: "warm"); cell-eval
    runs once (its pdex numba cache in site-packages is left as it is). Each run writes to its own
    folder. Before each run the script waits (up to ``--max-wait`` s) until the machine is idle
-   (< ``--max-busy`` cores busy, from /proc/stat); it records the load average and the CPU
-   seconds other processes used during the run, and repeats a run (``--retry-disturbed``) when
-   they used more than 10% of a core. A sampler polls the child's VmRSS every 0.25 s for a
+   (< ``--max-busy`` cores busy, from /proc/stat); it records the load average, the CPU
+   seconds other processes used during the run and the hypervisor's steal time, and repeats a
+   run (``--retry-disturbed``) when together they took more than 10% of a core. A sampler polls the child's VmRSS every 0.25 s for a
    coarse RSS timeline; above ``--max-rss-gb`` the child gets SIGABRT and, run with
    ``PYTHONFAULTHANDLER=1``, prints its Python stack into its log (shown in the report).
 3. Checks the numbers: ``results.csv`` per perturbation x metric (``|diff| <= 1e-6``, empty =
@@ -541,14 +541,15 @@ def _rss_mib(pid: int) -> float | None:
     return None
 
 
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) CPU time of the whole machine from /proc/stat, in clock ticks."""
+def _cpu_jiffies(with_steal: bool = False) -> tuple[int, ...]:
+    """(busy, total) CPU time of the whole machine from /proc/stat, in clock ticks; with
+    ``with_steal``, (busy, total, steal)."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
     steal = v[7] if len(v) > 7 else 0  # time the hypervisor ran something else: not this machine's work
     total = sum(v[:8])  # guest time is already counted in user
-    return total - idle - steal, total
+    return (total - idle - steal, total, steal) if with_steal else (total - idle - steal, total)
 
 
 def timed_run(name: str, cmd: list[str], log: Path, env: dict, max_rss_mib: float | None, timeout_s: float | None) -> dict:
@@ -559,7 +560,7 @@ def timed_run(name: str, cmd: list[str], log: Path, env: dict, max_rss_mib: floa
     ``PYTHONFAULTHANDLER=1`` it dumps its Python stacks into the log first.
     """
     load = os.getloadavg()
-    busy0, _ = _cpu_jiffies()
+    busy0, _, steal0 = _cpu_jiffies(with_steal=True)
     with open(log, "w") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -585,15 +586,16 @@ def timed_run(name: str, cmd: list[str], log: Path, env: dict, max_rss_mib: floa
             aborted = f"timeout {timeout_s:.0f} s"
             os.kill(proc.pid, signal.SIGABRT)
         waiter.join(0.25)
-    busy1, _ = _cpu_jiffies()
+    busy1, _, steal1 = _cpu_jiffies(with_steal=True)
     proc.returncode = os.waitstatus_to_exitcode(result["status"])
     ru = result["ru"]
     cpu = ru.ru_utime + ru.ru_stime
     other = max(0.0, (busy1 - busy0) / os.sysconf("SC_CLK_TCK") - cpu)
+    steal = (steal1 - steal0) / os.sysconf("SC_CLK_TCK")  # CPU s the hypervisor took from this machine's cores
     peak_t = max(samples, key=lambda s: s[1])[0] if samples else None
     return {
         "name": name, "cmd": cmd, "rc": proc.returncode, "wall_s": result["wall"],
-        "cpu_s": cpu, "other_cpu_s": other, "peak_mib": ru.ru_maxrss / 1024, "load_before": load[0],
+        "cpu_s": cpu, "other_cpu_s": other, "steal_s": steal, "peak_mib": ru.ru_maxrss / 1024, "load_before": load[0],
         "load5_before": load[1], "peak_sample_at_s": peak_t, "aborted": aborted, "log": str(log),
         "timeline": samples,
     }
@@ -696,8 +698,14 @@ def _ensure_data(workdir: Path, kind: str, shape: list[int], seed: int, procs: i
 
 
 def _disturbed(r: dict) -> bool:
-    """Whether other processes used more than 10% of a core on average during the run."""
-    return r["rc"] == 0 and r["other_cpu_s"] > 0.1 * r["wall_s"]
+    """Whether other processes (or the hypervisor, as steal time) took more than 10% of a core on
+    average during the run."""
+    return r["rc"] == 0 and r["other_cpu_s"] + r.get("steal_s", 0.0) > 0.1 * r["wall_s"]
+
+
+def disturbance(r: dict) -> str:
+    """What took CPU from a run: other processes' CPU s and the hypervisor's steal."""
+    return f"{r['other_cpu_s']:.1f} CPU s of other processes, {r.get('steal_s', 0.0):.1f} s steal during {r['wall_s']:.1f} s"
 
 
 def _row(r: dict, ratio: str) -> str:
@@ -727,7 +735,7 @@ def main() -> int:
     ap.add_argument("--max-busy", type=float, default=0.15, help="before each run, wait until fewer cores than this are busy")
     ap.add_argument("--max-wait", type=float, default=120.0, help="... for at most this many seconds per run")
     ap.add_argument("--retry-disturbed", type=int, default=2,
-                    help="run again (at most this many times) when other processes used > 10%% of a core meanwhile")
+                    help="run again (at most this many times) when other processes or steal took > 10%% of a core meanwhile")
     ap.add_argument("--procs", type=int, default=2, help="processes for the simulation")
     ap.add_argument("--workdir", type=Path, default=None, help="keep/reuse data and outputs here (default: temp, removed)")
     ap.add_argument("--json", type=Path, default=None, help="write the raw measurements here")
@@ -792,7 +800,7 @@ def main() -> int:
                               env, max_rss, args.timeout)
                 if not _disturbed(r):
                     break
-                print(f"  disturbed ({r['other_cpu_s']:.1f} CPU s of other processes during {r['wall_s']:.1f} s): again",
+                print(f"  disturbed ({disturbance(r)}): again",
                       file=sys.stderr, flush=True)
             r.update(out=str(out), numba_cache_files_before=cache, cold=cold, busy_before=busy, attempts=attempt + 1)
             runs.append(r)
@@ -811,7 +819,7 @@ def main() -> int:
                                workdir / "log_cell_eval.txt", env, max_rss, args.timeout)
                 if not _disturbed(ce):
                     break
-                print(f"  disturbed ({ce['other_cpu_s']:.1f} CPU s of other processes during {ce['wall_s']:.1f} s): again",
+                print(f"  disturbed ({disturbance(ce)}): again",
                       file=sys.stderr, flush=True)
             ce.update(out=str(out), busy_before=busy, attempts=attempt + 1)
             print(f"  cell-eval: rc {ce['rc']}, wall {ce['wall_s']:.2f} s, peak {ce['peak_mib']:.0f} MiB",
