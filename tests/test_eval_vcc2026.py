@@ -511,6 +511,9 @@ def tiny(tmp_path_factory):
         files[name] = _write(d / f"pred_{name}.h5ad", Y, labels, g, obs=obs)
     files["no_controls"] = _write(d / "real_no_controls.h5ad", X[10:], real_labels[10:], genes)
     files["real_ctx"] = _write(d / "real_ctx.h5ad", X, real_labels, genes, obs={"context": ["A"] * len(real_labels)})
+    other = [f"H{i:02d}" for i in range(20)]  # a panel without the targets: no label names a measured gene
+    files["real_unmeasured"] = _write(d / "real_unmeasured.h5ad", X, real_labels, other)
+    files["unmeasured"] = _write(d / "pred_unmeasured.h5ad", P, pred_labels, other)
     return d, files
 
 
@@ -524,6 +527,7 @@ BAD = {
     "genes_missing": ("genes_missing", "real", "missing"),
     "no_controls": ("pred", "no_controls", "control"),
     "context_absent_from_pred": ("pred", "real_ctx", "context"),
+    "targets_unmeasured": ("unmeasured", "real_unmeasured", "--no-target-genes"),
 }
 
 
@@ -544,6 +548,9 @@ def test_tiny_pair_accepted(tiny, tmp_path):
     _, files = tiny
     _vcell_run(files["pred"], files["real"], tmp_path / "out")
     assert (tmp_path / "out" / "results.csv").is_file()
+    # targets the panel lacks: accepted once declared (nothing to exclude)
+    _vcell_run(files["unmeasured"], files["real_unmeasured"], tmp_path / "out2", no_target_genes=True)
+    assert (tmp_path / "out2" / "results.csv").is_file()
 
 
 # --------------------------------------------------------------------------------------------

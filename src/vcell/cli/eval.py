@@ -39,7 +39,7 @@ TargetGenes = Annotated[
     typer.Option("--target-genes", help="vcc2026: CSV (perturbation,gene) naming each perturbation's target gene; an empty gene means none. "
                  "Default: a label that names a gene targets it."),
 ]
-NoTargetGenes = Annotated[bool, typer.Option("--no-target-genes", help="vcc2026: the perturbations are not genes (drugs, cytokines): exclude no gene.")]
+NoTargetGenes = Annotated[bool, typer.Option("--no-target-genes", help="vcc2026: exclude no gene: the perturbations are not genes (drugs, cytokines) or their targets are not measured.")]
 Backed = Annotated[
     bool,
     typer.Option("--backed/--in-memory", help="--backed (default): a matrix larger than --memory-budget is read once into gene bands "

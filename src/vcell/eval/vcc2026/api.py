@@ -33,7 +33,7 @@ def evaluate_2026(
     target_genes : dict, optional
         Perturbation -> target gene (``None``: none); by default a label naming a gene targets it.
     no_target_genes : bool
-        The perturbations are not genes: exclude no gene.
+        Exclude no gene: the perturbations are not genes (drugs, cytokines) or their targets are not measured.
     threads : int
         Threads.
 

@@ -70,8 +70,9 @@ def resolve_targets(
             unresolved.append(p)
     if perturbations and (out < 0).all() and declared == 0:
         raise VcellError(
-            f"no perturbation label names a gene ({preview(perturbations, 3)}): give --target-genes FILE "
-            "(perturbation,gene) or --no-target-genes for perturbations that are not genes (drugs, cytokines)"
+            f"no perturbation label names a measured gene ({preview(perturbations, 3)}): give --target-genes FILE "
+            "(perturbation,gene), or --no-target-genes when no target is among the genes (drugs, cytokines, or "
+            "knockdowns of genes the panel lacks: nothing to exclude)"
         )
     if unresolved:
         log.warning("%d perturbation(s) name no gene; their target gene is not excluded: %s", len(unresolved), preview(unresolved, 5))
