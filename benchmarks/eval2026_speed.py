@@ -50,7 +50,10 @@ num_threads=N --set gather_threads=N``; cell-eval ``--num-threads N``). Every ru
 numba cache, ``NUMBA_CACHE_DIR=WORKDIR/numba_cache``, so that other processes running vcell on the
 machine at the same time neither fill nor empty it (``eval_speed.clear_numba_cache`` deletes the
 shared ``src/vcell/**/__pycache__`` caches instead). vcell runs per case first with that cache
-emptied ("cold", JIT compilation included), then with it loaded ("warm"). cell-eval2 (pdex
+emptied ("cold", JIT compilation included), then (unless ``--skip-compiled``) with the cache that
+``vcell eval compile`` wrote once at the start ("compiled": the first run in an installation or
+container image where that step ran; the step is timed on its own row), then with the cache
+loaded ("warm"). cell-eval2 (pdex
 0.3.0, numba-mwu) and cell-eval keep no numba cache on disk (no ``cache=True``), so they compile
 in every run: one run each. Before every run the script waits until the machine is idle and
 repeats a run that other processes or the hypervisor's steal disturbed (more than 10 % of a
@@ -530,6 +533,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cases", default="A,B,C,D,E", help="comma-separated subset of A,B,C,D,E (B also runs A)")
     ap.add_argument("--skip-cell-eval2", action="store_true", help="time vcell only (no peers, no agreement checks)")
+    ap.add_argument("--skip-compiled", action="store_true",
+                    help="leave out the runs after `vcell eval compile` (each case's first run with the cache it writes)")
     ap.add_argument("--max-rss-gb", type=float, default=16.0, help="abort a run above this RSS (GiB)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="abort a run after this many seconds")
     ap.add_argument("--max-busy", type=float, default=0.15, help="before each run, wait until fewer cores than this are busy")
@@ -577,9 +582,11 @@ def main() -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             busy = es.wait_idle(args.max_busy, args.max_wait)
             cleared = None
-            if mode == "cold":
+            if mode in ("cold", "compiled"):
                 cleared = sum(1 for f in numba_dir.rglob("*") if f.suffix in (".nbi", ".nbc"))
                 shutil.rmtree(numba_dir, ignore_errors=True)
+            if mode == "compiled":  # the cache exactly as `vcell eval compile` left it
+                shutil.copytree(compiled_dir, numba_dir)
             cache = sum(1 for f in numba_dir.rglob("*.nbi")) if numba_dir.exists() else 0
             print(f"running {key} (busy cores {busy:.2f}, numba cache index files {cache}) ...", file=sys.stderr, flush=True)
             r = es.timed_run(key, cmd, workdir / "out" / f"log_{stem}.txt", env, max_rss, args.timeout)
@@ -599,10 +606,24 @@ def main() -> int:
         runs[key] = r
         return r
 
+    compiled_dir = workdir / "numba_compiled"  # what `vcell eval compile` writes, copied before each "compiled" run
+    modes = ("cold", "warm") if args.skip_compiled else ("cold", "compiled", "warm")
+    if not args.skip_compiled:
+        shutil.rmtree(compiled_dir, ignore_errors=True)
+        (workdir / "out").mkdir(parents=True, exist_ok=True)
+        busy = es.wait_idle(args.max_busy, args.max_wait)
+        r = es.timed_run("compile", [PY, "-m", "vcell", "eval", "compile", "--threads", str(args.threads)], workdir / "out" / "log_compile.txt",
+                         dict(env, NUMBA_CACHE_DIR=str(compiled_dir)), max_rss, args.timeout)
+        r.update(case="compile", tool="vcell", mode="once", out=None, busy_before=busy, attempts=1)
+        print(f"  vcell eval compile: rc {r['rc']}, wall {r['wall_s']:.2f} s", file=sys.stderr, flush=True)
+        runs["compile/vcell/once"] = r
+        if r["rc"] != 0:
+            print("".join(open(r["log"], errors="replace").readlines()[-30:]), file=sys.stderr)
+            modes = ("cold", "warm")
     for case in cases:
         tools = list(commands(case, workdir / "data", workdir, args.threads))
         vtool, peer = tools[0], tools[1]
-        for mode in ("cold", "warm"):
+        for mode in modes:
             measure(case, vtool, mode, lambda out, c=case: commands(c, workdir / "data", out, args.threads)[vtool])
         if not args.skip_cell_eval2:
             measure(case, peer, "single run", lambda out, c=case, p=peer: commands(c, workdir / "data", out, args.threads)[p])
@@ -631,10 +652,14 @@ def main() -> int:
         return max(ds) if ds else None
 
     rows, gates = [], []
+    if get("compile", "vcell", "once"):
+        c = get("compile", "vcell", "once")
+        rows.append({"case": "-", "tool": "vcell eval compile (once; the cache the 'compiled' runs start from)", "mode": "once",
+                     "wall_s": c["wall_s"], "peak_mib": c["peak_mib"], "speedup": None, "max_diff": None, "note": ""})
     for case in cases:
         peer = peer_of(case)
         md = max_diff(case)
-        for mode in ("cold", "warm"):
+        for mode in modes:
             r = get(case, "vcell", mode)
             if r is None:
                 rows.append({"case": case, "tool": "vcell", "mode": mode, "wall_s": None, "peak_mib": None, "speedup": None,
@@ -713,6 +738,12 @@ def main() -> int:
     for ok, label in gates:
         ok_all &= ok
         print(f"{'PASS' if ok else 'FAIL'} {label}")
+    compile_run = get("compile", "vcell", "once")
+    for case in cases:  # not a gate: the target's cold run is the first after an install, without this step
+        peer, r = peer_of(case), get(case, "vcell", "compiled")
+        if compile_run and peer and r:
+            print(f"info {case}, first run after `vcell eval compile` ({compile_run['wall_s']:.1f} s once): "
+                  f"{r['wall_s']:.2f} s, {peer['wall_s'] / r['wall_s']:.1f}x {peer['tool']}'s wall time")
     disturbed = [k for k, r in runs.items() if r["attempts"] > 1 or es._disturbed(r)]
     if disturbed:
         print(f"note: repeated or disturbed runs: {disturbed}")

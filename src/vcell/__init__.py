@@ -18,8 +18,9 @@ Evaluation
     :func:`evaluate` (the Virtual Cell Challenge metrics, cell-eval's numbers), :func:`score`
     (scaled against a baseline), :func:`evaluate_2026`, :func:`scale_2026` and :func:`score_2026`
     (the 2026 challenge's metrics on raw counts and their baseline-to-replicate scale,
-    cell-eval2's numbers), :func:`run_bench` (every model on the same split, a leaderboard)
-    and :func:`build_report` (its HTML report).
+    cell-eval2's numbers), :func:`precompile_evaluator` (the evaluator's kernels compiled ahead
+    of its first run, ``vcell eval compile``), :func:`run_bench` (every model on the same split,
+    a leaderboard) and :func:`build_report` (its HTML report).
 
 Subpackages, from the bottom up: ``vcell.data``, ``vcell.eval``, ``vcell.features``,
 ``vcell.nn``, ``vcell.train``, ``vcell.predictors``, ``vcell.report``, ``vcell.leaderboard``,
@@ -62,6 +63,7 @@ _EXPORTS = {
     "vcell.train.se": ["train_se"],
     "vcell.eval.scoring": ["score"],
     "vcell.eval.vcc2026.api": ["evaluate_2026", "scale_2026", "score_2026"],
+    "vcell.eval.precompile": ["precompile_evaluator"],
     "vcell.leaderboard": ["run_bench"],
     "vcell.report.build": ["build_report"],
 }

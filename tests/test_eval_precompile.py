@@ -1,0 +1,102 @@
+"""``vcell eval compile``: after it, a first evaluation compiles nothing.
+
+Real subprocesses with their own empty numba cache (``NUMBA_CACHE_DIR``); numba's compile events
+are counted in the evaluating process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from conftest import error_line, run_cli
+
+CONTROL = "non-targeting"
+
+#: Runs ``vcell`` command lines (argv[2]: JSON list of them) in one process and prints how many
+#: functions numba compiled meanwhile and the exit code of each command line.
+_COUNTING = """
+import json, sys
+from numba.core import event
+compiled = []
+class Listener(event.Listener):
+    def on_start(self, e):
+        compiled.append(str(e.data["dispatcher"]))
+    def on_end(self, e):
+        pass
+event.register("numba:compile", Listener())
+from vcell.cli import main
+codes = []
+for argv in json.loads(sys.argv[1]):
+    try:
+        main(argv)
+        codes.append(0)
+    except SystemExit as exc:
+        codes.append(exc.code or 0)
+print(json.dumps({"compiled": compiled, "codes": codes}))
+"""
+
+
+def _pair(folder: Path, dtype) -> dict[str, Path]:
+    """A raw-count reference and prediction (3 knockdowns named by measured genes x 30 cells, 40
+    controls, 200 genes) and their log1p, the prediction's log1p dense and without ties."""
+    rng = np.random.default_rng(0)
+    genes = [f"G{i:03d}" for i in range(200)]
+    labels = [CONTROL] * 40 + [g for g in genes[:3] for _ in range(30)]
+    lam = np.full((4, len(genes)), 3.0)
+    for k in range(3):
+        lam[k + 1, 10 + 20 * k:30 + 20 * k] = 30.0
+    rows = [0] * 40 + [k + 1 for k in range(3) for _ in range(30)]
+    real, pred = rng.poisson(lam[rows]).astype(dtype), rng.poisson(lam[rows]).astype(dtype)
+    obs = pd.DataFrame({"target_gene": pd.Categorical(labels)}, index=[f"c{i}" for i in range(len(labels))])
+    var = pd.DataFrame(index=genes)
+    out = {}
+    log_pred = (np.log1p(pred) + rng.random(pred.shape) * 1e-3).astype(np.float32)
+    for name, X in {"real": sp.csr_matrix(real), "pred": sp.csr_matrix(pred), "real_log1p": sp.csr_matrix(np.log1p(real).astype(np.float32)),
+                    "pred_log1p": log_pred}.items():
+        out[name] = folder / f"{name}.h5ad"
+        ad.AnnData(X, obs=obs, var=var).write_h5ad(out[name])
+    return out
+
+
+def _evaluate(files: dict[str, Path], out: Path, cache: Path, runs: tuple[str, ...]) -> dict:
+    lines = {
+        "run": ["eval", "run", "--profile", "vcc2026", "--pred", files["pred"], "--real", files["real"], "--out", out / "run"],
+        "scale": ["eval", "baseline", "--profile", "vcc2026", "--real", files["real"], "--out", out / "scale"],
+        "run25": ["eval", "run", "--pred", files["pred_log1p"], "--real", files["real_log1p"], "--out", out / "run25"],
+    }
+    argv = [[str(a) for a in lines[r]] for r in runs]
+    proc = subprocess.run([sys.executable, "-c", _COUNTING, json.dumps(argv)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "NUMBA_CACHE_DIR": str(cache), "NO_COLOR": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["codes"] == [0] * len(runs), proc.stderr[-3000:]
+    return result
+
+
+def test_after_compile_a_first_evaluation_compiles_nothing(tmp_path):
+    cache = tmp_path / "numba_cache"
+    proc = run_cli("eval", "compile", env={"NUMBA_CACHE_DIR": str(cache)}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiled the evaluator's kernels for float32" in proc.stdout and str(cache) in proc.stdout.replace("\n", "")
+    files = _pair(tmp_path, np.float32)
+    warm = _evaluate(files, tmp_path / "out", cache, ("run", "scale", "run25"))
+    assert warm["compiled"] == []
+    # the count sees compilation: integer counts were not compiled for (numba compiles per dtype)
+    (tmp_path / "int64").mkdir()
+    cold = _evaluate(_pair(tmp_path / "int64", np.int64), tmp_path / "out_int64", cache, ("run",))
+    assert len(cold["compiled"]) > 0
+
+
+def test_compile_refuses_an_unknown_dtype(tmp_path):
+    proc = run_cli("eval", "compile", "--dtypes", "float16", env={"NUMBA_CACHE_DIR": str(tmp_path / "cache")})
+    assert "float16" in error_line(proc)
+    assert not (tmp_path / "cache").exists()
