@@ -100,3 +100,21 @@ def test_compile_refuses_an_unknown_dtype(tmp_path):
     proc = run_cli("eval", "compile", "--dtypes", "float16", env={"NUMBA_CACHE_DIR": str(tmp_path / "cache")})
     assert "float16" in error_line(proc)
     assert not (tmp_path / "cache").exists()
+
+
+def test_compile_says_when_numba_cached_elsewhere_than_asked(tmp_path, monkeypatch, caplog):
+    """numba falls back to another cache folder when NUMBA_CACHE_DIR is unusable: said, not silent."""
+    import vcell.eval.precompile as pc
+
+    monkeypatch.setattr(pc, "_paths_of_the_evaluator", lambda files, out, threads: [])
+    monkeypatch.setattr(pc, "_tiny_pair", lambda folder, dtype: {})
+    monkeypatch.setattr(pc, "cache_folder", lambda: tmp_path / "elsewhere")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "asked"))
+    with caplog.at_level("WARNING", logger="vcell"):
+        assert pc.precompile_evaluator()["cache"] == tmp_path / "elsewhere"
+    assert "could not use NUMBA_CACHE_DIR" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(pc, "cache_folder", lambda: tmp_path / "asked")
+    with caplog.at_level("WARNING", logger="vcell"):
+        pc.precompile_evaluator()
+    assert "could not use" not in caplog.text

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 #: The dtypes of stored values :func:`precompile_evaluator` can compile for.
 DTYPES = ("float32", "float64", "int32", "int64")
@@ -99,8 +102,6 @@ def _paths_of_the_evaluator(files: dict[str, Path], out: Path, threads: int) -> 
 def cache_folder() -> Path:
     """The folder holding numba's cache of the evaluator's kernels: ``NUMBA_CACHE_DIR``, else the
     package (each module's ``__pycache__``) or numba's per-user folder when the package is read-only."""
-    import os
-
     from vcell.data.matrix import scan_values
     from vcell.eval._de_kernels import _gene_tests
     from vcell.eval.vcc2026._kernels import counts_chunk
@@ -150,4 +151,8 @@ def precompile_evaluator(dtypes: tuple[str, ...] = ("float32",), threads: int = 
                     n += 1
     finally:
         quiet.setLevel(level)
-    return {"seconds": time.perf_counter() - t0, "steps": n, "cache": cache_folder()}
+    cache = cache_folder()
+    asked = os.environ.get("NUMBA_CACHE_DIR")
+    if asked and not cache.resolve().is_relative_to(Path(asked).resolve()):
+        log.warning("numba could not use NUMBA_CACHE_DIR=%s; it cached the kernels in %s instead", asked, cache)
+    return {"seconds": time.perf_counter() - t0, "steps": n, "cache": cache}
