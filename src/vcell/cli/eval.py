@@ -48,7 +48,8 @@ Backed = Annotated[
 MemoryBudget = Annotated[
     float,
     typer.Option("--memory-budget", help="GB of memory for the expression matrix with --backed: a matrix that fits is read "
-                 "whole; else two bands of half this each (one tested, the next being read)."),
+                 "whole; else two bands of half this each (one tested, the next being read). Summaries, controls and the "
+                 "vcc2026 anchor's splits come on top: at the challenge's sizes the peak was 1.5-2.1x the budget."),
 ]
 Context2026 = Annotated[str, typer.Option("--context-col", help="vcc2026: obs column of the context (cell line); each is scored on its own. Absent: one context.")]
 
