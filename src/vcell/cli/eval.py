@@ -331,6 +331,6 @@ def compile_cmd(
 
     with task("compiling the evaluator's kernels", unit="steps") as line:
         result = precompile_evaluator(tuple(d.strip() for d in dtypes.split(",") if d.strip()), threads,
-                            on_step=lambda what, done, total: line.update(completed=done, total=total, info=what))
+                                      on_step=lambda what, done, total: line.update(completed=done, total=total, info=what))
     console.print(f"compiled the evaluator's kernels for {dtypes} in {result['seconds']:.1f} s ({result['steps']} steps); "
                   f"numba's cache: {result['cache']}")
