@@ -324,9 +324,11 @@ def compile_cmd(
     threads: Threads = 2,
     seed: NoRandomSeed = 0,
 ) -> None:
-    """Compile the evaluator's kernels into numba's cache now (~30 s on 2 cores, ~10 s more per
-    extra dtype), e.g. while building a container image: the next `vcell eval` runs then start
-    warm instead of spending ~10 s compiling."""
+    """Compile the evaluator's kernels into numba's cache now, so that the next runs start warm.
+
+    ~30 s on 2 cores, ~10 s more per extra dtype, e.g. while building a container image: the
+    first `vcell eval` run then does not spend ~10 s compiling.
+    """
     from vcell.eval.precompile import precompile_evaluator
 
     with task("compiling the evaluator's kernels", unit="steps") as line:
