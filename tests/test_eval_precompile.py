@@ -102,8 +102,9 @@ def test_compile_refuses_an_unknown_dtype(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-def test_compile_says_when_numba_cached_elsewhere_than_asked(tmp_path, monkeypatch, caplog):
-    """numba falls back to another cache folder when NUMBA_CACHE_DIR is unusable: said, not silent."""
+def test_compile_says_when_the_cache_is_not_where_later_runs_look(tmp_path, monkeypatch, caplog):
+    """numba falls back to another cache folder when NUMBA_CACHE_DIR is unusable, or to a per-user
+    folder when the package is read-only: said, not silent."""
     import vcell.eval.precompile as pc
 
     monkeypatch.setattr(pc, "_paths_of_the_evaluator", lambda files, out, threads: [])
@@ -118,3 +119,13 @@ def test_compile_says_when_numba_cached_elsewhere_than_asked(tmp_path, monkeypat
     with caplog.at_level("WARNING", logger="vcell"):
         pc.precompile_evaluator()
     assert "could not use" not in caplog.text
+    # no NUMBA_CACHE_DIR: a cache outside the package is numba's per-user folder, which others do not read
+    monkeypatch.delenv("NUMBA_CACHE_DIR")
+    with caplog.at_level("WARNING", logger="vcell"):
+        pc.precompile_evaluator()
+    assert "per-user folder" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(pc, "cache_folder", lambda: Path(pc.__file__).resolve().parents[1] / "eval")
+    with caplog.at_level("WARNING", logger="vcell"):
+        pc.precompile_evaluator()
+    assert caplog.text == ""

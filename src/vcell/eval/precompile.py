@@ -162,6 +162,10 @@ def precompile_evaluator(dtypes: tuple[str, ...] = ("float32",), threads: int = 
         quiet.setLevel(level)
     cache = cache_folder()
     asked = os.environ.get("NUMBA_CACHE_DIR")
+    package = Path(__file__).resolve().parents[1]
     if asked and not cache.resolve().is_relative_to(Path(asked).resolve()):
         log.warning("numba could not use NUMBA_CACHE_DIR=%s; it cached the kernels in %s instead", asked, cache)
+    elif not asked and not cache.resolve().is_relative_to(package):
+        log.warning("numba cached the kernels in %s, a per-user folder (the package's folder %s is not writable): "
+                    "other users compile again; set NUMBA_CACHE_DIR to a folder they all read", cache, package)
     return {"seconds": time.perf_counter() - t0, "steps": n, "cache": cache}
