@@ -541,15 +541,14 @@ def _rss_mib(pid: int) -> float | None:
     return None
 
 
-def _cpu_jiffies(with_steal: bool = False) -> tuple[int, ...]:
-    """(busy, total) CPU time of the whole machine from /proc/stat, in clock ticks; with
-    ``with_steal``, (busy, total, steal)."""
+def _cpu_jiffies() -> tuple[int, int, int]:
+    """(busy, total, steal) CPU time of the whole machine from /proc/stat, in clock ticks."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
     steal = v[7] if len(v) > 7 else 0  # time the hypervisor ran something else: not this machine's work
     total = sum(v[:8])  # guest time is already counted in user
-    return (total - idle - steal, total, steal) if with_steal else (total - idle - steal, total)
+    return total - idle - steal, total, steal
 
 
 def timed_run(name: str, cmd: list[str], log: Path, env: dict, max_rss_mib: float | None, timeout_s: float | None) -> dict:
@@ -560,7 +559,7 @@ def timed_run(name: str, cmd: list[str], log: Path, env: dict, max_rss_mib: floa
     ``PYTHONFAULTHANDLER=1`` it dumps its Python stacks into the log first.
     """
     load = os.getloadavg()
-    busy0, _, steal0 = _cpu_jiffies(with_steal=True)
+    busy0, _, steal0 = _cpu_jiffies()
     with open(log, "w") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -586,7 +585,7 @@ def timed_run(name: str, cmd: list[str], log: Path, env: dict, max_rss_mib: floa
             aborted = f"timeout {timeout_s:.0f} s"
             os.kill(proc.pid, signal.SIGABRT)
         waiter.join(0.25)
-    busy1, _, steal1 = _cpu_jiffies(with_steal=True)
+    busy1, _, steal1 = _cpu_jiffies()
     proc.returncode = os.waitstatus_to_exitcode(result["status"])
     ru = result["ru"]
     cpu = ru.ru_utime + ru.ru_stime
@@ -616,9 +615,9 @@ def numba_cache_files() -> int:
 
 def busy_cores(seconds: float = 2.0) -> float:
     """Cores busy (whole machine, any process) over the next ``seconds``."""
-    b0, t0 = _cpu_jiffies()
+    b0, t0, _ = _cpu_jiffies()
     time.sleep(seconds)
-    b1, t1 = _cpu_jiffies()
+    b1, t1, _ = _cpu_jiffies()
     return (b1 - b0) / max(1, t1 - t0) * os.cpu_count()
 
 

@@ -12,14 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 
 from conftest import error_line, run_cli
-
-CONTROL = "non-targeting"
 
 #: Runs ``vcell`` command lines (argv[2]: JSON list of them) in one process and prints how many
 #: functions numba compiled meanwhile and the exit code of each command line.
@@ -46,32 +41,18 @@ print(json.dumps({"compiled": compiled, "codes": codes}))
 
 
 def _pair(folder: Path, dtype) -> dict[str, Path]:
-    """A raw-count reference and prediction (3 knockdowns named by measured genes x 30 cells, 40
-    controls, 200 genes) and their log1p, the prediction's log1p dense and without ties."""
-    rng = np.random.default_rng(0)
-    genes = [f"G{i:03d}" for i in range(200)]
-    labels = [CONTROL] * 40 + [g for g in genes[:3] for _ in range(30)]
-    lam = np.full((4, len(genes)), 3.0)
-    for k in range(3):
-        lam[k + 1, 10 + 20 * k:30 + 20 * k] = 30.0
-    rows = [0] * 40 + [k + 1 for k in range(3) for _ in range(30)]
-    real, pred = rng.poisson(lam[rows]).astype(dtype), rng.poisson(lam[rows]).astype(dtype)
-    obs = pd.DataFrame({"target_gene": pd.Categorical(labels)}, index=[f"c{i}" for i in range(len(labels))])
-    var = pd.DataFrame(index=genes)
-    out = {}
-    log_pred = (np.log1p(pred) + rng.random(pred.shape) * 1e-3).astype(np.float32)
-    for name, X in {"real": sp.csr_matrix(real), "pred": sp.csr_matrix(pred), "real_log1p": sp.csr_matrix(np.log1p(real).astype(np.float32)),
-                    "pred_log1p": log_pred}.items():
-        out[name] = folder / f"{name}.h5ad"
-        ad.AnnData(X, obs=obs, var=var).write_h5ad(out[name])
-    return out
+    """A pair other than the one the step compiles on (3 knockdowns x 30 cells, 40 controls, 200
+    genes): raw counts, their log1p, and the prediction's log1p dense and without ties."""
+    from vcell.eval.precompile import _tiny_pair
+
+    return _tiny_pair(folder, np.dtype(dtype), perts=3, cells=30, controls=40, genes=200)
 
 
 def _evaluate(files: dict[str, Path], out: Path, cache: Path, runs: tuple[str, ...]) -> dict:
     lines = {
         "run": ["eval", "run", "--profile", "vcc2026", "--pred", files["pred"], "--real", files["real"], "--out", out / "run"],
         "scale": ["eval", "baseline", "--profile", "vcc2026", "--real", files["real"], "--out", out / "scale"],
-        "run25": ["eval", "run", "--pred", files["pred_log1p"], "--real", files["real_log1p"], "--out", out / "run25"],
+        "run25": ["eval", "run", "--pred", files["pred_log1p_dense"], "--real", files["real_log1p"], "--out", out / "run25"],
     }
     argv = [[str(a) for a in lines[r]] for r in runs]
     proc = subprocess.run([sys.executable, "-c", _COUNTING, json.dumps(argv)], capture_output=True, text=True, timeout=600,

@@ -36,26 +36,27 @@ _CONTROL, _PERT_COL = "non-targeting", "target_gene"
 _BANDED_BUDGET = 2e3
 
 
-def _tiny_pair(folder: Path, dtype: np.dtype) -> dict[str, Path]:
+def _tiny_pair(folder: Path, dtype: np.dtype, perts: int = 4, cells: int = 8, controls: int = 24, genes: int = 40) -> dict[str, Path]:
     """Raw counts (reference, CSR and dense predictions) and their log1p, as ``.h5ad`` files.
 
-    Four perturbations named by measured genes (their exclusion is exercised), each raising six
-    genes tenfold (a panel without an effect is refused, as by cell-eval2), 8 cells each, 24 controls.
+    ``perts`` perturbations named by measured genes (their exclusion is exercised), each raising
+    six genes tenfold (a panel without an effect is refused, as by cell-eval2), ``cells`` cells
+    each, ``controls`` controls, ``genes`` genes (at least ``8 + 6 * perts``).
     """
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
 
     rng = np.random.default_rng(0)
-    genes = [f"G{i:02d}" for i in range(40)]
-    labels = [_CONTROL] * 24 + [p for p in genes[:4] for _ in range(8)]
-    lam = np.full((5, len(genes)), 4.0)
-    for k in range(4):
+    names = [f"G{i:03d}" for i in range(genes)]
+    labels = [_CONTROL] * controls + [p for p in names[:perts] for _ in range(cells)]
+    lam = np.full((perts + 1, genes), 4.0)
+    for k in range(perts):
         lam[k + 1, 8 + 6 * k:14 + 6 * k] = 40.0
-    rows = [0] * 24 + [k + 1 for k in range(4) for _ in range(8)]
+    rows = [0] * controls + [k + 1 for k in range(perts) for _ in range(cells)]
     real, pred = rng.poisson(lam[rows]), rng.poisson(lam[rows])
     obs = pd.DataFrame({_PERT_COL: pd.Categorical(labels)}, index=[f"c{i}" for i in range(len(labels))])
-    var = pd.DataFrame(index=genes)
+    var = pd.DataFrame(index=names)
     log_dtype = dtype if dtype.kind == "f" else np.dtype(np.float32)  # log1p values are not integers
     matrices = {
         "real": sp.csr_matrix(real.astype(dtype)),
@@ -70,8 +71,8 @@ def _tiny_pair(folder: Path, dtype: np.dtype) -> dict[str, Path]:
         paths[name] = folder / f"{name}.h5ad"
         ad.AnnData(X, obs=obs, var=var).write_h5ad(paths[name])
     paths["genes"] = folder / "genes.csv"
-    paths["genes"].write_text("\n".join(genes) + "\n")
-    submission = ad.AnnData(sp.csr_matrix(pred[24:].astype(dtype)), obs=obs.iloc[24:].copy(), var=var)
+    paths["genes"].write_text("\n".join(names) + "\n")
+    submission = ad.AnnData(sp.csr_matrix(pred[controls:].astype(dtype)), obs=obs.iloc[controls:].copy(), var=var)
     submission.obs[_PERT_COL] = submission.obs[_PERT_COL].cat.remove_unused_categories()
     paths["submission"] = folder / "submission.h5ad"
     submission.write_h5ad(paths["submission"])
@@ -89,8 +90,7 @@ def _paths_of_the_evaluator(files: dict[str, Path], out: Path, threads: int) -> 
     from vcell.eval.vcc2026.submission import prepare_submission_2026
 
     steps = []
-    for banded, budget in ((False, math.inf), (True, _BANDED_BUDGET)):
-        where = "gene bands" if banded else "in memory"
+    for where, budget in (("in memory", math.inf), ("gene bands", _BANDED_BUDGET)):
         opts = Options(_PERT_COL, _CONTROL, threads=threads, budget=budget)
         for pred in ("pred", "pred_dense"):
             steps.append((f"vcc2026 run, {pred.replace('_', ' ')}, {where}",
@@ -119,7 +119,7 @@ def cache_folder() -> Path:
 
 
 def precompile_evaluator(dtypes: tuple[str, ...] = ("float32",), threads: int = 2,
-               on_step: Callable[[str, int, int], None] | None = None) -> dict:
+                         on_step: Callable[[str, int, int], None] | None = None) -> dict:
     """Compile the evaluator's numba kernels into numba's on-disk cache.
 
     Parameters
