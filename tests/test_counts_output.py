@@ -214,14 +214,22 @@ def test_a_perturbation_starts_from_the_same_controls_whatever_is_predicted_with
 @pytest.mark.parametrize(("model", "output"), [("pert_mean", "log1p"), ("pert_mean", "counts"), ("cell_mean", "counts")])
 def test_a_backed_file_gives_the_prediction_of_the_data_in_memory(world, tmp_path, monkeypatch, model, output):
     """From a backed file only the controls' ``X`` rows are read and the counts layer is summed as it
-    is read (a few cells at a time): the same cells, counts and library-size record as in memory."""
+    is read (a few cells at a time): the same cells, counts and library-size record as in memory.
+    The file's ``obsm`` holds what real files do (Papalexi's sparse guide counts, a table, an array)."""
+    import scipy.sparse as sp
+
     from vcell.data.dataset import load_dataset
     from vcell.predictors import predict as predict_mod
     from vcell.predictors.predict import write_prediction
 
     data, models, _ = world
     whole = predict_context(models[model], data, "ctx_B", output=output, seed=4)
-    path = write_h5ad(data.adata, tmp_path / "data.h5ad")
+    stored = data.adata.copy()
+    n = stored.n_obs
+    stored.obsm["grna_counts"] = sp.random(n, 5, density=0.3, format="csr", random_state=0)
+    stored.obsm["qc"] = pd.DataFrame({"a": np.arange(n, dtype=float)}, index=stored.obs_names)
+    stored.obsm["X_pca"] = np.ones((n, 3), dtype=np.float32)
+    path = write_h5ad(stored, tmp_path / "data.h5ad")
     backed = load_dataset(path, data.spec, backed=True)
     assert backed.backed
     monkeypatch.setattr(predict_mod, "CHUNK_CELLS", 7)  # library sizes summed 7 control cells at a time

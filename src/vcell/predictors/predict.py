@@ -360,8 +360,15 @@ def _control_cells(data: PerturbationData, mask: np.ndarray) -> ad.AnnData:
     finally:
         reader.close()
     view = adata[mask]
-    return ad.AnnData(X=X, obs=view.obs.copy(), var=view.var.copy(), obsm={k: np.array(v) for k, v in view.obsm.items()},
+    return ad.AnnData(X=X, obs=view.obs.copy(), var=view.var.copy(), obsm={k: _held(v) for k, v in view.obsm.items()},
                       uns=adata.uns)
+
+
+def _held(value):
+    """An obsm entry of a backed view, in memory as the type it has (sparse and tables stay so)."""
+    if sp.issparse(value) or isinstance(value, pd.DataFrame):
+        return value.copy()
+    return np.array(value)
 
 
 def _control_totals(data: PerturbationData, mask: np.ndarray, genes: pd.Index, where: str) -> tuple[pd.Series, str]:
