@@ -168,7 +168,7 @@ def _fractional(a):
 CASES = {
     # name: (make bad AnnData or None, extra CLI args, substrings of the error line)
     "missing_column": (None, ["--pert-col", "target_genes"], ["column 'target_genes' not found", "did you mean 'target_gene'"]),
-    "missing_context_column": (None, ["--context-col", "celltype"], ["context column 'celltype' not found"]),
+    "missing_context_column": (None, ["--context-col", "celltype"], ["context column 'celltype' not found", "a file of one context: --context-col none"]),
     "missing_batch_column": (None, ["--batch-col", "gem_group"], ["batch column 'gem_group' not found"]),
     "control_absent": (None, ["--control", "NT"], ["control label 'NT' not found in column 'target_gene'"]),
     "control_absent_in_context": (_no_ctrl_in_ctxB, [], ["context 'ctxB'", "no control cells labelled 'non-targeting'"]),
@@ -226,3 +226,8 @@ def test_missing_file_and_check_command(tmp_path, mcfaline):
     bad = run_cli("data", "check", mcfaline)  # default column target_gene is absent
     assert bad.returncode == 1
     assert "perturbation column 'target_gene' not found" in bad.stdout
+    assert "perturbations: ? (column 'target_gene'" in bad.stdout  # unknown, not 0
+    no_ctx = run_cli("data", "check", mcfaline, "--pert-col", "perturbation", "--control", "control", "--context-col", "line")
+    assert no_ctx.returncode == 1
+    n = ok.stdout.split("perturbations: ")[1].split(" ")[0]
+    assert int(n.replace(",", "")) > 0 and f"perturbations: {n} " in no_ctx.stdout  # counted though another column is missing

@@ -57,7 +57,8 @@ def check_cmd(
     lines = [
         f"[bold]{file}[/bold]",
         f"cells: {report.n_cells:,}   genes: {report.n_genes:,}   storage: {report.storage}",
-        f"perturbations: {report.n_perturbations:,} (column {spec.pert_col!r}, control {spec.control!r})",
+        f"perturbations: {'?' if report.n_perturbations is None else format(report.n_perturbations, ',')} "
+        f"(column {spec.pert_col!r}, control {spec.control!r})",
     ]
     if expr is not None:
         lines.append(f"expression: {expr.type} ({expr.how}: {expr.reason})")

@@ -63,7 +63,7 @@ class CheckReport:
     expression: ExpressionInfo | None
     problems: list[Problem] = field(default_factory=list)
     contexts: pd.DataFrame | None = None
-    n_perturbations: int = 0
+    n_perturbations: int | None = None  # None: the perturbation column is missing
 
     @property
     def ok(self) -> bool:
@@ -203,6 +203,9 @@ def check_expression(
     return info
 
 
+_ONE_CONTEXT = "; a file of one context: --context-col none"
+
+
 def _column_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Problem]:
     problems = []
     obs = adata.obs
@@ -214,7 +217,7 @@ def _column_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Prob
                 Problem(
                     "missing_column",
                     f"{where}: {role} column {col!r} not found in .obs{did_you_mean(col, obs.columns)} "
-                    f"(columns: {preview(obs.columns, 12)})",
+                    f"(columns: {preview(obs.columns, 12)})" + (_ONE_CONTEXT if role == "context" else ""),
                 )
             )
             continue
@@ -343,6 +346,7 @@ def check(
             else:
                 report.problems.append(problem)
         report.contexts = context_summary(adata, spec)
+    if spec.pert_col in adata.obs.columns:
         _, perts = factorize(adata.obs[spec.pert_col])
         report.n_perturbations = int(np.sum(perts != spec.control))
     stats = scan_matrix(adata.X, chunk_rows)
