@@ -438,6 +438,23 @@ def test_two_perturbations_leave_clustering_out_as_cell_eval_does():
     _assert_same_results(reference, ours, atol=ATOL)
 
 
+def test_a_metric_left_out_is_warned_once_per_process(caplog, monkeypatch):
+    """A bench scores many predictions: the same reason is one warning, not one per prediction."""
+    import logging
+
+    import vcell.eval.profiles as profiles
+
+    monkeypatch.setattr(profiles, "_said", set())
+    real, pred = _expression_pair()
+    keep = lambda a: a[a.obs["target"].isin(["ctrl", "P1", "P2"])].copy()  # noqa: E731
+    data = ExpressionData.from_anndata(keep(real), keep(pred), "target", "ctrl")
+    with caplog.at_level(logging.DEBUG, logger="vcell.eval.profiles"):
+        for _ in range(3):
+            assert list(compute_results(expression=data, profile="anndata").attrs["skipped"]) == ["clustering_agreement"]
+    said = [r.levelno for r in caplog.records if "clustering_agreement left out" in r.getMessage()]
+    assert said == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+
+
 def test_discrimination_excludes_the_target_gene():
     perts = np.array(["A", "B"])
     genes = np.array(["A", "x", "y"])

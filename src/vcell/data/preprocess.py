@@ -383,5 +383,5 @@ def preprocess_file(
         description = f"writing {out_path.name} (pass {plan.n_passes}/{plan.n_passes})"
         with atomic_path(out_path) as tmp:
             write_preprocessed(f, in_path, ann, source, plan, tmp, progress, _finish_annotations, description)
-    logger.info("wrote %s", out_path)
+    logger.debug("wrote %s", out_path)
     return plan.summary | {"input": str(in_path), "output": str(out_path)}

@@ -413,5 +413,5 @@ def prepare_submission(
             )
 
     _write_archive(minimal, out, zstd_level)
-    log.info("wrote %s: %d cells x %d genes", out, minimal.n_obs, minimal.n_vars)
+    log.debug("wrote %s: %d cells x %d genes", out, minimal.n_obs, minimal.n_vars)
     return out

@@ -26,6 +26,7 @@ from vcell.errors import VcellError, did_you_mean
 from vcell.eval.metrics import DEData, ExpressionData, MetricUndefined, get_metric
 
 logger = logging.getLogger(__name__)
+_said: set[str] = set()  # reasons a metric was left out, warned once per process (a bench scores many predictions)
 
 __all__ = ["PERTURBATION_COLUMN", "PROFILES", "compute_results", "profile_metrics"]
 
@@ -154,7 +155,9 @@ def compute_results(
         try:
             value = metric(data, **metric_kwargs.get(name, {}))
         except MetricUndefined as err:
-            logger.warning("metric %s left out: %s", name, err)
+            note = f"metric {name} left out: {err}"
+            logger.log(logging.DEBUG if note in _said else logging.WARNING, "%s", note)
+            _said.add(note)
             skipped[name] = str(err)
             continue
         for column, per_pert in _columns(name, value, data.perturbations):

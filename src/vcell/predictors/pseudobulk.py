@@ -121,7 +121,7 @@ def training_stats(data: PerturbationData, split: Split) -> TrainingStats:
         }
     )
     controls["trained"] = controls["key"].isin(set(groups["key"]))
-    log.info(
+    log.debug(
         "training pseudobulks: %d (context, perturbation) groups in %d contexts; controls of %d contexts",
         len(groups),
         groups["key"].nunique(),
