@@ -211,6 +211,27 @@ def test_subset_cli(tmp_path):
     assert neither.returncode == 2 and "--split" in neither.stderr
 
 
+def test_a_split_made_on_one_file_applies_to_another_of_the_same_cells(tmp_path):
+    """The README's job: split the preprocessed file, take the held-out cells' raw counts from the raw
+    file. Without a dataset column each file is named after itself; the split's one dataset wins."""
+    import anndata as ad
+
+    _, adata = _simulated(tmp_path)
+    del adata.obs["dataset"]
+    pp, raw = tmp_path / "pp.h5ad", tmp_path / "raw.h5ad"
+    adata.write_h5ad(pp)
+    adata.write_h5ad(raw)
+    made = run_cli("data", "split", pp, "--holdout-perturbations", "0.4", "--out", tmp_path / "split.toml")
+    assert made.returncode == 0, made.stderr[-2000:]
+    names = {}
+    for f in (pp, raw):
+        out = tmp_path / f"real_{f.stem}.h5ad"
+        proc = run_cli("data", "subset", f, "--split", tmp_path / "split.toml", "--out", out)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        names[f.stem] = list(ad.read_h5ad(out).obs_names)
+    assert names["raw"] == names["pp"] and len(names["pp"]) < adata.n_obs
+
+
 # ------------------------------------------------- perturbations held out in every context (issue #14)
 
 

@@ -36,6 +36,7 @@ class CellIndex:
     dataset_codes: np.ndarray
     datasets: np.ndarray
     control_code: int
+    named_by_file: bool = False  # no dataset column: the one dataset is named after the file (or the caller)
 
     @classmethod
     def from_obs(cls, obs: pd.DataFrame, spec: DataSpec, dataset_col: str | None = None, dataset_name: str = "data") -> CellIndex:
@@ -63,6 +64,7 @@ class CellIndex:
             dataset_codes=dataset_codes,
             datasets=datasets,
             control_code=control_code,
+            named_by_file=dataset_col is None or dataset_col not in obs.columns,
         )
 
     @property

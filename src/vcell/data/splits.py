@@ -402,11 +402,16 @@ def apply_split(index: CellIndex, cfg: SplitConfig) -> Split:
     """Give each cell its role under ``cfg``; unknown datasets, contexts or perturbations are errors.
 
     A split that trains on a perturbation ``cfg`` declares held out in every context (or validates
-    on it) is refused, naming the perturbation and the context (:func:`check_no_leak`).
+    on it) is refused, naming the perturbation and the context (:func:`check_no_leak`). Data
+    without a dataset column is one dataset named after its file; a split of one dataset names
+    it its own way (made on ``pp.h5ad``, applied to ``raw.h5ad``), and ``index`` takes that name.
     """
     src = cfg.source
-    datasets = [str(d) for d in index.datasets]
     named = set(cfg.training) | {k.split(".", 1)[0] for k in (*cfg.zeroshot, *cfg.fewshot)}
+    if index.named_by_file and len(index.datasets) == 1 and len(named) == 1 and str(index.datasets[0]) not in named:
+        log.info("%s: the data has no dataset column; its cells are the split's one dataset %r", src, *named)
+        index.datasets = np.array(sorted(named), dtype=object)
+    datasets = [str(d) for d in index.datasets]
     if cfg.datasets:
         undeclared = sorted(named - set(cfg.datasets))
         if undeclared:
