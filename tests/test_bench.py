@@ -142,6 +142,24 @@ def test_bench_model_config(tmp_path, mcfaline):
     assert json.loads((out / "bench.json").read_text())["timings"]["fit st A172"] < 60
 
 
+def test_bench_2026_scale_when_the_control_label_is_also_a_gene(tmp_path):
+    """Kang's control label CTRL is also a gene; its perturbation (STIM) is not: no target gene to
+    exclude, so the scale is built (it was refused as if the labels were misnamed genes)."""
+    import vcell
+    from vcell.leaderboard import _scale_2026
+
+    a = vcell.simulate_perturbseq(seed=0, n_genes=300, n_perturbations=6, n_combinations=0, n_contexts=1,
+                                  cells_per_perturbation=60, n_controls=150)
+    labels = a.obs["target_gene"].astype(str)
+    a.obs["target_gene"] = np.where(labels == "non-targeting", "CTRL", "drug_" + labels)
+    a.var_names = ["CTRL", *a.var_names[1:]]
+    a.layers["counts"] = a.X.copy()
+    spec = vcell.DataSpec(pert_col="target_gene", control="CTRL", context_col=None)
+    scale, totals, _ = _scale_2026(a, spec, threads=1, seed=0, folder=tmp_path / "scale", where="fold f, context all")
+    assert len(totals) == 150 and scale.baseline_agg.shape[0] > 0
+    assert (tmp_path / "scale" / "anchor_agg.csv").is_file()
+
+
 def test_bench_vcc2026_profile(tmp_path):
     """--profile vcc2026 on raw counts: the 2025 score and the scaled 2026 score side by side, both
     ends of each held-out context's scale on disk, the report's table of the six scaled metrics;

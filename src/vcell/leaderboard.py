@@ -380,7 +380,8 @@ def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folde
     from vcell.eval.vcc2026.scale import degenerate_note, unresolved_note
 
     cells = cells_from_anndata(real, spec.pert_col, "the held-out cells", layer="counts")
-    named = bool(set(cells.groups) & set(real.var_names))  # perturbations that are genes: their own gene is excluded
+    # perturbations that are genes: their own gene is excluded (a control label may be a gene too: Kang's CTRL)
+    named = bool((set(cells.groups) - {spec.control}) & set(real.var_names))
     opts = Options(spec.pert_col, spec.control, no_target_genes=not named, threads=threads, strict=False)  # a degenerate metric is shown as such
     scale = context_scale(cells, opts, None, seed=0)
     caveats = scale.caveats()
