@@ -160,6 +160,16 @@ def test_bench_2026_scale_when_the_control_label_is_also_a_gene(tmp_path):
     assert (tmp_path / "scale" / "anchor_agg.csv").is_file()
 
 
+def test_kang_bench_counts_its_context_without_controls_once(tmp_path, kang):
+    """Kang's Eryth cells have no controls: said once, though bench validates the file again after
+    normalising it (the second said it as '<AnnData>')."""
+    result = run_cli("bench", "--data", kang, "--pert-col", "stim", "--control", "CTRL", "--context-col", "seurat_annotations",
+                     "--allow-missing-controls", "--holdout-context", "CD14 Mono", "--models", "control_mean", "--out", tmp_path / "b")
+    assert result.returncode == 0, result.stderr[-2000:]
+    said = " ".join(result.stderr.split())
+    assert said.count("has no control cells labelled 'CTRL'") == 1 and "<AnnData>" not in said
+
+
 def test_bench_vcc2026_profile(tmp_path):
     """--profile vcc2026 on raw counts: the 2025 score and the scaled 2026 score side by side, both
     ends of each held-out context's scale on disk, the report's table of the six scaled metrics;

@@ -122,7 +122,7 @@ def prepare_data(
         adata.X = sp.csr_matrix(adata.X, dtype=np.float32) if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float32)
     spec = spec.with_(expression="log1p")
     adata.uns["vcell"] = {"expression": "log1p"}
-    data = from_anndata(adata, spec, dataset_col, path.stem, require_context_controls=not allow_missing_controls)
+    data = from_anndata(adata, spec, dataset_col, path.stem, require_context_controls=not allow_missing_controls, path=path)
     data.path = path
     return data
 

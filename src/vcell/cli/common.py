@@ -64,6 +64,14 @@ class _Once(logging.Filter):
         return True
 
 
+class _OnceWarned(_Once):
+    """Let a warning through once per process (a file validated again after a conversion repeats them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """True for every record below WARNING, and for a warning the first time its text is seen."""
+        return record.levelno < logging.WARNING or super().filter(record)
+
+
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     """Log to stderr through rich: vcell's own lines only (INFO; ``-v``: DEBUG; ``-q``: warnings).
 
@@ -74,6 +82,7 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
 
     own = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    handler.addFilter(_OnceWarned())
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", handlers=[handler], force=True)
     logging.getLogger("vcell").setLevel(own)
     inferred = logging.getLogger("vcell.inferred")  # what vcell decided for the user: with -v, each said once

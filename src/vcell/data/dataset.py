@@ -222,9 +222,11 @@ def from_anndata(
     dataset_col: str | None = "dataset",
     dataset_name: str = "data",
     require_context_controls: bool = True,
+    path: str | os.PathLike | None = None,
 ) -> PerturbationData:
-    """Validate an in-memory AnnData and wrap it like :func:`load_dataset`."""
-    expression = validate(adata, spec, None, require_context_controls)
+    """Validate an in-memory AnnData and wrap it like :func:`load_dataset` (``path``: the file it
+    came from, named in errors and warnings)."""
+    expression = validate(adata, spec, path, require_context_controls)
     spec = spec.with_(expression=expression.type)
     index = CellIndex.from_obs(adata.obs, spec, dataset_col, dataset_name)
     return PerturbationData(adata=adata, spec=spec, expression=expression, index=index, path=None)
