@@ -122,7 +122,15 @@ def check_structure(
     reordered to the real order.
     """
     real_perts = perturbation_labels(real, pert_col, real_name, control)
-    pred_perts = perturbation_labels(pred, pert_col, pred_name, control)
+    pred_perts = perturbation_labels(pred, pert_col, pred_name)
+    if control not in set(pred_perts):
+        values = pred_perts.value_counts().index
+        raise VcellError(
+            f"{pred_name}: no control cells ({control!r} in column {pert_col!r}{did_you_mean(control, values)}, as in {real_name}): "
+            "the 2025 profile takes the controls from the prediction, as cell-eval 0.8 does; write the prediction with its "
+            "controls (`vcell predict`'s log1p output, or --log1p-out beside counts), or score a submission without "
+            "them with --profile vcc2026, which takes them from the reference"
+        )
     for adata, where in ((real, real_name), (pred, pred_name)):
         if adata.n_obs == 0 or adata.n_vars == 0:
             raise VcellError(f"{where}: no data ({adata.n_obs} cells x {adata.n_vars} genes)")
