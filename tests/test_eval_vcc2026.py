@@ -507,9 +507,14 @@ def tiny(tmp_path_factory):
         "gene_order": (P[:, ::-1], pred_labels, genes[::-1], None),
         "genes_missing": (P[:, :-2], pred_labels, genes[:-2], None),
     }
+    unlabelled = pd.Categorical([None, *pred_labels[1:]], categories=perts)  # one cell without a label
+    cases["unlabelled"] = (P, pred_labels, genes, {PERT_COL: unlabelled})
+    cases["lower_case"] = (P, [p.lower() for p in pred_labels], genes, None)
     for name, (Y, labels, g, obs) in cases.items():
         files[name] = _write(d / f"pred_{name}.h5ad", Y, labels, g, obs=obs)
     files["no_controls"] = _write(d / "real_no_controls.h5ad", X[10:], real_labels[10:], genes)
+    files["real_unlabelled"] = _write(d / "real_unlabelled.h5ad", X, real_labels, genes,
+                                      obs={PERT_COL: pd.Categorical([*real_labels[:-1], None], categories=[CONTROL, *perts])})
     files["real_ctx"] = _write(d / "real_ctx.h5ad", X, real_labels, genes, obs={"context": ["A"] * len(real_labels)})
     other = [f"H{i:02d}" for i in range(20)]  # a panel without the targets: no label names a measured gene
     files["real_unmeasured"] = _write(d / "real_unmeasured.h5ad", X, real_labels, other)
@@ -528,6 +533,8 @@ BAD = {
     "no_controls": ("pred", "no_controls", "control"),
     "context_absent_from_pred": ("pred", "real_ctx", "context"),
     "targets_unmeasured": ("unmeasured", "real_unmeasured", "--no-target-genes"),
+    "unlabelled": ("unlabelled", "real", "1 cell(s) without a perturbation label (first: cell 0)"),  # was dropped in silence
+    "lower_case": ("lower_case", "real", "'g00' (did you mean 'G00'?)"),
 }
 
 
@@ -541,6 +548,15 @@ def test_bad_input_cli(tiny, tmp_path, case):
     line = error_line(proc)
     assert words in line, line
     assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
+
+
+def test_an_unlabelled_reference_cell_is_refused_by_the_baseline(tiny, tmp_path):
+    """The scale's two ends are not computed on a reference with a cell dropped in silence."""
+    _, files = tiny
+    out = tmp_path / "scale"
+    proc = run_cli("eval", "baseline", "--profile", "vcc2026", "--real", files["real_unlabelled"], "--out", out)
+    assert "1 cell(s) without a perturbation label (first: cell 24)" in error_line(proc)
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_tiny_pair_accepted(tiny, tmp_path):

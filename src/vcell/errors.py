@@ -57,6 +57,15 @@ def did_you_mean(value: str, options: Iterable, n: int = 3, cutoff: float = 0.6)
     "; did you mean 'linear'?"
     >>> did_you_mean("zzz", ["linear"])
     ''
+    >>> did_you_mean("brd4", ["BRD4", "STAT1"])
+    "; did you mean 'BRD4'?"
     """
-    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=n, cutoff=cutoff)
+    names = [str(o) for o in options]
+    folded = {}
+    for o in names:  # the same name in another case (gene symbols written in lower case) comes first
+        folded.setdefault(o.casefold(), o)
+    same = folded.get(str(value).casefold())
+    close = difflib.get_close_matches(str(value), names, n=n, cutoff=cutoff)
+    if same is not None and same != str(value):
+        close = [same, *[c for c in close if c != same]][:n]
     return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""

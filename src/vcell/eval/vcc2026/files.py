@@ -36,7 +36,15 @@ from vcell.eval.vcc2026.anchor import BASE_SEED, N_SPLITS, AnchorPlan, AnchorRes
 from vcell.eval.vcc2026.baseline import BASELINE_SEED, baseline_summary, profile_from_means, profile_task
 from vcell.eval.vcc2026.engine import Engine, MeansTask, run_tasks
 from vcell.eval.vcc2026.evaluate import Reference, evaluate_cells, evaluate_summary, reference_tasks, resolve_targets
-from vcell.eval.vcc2026.inputs import CountsCells, check_genes, check_perturbations, close_cells, read_cells, read_target_map
+from vcell.eval.vcc2026.inputs import (
+    CountsCells,
+    check_genes,
+    check_perturbations,
+    close_cells,
+    read_cells,
+    read_target_map,
+    refuse_unlabelled,
+)
 from vcell.eval.vcc2026.reader import ObsColumns, read_obs
 from vcell.eval.vcc2026.scale import (
     average_contexts,
@@ -99,7 +107,7 @@ def _labels(meta: ObsColumns, path, pert_col: str) -> np.ndarray:
     if pert_col not in meta.columns:
         hint = did_you_mean(pert_col, meta.names)
         raise VcellError(f"{path}: perturbation column {pert_col!r} not found in obs{hint} (columns: {preview(meta.names, 20)})")
-    return meta.columns[pert_col][0]
+    return refuse_unlabelled(meta.columns[pert_col][0], path)
 
 
 def _context_cells(cells: CountsCells, contexts: np.ndarray | None, name: str | None) -> CountsCells:

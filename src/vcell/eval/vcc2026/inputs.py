@@ -139,6 +139,15 @@ def check_genes(pred_genes: pd.Index, real_genes: pd.Index, pred_where: str, rea
     )
 
 
+def refuse_unlabelled(labels: np.ndarray, where) -> np.ndarray:
+    """``labels`` (missing ones read as ``''``), unless a cell has none: an error, never a cell dropped in silence."""
+    blank = np.flatnonzero(np.asarray(labels, dtype=object) == "")
+    if blank.size:
+        raise VcellError(f"{where}: {blank.size:,} cell(s) without a perturbation label (first: cell {int(blank[0])}); "
+                         "label them or leave them out")
+    return labels
+
+
 def check_perturbations(pred_labels: np.ndarray, real_labels: np.ndarray, control: str, pred_where: str, real_where: str) -> list[str]:
     """The perturbations to score (the reference's, sorted); both sides must hold the same set.
 
@@ -151,9 +160,13 @@ def check_perturbations(pred_labels: np.ndarray, real_labels: np.ndarray, contro
         raise VcellError(f"{real_where}: no perturbed cells besides the controls {control!r}")
     pred_set = set(pred_labels) - {control, ""}
     missing = sorted(real_set - pred_set)
+    extra = sorted(pred_set - real_set)
+    if missing and extra:  # misspelled labels: name the first with what they may have meant
+        hints = ", ".join(f"{e!r}" + (f" ({h[2:]})" if (h := did_you_mean(e, missing, n=1)) else "") for e in extra[:3])
+        raise VcellError(f"{pred_where}: {len(extra)} perturbation label(s) not in {real_where} ({hints}); "
+                         f"{len(missing)} of its perturbation(s) have no predicted cells ({preview(missing, 5)})")
     if missing:
         raise VcellError(f"{pred_where}: {len(missing)} perturbation(s) of {real_where} have no predicted cells ({preview(missing, 5)})")
-    extra = sorted(pred_set - real_set)
     if extra:
         raise VcellError(f"{pred_where}: {len(extra)} perturbation(s) not in {real_where} ({preview(extra, 5)})")
     return sorted(real_set)
@@ -162,6 +175,7 @@ def check_perturbations(pred_labels: np.ndarray, real_labels: np.ndarray, contro
 def cells_from_anndata(adata, pert_col: str, where: str, layer: str | None = None) -> CountsCells:
     """An in-memory AnnData's raw counts (``X`` or ``layers[layer]``) as checked :class:`CountsCells`."""
     labels, order = labels_of(adata.obs, pert_col, where)
+    refuse_unlabelled(labels, where)
     X = adata.X if layer is None else adata.layers[layer]
     cells = CountsCells(as_csr(X, where), labels, adata.var_names.copy(), where, order)
     check_counts(cells)
