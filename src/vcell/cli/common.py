@@ -135,12 +135,18 @@ TyperOption.display_type_rich = _flag_type(TyperOption.display_type_rich)
 
 
 def table(df, title: str | None = None) -> Table:
-    """A rich table of a pandas DataFrame."""
-    t = Table(title=title, show_lines=False, header_style="bold")
-    for i, col in enumerate(df.columns):
-        t.add_column(str(col), justify="right" if df[col].dtype.kind in "iuf" else "left", no_wrap=i == 0)
-    for row in df.itertuples(index=False):
-        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    """A rich table of a pandas DataFrame. Names (text columns) are never cut: on a narrow terminal
+    or in a log (80 columns) the numeric columns' headers wrap instead."""
+    from rich import box
+
+    t = Table(title=title, show_lines=False, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in df[col]] for col in df.columns]
+    for col, values in zip(df.columns, cells):
+        numeric = df[col].dtype.kind in "iuf"
+        t.add_column(str(col), justify="right" if numeric else "left", no_wrap=not numeric,
+                     min_width=max(map(len, values), default=1) if numeric else None)
+    for row in zip(*cells):
+        t.add_row(*row)
     return t
 
 

@@ -169,7 +169,8 @@ def score_cmd(
         from vcell.eval.vcc2026.files import score_value
 
         scores = score_2026(user, baseline, out, overwrite=overwrite)
-        console.print(table(scores, title="vcc2026 score (0 = mean-response baseline, 1 = replicate)"))
+        shown = scores.drop(columns=["from_baseline"] + (["context"] if (scores["context"] == "").all() else []))  # all in --out
+        console.print(table(shown, title="vcc2026 score (0 = mean-response baseline, 1 = replicate)"))
         console.print(f"score: {score_value(scores):.4f}" + (f"; wrote {out}" if out is not None else ""))
         return
     from vcell.data.io import check_output_path
