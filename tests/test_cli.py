@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -76,3 +78,24 @@ def test_preprocess_cli_on_real_counts(kang, tmp_path):
     refused = run_cli("data", "preprocess", kang, kang, "--pert-col", "stim", "--control", "CTRL",
                       "--context-col", "seurat_annotations", "--allow-missing-controls")
     assert refused.returncode == 2 and "inputs are never modified" in refused.stderr
+
+
+def test_tables_keep_names_and_numbers_whole_at_80_columns(monkeypatch):
+    """A log or a narrow terminal is 80 columns: the 2026 score table once showed every DE metric as
+    'de_wilcox…'. Metric names and numbers stay whole; a table too wide wraps text after its first column."""
+    import pandas as pd
+    from rich.console import Console
+
+    from vcell.cli import common
+    from vcell.eval.vcc2026.metrics import SCORED
+
+    narrow = Console(width=80, record=True, file=io.StringIO())
+    monkeypatch.setattr(common, "console", narrow)
+    scores = pd.DataFrame({"metric": SCORED, "value": -0.4238711, "baseline": 0.7777777, "replicate": -0.4335123, "score": 0.07885})
+    narrow.print(common.table(scores))
+    text = narrow.export_text()
+    assert all(m in text for m in SCORED) and text.count("-0.4239") == len(SCORED) and "…" not in text.replace("replica…", "")
+    names = pd.DataFrame({"name": ["replogle2022_k562_essential_raw"], "citation": ["Replogle et al. 2022, a long citation"],
+                          "kind": ["CRISPRi"], "checksum": ["unknown"], "cached": ["no"]})
+    narrow.print(common.table(names))
+    assert "replogle2022_k562_essential_raw" in narrow.export_text()

@@ -135,16 +135,20 @@ TyperOption.display_type_rich = _flag_type(TyperOption.display_type_rich)
 
 
 def table(df, title: str | None = None) -> Table:
-    """A rich table of a pandas DataFrame. Names (text columns) are never cut: on a narrow terminal
-    or in a log (80 columns) the numeric columns' headers wrap instead."""
+    """A rich table of a pandas DataFrame. Names are not cut: on a narrow terminal or in a log (80
+    columns) numeric columns' headers wrap, and, if still too wide, text columns after the first."""
     from rich import box
 
     t = Table(title=title, show_lines=False, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in df[col]] for col in df.columns]
-    for col, values in zip(df.columns, cells):
+    widths = [max(map(len, values), default=1) for values in cells]
+    # else text columns after the first may wrap (numeric headers wrap when needed: counted at one word)
+    fits = sum(max(w, len(str(c)) if df[c].dtype.kind not in "iuf" else 0) for w, c in zip(widths, df.columns)) \
+        + 2 * len(widths) <= console.width
+    for i, (col, values, width) in enumerate(zip(df.columns, cells, widths)):
         numeric = df[col].dtype.kind in "iuf"
-        t.add_column(str(col), justify="right" if numeric else "left", no_wrap=not numeric,
-                     min_width=max(map(len, values), default=1) if numeric else None)
+        t.add_column(str(col), justify="right" if numeric else "left", no_wrap=not numeric and (fits or i == 0),
+                     min_width=width if numeric else None)
     for row in zip(*cells):
         t.add_row(*row)
     return t
