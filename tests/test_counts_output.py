@@ -248,4 +248,4 @@ def test_counts_written_in_pieces_say_their_library_sizes_once(world, tmp_path, 
     with caplog.at_level(logging.INFO, logger="vcell"):
         meta = write_prediction(tmp_path / "pred.h5ad", models["pert_mean"], data, "ctx_B", output="counts", seed=3, piece_cells=7)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("counts:")]
-    assert len(lines) == 1 and lines[0].startswith(f"counts: {meta.n_obs} predicted cells, library sizes: each predicted cell's own")
+    assert len(lines) == 1 and lines[0].startswith(f"counts: {meta.n_obs:,} predicted cells, library sizes: each predicted cell's own")

@@ -156,7 +156,7 @@ def test_predict_prints_one_summary_line(files, st_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     _plain(proc)
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1 and re.match(rf"wrote {re.escape(str(out))} in \S+: \d+ predicted cells of 5 perturbation", lines[0]), proc.stdout
+    assert len(lines) == 1 and re.match(rf"wrote {re.escape(str(out))} in \S+: [\d,]+ predicted cells of 5 perturbation", lines[0]), proc.stdout
 
 
 def test_train_se_and_embed_print_one_summary_line_each(files, tmp_path):

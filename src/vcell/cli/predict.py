@@ -82,15 +82,15 @@ def predict(
     labels = pred.obs[spec.pert_col].astype(str)
     n_ctrl = int((labels == spec.control).sum())
     n_perts = labels[labels != spec.control].nunique()
-    what = f"{pred.n_obs - n_ctrl} predicted cells of {n_perts} perturbation(s)"
+    what = f"{pred.n_obs - n_ctrl:,} predicted cells of {n_perts} perturbation(s)"
     if output == "counts":
         meta = pred.uns["vcell"]
         sizes = f"{depth:,} counts each" if depth != "controls" else f"library sizes: {meta['library_pairing']}, {meta['library_source']}"
         what += f" as raw counts ({sizes}; no control rows)"
     else:
-        what += f" + {n_ctrl} controls"
+        what += f" + {n_ctrl:,} controls"
     if all_genes is not None:
-        what += f"; all {pred.n_vars} genes of {all_genes.name} ({len(predictor.genes)} predicted by the model, the rest from each cell's control cell)"
+        what += f"; all {pred.n_vars:,} genes of {all_genes.name} ({len(predictor.genes)} predicted by the model, the rest from each cell's control cell)"
     if log1p_out is not None:
         index = dataset.index
         in_ctx = index.context_codes == [str(c) for c in index.contexts].index(context)

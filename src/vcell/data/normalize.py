@@ -228,5 +228,5 @@ def normalize_log1p(adata: ad.AnnData, target_sum: float = 1e4, counts_layer: st
     meta = _vcell_uns(out)
     meta.update(expression="log1p", target_sum=target_sum)
     out.uns["vcell"] = meta
-    logger.info("normalised %d cells to %g counts and log1p-transformed", out.n_obs, target_sum)
+    logger.info("normalised %s cells to %g counts and log1p-transformed", f"{out.n_obs:,}", target_sum)
     return out

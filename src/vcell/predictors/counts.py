@@ -297,7 +297,7 @@ class CountsDraw:
         base = pred.uns.get("vcell", {})
         out.uns["vcell"] = {**(dict(base) if isinstance(base, Mapping) else {}), **self.meta}
         if first:  # once per prediction, not once per piece (a full-size one is written in dozens)
-            log.info("counts: %d predicted cells, library sizes: %s", self.n_cells,
+            log.info("counts: %s predicted cells, library sizes: %s", f"{self.n_cells:,}",
                      f"{self.depth:,} each" if self.depth != "controls" and self.sizes_from is None
                      else f"{self.meta['library_pairing']} ({self.meta['library_source']})")
         return out
