@@ -116,6 +116,7 @@ def test_bench_model_config(tmp_path, mcfaline):
     common = ["bench", "--data", mcfaline, "--pert-col", "perturbation", "--control", "control", "--dataset", "mcfaline23",
               "--holdout-context", "A172", "--no-report"]
     cases = (("st", "st: {max_step: 3}\n", "st: unknown option(s) 'max_step'"),
+             ("st", "st: {config: {max_steps: 3}}\n", "config holds training option(s) max_steps, not model sizes"),
              ("linear", "linear: {lr: 0.1}\n", "linear: unknown option(s) 'lr' (options: alphas, alpha, n_folds, pert_features)"),
              ("st", "sst: {}\n", "unknown model 'sst'"),
              ("st", "st_x: {model: nope}\n", "unknown model 'nope' of 'st_x'"),

@@ -100,6 +100,10 @@ class STPredictor(Predictor):
             raise VcellError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
         self.options = STTrainOptions.from_values({"seed": int(seed), **option_values}, options)
         self.seed, self.preset, self.config_overrides = self.options.seed, preset, dict(config or {})
+        misplaced = sorted(set(self.config_overrides) & set(self.option_names()))
+        if misplaced:
+            raise VcellError(f"st: config holds training option(s) {', '.join(misplaced)}, not model sizes: give them beside "
+                             f"config (a bench --model-config entry: {{model: st, {misplaced[0]}: ..., config: {{...}}}})")
         STConfig.preset_values(preset, self.config_overrides)  # fail early on bad names or values
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint, self.resume, self.train_embed_key = checkpoint, resume, embed_key
