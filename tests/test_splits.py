@@ -350,7 +350,7 @@ def test_leak_is_refused(sim, tmp_path):
     "which, val, message",
     [
         ("GENE0O01", (), "--holdout-perturbations: unknown perturbation 'GENE0O01'; did you mean"),
-        (["non-targeting"], (), "unknown perturbation 'non-targeting'"),
+        (["non-targeting"], (), "the list names only the control label 'non-targeting'"),
         ("ALL", (), "hold out all 8 perturbations"),
         (1.5, (), "--holdout-perturbations 1.5: a fraction must be between 0 and 1"),
         ("0", (), "--holdout-perturbations 0: a fraction must be between 0 and 1"),
@@ -370,7 +370,7 @@ def test_holdout_perturbations_bad_inputs(sim, which, val, message):
 
 
 def test_parse_perturbations_and_vcell_table(tmp_path):
-    from vcell.data.splits import parse_perturbations
+    from vcell.data.perturbation_lists import parse_perturbations
 
     assert parse_perturbations("0.25") == 0.25
     assert parse_perturbations(" PLK4, SGK1 ,PLK4") == ["PLK4", "SGK1"]
@@ -380,6 +380,29 @@ def test_parse_perturbations_and_vcell_table(tmp_path):
                           ('[vcell]\nholdout_perturbations = ["A"]\nval_perturbations = ["A"]\n', "'A' is in both")]:
         with pytest.raises(VcellError, match=message.replace("[", r"\[").replace("]", r"\]")):
             read_split_toml(_write(tmp_path, text))
+
+
+def test_perturbations_from_a_file(sim, tmp_path):
+    """The challenge's list comes as a CSV with a header and a control row: the same split as the labels typed."""
+    from vcell.data.perturbation_lists import parse_perturbations
+    from vcell.data.splits import holdout_perturbations
+
+    labels = _labels(sim)[:3]
+    csv = tmp_path / "pert_counts.csv"
+    csv.write_text("target_gene,n_cells\n" + "".join(f"{p},100\n" for p in [*labels, "non-targeting"]))
+    (tmp_path / "perts.tsv").write_text("target\tn\n" + "".join(f"{p}\t1\n" for p in labels))
+    (tmp_path / "perts.txt").write_text("\n".join(labels) + "\n\n")
+    assert parse_perturbations(str(tmp_path / "perts.tsv")) == labels == parse_perturbations(str(tmp_path / "perts.txt"))
+    from_file = holdout_perturbations(sim.index, str(csv))
+    typed = holdout_perturbations(sim.index, ",".join(labels))
+    assert from_file.holdout_perturbations == typed.holdout_perturbations == labels and from_file.fewshot == typed.fewshot
+    (tmp_path / "empty.csv").write_text("")
+    for path, message in [(tmp_path / "none.csv", "none.csv: file not found"), (tmp_path / "empty.csv", "not a readable list")]:
+        with pytest.raises(VcellError, match=message):
+            parse_perturbations(str(path))
+    (tmp_path / "control.txt").write_text("non-targeting\n")
+    with pytest.raises(VcellError, match="names only the control label 'non-targeting'"):
+        holdout_perturbations(sim.index, str(tmp_path / "control.txt"))
 
 
 def test_make_folds_holdout_perturbations(sim):

@@ -171,7 +171,7 @@ def make_folds(
             split = apply_split(index, cfg)
             return [Fold("perturbations", cfg, split, _test_contexts(index, split))]
     if not holdout:
-        raise VcellError("give --split FILE, --holdout-context NAME (or 'all') or --holdout-perturbations FRACTION|LIST")
+        raise VcellError("give --split FILE, --holdout-context NAME (or 'all') or --holdout-perturbations FRACTION|LIST|FILE")
     names = list(holdout)
     if [n.lower() for n in names] == ["all"]:
         with_controls = np.unique(index.context_codes[index.is_control])

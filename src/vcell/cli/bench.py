@@ -70,9 +70,9 @@ def bench(
     split: Annotated[Path | None, typer.Option("--split", help="cell-load style split TOML (one fold).")] = None,
     holdout_context: Annotated[list[str] | None, typer.Option("--holdout-context", help="Held-out context, one fold each (repeatable); 'all': leave-one-context-out.")] = None,
     holdout_perturbations: Annotated[str | None, typer.Option(
-        "--holdout-perturbations", metavar="FRACTION|LIST",
+        "--holdout-perturbations", metavar="FRACTION|LIST|FILE",
         help="Hold out perturbations in every context, never trained on: a fraction in (0, 1) of the non-control labels (drawn with "
-             "--seed) or comma-separated labels. Alone: one fold, every context scored on them; with --holdout-context: the same "
+             "--seed), comma-separated labels or a .csv/.tsv/.txt file of them. Alone: one fold, every context scored on them; with --holdout-context: the same "
              "labels held out in every fold, each fold scoring its held-out context.")] = None,
     models: Annotated[str, typer.Option("--models", help="Comma-separated model names.")] = DEFAULT_MODELS,
     pert_col: PertCol = "target_gene",
@@ -93,7 +93,7 @@ def bench(
 ) -> None:
     """Train each model, predict the held-out contexts, score with vcell eval, write leaderboard + report."""
     from vcell.data.io import check_output_dir
-    from vcell.data.splits import parse_perturbations
+    from vcell.data.perturbation_lists import parse_perturbations
     from vcell.eval.profiles import profile_metrics
     from vcell.leaderboard import BENCH_OUTPUTS, run_bench
 

@@ -180,9 +180,10 @@ NumWorkers = Annotated[int, typer.Option("--num-workers", help="Data loader work
 
 # How a split is given (vcell data split|subset, vcell train st): a TOML file or held-out contexts/perturbations.
 HoldoutPerturbations = Annotated[str | None, typer.Option(
-    "--holdout-perturbations", metavar="FRACTION|LIST",
+    "--holdout-perturbations", metavar="FRACTION|LIST|FILE",
     help="Hold out perturbations in every context (test, never trained on): a fraction in (0, 1) of the non-control labels, "
-         "drawn with --seed, or comma-separated labels; an A+B label is one label. Alone or with --holdout-context.")]
+         "drawn with --seed, comma-separated labels, or a file of them (.csv/.tsv: first column, with a header, as the "
+         "challenge's pert_counts.csv; .txt: one a line); an A+B label is one label. Alone or with --holdout-context.")]
 
 
 def check_split_options(split, holdout_context, holdout_perturbations, val_perturbations=None, val_context=None,
@@ -193,8 +194,8 @@ def check_split_options(split, holdout_context, holdout_perturbations, val_pertu
     if split is not None and (made or val_perturbations is not None or val_context):
         raise VcellError("give either --split FILE or --holdout-context/--holdout-perturbations (with --val-*), not both")
     if required and split is None and not made:
-        raise VcellError("give one of --split FILE, --holdout-context NAME or --holdout-perturbations FRACTION|LIST")
-    from vcell.data.splits import parse_perturbations
+        raise VcellError("give one of --split FILE, --holdout-context NAME or --holdout-perturbations FRACTION|LIST|FILE")
+    from vcell.data.perturbation_lists import parse_perturbations
 
     for option, value in (("--holdout-perturbations", holdout_perturbations), ("--val-perturbations", val_perturbations)):
         if value is not None:

@@ -154,7 +154,7 @@ def split_cmd(
     holdout_context: Annotated[list[str] | None, typer.Option("--holdout-context", help="Hold out a context for test (zero-shot); repeatable.")] = None,
     val_context: Annotated[list[str] | None, typer.Option("--val-context", help="Hold out a context for validation; repeatable.")] = None,
     holdout_perturbations: HoldoutPerturbations = None,
-    val_perturbations: Annotated[str | None, typer.Option("--val-perturbations", help="Validation perturbations in every context, never trained on: FRACTION or LIST as --holdout-perturbations (drawn after it, same --seed).")] = None,
+    val_perturbations: Annotated[str | None, typer.Option("--val-perturbations", help="Validation perturbations in every context, never trained on: FRACTION, LIST or FILE as --holdout-perturbations (drawn after it, same --seed).")] = None,
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
     context_col: ContextCol = "cell_type",

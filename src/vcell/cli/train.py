@@ -64,7 +64,7 @@ def st(
     holdout_context: Annotated[list[str] | None, typer.Option("--holdout-context", help="Held-out (test) context, repeatable; never trained on.")] = None,
     val_context: Annotated[list[str] | None, typer.Option("--val-context", help="Validation context, repeatable (writes best/).")] = None,
     holdout_perturbations: HoldoutPerturbations = None,
-    val_perturbations: Annotated[str | None, typer.Option("--val-perturbations", help="Validation perturbations in every context, never trained on (writes best/): FRACTION or LIST as --holdout-perturbations, drawn after it with --seed.")] = None,
+    val_perturbations: Annotated[str | None, typer.Option("--val-perturbations", help="Validation perturbations in every context, never trained on (writes best/): FRACTION, LIST or FILE as --holdout-perturbations, drawn after it with --seed.")] = None,
     preset: Annotated[str, typer.Option("--preset", help="Model size: small, default or large.")] = "small",
     config: Annotated[Path | None, typer.Option("--config", help="YAML/JSON file of STConfig overrides (e.g. width, n_layers).")] = None,
     max_steps: MaxSteps = ST.max_steps,

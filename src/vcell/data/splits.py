@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from vcell.data.dataset import CellIndex
+from vcell.data.perturbation_lists import parse_perturbations
 from vcell.errors import VcellError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -174,34 +175,6 @@ def holdout_config(index: CellIndex, contexts: list[str], role: str = "test", va
     return cfg
 
 
-def parse_perturbations(text: str, option: str = "--holdout-perturbations") -> float | list[str]:
-    """``FRACTION|LIST`` as the command line gives it: a fraction in (0, 1) or comma-separated labels.
-
-    A value with a comma is always a list (``"0.5,"`` is the one label ``0.5``); without one, a
-    number is a fraction and anything else one label.
-
-    Examples
-    --------
-    >>> parse_perturbations("0.3")
-    0.3
-    >>> parse_perturbations("PLK4, SGK1")
-    ['PLK4', 'SGK1']
-    """
-    text = str(text).strip()
-    if "," in text or not text:
-        labels = [t.strip() for t in text.split(",") if t.strip()]
-        if not labels:
-            raise VcellError(f"{option} {text!r}: give a fraction in (0, 1) or comma-separated perturbation labels")
-        return list(dict.fromkeys(labels))
-    try:
-        fraction = float(text)
-    except ValueError:
-        return [text]
-    if not 0 < fraction < 1:
-        raise VcellError(f"{option} {text}: a fraction must be between 0 and 1 (exclusive); or give perturbation labels")
-    return fraction
-
-
 def holdout_perturbations(
     index: CellIndex,
     which: float | str | Sequence[str],
@@ -241,8 +214,9 @@ def holdout_perturbations(
         (:func:`apply_split` then refuses any leak of them). ``A+B`` is one label (module notes).
     """
     labels = _perturbation_labels(index)
-    test = _choose(labels, which, seed, (), "--holdout-perturbations")
-    val_labels = _choose(labels, val, seed, test, "--val-perturbations")
+    control = str(index.perts[index.control_code]) if index.control_code >= 0 else None
+    test = _choose(labels, which, seed, (), "--holdout-perturbations", control)
+    val_labels = _choose(labels, val, seed, test, "--val-perturbations", control)
     if (test or val_labels) and len(test) + len(val_labels) >= len(labels):
         raise VcellError(f"--holdout-perturbations/--val-perturbations hold out all {len(labels)} perturbations; "
                          "leave at least one to train on")
@@ -278,8 +252,9 @@ def _labels_per_context(index: CellIndex) -> dict[str, set[str]]:
     return out
 
 
-def _choose(labels: list[str], which, seed: int, taken: Sequence[str], option: str) -> list[str]:
-    """The labels ``which`` names (a fraction, a list or the command line's text), none of ``taken``."""
+def _choose(labels: list[str], which, seed: int, taken: Sequence[str], option: str, control: str | None = None) -> list[str]:
+    """The labels ``which`` names (a fraction, a list or the command line's text), none of ``taken``.
+    The control label in a list is skipped (a challenge's list of what to predict names it too)."""
     if which is None or (isinstance(which, (list, tuple, str)) and not which):
         return []
     if isinstance(which, str):
@@ -295,6 +270,11 @@ def _choose(labels: list[str], which, seed: int, taken: Sequence[str], option: s
         order = np.random.default_rng(seed).permutation(len(labels))  # validation draws go on where the test draws stop
         return sorted([labels[i] for i in order if labels[i] in free][:count])
     chosen, known = list(dict.fromkeys(str(p) for p in which)), set(labels)
+    if control in chosen:
+        log.info("%s: the control label %r in the list is skipped (controls are never held out)", option, control)
+        chosen.remove(control)
+        if not chosen:
+            raise VcellError(f"{option}: the list names only the control label {control!r}")
     for p in chosen:
         if p not in known:
             raise VcellError(f"{option}: unknown perturbation {p!r}{did_you_mean(p, labels, n=3)} "
