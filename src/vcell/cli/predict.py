@@ -90,11 +90,11 @@ def predict(
     else:
         what += f" + {n_ctrl:,} controls"
     if all_genes is not None:
-        what += f"; all {pred.n_vars:,} genes of {all_genes.name} ({len(predictor.genes)} predicted by the model, the rest from each cell's control cell)"
+        what += f"; all {pred.n_vars:,} genes of {all_genes.name} ({len(predictor.genes):,} predicted by the model, the rest from each cell's control cell)"
     if log1p_out is not None:
         index = dataset.index
         in_ctx = index.context_codes == [str(c) for c in index.contexts].index(context)
-        what += f"; their log1p cells + {int((in_ctx & index.is_control).sum())} controls in {log1p_out}"
+        what += f"; their log1p cells + {int((in_ctx & index.is_control).sum()):,} controls in {log1p_out}"
     if predictor.anchor is not None:
         what += f"; each perturbation's mean set by the checkpoint's effect anchor ({predictor.effect_anchor})"
     console.print(f"wrote {out} in {format_duration(time.perf_counter() - t0)}: {what}", highlight=False, soft_wrap=True)
