@@ -710,7 +710,9 @@ def test_prep_2026(tiny, tmp_path):
     genes = list(src.var_names)
     (tmp_path / "genes.csv").write_text("\n".join(genes) + "\n")
     counts = src.obs[PERT_COL].astype(str).value_counts()
-    (tmp_path / "perts.csv").write_text("target_gene,n_cells\n" + "".join(f"{p},{n}\n" for p, n in counts.items()))
+    # the challenge's list may name its control too: skipped, a submission holds no control rows
+    (tmp_path / "perts.csv").write_text("target_gene,n_cells\n" + "".join(f"{p},{n}\n" for p, n in counts.items())
+                                        + f"{CONTROL},1000\n")
     shuffled = _write(tmp_path / "shuffled.h5ad", src.X.toarray()[:, ::-1], src.obs[PERT_COL], genes[::-1])
     out = tmp_path / "sub.h5ad"
     proc = run_cli("eval", "prep", "--profile", "vcc2026", "--pred", shuffled, "--genes", tmp_path / "genes.csv",

@@ -74,6 +74,8 @@ def _check_labels(labels: np.ndarray, listed: dict[str, int | None] | None, cont
         )
     if listed is None:
         return
+    if control in listed:  # a list of what the challenge holds names its controls too; a submission has none
+        listed = {k: v for k, v in listed.items() if k != control}
     extra = sorted(set(present) - set(listed))
     if extra:
         raise VcellError(f"{where}: {len(extra)} perturbation(s) not in the list ({preview(extra, 5)})")
