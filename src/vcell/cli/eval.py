@@ -283,7 +283,7 @@ def prep_cmd(
     max_cells: Annotated[int, typer.Option(help="Most cells allowed (-1: no cap).")] = 200_000,
     expected_n_genes: Annotated[int, typer.Option(help="Expected gene count (-1: no check).")] = 18_080,
     profile: Annotated[str, typer.Option("--profile", help="vcc (2025 .vcc archive) or vcc2026 (raw-count .h5ad, the 2026 upload checks).")] = "vcc",
-    perturbations: Annotated[Path | None, typer.Option("--perturbations", help="vcc2026: CSV of the perturbations to predict (header; first column names, optional second column cell counts).")] = None,
+    perturbations: Annotated[Path | None, typer.Option("--perturbations", help="vcc2026: CSV of the perturbations to predict (header; first column names, optional second column cell counts; a control row is skipped).")] = None,
     context_col: Annotated[str | None, typer.Option("--context-col", help="vcc2026: obs column of each cell's context, kept in the output.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the output if it exists.")] = False,
     seed: NoRandomSeed = 0,
