@@ -258,7 +258,7 @@ def plan_preprocess(source, obs: pd.DataFrame, var_names: pd.Index, uns, spec: D
     summary["n_genes_after"] = int(len(plan.cols))
     labels = kept_obs[spec.pert_col].astype(str)
     summary["n_perturbations_after"] = int(labels[labels != str(spec.control)].nunique())
-    logger.info("preprocess: %d x %d -> %d x %d (cells x genes)", n_obs, n_vars, len(kept_obs), len(plan.cols))
+    logger.debug("preprocess: %d x %d -> %d x %d (cells x genes)", n_obs, n_vars, len(kept_obs), len(plan.cols))
     return plan
 
 
