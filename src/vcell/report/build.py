@@ -120,5 +120,5 @@ def build_report(bench_dir: str | os.PathLike, out: str | os.PathLike | None = N
     out = Path(out) if out is not None else bench.root / "report.html"
     with atomic_path(out) as tmp:
         tmp.write_text(text, encoding="utf-8")
-    log.info("report written to %s", out)
+    log.debug("report written to %s", out)
     return out
