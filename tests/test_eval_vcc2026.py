@@ -229,7 +229,8 @@ def sim_oracle(sim):
 @pytest.fixture(scope="module")
 def sim_vcell(sim):
     """vcell on the simulated reference: both runs, the scale ends, the score."""
-    from vcell.eval.vcc2026.files import Options, scale_ends, score
+    from vcell.eval.vcc2026.files import Options, scale_ends
+    from vcell.eval.vcc2026.score_files import score
 
     d = sim["dir"]
     _vcell_run(sim["honest"], sim["real"], d / "v_honest")
@@ -559,6 +560,54 @@ def test_an_unlabelled_reference_cell_is_refused_by_the_baseline(tiny, tmp_path)
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_several_predictions_are_checked_before_any_work(tiny, tmp_path):
+    """A bad prediction among several stops the run before the reference is read: nothing written.
+    Two files of one name would share a folder; the 2025 profile scores one prediction a run."""
+    _, files = tiny
+    out = tmp_path / "out"
+    bad = run_cli("eval", "run", "--profile", "vcc2026", "--pred", files["pred"], "--pred", files["lower_case"],
+                  "--real", files["real"], "--out", out)
+    assert "did you mean 'G00'" in error_line(bad) and not out.exists()
+    (tmp_path / "other").mkdir()
+    twin = tmp_path / "other" / Path(files["pred"]).name
+    twin.write_bytes(Path(files["pred"]).read_bytes())
+    same = run_cli("eval", "run", "--profile", "vcc2026", "--pred", files["pred"], "--pred", twin, "--real", files["real"], "--out", out)
+    assert "would both write to OUT/pred/" in error_line(same) and not out.exists()
+    v25 = run_cli("eval", "run", "--pred", files["pred"], "--pred", twin, "--real", files["real"], "--out", out)
+    assert "--profile vcc2026's" in error_line(v25) and not out.exists()
+
+
+def test_python_api_gives_the_commands_numbers(tmp_path):
+    """vcell.evaluate_2026 / scale_2026 / score_2026 on AnnData objects: the files `eval run`,
+    `eval baseline` and `eval score` write, to the last digit; several predictions at once too."""
+    import vcell
+    from vcell.eval.vcc2026.files import Options, scale_ends
+    from vcell.eval.vcc2026.score_files import score
+
+    X, labels, genes, _ = _simulated(seed=5, n_perts=30, cells=40, n_genes=500, n_controls=150)  # a defined scale
+    rng = np.random.default_rng(2)
+    perts = sorted(set(labels) - {CONTROL})
+    rows = np.vstack([_poisson_like(X, np.flatnonzero(labels == p), 15, rng) for p in perts])
+    files = {"real": _write(tmp_path / "real.h5ad", X, labels, genes),
+             "pred": _write(tmp_path / "pred.h5ad", rows, np.repeat(perts, 15), genes)}
+    pred, real = ad.read_h5ad(files["pred"]), ad.read_h5ad(files["real"])
+    res, agg = vcell.evaluate_2026(pred, real, pert_col=PERT_COL, control=CONTROL)
+    out = tmp_path / "run"
+    _vcell_run(files["pred"], files["real"], out, pert_col=PERT_COL, control=CONTROL)
+    pd.testing.assert_frame_equal(res.reset_index(drop=True), _read_results(out / "results.csv"), check_dtype=False)
+    pd.testing.assert_frame_equal(agg, pd.read_csv(out / "agg_results.csv"), check_dtype=False)
+    doubled = pred.copy()
+    doubled.X = doubled.X * 2
+    both = vcell.evaluate_2026({"a": pred, "b": doubled}, real, pert_col=PERT_COL, control=CONTROL)
+    pd.testing.assert_frame_equal(both["a"][1], agg)
+    pd.testing.assert_frame_equal(both["b"][1], vcell.evaluate_2026(doubled, real, pert_col=PERT_COL, control=CONTROL)[1])
+    scale = vcell.scale_2026(real, pert_col=PERT_COL, control=CONTROL)
+    scale_ends(files["real"], tmp_path / "scale", Options(pert_col=PERT_COL, control=CONTROL))
+    table = vcell.score_2026(agg, scale)
+    expected = score(out, tmp_path / "scale")
+    np.testing.assert_allclose(table["score"].to_numpy(float), expected["score"].to_numpy(float), rtol=0, atol=1e-12)
+
+
 def test_tiny_pair_accepted(tiny, tmp_path):
     """The tiny pair itself is accepted (so the failures above are the defects, not the files)."""
     _, files = tiny
@@ -610,6 +659,19 @@ def test_two_contexts(tmp_path):
         _vcell_run(p1, r1, tmp_path / f"alone_{c}")
         assert_results_equal(out / c, tmp_path / f"alone_{c}")
         assert_agg_equal(out / c / "agg_results.csv", tmp_path / f"alone_{c}" / "agg_results.csv")
+    # several predictions in one run: one pass over the reference, each prediction's files as its own run writes them
+    pred2 = _write(tmp_path / "pred2.h5ad", np.vstack(rows)[::-1] * 2, obs[::-1], genes, obs={"context": pctx[::-1]})
+    many, alone2 = tmp_path / "many", tmp_path / "alone2"
+    proc = run_cli("eval", "run", "--profile", "vcc2026", "--pred", pred, "--pred", pred2, "--real", real, "--out", many)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _vcell_run(pred2, real, alone2)
+    assert sorted(p.name for p in many.iterdir()) == ["pred", "pred2"]
+    for c in ("A", "B"):
+        for f in ("results.csv", "agg_results.csv"):
+            assert (many / "pred" / c / f).read_bytes() == (out / c / f).read_bytes()
+            assert (many / "pred2" / c / f).read_bytes() == (alone2 / c / f).read_bytes()
+    assert (many / "pred" / "A" / "results.csv").read_bytes() != (many / "pred2" / "A" / "results.csv").read_bytes()
+
     a = _read_results(out / "A" / "results.csv").set_index(["perturbation", "metric"])["value"]
     b = _read_results(out / "B" / "results.csv").set_index(["perturbation", "metric"])["value"]
     assert not np.allclose(a.sort_index().to_numpy(), b.reindex(a.sort_index().index).to_numpy(), equal_nan=True)

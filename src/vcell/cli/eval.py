@@ -96,9 +96,23 @@ def _metric_table(agg: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _prediction_names(preds: list[Path]) -> dict[str, Path]:
+    """name -> prediction: each file's name without ``.h5ad``, the folder its results go to."""
+    from vcell.errors import VcellError
+
+    names: dict[str, Path] = {}
+    for p in preds:
+        name = p.name.removesuffix(".h5ad")
+        if name in names:
+            raise VcellError(f"--pred {names[name]} and {p} would both write to OUT/{name}/: give the predictions distinct file names")
+        names[name] = p
+    return names
+
+
 @app.command("run")
 def run_cmd(
-    pred: Annotated[Path, typer.Option("--pred", help="Predicted cells (.h5ad), controls included.")],
+    pred: Annotated[list[Path], typer.Option("--pred", help="Predicted cells (.h5ad), controls included. vcc2026: repeat it to score "
+                                             "several predictions in one pass over the reference, each in OUT/NAME/ (NAME: its file name).")],
     real: Annotated[Path, typer.Option("--real", help="Real cells (.h5ad), controls included.")],
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
@@ -123,17 +137,31 @@ def run_cmd(
     """
     if profile == "vcc2026":
         _only_2026("vcc", **{"--skip-metrics": (skip_metrics, None), _expression_option(): (input_type, "auto")})
-        from vcell.eval.vcc2026.files import RUN_FILES
+        from vcell.eval.vcc2026.files import RUN_FILES, run_many
         from vcell.eval.vcc2026.files import run as run_2026
 
         opts = _options_2026(pert_col, control, context_col, target_genes, no_target_genes, threads, backed, memory_budget)
-        with removed_if_interrupted(out, RUN_FILES), status(f"evaluating {pred} against {real} (vcc2026 profile)") as st:
-            aggs = run_2026(pred, real, out, opts, overwrite=overwrite, report=lambda m: st.update(info=m))
-        for ctx, agg in aggs.items():
-            console.print(table(_agg_2026(agg), title="vcc2026 profile" + (f", context {ctx}" if ctx else "")))
-        console.print(f"wrote {out}")
+        preds = _prediction_names(pred)
+        what = pred[0] if len(pred) == 1 else f"{len(pred)} predictions"
+        with (removed_if_interrupted(out, RUN_FILES if len(pred) == 1 else list(preds)),
+              status(f"evaluating {what} against {real} (vcc2026 profile)") as st):
+            if len(pred) == 1:
+                runs = {"": run_2026(pred[0], real, out, opts, overwrite=overwrite, report=lambda m: st.update(info=m))}
+            else:
+                runs = run_many(preds, real, out, opts, overwrite=overwrite, report=lambda m: st.update(info=m))
+        for name, aggs in runs.items():
+            for ctx, agg in aggs.items():
+                where = ", ".join(w for w in (name, f"context {ctx}" if ctx else "") if w)
+                console.print(table(_agg_2026(agg), title="vcc2026 profile" + (f", {where}" if where else "")))
+        console.print(f"wrote {out}" + (f": {', '.join(f'{n}/' for n in runs)}" if len(pred) > 1 else ""))
         gc.freeze()
         return
+    if len(pred) > 1:
+        from vcell.errors import VcellError
+
+        raise VcellError(f"--pred given {len(pred)} times: scoring several predictions in one run is --profile vcc2026's; "
+                         "run the vcc profile once per prediction")
+    pred = pred[0]
     _only_2026("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False)})
     from vcell.eval.bands import budget_bytes
     from vcell.eval.run import OUTPUT_NAMES, run
@@ -165,8 +193,8 @@ def score_cmd(
     (1), per context, and the mean of the six; contexts averaged.
     """
     if profile == "vcc2026":
-        from vcell.eval.vcc2026.files import score as score_2026
-        from vcell.eval.vcc2026.files import score_value
+        from vcell.eval.vcc2026.score_files import score as score_2026
+        from vcell.eval.vcc2026.score_files import score_value
 
         scores = score_2026(user, baseline, out, overwrite=overwrite)
         shown = scores.drop(columns=["from_baseline"] + (["context"] if (scores["context"] == "").all() else []))  # all in --out

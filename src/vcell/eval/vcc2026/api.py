@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -18,16 +20,18 @@ __all__ = ["evaluate_2026", "scale_2026", "score_2026"]
 
 
 def evaluate_2026(
-    pred: ad.AnnData, real: ad.AnnData, pert_col: str = "target_gene", control: str = "non-targeting",
+    pred: ad.AnnData | Mapping[str, ad.AnnData], real: ad.AnnData, pert_col: str = "target_gene", control: str = "non-targeting",
     target_genes: dict[str, str | None] | None = None, no_target_genes: bool = False, threads: int = 2,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+) -> tuple[pd.DataFrame, pd.DataFrame] | dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
     """Score raw-count predictions with the VCC 2026 metrics (``vcell eval run --profile vcc2026``).
 
     Parameters
     ----------
-    pred, real : anndata.AnnData
-        Raw counts, the same genes in the same order; the reference holds control cells, the
-        prediction's own are ignored.
+    pred : anndata.AnnData or mapping of name to anndata.AnnData
+        Raw counts, the same genes in the same order as ``real``; its own control cells are
+        ignored. Several predictions (a mapping) are scored against one summary of the reference.
+    real : anndata.AnnData
+        Raw counts with the control cells.
     pert_col, control : str
         Perturbation column and control label.
     target_genes : dict, optional
@@ -39,16 +43,24 @@ def evaluate_2026(
 
     Returns
     -------
-    tuple of pandas.DataFrame
+    tuple of pandas.DataFrame, or a dict of them by name for a mapping
         ``results`` (long: perturbation, metric, value) and ``agg_results`` (wide), as cell-eval2.
     """
-    real_cells, pred_cells = cells_from_anndata(real, pert_col, "real"), cells_from_anndata(pred, pert_col, "pred")
-    check_genes(pred_cells.genes, real_cells.genes, "pred", "real")
-    check_perturbations(pred_cells.labels, real_cells.labels, control, "pred", "real")
+    many = isinstance(pred, Mapping)
+    preds = dict(pred) if many else {"pred": pred}
+    real_cells = cells_from_anndata(real, pert_col, "real")
+    cells = {}
+    for name, adata in preds.items():  # every prediction checked before the reference is summarised
+        cells[name] = cells_from_anndata(adata, pert_col, name)
+        check_genes(cells[name].genes, real_cells.genes, name, "real")
+        check_perturbations(cells[name].labels, real_cells.labels, control, name, "real")
     ref, perts = reference_context(real_cells, Options(pert_col, control, "", None, no_target_genes, threads), target_genes)
-    values, ratio = evaluate_cells(ref, pred_cells, threads)
-    results = results_long(perts, values)
-    return results, agg_wide(results, ratio)
+    out = {}
+    for name, pred_cells in cells.items():
+        values, ratio = evaluate_cells(ref, pred_cells, threads)
+        results = results_long(perts, values)
+        out[name] = (results, agg_wide(results, ratio))
+    return out if many else out["pred"]
 
 
 def scale_2026(

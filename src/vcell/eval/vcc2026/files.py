@@ -1,15 +1,16 @@
-"""``vcell eval run|baseline|score --profile vcc2026``: from files to output tables.
+"""``vcell eval run|baseline --profile vcc2026``: from files to output tables.
 
 A reference may hold several contexts (cell lines) in an ``obs`` column (``context`` by
 default); each is scored on its own, with its own controls, and the outputs of context ``C``
-go to ``OUT/C/``. With one context (or no such column) they go to ``OUT`` itself. Every output
-folder is checked before any work, and all files are written atomically only once everything
-has been computed.
+go to ``OUT/C/``. With one context (or no such column) they go to ``OUT`` itself. Several
+predictions scored in one run (:func:`run_many`) share one pass over the reference, and the
+outputs of prediction ``NAME`` go to ``OUT/NAME/``. Every output folder is checked before any
+work, and all files are written atomically only once everything has been computed.
 
 Files: ``results.csv`` + ``agg_results.csv`` (``run``: the model; cell-eval2's layouts);
 ``baseline_results.csv`` + ``baseline_agg_results.csv``, ``anchor_splits.csv`` +
-``anchor_agg.csv`` and ``scale.json`` (``baseline``: the two ends of the scale);
-``score.csv`` (``score``).
+``anchor_agg.csv`` and ``scale.json`` (``baseline``: the two ends of the scale). ``vcell eval
+score`` reads them: :mod:`vcell.eval.vcc2026.score_files`.
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from vcell.data.io import atomic_paths, check_output_dir, check_output_path
+from vcell.data.io import atomic_paths, check_output_dir
 from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.errors import VcellError, did_you_mean, preview
-from vcell.eval.csvio import read_csv, write_csv
+from vcell.eval.csvio import write_csv
 from vcell.eval.tiles import Scratch, TileStore
 from vcell.eval.vcc2026.anchor import BASE_SEED, N_SPLITS, AnchorPlan, AnchorResult
 from vcell.eval.vcc2026.baseline import BASELINE_SEED, baseline_summary, profile_from_means, profile_task
@@ -47,10 +48,8 @@ from vcell.eval.vcc2026.inputs import (
 )
 from vcell.eval.vcc2026.reader import ObsColumns, read_obs
 from vcell.eval.vcc2026.scale import (
-    average_contexts,
     degenerate,
     degenerate_note,
-    score_context,
     standard_errors,
     unresolved,
     unresolved_note,
@@ -191,20 +190,43 @@ def run(pred, real, out, opts: Options, overwrite: bool = False, report: Callabl
 
     Returns context -> ``agg_results`` ('' for a single context).
     """
+    return _run({"": Path(pred)}, real, out, opts, overwrite, report)[""]
+
+
+def run_many(preds: Mapping[str, str | os.PathLike], real, out, opts: Options, overwrite: bool = False,
+             report: Callable[[str], None] | None = None) -> dict[str, dict[str, pd.DataFrame]]:
+    """Score several predictions against one reference, read and summarised once: the outputs of
+    prediction ``NAME`` (a folder name) in ``OUT/NAME/`` as :func:`run` writes them.
+
+    Returns name -> context -> ``agg_results``.
+    """
+    for name in preds:
+        if not name or "/" in name or name in (".", "..") or name.startswith("."):
+            raise VcellError(f"prediction name {name!r} cannot name an output folder")
+    return _run({name: Path(p) for name, p in preds.items()}, real, out, opts, overwrite, report)
+
+
+def _run(preds: dict[str, Path], real, out, opts: Options, overwrite: bool, report) -> dict[str, dict[str, pd.DataFrame]]:
     report = report or (lambda _: None)
     out = Path(out)
-    real_obs, pred_obs = _read_meta(real, opts), _read_meta(pred, opts)
+    real_obs = _read_meta(real, opts)
     contexts = _contexts(real, opts.context_col, real_obs, required=False)
-    pred_ctx = _contexts(pred, opts.context_col, pred_obs, required=contexts is not None) if contexts is not None else None
-    if pred_ctx is not None and set(pred_ctx) - set(contexts):
-        raise VcellError(f"{pred}: context(s) {preview(sorted(set(pred_ctx) - set(contexts)), 3)} not in {real}")
-    names = [f"{_folder(c)}{f}" for c in (contexts or [None]) for f in RUN_FILES]
-    check_output_dir(out, names, [pred, real], overwrite=overwrite)
     target_map = _target_map(opts)
-    labels_real, labels_pred = _labels(real_obs, real, opts.pert_col), _labels(pred_obs, pred, opts.pert_col)
-    check_perturbations(labels_pred, labels_real, opts.control, str(pred), str(real))
+    labels_real = _labels(real_obs, real, opts.pert_col)
+    metas = {}
+    for key, pred in preds.items():  # every prediction's columns, labels and contexts checked before any work
+        pred_obs = _read_meta(pred, opts)
+        pred_ctx = _contexts(pred, opts.context_col, pred_obs, required=contexts is not None) if contexts is not None else None
+        if pred_ctx is not None and set(pred_ctx) - set(contexts):
+            raise VcellError(f"{pred}: context(s) {preview(sorted(set(pred_ctx) - set(contexts)), 3)} not in {real}")
+        labels_pred = _labels(pred_obs, pred, opts.pert_col)
+        check_perturbations(labels_pred, labels_real, opts.control, str(pred), str(real))
+        metas[key] = (pred_obs, labels_pred)
+    names = [f"{_folder(key or None)}{_folder(c)}{f}" for key in preds for c in (contexts or [None]) for f in RUN_FILES]
+    check_output_dir(out, names, [real, *preds.values()], overwrite=overwrite)
     # One matrix in memory at a time (or one band of it, for a matrix on disk): the reference is
-    # summarised (its controls kept) and released before the prediction is read.
+    # summarised (its controls kept) and released before the predictions are read, one by one.
+    tables = {}
     with Scratch(out) as scratch:
         t = time.perf_counter()
         real_ctx = real_obs.columns[opts.context_col][0] if contexts else None
@@ -218,36 +240,42 @@ def run(pred, real, out, opts: Options, overwrite: bool = False, report: Callabl
                 refs[name] = (reference_context(r, opts, target_map, prior=_priors(real_cells, index, name)), r.where)
             genes, bounds = real_cells.genes, _bounds(real_cells)
             real_cells.controls = None
-            close_cells(real_cells)  # the controls stay: the prediction is scored against them
+            close_cells(real_cells)  # the controls stay: the predictions are scored against them
             del real_cells, r
             gc.collect()
             report(f"reference summarised in {time.perf_counter() - t:.1f} s")
-            t = time.perf_counter()
-            pred_ctx_values = pred_obs.columns[opts.context_col][0] if contexts else None
-            groups, index = _sum_groups(labels_pred, pred_ctx_values, opts.control)
-            pred_cells = read_cells(pred, opts.pert_col, None, opts.budget, scratch, opts.progress, "pred", bounds, groups)
-            try:
-                check_genes(pred_cells.genes, genes, str(pred), str(real))
-                tables = {}
-                for name in contexts or [None]:
-                    (ref, perts), real_where = refs[name]
-                    p = _context_cells(pred_cells, pred_ctx_values, name)
-                    check_perturbations(p.labels, np.array(perts + [opts.control], dtype=object), opts.control, p.where, real_where)
-                    values, ratio = evaluate_cells(ref, p, opts.threads, engine=opts.engine(), prior=_priors(pred_cells, index, name))
-                    res = results_long(perts, values)
-                    tables[name or ""] = (res, agg_wide(res, ratio))
-            finally:
-                close_cells(pred_cells)
+            for key, pred in preds.items():
+                t = time.perf_counter()
+                pred_obs, labels_pred = metas[key]
+                pred_ctx_values = pred_obs.columns[opts.context_col][0] if contexts else None
+                groups, index = _sum_groups(labels_pred, pred_ctx_values, opts.control)
+                pred_cells = read_cells(pred, opts.pert_col, None, opts.budget, scratch, opts.progress, "pred", bounds, groups)
+                try:
+                    check_genes(pred_cells.genes, genes, str(pred), str(real))
+                    for name in contexts or [None]:
+                        (ref, perts), real_where = refs[name]
+                        p = _context_cells(pred_cells, pred_ctx_values, name)
+                        check_perturbations(p.labels, np.array(perts + [opts.control], dtype=object), opts.control, p.where, real_where)
+                        values, ratio = evaluate_cells(ref, p, opts.threads, engine=opts.engine(), prior=_priors(pred_cells, index, name))
+                        res = results_long(perts, values)
+                        tables[key, name or ""] = (res, agg_wide(res, ratio))
+                finally:
+                    close_cells(pred_cells)
+                    del pred_cells
+                    gc.collect()
+                report(f"{pred} scored in {time.perf_counter() - t:.1f} s")
         finally:
             if controls is not None:
                 close_cells(controls)
-    report(f"prediction scored in {time.perf_counter() - t:.1f} s")
     with atomic_paths(out, names) as tmp:
-        for name in contexts or [None]:
-            res, agg = tables[name or ""]
-            write_csv(res, tmp[f"{_folder(name)}results.csv"])
-            write_csv(agg, tmp[f"{_folder(name)}agg_results.csv"])
-    return {k: v[1] for k, v in tables.items()}
+        for (key, name), (res, agg) in tables.items():
+            where = f"{_folder(key or None)}{_folder(name or None)}"
+            write_csv(res, tmp[f"{where}results.csv"])
+            write_csv(agg, tmp[f"{where}agg_results.csv"])
+    aggs: dict[str, dict[str, pd.DataFrame]] = {key: {} for key in preds}
+    for (key, name), (_, agg) in tables.items():
+        aggs[key][name] = agg
+    return aggs
 
 
 def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: int = BASE_SEED, seed: int = BASELINE_SEED,
@@ -410,63 +438,3 @@ def _score_baseline(scale: ContextScale, pending, seed: int, opts: Options, repo
     scale.baseline_agg = agg_wide(scale.baseline_results, ratio)
     if report is not None:
         report(f"baseline scored in {time.perf_counter() - t:.1f} s")
-
-
-def _context_dirs(root: Path, marker: str) -> dict[str, Path]:
-    """context -> folder holding ``marker`` ('' for a single context at ``root``)."""
-    if (root / marker).is_file():
-        return {"": root}
-    found = {p.parent.name: p.parent for p in sorted(root.glob(f"*/{marker}"))}
-    if not found:
-        raise VcellError(f"{root}: no {marker} here or in its context folders")
-    return found
-
-
-def _mean_row(path: Path) -> dict[str, float]:
-    return agg_means(read_csv(path))
-
-
-def _n_splits(folder: Path) -> int:
-    """The anchor's number of splits, from the ``scale.json`` beside it (cell-eval2's 5 when it says nothing)."""
-    try:
-        return int(json.loads((folder / "scale.json").read_text())["anchor"]["splits"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return N_SPLITS
-
-
-def score(user, scale_dir, out=None, overwrite: bool = False) -> pd.DataFrame:
-    """The scaled 2026 score of a run folder against a folder of scale ends, per context and averaged."""
-    user, scale_dir = Path(user), Path(scale_dir)
-    if out is not None:
-        check_output_path(out, overwrite=overwrite)
-    if not user.exists():
-        raise VcellError(f"{user}: not found")
-    users = _context_dirs(user, "agg_results.csv") if user.is_dir() else {"": user}
-    ends = _context_dirs(scale_dir, "baseline_agg_results.csv")
-    missing = sorted(set(users) - set(ends))
-    if missing:
-        raise VcellError(f"{scale_dir}: no scale for context(s) {preview(missing, 3)} of {user}")
-    tables = {}
-    for ctx, folder in users.items():
-        u = _mean_row(folder / "agg_results.csv" if folder.is_dir() else folder)
-        b = _mean_row(ends[ctx] / "baseline_agg_results.csv")
-        anchor_path = ends[ctx] / "anchor_agg.csv"
-        r = None
-        if anchor_path.is_file():
-            a = read_csv(anchor_path, text_columns=("metric", "estimator"))
-            r = {str(m): float(v) for m, v in zip(a["metric"], a["replicate"])}
-            if "replicate_sd" in a.columns:
-                if flagged := unresolved(b, r, standard_errors(a, _n_splits(ends[ctx]))):
-                    log.warning("%s: %s", anchor_path, unresolved_note(flagged))
-        tables[ctx] = score_context(u, b, r)
-    table = average_contexts(tables)
-    if out is not None:
-        write_csv(table, out)
-    return table
-
-
-def score_value(table: pd.DataFrame) -> float:
-    """The headline number of a score table: the mean over contexts of the context scores."""
-    rows = table[(table["metric"] == "avg_score")]
-    final = rows[rows["context"] == "mean"] if (rows["context"] == "mean").any() else rows
-    return float(final["score"].iloc[0]) if len(final) else math.nan
