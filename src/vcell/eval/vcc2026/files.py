@@ -246,23 +246,9 @@ def _run(preds: dict[str, Path], real, out, opts: Options, overwrite: bool, repo
             report(f"reference summarised in {time.perf_counter() - t:.1f} s")
             for key, pred in preds.items():
                 t = time.perf_counter()
-                pred_obs, labels_pred = metas[key]
-                pred_ctx_values = pred_obs.columns[opts.context_col][0] if contexts else None
-                groups, index = _sum_groups(labels_pred, pred_ctx_values, opts.control)
-                pred_cells = read_cells(pred, opts.pert_col, None, opts.budget, scratch, opts.progress, "pred", bounds, groups)
-                try:
-                    check_genes(pred_cells.genes, genes, str(pred), str(real))
-                    for name in contexts or [None]:
-                        (ref, perts), real_where = refs[name]
-                        p = _context_cells(pred_cells, pred_ctx_values, name)
-                        check_perturbations(p.labels, np.array(perts + [opts.control], dtype=object), opts.control, p.where, real_where)
-                        values, ratio = evaluate_cells(ref, p, opts.threads, engine=opts.engine(), prior=_priors(pred_cells, index, name))
-                        res = results_long(perts, values)
-                        tables[key, name or ""] = (res, agg_wide(res, ratio))
-                finally:
-                    close_cells(pred_cells)
-                    del pred_cells
-                    gc.collect()
+                for name, table in _score_prediction(pred, metas[key], real, refs, genes, bounds, contexts, opts, scratch).items():
+                    tables[key, name] = table
+                gc.collect()  # this prediction's matrix is gone before the next one is read
                 report(f"{pred} scored in {time.perf_counter() - t:.1f} s")
         finally:
             if controls is not None:
@@ -276,6 +262,27 @@ def _run(preds: dict[str, Path], real, out, opts: Options, overwrite: bool, repo
     for (key, name), (_, agg) in tables.items():
         aggs[key][name] = agg
     return aggs
+
+
+def _score_prediction(pred: Path, meta, real, refs: dict, genes, bounds, contexts, opts: Options, scratch) -> dict:
+    """context -> (results, agg_results) of one prediction against the summarised reference ``refs``."""
+    pred_obs, labels_pred = meta
+    pred_ctx_values = pred_obs.columns[opts.context_col][0] if contexts else None
+    groups, index = _sum_groups(labels_pred, pred_ctx_values, opts.control)
+    pred_cells = read_cells(pred, opts.pert_col, None, opts.budget, scratch, opts.progress, "pred", bounds, groups)
+    tables = {}
+    try:
+        check_genes(pred_cells.genes, genes, str(pred), str(real))
+        for name in contexts or [None]:
+            (ref, perts), real_where = refs[name]
+            p = _context_cells(pred_cells, pred_ctx_values, name)
+            check_perturbations(p.labels, np.array(perts + [opts.control], dtype=object), opts.control, p.where, real_where)
+            values, ratio = evaluate_cells(ref, p, opts.threads, engine=opts.engine(), prior=_priors(pred_cells, index, name))
+            res = results_long(perts, values)
+            tables[name or ""] = (res, agg_wide(res, ratio))
+    finally:
+        close_cells(pred_cells)
+    return tables
 
 
 def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: int = BASE_SEED, seed: int = BASELINE_SEED,
