@@ -22,6 +22,9 @@ summary compares each step's peak with it. The evaluator reads a matrix larger t
 
 ``--simulate-only`` stops after writing the data; ``--no-pred`` writes the reference only and
 scores it against itself (a file twice as large for a memory-growth check costs half the disk).
+``--two-predictions`` adds a step 4: the prediction and a second name of it (a symlink) scored in
+one ``eval run`` (``--pred`` twice), whose reference is read and summarised once; compare its
+time with twice step 2.
 """
 
 from __future__ import annotations
@@ -122,6 +125,7 @@ def main() -> int:
     ap.add_argument("--in-memory", action="store_true", help="pass --in-memory to vcell (each matrix read whole)")
     ap.add_argument("--simulate-only", action="store_true", help="write the data and stop")
     ap.add_argument("--no-pred", action="store_true", help="no prediction file: score the reference against itself")
+    ap.add_argument("--two-predictions", action="store_true", help="also score two predictions in one `eval run` (step 4)")
     args = ap.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -159,9 +163,16 @@ def main() -> int:
         "score": [vcell, "eval", "score", "--profile", "vcc2026", "--user", str(work / "run"), "--baseline", str(work / "scale"),
                   "--out", str(work / "score.csv"), "--overwrite"],
     }
+    if args.two_predictions:
+        again = work / "pred_again.h5ad"  # the same file under another name: its own output folder
+        if not again.exists():
+            again.symlink_to(pred.name)
+        steps["run (two predictions)"] = [vcell, "eval", "run", "--profile", "vcc2026", "--pred", str(pred), "--pred", str(again),
+                                          "--real", str(work / "real.h5ad"), "--out", str(work / "run_two"), "--overwrite", *threads]
     results = {}
     for name, cmd in steps.items():
-        results[name] = timed(cmd, work / f"{name.split()[0]}.log")
+        log = name.split()[0] + ("_two" if "two" in name else "")  # run.log, run_two.log, scale.log, score.log
+        results[name] = timed(cmd, work / f"{log}.log")
         print(f"{name}: {results[name]['wall_s']} s, peak {results[name]['peak_mib']:,.0f} MiB", file=sys.stderr, flush=True)
     n_cells = args.perts * args.cells + args.controls
     dense_mib = n_cells * args.genes * 4 / 2**20
