@@ -659,6 +659,12 @@ def test_two_contexts(tmp_path):
         _vcell_run(p1, r1, tmp_path / f"alone_{c}")
         assert_results_equal(out / c, tmp_path / f"alone_{c}")
         assert_agg_equal(out / c / "agg_results.csv", tmp_path / f"alone_{c}" / "agg_results.csv")
+    # the contexts in vcell's data column (cell_type) but not in --context-col: pooled, and said so
+    pooled = _write(tmp_path / "real_cell_type.h5ad", X, labels, genes, obs={"cell_type": ctx})
+    proc = run_cli("eval", "run", "--profile", "vcc2026", "--pred", pred, "--real", pooled, "--out", tmp_path / "pooled")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "column 'cell_type' holds 2 ('A', 'B'): pass --context-col cell_type" in " ".join(proc.stderr.split())
+
     # several predictions in one run: one pass over the reference, each prediction's files as its own run writes them
     pred2 = _write(tmp_path / "pred2.h5ad", np.vstack(rows)[::-1] * 2, obs[::-1], genes, obs={"context": pctx[::-1]})
     many, alone2 = tmp_path / "many", tmp_path / "alone2"

@@ -30,6 +30,7 @@ import pandas as pd
 
 from vcell.data.io import atomic_paths, check_output_dir
 from vcell.data.preprocess_stream import Progress, no_progress
+from vcell.data.spec import DataSpec
 from vcell.errors import VcellError, did_you_mean, preview
 from vcell.eval.csvio import write_csv
 from vcell.eval.tiles import Scratch, TileStore
@@ -98,8 +99,23 @@ def _contexts(path, col: str, obs: ObsColumns, required: bool) -> list[str] | No
     return names
 
 
+#: vcell's data commands' context column: a reference scored as one context may hold several there.
+DATA_CONTEXT_COLUMN = DataSpec().context_col
+
+
 def _read_meta(path, opts: Options) -> ObsColumns:
-    return read_obs(path, [opts.pert_col, opts.context_col])
+    return read_obs(path, [opts.pert_col, opts.context_col, DATA_CONTEXT_COLUMN])
+
+
+def _one_context(path, opts: Options, obs: ObsColumns) -> None:
+    """Warn when a reference scored as one context has several in vcell's data context column:
+    their controls and perturbations would be pooled."""
+    if DATA_CONTEXT_COLUMN in obs.columns and DATA_CONTEXT_COLUMN != opts.context_col:
+        values = sorted(set(obs.columns[DATA_CONTEXT_COLUMN][0]) - {""})
+        if len(values) > 1:
+            log.warning("%s: no %r column, so every cell is one context, but column %r holds %d (%s): pass --context-col %s "
+                        "to score each on its own", path, opts.context_col, DATA_CONTEXT_COLUMN, len(values), preview(values, 3),
+                        DATA_CONTEXT_COLUMN)
 
 
 def _labels(meta: ObsColumns, path, pert_col: str) -> np.ndarray:
@@ -211,6 +227,8 @@ def _run(preds: dict[str, Path], real, out, opts: Options, overwrite: bool, repo
     out = Path(out)
     real_obs = _read_meta(real, opts)
     contexts = _contexts(real, opts.context_col, real_obs, required=False)
+    if contexts is None:
+        _one_context(real, opts, real_obs)
     target_map = _target_map(opts)
     labels_real = _labels(real_obs, real, opts.pert_col)
     metas = {}
@@ -298,6 +316,8 @@ def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: in
     out = Path(out)
     real_obs = _read_meta(real, opts)
     contexts = _contexts(real, opts.context_col, real_obs, required=False)
+    if contexts is None:
+        _one_context(real, opts, real_obs)
     files = ["scale.json"] + (list(SCALE_FILES[:2]) if baseline else []) + (list(SCALE_FILES[2:4]) if anchor else [])
     names = [f"{_folder(c)}{f}" for c in (contexts or [None]) for f in files]
     check_output_dir(out, names, [real], overwrite=overwrite)
