@@ -575,6 +575,13 @@ def test_several_predictions_are_checked_before_any_work(tiny, tmp_path):
     assert "would both write to OUT/pred/" in error_line(same) and not out.exists()
     v25 = run_cli("eval", "run", "--pred", files["pred"], "--pred", twin, "--real", files["real"], "--out", out)
     assert "--profile vcc2026's" in error_line(v25) and not out.exists()
+    # `eval score` given the folder of several runs (not one run) says which to give
+    from vcell.eval.vcc2026.files import Options, run_many, scale_ends
+
+    run_many({"a": files["pred"], "b": twin}, files["real"], out, Options())
+    scale_ends(files["real"], tmp_path / "scale", Options())
+    score = run_cli("eval", "score", "--profile", "vcc2026", "--user", out, "--baseline", tmp_path / "scale")
+    assert f"score one of them: --user {out / 'a'}" in error_line(score)
 
 
 def test_python_api_gives_the_commands_numbers(tmp_path):

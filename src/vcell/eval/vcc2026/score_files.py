@@ -57,7 +57,10 @@ def score(user, scale_dir, out=None, overwrite: bool = False) -> pd.DataFrame:
     ends = _context_dirs(scale_dir, "baseline_agg_results.csv")
     missing = sorted(set(users) - set(ends))
     if missing:
-        raise VcellError(f"{scale_dir}: no scale for context(s) {preview(missing, 3)} of {user}")
+        hint = ""
+        if set(ends) == {""}:  # one context scaled: the user's folders are predictions of a several-prediction run
+            hint = f"; a folder of several predictions' runs? score one of them: --user {user / missing[0]}"
+        raise VcellError(f"{scale_dir}: no scale for context(s) {preview(missing, 3)} of {user}{hint}")
     tables = {}
     for ctx, folder in users.items():
         u = _mean_row(folder / "agg_results.csv" if folder.is_dir() else folder)
