@@ -63,6 +63,26 @@ def test_run_matches_cell_eval_files(sim_files, cell_eval_out):
     np.testing.assert_allclose(de_ours["p_value"], de_theirs["p_value"], rtol=1e-9, atol=1e-300)
 
 
+def test_several_predictions_in_one_run_write_what_their_own_runs_write(sim_files, tmp_path):
+    """--pred twice: the reference read and summarised once; each prediction's four files (its
+    genes in another order for one, values changed for the other) byte for byte as alone."""
+    d, pert_col, control = sim_files
+    pred = ad.read_h5ad(d / "pred.h5ad")
+    other = pred[:, np.random.default_rng(1).permutation(pred.n_vars)].copy()
+    other.X = np.asarray(other.X.toarray() if hasattr(other.X, "toarray") else other.X) * 1.1
+    other.write_h5ad(tmp_path / "other.h5ad")
+    many = run_cli("eval", "run", "--pred", d / "pred.h5ad", "--pred", tmp_path / "other.h5ad", "--real", d / "real.h5ad",
+                   "--pert-col", pert_col, "--control", control, "--out", tmp_path / "many")
+    assert many.returncode == 0, many.stderr[-2000:]
+    for name, path in (("pred", d / "pred.h5ad"), ("other", tmp_path / "other.h5ad")):
+        alone = run_cli("eval", "run", "--pred", path, "--real", d / "real.h5ad", "--pert-col", pert_col, "--control", control,
+                        "--out", tmp_path / f"alone_{name}")
+        assert alone.returncode == 0, alone.stderr[-2000:]
+        for f in ("results.csv", "agg_results.csv", "real_de.csv", "pred_de.csv"):
+            assert (tmp_path / "many" / name / f).read_bytes() == (tmp_path / f"alone_{name}" / f).read_bytes(), (name, f)
+    assert (tmp_path / "many" / "pred" / "results.csv").read_bytes() != (tmp_path / "many" / "other" / "results.csv").read_bytes()
+
+
 def test_reordered_genes_give_the_same_results(sim_files, tmp_path):
     d, pert_col, control = sim_files
     pred = ad.read_h5ad(d / "pred.h5ad")

@@ -111,8 +111,8 @@ def _prediction_names(preds: list[Path]) -> dict[str, Path]:
 
 @app.command("run")
 def run_cmd(
-    pred: Annotated[list[Path], typer.Option("--pred", help="Predicted cells (.h5ad), controls included. vcc2026: repeat it to score "
-                                             "several predictions in one pass over the reference, each in OUT/NAME/ (NAME: its file name).")],
+    pred: Annotated[list[Path], typer.Option("--pred", help="Predicted cells (.h5ad), controls included. Repeat it to score several "
+                                             "predictions against one read of the reference, each in OUT/NAME/ (NAME: its file name).")],
     real: Annotated[Path, typer.Option("--real", help="Real cells (.h5ad), controls included.")],
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
@@ -156,23 +156,22 @@ def run_cmd(
         console.print(f"wrote {out}" + (f": {', '.join(f'{n}/' for n in runs)}" if len(pred) > 1 else ""))
         gc.freeze()
         return
-    if len(pred) > 1:
-        from vcell.errors import VcellError
-
-        raise VcellError(f"--pred given {len(pred)} times: scoring several predictions in one run is --profile vcc2026's; "
-                         "run the vcc profile once per prediction")
-    pred = pred[0]
     _only_2026("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False)})
     from vcell.eval.bands import budget_bytes
-    from vcell.eval.run import OUTPUT_NAMES, run
+    from vcell.eval.run import OUTPUT_NAMES, run_many
 
     skip = tuple(s.strip() for s in skip_metrics.split(",") if s.strip()) if skip_metrics else ()
-    with removed_if_interrupted(out, OUTPUT_NAMES), status(f"evaluating {pred} against {real} ({profile} profile)"):
-        result, paths = run(pred, real, out, pert_col, control, profile, threads, input_type, backed, skip, overwrite=overwrite,
-                            option=_expression_option(), budget=budget_bytes(memory_budget), progress=task)
-    console.print(table(_metric_table(result.agg), title=f"{profile} profile, {len(result.results)} perturbations"))
-    console.print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
-    console.print("wrote " + ", ".join(str(p) for p in paths))
+    preds = {"": pred[0]} if len(pred) == 1 else _prediction_names(pred)
+    what = pred[0] if len(pred) == 1 else f"{len(pred)} predictions"
+    with (removed_if_interrupted(out, OUTPUT_NAMES if len(pred) == 1 else list(preds)),
+          status(f"evaluating {what} against {real} ({profile} profile)")):
+        runs = run_many(preds, real, out, pert_col, control, profile, threads, input_type, backed, skip, overwrite=overwrite,
+                        option=_expression_option(), budget=budget_bytes(memory_budget), progress=task)
+    for name, (result, paths) in runs.items():
+        console.print(table(_metric_table(result.agg), title=f"{profile} profile{f', {name}' if name else ''}, "
+                                                             f"{len(result.results)} perturbations"))
+        console.print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
+        console.print("wrote " + ", ".join(str(p) for p in paths))
     # The process ends next: spare the interpreter's final garbage collections over every object
     # of pandas, anndata, numba & co.; the outputs are closed already.
     gc.freeze()

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,45 +282,98 @@ def run(
     every matrix whole (no budget). Nothing is written unless everything succeeded. ``option``
     is how messages name the option that declares ``input_type`` (the command line's spelling).
     """
+    return run_many({"": pred}, real, out, pert_col, control, profile, threads, input_type, backed, skip, overwrite, option,
+                    budget, progress)[""]
+
+
+def run_many(
+    preds: Mapping[str, str | os.PathLike],
+    real: str | os.PathLike,
+    out: str | os.PathLike,
+    pert_col: str = "target_gene",
+    control: str = "non-targeting",
+    profile: str = "vcc",
+    threads: int = 2,
+    input_type: str = "auto",
+    backed: bool = True,
+    skip: tuple[str, ...] = (),
+    overwrite: bool = False,
+    option: str = "--expression",
+    budget: float = DEFAULT_BUDGET,
+    progress: Progress = no_progress,
+) -> dict[str, tuple[EvalResult, list[Path]]]:
+    """:func:`run` for several predictions against one reference, read and summarised once:
+    prediction ``NAME``'s files in ``OUT/NAME/`` as a run of its own writes them (``""``: in ``OUT``).
+
+    Returns name -> (result, paths written).
+    """
     if input_type not in INPUT_TYPES:
         raise VcellError(f"{option} {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
-    check_output_dir(out, list(OUTPUT_NAMES), [pred, real], overwrite=overwrite)
+    preds = {key: Path(p) for key, p in preds.items()}
+    folder = {key: f"{key}/" if key else "" for key in preds}
+    for key in preds:
+        if key and ("/" in key or key.startswith(".")):
+            raise VcellError(f"prediction name {key!r} cannot name an output folder")
+    check_output_dir(out, [folder[k] + n for k in preds for n in OUTPUT_NAMES], [*preds.values(), real], overwrite=overwrite)
     names = selected_metrics(profile, skip)
     need_de, need_energy = _needs(names)
-    timings: dict[str, float] = {}
     t = time.perf_counter()
-    real_meta, pred_meta = read_h5ad(real, backed=True), read_h5ad(pred, backed=True)
-    perturbations, reorder = check_structure(pred_meta, real_meta, pert_col, control, str(pred), str(real))
+    real_meta = read_h5ad(real, backed=True)
+    reorder = {}
+    for key, path in preds.items():  # every prediction checked against the reference before any matrix is read
+        pred_meta = read_h5ad(path, backed=True)
+        perturbations, reorder[key] = check_structure(pred_meta, real_meta, pert_col, control, str(path), str(real))
+        pred_meta.file.close()
     genes = real_meta.var_names.copy()
     real_meta.file.close()
-    pred_meta.file.close()
-    timings["check"] = time.perf_counter() - t
+    checked = time.perf_counter() - t
     names_out = ["results.csv", "agg_results.csv", *(["real_de.csv", "pred_de.csv"] if need_de else [])]
     # The DE tables are written (to temporary files) in the background while the next side is
     # read and scored; all files are renamed into place only when everything succeeded.
     budget = budget if backed else math.inf
-    with cycles_collected_promptly(), atomic_paths(out, names_out) as tmp, ThreadPoolExecutor(2) as writer, Scratch(out) as scratch:
-        sides, writes = [], []
-        for side, path, order in (("real", real, None), ("pred", pred, genes if reorder else None)):
-            t = time.perf_counter()
-            data = open_side(path, pert_col, input_type, order, budget, scratch, backed, option, progress, side)
-            timings[f"load {Path(path).name}"] = time.perf_counter() - t
-            t = time.perf_counter()
-            try:
-                sides.append(summarise_side(data, control, perturbations, need_de, need_energy, threads, budget, progress))
-            finally:
-                data.close()
-            timings[f"de+pseudobulk {Path(path).name}"] = time.perf_counter() - t
-            del data
-            gc.collect()  # AnnData holds reference cycles: unmap this side's matrix before the next is read
+    done = {}
+    with (cycles_collected_promptly(), atomic_paths(out, [folder[k] + n for k in preds for n in names_out]) as tmp,
+          ThreadPoolExecutor(2) as writer, Scratch(out) as scratch):
+        timings: dict[str, float] = {"check": checked}
+        real_side = _side(real, "real", None, pert_col, input_type, scratch, backed, option, progress, control, perturbations,
+                          need_de, need_energy, threads, budget, timings)
+        real_writes = [writer.submit(write_de_csv, _de_table(real_side), tmp[f"{folder[k]}real_de.csv"], threads=1)
+                       for k in preds] if need_de else []
+        for key, path in preds.items():
+            own = dict(timings)
+            pred_side = _side(path, "pred", genes if reorder[key] else None, pert_col, input_type, scratch, backed, option,
+                              progress, control, perturbations, need_de, need_energy, threads, budget, own)
+            writes = []
             if need_de:  # the last table is on the critical path: format it on more threads
-                table = sides[-1].de_result if sides[-1].de_result is not None else sides[-1].de
-                writes.append(writer.submit(write_de_csv, table, tmp[f"{side}_de.csv"], threads=1 if side == "real" else max(1, threads)))
-        result = _finish(sides, perturbations, genes, names, timings, tmp, writes)
-    for stale in set(OUTPUT_NAMES) - set(names_out):  # an earlier run's, replaced (--overwrite)
-        (Path(out) / stale).unlink(missing_ok=True)
-    paths = [Path(out) / name for name in names_out]
-    return result, paths
+                writes = [writer.submit(write_de_csv, _de_table(pred_side), tmp[f"{folder[key]}pred_de.csv"], threads=max(1, threads))]
+            done[key] = _finish([real_side, pred_side], perturbations, genes, names, own,
+                                {n: tmp[folder[key] + n] for n in names_out}, real_writes + writes)
+            del pred_side
+    for key in preds:
+        for stale in set(OUTPUT_NAMES) - set(names_out):  # an earlier run's, replaced (--overwrite)
+            (Path(out) / f"{folder[key]}{stale}").unlink(missing_ok=True)
+    return {key: (done[key], [Path(out) / f"{folder[key]}{n}" for n in names_out]) for key in preds}
+
+
+def _side(path, side, order, pert_col, input_type, scratch, backed, option, progress, control, perturbations, need_de, need_energy,
+          threads, budget, timings) -> SideSummary:
+    """One side read, summarised and released (its matrix unmapped before the next is read)."""
+    t = time.perf_counter()
+    data = open_side(path, pert_col, input_type, order, budget, scratch, backed, option, progress, side)
+    timings[f"load {Path(path).name}"] = time.perf_counter() - t
+    t = time.perf_counter()
+    try:
+        summary = summarise_side(data, control, perturbations, need_de, need_energy, threads, budget, progress)
+    finally:
+        data.close()
+    timings[f"de+pseudobulk {Path(path).name}"] = time.perf_counter() - t
+    del data
+    gc.collect()  # AnnData holds reference cycles: unmap this side's matrix before the next is read
+    return summary
+
+
+def _de_table(side: SideSummary):
+    return side.de_result if side.de_result is not None else side.de
 
 
 def _finish(sides, perturbations, genes, names, timings, tmp, writes) -> EvalResult:
