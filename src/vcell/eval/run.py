@@ -305,7 +305,8 @@ def run_many(
     """:func:`run` for several predictions against one reference, read and summarised once:
     prediction ``NAME``'s files in ``OUT/NAME/`` as a run of its own writes them (``""``: in ``OUT``).
 
-    Returns name -> (result, paths written).
+    Returns name -> (result, paths written); with several predictions the results hold no DE
+    tables (they are in the files), so memory does not grow with their number.
     """
     if input_type not in INPUT_TYPES:
         raise VcellError(f"{option} {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
@@ -348,6 +349,8 @@ def run_many(
                 writes = [writer.submit(write_de_csv, _de_table(pred_side), tmp[f"{folder[key]}pred_de.csv"], threads=max(1, threads))]
             done[key] = _finish([real_side, pred_side], perturbations, genes, names, own,
                                 {n: tmp[folder[key] + n] for n in names_out}, real_writes + writes)
+            if len(preds) > 1:  # kept in their files: memory does not grow with the predictions scored
+                done[key].real_de = done[key].pred_de = None
             del pred_side
     for key in preds:
         for stale in set(OUTPUT_NAMES) - set(names_out):  # an earlier run's, replaced (--overwrite)
