@@ -573,6 +573,9 @@ def test_several_predictions_are_checked_before_any_work(tiny, tmp_path):
     twin.write_bytes(Path(files["pred"]).read_bytes())
     same = run_cli("eval", "run", "--profile", "vcc2026", "--pred", files["pred"], "--pred", twin, "--real", files["real"], "--out", out)
     assert "would both write to OUT/pred/" in error_line(same) and not out.exists()
+    twice = run_cli("eval", "run", "--profile", "vcc2026", "--pred", files["pred"], "--pred", files["pred"], "--real", files["real"],
+                    "--out", out)
+    assert "is given twice" in error_line(twice) and not out.exists()
     # `eval score` given the folder of several runs (not one run) says which to give
     from vcell.eval.vcc2026.files import Options, run_many, scale_ends
 

@@ -104,6 +104,8 @@ def _prediction_names(preds: list[Path]) -> dict[str, Path]:
     for p in preds:
         name = p.name.removesuffix(".h5ad")
         if name in names:
+            if names[name].resolve() == p.resolve():
+                raise VcellError(f"--pred {p} is given twice")
             raise VcellError(f"--pred {names[name]} and {p} would both write to OUT/{name}/: give the predictions distinct file names")
         names[name] = p
     return names
