@@ -95,6 +95,8 @@ def read_obs(path: str | os.PathLike, columns: list[str]) -> ObsColumns:
     from pathlib import Path
 
     p = Path(path)
+    if p.is_dir():
+        raise VcellError(f"{path}: is a directory, expected an .h5ad file")
     if not p.is_file():
         raise VcellError(f"{path}: file not found")
     try:
