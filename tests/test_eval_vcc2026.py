@@ -577,7 +577,17 @@ def test_several_predictions_are_checked_before_any_work(tiny, tmp_path):
                     "--out", out)
     assert "is given twice" in error_line(twice) and not out.exists()
     # `eval score` given the folder of several runs (not one run) says which to give
+    from vcell.errors import VcellError
+    from vcell.eval.run import run_many as run_many_2025
     from vcell.eval.vcc2026.files import Options, run_many, scale_ends
+
+    for bad, words in (({"a/b": files["pred"]}, "prediction name 'a/b' cannot name an output folder"),
+                       ({"..": files["pred"]}, "cannot name an output folder"),
+                       ({"": files["pred"], "b": twin}, "only for one output")):
+        for scorer in (lambda p: run_many(p, files["real"], out, Options()), lambda p: run_many_2025(p, files["real"], out)):
+            with pytest.raises(VcellError, match=words):
+                scorer(bad)
+            assert not out.exists()
 
     run_many({"a": files["pred"], "b": twin}, files["real"], out, Options())
     scale_ends(files["real"], tmp_path / "scale", Options())

@@ -69,3 +69,15 @@ def did_you_mean(value: str, options: Iterable, n: int = 3, cutoff: float = 0.6)
     if same is not None and same != str(value):
         close = [same, *[c for c in close if c != same]][:n]
     return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def named_with_guess(value: str, options: Iterable) -> str:
+    """``"'x' (did you mean 'X'?)"``: ``value`` quoted, with the one option it most likely meant.
+
+    Examples
+    --------
+    >>> named_with_guess("brd4", ["BRD4", "STAT1"])
+    "'brd4' (did you mean 'BRD4'?)"
+    """
+    guess = did_you_mean(value, options, n=1)
+    return f"{value!r}" + (f" ({guess.removeprefix('; ')})" if guess else "")

@@ -141,14 +141,13 @@ def table(df, title: str | None = None) -> Table:
 
     t = Table(title=title, show_lines=False, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in df[col]] for col in df.columns]
+    numeric = [df[col].dtype.kind in "iuf" for col in df.columns]
     widths = [max(map(len, values), default=1) for values in cells]
-    # else text columns after the first may wrap (numeric headers wrap when needed: counted at one word)
-    fits = sum(max(w, len(str(c)) if df[c].dtype.kind not in "iuf" else 0) for w, c in zip(widths, df.columns)) \
-        + 2 * len(widths) <= console.width
-    for i, (col, values, width) in enumerate(zip(df.columns, cells, widths)):
-        numeric = df[col].dtype.kind in "iuf"
-        t.add_column(str(col), justify="right" if numeric else "left", no_wrap=not numeric and (fits or i == 0),
-                     min_width=width if numeric else None)
+    # text columns whole (headers too) when the table fits, else those after the first may wrap;
+    # a numeric column's header wraps when needed, so only its values count
+    fits = sum(w if num else max(w, len(str(c))) for w, num, c in zip(widths, numeric, df.columns)) + 2 * len(widths) <= console.width
+    for i, (col, num, width) in enumerate(zip(df.columns, numeric, widths)):
+        t.add_column(str(col), justify="right" if num else "left", no_wrap=not num and (fits or i == 0), min_width=width if num else None)
     for row in zip(*cells):
         t.add_row(*row)
     return t

@@ -97,9 +97,12 @@ def _metric_table(agg: pd.DataFrame) -> pd.DataFrame:
 
 
 def _prediction_names(preds: list[Path]) -> dict[str, Path]:
-    """name -> prediction: each file's name without ``.h5ad``, the folder its results go to."""
+    """name -> prediction: each file's name without ``.h5ad``, the folder its results go to (``""``
+    for a single prediction: its results go to OUT itself)."""
     from vcell.errors import VcellError
 
+    if len(preds) == 1:
+        return {"": preds[0]}
     names: dict[str, Path] = {}
     for p in preds:
         name = p.name.removesuffix(".h5ad")
@@ -137,20 +140,16 @@ def run_cmd(
     prediction's own are ignored): results.csv and agg_results.csv in cell-eval2's layouts, per
     context in OUT/CONTEXT/ when the reference has several.
     """
+    preds = _prediction_names(pred)  # {"": pred} for one: its files in OUT itself
+    what = pred[0] if len(pred) == 1 else f"{len(pred)} predictions"
     if profile == "vcc2026":
         _only_2026("vcc", **{"--skip-metrics": (skip_metrics, None), _expression_option(): (input_type, "auto")})
         from vcell.eval.vcc2026.files import RUN_FILES, run_many
-        from vcell.eval.vcc2026.files import run as run_2026
 
         opts = _options_2026(pert_col, control, context_col, target_genes, no_target_genes, threads, backed, memory_budget)
-        preds = _prediction_names(pred)
-        what = pred[0] if len(pred) == 1 else f"{len(pred)} predictions"
         with (removed_if_interrupted(out, RUN_FILES if len(pred) == 1 else list(preds)),
               status(f"evaluating {what} against {real} (vcc2026 profile)") as st):
-            if len(pred) == 1:
-                runs = {"": run_2026(pred[0], real, out, opts, overwrite=overwrite, report=lambda m: st.update(info=m))}
-            else:
-                runs = run_many(preds, real, out, opts, overwrite=overwrite, report=lambda m: st.update(info=m))
+            runs = run_many(preds, real, out, opts, overwrite=overwrite, report=lambda m: st.update(info=m))
         for name, aggs in runs.items():
             for ctx, agg in aggs.items():
                 where = ", ".join(w for w in (name, f"context {ctx}" if ctx else "") if w)
@@ -163,8 +162,6 @@ def run_cmd(
     from vcell.eval.run import OUTPUT_NAMES, run_many
 
     skip = tuple(s.strip() for s in skip_metrics.split(",") if s.strip()) if skip_metrics else ()
-    preds = {"": pred[0]} if len(pred) == 1 else _prediction_names(pred)
-    what = pred[0] if len(pred) == 1 else f"{len(pred)} predictions"
     with (removed_if_interrupted(out, OUTPUT_NAMES if len(pred) == 1 else list(preds)),
           status(f"evaluating {what} against {real} ({profile} profile)")):
         runs = run_many(preds, real, out, pert_col, control, profile, threads, input_type, backed, skip, overwrite=overwrite,

@@ -309,6 +309,24 @@ def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike] = 
     return out
 
 
+def subfolder(name: str | None, what: str) -> str:
+    """``"NAME/"``, the prefix of the outputs a folder of its own holds (``""`` for ``None`` or
+    ``""``: the output folder itself); a name that cannot be one folder is an error naming ``what``."""
+    if not name:
+        return ""
+    if "/" in name or name in (".", ".."):
+        raise VcellError(f"{what} {name!r} cannot name an output folder")
+    return f"{name}/"
+
+
+def subfolders(names, what: str) -> dict[str, str]:
+    """name -> :func:`subfolder` of each of ``names``; ``""`` (the output folder itself) only alone."""
+    names = list(names)
+    if "" in names and len(names) > 1:
+        raise VcellError(f"an empty {what} names the output folder itself: only for one output, not {len(names)}")
+    return {name: subfolder(name, what) for name in names}
+
+
 def check_output_dir(
     directory: str | os.PathLike, names: list[str], inputs: list[str | os.PathLike] = (), overwrite: bool = False
 ) -> Path:

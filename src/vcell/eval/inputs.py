@@ -18,7 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcell.data.validate import check_expression
-from vcell.errors import VcellError, did_you_mean, preview
+from vcell.errors import VcellError, did_you_mean, named_with_guess, preview
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,9 @@ def check_structure(
     missing_perts = [p for p in wanted if p not in have]
     extra_perts = sorted(set(pred_perts) - set(real_perts))
     if missing_perts and extra_perts:  # a misspelled label: name it first, with what it may have meant
-        hints = [f"{e!r}" + (f" ({h[2:]})" if (h := did_you_mean(e, missing_perts, n=1)) else "") for e in extra_perts[:3]]
+        hints = ", ".join(named_with_guess(e, missing_perts) for e in extra_perts[:3])
         raise VcellError(
-            f"{pred_name}: unknown perturbation label(s) {', '.join(hints)} ({len(extra_perts)} not in {real_name}); "
+            f"{pred_name}: unknown perturbation label(s) {hints} ({len(extra_perts)} not in {real_name}); "
             f"{len(missing_perts)} perturbation(s) of {real_name} missing from the prediction ({preview(missing_perts, quote=False)})"
         )
     if missing_perts:

@@ -22,7 +22,7 @@ import scipy.sparse as sp
 
 from vcell._heap import cycles_collected_promptly
 from vcell.data.aggregate import group_sums
-from vcell.data.io import atomic_path, atomic_paths, check_output_dir, read_h5ad
+from vcell.data.io import atomic_path, atomic_paths, check_output_dir, read_h5ad, subfolders
 from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.errors import VcellError
 from vcell.eval.bands import DEFAULT_BUDGET, sweep
@@ -255,35 +255,10 @@ def write_outputs(result: EvalResult, out: str | os.PathLike, prefix: str | None
 OUTPUT_NAMES = ("results.csv", "agg_results.csv", "real_de.csv", "pred_de.csv")
 
 
-def run(
-    pred: str | os.PathLike,
-    real: str | os.PathLike,
-    out: str | os.PathLike,
-    pert_col: str = "target_gene",
-    control: str = "non-targeting",
-    profile: str = "vcc",
-    threads: int = 2,
-    input_type: str = "auto",
-    backed: bool = True,
-    skip: tuple[str, ...] = (),
-    overwrite: bool = False,
-    option: str = "--expression",
-    budget: float = DEFAULT_BUDGET,
-    progress: Progress = no_progress,
-) -> tuple[EvalResult, list[Path]]:
-    """Load, check, evaluate and write: the whole of ``vcell eval run``.
-
-    The output folder is checked first (writable; results of an earlier run there are replaced
-    only with ``overwrite``, and then those this run does not write are removed too). The
-    structure of both files is checked next from their ``obs``/``var`` alone; then each side is
-    read, checked, summarised and released in turn, so only one matrix is in memory at a time.
-    A side whose matrix does not fit in ``budget`` bytes is read once into gene tiles on disk,
-    beside ``out``, and tested band by band (:mod:`vcell.eval.bands`); ``backed=False`` reads
-    every matrix whole (no budget). Nothing is written unless everything succeeded. ``option``
-    is how messages name the option that declares ``input_type`` (the command line's spelling).
-    """
-    return run_many({"": pred}, real, out, pert_col, control, profile, threads, input_type, backed, skip, overwrite, option,
-                    budget, progress)[""]
+def run(pred: str | os.PathLike, real: str | os.PathLike, out: str | os.PathLike, *args, **kwargs) -> tuple[EvalResult, list[Path]]:
+    """Load, check, evaluate and write: the whole of ``vcell eval run`` for one prediction, its
+    files in ``out`` (:func:`run_many` with ``{"": pred}``, whose options it takes)."""
+    return run_many({"": pred}, real, out, *args, **kwargs)[""]
 
 
 def run_many(
@@ -302,8 +277,17 @@ def run_many(
     budget: float = DEFAULT_BUDGET,
     progress: Progress = no_progress,
 ) -> dict[str, tuple[EvalResult, list[Path]]]:
-    """:func:`run` for several predictions against one reference, read and summarised once:
-    prediction ``NAME``'s files in ``OUT/NAME/`` as a run of its own writes them (``""``: in ``OUT``).
+    """Score predictions against one reference, read and summarised once: prediction ``NAME``'s
+    files in ``OUT/NAME/`` as a run of its own writes them (name ``""``, alone: in ``OUT``).
+
+    The output folder is checked first (writable; results of an earlier run there are replaced
+    only with ``overwrite``, and then those this run does not write are removed too). The
+    structure of every file is checked next from its ``obs``/``var`` alone; then each side is
+    read, checked, summarised and released in turn, so only one matrix is in memory at a time.
+    A side whose matrix does not fit in ``budget`` bytes is read once into gene tiles on disk,
+    beside ``out``, and tested band by band (:mod:`vcell.eval.bands`); ``backed=False`` reads
+    every matrix whole (no budget). Nothing is written unless everything succeeded. ``option``
+    is how messages name the option that declares ``input_type`` (the command line's spelling).
 
     Returns name -> (result, paths written); with several predictions the results hold no DE
     tables (they are in the files), so memory does not grow with their number.
@@ -311,10 +295,7 @@ def run_many(
     if input_type not in INPUT_TYPES:
         raise VcellError(f"{option} {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
     preds = {key: Path(p) for key, p in preds.items()}
-    folder = {key: f"{key}/" if key else "" for key in preds}
-    for key in preds:
-        if key and ("/" in key or key.startswith(".")):
-            raise VcellError(f"prediction name {key!r} cannot name an output folder")
+    folder = subfolders(preds, "prediction name")
     check_output_dir(out, [folder[k] + n for k in preds for n in OUTPUT_NAMES], [*preds.values(), real], overwrite=overwrite)
     names = selected_metrics(profile, skip)
     need_de, need_energy = _needs(names)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vcell.data.io import atomic_paths, check_output_dir
+from vcell.data.io import atomic_paths, check_output_dir, subfolder, subfolders
 from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.data.spec import DataSpec
 from vcell.errors import VcellError, did_you_mean, preview
@@ -94,8 +94,7 @@ def _contexts(path, col: str, obs: ObsColumns, required: bool) -> list[str] | No
         raise VcellError(f"{path}: context column {col!r} has cells without a context")
     names = sorted(set(values))
     for name in names:
-        if not name or "/" in name or name in (".", ".."):
-            raise VcellError(f"{path}: context {name!r} cannot name an output folder")
+        subfolder(name, f"{path}: context")
     return names
 
 
@@ -174,8 +173,6 @@ def _bounds(cells: CountsCells) -> np.ndarray | None:
     return None
 
 
-def _folder(name: str | None) -> str:
-    return "" if name is None else f"{name}/"
 
 
 def _perturbations(real: CountsCells, opts: Options, target_map) -> tuple[list[str], np.ndarray]:
@@ -202,27 +199,23 @@ def _target_map(opts: Options):
 
 
 def run(pred, real, out, opts: Options, overwrite: bool = False, report: Callable[[str], None] | None = None) -> dict[str, pd.DataFrame]:
-    """Score a prediction against the reference: ``results.csv`` and ``agg_results.csv`` per context.
+    """Score a prediction against the reference: ``results.csv`` and ``agg_results.csv`` per context
+    (:func:`run_many` with ``{"": pred}``).
 
     Returns context -> ``agg_results`` ('' for a single context).
     """
-    return _run({"": Path(pred)}, real, out, opts, overwrite, report)[""]
+    return run_many({"": pred}, real, out, opts, overwrite, report)[""]
 
 
 def run_many(preds: Mapping[str, str | os.PathLike], real, out, opts: Options, overwrite: bool = False,
              report: Callable[[str], None] | None = None) -> dict[str, dict[str, pd.DataFrame]]:
-    """Score several predictions against one reference, read and summarised once: the outputs of
-    prediction ``NAME`` (a folder name) in ``OUT/NAME/`` as :func:`run` writes them.
+    """Score predictions against one reference, read and summarised once: the outputs of
+    prediction ``NAME`` in ``OUT/NAME/`` as a run of its own writes them (name ``""``, alone: in ``OUT``).
 
     Returns name -> context -> ``agg_results``.
     """
-    for name in preds:
-        if not name or "/" in name or name in (".", "..") or name.startswith("."):
-            raise VcellError(f"prediction name {name!r} cannot name an output folder")
-    return _run({name: Path(p) for name, p in preds.items()}, real, out, opts, overwrite, report)
-
-
-def _run(preds: dict[str, Path], real, out, opts: Options, overwrite: bool, report) -> dict[str, dict[str, pd.DataFrame]]:
+    preds = {key: Path(p) for key, p in preds.items()}
+    folder = subfolders(preds, "prediction name")
     report = report or (lambda _: None)
     out = Path(out)
     real_obs = _read_meta(real, opts)
@@ -240,7 +233,7 @@ def _run(preds: dict[str, Path], real, out, opts: Options, overwrite: bool, repo
         labels_pred = _labels(pred_obs, pred, opts.pert_col)
         check_perturbations(labels_pred, labels_real, opts.control, str(pred), str(real))
         metas[key] = (pred_obs, labels_pred)
-    names = [f"{_folder(key or None)}{_folder(c)}{f}" for key in preds for c in (contexts or [None]) for f in RUN_FILES]
+    names = [f"{folder[key]}{subfolder(c, 'context')}{f}" for key in preds for c in (contexts or [None]) for f in RUN_FILES]
     check_output_dir(out, names, [real, *preds.values()], overwrite=overwrite)
     # One matrix in memory at a time (or one band of it, for a matrix on disk): the reference is
     # summarised (its controls kept) and released before the predictions are read, one by one.
@@ -273,7 +266,7 @@ def _run(preds: dict[str, Path], real, out, opts: Options, overwrite: bool, repo
                 close_cells(controls)
     with atomic_paths(out, names) as tmp:
         for (key, name), (res, agg) in tables.items():
-            where = f"{_folder(key or None)}{_folder(name or None)}"
+            where = f"{folder[key]}{subfolder(name, 'context')}"
             write_csv(res, tmp[f"{where}results.csv"])
             write_csv(agg, tmp[f"{where}agg_results.csv"])
     aggs: dict[str, dict[str, pd.DataFrame]] = {key: {} for key in preds}
@@ -319,7 +312,7 @@ def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: in
     if contexts is None:
         _one_context(real, opts, real_obs)
     files = ["scale.json"] + (list(SCALE_FILES[:2]) if baseline else []) + (list(SCALE_FILES[2:4]) if anchor else [])
-    names = [f"{_folder(c)}{f}" for c in (contexts or [None]) for f in files]
+    names = [f"{subfolder(c, 'context')}{f}" for c in (contexts or [None]) for f in files]
     check_output_dir(out, names, [real], overwrite=overwrite)
     target_map = _target_map(opts)
     _labels(real_obs, real, opts.pert_col)
@@ -373,7 +366,7 @@ def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: in
     with atomic_paths(out, names) as tmp:
         for name, files_ctx in outputs.items():
             for fname, obj in files_ctx.items():
-                path = tmp[f"{_folder(name)}{fname}"]
+                path = tmp[f"{subfolder(name, 'context')}{fname}"]
                 if fname.endswith(".json"):
                     path.write_text(json.dumps(obj, indent=2) + "\n")
                 else:

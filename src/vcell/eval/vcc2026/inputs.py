@@ -19,7 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcell.data.preprocess_stream import Progress, no_progress
-from vcell.errors import VcellError, did_you_mean, preview
+from vcell.errors import VcellError, did_you_mean, named_with_guess, preview
 from vcell.eval._band_kernels import row_totals
 from vcell.eval.tiles import Scratch, TileStore
 from vcell.eval.vcc2026.reader import as_csr, labels_of, read_counts_file, read_obs, read_tiles
@@ -162,7 +162,7 @@ def check_perturbations(pred_labels: np.ndarray, real_labels: np.ndarray, contro
     missing = sorted(real_set - pred_set)
     extra = sorted(pred_set - real_set)
     if missing and extra:  # misspelled labels: name the first with what they may have meant
-        hints = ", ".join(f"{e!r}" + (f" ({h[2:]})" if (h := did_you_mean(e, missing, n=1)) else "") for e in extra[:3])
+        hints = ", ".join(named_with_guess(e, missing) for e in extra[:3])
         raise VcellError(f"{pred_where}: {len(extra)} perturbation label(s) not in {real_where} ({hints}); "
                          f"{len(missing)} of its perturbation(s) have no predicted cells ({preview(missing, 5)})")
     if missing:
