@@ -461,6 +461,16 @@ CASES: dict[str, Case] = {
     "demo_out_holds_files": Case(lambda c: ["demo", "--out", c.out / "demo"], ("demo", "--overwrite"),
                                  setup=lambda c: _pre(c, "demo/simulated.h5ad")),
     "demo_unknown_context": Case(lambda c: ["demo", "--out", c.out / "demo", "--holdout-context", "ctx_Q"], ("ctx_Q", "ctx_A")),
+    # ---- the command line itself (click's usage errors): one line too, not typer's boxed usage text
+    "usage_missing_option": Case(lambda c: ["eval", "run", "--pred", c.w.real, "--out", c.out / "ev"],
+                                 ("vcell eval run: missing option '--real'", "vcell eval run --help")),
+    "usage_unknown_option": Case(lambda c: ["train", "st", "--data", c.w.log, "--out", c.out / "st", "--max-step", "2"],
+                                 ("vcell train st: no such option: --max-step", "--max-steps")),
+    "usage_unknown_command": Case(lambda c: ["eval", "rnu"], ("vcell eval: no such command 'rnu'",)),
+    "usage_unknown_top_option": Case(lambda c: ["--verbos", "data", "list"], ("vcell: no such option: --verbos",)),
+    "usage_bad_integer": Case(lambda c: ["data", "simulate", c.out / "s.h5ad", "--seed", "one"], ("--seed", "one")),
+    "usage_option_without_value": Case(lambda c: ["data", "check", c.w.log, "--pert-col"], ("'--pert-col' requires an argument",)),
+    "usage_missing_argument": Case(lambda c: ["data", "check"], ("vcell data check: missing argument",)),
 }
 
 

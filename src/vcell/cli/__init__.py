@@ -11,12 +11,17 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
+try:  # typer 0.2x carries its own copy of click; older typer uses click itself
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import NoArgsIsHelpError, UsageError
+
 from vcell._version import __version__
 from vcell.cli import data as data_cli
 from vcell.cli import eval as eval_cli
 from vcell.cli import genes as genes_cli
 from vcell.cli.bench import bench
-from vcell.cli.common import err_console, os_error_message, set_args, setup_logging
+from vcell.cli.common import err_console, given, os_error_message, set_args, setup_logging
 from vcell.cli.demo import demo
 from vcell.cli.embed import embed
 from vcell.cli.predict import predict
@@ -33,15 +38,43 @@ class _Stopped(Exception):
         self.interrupt = interrupt
 
 
+def _usage_error(exc: UsageError) -> VcellError:
+    """Click's usage error (a missing or unknown option, a bad value, an unknown command) as the one
+    ``error:`` line every other bad input gets, instead of typer's boxed usage text."""
+    message = exc.format_message().strip().rstrip(".")
+    message = message[:1].lower() + message[1:]
+    value = given(*getattr(getattr(exc, "param", None), "opts", ()))
+    if value is not None and repr(value) not in message:  # typer's messages for a bad number omit the value
+        message = f"{message} (got {value!r})"
+    if exc.ctx is None:  # click names no command for some parse errors (an option without its value)
+        return VcellError(message)
+    path = exc.ctx.command_path
+    return VcellError(f"{path}: {message}; see '{path} --help'")
+
+
 class _Group(TyperGroup):
-    """The ``vcell`` group: a Ctrl-C anywhere in a command reaches :func:`main` as :class:`_Stopped`."""
+    """The ``vcell`` group: a Ctrl-C anywhere in a command reaches :func:`main` as :class:`_Stopped`;
+    a usage error anywhere as :class:`VcellError` (a group called without a command still shows its help)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        """Parse the top-level options; a usage error becomes :class:`VcellError`."""
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as exc:
+            raise _usage_error(exc) from None
 
     def invoke(self, ctx):
-        """Run the command; turn a ``KeyboardInterrupt`` into :class:`_Stopped`."""
+        """Run the command; turn a ``KeyboardInterrupt`` into :class:`_Stopped`, a usage error into :class:`VcellError`."""
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt as exc:
             raise _Stopped(exc) from None
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as exc:
+            raise _usage_error(exc) from None
 
 
 app = typer.Typer(
@@ -85,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     set_args(sys.argv[1:] if argv is None else argv)
     try:
         try:
-            app(args=argv)
+            app(args=argv, prog_name="vcell")  # not 'python -m vcell' in messages
         except VcellError as exc:
             err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)

@@ -105,6 +105,18 @@ def set_args(args: list[str]) -> None:
     _ARGS[:] = [str(a) for a in args]
 
 
+def given(*names: str) -> str | None:
+    """The value typed after an option (``--seed x`` or ``--seed=x``; the last one if repeated), else ``None``."""
+    value = None
+    for i, arg in enumerate(_ARGS):
+        for name in names:
+            if arg == name and i + 1 < len(_ARGS):
+                value = _ARGS[i + 1]
+            elif arg.startswith(name + "="):
+                value = arg[len(name) + 1:]
+    return value
+
+
 def spelled(*names: str) -> str:
     """The spelling of an option that has aliases as the user typed it (the first of ``names`` if not typed)."""
     for arg in _ARGS:
