@@ -306,6 +306,36 @@ def test_the_anchors_tasks_walk_the_reference_once_per_tile(tmp_path, monkeypatc
     assert 0 < len(walks) <= len(tiles)  # ...walked once
 
 
+def test_the_anchors_splits_let_their_sums_go_before_the_next_splits_pass(tmp_path, monkeypatch):
+    """Within a budget the anchor runs its splits in groups; a group's tasks (their per-half sums,
+    ~0.5 GB at a 2026 context's size) are freed once scored, before the next group's pass over the
+    reference. The first group, run with the reference's own pass, was kept to the end."""
+    import gc
+    import weakref
+
+    from vcell.eval.vcc2026 import anchor, files
+
+    made, passes = [], []
+    real_tasks, real_run = anchor.AnchorPlan.tasks, files.run_tasks
+
+    def spy_tasks(self, splits):
+        tasks = real_tasks(self, splits)
+        made.append([weakref.ref(t) for t in tasks])
+        return tasks
+
+    def spy_run(tasks, engine=None, what="summaries"):
+        gc.collect()
+        passes.append(sum(r() is not None for refs in made[:-1] for r in refs))  # earlier groups' tasks alive
+        return real_run(tasks, engine, what)
+
+    monkeypatch.setattr(anchor.AnchorPlan, "tasks", spy_tasks)
+    monkeypatch.setattr(files, "run_tasks", spy_run)
+    real, _ = _pair_2026(tmp_path)
+    files.scale_ends(real, tmp_path / "scale", files.Options(budget=float(TINY) * 1e9), baseline=False)
+    assert len(made) >= 2 * 2  # several groups in each of the two contexts
+    assert passes and max(passes) == 0, passes
+
+
 def test_the_jackknifes_vector_log_is_within_one_ulp_of_libm():
     """:func:`_log_many` (fdlibm's log in loops LLVM vectorises) against ``math.log`` on the
     jackknife's domain (x >= 1): exact at powers of 2 and 1, at most one ulp elsewhere,

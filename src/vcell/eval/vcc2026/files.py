@@ -432,6 +432,7 @@ def _context_scale(r, opts, target_map, splits, anchor_seed, anchor, baseline, r
     if plan is not None:
         tasks += plan.tasks(groups[0])
     run_tasks(tasks, engine, "reference" + (" and replicate anchor" if plan is not None else ""))
+    del tasks  # the first splits' sums (~0.5 GB at a context's size) go once scored, before the next splits' pass
     out = ContextScale(finish(targets), perts)
     report(f"reference summarised in {time.perf_counter() - t:.1f} s")
     if plan is not None:
