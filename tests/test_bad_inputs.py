@@ -363,7 +363,8 @@ CASES: dict[str, Case] = {
                             setup=lambda c: _pre(c, "s.vcc")),
     # ---- vcell genes from-data
     "from_data_nan": Case(lambda c: _from_data(c, c.h5ad("nan.h5ad", NAN)), ("nan.h5ad", "NaN or infinite")),
-    "from_data_counts": Case(lambda c: _from_data(c, c.w.counts), ("counts.h5ad", "raw counts")),
+    "from_data_counts_declared_on_log1p": Case(lambda c: _from_data(c, c.w.log, "--expression", "counts"),
+                                               ("log.h5ad", "--expression counts but X has non-integer values")),
     "from_data_no_controls": Case(lambda c: _from_data(c, c.w.log, "--control", "NT"), ("log.h5ad", "'NT'")),
     "from_data_missing_pert_col": Case(lambda c: _from_data(c, c.w.log, "--pert-col", "gene"), ("log.h5ad", "'gene'")),
     "from_data_out_exists": Case(lambda c: _from_data(c, c.w.log), ("genes.safetensors", "--overwrite"),

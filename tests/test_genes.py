@@ -365,3 +365,31 @@ def test_cli_from_data(tmp_path):
     torch.testing.assert_close(emb.vectors, data_gene_embeddings(adata, dim=6, control_mask=controls, seed=2).vectors)
     res = run_cli("genes", "from-data", "--data", data, "--out", tmp_path / "b.safetensors", "--control", "ctrl")
     assert res.returncode == 2 and "no control cells labelled 'ctrl'" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_cli_from_data_on_raw_counts_equals_preprocessing_first(tmp_path):
+    """Raw counts (Kang's file is such) need no `vcell data preprocess` first: each control cell is
+    normalised to --target-sum and log1p-transformed as preprocess does, and the table equals the
+    one made from the preprocessed file (issue #14 names Kang's counts as the source of vectors)."""
+    from vcell.data.simulate import simulate_perturbseq
+
+    adata = simulate_perturbseq(n_genes=40, n_contexts=1, n_perturbations=3, n_combinations=0,
+                                cells_per_perturbation=20, n_controls=300, n_programs=4, seed=3)
+    counts = tmp_path / "counts.h5ad"
+    adata.write_h5ad(counts)
+    log1p, direct, via = tmp_path / "log1p.h5ad", tmp_path / "direct.safetensors", tmp_path / "via.safetensors"
+    common = ["--dim", "5", "--seed", "1"]
+    procs = run_cli_batch([
+        ["genes", "from-data", "--data", counts, "--out", direct, *common],
+        ["data", "preprocess", counts, log1p, "--context-col", "none", "--flag-hvg"],
+        ["genes", "from-data", "--data", log1p, "--out", via, *common],
+        ["genes", "from-data", "--data", counts, "--out", tmp_path / "bad.safetensors", "--target-sum", "0"],
+    ])
+    for proc in procs[:3]:
+        assert proc.returncode == 0, proc.stderr
+    assert "normalised to 10,000 per cell and log1p-transformed" in procs[0].stdout
+    a, b = GeneEmbeddings.load(direct), GeneEmbeddings.load(via)
+    assert a.names == b.names and a.info["expression"].startswith("counts") and "expression" not in b.info
+    torch.testing.assert_close(a.vectors, b.vectors, atol=1e-5, rtol=1e-4)
+    assert procs[3].returncode == 2 and "--target-sum must be > 0" in procs[3].stderr
+    assert not (tmp_path / "bad.safetensors").exists()

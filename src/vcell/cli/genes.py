@@ -22,14 +22,16 @@ def _summary(emb, skipped: str) -> None:
     t = Table(title="gene embeddings", show_header=False)
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("genes", str(len(emb.names)))
+    t.add_row("genes", f"{len(emb.names):,}")
     t.add_row("dim", str(emb.dim))
     t.add_row("source", emb.source)
     if "isoforms" in emb.info:
         t.add_row("isoforms per gene", f"{emb.info['isoforms_per_gene_mean']:.2f} mean, {emb.info['isoforms_per_gene_max']} max")
         t.add_row("proteins chunked", f"{emb.info['proteins_chunked']} (longer than {emb.info['max_residues']} residues)")
     if "cells" in emb.info:
-        t.add_row("cells used", str(emb.info["cells"]))
+        t.add_row("cells used", f"{emb.info['cells']:,}")
+    if "expression" in emb.info:
+        t.add_row("expression", emb.info["expression"])
     t.add_row("genes skipped", skipped)
     console.print(t)
 
@@ -58,12 +60,13 @@ def embed(
 
 @app.command("from-data")
 def from_data(
-    data: Annotated[Path, typer.Option("--data", help="The log1p .h5ad dataset; its control cells are used.")],
+    data: Annotated[Path, typer.Option("--data", help="The .h5ad dataset (log1p, or raw counts: normalised per cell first); its control cells are used.")],
     out: Out = Path("genes.safetensors"),
     dim: Annotated[int, typer.Option("--dim", help="Vector length (capped by the numbers of cells and genes).")] = 128,
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
     expression: Expression = None,
+    target_sum: Annotated[float, typer.Option("--target-sum", help="Raw counts only: counts per cell after normalize_total, before log1p (as `vcell data preprocess`).")] = 1e4,
     overwrite: Overwrite = False,
     seed: Seed = 0,
 ) -> None:
@@ -72,6 +75,8 @@ def from_data(
     from vcell.data.validate import check_expression
     from vcell.features.genes import data_gene_embeddings
 
+    if not target_sum > 0:
+        raise VcellError(f"--target-sum must be > 0, got {target_sum:g}")
     check_output_path(out, [data], overwrite)
     adata = read_h5ad(data, backed=True)
     if pert_col not in adata.obs.columns:
@@ -80,9 +85,8 @@ def from_data(
     if not mask.any():
         labels = ", ".join(map(repr, adata.obs[pert_col].astype(str).value_counts().index[:5]))
         raise VcellError(f"{data}: no control cells labelled {control!r} in column {pert_col!r} (pass --control; most common: {labels})")
-    if check_expression(adata, expression, data).type == "counts":
-        raise VcellError(f"{data}: X holds raw counts; gene co-expression uses log1p expression: run `vcell data preprocess` first")
-    emb = data_gene_embeddings(adata, dim=dim, control_mask=mask, seed=seed)
+    counts = check_expression(adata, expression, data).type == "counts"
+    emb = data_gene_embeddings(adata, dim=dim, control_mask=mask, seed=seed, counts_target_sum=target_sum if counts else None)
     emb.save(out)
-    _summary(emb, f"{emb.info['genes_zero_variance']} (no variance in the controls: zero vectors)")
+    _summary(emb, f"{emb.info['genes_zero_variance']:,} (no variance in the controls: zero vectors)")
     console.print(f"wrote {out}")

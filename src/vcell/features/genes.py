@@ -22,6 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from vcell.data.normalize import check_target_sum, log1p_normalize, row_totals
 from vcell.errors import VcellError
 
 TABLE_SUFFIXES = (".safetensors", ".parquet", ".pt", ".pth")
@@ -208,11 +209,15 @@ def data_gene_embeddings(
     control_mask: np.ndarray | None = None,
     seed: int = 0,
     max_cells: int = MAX_PCA_CELLS,
+    counts_target_sum: float | None = None,
 ) -> GeneEmbeddings:
     """Fallback: PCA of the gene x gene co-expression of control cells (all cells when no mask),
     on log1p expression (dense or CSR X; never densify more than cells x genes of the controls at once;
     for many cells use a random subsample of at most ~20k controls, seeded). dim is capped by the data.
     Genes with zero variance get a zero vector (and that must not produce NaN).
+
+    ``counts_target_sum``: ``X`` holds raw counts; each chosen cell is first normalised to that total
+    and log1p-transformed, as ``vcell data preprocess`` (scanpy's ``normalize_total`` + ``log1p``) would.
 
     The vectors are the loadings of the gene correlation matrix's top components (each gene's
     row has norm <= 1): found by a seeded randomized SVD of the standardised cells x genes matrix,
@@ -236,9 +241,14 @@ def data_gene_embeddings(
         rows = np.sort(rng.choice(rows, size=max_cells, replace=False))
     X = adata.X[rows] if len(rows) < n_obs else adata.X[:]
     X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
+    info = {"cells": int(len(rows))}
+    if counts_target_sum is not None:
+        target = check_target_sum(counts_target_sum)
+        X = log1p_normalize(X, row_totals(X), target)
+        info["expression"] = f"counts, normalised to {target:,g} per cell and log1p-transformed"
     loadings, n_const = _correlation_loadings(X, dim, rng)
     source = DATA_SOURCE if control_mask is not None else "pca:all-cells-coexpression"
-    info = {"cells": int(len(rows)), "genes_zero_variance": int(n_const)}
+    info["genes_zero_variance"] = int(n_const)
     return GeneEmbeddings(names=names, vectors=torch.from_numpy(loadings.astype(np.float32)), source=source, info=info)
 
 
