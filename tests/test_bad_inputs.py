@@ -262,6 +262,8 @@ CASES: dict[str, Case] = {
                                 ("neg.h5ad", "negative values", "-2")),
     "preprocess_missing_column": Case(lambda c: ["data", "preprocess", c.w.counts, c.out / "pre.h5ad", "--pert-col", "target_genes"],
                                       ("counts.h5ad", "'target_genes' not found", "did you mean 'target_gene'")),
+    "preprocess_columns_named_otherwise": Case(lambda c: ["data", "preprocess", c.h5ad("p.h5ad", _rename_obs(target_gene="perturbation"), "counts"),
+                                                          c.out / "pre.h5ad"], ("p.h5ad", "'target_gene' not found", "did you mean 'perturbation'")),
     "preprocess_control_absent": Case(lambda c: ["data", "preprocess", c.w.counts, c.out / "pre.h5ad", "--control", "NT"],
                                       ("control label 'NT' not found",)),
     "preprocess_context_without_controls": Case(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Literal
+
+from vcell.errors import did_you_mean
 
 ExpressionType = Literal["counts", "log1p"]
 EXPRESSION_TYPES: tuple[str, ...] = ("counts", "log1p")
@@ -53,3 +56,31 @@ class DataSpec:
 def split_combo(label: str) -> list[str]:
     """Targets of a perturbation label: ``"A+B"`` -> ``["A", "B"]``; ``"A"`` -> ``["A"]``."""
     return [t for t in str(label).split(COMBO_SEP) if t]
+
+
+#: Words in the names of columns that usually hold each role, most telling first (scverse,
+#: cell-load, PerturBench and GEO conventions).
+_ROLE_WORDS = {
+    "perturbation": ("perturbation", "target", "guide", "grna", "sgrna", "gene", "condition", "treatment", "drug", "stim", "pert"),
+    "context": ("cell_type", "celltype", "cell_line", "cellline", "line", "context", "annotation", "cluster"),
+    "batch": ("batch", "gem_group", "gem", "lane", "library", "sample", "replicate", "rep"),
+}
+
+
+def column_guess(col: str, columns: Iterable, role: str) -> str:
+    """``"; did you mean 'x', 'y'?"`` for a missing ``role`` column (``perturbation``, ``context`` or
+    ``batch``): columns whose names say that role first, then names spelled like ``col``; else ``""``.
+
+    Examples
+    --------
+    >>> column_guess("target_gene", ["ncounts", "perturbation", "dataset", "treatment"], "perturbation")
+    "; did you mean 'perturbation', 'treatment'?"
+    """
+    names = [str(c) for c in columns]
+    words = _ROLE_WORDS.get(role, ())
+    guesses = [n for w in words for n in names if n.casefold() == w]  # a column named for the role first
+    for word in words:
+        guesses += [n for n in names if word in n.casefold() and n not in guesses]
+    spelled = did_you_mean(col, [n for n in names if n not in guesses[:2]], n=1)
+    guesses = [repr(g) for g in guesses[:2]] + ([spelled[len("; did you mean "):-1]] if spelled else [])
+    return f"; did you mean {', '.join(guesses)}?" if guesses else ""

@@ -23,7 +23,7 @@ import pandas as pd
 
 from vcell.data.labels import blank_codes, factorize
 from vcell.data.matrix import MatrixStats, scan_matrix, scan_values, storage_kind  # noqa: F401 (re-exported)
-from vcell.data.spec import EXPRESSION_TYPES, SINGLE_CONTEXT, DataSpec
+from vcell.data.spec import EXPRESSION_TYPES, SINGLE_CONTEXT, DataSpec, column_guess
 from vcell.errors import VcellError, did_you_mean, preview
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def _column_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Prob
             problems.append(
                 Problem(
                     "missing_column",
-                    f"{where}: {role} column {col!r} not found in .obs{did_you_mean(col, obs.columns)} "
+                    f"{where}: {role} column {col!r} not found in .obs{column_guess(col, obs.columns, role)} "
                     f"(columns: {preview(obs.columns, 12)})" + (_ONE_CONTEXT if role == "context" else ""),
                 )
             )

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from vcell.data.spec import column_guess
 from vcell.data.validate import check_expression
 from vcell.errors import VcellError, did_you_mean, named_with_guess, preview
 
@@ -92,7 +93,7 @@ def perturbation_labels(adata: ad.AnnData, pert_col: str, where: str, control: s
     """
     if pert_col not in adata.obs.columns:
         raise VcellError(
-            f"{where}: perturbation column {pert_col!r} not found in .obs{did_you_mean(pert_col, adata.obs.columns)} "
+            f"{where}: perturbation column {pert_col!r} not found in .obs{column_guess(pert_col, adata.obs.columns, 'perturbation')} "
             f"(columns: {preview(adata.obs.columns, 10, quote=False)}); pass --pert-col"
         )
     labels = adata.obs[pert_col]

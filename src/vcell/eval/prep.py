@@ -39,6 +39,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcell.data.io import atomic_path, check_output_path, read_h5ad, temp_prefix
+from vcell.data.spec import column_guess
 from vcell.errors import VcellError, did_you_mean, preview
 
 log = logging.getLogger(__name__)
@@ -328,7 +329,7 @@ def prepare_submission(
         if col is not None and col not in obs.columns:
             raise VcellError(
                 f"{where}: obs column {col!r} ({role}) not found; columns are {preview(obs.columns, 8)}"
-                f"{did_you_mean(col, obs.columns)}"
+                f"{column_guess(col, obs.columns, 'perturbation' if role == 'pert_col' else 'context')}"
             )
     labels = obs[pert_col]
     if labels.isna().any():

@@ -19,7 +19,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcell.data.preprocess_stream import Progress, no_progress
-from vcell.errors import VcellError, did_you_mean, preview
+from vcell.data.spec import column_guess
+from vcell.errors import VcellError, preview
 from vcell.eval.row_reader import MatrixReader
 from vcell.eval.tiles import Scratch, TileStore, open_store, plan_tiles, write_stores
 from vcell.eval.vcc2026._kernels import row_stats
@@ -247,7 +248,7 @@ def labels_of(obs: pd.DataFrame, pert_col: str, where: str) -> tuple[np.ndarray,
     """The perturbation label of every cell as an object array of str (missing labels become ''),
     and the labels in pandas' group order (a categorical's categories, else sorted)."""
     if pert_col not in obs.columns:
-        hint = did_you_mean(pert_col, obs.columns)
+        hint = column_guess(pert_col, obs.columns, "perturbation")
         raise VcellError(f"{where}: perturbation column {pert_col!r} not found in obs{hint} (columns: {preview(obs.columns, 20)})")
     col = obs[pert_col]
     labels = np.asarray(col.astype(object).where(col.notna(), "").astype(str), dtype=object)
