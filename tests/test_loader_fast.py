@@ -97,7 +97,17 @@ def test_direct_reads_equal_memory(sim, files, layout):
     np.testing.assert_array_equal(want.read(rows), sim.X[rows].toarray().astype(np.float32))
 
 
-def test_compressed_file_falls_back_with_same_values(sim, files, caplog):
+def test_compressed_file_falls_back_with_same_values(sim, files, caplog, monkeypatch):
+    from vcell.data import rows as rows_module
+
+    # a small matrix (this one) is read fast either way: the slow path is said only at debug level
+    monkeypatch.setattr(rows_module, "_warned", set())
+    with caplog.at_level(logging.DEBUG, logger="vcell.data.rows"):
+        assert not H5Rows(files["gzip"]).direct
+    assert [r.levelno for r in caplog.records if "read through HDF5" in r.message] == [logging.DEBUG]
+    caplog.clear()
+    monkeypatch.setattr(rows_module, "_warned", set())
+    monkeypatch.setattr(rows_module, "SLOW_READ_WARN_BYTES", 0)  # as if it were large
     reader = H5Rows(files["gzip"])
     with caplog.at_level(logging.WARNING, logger="vcell.data.rows"):
         assert not reader.direct

@@ -27,6 +27,8 @@ from vcell.errors import VcellError
 
 log = logging.getLogger(__name__)
 _warned: set[tuple[str, str]] = set()
+#: Below this many bytes of matrix (uncompressed) a file read through HDF5 is not worth a warning.
+SLOW_READ_WARN_BYTES = 256 * 2**20
 
 
 def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
@@ -153,8 +155,11 @@ class H5Rows:
             self._file, self.why_not_direct = f, why
             if (str(self.path), self.key) not in _warned:
                 _warned.add((str(self.path), self.key))
-                log.warning("%s: %s is %s; its rows are read through HDF5, ~100x slower (write the file "
-                            "uncompressed, e.g. with vcell data preprocess, for fast streaming)", self.path, self.key, why)
+                # a small matrix is read in well under a second either way: said only with -v
+                big = sum(d.size * d.dtype.itemsize for d in parts.values()) >= SLOW_READ_WARN_BYTES
+                (log.warning if big else log.debug)(
+                    "%s: %s is %s; its rows are read through HDF5, ~100x slower (write the file "
+                    "uncompressed, e.g. with vcell data preprocess, for fast streaming)", self.path, self.key, why)
         else:
             f.close()
             self._fd, self._ext = fd, ext
