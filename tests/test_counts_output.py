@@ -249,3 +249,13 @@ def test_counts_written_in_pieces_say_their_library_sizes_once(world, tmp_path, 
         meta = write_prediction(tmp_path / "pred.h5ad", models["pert_mean"], data, "ctx_B", output="counts", seed=3, piece_cells=7)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("counts:")]
     assert len(lines) == 1 and lines[0].startswith(f"counts: {meta.n_obs:,} predicted cells, library sizes: each predicted cell's own")
+
+
+def test_a_context_named_as_splits_name_it_is_that_context(world):
+    """`vcell data split` names a context ``dataset.context``; predict takes that name too (the cells
+    of that context in that dataset), and refuses a dataset that does not hold the context."""
+    data, models, _ = world
+    _same_prediction(predict_context(models["pert_mean"], data, "synthetic.ctx_B", seed=3),
+                     predict_context(models["pert_mean"], data, "ctx_B", seed=3))
+    with pytest.raises(VcellError, match="unknown context 'other.ctx_B'"):
+        predict_context(models["pert_mean"], data, "other.ctx_B")

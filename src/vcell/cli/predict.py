@@ -17,7 +17,7 @@ from vcell.train.display import format_duration, status
 def predict(
     model: Annotated[Path, typer.Option("--model", help="Checkpoint folder (or a `vcell train st` run folder).")],
     data: Annotated[Path, typer.Option("--data", help="log1p .h5ad holding the context's control cells.")],
-    context: Annotated[str, typer.Option("--context", help="Context to predict (its control cells are the input).")],
+    context: Annotated[str, typer.Option("--context", help="Context to predict (its control cells are the input); DATASET.CONTEXT, as `vcell data split` names it, works too.")],
     out: Annotated[Path, typer.Option("--out", help="Predicted cells (.h5ad): log1p with the real controls appended, or counts (--output counts).")],
     perturbations: Annotated[str, typer.Option("--perturbations", help="'data' (those with cells of the context in DATA, as many cells as observed: ready to score against them), 'all' (every one the model was trained on) or A,B,...")] = "data",
     cells_per_pert: Annotated[int | None, typer.Option("--cells-per-pert", help="Cells per perturbation; default: as many as observed ('data'), else 100.")] = None,

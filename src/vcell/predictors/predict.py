@@ -208,10 +208,7 @@ class _Job:
         depth = parse_depth(depth)
         if output != "counts" and depth != "controls":
             raise VcellError(f"depth {depth}: the depth of drawn counts; add output='counts' (the default output is log1p)")
-        contexts = [str(c) for c in index.contexts]
-        if context not in contexts:
-            raise VcellError(f"{where}: unknown context {context!r}{did_you_mean(context, contexts)} (contexts: {preview(contexts, n=10)})")
-        in_ctx = index.context_codes == contexts.index(context)
+        context, in_ctx = _context_cells(index, context, where)
         if cells is not None:
             in_ctx &= np.asarray(cells, dtype=bool)
         controls_mask = in_ctx & index.is_control
@@ -410,6 +407,19 @@ def _name_sources(pred: ad.AnnData, sources: list[np.ndarray] | None, names: pd.
     if len(rows) != pred.n_obs:  # a predictor whose cells do not line up with its draws: say nothing
         return
     pred.obs[CONTROL_CELL_COL] = names[rows]
+
+
+def _context_cells(index, context: str, where: str) -> tuple[str, np.ndarray]:
+    """The context's name and its cells. ``"dataset.context"`` (how splits name a context of a file
+    with several datasets) is accepted too: the cells of that context in that dataset."""
+    contexts = [str(c) for c in index.contexts]
+    if context in contexts:
+        return context, index.context_codes == contexts.index(context)
+    keys = [str(k) for k in index.context_key_names]
+    if context in keys and (index.context_key_codes == keys.index(context)).any():
+        bare = context.split(".", 1)[1]
+        return bare, index.context_key_codes == keys.index(context)
+    raise VcellError(f"{where}: unknown context {context!r}{did_you_mean(context, contexts)} (contexts: {preview(contexts, n=10)})")
 
 
 def _perturbations(
