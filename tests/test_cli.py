@@ -23,6 +23,51 @@ def test_version_and_help():
         assert command in helped.stdout
 
 
+_HELP_AT_80 = """
+import contextlib, io, json, sys
+import typer
+from vcell.cli import app, main
+
+def walk(cmd, path):
+    yield path, cmd
+    for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+        yield from walk(sub, [*path, name])
+
+out = []
+for path, cmd in walk(typer.main.get_command(app), []):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            main([*path, "--help"])
+        except SystemExit:
+            pass
+    names = [o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")]
+    out.append([path, names, buf.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def test_help_keeps_every_option_whole_in_80_columns():
+    """Every command's help in an 80-column terminal names each of its options whole (typer's rich
+    tables cut them: `--holdout-conte…`), and a group lists its commands' summaries whole."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "80", "NO_COLOR": "1"}
+    proc = subprocess.run([sys.executable, "-c", _HELP_AT_80], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    helps = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(helps) > 15
+    for path, names, text in helps:
+        body = "\n".join(line for line in text.splitlines() if not line.startswith("Usage:"))  # "[ARGS]..." is click's
+        assert "…" not in body and not any(line.endswith("...") for line in body.splitlines()), (path, text)
+        assert max(len(line) for line in text.splitlines()) <= 80, (path, text)
+        for name in names:
+            assert name in text.split() or any(w.startswith(name) for w in text.split()), (path, name, text)
+
+
 @pytest.mark.slow
 def test_demo_runs(tmp_path):
     result = run_cli("demo", "--out", tmp_path / "demo", "--seed", "1", "--models", "control_mean,pert_mean")

@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from typer.core import TyperGroup
 
 try:  # typer 0.2x carries its own copy of click; older typer uses click itself
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
@@ -21,7 +20,7 @@ from vcell.cli import data as data_cli
 from vcell.cli import eval as eval_cli
 from vcell.cli import genes as genes_cli
 from vcell.cli.bench import bench
-from vcell.cli.common import err_console, given, os_error_message, set_args, setup_logging
+from vcell.cli.common import HelpGroup, err_console, given, os_error_message, set_args, setup_logging
 from vcell.cli.demo import demo
 from vcell.cli.embed import embed
 from vcell.cli.predict import predict
@@ -52,7 +51,7 @@ def _usage_error(exc: UsageError) -> VcellError:
     return VcellError(f"{path}: {message}; see '{path} --help'")
 
 
-class _Group(TyperGroup):
+class _Group(HelpGroup):
     """The ``vcell`` group: a Ctrl-C anywhere in a command reaches :func:`main` as :class:`_Stopped`;
     a usage error anywhere as :class:`VcellError` (a group called without a command still shows its help)."""
 
@@ -84,6 +83,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
 app.add_typer(data_cli.app, name="data")
 app.add_typer(eval_cli.app, name="eval")

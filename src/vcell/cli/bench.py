@@ -74,7 +74,7 @@ def bench(
         help="Hold out perturbations in every context, never trained on: a fraction in (0, 1) of the non-control labels (drawn with "
              "--seed), comma-separated labels or a .csv/.tsv/.txt file of them. Alone: one fold, every context scored on them; with --holdout-context: the same "
              "labels held out in every fold, each fold scoring its held-out context.")] = None,
-    models: Annotated[str, typer.Option("--models", help="Comma-separated model names.")] = DEFAULT_MODELS,
+    models: Annotated[str, typer.Option("--models", help="Comma-separated model names.", show_default=DEFAULT_MODELS.replace(",", ", "))] = DEFAULT_MODELS,
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
     context_col: ContextCol = "cell_type",

@@ -9,10 +9,30 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
-from typer.core import TyperOption
+from typer.core import TyperGroup, TyperOption
 
 from vcell.data.spec import DataSpec
 from vcell.errors import VcellError
+
+
+class HelpGroup(TyperGroup):
+    """A command group whose help lists each command's whole first sentence, wrapped.
+
+    vcell's help is click's plain layout (``rich_markup_mode=None`` on every app): typer's rich
+    tables cut long option names (``--holdout-conte…``) in an 80-column terminal. Click's own list
+    of commands cuts each summary at the line's end; this one wraps it instead.
+    """
+
+    def format_commands(self, ctx, formatter) -> None:
+        """The ``Commands:`` section, every summary whole."""
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=10_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -14,6 +14,7 @@ from vcell.cli.common import (
     ContextCol,
     Control,
     Expression,
+    HelpGroup,
     HoldoutPerturbations,
     NoRandomSeed,
     PertCol,
@@ -27,7 +28,7 @@ from vcell.cli.common import (
 )
 from vcell.errors import VcellError
 
-app = typer.Typer(help="Inspect, validate, preprocess, split and fetch perturbation datasets.", no_args_is_help=True)
+app = typer.Typer(help="Inspect, validate, preprocess, split and fetch perturbation datasets.", no_args_is_help=True, rich_markup_mode=None, cls=HelpGroup)
 
 
 @app.command("check")

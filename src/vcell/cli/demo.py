@@ -17,7 +17,7 @@ from vcell.train.display import status
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's files.")] = Path("vcell-demo"),
     holdout_context: Annotated[str | None, typer.Option("--holdout-context", help="Context to hold out (default: the last).")] = None,
-    models: Annotated[str, typer.Option("--models", help="Comma-separated models to benchmark.")] = DEFAULT_MODELS,
+    models: Annotated[str, typer.Option("--models", help="Comma-separated models to benchmark.", show_default=DEFAULT_MODELS.replace(",", ", "))] = DEFAULT_MODELS,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the files of an earlier demo in OUT.")] = False,
     seed: Seed = 0,
 ) -> None:

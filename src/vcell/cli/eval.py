@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from vcell.cli.common import Control, NoRandomSeed, PertCol, console, spelled, table
+from vcell.cli.common import Control, HelpGroup, NoRandomSeed, PertCol, console, spelled, table
 from vcell.cli.interrupts import removed_if_interrupted
 from vcell.train.display import status, task
 
 if TYPE_CHECKING:
     import pandas as pd
 
-app = typer.Typer(help="Evaluate predictions with the Virtual Cell Challenge metrics (cell-eval compatible).", no_args_is_help=True)
+app = typer.Typer(help="Evaluate predictions with the Virtual Cell Challenge metrics (cell-eval compatible).", no_args_is_help=True, rich_markup_mode=None, cls=HelpGroup)
 
 Threads = Annotated[int, typer.Option("--threads", help="Threads for differential expression.")]
 InputType = Annotated[

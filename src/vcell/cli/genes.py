@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from vcell.cli.common import Control, Expression, PertCol, Seed, console
+from vcell.cli.common import Control, Expression, HelpGroup, PertCol, Seed, console
 from vcell.errors import VcellError
 
-app = typer.Typer(help="Gene embeddings: protein language model vectors or a co-expression fallback.", no_args_is_help=True)
+app = typer.Typer(help="Gene embeddings: protein language model vectors or a co-expression fallback.", no_args_is_help=True, rich_markup_mode=None, cls=HelpGroup)
 
 Out = Annotated[Path, typer.Option("--out", help="Output gene table (.safetensors).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]

@@ -16,6 +16,7 @@ from vcell.cli.common import (
     Control,
     Devices,
     Expression,
+    HelpGroup,
     HoldoutPerturbations,
     MaxSteps,
     NumNodes,
@@ -38,7 +39,7 @@ from vcell.errors import VcellError
 from vcell.train.display import status
 from vcell.train.options import SETrainOptions, STTrainOptions
 
-app = typer.Typer(help="Train STATE models: ST on a log1p perturbation dataset, SE on any expression data.", no_args_is_help=True)
+app = typer.Typer(help="Train STATE models: ST on a log1p perturbation dataset, SE on any expression data.", no_args_is_help=True, rich_markup_mode=None, cls=HelpGroup)
 
 ST = STTrainOptions()
 SE = SETrainOptions()
