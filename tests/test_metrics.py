@@ -455,6 +455,23 @@ def test_a_metric_left_out_is_warned_once_per_process(caplog, monkeypatch):
     assert said == [logging.WARNING, logging.DEBUG, logging.DEBUG]
 
 
+def test_a_metric_without_a_column_is_said_once_per_process(caplog, monkeypatch):
+    """No real significant gene anywhere: the DE metrics on them have no column (as in cell-eval),
+    said once at INFO, not once per prediction of a bench."""
+    import logging
+
+    import vcell.eval.profiles as profiles
+
+    monkeypatch.setattr(profiles, "_said", set())
+    real, pred = _corner_tables()
+    real["fdr"] = np.full_like(real["fdr"], 0.5)
+    with caplog.at_level(logging.DEBUG, logger="vcell.eval.profiles"):
+        for _ in range(3):
+            assert "de_direction_match" not in compute_results(de=DEData(pd.DataFrame(real), pd.DataFrame(pred)), profile="de")
+    said = [r.levelno for r in caplog.records if "de_direction_match has no value" in r.getMessage()]
+    assert said == [logging.INFO, logging.DEBUG, logging.DEBUG]
+
+
 def test_discrimination_excludes_the_target_gene():
     perts = np.array(["A", "B"])
     genes = np.array(["A", "x", "y"])

@@ -26,7 +26,7 @@ from vcell.errors import VcellError, did_you_mean
 from vcell.eval.metrics import DEData, ExpressionData, MetricUndefined, get_metric
 
 logger = logging.getLogger(__name__)
-_said: set[str] = set()  # reasons a metric was left out, warned once per process (a bench scores many predictions)
+_said: set[str] = set()  # why a metric was left out or has no column: said once per process (a bench scores many predictions)
 
 __all__ = ["PERTURBATION_COLUMN", "PROFILES", "compute_results", "profile_metrics"]
 
@@ -164,7 +164,9 @@ def compute_results(
             if not per_pert:
                 # No perturbation has a value (e.g. no real significant gene anywhere): cell-eval
                 # has no row for the metric, so its pivoted table has no column either.
-                logger.info("metric %s has no value for any perturbation; no column", column)
+                note = f"metric {column} has no value for any perturbation; no column"
+                logger.log(logging.DEBUG if note in _said else logging.INFO, "%s", note)
+                _said.add(note)
                 continue
             columns[column] = per_pert
             rows.update(dict.fromkeys(per_pert))
