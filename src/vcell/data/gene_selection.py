@@ -219,10 +219,7 @@ def select_hvg(
     table = hvg_table(moments, adata.var_names, n_top_genes, batches)
     hv = table["highly_variable"].to_numpy(dtype=bool)
     keep_mask = adata.var_names.isin(keep)
-    logger.info(
-        "selected %d highly variable genes; %d of %d 'keep' genes present (%d not already HVG)",
-        int(hv.sum()), int(keep_mask.sum()), len(set(keep)), int((keep_mask & ~hv).sum()),
-    )
+    log_selection(hv, keep_mask, len(set(keep)))
     out = adata[:, hv | keep_mask].copy() if subset else adata.copy()
     rows = slice(None) if not subset else hv | keep_mask
     for col in table.columns:
@@ -231,6 +228,12 @@ def select_hvg(
         out.X = out.X.astype(np.float32)
     out.uns["hvg"] = {"flavor": "seurat"}
     return out
+
+
+def log_selection(hv: np.ndarray, keep_mask: np.ndarray, n_keep: int) -> None:
+    """Say how many genes were selected, and how the genes kept besides (targets) fared, if any were asked for."""
+    kept = f"; {int(keep_mask.sum())} of {n_keep} genes to keep present ({int((keep_mask & ~hv).sum())} not already HVG)" if n_keep else ""
+    logger.info("selected %d highly variable genes%s", int(hv.sum()), kept)
 
 
 def log_base(uns) -> float | None:

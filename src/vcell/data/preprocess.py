@@ -33,6 +33,7 @@ from vcell.data.gene_selection import (
     hvg_table,
     hvg_values,
     log_base,
+    log_selection,
     select_hvg,
     subset_genes,
 )
@@ -242,10 +243,7 @@ def plan_preprocess(source, obs: pd.DataFrame, var_names: pd.Index, uns, spec: D
                 moments.add(rows.hvg_values(lo, block, base), part)
             table = hvg_table(moments, var_names, n_top_genes)
             hv = table["highly_variable"].to_numpy(dtype=bool)
-            logger.info(
-                "selected %d highly variable genes; %d of %d 'keep' genes present (%d not already HVG)",
-                int(hv.sum()), int(keep_mask.sum()), len(set(targets)), int((keep_mask & ~hv).sum()),
-            )
+            log_selection(hv, keep_mask, len(set(targets)))
             plan.var_columns = {c: table[c].to_numpy() for c in table.columns}
             plan.uns["hvg"] = {"flavor": "seurat"}
             if subset_hvg:
