@@ -56,5 +56,5 @@ def embed(
         write_h5ad(adata, out)
     n_genes = adata.n_vars
     note = f"; {len(missing)} of {n_genes} genes not in the model's vocabulary were ignored" if missing else ""
-    console.print(f"wrote {out} in {format_duration(time.perf_counter() - t0)}: .obsm[{key!r}] = {emb.shape[0]} cells x {emb.shape[1]}{note}",
+    console.print(f"wrote {out} in {format_duration(time.perf_counter() - t0)}: .obsm[{key!r}] = {emb.shape[0]:,} cells x {emb.shape[1]:,}{note}",
                   highlight=False, soft_wrap=True)
