@@ -168,7 +168,7 @@ def run_cmd(
                         option=_expression_option(), budget=budget_bytes(memory_budget), progress=task)
     for name, (result, paths) in runs.items():
         console.print(table(_metric_table(result.agg), title=f"{profile} profile{f', {name}' if name else ''}, "
-                                                             f"{len(result.results)} perturbations"))
+                                                             f"{len(result.results):,} perturbation{'' if len(result.results) == 1 else 's'}"))
         console.print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
         console.print("wrote " + ", ".join(str(p) for p in paths))
     # The process ends next: spare the interpreter's final garbage collections over every object
