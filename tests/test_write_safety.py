@@ -467,6 +467,31 @@ def test_resume_with_another_split_or_data_is_refused_naming_the_difference(ws, 
     assert snapshot(run) == before  # nothing written: the checkpoint is untouched, no new logs
 
 
+def test_resume_with_other_training_options_is_refused_naming_them(ws, tmp_path):
+    """The seed, batch and set sizes draw the cell sets, and the learning rate and precision shape every
+    step: a run resumed with others would match neither run, and its config.json would claim the new
+    seed for steps trained with the old one. Refused, each named; the number of processes may change."""
+    run = tmp_path / "run"
+    shutil.copytree(ws["st"], run)
+    before = snapshot(run)
+    se_run = tmp_path / "se_run"
+    shutil.copytree(ws["se"], se_run)
+    se_before = snapshot(se_run)
+    se_resume = ["train", "se", "--data", ws["counts"], "--config", ws["se_cfg"], "--max-steps", "3", *SE_FAST, "--out", se_run, "--resume"]
+    sizes, rate, se = run_batch([*_resume_st(ws, run), "--seed", "1", "--batch-size", "2", "--set-size", "8"],
+                                [*_resume_st(ws, run), "--lr", "0.001", "--precision", "bf16-mixed"],
+                                [*se_resume, "--seed", "3", "--lr", "0.01"])
+    line = error_line(se)
+    assert "--seed 0, not 3" in line and "--lr 0.003, not 0.01" in line, line
+    assert snapshot(se_run) == se_before
+    line = error_line(sizes)
+    for part in ("--seed 0, not 1", "--batch-size 4, not 2", "--set-size 16, not 8", "training options"):
+        assert part in line, line
+    line = error_line(rate)
+    assert "--lr 0.0001, not 0.001" in line and "--precision 32, not bf16-mixed" in line, line
+    assert snapshot(run) == before
+
+
 def test_resume_of_a_checkpoint_without_fingerprint_still_works(ws, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(ws["st"], run)

@@ -186,6 +186,10 @@ def st_fingerprint(data, split, embed_key: str | None = None) -> dict:
 # --------------------------------------------------------------------------------------- resuming
 
 _FLAGS = {"pert_col": "--pert-col", "control": "--control", "context_col": "--context-col", "batch_col": "--batch-col"}
+#: Training options a resumed run must share with its checkpoint: each changes the weights of every step
+#: from the first (the cell sets are drawn with the seed, the set size and the batch size).
+_TRAINED_WITH = {"seed": "--seed", "lr": "--lr", "batch_size": "--batch-size", "set_size": "--set-size",
+                 "control_strategy": "control_strategy", "precision": "--precision"}
 
 
 def _file(ident: dict) -> str:
@@ -221,8 +225,13 @@ def _split_difference(saved: dict, ours: dict) -> str | None:
 def resume_differences(saved: dict, ours: dict) -> list[str]:
     """Each way the run ``ours`` (``config.json`` content it would write) differs from the checkpoint
     ``saved`` in what it trains on: data columns, embedding key, data files, split, genes,
-    perturbation features, expression types. Fields a checkpoint lacks are not compared."""
+    perturbation features, expression types, and the options that shape every step (seed,
+    learning rate, batch and set sizes, control strategy, precision; not the number of processes).
+    Fields a checkpoint lacks are not compared."""
     diffs = []
+    for key, flag in _TRAINED_WITH.items():
+        if key in saved and key in ours and str(saved[key]) != str(ours[key]):
+            diffs.append(f"it was trained with {flag} {saved[key]}, not {ours[key]}")
     cols_a, cols_b = saved.get("columns") or {}, ours.get("columns") or {}
     for key, flag in _FLAGS.items():
         if key in cols_a and cols_a.get(key) != cols_b.get(key):
@@ -273,8 +282,8 @@ def check_resume(start: str | os.PathLike, saved: dict, ours: dict) -> None:
     """
     diffs = resume_differences(saved, ours)
     if diffs:
-        raise VcellError(f"cannot resume {start}: " + "; ".join(diffs) + "; resume with the same data, split and columns, "
-                         "or train into a new --out")
+        raise VcellError(f"cannot resume {start}: " + "; ".join(diffs) + "; resume with the same data, split, columns and "
+                         "training options, or train into a new --out")
     if "fingerprint" not in saved:
         log.warning("%s was written by vcell %s, which did not record the data and split it was trained on; "
                     "resuming without checking them", start, saved.get("vcell_version", "(older)"))

@@ -306,6 +306,8 @@ def train_se(
         "datasets": names,
         "expression": {s.name: s.expression for s in sources},
         "seed": int(options.seed),
+        "lr": float(options.lr),  # compared on resume (the checkpoint's own rate is the one trained with)
+        "batch_size": int(options.batch_size),
         "precision": options.precision,
         "devices": options.devices,
         "num_nodes": options.num_nodes,

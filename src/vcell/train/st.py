@@ -477,6 +477,8 @@ def train_st(
     module = build_module(data, config, lr=options.lr, seed=options.seed, embed_key=embed_key, split=split,
                           pert_features=pert_features)
     module.meta["fingerprint"] = st_fingerprint(data, split, embed_key)
+    module.meta.update(batch_size=int(options.batch_size), set_size=int(options.set_size),
+                       control_strategy=options.control_strategy, precision=options.precision)
     if start is not None:
         check_resume(start, read_config(start), module.checkpoint_meta())
     with status("building the cell sets"):
