@@ -615,3 +615,15 @@ def test_help_shows_flags_as_flags(command, shown):
     assert "<bool>" not in proc.stdout, proc.stdout
     for option in shown:
         assert option in proc.stdout, option
+
+
+def test_predict_says_nothing_of_other_contexts_without_controls(world, tmp_path):
+    """`vcell predict` reads one context's controls: another context without any is not its concern
+    (training warns that its cells go unused; predict said so too). The context asked for still must
+    have controls (a row above)."""
+    data = tmp_path / "noctrl.h5ad"
+    adata = _no_controls_in("ctx_A")(world.adata("log"))
+    adata.write_h5ad(data)
+    proc = run_cli("predict", "--model", world.st, "--data", data, "--context", "ctx_B", "--out", tmp_path / "pred.h5ad")
+    assert proc.returncode == 0, proc.stderr
+    assert "ctx_A" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr

@@ -65,7 +65,7 @@ def predict(
     spec = DataSpec(pert_col=pert_col or mspec.pert_col, control=control or mspec.control, context_col=ctx_col, batch_col=batch_col,
                     expression=expression)
     with status(f"reading {data}"):
-        dataset = load_dataset(data, spec, backed=True, require_context_controls=False)  # the context's controls are all it reads
+        dataset = load_dataset(data, spec, backed=True, require_context_controls=None)  # the context's controls are all it reads
     if dataset.spec.expression == "counts":
         raise VcellError(f"{data}: X holds raw counts; the model predicts log1p expression: run `vcell data preprocess` first")
     key = predictor.embed_key

@@ -193,7 +193,7 @@ def load_dataset(
     backed: bool = False,
     dataset_col: str | None = "dataset",
     dataset_name: str | None = None,
-    require_context_controls: bool = True,
+    require_context_controls: bool | None = True,
     only_obsm: Sequence[str] | None = None,
 ) -> PerturbationData:
     """Read and validate an ``.h5ad`` perturbation dataset.
@@ -201,8 +201,8 @@ def load_dataset(
     Raises a one-line :class:`~vcell.errors.VcellError` naming the file and the offending
     column or value on any problem. ``dataset_col`` (if present in ``.obs``) gives each cell's
     dataset name for split files; otherwise the name is ``dataset_name`` or the file's stem.
-    ``require_context_controls=False`` accepts contexts without control cells (with a warning);
-    splits then leave their perturbed cells unused. ``only_obsm`` (in memory only): read just
+    ``require_context_controls=False`` accepts contexts without control cells (with a warning;
+    ``None``: said at debug level only); splits then leave their perturbed cells unused. ``only_obsm`` (in memory only): read just
     ``X``, ``obs``, ``var``, ``uns`` and these ``.obsm`` keys (:func:`read_slots`).
     """
     path = Path(path)
@@ -221,7 +221,7 @@ def from_anndata(
     spec: DataSpec = DataSpec(),
     dataset_col: str | None = "dataset",
     dataset_name: str = "data",
-    require_context_controls: bool = True,
+    require_context_controls: bool | None = True,
     path: str | os.PathLike | None = None,
 ) -> PerturbationData:
     """Validate an in-memory AnnData and wrap it like :func:`load_dataset` (``path``: the file it

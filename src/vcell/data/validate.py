@@ -317,12 +317,13 @@ def context_summary(adata: ad.AnnData, spec: DataSpec) -> pd.DataFrame:
 
 
 def check(
-    adata: ad.AnnData, spec: DataSpec, path=None, chunk_rows: int = 4096, require_context_controls: bool = True
+    adata: ad.AnnData, spec: DataSpec, path=None, chunk_rows: int = 4096, require_context_controls: bool | None = True
 ) -> CheckReport:
     """Check ``adata`` against ``spec`` and collect a full report (summary and every problem).
 
     ``require_context_controls=False`` turns a context without control cells into a warning
-    (its perturbed cells are then left out of splits) instead of a problem.
+    (its perturbed cells are then left out of splits) instead of a problem; ``None`` into a debug
+    line (a caller that reads one context's controls only, and refuses that context itself).
     """
     where = _label(path)
     report = CheckReport(
@@ -342,7 +343,8 @@ def check(
     if columns_ok:
         for problem in _control_problems(adata, spec, where):
             if problem.kind == "control_absent_in_context" and not require_context_controls:
-                log.warning("%s; its perturbed cells will not be used", problem.message.split("; ")[0])
+                say = log.debug if require_context_controls is None else log.warning
+                say("%s; its perturbed cells will not be used", problem.message.split("; ")[0])
             else:
                 report.problems.append(problem)
         report.contexts = context_summary(adata, spec)
@@ -355,7 +357,7 @@ def check(
     return report
 
 
-def validate(adata: ad.AnnData, spec: DataSpec, path=None, require_context_controls: bool = True) -> ExpressionInfo:
+def validate(adata: ad.AnnData, spec: DataSpec, path=None, require_context_controls: bool | None = True) -> ExpressionInfo:
     """Raise a one-line :class:`VcellError` for the first problem; return the expression type.
 
     Problems of the kinds in :data:`WARNING_KINDS` are logged as warnings instead.
