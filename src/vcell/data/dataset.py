@@ -202,8 +202,9 @@ def load_dataset(
     column or value on any problem. ``dataset_col`` (if present in ``.obs``) gives each cell's
     dataset name for split files; otherwise the name is ``dataset_name`` or the file's stem.
     ``require_context_controls=False`` accepts contexts without control cells (with a warning;
-    ``None``: said at debug level only); splits then leave their perturbed cells unused. ``only_obsm`` (in memory only): read just
-    ``X``, ``obs``, ``var``, ``uns`` and these ``.obsm`` keys (:func:`read_slots`).
+    ``None``: said at debug level only); splits then leave their perturbed cells unused.
+    ``only_obsm`` (in memory only): read just ``X``, ``obs``, ``var``, ``uns`` and these
+    ``.obsm`` keys (:func:`read_slots`).
     """
     path = Path(path)
     if only_obsm is not None and not backed:
