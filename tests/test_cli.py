@@ -139,8 +139,15 @@ def test_tables_keep_names_and_numbers_whole_at_80_columns(monkeypatch):
     scores = pd.DataFrame({"metric": SCORED, "value": -0.4238711, "baseline": 0.7777777, "replicate": -0.4335123, "score": 0.07885})
     narrow.print(common.table(scores))
     text = narrow.export_text()
-    assert all(m in text for m in SCORED) and text.count("-0.4239") == len(SCORED) and "…" not in text.replace("replica…", "")
+    assert all(m in text for m in SCORED) and text.count("-0.4239") == len(SCORED) and "…" not in text and "replicate" in text
     names = pd.DataFrame({"name": ["replogle2022_k562_essential_raw"], "citation": ["Replogle et al. 2022, a long citation"],
                           "kind": ["CRISPRi"], "checksum": ["unknown"], "cached": ["no"]})
     narrow.print(common.table(names))
     assert "replogle2022_k562_essential_raw" in narrow.export_text()
+    # a split's table: a numeric column's header ("controls") is not cut to fit the text columns; they wrap
+    split = pd.DataFrame({"context": ["pp_noext.all"], "controls": [2386], "train (perts/cells)": ["12 / 8015"],
+                          "val (perts/cells)": ["5 / 4224"], "test (perts/cells)": ["8 / 6104"]})
+    narrow.print(common.table(split))
+    text = narrow.export_text()
+    assert "…" not in text and "controls" in text and "8 / 6104" in text and "(perts/cells)" in text
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80

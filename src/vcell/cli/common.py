@@ -176,10 +176,11 @@ def table(df, title: str | None = None) -> Table:
     numeric = [df[col].dtype.kind in "iuf" for col in df.columns]
     widths = [max(map(len, values), default=1) for values in cells]
     # text columns whole (headers too) when the table fits, else those after the first may wrap;
-    # a numeric column's header wraps when needed, so only its values count
-    fits = sum(w if num else max(w, len(str(c))) for w, num, c in zip(widths, numeric, df.columns)) + 2 * len(widths) <= console.width
-    for i, (col, num, width) in enumerate(zip(df.columns, numeric, widths)):
-        t.add_column(str(col), justify="right" if num else "left", no_wrap=not num and (fits or i == 0), min_width=width if num else None)
+    # a numeric column's header wraps between its words when needed, so its values and its longest word count
+    least = [max(w, *(len(word) for word in str(c).split())) if num else None for w, num, c in zip(widths, numeric, df.columns)]
+    fits = sum(m if num else max(w, len(str(c))) for w, m, num, c in zip(widths, least, numeric, df.columns)) + 2 * len(widths) <= console.width
+    for i, (col, num, m) in enumerate(zip(df.columns, numeric, least)):
+        t.add_column(str(col), justify="right" if num else "left", no_wrap=not num and (fits or i == 0), min_width=m)
     for row in zip(*cells):
         t.add_row(*row)
     return t
