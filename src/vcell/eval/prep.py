@@ -201,7 +201,7 @@ def _write_archive(minimal: ad.AnnData, out: Path, level: int) -> None:
         h5ad.unlink()
         watermark = tmp / WATERMARK_MEMBER
         watermark.write_bytes(WATERMARK_TEXT.encode("ascii"))
-        log.info("compressed the prediction with %s: %d bytes", backend, zst.stat().st_size)
+        log.info("compressed the prediction with %s: %s bytes", backend, f"{zst.stat().st_size:,}")
         with atomic_path(out) as tmp_out:
             # GNU format, members in cell-eval's order; names without a leading './'
             with tarfile.open(tmp_out, "w", format=tarfile.GNU_FORMAT) as tar:
@@ -316,8 +316,8 @@ def prepare_submission(
     gene_src = str(genes) if isinstance(genes, (str, os.PathLike)) else "the gene list"
     if expected_n_genes and len(genelist) != expected_n_genes:
         log.warning(
-            "%s has %d genes, not the %d expected (VCC 2025); preparing for its %d genes",
-            gene_src, len(genelist), expected_n_genes, len(genelist),
+            "%s has %s genes, not the %s expected (VCC 2025); preparing for its %s genes",
+            gene_src, f"{len(genelist):,}", f"{expected_n_genes:,}", f"{len(genelist):,}",
         )
 
     adata = read_h5ad(pred_path)
