@@ -154,7 +154,7 @@ def test_matches_cell_eval_prep(tmp_path, pap_small, kind, caplog):
         src = _log1p(pap_small).X.astype(np.float32).toarray()
         np.testing.assert_array_equal(ours.X.toarray(), src)
     # the 290-gene list is not the VCC 2025 list: warned, as cell-eval does, not refused
-    assert "not the 18080 expected" in messages
+    assert "not the 18,080 expected" in messages
 
 
 def test_archive_opens_with_standard_tools(tmp_path, pap_small):
