@@ -472,7 +472,7 @@ CASES: dict[str, Case] = {
     "usage_unknown_command": Case(lambda c: ["eval", "rnu"], ("vcell eval: no such command 'rnu'",)),
     "usage_unknown_top_option": Case(lambda c: ["--verbos", "data", "list"], ("vcell: no such option: --verbos",)),
     "usage_bad_integer": Case(lambda c: ["data", "simulate", c.out / "s.h5ad", "--seed", "one"], ("--seed", "one")),
-    "usage_option_without_value": Case(lambda c: ["data", "check", c.w.log, "--pert-col"], ("'--pert-col' requires an argument",)),
+    "usage_option_without_value": Case(lambda c: ["data", "check", c.w.log, "--pert-col"], ("vcell data check: option '--pert-col' requires an argument", "vcell data check --help")),
     "usage_missing_argument": Case(lambda c: ["data", "check"], ("vcell data check: missing argument",)),
 }
 

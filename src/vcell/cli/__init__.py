@@ -20,7 +20,7 @@ from vcell.cli import data as data_cli
 from vcell.cli import eval as eval_cli
 from vcell.cli import genes as genes_cli
 from vcell.cli.bench import bench
-from vcell.cli.common import HelpGroup, err_console, given, os_error_message, set_args, setup_logging
+from vcell.cli.common import HelpGroup, cli_args, err_console, given, os_error_message, set_args, setup_logging
 from vcell.cli.demo import demo
 from vcell.cli.embed import embed
 from vcell.cli.predict import predict
@@ -45,10 +45,22 @@ def _usage_error(exc: UsageError) -> VcellError:
     value = given(*getattr(getattr(exc, "param", None), "opts", ()))
     if value is not None and repr(value) not in message:  # typer's messages for a bad number omit the value
         message = f"{message} (got {value!r})"
-    if exc.ctx is None:  # click names no command for some parse errors (an option without its value)
-        return VcellError(message)
-    path = exc.ctx.command_path
+    path = exc.ctx.command_path if exc.ctx is not None else _typed_command()  # click names none for an option without its value
     return VcellError(f"{path}: {message}; see '{path} --help'")
+
+
+def _typed_command() -> str:
+    """The command the user typed (``vcell eval run``): the leading words of the command line that name groups and commands."""
+    cmd, words = typer.main.get_command(app), ["vcell"]
+    for arg in cli_args():
+        sub = getattr(cmd, "commands", {}).get(arg)
+        if sub is None:
+            if arg.startswith("-") and not words[1:]:
+                continue  # the top-level options (-v, -q) come before the command
+            break
+        cmd = sub
+        words.append(arg)
+    return " ".join(words)
 
 
 class _Group(HelpGroup):

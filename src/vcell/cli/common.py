@@ -125,6 +125,11 @@ def set_args(args: list[str]) -> None:
     _ARGS[:] = [str(a) for a in args]
 
 
+def cli_args() -> list[str]:
+    """The command line as remembered by :func:`set_args`."""
+    return list(_ARGS)
+
+
 def given(*names: str) -> str | None:
     """The value typed after an option (``--seed x`` or ``--seed=x``; the last one if repeated), else ``None``."""
     value = None
