@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -115,6 +117,20 @@ def test_st_predicts_an_unseen_target_in_the_direction_of_its_table_neighbour(pl
     assert np.corrcoef(shift["U"], shift["S"])[0, 1] > 0.8
     with pytest.raises(VcellError, match=r"unknown perturbation 'S\+NOPE': target 'NOPE' is not in the perturbation feature table"):
         model.check_perturbations(["S+NOPE"])
+
+
+def test_all_means_the_perturbations_trained_on(planted_run, tmp_path):
+    """`--perturbations all` is every label with training cells: not the held-out one (a one-hot
+    model refused the whole request over it), also for a checkpoint written before they were recorded."""
+    _, _, _, out = planted_run
+    model = STPredictor.from_checkpoint(out, checkpoint="last", set_size=16)
+    assert sorted(model.trained_perturbations()) == sorted(SEEN)
+    older = Path(shutil.copytree(out, tmp_path / "older"))
+    config = older / "last" / "config.json"
+    meta = json.loads(config.read_text())
+    del meta["trained_perturbations"]
+    config.write_text(json.dumps(meta))
+    assert sorted(STPredictor.from_checkpoint(older, checkpoint="last", set_size=16).trained_perturbations()) == sorted(SEEN)
 
 
 def test_checkpoints_carry_the_table_and_resume_exactly(planted_run, tmp_path):

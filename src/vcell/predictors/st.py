@@ -27,7 +27,7 @@ from vcell.data.cellsets import collate_cell_sets
 from vcell.data.dataset import PerturbationData, obsm_matrix
 from vcell.data.io import atomic_path
 from vcell.data.rows import MemoryRows
-from vcell.data.spec import DataSpec
+from vcell.data.spec import DataSpec, split_combo
 from vcell.data.splits import Split
 from vcell.errors import VcellError, preview
 from vcell.features.perturbations import PertFeatures
@@ -413,6 +413,13 @@ class STPredictor(Predictor):
         return self.align_genes(controls)
 
     def trained_perturbations(self) -> list[str]:
-        """The perturbation labels the model was trained on (control excluded)."""
+        """The perturbation labels the model was trained on: those with training cells (control excluded).
+
+        A checkpoint written before they were recorded gives the data's labels whose targets all have
+        a training vector (held-out labels of a one-hot model have none)."""
         self._require_fitted()
-        return [str(p) for p in self.meta.get("perturbations", []) if str(p) != self.meta["control"]]
+        if "trained_perturbations" in self.meta:
+            return [str(p) for p in self.meta["trained_perturbations"]]
+        vocab = set(self.meta.get("pert_vocab", []))
+        return [str(p) for p in self.meta.get("perturbations", [])
+                if str(p) != self.meta["control"] and all(t in vocab for t in split_combo(str(p)))]

@@ -391,11 +391,13 @@ def build_module(
     if cfg.input_dim != width:
         what = "genes" if embed_key is None else f"embedding dimensions in .obsm[{embed_key!r}]"
         raise VcellError(f"ST config: input_dim is {cfg.input_dim} but the data has {width} {what}")
+    trained = labels if split is None else [str(p) for p in index.perts[np.unique(index.pert_codes[split.mask("train")])]]
     meta = {
         "genes": [str(g) for g in data.adata.var_names],
         "columns": {"pert_col": spec.pert_col, "control": spec.control, "context_col": spec.context_col, "batch_col": spec.batch_col},
         "seed": int(seed),
         "embed_key": embed_key,
+        "trained_perturbations": [p for p in labels if p in set(trained) and p != spec.control],  # `--perturbations all`
     }
     return STModule(cfg, index.perts, vocab, spec.control, lr=lr, meta=meta, features=features)
 
