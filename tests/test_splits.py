@@ -211,6 +211,28 @@ def test_subset_cli(tmp_path):
     assert neither.returncode == 2 and "--split" in neither.stderr
 
 
+def test_subset_takes_the_validation_options_of_split_and_train(tmp_path):
+    """`data subset --role val` with `--val-perturbations` inline (as `train st` takes them) writes
+    the cells `data split --val-perturbations` writes to its TOML for that role."""
+    import anndata as ad
+
+    from conftest import run_cli_batch
+
+    path, _ = _simulated(tmp_path)
+    inline, toml = tmp_path / "inline.h5ad", tmp_path / "toml.h5ad"
+    opts = ["--holdout-perturbations", "0.3", "--val-perturbations", "0.3", "--seed", "4"]
+    procs = run_cli_batch([
+        ["data", "subset", path, *opts, "--role", "val", "--out", inline],
+        ["data", "split", path, *opts, "--out", tmp_path / "split.toml"],
+        ["data", "subset", path, "--split", tmp_path / "split.toml", "--role", "val", "--out", toml],
+    ])
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = ad.read_h5ad(inline), ad.read_h5ad(toml)
+    assert a.n_obs > 0 and list(a.obs_names) == list(b.obs_names)
+    assert "val cells" in procs[0].stdout
+
+
 def test_a_split_made_on_one_file_applies_to_another_of_the_same_cells(tmp_path):
     """The README's job: split the preprocessed file, take the held-out cells' raw counts from the raw
     file. Without a dataset column each file is named after itself; the split's one dataset wins."""

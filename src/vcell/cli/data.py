@@ -30,6 +30,12 @@ from vcell.errors import VcellError
 
 app = typer.Typer(help="Inspect, validate, preprocess, split and fetch perturbation datasets.", no_args_is_help=True, rich_markup_mode=None, cls=HelpGroup)
 
+# The validation part of an inline split (`data split`, `data subset`; `train st` says what validation writes there)
+ValContext = Annotated[list[str] | None, typer.Option("--val-context", help="Hold out a context for validation; repeatable.")]
+ValPerturbations = Annotated[str | None, typer.Option(
+    "--val-perturbations", help="Validation perturbations in every context, never trained on: FRACTION, LIST or FILE as "
+                                "--holdout-perturbations (drawn after it, same --seed).")]
+
 
 @app.command("check")
 def check_cmd(
@@ -153,9 +159,9 @@ def split_cmd(
     file: Annotated[Path, typer.Argument(help="The .h5ad dataset.")],
     split: Annotated[Path | None, typer.Option("--split", help="cell-load style split TOML.")] = None,
     holdout_context: Annotated[list[str] | None, typer.Option("--holdout-context", help="Hold out a context for test (zero-shot); repeatable.")] = None,
-    val_context: Annotated[list[str] | None, typer.Option("--val-context", help="Hold out a context for validation; repeatable.")] = None,
+    val_context: ValContext = None,
     holdout_perturbations: HoldoutPerturbations = None,
-    val_perturbations: Annotated[str | None, typer.Option("--val-perturbations", help="Validation perturbations in every context, never trained on: FRACTION, LIST or FILE as --holdout-perturbations (drawn after it, same --seed).")] = None,
+    val_perturbations: ValPerturbations = None,
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
     context_col: ContextCol = "cell_type",
@@ -203,6 +209,8 @@ def subset_cmd(
     split: Annotated[Path | None, typer.Option("--split", help="cell-load style split TOML (e.g. from `vcell data split --out`).")] = None,
     holdout_context: Annotated[list[str] | None, typer.Option("--holdout-context", help="Or: hold out this context (zero-shot), as `vcell data split`; repeatable.")] = None,
     holdout_perturbations: HoldoutPerturbations = None,
+    val_context: ValContext = None,
+    val_perturbations: ValPerturbations = None,
     role: Annotated[list[str] | None, typer.Option("--role", help="Cells of this role: test (default), val, train or control; repeatable.")] = None,
     context: Annotated[list[str] | None, typer.Option("--context", help="Only cells of this context (name or dataset.context); repeatable.")] = None,
     controls: Annotated[bool, typer.Option("--controls/--no-controls", help="Add the control cells of the selected cells' contexts (needed to score).")] = True,
@@ -226,12 +234,12 @@ def subset_cmd(
     from vcell.data.subset import write_cells
     from vcell.eval.prep import read_gene_list
 
-    check_split_options(split, holdout_context, holdout_perturbations)
+    check_split_options(split, holdout_context, holdout_perturbations, val_perturbations, val_context)
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
     gene_list = read_gene_list(genes) if genes else None
     check_output_path(out, [file] + ([split] if split else []) + ([genes] if genes else []), overwrite=overwrite)
     data = load_dataset(file, spec, backed=True, dataset_col=dataset_col, require_context_controls=not allow_missing_controls)
-    cfg = split_config(data.index, split, holdout_context, holdout_perturbations, seed)
+    cfg = split_config(data.index, split, holdout_context, holdout_perturbations, seed, val_context, val_perturbations)
     mask = select_cells(data.index, apply_split(data.index, cfg), role or ["test"], context or [], controls)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
