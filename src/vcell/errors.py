@@ -48,8 +48,28 @@ def preview(items: Iterable, n: int = 5, quote: bool = True) -> str:
     return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
+def close_matches(value: str, options: Iterable, n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """The options ``value`` most likely meant, best first: the same name in another case (gene
+    symbols written in lower case), then difflib's close matches; at most ``n``.
+
+    Examples
+    --------
+    >>> close_matches("brd4", ["BRD4", "STAT1"])
+    ['BRD4']
+    """
+    names = [str(o) for o in options]
+    folded = {}
+    for o in names:
+        folded.setdefault(o.casefold(), o)
+    same = folded.get(str(value).casefold())
+    close = difflib.get_close_matches(str(value), names, n=n, cutoff=cutoff)
+    if same is not None and same != str(value):
+        close = [same, *[c for c in close if c != same]][:n]
+    return close
+
+
 def did_you_mean(value: str, options: Iterable, n: int = 3, cutoff: float = 0.6) -> str:
-    """``"; did you mean 'x', 'y'?"`` for the options close to ``value``, else ``""``.
+    """``"; did you mean 'x', 'y'?"`` for the options close to ``value`` (:func:`close_matches`), else ``""``.
 
     Examples
     --------
@@ -60,14 +80,7 @@ def did_you_mean(value: str, options: Iterable, n: int = 3, cutoff: float = 0.6)
     >>> did_you_mean("brd4", ["BRD4", "STAT1"])
     "; did you mean 'BRD4'?"
     """
-    names = [str(o) for o in options]
-    folded = {}
-    for o in names:  # the same name in another case (gene symbols written in lower case) comes first
-        folded.setdefault(o.casefold(), o)
-    same = folded.get(str(value).casefold())
-    close = difflib.get_close_matches(str(value), names, n=n, cutoff=cutoff)
-    if same is not None and same != str(value):
-        close = [same, *[c for c in close if c != same]][:n]
+    close = close_matches(value, options, n, cutoff)
     return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
@@ -79,5 +92,5 @@ def named_with_guess(value: str, options: Iterable) -> str:
     >>> named_with_guess("brd4", ["BRD4", "STAT1"])
     "'brd4' (did you mean 'BRD4'?)"
     """
-    guess = did_you_mean(value, options, n=1)
-    return f"{value!r}" + (f" ({guess.removeprefix('; ')})" if guess else "")
+    guess = close_matches(value, options, n=1)
+    return f"{value!r}" + (f" (did you mean {guess[0]!r}?)" if guess else "")

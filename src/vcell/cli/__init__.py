@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -37,21 +38,22 @@ class _Stopped(Exception):
         self.interrupt = interrupt
 
 
-def _usage_error(exc: UsageError) -> VcellError:
+def _usage_error(exc: UsageError, root) -> VcellError:
     """Click's usage error (a missing or unknown option, a bad value, an unknown command) as the one
-    ``error:`` line every other bad input gets, instead of typer's boxed usage text."""
+    ``error:`` line every other bad input gets, instead of typer's boxed usage text. ``root``: the
+    ``vcell`` group, to name the command typed when click gives no context (an option without its value)."""
     message = exc.format_message().strip().rstrip(".")
     message = message[:1].lower() + message[1:]
     value = given(*getattr(getattr(exc, "param", None), "opts", ()))
     if value is not None and repr(value) not in message:  # typer's messages for a bad number omit the value
         message = f"{message} (got {value!r})"
-    path = exc.ctx.command_path if exc.ctx is not None else _typed_command()  # click names none for an option without its value
+    path = exc.ctx.command_path if exc.ctx is not None else _typed_command(root)
     return VcellError(f"{path}: {message}; see '{path} --help'")
 
 
-def _typed_command() -> str:
+def _typed_command(root) -> str:
     """The command the user typed (``vcell eval run``): the leading words of the command line that name groups and commands."""
-    cmd, words = typer.main.get_command(app), ["vcell"]
+    cmd, words = root, ["vcell"]
     for arg in cli_args():
         sub = getattr(cmd, "commands", {}).get(arg)
         if sub is None:
@@ -63,29 +65,33 @@ def _typed_command() -> str:
     return " ".join(words)
 
 
+@contextlib.contextmanager
+def _one_line_usage_errors(root):
+    """Click's usage errors inside as :class:`VcellError` (a group called without a command still shows its help)."""
+    try:
+        yield
+    except NoArgsIsHelpError:
+        raise
+    except UsageError as exc:
+        raise _usage_error(exc, root) from None
+
+
 class _Group(HelpGroup):
     """The ``vcell`` group: a Ctrl-C anywhere in a command reaches :func:`main` as :class:`_Stopped`;
-    a usage error anywhere as :class:`VcellError` (a group called without a command still shows its help)."""
+    a usage error anywhere as :class:`VcellError`."""
 
     def make_context(self, info_name, args, parent=None, **extra):
         """Parse the top-level options; a usage error becomes :class:`VcellError`."""
-        try:
+        with _one_line_usage_errors(self):
             return super().make_context(info_name, args, parent=parent, **extra)
-        except NoArgsIsHelpError:
-            raise
-        except UsageError as exc:
-            raise _usage_error(exc) from None
 
     def invoke(self, ctx):
         """Run the command; turn a ``KeyboardInterrupt`` into :class:`_Stopped`, a usage error into :class:`VcellError`."""
         try:
-            return super().invoke(ctx)
+            with _one_line_usage_errors(self):
+                return super().invoke(ctx)
         except KeyboardInterrupt as exc:
             raise _Stopped(exc) from None
-        except NoArgsIsHelpError:
-            raise
-        except UsageError as exc:
-            raise _usage_error(exc) from None
 
 
 app = typer.Typer(

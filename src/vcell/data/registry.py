@@ -50,7 +50,7 @@ from vcell.data.download import (  # noqa: F401 - re-exported: part of this modu
 )
 from vcell.data.io import fcntl  # noqa: F401 - re-exported: the lock a concurrent fetch holds
 from vcell.data.spec import EXPRESSION_TYPES, DataSpec
-from vcell.errors import VcellError, did_you_mean
+from vcell.errors import VcellError, close_matches
 
 REGISTRY_ENV = "VCELL_REGISTRY"
 PERTURBATION_TYPES: tuple[str, ...] = ("CRISPRi", "CRISPRa", "KO", "drug", "cytokine", "other")
@@ -255,8 +255,8 @@ def _parse_entry(path: Path | str, name: str, entry: dict, base: DatasetInfo | N
 
     for key in entry:
         if key not in _ENTRY_KEYS:
-            close = did_you_mean(key, _ENTRY_KEYS, n=1)  # "; did you mean 'x'?" or ""
-            hint = f" ({close.removeprefix('; ')})" if close else f" (allowed: {', '.join(_ENTRY_KEYS)})"
+            close = close_matches(key, _ENTRY_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(_ENTRY_KEYS)})"
             fail(key, "unknown key" + hint)
 
     changes: dict = {"source": source}

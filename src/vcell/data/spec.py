@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from vcell.errors import did_you_mean
+from vcell.errors import close_matches
 
 ExpressionType = Literal["counts", "log1p"]
 EXPRESSION_TYPES: tuple[str, ...] = ("counts", "log1p")
@@ -81,6 +81,5 @@ def column_guess(col: str, columns: Iterable, role: str) -> str:
     guesses = [n for w in words for n in names if n.casefold() == w]  # a column named for the role first
     for word in words:
         guesses += [n for n in names if word in n.casefold() and n not in guesses]
-    spelled = did_you_mean(col, [n for n in names if n not in guesses[:2]], n=1)
-    guesses = [repr(g) for g in guesses[:2]] + ([spelled[len("; did you mean "):-1]] if spelled else [])
-    return f"; did you mean {', '.join(guesses)}?" if guesses else ""
+    guesses = guesses[:2] + close_matches(col, [n for n in names if n not in guesses[:2]], n=1)
+    return f"; did you mean {', '.join(map(repr, guesses))}?" if guesses else ""

@@ -28,6 +28,13 @@ from vcell.eval.metrics import DEData, ExpressionData, MetricUndefined, get_metr
 logger = logging.getLogger(__name__)
 _said: set[str] = set()  # why a metric was left out or has no column: said once per process (a bench scores many predictions)
 
+
+def _say_once(level: int, note: str) -> None:
+    """Log ``note`` at ``level`` the first time in this process, at DEBUG after."""
+    logger.log(logging.DEBUG if note in _said else level, "%s", note)
+    _said.add(note)
+
+
 __all__ = ["PERTURBATION_COLUMN", "PROFILES", "compute_results", "profile_metrics"]
 
 #: Name of the perturbation column of ``results`` (as cell-eval writes it).
@@ -155,18 +162,14 @@ def compute_results(
         try:
             value = metric(data, **metric_kwargs.get(name, {}))
         except MetricUndefined as err:
-            note = f"metric {name} left out: {err}"
-            logger.log(logging.DEBUG if note in _said else logging.WARNING, "%s", note)
-            _said.add(note)
+            _say_once(logging.WARNING, f"metric {name} left out: {err}")
             skipped[name] = str(err)
             continue
         for column, per_pert in _columns(name, value, data.perturbations):
             if not per_pert:
                 # No perturbation has a value (e.g. no real significant gene anywhere): cell-eval
                 # has no row for the metric, so its pivoted table has no column either.
-                note = f"metric {column} has no value for any perturbation; no column"
-                logger.log(logging.DEBUG if note in _said else logging.INFO, "%s", note)
-                _said.add(note)
+                _say_once(logging.INFO, f"metric {column} has no value for any perturbation; no column")
                 continue
             columns[column] = per_pert
             rows.update(dict.fromkeys(per_pert))

@@ -48,13 +48,13 @@ def pert_vocabulary(labels, control: str) -> list[str]:
     return sorted({t for label in labels if str(label) != control for t in split_combo(str(label))})
 
 
-def trained_labels(data: PerturbationData, split: Split | None) -> list[str]:
-    """Perturbation labels with training or validation cells under ``split`` (every label when ``None``)."""
+def trained_labels(data: PerturbationData, split: Split | None, roles: tuple[str, ...] = ("train", "val")) -> list[str]:
+    """Perturbation labels with cells of ``roles`` under ``split`` (every label when ``None``), in the data's order."""
     index = data.index
     if split is None:
         return [str(p) for p in index.perts]
     used = np.zeros(len(index.perts), dtype=bool)
-    for role in ("train", "val"):
+    for role in roles:
         used[np.unique(index.pert_codes[split.mask(role)])] = True
     return [str(p) for p, u in zip(index.perts, used) if u]
 
@@ -391,13 +391,12 @@ def build_module(
     if cfg.input_dim != width:
         what = "genes" if embed_key is None else f"embedding dimensions in .obsm[{embed_key!r}]"
         raise VcellError(f"ST config: input_dim is {cfg.input_dim} but the data has {width} {what}")
-    trained = labels if split is None else [str(p) for p in index.perts[np.unique(index.pert_codes[split.mask("train")])]]
     meta = {
         "genes": [str(g) for g in data.adata.var_names],
         "columns": {"pert_col": spec.pert_col, "control": spec.control, "context_col": spec.context_col, "batch_col": spec.batch_col},
         "seed": int(seed),
         "embed_key": embed_key,
-        "trained_perturbations": [p for p in labels if p in set(trained) and p != spec.control],  # `--perturbations all`
+        "trained_perturbations": [p for p in trained_labels(data, split, ("train",)) if p != spec.control],  # `--perturbations all`
     }
     return STModule(cfg, index.perts, vocab, spec.control, lr=lr, meta=meta, features=features)
 
