@@ -867,6 +867,33 @@ def test_prep_2026_reads_and_writes_a_block_of_cells_at_a_time(tiny, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["genes.csv", "late.h5ad", "shuffled.h5ad", "sub.h5ad"]
 
 
+def test_a_prepared_upload_scores_against_a_reference_whose_column_has_another_name(tiny, tmp_path):
+    """prep writes the upload's `target_gene`; a reference with `target` still scores it (the
+    switch said once), as the prediction before prep, in files and in memory."""
+    from vcell.eval.vcc2026.api import evaluate_2026
+
+    d, files = tiny
+    real, pred = ad.read_h5ad(files["real"]), ad.read_h5ad(files["pred"])
+    genes = list(real.var_names)
+    real_t = _write(tmp_path / "real_t.h5ad", real.X, real.obs[PERT_COL], genes, pert_col="target")
+    pred_t = _write(tmp_path / "pred_t.h5ad", pred.X, pred.obs[PERT_COL], genes, pert_col="target")
+    (tmp_path / "genes.csv").write_text("\n".join(genes) + "\n")
+    sub = tmp_path / "sub.h5ad"
+    proc = run_cli("eval", "prep", "--profile", "vcc2026", "--pred", pred_t, "--genes", tmp_path / "genes.csv",
+                   "--pert-col", "target", "--out", sub)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    runs = {}
+    for name, file in {"before": pred_t, "after": sub}.items():
+        proc = run_cli("eval", "run", "--profile", "vcc2026", "--pred", file, "--real", real_t, "--pert-col", "target",
+                       "--out", tmp_path / name)
+        assert proc.returncode == 0, proc.stderr[-1500:]
+        assert ("'target_gene', the column of a 2026 upload" in proc.stderr) == (name == "after"), proc.stderr[-800:]
+        runs[name] = pd.read_csv(tmp_path / name / "results.csv")
+    pd.testing.assert_frame_equal(runs["before"], runs["after"])
+    results, _ = evaluate_2026(ad.read_h5ad(sub), ad.read_h5ad(real_t), pert_col="target")
+    np.testing.assert_allclose(results["value"], runs["before"]["value"], rtol=0, atol=1e-12)
+
+
 def test_a_context_whose_every_scale_is_degenerate_scores_nan_quietly():
     """Lenient scoring (bench) of a context where the baseline already equals the replicate on every
     metric: each metric is left out, the context score is NaN, and numpy's empty-slice

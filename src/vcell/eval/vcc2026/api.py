@@ -13,6 +13,7 @@ from vcell.eval.vcc2026.baseline import BASELINE_SEED
 from vcell.eval.vcc2026.evaluate import evaluate_cells
 from vcell.eval.vcc2026.files import ContextScale, Options, context_scale, reference_context
 from vcell.eval.vcc2026.inputs import cells_from_anndata, check_genes, check_perturbations
+from vcell.eval.vcc2026.reader import prediction_pert_col
 from vcell.eval.vcc2026.scale import score_context
 from vcell.eval.vcc2026.tables import agg_means, agg_wide, results_long
 
@@ -51,7 +52,7 @@ def evaluate_2026(
     real_cells = cells_from_anndata(real, pert_col, "real")
     cells = {}
     for name, adata in preds.items():  # every prediction checked before the reference is summarised
-        cells[name] = cells_from_anndata(adata, pert_col, name)
+        cells[name] = cells_from_anndata(adata, prediction_pert_col(adata.obs.columns, pert_col, name), name)
         check_genes(cells[name].genes, real_cells.genes, name, "real")
         check_perturbations(cells[name].labels, real_cells.labels, control, name, "real")
     ref, perts = reference_context(real_cells, Options(pert_col, control, "", None, no_target_genes, threads), target_genes)

@@ -47,7 +47,7 @@ from vcell.eval.vcc2026.inputs import (
     read_target_map,
     refuse_unlabelled,
 )
-from vcell.eval.vcc2026.reader import ObsColumns, read_obs
+from vcell.eval.vcc2026.reader import UPLOAD_PERT_COL, ObsColumns, prediction_pert_col, read_obs
 from vcell.eval.vcc2026.scale import (
     degenerate,
     degenerate_note,
@@ -102,8 +102,9 @@ def _contexts(path, col: str, obs: ObsColumns, required: bool) -> list[str] | No
 DATA_CONTEXT_COLUMN = DataSpec().context_col
 
 
-def _read_meta(path, opts: Options) -> ObsColumns:
-    return read_obs(path, [opts.pert_col, opts.context_col, DATA_CONTEXT_COLUMN])
+def _read_meta(path, opts: Options, prediction: bool = False) -> ObsColumns:
+    upload = [UPLOAD_PERT_COL] if prediction else []
+    return read_obs(path, [opts.pert_col, *upload, opts.context_col, DATA_CONTEXT_COLUMN])
 
 
 def _one_context(path, opts: Options, obs: ObsColumns) -> None:
@@ -226,13 +227,14 @@ def run_many(preds: Mapping[str, str | os.PathLike], real, out, opts: Options, o
     labels_real = _labels(real_obs, real, opts.pert_col)
     metas = {}
     for key, pred in preds.items():  # every prediction's columns, labels and contexts checked before any work
-        pred_obs = _read_meta(pred, opts)
+        pred_obs = _read_meta(pred, opts, prediction=True)
+        pert_col = prediction_pert_col(pred_obs.names, opts.pert_col, str(pred))
         pred_ctx = _contexts(pred, opts.context_col, pred_obs, required=contexts is not None) if contexts is not None else None
         if pred_ctx is not None and set(pred_ctx) - set(contexts):
             raise VcellError(f"{pred}: context(s) {preview(sorted(set(pred_ctx) - set(contexts)), 3)} not in {real}")
-        labels_pred = _labels(pred_obs, pred, opts.pert_col)
+        labels_pred = _labels(pred_obs, pred, pert_col)
         check_perturbations(labels_pred, labels_real, opts.control, str(pred), str(real))
-        metas[key] = (pred_obs, labels_pred)
+        metas[key] = (pred_obs, labels_pred, pert_col)
     names = [f"{folder[key]}{subfolder(c, 'context')}{f}" for key in preds for c in (contexts or [None]) for f in RUN_FILES]
     check_output_dir(out, names, [real, *preds.values()], overwrite=overwrite)
     # One matrix in memory at a time (or one band of it, for a matrix on disk): the reference is
@@ -277,10 +279,10 @@ def run_many(preds: Mapping[str, str | os.PathLike], real, out, opts: Options, o
 
 def _score_prediction(pred: Path, meta, real, refs: dict, genes, bounds, contexts, opts: Options, scratch) -> dict:
     """context -> (results, agg_results) of one prediction against the summarised reference ``refs``."""
-    pred_obs, labels_pred = meta
+    pred_obs, labels_pred, pert_col = meta
     pred_ctx_values = pred_obs.columns[opts.context_col][0] if contexts else None
     groups, index = _sum_groups(labels_pred, pred_ctx_values, opts.control)
-    pred_cells = read_cells(pred, opts.pert_col, None, opts.budget, scratch, opts.progress, "pred", bounds, groups)
+    pred_cells = read_cells(pred, pert_col, None, opts.budget, scratch, opts.progress, "pred", bounds, groups)
     tables = {}
     try:
         check_genes(pred_cells.genes, genes, str(pred), str(real))

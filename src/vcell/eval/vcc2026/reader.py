@@ -9,6 +9,7 @@ columns, ...) goes through anndata.
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +25,11 @@ from vcell.errors import VcellError, preview
 from vcell.eval.row_reader import MatrixReader
 from vcell.eval.tiles import Scratch, TileStore, open_store, plan_tiles, write_stores
 from vcell.eval.vcc2026._kernels import row_stats
+
+log = logging.getLogger(__name__)
+
+#: The perturbation column of a 2026 upload, as ``vcell eval prep --profile vcc2026`` writes it.
+UPLOAD_PERT_COL = "target_gene"
 
 _DENSE_BLOCK_ROWS = 2048
 
@@ -242,6 +248,17 @@ def as_csr(X, where: str) -> sp.csr_matrix:
     if X.dtype == np.float16 or X.dtype == np.bool_:
         X = X.astype(np.float32)
     return X
+
+
+def prediction_pert_col(names, pert_col: str, where: str) -> str:
+    """The obs column holding a prediction's perturbations: ``pert_col``, or the upload's
+    ``target_gene`` when the prediction has only that (a file written by ``vcell eval prep``,
+    scored against a reference whose column has another name); the switch is logged."""
+    if pert_col not in names and UPLOAD_PERT_COL in names:
+        log.info("%s: no %r column; its perturbations are read from %r, the column of a 2026 upload", where, pert_col,
+                 UPLOAD_PERT_COL)
+        return UPLOAD_PERT_COL
+    return pert_col
 
 
 def labels_of(obs: pd.DataFrame, pert_col: str, where: str) -> tuple[np.ndarray, list[str]]:

@@ -30,12 +30,10 @@ from vcell.data.matrix import iter_row_chunks
 from vcell.errors import VcellError, preview
 from vcell.eval.prep import read_gene_list
 from vcell.eval.vcc2026.inputs import CountsCells, check_counts
-from vcell.eval.vcc2026.reader import as_csr, labels_of
+from vcell.eval.vcc2026.reader import UPLOAD_PERT_COL, as_csr, labels_of
 
 #: Most stored entries a 2026 submission's matrix may hold.
 MAX_STORED_ENTRIES = 4_750_000_000
-#: The perturbation column of the upload.
-UPLOAD_PERT_COL = "target_gene"
 #: Cells read, checked and written at a time.
 CHUNK_CELLS = 4096
 
