@@ -6,6 +6,8 @@ end is in ``test_st_cli.py`` and its refusals in ``test_bad_inputs.py``.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -36,6 +38,7 @@ def world():
                               cells_per_perturbation=30, n_controls=60, seed=0)
     raw.X = sp.csr_matrix(raw.X, dtype=np.float32)
     adata = normalize_log1p(raw)  # raw counts kept in layers["counts"], as `vcell data preprocess` keeps them
+    adata.obs["total_all"] = np.asarray(adata.layers["counts"].sum(axis=1)).ravel()  # over all 40 genes
     adata = adata[:, adata.var_names[:N_GENES]].copy()
     data = from_anndata(adata)
     split = apply_split(data.index, holdout_config(data.index, ["ctx_B"]))
@@ -101,16 +104,24 @@ def test_counts_at_each_cells_own_control_library_size(world):
     assert set(_dense(drawn.X).sum(axis=1)) <= set(totals)
 
 
-def test_library_sizes_from_an_obs_column_or_one_error(world):
+def test_library_sizes_from_an_obs_column_or_one_error(world, caplog):
     data, models, controls = world
     log1p = predict_context(models["pert_mean"], data, "ctx_B", seed=0)
     bare = controls.copy()
     del bare.layers["counts"]
-    bare.obs["nCount_RNA"] = np.arange(100, 100 + bare.n_obs)
-    pred = to_counts(log1p, bare, seed=0)
-    by_name = dict(zip(bare.obs_names, bare.obs["nCount_RNA"]))
-    np.testing.assert_array_equal(_dense(pred.X).sum(axis=1), [by_name[c] for c in pred.obs[CONTROL_CELL_COL]])
-    assert pred.uns["vcell"]["library_source"] == "obs['nCount_RNA'] (all genes measured)"
+    # a total over all 40 genes measured (as scanpy's QC writes it), 30 of them predicted: each cell
+    # is drawn at its total over the 30, told from its log1p values, not at the 40-gene total
+    bare.obs["nCount_RNA"] = bare.obs["total_all"]
+    with caplog.at_level(logging.WARNING, logger="vcell"):
+        pred = to_counts(log1p, bare, seed=0)
+    over_predicted = dict(zip(controls.obs_names, _dense(controls.layers["counts"]).sum(axis=1)))
+    np.testing.assert_array_equal(_dense(pred.X).sum(axis=1), [over_predicted[c] for c in pred.obs[CONTROL_CELL_COL]])
+    share = np.median(_dense(controls.layers["counts"]).sum(axis=1) / bare.obs["total_all"].to_numpy())
+    assert pred.uns["vcell"]["library_source"].startswith("obs['nCount_RNA'] x the predicted genes' share")
+    assert share < 0.9 and f"hold a median {100 * share:.1f}% of it" in caplog.text
+    bare.obs["nCount_RNA"] = np.arange(100, 100 + bare.n_obs)  # no total these log1p values were normalised by
+    with pytest.raises(VcellError, match=r"obs\['nCount_RNA'\] counts every gene measured, and X does not tell"):
+        to_counts(log1p, bare)
     del bare.obs["nCount_RNA"]
     with pytest.raises(VcellError, match=r"no raw counts .*--depth 20000"):
         to_counts(log1p, bare)

@@ -14,11 +14,11 @@ cell's total is exactly ``L`` (a cell predicted all zero gets none). The library
   with replacement from the controls' library sizes, seeded. The library sizes are the controls'
   raw-count totals **over the predicted genes**: ``layers["counts"]`` (which ``vcell data
   preprocess`` keeps, subset to the same genes as ``X``), else an ``obs`` total-count column
-  (:data:`TOTAL_COLUMNS`), which covers every gene measured. The 2026 scorer normalises each
-  cell over the genes in the submitted file (per-cell CPM for the DE tests, pseudobulk to 5e4),
-  and the real cells it compares with hold only those genes too, so the total over the
-  predicted genes is what keeps a predicted cell as deep as a real one; an ``obs`` column
-  overstates it when the prediction holds a gene subset (a 2026 submission holds the full list);
+  (:data:`TOTAL_COLUMNS`), which covers every gene measured, times the share of it the
+  predicted genes hold (:func:`predicted_share`, from the log1p values). The 2026 scorer
+  normalises each cell over the genes in the submitted file (per-cell CPM for the DE tests,
+  pseudobulk to 5e4), and the real cells it compares with hold only those genes too, so the
+  total over the predicted genes is what keeps a predicted cell as deep as a real one;
 * a whole number (e.g. ``20000``, the challenge's median depth): every predicted cell gets
   exactly that many counts (at most 1e6, the challenge's cap per cell).
 
@@ -35,6 +35,7 @@ from collections.abc import Mapping
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from vcell.data.counts import draw_library_sizes, sample_counts
 from vcell.errors import VcellError, preview
@@ -145,8 +146,58 @@ def control_library_sizes(controls: ad.AnnData, genes=None, where: str = "the da
         totals = np.asarray(layer.sum(axis=1), dtype=np.float64).ravel()
     else:
         totals = pd.to_numeric(controls.obs[_total_column(controls)], errors="coerce").to_numpy(dtype=np.float64)
-        source = f"{source} (all genes measured)"
+        _check_sizes(pd.Series(totals, index=controls.obs_names.astype(str)), source, where)
+        share = predicted_share(controls, genes, totals, source, where)
+        totals = totals * share
+        source = f"{source} x the predicted genes' share of each cell (from X; median {np.median(share):.3g})"
+        if np.median(share) < 0.9:
+            log.warning("%s: %s counts every gene measured; the %s predicted genes hold a median %.1f%% of it (from the "
+                        "log1p values), so the library sizes are scaled to that share (layers['counts'] gives them exactly)",
+                        where, library_source(controls), f"{controls.n_vars if genes is None else len(genes):,}",
+                        100 * float(np.median(share)))
     return _check_sizes(pd.Series(totals, index=controls.obs_names.astype(str)), source, where), source
+
+
+#: Share of control cells whose implied normalisation total must lie within 1% of the median.
+_SAME_TOTAL_SHARE = 0.25
+
+
+def predicted_share(controls: ad.AnnData, genes, totals: np.ndarray, source: str, where: str) -> np.ndarray:
+    """Each control cell's share of its library (``totals``, over every gene measured) that the
+    predicted ``genes`` hold, from its log1p values.
+
+    ``X`` = log1p(counts / total x T) gives ``expm1(X)`` = counts x T / total; a gene with one count
+    has the cell's smallest non-zero value, so T = that value x total, the same for every cell of a
+    ``normalize_total`` (the median over the cells is taken: a cell whose genes all hold two or more
+    counts overstates it). The share is then the predicted genes' ``expm1(X)`` sum over T. When
+    fewer than a quarter of the cells agree on T (within 1%), ``X`` is not a per-cell normalised
+    log1p and the share cannot be told: a one-line error.
+    """
+    cols = None
+    if genes is not None:
+        cols = pd.Index(controls.var_names.astype(str)).get_indexer(pd.Index([str(g) for g in genes]))
+        if (cols < 0).any():
+            raise VcellError(f"{where}: {int((cols < 0).sum())} predicted gene(s) not in the control cells' genes")
+    smallest = np.full(controls.n_obs, np.nan)
+    sums = np.zeros(controls.n_obs)
+    for lo in range(0, controls.n_obs, 4096):
+        block = controls[lo:lo + 4096].X
+        block = sp.csr_matrix(block, dtype=np.float64) if sp.issparse(block) else sp.csr_matrix(np.asarray(block, dtype=np.float64))
+        block.data = np.expm1(block.data)
+        block.eliminate_zeros()
+        if (block.data < 0).any() or not np.isfinite(block.data).all():
+            raise VcellError(f"{where}: the control cells' X is not log1p (negative or infinite values): {source} cannot be "
+                             "brought to the predicted genes; give layers['counts'] or a fixed depth")
+        filled = np.diff(block.indptr) > 0
+        smallest[lo:lo + block.shape[0]][filled] = np.minimum.reduceat(block.data, block.indptr[:-1][filled])
+        sums[lo:lo + block.shape[0]] = np.asarray((block if cols is None else block[:, cols]).sum(axis=1)).ravel()
+    implied = smallest * totals
+    known = np.isfinite(implied) & (implied > 0)
+    T = float(np.median(implied[known])) if known.any() else np.nan
+    if not known.any() or np.mean(np.abs(implied[known] / T - 1) <= 0.01) < _SAME_TOTAL_SHARE:
+        raise VcellError(f"{where}: {source} counts every gene measured, and X does not tell which share of it the predicted "
+                         "genes hold (X is not log1p of per-cell normalised counts); give layers['counts'] or a fixed depth")
+    return np.minimum(sums / T, 1.0)
 
 
 def _paired_sizes(pred: ad.AnnData, rows: np.ndarray, totals: pd.Series) -> np.ndarray | None:
