@@ -225,3 +225,29 @@ def test_bench_vcc2026_profile(tmp_path):
     bad = run_cli("bench", "--data", logged, "--models", "control_mean", "--holdout-context", "ctx_B",
                   "--profile", "vcc2026", "--out", tmp_path / "bench2")
     assert bad.returncode == 2 and "raw counts" in error_line(bad)
+
+
+def test_run_bench_builds_its_added_baseline_itself_and_keeps_earlier_results(tmp_path):
+    """A caller's builder that makes one model for any name (`lambda name: make_model("linear")`)
+    must not become the cell_mean baseline the VCC score is scaled against (every score was 0);
+    an earlier benchmark in `out` is refused without overwrite, as `vcell bench` refuses it."""
+    import vcell
+    from vcell.errors import VcellError
+
+    a = vcell.simulate_perturbseq(seed=0, n_genes=60, n_perturbations=6, n_combinations=0, n_contexts=2,
+                                  cells_per_perturbation=30, n_controls=60)
+    data = tmp_path / "sim.h5ad"
+    a.write_h5ad(data)
+    out = tmp_path / "bench"
+    kwargs = dict(holdout=["ctx_B"], profile="vcc", report=False, seed=0)
+    result = vcell.run_bench(data, out, ["mine"], lambda name: vcell.make_model("pert_mean", seed=0), **kwargs)
+    board = result.leaderboard[result.leaderboard["context"] == "ctx_B"].set_index("model")
+    assert set(board.index) == {"mine", "cell_mean"}
+    assert board.loc["cell_mean", "vcc_score"] == 0 and board.loc["mine", "vcc_score"] > 0
+    assert board.loc["mine", "mae"] != board.loc["cell_mean", "mae"]
+    before = (out / "leaderboard.csv").read_bytes()
+    with pytest.raises(VcellError, match="leaderboard.csv.*--overwrite"):
+        vcell.run_bench(data, out, ["control_mean"], lambda name: vcell.make_model(name, seed=0), **kwargs)
+    assert (out / "leaderboard.csv").read_bytes() == before
+    vcell.run_bench(data, out, ["control_mean"], lambda name: vcell.make_model(name, seed=0), overwrite=True, **kwargs)
+    assert set(pd.read_csv(out / "leaderboard.csv")["model"]) == {"control_mean", "cell_mean"}

@@ -252,18 +252,62 @@ def run_bench(
     allow_missing_controls: bool = False,
     report: bool = True,
     progress: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> BenchResult:
     """Train, predict and score every model on every fold; write the leaderboard and the report.
 
-    The folds come from ``split_file``, ``holdout`` contexts and/or ``holdout_perturbations``
-    (held out in every context, a fraction drawn with ``seed``), as :func:`make_folds` makes them.
+    Parameters
+    ----------
+    data_path : path
+        The ``.h5ad`` (log1p, or raw counts that each fold preprocesses; raw counts for ``vcc2026``).
+    out : path
+        Output folder (layout in this module's docstring); refused when it holds an earlier
+        benchmark's results, unless ``overwrite``.
+    models : sequence of str
+        Model names. ``cell_mean`` is added when absent (built with
+        :func:`vcell.make_model`, not ``make_model``): the VCC score (x 100) is scaled against it.
+    make_model : callable
+        Name -> an unfitted predictor (e.g. ``lambda name: vcell.make_model(name, seed=0)``).
+    spec : DataSpec
+        The data's columns.
+    split_file, holdout, holdout_perturbations
+        The folds: a cell-load TOML, held-out contexts and/or perturbations held out in every
+        context (a fraction drawn with ``seed``, or names), as :func:`make_folds` makes them.
+    dataset_col, datasets
+        The dataset column of a file holding several, and which to use (default: all).
+    profile : str
+        The metric profile (``full``, ``vcc``, ...) or ``vcc2026`` (the 2025 ``vcc`` metrics and the
+        VCC 2026 score).
+    threads, seed
+        Threads for differential expression; seed of folds, models' draws and counts.
+    allow_missing_controls : bool
+        Accept contexts without control cells.
+    report : bool
+        Write ``report.html``.
+    progress : callable, optional
+        Called with a short text as each step starts.
+    overwrite : bool
+        Replace an earlier benchmark's results in ``out``.
+
+    Returns
+    -------
+    BenchResult
+        The leaderboard (one row per model and context), the runs and the timings.
     """
+    from vcell.data.io import check_output_dir
+    from vcell.predictors.registry import make_model as registry_model
+
     t0 = time.perf_counter()
     out = Path(out)
+    check_output_dir(out, list(BENCH_OUTPUTS), [data_path], overwrite=overwrite)
     models = list(dict.fromkeys(models))
     if BASELINE_MODEL not in models:
         log.info("adding %s: the VCC score is scaled against it", BASELINE_MODEL)
         models.append(BASELINE_MODEL)
+        user_model = make_model
+
+        def make_model(name: str) -> Predictor:  # the baseline as the registry builds it, whatever the caller's builds
+            return registry_model(name, seed=seed) if name == BASELINE_MODEL else user_model(name)
     for name in models:
         make_model(name)  # unknown names fail before any work
     say = progress or (lambda text: None)

@@ -92,7 +92,6 @@ def bench(
     seed: Seed = 0,
 ) -> None:
     """Train each model, predict the held-out contexts, score with vcell eval, write leaderboard + report."""
-    from vcell.data.io import check_output_dir
     from vcell.data.perturbation_lists import parse_perturbations
     from vcell.eval.profiles import profile_metrics
     from vcell.leaderboard import BENCH_OUTPUTS, run_bench
@@ -103,7 +102,6 @@ def bench(
         raise VcellError("give either --split FILE or --holdout-context/--holdout-perturbations, not both")
     if holdout_perturbations is not None:
         parse_perturbations(holdout_perturbations)  # a bad fraction is named before any work
-    check_output_dir(out, list(BENCH_OUTPUTS), [data], overwrite=overwrite)
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
     names = [m.strip() for m in models.split(",") if m.strip()]
     options = model_options(model_config) if model_config is not None else {}
@@ -112,7 +110,7 @@ def bench(
             data, out, names, lambda name: build_model(name, options, seed), spec=spec, split_file=split,
             holdout=holdout_context or [], holdout_perturbations=holdout_perturbations, dataset_col=dataset_col, datasets=dataset or [], profile=profile, threads=threads, seed=seed,
             allow_missing_controls=allow_missing_controls, report=not no_report,
-            progress=lambda text: line.update(description=f"benchmark: {text}"),
+            progress=lambda text: line.update(description=f"benchmark: {text}"), overwrite=overwrite,
         )
     show = {"model": "model", "context": "context", "vcc_score": "VCC", "vcc_score_unclipped": "VCC unclipped", "vcc2026_score": "VCC 2026",
             "mae": "MAE", "discrimination_score_l1": "PDS", "overlap_at_N": "DES"}

@@ -63,6 +63,7 @@ def _demo(out: Path, holdout_context: str | None, models: str, seed: int) -> Non
         result = run_bench(
             path, out / "bench", names, lambda name: make_model(name, seed=seed), spec=spec, holdout=[held],
             seed=seed, progress=lambda text: line.update(description=f"benchmark: {text}"),
+            overwrite=True,  # the demo's folder was checked (and --overwrite given) before it started
         )
     show = {"model": "model", "vcc_score": "VCC", "vcc_score_unclipped": "VCC unclipped", "mae": "MAE",
             "discrimination_score_l1": "PDS", "overlap_at_N": "DES", "pearson_delta": "r(delta)"}
