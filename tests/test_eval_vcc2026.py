@@ -985,6 +985,25 @@ def test_eval_score_warns_of_an_unresolved_scale_and_keeps_cell_eval2s_numbers(s
     assert "not resolved" not in said(scale, "resolved.csv")
 
 
+def test_eval_score_refuses_a_scale_built_from_another_reference(sim_vcell, tmp_path):
+    """A scale of a reference with one perturbation fewer than the run's: refused, naming it (it
+    scored silently, 0.12 where the run's own scale gives 0.18); nothing written."""
+    import shutil
+
+    from vcell.eval.csvio import read_csv, write_csv
+
+    scale = tmp_path / "scale"
+    shutil.copytree(sim_vcell["scale"], scale)
+    results = read_csv(scale / "baseline_results.csv", text_columns=("perturbation", "metric"))
+    dropped = sorted(set(results["perturbation"]))[0]
+    write_csv(results[results["perturbation"] != dropped], scale / "baseline_results.csv")
+    proc = run_cli("eval", "score", "--profile", "vcc2026", "--user", sim_vcell["honest"], "--baseline", scale,
+                   "--out", tmp_path / "score.csv")
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert f"1 only in the run ('{dropped}')" in error_line(proc) and "results.csv: scored on" in error_line(proc)
+    assert not (tmp_path / "score.csv").exists()
+
+
 def test_eval_baseline_names_a_degenerate_scale_that_score_will_refuse(tmp_path):
     """A reference whose perturbations all have the same effect: the mean-response baseline is each
     one's truth, so some metric's scale is degenerate (pds_cosine, at least: every effect ties);

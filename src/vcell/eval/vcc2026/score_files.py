@@ -46,6 +46,25 @@ def _n_splits(folder: Path) -> int:
         return N_SPLITS
 
 
+def _perturbations(path: Path) -> set[str] | None:
+    if not path.is_file():
+        return None
+    return set(read_csv(path, text_columns=("perturbation", "metric"))["perturbation"].astype(str))
+
+
+def _same_perturbations(run: Path, baseline: Path) -> None:
+    """Refuse a run and a scale made from different references: their perturbations differ (a
+    scale's ends are only meaningful for the perturbations and cells they were built from)."""
+    user, ends = _perturbations(run), _perturbations(baseline)
+    if user is None or ends is None or user == ends:
+        return
+    only_run, only_scale = sorted(user - ends), sorted(ends - user)
+    parts = ([f"{len(only_run)} only in the run ({preview(only_run, 3)})"] if only_run else []) + \
+            ([f"{len(only_scale)} only in the scale ({preview(only_scale, 3)})"] if only_scale else [])
+    raise VcellError(f"{run}: scored on {len(user)} perturbations, the scale {baseline.parent} on {len(ends)}: "
+                     f"{'; '.join(parts)}; build the scale from the reference the run was scored against")
+
+
 def score(user, scale_dir, out=None, overwrite: bool = False) -> pd.DataFrame:
     """The scaled 2026 score of a run folder against a folder of scale ends, per context and averaged."""
     user, scale_dir = Path(user), Path(scale_dir)
@@ -63,6 +82,8 @@ def score(user, scale_dir, out=None, overwrite: bool = False) -> pd.DataFrame:
         raise VcellError(f"{scale_dir}: no scale for context(s) {preview(missing, 3)} of {user}{hint}")
     tables = {}
     for ctx, folder in users.items():
+        if folder.is_dir():
+            _same_perturbations(folder / "results.csv", ends[ctx] / "baseline_results.csv")
         u = _mean_row(folder / "agg_results.csv" if folder.is_dir() else folder)
         b = _mean_row(ends[ctx] / "baseline_agg_results.csv")
         anchor_path = ends[ctx] / "anchor_agg.csv"
