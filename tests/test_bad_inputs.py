@@ -309,6 +309,11 @@ CASES: dict[str, Case] = {
     "list_registry_missing": Case(lambda c: ["data", "list", "--registry", c.inp / "reg.toml"], ("reg.toml", "not found")),
     "list_registry_syntax": Case(lambda c: ["data", "list", "--registry", c.text("reg.toml", "[datasets\nfoo = 1\n")], ("reg.toml", "line 1")),
     # ---- vcell eval run
+    "eval_2026_option_on_2025_profile": Case(lambda c: _eval(c, c.w.real, None, "--no-target-genes"),
+                                             ("--no-target-genes applies to the vcc2026 profile only",)),
+    "eval_prep_2025_option_on_2026_profile": Case(
+        lambda c: ["eval", "prep", "--profile", "vcc2026", "--pred", c.w.real, "--genes", c.text("g.csv", "G1\n"),
+                   "--max-cells", "10", "--out", c.out / "sub.h5ad"], ("--max-cells applies to the 2025 (vcc) profile only",)),
     "eval_nan_pred": Case(lambda c: _eval(c, c.h5ad("nan.h5ad", NAN, "real")), ("nan.h5ad", "NaN or infinite")),
     "eval_negative_pred": Case(lambda c: _eval(c, c.h5ad("neg.h5ad", NEG, "real")), ("neg.h5ad", "negative values")),
     "eval_genes_differ": Case(lambda c: _eval(c, c.h5ad("fewer.h5ad", lambda a: a[:, 3:].copy(), "real")), ("fewer.h5ad", "genes differ", "missing")),

@@ -65,14 +65,13 @@ def _options_2026(pert_col, control, context_col, target_genes, no_target_genes,
     return Options(pert_col, control, context_col, target_genes, no_target_genes, threads, budget=budget, progress=task)
 
 
-def _only_2026(profile: str, **given) -> None:
-    """Refuse options that belong to one profile when the other is used."""
+def _only_for(profile: str, **given) -> None:
+    """Refuse options of ``profile`` (given as name=(value, default)) when another profile is used."""
     from vcell.errors import VcellError
 
     for option, (value, default) in given.items():
         if value != default:
-            other = "vcc2026" if profile != "vcc2026" else "2025 (vcc)"
-            raise VcellError(f"{option} applies to the {other} profile only")
+            raise VcellError(f"{option} applies to the {'vcc2026' if profile == 'vcc2026' else '2025 (vcc)'} profile only")
 
 
 def _agg_2026(agg: pd.DataFrame) -> pd.DataFrame:
@@ -143,7 +142,7 @@ def run_cmd(
     preds = _prediction_names(pred)  # {"": pred} for one: its files in OUT itself
     what = pred[0] if len(pred) == 1 else f"{len(pred)} predictions"
     if profile == "vcc2026":
-        _only_2026("vcc", **{"--skip-metrics": (skip_metrics, None), _expression_option(): (input_type, "auto")})
+        _only_for("vcc", **{"--skip-metrics": (skip_metrics, None), _expression_option(): (input_type, "auto")})
         from vcell.eval.vcc2026.files import RUN_FILES, run_many
 
         opts = _options_2026(pert_col, control, context_col, target_genes, no_target_genes, threads, backed, memory_budget)
@@ -157,7 +156,7 @@ def run_cmd(
         console.print(f"wrote {out}" + (f": {', '.join(f'{n}/' for n in runs)}" if len(pred) > 1 else ""))
         gc.freeze()
         return
-    _only_2026("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False)})
+    _only_for("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False)})
     from vcell.eval.bands import budget_bytes
     from vcell.eval.run import OUTPUT_NAMES, run_many
 
@@ -252,7 +251,7 @@ def baseline_cmd(
         from vcell.errors import VcellError
         from vcell.eval.vcc2026.files import SCALE_FILES, scale_ends
 
-        _only_2026("vcc", **{"--de-out": (de_out, None), "--counts": (counts, None), "--as-delta": (as_delta, False),
+        _only_for("vcc", **{"--de-out": (de_out, None), "--counts": (counts, None), "--as-delta": (as_delta, False),
                              _expression_option(): (input_type, "auto")})
         if only not in (None, "baseline", "anchor"):
             raise VcellError(f"--only {only!r}: use 'baseline' or 'anchor'")
@@ -275,7 +274,7 @@ def baseline_cmd(
             console.print(table(pd.DataFrame(rows), title="vcc2026 scale" + (f", context {ctx}" if ctx else "")))
         console.print(f"wrote {out}")
         return
-    _only_2026("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False),
+    _only_for("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False),
                              "--only": (only, None), "--splits": (splits, 5), "--anchor-seed": (anchor_seed, 0),
                              "--in-memory": (backed, True), "--memory-budget": (memory_budget, 2.0)})
     from vcell.data.io import check_output_path, read_h5ad, write_h5ad
@@ -306,8 +305,8 @@ def prep_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Output .vcc (default: PRED.prep.vcc); vcc2026: .h5ad (default: PRED.prep.h5ad).")] = None,
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
-    max_cells: Annotated[int, typer.Option(help="Most cells allowed (-1: no cap).")] = 200_000,
-    expected_n_genes: Annotated[int, typer.Option(help="Expected gene count (-1: no check).")] = 18_080,
+    max_cells: Annotated[int, typer.Option(help="vcc (2025): most cells allowed (-1: no cap).")] = 200_000,
+    expected_n_genes: Annotated[int, typer.Option(help="vcc (2025): expected gene count (-1: no check); vcc2026 checks the gene list itself.")] = 18_080,
     profile: Annotated[str, typer.Option("--profile", help="vcc (2025 .vcc archive) or vcc2026 (raw-count .h5ad, the 2026 upload checks).")] = "vcc",
     perturbations: Annotated[Path | None, typer.Option("--perturbations", help="vcc2026: CSV of the perturbations to predict (header; first column names, optional second column cell counts; a control row is skipped).")] = None,
     context_col: Annotated[str | None, typer.Option("--context-col", help="vcc2026: obs column of each cell's context, kept in the output.")] = None,
@@ -321,7 +320,7 @@ def prep_cmd(
     1e6, the stored-entry cap), then a CSR float32 .h5ad; nothing is written unless all pass.
     """
     if profile == "vcc2026":
-        _only_2026("vcc", **{"--max-cells": (max_cells, 200_000), "--expected-n-genes": (expected_n_genes, 18_080)})
+        _only_for("vcc", **{"--max-cells": (max_cells, 200_000), "--expected-n-genes": (expected_n_genes, 18_080)})
         from vcell.eval.vcc2026.submission import prepare_submission_2026
 
         target = out if out is not None else pred.with_name(pred.name.removesuffix(".h5ad") + ".prep.h5ad")
@@ -334,7 +333,7 @@ def prep_cmd(
         from vcell.errors import VcellError
 
         raise VcellError(f"--profile {profile!r}: use vcc or vcc2026")
-    _only_2026("vcc2026", **{"--perturbations": (perturbations, None), "--context-col": (context_col, None)})
+    _only_for("vcc2026", **{"--perturbations": (perturbations, None), "--context-col": (context_col, None)})
     from vcell.eval.prep import prepare_submission
 
     path = prepare_submission(

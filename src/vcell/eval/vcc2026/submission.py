@@ -17,6 +17,7 @@ renamed into place once every check has passed.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from vcell.errors import VcellError, preview
 from vcell.eval.prep import read_gene_list
 from vcell.eval.vcc2026.inputs import CountsCells, check_counts
 from vcell.eval.vcc2026.reader import UPLOAD_PERT_COL, as_csr, labels_of
+
+log = logging.getLogger(__name__)
 
 #: Most stored entries a 2026 submission's matrix may hold.
 MAX_STORED_ENTRIES = 4_750_000_000
@@ -124,6 +127,9 @@ def prepare_submission_2026(
     out = check_output_path(out_path, [pred_path], overwrite=overwrite)
     gene_list = read_gene_list(genes)
     listed = read_perturbation_table(perturbations) if perturbations is not None else None
+    if listed is None:
+        log.warning("%s: no perturbation list given (--perturbations): the labels and cells per perturbation are not checked "
+                    "against the challenge's", where)
     if not Path(pred_path).is_file():
         raise VcellError(f"{pred_path}: file not found")
     adata = read_h5ad(pred_path, backed=True)
