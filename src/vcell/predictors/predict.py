@@ -25,13 +25,13 @@ from vcell.data.h5write import H5adWriter
 from vcell.data.io import atomic_path
 from vcell.data.rows import H5Rows
 from vcell.data.spec import DataSpec
-from vcell.errors import VcellError, did_you_mean, preview
+from vcell.errors import VcellError
 from vcell.predictors.all_genes import GeneFill
 from vcell.predictors.base import Predictor, _require_controls, assemble_cells, cell_count, control_obs
 from vcell.predictors.counts import CONTROL_CELL_COL, CountsDraw, control_library_sizes, library_source, parse_depth, parse_output
+from vcell.predictors.request import cell_mask, context_cells, requested_perturbations
 from vcell.train.display import task
 
-DEFAULT_CELLS = 100
 #: Predicted cells :func:`write_prediction` holds at a time (about 160 MB at 2,000 genes).
 PIECE_CELLS = 20_000
 #: Control cells whose counts are summed at a time (library sizes from a backed file).
@@ -72,8 +72,8 @@ def predict_context(
     seed
         Seed of the control cells drawn (and of the counts drawn).
     cells
-        Boolean mask over ``data``'s cells: only these are looked at (e.g. a split's test and
-        control cells).
+        The cells looked at (e.g. a split's test and control cells): a boolean mask over
+        ``data``'s cells, their positions, or their obs names.
     output
         ``"log1p"`` (default) or ``"counts"``: integral raw counts per predicted cell, controls
         dropped, as the Virtual Cell Challenge 2026 takes them (:func:`~vcell.predictors.counts.to_counts`).
@@ -206,15 +206,17 @@ class _Job:
         where = str(data.path) if data.path is not None else "the data"
         output = parse_output(output)
         depth = parse_depth(depth)
+        if all_genes is not None and not isinstance(all_genes, str | os.PathLike):
+            raise VcellError(f"all_genes: the path of the raw-count .h5ad with every gene (got {type(all_genes).__name__})")
         if output != "counts" and depth != "controls":
             raise VcellError(f"depth {depth}: the depth of drawn counts; add output='counts' (the default output is log1p)")
-        context, in_ctx = _context_cells(index, context, where)
+        context, in_ctx = context_cells(index, context, where)
         if cells is not None:
-            in_ctx &= np.asarray(cells, dtype=bool)
+            in_ctx &= cell_mask(cells, data.adata.obs_names, "cells")
         controls_mask = in_ctx & index.is_control
         if not controls_mask.any():
             raise VcellError(f"{where}: context {context!r} has no control cells ({spec.control!r}) to predict from")
-        perts, sizes = _perturbations(predictor, data, in_ctx, context, perturbations, where)
+        perts, sizes = requested_perturbations(predictor, data, in_ctx, context, perturbations, where)
         if cells_per_perturbation is not None:
             sizes = cells_per_perturbation
         if isinstance(sizes, int) and sizes < 1:
@@ -407,41 +409,6 @@ def _name_sources(pred: ad.AnnData, sources: list[np.ndarray] | None, names: pd.
     if len(rows) != pred.n_obs:  # a predictor whose cells do not line up with its draws: say nothing
         return
     pred.obs[CONTROL_CELL_COL] = names[rows]
-
-
-def _context_cells(index, context: str, where: str) -> tuple[str, np.ndarray]:
-    """The context's name and its cells. ``"dataset.context"`` (how splits name a context of a file
-    with several datasets) is accepted too: the cells of that context in that dataset."""
-    contexts = [str(c) for c in index.contexts]
-    if context in contexts:
-        return context, index.context_codes == contexts.index(context)
-    keys = [str(k) for k in index.context_key_names]
-    if context in keys and (index.context_key_codes == keys.index(context)).any():
-        bare = context.split(".", 1)[1]
-        return bare, index.context_key_codes == keys.index(context)
-    raise VcellError(f"{where}: unknown context {context!r}{did_you_mean(context, contexts)} (contexts: {preview(contexts, n=10)})")
-
-
-def _perturbations(
-    predictor: Predictor, data: PerturbationData, in_ctx: np.ndarray, context: str, which, where: str
-) -> tuple[list[str], int | dict[str, int]]:
-    """``(labels, cells per label)`` that ``which`` names."""
-    index = data.index
-    if isinstance(which, str) and which.strip().lower() == "data":
-        codes = index.pert_codes[in_ctx & ~index.is_control]
-        if not len(codes):
-            raise VcellError(f"{where}: context {context!r} has no perturbed cells to take the perturbations from; "
-                             "predict every perturbation the model was trained on ('all', `--perturbations all`) or name them")
-        labels = pd.Series(index.perts[codes].astype(str))
-        counts = labels.value_counts(sort=False)
-        return [str(p) for p in labels.unique()], {str(p): int(n) for p, n in counts.items()}
-    if isinstance(which, str) and which.strip().lower() == "all":
-        return predictor.trained_perturbations(), DEFAULT_CELLS
-    labels = [which] if isinstance(which, str) else list(which)
-    labels = list(dict.fromkeys(str(p).strip() for p in labels if str(p).strip()))
-    if not labels:
-        raise VcellError("no perturbations to predict: give 'all', 'data' or labels")
-    return labels, DEFAULT_CELLS
 
 
 def _relabel(pred: ad.AnnData, model_spec: DataSpec | None, spec: DataSpec) -> ad.AnnData:
