@@ -464,3 +464,20 @@ def test_split_cli_holdout_perturbations(tmp_path, capsys, cli_in_process):
         err = capsys.readouterr().err
         assert done.value.code == 2 and culprit in err and err.count("error:") == 1 and "Traceback" not in err
         assert not (tmp_path / "no.toml").exists()
+
+
+def test_holdout_config_checks_its_arguments(sim):
+    """A context given as held out and validation, an unknown role, one name as a string, a
+    misspelled role of a mask: one line each (they made an empty test set, a KeyError, or walked
+    the string letter by letter)."""
+    from vcell.data.splits import holdout_config
+
+    with pytest.raises(VcellError, match="context 'ctx_B' is both held out \\(test\\) and a validation context"):
+        holdout_config(sim.index, ["ctx_B"], val_contexts=["ctx_B"])
+    with pytest.raises(VcellError, match="role 'tests'.*did you mean 'test'"):
+        holdout_config(sim.index, ["ctx_B"], role="tests")
+    assert holdout_config(sim.index, "ctx_B").zeroshot == holdout_config(sim.index, ["ctx_B"]).zeroshot
+    split = apply_split(sim.index, holdout_config(sim.index, "ctx_B"))
+    assert split.mask("test").any()
+    with pytest.raises(VcellError, match="unknown role 'tst'.*did you mean 'test'"):
+        split.mask("tst")

@@ -164,13 +164,19 @@ def _check_key(path, section: str, key: str) -> None:
         raise VcellError(f"{path}: [{section}] key {key!r} must be \"dataset.context\"")
 
 
-def holdout_config(index: CellIndex, contexts: list[str], role: str = "test", val_contexts: list[str] = ()) -> SplitConfig:
-    """Zero-shot split: hold out whole contexts (``"context"`` or ``"dataset.context"``)."""
+def holdout_config(index: CellIndex, contexts: str | Sequence[str], role: str = "test", val_contexts: str | Sequence[str] = ()) -> SplitConfig:
+    """Zero-shot split: hold out whole contexts (``"context"`` or ``"dataset.context"``; one name or a
+    list), as ``role`` (``"test"`` or ``"val"``), and ``val_contexts`` for validation."""
+    if role not in ("test", "val"):
+        raise VcellError(f"role {role!r}: a held-out context is 'test' or 'val'{did_you_mean(str(role), ['test', 'val'])}")
+    contexts, val_contexts = ([c] if isinstance(c, str) else list(c) for c in (contexts, val_contexts))
     cfg = SplitConfig(source="--holdout-context")
     cfg.training = {str(d): "train" for d in index.datasets}
     for names, r in ((contexts, role), (val_contexts, "val")):
         for name in names:
             for key in _resolve_context(index, name, cfg.source):
+                if key in cfg.zeroshot and cfg.zeroshot[key] != r:
+                    raise VcellError(f"context {name!r} is both held out ({cfg.zeroshot[key]}) and a validation context; give it once")
                 cfg.zeroshot[key] = r
     return cfg
 
@@ -327,7 +333,9 @@ class Split:
         return ROLE_NAMES[self.role_codes]
 
     def mask(self, role: str) -> np.ndarray:
-        """Boolean mask of the cells with ``role``."""
+        """Boolean mask of the cells with ``role`` (``train``, ``val``, ``test``, ``control`` or ``unused``)."""
+        if role not in _CODE:
+            raise VcellError(f"unknown role {role!r}{did_you_mean(str(role), list(_CODE))} (roles: {', '.join(_CODE)})")
         return self.role_codes == _CODE[role]
 
     def summary(self, index: CellIndex) -> pd.DataFrame:
