@@ -54,16 +54,20 @@ def _check_values(adata: ad.AnnData, where: str, input_type: str, option: str = 
     return check_expression(adata, declared, where, option=option, cell_eval=True).type
 
 
-def to_log1p(adata: ad.AnnData, where: str, input_type: str = "auto", option: str = "--expression") -> ad.AnnData:
+def to_log1p(adata: ad.AnnData, where: str, input_type: str = "auto", option: str = "--expression",
+             found: list[str] | None = None) -> ad.AnnData:
     """Check values (see :func:`check_pair`) and bring counts to log1p as cell-eval does.
 
     log1p input is returned as is; counts get normalize_total (median library size) + log1p,
     on a copy (the caller's object is never modified). ``option`` names the option that declares
-    ``input_type`` in messages.
+    ``input_type`` in messages; ``found``, when given, gets the type the values are.
     """
     if input_type not in INPUT_TYPES:
         raise VcellError(f"{option} {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
-    if _check_values(adata, where, input_type, option) == "log1p":
+    kind = _check_values(adata, where, input_type, option)
+    if found is not None:
+        found.append(kind)
+    if kind == "log1p":
         return adata
     import scanpy as sc  # only needed for counts input; slow to import
 
@@ -170,14 +174,23 @@ def check_structure(
 
 
 def prepare(
-    adata: ad.AnnData, where: str, input_type: str = "auto", genes: pd.Index | None = None, option: str = "--expression"
+    adata: ad.AnnData, where: str, input_type: str = "auto", genes: pd.Index | None = None, option: str = "--expression",
+    found: list[str] | None = None,
 ) -> ad.AnnData:
     """One side, ready to score: in memory, genes in ``genes`` order (if given), log1p, values checked."""
     if genes is not None and not adata.var_names.equals(genes):
         adata = adata[:, genes]
     if adata.isbacked or adata.is_view:
         adata = adata.to_memory() if adata.isbacked else adata.copy()
-    return to_log1p(adata, where, input_type, option)
+    return to_log1p(adata, where, input_type, option, found)
+
+
+def warn_mixed_spaces(real_name: str, real_kind: str, pred_name: str, pred_kind: str) -> None:
+    """Warn when one side holds counts and the other log1p (as told from their values)."""
+    if real_kind != pred_kind:
+        log.warning("%s holds %s and %s holds %s (told from their values): the counts are normalised to their median library "
+                    "size, the log1p values taken as they are; if those were normalised to another total (e.g. 1e4), the two "
+                    "sides differ by that factor: give both in one space", real_name, real_kind, pred_name, pred_kind)
 
 
 def check_pair(
@@ -197,6 +210,8 @@ def check_pair(
     if input_type not in INPUT_TYPES:
         raise VcellError(f"{option} {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
     perts, reorder = check_structure(pred, real, pert_col, control, pred_name, real_name)
-    real = prepare(real, real_name, input_type, option=option)
-    pred = prepare(pred, pred_name, input_type, real.var_names if reorder else None, option)
+    found: list[str] = []
+    real = prepare(real, real_name, input_type, option=option, found=found)
+    pred = prepare(pred, pred_name, input_type, real.var_names if reorder else None, option, found)
+    warn_mixed_spaces(real_name, found[0], pred_name, found[1])
     return EvalPair(real=real, pred=pred, pert_col=pert_col, control=control, perturbations=perts)

@@ -27,7 +27,7 @@ from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.errors import VcellError
 from vcell.eval.bands import DEFAULT_BUDGET, sweep
 from vcell.eval.de import COLUMNS, DEResult, de_arrays
-from vcell.eval.inputs import INPUT_TYPES, EvalPair, check_structure
+from vcell.eval.inputs import INPUT_TYPES, EvalPair, check_structure, warn_mixed_spaces
 from vcell.eval.metrics import (
     DEData,
     EnergyDistances,
@@ -64,6 +64,7 @@ class SideSummary:
     de: pd.DataFrame | None
     energy: np.ndarray | None
     de_result: DEResult | None = None  # the arrays behind ``de``
+    expression: str = "log1p"  # what the side's file held (:attr:`Side.expression`)
 
 
 def summarise(adata, pert_col: str, control: str, perturbations: list[str], need_de: bool, need_energy: bool, threads: int) -> SideSummary:
@@ -92,7 +93,7 @@ def summarise_side(side: Side, control: str, perturbations: list[str], need_de: 
             lambda p: side.rows(np.flatnonzero(labels == p)),
             side.rows(np.flatnonzero(labels == control)),
         )
-    return SideSummary(bulk=bulk, de=de, energy=energy, de_result=de_result)
+    return SideSummary(bulk=bulk, de=de, energy=energy, de_result=de_result, expression=side.expression)
 
 
 def _tile_bulk(store: TileStore, labels: np.ndarray, order: list[str], budget: float) -> np.ndarray:
@@ -325,6 +326,7 @@ def run_many(
             own = dict(timings)
             pred_side = _side(path, "pred", genes if reorder[key] else None, pert_col, input_type, scratch, backed, option,
                               progress, control, perturbations, need_de, need_energy, threads, budget, own)
+            warn_mixed_spaces(str(real), real_side.expression, str(path), pred_side.expression)
             writes = []
             if need_de:  # the last table is on the critical path: format it on more threads
                 writes = [writer.submit(write_de_csv, _de_table(pred_side), tmp[f"{folder[key]}pred_de.csv"], threads=max(1, threads))]

@@ -47,6 +47,7 @@ class Side:
     where: str
     read_rows: object = None  # callable(rows) -> matrix rows of log1p values
     stores: list = field(default_factory=list)
+    expression: str = "log1p"  # what the file held: 'log1p', or 'counts' (normalised to log1p on reading)
 
     def rows(self, idx: np.ndarray):
         """Rows ``idx`` of the log1p matrix (CSR or dense)."""
@@ -192,8 +193,11 @@ def open_side(path: str | os.PathLike, pert_col: str, input_type: str = "auto", 
     dense_fits = reader.kind == "dense" and reader.n_rows * reader.n_genes * reader.dtype.itemsize <= budget
     if reader.kind is None or dense_fits:  # another layout, or a dense matrix that fits: the in-memory path
         reader.close()
-        adata = prepare(read_h5ad_mapped(path, backed=backed), where, input_type, genes, option)
-        return side_from_anndata(adata, pert_col, where)
+        found: list[str] = []
+        adata = prepare(read_h5ad_mapped(path, backed=backed), where, input_type, genes, option, found)
+        side = side_from_anndata(adata, pert_col, where)
+        side.expression = found[0]
+        return side
     try:
         return _tiled_side(reader, pert_col, input_type, genes, budget, scratch, option, progress, name)
     finally:
@@ -246,4 +250,4 @@ def _tiled_side(reader: MatrixReader, pert_col, input_type, genes, budget, scrat
         store.close()
         raise
     rows = _FileRows(reader.path, reader.kind, dtype, col_map, scale)
-    return Side(store, labels, target, reader.where, rows, stores=[store])
+    return Side(store, labels, target, reader.where, rows, stores=[store], expression=info.type)

@@ -1,0 +1,54 @@
+"""The 2025 evaluator told one side counts and the other log1p (auto-detected): said, numbers as cell-eval's."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import vcell
+from vcell.data.normalize import normalize_log1p
+
+from conftest import run_cli
+
+MIXED = "holds counts and {pred} holds log1p (told from their values)"
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    counts = vcell.simulate_perturbseq(n_genes=60, n_contexts=1, n_perturbations=4, n_combinations=0,
+                                       cells_per_perturbation=30, n_controls=60, seed=2)
+    counts.X = sp.csr_matrix(counts.X, dtype=np.float32)
+    log1p = normalize_log1p(counts)  # to 1e4, as most pipelines: the counts side goes to its median total
+    del log1p.layers["counts"]
+    d = tmp_path_factory.mktemp("spaces")
+    counts.write_h5ad(d / "real.h5ad")
+    log1p.write_h5ad(d / "pred.h5ad")
+    return counts, log1p, d
+
+
+def test_in_memory_evaluate_says_when_the_sides_are_in_different_spaces(pair, caplog):
+    counts, log1p, _ = pair
+    with caplog.at_level(logging.WARNING, logger="vcell"):
+        vcell.evaluate(log1p, counts, profile="vcc")
+    assert "real " + MIXED.format(pred="pred") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vcell"):
+        vcell.evaluate(log1p, log1p, profile="vcc")
+    assert "told from their values" not in caplog.text
+
+
+@pytest.mark.parametrize("budget", [None, "0.00003"])
+def test_eval_run_says_it_for_files_read_whole_or_in_tiles(pair, tmp_path, budget):
+    _, _, d = pair
+    extra = ["--memory-budget", budget] if budget else []
+    proc = run_cli("eval", "run", "--pred", d / "pred.h5ad", "--real", d / "real.h5ad", "--profile", "vcc",
+                   "--out", tmp_path / "ev", *extra)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    said = " ".join(proc.stderr.split())
+    assert f"real.h5ad {MIXED.format(pred=d / 'pred.h5ad')}" in said, said
+    same = run_cli("eval", "run", "--pred", d / "pred.h5ad", "--real", d / "pred.h5ad", "--profile", "vcc",
+                   "--out", tmp_path / "same", *extra)
+    assert same.returncode == 0 and "told from their values" not in same.stderr
