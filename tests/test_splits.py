@@ -481,3 +481,16 @@ def test_holdout_config_checks_its_arguments(sim):
     assert split.mask("test").any()
     with pytest.raises(VcellError, match="unknown role 'tst'.*did you mean 'test'"):
         split.mask("tst")
+
+
+def test_load_dataset_takes_an_anndata_as_it_takes_a_file(sim, tmp_path):
+    """A scverse user's object (`load_dataset(adata, spec)` was a TypeError from pathlib)."""
+    data = load_dataset(sim.adata, DataSpec())
+    assert data.path is None and list(data.index.datasets) == list(sim.index.datasets)
+    np.testing.assert_array_equal(data.index.pert_codes, sim.index.pert_codes)
+    with pytest.raises(VcellError, match="'nope' not found"):
+        load_dataset(sim.adata, DataSpec(pert_col="nope"))
+    with pytest.raises(VcellError, match="give its path, not an AnnData"):
+        load_dataset(sim.adata, DataSpec(), backed=True)
+    with pytest.raises(VcellError, match=r"give the path of an \.h5ad or an AnnData \(got int\)"):
+        load_dataset(3, DataSpec())

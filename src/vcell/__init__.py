@@ -3,7 +3,7 @@
 The public API, one import away (``import vcell``); everything the command line does is here.
 
 Data
-    :class:`DataSpec` (which ``.obs`` columns mean what), :func:`load_dataset`,
+    :class:`DataSpec` (which ``.obs`` columns mean what), :func:`load_dataset` (a file or an AnnData),
     :func:`simulate_perturbseq`, :func:`holdout_config` (held-out contexts) /
     :func:`holdout_perturbations` (perturbations held out in every context) / :func:`read_split_toml`
     and :func:`apply_split` (which cells train, validate and are held out; refuses leaks).

@@ -188,7 +188,7 @@ def read_slots(path: str | os.PathLike, obsm: Sequence[str] = ()) -> ad.AnnData:
 
 
 def load_dataset(
-    path: str | os.PathLike,
+    path: str | os.PathLike | ad.AnnData,
     spec: DataSpec = DataSpec(),
     backed: bool = False,
     dataset_col: str | None = "dataset",
@@ -204,8 +204,16 @@ def load_dataset(
     ``require_context_controls=False`` accepts contexts without control cells (with a warning;
     ``None``: said at debug level only); splits then leave their perturbed cells unused.
     ``only_obsm`` (in memory only): read just ``X``, ``obs``, ``var``, ``uns`` and these
-    ``.obsm`` keys (:func:`read_slots`).
+    ``.obsm`` keys (:func:`read_slots`). An in-memory ``AnnData`` in place of ``path`` is
+    validated and wrapped as it is (:func:`from_anndata`; its dataset name ``dataset_name`` or
+    ``"data"``).
     """
+    if isinstance(path, ad.AnnData):
+        if backed or only_obsm is not None:
+            raise VcellError("backed and only_obsm read a file: give its path, not an AnnData")
+        return from_anndata(path, spec, dataset_col, dataset_name or "data", require_context_controls)
+    if not isinstance(path, str | os.PathLike):
+        raise VcellError(f"load_dataset: give the path of an .h5ad or an AnnData (got {type(path).__name__})")
     path = Path(path)
     if only_obsm is not None and not backed:
         adata = read_slots(path, only_obsm)
