@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import anndata as ad
 import numpy as np
@@ -147,7 +148,7 @@ def test_bench_2026_scale_when_the_control_label_is_also_a_gene(tmp_path):
     """Kang's control label CTRL is also a gene; its perturbation (STIM) is not: no target gene to
     exclude, so the scale is built (it was refused as if the labels were misnamed genes)."""
     import vcell
-    from vcell.leaderboard import _scale_2026
+    from vcell.leaderboard.vcc2026 import _scale_2026
 
     a = vcell.simulate_perturbseq(seed=0, n_genes=300, n_perturbations=6, n_combinations=0, n_contexts=1,
                                   cells_per_perturbation=60, n_controls=150)
@@ -156,8 +157,9 @@ def test_bench_2026_scale_when_the_control_label_is_also_a_gene(tmp_path):
     a.var_names = ["CTRL", *a.var_names[1:]]
     a.layers["counts"] = a.X.copy()
     spec = vcell.DataSpec(pert_col="target_gene", control="CTRL", context_col=None)
-    scale, totals, _ = _scale_2026(a, spec, threads=1, seed=0, folder=tmp_path / "scale", where="fold f, context all")
+    scale, totals, _, rule = _scale_2026(a, spec, threads=1, seed=0, folder=tmp_path / "scale", where="fold f, context all")
     assert len(totals) == 150 and scale.baseline_agg.shape[0] > 0
+    assert rule == {"rule": "no label names a measured gene: none excluded", "labels": 6, "labels_naming_genes": 0}
     assert (tmp_path / "scale" / "anchor_agg.csv").is_file()
 
 
@@ -201,7 +203,7 @@ def test_bench_vcc2026_profile(tmp_path):
     assert "VCC 2026 score and its six scaled metrics" in (out / "report.html").read_text()
     # each held-out context's scale caveats are recorded, and the report names them when there are any
     from vcell.report.inputs import load_bench
-    from vcell.report.sections import _scale_caveats
+    from vcell.report.vcc2026 import scale_caveats_note as _scale_caveats
 
     caveats = json.loads((out / "bench.json").read_text())["vcc2026_scale_caveats"]
     assert [c["context"] for c in caveats] == ["ctx_B"] and set(caveats[0]) == {"fold", "context", "degenerate", "unresolved"}
@@ -251,3 +253,122 @@ def test_run_bench_builds_its_added_baseline_itself_and_keeps_earlier_results(tm
     assert (out / "leaderboard.csv").read_bytes() == before
     vcell.run_bench(data, out, ["control_mean"], lambda name: vcell.make_model(name, seed=0), overwrite=True, **kwargs)
     assert set(pd.read_csv(out / "leaderboard.csv")["model"]) == {"control_mean", "cell_mean"}
+
+
+def _score_line(row) -> float:
+    """A 2026 score table row's scaled value before any clamp, written out here from its definition:
+    0 at the baseline, 1 at the replicate, the sign given by the metric's direction."""
+    lower = row["metric"] in ("expr_mse_unbiased_capped_norm", "de_wilcoxon_lfc_nmae")
+    return (row["baseline"] - row["value"]) / (row["baseline"] - row["replicate"]) if lower else \
+        (row["value"] - row["baseline"]) / (row["replicate"] - row["baseline"])
+
+
+def test_bench_json_and_report_record_the_hold_out_models_options_profile_and_target_genes(tmp_path, caplog):
+    """Contexts and perturbations both held out (one fold per context): bench.json records the profile
+    as given, each model's options (the added cell_mean: none), per fold the held-out contexts and
+    perturbations and per context the target-gene rule (said once in the log); the report's header
+    lists them with a count and says what was held out; every run beyond the replicate is recorded."""
+    import logging
+
+    import vcell
+    from vcell.report.header import header_section
+    from vcell.report.inputs import load_bench
+
+    a = vcell.simulate_perturbseq(seed=0, n_genes=300, n_perturbations=8, n_combinations=0, n_contexts=2,
+                                  cells_per_perturbation=40, n_controls=120)
+    data, out = tmp_path / "sim.h5ad", tmp_path / "bench"
+    a.write_h5ad(data)
+    options = {"linear": {"alpha": 3.0}, "st": {"max_steps": 3}}  # st is not benchmarked: not recorded
+    with caplog.at_level(logging.INFO, logger="vcell.leaderboard"):
+        vcell.run_bench(data, out, ["control_mean", "linear"], lambda n: vcell.make_model(n, seed=0, **options.get(n, {})),
+                        holdout=["ctx_A", "ctx_B"], holdout_perturbations=0.3, profile="vcc2026", threads=1, seed=0,
+                        model_options=options)
+    meta = json.loads((out / "bench.json").read_text())
+    assert meta["profile"] == "vcc2026"
+    assert meta["model_options"] == {"control_mean": {}, "linear": {"alpha": 3.0}, "cell_mean": {}}
+    held = meta["folds"][0]["held_out_perturbations"]
+    assert len(held) == 2 and all(f["held_out_perturbations"] == held for f in meta["folds"])
+    assert [f["held_out_contexts"] for f in meta["folds"]] == [["ctx_A"], ["ctx_B"]]
+    labels = sorted(set(a.obs["target_gene"].astype(str)) - {"non-targeting"})
+    assert meta["folds"][0]["scored_perturbations"] == {"ctx_A": labels}  # a held-out context: every perturbation scored
+    assert [(t["context"], t["rule"], t["labels_naming_genes"]) for t in meta["vcc2026_target_genes"]] == \
+        [("ctx_A", "labels name measured genes: excluded", 8), ("ctx_B", "labels name measured genes: excluded", 8)]
+    assert caplog.text.count("vcc2026 target genes") == 1 and "8 of 8 perturbation labels name a measured gene" in caplog.text
+    for run in meta["runs"]:  # each run beyond the replicate is recorded, and no other
+        table = read_csv(out / run["eval_dir"] / "vcc2026" / "score.csv").set_index("metric").drop(index="avg_score")
+        beyond = {m for m, row in table.iterrows() if np.isfinite(row["value"]) and _score_line({**row, "metric": m}) > 1}
+        assert {b["metric"] for b in meta["vcc2026_beyond_replicate"] if b["model"] == run["model"] and b["context"] == run["context"]} == beyond
+    header = header_section(load_bench(out), "t")
+    assert f"Held-out perturbations (2)</dt><dd>{', '.join(held)}</dd>" in header
+    assert "Held-out contexts</dt><dd>ctx_A, ctx_B</dd>" in header and "for held-out perturbations in held-out cell contexts" in header
+    assert "vcc2026</dd>" in header and "linear: {&quot;alpha&quot;: 3.0}; other models: defaults" in header
+
+
+def test_bench_cli_perturbation_hold_out_one_context_beyond_the_replicate(tmp_path):
+    """`vcell bench --profile vcc2026` holding out perturbations of one context whose labels name no
+    gene (drugs): the target-gene rule is said and recorded; the --model-config options and the profile
+    as given are recorded; the headline leads with the VCC 2026 score; pert_mean's pds_cosine lies beyond
+    the replicate (5 perturbations of 24 cells): warned, recorded with its scaled value and shown in the
+    report; the terminal names both scales; one context is shown once (no duplicate mean rows)."""
+    import vcell
+
+    a = vcell.simulate_perturbseq(seed=0, n_genes=300, n_perturbations=10, n_combinations=0, n_contexts=1,
+                                  cells_per_perturbation=24, n_controls=100)
+    labels = a.obs["target_gene"].astype(str)
+    a.obs["target_gene"] = np.where(labels == "non-targeting", labels, "drug_" + labels)
+    data, out, config = tmp_path / "sim.h5ad", tmp_path / "bench", tmp_path / "models.yaml"
+    a.write_h5ad(data)
+    config.write_text("linear: {alpha: 3.0}\n")
+    result = run_cli("bench", "--data", data, "--context-col", "none", "--holdout-perturbations", "0.5", "--models",
+                     "control_mean,pert_mean,linear", "--model-config", config, "--profile", "vcc2026", "--threads", "1", "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    said = " ".join(result.stderr.split())
+    assert said.count("none of the 5 perturbation labels names a measured gene: no target gene is excluded") == 1
+    meta = json.loads((out / "bench.json").read_text())
+    assert meta["profile"] == "vcc2026" and meta["model_options"]["linear"] == {"alpha": 3.0}
+    assert meta["vcc2026_target_genes"] == [{"fold": "perturbations", "context": "all", "labels": 5, "labels_naming_genes": 0,
+                                             "rule": "no label names a measured gene: none excluded"}]
+    held = meta["folds"][0]["held_out_perturbations"]
+    assert len(held) == 5 and meta["folds"][0]["held_out_contexts"] == []
+    beyond = {(b["model"], b["metric"]): b for b in meta["vcc2026_beyond_replicate"]}
+    pds = beyond[("pert_mean", "pds_cosine")]
+    board = read_csv(out / "leaderboard.csv", text_columns=("model", "context")).set_index(["model", "context"])
+    assert pds["scaled"] > 1 and not pds["clamped"] and pds["score"] == board.loc[("pert_mean", "all"), "vcc2026_pds_cosine"]
+    assert "pert_mean lies beyond the replicate anchor on pds_cosine" in said and "no evidence of a better-than-replicate" in said
+    shown = " ".join(result.stdout.split())
+    assert "(VCC: the 2025 score x100, scaled against cell_mean; VCC 2026: on a 0-1 scale" in shown
+    assert " mean " not in shown.split("leaderboard (")[1]  # the one context's mean repeats it
+    html = (out / "report.html").read_text()
+    assert "Perturbation-response prediction for held-out perturbations, never trained on" in html
+    assert f"Held-out perturbations (5)</dt><dd>{', '.join(held)}</dd>" in html and "Held-out contexts" not in html
+    assert "Beyond the replicate." in html and "<b>pert_mean</b>, pds_cosine" in html
+    best = board.xs("all", level="context")["vcc2026_score"].idxmax()
+    assert re.search(rf"Best model \(context all\): <b>{best}</b>, VCC 2026 score", html)
+    assert "(average over scored contexts)" not in html and html.count("<th colspan") == 3  # 2026, 2025 and all-metrics tables
+
+
+def test_beyond_replicate_names_values_past_the_anchor_with_the_challenge_clamps():
+    """A value past the replicate is named with its scaled value before the clamp; its score is the
+    table's (expr_mse clamped to 1, pds_cosine kept above 1, as cell-eval2 does); a value at the
+    replicate, a degenerate scale and a missing value are not named."""
+    from vcell.eval.vcc2026.scale import score_context
+    from vcell.leaderboard.vcc2026 import beyond_note, beyond_replicate
+
+    nan = float("nan")
+    base = {"pds_cosine": 0.5, "expr_mse_unbiased_capped_norm": 1.0, "de_wilcoxon_lfc_nmae": 0.9,
+            "de_wilcoxon_direction_fidelity_yield_raw": 0.4, "de_wilcoxon_direction_reach_raw": 0.3, "de_wilcoxon_sig_jaccard": 0.1}
+    rep = {"pds_cosine": 0.7, "expr_mse_unbiased_capped_norm": 0.2, "de_wilcoxon_lfc_nmae": 0.3,
+           "de_wilcoxon_direction_fidelity_yield_raw": 0.4, "de_wilcoxon_direction_reach_raw": 0.9, "de_wilcoxon_sig_jaccard": 0.4}
+    user = {"pds_cosine": 0.8, "expr_mse_unbiased_capped_norm": 0.1, "de_wilcoxon_lfc_nmae": 0.3,
+            "de_wilcoxon_direction_fidelity_yield_raw": 0.9, "de_wilcoxon_direction_reach_raw": 0.5, "de_wilcoxon_sig_jaccard": nan}
+    table = score_context(user, base, rep, strict=False)
+    found = {f["metric"]: f for f in beyond_replicate(table)}
+    assert set(found) == {"pds_cosine", "expr_mse_unbiased_capped_norm"}
+    assert found["pds_cosine"]["scaled"] == pytest.approx(1.5) and found["pds_cosine"]["score"] == pytest.approx(1.5)
+    assert not found["pds_cosine"]["clamped"]
+    assert found["expr_mse_unbiased_capped_norm"]["scaled"] == pytest.approx(1.125)
+    assert found["expr_mse_unbiased_capped_norm"]["score"] == 1.0 and found["expr_mse_unbiased_capped_norm"]["clamped"]
+    scores = table.set_index("metric")["score"]
+    assert all(f["score"] == scores[m] for m, f in found.items())  # the numbers scored are left as they are
+    note = beyond_note("m", list(found.values()))
+    assert "pds_cosine 0.8 (replicate 0.7, baseline 0.5): scaled 1.5, kept" in note and "clamped to 1" in note

@@ -352,3 +352,65 @@ def test_figures_scale_to_many_genes_and_perturbations():
         assert "70 of 120 perturbations" in fig.get_suptitle()
         assert len(fig.axes[0].texts) == 0 and len(fig.axes[0].get_xticks()) == 0
         assert F.png_data_uri(fig).startswith("data:image/png;base64,")
+
+
+def _bench_2026(tmp_path, meta: dict, contexts=("all",)):
+    """An in-memory vcc2026 benchmark: model a best by the 2025 score, model b by the 2026 score."""
+    from vcell.report.inputs import Bench
+
+    metrics_2026 = ["vcc2026_pds_cosine", "vcc2026_expr_mse_unbiased_capped_norm", "vcc2026_de_wilcoxon_direction_fidelity_yield_raw",
+                    "vcc2026_de_wilcoxon_direction_reach_raw", "vcc2026_de_wilcoxon_sig_jaccard", "vcc2026_de_wilcoxon_lfc_nmae"]
+    rows = [{"model": m, "context": c, "mae": 0.1, "vcc_score": s25, "vcc_score_unclipped": s25, "vcc2026_score": s26,
+             **{k: s26 for k in metrics_2026}}
+            for c in (*contexts, "mean") for m, s25, s26 in (("a", 5.0, 0.1), ("b", 1.0, 0.3), ("cell_mean", 0.0, -0.2))]
+    board = pd.DataFrame(rows)
+    return Bench(root=tmp_path, meta={"profile": "vcc2026", **meta}, leaderboard=board, models=["a", "b", "cell_mean"],
+                 contexts=list(contexts), runs=[], real={}, pert_col="target", control="non-targeting", context_col=None,
+                 metric_columns=[c for c in board.columns if c not in ("model", "context")])
+
+
+def test_report_vcc2026_headline_caveats_glossary_and_one_context(tmp_path):
+    """A vcc2026 benchmark: the headline leads with the best VCC 2026 score (the 2025 best after it),
+    the models beyond the replicate are named by the 2026 table, every 2026 column has a meaning in the
+    glossary, the 2026 table's headers are short and wrap, and one context is one group per table."""
+    from vcell.report.sections import details_section, leaderboard_section
+
+    beyond = {"fold": "f1", "context": "all", "model": "b", "metric": "pds_cosine", "value": 0.75, "baseline": 0.36,
+              "replicate": 0.66, "scaled": 1.294, "score": 1.294, "clamped": False}
+    bench = _bench_2026(tmp_path, {"vcc2026_beyond_replicate": [beyond]})
+    html = leaderboard_section(bench)
+    lead = re.search(r'<div class="headline">(.*?)</div>', html).group(1)
+    assert lead.startswith("Best model (context all): <b>b</b>, VCC 2026 score <b>0.3</b>")
+    assert "By the VCC 2025 score: <b>a</b>, VCC score <b>5</b>" in lead
+    table_2026 = html[html.index("VCC 2026 score and its six"):html.index("VCC score and its three")]
+    assert "Beyond the replicate." in table_2026 and "<b>b</b>, pds_cosine 0.75 (replicate 0.66, baseline 0.36): scaled 1.294, kept" in table_2026
+    assert '<th class="wrap" title="vcc2026_de_wilcoxon_direction_fidelity_yield_raw">de_<wbr>wilcoxon_<wbr>' in table_2026
+    heads = re.findall(r'<th class="wrap" title="[^"]+">([^<]+)', table_2026)
+    assert len(heads) == 7 and not any(h.startswith("vcc2026") for h in heads)  # no header repeats the prefix
+    assert html.count("<th colspan") == 3 and "context: all" in html and "average over" not in html
+    glossary = details_section(bench)
+    for column in [c for c in bench.metric_columns if c.startswith("vcc2026_")]:
+        meaning = re.search(rf"<td class=\"text\">{column}</td><td class=\"text\">[^<]*</td><td class=\"text\">([^<]*)</td>", glossary)
+        assert meaning and len(meaning.group(1)) > 20, column
+    two = _bench_2026(tmp_path, {}, contexts=("ctx_A", "ctx_B"))
+    assert leaderboard_section(two).count("<th colspan") == 9 and "Beyond the replicate" not in leaderboard_section(two)
+
+
+def test_report_header_says_what_was_held_out(tmp_path):
+    """The header's subtitle and rows fit a context hold-out, a perturbation hold-out or both; a
+    bench.json from before the hold-out was recorded keeps the old wording."""
+    from vcell.report.header import header_section
+
+    def header(folds):
+        return header_section(_bench_2026(tmp_path, {"folds": folds} if folds is not None else {}), "t")
+
+    contexts_only = header([{"held_out_contexts": ["all"], "held_out_perturbations": []}])
+    assert "in held-out cell contexts:" in contexts_only and "Held-out contexts</dt><dd>all</dd>" in contexts_only
+    assert "Held-out perturbations" not in contexts_only and "Scored contexts" not in contexts_only
+    perts = header([{"held_out_contexts": [], "held_out_perturbations": ["P1", "P2", "P3"]}])
+    assert "for held-out perturbations, never trained on:" in perts and "Held-out perturbations (3)</dt><dd>P1, P2, P3</dd>" in perts
+    assert "Held-out contexts" not in perts and "Scored contexts</dt><dd>all</dd>" in perts
+    both = header([{"held_out_contexts": ["all"], "held_out_perturbations": ["P1"]}])
+    assert "for held-out perturbations in held-out cell contexts:" in both and "Held-out perturbations (1)" in both
+    old = header(None)
+    assert "in held-out cell contexts:" in old and "Held-out contexts</dt><dd>all</dd>" in old

@@ -110,13 +110,18 @@ def bench(
             data, out, names, lambda name: build_model(name, options, seed), spec=spec, split_file=split,
             holdout=holdout_context or [], holdout_perturbations=holdout_perturbations, dataset_col=dataset_col, datasets=dataset or [], profile=profile, threads=threads, seed=seed,
             allow_missing_controls=allow_missing_controls, report=not no_report,
-            progress=lambda text: line.update(description=f"benchmark: {text}"), overwrite=overwrite,
+            progress=lambda text: line.update(description=f"benchmark: {text}"), overwrite=overwrite, model_options=options,
         )
     show = {"model": "model", "context": "context", "vcc_score": "VCC", "vcc_score_unclipped": "VCC unclipped", "vcc2026_score": "VCC 2026",
             "mae": "MAE", "discrimination_score_l1": "PDS", "overlap_at_N": "DES"}
     board = result.leaderboard[[c for c in show if c in result.leaderboard.columns]].rename(columns=show)
-    board = board.sort_values(["context", "VCC"], ascending=[True, False]).round(4)
-    console.print(table(board, title="leaderboard (VCC score x100, scaled against cell_mean)"))
+    if board["context"].nunique() == 2:  # one scored context: its mean rows repeat it
+        board = board[board["context"] != "mean"]
+    with_2026 = "VCC 2026" in board.columns
+    board = board.sort_values(["context", "VCC 2026" if with_2026 else "VCC"], ascending=[True, False]).round(4)
+    title = "leaderboard (VCC: the 2025 score x100, scaled against cell_mean"
+    title += "; VCC 2026: on a 0-1 scale, 0 = the mean-response baseline, 1 = a replicate)" if with_2026 else ")"
+    console.print(table(board, title=title))
     report = "" if no_report else f", report: {out / 'report.html'}"
     console.print(f"leaderboard: {out / 'leaderboard.csv'}{report} ({len(result.runs)} runs in {format_duration(result.timings['total'])})",
                   highlight=False, soft_wrap=True)

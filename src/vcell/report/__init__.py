@@ -7,7 +7,8 @@
 * :func:`screenshot` renders an HTML file to PNG with headless Chromium.
 
 Modules: ``inputs`` (reading the benchmark directory), ``effects`` (the data behind the effect
-and discrimination figures), ``sections`` (the page's HTML sections), ``figures`` (matplotlib),
+and discrimination figures), ``header`` (what was run, the headline), ``sections`` (the page's
+other HTML sections), ``vcc2026`` (the VCC 2026 texts and caveats), ``figures`` (matplotlib),
 ``html`` (HTML helpers), ``build`` (assembling and writing the page), ``chromium``.
 """
 

@@ -16,13 +16,13 @@ import vcell.report.figures as F
 from vcell._version import __version__
 from vcell.data.io import atomic_path
 from vcell.report.effects import ContextEffects, context_effects, discrimination_panel
+from vcell.report.header import header_section
 from vcell.report.html import esc, page
 from vcell.report.inputs import Bench, load_bench
 from vcell.report.sections import (
     bars_section,
     details_section,
     discrimination_section,
-    header_section,
     leaderboard_section,
     overlap_section,
     scatter_section,

@@ -39,6 +39,7 @@ table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
 th, td { padding: 3px 9px; border-bottom: 1px solid var(--line); text-align: right; white-space: nowrap; }
 th { background: var(--panel); font-weight: 600; position: sticky; top: 0; }
 th.text, td.text { text-align: left; }
+th.wrap { white-space: normal; min-width: 6.5em; max-width: 11em; vertical-align: bottom; }
 tr.group th { background: #e9eef3; text-align: left; font-size: 13.5px; }
 td.best { background: var(--best); font-weight: 700; }
 td.null { color: var(--muted); }

@@ -5,7 +5,8 @@ Inputs (paths in ``bench.json`` are relative to the benchmark directory unless a
 * ``bench.json``: ``data``, ``pert_col``, ``control``, ``context_col``, ``models``, ``contexts``,
   ``runs`` (``model``, ``context``, ``slug``, ``prediction``, ``eval_dir``), ``real``
   (context -> real ``.h5ad``), ``seed``, ``split``, ``timings``; optional ``baseline``
-  (default ``cell_mean``) and ``created``.
+  (default ``cell_mean``), ``created``, ``profile``, ``model_options``, ``folds`` (each with
+  ``held_out_contexts`` and ``held_out_perturbations``) and the ``vcc2026_*`` caveats.
 * ``leaderboard.csv``: ``model``, ``context``, one column per metric (mean over
   perturbations), ``vcc_score``, ``vcc_score_unclipped``; context ``mean`` rows average the
   held-out contexts.

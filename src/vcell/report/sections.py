@@ -3,8 +3,6 @@ discrimination, DE overlap, glossary and run details."""
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,24 +11,21 @@ import numpy as np
 import pandas as pd
 
 import vcell.report.figures as F
-from vcell._version import __version__
 from vcell.report.effects import ContextEffects, discrimination_panel
-from vcell.report.html import definition_list, esc, figure, fmt_number, is_null, simple_table, tag
+from vcell.report.header import SCORE_2026, context_label, headline
+from vcell.report.html import esc, figure, fmt_number, is_null, simple_table, tag
 from vcell.report.inputs import MEAN_CONTEXT, SCORE, SCORE_UNCLIPPED, VCC_METRICS, Bench, Run, _unique
+from vcell.report.vcc2026 import GLOSSARY_2026, PREFIX, beyond_replicate_note, scale_caveats_note, short_label, table_note
 
 __all__ = [
     "bars_section",
     "details_section",
     "discrimination_section",
-    "header_section",
     "leaderboard_section",
     "leaderboard_table",
     "overlap_section",
     "scatter_section",
 ]
-
-#: Leaderboard columns of the VCC 2026 score (``vcc2026_score``) and its six scaled metrics.
-SCORE_2026_PREFIX = "vcc2026_"
 
 #: The scatter shows this many perturbations per context (largest real effect norm).
 TOP_PERTURBATIONS = 4
@@ -41,7 +36,7 @@ def _direction(column: str) -> float | None:
     """Best value of a column: 1.0 (higher is better), 0.0 (lower is better) or None."""
     from vcell.eval.metrics import REGISTRY
 
-    if column.startswith(SCORE) or column.startswith(SCORE_2026_PREFIX):
+    if column.startswith(SCORE) or column.startswith(PREFIX):
         return 1.0  # scores, and the 2026 metrics once scaled (0 = baseline, 1 = replicate)
     metric = REGISTRY.get(column)
     return None if metric is None else metric.best
@@ -56,65 +51,21 @@ def _warnings(items: Sequence[str]) -> str:
     return "".join(f'<p class="warn">{esc(w)}</p>' for w in items)
 
 
-def header_section(bench: Bench, title: str) -> str:
-    """The page header: title, what the report shows, and the run's data, split, models and versions."""
-    meta = bench.meta
-    split = meta.get("split", "–")
-    if not isinstance(split, str):
-        split = json.dumps(split, sort_keys=True)
-    items = [
-        ("Data", str(meta.get("data", "–"))),
-        ("Split", split),
-        ("Held-out contexts", ", ".join(bench.contexts) or "–"),
-        ("Models", ", ".join(bench.models) or "–"),
-        ("Perturbation column", bench.pert_col),
-        ("Control label", bench.control),
-        ("Context column", bench.context_col or "–"),
-        ("Seed", str(meta.get("seed", "–"))),
-        ("Baseline (score = 0)", str(meta.get("baseline", "cell_mean"))),
-        ("Benchmark directory", bench.root.name),
-    ]
-    if meta.get("created"):
-        items.append(("Benchmark run", str(meta["created"])))
-    items += [
-        ("Report generated", _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")),
-        ("vcell version", __version__),
-    ]
-    return (
-        f'<header class="top"><h1>{esc(title)}</h1>'
-        f'<p class="subtitle">Perturbation-response prediction in held-out cell contexts: '
-        f"how close each model's predicted expression changes are to the measured ones.</p>"
-        f"{definition_list(items)}</header>"
-    )
-
-
-def _headline(bench: Bench) -> str:
-    lb = bench.leaderboard
-    if SCORE not in lb.columns:
-        return ""
-    rows = lb[lb["context"] == MEAN_CONTEXT]
-    where = f"mean over {len(bench.contexts)} held-out context(s)"
-    if rows.empty:
-        rows, where = lb, "single run"
-    values = rows[SCORE].astype("float64").to_numpy(na_value=np.nan)
-    if not np.isfinite(values).any():
-        return ""
-    best = rows.iloc[int(np.nanargmax(values))]
-    unclipped = f" (unclipped {fmt_number(best[SCORE_UNCLIPPED])})" if SCORE_UNCLIPPED in rows.columns else ""
-    baseline = esc(bench.meta.get("baseline", "cell_mean"))
-    return (
-        f'<div class="headline">Best model ({esc(where)}): <b>{esc(best["model"])}</b>, '
-        f"VCC score <b>{esc(fmt_number(best[SCORE]))}</b>{esc(unclipped)}. "
-        f"0 = as good as the {baseline} baseline, 100 = perfect (scores are x100, as on the VCC leaderboard).</div>"
-    )
-
-
 def _ordered_columns(bench: Bench, columns: Sequence[str]) -> list[str]:
     first = [c for c in (SCORE, SCORE_UNCLIPPED) if c in columns]
     return first + [c for c in columns if c not in first]
 
 
-def leaderboard_table(bench: Bench, columns: Sequence[str]) -> str:
+def _contexts(bench: Bench, present) -> list[str]:
+    """The contexts to show, the mean first; with one scored context, that context alone (its mean repeats it)."""
+    contexts = [c for c in [MEAN_CONTEXT, *bench.contexts] if c in present]
+    contexts += [c for c in _unique(present) if c not in contexts]
+    if len(bench.contexts) == 1 and bench.contexts[0] in contexts and MEAN_CONTEXT in contexts:
+        contexts.remove(MEAN_CONTEXT)
+    return contexts
+
+
+def leaderboard_table(bench: Bench, columns: Sequence[str], short: bool = False) -> str:
     """The leaderboard as an HTML table.
 
     Parameters
@@ -123,12 +74,15 @@ def leaderboard_table(bench: Bench, columns: Sequence[str]) -> str:
         The benchmark; its ``leaderboard`` gives the rows.
     columns : sequence of str
         The metric columns to show (those absent from the leaderboard are skipped).
+    short : bool
+        Headers without the ``vcc2026_`` prefix, wrapped at underscores (the full name on hover).
 
     Returns
     -------
     str
-        Rows grouped by context (the mean first), sorted by VCC score; in each group the best
-        value of each column with a known direction is highlighted.
+        Rows grouped by context (the mean first, unless one context is scored), sorted by VCC score
+        (the VCC 2026 score in a ``short`` table); in each group the best value of each column with a
+        known direction is highlighted.
     """
     lb = bench.leaderboard
     columns = _ordered_columns(bench, [c for c in columns if c in lb.columns])
@@ -136,16 +90,17 @@ def leaderboard_table(bench: Bench, columns: Sequence[str]) -> str:
     for c in columns:
         hint = _direction_text(c)
         arrow = {"higher is better": "↑ higher is better", "lower is better": "↓ lower is better"}.get(hint, "")
-        head.append(f"<th>{esc(c)}" + (f'<span class="dir">{esc(arrow)}</span>' if arrow else "") + "</th>")
-    contexts = [c for c in [MEAN_CONTEXT, *bench.contexts] if (lb["context"] == c).any()]
-    contexts += [c for c in _unique(lb["context"]) if c not in contexts]
+        label = short_label(c) if short else esc(c)
+        opening = f'<th class="wrap" title="{esc(c)}">' if short else "<th>"
+        head.append(opening + label + (f'<span class="dir">{esc(arrow)}</span>' if arrow else "") + "</th>")
     body = []
-    for context in contexts:
+    key = SCORE_2026 if short and SCORE_2026 in lb.columns else SCORE
+    for context in _contexts(bench, _unique(lb["context"])):
         group = lb[lb["context"] == context]
-        if SCORE in group.columns:
-            order = np.argsort(-group[SCORE].astype("float64").to_numpy(na_value=-np.inf), kind="stable")
+        if key in group.columns:
+            order = np.argsort(-group[key].astype("float64").to_numpy(na_value=-np.inf), kind="stable")
             group = group.iloc[order]
-        label = f"{context} (average over held-out contexts)" if context == MEAN_CONTEXT else f"held-out context: {context}"
+        label = f"{context} (average over scored contexts)" if context == MEAN_CONTEXT else context_label(bench, context)
         body.append(f'<tr class="group"><th colspan="{len(columns) + 1}">{esc(label)}</th></tr>')
         best = {}
         for c in columns:
@@ -181,51 +136,25 @@ def leaderboard_section(bench: Bench) -> str:
         f"(model − baseline)/(1 − baseline) for agreement scores, then averages over metrics; "
         f"0 = no better than {baseline}, 100 = perfect (x100, as on the VCC leaderboard). <b>vcc_score</b> clips each scaled metric at 0 as the "
         f"challenge leaderboard did; <b>vcc_score_unclipped</b> keeps negative values, showing how much "
-        f"worse than the baseline a model is. Both are shown. Metric values are means over perturbations. "
-        f"The best value of each column within a context is <span style=\"background:#d7f0d2\"><b>highlighted</b></span>; "
-        f"hover a cell for its full precision; – = no value.</p>"
+        f"worse than the baseline a model is. Both are shown.</p>"
     )
-    parts = ['<section id="leaderboard"><h2>Leaderboard</h2>', _headline(bench), note]
+    reading = ('<p class="note">Metric values are means over perturbations. The best value of each column within a context is '
+               '<span style="background:#d7f0d2"><b>highlighted</b></span>; hover a cell for its full precision; – = no value.</p>')
+    parts = ['<section id="leaderboard"><h2>Leaderboard</h2>', headline(bench), reading]
+    key_2026 = [c for c in lb.columns if c.startswith(PREFIX)]
+    if key_2026:  # a vcc2026 benchmark: its score first
+        key_2026 = [SCORE_2026] + [c for c in key_2026 if c != SCORE_2026]
+        parts.append("<h3>VCC 2026 score and its six scaled metrics</h3>" + table_note()
+                     + leaderboard_table(bench, key_2026, short=True) + beyond_replicate_note(bench) + scale_caveats_note(bench))
     if key:
-        parts.append("<h3>VCC score and its three metrics</h3>" + leaderboard_table(bench, key))
-    key_2026 = [c for c in lb.columns if c.startswith(SCORE_2026_PREFIX)]
-    if key_2026:
-        key_2026 = ["vcc2026_score"] + [c for c in key_2026 if c != "vcc2026_score"]
-        parts.append(
-            "<h3>VCC 2026 score and its six scaled metrics</h3>"
-            '<p class="note">The <b>VCC 2026 score</b> (cell-eval2, preset vcc2026) places each metric on the '
-            "scale of its held-out context: 0 = the context's mean-response baseline, 1 = a replicate of the "
-            "experiment (split-half anchor, 5 seeded splits); values above 1 and below 0 are kept "
-            "(expr_mse_unbiased_capped_norm is clamped to [0, 1], de_wilcoxon_lfc_nmae floored at -6). "
-            "The score is the mean of the six. Predictions are scored as counts drawn from them at the "
-            "control cells' library sizes. A metric whose scale is degenerate on a context shows – and is "
-            "left out of that context's score.</p>" + leaderboard_table(bench, key_2026) + _scale_caveats(bench))
+        parts.append("<h3>VCC score and its three metrics</h3>" + note + leaderboard_table(bench, key))
     parts.append("<h3>All metrics</h3>" + leaderboard_table(bench, bench.metric_columns))
     parts.append("</section>")
     return "".join(parts)
 
 
-def _scale_caveats(bench: Bench) -> str:
-    """A note naming, per fold and context, the 2026 metrics whose scale is degenerate or not resolved
-    (``vcc2026_scale_caveats`` of ``bench.json``); empty when every scale is sound."""
-    items = []
-    for c in bench.meta.get("vcc2026_scale_caveats") or []:
-        said = [f"{label}: {esc('; '.join(c[key]))}" for key, label in (("degenerate", "degenerate, left out"),
-                                                                        ("unresolved", "not resolved"))
-                if c.get(key)]
-        if said:
-            items.append(f"<li>fold {esc(str(c.get('fold', '')))}, context {esc(str(c.get('context', '')))}: {' | '.join(said)}</li>")
-    if not items:
-        return ""
-    return ('<p class="note"><b>Scales to read with care.</b> A <i>degenerate</i> scale (the baseline already at '
-            "the replicate, or a metric undefined on it) is left out of the score. A scale <i>not resolved</i> has "
-            "its replicate within two standard errors of its baseline over the anchor's splits: a scaled value "
-            "there is the model's distance from the baseline magnified by an arbitrary factor, and can outweigh "
-            'the other metrics in the mean.</p><ul class="note">' + "".join(items) + "</ul>")
-
-
 def bars_section(bench: Bench, colors) -> tuple[str, int]:
-    """The per-metric bar charts (models x held-out contexts).
+    """The per-metric bar charts (models x scored contexts).
 
     Returns
     -------
@@ -238,11 +167,11 @@ def bars_section(bench: Bench, colors) -> tuple[str, int]:
     key = [c for c in numeric if c in (SCORE, SCORE_UNCLIPPED, *VCC_METRICS)]
     rest = [c for c in numeric if c not in key]
     contexts = [c for c in bench.contexts if (lb["context"] == c).any()]
-    if (lb["context"] == MEAN_CONTEXT).any():
+    if (lb["context"] == MEAN_CONTEXT).any() and len(contexts) > 1:  # one context: its mean repeats it
         contexts.append(MEAN_CONTEXT)
     models = [m for m in bench.models if (lb["model"] == m).any()]
     parts = ['<section id="metrics"><h2>Metrics by model and context</h2>',
-             '<p class="note">One panel per metric: bars are models, groups are held-out contexts '
+             '<p class="note">One panel per metric: bars are models, groups are scored contexts '
              f'({esc(MEAN_CONTEXT)} = average over contexts). Each value is the mean over perturbations.</p>']  # fmt: skip
     n = 0
     for title, cols in (("VCC score and its metrics", key), ("Other metrics", rest)):
@@ -280,8 +209,10 @@ def scatter_section(bench: Bench, all_effects: dict[str, ContextEffects], colors
              "minus that of the control cells of the same context (pseudobulk difference). Each point is a gene; "
              "the dashed line is y = x; r is the Pearson correlation over all genes (the per-perturbation "
              f"<code>pearson_delta</code>). Shown: the {TOP_PERTURBATIONS} perturbations with the largest real "
-             "effect (Euclidean norm) in each held-out context; rows are perturbations, columns are models. "
-             "A model predicting no change (e.g. the control mean) has a constant effect and no r.</p>"]  # fmt: skip
+             "effect (Euclidean norm) in each scored context; columns are perturbations, rows are models. "
+             "A model that predicts no change (e.g. control_mean) has no true effect: its predicted effects are the "
+             "sampling noise of the control cells it resamples, a cloud around y = 0 that can look as wide as a small "
+             "real effect, and its r is near 0 (n/a when the prediction is exactly constant).</p>"]  # fmt: skip
     n = 0
     for context in bench.contexts:
         effects = all_effects[context]
@@ -425,6 +356,8 @@ def details_section(bench: Bench) -> str:
             desc = "VCC score without the clip at 0"
         elif c in REGISTRY:
             desc = REGISTRY[c].description
+        elif c in GLOSSARY_2026:
+            desc = GLOSSARY_2026[c]
         elif c.startswith("de_nsig_counts_"):
             desc = f"number of significant DE genes ({c.rsplit('_', 1)[-1]})"
         else:

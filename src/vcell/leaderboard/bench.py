@@ -1,26 +1,5 @@
-"""``vcell bench``: train every model on the same split, predict held-out contexts, score them all.
+"""``run_bench`` and its folds: every model trained on the same split, predicted, scored (:mod:`vcell.leaderboard`)."""
 
-Layout of the output folder (the report reads it):
-
-- ``leaderboard.csv``: ``model``, ``context``, one column per metric (mean over
-  perturbations), ``vcc_score`` and ``vcc_score_unclipped`` (VCC 2025 score x 100, scaled
-  against ``cell_mean``); one row per model per held-out context plus a ``mean`` context.
-- ``predictions/<model>_<context>.h5ad`` and ``predictions/real_<context>.h5ad``.
-- ``eval/<model>_<context>/``: ``results.csv``, ``agg_results.csv``, ``real_de.csv``, ``pred_de.csv``.
-- with ``profile="vcc2026"`` (raw-count data): the 2025 ``vcc`` metrics as above, and the VCC 2026
-  score next to them: ``eval/vcc2026_scale_<context>/`` holds both ends of the context's scale
-  (mean-response baseline, split-half replicate anchor), ``eval/<model>_<context>/vcc2026/`` the
-  model's ``results.csv``, ``agg_results.csv`` and ``score.csv``; the leaderboard gains
-  ``vcc2026_score`` and the six scaled metrics ``vcc2026_<metric>``. Predictions are log1p; each
-  is scored as counts drawn from it the way ``vcell predict --output counts`` draws them
-  (:func:`vcell.predictors.counts.to_counts`, ``depth="controls"``): each predicted cell at the
-  library size of the real control cell it started from (drawn from the controls' for models
-  whose cells start from none), seeded.
-- ``bench.json``: what was run (data, split, models, seed, runs, timings).
-- ``report.html``.
-
-Dependencies flow cli -> leaderboard -> (predictors, eval, report) -> data.
-"""
 
 from __future__ import annotations
 
@@ -51,6 +30,7 @@ from vcell.eval.inputs import check_pair
 from vcell.eval.profiles import PROFILES
 from vcell.eval.run import evaluate, write_outputs
 from vcell.eval.scoring import score, write_csv
+from vcell.leaderboard.vcc2026 import Bench2026
 from vcell.predictors.base import Predictor
 from vcell.predictors.predict import predict_context
 
@@ -198,6 +178,30 @@ def _test_contexts(index, split: Split) -> list[str]:
     return [str(index.contexts[c]) for c in codes]
 
 
+def fold_record(data: PerturbationData, fold: Fold) -> dict:
+    """What ``bench.json`` records of a fold's hold-out, read from its split as applied to the data.
+
+    Returns
+    -------
+    dict
+        ``name``; ``contexts`` (scored); ``held_out_contexts`` (scored contexts with no training
+        cells); ``held_out_perturbations`` (scored perturbations with no training cells in any
+        context); ``scored_perturbations`` (context -> the perturbations scored there).
+    """
+    index = data.index
+    labels = index.perts[index.pert_codes].astype(str)
+    contexts = index.contexts[index.context_codes].astype(str)
+    test, train = fold.split.mask("test"), fold.split.mask("train")
+    scored = {c: sorted(np.unique(labels[test & (contexts == c)]).tolist()) for c in fold.contexts}
+    trained = set(np.unique(labels[train]).tolist())
+    return {
+        "name": fold.name, "contexts": fold.contexts,
+        "held_out_contexts": [c for c in fold.contexts if not (train & (contexts == c)).any()],
+        "held_out_perturbations": sorted({p for perts in scored.values() for p in perts} - trained),
+        "scored_perturbations": scored,
+    }
+
+
 def _scored_cells(split: Split) -> np.ndarray:
     """The cells a fold scores: its held-out (test) cells and every control cell."""
     return split.mask("test") | split.mask("control")
@@ -253,6 +257,7 @@ def run_bench(
     report: bool = True,
     progress: Callable[[str], None] | None = None,
     overwrite: bool = False,
+    model_options: dict[str, dict] | None = None,
 ) -> BenchResult:
     """Train, predict and score every model on every fold; write the leaderboard and the report.
 
@@ -288,6 +293,9 @@ def run_bench(
         Called with a short text as each step starts.
     overwrite : bool
         Replace an earlier benchmark's results in ``out``.
+    model_options : dict, optional
+        Model name -> the options ``make_model`` builds it with, recorded in ``bench.json`` (``make_model``
+        is opaque); a model without an entry is recorded with ``{}``.
 
     Returns
     -------
@@ -301,6 +309,7 @@ def run_bench(
     out = Path(out)
     check_output_dir(out, list(BENCH_OUTPUTS), [data_path], overwrite=overwrite)
     models = list(dict.fromkeys(models))
+    user_models = set(models)  # the models make_model builds: the options recorded are theirs
     if BASELINE_MODEL not in models:
         log.info("adding %s: the VCC score is scaled against it", BASELINE_MODEL)
         models.append(BASELINE_MODEL)
@@ -312,8 +321,7 @@ def run_bench(
         make_model(name)  # unknown names fail before any work
     say = progress or (lambda text: None)
     with_2026 = profile == "vcc2026"
-    if with_2026:
-        profile = "vcc"  # the 2025 score beside the 2026 one
+    scored_profile = "vcc" if with_2026 else profile  # vcc2026: the 2025 score beside the 2026 one
     say(f"reading {data_path}")
     data = prepare_data(data_path, spec, dataset_col, allow_missing_controls, datasets, keep_counts=with_2026)
     spec = data.spec
@@ -321,7 +329,7 @@ def run_bench(
     _check_unseen_targets(data, folds, {name: make_model(name) for name in models})
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     rows, runs, timings = [], [], {}
-    scale_caveats: list[dict] = []  # per fold and context: the vcc2026 metrics whose scale is degenerate or not resolved
+    bench_2026 = Bench2026(spec, threads, seed) if with_2026 else None
     fits = 0
     for fold in folds:
         real_by_ctx = {}
@@ -329,16 +337,12 @@ def run_bench(
             real_by_ctx[ctx] = _tidy(_real_cells(data, fold.split, ctx), spec)
             write_h5ad(real_by_ctx[ctx], out / "predictions" / f"real_{slug(ctx)}.h5ad")
         aggs: dict[tuple[str, str], pd.DataFrame] = {}
-        scales = {}
-        if with_2026:
+        if bench_2026 is not None:
             for ctx in fold.contexts:
                 say(f"fold {fold.name}: the vcc2026 scale of {ctx} (baseline and replicate anchor)")
                 t = time.perf_counter()
-                scale, totals, caveats = _scale_2026(_real_cells(data, fold.split, ctx), spec, threads, seed,
-                                                     out / "eval" / f"vcc2026_scale_{slug(ctx)}", where=f"fold {fold.name}, {ctx}")
-                scales[ctx] = (scale, totals)
+                bench_2026.add_context(fold.name, ctx, _real_cells(data, fold.split, ctx), out / "eval" / f"vcc2026_scale_{slug(ctx)}")
                 timings[f"vcc2026 scale {ctx}"] = time.perf_counter() - t
-                scale_caveats.append({"fold": fold.name, "context": ctx, **caveats})
         scores_2026: dict[tuple[str, str], dict[str, float]] = {}
         for name in models:
             fits += 1
@@ -357,13 +361,13 @@ def run_bench(
                 write_h5ad(pred, out / "predictions" / f"{run_slug}.h5ad")
                 say(f"{name} on fold {fold.name}: scoring {ctx}")
                 t = time.perf_counter()
-                result = evaluate(check_pair(pred, real, spec.pert_col, spec.control, "log1p", "pred", "real"), profile, threads)
+                result = evaluate(check_pair(pred, real, spec.pert_col, spec.control, "log1p", "pred", "real"), scored_profile, threads)
                 write_outputs(result, out / "eval" / run_slug)
                 timings[f"eval {name} {ctx}"] = time.perf_counter() - t
                 aggs[(name, ctx)] = result.agg
-                if with_2026:
+                if bench_2026 is not None:
                     t = time.perf_counter()
-                    scores_2026[(name, ctx)] = _score_2026(raw, scales[ctx], spec, threads, seed, out / "eval" / run_slug / "vcc2026")
+                    scores_2026[(name, ctx)] = bench_2026.score(fold.name, name, ctx, raw, out / "eval" / run_slug / "vcc2026")
                     timings[f"vcc2026 {name} {ctx}"] = time.perf_counter() - t
                 runs.append({"model": name, "context": ctx, "fold": fold.name, "slug": run_slug,
                              "prediction": f"predictions/{run_slug}.h5ad", "eval_dir": f"eval/{run_slug}"})
@@ -381,15 +385,16 @@ def run_bench(
     meta = {
         "data": str(Path(data_path).resolve()), "pert_col": spec.pert_col, "control": spec.control,
         "context_col": spec.context_col, "models": models, "contexts": [c for f in folds for c in f.contexts],
-        "folds": [{"name": f.name, "contexts": f.contexts, "split": f.config.to_toml()} for f in folds],
+        "model_options": {m: dict((model_options or {}).get(m, {})) if m in user_models else {} for m in models},
+        "folds": [{**fold_record(data, f), "split": f.config.to_toml()} for f in folds],
         "runs": runs, "real": {c: f"predictions/real_{slug(c)}.h5ad" for f in folds for c in f.contexts},
         "datasets": list(datasets), "seed": seed, "profile": profile, "vcell_version": __version__, "timings": timings,
         "split": str(split_file) if split_file else "holdout: " + "; ".join(held),
     }
-    if with_2026:
-        meta["vcc2026_scale_caveats"] = scale_caveats
+    if bench_2026 is not None:
+        meta.update(bench_2026.meta())
     with atomic_path(out / "bench.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.write_text(json.dumps(meta, indent=2, default=str))  # default: a YAML option json cannot write (a date) as text
     if report:
         from vcell.report import build_report
 
@@ -414,60 +419,6 @@ def _check_unseen_targets(data: PerturbationData, folds: list[Fold], models: dic
                                  f"(--model-config: {name}: {{pert_features: 'onehot,genes.safetensors'}}) or leave it out")
 
 
-def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folder: Path, where: str):
-    """Both ends of the VCC 2026 scale of one held-out context, written to ``folder``: ``(scale, the
-    controls' library sizes, caveats)``. A metric whose scale is degenerate or unresolved
-    (:meth:`~vcell.eval.vcc2026.files.ContextScale.caveats`) is named once here (``where``: the
-    fold and context), not for every model."""
-    from vcell.eval.vcc2026.files import Options, context_scale
-    from vcell.eval.vcc2026.inputs import cells_from_anndata
-    from vcell.eval.vcc2026.scale import degenerate_note, unresolved_note
-
-    cells = cells_from_anndata(real, spec.pert_col, "the held-out cells", layer="counts")
-    # perturbations that are genes: their own gene is excluded (a control label may be a gene too: Kang's CTRL)
-    named = bool((set(cells.groups) - {spec.control}) & set(real.var_names))
-    opts = Options(spec.pert_col, spec.control, no_target_genes=not named, threads=threads, strict=False)  # a degenerate metric is shown as such
-    scale = context_scale(cells, opts, None, seed=0)
-    caveats = scale.caveats()
-    if caveats["degenerate"]:
-        log.warning("%s: %s; left out of every model's 2026 score there", where, degenerate_note(caveats["degenerate"]))
-    if caveats["unresolved"]:
-        log.warning("%s: %s", where, unresolved_note(caveats["unresolved"]))
-    folder.mkdir(parents=True, exist_ok=True)
-    write_csv(scale.baseline_agg, folder / "baseline_agg_results.csv")
-    write_csv(scale.anchor.agg, folder / "anchor_agg.csv")
-    write_csv(scale.anchor.splits, folder / "anchor_splits.csv")
-    rows = cells.rows(spec.control)
-    return scale, pd.Series(cells.totals[rows], index=real.obs_names[rows].astype(str)), caveats
-
-
-def _score_2026(pred: ad.AnnData, scale, spec: DataSpec, threads: int, seed: int, folder: Path) -> dict[str, float]:
-    """A log1p prediction scored with the VCC 2026 metrics as counts drawn from it (:func:`to_counts`); the leaderboard columns."""
-    from vcell.eval.vcc2026.evaluate import evaluate_cells
-    from vcell.eval.vcc2026.inputs import CountsCells
-    from vcell.eval.vcc2026.reader import labels_of
-    from vcell.eval.vcc2026.scale import score_context
-    from vcell.eval.vcc2026.tables import agg_means, agg_wide, results_long
-    from vcell.predictors.counts import to_counts
-
-    context_scale, control_totals = scale
-    counts = to_counts(pred, control_totals, depth="controls", seed=seed, pert_col=spec.pert_col, control=spec.control)
-    labels, order = labels_of(counts.obs, spec.pert_col, "the prediction")
-    cells = CountsCells(sp.csr_matrix(counts.X), labels, counts.var_names.copy(), "the prediction as counts", [g for g in order if g != spec.control])
-    values, ratio = evaluate_cells(context_scale.ref, cells, threads, strict=False)
-    res = results_long(context_scale.perturbations, values)
-    agg = agg_wide(res, ratio)
-    b, r = context_scale.ends()
-    table = score_context(agg_means(agg), b, r, strict=False)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_csv(res, folder / "results.csv")
-    write_csv(agg, folder / "agg_results.csv")
-    write_csv(table, folder / "score.csv")
-    cols = {f"vcc2026_{m}": float(v) for m, v in zip(table["metric"], table["score"]) if m != "avg_score"}
-    return {SCORE_2026: float(table.loc[table["metric"] == "avg_score", "score"].iloc[0]), **cols}
-
-
-SCORE_2026 = "vcc2026_score"
 
 
 def _leaderboard(rows: list[dict]) -> pd.DataFrame:
