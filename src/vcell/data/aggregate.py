@@ -34,8 +34,9 @@ def _csr_group_sums(data, indices, indptr, codes, out):
             out[c, indices[k]] += data[k]
 
 
-def group_sums(X, codes: np.ndarray, n_groups: int, chunk_rows: int = 2048) -> np.ndarray:
-    """``[n_groups, n_genes]`` float64 sums of the rows of ``X`` by group code (``-1``: skipped)."""
+def group_sums(X, codes: np.ndarray, n_groups: int, chunk_rows: int = 2048, transform=None) -> np.ndarray:
+    """``[n_groups, n_genes]`` float64 sums of the rows of ``X`` by group code (``-1``: skipped),
+    of ``transform(values)`` when given (a function keeping 0 at 0, e.g. ``np.expm1``)."""
     codes = np.asarray(codes, dtype=np.int64)
     if sp.issparse(X) and not sp.isspmatrix_csr(X):
         X = sp.csr_matrix(X)
@@ -50,18 +51,20 @@ def group_sums(X, codes: np.ndarray, n_groups: int, chunk_rows: int = 2048) -> n
         if sp.issparse(block):
             block = sp.csr_matrix(block)
             block.sum_duplicates()
-            _csr_group_sums(block.data, block.indices, block.indptr, block_codes, out)
+            data = block.data if transform is None else transform(block.data.astype(np.float64))
+            _csr_group_sums(data, block.indices, block.indptr, block_codes, out)
         else:
-            _dense_group_sums(np.ascontiguousarray(np.asarray(block)), block_codes, out)
+            block = np.asarray(block)
+            _dense_group_sums(np.ascontiguousarray(block if transform is None else transform(block.astype(np.float64))), block_codes, out)
     return out
 
 
-def group_means(X, codes: np.ndarray, n_groups: int) -> np.ndarray:
+def group_means(X, codes: np.ndarray, n_groups: int, transform=None) -> np.ndarray:
     """``[n_groups, n_genes]`` float64 means of the rows of ``X`` per group; empty groups are an error."""
     sizes = np.bincount(np.asarray(codes)[np.asarray(codes) >= 0], minlength=n_groups).astype(np.float64)
     if np.any(sizes == 0):
         raise VcellError(f"{int((sizes == 0).sum())} group(s) have no cells")
-    return group_sums(X, codes, n_groups) / sizes[:, None]
+    return group_sums(X, codes, n_groups, transform=transform) / sizes[:, None]
 
 
 def cell_mean(
@@ -72,6 +75,7 @@ def cell_mean(
     *,
     as_delta: bool = False,
     match_dtype: bool = False,
+    transform=None,
 ) -> np.ndarray:
     """The "cell-mean" baseline vector: the mean over groups of each group's mean row.
 
@@ -95,6 +99,9 @@ def cell_mean(
         Round each group mean to the floating dtype of ``X`` before averaging (cell-eval's polars
         group means of float32 data are float32); the average is then taken in that dtype.
         ``False`` keeps float64 throughout.
+    transform : callable, optional
+        Applied to the values before the group means (e.g. ``np.expm1``: the mean of normalised
+        expression rather than of log1p).
 
     Returns
     -------
@@ -106,7 +113,7 @@ def cell_mean(
         n_groups = int(codes.max()) + 1 if codes.size else 0
     if not 0 <= control < n_groups:
         raise VcellError(f"control group code {control} is outside the {n_groups} groups")
-    means = group_means(X, codes, n_groups)
+    means = group_means(X, codes, n_groups, transform)
     if match_dtype and np.issubdtype(X.dtype, np.floating):
         means = means.astype(X.dtype)
     is_ctrl = np.arange(n_groups) == control

@@ -367,7 +367,7 @@ def run_bench(
                 aggs[(name, ctx)] = result.agg
                 if bench_2026 is not None:
                     t = time.perf_counter()
-                    scores_2026[(name, ctx)] = bench_2026.score(fold.name, name, ctx, raw, out / "eval" / run_slug / "vcc2026")
+                    scores_2026[(name, ctx)] = bench_2026.score(fold.name, name, ctx, model.counts_basis(raw), out / "eval" / run_slug / "vcc2026")
                     timings[f"vcc2026 {name} {ctx}"] = time.perf_counter() - t
                 runs.append({"model": name, "context": ctx, "fold": fold.name, "slug": run_slug,
                              "prediction": f"predictions/{run_slug}.h5ad", "eval_dir": f"eval/{run_slug}"})

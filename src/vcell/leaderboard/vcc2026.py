@@ -59,7 +59,9 @@ class Bench2026:
             log.info("vcc2026 target genes (%s): %s", where, rule_note(rule))
 
     def score(self, fold: str, model: str, context: str, pred: ad.AnnData, folder: Path) -> dict[str, float]:
-        """Score one log1p prediction on its context's scale (files in ``folder``): the leaderboard columns.
+        """Score one log1p prediction (the cells counts are drawn from: the model's
+        :meth:`~vcell.predictors.base.Predictor.counts_basis`) on its context's scale (files in
+        ``folder``): the leaderboard columns.
 
         A metric beyond the replicate anchor is warned about and recorded (:attr:`beyond`).
         """

@@ -107,6 +107,11 @@ class Predictor(ABC):
         """
         return None
 
+    def counts_basis(self, cells: ad.AnnData) -> ad.AnnData:
+        """The log1p cells whose composition the counts of predicted ``cells`` are drawn from
+        (:mod:`vcell.predictors.counts`): here the cells themselves."""
+        return cells
+
     def predicts_unseen_targets(self) -> bool:
         """Whether the model can predict a target it was never trained on (here: yes, by a fallback
         or from its features; a one-hot ST model cannot)."""

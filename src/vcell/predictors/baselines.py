@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from vcell.data.aggregate import cell_mean
 from vcell.data.dataset import PerturbationData
@@ -76,6 +77,11 @@ class CellMean(PseudobulkBaseline):
     training contexts) and the controls of the training contexts are one more group.
     :meth:`predict` outputs exactly that vector for each predicted cell (no control noise) and
     appends the real controls.
+
+    The vector is a mean of log1p values, which is no cell's composition: drawn as counts it
+    would put the molecules of genes expressed in few cells on the others. Counts are drawn
+    instead from the same mean taken of normalised expression (``expm1``), log1p'd again
+    (:meth:`counts_basis`): the groups' mean composition.
     """
 
     name = "cell_mean"
@@ -94,6 +100,7 @@ class CellMean(PseudobulkBaseline):
         codes[train] = np.searchsorted(perts, names[idx.pert_codes[train]])
         codes[is_ctrl & np.isin(keys, np.unique(keys[train]))] = len(perts)  # controls of the trained contexts
         self.vector_ = cell_mean(data.adata.X, codes, control=len(perts), n_groups=len(perts) + 1)
+        self.counts_vector_ = np.log1p(cell_mean(data.adata.X, codes, control=len(perts), n_groups=len(perts) + 1, transform=np.expm1))
         log.info("cell_mean: mean of %d training perturbation pseudobulks and the control pseudobulk", len(perts))
         return self
 
@@ -114,6 +121,22 @@ class CellMean(PseudobulkBaseline):
         """Each predicted cell is the baseline vector (no control noise)."""
         vec = self.vector_[self._columns(controls)].astype(np.float32)
         return {pert: np.tile(vec, (cell_count(cells_per_perturbation, pert), 1)) for pert in perturbations}
+
+    def counts_basis(self, cells: ad.AnnData) -> ad.AnnData:
+        """``cells`` with each predicted (not control) cell the groups' mean composition (log1p of
+        the mean normalised expression); a model saved without it draws from the vector."""
+        vector = getattr(self, "counts_vector_", None)
+        if vector is None:
+            return cells
+        predicted = (cells.obs[self._spec.pert_col].astype(str) != str(self._spec.control)).to_numpy()
+        X = cells.X.toarray() if sp.issparse(cells.X) else np.array(cells.X, dtype=np.float32)
+        X[predicted] = vector[self._columns(cells)].astype(np.float32)
+        out = cells.copy()
+        out.X = X
+        base = out.uns.get("vcell", {})
+        out.uns["vcell"] = {**(dict(base) if isinstance(base, Mapping) else {}),
+                            "counts_basis": "cell_mean's groups' mean normalised expression (log1p of the mean of expm1)"}
+        return out
 
 
 class PertMean(PseudobulkBaseline):

@@ -325,7 +325,12 @@ class _Job:
         """Predicted cells (:meth:`_cells`) as the output holds them: widened to every gene, drawn as counts."""
         if self.fill is not None:
             return self.fill.widen(piece, self.fill.sources(piece, CONTROL_CELL_COL), self.draw)
-        return self.draw.convert(piece) if self.draw is not None else piece
+        if self.draw is None:
+            return piece
+        basis = self.predictor.counts_basis(piece)
+        if basis is not piece and "counts_basis" in basis.uns.get("vcell", {}):  # what the counts were drawn from
+            self.uns["counts_basis"] = basis.uns["vcell"]["counts_basis"]
+        return self.draw.convert(basis)
 
     def obs(self, frames: list[pd.DataFrame], file: str = "out") -> pd.DataFrame:
         """The pieces' obs of ``file`` (:data:`OUT` or :data:`LOG1P`) as one frame, the perturbation column
