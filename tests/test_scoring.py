@@ -3,6 +3,7 @@ polars (cell-eval's ``agg_results.csv`` is a polars ``describe()``)."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -137,6 +138,21 @@ def test_vcc_score_example():
     assert 100 * ours.loc["avg_score", "from_baseline"] == pytest.approx(33.5, abs=0.1)
     reference = score_agg_metrics(user, base)
     np.testing.assert_allclose(ours["from_baseline"].to_numpy(), reference["from_baseline"].to_numpy(), rtol=1e-12)
+
+
+def test_score_warns_of_unknown_columns_only(caplog):
+    """de_nsig_counts' real/pred columns are known and unscored: no warning on every call; a column
+    no metric writes is named."""
+    rng = np.random.default_rng(0)
+    user, base = (_to_pandas(t) for t in _agg_pair(rng))
+    assert "de_nsig_counts_real" in user.columns
+    with caplog.at_level(logging.WARNING, logger="vcell"):
+        score(user, base)
+    assert "not a registered metric" not in caplog.text
+    user["mystery"], base["mystery"] = 0.5, 0.5
+    with caplog.at_level(logging.WARNING, logger="vcell"):
+        score(user, base)
+    assert caplog.text.count("not a registered metric") == 1 and "mystery" in caplog.text
 
 
 def test_score_rejects_mismatched_tables():

@@ -108,8 +108,9 @@ def score(
         raise VcellError(f"statistic {statistic!r} not found in the agg_results tables (found: {', '.join(stats)})")
 
     metrics = [c for c in user.columns if c != STATISTIC_COLUMN]
+    unscored = tuple(f"{name}_" for name, metric in REGISTRY.items() if metric.best is None)  # e.g. de_nsig_counts_real
     for m in metrics:
-        if m not in REGISTRY:
+        if m not in REGISTRY and not m.startswith(unscored):
             logger.warning("score: %s is not a registered metric; left out", m)
     by_best = {
         best: [m for m in metrics if m in REGISTRY and REGISTRY[m].best == best] for best in (0.0, 1.0)
