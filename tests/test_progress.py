@@ -278,3 +278,23 @@ def test_ctrl_c_in_bench_leaves_nothing_under_its_output(files, tmp_path):
     assert lines[-1] == f"interrupted; nothing written (removed the partial results in {out})", proc.stderr
     assert not any(line.startswith("error") for line in lines)
     assert not out.exists()
+
+
+def test_progress_is_on_by_default_in_an_interactive_session_only(monkeypatch):
+    """A notebook user training ST saw nothing for minutes: progress is on at a prompt or in a
+    Jupyter kernel, off in a script (and in this test run) unless vcell.show_progress says otherwise."""
+    import sys
+
+    import vcell
+    from vcell.train import display
+
+    monkeypatch.setitem(display._settings, "enabled", None)
+    monkeypatch.delattr(sys, "ps1", raising=False)
+    assert not display.progress_enabled()
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)
+    assert display.progress_enabled()
+    vcell.show_progress(False)
+    assert not display.progress_enabled()
+    monkeypatch.delattr(sys, "ps1")
+    vcell.show_progress(True)
+    assert display.progress_enabled()

@@ -22,6 +22,10 @@ Evaluation
     of its first run, ``vcell eval compile``), :func:`run_bench` (every model on the same split,
     a leaderboard) and :func:`build_report` (its HTML report).
 
+Progress
+    Long steps (ST training, prediction, evaluation, benchmarks) show progress lines in an
+    interactive session (Jupyter, IPython); :func:`show_progress` turns them on in a script (or off).
+
 Subpackages, from the bottom up: ``vcell.data``, ``vcell.eval``, ``vcell.features``,
 ``vcell.nn``, ``vcell.train``, ``vcell.predictors``, ``vcell.report``, ``vcell.leaderboard``,
 ``vcell.cli``. Names load on first use, so ``import vcell`` is quick.
@@ -66,6 +70,7 @@ _EXPORTS = {
     "vcell.eval.precompile": ["precompile_evaluator"],
     "vcell.leaderboard": ["run_bench"],
     "vcell.report.build": ["build_report"],
+    "vcell.train.display": ["show_progress"],
 }
 _lazy_all, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted([*_lazy_all, "VcellError", "__version__", "evaluate"])

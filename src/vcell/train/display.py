@@ -1,7 +1,8 @@
 """What the user sees while long work runs: one live progress display on stderr.
 
 The command line turns it on with :func:`show_progress` (``vcell -q`` leaves it off); in Python
-it is off until you call ``show_progress(True)``. Every step that may take more than a few
+it is on in an interactive session (a Jupyter notebook, IPython, the ``python`` prompt) and off in
+a script, until you call ``vcell.show_progress(True or False)``. Every step that may take more than a few
 seconds opens a :func:`task` line (a bar with a total, a spinner without): nested steps, such as
 the ST training or prediction inside ``vcell bench``, add their line below the outer one on the
 same display, so there is only ever one live display. Lines are transient: when a step ends its
@@ -27,12 +28,20 @@ from rich.text import Text
 log = logging.getLogger(__name__)
 
 _lock = threading.RLock()
-_settings = {"enabled": False, "console": None}
+_settings = {"enabled": None, "console": None}  # None: on in an interactive session (:func:`_interactive`)
 _live: dict = {"progress": None, "open": 0}
 
 
 def show_progress(enabled: bool = True, console: Console | None = None) -> None:
-    """Turn the progress display on or off; ``console`` is where it draws (default: a stderr console)."""
+    """Turn the progress display on or off (by default it is on in an interactive session only).
+
+    Parameters
+    ----------
+    enabled : bool
+        Show progress lines (ST training, prediction, evaluation, benchmarks).
+    console : rich.console.Console, optional
+        Where they are drawn (default: a stderr console).
+    """
     with _lock:
         _settings["enabled"] = bool(enabled)
         if console is not None:
@@ -42,7 +51,19 @@ def show_progress(enabled: bool = True, console: Console | None = None) -> None:
 def progress_enabled() -> bool:
     """Whether progress is shown: :func:`show_progress` turned it on and this is the main process
     (under DDP, rank 0; the other ranks run the same command silently)."""
-    return bool(_settings["enabled"]) and _rank_zero()
+    enabled = _settings["enabled"]
+    return bool(_interactive() if enabled is None else enabled) and _rank_zero()
+
+
+def _interactive() -> bool:
+    """A Jupyter kernel, IPython or the ``python`` prompt (not a script, not a test run)."""
+    import sys
+
+    if hasattr(sys, "ps1"):
+        return True
+    shell = sys.modules.get("IPython")
+    get = getattr(shell, "get_ipython", None)
+    return get is not None and get() is not None
 
 
 def _rank_zero() -> bool:
