@@ -182,3 +182,23 @@ def test_fitted_shift_models_round_trip_through_their_file(case, tmp_path, name,
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(VcellError, match="bad.safetensors: unreadable checkpoint file"):
         load_fitted(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("name", ["linear", "kernel_ridge"])
+def test_a_penalty_at_the_top_of_the_grid_is_warned_of(case, name, caplog):
+    """Features that explain nothing the held-out folds can measure (random vectors): cross-validation
+    takes the largest penalty, shrinking the model toward the mean effect, which reads as another
+    model in a table unless said; a choice inside the grid is not warned of."""
+    import logging
+
+    data, split, table, _, _ = case
+    noise = GeneEmbeddings(names=list(table.names), vectors=np.random.default_rng(5).normal(size=table.vectors.shape), source="noise")
+    grid = {"alphas": [1e-4, 1e-3, 1e-2]} if name == "linear" else {"alphas": [1e-4, 1e-3, 1e-2], "gammas": [1.0]}
+    with caplog.at_level(logging.WARNING, logger="vcell"):
+        model = make_model(name, seed=0, pert_features=noise, **grid).fit(data, split)
+    assert model.alpha_ == 1e-2, model.cv_scores_
+    assert f"{name}: cross-validation chose the largest penalty of its grid (alpha=0.01)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vcell"):
+        model = make_model(name, seed=0, pert_features=table).fit(data, split)
+    assert model.alpha_ < max(model.alphas) and "largest penalty" not in caplog.text

@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcell.errors import VcellError, preview
-from vcell.predictors.linear import _folds, _penalties, encode_pert_features, fit_pert_features
+from vcell.predictors.linear import _folds, _penalties, encode_pert_features, fit_pert_features, warn_at_largest_penalty
 from vcell.predictors.pseudobulk import PseudobulkBaseline, TrainingStats
 
 log = logging.getLogger("vcell.predictors.baselines")
@@ -151,6 +151,7 @@ class KernelRidgeBaseline(PseudobulkBaseline):
         self.median_sq_dist_ = float(np.median(d2[d2 > 0])) if (d2 > 0).any() else 1.0
         Y = stats.effects
         self.gamma_, self.alpha_, self.cv_scores_ = self._choose(X, Y, ctx, pert, len(contexts))
+        warn_at_largest_penalty(self.name, self.alpha_, self.alphas, self.cv_scores_)
         means, self.offset_, R = _targets(ctx, pert, Y, len(contexts), np.arange(len(perts)))
         w, V = np.linalg.eigh(self._kernel(X, X))
         self.dual_coef_ = V @ ((V.T @ R) / (np.maximum(w, 0.0) + self.alpha_)[:, None])

@@ -96,6 +96,15 @@ def _folds(name: str, n_folds) -> int:
     return int(n_folds)
 
 
+def warn_at_largest_penalty(name: str, alpha: float, alphas: Sequence[float], scores: pd.DataFrame) -> None:
+    """Warn when cross-validation chose the largest penalty of the grid: the model is then about the
+    training perturbations' mean effect, whatever its features (it reads as another model in a table)."""
+    if len(alphas) > 1 and alpha == max(alphas) and scores["cv_mse"].notna().any():
+        log.warning("%s: cross-validation chose the largest penalty of its grid (alpha=%g): the perturbation features add "
+                    "nothing it could measure, so it predicts about the training perturbations' mean effect, as pert_mean "
+                    "does for an unseen one (larger alphas would shrink it further)", name, alpha)
+
+
 def _ridge_fit(X: np.ndarray, Y: np.ndarray, alphas: Sequence[float]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Closed-form multi-output ridge with an unpenalised intercept, one fit per alpha.
 
@@ -192,6 +201,7 @@ class LinearBaseline(PseudobulkBaseline):
         X = np.hstack([P, np.array([self._context_features(c) for c in g["context"]]).reshape(len(labels), len(self.contexts_))])
         Y = stats.effects
         self.alpha_, self.cv_scores_ = self._choose_alpha(X, Y)
+        warn_at_largest_penalty(self.name, self.alpha_, self.alphas, self.cv_scores_)
         (self.coef_, self.intercept_), = _ridge_fit(X, Y, [self.alpha_])
         log.info("linear: %d groups, %d features (%s), alpha=%g", len(labels), X.shape[1], ", ".join(self.features_.sources), self.alpha_)
 
