@@ -52,3 +52,15 @@ def test_eval_run_says_it_for_files_read_whole_or_in_tiles(pair, tmp_path, budge
     same = run_cli("eval", "run", "--pred", d / "pred.h5ad", "--real", d / "pred.h5ad", "--profile", "vcc",
                    "--out", tmp_path / "same", *extra)
     assert same.returncode == 0 and "told from their values" not in same.stderr
+
+
+def test_evaluate_reads_a_layer_when_asked(pair):
+    """layer='counts' scores a scanpy-layout reference's counts, as the counts file itself; a missing layer is one line."""
+    counts, log1p, _ = pair
+    layered = log1p.copy()
+    layered.layers["counts"] = counts.X.copy()
+    want = vcell.evaluate(log1p, counts, profile="vcc").results
+    got = vcell.evaluate(log1p, layered, profile="vcc", layer="counts").results
+    assert want.equals(got)
+    with pytest.raises(vcell.VcellError, match=r"real: no layers\['raw'\]"):
+        vcell.evaluate(log1p, layered, profile="vcc", layer="raw")

@@ -599,6 +599,7 @@ def test_python_api_gives_the_commands_numbers(tmp_path):
     """vcell.evaluate_2026 / scale_2026 / score_2026 on AnnData objects: the files `eval run`,
     `eval baseline` and `eval score` write, to the last digit; several predictions at once too."""
     import vcell
+    from vcell.errors import VcellError
     from vcell.eval.vcc2026.files import Options, scale_ends
     from vcell.eval.vcc2026.score_files import score
 
@@ -624,6 +625,27 @@ def test_python_api_gives_the_commands_numbers(tmp_path):
     table = vcell.score_2026(agg, scale)
     expected = score(out, tmp_path / "scale")
     np.testing.assert_allclose(table["score"].to_numpy(float), expected["score"].to_numpy(float), rtol=0, atol=1e-12)
+
+    # scanpy's layout: log1p in X, the counts in layers['counts']; layer= reads them, its absence is hinted at
+    layered = real.copy()
+    layered.layers["counts"] = real.X.copy()
+    layered.X = layered.X.copy()
+    layered.X.data = np.log1p(layered.X.data / 7).astype(np.float32)
+    with pytest.raises(VcellError, match=r"real: .*not an integer.*pass layer='counts'"):
+        vcell.evaluate_2026(pred, layered, pert_col=PERT_COL, control=CONTROL)
+    pd.testing.assert_frame_equal(vcell.evaluate_2026(pred, layered, pert_col=PERT_COL, control=CONTROL, layer="counts")[1], agg)
+    with pytest.raises(VcellError, match=r"real: no layers\['raw'\] \(layers: 'counts'\)"):
+        vcell.evaluate_2026(pred, layered, pert_col=PERT_COL, control=CONTROL, layer="raw")
+    again = vcell.scale_2026(layered, pert_col=PERT_COL, control=CONTROL, layer="counts")
+    pd.testing.assert_frame_equal(again.baseline_agg, scale.baseline_agg)
+    # a degenerate scale (replicate at the baseline): an error, as cell-eval2; strict=False scores it NaN
+    b, _ = scale.ends()
+    rows = scale.anchor.agg["metric"] == "pds_cosine"
+    scale.anchor.agg.loc[rows, "replicate"] = b["pds_cosine"]
+    with pytest.raises(VcellError, match="pds_cosine"):
+        vcell.score_2026(agg, scale)
+    loose = vcell.score_2026(agg, scale, strict=False).set_index("metric")
+    assert np.isnan(loose.loc["pds_cosine", "score"]) and np.isfinite(loose.loc["avg_score", "score"])
 
 
 def test_tiny_pair_accepted(tiny, tmp_path):

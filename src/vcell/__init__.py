@@ -84,6 +84,7 @@ def evaluate(
     profile: str = "vcc",
     input_type: str = "auto",
     threads: int = 2,
+    layer: str | None = None,
 ) -> EvalResult:
     """Score predicted cells against the real ones with a metric profile (``vcell eval run`` in memory).
 
@@ -101,6 +102,8 @@ def evaluate(
         ``auto``, ``log1p`` or ``counts``.
     threads
         Threads for differential expression.
+    layer
+        Score ``layers[layer]`` of ``real`` (and of ``pred`` when it has it) instead of ``X``.
 
     Returns
     -------
@@ -108,7 +111,10 @@ def evaluate(
         ``results`` (one row per perturbation), ``agg`` (statistics over perturbations) and the
         DE tables, as cell-eval 0.8.2 computes them.
     """
-    from vcell.eval.inputs import check_pair
+    from vcell.eval.inputs import check_pair, from_layer
     from vcell.eval.run import evaluate as evaluate_pair
 
+    if layer is not None:
+        real = from_layer(real, layer, "real")
+        pred = from_layer(pred, layer, "pred") if layer in pred.layers else pred
     return evaluate_pair(check_pair(pred, real, pert_col, control, input_type), profile, threads)

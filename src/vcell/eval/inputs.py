@@ -185,6 +185,13 @@ def prepare(
     return to_log1p(adata, where, input_type, option, found)
 
 
+def from_layer(adata: ad.AnnData, layer: str, where: str) -> ad.AnnData:
+    """``adata`` with ``layers[layer]`` as its ``X`` (the matrix not copied); a missing layer is one error line."""
+    if layer not in adata.layers:
+        raise VcellError(f"{where}: no layers[{layer!r}] (layers: {preview(list(adata.layers), 5) or 'none'})")
+    return ad.AnnData(X=adata.layers[layer], obs=adata.obs, var=adata.var, uns=dict(adata.uns))
+
+
 def warn_mixed_spaces(real_name: str, real_kind: str, pred_name: str, pred_kind: str) -> None:
     """Warn when one side holds counts and the other log1p (as told from their values)."""
     if real_kind != pred_kind:

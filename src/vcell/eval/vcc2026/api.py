@@ -23,6 +23,7 @@ __all__ = ["evaluate_2026", "scale_2026", "score_2026"]
 def evaluate_2026(
     pred: ad.AnnData | Mapping[str, ad.AnnData], real: ad.AnnData, pert_col: str = "target_gene", control: str = "non-targeting",
     target_genes: dict[str, str | None] | None = None, no_target_genes: bool = False, threads: int = 2,
+    layer: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame] | dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
     """Score raw-count predictions with the VCC 2026 metrics (``vcell eval run --profile vcc2026``).
 
@@ -41,6 +42,9 @@ def evaluate_2026(
         Exclude no gene: the perturbations are not genes (drugs, cytokines) or their targets are not measured.
     threads : int
         Threads.
+    layer : str, optional
+        Read the reference's counts from ``layers[layer]`` (e.g. ``"counts"`` beside a log1p
+        ``X``), and each prediction's from that layer when it has one, else from its ``X``.
 
     Returns
     -------
@@ -49,10 +53,11 @@ def evaluate_2026(
     """
     many = isinstance(pred, Mapping)
     preds = dict(pred) if many else {"pred": pred}
-    real_cells = cells_from_anndata(real, pert_col, "real")
+    real_cells = cells_from_anndata(real, pert_col, "real", layer)
     cells = {}
     for name, adata in preds.items():  # every prediction checked before the reference is summarised
-        cells[name] = cells_from_anndata(adata, prediction_pert_col(adata.obs.columns, pert_col, name), name)
+        side_layer = layer if layer in adata.layers else None  # a counts prediction has its counts in X
+        cells[name] = cells_from_anndata(adata, prediction_pert_col(adata.obs.columns, pert_col, name), name, side_layer)
         check_genes(cells[name].genes, real_cells.genes, name, "real")
         check_perturbations(cells[name].labels, real_cells.labels, control, name, "real")
     ref, perts = reference_context(real_cells, Options(pert_col, control, "", None, no_target_genes, threads), target_genes)
@@ -67,9 +72,22 @@ def evaluate_2026(
 def scale_2026(
     real: ad.AnnData, pert_col: str = "target_gene", control: str = "non-targeting",
     target_genes: dict[str, str | None] | None = None, no_target_genes: bool = False, splits: int = N_SPLITS,
-    anchor_seed: int = BASE_SEED, seed: int = BASELINE_SEED, threads: int = 2,
+    anchor_seed: int = BASE_SEED, seed: int = BASELINE_SEED, threads: int = 2, layer: str | None = None,
 ) -> ContextScale:
     """Both ends of the 2026 scale of a reference (``vcell eval baseline --profile vcc2026``).
+
+    Parameters
+    ----------
+    real : anndata.AnnData
+        Raw counts with the control cells (``X``, or ``layers[layer]``).
+    pert_col, control, target_genes, no_target_genes, threads
+        As :func:`evaluate_2026`.
+    splits : int
+        The replicate anchor's split-half draws (cell-eval2: 5).
+    anchor_seed, seed : int
+        Seeds of the anchor's splits and of the baseline's draws (cell-eval2's by default).
+    layer : str, optional
+        Read the counts from ``layers[layer]`` instead of ``X``.
 
     Returns
     -------
@@ -78,12 +96,29 @@ def scale_2026(
         replicate: ``anchor.agg``, ``anchor.splits``).
     """
     opts = Options(pert_col, control, "", None, no_target_genes, threads)
-    return context_scale(cells_from_anndata(real, pert_col, "real"), opts, target_genes, splits, anchor_seed, seed)
+    return context_scale(cells_from_anndata(real, pert_col, "real", layer), opts, target_genes, splits, anchor_seed, seed)
 
 
-def score_2026(agg: pd.DataFrame, scale: ContextScale) -> pd.DataFrame:
-    """The scaled 2026 score of an ``agg_results`` table against a reference's scale (``vcell eval score``)."""
+def score_2026(agg: pd.DataFrame, scale: ContextScale, strict: bool = True) -> pd.DataFrame:
+    """The scaled 2026 score of an ``agg_results`` table against a reference's scale (``vcell eval score``).
+
+    Parameters
+    ----------
+    agg : pandas.DataFrame
+        The prediction's ``agg_results`` (:func:`evaluate_2026`).
+    scale : ContextScale
+        The reference's scale (:func:`scale_2026`).
+    strict : bool
+        A metric whose scale is degenerate (the baseline already at the replicate) is an error, as
+        in cell-eval2; ``False``: it scores NaN and ``avg_score`` is the mean of the others (as
+        ``vcell bench`` does).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per metric (value, baseline, replicate, from_baseline, score), then ``avg_score``.
+    """
     b, r = scale.ends()
-    table = score_context(agg_means(agg), b, r)
+    table = score_context(agg_means(agg), b, r, strict=strict)
     table.insert(0, "context", np.full(len(table), "", dtype=object))
     return table

@@ -176,9 +176,16 @@ def cells_from_anndata(adata, pert_col: str, where: str, layer: str | None = Non
     """An in-memory AnnData's raw counts (``X`` or ``layers[layer]``) as checked :class:`CountsCells`."""
     labels, order = labels_of(adata.obs, pert_col, where)
     refuse_unlabelled(labels, where)
+    if layer is not None and layer not in adata.layers:
+        raise VcellError(f"{where}: no layers[{layer!r}] (layers: {preview(list(adata.layers), 5) or 'none'})")
     X = adata.X if layer is None else adata.layers[layer]
     cells = CountsCells(as_csr(X, where), labels, adata.var_names.copy(), where, order)
-    check_counts(cells)
+    try:
+        check_counts(cells)
+    except VcellError as exc:
+        if layer is None and "counts" in adata.layers:  # scanpy's layout: log1p in X, the counts kept beside it
+            raise VcellError(f"{exc}; layers['counts'] holds the raw counts? pass layer='counts'") from None
+        raise
     return cells
 
 
