@@ -117,4 +117,4 @@ def evaluate(
     if layer is not None:
         real = from_layer(real, layer, "real")
         pred = from_layer(pred, layer, "pred") if layer in pred.layers else pred
-    return evaluate_pair(check_pair(pred, real, pert_col, control, input_type), profile, threads)
+    return evaluate_pair(check_pair(pred, real, pert_col, control, input_type, option="input_type"), profile, threads)

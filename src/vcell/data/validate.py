@@ -203,7 +203,7 @@ def check_expression(
     return info
 
 
-_ONE_CONTEXT = "; a file of one context: --context-col none"
+_ONE_CONTEXT = "; a file of one context: --context-col none (context_col=None)"
 
 
 def _column_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Problem]:
@@ -257,7 +257,7 @@ def _control_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Pro
             "control_absent_in_context",
             f"{where}: context {c!r} (column {spec.context_col!r}) has no control cells labelled "
             f"{spec.control!r}; controls are the basal input of every context (drop the context's cells, "
-            "or allow it with --allow-missing-controls)",
+            "or allow it with --allow-missing-controls (require_context_controls=False))",
         )
         for c in contexts[~with_ctrl]
     ]
@@ -368,7 +368,8 @@ def validate(adata: ad.AnnData, spec: DataSpec, path=None, require_context_contr
             log.warning("%s", p.message)
     problems = [p for p in report.problems if p.kind not in WARNING_KINDS]
     if problems:
-        extra = f" (and {len(problems) - 1} more problem(s); run `vcell data check`)" if len(problems) > 1 else ""
+        extra = (f" (and {len(problems) - 1} more problem(s); run `vcell data check`, or vcell.data.validate.check(adata, spec) "
+                 "in Python)") if len(problems) > 1 else ""
         raise VcellError(problems[0].message + extra)
     assert report.expression is not None
     return report.expression

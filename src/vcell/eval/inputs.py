@@ -98,7 +98,7 @@ def perturbation_labels(adata: ad.AnnData, pert_col: str, where: str, control: s
     if pert_col not in adata.obs.columns:
         raise VcellError(
             f"{where}: perturbation column {pert_col!r} not found in .obs{column_guess(pert_col, adata.obs.columns, 'perturbation')} "
-            f"(columns: {preview(adata.obs.columns, 10, quote=False)}); pass --pert-col"
+            f"(columns: {preview(adata.obs.columns, 10, quote=False)}); pass --pert-col (pert_col=)"
         )
     labels = adata.obs[pert_col]
     if labels.isna().any():
@@ -108,7 +108,7 @@ def perturbation_labels(adata: ad.AnnData, pert_col: str, where: str, control: s
         values = labels.value_counts().index
         raise VcellError(
             f"{where}: control label {control!r} not found in column {pert_col!r}{did_you_mean(control, values)} "
-            f"(most common: {preview(values, 5)}); pass --control"
+            f"(most common: {preview(values, 5)}); pass --control (control=)"
         )
     return labels
 

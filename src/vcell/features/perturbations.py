@@ -225,7 +225,7 @@ class PertFeatures:
         label = next(str(p) for p in labels if first in split_combo(str(p)) or str(p) == first)
         where = "the model's training targets (one-hot)" if self.is_onehot else \
             f"the perturbation feature table ({', '.join(self.sources)}; a gene with an all-zero vector there counts as absent)"
-        hint = "; train with --pert-features FILE (a gene table) to predict targets never seen perturbed" if self.is_onehot else ""
+        hint = "; train with --pert-features FILE (pert_features=FILE; a gene table) to predict targets never seen perturbed" if self.is_onehot else ""
         more = f" ({len(missing)} such targets: {preview(missing)})" if len(missing) > 1 else ""
         raise VcellError(f"{what} {label!r}: target {first!r} is not in {where}{did_you_mean(first, self.names)}{more}{hint}")
 

@@ -151,7 +151,8 @@ def make_folds(
             split = apply_split(index, cfg)
             return [Fold("perturbations", cfg, split, _test_contexts(index, split))]
     if not holdout:
-        raise VcellError("give --split FILE, --holdout-context NAME (or 'all') or --holdout-perturbations FRACTION|LIST|FILE")
+        raise VcellError("give --split FILE, --holdout-context NAME (or 'all') or --holdout-perturbations FRACTION|LIST|FILE "
+                          "(split_file=, holdout=, holdout_perturbations=)")
     names = list(holdout)
     if [n.lower() for n in names] == ["all"]:
         with_controls = np.unique(index.context_codes[index.is_control])

@@ -71,7 +71,7 @@ def resolve_targets(
     if perturbations and (out < 0).all() and declared == 0:
         raise VcellError(
             f"no perturbation label names a measured gene ({preview(perturbations, 3)}): give --target-genes FILE "
-            "(perturbation,gene), or --no-target-genes when no target is among the genes (drugs, cytokines, or "
+            "(perturbation,gene; target_genes= in Python), or --no-target-genes (no_target_genes=True) when no target is among the genes (drugs, cytokines, or "
             "knockdowns of genes the panel lacks: nothing to exclude)"
         )
     if unresolved:
