@@ -27,6 +27,10 @@ def draw_library_sizes(totals: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return np.rint(totals[rng.integers(0, totals.size, size=n)]).astype(np.int64)
 
 
+#: The largest value taken as log1p-normalised (cell-eval's threshold: above it, counts).
+_LOG1P_MAX = 15.0
+
+
 def sample_counts(X, library_sizes: np.ndarray, seed: int | np.random.Generator = 0, rows: np.ndarray | None = None) -> sp.csr_matrix:
     """Integral counts for each row of log1p-normalised ``X``, row ``i`` summing to ``library_sizes[i]``.
 
@@ -58,10 +62,13 @@ def sample_counts(X, library_sizes: np.ndarray, seed: int | np.random.Generator 
     blocks = []
     for s in range(0, n, _BLOCK_ROWS):
         block = X[rows[s:s + _BLOCK_ROWS]]
-        block = block.toarray() if sp.issparse(block) else np.asarray(block)
-        expr = np.expm1(np.asarray(block, dtype=np.float64))
-        if not np.isfinite(expr).all() or (expr < 0).any():
+        block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
+        if not np.isfinite(block).all() or (block < 0).any():
             raise VcellError("expression values must be finite and >= 0 (log1p-normalised) to draw counts")
+        if block.max(initial=0.0) > _LOG1P_MAX:  # log1p of a cell normalised to 1e4 stays below ~9.2
+            raise VcellError(f"expression value {block.max():g} is not log1p-normalised (at most {_LOG1P_MAX:g}): "
+                             "counts already? they are drawn from log1p values")
+        expr = np.expm1(block)
         totals = expr.sum(axis=1, keepdims=True)
         empty = totals[:, 0] <= 0
         p = np.divide(expr, totals, out=np.zeros_like(expr), where=totals > 0)

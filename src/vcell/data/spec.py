@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from vcell.errors import close_matches
+from vcell.errors import VcellError, close_matches
 
 ExpressionType = Literal["counts", "log1p"]
 EXPRESSION_TYPES: tuple[str, ...] = ("counts", "log1p")
@@ -42,6 +42,15 @@ class DataSpec:
     context_col: str | None = "cell_type"
     batch_col: str | None = None
     expression: ExpressionType | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("pert_col", "control", "context_col", "batch_col"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) or (value is None and name in ("context_col", "batch_col"))):
+                raise VcellError(f"DataSpec {name}={value!r}: a column name or label is text"
+                                 + (" (None: no such column)" if name in ("context_col", "batch_col") else ""))
+        if self.expression not in (None, "counts", "log1p"):
+            raise VcellError(f"DataSpec expression={self.expression!r}: use 'counts', 'log1p' or None (read from the file)")
 
     def with_(self, **changes) -> DataSpec:
         """A copy with some fields changed."""

@@ -249,6 +249,9 @@ def to_counts(
     """
     if pert_col not in pred.obs.columns:
         raise VcellError(f"the prediction has no perturbation column {pert_col!r} (columns: {preview(pred.obs.columns, 10)})")
+    meta = pred.uns.get("vcell", {})
+    if isinstance(meta, Mapping) and meta.get("output") == "counts":
+        raise VcellError("the prediction is counts already (uns['vcell']['output'] == 'counts'); to_counts draws counts from log1p")
     n = int((pred.obs[pert_col].astype(str).to_numpy() != str(control)).sum())
     draw = CountsDraw(controls, n, depth=depth, seed=seed, pert_col=pert_col, control=control, model_space=model_space, genes=pred.var_names)
     return draw.convert(pred)
@@ -298,7 +301,7 @@ class CountsDraw:
                 source = totals_source
                 self.totals = _check_sizes(controls.set_axis(controls.index.astype(str)), source, "the library sizes")
             else:
-                self.totals, source = control_library_sizes(controls, genes)
+                self.totals, source = control_library_sizes(controls, genes, "controls")
             if self.totals.empty:
                 raise VcellError("no control cells to take library sizes from; give a whole-number depth")
             self.meta.update(library_size="controls", library_source=source)

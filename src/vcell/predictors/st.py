@@ -97,8 +97,11 @@ class STPredictor(Predictor):
         **option_values,
     ):
         if checkpoint not in (BEST, LAST):
-            raise VcellError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-        self.options = STTrainOptions.from_values({"seed": int(seed), **option_values}, options)
+            raise VcellError(f"st: checkpoint must be 'best' or 'last', got {checkpoint!r}")
+        try:
+            self.options = STTrainOptions.from_values({"seed": int(seed), **option_values}, options)
+        except VcellError as exc:  # named as the baselines name their options (a bench --model-config entry, make_model)
+            raise VcellError(f"st: {exc}") from None
         self.seed, self.preset, self.config_overrides = self.options.seed, preset, dict(config or {})
         misplaced = sorted(set(self.config_overrides) & set(self.option_names()))
         if misplaced:
