@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
@@ -181,7 +182,20 @@ def test_train_se_and_embed_print_one_summary_line_each(files, tmp_path):
 # -------------------------------------------------------------------------------------- Ctrl-C
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+class _Glob:
+    """A path pattern under ``root`` that exists once one path matches (bench writes in a staging folder)."""
+
+    def __init__(self, root: Path, pattern: str):
+        self.root, self.pattern = root, pattern
+
+    def exists(self) -> bool:
+        return self.root.is_dir() and any(self.root.glob(self.pattern))
+
+    def __str__(self) -> str:
+        return f"{self.root}/{self.pattern}"
+
+
+def _wait_for(path: Path | _Glob, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while not path.exists():
         if proc.poll() is not None:
@@ -270,14 +284,44 @@ def test_ctrl_c_in_bench_leaves_nothing_under_its_output(files, tmp_path):
     cfg.write_text(json.dumps({"st": {"max_steps": 100000, "set_size": 16, "batch_size": 4, "accelerator": "cpu", "config": TINY_ST}}))
     args = ["bench", "--data", files["data"], "--holdout-context", "ctx_B", "--models", "st", "--model-config", cfg,
             "--no-report", "--out", out]
-    # bench writes the held-out real cells, then trains st: interrupt it while it trains
-    proc = _interrupt(args, out / "predictions" / "real_ctx_B.h5ad", settle=1.0)
+    # bench writes the held-out real cells (in its staging folder), then trains st: interrupt it while it trains
+    proc = _interrupt(args, _Glob(out, ".staging.*.tmp/predictions/real_ctx_B.h5ad"), settle=1.0)
     assert proc.returncode == 130, proc.stderr[-3000:]
     _plain(proc)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines[-1] == f"interrupted; nothing written (removed the partial results in {out})", proc.stderr
+    assert lines[-1] == "interrupted; nothing written", proc.stderr
     assert not any(line.startswith("error") for line in lines)
     assert not out.exists()
+
+
+def test_ctrl_c_in_bench_overwrite_leaves_the_earlier_results_whole(files, tmp_path):
+    """--overwrite replaces an earlier benchmark only once the new one is done: interrupted, the
+    earlier files are byte for byte as they were (they were a mix of old and new runs); a staging
+    folder a killed run left is removed by the next run, which says so."""
+    out = tmp_path / "bench"
+    first = run_cli("bench", "--data", files["data"], "--holdout-context", "ctx_B", "--models", "control_mean", "--no-report",
+                    "--out", out)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    cfg = tmp_path / "models.json"
+    cfg.write_text(json.dumps({"st": {"max_steps": 100000, "set_size": 16, "batch_size": 4, "accelerator": "cpu", "config": TINY_ST}}))
+    args = ["bench", "--data", files["data"], "--holdout-context", "ctx_B", "--models", "st", "--model-config", cfg,
+            "--no-report", "--out", out, "--overwrite"]
+    proc = _interrupt(args, _Glob(out, ".staging.*.tmp/predictions/real_ctx_B.h5ad"), settle=1.0)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1] == f"interrupted; nothing written: {out} holds the earlier results as they were", proc.stderr
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    killed = out / ".staging.999999-abcdefgh.tmp"  # as a killed run (no such process) leaves it
+    (killed / "predictions").mkdir(parents=True)
+    (killed / "predictions" / "x.h5ad").write_bytes(b"partial")
+    again = run_cli("bench", "--data", files["data"], "--holdout-context", "ctx_B", "--models", "pert_mean", "--no-report",
+                    "--out", out, "--overwrite")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "left by an interrupted write" in " ".join(again.stderr.split()) and not killed.exists()
+    assert not any(p.name.startswith(".staging") for p in out.iterdir())
+    assert set(pd.read_csv(out / "leaderboard.csv")["model"]) == {"pert_mean", "cell_mean"}
+    assert not (out / "predictions" / "control_mean_ctx_B.h5ad").exists()  # the earlier run's files went whole
 
 
 def test_progress_is_on_by_default_in_an_interactive_session_only(monkeypatch):

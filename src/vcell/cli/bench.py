@@ -105,7 +105,7 @@ def bench(
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
     names = [m.strip() for m in models.split(",") if m.strip()]
     options = model_options(model_config) if model_config is not None else {}
-    with removed_if_interrupted(out, BENCH_OUTPUTS), status("benchmark") as line:
+    with removed_if_interrupted(out, BENCH_OUTPUTS, staged=True), status("benchmark") as line:
         result = run_bench(
             data, out, names, lambda name: build_model(name, options, seed), spec=spec, split_file=split,
             holdout=holdout_context or [], holdout_perturbations=holdout_perturbations, dataset_col=dataset_col, datasets=dataset or [], profile=profile, threads=threads, seed=seed,

@@ -39,13 +39,14 @@ def _sole_writer(out: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def removed_if_interrupted(out: Path, names: Iterable[str]) -> Iterator[None]:
+def removed_if_interrupted(out: Path, names: Iterable[str], staged: bool = False) -> Iterator[None]:
     """On Ctrl-C in the body, remove the outputs ``names`` of the folder ``out`` that the body created
     (and ``out`` itself if it created it and left it empty), then raise :class:`Interrupted` saying so.
     While the body runs no other vcell command can write into ``out`` (:func:`_sole_writer`).
 
     Outputs that were there before (replaced with ``--overwrite``) are left, and the message says
-    they may be partly replaced.
+    they may be partly replaced; with ``staged`` (the body writes in a staging folder and replaces
+    them only once it is done: :func:`~vcell.data.io.staged_folder`), that they are as they were.
     """
     out, names = Path(out), list(names)
     existed = out.exists()
@@ -63,6 +64,8 @@ def removed_if_interrupted(out: Path, names: Iterable[str]) -> Iterator[None]:
                 target.unlink(missing_ok=True)
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
+        if before and staged:
+            raise Interrupted(f"interrupted; nothing written: {out} holds the earlier results as they were") from None
         if before:
             raise Interrupted(f"interrupted; {out}: the earlier {', '.join(sorted(before))} may be partly replaced "
                               "(rerun with --overwrite)") from None

@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -251,6 +251,34 @@ def atomic_paths(directory: str | os.PathLike, names: list[str]) -> Iterator[dic
         if created and directory.is_dir() and not any(directory.iterdir()):
             directory.rmdir()
         raise
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike, names: Sequence[str]) -> Iterator[Path]:
+    """Yield a temporary folder inside ``out`` to write the outputs ``names`` into; on success each
+    replaces its namesake in ``out`` (an earlier run's, with ``--overwrite``, goes whole).
+
+    If the body raises (Ctrl-C included) the temporary folder goes and ``out`` holds what it held
+    before; one that a killed run left is removed first (:func:`clean_leftovers`).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / "staging"
+    clean_leftovers(marker)
+    stage = Path(tempfile.mkdtemp(prefix=temp_prefix(marker), suffix=".tmp", dir=out))
+    try:
+        yield stage
+        for name in names:
+            source, target = stage / name, out / name
+            if not (source.exists() or source.is_symlink()):
+                continue
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            os.replace(source, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | None = None) -> Path:

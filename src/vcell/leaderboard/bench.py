@@ -303,7 +303,7 @@ def run_bench(
     BenchResult
         The leaderboard (one row per model and context), the runs and the timings.
     """
-    from vcell.data.io import check_output_dir
+    from vcell.data.io import check_output_dir, staged_folder
     from vcell.predictors.registry import make_model as registry_model
 
     t0 = time.perf_counter()
@@ -328,79 +328,80 @@ def run_bench(
     spec = data.spec
     folds = make_folds(data, split_file, holdout, holdout_perturbations, seed)
     _check_unseen_targets(data, folds, {name: make_model(name) for name in models})
-    (out / "predictions").mkdir(parents=True, exist_ok=True)
-    rows, runs, timings = [], [], {}
-    bench_2026 = Bench2026(spec, threads, seed) if with_2026 else None
-    fits = 0
-    for fold in folds:
-        real_by_ctx = {}
-        for ctx in fold.contexts:
-            real_by_ctx[ctx] = _tidy(_real_cells(data, fold.split, ctx), spec)
-            write_h5ad(real_by_ctx[ctx], out / "predictions" / f"real_{slug(ctx)}.h5ad")
-        aggs: dict[tuple[str, str], pd.DataFrame] = {}
-        if bench_2026 is not None:
+    with staged_folder(out, BENCH_OUTPUTS) as stage:  # an earlier run's results stay whole until this one is
+        (stage / "predictions").mkdir(parents=True, exist_ok=True)
+        rows, runs, timings = [], [], {}
+        bench_2026 = Bench2026(spec, threads, seed) if with_2026 else None
+        fits = 0
+        for fold in folds:
+            real_by_ctx = {}
             for ctx in fold.contexts:
-                say(f"fold {fold.name}: the vcc2026 scale of {ctx} (baseline and replicate anchor)")
-                t = time.perf_counter()
-                bench_2026.add_context(fold.name, ctx, _real_cells(data, fold.split, ctx), out / "eval" / f"vcc2026_scale_{slug(ctx)}")
-                timings[f"vcc2026 scale {ctx}"] = time.perf_counter() - t
-        scores_2026: dict[tuple[str, str], dict[str, float]] = {}
-        for name in models:
-            fits += 1
-            say(f"{name} on fold {fold.name} ({fits} of {len(models) * len(folds)}): training")
-            t = time.perf_counter()
-            model = make_model(name).fit(data, fold.split)
-            timings[f"fit {name} {fold.name}"] = time.perf_counter() - t
-            for ctx in fold.contexts:
-                real = real_by_ctx[ctx]
-                say(f"{name} on fold {fold.name}: predicting {ctx}")
-                t = time.perf_counter()
-                raw = predict_context(model, data, ctx, "data", seed=seed, cells=_scored_cells(fold.split))
-                pred = _tidy(raw, spec)
-                timings[f"predict {name} {ctx}"] = time.perf_counter() - t
-                run_slug = f"{slug(name)}_{slug(ctx)}"
-                write_h5ad(pred, out / "predictions" / f"{run_slug}.h5ad")
-                say(f"{name} on fold {fold.name}: scoring {ctx}")
-                t = time.perf_counter()
-                result = evaluate(check_pair(pred, real, spec.pert_col, spec.control, "log1p", "pred", "real"), scored_profile, threads)
-                write_outputs(result, out / "eval" / run_slug)
-                timings[f"eval {name} {ctx}"] = time.perf_counter() - t
-                aggs[(name, ctx)] = result.agg
-                if bench_2026 is not None:
+                real_by_ctx[ctx] = _tidy(_real_cells(data, fold.split, ctx), spec)
+                write_h5ad(real_by_ctx[ctx], stage / "predictions" / f"real_{slug(ctx)}.h5ad")
+            aggs: dict[tuple[str, str], pd.DataFrame] = {}
+            if bench_2026 is not None:
+                for ctx in fold.contexts:
+                    say(f"fold {fold.name}: the vcc2026 scale of {ctx} (baseline and replicate anchor)")
                     t = time.perf_counter()
-                    scores_2026[(name, ctx)] = bench_2026.score(fold.name, name, ctx, model.counts_basis(raw), out / "eval" / run_slug / "vcc2026")
-                    timings[f"vcc2026 {name} {ctx}"] = time.perf_counter() - t
-                runs.append({"model": name, "context": ctx, "fold": fold.name, "slug": run_slug,
-                             "prediction": f"predictions/{run_slug}.h5ad", "eval_dir": f"eval/{run_slug}"})
-        for (name, ctx), agg in aggs.items():
-            means = agg.set_index("statistic").loc["mean"]
-            row = {"model": name, "context": ctx, **{k: float(v) if pd.notna(v) else np.nan for k, v in means.items()}}
-            row["vcc_score"], row["vcc_score_unclipped"] = vcc_score(agg, aggs[(BASELINE_MODEL, ctx)])
-            row.update(scores_2026.get((name, ctx), {}))
-            rows.append(row)
-    board = _leaderboard(rows)
-    write_csv(board, out / "leaderboard.csv")
-    held = [", ".join(holdout)] if holdout else []
-    if folds[0].config.holdout_perturbations and split_file is None:
-        held.append("perturbations " + ", ".join(folds[0].config.holdout_perturbations))
-    meta = {
-        "data": str(Path(data_path).resolve()), "pert_col": spec.pert_col, "control": spec.control,
-        "context_col": spec.context_col, "models": models, "contexts": [c for f in folds for c in f.contexts],
-        "model_options": {m: dict((model_options or {}).get(m, {})) if m in user_models else {} for m in models},
-        "folds": [{**fold_record(data, f), "split": f.config.to_toml()} for f in folds],
-        "runs": runs, "real": {c: f"predictions/real_{slug(c)}.h5ad" for f in folds for c in f.contexts},
-        "datasets": list(datasets), "seed": seed, "profile": profile, "vcell_version": __version__, "timings": timings,
-        "split": str(split_file) if split_file else "holdout: " + "; ".join(held),
-    }
-    if bench_2026 is not None:
-        meta.update(bench_2026.meta())
-    with atomic_path(out / "bench.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2, default=str))  # default: a YAML option json cannot write (a date) as text
-    if report:
-        from vcell.report import build_report
+                    bench_2026.add_context(fold.name, ctx, _real_cells(data, fold.split, ctx), stage / "eval" / f"vcc2026_scale_{slug(ctx)}")
+                    timings[f"vcc2026 scale {ctx}"] = time.perf_counter() - t
+            scores_2026: dict[tuple[str, str], dict[str, float]] = {}
+            for name in models:
+                fits += 1
+                say(f"{name} on fold {fold.name} ({fits} of {len(models) * len(folds)}): training")
+                t = time.perf_counter()
+                model = make_model(name).fit(data, fold.split)
+                timings[f"fit {name} {fold.name}"] = time.perf_counter() - t
+                for ctx in fold.contexts:
+                    real = real_by_ctx[ctx]
+                    say(f"{name} on fold {fold.name}: predicting {ctx}")
+                    t = time.perf_counter()
+                    raw = predict_context(model, data, ctx, "data", seed=seed, cells=_scored_cells(fold.split))
+                    pred = _tidy(raw, spec)
+                    timings[f"predict {name} {ctx}"] = time.perf_counter() - t
+                    run_slug = f"{slug(name)}_{slug(ctx)}"
+                    write_h5ad(pred, stage / "predictions" / f"{run_slug}.h5ad")
+                    say(f"{name} on fold {fold.name}: scoring {ctx}")
+                    t = time.perf_counter()
+                    result = evaluate(check_pair(pred, real, spec.pert_col, spec.control, "log1p", "pred", "real"), scored_profile, threads)
+                    write_outputs(result, stage / "eval" / run_slug)
+                    timings[f"eval {name} {ctx}"] = time.perf_counter() - t
+                    aggs[(name, ctx)] = result.agg
+                    if bench_2026 is not None:
+                        t = time.perf_counter()
+                        scores_2026[(name, ctx)] = bench_2026.score(fold.name, name, ctx, model.counts_basis(raw), stage / "eval" / run_slug / "vcc2026")
+                        timings[f"vcc2026 {name} {ctx}"] = time.perf_counter() - t
+                    runs.append({"model": name, "context": ctx, "fold": fold.name, "slug": run_slug,
+                                 "prediction": f"predictions/{run_slug}.h5ad", "eval_dir": f"eval/{run_slug}"})
+            for (name, ctx), agg in aggs.items():
+                means = agg.set_index("statistic").loc["mean"]
+                row = {"model": name, "context": ctx, **{k: float(v) if pd.notna(v) else np.nan for k, v in means.items()}}
+                row["vcc_score"], row["vcc_score_unclipped"] = vcc_score(agg, aggs[(BASELINE_MODEL, ctx)])
+                row.update(scores_2026.get((name, ctx), {}))
+                rows.append(row)
+        board = _leaderboard(rows)
+        write_csv(board, stage / "leaderboard.csv")
+        held = [", ".join(holdout)] if holdout else []
+        if folds[0].config.holdout_perturbations and split_file is None:
+            held.append("perturbations " + ", ".join(folds[0].config.holdout_perturbations))
+        meta = {
+            "data": str(Path(data_path).resolve()), "out": str(out.resolve()), "pert_col": spec.pert_col, "control": spec.control,
+            "context_col": spec.context_col, "models": models, "contexts": [c for f in folds for c in f.contexts],
+            "model_options": {m: dict((model_options or {}).get(m, {})) if m in user_models else {} for m in models},
+            "folds": [{**fold_record(data, f), "split": f.config.to_toml()} for f in folds],
+            "runs": runs, "real": {c: f"predictions/real_{slug(c)}.h5ad" for f in folds for c in f.contexts},
+            "datasets": list(datasets), "seed": seed, "profile": profile, "vcell_version": __version__, "timings": timings,
+            "split": str(split_file) if split_file else "holdout: " + "; ".join(held),
+        }
+        if bench_2026 is not None:
+            meta.update(bench_2026.meta())
+        with atomic_path(stage / "bench.json") as tmp:
+            tmp.write_text(json.dumps(meta, indent=2, default=str))  # default: a YAML option json cannot write (a date) as text
+        if report:
+            from vcell.report import build_report
 
-        say("writing the report")
-        build_report(out)
+            say("writing the report")
+            build_report(stage)
     timings["total"] = time.perf_counter() - t0
     return BenchResult(board, out, runs, timings)
 

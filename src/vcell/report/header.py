@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -82,7 +83,7 @@ def header_section(bench: Bench, title: str) -> str:
         ("Context column", bench.context_col or "–"),
         ("Seed", str(meta.get("seed", "–"))),
         ("Baseline (score = 0)", str(meta.get("baseline", "cell_mean"))),
-        ("Benchmark directory", bench.root.name),
+        ("Benchmark directory", Path(str(meta.get("out") or bench.root)).name),  # written in a staging folder
     ]
     if meta.get("created"):
         items.append(("Benchmark run", str(meta["created"])))
