@@ -364,7 +364,9 @@ def test_cli_from_data(tmp_path):
     controls = (adata.obs["target_gene"] == "non-targeting").to_numpy()
     torch.testing.assert_close(emb.vectors, data_gene_embeddings(adata, dim=6, control_mask=controls, seed=2).vectors)
     res = run_cli("genes", "from-data", "--data", data, "--out", tmp_path / "b.safetensors", "--control", "ctrl")
-    assert res.returncode == 2 and "no control cells labelled 'ctrl'" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert res.returncode == 2 and "control label 'ctrl' not found" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = run_cli("genes", "from-data", "--data", data, "--out", tmp_path / "b.safetensors", "--pert-col", "target_genes")
+    assert res.returncode == 2 and "did you mean 'target_gene'" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 def test_cli_from_data_on_raw_counts_equals_preprocessing_first(tmp_path):

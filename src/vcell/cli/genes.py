@@ -73,18 +73,14 @@ def from_data(
     """Gene vectors without a protein model: PCA of gene co-expression in the control cells."""
     from vcell.data.io import check_output_path, read_h5ad
     from vcell.data.validate import check_expression
+    from vcell.eval.inputs import perturbation_labels
     from vcell.features.genes import data_gene_embeddings
 
     if not target_sum > 0:
         raise VcellError(f"--target-sum must be > 0, got {target_sum:g}")
     check_output_path(out, [data], overwrite)
     adata = read_h5ad(data, backed=True)
-    if pert_col not in adata.obs.columns:
-        raise VcellError(f"{data}: no obs column {pert_col!r} (pass --pert-col; columns: {', '.join(map(str, adata.obs.columns[:10]))})")
-    mask = (adata.obs[pert_col].astype(str) == control).to_numpy()
-    if not mask.any():
-        labels = ", ".join(map(repr, adata.obs[pert_col].astype(str).value_counts().index[:5]))
-        raise VcellError(f"{data}: no control cells labelled {control!r} in column {pert_col!r} (pass --control; most common: {labels})")
+    mask = (perturbation_labels(adata, pert_col, str(data), control) == control).to_numpy()  # named with a did-you-mean
     counts = check_expression(adata, expression, data).type == "counts"
     emb = data_gene_embeddings(adata, dim=dim, control_mask=mask, seed=seed, counts_target_sum=target_sum if counts else None)
     emb.save(out)

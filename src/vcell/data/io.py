@@ -293,7 +293,8 @@ def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
     """Raise a one-line error unless ``path`` can be written: a file (``folder=False``) or a folder.
 
     ``path`` must not be a folder where a file is expected (or the reverse), and the folder it goes
-    into must exist and be writable, or be creatable under a writable folder. Nothing is created.
+    into must exist and be writable, or be creatable under a writable folder. Nothing is left
+    behind (a probe file is made and removed in the nearest existing folder).
     """
     path = Path(path)
     if path.exists() or path.is_symlink():
@@ -309,9 +310,15 @@ def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
         raise VcellError(f"{path}: cannot write there: {existing} is a file, not a folder")
+    what = f"folder {existing}" if existing == into else f"folder {into} cannot be created: {existing}"
     if not os.access(existing, os.W_OK | os.X_OK):
-        what = f"folder {existing}" if existing == into else f"folder {into} cannot be created: {existing}"
         raise VcellError(f"{path}: cannot write there: {what} is not writable (permission denied or read-only)")
+    try:  # what access() cannot tell (a read-only or special file system such as /proc): one file, made and gone
+        fd, probe = tempfile.mkstemp(prefix=".vcell-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise VcellError(f"{path}: cannot write there: {what} does not take files ({exc.strerror})") from None
     return path
 
 
