@@ -282,7 +282,7 @@ CASES: dict[str, Case] = {
     "preprocess_out_parent_is_file": Case(lambda c: ["data", "preprocess", c.w.counts, c.out / "afile" / "pre.h5ad"],
                                           ("afile", "not a folder"), setup=lambda c: _pre(c, "afile")),
     "preprocess_out_on_a_file_system_without_files": Case(lambda c: ["data", "preprocess", c.w.counts, "/proc/pre.h5ad"],
-                                                          ("/proc/pre.h5ad", "does not take files")),
+                                                          ("/proc/pre.h5ad", "cannot write there")),  # root: probed
     "preprocess_genes_file_missing": Case(lambda c: ["data", "preprocess", c.w.counts, c.out / "pre.h5ad", "--genes", c.inp / "genes.txt"],
                                           ("genes.txt",)),
     "preprocess_genes_file_binary": Case(lambda c: ["data", "preprocess", c.w.counts, c.out / "pre.h5ad", "--genes",

@@ -14,7 +14,7 @@ import pytest
 import scipy.sparse as sp
 
 import vcell
-from vcell.data.dataset import from_anndata
+from vcell.data.dataset import from_anndata, load_dataset
 from vcell.data.io import read_h5ad, write_h5ad
 from vcell.data.normalize import normalize_log1p
 from vcell.data.simulate import simulate_perturbseq
@@ -104,7 +104,7 @@ def test_counts_at_each_cells_own_control_library_size(world):
     assert set(_dense(drawn.X).sum(axis=1)) <= set(totals)
 
 
-def test_library_sizes_from_an_obs_column_or_one_error(world, caplog):
+def test_library_sizes_from_an_obs_column_or_one_error(world, caplog, tmp_path):
     data, models, controls = world
     log1p = predict_context(models["pert_mean"], data, "ctx_B", seed=0)
     bare = controls.copy()
@@ -119,6 +119,14 @@ def test_library_sizes_from_an_obs_column_or_one_error(world, caplog):
     share = np.median(_dense(controls.layers["counts"]).sum(axis=1) / bare.obs["total_all"].to_numpy())
     assert pred.uns["vcell"]["library_source"].startswith("obs['nCount_RNA'] x the predicted genes' share")
     assert share < 0.9 and f"hold a median {100 * share:.1f}% of it" in caplog.text
+    # the same from a backed file (as `vcell predict` reads it): its control cells' view is read, not sliced again
+    full = data.adata.copy()
+    del full.layers["counts"]
+    full.obs["nCount_RNA"] = full.obs["total_all"]
+    write_h5ad(full, tmp_path / "bare.h5ad")
+    backed = load_dataset(tmp_path / "bare.h5ad", data.spec, backed=True)
+    from_file = predict_context(models["pert_mean"], backed, "ctx_B", output="counts", seed=0)
+    np.testing.assert_array_equal(_dense(from_file.X).sum(axis=1), [over_predicted[c] for c in from_file.obs[CONTROL_CELL_COL]])
     bare.obs["nCount_RNA"] = np.arange(100, 100 + bare.n_obs)  # no total these log1p values were normalised by
     with pytest.raises(VcellError, match=r"obs\['nCount_RNA'\] counts every gene measured, and X does not tell"):
         to_counts(log1p, bare)
@@ -277,7 +285,7 @@ def test_cell_mean_counts_are_drawn_from_the_mean_composition_not_from_its_log1p
     express (its 2026 score in bench was -0.5, far below a no-change model). Its counts come from
     the groups' mean normalised expression instead: their pseudobulk composition is much nearer
     the real cells'; the log1p prediction is unchanged."""
-    data, models, _ = world
+    data, models, controls = world
     model = models["cell_mean"]
     obs = data.adata.obs
     held = ((obs["cell_type"] == "ctx_B") & (obs["target_gene"] != "non-targeting")).to_numpy()
@@ -299,4 +307,10 @@ def test_cell_mean_counts_are_drawn_from_the_mean_composition_not_from_its_log1p
         model.counts_vector_ = vector
     assert "counts_basis" not in from_vector.uns["vcell"]
     assert l1(counts) < 0.75 * l1(from_vector), (l1(counts), l1(from_vector))
+    # to_counts given the model draws the same cells; data whose column is named otherwise than the model's too
+    np.testing.assert_array_equal(_dense(to_counts(log1p, controls, seed=1, model=model).X), _dense(counts.X))
+    renamed = data.adata.copy()
+    renamed.obs = renamed.obs.rename(columns={"target_gene": "gene"})
+    other = from_anndata(renamed, data.spec.with_(pert_col="gene"))
+    np.testing.assert_array_equal(_dense(predict_context(model, other, "ctx_B", output="counts", seed=1).X), _dense(counts.X))
     np.testing.assert_array_equal(_dense(counts.X).sum(axis=1), _dense(from_vector.X).sum(axis=1))  # the same depths

@@ -162,3 +162,45 @@ def test_backed_read_leaves_sparse_layers_on_disk(tmp_path):
         np.testing.assert_array_equal(sub.layers["dense"], X.toarray()[rows])
     finally:
         b.file.close()
+
+
+def test_check_writable_probes_what_access_cannot_tell(tmp_path, monkeypatch):
+    """A folder access() calls writable that takes no file (a read-only mount, /proc as root): refused
+    before the work, naming it; the probe leaves nothing behind."""
+    import errno
+    import tempfile
+
+    from vcell.data import io as vio
+    from vcell.errors import VcellError
+
+    assert vio.check_writable(tmp_path / "out.h5ad") and list(tmp_path.iterdir()) == []
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(VcellError, match=r"out\.h5ad: cannot write there: folder .* does not take files \(Read-only file system\)"):
+        vio.check_writable(tmp_path / "out.h5ad")
+
+
+def test_staged_folder_replaces_every_earlier_output_only_on_success(tmp_path):
+    """The outputs are written aside and put in place at the end: a failure leaves the earlier ones as
+    they were; success replaces all of them (one this run did not write too), and no staging is left."""
+    from vcell.data.io import staged_folder
+
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "old.txt").write_text("old")
+    (out / "report.html").write_text("old report")
+    (out / "mine.txt").write_text("not an output")
+    with pytest.raises(RuntimeError), staged_folder(out, ["runs", "report.html"]) as stage:
+        (stage / "runs").mkdir()
+        (stage / "runs" / "new.txt").write_text("new")
+        raise RuntimeError("failed halfway")
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "report.html", "runs"]
+    assert (out / "runs" / "old.txt").read_text() == "old"
+    with staged_folder(out, ["runs", "report.html"]) as stage:
+        (stage / "runs").mkdir()
+        (stage / "runs" / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "runs"]  # the earlier report went with its run
+    assert [p.name for p in (out / "runs").iterdir()] == ["new.txt"]

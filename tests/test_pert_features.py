@@ -104,7 +104,7 @@ def planted_run(tmp_path_factory):
     return adata, data, path, out
 
 
-def test_st_predicts_an_unseen_target_in_the_direction_of_its_table_neighbour(planted_run):
+def test_st_predicts_an_unseen_target_in_the_direction_of_its_table_neighbour(planted_run, caplog):
     adata, data, _, out = planted_run
     model = STPredictor.from_checkpoint(out, checkpoint="last", set_size=16)
     assert "U" not in model.pert_vocab and "U" in model.known_targets and "other" in model.known_targets
@@ -117,6 +117,17 @@ def test_st_predicts_an_unseen_target_in_the_direction_of_its_table_neighbour(pl
     assert np.corrcoef(shift["U"], shift["S"])[0, 1] > 0.8
     with pytest.raises(VcellError, match=r"unknown perturbation 'S\+NOPE': target 'NOPE' is not in the perturbation feature table"):
         model.check_perturbations(["S+NOPE"])
+    # loaded from its checkpoint (no pert_features option), it still reads its table: a target only the
+    # table has is no misspelling to warn of
+    import logging
+
+    from vcell.predictors.request import _warn_unknown
+
+    assert model.pert_features is None and model.reads_gene_table() and model.predicts_unseen_targets()
+    assert "other" not in set(adata.obs["target_gene"].astype(str))
+    with caplog.at_level(logging.WARNING, logger="vcell"):
+        _warn_unknown(model, data, ["other"])
+    assert "neither the data nor the training" not in caplog.text
 
 
 def test_all_means_the_perturbations_trained_on(planted_run, tmp_path):

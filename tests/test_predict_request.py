@@ -53,6 +53,10 @@ def test_cells_that_name_no_cells_of_the_data_are_one_error_line(world, cells, w
         predict_context(model, data, "ctx_B", cells=cells)
     with pytest.raises(VcellError, match="boolean mask"):
         cell_mask(np.zeros(3, dtype=bool), data.adata.obs_names)
+    assert not cell_mask([], data.adata.obs_names).any()
+    twice = data.adata.obs_names[:1].append(data.adata.obs_names[:-1])
+    with pytest.raises(VcellError, match="cell names are not unique"):
+        cell_mask(["x"], twice)
 
 
 def test_the_control_label_is_refused_and_an_unknown_label_warned_of(world, caplog):

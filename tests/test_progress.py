@@ -9,6 +9,7 @@ during `bench` (nothing left under the output folder).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
@@ -342,3 +343,7 @@ def test_progress_is_on_by_default_in_an_interactive_session_only(monkeypatch):
     monkeypatch.delattr(sys, "ps1")
     vcell.show_progress(True)
     assert display.progress_enabled()
+    # and it is drawn in a notebook, whose stderr is no terminal (rich draws there with widgets)
+    from rich.console import Console
+
+    assert display.on_terminal(Console(force_jupyter=True)) and not display.on_terminal(Console(file=io.StringIO()))

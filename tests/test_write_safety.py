@@ -44,7 +44,7 @@ ST_CFG = {"width": 32, "n_layers": 1, "n_heads": 2}
 SE_CFG = {"d_model": 16, "n_layers": 1, "n_heads": 2, "sentence_len": 34, "n_mask": 8}
 ST_FAST = ["--set-size", "16", "--batch-size", "4", "--accelerator", "cpu"]
 SE_FAST = ["--preset", "tiny", "--batch-size", "16", "--gene-dim", "8", "--accelerator", "cpu"]
-REMOVED = re.compile(r"removed (\d+) temporary files? \(\d+(\.\d)? [kMG]?B\) left by an interrupted write of ")
+REMOVED = re.compile(r"removed (\d+) temporary (?:files?|folders?) \(\d+(\.\d)? [kMG]?B\) left by an interrupted write of ")
 
 
 # ------------------------------------------------------------------------------------- fixtures

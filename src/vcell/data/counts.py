@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from vcell.data.validate import CELL_EVAL_MAX_LOG1P
 from vcell.errors import VcellError
 
 __all__ = ["draw_library_sizes", "sample_counts"]
@@ -25,10 +26,6 @@ def draw_library_sizes(totals: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
         raise VcellError("no library sizes to draw from (no control cells)")
     rng = np.random.default_rng(seed)
     return np.rint(totals[rng.integers(0, totals.size, size=n)]).astype(np.int64)
-
-
-#: The largest value taken as log1p-normalised (cell-eval's threshold: above it, counts).
-_LOG1P_MAX = 15.0
 
 
 def sample_counts(X, library_sizes: np.ndarray, seed: int | np.random.Generator = 0, rows: np.ndarray | None = None) -> sp.csr_matrix:
@@ -65,8 +62,8 @@ def sample_counts(X, library_sizes: np.ndarray, seed: int | np.random.Generator 
         block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
         if not np.isfinite(block).all() or (block < 0).any():
             raise VcellError("expression values must be finite and >= 0 (log1p-normalised) to draw counts")
-        if block.max(initial=0.0) > _LOG1P_MAX:  # log1p of a cell normalised to 1e4 stays below ~9.2
-            raise VcellError(f"expression value {block.max():g} is not log1p-normalised (at most {_LOG1P_MAX:g}): "
+        if block.max(initial=0.0) >= CELL_EVAL_MAX_LOG1P:  # log1p of a cell normalised to 1e4 stays below ~9.2
+            raise VcellError(f"expression value {block.max():g} is not log1p-normalised (below {CELL_EVAL_MAX_LOG1P:g}): "
                              "counts already? they are drawn from log1p values")
         expr = np.expm1(block)
         totals = expr.sum(axis=1, keepdims=True)

@@ -197,12 +197,14 @@ def clean_leftovers(*paths: str | os.PathLike) -> int:
     if not found:
         return 0
     size = sum(disk_size(p) for p in found)
+    folders = sum(p.is_dir() and not p.is_symlink() for p in found)
+    files = len(found) - folders
+    what = " and ".join(f"{n} temporary {kind}{'s' if n > 1 else ''}" for n, kind in ((files, "file"), (folders, "folder")) if n)
     for p in found:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-    what = f"{len(found)} temporary file{'s' if len(found) > 1 else ''}"
     where = ", ".join(path for path, items in by_path.items() if items)
     log.warning("removed %s (%s) left by an interrupted write of %s: %s", what, human_size(size), where,
                 preview([p.name for p in found], n=3, quote=False))
@@ -255,8 +257,9 @@ def atomic_paths(directory: str | os.PathLike, names: list[str]) -> Iterator[dic
 
 @contextlib.contextmanager
 def staged_folder(out: str | os.PathLike, names: Sequence[str]) -> Iterator[Path]:
-    """Yield a temporary folder inside ``out`` to write the outputs ``names`` into; on success each
-    replaces its namesake in ``out`` (an earlier run's, with ``--overwrite``, goes whole).
+    """Yield a temporary folder inside ``out`` to write the outputs ``names`` into; on success they
+    replace every earlier output of ``names`` in ``out`` (with ``--overwrite``: an earlier run's go
+    whole, also those this run does not write, such as a report not asked for again).
 
     If the body raises (Ctrl-C included) the temporary folder goes and ``out`` holds what it held
     before; one that a killed run left is removed first (:func:`clean_leftovers`).
@@ -268,17 +271,40 @@ def staged_folder(out: str | os.PathLike, names: Sequence[str]) -> Iterator[Path
     stage = Path(tempfile.mkdtemp(prefix=temp_prefix(marker), suffix=".tmp", dir=out))
     try:
         yield stage
-        for name in names:
-            source, target = stage / name, out / name
-            if not (source.exists() or source.is_symlink()):
-                continue
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-            os.replace(source, target)
+        # every earlier output (one this run does not write too) renamed aside, then the new ones in:
+        # renames only, with Ctrl-C held until they are done; what was set aside goes last (a kill
+        # while it goes leaves a staging folder the next run removes)
+        aside = Path(tempfile.mkdtemp(prefix=temp_prefix(marker), suffix=".tmp", dir=out))
+        with _ctrl_c_held() as held:
+            for name in names:
+                if (out / name).exists() or (out / name).is_symlink():
+                    os.replace(out / name, aside / name)
+            for name in names:
+                if (stage / name).exists() or (stage / name).is_symlink():
+                    os.replace(stage / name, out / name)
+        if held:
+            log.warning("Ctrl-C came as the results were put in place in %s: they are complete", out)
+        shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[list]:
+    """Hold Ctrl-C (SIGINT) until the body is done; yields a list that is non-empty if one came.
+    Off the main thread (where no handler can be set) the body runs as it is."""
+    import signal
+    import threading
+
+    caught: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | None = None) -> Path:

@@ -49,7 +49,7 @@ class DataSpec:
             if not (isinstance(value, str) or (value is None and name in ("context_col", "batch_col"))):
                 raise VcellError(f"DataSpec {name}={value!r}: a column name or label is text"
                                  + (" (None: no such column)" if name in ("context_col", "batch_col") else ""))
-        if self.expression not in (None, "counts", "log1p"):
+        if self.expression is not None and self.expression not in EXPRESSION_TYPES:
             raise VcellError(f"DataSpec expression={self.expression!r}: use 'counts', 'log1p' or None (read from the file)")
 
     def with_(self, **changes) -> DataSpec:

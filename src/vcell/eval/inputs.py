@@ -189,7 +189,8 @@ def from_layer(adata: ad.AnnData, layer: str, where: str) -> ad.AnnData:
     """``adata`` with ``layers[layer]`` as its ``X`` (the matrix not copied); a missing layer is one error line."""
     if layer not in adata.layers:
         raise VcellError(f"{where}: no layers[{layer!r}] (layers: {preview(list(adata.layers), 5) or 'none'})")
-    return ad.AnnData(X=adata.layers[layer], obs=adata.obs, var=adata.var, uns=dict(adata.uns))
+    uns = {k: v for k, v in adata.uns.items() if k != "log1p"}  # scanpy's mark of X, not of the layer
+    return ad.AnnData(X=adata.layers[layer], obs=adata.obs, var=adata.var, uns=uns)
 
 
 def warn_mixed_spaces(real_name: str, real_kind: str, pred_name: str, pred_kind: str) -> None:

@@ -369,7 +369,8 @@ def run_bench(
                     aggs[(name, ctx)] = result.agg
                     if bench_2026 is not None:
                         t = time.perf_counter()
-                        scores_2026[(name, ctx)] = bench_2026.score(fold.name, name, ctx, model.counts_basis(raw), stage / "eval" / run_slug / "vcc2026")
+                        scores_2026[(name, ctx)] = bench_2026.score(fold.name, name, ctx, model.counts_basis(raw, _predicted(raw, spec)),
+                                                                    stage / "eval" / run_slug / "vcc2026")
                         timings[f"vcc2026 {name} {ctx}"] = time.perf_counter() - t
                     runs.append({"model": name, "context": ctx, "fold": fold.name, "slug": run_slug,
                                  "prediction": f"predictions/{run_slug}.h5ad", "eval_dir": f"eval/{run_slug}"})
@@ -404,6 +405,11 @@ def run_bench(
             build_report(stage)
     timings["total"] = time.perf_counter() - t0
     return BenchResult(board, out, runs, timings)
+
+
+def _predicted(pred: ad.AnnData, spec: DataSpec) -> np.ndarray:
+    """The mask of a prediction's predicted (not control) rows."""
+    return (pred.obs[spec.pert_col].astype(str) != str(spec.control)).to_numpy()
 
 
 def _check_unseen_targets(data: PerturbationData, folds: list[Fold], models: dict[str, Predictor]) -> None:

@@ -107,10 +107,23 @@ class Predictor(ABC):
         """
         return None
 
-    def counts_basis(self, cells: ad.AnnData) -> ad.AnnData:
-        """The log1p cells whose composition the counts of predicted ``cells`` are drawn from
-        (:mod:`vcell.predictors.counts`): here the cells themselves."""
+    def counts_basis(self, cells: ad.AnnData, predicted: np.ndarray) -> ad.AnnData:
+        """The log1p cells whose composition the counts of ``cells`` are drawn from
+        (:mod:`vcell.predictors.counts`; ``predicted``: the mask of its predicted, not control,
+        rows): here the cells themselves."""
         return cells
+
+    def reads_gene_table(self) -> bool:
+        """Whether the model takes its perturbations' targets from a gene table (``pert_features``
+        other than one-hot; it then refuses a target absent from the table): the fitted or loaded
+        features when there are some, else the option it was built with."""
+        from vcell.features.perturbations import ONEHOT, parse_sources
+
+        features = getattr(self, "features_", None) or getattr(self, "features", None)
+        if features is not None:
+            return not features.is_onehot
+        value = getattr(self, "pert_features", None)
+        return value is not None and parse_sources(value) != [ONEHOT]
 
     def predicts_unseen_targets(self) -> bool:
         """Whether the model can predict a target it was never trained on (here: yes, by a fallback

@@ -122,13 +122,12 @@ class CellMean(PseudobulkBaseline):
         vec = self.vector_[self._columns(controls)].astype(np.float32)
         return {pert: np.tile(vec, (cell_count(cells_per_perturbation, pert), 1)) for pert in perturbations}
 
-    def counts_basis(self, cells: ad.AnnData) -> ad.AnnData:
-        """``cells`` with each predicted (not control) cell the groups' mean composition (log1p of
-        the mean normalised expression); a model saved without it draws from the vector."""
+    def counts_basis(self, cells: ad.AnnData, predicted: np.ndarray) -> ad.AnnData:
+        """``cells`` with each predicted cell (mask ``predicted``) the groups' mean composition (log1p
+        of the mean normalised expression); a model saved without it draws from the vector."""
         vector = getattr(self, "counts_vector_", None)
         if vector is None:
             return cells
-        predicted = (cells.obs[self._spec.pert_col].astype(str) != str(self._spec.control)).to_numpy()
         X = cells.X.toarray() if sp.issparse(cells.X) else np.array(cells.X, dtype=np.float32)
         X[predicted] = vector[self._columns(cells)].astype(np.float32)
         out = cells.copy()

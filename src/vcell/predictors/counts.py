@@ -173,11 +173,18 @@ def predicted_share(controls: ad.AnnData, genes, totals: np.ndarray, source: str
     fewer than a quarter of the cells agree on T (within 1%), ``X`` is not a per-cell normalised
     log1p and the share cannot be told: a one-line error.
     """
+    if controls.isbacked:  # a backed file's control cells (a view of it cannot be sliced again)
+        controls = controls.to_memory()
     cols = None
     if genes is not None:
-        cols = pd.Index(controls.var_names.astype(str)).get_indexer(pd.Index([str(g) for g in genes]))
+        var = pd.Index(controls.var_names.astype(str))
+        if not var.is_unique:
+            raise VcellError(f"{where}: duplicated gene names in var ({preview(var[var.duplicated()].unique(), 5)})")
+        genes = pd.Index([str(g) for g in genes])
+        cols = var.get_indexer(genes)
         if (cols < 0).any():
-            raise VcellError(f"{where}: {int((cols < 0).sum())} predicted gene(s) not in the control cells' genes")
+            raise VcellError(f"{where}: {int((cols < 0).sum())} predicted gene(s) not in the control cells' genes "
+                             f"({preview(genes[cols < 0], 5)})")
     smallest = np.full(controls.n_obs, np.nan)
     sums = np.zeros(controls.n_obs)
     for lo in range(0, controls.n_obs, 4096):
@@ -186,8 +193,8 @@ def predicted_share(controls: ad.AnnData, genes, totals: np.ndarray, source: str
         block.data = np.expm1(block.data)
         block.eliminate_zeros()
         if (block.data < 0).any() or not np.isfinite(block.data).all():
-            raise VcellError(f"{where}: the control cells' X is not log1p (negative or infinite values): {source} cannot be "
-                             "brought to the predicted genes; give layers['counts'] or a fixed depth")
+            raise VcellError(f"{where}: the control cells' X is not log1p (negative, NaN or infinite values): {source} cannot "
+                             "be brought to the predicted genes; give layers['counts'] or a fixed depth")
         filled = np.diff(block.indptr) > 0
         smallest[lo:lo + block.shape[0]][filled] = np.minimum.reduceat(block.data, block.indptr[:-1][filled])
         sums[lo:lo + block.shape[0]] = np.asarray((block if cols is None else block[:, cols]).sum(axis=1)).ravel()
@@ -196,7 +203,8 @@ def predicted_share(controls: ad.AnnData, genes, totals: np.ndarray, source: str
     T = float(np.median(implied[known])) if known.any() else np.nan
     if not known.any() or np.mean(np.abs(implied[known] / T - 1) <= 0.01) < _SAME_TOTAL_SHARE:
         raise VcellError(f"{where}: {source} counts every gene measured, and X does not tell which share of it the predicted "
-                         "genes hold (X is not log1p of per-cell normalised counts); give layers['counts'] or a fixed depth")
+                         f"genes hold (X is not log1p of counts normalised per cell by {source}); give layers['counts'] or a fixed "
+                         "depth")
     return np.minimum(sums / T, 1.0)
 
 
@@ -220,6 +228,7 @@ def to_counts(
     pert_col: str = "target_gene",
     control: str = "non-targeting",
     model_space: str = "log1p",
+    model=None,
 ) -> ad.AnnData:
     """A log1p prediction's predicted cells as integral raw counts (module docstring: the rules).
 
@@ -240,6 +249,10 @@ def to_counts(
         The perturbation column and the control label.
     model_space
         The space the model predicted in (recorded; only log1p can be converted).
+    model : Predictor, optional
+        The model that made ``pred``: counts are drawn from its
+        :meth:`~vcell.predictors.base.Predictor.counts_basis` (``cell_mean``'s mean composition
+        rather than its log1p vector), as ``predict_context(output="counts")`` draws them.
 
     Returns
     -------
@@ -254,6 +267,10 @@ def to_counts(
         raise VcellError("the prediction is counts already (uns['vcell']['output'] == 'counts'); to_counts draws counts from log1p")
     n = int((pred.obs[pert_col].astype(str).to_numpy() != str(control)).sum())
     draw = CountsDraw(controls, n, depth=depth, seed=seed, pert_col=pert_col, control=control, model_space=model_space, genes=pred.var_names)
+    if model is not None:
+        predicted = np.zeros(pred.n_obs, dtype=bool)
+        predicted[draw.predicted_rows(pred)] = True
+        pred = model.counts_basis(pred, predicted)
     return draw.convert(pred)
 
 

@@ -327,7 +327,9 @@ class _Job:
             return self.fill.widen(piece, self.fill.sources(piece, CONTROL_CELL_COL), self.draw)
         if self.draw is None:
             return piece
-        basis = self.predictor.counts_basis(piece)
+        predicted = np.zeros(piece.n_obs, dtype=bool)
+        predicted[self.draw.predicted_rows(piece)] = True
+        basis = self.predictor.counts_basis(piece, predicted)
         if basis is not piece and "counts_basis" in basis.uns.get("vcell", {}):  # what the counts were drawn from
             self.uns["counts_basis"] = basis.uns["vcell"]["counts_basis"]
         return self.draw.convert(basis)

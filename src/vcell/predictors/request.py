@@ -15,7 +15,6 @@ import pandas as pd
 from vcell.data.dataset import PerturbationData
 from vcell.data.spec import split_combo
 from vcell.errors import VcellError, did_you_mean, preview
-from vcell.features.perturbations import ONEHOT, parse_sources
 from vcell.predictors.base import Predictor
 
 log = logging.getLogger(__name__)
@@ -41,6 +40,8 @@ def cell_mask(cells, obs_names: pd.Index, name: str = "cells") -> np.ndarray:
     """A boolean mask over ``obs_names`` from a mask, integer positions or obs names (one error line otherwise)."""
     values = np.asarray(cells.to_numpy() if isinstance(cells, pd.Series | pd.Index) else cells)
     n = len(obs_names)
+    if values.size == 0:
+        return np.zeros(n, dtype=bool)
     if values.dtype == bool:
         if values.shape != (n,):
             raise VcellError(f"{name}: a boolean mask of {values.size:,} values for {n:,} cells; give one value per cell")
@@ -53,6 +54,8 @@ def cell_mask(cells, obs_names: pd.Index, name: str = "cells") -> np.ndarray:
         mask[values] = True
         return mask
     if values.dtype.kind in "OUS":
+        if not obs_names.is_unique:
+            raise VcellError(f"{name}: cell names are not unique in the data; give a boolean mask or positions")
         pos = obs_names.get_indexer(values.astype(str))
         if (pos < 0).any():
             raise VcellError(f"{name}: {int((pos < 0).sum())} cell name(s) not in the data ({preview(values[pos < 0].astype(str), 3)})")
@@ -92,8 +95,7 @@ def _warn_unknown(predictor: Predictor, data: PerturbationData, labels: list[str
     """Warn of labels with a target that neither the data nor the model's training knows (a
     misspelling, most likely), unless the model reads its targets from a gene table (it refuses
     a target absent from it)."""
-    features = getattr(predictor, "pert_features", None)
-    if features is not None and parse_sources(features) != [ONEHOT]:
+    if predictor.reads_gene_table():
         return
     known = set(data.index.perts.astype(str))
     with contextlib.suppress(VcellError):

@@ -149,9 +149,7 @@ class STPredictor(Predictor):
 
     def predicts_unseen_targets(self) -> bool:
         """Only with a gene table among its ``pert_features`` (one-hot alone knows the trained targets)."""
-        from vcell.features.perturbations import ONEHOT, parse_sources
-
-        return parse_sources(self.pert_features) != [ONEHOT]
+        return self.reads_gene_table()
 
     def _anchor_options(self) -> dict:
         """Options of the effect anchor: the same perturbation features where it takes them."""

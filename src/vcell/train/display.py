@@ -80,14 +80,15 @@ def progress_console() -> Console:
 
 
 def on_terminal(console: Console | None = None) -> bool:
-    """Whether ``console`` (default: the progress console) draws on an interactive terminal.
+    """Whether ``console`` (default: the progress console) draws on an interactive terminal or in
+    a Jupyter notebook (rich draws there with widgets).
 
     A pipe or a file is not one, whatever ``FORCE_COLOR`` says: live displays would fill it with
     control codes.
     """
     console = console or progress_console()
     try:
-        return bool(console.is_interactive and console.file.isatty())
+        return bool(console.is_jupyter or (console.is_interactive and console.file.isatty()))
     except (AttributeError, ValueError):  # a closed or unusual file
         return False
 

@@ -176,9 +176,11 @@ def cells_from_anndata(adata, pert_col: str, where: str, layer: str | None = Non
     """An in-memory AnnData's raw counts (``X`` or ``layers[layer]``) as checked :class:`CountsCells`."""
     labels, order = labels_of(adata.obs, pert_col, where)
     refuse_unlabelled(labels, where)
-    if layer is not None and layer not in adata.layers:
-        raise VcellError(f"{where}: no layers[{layer!r}] (layers: {preview(list(adata.layers), 5) or 'none'})")
-    X = adata.X if layer is None else adata.layers[layer]
+    if layer is not None:
+        from vcell.eval.inputs import from_layer  # the file path stays free of anndata's import
+
+        adata = from_layer(adata, layer, where)
+    X = adata.X
     cells = CountsCells(as_csr(X, where), labels, adata.var_names.copy(), where, order)
     try:
         check_counts(cells)
