@@ -372,3 +372,21 @@ def test_beyond_replicate_names_values_past_the_anchor_with_the_challenge_clamps
     assert all(f["score"] == scores[m] for m, f in found.items())  # the numbers scored are left as they are
     note = beyond_note("m", list(found.values()))
     assert "pds_cosine 0.8 (replicate 0.7, baseline 0.5): scaled 1.5, kept" in note and "clamped to 1" in note
+
+
+def test_run_bench_takes_an_anndata_and_leaves_it_as_it_was(tmp_path):
+    """A notebook user's object: the same leaderboard as from its file; the object is not modified."""
+    import vcell
+
+    a = vcell.simulate_perturbseq(seed=0, n_genes=60, n_perturbations=6, n_combinations=0, n_contexts=2,
+                                  cells_per_perturbation=30, n_controls=60)
+    a.write_h5ad(tmp_path / "sim.h5ad")
+    kwargs = dict(holdout=["ctx_B"], profile="vcc", report=False, seed=0)
+    build = lambda name: vcell.make_model(name, seed=0)  # noqa: E731
+    X, uns = a.X.copy(), dict(a.uns)
+    from_object = vcell.run_bench(a, tmp_path / "mem", ["pert_mean"], build, **kwargs).leaderboard
+    from_file = vcell.run_bench(tmp_path / "sim.h5ad", tmp_path / "file", ["pert_mean"], build, **kwargs).leaderboard
+    pd.testing.assert_frame_equal(from_object, from_file)
+    assert (a.X != X).nnz == 0 if hasattr(X, "nnz") else np.array_equal(a.X, X)
+    assert a.uns.keys() == uns.keys()
+    assert json.loads((tmp_path / "mem" / "bench.json").read_text())["data"] == "<in-memory AnnData>"

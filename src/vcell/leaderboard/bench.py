@@ -66,20 +66,24 @@ class BenchResult:
 
 
 def prepare_data(
-    path: str | os.PathLike,
+    path: str | os.PathLike | ad.AnnData,
     spec: DataSpec,
     dataset_col: str | None,
     allow_missing_controls: bool,
     datasets: Sequence[str] = (),
     keep_counts: bool = False,
 ) -> PerturbationData:
-    """Read the data in memory as log1p (counts get normalize_total to 1e4 + log1p, logged).
+    """Read the data (a file, or an in-memory AnnData, not modified) in memory as log1p (counts get
+    normalize_total to 1e4 + log1p, logged).
 
     ``datasets`` keeps only the cells whose ``dataset_col`` value is listed. ``keep_counts``
     keeps the raw counts in ``layers["counts"]`` (and requires counts).
     """
-    path = Path(path)
-    adata = read_h5ad(path)
+    if isinstance(path, ad.AnnData):
+        adata, path = path.copy(), Path(IN_MEMORY)  # the caller's object is left as it is
+    else:
+        path = Path(path)
+        adata = read_h5ad(path)
     if datasets:
         if not dataset_col or dataset_col not in adata.obs.columns:
             raise VcellError(f"{path}: --dataset needs the dataset column {dataset_col!r} in .obs")
@@ -102,9 +106,15 @@ def prepare_data(
         adata.X = sp.csr_matrix(adata.X, dtype=np.float32) if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float32)
     spec = spec.with_(expression="log1p")
     adata.uns["vcell"] = {"expression": "log1p"}
-    data = from_anndata(adata, spec, dataset_col, path.stem, require_context_controls=not allow_missing_controls, path=path)
-    data.path = path
+    in_memory = str(path) == IN_MEMORY
+    data = from_anndata(adata, spec, dataset_col, "data" if in_memory else path.stem,
+                        require_context_controls=not allow_missing_controls, path=None if in_memory else path)
+    data.path = None if in_memory else path
     return data
+
+
+#: How bench names data given as an AnnData (in messages and ``bench.json``).
+IN_MEMORY = "<in-memory AnnData>"
 
 
 def make_folds(
@@ -241,7 +251,7 @@ BENCH_OUTPUTS = ("leaderboard.csv", "bench.json", "report.html", "predictions", 
 
 
 def run_bench(
-    data_path: str | os.PathLike,
+    data_path: str | os.PathLike | ad.AnnData,
     out: str | os.PathLike,
     models: Sequence[str],
     make_model: Callable[[str], Predictor],
@@ -264,8 +274,9 @@ def run_bench(
 
     Parameters
     ----------
-    data_path : path
-        The ``.h5ad`` (log1p, or raw counts that each fold preprocesses; raw counts for ``vcc2026``).
+    data_path : path or anndata.AnnData
+        The ``.h5ad`` or an in-memory AnnData (log1p, or raw counts normalised to log1p here; raw
+        counts for ``vcc2026``).
     out : path
         Output folder (layout in this module's docstring); refused when it holds an earlier
         benchmark's results, unless ``overwrite``.
@@ -308,7 +319,7 @@ def run_bench(
 
     t0 = time.perf_counter()
     out = Path(out)
-    check_output_dir(out, list(BENCH_OUTPUTS), [data_path], overwrite=overwrite)
+    check_output_dir(out, list(BENCH_OUTPUTS), [] if isinstance(data_path, ad.AnnData) else [data_path], overwrite=overwrite)
     models = list(dict.fromkeys(models))
     user_models = set(models)  # the models make_model builds: the options recorded are theirs
     if BASELINE_MODEL not in models:
@@ -323,7 +334,7 @@ def run_bench(
     say = progress or (lambda text: None)
     with_2026 = profile == "vcc2026"
     scored_profile = "vcc" if with_2026 else profile  # vcc2026: the 2025 score beside the 2026 one
-    say(f"reading {data_path}")
+    say(f"reading {IN_MEMORY if isinstance(data_path, ad.AnnData) else data_path}")
     data = prepare_data(data_path, spec, dataset_col, allow_missing_controls, datasets, keep_counts=with_2026)
     spec = data.spec
     folds = make_folds(data, split_file, holdout, holdout_perturbations, seed)
@@ -386,7 +397,7 @@ def run_bench(
         if folds[0].config.holdout_perturbations and split_file is None:
             held.append("perturbations " + ", ".join(folds[0].config.holdout_perturbations))
         meta = {
-            "data": str(Path(data_path).resolve()), "out": str(out.resolve()), "pert_col": spec.pert_col, "control": spec.control,
+            "data": IN_MEMORY if isinstance(data_path, ad.AnnData) else str(Path(data_path).resolve()), "out": str(out.resolve()), "pert_col": spec.pert_col, "control": spec.control,
             "context_col": spec.context_col, "models": models, "contexts": [c for f in folds for c in f.contexts],
             "model_options": {m: dict((model_options or {}).get(m, {})) if m in user_models else {} for m in models},
             "folds": [{**fold_record(data, f), "split": f.config.to_toml()} for f in folds],
