@@ -884,7 +884,7 @@ def test_prep_2026_reads_and_writes_a_block_of_cells_at_a_time(tiny, tmp_path, m
     bad = X.copy()
     bad[13, 2] = 0.5  # in the fourth block
     path = _write(tmp_path / "late.h5ad", bad, src.obs[PERT_COL], genes)
-    with pytest.raises(VcellError, match=rf"late\.h5ad: value 0\.5 at cell 13 \('{src.obs[PERT_COL].astype(str).iloc[13]}'\), gene '{genes[2]}'"):
+    with pytest.raises(VcellError, match=rf"late\.h5ad: value 0\.5 at row 13 \(a '{src.obs[PERT_COL].astype(str).iloc[13]}' cell\), gene '{genes[2]}'"):
         submission.prepare_submission_2026(path, tmp_path / "late_out.h5ad", genes=tmp_path / "genes.csv")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["genes.csv", "late.h5ad", "shuffled.h5ad", "sub.h5ad"]
 

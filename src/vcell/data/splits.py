@@ -339,7 +339,13 @@ class Split:
         return self.role_codes == _CODE[role]
 
     def summary(self, index: CellIndex) -> pd.DataFrame:
-        """Per context: controls, and perturbations/cells in each role."""
+        """Per context: controls, and perturbations/cells in each role.
+
+        Parameters
+        ----------
+        index : CellIndex
+            The cells the split was applied to (``data.index`` of the dataset given to :func:`apply_split`).
+        """
         keys = index.context_key_codes
         rows = []
         for key in np.unique(keys):

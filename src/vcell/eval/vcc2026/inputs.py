@@ -104,7 +104,7 @@ def check_counts(cells: CountsCells, max_per_cell: float = MAX_COUNTS_PER_CELL, 
         what = "not finite" if not np.isfinite(value) else "negative" if value < 0 else "not an integer"
         hint = " (log-normalised values?)" if what == "not an integer" else ""
         raise VcellError(
-            f"{cells.where}: value {float(value)!r} at cell {row + first_row} ({cells.labels[row]!r}), gene {gene!r} is {what}; "
+            f"{cells.where}: value {float(value)!r} at row {row + first_row} (a {cells.labels[row]!r} cell), gene {gene!r} is {what}; "
             f"the vcc2026 profile scores raw counts{hint}"
         )
     over = np.flatnonzero(cells.totals > max_per_cell)
