@@ -237,11 +237,12 @@ def main() -> int:
                 continue
             bench_fold(name, f, work, config, args.models, args.tag)
         boards = []
-        for board in sorted((work / "runs").glob(f"{name}_*/leaderboard.csv")):
+        # a model run under several tags (cell_mean, added to every run) counts from its latest run
+        for board in sorted((work / "runs").glob(f"{name}_*/leaderboard.csv"), key=lambda p: p.stat().st_mtime):
             df = pd.read_csv(board)
             df["fold"] = int(board.parent.name[len(name) + 1:].split("_")[0])
             boards.append(df[df["context"] != "mean"])
-        boards = pd.concat(boards).drop_duplicates(["model", "context", "fold"])
+        boards = pd.concat(boards).drop_duplicates(["model", "context", "fold"], keep="last")
         print(table(name, boards), flush=True)
         print(flush=True)
     return 0
