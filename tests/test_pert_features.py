@@ -253,3 +253,23 @@ def test_bench_refuses_a_onehot_st_on_unseen_targets_before_training(tmp_path):
         run_bench(path, tmp_path / "bench", ["st", "pert_mean"], lambda name: make_model(name), holdout_perturbations=["U"],
                   report=False)
     assert not (tmp_path / "bench" / "predictions").exists()  # refused before any work
+
+
+def test_a_onehot_model_refuses_a_validation_only_target_and_training_says_why(tmp_path, caplog):
+    """A one-hot ST gives validation-only targets columns no training cell teaches: training warns
+    (their val_loss picks best/), and predict refuses them as it refuses test targets (it predicted
+    them from untrained columns)."""
+    import logging
+
+    adata, _ = _planted()
+    data = from_anndata(adata)
+    labels = data.index.perts[data.index.pert_codes].astype(str)
+    roles = np.where(labels == "non-targeting", "control", np.where(labels == "Q", "val", np.where(labels == "U", "test", "train")))
+    with caplog.at_level(logging.WARNING, logger="vcell"):
+        out = train_st(data, Split.from_roles(roles), tmp_path / "run", TINY, max_steps=4, seed=0, checkpoint_every=4, **FAST)
+    assert "one-hot features: 1 validation perturbation(s) ('Q') have targets no training cell has" in caplog.text
+    model = STPredictor.from_checkpoint(out, checkpoint="last", set_size=16)
+    assert "Q" in model.pert_vocab and "Q" not in model.trained_perturbations()
+    with pytest.raises(VcellError, match="perturbation 'Q' has a one-hot column but no training cell"):
+        model.check_perturbations(["S", "Q"])
+    model.check_perturbations(["S", "R+T"])  # trained targets, alone or together

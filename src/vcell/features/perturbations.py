@@ -23,6 +23,7 @@ it, never a silent zero vector.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ import torch
 
 from vcell.data.spec import split_combo
 from vcell.errors import VcellError, did_you_mean, preview
+
+log = logging.getLogger(__name__)
 
 ONEHOT = "onehot"
 
@@ -281,3 +284,19 @@ class PertFeatures:
     def onehot(cls, targets: Sequence[str]) -> PertFeatures:
         """One-hot features over ``targets``."""
         return cls.build(ONEHOT, targets)
+
+
+def untrained(labels: Sequence[str], trained: Sequence[str], control: str) -> list[str]:
+    """The labels (the control aside) with a target that none of the ``trained`` labels has: under
+    one-hot features, their columns are never taught (a validation-only target's, say)."""
+    learned = {t for p in trained for t in split_combo(str(p))}
+    return [str(p) for p in labels if str(p) != control and not set(split_combo(str(p))) <= learned]
+
+
+def warn_untrained_validation(features: PertFeatures, labels: Sequence[str], trained: Sequence[str], control: str) -> None:
+    """Warn that one-hot features give the validation-only targets columns that never learn."""
+    found = sorted(set(untrained(labels, trained, control))) if features.is_onehot else []
+    if found:
+        log.warning("one-hot features: %d validation perturbation(s) (%s) have targets no training cell has, whose columns "
+                    "never learn: their val_loss (and the best/ checkpoint it picks) measures untrained columns; validate "
+                    "on held-out contexts, or give --pert-features FILE (a gene table)", len(found), preview(found, 3))

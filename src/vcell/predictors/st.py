@@ -30,7 +30,7 @@ from vcell.data.rows import MemoryRows
 from vcell.data.spec import DataSpec, split_combo
 from vcell.data.splits import Split
 from vcell.errors import VcellError, preview
-from vcell.features.perturbations import PertFeatures
+from vcell.features.perturbations import PertFeatures, untrained
 from vcell.nn.checkpoint import BEST, LAST, find_checkpoint
 from vcell.nn.precision import autocast, half_dtype
 from vcell.nn.transition import StateTransition, STConfig
@@ -263,9 +263,17 @@ class STPredictor(Predictor):
         return controls[:, genes].copy()
 
     def check_perturbations(self, perturbations: Sequence[str]) -> None:
-        """Every target of every perturbation must have a vector in the model's perturbation features."""
+        """Every target of every perturbation must have a vector in the model's perturbation features
+        (with one-hot features alone, a vector that training cells taught: a validation-only
+        target's column never learned)."""
         self._require_fitted()
-        self.features.check([str(p) for p in perturbations], self.meta["control"], what="unknown perturbation")
+        control = self.meta["control"]
+        self.features.check([str(p) for p in perturbations], control, what="unknown perturbation")
+        if self.features.is_onehot and "trained_perturbations" in self.meta:
+            if found := untrained(perturbations, self.meta["trained_perturbations"], control):
+                raise VcellError(f"perturbation {found[0]!r} has a one-hot column but no training cell (a validation "
+                                 "perturbation): the column never learned; a one-hot model predicts the targets it was trained "
+                                 "on; train with --pert-features FILE (pert_features=FILE) for others")
 
     def _device(self) -> torch.device:
         return torch.device("cpu") if on_cpu(self.options.accelerator) or not torch.cuda.is_available() else torch.device("cuda")

@@ -33,7 +33,7 @@ from vcell.data.rows import row_source
 from vcell.data.spec import split_combo
 from vcell.data.splits import Split
 from vcell.errors import VcellError
-from vcell.features.perturbations import PertFeatures
+from vcell.features.perturbations import PertFeatures, warn_untrained_validation
 from vcell.nn.checkpoint import read_config
 from vcell.nn.transition import StateTransition, STConfig
 from vcell.train.checkpoint import ResumableModule
@@ -391,12 +391,14 @@ def build_module(
     if cfg.input_dim != width:
         what = "genes" if embed_key is None else f"embedding dimensions in .obsm[{embed_key!r}]"
         raise VcellError(f"ST config: input_dim is {cfg.input_dim} but the data has {width} {what}")
+    trained = [p for p in trained_labels(data, split, ("train",)) if p != spec.control]  # `--perturbations all`
+    warn_untrained_validation(features, labels, trained, spec.control)
     meta = {
         "genes": [str(g) for g in data.adata.var_names],
         "columns": {"pert_col": spec.pert_col, "control": spec.control, "context_col": spec.context_col, "batch_col": spec.batch_col},
         "seed": int(seed),
         "embed_key": embed_key,
-        "trained_perturbations": [p for p in trained_labels(data, split, ("train",)) if p != spec.control],  # `--perturbations all`
+        "trained_perturbations": trained,
     }
     return STModule(cfg, index.perts, vocab, spec.control, lr=lr, meta=meta, features=features)
 
