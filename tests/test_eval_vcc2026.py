@@ -646,6 +646,8 @@ def test_python_api_gives_the_commands_numbers(tmp_path):
         vcell.score_2026(agg, scale)
     loose = vcell.score_2026(agg, scale, strict=False).set_index("metric")
     assert np.isnan(loose.loc["pds_cosine", "score"]) and np.isfinite(loose.loc["avg_score", "score"])
+    with pytest.raises(VcellError, match=r"agg: the agg_results DataFrame .* got tuple"):
+        vcell.score_2026((res, agg), scale)
 
 
 def test_tiny_pair_accepted(tiny, tmp_path):
@@ -1024,6 +1026,9 @@ def test_eval_score_refuses_a_scale_built_from_another_reference(sim_vcell, tmp_
     assert proc.returncode == 2, proc.stderr[-1500:]
     assert f"1 only in the run ('{dropped}')" in error_line(proc) and "results.csv: scored on" in error_line(proc)
     assert not (tmp_path / "score.csv").exists()
+    proc = run_cli("eval", "score", "--profile", "vcc2026", "--user", sim_vcell["honest"], "--baseline",
+                   scale / "baseline_agg_results.csv", "--out", tmp_path / "score.csv")
+    assert proc.returncode == 2 and "a file; --baseline takes the folder" in error_line(proc), proc.stderr[-1500:]
 
 
 def test_eval_baseline_names_a_degenerate_scale_that_score_will_refuse(tmp_path):

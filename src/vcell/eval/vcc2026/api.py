@@ -8,6 +8,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from vcell.errors import VcellError
 from vcell.eval.vcc2026.anchor import BASE_SEED, N_SPLITS
 from vcell.eval.vcc2026.baseline import BASELINE_SEED
 from vcell.eval.vcc2026.evaluate import evaluate_cells
@@ -118,6 +119,9 @@ def score_2026(agg: pd.DataFrame, scale: ContextScale, strict: bool = True) -> p
     pandas.DataFrame
         One row per metric (value, baseline, replicate, from_baseline, score), then ``avg_score``.
     """
+    if not isinstance(agg, pd.DataFrame):
+        raise VcellError(f"agg: the agg_results DataFrame (evaluate_2026 returns the pair (results, agg_results)), "
+                         f"got {type(agg).__name__}")
     b, r = scale.ends()
     table = score_context(agg_means(agg), b, r, strict=strict)
     table.insert(0, "context", np.full(len(table), "", dtype=object))

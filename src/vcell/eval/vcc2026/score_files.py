@@ -73,6 +73,9 @@ def score(user, scale_dir, out=None, overwrite: bool = False) -> pd.DataFrame:
     if not user.exists():
         raise VcellError(f"{user}: not found")
     users = _context_dirs(user, "agg_results.csv") if user.is_dir() else {"": user}
+    if scale_dir.is_file():
+        raise VcellError(f"{scale_dir}: a file; --baseline takes the folder `vcell eval baseline --profile vcc2026` wrote "
+                         f"({scale_dir.parent})")
     ends = _context_dirs(scale_dir, "baseline_agg_results.csv")
     missing = sorted(set(users) - set(ends))
     if missing:
