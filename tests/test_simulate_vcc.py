@@ -138,13 +138,18 @@ def test_bad_sizes_are_one_line_errors(tmp_path, kwargs, words):
 def test_cli_writes_checks_and_refuses_to_replace(tmp_path):
     out = tmp_path / "vcc.h5ad"
     sizes = ["--n-cells", "1500", "--n-genes", "300", "--n-perturbations", "12", "--n-controls", "200", "--seed", "3"]
-    made, again, check, no_preset, combos = run_cli_batch([
+    made, again, check, no_preset, combos, scaled = run_cli_batch([
         ["data", "simulate", out, "--preset", "vcc", *sizes],
         ["data", "simulate", out, "--preset", "vcc", *sizes],
         ["data", "check", out, "--batch-col", "gem_group"],
         ["data", "simulate", tmp_path / "y.h5ad", "--n-cells", "100"],
         ["data", "simulate", tmp_path / "z.h5ad", "--preset", "vcc", "--n-combinations", "2"],
+        # a smaller challenge: the controls keep their share (12.7%), not their full-size count (it was refused)
+        ["data", "simulate", tmp_path / "small.h5ad", "--preset", "vcc", "--n-cells", "3000", "--n-genes", "200",
+         "--n-perturbations", "12"],
     ])
+    assert scaled.returncode == 0 and "+ 380 controls" in scaled.stdout, scaled.stderr[-1500:]
+    (tmp_path / "small.h5ad").unlink()
     assert made.returncode == 0, made.stderr
     assert "1,500 cells x 300 genes, 12 perturbations (6 train / 2 val / 4 test) + 200 controls" in made.stdout
     assert "already exists" in error_line(again) and "--overwrite" in error_line(again)

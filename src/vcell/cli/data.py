@@ -265,7 +265,7 @@ def simulate_cmd(
     n_combinations: Annotated[int | None, typer.Option(help="Two-gene combinations (A+B) (default: 10; vcc: none).")] = None,
     cells_per_perturbation: Annotated[int | None, typer.Option(help="Cells per perturbation and context (default: 100; "
                                                                "vcc: from --n-cells, ~870).")] = None,
-    n_controls: Annotated[int | None, typer.Option(help="Control cells per context (default: 600; vcc: 38,000 in all).")] = None,
+    n_controls: Annotated[int | None, typer.Option(help="Control cells per context (default: 600; vcc: 38,000 in all, 12.7% of --n-cells when given).")] = None,
     n_batches: Annotated[int | None, typer.Option(help="Batches (obs 'gem_group') (default: 2; vcc: 8).")] = None,
     umi_per_cell: Annotated[float | None, typer.Option(help="Median UMIs per cell (vcc: 20,000; --preset only).")] = None,
     threads: Annotated[int | None, typer.Option(help="Threads drawing cells (default: all CPUs; --preset only); the file does not depend on it.")] = None,
@@ -317,6 +317,8 @@ def simulate_cmd(
         opts["n_cells"] = opts["n_controls"] + cells_per_perturbation * opts["n_perturbations"] * opts["n_contexts"]
     elif n_cells is not None:
         opts["n_cells"] = n_cells
+        if n_controls is None:  # the challenge's share of controls (38,000 of 300,000), not its count
+            opts["n_controls"] = max(opts["n_contexts"], round(VCC_PRESET["n_controls"] * n_cells / VCC_PRESET["n_cells"]))
     check_output_path(output, overwrite=overwrite)
     t0 = time.perf_counter()
     with task("simulating", total=opts["n_cells"], unit="cells") as line:
