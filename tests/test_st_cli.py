@@ -208,6 +208,17 @@ def test_predict_counts_output_is_a_2026_submission(trained, tmp_path):
     assert (meta["model_space"], meta["expression"], meta["library_size"], meta["seed"]) == ("log1p", "counts", "controls", 4)
     prepare_submission_2026(out, tmp_path / "sub.h5ad", genes=list(pred.var_names))
 
+    # the challenge's pert_counts.csv (its control row too): those perturbations, as many cells each as it lists
+    perts = sorted(set(pred.obs["target_gene"].astype(str)))[:2]
+    listed = tmp_path / "pert_counts.csv"
+    listed.write_text("target_gene,n_cells\n" + f"{perts[0]},7\n{perts[1]},3\nnon-targeting,50\n")
+    proc = run_cli("predict", "--model", run, "--data", data, "--context", "ctx_B", "--output", "counts", "--perturbations", listed,
+                   "--out", tmp_path / "listed.h5ad")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = ad.read_h5ad(tmp_path / "listed.h5ad").obs["target_gene"].astype(str).value_counts().to_dict()
+    assert counts == {perts[0]: 7, perts[1]: 3}
+    prepare_submission_2026(tmp_path / "listed.h5ad", tmp_path / "listed_sub.h5ad", genes=list(pred.var_names), perturbations=listed)
+
 
 def test_predict_all_genes_writes_a_full_submission_from_a_gene_subset_model(trained, tmp_path):
     """`vcell predict --all-genes RAW --output counts`: the model's 50 genes drawn, the 10 genes it never saw

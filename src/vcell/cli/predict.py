@@ -19,8 +19,8 @@ def predict(
     data: Annotated[Path, typer.Option("--data", help="log1p .h5ad holding the context's control cells.")],
     context: Annotated[str, typer.Option("--context", help="Context to predict (its control cells are the input); DATASET.CONTEXT, as `vcell data split` names it, works too.")],
     out: Annotated[Path, typer.Option("--out", help="Predicted cells (.h5ad): log1p with the real controls appended, or counts (--output counts).")],
-    perturbations: Annotated[str, typer.Option("--perturbations", help="'data' (those with cells of the context in DATA, as many cells as observed: ready to score against them), 'all' (every one the model was trained on) or A,B,...")] = "data",
-    cells_per_pert: Annotated[int | None, typer.Option("--cells-per-pert", help="Cells per perturbation; default: as many as observed ('data'), else 100.")] = None,
+    perturbations: Annotated[str, typer.Option("--perturbations", help="'data' (those with cells of the context in DATA, as many cells as observed: ready to score against them), 'all' (every one the model was trained on), A,B,... or a CSV with a header (the challenge's pert_counts.csv: names, then cells each; its control row skipped)")] = "data",
+    cells_per_pert: Annotated[int | None, typer.Option("--cells-per-pert", help="Cells per perturbation; default: as many as observed ('data') or listed (a CSV's second column), else 100.")] = None,
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="In a run folder: best (else last) or last.")] = "best",
     set_size: Annotated[int, typer.Option("--set-size", help="Largest cell set fed to the model.")] = DEFAULT_SET_SIZE,
     pert_col: Annotated[str | None, typer.Option("--pert-col", help="obs column with the perturbation; default: the model's.")] = None,
@@ -39,6 +39,7 @@ def predict(
     """Predict perturbed cells of CONTEXT from its real control cells with a trained ST model (log1p, or raw counts with --output counts)."""
     from vcell.data.dataset import load_dataset, missing_obsm_error
     from vcell.data.io import check_output_path
+    from vcell.data.perturbation_lists import LIST_FILES, read_label_file
     from vcell.predictors.counts import parse_depth, parse_output
     from vcell.predictors.predict import check_log1p_out, write_prediction
     from vcell.predictors.st import STPredictor
@@ -72,7 +73,17 @@ def predict(
     if key is not None and key not in dataset.adata.obsm:
         raise missing_obsm_error(data, key, dataset.adata.obsm.keys())
     which = perturbations.strip()
-    if which.lower() not in ("all", "data"):
+    if "," not in which and which.lower().endswith(LIST_FILES):  # the challenge's pert_counts.csv: labels and cells each
+        from vcell.eval.vcc2026.submission import read_perturbation_table
+
+        listed = (read_perturbation_table(which) if which.lower().endswith(".csv")
+                  else dict.fromkeys(read_label_file(which, "--perturbations")))
+        listed = {k: v for k, v in listed.items() if k != spec.control}
+        which = list(listed)
+        if cells_per_pert is None and all(n is not None for n in listed.values()):
+            cells_per_pert = {k: int(n) for k, n in listed.items()}
+        predictor.check_perturbations(which)
+    elif which.lower() not in ("all", "data"):
         which = [p.strip() for p in perturbations.split(",") if p.strip()]
         predictor.check_perturbations(which)
     # written piece by piece (memory does not grow with the cells predicted); shows the sets done;
