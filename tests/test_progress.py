@@ -347,3 +347,16 @@ def test_progress_is_on_by_default_in_an_interactive_session_only(monkeypatch):
     from rich.console import Console
 
     assert display.on_terminal(Console(force_jupyter=True)) and not display.on_terminal(Console(file=io.StringIO()))
+
+
+def test_the_summary_says_when_no_validation_ran(tmp_path):
+    """A run with validation cells that stopped before its first validation (the end of an epoch) has
+    no best/: the summary says so (predict then used last/ without a word)."""
+    from vcell.train.progress import RunSummary
+
+    (tmp_path / "last").mkdir()
+    short = RunSummary("st", tmp_path, 0, 60, 60, 48.0, 7680.0, validation_every=97)
+    assert "no validation ran yet (one at the end of each epoch, every 97 steps): no best/ (predict uses last/)" in short.line()
+    assert "validation" not in RunSummary("st", tmp_path, 0, 60, 60, 48.0, 7680.0).line()  # no validation cells: nothing to say
+    (tmp_path / "best").mkdir()
+    assert "no validation ran" not in short.line()

@@ -62,6 +62,7 @@ class RunSummary:
     cells: float
     best_loss: float | None = None
     interrupted: bool = False
+    validation_every: int | None = None  # steps between validations (an epoch), when the run validates
 
     @property
     def cells_per_s(self) -> float:
@@ -80,7 +81,21 @@ class RunSummary:
             step = checkpoint_step(best)
             parts += [f"at step {step}"] if step is not None else []
             text += f", best: {best}" + (f" ({' '.join(parts)})" if parts else "")
+        elif self.validation_every:
+            text += (f"; no validation ran yet (one at the end of each epoch, every {self.validation_every:,} steps): "
+                     "no best/ (predict uses last/)")
         return text
+
+
+def _validation_every(trainer) -> int | None:
+    """Steps between validations (one epoch of training batches) when the run validates, else ``None``."""
+    try:
+        if not trainer.limit_val_batches or not trainer.val_dataloaders:
+            return None
+        steps = int(trainer.num_training_batches)
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return None
+    return steps if steps > 0 else None
 
 
 def last_run() -> RunSummary | None:
@@ -186,7 +201,7 @@ class TrainProgress(Callback):
         _LAST_RUN["summary"] = RunSummary(
             self.kind, self.out_dir, self._start_step, trainer.global_step, self._max_steps,
             time.perf_counter() - self._t0, float(self._cells) * self._world,
-            getattr(self.checkpoints, "best", None), interrupted,
+            getattr(self.checkpoints, "best", None), interrupted, _validation_every(trainer),
         )
 
     def request_stop(self) -> None:
