@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from typing import Annotated
 
 import typer
@@ -34,8 +36,22 @@ class HelpGroup(TyperGroup):
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
 
-console = Console()
-err_console = Console(stderr=True)
+#: Width of output to a pipe or a file (a log has no width; 80 columns cropped the last column of wide tables).
+LOG_WIDTH = 160
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console on stdout (or stderr): the terminal's width, or COLUMNS, or :data:`LOG_WIDTH` in a pipe or file."""
+    stream = sys.stderr if stderr else sys.stdout
+    try:
+        piped = not stream.isatty()
+    except (AttributeError, ValueError):
+        piped = True
+    return Console(stderr=stderr, width=LOG_WIDTH if piped and "COLUMNS" not in os.environ else None)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 PertCol = Annotated[str, typer.Option("--pert-col", help="obs column with the perturbation label.")]
 Control = Annotated[str, typer.Option("--control", help="Label of control cells in the perturbation column.")]
@@ -172,8 +188,8 @@ TyperOption.display_type_rich = _flag_type(TyperOption.display_type_rich)
 
 
 def table(df, title: str | None = None) -> Table:
-    """A rich table of a pandas DataFrame. Names are not cut: on a narrow terminal or in a log (80
-    columns) numeric columns' headers wrap, and, if still too wide, text columns after the first."""
+    """A rich table of a pandas DataFrame. Names are not cut: on a narrow terminal (or COLUMNS=80)
+    numeric columns' headers wrap, and, if still too wide, text columns after the first."""
     from rich import box
 
     t = Table(title=title, show_lines=False, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)

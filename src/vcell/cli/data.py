@@ -146,7 +146,9 @@ def preprocess_cmd(
     if "n_target_genes_kept" in s and s["n_top_genes"] >= s["n_genes_before"]:
         what.append(f"all genes kept (--n-top-genes {s['n_top_genes']:,})")
     elif "n_target_genes_kept" in s:
-        what.append(f"{s['n_top_genes']:,} highly variable genes + {s['n_target_genes_kept']:,} target genes kept"
+        extra = max(0, s["n_genes_after"] - s["n_top_genes"])  # targets that were not among the highly variable genes
+        what.append(f"{s['n_top_genes']:,} highly variable genes + {extra:,} target genes not among them "
+                    f"({s['n_target_genes_kept']:,} targets kept in all)"
                     if subset_hvg else "highly variable genes flagged in var['highly_variable']")
     if "n_cells_dropped_qc" in s:
         what.append(f"knockdown QC dropped {s['n_perturbations_dropped_qc']:,} perturbation(s), {s['n_cells_dropped_qc']:,} cells")

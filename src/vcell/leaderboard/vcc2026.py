@@ -175,7 +175,8 @@ def _score_2026(pred: ad.AnnData, scale, spec: DataSpec, threads: int, seed: int
     from vcell.predictors.counts import to_counts
 
     context_scale, control_totals = scale
-    counts = to_counts(pred, control_totals, depth="controls", seed=seed, pert_col=spec.pert_col, control=spec.control)
+    counts = to_counts(pred, control_totals, depth="controls", seed=seed, pert_col=spec.pert_col, control=spec.control,
+                       totals_source="the held-out context's control cells' raw counts")
     labels, order = labels_of(counts.obs, spec.pert_col, "the prediction")
     cells = CountsCells(sp.csr_matrix(counts.X), labels, counts.var_names.copy(), "the prediction as counts", [g for g in order if g != spec.control])
     values, ratio = evaluate_cells(context_scale.ref, cells, threads, strict=False)

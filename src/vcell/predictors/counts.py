@@ -229,6 +229,7 @@ def to_counts(
     control: str = "non-targeting",
     model_space: str = "log1p",
     model=None,
+    totals_source: str = "library sizes given",
 ) -> ad.AnnData:
     """A log1p prediction's predicted cells as integral raw counts (module docstring: the rules).
 
@@ -249,6 +250,8 @@ def to_counts(
         The perturbation column and the control label.
     model_space
         The space the model predicted in (recorded; only log1p can be converted).
+    totals_source : str
+        Where a Series of library sizes given as ``controls`` came from (recorded in ``uns`` and logged).
     model : Predictor, optional
         The model that made ``pred``: counts are drawn from its
         :meth:`~vcell.predictors.base.Predictor.counts_basis` (``cell_mean``'s mean composition
@@ -266,7 +269,8 @@ def to_counts(
     if isinstance(meta, Mapping) and meta.get("output") == "counts":
         raise VcellError("the prediction is counts already (uns['vcell']['output'] == 'counts'); to_counts draws counts from log1p")
     n = int((pred.obs[pert_col].astype(str).to_numpy() != str(control)).sum())
-    draw = CountsDraw(controls, n, depth=depth, seed=seed, pert_col=pert_col, control=control, model_space=model_space, genes=pred.var_names)
+    draw = CountsDraw(controls, n, depth=depth, seed=seed, pert_col=pert_col, control=control, model_space=model_space, genes=pred.var_names,
+                      totals_source=totals_source)
     if model is not None:
         predicted = np.zeros(pred.n_obs, dtype=bool)
         predicted[draw.predicted_rows(pred)] = True
