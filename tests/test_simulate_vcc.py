@@ -156,3 +156,26 @@ def test_cli_writes_checks_and_refuses_to_replace(tmp_path):
     assert check.returncode == 0 and "no problems found" in check.stdout and "counts" in check.stdout, check.stdout
     assert "--n-cells" in error_line(no_preset) and "--n-combinations" in error_line(combos)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vcc.h5ad"]
+
+
+def test_split_takes_the_roles_the_simulator_recorded(tmp_path):
+    """`data split --simulated-roles`: the test perturbations held out and the val ones validating, as
+    uns['simulation']['roles'] lists them (a user had to extract them in Python); a file without
+    them, or with --holdout-perturbations too, is one line."""
+    import anndata as ad
+
+    from vcell.data.splits import read_split_toml
+
+    out = tmp_path / "vcc.h5ad"
+    made, split, none = run_cli_batch([
+        ["data", "simulate", out, "--preset", "vcc", "--n-cells", "1500", "--n-genes", "300", "--n-perturbations", "12",
+         "--n-controls", "200"],
+        ["data", "split", out, "--simulated-roles", "--batch-col", "gem_group", "--out", tmp_path / "split.toml"],
+        ["data", "split", out, "--simulated-roles", "--holdout-perturbations", "0.2"],
+    ])
+    assert made.returncode == 0 and split.returncode == 0, split.stderr[-1500:]
+    roles = ad.read_h5ad(out, backed="r").uns["simulation"]["roles"]
+    cfg = read_split_toml(tmp_path / "split.toml")
+    assert sorted(cfg.holdout_perturbations) == sorted(map(str, roles["test"]))
+    assert sorted(cfg.val_perturbations) == sorted(map(str, roles["val"]))
+    assert "--simulated-roles gives the held-out" in error_line(none)

@@ -156,6 +156,17 @@ def preprocess_cmd(
                   f"-> {s['n_cells_after']:,} cells x {s['n_genes_after']:,} genes ({'; '.join(what)})", highlight=False, soft_wrap=True)
 
 
+def _simulated_roles(uns, file: Path) -> tuple[str, str | None]:
+    """The test and val perturbations ``vcell data simulate --preset vcc`` recorded, as comma lists."""
+    sim = uns.get("simulation", {})
+    roles = sim.get("roles") if hasattr(sim, "get") else None
+    if not roles or "test" not in roles:
+        raise VcellError(f"{file}: no uns['simulation']['roles'] (a file `vcell data simulate --preset vcc` wrote, or its "
+                         "preprocessed copy); give --holdout-perturbations")
+    test, val = ([str(p) for p in roles.get(k, [])] for k in ("test", "val"))
+    return ",".join(test), (",".join(val) or None)
+
+
 @app.command("split")
 def split_cmd(
     file: Annotated[Path, typer.Argument(help="The .h5ad dataset.")],
@@ -174,6 +185,7 @@ def split_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Write the split as a TOML file.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     allow_missing_controls: AllowMissingControls = False,
+    simulated_roles: Annotated[bool, typer.Option("--simulated-roles", help="Hold out the test perturbations and validate on the val ones that `vcell data simulate --preset vcc` recorded (uns['simulation']['roles']; kept by preprocess).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: draws the --holdout-perturbations/--val-perturbations fractions and the cell sets; the same seed gives the same split.")] = 0,
 ) -> None:
     """Apply a split (TOML, or --holdout-context and/or --holdout-perturbations) and print cells and cell sets per context and role."""
@@ -182,11 +194,16 @@ def split_cmd(
     from vcell.data.io import atomic_path, check_output_path
     from vcell.data.splits import ROLES, apply_split
 
-    check_split_options(split, holdout_context, holdout_perturbations, val_perturbations, val_context)
+    if simulated_roles and (split is not None or holdout_perturbations is not None or val_perturbations is not None):
+        raise VcellError("--simulated-roles gives the held-out and validation perturbations: not with --split, "
+                         "--holdout-perturbations or --val-perturbations")
+    check_split_options(split, holdout_context, holdout_perturbations, val_perturbations, val_context, required=not simulated_roles)
     if out is not None:
         check_output_path(out, [file, *([split] if split else [])], overwrite=overwrite)
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
     data = load_dataset(file, spec, backed=True, dataset_col=dataset_col, require_context_controls=not allow_missing_controls)
+    if simulated_roles:
+        holdout_perturbations, val_perturbations = _simulated_roles(data.adata.uns, file)
     cfg = split_config(data.index, split, holdout_context, holdout_perturbations, seed, val_context, val_perturbations)
     result = apply_split(data.index, cfg)
     console.print(table(split_view(result.summary(data.index)), title=f"split of {file} ({cfg.source})"))
