@@ -156,17 +156,6 @@ def preprocess_cmd(
                   f"-> {s['n_cells_after']:,} cells x {s['n_genes_after']:,} genes ({'; '.join(what)})", highlight=False, soft_wrap=True)
 
 
-def _simulated_roles(uns, file: Path) -> tuple[str, str | None]:
-    """The test and val perturbations ``vcell data simulate --preset vcc`` recorded, as comma lists."""
-    sim = uns.get("simulation", {})
-    roles = sim.get("roles") if hasattr(sim, "get") else None
-    if not roles or "test" not in roles:
-        raise VcellError(f"{file}: no uns['simulation']['roles'] (a file `vcell data simulate --preset vcc` wrote, or its "
-                         "preprocessed copy); give --holdout-perturbations")
-    test, val = ([str(p) for p in roles.get(k, [])] for k in ("test", "val"))
-    return ",".join(test), (",".join(val) or None)
-
-
 @app.command("split")
 def split_cmd(
     file: Annotated[Path, typer.Argument(help="The .h5ad dataset.")],
@@ -203,7 +192,10 @@ def split_cmd(
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
     data = load_dataset(file, spec, backed=True, dataset_col=dataset_col, require_context_controls=not allow_missing_controls)
     if simulated_roles:
-        holdout_perturbations, val_perturbations = _simulated_roles(data.adata.uns, file)
+        from vcell.data.simulate_vcc import simulated_roles
+
+        roles = simulated_roles(data.adata.uns, file)
+        holdout_perturbations, val_perturbations = ",".join(roles["test"]), ",".join(roles["val"]) or None
     cfg = split_config(data.index, split, holdout_context, holdout_perturbations, seed, val_context, val_perturbations)
     result = apply_split(data.index, cfg)
     console.print(table(split_view(result.summary(data.index)), title=f"split of {file} ({cfg.source})"))

@@ -39,7 +39,7 @@ def predict(
     """Predict perturbed cells of CONTEXT from its real control cells with a trained ST model (log1p, or raw counts with --output counts)."""
     from vcell.data.dataset import load_dataset, missing_obsm_error
     from vcell.data.io import check_output_path
-    from vcell.data.perturbation_lists import LIST_FILES, read_label_file
+    from vcell.data.perturbation_lists import LIST_FILES, read_label_file, read_perturbation_table
     from vcell.predictors.counts import parse_depth, parse_output
     from vcell.predictors.predict import check_log1p_out, write_prediction
     from vcell.predictors.st import STPredictor
@@ -74,8 +74,6 @@ def predict(
         raise missing_obsm_error(data, key, dataset.adata.obsm.keys())
     which = perturbations.strip()
     if "," not in which and which.lower().endswith(LIST_FILES):  # the challenge's pert_counts.csv: labels and cells each
-        from vcell.eval.vcc2026.submission import read_perturbation_table
-
         listed = (read_perturbation_table(which) if which.lower().endswith(".csv")
                   else dict.fromkeys(read_label_file(which, "--perturbations")))
         listed = {k: v for k, v in listed.items() if k != spec.control}

@@ -1,4 +1,5 @@
-"""Which perturbations a command names: a fraction to draw, a list of labels, or a file of them.
+"""Which perturbations a command names: a fraction to draw, a list of labels, or a file of them
+(:func:`read_perturbation_table`: with each one's number of cells, as the challenge lists them).
 
 ``--holdout-perturbations`` and ``--val-perturbations`` take ``FRACTION|LIST|FILE``
 (:func:`parse_perturbations`); :mod:`vcell.data.splits` draws or checks the labels.
@@ -67,3 +68,27 @@ def parse_perturbations(text: str, option: str = "--holdout-perturbations") -> f
     if not 0 < fraction < 1:
         raise VcellError(f"{option} {text}: a fraction must be between 0 and 1 (exclusive); or give perturbation labels")
     return fraction
+
+
+def read_perturbation_table(path: str | os.PathLike) -> dict[str, int | None]:
+    """Perturbations to predict (first column of a CSV with a header, as the challenge's
+    ``pert_counts.csv``) and, when there is a second column, their cell counts."""
+    p = Path(path)
+    if not p.is_file():
+        raise VcellError(f"{p}: perturbation list not found")
+    table = pd.read_csv(p, dtype=str, keep_default_na=False)
+    if table.shape[1] == 0 or len(table) == 0:
+        raise VcellError(f"{p}: the perturbation list is empty")
+    out: dict[str, int | None] = {}
+    for i, row in enumerate(table.itertuples(index=False), start=2):
+        name = row[0]
+        if name in out:
+            raise VcellError(f"{p}: perturbation {name!r} is listed twice (line {i})")
+        count = None
+        if table.shape[1] > 1:
+            try:
+                count = int(row[1])
+            except ValueError:
+                raise VcellError(f"{p}: line {i}: cell count {row[1]!r} of {name!r} is not an integer") from None
+        out[name] = count
+    return out

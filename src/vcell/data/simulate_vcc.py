@@ -394,3 +394,14 @@ def _uns(model: _Model, params: dict) -> dict:
         "theta": model.theta.astype(np.float32),
     }
     return {"simulation": truth, "vcell": {"expression": "counts"}}
+
+
+def simulated_roles(uns, where) -> dict[str, list[str]]:
+    """The perturbation labels of each role (``train``/``val``/``test``) that :func:`write_vcc_simulation`
+    recorded in ``uns["simulation"]["roles"]`` (kept by ``vcell data preprocess``)."""
+    sim = uns.get("simulation", {})
+    roles = sim.get("roles") if hasattr(sim, "get") else None
+    if not roles or "test" not in roles:
+        raise VcellError(f"{where}: no uns['simulation']['roles'] (a file `vcell data simulate --preset vcc` wrote, or its "
+                         "preprocessed copy); give --holdout-perturbations")
+    return {role: [str(p) for p in roles.get(role, [])] for role in ("train", "val", "test")}

@@ -79,11 +79,9 @@ def prepare_data(
     ``datasets`` keeps only the cells whose ``dataset_col`` value is listed. ``keep_counts``
     keeps the raw counts in ``layers["counts"]`` (and requires counts).
     """
-    if isinstance(path, ad.AnnData):
-        adata, path = path.copy(), Path(IN_MEMORY)  # the caller's object is left as it is
-    else:
-        path = Path(path)
-        adata = read_h5ad(path)
+    in_memory = isinstance(path, ad.AnnData)
+    adata = path.copy() if in_memory else read_h5ad(path)  # the caller's object is left as it is
+    path = Path(IN_MEMORY if in_memory else path)  # names the data in messages
     if datasets:
         if not dataset_col or dataset_col not in adata.obs.columns:
             raise VcellError(f"{path}: --dataset needs the dataset column {dataset_col!r} in .obs")
@@ -106,7 +104,6 @@ def prepare_data(
         adata.X = sp.csr_matrix(adata.X, dtype=np.float32) if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float32)
     spec = spec.with_(expression="log1p")
     adata.uns["vcell"] = {"expression": "log1p"}
-    in_memory = str(path) == IN_MEMORY
     data = from_anndata(adata, spec, dataset_col, "data" if in_memory else path.stem,
                         require_context_controls=not allow_missing_controls, path=None if in_memory else path)
     data.path = None if in_memory else path
@@ -319,7 +316,8 @@ def run_bench(
 
     t0 = time.perf_counter()
     out = Path(out)
-    check_output_dir(out, list(BENCH_OUTPUTS), [] if isinstance(data_path, ad.AnnData) else [data_path], overwrite=overwrite)
+    source = IN_MEMORY if isinstance(data_path, ad.AnnData) else str(Path(data_path).resolve())  # bench.json's "data"
+    check_output_dir(out, list(BENCH_OUTPUTS), [] if source == IN_MEMORY else [data_path], overwrite=overwrite)
     models = list(dict.fromkeys(models))
     user_models = set(models)  # the models make_model builds: the options recorded are theirs
     if BASELINE_MODEL not in models:
@@ -334,7 +332,7 @@ def run_bench(
     say = progress or (lambda text: None)
     with_2026 = profile == "vcc2026"
     scored_profile = "vcc" if with_2026 else profile  # vcc2026: the 2025 score beside the 2026 one
-    say(f"reading {IN_MEMORY if isinstance(data_path, ad.AnnData) else data_path}")
+    say(f"reading {source}")
     data = prepare_data(data_path, spec, dataset_col, allow_missing_controls, datasets, keep_counts=with_2026)
     spec = data.spec
     folds = make_folds(data, split_file, holdout, holdout_perturbations, seed)
@@ -380,8 +378,7 @@ def run_bench(
                     aggs[(name, ctx)] = result.agg
                     if bench_2026 is not None:
                         t = time.perf_counter()
-                        scores_2026[(name, ctx)] = bench_2026.score(fold.name, name, ctx, model.counts_basis(raw, _predicted(raw, spec)),
-                                                                    stage / "eval" / run_slug / "vcc2026")
+                        scores_2026[(name, ctx)] = bench_2026.score(fold.name, name, ctx, raw, stage / "eval" / run_slug / "vcc2026", model)
                         timings[f"vcc2026 {name} {ctx}"] = time.perf_counter() - t
                     runs.append({"model": name, "context": ctx, "fold": fold.name, "slug": run_slug,
                                  "prediction": f"predictions/{run_slug}.h5ad", "eval_dir": f"eval/{run_slug}"})
@@ -397,7 +394,7 @@ def run_bench(
         if folds[0].config.holdout_perturbations and split_file is None:
             held.append("perturbations " + ", ".join(folds[0].config.holdout_perturbations))
         meta = {
-            "data": IN_MEMORY if isinstance(data_path, ad.AnnData) else str(Path(data_path).resolve()), "out": str(out.resolve()), "pert_col": spec.pert_col, "control": spec.control,
+            "data": source, "out": str(out.resolve()), "pert_col": spec.pert_col, "control": spec.control,
             "context_col": spec.context_col, "models": models, "contexts": [c for f in folds for c in f.contexts],
             "model_options": {m: dict((model_options or {}).get(m, {})) if m in user_models else {} for m in models},
             "folds": [{**fold_record(data, f), "split": f.config.to_toml()} for f in folds],
@@ -416,11 +413,6 @@ def run_bench(
             build_report(stage)
     timings["total"] = time.perf_counter() - t0
     return BenchResult(board, out, runs, timings)
-
-
-def _predicted(pred: ad.AnnData, spec: DataSpec) -> np.ndarray:
-    """The mask of a prediction's predicted (not control) rows."""
-    return (pred.obs[spec.pert_col].astype(str) != str(spec.control)).to_numpy()
 
 
 def _check_unseen_targets(data: PerturbationData, folds: list[Fold], models: dict[str, Predictor]) -> None:

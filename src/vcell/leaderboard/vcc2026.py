@@ -58,14 +58,14 @@ class Bench2026:
             self._said.add(rule["rule"])
             log.info("vcc2026 target genes (%s): %s", where, rule_note(rule))
 
-    def score(self, fold: str, model: str, context: str, pred: ad.AnnData, folder: Path) -> dict[str, float]:
-        """Score one log1p prediction (the cells counts are drawn from: the model's
-        :meth:`~vcell.predictors.base.Predictor.counts_basis`) on its context's scale (files in
-        ``folder``): the leaderboard columns.
+    def score(self, fold: str, model: str, context: str, pred: ad.AnnData, folder: Path, predictor=None) -> dict[str, float]:
+        """Score one log1p prediction (``predictor``'s, whose
+        :meth:`~vcell.predictors.base.Predictor.counts_basis` the counts are drawn from) on its
+        context's scale (files in ``folder``): the leaderboard columns.
 
         A metric beyond the replicate anchor is warned about and recorded (:attr:`beyond`).
         """
-        cols, table = _score_2026(pred, self.scales[(fold, context)], self.spec, self.threads, self.seed, folder)
+        cols, table = _score_2026(pred, self.scales[(fold, context)], self.spec, self.threads, self.seed, folder, predictor)
         found = beyond_replicate(table)
         if found:
             log.warning("fold %s, %s: %s", fold, context, beyond_note(model, found))
@@ -164,7 +164,8 @@ def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folde
     return scale, pd.Series(cells.totals[rows], index=real.obs_names[rows].astype(str)), caveats, rule
 
 
-def _score_2026(pred: ad.AnnData, scale, spec: DataSpec, threads: int, seed: int, folder: Path) -> tuple[dict[str, float], pd.DataFrame]:
+def _score_2026(pred: ad.AnnData, scale, spec: DataSpec, threads: int, seed: int, folder: Path,
+                predictor=None) -> tuple[dict[str, float], pd.DataFrame]:
     """A log1p prediction scored with the VCC 2026 metrics as counts drawn from it (:func:`to_counts`):
     the leaderboard columns and the score table."""
     from vcell.eval.vcc2026.evaluate import evaluate_cells
@@ -176,7 +177,7 @@ def _score_2026(pred: ad.AnnData, scale, spec: DataSpec, threads: int, seed: int
 
     context_scale, control_totals = scale
     counts = to_counts(pred, control_totals, depth="controls", seed=seed, pert_col=spec.pert_col, control=spec.control,
-                       totals_source="the held-out context's control cells' raw counts")
+                       totals_source="the held-out context's control cells' raw counts", model=predictor)
     labels, order = labels_of(counts.obs, spec.pert_col, "the prediction")
     cells = CountsCells(sp.csr_matrix(counts.X), labels, counts.var_names.copy(), "the prediction as counts", [g for g in order if g != spec.control])
     values, ratio = evaluate_cells(context_scale.ref, cells, threads, strict=False)

@@ -128,14 +128,12 @@ class CellMean(PseudobulkBaseline):
         vector = getattr(self, "counts_vector_", None)
         if vector is None:
             return cells
-        X = cells.X.toarray() if sp.issparse(cells.X) else np.array(cells.X, dtype=np.float32)
+        X = cells.X.toarray() if sp.issparse(cells.X) else np.array(cells.X, dtype=np.float32)  # the one copy made
         X[predicted] = vector[self._columns(cells)].astype(np.float32)
-        out = cells.copy()
-        out.X = X
-        base = out.uns.get("vcell", {})
-        out.uns["vcell"] = {**(dict(base) if isinstance(base, Mapping) else {}),
-                            "counts_basis": "cell_mean's groups' mean normalised expression (log1p of the mean of expm1)"}
-        return out
+        base = cells.uns.get("vcell", {})
+        uns = {**cells.uns, "vcell": {**(dict(base) if isinstance(base, Mapping) else {}),
+                                      "counts_basis": "cell_mean's groups' mean normalised expression (log1p of the mean of expm1)"}}
+        return ad.AnnData(X=X, obs=cells.obs, var=cells.var, uns=uns)
 
 
 class PertMean(PseudobulkBaseline):

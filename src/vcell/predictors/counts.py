@@ -271,11 +271,7 @@ def to_counts(
     n = int((pred.obs[pert_col].astype(str).to_numpy() != str(control)).sum())
     draw = CountsDraw(controls, n, depth=depth, seed=seed, pert_col=pert_col, control=control, model_space=model_space, genes=pred.var_names,
                       totals_source=totals_source)
-    if model is not None:
-        predicted = np.zeros(pred.n_obs, dtype=bool)
-        predicted[draw.predicted_rows(pred)] = True
-        pred = model.counts_basis(pred, predicted)
-    return draw.convert(pred)
+    return draw.convert(pred, model=model)
 
 
 class CountsDraw:
@@ -338,12 +334,18 @@ class CountsDraw:
             raise VcellError(f"the prediction has no perturbation column {self.pert_col!r} (columns: {preview(pred.obs.columns, 10)})")
         return np.flatnonzero(pred.obs[self.pert_col].astype(str).to_numpy() != self.control)
 
-    def convert(self, pred: ad.AnnData, sizes: np.ndarray | None = None) -> ad.AnnData:
+    def convert(self, pred: ad.AnnData, sizes: np.ndarray | None = None, model=None) -> ad.AnnData:
         """The next piece: ``pred``'s predicted cells (its control rows dropped) as counts.
 
         ``sizes``: each predicted cell's library size, when the draw was made with ``sizes_from``.
+        ``model``: the predictor that made ``pred``; the counts are drawn from its
+        :meth:`~vcell.predictors.base.Predictor.counts_basis` (its ``uns["vcell"]`` says when that is not ``pred``).
         """
         rows = self.predicted_rows(pred)
+        if model is not None:
+            predicted = np.zeros(pred.n_obs, dtype=bool)
+            predicted[rows] = True
+            pred = model.counts_basis(pred, predicted)
         if self.done + len(rows) > self.n_cells:
             raise VcellError(f"counts: {self.done + len(rows)} predicted cells drawn, {self.n_cells} announced")
         if (sizes is None) != (self.sizes_from is None):

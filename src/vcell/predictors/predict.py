@@ -327,12 +327,10 @@ class _Job:
             return self.fill.widen(piece, self.fill.sources(piece, CONTROL_CELL_COL), self.draw)
         if self.draw is None:
             return piece
-        predicted = np.zeros(piece.n_obs, dtype=bool)
-        predicted[self.draw.predicted_rows(piece)] = True
-        basis = self.predictor.counts_basis(piece, predicted)
-        if basis is not piece and "counts_basis" in basis.uns.get("vcell", {}):  # what the counts were drawn from
-            self.uns["counts_basis"] = basis.uns["vcell"]["counts_basis"]
-        return self.draw.convert(basis)
+        out = self.draw.convert(piece, model=self.predictor)
+        if "counts_basis" in out.uns["vcell"]:  # what the counts were drawn from, when not the cells themselves
+            self.uns["counts_basis"] = out.uns["vcell"]["counts_basis"]
+        return out
 
     def obs(self, frames: list[pd.DataFrame], file: str = "out") -> pd.DataFrame:
         """The pieces' obs of ``file`` (:data:`OUT` or :data:`LOG1P`) as one frame, the perturbation column

@@ -28,6 +28,7 @@ import scipy.sparse as sp
 from vcell.data.h5write import H5adWriter
 from vcell.data.io import atomic_path, check_output_path, read_h5ad
 from vcell.data.matrix import iter_row_chunks
+from vcell.data.perturbation_lists import read_perturbation_table
 from vcell.errors import VcellError, preview
 from vcell.eval.prep import read_gene_list
 from vcell.eval.vcc2026.inputs import CountsCells, check_counts
@@ -39,29 +40,6 @@ log = logging.getLogger(__name__)
 MAX_STORED_ENTRIES = 4_750_000_000
 #: Cells read, checked and written at a time.
 CHUNK_CELLS = 4096
-
-
-def read_perturbation_table(path: str | os.PathLike) -> dict[str, int | None]:
-    """Perturbations to predict (first column) and, when there is a second, their cell counts."""
-    p = Path(path)
-    if not p.is_file():
-        raise VcellError(f"{p}: perturbation list not found")
-    table = pd.read_csv(p, dtype=str, keep_default_na=False)
-    if table.shape[1] == 0 or len(table) == 0:
-        raise VcellError(f"{p}: the perturbation list is empty")
-    out: dict[str, int | None] = {}
-    for i, row in enumerate(table.itertuples(index=False), start=2):
-        name = row[0]
-        if name in out:
-            raise VcellError(f"{p}: perturbation {name!r} is listed twice (line {i})")
-        count = None
-        if table.shape[1] > 1:
-            try:
-                count = int(row[1])
-            except ValueError:
-                raise VcellError(f"{p}: line {i}: cell count {row[1]!r} of {name!r} is not an integer") from None
-        out[name] = count
-    return out
 
 
 def _check_labels(labels: np.ndarray, listed: dict[str, int | None] | None, control: str, where: str) -> None:
