@@ -689,6 +689,7 @@ def test_two_contexts(tmp_path):
     proc = run_cli("eval", "run", "--profile", "vcc2026", "--pred", pred, "--real", real, "--out", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["A", "B"]
+    assert "scored 60 perturbations in 2 contexts in " in proc.stdout and f"wrote {out}" in proc.stdout, proc.stdout[-500:]
     scale_ends(real, scale, Options())
     assert sorted(p.name for p in scale.iterdir()) == ["A", "B"]
     assert json.loads((scale / "A" / "scale.json").read_text())["context"] == "A"
@@ -714,6 +715,7 @@ def test_two_contexts(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     _vcell_run(pred2, real, alone2)
     assert sorted(p.name for p in many.iterdir()) == ["pred", "pred2"]
+    assert "scored 2 predictions x 60 perturbations in 2 contexts" in proc.stdout and "(pred/, pred2/)" in proc.stdout
     for c in ("A", "B"):
         for f in ("results.csv", "agg_results.csv"):
             assert (many / "pred" / c / f).read_bytes() == (out / c / f).read_bytes()
@@ -889,6 +891,27 @@ def test_prep_2026_reads_and_writes_a_block_of_cells_at_a_time(tiny, tmp_path, m
     with pytest.raises(VcellError, match=rf"late\.h5ad: value 0\.5 at row 13 \(a '{src.obs[PERT_COL].astype(str).iloc[13]}' cell\), gene '{genes[2]}'"):
         submission.prepare_submission_2026(path, tmp_path / "late_out.h5ad", genes=tmp_path / "genes.csv")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["genes.csv", "late.h5ad", "shuffled.h5ad", "sub.h5ad"]
+
+
+def test_prep_2026_says_when_it_drops_a_column_of_several_contexts(tiny, tmp_path, caplog):
+    """Written without its contexts, a two-line prediction would be scored as one pooled context:
+    prep says which column to keep; with --context-col it is kept and nothing is said."""
+    import vcell.eval.vcc2026.submission as submission
+
+    _, files = tiny
+    src = ad.read_h5ad(files["pred"])
+    (tmp_path / "genes.csv").write_text("\n".join(src.var_names) + "\n")
+    lines = np.where(np.arange(src.n_obs) % 2 == 0, "A172", "T98G")
+    path = _write(tmp_path / "two.h5ad", src.X.toarray(), src.obs[PERT_COL], list(src.var_names), obs={"cell_type": lines})
+    with caplog.at_level("WARNING"):
+        submission.prepare_submission_2026(path, tmp_path / "dropped.h5ad", genes=tmp_path / "genes.csv")
+    assert "obs column 'cell_type' holds 2 contexts ('A172', 'T98G')" in caplog.text and "--context-col cell_type" in caplog.text
+    assert "cell_type" not in ad.read_h5ad(tmp_path / "dropped.h5ad").obs
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        out = submission.prepare_submission_2026(path, tmp_path / "kept.h5ad", genes=tmp_path / "genes.csv", context_col="cell_type")
+    assert "contexts" not in caplog.text
+    assert list(ad.read_h5ad(out).obs["cell_type"]) == list(lines)
 
 
 def test_a_prepared_upload_scores_against_a_reference_whose_column_has_another_name(tiny, tmp_path):

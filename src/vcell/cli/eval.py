@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -113,6 +114,20 @@ def _prediction_names(preds: list[Path]) -> dict[str, Path]:
     return names
 
 
+def _run_summary_2026(runs: dict, out: Path, seconds: float) -> str:
+    """One line: what a vcc2026 `eval run` scored, in how long, and where it wrote it."""
+    aggs = next(iter(runs.values()))
+    counts = [agg.set_index("statistic").loc["count"].max() for agg in aggs.values()]
+    n_perts = sum(int(c) for c in counts if c == c)  # a context whose every metric is NaN counts none
+    n_ctx = len(aggs)
+    contexts = f" in {n_ctx} contexts" if n_ctx > 1 else ""
+    preds = f"{len(runs)} predictions x " if len(runs) > 1 else ""
+    folders = f" ({', '.join(f'{n}/' for n in runs)})" if len(runs) > 1 else ""
+    files = "" if len(runs) > 1 or n_ctx > 1 else ": results.csv, agg_results.csv"
+    return (f"scored {preds}{n_perts:,} perturbation{'' if n_perts == 1 else 's'}{contexts} in {seconds:.1f} s; "
+            f"wrote {out}{folders}{files}")
+
+
 @app.command("run")
 def run_cmd(
     pred: Annotated[list[Path], typer.Option("--pred", help="Predicted cells (.h5ad), controls included. Repeat it to score several "
@@ -146,6 +161,7 @@ def run_cmd(
         from vcell.eval.vcc2026.files import RUN_FILES, run_many
 
         opts = _options_2026(pert_col, control, context_col, target_genes, no_target_genes, threads, backed, memory_budget)
+        start = time.perf_counter()
         with (removed_if_interrupted(out, RUN_FILES if len(pred) == 1 else list(preds)),
               status(f"evaluating {what} against {real} (vcc2026 profile)") as st):
             runs = run_many(preds, real, out, opts, overwrite=overwrite, report=lambda m: st.update(info=m))
@@ -153,7 +169,7 @@ def run_cmd(
             for ctx, agg in aggs.items():
                 where = ", ".join(w for w in (name, f"context {ctx}" if ctx else "") if w)
                 console.print(table(_agg_2026(agg), title="vcc2026 profile" + (f", {where}" if where else "")))
-        console.print(f"wrote {out}" + (f": {', '.join(f'{n}/' for n in runs)}" if len(pred) > 1 else ""))
+        console.print(_run_summary_2026(runs, out, time.perf_counter() - start))
         gc.freeze()
         return
     _only_for("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False)})

@@ -28,6 +28,7 @@ import scipy.sparse as sp
 from vcell.data.h5write import H5adWriter
 from vcell.data.io import atomic_path, check_output_path, read_h5ad
 from vcell.data.matrix import iter_row_chunks
+from vcell.data.spec import DataSpec
 from vcell.data.perturbation_lists import read_perturbation_table
 from vcell.errors import VcellError, preview
 from vcell.eval.prep import read_gene_list
@@ -117,9 +118,22 @@ def prepare_submission_2026(
         adata.file.close()
 
 
+def _warn_dropped_contexts(obs: pd.DataFrame, where: str) -> None:
+    """A prediction of several contexts written without its context column would be scored as one."""
+    for col in dict.fromkeys(("context", DataSpec().context_col)):
+        if col in obs.columns:
+            values = sorted(set(obs[col].dropna().astype(str)))
+            if len(values) > 1:
+                log.warning("%s: obs column %r holds %d contexts (%s), and the output keeps no context column: pass "
+                            "--context-col %s (context_col= in Python) to keep it", where, col, len(values), preview(values, 3), col)
+                return
+
+
 def _prepare(adata, out: Path, where: str, gene_list, listed, pert_col: str, control: str, context_col: str | None) -> Path:
     labels, _ = labels_of(adata.obs, pert_col, where)
-    if context_col is not None:
+    if context_col is None:
+        _warn_dropped_contexts(adata.obs, where)
+    else:
         if context_col not in adata.obs.columns:
             raise VcellError(f"{where}: context column {context_col!r} not found in obs (columns: {preview(adata.obs.columns, 10)})")
         if adata.obs[context_col].isna().any():
