@@ -28,8 +28,8 @@ import scipy.sparse as sp
 from vcell.data.h5write import H5adWriter
 from vcell.data.io import atomic_path, check_output_path, read_h5ad
 from vcell.data.matrix import iter_row_chunks
-from vcell.data.spec import DataSpec
 from vcell.data.perturbation_lists import read_perturbation_table
+from vcell.data.spec import DataSpec
 from vcell.errors import VcellError, preview
 from vcell.eval.prep import read_gene_list
 from vcell.eval.vcc2026.inputs import CountsCells, check_counts
