@@ -149,13 +149,40 @@ def test_cli_writes_checks_and_refuses_to_replace(tmp_path):
          "--n-perturbations", "12"],
     ])
     assert scaled.returncode == 0 and "+ 380 controls" in scaled.stdout, scaled.stderr[-1500:]
-    (tmp_path / "small.h5ad").unlink()
+    for name in ("small.h5ad", "small.gene_names.csv", "small.pert_counts.csv"):
+        (tmp_path / name).unlink()
     assert made.returncode == 0, made.stderr
     assert "1,500 cells x 300 genes, 12 perturbations (6 train / 2 val / 4 test) + 200 controls" in made.stdout
     assert "already exists" in error_line(again) and "--overwrite" in error_line(again)
     assert check.returncode == 0 and "no problems found" in check.stdout and "counts" in check.stdout, check.stdout
     assert "--n-cells" in error_line(no_preset) and "--n-combinations" in error_line(combos)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["vcc.h5ad"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vcc.gene_names.csv", "vcc.h5ad", "vcc.pert_counts.csv"]
+
+
+def test_cli_writes_the_challenges_two_lists(tmp_path):
+    """Beside the file, as the challenge hands them out: its genes in order (no header) and its test
+    perturbations with their cells, which `vcell eval prep` and `predict --perturbations` read; a list
+    already there is refused before anything is simulated."""
+    import anndata as ad
+
+    from vcell.data.perturbation_lists import read_perturbation_table
+    from vcell.eval.prep import read_gene_list
+
+    out = tmp_path / "vcc.h5ad"
+    sizes = ["--n-cells", "1500", "--n-genes", "300", "--n-perturbations", "12", "--n-controls", "200"]
+    (tmp_path / "taken.pert_counts.csv").write_text("mine\n")
+    made, taken = run_cli_batch([["data", "simulate", out, "--preset", "vcc", *sizes],
+                                 ["data", "simulate", tmp_path / "taken.h5ad", "--preset", "vcc", *sizes]])
+    assert made.returncode == 0, made.stderr[-1500:]
+    assert "taken.pert_counts.csv" in error_line(taken) and "already exists" in error_line(taken)
+    assert not (tmp_path / "taken.h5ad").exists() and (tmp_path / "taken.pert_counts.csv").read_text() == "mine\n"
+    adata = ad.read_h5ad(out)
+    assert read_gene_list(tmp_path / "vcc.gene_names.csv") == list(adata.var_names)
+    listed = read_perturbation_table(tmp_path / "vcc.pert_counts.csv")
+    test = sorted(map(str, adata.uns["simulation"]["roles"]["test"]))
+    assert sorted(listed) == test and len(test) == 4
+    labels = adata.obs["target_gene"].astype(str)
+    assert all(listed[p] == int((labels == p).sum()) > 0 for p in test)
 
 
 def test_split_takes_the_roles_the_simulator_recorded(tmp_path):

@@ -283,7 +283,11 @@ def simulate_cmd(
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
     seed: Seed = 0,
 ) -> None:
-    """Simulate a Perturb-seq dataset (negative-binomial counts, known effects in uns['simulation'])."""
+    """Simulate a Perturb-seq dataset (negative-binomial counts, known effects in uns['simulation']).
+
+    With --preset vcc, also OUTPUT's STEM.gene_names.csv and STEM.pert_counts.csv: the gene list and
+    the test perturbations with their cells, as the challenge hands them out.
+    """
     import time
 
     from vcell.data.io import check_output_path, disk_size, human_size, write_h5ad
@@ -313,7 +317,7 @@ def simulate_cmd(
         console.print(f"wrote {output}: {adata.n_obs:,} cells x {adata.n_vars:,} genes")
         return
 
-    from vcell.data.simulate_vcc import VCC_PRESET, write_vcc_simulation
+    from vcell.data.simulate_vcc import VCC_PRESET, challenge_list_paths, write_challenge_lists, write_vcc_simulation
 
     if n_combinations:
         raise VcellError("--n-combinations: --preset vcc simulates single-gene perturbations only")
@@ -330,7 +334,8 @@ def simulate_cmd(
         opts["n_cells"] = n_cells
         if n_controls is None:  # the challenge's share of controls (38,000 of 300,000), not its count
             opts["n_controls"] = max(opts["n_contexts"], round(VCC_PRESET["n_controls"] * n_cells / VCC_PRESET["n_cells"]))
-    check_output_path(output, overwrite=overwrite)
+    for path in (output, *challenge_list_paths(output)):
+        check_output_path(path, overwrite=overwrite)
     t0 = time.perf_counter()
     with task("simulating", total=opts["n_cells"], unit="cells") as line:
         s = write_vcc_simulation(output, **opts, n_val_perturbations=n_val_perturbations, n_test_perturbations=n_test_perturbations,
@@ -341,6 +346,9 @@ def simulate_cmd(
                   f"+ {s.n_controls:,} controls{ctx}, median {s.median_umi:,.0f} UMI/cell, "
                   f"{s.nnz / (s.n_cells * s.n_genes):.1%} non-zero, {human_size(disk_size(output))}",
                   highlight=False, soft_wrap=True)
+    genes_csv, perts_csv = write_challenge_lists(output)
+    console.print(f"wrote {genes_csv} and {perts_csv} (the challenge's gene list and its test perturbations' cell counts, "
+                  "for `vcell predict --perturbations` and `vcell eval prep`)", highlight=False, soft_wrap=True)
 
 
 @app.command("list")

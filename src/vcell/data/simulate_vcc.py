@@ -405,3 +405,48 @@ def simulated_roles(uns, where) -> dict[str, list[str]]:
         raise VcellError(f"{where}: no uns['simulation']['roles'] (a file `vcell data simulate --preset vcc` wrote, or its "
                          "preprocessed copy); give --holdout-perturbations")
     return {role: [str(p) for p in roles.get(role, [])] for role in ("train", "val", "test")}
+
+
+def challenge_list_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """Where ``vcell data simulate --preset vcc`` writes the two lists beside ``path``:
+    ``STEM.gene_names.csv`` and ``STEM.pert_counts.csv``."""
+    path = Path(path)
+    stem = path.name.removesuffix(".h5ad")
+    return path.with_name(f"{stem}.gene_names.csv"), path.with_name(f"{stem}.pert_counts.csv")
+
+
+def write_challenge_lists(path: str | os.PathLike, role: str = "test") -> tuple[Path, Path]:
+    """Write, beside a simulated file, the two lists the challenge hands out with its data.
+
+    Parameters
+    ----------
+    path
+        A file :func:`write_vcc_simulation` wrote (read backed: only ``obs``, ``var`` and ``uns``).
+    role
+        The perturbations listed: ``test`` (the held-out ones, as the challenge's list) or ``val``.
+
+    Returns
+    -------
+    tuple of Path
+        ``STEM.gene_names.csv`` (the genes in the file's order, one per line, no header: ``vcell eval
+        prep --genes``) and ``STEM.pert_counts.csv`` (``target_gene,n_cells``: the role's
+        perturbations and their cells in the file, summed over its contexts: ``eval prep
+        --perturbations``, ``vcell predict --perturbations``), each written atomically.
+    """
+    from vcell.data.io import read_h5ad
+
+    genes_csv, perts_csv = challenge_list_paths(path)
+    adata = read_h5ad(path, backed=True)
+    try:
+        labels = adata.obs["target_gene"].astype(str).to_numpy()
+        listed = simulated_roles(adata.uns, str(path))[role]
+        genes = list(adata.var_names)
+    finally:
+        adata.file.close()
+    counts = pd.Series(labels).value_counts()
+    table = pd.DataFrame({"target_gene": listed, "n_cells": [int(counts.get(p, 0)) for p in listed]})
+    with atomic_path(genes_csv) as tmp:
+        tmp.write_text("".join(f"{g}\n" for g in genes))
+    with atomic_path(perts_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    return genes_csv, perts_csv
