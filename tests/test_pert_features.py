@@ -255,6 +255,40 @@ def test_bench_refuses_a_onehot_st_on_unseen_targets_before_training(tmp_path):
     assert not (tmp_path / "bench" / "predictions").exists()  # refused before any work
 
 
+def test_bench_refuses_before_training_a_table_without_a_held_out_target_or_a_missing_embedding(tmp_path):
+    """A gene table lacking a held-out target, and an ST variant reading absent cell embeddings,
+    failed only after fitting (ST: its whole budget) and named the base model, not the variant
+    nor the fold; a repeated held-out context ran its fold twice."""
+    from vcell.cli.bench import build_model
+    from vcell.leaderboard import run_bench
+
+    adata, table = _planted()
+    path = tmp_path / "planted.h5ad"
+    adata.write_h5ad(path)
+    partial = GeneEmbeddings(names=[n for n in table.names if n != UNSEEN[0]],
+                             vectors=table.vectors[[i for i, n in enumerate(table.names) if n != UNSEEN[0]]], source="planted")
+    genes = partial.save(tmp_path / "genes.safetensors")
+    options = {"linear_genes": {"model": "linear", "pert_features": f"onehot,{genes}"},
+               "st_se": {"model": "st", "embed_key": "X_nope", "max_steps": 2,
+                         "pert_features": f"onehot,{table.save(tmp_path / 'all.safetensors')}"}}
+    for name, words in [("linear_genes", r"linear_genes on fold perturbations: perturbation 'U': target 'U' is not in the "
+                                         r"perturbation feature table"),
+                        ("st_se", r"st_se on fold perturbations: .*planted\.h5ad: no \.obsm\['X_nope'\] cell embeddings")]:
+        with pytest.raises(VcellError, match=words):
+            run_bench(path, tmp_path / name, ["pert_mean", name], lambda n: build_model(n, options, seed=0),
+                      holdout_perturbations=[UNSEEN[0]], report=False)
+        assert not (tmp_path / name).exists()  # refused before any work
+    data = from_anndata(adata)  # the check itself, which runs before any model is fitted
+    with pytest.raises(VcellError, match="no .obsm\\['X_nope'\\]"):
+        build_model("st_se", options, seed=0).check_fit(data, _split(data), [UNSEEN[0]])
+    with pytest.raises(VcellError, match="target 'U' is not in the perturbation feature table"):
+        build_model("linear_genes", options, seed=0).check_fit(data, _split(data), [UNSEEN[0]])
+    build_model("linear_genes", options, seed=0).check_fit(data, _split(data), ["S"])
+    with pytest.raises(VcellError, match="--holdout-context 'k562' is given twice"):
+        run_bench(path, tmp_path / "twice", ["pert_mean"], lambda n: build_model(n, {}, seed=0), holdout=["k562", "k562"],
+                  report=False)
+
+
 def test_a_onehot_model_refuses_a_validation_only_target_and_training_says_why(tmp_path, caplog):
     """A one-hot ST gives validation-only targets columns no training cell teaches: training warns
     (their val_loss picks best/), and predict refuses them as it refuses test targets (it predicted

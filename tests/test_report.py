@@ -396,6 +396,21 @@ def test_report_vcc2026_headline_caveats_glossary_and_one_context(tmp_path):
     assert leaderboard_section(two).count("<th colspan") == 9 and "Beyond the replicate" not in leaderboard_section(two)
 
 
+def test_report_vcc2026_missing_values_dashes_and_each_scores_baseline(tmp_path):
+    """A degenerate 2026 metric (NaN in the leaderboard CSV) showed 'NaN' where the note promises –;
+    the header named cell_mean as the 0 of every score, which holds for the 2025 score only."""
+    from vcell.report.header import header_section
+    from vcell.report.sections import leaderboard_section
+
+    bench = _bench_2026(tmp_path, {"baseline": "cell_mean"})
+    bench.leaderboard.loc[0, "vcc2026_de_wilcoxon_lfc_nmae"] = np.nan
+    html = leaderboard_section(bench)
+    assert ">NaN<" not in html and '<td class="null">–</td>' in html
+    header = header_section(bench, "t")
+    assert "Baseline (VCC 2025 score = 0)</dt><dd>cell_mean" in header
+    assert "Baseline (VCC 2026 score = 0)</dt><dd>each context&#x27;s mean-response baseline" in header
+
+
 def test_report_header_says_what_was_held_out(tmp_path):
     """The header's subtitle and rows fit a context hold-out, a perturbation hold-out or both; a
     bench.json from before the hold-out was recorded keeps the old wording."""

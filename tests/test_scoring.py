@@ -155,6 +155,24 @@ def test_score_warns_of_unknown_columns_only(caplog):
     assert caplog.text.count("not a registered metric") == 1 and "mystery" in caplog.text
 
 
+def test_score_of_a_profile_scores_its_metrics_alone(caplog):
+    """`eval score --profile vcc` on tables of more metrics averaged all of them (the VCC score of a
+    full-profile bench's files read 18.55 where its leaderboard said 28.61): a profile scores its own
+    metrics, as if the tables held only them; absent ones are said; none is an error."""
+    rng = np.random.default_rng(3)
+    user, base = (_to_pandas(t) for t in _agg_pair(rng))
+    vcc = ["statistic", "mae", "discrimination_score_l1", "overlap_at_N"]
+    alone = score(user[[c for c in user.columns if c in vcc]], base[[c for c in base.columns if c in vcc]])
+    assert len(score(user, base)) > len(alone) == 4
+    pd.testing.assert_frame_equal(score(user, base, profile="vcc"), alone)
+    with caplog.at_level(logging.WARNING, logger="vcell"):
+        partial = score(user.drop(columns="mae"), base.drop(columns="mae"), profile="vcc")
+    assert partial["metric"].tolist() == ["overlap_at_N", "discrimination_score_l1", "avg_score"]
+    assert caplog.text.count("no column for 'mae' of profile 'vcc'") == 1
+    with pytest.raises(VcellError, match="none of the metrics of profile 'pds'"):
+        score(user.drop(columns="discrimination_score_l1"), base.drop(columns="discrimination_score_l1"), profile="pds")
+
+
 def test_score_rejects_mismatched_tables():
     rng = np.random.default_rng(0)
     user, base = _agg_pair(rng)

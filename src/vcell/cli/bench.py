@@ -31,7 +31,8 @@ def model_options(path: Path) -> dict[str, dict]:
 
     An entry may name a variant of a model with ``model:``, e.g. ``st_se: {model: st, embed_key:
     X_vcell}`` makes ``st_se`` usable in ``--models`` next to ``st``. A relative FILE in a
-    ``pert_features`` value (``onehot,genes.safetensors``) is relative to the config file's folder.
+    ``pert_features`` value (``onehot,genes.safetensors``) is relative to the config file's folder
+    (made absolute here).
     """
     from vcell.nn.config import read_config_file
     from vcell.predictors.registry import model_names
@@ -49,7 +50,8 @@ def model_options(path: Path) -> dict[str, dict]:
             raise VcellError(f"{path}: {name!r} is a built-in model name; give the {base!r} variant another name")
         if isinstance(opts.get("pert_features"), str):
             parts = [p.strip() for p in opts["pert_features"].split(",")]
-            opts["pert_features"] = ",".join(p if p.lower() in ("", "onehot") else str(Path(path).parent / Path(p).expanduser()) for p in parts)
+            opts["pert_features"] = ",".join(p if p.lower() in ("", "onehot") else str((Path(path).parent / Path(p).expanduser()).absolute())
+                                             for p in parts)  # absolute: bench.json records what reproduces the run
         try:  # option names, types and values are checked now, before any data is read
             build_model(name, values, seed=0)
         except VcellError as exc:
@@ -118,7 +120,7 @@ def bench(
     if board["context"].nunique() == 2:  # one scored context: its mean rows repeat it
         board = board[board["context"] != "mean"]
     with_2026 = "VCC 2026" in board.columns
-    board = board.sort_values(["context", "VCC 2026" if with_2026 else "VCC"], ascending=[True, False]).round(4)
+    board = board.sort_values(["context", "VCC 2026" if with_2026 else "VCC"], ascending=[True, False])  # table() shows 4 digits
     title = "leaderboard (VCC: the 2025 score x100, scaled against cell_mean"
     title += "; VCC 2026: on a 0-1 scale, 0 = the mean-response baseline, 1 = a replicate)" if with_2026 else ")"
     console.print(table(board, title=title))

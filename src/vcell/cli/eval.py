@@ -202,6 +202,9 @@ def score_cmd(
 ) -> None:
     """Baseline-scaled VCC score per metric and overall; the unclipped value is shown beside it.
 
+    The metrics of --profile are scored (vcc, the default: the VCC 2025 score's three), whatever
+    else the tables hold.
+
     With --profile vcc2026: each metric on the scale from the baseline (0) to the replicate anchor
     (1), per context, and the mean of the six; contexts averaged.
     """
@@ -227,8 +230,8 @@ def score_cmd(
         if not path.is_file():
             raise VcellError(f"{path}: file not found")
         tables.append(read_csv(path))
-    scores = score(*tables, names=(str(user), str(baseline)))
-    console.print(table(scores, title="score vs baseline (clipped at 0 as cell-eval; unclipped beside it)"))
+    scores = score(*tables, names=(str(user), str(baseline)), profile=profile)
+    console.print(table(scores, title=f"{profile} score vs baseline (clipped at 0 as cell-eval; unclipped beside it)"))
     if out is not None:
         write_csv(scores, out)
         console.print(f"wrote {out}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ import pandas as pd
 from vcell.errors import VcellError, preview
 from vcell.eval.csvio import read_csv, write_csv
 from vcell.eval.metrics import REGISTRY
-from vcell.eval.profiles import PERTURBATION_COLUMN
+from vcell.eval.profiles import PERTURBATION_COLUMN, profile_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def agg_results(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def score(
-    user: pd.DataFrame, baseline: pd.DataFrame, statistic: str = "mean", names: tuple[str, str] = ("the user table", "the baseline table")
+    user: pd.DataFrame, baseline: pd.DataFrame, statistic: str = "mean", names: tuple[str, str] = ("the user table", "the baseline table"),
+    profile: str | Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Baseline-scaled score of a model's ``agg_results`` against a baseline's (VCC 2025).
 
@@ -91,12 +93,17 @@ def score(
     ``avg_score``, is the mean over metrics of each column.
 
     Rows: the best-0 metrics, then the best-1 metrics, each in column order, then ``avg_score``.
-    ``names`` name the two tables in messages (their files, from the command line).
+    ``names`` name the two tables in messages (their files, from the command line). ``profile``
+    (a profile name such as ``"vcc"``, or metric names) scores only its metrics, those the tables
+    have (the VCC 2025 score: ``"vcc"``); ``None`` scores every metric of the tables, as cell-eval.
     """
     for name, table in zip(names, (user, baseline)):
         if STATISTIC_COLUMN not in table.columns:
             raise VcellError(f"{name}: no {STATISTIC_COLUMN!r} column (columns: {preview(table.columns, 8)}); "
                              "pass agg_results.csv tables, not results.csv")
+    if profile is not None:  # each table's columns of the profile; the two must then agree
+        user, baseline = (table[[STATISTIC_COLUMN, *_profile_columns(table, profile, name, warn=i == 0)]]
+                          for i, (name, table) in enumerate(zip(names, (user, baseline))))
     if list(user.columns) != list(baseline.columns):
         differ = sorted(set(user.columns) ^ set(baseline.columns))
         raise VcellError(
@@ -133,6 +140,22 @@ def score(
             "unclipped": np.append(unclipped, avg[1]),
         }
     )
+
+
+def _profile_columns(table: pd.DataFrame, profile: str | Sequence[str], name: str, warn: bool) -> list[str]:
+    """The columns of ``profile``'s metrics (one metric may give several: ``de_nsig_counts_real``), in table order."""
+    columns = [c for c in table.columns if c != STATISTIC_COLUMN]
+    wanted = profile_metrics(profile)
+    keep = [c for c in columns if any(c == m or c.startswith(f"{m}_") and c not in REGISTRY for m in wanted)]
+    what = f"profile {profile!r}" if isinstance(profile, str) else "the metrics asked for"
+    absent = [m for m in wanted if not any(c == m or c.startswith(f"{m}_") for c in keep)]
+    if len(absent) == len(wanted):
+        raise VcellError(f"{name}: none of the metrics of {what} ({preview(wanted, 6)}) is in the table "
+                         f"(it holds {preview(columns, 6)}); score it with the profile it was evaluated with")
+    if absent and warn:
+        logger.warning("score: %s has no column for %s of %s (a metric that covers no perturbation has none); scored without",
+                       name, preview(absent, 6), what)
+    return keep
 
 
 def _statistic_row(table: pd.DataFrame, statistic: str) -> dict[str, float]:

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,6 +162,9 @@ def make_folds(
         raise VcellError("give --split FILE, --holdout-context NAME (or 'all') or --holdout-perturbations FRACTION|LIST|FILE "
                           "(split_file=, holdout=, holdout_perturbations=)")
     names = list(holdout)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise VcellError(f"--holdout-context {twice[0]!r} is given twice (holdout=): each held-out context is one fold")
     if [n.lower() for n in names] == ["all"]:
         with_controls = np.unique(index.context_codes[index.is_control])
         names = [str(index.contexts[c]) for c in with_controls]
@@ -336,7 +340,7 @@ def run_bench(
     data = prepare_data(data_path, spec, dataset_col, allow_missing_controls, datasets, keep_counts=with_2026)
     spec = data.spec
     folds = make_folds(data, split_file, holdout, holdout_perturbations, seed)
-    _check_unseen_targets(data, folds, {name: make_model(name) for name in models})
+    _check_models(data, folds, {name: make_model(name) for name in models})
     with staged_folder(out, BENCH_OUTPUTS) as stage:  # an earlier run's results stay whole until this one is
         (stage / "predictions").mkdir(parents=True, exist_ok=True)
         rows, runs, timings = [], [], {}
@@ -359,13 +363,15 @@ def run_bench(
                 fits += 1
                 say(f"{name} on fold {fold.name} ({fits} of {len(models) * len(folds)}): training")
                 t = time.perf_counter()
-                model = make_model(name).fit(data, fold.split)
+                with _named(name, fold.name):
+                    model = make_model(name).fit(data, fold.split)
                 timings[f"fit {name} {fold.name}"] = time.perf_counter() - t
                 for ctx in fold.contexts:
                     real = real_by_ctx[ctx]
                     say(f"{name} on fold {fold.name}: predicting {ctx}")
                     t = time.perf_counter()
-                    raw = predict_context(model, data, ctx, "data", seed=seed, cells=_scored_cells(fold.split))
+                    with _named(name, fold.name):
+                        raw = predict_context(model, data, ctx, "data", seed=seed, cells=_scored_cells(fold.split))
                     pred = _tidy(raw, spec)
                     timings[f"predict {name} {ctx}"] = time.perf_counter() - t
                     run_slug = f"{slug(name)}_{slug(ctx)}"
@@ -415,8 +421,9 @@ def run_bench(
     return BenchResult(board, out, runs, timings)
 
 
-def _check_unseen_targets(data: PerturbationData, folds: list[Fold], models: dict[str, Predictor]) -> None:
-    """Refuse, before any training, a model that cannot predict a fold's targets never trained on."""
+def _check_models(data: PerturbationData, folds: list[Fold], models: dict[str, Predictor]) -> None:
+    """Refuse, before any training, a model that cannot predict a fold's targets never trained on,
+    or that its fit or prediction would refuse (:meth:`~vcell.predictors.base.Predictor.check_fit`)."""
     index = data.index
     for fold in folds:
         labels = index.perts[index.pert_codes].astype(str)
@@ -428,6 +435,17 @@ def _check_unseen_targets(data: PerturbationData, folds: list[Fold], models: dic
                 raise VcellError(f"{name}: fold {fold.name} holds out target(s) never trained on ({preview(unseen)}) and the "
                                  "model's one-hot perturbation features cannot predict them; give it a gene table "
                                  f"(--model-config: {name}: {{pert_features: 'onehot,genes.safetensors'}}) or leave it out")
+            with _named(name, fold.name):
+                model.check_fit(data, fold.split, scored)
+
+
+@contextlib.contextmanager
+def _named(model: str, fold: str) -> Iterator[None]:
+    """Prefix an error of a model's fit or prediction with the model's name in the bench and the fold."""
+    try:
+        yield
+    except VcellError as exc:
+        raise VcellError(f"{model} on fold {fold}: {exc}") from None
 
 
 

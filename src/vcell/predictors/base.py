@@ -130,6 +130,20 @@ class Predictor(ABC):
         or from its features; a one-hot ST model cannot)."""
         return True
 
+    def check_fit(self, data: PerturbationData, split: Split, predicted: Sequence[str]) -> None:
+        """Refuse, before any training, what fitting on ``split`` and then predicting ``predicted``
+        would refuse later (here: a target of ``predicted`` that the model's gene table lacks and
+        no training cell has), as one :class:`VcellError` line."""
+        value = getattr(self, "pert_features", None)
+        if value is None or not self.reads_gene_table():
+            return
+        from vcell.data.spec import split_combo
+        from vcell.features.perturbations import PertFeatures
+
+        labels = data.index.perts[data.index.pert_codes].astype(str)
+        trained = sorted({t for p in np.unique(labels[split.mask("train")]) for t in split_combo(p)})
+        PertFeatures.build(value, trained).check([str(p) for p in predicted], data.spec.control)
+
     def trained_perturbations(self) -> list[str]:
         """The perturbation labels the model was trained on (control excluded), in a fixed order."""
         raise VcellError(f"{self.name}: this model keeps no list of trained perturbations; name the perturbations to predict")

@@ -24,7 +24,7 @@ import torch
 
 from vcell._heap import keep_freed_heap
 from vcell.data.cellsets import collate_cell_sets
-from vcell.data.dataset import PerturbationData, obsm_matrix
+from vcell.data.dataset import PerturbationData, missing_obsm_error, obsm_matrix
 from vcell.data.io import atomic_path
 from vcell.data.rows import MemoryRows
 from vcell.data.spec import DataSpec, split_combo
@@ -150,6 +150,13 @@ class STPredictor(Predictor):
     def predicts_unseen_targets(self) -> bool:
         """Only with a gene table among its ``pert_features`` (one-hot alone knows the trained targets)."""
         return self.reads_gene_table()
+
+    def check_fit(self, data: PerturbationData, split: Split, predicted: Sequence[str]) -> None:
+        """As :meth:`Predictor.check_fit`, and the cell embeddings ``embed_key`` names must be in the data."""
+        super().check_fit(data, split, predicted)
+        key = self.train_embed_key
+        if key is not None and key not in data.adata.obsm:
+            raise missing_obsm_error(data.path, key, data.adata.obsm.keys())
 
     def _anchor_options(self) -> dict:
         """Options of the effect anchor: the same perturbation features where it takes them."""

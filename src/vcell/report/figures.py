@@ -132,7 +132,8 @@ def metric_bars_figure(
         ax.set_title(f"{_short(metric, 40)}\n({hint})" if hint else _short(metric, 40), fontsize=9)
         ax.set_xticks(x, [_short(c, 14) for c in contexts], fontsize=8, rotation=30 if len(contexts) > 3 else 0)
         ax.tick_params(axis="y", labelsize=7)
-        ax.set_ylabel("score" if metric.startswith("vcc_score") else "mean over perturbations", fontsize=7)
+        ax.set_ylabel("score" if metric.startswith("vcc_score") else "scaled (0 = baseline, 1 = replicate)"
+                      if metric.startswith("vcc2026_") else "mean over perturbations", fontsize=7)
         ax.grid(axis="y", linewidth=0.3, alpha=0.6)
         ax.set_axisbelow(True)
     for ax in axes[len(metrics):]:

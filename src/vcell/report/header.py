@@ -82,7 +82,9 @@ def header_section(bench: Bench, title: str) -> str:
         ("Control label", bench.control),
         ("Context column", bench.context_col or "–"),
         ("Seed", str(meta.get("seed", "–"))),
-        ("Baseline (score = 0)", str(meta.get("baseline", "cell_mean"))),
+        ("Baseline (VCC 2025 score = 0)", str(meta.get("baseline", "cell_mean"))),
+        *([("Baseline (VCC 2026 score = 0)", "each context's mean-response baseline (1 = a split-half replicate)")]
+          if meta.get("profile") == "vcc2026" else []),
         ("Benchmark directory", Path(str(meta.get("out") or bench.root)).name),  # written in a staging folder
     ]
     if meta.get("created"):

@@ -118,7 +118,7 @@ def leaderboard_table(bench: Bench, columns: Sequence[str], short: bool = False)
                 null = is_null(v) if v is not pd.NA else True
                 cls = "null" if null else ("best" if c in best and float(v) == best[c] else None)
                 title = None if null else repr(float(v))
-                cells.append(tag("td", esc(fmt_number(None if v is pd.NA else v)), class_=cls, title=title))
+                cells.append(tag("td", esc(fmt_number(None if null else v)), class_=cls, title=title))  # a mean of nothing: –
             body.append("<tr>" + "".join(cells) + "</tr>")
     return (
         '<div class="scroll"><table><thead><tr>' + "".join(head) + "</tr></thead><tbody>" + "".join(body) + "</tbody></table></div>"
@@ -138,7 +138,8 @@ def leaderboard_section(bench: Bench) -> str:
         f"challenge leaderboard did; <b>vcc_score_unclipped</b> keeps negative values, showing how much "
         f"worse than the baseline a model is. Both are shown.</p>"
     )
-    reading = ('<p class="note">Metric values are means over perturbations. The best value of each column within a context is '
+    reading = ('<p class="note">Metric values are means over perturbations (the VCC 2026 columns: scaled scores, '
+               'from those means). The best value of each column within a context is '
                '<span style="background:#d7f0d2"><b>highlighted</b></span>; hover a cell for its full precision; – = no value.</p>')
     parts = ['<section id="leaderboard"><h2>Leaderboard</h2>', headline(bench), reading]
     key_2026 = [c for c in lb.columns if c.startswith(PREFIX)]
@@ -172,7 +173,8 @@ def bars_section(bench: Bench, colors) -> tuple[str, int]:
     models = [m for m in bench.models if (lb["model"] == m).any()]
     parts = ['<section id="metrics"><h2>Metrics by model and context</h2>',
              '<p class="note">One panel per metric: bars are models, groups are scored contexts '
-             f'({esc(MEAN_CONTEXT)} = average over contexts). Each value is the mean over perturbations.</p>']  # fmt: skip
+             f'({esc(MEAN_CONTEXT)} = average over contexts). Each value is the mean over perturbations, except the '
+             'scores (VCC, and VCC 2026 with its scaled metrics), computed per context from those means.</p>']  # fmt: skip
     n = 0
     for title, cols in (("VCC score and its metrics", key), ("Other metrics", rest)):
         if not cols or not contexts or not models:

@@ -61,7 +61,8 @@ def scale_caveats_note(bench: Bench) -> str:
             "the replicate, or a metric undefined on it) is left out of the score. A scale <i>not resolved</i> has "
             "its replicate within two standard errors of its baseline over the anchor's splits: a scaled value "
             "there is the model's distance from the baseline magnified by an arbitrary factor, and can outweigh "
-            'the other metrics in the mean.</p><ul class="note">' + "".join(items) + "</ul>")
+            "the other metrics in the mean. A metric left out on a context is averaged over the other contexts "
+            'in its <i>mean</i> row.</p><ul class="note">' + "".join(items) + "</ul>")
 
 
 def beyond_replicate_note(bench: Bench) -> str:
