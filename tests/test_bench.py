@@ -314,7 +314,7 @@ def test_bench_json_and_report_record_the_hold_out_models_options_profile_and_ta
         assert {b["metric"] for b in meta["vcc2026_beyond_replicate"] if b["model"] == run["model"] and b["context"] == run["context"]} == beyond
     header = header_section(load_bench(out), "t")
     assert f"Held-out perturbations (2)</dt><dd>{', '.join(held)}</dd>" in header
-    assert "Held-out contexts</dt><dd>ctx_A, ctx_B</dd>" in header and "for held-out perturbations in held-out cell contexts" in header
+    assert "Held-out contexts</dt><dd>ctx_A, ctx_B</dd>" in header and "in held-out cell contexts (every perturbation there scored; the held-out perturbations never" in header
     assert "vcc2026</dd>" in header and "linear: {&quot;alpha&quot;: 3.0}; other models: defaults" in header
 
 

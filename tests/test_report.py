@@ -426,6 +426,6 @@ def test_report_header_says_what_was_held_out(tmp_path):
     assert "for held-out perturbations, never trained on:" in perts and "Held-out perturbations (3)</dt><dd>P1, P2, P3</dd>" in perts
     assert "Held-out contexts" not in perts and "Scored contexts</dt><dd>all</dd>" in perts
     both = header([{"held_out_contexts": ["all"], "held_out_perturbations": ["P1"]}])
-    assert "for held-out perturbations in held-out cell contexts:" in both and "Held-out perturbations (1)" in both
+    assert "in held-out cell contexts (every perturbation there scored; the held-out perturbations never trained on in any context):" in both and "Held-out perturbations (1)" in both
     old = header(None)
     assert "in held-out cell contexts:" in old and "Held-out contexts</dt><dd>all</dd>" in old

@@ -38,7 +38,7 @@ def _subtitle(held: tuple[list[str], list[str]] | None) -> str:
     if held is None:
         what = "in held-out cell contexts"
     else:
-        what = {(True, True): "for held-out perturbations in held-out cell contexts",
+        what = {(True, True): "in held-out cell contexts (every perturbation there scored; the held-out perturbations never trained on in any context)",
                 (True, False): "in held-out cell contexts",
                 (False, True): "for held-out perturbations, never trained on",
                 (False, False): "on held-out cells"}[(bool(held[0]), bool(held[1]))]
