@@ -893,6 +893,23 @@ def test_prep_2026_reads_and_writes_a_block_of_cells_at_a_time(tiny, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["genes.csv", "late.h5ad", "shuffled.h5ad", "sub.h5ad"]
 
 
+def test_a_target_gene_map_row_naming_no_perturbation_is_said(tmp_path, caplog):
+    """A mistyped perturbation in the map (meant to declare 'no target gene') fell back to the
+    label-names-a-gene rule in silence."""
+    from vcell.eval.vcc2026.inputs import read_target_map
+
+    path = tmp_path / "map.csv"
+    path.write_text("perturbation,gene\nSTAT1,\nIRF1x,IRF1\n")
+    with caplog.at_level("WARNING"):
+        mapping = read_target_map(path, ["STAT1", "IRF1", "JAK2"])
+    assert mapping == {"STAT1": None, "IRF1x": "IRF1"}
+    assert "1 listed perturbation(s) are not in the reference, so their rows are unused: 'IRF1x'; did you mean 'IRF1'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        read_target_map(path, ["STAT1", "IRF1x"])
+    assert "unused" not in caplog.text
+
+
 def test_prep_2026_says_when_it_drops_a_column_of_several_contexts(tiny, tmp_path, caplog):
     """Written without its contexts, a two-line prediction would be scored as one pooled context:
     prep says which column to keep; with --context-col it is kept and nothing is said."""

@@ -90,6 +90,7 @@ def test_two_processes_match_one_process(tiny, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert json.loads((ddp / "last" / "config.json").read_text())["step"] == 4
     assert first.stdout.count("checkpoint:") == 1  # rank 1 ran the same command and stayed quiet
+    assert "trained ST to step 4 in 2 processes in " in first.stdout, first.stdout[-500:]
     resumed = run_cli(*common, "--max-steps", "8", "--resume", timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
@@ -121,6 +122,8 @@ def test_bad_distributed_options_are_one_line_errors(tiny, tmp_path):
     assert not (tmp_path / "run").exists()
     with pytest.raises(VcellError, match="--batch-size 6 .* devices x nodes = 4"):
         check_run_options("cpu", devices=2, num_nodes=2, batch_size=6)
+    with pytest.raises(VcellError, match="--accelerator 'tpu': use one of auto, cpu, gpu"):  # Lightning's traceback, after the data
+        check_run_options("tpu")
     with pytest.raises(VcellError, match="--strategy 'fsdp'"):
         check_run_options("cpu", strategy="fsdp")
     with pytest.raises(VcellError, match="--precision '64'"):

@@ -537,3 +537,22 @@ def test_only_last_keeps_the_optimizer_and_no_save_optimizer_cannot_resume(ws, t
     line = error_line(resumed)
     assert "saved without the optimiser state (--no-save-optimizer)" in line, line
     assert json.loads((run / LAST / CONFIG).read_text())["step"] == 2
+
+
+def test_resume_through_another_column_names_the_column_not_a_changed_file():
+    """Labels read through another --pert-col change the data's digest, the split and the features:
+    the refusal named the file as 'changed since the run was trained on it' (it was not) and the one
+    cause three times; now the column alone. A changed file with the same columns is still named."""
+    from vcell.train.runs import resume_differences
+
+    def run(col: str, digest: str, vocab: list[str]) -> dict:
+        data = {"file": "/data/x.h5ad", "digest": digest, "cells": 10, "genes": 5}
+        return {"columns": {"pert_col": col, "control": "control"}, "pert_vocab": vocab,
+                "fingerprint": {"data": data, "split": {"digest": digest, "contexts": {"test": ["T98G"]}}},
+                "pert_features": {"sources": ["onehot"], "digest": digest}}
+
+    saved = run("perturbation", "a", ["MAPK1", "PLK4"])
+    assert resume_differences(saved, run("perturbation_raw", "b", ["MAPK1_sg1", "PLK4_sg2"])) == \
+        ["it was trained with --pert-col 'perturbation', not 'perturbation_raw'"]
+    changed = resume_differences(saved, run("perturbation", "b", ["MAPK1", "PLK4"]))
+    assert any("/data/x.h5ad changed since the run was trained on it" in d for d in changed), changed

@@ -86,7 +86,7 @@ def bench(
     dataset: Annotated[list[str] | None, typer.Option("--dataset", help="Keep only cells of this dataset (repeatable).")] = None,
     profile: Annotated[str, typer.Option("--profile", help="Metric profile scored (full includes vcc); vcc2026: the 2025 vcc metrics and the VCC 2026 score (raw-count data).")] = "full",
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("vcell-bench"),
-    threads: Annotated[int, typer.Option("--threads", help="Threads for differential expression.")] = 2,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="Threads for differential expression.")] = 2,
     allow_missing_controls: AllowMissingControls = False,
     no_report: Annotated[bool, typer.Option("--no-report", help="Skip report.html.")] = False,
     model_config: Annotated[Path | None, typer.Option("--model-config", help="YAML/JSON: model name -> options, e.g. st: {max_steps: 2000, config: {width: 256}}; variants: st_se: {model: st, embed_key: X_vcell}.")] = None,
@@ -106,6 +106,8 @@ def bench(
         parse_perturbations(holdout_perturbations)  # a bad fraction is named before any work
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
     names = [m.strip() for m in models.split(",") if m.strip()]
+    if not names:
+        raise VcellError(f"--models {models!r}: names no model (e.g. --models {DEFAULT_MODELS})")
     options = model_options(model_config) if model_config is not None else {}
     with removed_if_interrupted(out, BENCH_OUTPUTS, staged=True), status("benchmark") as line:
         result = run_bench(

@@ -65,7 +65,9 @@ AllowMissingControls = Annotated[
     bool,
     typer.Option("--allow-missing-controls", help="Accept contexts without control cells (their perturbed cells go unused)."),
 ]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same numbers.")]
+#: numpy's and Lightning's seeds are 32-bit: a seed outside [0, SEED_MAX] is a usage error, not a traceback.
+SEED_MAX = 2**32 - 1
+Seed = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Random seed; the same seed gives the same numbers.")]
 # Every command takes --seed so scripts can pass it uniformly; these commands draw no random numbers.
 NoRandomSeed = Annotated[int, typer.Option("--seed", help="Accepted by every command; this one is deterministic and draws no random numbers.")]
 

@@ -9,6 +9,7 @@ import numpy as np
 import typer
 
 from vcell.cli.common import (
+    SEED_MAX,
     AllowMissingControls,
     BatchCol,
     ContextCol,
@@ -175,7 +176,7 @@ def split_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     allow_missing_controls: AllowMissingControls = False,
     simulated_roles: Annotated[bool, typer.Option("--simulated-roles", help="Hold out the test perturbations and validate on the val ones that `vcell data simulate --preset vcc` recorded (uns['simulation']['roles']; kept by preprocess).")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed: draws the --holdout-perturbations/--val-perturbations fractions and the cell sets; the same seed gives the same split.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Random seed: draws the --holdout-perturbations/--val-perturbations fractions and the cell sets; the same seed gives the same split.")] = 0,
 ) -> None:
     """Apply a split (TOML, or --holdout-context and/or --holdout-perturbations) and print cells and cell sets per context and role."""
     from vcell.data.cellsets import CellSetSampler
@@ -234,16 +235,15 @@ def subset_cmd(
     dataset_col: Annotated[str, typer.Option(help="obs column naming each cell's dataset (if present).")] = "dataset",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     allow_missing_controls: AllowMissingControls = False,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed: draws a --holdout-perturbations fraction (the same seed as `vcell data split` gives the same cells).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Random seed: draws a --holdout-perturbations fraction (the same seed as `vcell data split` gives the same cells).")] = 0,
 ) -> None:
     """Write the cells of a split's role (default: the held-out test cells) with their contexts' controls: the real cells to score a prediction against."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
     from vcell.data.dataset import load_dataset
     from vcell.data.io import check_output_path
     from vcell.data.splits import apply_split, select_cells
     from vcell.data.subset import write_cells
     from vcell.eval.prep import read_gene_list
+    from vcell.train.display import task
 
     check_split_options(split, holdout_context, holdout_perturbations, val_perturbations, val_context)
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
@@ -252,10 +252,8 @@ def subset_cmd(
     data = load_dataset(file, spec, backed=True, dataset_col=dataset_col, require_context_controls=not allow_missing_controls)
     cfg = split_config(data.index, split, holdout_context, holdout_perturbations, seed, val_context, val_perturbations)
     mask = select_cells(data.index, apply_split(data.index, cfg), role or ["test"], context or [], controls)
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task(f"writing {out.name}", total=int(mask.sum()))
-        write_cells(file, mask, out, progress=lambda n: bar.advance(task, n), genes=gene_list).file.close()
+    with task(f"writing {out.name}", total=int(mask.sum()), unit="cells") as line:  # on stderr, off with -q
+        write_cells(file, mask, out, progress=line.advance, genes=gene_list).file.close()
     is_ctrl = data.index.is_control[mask]
     n_perts = len(np.unique(data.index.pert_codes[mask][~is_ctrl]))
     contexts = ", ".join(map(str, data.index.contexts[np.unique(data.index.context_codes[mask])]))
@@ -378,17 +376,12 @@ def fetch_cmd(
     seed: NoRandomSeed = 0,
 ) -> None:
     """Download a dataset into the cache (resumable, atomic, checksum-verified when known)."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
     from vcell.data.registry import fetch, load_registry
+    from vcell.train.display import task
 
     reg = load_registry(registry)
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console) as bar:
-        task = bar.add_task(f"fetch {name}", total=None)
-
-        def progress(done: int, total: int | None) -> None:
-            bar.update(task, completed=done, total=total)
-
-        path = fetch(name, cache_dir=cache_dir, registry=reg, force=force, progress=progress)
+    with task(f"fetch {name}", unit="bytes") as line:  # on stderr: `$(vcell data fetch NAME)` captures only the path line
+        path = fetch(name, cache_dir=cache_dir, registry=reg, force=force,
+                     progress=lambda done, total: line.update(completed=done, total=total))
     console.print(f"{name}: {path}")
 

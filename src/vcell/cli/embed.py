@@ -35,6 +35,8 @@ def embed(
         raise VcellError(f"--batch-size must be >= 1, got {batch_size}")
     if not key.strip():
         raise VcellError("--key must not be empty")
+    if "/" in key:  # h5ad stores obsm[key] at obsm/KEY: a '/' makes a group no reader opens as a matrix
+        raise VcellError(f"--key {key!r}: an obsm key cannot contain '/'")
     if expression is not None and expression not in ("counts", "log1p"):
         raise VcellError(f"--expression {expression!r}: use 'counts' or 'log1p'")
     check_output_path(out, [data], overwrite=overwrite)

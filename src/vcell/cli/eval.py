@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from vcell.cli.common import Control, HelpGroup, NoRandomSeed, PertCol, console, spelled, table
+from vcell.cli.common import SEED_MAX, Control, HelpGroup, NoRandomSeed, PertCol, console, spelled, table
 from vcell.cli.interrupts import removed_if_interrupted
 from vcell.train.display import status, task
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="Evaluate predictions with the Virtual Cell Challenge metrics (cell-eval compatible).", no_args_is_help=True, rich_markup_mode=None, cls=HelpGroup)
 
-Threads = Annotated[int, typer.Option("--threads", help="Threads for differential expression.")]
+Threads = Annotated[int, typer.Option("--threads", min=1, help="Threads for differential expression.")]
 InputType = Annotated[
     str,
     typer.Option(
@@ -52,7 +52,8 @@ MemoryBudget = Annotated[
                  "whole; else two bands of half this each (one tested, the next being read). Summaries, controls and the "
                  "vcc2026 anchor's splits come on top: at the challenge's sizes the peak was 1.5-2.1x the budget."),
 ]
-Context2026 = Annotated[str, typer.Option("--context-col", help="vcc2026: obs column of the context (cell line); each is scored on its own. Absent: one context.")]
+Context2026 = Annotated[str, typer.Option("--context-col", help="vcc2026: obs column of the context (cell line); each is scored on its own. 'none', or the default "
+                                               "column absent: one context.")]
 
 
 def _options_2026(pert_col, control, context_col, target_genes, no_target_genes, threads, backed=True, memory_budget=2.0):
@@ -253,12 +254,12 @@ def baseline_cmd(
     target_genes: TargetGenes = None,
     no_target_genes: NoTargetGenes = False,
     splits: Annotated[int, typer.Option("--splits", help="vcc2026: split-half replicates of the anchor (cell-eval2: 5).")] = 5,
-    anchor_seed: Annotated[int, typer.Option("--anchor-seed", help="vcc2026: base seed of the anchor's splits (cell-eval2: 0).")] = 0,
+    anchor_seed: Annotated[int, typer.Option("--anchor-seed", min=0, max=SEED_MAX - 1000, help="vcc2026: base seed of the anchor's splits (cell-eval2: 0).")] = 0,
     only: Annotated[str | None, typer.Option("--only", help="vcc2026: 'baseline' or 'anchor' (default: both ends).")] = None,
     backed: Backed = True,
     memory_budget: MemoryBudget = 2.0,
     overwrite: Annotated[bool, typer.Option(help="Replace outputs that exist.")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="vcc2026: seed of the baseline's control-cell draws (cell-eval2: 0); the 2025 baseline draws nothing.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="vcc2026: seed of the baseline's control-cell draws (cell-eval2: 0); the 2025 baseline draws nothing.")] = 0,
 ) -> None:
     """Build the cell-mean baseline (as `cell-eval baseline`) from real data.
 
@@ -293,6 +294,9 @@ def baseline_cmd(
             console.print(table(pd.DataFrame(rows), title="vcc2026 scale" + (f", context {ctx}" if ctx else "")))
         console.print(f"wrote {out}")
         return
+    from vcell.eval.profiles import profile_metrics
+
+    profile_metrics(profile)  # the 2025 baseline is the same for every profile; an unknown name is still a typo
     _only_for("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False),
                              "--only": (only, None), "--splits": (splits, 5), "--anchor-seed": (anchor_seed, 0),
                              "--in-memory": (backed, True), "--memory-budget": (memory_budget, 2.0)})
@@ -324,8 +328,8 @@ def prep_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Output .vcc (default: PRED.prep.vcc); vcc2026: .h5ad (default: PRED.prep.h5ad).")] = None,
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
-    max_cells: Annotated[int, typer.Option(help="vcc (2025): most cells allowed (-1: no cap).")] = 200_000,
-    expected_n_genes: Annotated[int, typer.Option(help="vcc (2025): expected gene count (-1: no check); vcc2026 checks the gene list itself.")] = 18_080,
+    max_cells: Annotated[int, typer.Option(min=-1, help="vcc (2025): most cells allowed (-1: no cap).")] = 200_000,
+    expected_n_genes: Annotated[int, typer.Option(min=-1, help="vcc (2025): expected gene count (-1: no check); vcc2026 checks the gene list itself.")] = 18_080,
     profile: Annotated[str, typer.Option("--profile", help="vcc (2025 .vcc archive) or vcc2026 (raw-count .h5ad, the 2026 upload checks).")] = "vcc",
     perturbations: Annotated[Path | None, typer.Option("--perturbations", help="vcc2026: CSV of the perturbations to predict (header; first column names, optional second column cell counts; a control row is skipped).")] = None,
     context_col: Annotated[str | None, typer.Option("--context-col", help="vcc2026: obs column of each cell's context, kept in the output.")] = None,
@@ -356,8 +360,8 @@ def prep_cmd(
     from vcell.eval.prep import prepare_submission
 
     path = prepare_submission(
-        pred, out, genes=genes, pert_col=pert_col, control=control, max_cells=max_cells,
-        expected_n_genes=expected_n_genes, overwrite=overwrite,
+        pred, out, genes=genes, pert_col=pert_col, control=control, max_cells=None if max_cells == -1 else max_cells,
+        expected_n_genes=None if expected_n_genes == -1 else expected_n_genes, overwrite=overwrite,
     )
     console.print(f"wrote {path}")
 

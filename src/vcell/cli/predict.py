@@ -54,7 +54,8 @@ def predict(
     depth = parse_depth(depth, "--depth")
     if output != "counts" and depth != "controls":
         raise VcellError(f"--depth {depth}: the depth of drawn counts; add --output counts (the default output is log1p)")
-    inputs = [data] + ([all_genes] if all_genes is not None else [])
+    listed_file = perturbations.strip() if "," not in perturbations and perturbations.strip().lower().endswith(LIST_FILES) else None
+    inputs = [data, model] + [p for p in (all_genes, listed_file) if p is not None]
     check_log1p_out(out, log1p_out, output)
     if log1p_out is not None:
         check_output_path(log1p_out, inputs, overwrite=overwrite)
@@ -73,7 +74,7 @@ def predict(
     if key is not None and key not in dataset.adata.obsm:
         raise missing_obsm_error(data, key, dataset.adata.obsm.keys())
     which = perturbations.strip()
-    if "," not in which and which.lower().endswith(LIST_FILES):  # the challenge's pert_counts.csv: labels and cells each
+    if listed_file is not None:  # the challenge's pert_counts.csv: labels and cells each
         listed = (read_perturbation_table(which) if which.lower().endswith(".csv")
                   else dict.fromkeys(read_label_file(which, "--perturbations")))
         listed = {k: v for k, v in listed.items() if k != spec.control}

@@ -104,7 +104,7 @@ def st(
     from vcell.features.perturbations import check_sources
 
     options = _options(STTrainOptions, locals())
-    check_run_dir(out, resume, overwrite)  # refuse before the data is read
+    check_run_dir(out, resume, overwrite, kind="st", max_steps=options.max_steps)  # refuse before the data is read
     check_sources(pert_features)
     # DDP runs this command once per process (Lightning re-runs it); only rank 0 reports
     values = STConfig.from_file(config, preset)
@@ -167,7 +167,7 @@ def se(
     if expression is not None and expression not in ("counts", "log1p"):
         raise VcellError(f"--expression {expression!r}: use 'counts' or 'log1p'")
     options = _options(SETrainOptions, locals())
-    check_run_dir(out, resume, overwrite)  # refuse before the data is read
+    check_run_dir(out, resume, overwrite, kind="se", max_steps=options.max_steps)  # refuse before the data is read
     values = SEConfig.from_file(config, preset)
     for path in data:  # every file's values checked (one line naming it) before Lightning loads, in a second
         adata = read_h5ad(path, backed=True)

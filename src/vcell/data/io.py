@@ -349,9 +349,15 @@ def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
 
 
 def _check_inputs(out: Path, inputs) -> None:
+    """Refuse ``out`` when it is an input file, or a file already in an input folder (a model's
+    checkpoint); a new file in an input folder is fine."""
+    target = out.resolve()
     for inp in inputs:
-        if out.resolve() == Path(inp).resolve():
+        inp = Path(inp).resolve()
+        if target == inp:
             raise VcellError(f"{out}: output path is the input file; inputs are never modified in place")
+        if inp.is_dir() and inp in target.parents and target.exists():
+            raise VcellError(f"{out}: output path is a file of the input folder {inp}; inputs are never modified in place")
 
 
 def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike] = (), overwrite: bool = False) -> Path:

@@ -69,7 +69,7 @@ def read_counts_table(path, pert_col: str, counts_col: str = "n_cells") -> pd.Da
     n = pd.to_numeric(table[counts_col], errors="coerce")
     bad = n.isna() | (n < 0) | (n != n.round())
     if bad.any():
-        raise VcellError(f"{path}: column {counts_col!r} holds {table[counts_col][bad].iloc[0]!r}; cell counts are whole numbers >= 0")
+        raise VcellError(f"{path}: column {counts_col!r} holds {str(table[counts_col][bad].iloc[0])!r}; cell counts are whole numbers >= 0")
     return table
 
 

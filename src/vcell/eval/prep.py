@@ -314,7 +314,7 @@ def prepare_submission(
 
     genelist = read_gene_list(genes)
     gene_src = str(genes) if isinstance(genes, (str, os.PathLike)) else "the gene list"
-    if expected_n_genes and len(genelist) != expected_n_genes:
+    if expected_n_genes is not None and len(genelist) != expected_n_genes:
         log.warning(
             "%s has %s genes, not the %s expected (VCC 2025); preparing for its %s genes",
             gene_src, f"{len(genelist):,}", f"{expected_n_genes:,}", f"{len(genelist):,}",
@@ -367,7 +367,7 @@ def prepare_submission(
         log.warning("%s: genes are the listed %d but in another order; reordering them to %s", where, len(genelist), gene_src)
 
     # cells
-    if max_cells is not None and max_cells > 0 and adata.n_obs > max_cells:
+    if max_cells is not None and adata.n_obs > max_cells:
         raise VcellError(
             f"{where}: {adata.n_obs} cells exceed the submission cap of {max_cells} (max_cells); "
             "predict fewer cells per perturbation"

@@ -96,7 +96,8 @@ def profile_metrics(profile: str | Sequence[str]) -> list[str]:
     """The metric names of a profile (a profile name, or a list of metric names)."""
     if isinstance(profile, str):
         if profile not in PROFILES:
-            raise VcellError(f"unknown metric profile {profile!r}; known profiles: {', '.join(PROFILES)}")
+            known = [*PROFILES, "vcc2026"]
+            raise VcellError(f"unknown metric profile {profile!r}{did_you_mean(profile, known)}; known profiles: {', '.join(known)}")
         names = PROFILES[profile]
     else:
         names = list(profile)

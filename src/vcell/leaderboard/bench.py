@@ -165,6 +165,8 @@ def make_folds(
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise VcellError(f"--holdout-context {twice[0]!r} is given twice (holdout=): each held-out context is one fold")
+    if len(names) > 1 and "all" in (n.lower() for n in names):
+        raise VcellError("--holdout-context all holds out each context in turn (holdout=['all']); give it alone, not with named contexts")
     if [n.lower() for n in names] == ["all"]:
         with_controls = np.unique(index.context_codes[index.is_control])
         names = [str(index.contexts[c]) for c in with_controls]

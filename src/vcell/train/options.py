@@ -20,6 +20,8 @@ from vcell.nn.config import field_values
 from vcell.nn.precision import check_precision
 
 STRATEGIES = ("auto", "ddp")
+#: Lightning's accelerators that vcell trains on (tpu needs torch_xla, which vcell does not support).
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
 @dataclass
@@ -176,6 +178,8 @@ def check_run_options(
     batch_size: int | None = None,
 ) -> None:
     """Raise a one-line :class:`VcellError` for device, strategy, precision or batch-size options that cannot work together."""
+    if accelerator not in ACCELERATORS:
+        raise VcellError(f"--accelerator {accelerator!r}: use one of {', '.join(ACCELERATORS)}")
     for name, value in (("devices", devices), ("num-nodes", num_nodes)):
         if not isinstance(value, int) or value < 1:
             raise VcellError(f"--{name} must be a positive integer, got {value!r}")

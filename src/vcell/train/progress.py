@@ -16,7 +16,6 @@ all stop at the same step.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import threading
@@ -29,8 +28,9 @@ from lightning.pytorch.callbacks import Callback
 
 from vcell.data.io import human_size
 from vcell.errors import Interrupted
-from vcell.nn.checkpoint import BEST, CONFIG, LAST, checkpoint_bytes, resolve_checkpoint_dir
+from vcell.nn.checkpoint import BEST, LAST, checkpoint_bytes, resolve_checkpoint_dir
 from vcell.train.display import TaskLine, format_duration, note, task
+from vcell.train.runs import checkpoint_step
 
 _REFRESH_S = 0.25  # how often the loss and speed on the bar are refreshed (each read syncs the device)
 _LAST_RUN: dict = {"summary": None}
@@ -38,15 +38,6 @@ _LAST_RUN: dict = {"summary": None}
 
 class StopTraining(Exception):
     """Raised by :class:`TrainProgress` after the checkpoint of a Ctrl-C'd run is written (ends ``fit``)."""
-
-
-def checkpoint_step(directory: str | os.PathLike) -> int | None:
-    """The step of the checkpoint folder ``directory`` (``None`` when there is none or it is unreadable)."""
-    path = resolve_checkpoint_dir(directory) / CONFIG
-    try:
-        return int(json.loads(path.read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 @dataclass
@@ -63,6 +54,7 @@ class RunSummary:
     best_loss: float | None = None
     interrupted: bool = False
     validation_every: int | None = None  # steps between validations (an epoch), when the run validates
+    processes: int = 1  # the run's processes (DDP: devices x nodes)
 
     @property
     def cells_per_s(self) -> float:
@@ -72,7 +64,8 @@ class RunSummary:
     def line(self) -> str:
         """The command's summary line, e.g. ``trained ST to step 300 in 1m12s (2,345 cells/s); checkpoint: OUT/last (12.3 MB)``."""
         span = f"to step {self.step}" if self.start_step == 0 else f"from step {self.start_step} to step {self.step}"
-        text = f"trained {self.kind.upper()} {span} in {format_duration(self.seconds)} ({self.cells_per_s:,.0f} cells/s)"
+        procs = f" in {self.processes} processes" if self.processes > 1 else ""
+        text = f"trained {self.kind.upper()} {span}{procs} in {format_duration(self.seconds)} ({self.cells_per_s:,.0f} cells/s)"
         last = self.out_dir / LAST
         text += f"; checkpoint: {last} ({human_size(checkpoint_bytes(last))})"
         best = self.out_dir / BEST
@@ -201,7 +194,7 @@ class TrainProgress(Callback):
         _LAST_RUN["summary"] = RunSummary(
             self.kind, self.out_dir, self._start_step, trainer.global_step, self._max_steps,
             time.perf_counter() - self._t0, float(self._cells) * self._world,
-            getattr(self.checkpoints, "best", None), interrupted, _validation_every(trainer),
+            getattr(self.checkpoints, "best", None), interrupted, _validation_every(trainer), self._world,
         )
 
     def request_stop(self) -> None:

@@ -28,7 +28,17 @@ import scipy.sparse as sp
 from vcell.data.io import check_writable, clean_leftovers, human_size, temp_prefix
 from vcell.data.rows import H5Rows
 from vcell.errors import VcellError, preview
-from vcell.nn.checkpoint import BEST, CONFIG, LAST, OPTIMIZER, checkpoint_bytes, recover_checkpoint_dir, resolve_checkpoint_dir
+from vcell.nn.checkpoint import (
+    BEST,
+    CONFIG,
+    LAST,
+    OPTIMIZER,
+    checkpoint_bytes,
+    checkpoint_kind,
+    read_config,
+    recover_checkpoint_dir,
+    resolve_checkpoint_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +50,30 @@ SAMPLE_ROWS = 16  # rows of the matrix hashed into a data file's digest
 # ------------------------------------------------------------------------------------ run folders
 
 
-def _step(directory: Path) -> str:
+def checkpoint_step(directory: str | os.PathLike) -> int | None:
+    """The step of the checkpoint folder ``directory`` (``None`` when there is none or it is unreadable)."""
+    path = resolve_checkpoint_dir(directory) / CONFIG
     try:
-        return str(json.loads((directory / CONFIG).read_text())["step"])
+        return int(json.loads(path.read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
-        return "?"
+        return None
 
 
-def check_run_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path | None:
+def check_resume_steps(checkpoint: str | os.PathLike, max_steps: int) -> int:
+    """The step of ``checkpoint``; a one-line error when it is already at ``max_steps`` or beyond (nothing to train)."""
+    step = checkpoint_step(checkpoint)
+    if step is not None and step >= max_steps:
+        raise VcellError(f"{checkpoint}: the run is already at step {step} >= --max-steps {max_steps}; "
+                         f"pass a larger --max-steps to train on")
+    return step or 0
+
+
+def check_run_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False, kind: str | None = None,
+                  max_steps: int | None = None) -> Path | None:
     """The checks of :func:`open_run_dir`, changing nothing: call it before loading data.
 
-    Returns the checkpoint a ``resume`` continues from (``None`` without ``resume``).
+    With ``resume``, also that the checkpoint holds a ``kind`` model (``st``, ``se``) and is below
+    ``max_steps``, when given. Returns the checkpoint a ``resume`` continues from (``None`` without ``resume``).
     """
     out_dir = Path(out_dir)
     if resume and overwrite:
@@ -63,11 +86,15 @@ def check_run_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: b
         if not (found / OPTIMIZER).is_file():
             raise VcellError(f"{found}: cannot resume: this checkpoint was saved without the optimiser state "
                              "(--no-save-optimizer); train into a new --out, or start again with --overwrite")
+        if kind is not None:
+            check_kind(found, read_config(found), kind)
+        if max_steps is not None:
+            check_resume_steps(found, max_steps)
         return found
     trained = [name for name in (LAST, BEST) if resolve_checkpoint_dir(out_dir / name).is_dir()]
     if trained and not overwrite:
         where = resolve_checkpoint_dir(out_dir / trained[0])
-        raise VcellError(f"{out_dir}: already holds a trained run ({trained[0]}/ at step {_step(where)}); "
+        raise VcellError(f"{out_dir}: already holds a trained run ({trained[0]}/ at step {checkpoint_step(where) or '?'}); "
                          "pass --resume to continue it, --overwrite to replace it, or choose another --out")
     return None
 
@@ -233,27 +260,33 @@ def resume_differences(saved: dict, ours: dict) -> list[str]:
         if key in saved and key in ours and str(saved[key]) != str(ours[key]):
             diffs.append(f"it was trained with {flag} {saved[key]}, not {ours[key]}")
     cols_a, cols_b = saved.get("columns") or {}, ours.get("columns") or {}
+    n = len(diffs)
     for key, flag in _FLAGS.items():
         if key in cols_a and cols_a.get(key) != cols_b.get(key):
             diffs.append(f"it was trained with {flag} {cols_a.get(key)!r}, not {cols_b.get(key)!r}")
+    # read through another column, the labels (and the data's digest, the split and the features
+    # built from them) differ with it: the column is the difference, not a changed file
+    relabelled = len(diffs) > n
     if "embed_key" in saved and saved.get("embed_key") != ours.get("embed_key"):
         show = lambda k: repr(k) if k else "none (gene space)"  # noqa: E731
         diffs.append(f"it was trained with --embed-key {show(saved.get('embed_key'))}, not {show(ours.get('embed_key'))}")
     fa, fb = saved.get("fingerprint") or {}, ours.get("fingerprint") or {}
     data_a, data_b = fa.get("data"), fb.get("data")
-    if isinstance(data_a, dict) and isinstance(data_b, dict):
+    if isinstance(data_a, dict) and isinstance(data_b, dict) and not (relabelled and data_a.get("file") == data_b.get("file")):
         diffs.append(_data_difference(data_a, data_b))
     elif isinstance(data_a, list) and isinstance(data_b, list):
         names = saved.get("datasets") or [f"file {i + 1}" for i in range(len(data_a))]
         for name, a, b in zip(names, data_a, data_b):
             diffs.append(_data_difference(a, b, f"data file {name!r}"))
-    if "split" in fa and "split" in fb:
+    if "split" in fa and "split" in fb and not relabelled:
         diffs.append(_split_difference(fa["split"], fb["split"]))
     if "genes" in saved and "genes" in ours and list(saved["genes"]) != list(ours["genes"]):
         gone = [g for g in saved["genes"] if g not in set(ours["genes"])]
         detail = f"; not in this data: {preview(gone, n=3)}" if gone else " (in another order)"
         diffs.append(f"it was trained on {len(saved['genes'])} genes, this data has {len(ours['genes'])}{detail}")
-    if "pert_vocab" in saved and "pert_vocab" in ours and list(saved["pert_vocab"]) != list(ours["pert_vocab"]):
+    if relabelled:
+        pass
+    elif "pert_vocab" in saved and "pert_vocab" in ours and list(saved["pert_vocab"]) != list(ours["pert_vocab"]):
         a, b = set(saved["pert_vocab"]), set(ours["pert_vocab"])
         parts = ([f"missing here: {preview(sorted(a - b), n=3)}"] if a - b else []) + ([f"new here: {preview(sorted(b - a), n=3)}"] if b - a else [])
         diffs.append(f"its perturbation features differ ({'; '.join(parts) or 'another order'})")
@@ -264,8 +297,10 @@ def resume_differences(saved: dict, ours: dict) -> list[str]:
         pf_a = {"sources": ["onehot"], "digest": pf_b.get("digest") if pf_b and pf_b.get("sources") == ["onehot"] else None}
     if isinstance(pf_b, dict) and pf_a.get("digest") != pf_b.get("digest"):
         was, now = ", ".join(pf_a.get("sources", [])), ", ".join(pf_b.get("sources", []))
-        diffs.append(f"it was trained with --pert-features {was}, not {now}" if was != now else
-                     f"its perturbation feature table ({was}) has other values now")
+        if was != now:
+            diffs.append(f"it was trained with --pert-features {was}, not {now}")
+        elif not relabelled:
+            diffs.append(f"its perturbation feature table ({was}) has other values now")
     exp_a, exp_b = saved.get("expression"), ours.get("expression")
     if isinstance(exp_a, dict) and isinstance(exp_b, dict):
         for name in exp_a:
@@ -274,12 +309,20 @@ def resume_differences(saved: dict, ours: dict) -> list[str]:
     return [d for d in diffs if d]
 
 
+def check_kind(start: str | os.PathLike, saved: dict, kind: str) -> None:
+    """Refuse to resume a checkpoint (``saved``: its ``config.json``) of another model kind than ``kind``."""
+    if checkpoint_kind(saved) != kind:
+        raise VcellError(f"{start}: holds a {checkpoint_kind(saved).upper()} model; this run trains {kind.upper()}")
+
+
 def check_resume(start: str | os.PathLike, saved: dict, ours: dict) -> None:
     """Refuse (one line, naming every difference) to resume ``start`` with a run that trains on something else.
 
     ``saved``: the checkpoint's ``config.json``; ``ours``: what this run would write. A checkpoint
     written before fingerprints existed resumes with a warning (only the fields it has are compared).
     """
+    if "kind" in ours:  # before the differences, which would all follow from it
+        check_kind(start, saved, checkpoint_kind(ours))
     diffs = resume_differences(saved, ours)
     if diffs:
         raise VcellError(f"cannot resume {start}: " + "; ".join(diffs) + "; resume with the same data, split, columns and "

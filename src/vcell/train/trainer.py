@@ -15,8 +15,9 @@ from vcell.nn.checkpoint import verify_checkpoint
 from vcell.nn.precision import PRECISIONS
 from vcell.train.checkpoint import RunCheckpoints, SafetensorsCheckpointIO
 from vcell.train.options import TrainOptions
-from vcell.train.progress import StopTraining, TrainProgress, checkpoint_step, raise_interrupted, stop_on_interrupt
+from vcell.train.progress import StopTraining, TrainProgress, raise_interrupted, stop_on_interrupt
 from vcell.train.quiet import quiet_lightning
+from vcell.train.runs import check_resume_steps
 
 
 def make_trainer(options: TrainOptions, out_dir: str | os.PathLike, kind: str, validate: bool = False) -> L.Trainer:
@@ -102,10 +103,3 @@ def fit_module(
     return trainer
 
 
-def check_resume_steps(checkpoint: str | os.PathLike, max_steps: int) -> int:
-    """The step of ``checkpoint``; a one-line error when it is already at ``max_steps`` or beyond (nothing to train)."""
-    step = checkpoint_step(checkpoint)
-    if step is not None and step >= max_steps:
-        raise VcellError(f"{checkpoint}: the run is already at step {step} >= --max-steps {max_steps}; "
-                         f"pass a larger --max-steps to train on")
-    return step or 0

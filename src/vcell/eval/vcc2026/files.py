@@ -107,6 +107,21 @@ def _read_meta(path, opts: Options, prediction: bool = False) -> ObsColumns:
     return read_obs(path, [opts.pert_col, *upload, opts.context_col, DATA_CONTEXT_COLUMN])
 
 
+def _reference_contexts(path, opts: Options, obs: ObsColumns) -> list[str] | None:
+    """The reference's contexts (None: one context). Only the default column may be absent (cell-eval2's
+    rule: no ``context`` column, one context); a column the user named must be there, or be ``none``."""
+    col = opts.context_col
+    if col.lower() == "none":
+        return None
+    if col != CONTEXT_COLUMN and col not in obs.names:
+        raise VcellError(f"{path}: context column {col!r} not found in obs{did_you_mean(col, obs.names)} "
+                         f"(columns: {preview(obs.names, 10)}); --context-col none scores every cell as one context")
+    contexts = _contexts(path, col, obs, required=False)
+    if contexts is None:
+        _one_context(path, opts, obs)
+    return contexts
+
+
 def _one_context(path, opts: Options, obs: ObsColumns) -> None:
     """Warn when a reference scored as one context has several in vcell's data context column:
     their controls and perturbations would be pooled."""
@@ -195,8 +210,8 @@ def reference_context(real: CountsCells, opts: Options, target_map, extra=None, 
     return finish(targets), perts
 
 
-def _target_map(opts: Options):
-    return read_target_map(opts.target_genes, []) if opts.target_genes is not None else None
+def _target_map(opts: Options, labels: np.ndarray):
+    return read_target_map(opts.target_genes, sorted(set(labels) - {opts.control})) if opts.target_genes is not None else None
 
 
 def run(pred, real, out, opts: Options, overwrite: bool = False, report: Callable[[str], None] | None = None) -> dict[str, pd.DataFrame]:
@@ -220,11 +235,9 @@ def run_many(preds: Mapping[str, str | os.PathLike], real, out, opts: Options, o
     report = report or (lambda _: None)
     out = Path(out)
     real_obs = _read_meta(real, opts)
-    contexts = _contexts(real, opts.context_col, real_obs, required=False)
-    if contexts is None:
-        _one_context(real, opts, real_obs)
-    target_map = _target_map(opts)
+    contexts = _reference_contexts(real, opts, real_obs)
     labels_real = _labels(real_obs, real, opts.pert_col)
+    target_map = _target_map(opts, labels_real)
     metas = {}
     for key, pred in preds.items():  # every prediction's columns, labels and contexts checked before any work
         pred_obs = _read_meta(pred, opts, prediction=True)
@@ -310,14 +323,11 @@ def scale_ends(real, out, opts: Options, splits: int = N_SPLITS, anchor_seed: in
     report = report or (lambda _: None)
     out = Path(out)
     real_obs = _read_meta(real, opts)
-    contexts = _contexts(real, opts.context_col, real_obs, required=False)
-    if contexts is None:
-        _one_context(real, opts, real_obs)
+    contexts = _reference_contexts(real, opts, real_obs)
     files = ["scale.json"] + (list(SCALE_FILES[:2]) if baseline else []) + (list(SCALE_FILES[2:4]) if anchor else [])
     names = [f"{subfolder(c, 'context')}{f}" for c in (contexts or [None]) for f in files]
     check_output_dir(out, names, [real], overwrite=overwrite)
-    target_map = _target_map(opts)
-    _labels(real_obs, real, opts.pert_col)
+    target_map = _target_map(opts, _labels(real_obs, real, opts.pert_col))
     done: dict[str, dict] = {}
     outputs = {}
     scales = {}

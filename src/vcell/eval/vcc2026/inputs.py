@@ -9,6 +9,7 @@ the reference's controls are the origin of both sides, as the competition scores
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from vcell.eval._band_kernels import row_totals
 from vcell.eval.tiles import Scratch, TileStore
 from vcell.eval.vcc2026.reader import as_csr, labels_of, read_counts_file, read_obs, read_tiles
 
+log = logging.getLogger(__name__)
 _NO_ROWS = np.empty(0, np.int64)
 
 #: The challenge's cap on one cell's total count (``max_counts_per_cell``).
@@ -242,7 +244,11 @@ def close_cells(cells: CountsCells) -> None:
 
 
 def read_target_map(path: str | os.PathLike, perturbations: list[str]) -> dict[str, str | None]:
-    """A perturbation -> target gene table (CSV with two columns, header row); an empty gene means none."""
+    """A perturbation -> target gene table (CSV with two columns, header row); an empty gene means none.
+
+    A listed perturbation that is not among ``perturbations`` (the reference's) is warned of: its row
+    is unused, and the perturbation it was meant for falls back to the label-names-a-gene rule.
+    """
     p = Path(path)
     if not p.is_file():
         raise VcellError(f"{p}: target-gene map not found")
@@ -254,4 +260,9 @@ def read_target_map(path: str | os.PathLike, perturbations: list[str]) -> dict[s
         if pert in mapping:
             raise VcellError(f"{p}: perturbation {pert!r} is listed twice")
         mapping[pert] = gene or None
+    known = set(perturbations)
+    unused = [q for q in mapping if q not in known]
+    if unused and perturbations:
+        log.warning("%s: %d listed perturbation(s) are not in the reference, so their rows are unused: %s%s", p, len(unused),
+                    preview(unused, 5), did_you_mean(unused[0], perturbations))
     return mapping
