@@ -689,7 +689,7 @@ def test_two_contexts(tmp_path):
     proc = run_cli("eval", "run", "--profile", "vcc2026", "--pred", pred, "--real", real, "--out", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["A", "B"]
-    assert "scored 60 perturbations in 2 contexts in " in proc.stdout and f"wrote {out}" in proc.stdout, proc.stdout[-500:]
+    assert "scored 30 + 30 perturbations in 2 contexts in " in proc.stdout and f"wrote {out}" in proc.stdout, proc.stdout[-500:]
     scale_ends(real, scale, Options())
     assert sorted(p.name for p in scale.iterdir()) == ["A", "B"]
     assert json.loads((scale / "A" / "scale.json").read_text())["context"] == "A"
@@ -715,7 +715,7 @@ def test_two_contexts(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     _vcell_run(pred2, real, alone2)
     assert sorted(p.name for p in many.iterdir()) == ["pred", "pred2"]
-    assert "scored 2 predictions x 60 perturbations in 2 contexts" in proc.stdout and "(pred/, pred2/)" in proc.stdout
+    assert "scored 2 predictions x 30 + 30 perturbations in 2 contexts" in proc.stdout and "(pred/, pred2/)" in proc.stdout
     for c in ("A", "B"):
         for f in ("results.csv", "agg_results.csv"):
             assert (many / "pred" / c / f).read_bytes() == (out / c / f).read_bytes()
@@ -899,14 +899,15 @@ def test_a_target_gene_map_row_naming_no_perturbation_is_said(tmp_path, caplog):
     from vcell.eval.vcc2026.inputs import read_target_map
 
     path = tmp_path / "map.csv"
-    path.write_text("perturbation,gene\nSTAT1,\nIRF1x,IRF1\n")
+    path.write_text("perturbation,gene\nSTAT1,\nIRF1x,IRF1\nSOCS3,SOCS3\n")
     with caplog.at_level("WARNING"):
         mapping = read_target_map(path, ["STAT1", "IRF1", "JAK2"])
-    assert mapping == {"STAT1": None, "IRF1x": "IRF1"}
-    assert "1 listed perturbation(s) are not in the reference, so their rows are unused: 'IRF1x'; did you mean 'IRF1'" in caplog.text
+    assert mapping == {"STAT1": None, "IRF1x": "IRF1", "SOCS3": "SOCS3"}
+    assert "perturbation 'IRF1x' is not in the reference, so its row is unused; did you mean 'IRF1'" in caplog.text
+    assert "SOCS3" not in caplog.text  # a row of the screen this reference lacks: no typo, nothing said
     caplog.clear()
     with caplog.at_level("WARNING"):
-        read_target_map(path, ["STAT1", "IRF1x"])
+        read_target_map(path, ["STAT1", "IRF1x"])  # a reference of a subset of the map's screen
     assert "unused" not in caplog.text
 
 

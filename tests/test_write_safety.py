@@ -556,3 +556,16 @@ def test_resume_through_another_column_names_the_column_not_a_changed_file():
         ["it was trained with --pert-col 'perturbation', not 'perturbation_raw'"]
     changed = resume_differences(saved, run("perturbation", "b", ["MAPK1", "PLK4"]))
     assert any("/data/x.h5ad changed since the run was trained on it" in d for d in changed), changed
+
+
+def test_a_prediction_beside_the_model_can_be_replaced_but_not_the_model(ws, tmp_path):
+    """The model's checkpoint folders are inputs of predict (an --overwrite wrote a prediction over
+    weights.safetensors); a prediction kept in the run folder is not, and is replaced with --overwrite."""
+    run = Path(shutil.copytree(ws["st"], tmp_path / "run"))
+    weights = snapshot(run / "last")
+    args = ["predict", "--model", run, "--data", ws["log"], "--context", "ctx_B", "--overwrite", "--out"]
+    first, again, into = run_batch([*args, run / "pred.h5ad"], [*args, run / "pred.h5ad"],
+                                   [*args, run / "last" / "weights.safetensors"])
+    assert first.returncode == 0 and again.returncode == 0, again.stderr[-1500:]
+    assert "weights.safetensors" in error_line(into) and "input folder" in error_line(into)
+    assert snapshot(run / "last") == weights

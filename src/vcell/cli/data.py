@@ -199,6 +199,9 @@ def split_cmd(
         holdout_perturbations, val_perturbations = ",".join(roles["test"]), ",".join(roles["val"]) or None
     cfg = split_config(data.index, split, holdout_context, holdout_perturbations, seed, val_context, val_perturbations)
     result = apply_split(data.index, cfg)
+    if not result.mask("train").any():  # e.g. every context held out: a split nothing can train on
+        raise VcellError(f"{cfg.source}: the split leaves no perturbed cell to train on (every context or perturbation "
+                         "held out or validating); leave at least one context and perturbation to train on")
     console.print(table(split_view(result.summary(data.index)), title=f"split of {file} ({cfg.source})"))
     if cfg.holdout_perturbations or cfg.val_perturbations:
         held = ", ".join(cfg.holdout_perturbations) or "none"
@@ -376,12 +379,13 @@ def fetch_cmd(
     seed: NoRandomSeed = 0,
 ) -> None:
     """Download a dataset into the cache (resumable, atomic, checksum-verified when known)."""
+    from vcell.data.io import human_size
     from vcell.data.registry import fetch, load_registry
     from vcell.train.display import task
 
     reg = load_registry(registry)
     with task(f"fetch {name}", unit="bytes") as line:  # on stderr: `$(vcell data fetch NAME)` captures only the path line
         path = fetch(name, cache_dir=cache_dir, registry=reg, force=force,
-                     progress=lambda done, total: line.update(completed=done, total=total))
+                     progress=lambda done, total: line.update(completed=done, total=total, info=human_size(done)))
     console.print(f"{name}: {path}")
 

@@ -11,7 +11,7 @@ import typer
 
 from vcell.cli.common import SEED_MAX, Control, HelpGroup, NoRandomSeed, PertCol, console, spelled, table
 from vcell.cli.interrupts import removed_if_interrupted
-from vcell.train.display import status, task
+from vcell.train.display import format_duration, status, task
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -119,13 +119,13 @@ def _run_summary_2026(runs: dict, out: Path, seconds: float) -> str:
     """One line: what a vcc2026 `eval run` scored, in how long, and where it wrote it."""
     aggs = next(iter(runs.values()))
     counts = [agg.set_index("statistic").loc["count"].max() for agg in aggs.values()]
-    n_perts = sum(int(c) for c in counts if c == c)  # a context whose every metric is NaN counts none
-    n_ctx = len(aggs)
-    contexts = f" in {n_ctx} contexts" if n_ctx > 1 else ""
+    per_ctx = [int(c) if c == c else 0 for c in counts]  # a context whose every metric is NaN counts none
+    n = " + ".join(f"{c:,}" for c in per_ctx) if 1 < len(per_ctx) <= 4 else f"{sum(per_ctx):,}"
+    contexts = f" in {len(per_ctx)} contexts" if len(per_ctx) > 1 else ""
     preds = f"{len(runs)} predictions x " if len(runs) > 1 else ""
     folders = f" ({', '.join(f'{n}/' for n in runs)})" if len(runs) > 1 else ""
-    files = "" if len(runs) > 1 or n_ctx > 1 else ": results.csv, agg_results.csv"
-    return (f"scored {preds}{n_perts:,} perturbation{'' if n_perts == 1 else 's'}{contexts} in {seconds:.1f} s; "
+    files = "" if len(runs) > 1 or len(per_ctx) > 1 else ": results.csv, agg_results.csv"
+    return (f"scored {preds}{n} perturbation{'' if sum(per_ctx) == 1 else 's'}{contexts} in {format_duration(seconds)}; "
             f"wrote {out}{folders}{files}")
 
 
@@ -254,7 +254,7 @@ def baseline_cmd(
     target_genes: TargetGenes = None,
     no_target_genes: NoTargetGenes = False,
     splits: Annotated[int, typer.Option("--splits", help="vcc2026: split-half replicates of the anchor (cell-eval2: 5).")] = 5,
-    anchor_seed: Annotated[int, typer.Option("--anchor-seed", min=0, max=SEED_MAX - 1000, help="vcc2026: base seed of the anchor's splits (cell-eval2: 0).")] = 0,
+    anchor_seed: Annotated[int, typer.Option("--anchor-seed", min=0, max=SEED_MAX, help="vcc2026: base seed of the anchor's splits (cell-eval2: 0).")] = 0,
     only: Annotated[str | None, typer.Option("--only", help="vcc2026: 'baseline' or 'anchor' (default: both ends).")] = None,
     backed: Backed = True,
     memory_budget: MemoryBudget = 2.0,
@@ -360,8 +360,8 @@ def prep_cmd(
     from vcell.eval.prep import prepare_submission
 
     path = prepare_submission(
-        pred, out, genes=genes, pert_col=pert_col, control=control, max_cells=None if max_cells == -1 else max_cells,
-        expected_n_genes=None if expected_n_genes == -1 else expected_n_genes, overwrite=overwrite,
+        pred, out, genes=genes, pert_col=pert_col, control=control, max_cells=max_cells,
+        expected_n_genes=expected_n_genes, overwrite=overwrite,
     )
     console.print(f"wrote {path}")
 

@@ -55,7 +55,9 @@ def predict(
     if output != "counts" and depth != "controls":
         raise VcellError(f"--depth {depth}: the depth of drawn counts; add --output counts (the default output is log1p)")
     listed_file = perturbations.strip() if "," not in perturbations and perturbations.strip().lower().endswith(LIST_FILES) else None
-    inputs = [data, model] + [p for p in (all_genes, listed_file) if p is not None]
+    # the model's checkpoint folders are inputs (a prediction may live in the run folder beside them)
+    checkpoints = [p for p in (Path(model) / "last", Path(model) / "best") if p.is_dir()] or [model]
+    inputs = [data, *checkpoints] + [p for p in (all_genes, listed_file) if p is not None]
     check_log1p_out(out, log1p_out, output)
     if log1p_out is not None:
         check_output_path(log1p_out, inputs, overwrite=overwrite)

@@ -95,6 +95,9 @@ PROFILES: dict[str, list[str]] = {
 def profile_metrics(profile: str | Sequence[str]) -> list[str]:
     """The metric names of a profile (a profile name, or a list of metric names)."""
     if isinstance(profile, str):
+        if profile == "vcc2026":
+            raise VcellError("profile 'vcc2026' scores raw counts with cell-eval2's metrics: `vcell eval ... --profile vcc2026`, "
+                             "or vcell.evaluate_2026 / scale_2026 / score_2026 in Python")
         if profile not in PROFILES:
             known = [*PROFILES, "vcc2026"]
             raise VcellError(f"unknown metric profile {profile!r}{did_you_mean(profile, known)}; known profiles: {', '.join(known)}")

@@ -132,8 +132,9 @@ class Predictor(ABC):
 
     def check_fit(self, data: PerturbationData, split: Split, predicted: Sequence[str]) -> None:
         """Refuse, before any training, what fitting on ``split`` and then predicting ``predicted``
-        would refuse later (here: a target of ``predicted`` that the model's gene table lacks and
-        no training cell has), as one :class:`VcellError` line."""
+        would refuse later, as one :class:`VcellError` line: here a target of ``predicted`` that
+        the model's gene table lacks and no training cell has (a target seen only in validation
+        cells counts as unseen: no training step teaches its one-hot column)."""
         value = getattr(self, "pert_features", None)
         if value is None or not self.reads_gene_table():
             return

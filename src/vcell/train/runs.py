@@ -260,13 +260,12 @@ def resume_differences(saved: dict, ours: dict) -> list[str]:
         if key in saved and key in ours and str(saved[key]) != str(ours[key]):
             diffs.append(f"it was trained with {flag} {saved[key]}, not {ours[key]}")
     cols_a, cols_b = saved.get("columns") or {}, ours.get("columns") or {}
-    n = len(diffs)
     for key, flag in _FLAGS.items():
         if key in cols_a and cols_a.get(key) != cols_b.get(key):
             diffs.append(f"it was trained with {flag} {cols_a.get(key)!r}, not {cols_b.get(key)!r}")
-    # read through another column, the labels (and the data's digest, the split and the features
-    # built from them) differ with it: the column is the difference, not a changed file
-    relabelled = len(diffs) > n
+    # labels read through another perturbation column or control label differ with it, and so do the
+    # data's digest, the split and the features built from them: the column is the difference, not a changed file
+    relabelled = any(key in cols_a and cols_a.get(key) != cols_b.get(key) for key in ("pert_col", "control"))
     if "embed_key" in saved and saved.get("embed_key") != ours.get("embed_key"):
         show = lambda k: repr(k) if k else "none (gene space)"  # noqa: E731
         diffs.append(f"it was trained with --embed-key {show(saved.get('embed_key'))}, not {show(ours.get('embed_key'))}")
@@ -284,13 +283,11 @@ def resume_differences(saved: dict, ours: dict) -> list[str]:
         gone = [g for g in saved["genes"] if g not in set(ours["genes"])]
         detail = f"; not in this data: {preview(gone, n=3)}" if gone else " (in another order)"
         diffs.append(f"it was trained on {len(saved['genes'])} genes, this data has {len(ours['genes'])}{detail}")
-    if relabelled:
-        pass
-    elif "pert_vocab" in saved and "pert_vocab" in ours and list(saved["pert_vocab"]) != list(ours["pert_vocab"]):
+    if not relabelled and "pert_vocab" in saved and "pert_vocab" in ours and list(saved["pert_vocab"]) != list(ours["pert_vocab"]):
         a, b = set(saved["pert_vocab"]), set(ours["pert_vocab"])
         parts = ([f"missing here: {preview(sorted(a - b), n=3)}"] if a - b else []) + ([f"new here: {preview(sorted(b - a), n=3)}"] if b - a else [])
         diffs.append(f"its perturbation features differ ({'; '.join(parts) or 'another order'})")
-    elif "perturbations" in saved and "perturbations" in ours and list(saved["perturbations"]) != list(ours["perturbations"]):
+    elif not relabelled and "perturbations" in saved and "perturbations" in ours and list(saved["perturbations"]) != list(ours["perturbations"]):
         diffs.append("its perturbation labels differ (another perturbation column or labels)")
     pf_a, pf_b = saved.get("pert_features"), ours.get("pert_features")
     if pf_a is None:  # written before feature tables: one-hot over pert_vocab (compared above)

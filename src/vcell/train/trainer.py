@@ -101,5 +101,3 @@ def fit_module(
         finally:
             progress.close()
     return trainer
-
-

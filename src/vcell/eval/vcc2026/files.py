@@ -111,7 +111,7 @@ def _reference_contexts(path, opts: Options, obs: ObsColumns) -> list[str] | Non
     """The reference's contexts (None: one context). Only the default column may be absent (cell-eval2's
     rule: no ``context`` column, one context); a column the user named must be there, or be ``none``."""
     col = opts.context_col
-    if col.lower() == "none":
+    if not col or col.lower() == "none":
         return None
     if col != CONTEXT_COLUMN and col not in obs.names:
         raise VcellError(f"{path}: context column {col!r} not found in obs{did_you_mean(col, obs.names)} "

@@ -246,8 +246,9 @@ def close_cells(cells: CountsCells) -> None:
 def read_target_map(path: str | os.PathLike, perturbations: list[str]) -> dict[str, str | None]:
     """A perturbation -> target gene table (CSV with two columns, header row); an empty gene means none.
 
-    A listed perturbation that is not among ``perturbations`` (the reference's) is warned of: its row
-    is unused, and the perturbation it was meant for falls back to the label-names-a-gene rule.
+    A listed perturbation that is not among ``perturbations`` (the reference's) but close to one
+    without a row of its own is warned of as a likely typo: that one falls back to the
+    label-names-a-gene rule. Other unused rows (a map of a whole screen scored on some of it) are fine.
     """
     p = Path(path)
     if not p.is_file():
@@ -261,8 +262,8 @@ def read_target_map(path: str | os.PathLike, perturbations: list[str]) -> dict[s
             raise VcellError(f"{p}: perturbation {pert!r} is listed twice")
         mapping[pert] = gene or None
     known = set(perturbations)
-    unused = [q for q in mapping if q not in known]
-    if unused and perturbations:
-        log.warning("%s: %d listed perturbation(s) are not in the reference, so their rows are unused: %s%s", p, len(unused),
-                    preview(unused, 5), did_you_mean(unused[0], perturbations))
+    unmapped = [q for q in perturbations if q not in mapping]
+    for q in (q for q in mapping if q not in known):
+        if hint := did_you_mean(q, unmapped):
+            log.warning("%s: perturbation %r is not in the reference, so its row is unused%s", p, q, hint)
     return mapping

@@ -119,7 +119,8 @@ def prepare_submission_2026(
 
 
 def _warn_dropped_contexts(obs: pd.DataFrame, where: str) -> None:
-    """A prediction of several contexts written without its context column would be scored as one."""
+    """A prediction of several contexts written without its context column cannot be scored per
+    context (``eval run`` refuses it against a reference with the column, pools it against one without)."""
     for col in dict.fromkeys(("context", DataSpec().context_col)):
         if col in obs.columns:
             values = sorted(set(obs[col].dropna().astype(str)))
