@@ -399,7 +399,7 @@ CASES: dict[str, Case] = {
                                       setup=lambda c: _damage(Path(shutil.copytree(c.w.st, c.out / "run")) / "last" / "weights.safetensors")),
     "st_out_holds_trained_run": Case(lambda c: _st_args(c, c.w.log), ("run", "--overwrite"),
                                      setup=lambda c: shutil.copytree(c.w.st, c.out / "run")),
-    "st_max_steps_zero": Case(lambda c: _st_args(c, c.w.log, "--max-steps", "0"), ("max_steps", "0")),
+    "st_max_steps_zero": Case(lambda c: _st_args(c, c.w.log, "--max-steps", "0"), ("--max-steps (max_steps=)", "0")),
     "st_bad_precision": Case(lambda c: _st_args(c, c.w.log, "--precision", "64"), ("--precision '64'",)),
     # ---- vcell train se
     "se_negative": Case(lambda c: _se_args(c, c.h5ad("neg.h5ad", NEG, "counts")), ("neg.h5ad", "negative values")),

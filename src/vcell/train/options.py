@@ -102,11 +102,11 @@ class TrainOptions:
         for name in ("max_steps", "batch_size", "checkpoint_every", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise VcellError(f"{name} must be an integer >= 1, got {value!r}")
+                raise VcellError(f"{_flag(name)} must be an integer >= 1, got {value!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise VcellError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+            raise VcellError(f"{_flag('num_workers')} must be an integer >= 0, got {self.num_workers!r}")
         if not self.lr > 0:
-            raise VcellError(f"lr must be > 0, got {self.lr!r}")
+            raise VcellError(f"{_flag('lr')} must be > 0, got {self.lr!r}")
         if self.grad_clip < 0:
             raise VcellError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
         if not isinstance(self.save_optimizer, bool):
@@ -134,7 +134,7 @@ class STTrainOptions(TrainOptions):
         """As :meth:`TrainOptions.check`, plus the cell-set options."""
         super().check()
         if not isinstance(self.set_size, int) or self.set_size < 1:
-            raise VcellError(f"set size must be >= 1, got {self.set_size!r}")
+            raise VcellError(f"{_flag('set_size')} must be >= 1, got {self.set_size!r}")
         if self.control_strategy not in CONTROL_STRATEGIES:
             raise VcellError(f"control_strategy {self.control_strategy!r}: use one of {', '.join(CONTROL_STRATEGIES)}")
 
@@ -158,6 +158,15 @@ class SETrainOptions(TrainOptions):
     grad_clip: float = 1.0
     schedule_steps: int | None = None
     gene_dim: int = 128
+
+
+#: The run options that `vcell train` takes as flags (the others are Python keywords or --config fields only).
+_CLI_FLAGS = {"max_steps", "batch_size", "checkpoint_every", "num_workers", "lr", "set_size"}
+
+
+def _flag(name: str) -> str:
+    """How a message names option ``name``: its flag and keyword (``--max-steps (max_steps=)``), or the keyword."""
+    return f"--{name.replace('_', '-')} ({name}=)" if name in _CLI_FLAGS else name
 
 
 def on_cpu(accelerator: str) -> bool:
