@@ -184,6 +184,12 @@ def test_refusals_name_the_gene_the_cell_or_the_missing_piece(world):
     others.write_h5ad(tmp / "others.h5ad")
     with pytest.raises(VcellError, match=rf"others\.h5ad: control cell '{ctrl[0]}' is not in this file"):
         predict_context(models["pert_mean"], data, "ctx_B", output="counts", all_genes=tmp / "others.h5ad")
+    other = raw.copy()  # other cells under the same names (two simulations both name theirs cell000000...)
+    other.X = raw.X[::-1].copy()
+    other.write_h5ad(tmp / "other_sim.h5ad")
+    with pytest.raises(VcellError, match=r"other_sim\.h5ad: control cell '.+' has other genes expressed here than in the data .*"
+                                         r"not the raw-count file the data was preprocessed from"):
+        predict_context(models["pert_mean"], data, "ctx_B", output="counts", all_genes=tmp / "other_sim.h5ad")
     logs = normalize_log1p(raw)
     del logs.layers["counts"]
     logs.write_h5ad(tmp / "logs.h5ad")

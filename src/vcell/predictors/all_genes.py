@@ -106,17 +106,36 @@ class GeneFill:
                              "(the raw-count file the model's data was preprocessed from holds every control cell under the same name)")
         return pos if self._rows is None else self._rows[pos]
 
-    def require_cells(self, names) -> None:
+    def require_cells(self, names, values=None) -> None:
         """A one-line error unless every cell in ``names`` (the context's control cells) is in the file
         and holds raw counts (the first cells are read), so nothing is predicted in vain.
 
-        From then on only these cells are looked up: the file's other cell names are dropped (a
-        300,000-cell file's names and their hash table are tens of MB).
+        ``values`` (the same cells' expression over the model's genes, the data's X) are checked
+        against the file's counts: a gene expressed in one and not the other means another file whose
+        cells happen to bear the same names (two simulations' ``cell000000``...). From then on only
+        these cells are looked up: the file's other cell names are dropped (a 300,000-cell file's
+        names and their hash table are tens of MB).
         """
         names = np.asarray([str(n) for n in names], dtype=str)
         rows = self._raw_rows(names)
-        self._read(np.sort(rows[:64]))
+        first = np.argsort(rows[:64])
+        block = self._read(rows[:64][first])
+        if values is not None:
+            self._check_same_cells(block[:, self.model_cols], values, names[:64][first], first)
         self.obs_names, self._rows = pd.Index(names), rows
+
+    def _check_same_cells(self, counts: sp.csr_matrix, values, names: np.ndarray, order: np.ndarray) -> None:
+        """Refuse a file whose cells, at the model's genes, are expressed where the data's are not (or not where they are)."""
+        data = values[order]
+        data = np.asarray(data.toarray() if sp.issparse(data) else data) > 0
+        raw = counts.toarray() > 0
+        differ = np.flatnonzero((data != raw).any(axis=1))
+        if len(differ) > len(names) // 10:  # some slack for a preprocessing that zeroed values; another file differs in every cell
+            i = int(differ[0])
+            genes = int((data[i] != raw[i]).sum())
+            raise VcellError(f"{self.path}: control cell {str(names[i])!r} has other genes expressed here than in the data "
+                             f"({genes} of the model's {raw.shape[1]} genes differ, in {len(differ)} of {len(names)} cells read): "
+                             "not the raw-count file the data was preprocessed from, though its cell names match")
 
     def _read(self, rows: np.ndarray) -> sp.csr_matrix:
         block = self.rows.read_csr(rows)

@@ -234,7 +234,7 @@ class _Job:
             meta = data.adata.uns.get("vcell", {})
             target_sum = meta.get("target_sum") if isinstance(meta, Mapping) else None
             self.fill = GeneFill(all_genes, self.prepared.var_names, output, target_sum=target_sum, depth=depth, seed=seed)
-            self.fill.require_cells(self.prepared.obs_names)
+            self.fill.require_cells(self.prepared.obs_names, self.prepared.X[:64])
             release_freed_heap()  # what reading the raw file's annotations freed
             if piece_cells:  # a piece's cells now hold every gene: fewer of them, the same bytes
                 piece_cells = max(1, piece_cells * self.prepared.n_vars // len(self.fill.var_names))
