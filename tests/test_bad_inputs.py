@@ -485,6 +485,8 @@ CASES: dict[str, Case] = {
     "eval_vcc2026_context_col_typo": Case(lambda c: ["eval", "run", "--profile", "vcc2026", "--pred", c.w.counts, "--real", c.w.counts,
                                                      "--out", c.out / "ev", "--context-col", "cell_typ"],
                                           ("counts.h5ad", "'cell_typ' not found", "did you mean 'cell_type'")),
+    "usage_split_set_size_zero": Case(lambda c: ["data", "split", c.w.log, "--holdout-context", "ctx_B", "--set-size", "0"],
+                                      ("--set-size", "0")),  # printed the split's table, then the error
     "split_every_context_held_out": Case(lambda c: ["data", "split", c.w.log, "--holdout-context", "ctx_A", "--holdout-context", "ctx_B"],
                                          ("--holdout-context", "no perturbed cell to train on")),
     "bench_no_models": Case(lambda c: _bench(c, c.w.log, "--models", ","), ("--models", "names no model")),

@@ -65,11 +65,13 @@ def test_backed_training_streams_the_same_numbers(trained, tmp_path):
 
     data, run, _ = trained
     cfg = run.parent / "tiny.json"
-    proc = run_cli("train", "st", "--data", data, "--holdout-context", "ctx_B", "--config", cfg, "--max-steps", "15",
+    proc = run_cli("-v", "train", "st", "--data", data, "--holdout-context", "ctx_B", "--config", cfg, "--max-steps", "15",
                    "--set-size", "16", "--batch-size", "4", "--accelerator", "cpu", "--out", tmp_path / "run", "--seed", "0",
                    "--backed")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "streamed from disk" in proc.stdout
+    # -v shows Lightning's lines once (its own handler printed each a second time)
+    assert (proc.stdout + proc.stderr).count("GPU available") == 1, proc.stderr[-2000:]
     want, got = load_file(run / "last" / "weights.safetensors"), load_file(tmp_path / "run" / "last" / "weights.safetensors")
     assert want.keys() == got.keys()
     for key in want:

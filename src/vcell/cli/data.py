@@ -171,7 +171,7 @@ def split_cmd(
     batch_col: BatchCol = None,
     expression: Expression = None,
     dataset_col: Annotated[str, typer.Option(help="obs column naming each cell's dataset (if present).")] = "dataset",
-    set_size: Annotated[int, typer.Option(help="Cells per cell set, for the count of sets.")] = 128,
+    set_size: Annotated[int, typer.Option(min=1, help="Cells per cell set, for the count of sets.")] = 128,
     out: Annotated[Path | None, typer.Option("--out", help="Write the split as a TOML file.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     allow_missing_controls: AllowMissingControls = False,

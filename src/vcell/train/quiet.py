@@ -20,10 +20,18 @@ _HARMLESS = (
 def quiet_lightning() -> Iterator[None]:
     """Lightning's INFO banners (GPU/TPU available, tips, 'max_steps reached') and the warnings in
     ``_HARMLESS`` off for the duration, unless vcell logs at DEBUG (``vcell -v``)."""
-    if logging.getLogger("vcell").isEnabledFor(logging.DEBUG):
-        yield
-        return
     loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+    if logging.getLogger("vcell").isEnabledFor(logging.DEBUG):
+        # Lightning's own stream handlers would print each line a second time beside vcell's
+        own = [list(logger.handlers) for logger in loggers]
+        for logger in loggers:
+            logger.handlers.clear()
+        try:
+            yield
+        finally:
+            for logger, handlers in zip(loggers, own):
+                logger.handlers[:] = handlers
+        return
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
