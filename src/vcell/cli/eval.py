@@ -185,8 +185,8 @@ def run_cmd(
     for name, (result, paths) in runs.items():
         console.print(table(_metric_table(result.agg), title=f"{profile} profile{f', {name}' if name else ''}, "
                                                              f"{len(result.results):,} perturbation{'' if len(result.results) == 1 else 's'}"))
-        console.print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
-        console.print("wrote " + ", ".join(str(p) for p in paths))
+        console.print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()), highlight=False, soft_wrap=True)
+        console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False, soft_wrap=True)
     # The process ends next: spare the interpreter's final garbage collections over every object
     # of pandas, anndata, numba & co.; the outputs are closed already.
     gc.freeze()
