@@ -184,6 +184,13 @@ def test_refusals_name_the_gene_the_cell_or_the_missing_piece(world):
     others.write_h5ad(tmp / "others.h5ad")
     with pytest.raises(VcellError, match=rf"others\.h5ad: control cell '{ctrl[0]}' is not in this file"):
         predict_context(models["pert_mean"], data, "ctx_B", output="counts", all_genes=tmp / "others.h5ad")
+    thinned = raw.copy()  # a few values zeroed in one cell (a cleaning step): still the file the data came from
+    X = raw.X.tolil()
+    first = int(np.flatnonzero(((raw.obs["cell_type"] == "ctx_B") & (raw.obs["target_gene"] == "non-targeting")).to_numpy())[0])
+    X[first, raw.var_names.get_indexer(genes[:1])] = 0
+    thinned.X = sp.csr_matrix(X)
+    thinned.write_h5ad(tmp / "thinned.h5ad")
+    predict_context(models["pert_mean"], data, "ctx_B", output="counts", all_genes=tmp / "thinned.h5ad")
     other = raw.copy()  # other cells under the same names (two simulations both name theirs cell000000...)
     other.X = raw.X[::-1].copy()
     other.write_h5ad(tmp / "other_sim.h5ad")

@@ -391,7 +391,7 @@ CASES: dict[str, Case] = {
                                        ("noctrl.h5ad", "ctx_A", "--allow-missing-controls")),
     # the advice works: the option is accepted (this split then has no training cells left)
     "st_allow_missing_controls_accepted": Case(lambda c: _st_args(c, c.h5ad("noctrl.h5ad", _no_controls_in("ctx_A")), "--allow-missing-controls"),
-                                               ("no training cells",)),
+                                               ("no perturbed cell to train on", "without control cells")),
     "st_counts_input": Case(lambda c: _st_args(c, c.w.counts), ("counts.h5ad", "raw counts")),
     "st_nan_input": Case(lambda c: _st_args(c, c.h5ad("nan.h5ad", NAN)), ("nan.h5ad", "NaN")),
     "st_resume_nothing": Case(lambda c: _st_args(c, c.w.log, "--resume"), ("run", "nothing to resume")),
@@ -487,6 +487,8 @@ CASES: dict[str, Case] = {
                                           ("counts.h5ad", "'cell_typ' not found", "did you mean 'cell_type'")),
     "usage_split_set_size_zero": Case(lambda c: ["data", "split", c.w.log, "--holdout-context", "ctx_B", "--set-size", "0"],
                                       ("--set-size", "0")),  # printed the split's table, then the error
+    "st_every_context_held_out": Case(lambda c: _st_args(c, c.w.log, "--holdout-context", "ctx_A"),
+                                      ("--holdout-context", "no perturbed cell to train on")),
     "split_every_context_held_out": Case(lambda c: ["data", "split", c.w.log, "--holdout-context", "ctx_A", "--holdout-context", "ctx_B"],
                                          ("--holdout-context", "no perturbed cell to train on")),
     "bench_no_models": Case(lambda c: _bench(c, c.w.log, "--models", ","), ("--models", "names no model")),

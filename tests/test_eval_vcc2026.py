@@ -903,7 +903,7 @@ def test_a_target_gene_map_row_naming_no_perturbation_is_said(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         mapping = read_target_map(path, ["STAT1", "IRF1", "JAK2"])
     assert mapping == {"STAT1": None, "IRF1x": "IRF1", "SOCS3": "SOCS3"}
-    assert "perturbation 'IRF1x' is not in the reference, so its row is unused; did you mean 'IRF1'" in caplog.text
+    assert "row(s) naming no perturbation of the reference, so unused, that look like typos: 'IRF1x'; did you mean 'IRF1'" in caplog.text
     assert "SOCS3" not in caplog.text  # a row of the screen this reference lacks: no typo, nothing said
     caplog.clear()
     with caplog.at_level("WARNING"):

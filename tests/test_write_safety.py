@@ -554,6 +554,11 @@ def test_resume_through_another_column_names_the_column_not_a_changed_file():
     saved = run("perturbation", "a", ["MAPK1", "PLK4"])
     assert resume_differences(saved, run("perturbation_raw", "b", ["MAPK1_sg1", "PLK4_sg2"])) == \
         ["it was trained with --pert-col 'perturbation', not 'perturbation_raw'"]
+    batches = run("perturbation", "b", ["MAPK1", "PLK4"])  # another batch column: its codes are in the data's digest
+    batches["columns"]["batch_col"], saved["columns"]["batch_col"] = "gem_group", None
+    assert not any("changed since" in d for d in resume_differences(saved, batches))
+    assert "it was trained with --batch-col None, not 'gem_group'" in resume_differences(saved, batches)
+    del saved["columns"]["batch_col"]
     changed = resume_differences(saved, run("perturbation", "b", ["MAPK1", "PLK4"]))
     assert any("/data/x.h5ad changed since the run was trained on it" in d for d in changed), changed
 
@@ -568,4 +573,9 @@ def test_a_prediction_beside_the_model_can_be_replaced_but_not_the_model(ws, tmp
                                    [*args, run / "last" / "weights.safetensors"])
     assert first.returncode == 0 and again.returncode == 0, again.stderr[-1500:]
     assert "weights.safetensors" in error_line(into) and "input folder" in error_line(into)
+    # a model named by one checkpoint folder: its sibling is the run's too (last/ is what --resume needs)
+    assert (run / "best").is_dir()
+    sibling = run_batch(["predict", "--model", run / "best", "--data", ws["log"], "--context", "ctx_B", "--overwrite",
+                         "--out", run / "last" / "weights.safetensors"])[0]
+    assert "input folder" in error_line(sibling)
     assert snapshot(run / "last") == weights

@@ -182,7 +182,7 @@ def split_cmd(
     from vcell.data.cellsets import CellSetSampler
     from vcell.data.dataset import load_dataset
     from vcell.data.io import atomic_path, check_output_path
-    from vcell.data.splits import ROLES, apply_split
+    from vcell.data.splits import ROLES, apply_split, require_training_cells
 
     if simulated_roles and (split is not None or holdout_perturbations is not None or val_perturbations is not None):
         raise VcellError("--simulated-roles gives the held-out and validation perturbations: not with --split, "
@@ -199,9 +199,7 @@ def split_cmd(
         holdout_perturbations, val_perturbations = ",".join(roles["test"]), ",".join(roles["val"]) or None
     cfg = split_config(data.index, split, holdout_context, holdout_perturbations, seed, val_context, val_perturbations)
     result = apply_split(data.index, cfg)
-    if not result.mask("train").any():  # e.g. every context held out: a split nothing can train on
-        raise VcellError(f"{cfg.source}: the split leaves no perturbed cell to train on (every context or perturbation "
-                         "held out or validating); leave at least one context and perturbation to train on")
+    require_training_cells(result, cfg.source)
     console.print(table(split_view(result.summary(data.index)), title=f"split of {file} ({cfg.source})"))
     if cfg.holdout_perturbations or cfg.val_perturbations:
         held = ", ".join(cfg.holdout_perturbations) or "none"

@@ -52,8 +52,8 @@ MemoryBudget = Annotated[
                  "whole; else two bands of half this each (one tested, the next being read). Summaries, controls and the "
                  "vcc2026 anchor's splits come on top: at the challenge's sizes the peak was 1.5-2.1x the budget."),
 ]
-Context2026 = Annotated[str, typer.Option("--context-col", help="vcc2026: obs column of the context (cell line); each is scored on its own. 'none', or the default "
-                                               "column absent: one context.")]
+Context2026 = Annotated[str, typer.Option("--context-col", help="vcc2026: obs column of the context (cell line); each is scored on its own. 'none' (or ''), or "
+                                               "the default column absent: one context.")]
 
 
 def _options_2026(pert_col, control, context_col, target_genes, no_target_genes, threads, backed=True, memory_budget=2.0):

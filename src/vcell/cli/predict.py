@@ -40,6 +40,7 @@ def predict(
     from vcell.data.dataset import load_dataset, missing_obsm_error
     from vcell.data.io import check_output_path
     from vcell.data.perturbation_lists import LIST_FILES, read_label_file, read_perturbation_table
+    from vcell.nn.checkpoint import run_checkpoints
     from vcell.predictors.counts import parse_depth, parse_output
     from vcell.predictors.predict import check_log1p_out, write_prediction
     from vcell.predictors.st import STPredictor
@@ -55,9 +56,7 @@ def predict(
     if output != "counts" and depth != "controls":
         raise VcellError(f"--depth {depth}: the depth of drawn counts; add --output counts (the default output is log1p)")
     listed_file = perturbations.strip() if "," not in perturbations and perturbations.strip().lower().endswith(LIST_FILES) else None
-    # the model's checkpoint folders are inputs (a prediction may live in the run folder beside them)
-    checkpoints = [p for p in (Path(model) / "last", Path(model) / "best") if p.is_dir()] or [model]
-    inputs = [data, *checkpoints] + [p for p in (all_genes, listed_file) if p is not None]
+    inputs = [data, *run_checkpoints(model)] + [p for p in (all_genes, listed_file) if p is not None]
     check_log1p_out(out, log1p_out, output)
     if log1p_out is not None:
         check_output_path(log1p_out, inputs, overwrite=overwrite)

@@ -96,7 +96,7 @@ def st(
 ) -> None:
     """Train a State Transition model; checkpoints go to OUT/last (and OUT/best with validation cells)."""
     from vcell.data.dataset import load_dataset
-    from vcell.data.splits import apply_split
+    from vcell.data.splits import apply_split, require_training_cells
     from vcell.nn.transition import STConfig
     from vcell.train.runs import check_run_dir
 
@@ -119,6 +119,7 @@ def st(
     cfg = split_config(index, split, list(holdout_context or []), holdout_perturbations, seed, list(val_context or []),
                        val_perturbations)
     applied = apply_split(index, cfg)
+    require_training_cells(applied, cfg.source)
     # Lightning only now: every refusal above comes in a second, not after its import
     from lightning.pytorch.utilities import rank_zero_only
 

@@ -305,6 +305,14 @@ def _resolve_context(index: CellIndex, name: str, source: str) -> list[str]:
     raise VcellError(f"{source}: unknown context {name!r}{hint} (contexts: {', '.join(keys)})")
 
 
+def require_training_cells(split: Split, source: str) -> None:
+    """A one-line error when ``split`` gives no perturbed cell the role ``train`` (each is held out,
+    validating, or in a context without control cells): nothing could be trained on it."""
+    if not split.mask("train").any():
+        raise VcellError(f"{source}: the split leaves no perturbed cell to train on (each is held out, validating, or in a "
+                         "context without control cells); leave at least one context with controls and one perturbation to train on")
+
+
 ROLE_NAMES = np.array((*ROLES, CONTROL, UNUSED), dtype=object)
 _CODE = {name: np.int8(i) for i, name in enumerate(ROLE_NAMES)}
 

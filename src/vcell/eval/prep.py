@@ -280,10 +280,10 @@ def prepare_submission(
     output_pert_col, output_celltype_col : str
         Names of those columns in the archive.
     max_cells : int or None
-        Most cells allowed (``None`` or -1: no cap).
+        Most cells allowed (``None`` or negative, e.g. -1: no cap).
     expected_n_genes : int or None
         Gene-list length expected (VCC 2025: 18,080); another length is only warned about, as in
-        ``cell-eval prep`` (``None`` or -1: no warning).
+        ``cell-eval prep`` (``None``, 0 or negative, e.g. -1: no warning).
     encoding : {32, 64}
         The float width of ``X``.
     allow_discrete : bool
@@ -314,7 +314,7 @@ def prepare_submission(
 
     genelist = read_gene_list(genes)
     gene_src = str(genes) if isinstance(genes, (str, os.PathLike)) else "the gene list"
-    if expected_n_genes is not None and expected_n_genes >= 0 and len(genelist) != expected_n_genes:
+    if expected_n_genes is not None and expected_n_genes > 0 and len(genelist) != expected_n_genes:
         log.warning(
             "%s has %s genes, not the %s expected (VCC 2025); preparing for its %s genes",
             gene_src, f"{len(genelist):,}", f"{expected_n_genes:,}", f"{len(genelist):,}",

@@ -197,6 +197,16 @@ def checkpoint_bytes(directory: str | os.PathLike) -> int:
     return disk_size(resolve_checkpoint_dir(directory))
 
 
+def run_checkpoints(model: str | os.PathLike) -> list[Path]:
+    """Every checkpoint folder of the run ``model`` names (a run folder, or its ``last/`` or ``best/``),
+    the previous versions an interrupted write keeps included: what a command reading the model must
+    never write over. A prediction may still live in the run folder beside them."""
+    model = Path(model)
+    base = model.parent if model.name in (LAST, BEST) and (model / CONFIG).is_file() else model
+    found = [p for name in (LAST, BEST) for p in (base / name, _old_dir(base / name)) if p.is_dir()]
+    return found or [model]
+
+
 def resolve_checkpoint_dir(directory: str | os.PathLike) -> Path:
     """``directory``, or the previous version kept beside it if a writer died between its two renames."""
     directory = Path(directory)

@@ -16,16 +16,27 @@ _HARMLESS = (
 )
 
 
+def _propagates(logger: logging.Logger) -> bool:
+    """Whether ``logger``'s records reach the root logger."""
+    while logger.parent is not None:
+        if not logger.propagate:
+            return False
+        logger = logger.parent
+    return True
+
+
 @contextlib.contextmanager
 def quiet_lightning() -> Iterator[None]:
     """Lightning's INFO banners (GPU/TPU available, tips, 'max_steps reached') and the warnings in
     ``_HARMLESS`` off for the duration, unless vcell logs at DEBUG (``vcell -v``)."""
     loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
     if logging.getLogger("vcell").isEnabledFor(logging.DEBUG):
-        # Lightning's own stream handlers would print each line a second time beside vcell's
+        # Lightning's own stream handlers would print each line a second time beside vcell's; only
+        # where its records also reach the root's handlers (else they would go nowhere)
         own = [list(logger.handlers) for logger in loggers]
         for logger in loggers:
-            logger.handlers.clear()
+            if logging.getLogger().handlers and _propagates(logger):
+                logger.handlers.clear()
         try:
             yield
         finally:

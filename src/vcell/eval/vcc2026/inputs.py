@@ -263,7 +263,12 @@ def read_target_map(path: str | os.PathLike, perturbations: list[str]) -> dict[s
         mapping[pert] = gene or None
     known = set(perturbations)
     unmapped = [q for q in perturbations if q not in mapping]
+    typos = []
     for q in (q for q in mapping if q not in known):
         if hint := did_you_mean(q, unmapped):
-            log.warning("%s: perturbation %r is not in the reference, so its row is unused%s", p, q, hint)
+            typos.append(f"{q!r}{hint}")
+            if len(typos) == 5:  # enough to say it; a map keyed otherwise throughout need not be walked whole
+                break
+    if typos:
+        log.warning("%s: row(s) naming no perturbation of the reference, so unused, that look like typos: %s", p, "; ".join(typos))
     return mapping
