@@ -306,8 +306,7 @@ def _resolve_context(index: CellIndex, name: str, source: str) -> list[str]:
 
 
 def require_training_cells(split: Split, source: str) -> None:
-    """A one-line error when ``split`` gives no perturbed cell the role ``train`` (each is held out,
-    validating, or in a context without control cells): nothing could be trained on it."""
+    """A one-line error when ``split`` gives no perturbed cell the role ``train``: nothing could train on it."""
     if not split.mask("train").any():
         raise VcellError(f"{source}: the split leaves no perturbed cell to train on (each is held out, validating, or in a "
                          "context without control cells); leave at least one context with controls and one perturbation to train on")
