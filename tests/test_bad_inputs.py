@@ -456,6 +456,9 @@ CASES: dict[str, Case] = {
     "bench_model_config_wrong_type": Case(lambda c: _bench(c, c.w.log, "--models", "st", "--model-config",
                                                            _yaml(c, "m.yaml", "st:\n  max_steps: lots\n")),
                                           ("m.yaml", "max_steps", "'lots'")),
+    "bench_model_config_bad_value": Case(lambda c: _bench(c, c.w.log, "--models", "st", "--model-config",
+                                                         _yaml(c, "m.yaml", "st:\n  max_steps: 0\n")),
+                                         ("m.yaml: st: --max-steps (max_steps=) must be an integer >= 1, got 0",)),  # was 'st: st:'
     "bench_model_config_nested_type": Case(lambda c: _bench(c, c.w.log, "--models", "st", "--model-config",
                                                             _yaml(c, "m.yaml", 'st:\n  config: {width: "a"}\n')),
                                            ("m.yaml", "width", "'a'")),
