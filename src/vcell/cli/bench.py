@@ -55,7 +55,8 @@ def model_options(path: Path) -> dict[str, dict]:
         try:  # option names, types and values are checked now, before any data is read
             build_model(name, values, seed=0)
         except VcellError as exc:
-            raise VcellError(f"{path}: {name}: {str(exc).removeprefix(f'{base}: ')}") from None  # the model says its name too
+            said = str(exc).removeprefix(f"{name}: ")  # a built-in model says its own name too ('st: st:')
+            raise VcellError(f"{path}: {name}: {said}") from None
     return values
 
 
