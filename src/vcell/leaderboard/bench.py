@@ -22,9 +22,10 @@ import scipy.sparse as sp
 from vcell._version import __version__
 from vcell.data.dataset import PerturbationData, from_anndata
 from vcell.data.io import atomic_path, read_h5ad, write_h5ad
-from vcell.data.spec import DataSpec, split_combo
+from vcell.data.spec import DataSpec
 from vcell.data.splits import Split, SplitConfig, apply_split, holdout_config, read_split_toml
 from vcell.data.splits import holdout_perturbations as holdout_perturbations_config
+from vcell.data.trained import pert_vocabulary, trained_labels
 from vcell.data.validate import validate
 from vcell.errors import VcellError, preview
 from vcell.eval.inputs import check_pair
@@ -426,12 +427,10 @@ def run_bench(
 def _check_models(data: PerturbationData, folds: list[Fold], models: dict[str, Predictor]) -> None:
     """Refuse, before any training, a model that cannot predict a fold's targets never trained on,
     or that its fit or prediction would refuse (:meth:`~vcell.predictors.base.Predictor.check_fit`)."""
-    index = data.index
     for fold in folds:
-        labels = index.perts[index.pert_codes].astype(str)
-        trained = {t for p in np.unique(labels[fold.split.mask("train")]) for t in split_combo(p)}
-        scored = np.unique(labels[fold.split.mask("test")])
-        unseen = sorted({t for p in scored for t in split_combo(p)} - trained)
+        trained = set(pert_vocabulary(trained_labels(data, fold.split, ("train",)), data.spec.control))
+        scored = trained_labels(data, fold.split, ("test",))
+        unseen = sorted(set(pert_vocabulary(scored, data.spec.control)) - trained)
         for name, model in models.items():
             if unseen and not model.predicts_unseen_targets():
                 raise VcellError(f"{name}: fold {fold.name} holds out target(s) never trained on ({preview(unseen)}) and the "

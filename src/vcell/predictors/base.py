@@ -138,11 +138,10 @@ class Predictor(ABC):
         value = getattr(self, "pert_features", None)
         if value is None or not self.reads_gene_table():
             return
-        from vcell.data.spec import split_combo
+        from vcell.data.trained import pert_vocabulary, trained_labels
         from vcell.features.perturbations import PertFeatures
 
-        labels = data.index.perts[data.index.pert_codes].astype(str)
-        trained = sorted({t for p in np.unique(labels[split.mask("train")]) for t in split_combo(p)})
+        trained = pert_vocabulary(trained_labels(data, split, ("train",)), data.spec.control)
         PertFeatures.build(value, trained).check([str(p) for p in predicted], data.spec.control)
 
     def trained_perturbations(self) -> list[str]:

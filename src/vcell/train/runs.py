@@ -260,20 +260,18 @@ def resume_differences(saved: dict, ours: dict) -> list[str]:
         if key in saved and key in ours and str(saved[key]) != str(ours[key]):
             diffs.append(f"it was trained with {flag} {saved[key]}, not {ours[key]}")
     cols_a, cols_b = saved.get("columns") or {}, ours.get("columns") or {}
-    for key, flag in _FLAGS.items():
-        if key in cols_a and cols_a.get(key) != cols_b.get(key):
-            diffs.append(f"it was trained with {flag} {cols_a.get(key)!r}, not {cols_b.get(key)!r}")
+    columns = [key for key in _FLAGS if key in cols_a and cols_a.get(key) != cols_b.get(key)]
+    diffs += [f"it was trained with {_FLAGS[key]} {cols_a.get(key)!r}, not {cols_b.get(key)!r}" for key in columns]
     # read through another column, the data's digest (labels, contexts, batches) differs with it: the
     # column is the difference, not a changed file; another perturbation column or control label also
     # changes the split and the features built from the labels
-    recolumned = any(key in cols_a and cols_a.get(key) != cols_b.get(key) for key in _FLAGS)
-    relabelled = any(key in cols_a and cols_a.get(key) != cols_b.get(key) for key in ("pert_col", "control"))
+    relabelled = bool({"pert_col", "control"} & set(columns))
     if "embed_key" in saved and saved.get("embed_key") != ours.get("embed_key"):
         show = lambda k: repr(k) if k else "none (gene space)"  # noqa: E731
         diffs.append(f"it was trained with --embed-key {show(saved.get('embed_key'))}, not {show(ours.get('embed_key'))}")
     fa, fb = saved.get("fingerprint") or {}, ours.get("fingerprint") or {}
     data_a, data_b = fa.get("data"), fb.get("data")
-    if isinstance(data_a, dict) and isinstance(data_b, dict) and not (recolumned and data_a.get("file") == data_b.get("file")):
+    if isinstance(data_a, dict) and isinstance(data_b, dict) and not (columns and data_a.get("file") == data_b.get("file")):
         diffs.append(_data_difference(data_a, data_b))
     elif isinstance(data_a, list) and isinstance(data_b, list):
         names = saved.get("datasets") or [f"file {i + 1}" for i in range(len(data_a))]

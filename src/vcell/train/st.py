@@ -30,8 +30,8 @@ from vcell._heap import keep_freed_heap
 from vcell.data.cellsets import CellSetDataset, CellSetSampler, collate_cell_sets
 from vcell.data.dataset import PerturbationData, obsm_matrix
 from vcell.data.rows import row_source
-from vcell.data.spec import split_combo
 from vcell.data.splits import Split
+from vcell.data.trained import pert_vocabulary, trained_labels
 from vcell.errors import VcellError
 from vcell.features.perturbations import PertFeatures, warn_untrained_validation
 from vcell.nn.checkpoint import read_config
@@ -41,22 +41,6 @@ from vcell.train.display import status
 from vcell.train.options import STTrainOptions, check_run_options
 from vcell.train.runs import check_resume, open_run_dir, st_fingerprint
 from vcell.train.trainer import fit_module
-
-
-def pert_vocabulary(labels, control: str) -> list[str]:
-    """Sorted single targets of the perturbation ``labels`` (``"A+B"`` gives A and B), control excluded."""
-    return sorted({t for label in labels if str(label) != control for t in split_combo(str(label))})
-
-
-def trained_labels(data: PerturbationData, split: Split | None, roles: tuple[str, ...] = ("train", "val")) -> list[str]:
-    """Perturbation labels with cells of ``roles`` under ``split`` (every label when ``None``), in the data's order."""
-    index = data.index
-    if split is None:
-        return [str(p) for p in index.perts]
-    used = np.zeros(len(index.perts), dtype=bool)
-    for role in roles:
-        used[np.unique(index.pert_codes[split.mask(role)])] = True
-    return [str(p) for p, u in zip(index.perts, used) if u]
 
 
 class STModule(ResumableModule, L.LightningModule):

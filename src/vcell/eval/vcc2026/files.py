@@ -30,7 +30,6 @@ import pandas as pd
 
 from vcell.data.io import atomic_paths, check_output_dir, subfolder, subfolders
 from vcell.data.preprocess_stream import Progress, no_progress
-from vcell.data.spec import DataSpec
 from vcell.errors import VcellError, did_you_mean, preview
 from vcell.eval.csvio import write_csv
 from vcell.eval.tiles import Scratch, TileStore
@@ -47,7 +46,14 @@ from vcell.eval.vcc2026.inputs import (
     read_target_map,
     refuse_unlabelled,
 )
-from vcell.eval.vcc2026.reader import UPLOAD_PERT_COL, ObsColumns, prediction_pert_col, read_obs
+from vcell.eval.vcc2026.reader import (
+    CONTEXT_COLUMN,
+    DATA_CONTEXT_COLUMN,
+    UPLOAD_PERT_COL,
+    ObsColumns,
+    prediction_pert_col,
+    read_obs,
+)
 from vcell.eval.vcc2026.scale import (
     degenerate,
     degenerate_note,
@@ -61,7 +67,6 @@ log = logging.getLogger(__name__)
 
 RUN_FILES = ("results.csv", "agg_results.csv")
 SCALE_FILES = ("baseline_results.csv", "baseline_agg_results.csv", "anchor_splits.csv", "anchor_agg.csv", "scale.json")
-CONTEXT_COLUMN = "context"
 
 
 @dataclass
@@ -96,10 +101,6 @@ def _contexts(path, col: str, obs: ObsColumns, required: bool) -> list[str] | No
     for name in names:
         subfolder(name, f"{path}: context")
     return names
-
-
-#: vcell's data commands' context column: a reference scored as one context may hold several there.
-DATA_CONTEXT_COLUMN = DataSpec().context_col
 
 
 def _read_meta(path, opts: Options, prediction: bool = False) -> ObsColumns:

@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcell.data.preprocess_stream import Progress, no_progress
-from vcell.data.spec import column_guess
+from vcell.data.spec import DataSpec, column_guess
 from vcell.errors import VcellError, preview
 from vcell.eval.row_reader import MatrixReader
 from vcell.eval.tiles import Scratch, TileStore, open_store, plan_tiles, write_stores
@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 #: The perturbation column of a 2026 upload, as ``vcell eval prep --profile vcc2026`` writes it.
 UPLOAD_PERT_COL = "target_gene"
+#: cell-eval2's context column (absent: one context).
+CONTEXT_COLUMN = "context"
+#: vcell's data commands' context column: a file scored as one context may hold several there.
+DATA_CONTEXT_COLUMN = DataSpec().context_col
 
 _DENSE_BLOCK_ROWS = 2048
 

@@ -29,11 +29,10 @@ from vcell.data.h5write import H5adWriter
 from vcell.data.io import atomic_path, check_output_path, read_h5ad
 from vcell.data.matrix import iter_row_chunks
 from vcell.data.perturbation_lists import read_perturbation_table
-from vcell.data.spec import DataSpec
 from vcell.errors import VcellError, preview
 from vcell.eval.prep import read_gene_list
 from vcell.eval.vcc2026.inputs import CountsCells, check_counts
-from vcell.eval.vcc2026.reader import UPLOAD_PERT_COL, as_csr, labels_of
+from vcell.eval.vcc2026.reader import CONTEXT_COLUMN, DATA_CONTEXT_COLUMN, UPLOAD_PERT_COL, as_csr, labels_of
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ def prepare_submission_2026(
 def _warn_dropped_contexts(obs: pd.DataFrame, where: str) -> None:
     """A prediction of several contexts written without its context column cannot be scored per
     context (``eval run`` refuses it against a reference with the column, pools it against one without)."""
-    for col in dict.fromkeys(("context", DataSpec().context_col)):
+    for col in dict.fromkeys((CONTEXT_COLUMN, DATA_CONTEXT_COLUMN)):
         if col in obs.columns:
             values = sorted(set(obs[col].dropna().astype(str)))
             if len(values) > 1:
