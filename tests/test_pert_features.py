@@ -287,6 +287,10 @@ def test_bench_refuses_before_training_a_table_without_a_held_out_target_or_a_mi
     with pytest.raises(VcellError, match="--holdout-context 'k562' is given twice"):
         run_bench(path, tmp_path / "twice", ["pert_mean"], lambda n: build_model(n, {}, seed=0), holdout=["k562", "k562"],
                   report=False)
+    with pytest.raises(VcellError, match="--holdout-context 'k562' and 'planted.k562' name the same context"):
+        run_bench(path, tmp_path / "twice", ["pert_mean"], lambda n: build_model(n, {}, seed=0), holdout=["k562", "planted.k562"],
+                  report=False)
+    assert not (tmp_path / "twice").exists()
 
 
 def test_a_onehot_model_refuses_a_validation_only_target_and_training_says_why(tmp_path, caplog):

@@ -182,6 +182,10 @@ def make_folds(
         if not contexts:
             log.warning("context %s has no perturbed cells to predict; skipped", name)
             continue
+        same = next((f.name for f in folds if f.contexts == contexts), None)
+        if same is not None:  # one context under two names, e.g. 'k562' and 'norman19.k562'
+            raise VcellError(f"--holdout-context {same!r} and {name!r} name the same context ({', '.join(contexts)}): "
+                             "each held-out context is one fold")
         folds.append(Fold(name, cfg, split, contexts))
     if not folds:
         raise VcellError("no held-out context has perturbed cells to predict")
