@@ -618,8 +618,9 @@ def test_python_api_gives_the_commands_numbers(tmp_path):
     doubled = pred.copy()
     doubled.X = doubled.X * 2
     both = vcell.evaluate_2026({"a": pred, "b": doubled}, real, pert_col=PERT_COL, control=CONTROL)
-    pd.testing.assert_frame_equal(both["a"][1], agg)
-    pd.testing.assert_frame_equal(both["b"][1], vcell.evaluate_2026(doubled, real, pert_col=PERT_COL, control=CONTROL)[1])
+    pd.testing.assert_frame_equal(both["a"].agg, agg)  # named as vcell.evaluate's result names them
+    pd.testing.assert_frame_equal(both["a"].results, res)
+    pd.testing.assert_frame_equal(both["b"][1], vcell.evaluate_2026(doubled, real, pert_col=PERT_COL, control=CONTROL).agg)
     scale = vcell.scale_2026(real, pert_col=PERT_COL, control=CONTROL)
     scale_ends(files["real"], tmp_path / "scale", Options(pert_col=PERT_COL, control=CONTROL))
     table = vcell.score_2026(agg, scale)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import anndata as ad
 import numpy as np
@@ -18,14 +19,22 @@ from vcell.eval.vcc2026.reader import prediction_pert_col
 from vcell.eval.vcc2026.scale import score_context
 from vcell.eval.vcc2026.tables import agg_means, agg_wide, results_long
 
-__all__ = ["evaluate_2026", "scale_2026", "score_2026"]
+__all__ = ["Result2026", "evaluate_2026", "scale_2026", "score_2026"]
+
+
+class Result2026(NamedTuple):
+    """One prediction's VCC 2026 tables: ``.results`` and ``.agg`` as :class:`vcell.evaluate`'s
+    result names them, and a ``(results, agg)`` pair to unpack."""
+
+    results: pd.DataFrame  # long: perturbation, metric, value (cell-eval2's results.csv)
+    agg: pd.DataFrame  # wide: statistic x metric (cell-eval2's agg_results.csv)
 
 
 def evaluate_2026(
     pred: ad.AnnData | Mapping[str, ad.AnnData], real: ad.AnnData, pert_col: str = "target_gene", control: str = "non-targeting",
     target_genes: dict[str, str | None] | None = None, no_target_genes: bool = False, threads: int = 2,
     layer: str | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame] | dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+) -> Result2026 | dict[str, Result2026]:
     """Score raw-count predictions with the VCC 2026 metrics (``vcell eval run --profile vcc2026``).
 
     Parameters
@@ -49,8 +58,9 @@ def evaluate_2026(
 
     Returns
     -------
-    tuple of pandas.DataFrame, or a dict of them by name for a mapping
-        ``results`` (long: perturbation, metric, value) and ``agg_results`` (wide), as cell-eval2.
+    Result2026, or a dict of them by name for a mapping
+        ``.results`` (long: perturbation, metric, value) and ``.agg`` (wide), cell-eval2's
+        ``results.csv`` and ``agg_results.csv``; it also unpacks as ``results, agg = ...``.
     """
     many = isinstance(pred, Mapping)
     preds = dict(pred) if many else {"pred": pred}
@@ -66,7 +76,7 @@ def evaluate_2026(
     for name, pred_cells in cells.items():
         values, ratio = evaluate_cells(ref, pred_cells, threads)
         results = results_long(perts, values)
-        out[name] = (results, agg_wide(results, ratio))
+        out[name] = Result2026(results, agg_wide(results, ratio))
     return out if many else out["pred"]
 
 
