@@ -313,6 +313,11 @@ CASES: dict[str, Case] = {
     # ---- vcell eval run
     "eval_2026_option_on_2025_profile": Case(lambda c: _eval(c, c.w.real, None, "--no-target-genes"),
                                              ("--no-target-genes applies to the vcc2026 profile only",)),
+    "eval_context_col_on_2025_profile": Case(lambda c: _eval(c, c.w.real, None, "--context-col", "cell_type"),
+                                             ("--context-col applies to the vcc2026 profile only", "one context")),
+    "baseline_context_col_on_2025_profile": Case(
+        lambda c: ["eval", "baseline", "--real", c.w.log, "--out", c.out / "b.h5ad", "--context-col", "cell_type"],
+        ("--context-col applies to the vcc2026 profile only",)),
     "eval_prep_2025_option_on_2026_profile": Case(
         lambda c: ["eval", "prep", "--profile", "vcc2026", "--pred", c.w.real, "--genes", c.text("g.csv", "G1\n"),
                    "--max-cells", "10", "--out", c.out / "sub.h5ad"], ("--max-cells applies to the 2025 (vcc) profile only",)),

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from vcell.cli.common import SEED_MAX, Control, HelpGroup, NoRandomSeed, PertCol, console, spelled, table
+from vcell.cli.common import SEED_MAX, Control, HelpGroup, NoRandomSeed, PertCol, console, given, spelled, table
 from vcell.cli.interrupts import removed_if_interrupted
 from vcell.train.display import format_duration, status, task
 
@@ -73,7 +73,16 @@ def _only_for(profile: str, **given) -> None:
 
     for option, (value, default) in given.items():
         if value != default:
-            raise VcellError(f"{option} applies to the {'vcc2026' if profile == 'vcc2026' else '2025 (vcc)'} profile only")
+            hint = ("; the 2025 profiles take the cells as one context (score each context's cells as a pair of their own)"
+                    if option == "--context-col" else "")
+            raise VcellError(f"{option} applies to the {'vcc2026' if profile == 'vcc2026' else '2025 (vcc)'} profile only{hint}")
+
+
+def _context_col_typed() -> tuple[str | None, None]:
+    """``--context-col`` as typed, for ``_only_for``: the 2025 profiles score the files as one
+    context (cell-eval's VCC run), so a column named there would be ignored without a word."""
+    typed = given("--context-col")
+    return (None if typed is None or typed.strip().lower() in ("", "none") else typed), None
 
 
 def _agg_2026(agg: pd.DataFrame) -> pd.DataFrame:
@@ -173,7 +182,8 @@ def run_cmd(
         console.print(_run_summary_2026(runs, out, time.perf_counter() - start))
         gc.freeze()
         return
-    _only_for("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False)})
+    _only_for("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False),
+                             "--context-col": _context_col_typed()})
     from vcell.eval.bands import budget_bytes
     from vcell.eval.run import OUTPUT_NAMES, run_many
 
@@ -299,7 +309,8 @@ def baseline_cmd(
     profile_metrics(profile)  # the 2025 baseline is the same for every profile; an unknown name is still a typo
     _only_for("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False),
                              "--only": (only, None), "--splits": (splits, 5), "--anchor-seed": (anchor_seed, 0),
-                             "--in-memory": (backed, True), "--memory-budget": (memory_budget, 2.0)})
+                             "--in-memory": (backed, True), "--memory-budget": (memory_budget, 2.0),
+                             "--context-col": _context_col_typed()})
     from vcell.data.io import check_output_path, read_h5ad, write_h5ad
     from vcell.eval.baseline import build_cell_mean_baseline, read_counts_table
     from vcell.eval.de import differential_expression
