@@ -1024,6 +1024,8 @@ def test_eval_score_warns_of_an_unresolved_scale_and_keeps_cell_eval2s_numbers(s
                     "--out", tmp_path / "clean.csv")
     assert clean.returncode == 0, clean.stderr[-2000:]
     assert "not resolved" not in clean.stderr
+    avg = next(line for line in clean.stdout.splitlines() if line.strip().startswith("avg_score"))
+    assert "nan" not in avg.lower() and "–" in avg  # the mean row has no value, baseline or replicate
     scale = tmp_path / "scale"
     shutil.copytree(sim_vcell["scale"], scale)
     assert json.loads((scale / "scale.json").read_text())["anchor"]["splits"] == 5
@@ -1049,6 +1051,23 @@ def test_eval_score_warns_of_an_unresolved_scale_and_keeps_cell_eval2s_numbers(s
     meta["anchor"]["splits"] = 17
     (scale / "scale.json").write_text(json.dumps(meta))
     assert "not resolved" not in said(scale, "resolved.csv")
+
+
+def test_eval_score_names_a_cell_eval2_baseline_folder_for_what_it_is(sim_vcell, tmp_path):
+    """cell-eval2's baseline folder (baseline_agg.csv) is not vcell's scale: the error says so and
+    names the command that builds one, instead of only 'no baseline_agg_results.csv'."""
+    import shutil
+
+    peer = tmp_path / "c2_base"
+    peer.mkdir()
+    shutil.copy(sim_vcell["scale"] / "baseline_agg_results.csv", peer / "baseline_agg.csv")
+    proc = run_cli("eval", "score", "--profile", "vcc2026", "--user", sim_vcell["honest"], "--baseline", peer)
+    assert proc.returncode == 2 and "cell-eval2's baseline files" in error_line(proc)
+    assert "vcell eval baseline --profile vcc2026" in error_line(proc)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_cli("eval", "score", "--profile", "vcc2026", "--user", sim_vcell["honest"], "--baseline", empty)
+    assert proc.returncode == 2 and "cell-eval2" not in error_line(proc) and "no baseline_agg_results.csv" in error_line(proc)
 
 
 def test_eval_score_refuses_a_scale_built_from_another_reference(sim_vcell, tmp_path):

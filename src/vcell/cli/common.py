@@ -191,11 +191,12 @@ TyperOption.display_type_rich = _flag_type(TyperOption.display_type_rich)
 
 def table(df, title: str | None = None) -> Table:
     """A rich table of a pandas DataFrame. Names are not cut: on a narrow terminal (or COLUMNS=80)
-    numeric columns' headers wrap, and, if still too wide, text columns after the first."""
+    numeric columns' headers wrap, and, if still too wide, text columns after the first. A NaN
+    (no value: e.g. an ``avg_score`` row's inputs) shows as "–", as in the report."""
     from rich import box
 
     t = Table(title=title, show_lines=False, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in df[col]] for col in df.columns]
+    cells = [[("–" if v != v else f"{v:.4g}") if isinstance(v, float) else str(v) for v in df[col]] for col in df.columns]
     numeric = [df[col].dtype.kind in "iuf" for col in df.columns]
     widths = [max(map(len, values), default=1) for values in cells]
     # text columns whole (headers too) when the table fits, else those after the first may wrap;

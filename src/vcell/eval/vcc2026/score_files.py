@@ -30,7 +30,11 @@ def _context_dirs(root: Path, marker: str) -> dict[str, Path]:
         return {"": root}
     found = {p.parent.name: p.parent for p in sorted(root.glob(f"*/{marker}"))}
     if not found:
-        raise VcellError(f"{root}: no {marker} here or in its context folders")
+        peer = "baseline_agg.csv" if marker.startswith("baseline_") else None
+        hint = ("; it holds cell-eval2's baseline files, which vcell does not read: build the scale with "
+                "`vcell eval baseline --profile vcc2026 --real REAL --out DIR` (the same numbers)"
+                if peer and ((root / peer).is_file() or any(root.glob(f"*/{peer}"))) else "")
+        raise VcellError(f"{root}: no {marker} here or in its context folders{hint}")
     return found
 
 
