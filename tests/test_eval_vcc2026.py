@@ -503,6 +503,7 @@ def tiny(tmp_path_factory):
     cases = {
         "log1p": (np.log1p(P), pred_labels, genes, None),
         "fractional": (P + 0.5, pred_labels, genes, None),
+        "expected_counts": (P * 40 + 0.37, pred_labels, genes, None),
         "over_1e6": (big, pred_labels, genes, None),
         "missing_pert": (P[:10], pred_labels[:10], genes, None),
         "gene_order": (P[:, ::-1], pred_labels, genes[::-1], None),
@@ -526,10 +527,11 @@ def tiny(tmp_path_factory):
 BAD = {
     # case: (prediction, reference, words of the error line)
     "log1p": ("log1p", "real", "not an integer"),
-    "fractional": ("fractional", "real", "not an integer"),
+    "fractional": ("fractional", "real", "(log-normalised values, or expected counts?"),
+    "expected_counts": ("expected_counts", "real", "integral draws: `vcell predict --output counts`"),
     "over_1e6": ("over_1e6", "real", "more than"),
     "missing_pert": ("missing_pert", "real", "G02"),
-    "gene_order": ("gene_order", "real", "order"),
+    "gene_order": ("gene_order", "real", "writes a prediction in a list's order"),
     "genes_missing": ("genes_missing", "real", "missing"),
     "no_controls": ("pred", "no_controls", "control"),
     "context_absent_from_pred": ("pred", "real_ctx", "context"),

@@ -104,7 +104,8 @@ def check_counts(cells: CountsCells, max_per_cell: float = MAX_COUNTS_PER_CELL, 
         row, col, value = cells.bad
         gene = cells.genes[col]
         what = "not finite" if not np.isfinite(value) else "negative" if value < 0 else "not an integer"
-        hint = " (log-normalised values?)" if what == "not an integer" else ""
+        hint = (" (log-normalised values, or expected counts? a prediction's counts are integral draws: "
+                "`vcell predict --output counts`, `vcell.to_counts` in Python)") if what == "not an integer" else ""
         raise VcellError(
             f"{cells.where}: value {float(value)!r} at row {row + first_row} (a {cells.labels[row]!r} cell), gene {gene!r} is {what}; "
             f"the vcc2026 profile scores raw counts{hint}"
@@ -137,7 +138,8 @@ def check_genes(pred_genes: pd.Index, real_genes: pd.Index, pred_where: str, rea
     first = int(np.flatnonzero(np.asarray(pred_genes) != np.asarray(real_genes))[0])
     raise VcellError(
         f"{pred_where}: genes are in another order than in {real_where} (position {first}: {pred_genes[first]!r}, "
-        f"expected {real_genes[first]!r}); a vcc2026 submission follows the reference's gene order"
+        f"expected {real_genes[first]!r}); a vcc2026 submission follows the reference's gene order "
+        "(`vcell eval prep --profile vcc2026 --genes LIST` writes a prediction in a list's order)"
     )
 
 
