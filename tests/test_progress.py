@@ -226,8 +226,8 @@ def _signal_state(pid: int) -> str:
     return ", ".join(line.replace("\t", " ") for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt", "Threads")))
 
 
-def _interrupt(args: list, marker: Path, settle: float = 0.0) -> subprocess.CompletedProcess:
-    """Start ``vcell ARGS``, send SIGINT once ``marker`` exists (and ``settle`` seconds more), wait for the end."""
+def _interrupt(args: list, marker: Path, settle: float = 0.0, signum: int = signal.SIGINT) -> subprocess.CompletedProcess:
+    """Start ``vcell ARGS``, send SIGINT (``signum``) once ``marker`` exists (and ``settle`` seconds more), wait for the end."""
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     proc = subprocess.Popen([sys.executable, "-c", _VCELL_WITH_STACK_DUMPS, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -235,7 +235,7 @@ def _interrupt(args: list, marker: Path, settle: float = 0.0) -> subprocess.Comp
         _wait_for(marker, proc)
         time.sleep(settle)
         signals = _signal_state(proc.pid)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         try:
             out, err = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
@@ -277,6 +277,35 @@ def test_ctrl_c_in_train_st_saves_the_step_reached_and_resume_continues_exactly(
                    accelerator="cpu")
     a, b = load_file(str(out / "last" / "weights.safetensors")), load_file(str(ref / "last" / "weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_in_train_st_stops_as_ctrl_c_does_with_its_own_status(files, tmp_path):
+    """`timeout`, Slurm and Kubernetes send SIGTERM: the run saves the step reached and says so,
+    exit 143 (Lightning turned it into exit status 0 with no word: a `train && predict` chain went on)."""
+    out = tmp_path / "run"
+    proc = _interrupt(_st_args(files, out, "--max-steps", "100000", "--checkpoint-every", "3"), out / "last" / "config.json",
+                      signum=signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and re.fullmatch(r"SIGTERM: interrupted at step (\d+) of 100000: saved \S+ \(step \1\); "
+                                            r"continue with --resume", lines[0]), proc.stderr
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP])
+def test_sighup_in_a_command_that_writes_a_file_leaves_nothing(files, tmp_path, signum):
+    """A closed terminal (SIGHUP) or SIGTERM removes the partial output as Ctrl-C does (Python's
+    default left the hidden temporary file), exit 128 + N."""
+    out = tmp_path / "bench"
+    cfg = tmp_path / "models.json"
+    cfg.write_text(json.dumps({"st": {"max_steps": 100000, "set_size": 16, "batch_size": 4, "accelerator": "cpu", "config": TINY_ST}}))
+    args = ["bench", "--data", files["data"], "--holdout-context", "ctx_B", "--models", "st", "--model-config", cfg,
+            "--no-report", "--out", out]
+    proc = _interrupt(args, _Glob(out, ".staging.*.tmp/predictions/real_ctx_B.h5ad"), settle=1.0, signum=signum)
+    assert proc.returncode == 128 + signum, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1] == f"{signal.Signals(signum).name}: interrupted; nothing written", proc.stderr
+    assert not out.exists()
 
 
 def test_ctrl_c_in_bench_leaves_nothing_under_its_output(files, tmp_path):

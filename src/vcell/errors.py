@@ -22,15 +22,17 @@ class VcellError(Exception):
 class Interrupted(KeyboardInterrupt):
     """The user stopped a run (Ctrl-C): a ``KeyboardInterrupt`` whose message says what was saved.
 
-    The CLI prints the message on one line (no ``error:``, no traceback) and exits with status 130;
-    ``quiet`` ones (raised by DDP processes other than rank 0) print nothing.
+    The CLI prints the message on one line (no ``error:``, no traceback) and exits with status 130
+    (128 + ``signum`` for a run stopped by that signal, e.g. SIGTERM); ``quiet`` ones (raised by
+    DDP processes other than rank 0) print nothing.
     """
 
     exit_code = 130
 
-    def __init__(self, message: str = "interrupted; nothing written", quiet: bool = False):
+    def __init__(self, message: str = "interrupted; nothing written", quiet: bool = False, signum: int | None = None):
         super().__init__(" ".join(str(message).split()))
         self.quiet = quiet
+        self.signum = signum
 
 
 def preview(items: Iterable, n: int = 5, quote: bool = True) -> str:

@@ -130,10 +130,36 @@ def root(
     show_progress(not quiet, err_console)  # progress bars on stderr; -q: none
 
 
+#: SIGTERM (``timeout``, Slurm, Kubernetes) and SIGHUP (a closed terminal) stop a command as Ctrl-C
+#: does: its partial outputs are removed (training saves a checkpoint first), one line says so, and
+#: the status is 128 + the signal's number. By default Python would die at once, leaving temporary files.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_received: list[int] = []
+
+
+def _stop_on_signal(signum, frame) -> None:
+    """A SIGTERM or SIGHUP, raised as the ``KeyboardInterrupt`` a Ctrl-C would be (the same clean-up)."""
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+def _stop_status(exc: BaseException | None = None) -> tuple[int, str]:
+    """Exit status and message prefix of a stopped command: 130 for Ctrl-C, 128 + N for signal N."""
+    signum = _received[0] if _received else getattr(exc, "signum", None)
+    if signum is None:
+        return Interrupted.exit_code, ""
+    return 128 + signum, f"{signal.Signals(signum).name}: "
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes print one ``error:`` line and exit 2, with no traceback; Ctrl-C prints
-    one line saying what was saved (or that nothing was written) and exits 130."""
+    one line saying what was saved (or that nothing was written) and exits 130 (SIGTERM, SIGHUP: the
+    same, exit 128 + the signal's number)."""
     set_args(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # the process's own command line: a signal ends this command
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) == signal.SIG_DFL:  # an ignored one (nohup) stays ignored
+                signal.signal(signum, _stop_on_signal)
     try:
         try:
             app(args=argv, prog_name="vcell")  # not 'python -m vcell' in messages
@@ -145,25 +171,27 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(VcellError.exit_code)
         except _Stopped as stopped:
             exc = stopped.interrupt
+            status, by = _stop_status(exc)
             if not getattr(exc, "quiet", False):
-                if on_terminal(err_console):
+                if on_terminal(err_console) and not by:
                     err_console.print()  # past the terminal's ^C echo
                 text = str(exc) if isinstance(exc, Interrupted) and str(exc) else Interrupted().args[0]
-                err_console.print(escape(text), highlight=False, soft_wrap=True)
-            sys.exit(Interrupted.exit_code)
+                err_console.print(escape(by + text), highlight=False, soft_wrap=True)
+            sys.exit(status)
     except KeyboardInterrupt:  # a Ctrl-C while a result or an error was being reported
-        sys.exit(Interrupted.exit_code)
+        sys.exit(_stop_status()[0])
     finally:
         if argv is None:  # the process's own command line: it ends now
-            signal.signal(signal.SIGINT, _exit_interrupted)
+            for signum in (signal.SIGINT, *STOP_SIGNALS):
+                signal.signal(signum, _exit_interrupted)
 
 
 def _exit_interrupted(signum, frame) -> None:
-    """SIGINT once the command is done (the interpreter closing files, removing temporary folders): end
-    at once with status 130, without a traceback."""
+    """SIGINT (SIGTERM, SIGHUP) once the command is done (the interpreter closing files, removing
+    temporary folders): end at once with status 130 (128 + N), without a traceback."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
-    os._exit(Interrupted.exit_code)
+    os._exit(Interrupted.exit_code if signum == signal.SIGINT else 128 + signum)

@@ -124,6 +124,7 @@ class TrainProgress(Callback):
     def __init__(self, out_dir: str | os.PathLike, kind: str, checkpoints=None):
         self.out_dir, self.kind, self.checkpoints = Path(out_dir), kind, checkpoints
         self.stop_requested = False
+        self.signum: int | None = None  # the signal (SIGTERM, SIGHUP) that stopped the run; None for Ctrl-C
         self.training = False  # inside the training loop (a Ctrl-C can wait for the step to end)
         self.stopped_at: int | None = None  # step a Ctrl-C stopped at (checkpoint written)
         self.killed_at: int | None = None  # step a second Ctrl-C (or one before training) stopped at
@@ -175,7 +176,7 @@ class TrainProgress(Callback):
         self._finish(trainer, interrupted=False)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
+        if isinstance(exception, KeyboardInterrupt) or getattr(trainer, "received_sigterm", False):
             self.killed_at = trainer.global_step
         self._finish(trainer, interrupted=True)
 
@@ -226,17 +227,24 @@ def stop_on_interrupt(progress: TrainProgress) -> Iterator[None]:
         return
 
     def handler(signum, frame):
+        if signum != signal.SIGINT:
+            progress.signum = signum
         if progress.stop_requested or not progress.training:
             raise KeyboardInterrupt
         progress.request_stop()
 
-    previous = signal.signal(signal.SIGINT, handler)
+    # SIGTERM and SIGHUP, when the CLI turned them into a Ctrl-C (``vcell.cli.STOP_SIGNALS``), stop
+    # after the step as well: a preempted job keeps its last step. Lightning's own SIGTERM handler,
+    # installed during fit, calls this one too.
+    signums = [signal.SIGINT] + [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) not in (signal.SIG_DFL, signal.SIG_IGN, None)]
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
 
 
 def raise_interrupted(progress: TrainProgress, max_steps: int, is_global_zero: bool) -> None:
     """Raise :class:`~vcell.errors.Interrupted` with ``progress``'s message (printed by rank 0 only)."""
-    raise Interrupted(progress.interrupted_message(max_steps), quiet=not is_global_zero) from None
+    raise Interrupted(progress.interrupted_message(max_steps), quiet=not is_global_zero, signum=progress.signum) from None

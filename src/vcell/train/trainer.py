@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -94,9 +95,11 @@ def fit_module(
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
         except StopTraining:
             raise_interrupted(progress, options.max_steps, trainer.is_global_zero)
-        except SystemExit:  # Lightning's answer to a KeyboardInterrupt: sys.exit(1) after its clean-up
-            if progress.killed_at is None:
+        except SystemExit:  # Lightning's answer to a KeyboardInterrupt (sys.exit(1)) or a SIGTERM (exit status 0!)
+            if progress.killed_at is None and not trainer.received_sigterm:
                 raise
+            if trainer.received_sigterm and progress.signum is None:
+                progress.signum = signal.SIGTERM
             raise_interrupted(progress, options.max_steps, trainer.is_global_zero)
         finally:
             progress.close()
