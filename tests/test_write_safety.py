@@ -402,14 +402,70 @@ def test_a_checkpoint_write_killed_midway_is_cleaned_by_resume(ws, tmp_path, kin
 
 
 def test_a_checkpoint_caught_between_its_two_renames_is_put_back(ws, tmp_path):
-    from vcell.train.runs import open_run_dir
+    from vcell.train.runs import run_dir
 
     run = tmp_path / "run"
     shutil.copytree(ws["st"], run)
     os.replace(run / LAST, run / f".{LAST}.old")  # killed after moving last/ aside, before the new one moved in
     (run / ".best.old").mkdir()  # and a stale previous best/ beside the real one
-    assert open_run_dir(run, resume=True) == run / LAST
+    with run_dir(run, resume=True) as start:
+        assert start == run / LAST
     assert (run / LAST / WEIGHTS).is_file() and not (run / f".{LAST}.old").exists() and not (run / ".best.old").exists()
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_train_overwrite_moves_only_what_a_run_wrote_and_a_failed_one_loses_nothing(ws, tmp_path):
+    """--overwrite removed logs/, last/ and best/ whole (a user's logs/2024-runs/ went with them) and
+    deleted the earlier run before the new one had written anything (a full disk then left neither).
+    Now: a last/ that is no checkpoint is refused; logs/ keeps all but Lightning's version_N; the
+    earlier run is put back when the new one fails, and removed when it ends or saved a step."""
+    from vcell.train.runs import REPLACED, run_dir
+
+    run = tmp_path / "run"
+    shutil.copytree(ws["st"], run)
+    (run / "logs" / "2024-runs").mkdir(parents=True)
+    (run / "logs" / "2024-runs" / "a.log").write_text("mine\n")
+    before = _tree(run)
+    with pytest.raises(OSError, match="No space left"):
+        with run_dir(run, overwrite=True):
+            assert not (run / LAST).exists() and (run / "logs" / "2024-runs" / "a.log").is_file()
+            (run / LAST).mkdir()
+            (run / LAST / "weights.safetensors").write_bytes(b"partial")  # a new run's write, cut short
+            raise OSError(28, "No space left on device")
+    assert _tree(run) == before and not leftovers(run / REPLACED)
+    with pytest.raises(KeyboardInterrupt):  # interrupted before its first checkpoint: the earlier run stays
+        with run_dir(run, overwrite=True):
+            raise KeyboardInterrupt
+    assert _tree(run) == before
+    with run_dir(run, overwrite=True):
+        (run / LAST).mkdir()
+        (run / LAST / CONFIG).write_text("{}")
+    assert _tree(run) == {"last/config.json": b"{}", "logs/2024-runs/a.log": b"mine\n"}
+
+    # killed after setting the earlier run aside, before the new one's first checkpoint: put back
+    killed = tmp_path / "killed"
+    shutil.copytree(ws["st"], killed)
+    before = _tree(killed)
+    aside = killed / f".{REPLACED}.999999999-abcdefgh.tmp"
+    aside.mkdir()
+    for name in (LAST, BEST, "logs"):  # as _set_aside leaves them (logs: its version_N inside)
+        if (killed / name).exists():
+            os.replace(killed / name, aside / name)
+    with run_dir(killed, resume=True) as start:
+        assert start == killed / LAST
+    assert _tree(killed) == before
+
+    mine = tmp_path / "mine"
+    (mine / LAST).mkdir(parents=True)
+    (mine / LAST / "todo.txt").write_text("mine\n")
+    for overwrite in (False, True):
+        with pytest.raises(VcellError, match=r"last: not a vcell checkpoint \(no config.json\).*move it away"):
+            with run_dir(mine, overwrite=overwrite):
+                pass
+    assert (mine / LAST / "todo.txt").read_text() == "mine\n"
 
 
 def test_only_that_outputs_dead_temporaries_are_removed(tmp_path):

@@ -1,10 +1,13 @@
 """Run folders: who may write into one, and whether a resumed run matches what it was trained on.
 
-A run folder (``vcell train st|se --out DIR``) holds ``last/``, ``best/`` and ``logs/``.
-:func:`open_run_dir` is the one rule for starting a run in it: an existing trained run is never
-replaced without ``overwrite`` (and then cleared before the new run writes anything, so a new run
-never sits beside an old ``best/``), ``resume`` needs a ``last/`` holding the optimiser state, and
-what an interrupted earlier run left (temporary checkpoint folders) is removed first.
+A run folder (``vcell train st|se --out DIR``) holds ``last/``, ``best/`` and ``logs/version_N/``.
+:func:`run_dir` is the one rule for running in it: an existing trained run is never replaced
+without ``overwrite`` (and then set aside before the new run writes anything, so a new run never
+sits beside an old ``best/``; it is deleted when the new run ends, and put back when the new run
+fails), ``resume`` needs a ``last/`` holding the optimiser state, and what an interrupted earlier
+run left (temporary checkpoint folders) is removed first. Only what vcell writes is ever moved:
+a ``last/`` or ``best/`` that is no checkpoint is refused, and ``logs/`` keeps every entry but
+Lightning's ``version_N`` folders.
 
 Every checkpoint's ``config.json`` carries a ``fingerprint`` of what the run was trained on (the
 data file's identity and, for ST, the split); :func:`check_resume` compares it, and the columns,
@@ -13,19 +16,21 @@ genes and perturbation features, with the run being resumed, and refuses naming 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from vcell.data.io import check_writable, clean_leftovers, human_size, temp_prefix
+from vcell.data.io import check_writable, clean_leftovers, human_size, leftovers, temp_prefix
 from vcell.data.rows import H5Rows
 from vcell.errors import VcellError, preview
 from vcell.nn.checkpoint import (
@@ -70,7 +75,7 @@ def check_resume_steps(checkpoint: str | os.PathLike, max_steps: int) -> int:
 
 def check_run_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False, kind: str | None = None,
                   max_steps: int | None = None) -> Path | None:
-    """The checks of :func:`open_run_dir`, changing nothing: call it before loading data.
+    """The checks of :func:`run_dir`, changing nothing: call it before loading data.
 
     With ``resume``, also that the checkpoint holds a ``kind`` model (``st``, ``se``) and is below
     ``max_steps``, when given. Returns the checkpoint a ``resume`` continues from (``None`` without ``resume``).
@@ -81,6 +86,9 @@ def check_run_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: b
     check_writable(out_dir, folder=True)
     if resume:
         found = resolve_checkpoint_dir(out_dir / LAST)
+        killed = _killed_overwrite(out_dir)
+        if not found.is_dir() and killed is not None and (killed / LAST).is_dir():
+            found = killed / LAST  # the earlier run an --overwrite killed early set aside: run_dir puts it back
         if not found.is_dir():
             raise VcellError(f"{out_dir}: nothing to resume (no {LAST}/ checkpoint)")
         if not (found / OPTIMIZER).is_file():
@@ -91,6 +99,11 @@ def check_run_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: b
         if max_steps is not None:
             check_resume_steps(found, max_steps)
         return found
+    for name in (LAST, BEST):
+        found = resolve_checkpoint_dir(out_dir / name)
+        if found.exists() and not (found / CONFIG).is_file():  # the user's own folder: never replaced, never deleted
+            raise VcellError(f"{found}: not a vcell checkpoint (no {CONFIG}); a run writes {LAST}/, {BEST}/ and {LOGS}/ "
+                             "into --out: move it away or choose another --out")
     trained = [name for name in (LAST, BEST) if resolve_checkpoint_dir(out_dir / name).is_dir()]
     if trained and not overwrite:
         where = resolve_checkpoint_dir(out_dir / trained[0])
@@ -99,17 +112,20 @@ def check_run_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: b
     return None
 
 
-def open_run_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path | None:
-    """Check and prepare the run folder ``out_dir`` before any work; returns the checkpoint to resume from.
+@contextlib.contextmanager
+def run_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Iterator[Path | None]:
+    """Check and prepare the run folder ``out_dir`` before any work; yields the checkpoint to resume from.
 
     - ``out_dir`` must be (or be creatable as) a writable folder;
     - temporary folders an interrupted run left are removed, and a checkpoint caught between its
       two renames is put back (each logged);
-    - ``resume``: ``out_dir/last`` must exist and hold the optimiser state; it is returned;
+    - ``resume``: ``out_dir/last`` must exist and hold the optimiser state; it is yielded;
     - otherwise a trained run there (``last/`` or ``best/``) is refused unless ``overwrite``,
-      which clears ``last/``, ``best/`` and ``logs/`` before anything new is written.
+      which sets ``last/``, ``best/`` and ``logs/version_*`` aside before anything new is written.
+      They are deleted when the body ends, and put back if it fails (an error, or an interruption
+      before the new run saved a checkpoint): a failed ``--overwrite`` loses nothing.
 
-    Under DDP only rank 0 removes anything (the other ranks run this after rank 0 did).
+    Under DDP only rank 0 moves or removes anything (the other ranks run this after rank 0 did).
     """
     out_dir = Path(out_dir)
     check_run_dir(out_dir, resume, overwrite)  # refuse before touching anything
@@ -117,30 +133,79 @@ def open_run_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: bo
 
     rank0 = rank_zero_only.rank == 0
     if rank0 and out_dir.is_dir():
+        _restore_killed_overwrite(out_dir)
         clean_leftovers(out_dir / REPLACED)
         for name in (LAST, BEST):
             recover_checkpoint_dir(out_dir / name)
     start = check_run_dir(out_dir, resume, overwrite)
+    aside = None
     if not resume and overwrite and rank0 and any((out_dir / name).exists() for name in (LAST, BEST)):
-        _clear_run(out_dir)
-    return start
+        aside = _set_aside(out_dir)
+    if aside is None:
+        yield start
+        return
+    try:
+        yield start
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) and (out_dir / LAST / CONFIG).is_file():
+            _drop(aside, out_dir)  # the new run saved a step and its message says so: it replaces the old one
+        else:
+            _put_back(aside, out_dir)
+        raise
+    _drop(aside, out_dir)
 
 
-def _clear_run(out_dir: Path) -> None:
-    """Move ``last/``, ``best/`` and ``logs/`` aside in one temporary folder, then delete it.
+def _run_entries(out_dir: Path) -> list[Path]:
+    """What a run wrote into ``out_dir``: ``best/``, ``logs/version_*`` (Lightning's), ``last/``."""
+    logs = out_dir / LOGS
+    versions = sorted(p for p in logs.glob("version_*") if p.is_dir()) if logs.is_dir() else []
+    return [p for p in (out_dir / BEST, *versions, out_dir / LAST) if p.exists()]
 
-    Each move is one rename: a run killed meanwhile leaves either the old folder or nothing under
-    each name, never a mix with the new run (which starts only after all are gone); the temporary
-    folder is removed by the next run in ``out_dir``.
-    """
-    trash = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir / REPLACED), suffix=".tmp", dir=out_dir))
-    size = 0
-    for name in (BEST, LOGS, LAST):
-        if (out_dir / name).exists():
-            size += checkpoint_bytes(out_dir / name) if name != LOGS else 0
-            os.replace(out_dir / name, trash / name)
-    shutil.rmtree(trash, ignore_errors=True)
+
+def _set_aside(out_dir: Path) -> Path:
+    """Move the earlier run into one temporary folder (each entry one rename, so a run killed
+    meanwhile leaves either an entry or nothing under each name); :func:`_drop` or
+    :func:`_put_back` ends it, or the next run in ``out_dir`` if this one is killed."""
+    aside = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir / REPLACED), suffix=".tmp", dir=out_dir))
+    for entry in _run_entries(out_dir):
+        target = aside / entry.relative_to(out_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(entry, target)
+    return aside
+
+
+def _drop(aside: Path, out_dir: Path) -> None:
+    size = sum(checkpoint_bytes(aside / name) for name in (LAST, BEST) if (aside / name).exists())
+    shutil.rmtree(aside, ignore_errors=True)
     log.warning("--overwrite: removed the earlier run in %s (checkpoints %s)", out_dir, human_size(size))
+
+
+def _put_back(aside: Path, out_dir: Path) -> None:
+    """Remove what the failed new run wrote and move the earlier run back."""
+    for entry in _run_entries(out_dir):
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    for entry in _run_entries(aside):
+        target = out_dir / entry.relative_to(aside)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(entry, target)
+    shutil.rmtree(aside, ignore_errors=True)
+    log.warning("--overwrite: the new run did not save a checkpoint; %s holds the earlier run as it was", out_dir)
+
+
+def _killed_overwrite(out_dir: Path) -> Path | None:
+    """The earlier run an ``--overwrite`` run set aside and was killed before its first checkpoint
+    (no ``last/`` or ``best/`` in ``out_dir``); ``None`` if there is none."""
+    if any((out_dir / name).exists() for name in (LAST, BEST)):
+        return None
+    return next((a for a in leftovers(out_dir / REPLACED) if (a / LAST).is_dir() or (a / BEST).is_dir()), None)
+
+
+def _restore_killed_overwrite(out_dir: Path) -> None:
+    """Put back the :func:`_killed_overwrite` run (with a new checkpoint there, the set-aside run is
+    removed as a leftover)."""
+    aside = _killed_overwrite(out_dir)
+    if aside is not None:
+        _put_back(aside, out_dir)
 
 
 # ----------------------------------------------------------------------------------- fingerprints

@@ -32,7 +32,7 @@ from vcell.nn.embedding import SEConfig, StateEmbedding, match_genes, normalise_
 from vcell.train.checkpoint import ResumableModule
 from vcell.train.display import status
 from vcell.train.options import SETrainOptions
-from vcell.train.runs import check_resume, file_identity, open_run_dir
+from vcell.train.runs import check_resume, file_identity, run_dir
 from vcell.train.trainer import fit_module
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ def train_se(
         ``counts`` or ``log1p`` for every file; default: read from each file.
     overwrite
         Replace a trained run already in ``out_dir`` (without it, and without ``resume``, that is
-        refused; see :func:`~vcell.train.runs.open_run_dir`).
+        refused; see :func:`~vcell.train.runs.run_dir`).
     """
     options = SETrainOptions.from_values(option_values, options)
     out_dir = Path(out_dir)
@@ -273,48 +273,48 @@ def train_se(
     names = [p.stem for p in paths]
     if len(set(names)) != len(names):
         raise VcellError(f"two --data files share the name {next(n for n in names if names.count(n) > 1)!r}; each file is a dataset class")
-    start = open_run_dir(out_dir, resume, overwrite)
-    L.seed_everything(options.seed, workers=True, verbose=False)
-    lr, schedule_steps = options.lr, options.schedule_steps
-    if start is not None:
-        # the gene table and sizes are those of the checkpoint, whatever was passed
-        trained, meta = StateEmbedding.from_checkpoint(start)
-        if meta["datasets"] != names:
-            raise VcellError(f"{start}: was trained on {', '.join(meta['datasets'])}; resume with the same --data files")
-        vocab_names, values = meta["genes"], meta["model"]
-        vectors = trained.gene_vectors
-        source = meta.get("gene_source", "checkpoint")
-        schedule_steps, lr = int(meta["schedule_steps"]), float(meta["lr"])
-    else:
-        what = f"reading the gene table {genes}" if genes is not None else f"deriving gene embeddings from {len(paths)} file(s)"
-        with status(what):
-            table = gene_table(paths, genes, options.gene_dim, options.seed, expression)
-        vocab_names, vectors, source = list(table.names), table.vectors, table.source
-        values = {**config, "n_genes": len(vocab_names), "gene_dim": int(vectors.shape[1]), "n_datasets": len(paths)}
-    schedule_steps = int(schedule_steps or options.max_steps)
-    vocab = {g: i for i, g in enumerate(vocab_names)}
-    with status(f"opening {len(paths)} training file(s)"):
-        sources = [open_source(p, vocab, expression) for p in paths]
-    cfg = SEConfig.from_dict(values)
-    n_slots = min(cfg.gene_slots, *(len(s.columns) for s in sources))
-    if n_slots < cfg.gene_slots:
-        log.info("cell sentences use %d gene tokens (the data has no more genes in the vocabulary)", n_slots)
-    batches = SEBatches(sources, n_slots, cfg.n_mask, options.batch_size // options.world_size, options.seed)
-    meta = {
-        "genes": vocab_names,
-        "gene_source": source,
-        "datasets": names,
-        "expression": {s.name: s.expression for s in sources},
-        "seed": int(options.seed),
-        "lr": float(options.lr),  # compared on resume (the checkpoint's own rate is the one trained with)
-        "batch_size": int(options.batch_size),
-        "precision": options.precision,
-        "devices": options.devices,
-        "num_nodes": options.num_nodes,
-        "fingerprint": {"data": [s.identity for s in sources]},
-    }
-    if start is not None:
-        check_resume(start, read_config(start), meta)
-    module = SEModule(cfg, vectors, lr=lr, schedule_steps=schedule_steps, meta=meta)
-    fit_module(module, SEDataModule(batches, options.num_workers), out_dir, options, "se", start)
+    with run_dir(out_dir, resume, overwrite) as start:
+        L.seed_everything(options.seed, workers=True, verbose=False)
+        lr, schedule_steps = options.lr, options.schedule_steps
+        if start is not None:
+            # the gene table and sizes are those of the checkpoint, whatever was passed
+            trained, meta = StateEmbedding.from_checkpoint(start)
+            if meta["datasets"] != names:
+                raise VcellError(f"{start}: was trained on {', '.join(meta['datasets'])}; resume with the same --data files")
+            vocab_names, values = meta["genes"], meta["model"]
+            vectors = trained.gene_vectors
+            source = meta.get("gene_source", "checkpoint")
+            schedule_steps, lr = int(meta["schedule_steps"]), float(meta["lr"])
+        else:
+            what = f"reading the gene table {genes}" if genes is not None else f"deriving gene embeddings from {len(paths)} file(s)"
+            with status(what):
+                table = gene_table(paths, genes, options.gene_dim, options.seed, expression)
+            vocab_names, vectors, source = list(table.names), table.vectors, table.source
+            values = {**config, "n_genes": len(vocab_names), "gene_dim": int(vectors.shape[1]), "n_datasets": len(paths)}
+        schedule_steps = int(schedule_steps or options.max_steps)
+        vocab = {g: i for i, g in enumerate(vocab_names)}
+        with status(f"opening {len(paths)} training file(s)"):
+            sources = [open_source(p, vocab, expression) for p in paths]
+        cfg = SEConfig.from_dict(values)
+        n_slots = min(cfg.gene_slots, *(len(s.columns) for s in sources))
+        if n_slots < cfg.gene_slots:
+            log.info("cell sentences use %d gene tokens (the data has no more genes in the vocabulary)", n_slots)
+        batches = SEBatches(sources, n_slots, cfg.n_mask, options.batch_size // options.world_size, options.seed)
+        meta = {
+            "genes": vocab_names,
+            "gene_source": source,
+            "datasets": names,
+            "expression": {s.name: s.expression for s in sources},
+            "seed": int(options.seed),
+            "lr": float(options.lr),  # compared on resume (the checkpoint's own rate is the one trained with)
+            "batch_size": int(options.batch_size),
+            "precision": options.precision,
+            "devices": options.devices,
+            "num_nodes": options.num_nodes,
+            "fingerprint": {"data": [s.identity for s in sources]},
+        }
+        if start is not None:
+            check_resume(start, read_config(start), meta)
+        module = SEModule(cfg, vectors, lr=lr, schedule_steps=schedule_steps, meta=meta)
+        fit_module(module, SEDataModule(batches, options.num_workers), out_dir, options, "se", start)
     return out_dir

@@ -39,7 +39,7 @@ from vcell.nn.transition import StateTransition, STConfig
 from vcell.train.checkpoint import ResumableModule
 from vcell.train.display import status
 from vcell.train.options import STTrainOptions, check_run_options
-from vcell.train.runs import check_resume, open_run_dir, st_fingerprint
+from vcell.train.runs import check_resume, run_dir, st_fingerprint
 from vcell.train.trainer import fit_module
 
 
@@ -446,7 +446,7 @@ def train_st(
         embeddings) with a gene decoder back to ``X``'s genes (see :class:`STConfig`).
     overwrite
         Replace a trained run already in ``out_dir`` (without it, and without ``resume``, that is
-        refused; see :func:`~vcell.train.runs.open_run_dir`).
+        refused; see :func:`~vcell.train.runs.run_dir`).
     pert_features
         Where perturbation vectors come from: ``"onehot"`` (default: one column per training
         target), a gene table file (the model then predicts any target in it) or ``"onehot,FILE"``
@@ -459,19 +459,19 @@ def train_st(
     """
     options = STTrainOptions.from_values(option_values, options)
     out_dir = Path(out_dir)
-    start = open_run_dir(out_dir, resume, overwrite)
-    L.seed_everything(options.seed, workers=True, verbose=False)
-    module = build_module(data, config, lr=options.lr, seed=options.seed, embed_key=embed_key, split=split,
-                          pert_features=pert_features)
-    module.meta["fingerprint"] = st_fingerprint(data, split, embed_key)
-    module.meta.update(batch_size=int(options.batch_size), set_size=int(options.set_size),
-                       control_strategy=options.control_strategy, precision=options.precision)
-    if start is not None:
-        check_resume(start, read_config(start), module.checkpoint_meta())
-    with status("building the cell sets"):
-        dm = CellSetDataModule(data, split, options.batch_size, options.set_size, options.seed, options.control_strategy,
-                               options.num_workers, embed_key, control_sets=module.config.control_relative)
-    if module.config.control_relative:
-        module.drift_probe = (dm.train_set.rows, dm.train_set.sampler.drift_probe())
-    fit(module, dm, out_dir, options, start)
+    with run_dir(out_dir, resume, overwrite) as start:
+        L.seed_everything(options.seed, workers=True, verbose=False)
+        module = build_module(data, config, lr=options.lr, seed=options.seed, embed_key=embed_key, split=split,
+                              pert_features=pert_features)
+        module.meta["fingerprint"] = st_fingerprint(data, split, embed_key)
+        module.meta.update(batch_size=int(options.batch_size), set_size=int(options.set_size),
+                           control_strategy=options.control_strategy, precision=options.precision)
+        if start is not None:
+            check_resume(start, read_config(start), module.checkpoint_meta())
+        with status("building the cell sets"):
+            dm = CellSetDataModule(data, split, options.batch_size, options.set_size, options.seed, options.control_strategy,
+                                   options.num_workers, embed_key, control_sets=module.config.control_relative)
+        if module.config.control_relative:
+            module.drift_probe = (dm.train_set.rows, dm.train_set.sampler.drift_probe())
+        fit(module, dm, out_dir, options, start)
     return out_dir
