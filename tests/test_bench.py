@@ -265,6 +265,15 @@ def test_run_bench_builds_its_added_baseline_itself_and_keeps_earlier_results(tm
     with pytest.raises(VcellError, match="leaderboard.csv.*--overwrite"):
         vcell.run_bench(data, out, ["control_mean"], lambda name: vcell.make_model(name, seed=0), **kwargs)
     assert (out / "leaderboard.csv").read_bytes() == before
+    mine = [out / "eval" / "my_model" / "agg_results.csv", out / "predictions" / "my_model.h5ad"]
+    for path in mine:  # a user's own results kept beside bench's: --overwrite replaced eval/ and predictions/ whole
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine\n")
+    with pytest.raises(VcellError, match=r"eval/my_model/agg_results.csv', 'predictions/my_model.h5ad' in it were not written by vcell"):
+        vcell.run_bench(data, out, ["control_mean"], lambda name: vcell.make_model(name, seed=0), overwrite=True, **kwargs)
+    assert all(p.read_text() == "mine\n" for p in mine) and (out / "leaderboard.csv").read_bytes() == before
+    for path in mine:
+        path.unlink()
     vcell.run_bench(data, out, ["control_mean"], lambda name: vcell.make_model(name, seed=0), overwrite=True, **kwargs)
     assert set(pd.read_csv(out / "leaderboard.csv")["model"]) == {"control_mean", "cell_mean"}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -255,11 +256,38 @@ def atomic_paths(directory: str | os.PathLike, names: list[str]) -> Iterator[dic
         raise
 
 
+#: In a :func:`staged_folder` output folder: the files its last run wrote inside its folder outputs,
+#: so that ``--overwrite`` can tell them from files a user put there (:func:`foreign_files`).
+WRITTEN = ".vcell-written.json"
+
+
+def foreign_files(out: str | os.PathLike, names: Sequence[str]) -> list[str]:
+    """Files inside the folder outputs ``names`` of ``out`` that the run which wrote them did not
+    list in ``WRITTEN`` (all of them when there is no list), as paths relative to ``out``."""
+    out = Path(out)
+    folders = [out / name for name in names if (out / name).is_dir() and not (out / name).is_symlink()]
+    if not folders:
+        return []
+    try:
+        listed = set(json.loads((out / WRITTEN).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set()
+    found = (p.relative_to(out).as_posix() for folder in folders for p in folder.rglob("*") if not p.is_dir())
+    return sorted(p for p in found if p not in listed)
+
+
+def _written(stage: Path, names: Sequence[str]) -> list[str]:
+    return sorted(p.relative_to(stage).as_posix() for name in names if (stage / name).is_dir()
+                  for p in (stage / name).rglob("*") if not p.is_dir())
+
+
 @contextlib.contextmanager
 def staged_folder(out: str | os.PathLike, names: Sequence[str]) -> Iterator[Path]:
     """Yield a temporary folder inside ``out`` to write the outputs ``names`` into; on success they
     replace every earlier output of ``names`` in ``out`` (with ``--overwrite``: an earlier run's go
-    whole, also those this run does not write, such as a report not asked for again).
+    whole, also those this run does not write, such as a report not asked for again; check first
+    with :func:`check_output_dir`, which refuses when a user's file is inside one of them). The
+    files written inside folder outputs are listed in ``out/WRITTEN``.
 
     If the body raises (Ctrl-C included) the temporary folder goes and ``out`` holds what it held
     before; one that a killed run left is removed first (:func:`clean_leftovers`).
@@ -271,6 +299,8 @@ def staged_folder(out: str | os.PathLike, names: Sequence[str]) -> Iterator[Path
     stage = Path(tempfile.mkdtemp(prefix=temp_prefix(marker), suffix=".tmp", dir=out))
     try:
         yield stage
+        with atomic_path(stage / WRITTEN) as tmp:
+            Path(tmp).write_text(json.dumps({"files": _written(stage, names)}, indent=1))
         # every earlier output (one this run does not write too) renamed aside, then the new ones in:
         # renames only, with Ctrl-C held until they are done; what was set aside goes last (a kill
         # while it goes leaves a staging folder the next run removes)
@@ -279,7 +309,7 @@ def staged_folder(out: str | os.PathLike, names: Sequence[str]) -> Iterator[Path
             for name in names:
                 if (out / name).exists() or (out / name).is_symlink():
                     os.replace(out / name, aside / name)
-            for name in names:
+            for name in [*names, WRITTEN]:
                 if (stage / name).exists() or (stage / name).is_symlink():
                     os.replace(stage / name, out / name)
         if held:
@@ -411,6 +441,11 @@ def check_output_dir(
     if there and not overwrite:
         raise VcellError(f"{directory}: already holds {preview(there, n=3)} from an earlier run "
                          "(pass --overwrite to replace them, or choose another --out)")
+    mine = foreign_files(directory, names) if there else []
+    if mine:  # a folder output is replaced whole: a user's file in it would go with the earlier results
+        raise VcellError(f"{directory}: --overwrite replaces {', '.join(sorted({m.split('/')[0] for m in mine}))}/ whole, and "
+                         f"{preview(mine, n=3)} in it {'was' if len(mine) == 1 else 'were'} not written by vcell; "
+                         f"move {'it' if len(mine) == 1 else 'them'} out of {directory} or choose another --out")
     clean_leftovers(*(directory / name for name in names))
     return directory
 
