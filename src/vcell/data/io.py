@@ -261,9 +261,10 @@ def atomic_paths(directory: str | os.PathLike, names: list[str]) -> Iterator[dic
 WRITTEN = ".vcell-written.json"
 
 
-def foreign_files(out: str | os.PathLike, names: Sequence[str]) -> list[str]:
+def foreign_files(out: str | os.PathLike, names: Sequence[str], earlier: Sequence[str] = ()) -> list[str]:
     """Files inside the folder outputs ``names`` of ``out`` that the run which wrote them did not
-    list in ``WRITTEN`` (all of them when there is no list), as paths relative to ``out``."""
+    list in ``WRITTEN`` (without a list: not in ``earlier``, what the caller knows an older run
+    wrote), as paths relative to ``out``."""
     out = Path(out)
     folders = [out / name for name in names if (out / name).is_dir() and not (out / name).is_symlink()]
     if not folders:
@@ -271,7 +272,7 @@ def foreign_files(out: str | os.PathLike, names: Sequence[str]) -> list[str]:
     try:
         listed = set(json.loads((out / WRITTEN).read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError):
-        listed = set()
+        listed = set(earlier)
     found = (p.relative_to(out).as_posix() for folder in folders for p in folder.rglob("*") if not p.is_dir())
     return sorted(p for p in found if p not in listed)
 
@@ -425,13 +426,15 @@ def subfolders(names, what: str) -> dict[str, str]:
 
 
 def check_output_dir(
-    directory: str | os.PathLike, names: list[str], inputs: list[str | os.PathLike] = (), overwrite: bool = False
+    directory: str | os.PathLike, names: list[str], inputs: list[str | os.PathLike] = (), overwrite: bool = False,
+    earlier: Sequence[str] = (),
 ) -> Path:
     """:func:`check_output_path` for a command whose output is a folder holding ``names``.
 
     Refuses when ``directory`` is a file, cannot be written or created, or already holds any of
-    ``names`` (unless ``overwrite``); other files in it are never touched. Then removes what an
-    interrupted earlier write of each name left.
+    ``names`` (unless ``overwrite``; and then when a folder among them holds a file vcell did not
+    write, :func:`foreign_files` with ``earlier``); other files in it are never touched. Then
+    removes what an interrupted earlier write of each name left.
     """
     directory = Path(directory)
     for name in names:
@@ -441,7 +444,7 @@ def check_output_dir(
     if there and not overwrite:
         raise VcellError(f"{directory}: already holds {preview(there, n=3)} from an earlier run "
                          "(pass --overwrite to replace them, or choose another --out)")
-    mine = foreign_files(directory, names) if there else []
+    mine = foreign_files(directory, names, earlier) if there else []
     if mine:  # a folder output is replaced whole: a user's file in it would go with the earlier results
         raise VcellError(f"{directory}: --overwrite replaces {', '.join(sorted({m.split('/')[0] for m in mine}))}/ whole, and "
                          f"{preview(mine, n=3)} in it {'was' if len(mine) == 1 else 'were'} not written by vcell; "

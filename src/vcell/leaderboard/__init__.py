@@ -32,6 +32,7 @@ from vcell.leaderboard.bench import (
     VCC_METRICS,
     BenchResult,
     Fold,
+    bench_files,
     fold_record,
     make_folds,
     prepare_data,
@@ -40,5 +41,5 @@ from vcell.leaderboard.bench import (
     vcc_score,
 )
 
-__all__ = ["BASELINE_MODEL", "BENCH_OUTPUTS", "VCC_METRICS", "BenchResult", "Fold", "fold_record", "make_folds", "prepare_data",
+__all__ = ["BASELINE_MODEL", "BENCH_OUTPUTS", "VCC_METRICS", "BenchResult", "Fold", "bench_files", "fold_record", "make_folds", "prepare_data",
            "run_bench", "slug", "vcc_score"]

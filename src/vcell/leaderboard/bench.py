@@ -254,6 +254,30 @@ def vcc_score(user_agg: pd.DataFrame, base_agg: pd.DataFrame) -> tuple[float, fl
     return 100 * float(row["from_baseline"]), 100 * float(row["unclipped"])
 
 
+def bench_files(out: str | os.PathLike) -> list[str]:
+    """Every file an earlier bench wrote in ``out``, relative to it: its ``eval/`` and ``predictions/``
+    files as listed by its run (read from ``bench.json``'s runs for vcell versions that wrote no
+    list), and its top-level files. What ``--overwrite`` may replace without deleting a user's file."""
+    import json
+
+    from vcell.data.io import WRITTEN
+
+    out = Path(out)
+    try:
+        files = list(json.loads((out / WRITTEN).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        files = []
+        try:
+            meta = json.loads((out / "bench.json").read_text())
+            tops = [*(r["prediction"] for r in meta["runs"]), *(r["eval_dir"] for r in meta["runs"]), *meta["real"].values()]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            tops = []
+        tops += [p.relative_to(out).as_posix() for p in out.glob("eval/vcc2026_scale_*")]
+        found = [p for top in tops for p in ([out / top] if (out / top).is_file() else (out / top).rglob("*"))]
+        files = [p.relative_to(out).as_posix() for p in found if p.is_file()]
+    return files + [name for name in (*BENCH_OUTPUTS, WRITTEN) if (out / name).is_file()]
+
+
 #: What :func:`run_bench` writes into its output folder (``vcell bench --out``).
 BENCH_OUTPUTS = ("leaderboard.csv", "bench.json", "report.html", "predictions", "eval")
 
@@ -328,7 +352,8 @@ def run_bench(
     t0 = time.perf_counter()
     out = Path(out)
     source = IN_MEMORY if isinstance(data_path, ad.AnnData) else str(Path(data_path).resolve())  # bench.json's "data"
-    check_output_dir(out, list(BENCH_OUTPUTS), [] if source == IN_MEMORY else [data_path], overwrite=overwrite)
+    check_output_dir(out, list(BENCH_OUTPUTS), [] if source == IN_MEMORY else [data_path], overwrite=overwrite,
+                     earlier=bench_files(out))
     models = list(dict.fromkeys(models))
     user_models = set(models)  # the models make_model builds: the options recorded are theirs
     if BASELINE_MODEL not in models:
