@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -11,6 +13,7 @@ import scipy.sparse as sp
 from vcell.data.io import atomic_paths, read_h5ad, read_h5ad_mapped
 from vcell.data.matrix import block_values, iter_row_chunks, locate
 from vcell.data.validate import MatrixStats, scan_matrix, scan_values
+from vcell.errors import VcellError
 
 
 def _adata(X) -> ad.AnnData:
@@ -186,7 +189,7 @@ def test_check_writable_probes_what_access_cannot_tell(tmp_path, monkeypatch):
 def test_staged_folder_replaces_every_earlier_output_only_on_success(tmp_path):
     """The outputs are written aside and put in place at the end: a failure leaves the earlier ones as
     they were; success replaces all of them (one this run did not write too), and no staging is left."""
-    from vcell.data.io import staged_folder
+    from vcell.data.staging import staged_folder
 
     out = tmp_path / "out"
     (out / "runs").mkdir(parents=True)
@@ -202,5 +205,37 @@ def test_staged_folder_replaces_every_earlier_output_only_on_success(tmp_path):
     with staged_folder(out, ["runs", "report.html"]) as stage:
         (stage / "runs").mkdir()
         (stage / "runs" / "new.txt").write_text("new")
-    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "runs"]  # the earlier report went with its run
+    assert sorted(p.name for p in out.iterdir()) == [".vcell-written.json", "mine.txt", "runs"]  # the earlier report went with its run
     assert [p.name for p in (out / "runs").iterdir()] == ["new.txt"]
+    assert json.loads((out / ".vcell-written.json").read_text()) == {"files": ["runs/new.txt"]}  # what --overwrite may replace
+    from vcell.data.staging import check_replaceable
+
+    check_replaceable(out, ["runs", "report.html"])
+    (out / "runs" / "notes.txt").write_text("a user's")
+    with pytest.raises(VcellError, match=r"replaces runs/ whole, and 'runs/notes.txt' in it was not written by vcell"):
+        check_replaceable(out, ["runs", "report.html"])
+
+
+def test_an_output_that_appears_while_it_is_written_is_kept_not_replaced(tmp_path):
+    """Two commands writing one file without --overwrite both passed the "already exists" check, and
+    the last rename won in silence (a preprocess with 500 genes replaced by one with 1,500): the
+    second to finish is now refused and the first's file kept. With --overwrite the last one wins."""
+    from vcell.data.io import atomic_path, check_output_path
+    from vcell.errors import VcellError
+
+    out = tmp_path / "p.h5ad"
+    check_output_path(out)
+    with pytest.raises(VcellError, match="p.h5ad: appeared while this command was writing it"):
+        with atomic_path(out) as tmp:
+            tmp.write_text("mine")
+            out.write_text("theirs")  # the other command's rename, meanwhile
+    assert out.read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["p.h5ad"]
+    check_output_path(out, overwrite=True)
+    with atomic_path(out) as tmp:
+        tmp.write_text("mine")
+    assert out.read_text() == "mine"
+    fresh = tmp_path / "q.h5ad"
+    check_output_path(fresh)
+    with atomic_path(fresh) as tmp:  # nothing appeared: written as usual
+        tmp.write_text("q")
+    assert fresh.read_text() == "q" and sorted(p.name for p in tmp_path.iterdir()) == ["p.h5ad", "q.h5ad"]

@@ -27,10 +27,11 @@ def demo(
 
     for name in [m.strip() for m in models.split(",") if m.strip()]:
         make_model(name, seed=seed)  # an unknown model is named before anything is written
+    from vcell.data.staging import check_replaceable
     from vcell.leaderboard.bench import bench_files
 
-    earlier = [f"bench/{name}" for name in bench_files(out / "bench")]  # a user's file in bench/ is refused, bench's replaced
-    check_output_dir(out, ["simulated.h5ad", "bench"], overwrite=overwrite, earlier=earlier)
+    check_output_dir(out, ["simulated.h5ad", "bench"], overwrite=overwrite)
+    check_replaceable(out, ["bench"], [f"bench/{name}" for name in bench_files(out / "bench")])  # bench's replaced, a user's refused
     with removed_if_interrupted(out, ["simulated.h5ad", "bench"]):
         _demo(out, holdout_context, models, seed)
 

@@ -46,7 +46,7 @@ def removed_if_interrupted(out: Path, names: Iterable[str], staged: bool = False
 
     Outputs that were there before (replaced with ``--overwrite``) are left, and the message says
     they may be partly replaced; with ``staged`` (the body writes in a staging folder and replaces
-    them only once it is done: :func:`~vcell.data.io.staged_folder`), that they are as they were.
+    them only once it is done: :func:`~vcell.data.staging.staged_folder`), that they are as they were.
     """
     out, names = Path(out), list(names)
     existed = out.exists()

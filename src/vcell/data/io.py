@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -233,9 +232,36 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
-        os.replace(tmp_path, path)
+        if _key(path) in _FRESH:
+            _place_new(tmp_path, path)
+            _FRESH.discard(_key(path))
+        else:
+            os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+#: Outputs :func:`check_output_path` found absent without ``--overwrite``: written only if they are
+#: still absent (two commands writing one file both passed that check; the last rename won, silently).
+_FRESH: set[str] = set()
+
+
+def _key(path: Path) -> str:
+    return os.path.abspath(path)
+
+
+def _place_new(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path`` unless a file appeared there meanwhile (a hard link fails then, atomically)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise VcellError(f"{path}: appeared while this command was writing it (another command writing the same "
+                         "file?); it was kept, and this command's result not written") from None
+    except OSError:  # no hard links on this filesystem: check, then rename
+        if path.exists():
+            raise VcellError(f"{path}: appeared while this command was writing it (another command writing the same "
+                             "file?); it was kept, and this command's result not written") from None
+        os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -254,88 +280,6 @@ def atomic_paths(directory: str | os.PathLike, names: list[str]) -> Iterator[dic
         if created and directory.is_dir() and not any(directory.iterdir()):
             directory.rmdir()
         raise
-
-
-#: In a :func:`staged_folder` output folder: the files its last run wrote inside its folder outputs,
-#: so that ``--overwrite`` can tell them from files a user put there (:func:`foreign_files`).
-WRITTEN = ".vcell-written.json"
-
-
-def foreign_files(out: str | os.PathLike, names: Sequence[str], earlier: Sequence[str] = ()) -> list[str]:
-    """Files inside the folder outputs ``names`` of ``out`` that the run which wrote them did not
-    list in ``WRITTEN`` (without a list: not in ``earlier``, what the caller knows an older run
-    wrote), as paths relative to ``out``."""
-    out = Path(out)
-    folders = [out / name for name in names if (out / name).is_dir() and not (out / name).is_symlink()]
-    if not folders:
-        return []
-    try:
-        listed = set(json.loads((out / WRITTEN).read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        listed = set(earlier)
-    found = (p.relative_to(out).as_posix() for folder in folders for p in folder.rglob("*") if not p.is_dir())
-    return sorted(p for p in found if p not in listed)
-
-
-def _written(stage: Path, names: Sequence[str]) -> list[str]:
-    return sorted(p.relative_to(stage).as_posix() for name in names if (stage / name).is_dir()
-                  for p in (stage / name).rglob("*") if not p.is_dir())
-
-
-@contextlib.contextmanager
-def staged_folder(out: str | os.PathLike, names: Sequence[str]) -> Iterator[Path]:
-    """Yield a temporary folder inside ``out`` to write the outputs ``names`` into; on success they
-    replace every earlier output of ``names`` in ``out`` (with ``--overwrite``: an earlier run's go
-    whole, also those this run does not write, such as a report not asked for again; check first
-    with :func:`check_output_dir`, which refuses when a user's file is inside one of them). The
-    files written inside folder outputs are listed in ``out/WRITTEN``.
-
-    If the body raises (Ctrl-C included) the temporary folder goes and ``out`` holds what it held
-    before; one that a killed run left is removed first (:func:`clean_leftovers`).
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    marker = out / "staging"
-    clean_leftovers(marker)
-    stage = Path(tempfile.mkdtemp(prefix=temp_prefix(marker), suffix=".tmp", dir=out))
-    try:
-        yield stage
-        with atomic_path(stage / WRITTEN) as tmp:
-            Path(tmp).write_text(json.dumps({"files": _written(stage, names)}, indent=1))
-        # every earlier output (one this run does not write too) renamed aside, then the new ones in:
-        # renames only, with Ctrl-C held until they are done; what was set aside goes last (a kill
-        # while it goes leaves a staging folder the next run removes)
-        aside = Path(tempfile.mkdtemp(prefix=temp_prefix(marker), suffix=".tmp", dir=out))
-        with _ctrl_c_held() as held:
-            for name in names:
-                if (out / name).exists() or (out / name).is_symlink():
-                    os.replace(out / name, aside / name)
-            for name in [*names, WRITTEN]:
-                if (stage / name).exists() or (stage / name).is_symlink():
-                    os.replace(stage / name, out / name)
-        if held:
-            log.warning("Ctrl-C came as the results were put in place in %s: they are complete", out)
-        shutil.rmtree(aside, ignore_errors=True)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _ctrl_c_held() -> Iterator[list]:
-    """Hold Ctrl-C (SIGINT) until the body is done; yields a list that is non-empty if one came.
-    Off the main thread (where no handler can be set) the body runs as it is."""
-    import signal
-    import threading
-
-    caught: list = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield caught
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | None = None) -> Path:
@@ -403,6 +347,7 @@ def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike] = 
     check_writable(out)
     if out.exists() and not overwrite:
         raise VcellError(f"{out}: output file already exists (pass --overwrite to replace it)")
+    (_FRESH.discard if overwrite else _FRESH.add)(_key(out))
     clean_leftovers(out)
     return out
 
@@ -426,29 +371,25 @@ def subfolders(names, what: str) -> dict[str, str]:
 
 
 def check_output_dir(
-    directory: str | os.PathLike, names: list[str], inputs: list[str | os.PathLike] = (), overwrite: bool = False,
-    earlier: Sequence[str] = (),
+    directory: str | os.PathLike, names: list[str], inputs: list[str | os.PathLike] = (), overwrite: bool = False
 ) -> Path:
     """:func:`check_output_path` for a command whose output is a folder holding ``names``.
 
     Refuses when ``directory`` is a file, cannot be written or created, or already holds any of
-    ``names`` (unless ``overwrite``; and then when a folder among them holds a file vcell did not
-    write, :func:`foreign_files` with ``earlier``); other files in it are never touched. Then
-    removes what an interrupted earlier write of each name left.
+    ``names`` (unless ``overwrite``); other files in it are never touched. Then removes what an
+    interrupted earlier write of each name left. (Folder outputs replaced whole:
+    :func:`vcell.data.staging.check_replaceable` too.)
     """
     directory = Path(directory)
     for name in names:
         _check_inputs(directory / name, inputs)
     check_writable(directory, folder=True)
     there = [name for name in names if (directory / name).exists()]
+    for name in names:
+        (_FRESH.discard if overwrite else _FRESH.add)(_key(directory / name))
     if there and not overwrite:
         raise VcellError(f"{directory}: already holds {preview(there, n=3)} from an earlier run "
                          "(pass --overwrite to replace them, or choose another --out)")
-    mine = foreign_files(directory, names, earlier) if there else []
-    if mine:  # a folder output is replaced whole: a user's file in it would go with the earlier results
-        raise VcellError(f"{directory}: --overwrite replaces {', '.join(sorted({m.split('/')[0] for m in mine}))}/ whole, and "
-                         f"{preview(mine, n=3)} in it {'was' if len(mine) == 1 else 'were'} not written by vcell; "
-                         f"move {'it' if len(mine) == 1 else 'them'} out of {directory} or choose another --out")
     clean_leftovers(*(directory / name for name in names))
     return directory
 

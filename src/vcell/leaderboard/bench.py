@@ -260,7 +260,7 @@ def bench_files(out: str | os.PathLike) -> list[str]:
     list), and its top-level files. What ``--overwrite`` may replace without deleting a user's file."""
     import json
 
-    from vcell.data.io import WRITTEN
+    from vcell.data.staging import WRITTEN
 
     out = Path(out)
     try:
@@ -346,14 +346,15 @@ def run_bench(
     BenchResult
         The leaderboard (one row per model and context), the runs and the timings.
     """
-    from vcell.data.io import check_output_dir, staged_folder
+    from vcell.data.io import check_output_dir
+    from vcell.data.staging import check_replaceable, staged_folder
     from vcell.predictors.registry import make_model as registry_model
 
     t0 = time.perf_counter()
     out = Path(out)
     source = IN_MEMORY if isinstance(data_path, ad.AnnData) else str(Path(data_path).resolve())  # bench.json's "data"
-    check_output_dir(out, list(BENCH_OUTPUTS), [] if source == IN_MEMORY else [data_path], overwrite=overwrite,
-                     earlier=bench_files(out))
+    check_output_dir(out, list(BENCH_OUTPUTS), [] if source == IN_MEMORY else [data_path], overwrite=overwrite)
+    check_replaceable(out, BENCH_OUTPUTS, bench_files(out))
     models = list(dict.fromkeys(models))
     user_models = set(models)  # the models make_model builds: the options recorded are theirs
     if BASELINE_MODEL not in models:

@@ -1,0 +1,113 @@
+"""Output folders whose parts are replaced whole (``vcell bench --out``): written in a staging
+folder and put in place only when the run is done, never deleting a file a user put there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from vcell.data.io import atomic_path, clean_leftovers, temp_prefix
+from vcell.errors import VcellError, preview
+
+log = logging.getLogger(__name__)
+
+
+def check_replaceable(out: str | os.PathLike, names: Sequence[str], earlier: Sequence[str] = ()) -> None:
+    """Refuse ``--overwrite`` when a folder among the outputs ``names`` of ``out`` holds a file vcell
+    did not write (:func:`foreign_files`): the folder is replaced whole, and the file would go with it."""
+    mine = foreign_files(out, names, earlier)
+    if mine:
+        folders = ", ".join(f"{m}/" for m in sorted({m.split("/")[0] for m in mine}))
+        one = len(mine) == 1
+        raise VcellError(f"{out}: --overwrite replaces {folders} whole, and {preview(mine, n=3)} in it "
+                         f"{'was' if one else 'were'} not written by vcell; move {'it' if one else 'them'} out of {out} "
+                         "or choose another --out")
+
+
+#: In a :func:`staged_folder` output folder: the files its last run wrote inside its folder outputs,
+#: so that ``--overwrite`` can tell them from files a user put there (:func:`foreign_files`).
+WRITTEN = ".vcell-written.json"
+
+
+def foreign_files(out: str | os.PathLike, names: Sequence[str], earlier: Sequence[str] = ()) -> list[str]:
+    """Files inside the folder outputs ``names`` of ``out`` that the run which wrote them did not
+    list in ``WRITTEN`` (without a list: not in ``earlier``, what the caller knows an older run
+    wrote), as paths relative to ``out``."""
+    out = Path(out)
+    folders = [out / name for name in names if (out / name).is_dir() and not (out / name).is_symlink()]
+    if not folders:
+        return []
+    try:
+        listed = set(json.loads((out / WRITTEN).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set(earlier)
+    found = (p.relative_to(out).as_posix() for folder in folders for p in folder.rglob("*") if not p.is_dir())
+    return sorted(p for p in found if p not in listed)
+
+
+def _written(stage: Path, names: Sequence[str]) -> list[str]:
+    return sorted(p.relative_to(stage).as_posix() for name in names if (stage / name).is_dir()
+                  for p in (stage / name).rglob("*") if not p.is_dir())
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike, names: Sequence[str]) -> Iterator[Path]:
+    """Yield a temporary folder inside ``out`` to write the outputs ``names`` into; on success they
+    replace every earlier output of ``names`` in ``out`` (with ``--overwrite``: an earlier run's go
+    whole, also those this run does not write, such as a report not asked for again; check first
+    with :func:`check_replaceable`, which refuses when a user's file is inside one of them). The
+    files written inside folder outputs are listed in ``out/WRITTEN``.
+
+    If the body raises (Ctrl-C included) the temporary folder goes and ``out`` holds what it held
+    before; one that a killed run left is removed first (:func:`clean_leftovers`).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / "staging"
+    clean_leftovers(marker)
+    stage = Path(tempfile.mkdtemp(prefix=temp_prefix(marker), suffix=".tmp", dir=out))
+    try:
+        yield stage
+        with atomic_path(stage / WRITTEN) as tmp:
+            Path(tmp).write_text(json.dumps({"files": _written(stage, names)}, indent=1))
+        # every earlier output (one this run does not write too) renamed aside, then the new ones in:
+        # renames only, with Ctrl-C held until they are done; what was set aside goes last (a kill
+        # while it goes leaves a staging folder the next run removes)
+        aside = Path(tempfile.mkdtemp(prefix=temp_prefix(marker), suffix=".tmp", dir=out))
+        with _ctrl_c_held() as held:
+            for name in names:
+                if (out / name).exists() or (out / name).is_symlink():
+                    os.replace(out / name, aside / name)
+            for name in [*names, WRITTEN]:
+                if (stage / name).exists() or (stage / name).is_symlink():
+                    os.replace(stage / name, out / name)
+        if held:
+            log.warning("Ctrl-C came as the results were put in place in %s: they are complete", out)
+        shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[list]:
+    """Hold Ctrl-C (SIGINT) until the body is done; yields a list that is non-empty if one came.
+    Off the main thread (where no handler can be set) the body runs as it is."""
+    import signal
+    import threading
+
+    caught: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGINT, previous)
