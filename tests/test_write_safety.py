@@ -458,6 +458,18 @@ def test_train_overwrite_moves_only_what_a_run_wrote_and_a_failed_one_loses_noth
         assert start == killed / LAST
     assert _tree(killed) == before
 
+    import fcntl  # a run training into the folder now (its lock): a second run is refused, nothing moved
+
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(VcellError, match="another vcell run is training into this folder now"):
+            with run_dir(run, overwrite=True):
+                pass
+    finally:
+        os.close(fd)
+    assert (run / LAST / CONFIG).read_text() == "{}"
+
     mine = tmp_path / "mine"
     (mine / LAST).mkdir(parents=True)
     (mine / LAST / "todo.txt").write_text("mine\n")

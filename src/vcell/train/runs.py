@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from vcell.data.io import check_writable, clean_leftovers, human_size, leftovers, temp_prefix
+from vcell.data.io import check_writable, clean_leftovers, held_exclusively, human_size, leftovers, temp_prefix
 from vcell.data.rows import H5Rows
 from vcell.errors import VcellError, preview
 from vcell.nn.checkpoint import (
@@ -132,6 +132,18 @@ def run_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: bool = 
     from lightning.pytorch.utilities import rank_zero_only  # not at module level: refusals come before Lightning loads
 
     rank0 = rank_zero_only.rank == 0
+    with contextlib.ExitStack() as stack:
+        if rank0:  # two runs into one folder would write over each other's checkpoints: the second is refused
+            if not out_dir.exists():  # made here: removed again if the run writes nothing into it
+                stack.callback(lambda: out_dir.is_dir() and not any(out_dir.iterdir()) and out_dir.rmdir())
+            out_dir.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(held_exclusively(out_dir, f"{out_dir}: another vcell run is training into this folder now; "
+                                                          "wait for it to finish or choose another --out"))
+        yield from _prepared(out_dir, resume, overwrite, rank0)
+
+
+def _prepared(out_dir: Path, resume: bool, overwrite: bool, rank0: bool) -> Iterator[Path | None]:
+    """:func:`run_dir`'s body, with the folder held."""
     if rank0 and out_dir.is_dir():
         _restore_killed_overwrite(out_dir)
         clean_leftovers(out_dir / REPLACED)
