@@ -9,6 +9,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from vcell.eval.scoring import read_csv
 
@@ -277,6 +278,27 @@ def test_run_bench_builds_its_added_baseline_itself_and_keeps_earlier_results(tm
     (out / ".vcell-written.json").unlink()  # as an older vcell left it: its bench.json names what it wrote
     vcell.run_bench(data, out, ["control_mean"], lambda name: vcell.make_model(name, seed=0), overwrite=True, **kwargs)
     assert set(pd.read_csv(out / "leaderboard.csv")["model"]) == {"control_mean", "cell_mean"}
+
+
+def test_bench_gives_the_same_numbers_whatever_the_file_stores_counts_as(tmp_path):
+    """The same integer counts as float32, float64, float16 or int32 gave other numbers (normalised
+    in the file's precision: float16 moved the 2026 score from -0.47 to -0.35): bench computes in
+    float32 whatever the file stores."""
+    import vcell
+
+    a = vcell.simulate_perturbseq(seed=0, n_genes=60, n_perturbations=6, n_combinations=0, n_contexts=2,
+                                  cells_per_perturbation=30, n_controls=60)
+    a.X = sp.csr_matrix(np.minimum(a.X.toarray(), 2000))
+    boards = {}
+    for dtype in ("float32", "float64", "float16", "int32"):
+        b = a.copy()
+        b.X = b.X.toarray().astype(dtype) if dtype == "float16" else b.X.astype(dtype)
+        b.write_h5ad(tmp_path / f"{dtype}.h5ad")
+        result = vcell.run_bench(tmp_path / f"{dtype}.h5ad", tmp_path / dtype, ["control_mean", "pert_mean"],
+                                 lambda name: vcell.make_model(name, seed=0), holdout=["ctx_B"], profile="vcc", report=False)
+        boards[dtype] = result.leaderboard
+    for dtype in ("float64", "float16", "int32"):
+        pd.testing.assert_frame_equal(boards[dtype], boards["float32"])
 
 
 def _score_line(row) -> float:

@@ -218,6 +218,27 @@ def test_dense_matrix_streams(sim, tmp_path, small_blocks):
     assert summary["n_genes_after"] == mem_summary["n_genes_after"] == back.n_vars
 
 
+def test_a_half_precision_file_streams_as_its_float32_twin(sim, tmp_path, small_blocks):
+    """float16 X (counts below 2,048 are exact in it) crashed the writer: scipy.sparse has no float16.
+    It preprocesses as the float32 file of the same values; the direct reader leaves it to h5py."""
+    import h5py
+
+    from vcell.data.h5direct import extents
+
+    outs = {}
+    for dtype in (np.float32, np.float16):
+        a = sim.copy()
+        a.X = np.minimum(a.X.toarray(), 2000).astype(dtype)
+        del a.layers["extra"]
+        a.write_h5ad(tmp_path / f"{np.dtype(dtype).name}.h5ad")
+        preprocess_file(tmp_path / f"{np.dtype(dtype).name}.h5ad", tmp_path / f"out_{np.dtype(dtype).name}.h5ad", SPEC,
+                        n_top_genes=30)
+        outs[dtype] = ad.read_h5ad(tmp_path / f"out_{np.dtype(dtype).name}.h5ad")
+    np.testing.assert_array_equal(outs[np.float16].X.toarray(), outs[np.float32].X.toarray())
+    with h5py.File(tmp_path / "float16.h5ad", "r") as f:
+        assert extents(f["X"]) == (None, "values are float16")
+
+
 def test_an_interrupted_write_leaves_nothing(sim_file, tmp_path, monkeypatch, small_blocks):
     real, calls = H5adWriter.append, []
 

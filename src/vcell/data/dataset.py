@@ -219,6 +219,13 @@ def load_dataset(
         adata = read_slots(path, only_obsm)
     else:
         adata = read_h5ad(path, backed=backed)
+    if not backed:  # half precision stored: computed in float32 (exact), as a float32 file of the same values
+        for name, matrix in [("X", adata.X), *adata.layers.items()]:
+            if getattr(matrix, "dtype", None) == np.float16:
+                if name == "X":
+                    adata.X = matrix.astype(np.float32)
+                else:
+                    adata.layers[name] = matrix.astype(np.float32)
     expression = validate(adata, spec, path, require_context_controls)
     spec = spec.with_(expression=expression.type)
     index = CellIndex.from_obs(adata.obs, spec, dataset_col, dataset_name or path.stem)

@@ -51,7 +51,7 @@ class Extents:
 def extents(dset: h5py.Dataset) -> tuple[Extents | None, str]:
     """The file extents of ``dset``, or ``None`` and why it cannot be read directly."""
     dtype = dset.dtype
-    if dtype.kind not in "fiu" or not dtype.isnative:
+    if dtype.kind not in "fiu" or not dtype.isnative or dtype == np.float16:  # numba has no float16
         return None, f"values are {dtype}"
     if dset.external:
         return None, "stored in external files"

@@ -64,7 +64,8 @@ class H5adWriter:
             indptr[0] = 0
             self._mats[key.replace("/", "_")] = {
                 "group": g,
-                "data": g.create_dataset("data", shape=(0,), dtype=np.dtype(dtypes[key]), **opts),
+                # float16 stored as float32: anndata cannot read a float16 sparse matrix (scipy has no float16)
+                "data": g.create_dataset("data", shape=(0,), dtype=_storable(dtypes[key]), **opts),
                 "indices": g.create_dataset("indices", shape=(0,), dtype=index_dtype, **opts),
                 "indptr": indptr,
                 "nnz": 0,
@@ -88,6 +89,8 @@ class H5adWriter:
             raise VcellError(f"append: blocks have different row counts {sorted(rows)}")
         m = rows.pop()
         for key, block in blocks.items():
+            if block.dtype == np.float16:  # scipy.sparse has no float16; the values fit float32 exactly
+                block = block.astype(np.float32)
             block = sp.csr_matrix(block)
             if block.shape[1] != self.n_vars:
                 raise VcellError(f"append: block {key} has {block.shape[1]} columns, expected {self.n_vars}")
@@ -131,3 +134,8 @@ class H5adWriter:
         """Close the file (an unfinished file is not a valid ``.h5ad``: write it to a temporary path)."""
         if self._f.id.valid:
             self._f.close()
+
+
+def _storable(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype == np.float16 else dtype

@@ -92,6 +92,8 @@ def prepare_data(
         if unknown:
             raise VcellError(f"{path}: dataset {unknown[0]!r} not found in column {dataset_col!r} (values: {', '.join(sorted(present))})")
         adata = adata[adata.obs[dataset_col].astype(str).isin(list(datasets)).to_numpy()].copy()
+    if adata.X is not None and adata.X.dtype != np.float32:  # one precision whatever the file stores: the same numbers
+        adata.X = sp.csr_matrix(adata.X, dtype=np.float32) if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float32)
     info = validate(adata, spec, path, require_context_controls=not allow_missing_controls)
     if keep_counts and info.type != "counts":
         raise VcellError(f"{path}: --profile vcc2026 scores raw counts, and this file holds {info.type} values; give the raw-count file")

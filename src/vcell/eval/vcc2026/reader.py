@@ -240,7 +240,7 @@ def as_csr(X, where: str) -> sp.csr_matrix:
         X = np.asarray(X)
         if X.ndim != 2:
             raise VcellError(f"{where}: the expression matrix must be 2-D, got shape {X.shape}")
-        X = sp.csr_matrix(X)
+        X = sp.csr_matrix(X.astype(np.float32) if X.dtype == np.float16 else X)  # scipy.sparse has no float16
     elif X.format != "csr":
         X = sp.csr_matrix(X)
     if X.indices.dtype != X.indptr.dtype:  # e.g. int32 columns, int64 row pointers (files written block by block)
