@@ -111,6 +111,30 @@ def test_check_collects_every_problem(papalexi):
         validate(a, PAP_SPEC.with_(control="nt"))
 
 
+def test_labels_equal_but_for_case_spaces_or_punctuation_are_named(papalexi, caplog, tmp_path):
+    """'IRF1 ' beside 'IRF1' (a trailing space) was trained on while IRF1 was held out, and a third
+    of the controls spelled 'non_targeting' became a perturbation, each with "no problems found":
+    `data check` lists them, every other command warns (they stay what the file says)."""
+    a = ad.read_h5ad(papalexi)[:2000].copy()
+    labels = a.obs["target"].astype(str).to_numpy().copy()
+    irf1, nt = np.flatnonzero(labels == "IRF1"), np.flatnonzero(labels == "non-targeting")
+    labels[irf1[::2]] = "IRF1 "
+    labels[nt[::3]] = "non_targeting"
+    a.obs["target"] = pd.Categorical(labels)
+    similar = [p.message for p in check(a, PAP_SPEC).problems if p.kind == "similar_labels"]
+    assert len(similar) == 2, similar
+    assert any(f"'IRF1' ({len(irf1) - len(irf1[::2]):,} cells), 'IRF1 ' ({len(irf1[::2]):,} cells)" in m for m in similar)
+    assert any("'non-targeting'" in m and "'non_targeting'" in m and "not the control 'non-targeting'" in m for m in similar)
+    with caplog.at_level(logging.WARNING):
+        validate(a, PAP_SPEC)  # warned, not refused
+    assert caplog.text.count("differ only in case, spaces or punctuation") == 2
+    a.write_h5ad(tmp_path / "similar.h5ad")
+    proc = run_cli("data", "check", tmp_path / "similar.h5ad", "--pert-col", "target", "--control", "non-targeting",
+                   "--context-col", "none")
+    assert proc.returncode == 1 and "differ only in case" in " ".join(proc.stdout.split() + proc.stderr.split())
+    assert not [p for p in check(ad.read_h5ad(papalexi)[:2000].copy(), PAP_SPEC).problems if p.kind == "similar_labels"]
+
+
 # --- bad inputs through the real CLI: one line naming file + column/value, no output written ---
 
 

@@ -14,6 +14,7 @@ The expression values follow one set of rules wherever they are read
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,8 +279,29 @@ def _gene_problems(adata: ad.AnnData, where: str) -> list[Problem]:
 
 
 # Problems `vcell data check` lists (exit 1) but the other commands only warn about: vcell works on
-# cell positions, never on names, so duplicated cell names do not change a result.
-WARNING_KINDS = ("duplicated_cells",)
+# cell positions, never on names, so duplicated cell names do not change a result; labels that
+# differ only in case, spaces or punctuation may be meant (two perturbations named alike).
+WARNING_KINDS = ("duplicated_cells", "similar_labels")
+
+
+def _similar_label_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Problem]:
+    """Perturbation labels equal but for case, spaces, '-', '_' or '.' ('IRF1' and 'IRF1 ',
+    'non-targeting' and 'non_targeting'): each is its own perturbation (one trained on while the
+    other is held out, a control spelling trained and scored as a perturbation), never merged."""
+    codes, labels = factorize(adata.obs[spec.pert_col])
+    counts = np.bincount(codes[codes >= 0], minlength=len(labels))
+    groups: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        groups.setdefault(re.sub(r"[\s_\-.]+", "", str(label)).casefold(), []).append(i)
+    problems = []
+    for members in (m for m in groups.values() if len(m) > 1):
+        named = ", ".join(f"{labels[i]!r} ({counts[i]:,} cells)" for i in members)
+        control = spec.control in {str(labels[i]) for i in members}
+        why = (f"the others are not the control {spec.control!r}: they are trained on and scored as perturbations" if control
+               else "each is its own perturbation (one may be trained on while another is held out)")
+        problems.append(Problem("similar_labels", f"{where}: labels {named} in column {spec.pert_col!r} differ only in case, "
+                                                  f"spaces or punctuation; {why}; relabel them if they are one"))
+    return problems
 
 
 def _cell_problems(adata: ad.AnnData, where: str) -> list[Problem]:
@@ -348,6 +370,7 @@ def check(
             else:
                 report.problems.append(problem)
         report.contexts = context_summary(adata, spec)
+        report.problems += _similar_label_problems(adata, spec, where)
     if spec.pert_col in adata.obs.columns:
         _, perts = factorize(adata.obs[spec.pert_col])
         report.n_perturbations = int(np.sum(perts != spec.control))
