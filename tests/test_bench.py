@@ -221,7 +221,9 @@ def test_bench_vcc2026_profile(tmp_path):
     from vcell.report.vcc2026 import scale_caveats_note as _scale_caveats
 
     caveats = json.loads((out / "bench.json").read_text())["vcc2026_scale_caveats"]
-    assert [c["context"] for c in caveats] == ["ctx_B"] and set(caveats[0]) == {"fold", "context", "degenerate", "unresolved"}
+    assert [c["context"] for c in caveats] == ["ctx_B"] and set(caveats[0]) == {"fold", "context", "degenerate", "unresolved",
+                                                                                 "single_cell"}
+    assert caveats[0]["single_cell"] == []
     flagged = bool(caveats[0]["degenerate"] or caveats[0]["unresolved"])
     assert ("Scales to read with care" in (out / "report.html").read_text()) == flagged
     bench = load_bench(out)
@@ -231,6 +233,8 @@ def test_bench_vcc2026_profile(tmp_path):
     assert "fold f1, context ctx_B: not resolved: de_wilcoxon_sig_jaccard (baseline 0.6667" in note and "left out:" not in note
     bench.meta["vcc2026_scale_caveats"][0]["unresolved"] = []
     assert _scale_caveats(bench) == ""
+    bench.meta["vcc2026_scale_caveats"][0]["single_cell"] = ["P3"]  # scored, but not in the replicate anchor
+    assert "fold f1, context ctx_B: one cell, not in the anchor: P3" in _scale_caveats(bench)
 
     import scanpy as sc
 

@@ -18,6 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcell.data.spec import DataSpec
+from vcell.errors import preview
 from vcell.eval.scoring import write_csv
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,11 @@ def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folde
                    strict=False)  # a degenerate metric is shown as such
     scale = context_scale(cells, opts, None, seed=0)
     caveats = scale.caveats()
+    caveats["single_cell"] = sorted(g for g in cells.groups if g != spec.control and cells.rows(g).size < 2)
+    if caveats["single_cell"]:  # `eval baseline` refuses them, as cell-eval2 does; bench scores the rest of the anchor
+        log.warning("%s: %d perturbation(s) with a single cell (%s): left out of the replicate anchor (it splits each "
+                    "group in two halves), scored for every model against the others' replicate", where,
+                    len(caveats["single_cell"]), preview(caveats["single_cell"], 3))
     if caveats["degenerate"]:
         log.warning("%s: %s; left out of every model's 2026 score there", where, degenerate_note(caveats["degenerate"]))
     if caveats["unresolved"]:

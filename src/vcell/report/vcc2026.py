@@ -51,7 +51,8 @@ def scale_caveats_note(bench: Bench) -> str:
     items = []
     for c in bench.meta.get("vcc2026_scale_caveats") or []:
         said = [f"{label}: {esc('; '.join(c[key]))}" for key, label in (("degenerate", "degenerate, left out"),
-                                                                        ("unresolved", "not resolved"))
+                                                                        ("unresolved", "not resolved"),
+                                                                        ("single_cell", "one cell, not in the anchor"))
                 if c.get(key)]
         if said:
             items.append(f"<li>fold {esc(str(c.get('fold', '')))}, context {esc(str(c.get('context', '')))}: {' | '.join(said)}</li>")
