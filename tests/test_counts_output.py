@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -137,6 +138,28 @@ def test_library_sizes_from_an_obs_column_or_one_error(world, caplog, tmp_path):
     del no_counts.layers["counts"]
     with pytest.raises(VcellError, match=r"context 'ctx_B'.*depth"):
         predict_context(models["pert_mean"], from_anndata(no_counts), "ctx_B", output="counts")
+
+
+def test_library_sizes_from_raw_counts_in_dot_raw(world):
+    """Seurat's and many scanpy files keep the counts of every gene in .raw beside a log1p X: predict
+    said "give layers['counts'] or a fixed depth" and ignored them. They are used over the predicted
+    genes when .raw holds integers; a .raw of log1p values (scanpy's other habit) is not counts."""
+    data, models, controls = world
+    log1p = predict_context(models["pert_mean"], data, "ctx_B", seed=0)
+    over_predicted = dict(zip(controls.obs_names, _dense(controls.layers["counts"]).sum(axis=1)))
+    seurat = controls.copy()
+    extra = sp.csr_matrix(np.full((seurat.n_obs, 2), 7.0, dtype=np.float32))  # two genes not predicted
+    seurat.raw = ad.AnnData(sp.hstack([seurat.layers["counts"], extra]).tocsr(), obs=seurat.obs[[]],
+                            var=pd.DataFrame(index=[*seurat.var_names, "NOTPRED1", "NOTPRED2"]))
+    del seurat.layers["counts"]
+    pred = to_counts(log1p, seurat, seed=0)
+    assert pred.uns["vcell"]["library_source"] == f"raw.X over {N_GENES} predicted genes"
+    np.testing.assert_array_equal(_dense(pred.X).sum(axis=1), [over_predicted[c] for c in pred.obs[CONTROL_CELL_COL]])
+    logged = controls.copy()
+    logged.raw = logged  # log1p values in .raw: not counts, so no library sizes from it
+    del logged.layers["counts"]
+    with pytest.raises(VcellError, match=r"no raw counts .*--depth 20000"):
+        to_counts(log1p, logged)
 
 
 def test_counts_output_passes_the_2026_submission_checks(world, tmp_path):

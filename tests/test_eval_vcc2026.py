@@ -553,6 +553,21 @@ def test_bad_input_cli(tiny, tmp_path, case):
     assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
 
 
+def test_a_log1p_file_with_its_counts_beside_x_says_where_they_are(tiny, tmp_path):
+    """scanpy's layout (log1p X, counts in layers['counts'] and .raw) was refused as 'log-normalised
+    values?' without a word of the counts the file holds."""
+    _, files = tiny
+    a = ad.read_h5ad(files["pred"])
+    a.layers["counts"] = a.X.copy()
+    a.raw = a.copy()
+    a.X = a.X.log1p()
+    a.write_h5ad(tmp_path / "scanpy.h5ad")
+    proc = run_cli("eval", "run", "--profile", "vcc2026", "--pred", tmp_path / "scanpy.h5ad", "--real", files["real"],
+                   "--out", tmp_path / "out")
+    assert ("the file also holds layers['counts'], raw.X: if those are the raw counts, put them in X "
+            "(adata.X = adata.layers['counts'])") in error_line(proc)
+
+
 def test_an_unlabelled_reference_cell_is_refused_by_the_baseline(tiny, tmp_path):
     """The scale's two ends are not computed on a reference with a cell dropped in silence."""
     _, files = tiny

@@ -84,11 +84,27 @@ def _total_column(controls: ad.AnnData) -> str | None:
 
 
 def library_source(controls: ad.AnnData) -> str | None:
-    """Where :func:`control_library_sizes` reads the controls' totals: ``"layers['counts']"``, an obs column, or ``None``."""
+    """Where :func:`control_library_sizes` reads the controls' totals: ``"layers['counts']"``,
+    ``"raw.X"`` (Seurat's and many scanpy files' place for the counts, when it holds integers), an
+    obs column, or ``None``."""
     if "counts" in controls.layers:
         return "layers['counts']"
+    if _raw_counts(controls) is not None:
+        return "raw.X"
     col = _total_column(controls)
     return None if col is None else f"obs[{col!r}]"
+
+
+def _raw_counts(controls: ad.AnnData):
+    """``controls.raw`` when its ``X`` holds non-negative integers (its first cells tell: a ``.raw``
+    of log1p values, scanpy's other habit, has fractions in every cell), else ``None``."""
+    raw = getattr(controls, "raw", None)
+    if raw is None or controls.n_obs == 0:
+        return None
+    block = raw.X[: min(64, controls.n_obs)]
+    values = block.data if sp.issparse(block) else np.asarray(block).ravel()
+    values = np.asarray(values, dtype=np.float64)
+    return raw if values.size and (values >= 0).all() and (values == np.round(values)).all() else None
 
 
 def _check_sizes(totals: pd.Series, source: str, where: str) -> pd.Series:
@@ -102,7 +118,7 @@ def _check_sizes(totals: pd.Series, source: str, where: str) -> pd.Series:
 
 def _no_source(where: str) -> VcellError:
     return VcellError(
-        f"{where}: no raw counts to take the control cells' library sizes from (no layers['counts'], no obs column "
+        f"{where}: no raw counts to take the control cells' library sizes from (no layers['counts'], no .raw of counts, no obs column "
         f"{', '.join(TOTAL_COLUMNS)}): give a fixed depth instead (--depth 20000, depth=20000)"
     )
 
@@ -130,11 +146,14 @@ def control_library_sizes(controls: ad.AnnData, genes=None, where: str = "the da
     source = library_source(controls)
     if source is None:
         raise _no_source(where)
-    if source == "layers['counts']":
-        layer = controls.layers["counts"]
+    if source in ("layers['counts']", "raw.X"):
+        raw = _raw_counts(controls) if source == "raw.X" else None
+        layer = controls.layers["counts"] if raw is None else raw.X
+        if raw is not None and genes is None:
+            genes = pd.Index(controls.var_names.astype(str))  # .raw may hold more genes than X: the predicted ones count
         if genes is not None:
             genes = pd.Index([str(g) for g in genes])
-            var = pd.Index(controls.var_names.astype(str))
+            var = pd.Index((controls.var_names if raw is None else raw.var_names).astype(str))
             if not var.is_unique:
                 raise VcellError(f"{where}: duplicated gene names in var ({preview(var[var.duplicated()].unique(), 5)})")
             cols = var.get_indexer(genes)

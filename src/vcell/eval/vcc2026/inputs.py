@@ -232,10 +232,26 @@ def read_cells(path: str | os.PathLike, pert_col: str, control: str | None = Non
                                          source_rows=rows)
     try:
         check_counts(cells)
-    except VcellError:
+    except VcellError as exc:
         close_cells(cells)
+        elsewhere = other_matrices(path)
+        if elsewhere and "not an integer" in str(exc):  # scanpy's and Seurat's layout: the counts kept beside log1p X
+            raise VcellError(f"{exc}; the file also holds {', '.join(elsewhere)}: if those are the raw counts, put them in X "
+                             f"(adata.X = adata.{elsewhere[0]}) and write it anew") from None
         raise
     return cells
+
+
+def other_matrices(path: str | os.PathLike) -> list[str]:
+    """The matrices of an ``.h5ad`` besides ``X`` where counts may be kept: ``layers['NAME']`` and ``raw.X``."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            layers = [f"layers[{name!r}]" for name in f["layers"]] if "layers" in f else []
+            return sorted(layers, key=lambda n: "counts" not in n) + (["raw.X"] if "raw" in f and "X" in f["raw"] else [])
+    except (OSError, KeyError, TypeError):
+        return []
 
 
 def close_cells(cells: CountsCells) -> None:
