@@ -266,6 +266,9 @@ CASES: dict[str, Case] = {
                                                           c.out / "pre.h5ad"], ("p.h5ad", "'target_gene' not found", "did you mean 'perturbation'")),
     "preprocess_control_absent": Case(lambda c: ["data", "preprocess", c.w.counts, c.out / "pre.h5ad", "--control", "NT"],
                                       ("control label 'NT' not found",)),
+    "split_control_spelled_otherwise": Case(  # the value list is cut: the control-like label is named
+        lambda c: ["data", "split", c.h5ad("nt.h5ad", _relabel("non-targeting", "NTC"), "log"), "--holdout-context", "ctx_B"],
+        ("nt.h5ad", "'NTC' reads like a control label: pass --control 'NTC'?")),
     "preprocess_context_without_controls": Case(
         lambda c: ["data", "preprocess", c.h5ad("noctrl.h5ad", _no_controls_in("ctx_B"), "counts"), c.out / "pre.h5ad"],
         ("noctrl.h5ad", "context 'ctx_B'", "--allow-missing-controls")),

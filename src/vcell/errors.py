@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -68,6 +69,31 @@ def close_matches(value: str, options: Iterable, n: int = 3, cutoff: float = 0.6
     if same is not None and same != str(value):
         close = [same, *[c for c in close if c != same]][:n]
     return close
+
+
+_CONTROL_LIKE = re.compile(r"^(nt|ntc|non[-_ ]?target\w*|non[-_ ]?targeting.*|ctrl|control|controls|neg\w*[-_ ]?ctrl|negative[-_ ]?control|"
+                           r"scrambl\w*|safe[-_ ]?target\w*|dmso|vehicle|unperturbed|untreated|mock|none|wt|wildtype|wild[-_ ]?type)$")
+
+
+def control_hint(control: str, labels: Iterable) -> str:
+    """What to say when the control label ``control`` is not among ``labels``: the close spellings
+    (:func:`did_you_mean`), else the labels that read like a control (``'NT'``, ``'ctrl'``, ``'DMSO'``, ...).
+
+    Examples
+    --------
+    >>> control_hint("non-targeting", ["ATF2", "NT", "STAT1"])
+    "; 'NT' reads like a control label: pass --control 'NT'?"
+    >>> control_hint("CTRL", ["CTRL ", "STIM"])
+    "; did you mean 'CTRL '?"
+    """
+    labels = [str(v) for v in labels]
+    close = did_you_mean(control, labels)
+    if close:
+        return close
+    like = [v for v in labels if _CONTROL_LIKE.match(v.strip().casefold())]
+    if not like:
+        return ""
+    return f"; {', '.join(repr(v) for v in like[:3])} {'reads' if len(like) == 1 else 'read'} like a control label: pass --control {like[0]!r}?"
 
 
 def did_you_mean(value: str, options: Iterable, n: int = 3, cutoff: float = 0.6) -> str:

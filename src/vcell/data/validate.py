@@ -25,7 +25,7 @@ import pandas as pd
 from vcell.data.labels import blank_codes, factorize
 from vcell.data.matrix import MatrixStats, scan_matrix, scan_values, storage_kind  # noqa: F401 (re-exported)
 from vcell.data.spec import EXPRESSION_TYPES, SINGLE_CONTEXT, DataSpec, column_guess
-from vcell.errors import VcellError, did_you_mean, preview
+from vcell.errors import VcellError, control_hint, preview
 
 log = logging.getLogger(__name__)
 # settings vcell decided for the user (the expression type): `vcell -v` shows them, each once
@@ -244,7 +244,7 @@ def _control_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Pro
             Problem(
                 "control_absent",
                 f"{where}: control label {spec.control!r} not found in column {spec.pert_col!r}"
-                f"{did_you_mean(spec.control, perts)} (values: {preview(perts, 6)})",
+                f"{control_hint(spec.control, perts)} (values: {preview(perts, 6)})",
             )
         ]
     if spec.context_col is None:

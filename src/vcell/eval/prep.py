@@ -40,7 +40,7 @@ import scipy.sparse as sp
 
 from vcell.data.io import atomic_path, check_output_path, read_h5ad, temp_prefix
 from vcell.data.spec import column_guess
-from vcell.errors import VcellError, did_you_mean, preview
+from vcell.errors import VcellError, control_hint, preview
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ def prepare_submission(
         uniq = pd.unique(labels.astype(str))
         raise VcellError(
             f"{where}: obs column {pert_col!r} has no control cells labelled {control!r}"
-            f"{did_you_mean(control, uniq)} (labels: {preview(sorted(uniq))})"
+            f"{control_hint(control, uniq)} (labels: {preview(sorted(uniq))})"
         )
 
     # genes

@@ -30,7 +30,7 @@ import pandas as pd
 
 from vcell.data.io import atomic_paths, check_output_dir, subfolder, subfolders
 from vcell.data.preprocess_stream import Progress, no_progress
-from vcell.errors import VcellError, did_you_mean, preview
+from vcell.errors import VcellError, control_hint, did_you_mean, preview
 from vcell.eval.csvio import write_csv
 from vcell.eval.tiles import Scratch, TileStore
 from vcell.eval.vcc2026.anchor import BASE_SEED, N_SPLITS, AnchorPlan, AnchorResult
@@ -196,7 +196,8 @@ def _perturbations(real: CountsCells, opts: Options, target_map) -> tuple[list[s
     """The sorted perturbations of a reference context and their target genes (resolved per ``opts``)."""
     perts = sorted(set(real.labels) - {opts.control, ""})
     if opts.control not in set(real.labels):
-        raise VcellError(f"{real.where}: no control cells labelled {opts.control!r} in column {opts.pert_col!r}")
+        raise VcellError(f"{real.where}: no control cells labelled {opts.control!r} in column {opts.pert_col!r}"
+                         f"{control_hint(opts.control, perts)}")
     if not perts:
         raise VcellError(f"{real.where}: no perturbed cells besides the controls {opts.control!r}")
     return perts, resolve_targets(perts, real.genes, target_map, opts.no_target_genes)

@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcell.data.preprocess_stream import Progress, no_progress
-from vcell.errors import VcellError, did_you_mean, named_with_guess, preview
+from vcell.errors import VcellError, control_hint, did_you_mean, named_with_guess, preview
 from vcell.eval._band_kernels import row_totals
 from vcell.eval.tiles import Scratch, TileStore
 from vcell.eval.vcc2026.reader import as_csr, labels_of, read_counts_file, read_obs, read_tiles
@@ -159,7 +159,8 @@ def check_perturbations(pred_labels: np.ndarray, real_labels: np.ndarray, contro
     """
     real_set = set(real_labels) - {control, ""}
     if control not in set(real_labels):
-        raise VcellError(f"{real_where}: no control cells labelled {control!r}; the reference's controls are the origin of every metric")
+        raise VcellError(f"{real_where}: no control cells labelled {control!r}{control_hint(control, real_set)}; "
+                         "the reference's controls are the origin of every metric")
     if not real_set:
         raise VcellError(f"{real_where}: no perturbed cells besides the controls {control!r}")
     pred_set = set(pred_labels) - {control, ""}

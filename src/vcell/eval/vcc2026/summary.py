@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vcell.errors import VcellError
+from vcell.errors import VcellError, control_hint
 from vcell.eval.tiles import TileStore
 from vcell.eval.vcc2026.engine import BULK_TARGET_SUM, CPM, MIN_CONTROL_CPM, Engine, SumsTask, run_tasks
 from vcell.eval.vcc2026.inputs import CountsCells
@@ -62,7 +62,7 @@ def control_rows(cells: CountsCells, control: str) -> tuple[CountsCells, np.ndar
     where = cells.controls if cells.controls is not None else cells
     rows = where.rows(control)
     if rows.size == 0:
-        raise VcellError(f"{cells.where}: no control cells labelled {control!r}")
+        raise VcellError(f"{cells.where}: no control cells labelled {control!r}{control_hint(control, cells.groups)}")
     if cells.controls is None and not isinstance(cells.X, TileStore):
         where = CountsCells(cells.X[rows], cells.labels[rows], cells.genes, cells.where, [control])
         rows = np.arange(rows.size)
