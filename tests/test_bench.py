@@ -440,3 +440,26 @@ def test_run_bench_takes_an_anndata_and_leaves_it_as_it_was(tmp_path):
     assert (a.X != X).nnz == 0 if hasattr(X, "nnz") else np.array_equal(a.X, X)
     assert a.uns.keys() == uns.keys()
     assert json.loads((tmp_path / "mem" / "bench.json").read_text())["data"] == "<in-memory AnnData>"
+
+
+def test_bench_2026_names_targets_measured_under_another_var_column(caplog):
+    """Ensembl IDs as var_names with the symbols in var['gene_symbols']: bench said only "no target
+    gene is excluded" (an INFO line) while the knocked-down targets were measured."""
+    import logging
+
+    import anndata as ad
+
+    from vcell.data.spec import DataSpec
+    from vcell.leaderboard.vcc2026 import RULE_NONE, target_gene_rule
+
+    var = pd.DataFrame({"gene_symbols": ["IRF1", "JAK2", "ACTB"], "n_cells": [3, 4, 5]}, index=["ENSG1", "ENSG2", "ENSG3"])
+    real = ad.AnnData(np.zeros((2, 3), np.float32), var=var)
+    spec = DataSpec(pert_col="target", control="non-targeting")
+    with caplog.at_level(logging.WARNING):
+        rule = target_gene_rule(real, spec, ["non-targeting", "IRF1", "JAK2", "STAT1"])
+    assert rule["rule"] == RULE_NONE
+    assert "2 of 3 perturbation labels name genes of var['gene_symbols'] (e.g. 'IRF1'), not var_names" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        target_gene_rule(real, spec, ["non-targeting", "DMSO_1"])
+    assert "var[" not in caplog.text

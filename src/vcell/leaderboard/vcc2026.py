@@ -88,6 +88,14 @@ def target_gene_rule(real: ad.AnnData, spec: DataSpec, labels) -> dict:
     # a control label may be a gene too (Kang's CTRL): it is never a target
     perts = set(labels) - {spec.control}
     named = len(perts & set(real.var_names))
+    if not named:  # Ensembl IDs as var_names, symbols in a var column: the targets are measured, not named
+        for col in real.var.columns:
+            hits = perts & set(real.var[col].astype(str))
+            if hits:
+                log.warning("%d of %d perturbation labels name genes of var[%r] (e.g. %r), not var_names: their target genes "
+                            "are not excluded from the 2026 metrics; make var[%r] the var_names to exclude them",
+                            len(hits), len(perts), col, sorted(hits)[0], col)
+                break
     return {"rule": RULE_EXCLUDED if named else RULE_NONE, "labels": len(perts), "labels_naming_genes": named}
 
 
