@@ -634,8 +634,9 @@ def test_resume_through_another_column_names_the_column_not_a_changed_file():
 
 def test_a_file_changed_beyond_its_sampled_rows_is_not_the_file_a_run_resumes_on(tmp_path):
     """The data's digest samples 16 rows: a file with those rows kept and the others shuffled was
-    resumed on (646 of 662 cells changed). Every row's number of stored values (CSR indptr) is in the
-    identity too; a checkpoint of an earlier version, without it, is compared as before."""
+    resumed on (646 of 662 cells changed). 512 rows and every row's number of stored values (CSR
+    indptr) are in the identity too; a checkpoint of an earlier version, without them, is compared
+    as before."""
     from vcell.train.runs import SAMPLE_ROWS, _data_difference, file_identity
 
     rng = np.random.default_rng(0)
@@ -656,8 +657,8 @@ def test_a_file_changed_beyond_its_sampled_rows_is_not_the_file_a_run_resumes_on
     ours = file_identity(tmp_path / "x.h5ad", ad.read_h5ad(tmp_path / "x.h5ad", backed="r"))
     assert saved["digest"] == ours["digest"]  # what the sampled rows alone could not tell
     assert "changed since the run was trained on it" in _data_difference(saved, ours)
-    assert file_identity(tmp_path / "x.h5ad", ad.read_h5ad(tmp_path / "x.h5ad"))["layout"] == ours["layout"]  # in memory too
-    assert _data_difference({k: v for k, v in saved.items() if k != "layout"}, ours) is None
+    assert file_identity(tmp_path / "x.h5ad", ad.read_h5ad(tmp_path / "x.h5ad"))["rows"] == ours["rows"]  # in memory too
+    assert _data_difference({k: v for k, v in saved.items() if k != "rows"}, ours) is None
 
 
 def test_a_prediction_beside_the_model_can_be_replaced_but_not_the_model(ws, tmp_path):

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 LOGS = "logs"
 REPLACED = "replaced-run"  # a cleared run waits in OUT/.replaced-run.PID-XXXXXXXX.tmp while it is deleted
 SAMPLE_ROWS = 16  # rows of the matrix hashed into a data file's digest
+MORE_ROWS = 512  # rows hashed into its rows digest (with a sparse X's indptr), compared when a checkpoint has one
 
 
 # ------------------------------------------------------------------------------------ run folders
@@ -253,23 +254,27 @@ def sample_rows(adata, path=None, key: str | None = None, n: int = SAMPLE_ROWS) 
     return np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float32)
 
 
-def sparse_layout(adata, path=None) -> str | None:
-    """A digest of a sparse ``X``'s ``indptr`` (every row's number of stored values; cheap even at
-    300,000 cells), ``None`` for a dense ``X``: a file whose rows changed beyond the sampled ones
-    (reordered, replaced) almost always changes it."""
+def rows_digest(adata, path=None, n: int = MORE_ROWS) -> str:
+    """A digest of ``n`` rows spread over ``X`` and, for a sparse ``X``, its ``indptr`` (every row's
+    number of stored values; cheap even at 300,000 cells): a file whose rows changed beyond the
+    16 of ``digest`` (reordered, replaced) is told apart."""
+    parts = [sample_rows(adata, path, None, n)]
     if adata.isbacked:
         import h5py
 
         with h5py.File(path or adata.filename, "r") as f:
             node = f["X"]
-            return digest(np.asarray(node["indptr"][:], np.int64)) if isinstance(node, h5py.Group) else None
-    return digest(np.asarray(adata.X.indptr, np.int64)) if sp.issparse(adata.X) else None
+            if isinstance(node, h5py.Group):
+                parts.append(np.asarray(node["indptr"][:], np.int64))
+    elif sp.issparse(adata.X):
+        parts.append(np.asarray(adata.X.indptr, np.int64))
+    return digest(*parts)
 
 
 def file_identity(path, adata, extra=(), sample_keys: tuple = (None,)) -> dict:
     """A data file's identity: its path and size (for messages), shape and a digest of its cell and
     gene names, ``extra`` arrays and a few rows of each matrix in ``sample_keys`` (``None``: ``X``),
-    and ``X``'s :func:`sparse_layout`."""
+    and ``X``'s :func:`rows_digest`."""
     path = Path(path).resolve() if path is not None else None
     samples = [sample_rows(adata, path, key) for key in sample_keys]
     return {
@@ -278,7 +283,7 @@ def file_identity(path, adata, extra=(), sample_keys: tuple = (None,)) -> dict:
         "cells": int(adata.n_obs),
         "genes": int(adata.n_vars),
         "digest": digest(adata.obs_names, adata.var_names, *extra, *samples),
-        "layout": sparse_layout(adata, path),
+        "rows": rows_digest(adata, path),
     }
 
 
@@ -316,8 +321,8 @@ def _file(ident: dict) -> str:
 
 
 def _data_difference(saved: dict, ours: dict, what: str = "data") -> str | None:
-    layouts = saved.get("layout"), ours.get("layout")  # absent from checkpoints of earlier versions: not compared
-    if saved.get("digest") == ours.get("digest") and (None in layouts or layouts[0] == layouts[1]):
+    rows = saved.get("rows"), ours.get("rows")  # absent from checkpoints of earlier versions: not compared
+    if saved.get("digest") == ours.get("digest") and (None in rows or rows[0] == rows[1]):
         return None
     if saved.get("file") and saved.get("file") == ours.get("file"):
         shape = lambda i: f"{i.get('cells')} cells x {i.get('genes')} genes"  # noqa: E731
