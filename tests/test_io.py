@@ -239,3 +239,31 @@ def test_an_output_that_appears_while_it_is_written_is_kept_not_replaced(tmp_pat
     with atomic_path(fresh) as tmp:  # nothing appeared: written as usual
         tmp.write_text("q")
     assert fresh.read_text() == "q" and sorted(p.name for p in tmp_path.iterdir()) == ["p.h5ad", "q.h5ad"]
+
+
+def test_a_full_disk_is_said_before_it_is_hit_naming_the_output(tmp_path, monkeypatch):
+    """A full disk met by HDF5 crashed the interpreter (exit 139) or gave tracebacks; each writer
+    checks its device's free space first (one line naming the output, not its temporary file), and
+    an OSError met inside an atomic write names the output."""
+    import os
+    from types import SimpleNamespace
+
+    import torch
+
+    from vcell.data.io import atomic_path, write_h5ad, write_safetensors
+
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=1000, f_frsize=1024))  # ~1 MB free
+    a = ad.AnnData(np.ones((100, 10), np.float32))
+    with pytest.raises(VcellError, match=r"x\.h5ad: not enough free space on its device \(1\.0 MB free"):
+        write_h5ad(a, tmp_path / "x.h5ad")
+    with pytest.raises(VcellError, match=r"/w\.safetensors: not enough free space"):
+        with atomic_path(tmp_path / "w.safetensors") as tmp:
+            write_safetensors({"v": torch.zeros(4)}, tmp)
+    assert not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    with pytest.raises(OSError) as caught:
+        with atomic_path(tmp_path / "y.csv"):
+            raise OSError(28, "No space left on device")
+    assert caught.value.filename == str(tmp_path / "y.csv") and not list(tmp_path.iterdir())
+    write_h5ad(a, tmp_path / "x.h5ad")  # room enough: written
+    assert ad.read_h5ad(tmp_path / "x.h5ad").shape == (100, 10)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from vcell.data.io import check_space
 from vcell.errors import VcellError
 
 _CHUNK = 1 << 18  # HDF5 chunk length of data/indices: large enough for fast sequential reads
@@ -49,6 +50,7 @@ class H5adWriter:
         dtypes = dtype if isinstance(dtype, Mapping) else {key: dtype for key in matrices}
         self.n_rows = 0
         self._finished = False
+        check_space(path, 0)  # HDF5 meeting a full disk in its first writes can crash the interpreter
         self._f = h5py.File(path, "w")
         self._f.attrs["encoding-type"] = "anndata"
         self._f.attrs["encoding-version"] = "0.1.0"
@@ -98,6 +100,7 @@ class H5adWriter:
                 block.sort_indices()
             mat, k = self._mats[key], block.nnz
             lo = mat["nnz"]
+            check_space(self.path, k * (mat["data"].dtype.itemsize + mat["indices"].dtype.itemsize) + 8 * (m + 1))
             if k:
                 mat["data"].resize((lo + k,))
                 mat["indices"].resize((lo + k,))

@@ -230,7 +230,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as exc:  # a full disk, say, met while writing: the error names the output, not nothing
+            if exc.filename is None and exc.errno is not None:
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
+            raise
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
         if _key(path) in _FRESH:
             _place_new(tmp_path, path)
@@ -283,11 +288,59 @@ def atomic_paths(directory: str | os.PathLike, names: list[str]) -> Iterator[dic
 
 
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | None = None) -> Path:
-    """Write ``adata`` to ``path`` atomically (temp file + rename). Returns the path."""
+    """Write ``adata`` to ``path`` atomically (temp file + rename), after :func:`check_space` for
+    its matrices. Returns the path."""
     path = Path(path)
+    check_space(path, sum(_nbytes(m) for m in (adata.X, *adata.layers.values(), *adata.obsm.values())))
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp, compression=compression)
     return path
+
+
+def _nbytes(matrix) -> int:
+    if matrix is None:
+        return 0
+    if hasattr(matrix, "indptr"):
+        return int(matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes)
+    return int(getattr(matrix, "nbytes", 0))
+
+
+#: Free space kept beyond a write's own bytes: HDF5 needs some to close a file cleanly (on a full
+#: disk it fails to, and the interpreter can crash while unwinding).
+SPACE_MARGIN = 16 << 20
+
+
+def check_space(path: str | os.PathLike, nbytes: int) -> None:
+    """A one-line error naming ``path`` when its device has less free space than ``nbytes`` (the
+    bytes about to be written) plus :data:`SPACE_MARGIN`: a full disk is said before it is hit."""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        stat = os.statvfs(folder)
+    except (OSError, AttributeError):  # not POSIX, or unreadable: the write itself will tell
+        return
+    free = stat.f_bavail * stat.f_frsize
+    if free < nbytes + SPACE_MARGIN:
+        temp = re.match(rf"^\.(.+)\.\d+-{_RANDOM}\.tmp$", Path(path).name)  # name the output, not its temporary file
+        shown = Path(path).parent / temp.group(1) if temp else path
+        raise VcellError(f"{shown}: not enough free space on its device ({human_size(free)} free, about "
+                         f"{human_size(int(nbytes) + SPACE_MARGIN)} needed to write it); free some or write elsewhere")
+
+
+def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file`` after :func:`check_space`; a full disk met anyway is the
+    ``OSError`` the command line prints as one line (safetensors raises its own error type)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    check_space(path, sum(t.numel() * t.element_size() for t in tensors.values()))
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        if "os error 28" in str(exc) or "No space left" in str(exc):
+            raise OSError(28, "No space left on device", str(path)) from None
+        raise
 
 
 def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:

@@ -73,9 +73,7 @@ class GeneEmbeddings:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a ``.safetensors`` file atomically; names, source, dim and info go in its metadata."""
-        from safetensors.torch import save_file
-
-        from vcell.data.io import atomic_path
+        from vcell.data.io import atomic_path, write_safetensors
 
         path = Path(path)
         if path.suffix.lower() != ".safetensors":
@@ -88,7 +86,7 @@ class GeneEmbeddings:
             "info": json.dumps(self.info),
         }
         with atomic_path(path) as tmp:
-            save_file({"vectors": self.vectors}, str(tmp), metadata=metadata)
+            write_safetensors({"vectors": self.vectors}, tmp, metadata=metadata)
         return path
 
     @classmethod

@@ -227,9 +227,7 @@ class ShardStore:
 
     def flush(self) -> None:
         """Append the pending vectors as one new shard, atomically."""
-        from safetensors.torch import save_file
-
-        from vcell.data.io import atomic_path
+        from vcell.data.io import atomic_path, write_safetensors
 
         if not self.pending_keys:
             return
@@ -237,7 +235,7 @@ class ShardStore:
         while (self.folder / f"shard-{index:06d}.safetensors").exists():
             index += 1
         with atomic_path(self.folder / f"shard-{index:06d}.safetensors") as tmp:
-            save_file({"vectors": torch.cat(self.pending)}, str(tmp), metadata={"keys": json.dumps(self.pending_keys)})
+            write_safetensors({"vectors": torch.cat(self.pending)}, tmp, metadata={"keys": json.dumps(self.pending_keys)})
         self.pending_keys, self.pending = [], []
 
 

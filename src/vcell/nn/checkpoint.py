@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from vcell._version import __version__
-from vcell.data.io import clean_leftovers, disk_size, human_size, temp_prefix
+from vcell.data.io import clean_leftovers, disk_size, human_size, temp_prefix, write_safetensors
 from vcell.errors import VcellError
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def save_tree(obj: Any, path: Path) -> None:
     """Tensors of ``obj`` to ``path`` (safetensors) with the JSON index in its metadata."""
     tensors: dict[str, torch.Tensor] = {}
     index = encode_tree(obj, tensors)
-    save_file(tensors, str(path), metadata={"index": json.dumps(index)})
+    write_safetensors(tensors, path, metadata={"index": json.dumps(index)})
 
 
 def _unreadable(path: Path, exc: Exception) -> VcellError:
@@ -314,7 +314,7 @@ def write_checkpoint(
     """Write a checkpoint folder (weights, ``config.json`` and, if given, the optimiser state) atomically."""
 
     def write(tmp: Path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        write_safetensors({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
         if optimizer_state is not None:
             save_tree(optimizer_state, tmp / OPTIMIZER)
         (tmp / CONFIG).write_text(json.dumps(config_json(meta, step, epoch), indent=2))

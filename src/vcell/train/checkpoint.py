@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import CheckpointIO
-from safetensors.torch import save_file
 
+from vcell.data.io import write_safetensors
 from vcell.errors import VcellError
 from vcell.nn.checkpoint import (
     BEST,
@@ -118,12 +118,12 @@ class SafetensorsCheckpointIO(CheckpointIO):
         weights = {k[len(MODEL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
 
         def write(tmp: Path) -> None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+            write_safetensors({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
             if optimizer_states:
                 save_tree(optimizer_states[0], tmp / OPTIMIZER)
             tensors: dict[str, torch.Tensor] = {}
             index = encode_tree(rest, tensors)
-            save_file(tensors, str(tmp / STATE))
+            write_safetensors(tensors, tmp / STATE)
             (tmp / TRAINER_STATE).write_text(json.dumps(index))
             (tmp / CONFIG).write_text(json.dumps(config_json(meta, rest.get("global_step", 0), rest.get("epoch", 0)), indent=2))
 
