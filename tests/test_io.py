@@ -220,8 +220,7 @@ def test_an_output_that_appears_while_it_is_written_is_kept_not_replaced(tmp_pat
     """Two commands writing one file without --overwrite both passed the "already exists" check, and
     the last rename won in silence (a preprocess with 500 genes replaced by one with 1,500): the
     second to finish is now refused and the first's file kept. With --overwrite the last one wins."""
-    from vcell.data.io import atomic_path, check_output_path
-    from vcell.errors import VcellError
+    from vcell.data.io import atomic_path, check_output_dir, check_output_path
 
     out = tmp_path / "p.h5ad"
     check_output_path(out)
@@ -234,11 +233,24 @@ def test_an_output_that_appears_while_it_is_written_is_kept_not_replaced(tmp_pat
     with atomic_path(out) as tmp:
         tmp.write_text("mine")
     assert out.read_text() == "mine"
+    with pytest.raises(VcellError, match="already exists"):  # a refused check leaves nothing that refuses later writes
+        check_output_path(out)
+    with atomic_path(out) as tmp:
+        tmp.write_text("again")
+    assert out.read_text() == "again"
+    from vcell.data.staging import staged_folder
+
+    check_output_dir(tmp_path / "b", ["report.html"])  # bench's check, its report placed from a staging folder,
+    with staged_folder(tmp_path / "b", ["report.html"]) as stage:
+        (stage / "report.html").write_text("bench's")
+    with atomic_path(tmp_path / "b" / "report.html") as tmp:  # then rewritten in the same process (build_report)
+        tmp.write_text("report's")
+    assert (tmp_path / "b" / "report.html").read_text() == "report's"
     fresh = tmp_path / "q.h5ad"
     check_output_path(fresh)
     with atomic_path(fresh) as tmp:  # nothing appeared: written as usual
         tmp.write_text("q")
-    assert fresh.read_text() == "q" and sorted(p.name for p in tmp_path.iterdir()) == ["p.h5ad", "q.h5ad"]
+    assert fresh.read_text() == "q" and sorted(p.name for p in tmp_path.iterdir()) == ["b", "p.h5ad", "q.h5ad"]
 
 
 def test_a_full_disk_is_said_before_it_is_hit_naming_the_output(tmp_path, monkeypatch):

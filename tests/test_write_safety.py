@@ -392,7 +392,7 @@ def test_a_checkpoint_write_killed_midway_is_cleaned_by_resume(ws, tmp_path, kin
         args = ["train", "se", "--data", ws["counts"], "--config", ws["se_cfg"], *SE_FAST]
     args += ["--max-steps", "4", "--checkpoint-every", "2", "--out", run]
     # each checkpoint writes two safetensors files (weights, trainer state): the 3rd write is the step-4 weights
-    left = kill_while_writing(args, "vcell.train.checkpoint:save_file", 3, run, tmp_path)
+    left = kill_while_writing(args, "vcell.train.checkpoint:write_safetensors", 3, run, tmp_path)
     assert [p.parent for p in left] == [run] and left[0].name.startswith(f".{LAST}.") and left[0].is_dir()
     assert json.loads((run / LAST / CONFIG).read_text())["step"] == 2  # the complete step-2 checkpoint is intact
     refused, resumed = run_batch(args, [*args, "--resume"])
@@ -441,9 +441,11 @@ def test_train_overwrite_moves_only_what_a_run_wrote_and_a_failed_one_loses_noth
         with run_dir(run, overwrite=True):
             raise KeyboardInterrupt
     assert _tree(run) == before
-    with run_dir(run, overwrite=True):
-        (run / LAST).mkdir()
-        (run / LAST / CONFIG).write_text("{}")
+    with pytest.raises(RuntimeError, match="diverged"):  # failed after a checkpoint: resumable, it replaces the old run
+        with run_dir(run, overwrite=True):
+            (run / LAST).mkdir()
+            (run / LAST / CONFIG).write_text("{}")
+            raise RuntimeError("loss diverged at step 9000")
     assert _tree(run) == {"last/config.json": b"{}", "logs/2024-runs/a.log": b"mine\n"}
 
     # killed after setting the earlier run aside, before the new one's first checkpoint: put back
@@ -637,14 +639,14 @@ def test_a_file_changed_beyond_its_sampled_rows_is_not_the_file_a_run_resumes_on
     resumed on (646 of 662 cells changed). 512 rows and every row's number of stored values (CSR
     indptr) are in the identity too; a checkpoint of an earlier version, without them, is compared
     as before."""
-    from vcell.train.runs import SAMPLE_ROWS, _data_difference, file_identity
+    from vcell.train.runs import MORE_ROWS, SAMPLE_ROWS, _data_difference, file_identity
 
     rng = np.random.default_rng(0)
-    n = 200
+    n = 2000  # more rows than the 512 hashed: the row layout tells the rest
     X = sp.random(n, 30, density=0.3, format="csr", random_state=1, dtype=np.float32)
     a = ad.AnnData(X, obs=pd.DataFrame(index=[f"c{i}" for i in range(n)]), var=pd.DataFrame(index=[f"g{j}" for j in range(30)]))
     a.write_h5ad(tmp_path / "x.h5ad")
-    sampled = set(np.unique(np.linspace(0, n - 1, SAMPLE_ROWS).astype(int)))
+    sampled = {int(i) for k in (SAMPLE_ROWS, MORE_ROWS) for i in np.linspace(0, n - 1, k).astype(np.int64)}  # only the layout tells
     others = np.array([i for i in range(n) if i not in sampled])
     order = np.arange(n)
     order[others] = rng.permutation(others)

@@ -72,7 +72,7 @@ def close_matches(value: str, options: Iterable, n: int = 3, cutoff: float = 0.6
 
 
 _CONTROL_LIKE = re.compile(r"^(nt|ntc|non[-_ ]?target\w*|non[-_ ]?targeting.*|ctrl|control|controls|neg\w*[-_ ]?ctrl|negative[-_ ]?control|"
-                           r"scrambl\w*|safe[-_ ]?target\w*|dmso|vehicle|unperturbed|untreated|mock|none|wt|wildtype|wild[-_ ]?type)$")
+                           r"scrambl\w*|safe[-_ ]?target\w*|dmso|vehicle|unperturbed|untreated|mock|wt|wildtype|wild[-_ ]?type)$")
 
 
 def control_hint(control: str, labels: Iterable) -> str:
@@ -85,6 +85,8 @@ def control_hint(control: str, labels: Iterable) -> str:
     "; 'NT' reads like a control label: pass --control 'NT'?"
     >>> control_hint("CTRL", ["CTRL ", "STIM"])
     "; did you mean 'CTRL '?"
+    >>> control_hint("non-targeting", ["None", "IRF1"])  # how a missing label reads: no control
+    ''
     """
     labels = [str(v) for v in labels]
     close = did_you_mean(control, labels)

@@ -28,10 +28,10 @@ def demo(
     for name in [m.strip() for m in models.split(",") if m.strip()]:
         make_model(name, seed=seed)  # an unknown model is named before anything is written
     from vcell.data.staging import check_replaceable
-    from vcell.leaderboard.bench import bench_files
+    from vcell.leaderboard.bench import BENCH_OUTPUTS, bench_files
 
     check_output_dir(out, ["simulated.h5ad", "bench"], overwrite=overwrite)
-    check_replaceable(out, ["bench"], [f"bench/{name}" for name in bench_files(out / "bench")])  # bench's replaced, a user's refused
+    check_replaceable(out / "bench", BENCH_OUTPUTS, bench_files(out / "bench"))  # run_bench's own check, before any work
     with removed_if_interrupted(out, ["simulated.h5ad", "bench"]):
         _demo(out, holdout_context, models, seed)
 

@@ -239,11 +239,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
         if _key(path) in _FRESH:
             _place_new(tmp_path, path)
-            _FRESH.discard(_key(path))
         else:
             os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+        _FRESH.discard(_key(path))  # one write per check: a later write of it in this process is checked anew
 
 
 #: Outputs :func:`check_output_path` found absent without ``--overwrite``: written only if they are
@@ -251,8 +251,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 _FRESH: set[str] = set()
 
 
-def _key(path: Path) -> str:
+def _key(path: str | os.PathLike) -> str:
     return os.path.abspath(path)
+
+
+def placed(*paths: str | os.PathLike) -> None:
+    """Say that ``paths`` were put in place other than by :func:`atomic_path` (renamed from a staging
+    folder): a later write of them in this process is checked anew, not taken for another command's."""
+    for path in paths:
+        _FRESH.discard(_key(path))
 
 
 def _place_new(tmp: Path, path: Path) -> None:
@@ -400,7 +407,7 @@ def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike] = 
     check_writable(out)
     if out.exists() and not overwrite:
         raise VcellError(f"{out}: output file already exists (pass --overwrite to replace it)")
-    (_FRESH.discard if overwrite else _FRESH.add)(_key(out))
+    (_FRESH.discard if overwrite else _FRESH.add)(_key(out))  # after every refusal: a refused check leaves no key
     clean_leftovers(out)
     return out
 
@@ -438,11 +445,11 @@ def check_output_dir(
         _check_inputs(directory / name, inputs)
     check_writable(directory, folder=True)
     there = [name for name in names if (directory / name).exists()]
-    for name in names:
-        (_FRESH.discard if overwrite else _FRESH.add)(_key(directory / name))
     if there and not overwrite:
         raise VcellError(f"{directory}: already holds {preview(there, n=3)} from an earlier run "
                          "(pass --overwrite to replace them, or choose another --out)")
+    for name in names:
+        (_FRESH.discard if overwrite else _FRESH.add)(_key(directory / name))
     clean_leftovers(*(directory / name for name in names))
     return directory
 
@@ -466,8 +473,10 @@ def held_exclusively(path: str | os.PathLike, busy: str) -> Iterator[None]:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # EWOULDBLOCK: another process holds it
             raise VcellError(busy) from None
+        except OSError as exc:  # no flock here (NFS, Lustre without -o flock): run without the lock
+            log.debug("%s: no lock (%s); two commands into it are not told apart", path, exc.strerror or exc)
         yield
     finally:
         os.close(fd)  # closing releases the lock

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from vcell.data.io import atomic_path, clean_leftovers, temp_prefix
+from vcell.data.io import atomic_path, clean_leftovers, placed, temp_prefix
 from vcell.errors import VcellError, preview
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,9 @@ def check_replaceable(out: str | os.PathLike, names: Sequence[str], earlier: Seq
 WRITTEN = ".vcell-written.json"
 
 
+_BROWSER_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}  # a file browser's, not the user's work
+
+
 def foreign_files(out: str | os.PathLike, names: Sequence[str], earlier: Sequence[str] = ()) -> list[str]:
     """Files inside the folder outputs ``names`` of ``out`` that the run which wrote them did not
     list in ``WRITTEN`` (without a list: not in ``earlier``, what the caller knows an older run
@@ -48,7 +51,8 @@ def foreign_files(out: str | os.PathLike, names: Sequence[str], earlier: Sequenc
         listed = set(json.loads((out / WRITTEN).read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError):
         listed = set(earlier)
-    found = (p.relative_to(out).as_posix() for folder in folders for p in folder.rglob("*") if not p.is_dir())
+    found = (p.relative_to(out).as_posix() for folder in folders for p in folder.rglob("*")
+             if not p.is_dir() and p.name not in _BROWSER_FILES)
     return sorted(p for p in found if p not in listed)
 
 
@@ -81,24 +85,27 @@ def staged_folder(out: str | os.PathLike, names: Sequence[str]) -> Iterator[Path
         # renames only, with Ctrl-C held until they are done; what was set aside goes last (a kill
         # while it goes leaves a staging folder the next run removes)
         aside = Path(tempfile.mkdtemp(prefix=temp_prefix(marker), suffix=".tmp", dir=out))
-        with _ctrl_c_held() as held:
+        with stop_signals_held() as held:
             for name in names:
                 if (out / name).exists() or (out / name).is_symlink():
                     os.replace(out / name, aside / name)
             for name in [*names, WRITTEN]:
                 if (stage / name).exists() or (stage / name).is_symlink():
                     os.replace(stage / name, out / name)
+        placed(*(out / name for name in [*names, WRITTEN]))
         if held:
-            log.warning("Ctrl-C came as the results were put in place in %s: they are complete", out)
+            log.warning("a stop signal (Ctrl-C) came as the results were put in place in %s: they are complete", out)
         shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def _ctrl_c_held() -> Iterator[list]:
-    """Hold Ctrl-C (SIGINT) until the body is done; yields a list that is non-empty if one came.
-    Off the main thread (where no handler can be set) the body runs as it is."""
+def stop_signals_held() -> Iterator[list]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP until the body (a few renames) is done; yields a list that is
+    non-empty if one came. A signal whose default was to end the process is sent again after the
+    body (the process then ends with everything in place); one turned into a Ctrl-C by the command
+    line is only reported. Off the main thread (where no handler can be set) the body runs as it is."""
     import signal
     import threading
 
@@ -106,8 +113,13 @@ def _ctrl_c_held() -> Iterator[list]:
     if threading.current_thread() is not threading.main_thread():
         yield caught
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    held = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) not in (signal.SIG_IGN, None)]
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
     try:
         yield caught
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            if previous.get(s) == signal.SIG_DFL:
+                os.kill(os.getpid(), s)

@@ -292,7 +292,8 @@ def _similar_label_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> li
     counts = np.bincount(codes[codes >= 0], minlength=len(labels))
     groups: dict[str, list[int]] = {}
     for i, label in enumerate(labels):
-        groups.setdefault(re.sub(r"[\s_\-.]+", "", str(label)).casefold(), []).append(i)
+        key = re.sub(r"[\s_\-]+|(?<!\d)\.|\.(?!\d)", "", str(label)).casefold()  # a dose's '1.0' is not '10'
+        groups.setdefault(key, []).append(i)
     problems = []
     for members in (m for m in groups.values() if len(m) > 1):
         named = ", ".join(f"{labels[i]!r} ({counts[i]:,} cells)" for i in members)

@@ -96,11 +96,11 @@ def prepare_data(
         adata.X = sp.csr_matrix(adata.X, dtype=np.float32) if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float32)
     info = validate(adata, spec, path, require_context_controls=not allow_missing_controls)
     if keep_counts and info.type != "counts":
-        from vcell.eval.vcc2026.inputs import other_matrices
+        from vcell.eval.vcc2026.inputs import counts_in_x, other_matrices
 
         elsewhere = [] if in_memory else other_matrices(path)
         hint = (f" (it also holds {', '.join(elsewhere)}: if those are the raw counts, put them in X, "
-                f"adata.X = adata.{elsewhere[0]})") if elsewhere else ""
+                f"{counts_in_x(elsewhere[0])})") if elsewhere else ""
         raise VcellError(f"{path}: --profile vcc2026 scores raw counts, and this file holds {info.type} values; "
                          f"give the raw-count file{hint}")
     if info.type == "counts":

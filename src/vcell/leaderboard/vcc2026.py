@@ -90,6 +90,8 @@ def target_gene_rule(real: ad.AnnData, spec: DataSpec, labels) -> dict:
     named = len(perts & set(real.var_names))
     if not named:  # Ensembl IDs as var_names, symbols in a var column: the targets are measured, not named
         for col in real.var.columns:
+            if real.var[col].dtype.kind not in "OSU" and str(real.var[col].dtype) != "category":
+                continue  # counts and flags are no gene names
             hits = perts & set(real.var[col].astype(str))
             if hits:
                 log.warning("%d of %d perturbation labels name genes of var[%r] (e.g. %r), not var_names: their target genes "

@@ -32,6 +32,7 @@ import scipy.sparse as sp
 
 from vcell.data.io import check_writable, clean_leftovers, held_exclusively, human_size, leftovers, temp_prefix
 from vcell.data.rows import H5Rows
+from vcell.data.staging import stop_signals_held
 from vcell.errors import VcellError, preview
 from vcell.nn.checkpoint import (
     BEST,
@@ -123,8 +124,8 @@ def run_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: bool = 
     - ``resume``: ``out_dir/last`` must exist and hold the optimiser state; it is yielded;
     - otherwise a trained run there (``last/`` or ``best/``) is refused unless ``overwrite``,
       which sets ``last/``, ``best/`` and ``logs/version_*`` aside before anything new is written.
-      They are deleted when the body ends, and put back if it fails (an error, or an interruption
-      before the new run saved a checkpoint): a failed ``--overwrite`` loses nothing.
+      They are deleted when the body ends, or fails after the new run saved a checkpoint (resumable),
+      and put back if it fails before: a failed ``--overwrite`` loses nothing.
 
     Under DDP only rank 0 moves or removes anything (the other ranks run this after rank 0 did).
     """
@@ -159,9 +160,9 @@ def _prepared(out_dir: Path, resume: bool, overwrite: bool, rank0: bool) -> Iter
         return
     try:
         yield start
-    except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt) and (out_dir / LAST / CONFIG).is_file():
-            _drop(aside, out_dir)  # the new run saved a step and its message says so: it replaces the old one
+    except BaseException:
+        if (out_dir / LAST / CONFIG).is_file():
+            _drop(aside, out_dir)  # the new run saved a step (resumable, as its message says): it replaces the old one
         else:
             _put_back(aside, out_dir)
         raise
@@ -180,10 +181,11 @@ def _set_aside(out_dir: Path) -> Path:
     meanwhile leaves either an entry or nothing under each name); :func:`_drop` or
     :func:`_put_back` ends it, or the next run in ``out_dir`` if this one is killed."""
     aside = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir / REPLACED), suffix=".tmp", dir=out_dir))
-    for entry in _run_entries(out_dir):
-        target = aside / entry.relative_to(out_dir)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(entry, target)
+    with stop_signals_held():
+        for entry in _run_entries(out_dir):
+            target = aside / entry.relative_to(out_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(entry, target)
     return aside
 
 
@@ -195,12 +197,13 @@ def _drop(aside: Path, out_dir: Path) -> None:
 
 def _put_back(aside: Path, out_dir: Path) -> None:
     """Remove what the failed new run wrote and move the earlier run back."""
-    for entry in _run_entries(out_dir):
-        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-    for entry in _run_entries(aside):
-        target = out_dir / entry.relative_to(aside)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(entry, target)
+    with stop_signals_held():
+        for entry in _run_entries(out_dir):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        for entry in _run_entries(aside):
+            target = out_dir / entry.relative_to(aside)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(entry, target)
     shutil.rmtree(aside, ignore_errors=True)
     log.warning("--overwrite: the new run did not save a checkpoint; %s holds the earlier run as it was", out_dir)
 
@@ -259,16 +262,20 @@ def rows_digest(adata, path=None, n: int = MORE_ROWS) -> str:
     number of stored values; cheap even at 300,000 cells): a file whose rows changed beyond the
     16 of ``digest`` (reordered, replaced) is told apart."""
     parts = [sample_rows(adata, path, None, n)]
+    h = hashlib.sha256()
+    step = 1 << 20  # a backed file's indptr is hashed a million entries at a time, never held whole
     if adata.isbacked:
         import h5py
 
         with h5py.File(path or adata.filename, "r") as f:
             node = f["X"]
             if isinstance(node, h5py.Group):
-                parts.append(np.asarray(node["indptr"][:], np.int64))
+                indptr = node["indptr"]
+                for lo in range(0, indptr.shape[0], step):
+                    h.update(np.asarray(indptr[lo:lo + step], np.int64).tobytes())
     elif sp.issparse(adata.X):
-        parts.append(np.asarray(adata.X.indptr, np.int64))
-    return digest(*parts)
+        h.update(np.asarray(adata.X.indptr, np.int64).tobytes())
+    return digest(*parts, np.frombuffer(h.digest(), np.uint8))
 
 
 def file_identity(path, adata, extra=(), sample_keys: tuple = (None,)) -> dict:

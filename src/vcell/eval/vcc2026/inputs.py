@@ -238,9 +238,14 @@ def read_cells(path: str | os.PathLike, pert_col: str, control: str | None = Non
         elsewhere = other_matrices(path)
         if elsewhere and "not an integer" in str(exc):  # scanpy's and Seurat's layout: the counts kept beside log1p X
             raise VcellError(f"{exc}; the file also holds {', '.join(elsewhere)}: if those are the raw counts, put them in X "
-                             f"(adata.X = adata.{elsewhere[0]}) and write it anew") from None
+                             f"({counts_in_x(elsewhere[0])}) and write it anew") from None
         raise
     return cells
+
+
+def counts_in_x(where: str) -> str:
+    """The line of Python that puts the counts of ``where`` (``layers['NAME']`` or ``raw.X``) in ``X``."""
+    return "adata = adata.raw.to_adata()" if where == "raw.X" else f"adata.X = adata.{where}"
 
 
 def other_matrices(path: str | os.PathLike) -> list[str]:
