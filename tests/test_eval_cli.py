@@ -134,7 +134,7 @@ def _out_of_range(real, pred):
 
 BAD = {
     "genes_differ": (_drop_genes, [], ["genes differ from", "3 gene(s)", "missing"]),
-    "perturbation_missing": (_drop_pert, [], ["1 perturbation(s)", "missing from the prediction (G2)"]),
+    "perturbation_missing": (_drop_pert, [], ["1 perturbation(s)", "missing from the prediction (G2); predict every perturbation"]),
     "control_missing": (_no_control, [], ["no control cells ('non-targeting' in column 'target'", "--profile vcc2026"]),
     "nan": (_set_pred(lambda X: X.__setitem__((5, 7), np.nan)), [], ["NaN or infinite"]),
     "negative": (_set_pred(lambda X: X.__setitem__((5, 7), -1.0)), [], ["negative values"]),

@@ -803,7 +803,7 @@ def test_undefined_panel_ratio_refused(tmp_path):
     out = tmp_path / "out"
     proc = run_cli("eval", "run", "--profile", "vcc2026", "--pred", pred, "--real", real, "--out", out)
     assert proc.returncode == 2, proc.stderr[-1500:]
-    assert "expr_mse_unbiased_capped_norm is undefined" in error_line(proc)
+    assert "expr_mse_unbiased_capped_norm is undefined" in error_line(proc) and "more cells or counts per perturbation" in error_line(proc)
     assert not out.exists()
     cells = read_cells(real, PERT_COL)
     perts = sorted(set(cells.labels) - {CONTROL})

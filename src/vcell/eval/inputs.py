@@ -166,7 +166,9 @@ def check_structure(
             f"{len(missing_perts)} perturbation(s) of {real_name} missing from the prediction ({preview(missing_perts, quote=False)})"
         )
     if missing_perts:
-        raise VcellError(f"{pred_name}: {len(missing_perts)} perturbation(s) of {real_name} missing from the prediction ({preview(missing_perts, quote=False)})")
+        raise VcellError(f"{pred_name}: {len(missing_perts)} perturbation(s) of {real_name} missing from the prediction "
+                         f"({preview(missing_perts, quote=False)}); predict every perturbation of {real_name} "
+                         "(`vcell predict --perturbations data`), or score against real cells of those predicted only")
     if extra_perts:
         raise VcellError(f"{pred_name}: {len(extra_perts)} perturbation(s) not in {real_name} ({preview(extra_perts, quote=False)}); "
                          f"predict only the perturbations of {real_name} (`vcell predict --perturbations data`)")

@@ -173,7 +173,8 @@ def score_summaries(
         raise VcellError(
             f"expr_mse_unbiased_capped_norm is undefined{where}: the reference's noise-corrected effects "
             f"(expr_distance_unbiased) sum to {den:.4g} <= 0, i.e. its perturbations do not move expression beyond "
-            "sampling noise at this depth (cell-eval2 refuses such a panel too)"
+            "sampling noise at this depth (cell-eval2 refuses such a panel too); more cells or counts per perturbation "
+            "define it, and `vcell bench --profile vcc2026` scores the other five metrics, naming this one degenerate"
         )
     return values, ratio
 
