@@ -264,7 +264,7 @@ def test_a_full_disk_is_said_before_it_is_hit_naming_the_output(tmp_path, monkey
 
     from vcell.data.io import atomic_path, write_h5ad, write_safetensors
 
-    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=1000, f_frsize=1024))  # ~1 MB free
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=1000, f_frsize=1024, f_blocks=10**6))  # ~1 MB free
     a = ad.AnnData(np.ones((100, 10), np.float32))
     with pytest.raises(VcellError, match=r"x\.h5ad: not enough free space on its device \(1\.0 MB free"):
         write_h5ad(a, tmp_path / "x.h5ad")
@@ -279,3 +279,35 @@ def test_a_full_disk_is_said_before_it_is_hit_naming_the_output(tmp_path, monkey
     assert caught.value.filename == str(tmp_path / "y.csv") and not list(tmp_path.iterdir())
     write_h5ad(a, tmp_path / "x.h5ad")  # room enough: written
     assert ad.read_h5ad(tmp_path / "x.h5ad").shape == (100, 10)
+
+
+def test_stop_signals_are_held_through_renames_and_raised_after(tmp_path):
+    """A SIGTERM (the command line's handler: a Ctrl-C) landing among the renames that set a run
+    aside waits for them, then stops the command (it was dropped: training went on for hours)."""
+    import signal
+
+    from vcell.data.io import atomic_path, check_output_path
+    from vcell.data.staging import stop_signals_held
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with stop_signals_held(redeliver=True):
+                signal.raise_signal(signal.SIGTERM)
+                done.append("renamed")  # the body ends first
+        assert done == ["renamed"]
+        with stop_signals_held() as held:  # report only: complete results need no stop
+            signal.raise_signal(signal.SIGTERM)
+        assert held == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    link = tmp_path / "out.h5ad"  # a dangling link is absent to the check, and replaced by the write
+    link.symlink_to(tmp_path / "gone.h5ad")
+    check_output_path(link)
+    with atomic_path(link) as tmp:
+        tmp.write_text("x")
+    assert link.read_text() == "x" and not link.is_symlink()

@@ -134,7 +134,7 @@ def test_labels_equal_but_for_case_spaces_or_punctuation_are_named(papalexi, cap
     assert proc.returncode == 1 and "differ only in case" in " ".join(proc.stdout.split() + proc.stderr.split())
     assert not [p for p in check(ad.read_h5ad(papalexi)[:2000].copy(), PAP_SPEC).problems if p.kind == "similar_labels"]
     doses = ad.read_h5ad(papalexi)[:40].copy()  # a dose's decimal point is no punctuation: 1.0 is not 10
-    doses.obs["target"] = pd.Categorical(["non-targeting"] * 10 + ["Dex_1.0"] * 10 + ["Dex_10"] * 10 + ["Dex_0.1"] * 10)
+    doses.obs["target"] = pd.Categorical(["non-targeting"] * 10 + ["Dex_1.0"] * 10 + ["Dex_10"] * 10 + ["Dex_1_0"] * 10)
     assert not [p for p in check(doses, PAP_SPEC).problems if p.kind == "similar_labels"]
 
 

@@ -441,12 +441,34 @@ def test_train_overwrite_moves_only_what_a_run_wrote_and_a_failed_one_loses_noth
         with run_dir(run, overwrite=True):
             raise KeyboardInterrupt
     assert _tree(run) == before
-    with pytest.raises(RuntimeError, match="diverged"):  # failed after a checkpoint: resumable, it replaces the old run
+    with pytest.raises(RuntimeError, match="diverged"):  # a checkpoint without optimiser state cannot be resumed: put back
         with run_dir(run, overwrite=True):
             (run / LAST).mkdir()
             (run / LAST / CONFIG).write_text("{}")
             raise RuntimeError("loss diverged at step 9000")
-    assert _tree(run) == {"last/config.json": b"{}", "logs/2024-runs/a.log": b"mine\n"}
+    assert _tree(run) == before
+    with pytest.raises(RuntimeError, match="diverged"):  # failed after a checkpoint: resumable, it replaces the old run
+        with run_dir(run, overwrite=True):
+            (run / LAST).mkdir()
+            (run / LAST / CONFIG).write_text("{}")
+            (run / LAST / OPTIMIZER).write_text("")
+            raise RuntimeError("loss diverged at step 9000")
+    assert _tree(run) == {"last/config.json": b"{}", f"last/{OPTIMIZER}": b"", "logs/2024-runs/a.log": b"mine\n"}
+
+    # killed after its first validation wrote best/ but before a last/ to resume from: the earlier run is put back
+    early = tmp_path / "early"
+    shutil.copytree(ws["st"], early)
+    before = _tree(early)
+    aside = early / f".{REPLACED}.999999999-abcdefgh.tmp"
+    aside.mkdir()
+    for name in (LAST, BEST, "logs"):
+        if (early / name).exists():
+            os.replace(early / name, aside / name)
+    (early / BEST).mkdir()
+    (early / BEST / CONFIG).write_text("{}")  # the killed run's
+    with run_dir(early, resume=True) as start:  # "nothing to resume" before: the set-aside last/ is resumed
+        assert start == early / LAST
+    assert _tree(early) == before and not leftovers(early / REPLACED)
 
     # killed after setting the earlier run aside, before the new one's first checkpoint: put back
     killed = tmp_path / "killed"

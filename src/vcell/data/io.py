@@ -267,6 +267,9 @@ def _place_new(tmp: Path, path: Path) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
+        if os.path.islink(path) and not os.path.exists(path):  # a dangling link, absent to the check: replaced as then
+            os.replace(tmp, path)
+            return
         raise VcellError(f"{path}: appeared while this command was writing it (another command writing the same "
                          "file?); it was kept, and this command's result not written") from None
     except OSError:  # no hard links on this filesystem: check, then rename
@@ -298,7 +301,8 @@ def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | No
     """Write ``adata`` to ``path`` atomically (temp file + rename), after :func:`check_space` for
     its matrices. Returns the path."""
     path = Path(path)
-    check_space(path, sum(_nbytes(m) for m in (adata.X, *adata.layers.values(), *adata.obsm.values())))
+    raw = [adata.raw.X] if adata.raw is not None else []
+    check_space(path, sum(_nbytes(m) for m in (adata.X, *raw, *adata.layers.values(), *adata.obsm.values(), *adata.obsp.values())))
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp, compression=compression)
     return path
@@ -327,10 +331,13 @@ def check_space(path: str | os.PathLike, nbytes: int) -> None:
         stat = os.statvfs(folder)
     except (OSError, AttributeError):  # not POSIX, or unreadable: the write itself will tell
         return
+    if stat.f_blocks == 0:  # some FUSE filesystems report no sizes
+        return
     free = stat.f_bavail * stat.f_frsize
     if free < nbytes + SPACE_MARGIN:
-        temp = re.match(rf"^\.(.+)\.\d+-{_RANDOM}\.tmp$", Path(path).name)  # name the output, not its temporary file
-        shown = Path(path).parent / temp.group(1) if temp else path
+        # name the output, not its temporary file or folder (.NAME.PID-XXXXXXXX.tmp anywhere in the path)
+        shown = Path(*(m.group(1) if (m := re.match(rf"^\.(.+)\.\d+-{_RANDOM}\.tmp$", part)) else part
+                       for part in Path(path).parts))
         raise VcellError(f"{shown}: not enough free space on its device ({human_size(free)} free, about "
                          f"{human_size(int(nbytes) + SPACE_MARGIN)} needed to write it); free some or write elsewhere")
 
@@ -476,7 +483,8 @@ def held_exclusively(path: str | os.PathLike, busy: str) -> Iterator[None]:
         except BlockingIOError:  # EWOULDBLOCK: another process holds it
             raise VcellError(busy) from None
         except OSError as exc:  # no flock here (NFS, Lustre without -o flock): run without the lock
-            log.debug("%s: no lock (%s); two commands into it are not told apart", path, exc.strerror or exc)
+            log.warning("%s: cannot be locked here (%s): a second command writing into it at the same time would not be "
+                        "refused", path, exc.strerror or exc)
         yield
     finally:
         os.close(fd)  # closing releases the lock

@@ -101,11 +101,13 @@ def staged_folder(out: str | os.PathLike, names: Sequence[str]) -> Iterator[Path
 
 
 @contextlib.contextmanager
-def stop_signals_held() -> Iterator[list]:
+def stop_signals_held(redeliver: bool = False) -> Iterator[list]:
     """Hold Ctrl-C, SIGTERM and SIGHUP until the body (a few renames) is done; yields a list that is
-    non-empty if one came. A signal whose default was to end the process is sent again after the
-    body (the process then ends with everything in place); one turned into a Ctrl-C by the command
-    line is only reported. Off the main thread (where no handler can be set) the body runs as it is."""
+    non-empty if one came. After the body, a signal whose default was to end the process is raised
+    again (the process then ends with everything in place); one with a handler (the command line
+    turns them into a Ctrl-C) is raised again with ``redeliver``, else only reported through the
+    list (results that are complete need no stop). Off the main thread (where no handler can be
+    set) the body runs as it is."""
     import signal
     import threading
 
@@ -121,5 +123,5 @@ def stop_signals_held() -> Iterator[list]:
         for s, handler in previous.items():
             signal.signal(s, handler)
         for s in dict.fromkeys(caught):
-            if previous.get(s) == signal.SIG_DFL:
-                os.kill(os.getpid(), s)
+            if redeliver or previous.get(s) == signal.SIG_DFL:
+                signal.raise_signal(s)

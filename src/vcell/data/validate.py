@@ -292,7 +292,8 @@ def _similar_label_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> li
     counts = np.bincount(codes[codes >= 0], minlength=len(labels))
     groups: dict[str, list[int]] = {}
     for i, label in enumerate(labels):
-        key = re.sub(r"[\s_\-]+|(?<!\d)\.|\.(?!\d)", "", str(label)).casefold()  # a dose's '1.0' is not '10'
+        # separators and dots go, except between two digits: a dose's '1.0' or '1_0' is not '10'
+        key = re.sub(r"(?<!\d)[\s_\-.]+|[\s_\-.]+(?!\d)", "", str(label)).casefold()
         groups.setdefault(key, []).append(i)
     problems = []
     for members in (m for m in groups.values() if len(m) > 1):

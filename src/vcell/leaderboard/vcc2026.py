@@ -92,7 +92,7 @@ def target_gene_rule(real: ad.AnnData, spec: DataSpec, labels) -> dict:
         for col in real.var.columns:
             if real.var[col].dtype.kind not in "OSU" and str(real.var[col].dtype) != "category":
                 continue  # counts and flags are no gene names
-            hits = perts & set(real.var[col].astype(str))
+            hits = {p for p in perts & set(real.var[col].astype(str)) if not p.isdigit()}  # '1' matches chromosomes
             if hits:
                 log.warning("%d of %d perturbation labels name genes of var[%r] (e.g. %r), not var_names: their target genes "
                             "are not excluded from the 2026 metrics; make var[%r] the var_names to exclude them",

@@ -147,26 +147,30 @@ def run_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: bool = 
 def _prepared(out_dir: Path, resume: bool, overwrite: bool, rank0: bool) -> Iterator[Path | None]:
     """:func:`run_dir`'s body, with the folder held."""
     if rank0 and out_dir.is_dir():
-        _restore_killed_overwrite(out_dir)
-        clean_leftovers(out_dir / REPLACED)
         for name in (LAST, BEST):
             recover_checkpoint_dir(out_dir / name)
+        _restore_killed_overwrite(out_dir)
+        clean_leftovers(out_dir / REPLACED)
     start = check_run_dir(out_dir, resume, overwrite)
     aside = None
-    if not resume and overwrite and rank0 and any((out_dir / name).exists() for name in (LAST, BEST)):
-        aside = _set_aside(out_dir)
-    if aside is None:
-        yield start
-        return
     try:
+        if not resume and overwrite and rank0 and any((out_dir / name).exists() for name in (LAST, BEST)):
+            aside = _set_aside(out_dir)  # a stop signal during it is raised once it is done, here
         yield start
     except BaseException:
-        if (out_dir / LAST / CONFIG).is_file():
-            _drop(aside, out_dir)  # the new run saved a step (resumable, as its message says): it replaces the old one
-        else:
-            _put_back(aside, out_dir)
+        if aside is not None:
+            if _resumable(out_dir):
+                _drop(aside, out_dir)  # the new run saved a step it can continue from (its message says so): it replaces the old one
+            else:
+                _put_back(aside, out_dir)
         raise
-    _drop(aside, out_dir)
+    if aside is not None:
+        _drop(aside, out_dir)
+
+
+def _resumable(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds a ``last/`` checkpoint a run can be resumed from (with its optimiser state)."""
+    return (out_dir / LAST / CONFIG).is_file() and (out_dir / LAST / OPTIMIZER).is_file()
 
 
 def _run_entries(out_dir: Path) -> list[Path]:
@@ -181,7 +185,7 @@ def _set_aside(out_dir: Path) -> Path:
     meanwhile leaves either an entry or nothing under each name); :func:`_drop` or
     :func:`_put_back` ends it, or the next run in ``out_dir`` if this one is killed."""
     aside = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir / REPLACED), suffix=".tmp", dir=out_dir))
-    with stop_signals_held():
+    with stop_signals_held(redeliver=True):
         for entry in _run_entries(out_dir):
             target = aside / entry.relative_to(out_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +201,7 @@ def _drop(aside: Path, out_dir: Path) -> None:
 
 def _put_back(aside: Path, out_dir: Path) -> None:
     """Remove what the failed new run wrote and move the earlier run back."""
-    with stop_signals_held():
+    with stop_signals_held(redeliver=True):
         for entry in _run_entries(out_dir):
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
         for entry in _run_entries(aside):
@@ -205,13 +209,13 @@ def _put_back(aside: Path, out_dir: Path) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(entry, target)
     shutil.rmtree(aside, ignore_errors=True)
-    log.warning("--overwrite: the new run did not save a checkpoint; %s holds the earlier run as it was", out_dir)
+    log.warning("--overwrite: the new run did not save a checkpoint to resume from; %s holds the earlier run as it was", out_dir)
 
 
 def _killed_overwrite(out_dir: Path) -> Path | None:
-    """The earlier run an ``--overwrite`` run set aside and was killed before its first checkpoint
-    (no ``last/`` or ``best/`` in ``out_dir``); ``None`` if there is none."""
-    if any((out_dir / name).exists() for name in (LAST, BEST)):
+    """The earlier run an ``--overwrite`` run set aside and was killed before a checkpoint it could
+    be resumed from (a ``best/`` alone is not one); ``None`` if there is none."""
+    if _resumable(out_dir):
         return None
     return next((a for a in leftovers(out_dir / REPLACED) if (a / LAST).is_dir() or (a / BEST).is_dir()), None)
 
