@@ -316,8 +316,8 @@ CASES: dict[str, Case] = {
     # ---- vcell eval run
     "eval_2026_option_on_2025_profile": Case(lambda c: _eval(c, c.w.real, None, "--no-target-genes"),
                                              ("--no-target-genes applies to the vcc2026 profile only",)),
-    "eval_context_col_on_2025_profile": Case(lambda c: _eval(c, c.w.real, None, "--context-col", "cell_type"),
-                                             ("--context-col applies to the vcc2026 profile only", "one context")),
+    "eval_context_col_absent_2025": Case(lambda c: _eval(c, c.w.real, None, "--context-col", "celltype"),
+                                         ("context column 'celltype' not found", "did you mean 'cell_type'")),
     "baseline_context_col_on_2025_profile": Case(
         lambda c: ["eval", "baseline", "--real", c.w.log, "--out", c.out / "b.h5ad", "--context-col", "cell_type"],
         ("--context-col applies to the vcc2026 profile only",)),

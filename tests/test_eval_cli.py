@@ -83,6 +83,41 @@ def test_several_predictions_in_one_run_write_what_their_own_runs_write(sim_file
     assert (tmp_path / "many" / "pred" / "results.csv").read_bytes() != (tmp_path / "many" / "other" / "results.csv").read_bytes()
 
 
+def test_each_context_is_scored_apart_as_cell_eval_scores_each_cell_type(sim_files, tmp_path):
+    """--context-col with the vcc profile (cell-eval's --celltype-col) was ignored: every context
+    pooled, exit 0. Each context is now scored as a pair of its own, in OUT/CONTEXT/, byte for byte
+    what a run on that context's cells writes; contexts the files do not share are one error."""
+    d, pert_col, control = sim_files
+    real, pred = ad.read_h5ad(d / "real.h5ad"), ad.read_h5ad(d / "pred.h5ad")
+    halves = {}
+    for name, a in (("real", real), ("pred", pred)):
+        b = a.copy()
+        b.X = np.asarray(b.X.toarray() if hasattr(b.X, "toarray") else b.X) * (1.2 if name == "pred" else 1.1)
+        both = ad.concat({"A": a, "B": b}, label="line", index_unique="-")
+        both.write_h5ad(tmp_path / f"{name}2.h5ad")
+        for line in ("A", "B"):
+            both[both.obs["line"] == line].copy().write_h5ad(tmp_path / f"{name}_{line}.h5ad")
+        halves[name] = both
+    args = ["--pert-col", pert_col, "--control", control, "--profile", "vcc"]
+    split = run_cli("eval", "run", "--pred", tmp_path / "pred2.h5ad", "--real", tmp_path / "real2.h5ad", "--context-col", "line",
+                    "--out", tmp_path / "split", *args)
+    assert split.returncode == 0, split.stderr[-2000:]
+    assert "in 2 contexts" in split.stdout
+    for line in ("A", "B"):
+        alone = run_cli("eval", "run", "--pred", tmp_path / f"pred_{line}.h5ad", "--real", tmp_path / f"real_{line}.h5ad",
+                        "--out", tmp_path / f"alone_{line}", *args)
+        assert alone.returncode == 0, alone.stderr[-2000:]
+        for f in ("results.csv", "agg_results.csv", "real_de.csv", "pred_de.csv"):
+            assert (tmp_path / "split" / line / f).read_bytes() == (tmp_path / f"alone_{line}" / f).read_bytes(), (line, f)
+    assert (tmp_path / "split" / "A" / "results.csv").read_bytes() != (tmp_path / "split" / "B" / "results.csv").read_bytes()
+    only_a = halves["pred"][halves["pred"].obs["line"] == "A"].copy()
+    only_a.write_h5ad(tmp_path / "pred_only_a.h5ad")
+    missing = run_cli("eval", "run", "--pred", tmp_path / "pred_only_a.h5ad", "--real", tmp_path / "real2.h5ad",
+                      "--context-col", "line", "--out", tmp_path / "missing", *args)
+    assert missing.returncode == 2 and "the contexts in column 'line' differ: 'B' only in" in missing.stderr
+    assert not (tmp_path / "missing").exists()
+
+
 def test_reordered_genes_give_the_same_results(sim_files, tmp_path):
     d, pert_col, control = sim_files
     pred = ad.read_h5ad(d / "pred.h5ad")

@@ -52,8 +52,9 @@ MemoryBudget = Annotated[
                  "whole; else two bands of half this each (one tested, the next being read). Summaries, controls and the "
                  "vcc2026 anchor's splits come on top: at the challenge's sizes the peak was 1.5-2.1x the budget."),
 ]
-Context2026 = Annotated[str, typer.Option("--context-col", help="vcc2026: obs column of the context (cell line); each is scored on its own. 'none' (or ''), or "
-                                               "the default column absent: one context.")]
+Context2026 = Annotated[str, typer.Option("--context-col", help="obs column of the context (cell line); each is scored on its own, in OUT/CONTEXT/ "
+                                               "(2025 profiles: only when named, as cell-eval's --celltype-col; vcc2026: 'none' (or ''), "
+                                               "or the default column absent: one context).")]
 
 
 def _options_2026(pert_col, control, context_col, target_genes, no_target_genes, threads, backed=True, memory_budget=2.0):
@@ -73,14 +74,37 @@ def _only_for(profile: str, **given) -> None:
 
     for option, (value, default) in given.items():
         if value != default:
-            hint = ("; the 2025 profiles take the cells as one context (score each context's cells as a pair of their own)"
+            hint = ("; the 2025 baseline is one context's (build one from each context's cells)"
                     if option == "--context-col" else "")
             raise VcellError(f"{option} applies to the {'vcc2026' if profile == 'vcc2026' else '2025 (vcc)'} profile only{hint}")
 
 
+def _score_contexts(pred, real, out, context_col, pert_col, control, profile, threads, input_type, skip, overwrite) -> None:
+    """``eval run`` of a 2025 profile with ``--context-col``: each context scored apart (:mod:`vcell.eval.contexts`)."""
+    from vcell.errors import VcellError
+    from vcell.eval.contexts import run_contexts
+    from vcell.eval.run import OUTPUT_NAMES
+
+    if len(pred) > 1:
+        raise VcellError("--context-col with the 2025 profiles scores one --pred at a time")
+    start = time.perf_counter()
+    with removed_if_interrupted(out, []), status(f"evaluating {pred[0]} against {real} per {context_col} ({profile} profile)"):
+        runs = run_contexts(pred[0], real, out, context_col, pert_col, control, profile, threads, input_type, skip,
+                            overwrite=overwrite, option=_expression_option())
+    for ctx, (result, _) in runs.items():
+        console.print(table(_metric_table(result.agg), title=f"{profile} profile, context {ctx}, "
+                                                             f"{len(result.results):,} perturbation{'' if len(result.results) == 1 else 's'}"))
+    n = sum(len(result.results) for result, _ in runs.values())
+    console.print(f"scored {n} perturbations in {len(runs)} contexts in {format_duration(time.perf_counter() - start)}; "
+                  f"wrote {out}/CONTEXT/{{{','.join(n for n in OUTPUT_NAMES if any(p.name == n for _, ps in runs.values() for p in ps))}}}",
+                  highlight=False, soft_wrap=True)
+    gc.freeze()
+
+
 def _context_col_typed() -> tuple[str | None, None]:
-    """``--context-col`` as typed, for ``_only_for``: the 2025 profiles score the files as one
-    context (cell-eval's VCC run), so a column named there would be ignored without a word."""
+    """``--context-col`` as typed (``None`` for none, or ``none``): the 2025 profiles score one
+    context unless a column is named (then ``eval run`` scores each apart; ``eval baseline``,
+    which has no contexts, refuses it rather than ignore it)."""
     typed = given("--context-col")
     return (None if typed is None or typed.strip().lower() in ("", "none") else typed), None
 
@@ -182,12 +206,15 @@ def run_cmd(
         console.print(_run_summary_2026(runs, out, time.perf_counter() - start))
         gc.freeze()
         return
-    _only_for("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False),
-                             "--context-col": _context_col_typed()})
+    _only_for("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False)})
+    skip = tuple(s.strip() for s in skip_metrics.split(",") if s.strip()) if skip_metrics else ()
+    by_context = _context_col_typed()[0]
+    if by_context is not None:  # cell-eval's --celltype-col: each context scored apart, into OUT/CONTEXT/
+        _score_contexts(pred, real, out, by_context, pert_col, control, profile, threads, input_type, skip, overwrite)
+        return
     from vcell.eval.bands import budget_bytes
     from vcell.eval.run import OUTPUT_NAMES, run_many
 
-    skip = tuple(s.strip() for s in skip_metrics.split(",") if s.strip()) if skip_metrics else ()
     with (removed_if_interrupted(out, OUTPUT_NAMES if len(pred) == 1 else list(preds)),
           status(f"evaluating {what} against {real} ({profile} profile)")):
         runs = run_many(preds, real, out, pert_col, control, profile, threads, input_type, backed, skip, overwrite=overwrite,
