@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import signal
 from collections.abc import Iterable
 
 
@@ -18,6 +19,11 @@ class VcellError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+#: Signals that stop a command as Ctrl-C does (``timeout``, Slurm and Kubernetes send SIGTERM; a
+#: closed terminal SIGHUP): the command line turns them into a Ctrl-C, training stops after its step.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 class Interrupted(KeyboardInterrupt):

@@ -26,7 +26,7 @@ from vcell.cli.demo import demo
 from vcell.cli.embed import embed
 from vcell.cli.predict import predict
 from vcell.cli.train import app as train_app
-from vcell.errors import Interrupted, VcellError
+from vcell.errors import STOP_SIGNALS, Interrupted, VcellError
 from vcell.train.display import on_terminal, show_progress
 
 
@@ -130,10 +130,9 @@ def root(
     show_progress(not quiet, err_console)  # progress bars on stderr; -q: none
 
 
-#: SIGTERM (``timeout``, Slurm, Kubernetes) and SIGHUP (a closed terminal) stop a command as Ctrl-C
-#: does: its partial outputs are removed (training saves a checkpoint first), one line says so, and
-#: the status is 128 + the signal's number. By default Python would die at once, leaving temporary files.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# STOP_SIGNALS stop a command as Ctrl-C does: its partial outputs are removed (training saves a
+# checkpoint first), one line says so, and the status is 128 + the signal's number. By default
+# Python would die at once, leaving temporary files.
 _received: list[int] = []
 
 

@@ -83,7 +83,6 @@ def _score_contexts(pred, real, out, context_col, pert_col, control, profile, th
     """``eval run`` of a 2025 profile with ``--context-col``: each context scored apart (:mod:`vcell.eval.contexts`)."""
     from vcell.errors import VcellError
     from vcell.eval.contexts import run_contexts
-    from vcell.eval.run import OUTPUT_NAMES
 
     if len(pred) > 1:
         raise VcellError("--context-col with the 2025 profiles scores one --pred at a time")
@@ -95,18 +94,18 @@ def _score_contexts(pred, real, out, context_col, pert_col, control, profile, th
         console.print(table(_metric_table(result.agg), title=f"{profile} profile, context {ctx}, "
                                                              f"{len(result.results):,} perturbation{'' if len(result.results) == 1 else 's'}"))
     n = sum(len(result.results) for result, _ in runs.values())
+    files = ",".join(p.name for p in next(iter(runs.values()))[1])  # every context writes the same files
     console.print(f"scored {n} perturbations in {len(runs)} contexts in {format_duration(time.perf_counter() - start)}; "
-                  f"wrote {out}/CONTEXT/{{{','.join(n for n in OUTPUT_NAMES if any(p.name == n for _, ps in runs.values() for p in ps))}}}",
-                  highlight=False, soft_wrap=True)
+                  f"wrote {out}/CONTEXT/{{{files}}}", highlight=False, soft_wrap=True)
     gc.freeze()
 
 
-def _context_col_typed() -> tuple[str | None, None]:
+def _context_col_typed() -> str | None:
     """``--context-col`` as typed (``None`` for none, or ``none``): the 2025 profiles score one
     context unless a column is named (then ``eval run`` scores each apart; ``eval baseline``,
     which has no contexts, refuses it rather than ignore it)."""
     typed = given("--context-col")
-    return (None if typed is None or typed.strip().lower() in ("", "none") else typed), None
+    return None if typed is None or typed.strip().lower() in ("", "none") else typed
 
 
 def _agg_2026(agg: pd.DataFrame) -> pd.DataFrame:
@@ -208,7 +207,7 @@ def run_cmd(
         return
     _only_for("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False)})
     skip = tuple(s.strip() for s in skip_metrics.split(",") if s.strip()) if skip_metrics else ()
-    by_context = _context_col_typed()[0]
+    by_context = _context_col_typed()
     if by_context is not None:  # cell-eval's --celltype-col: each context scored apart, into OUT/CONTEXT/
         _score_contexts(pred, real, out, by_context, pert_col, control, profile, threads, input_type, skip, overwrite)
         return
@@ -337,7 +336,7 @@ def baseline_cmd(
     _only_for("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False),
                              "--only": (only, None), "--splits": (splits, 5), "--anchor-seed": (anchor_seed, 0),
                              "--in-memory": (backed, True), "--memory-budget": (memory_budget, 2.0),
-                             "--context-col": _context_col_typed()})
+                             "--context-col": (_context_col_typed(), None)})
     from vcell.data.io import check_output_path, read_h5ad, write_h5ad
     from vcell.eval.baseline import build_cell_mean_baseline, read_counts_table
     from vcell.eval.de import differential_expression

@@ -255,6 +255,11 @@ def _key(path: str | os.PathLike) -> str:
     return os.path.abspath(path)
 
 
+def _expect(path: str | os.PathLike, overwrite: bool) -> None:
+    """Record a checked output: without ``overwrite`` it must still be absent when it is written."""
+    (_FRESH.discard if overwrite else _FRESH.add)(_key(path))
+
+
 def placed(*paths: str | os.PathLike) -> None:
     """Say that ``paths`` were put in place other than by :func:`atomic_path` (renamed from a staging
     folder): a later write of them in this process is checked anew, not taken for another command's."""
@@ -264,18 +269,18 @@ def placed(*paths: str | os.PathLike) -> None:
 
 def _place_new(tmp: Path, path: Path) -> None:
     """Move ``tmp`` to ``path`` unless a file appeared there meanwhile (a hard link fails then, atomically)."""
+    appeared = VcellError(f"{path}: appeared while this command was writing it (another command writing the same "
+                          "file?); it was kept, and this command's result not written")
     try:
         os.link(tmp, path)
     except FileExistsError:
         if os.path.islink(path) and not os.path.exists(path):  # a dangling link, absent to the check: replaced as then
             os.replace(tmp, path)
             return
-        raise VcellError(f"{path}: appeared while this command was writing it (another command writing the same "
-                         "file?); it was kept, and this command's result not written") from None
+        raise appeared from None
     except OSError:  # no hard links on this filesystem: check, then rename
         if path.exists():
-            raise VcellError(f"{path}: appeared while this command was writing it (another command writing the same "
-                             "file?); it was kept, and this command's result not written") from None
+            raise appeared from None
         os.replace(tmp, path)
 
 
@@ -414,7 +419,7 @@ def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike] = 
     check_writable(out)
     if out.exists() and not overwrite:
         raise VcellError(f"{out}: output file already exists (pass --overwrite to replace it)")
-    (_FRESH.discard if overwrite else _FRESH.add)(_key(out))  # after every refusal: a refused check leaves no key
+    _expect(out, overwrite)  # after every refusal: a refused check leaves no record
     clean_leftovers(out)
     return out
 
@@ -456,7 +461,7 @@ def check_output_dir(
         raise VcellError(f"{directory}: already holds {preview(there, n=3)} from an earlier run "
                          "(pass --overwrite to replace them, or choose another --out)")
     for name in names:
-        (_FRESH.discard if overwrite else _FRESH.add)(_key(directory / name))
+        _expect(directory / name, overwrite)
     clean_leftovers(*(directory / name for name in names))
     return directory
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from vcell.data.io import atomic_path, clean_leftovers, placed, temp_prefix
-from vcell.errors import VcellError, preview
+from vcell.errors import STOP_SIGNALS, VcellError, preview
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def stop_signals_held(redeliver: bool = False) -> Iterator[list]:
     if threading.current_thread() is not threading.main_thread():
         yield caught
         return
-    held = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) not in (signal.SIG_IGN, None)]
+    held = [s for s in (signal.SIGINT, *STOP_SIGNALS) if signal.getsignal(s) not in (signal.SIG_IGN, None)]
     previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
     try:
         yield caught

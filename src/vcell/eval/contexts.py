@@ -16,7 +16,8 @@ import numpy as np
 
 from vcell.data.io import atomic_paths, check_output_dir, read_h5ad, subfolder
 from vcell.data.labels import factorize
-from vcell.errors import VcellError, did_you_mean, preview
+from vcell.data.spec import column_guess
+from vcell.errors import VcellError, preview
 from vcell.eval.inputs import check_pair
 from vcell.eval.profiles import selected_metrics
 from vcell.eval.run import OUTPUT_NAMES, EvalResult, _needs, evaluate, write_de_csv
@@ -26,7 +27,7 @@ from vcell.eval.scoring import write_csv
 def _contexts(adata, column: str, where: str) -> np.ndarray:
     """Each cell's context (as a string), the column checked: present and without missing values."""
     if column not in adata.obs.columns:
-        raise VcellError(f"{where}: context column {column!r} not found in obs{did_you_mean(column, adata.obs.columns)} "
+        raise VcellError(f"{where}: context column {column!r} not found in obs{column_guess(column, adata.obs.columns, 'context')} "
                          f"(columns: {preview(list(adata.obs.columns), 12)})")
     codes, names = factorize(adata.obs[column])
     if (codes < 0).any():

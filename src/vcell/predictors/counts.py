@@ -38,6 +38,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcell.data.counts import draw_library_sizes, sample_counts
+from vcell.data.matrix import scan_matrix
 from vcell.errors import VcellError, preview
 
 log = logging.getLogger(__name__)
@@ -101,10 +102,8 @@ def _raw_counts(controls: ad.AnnData):
     raw = getattr(controls, "raw", None)
     if raw is None or controls.n_obs == 0:
         return None
-    block = raw.X[: min(64, controls.n_obs)]
-    values = block.data if sp.issparse(block) else np.asarray(block).ravel()
-    values = np.asarray(values, dtype=np.float64)
-    return raw if values.size and (values >= 0).all() and (values == np.round(values)).all() else None
+    stats = scan_matrix(raw.X[: min(64, controls.n_obs)], threads=1)
+    return raw if stats.n_values and stats.all_integer and stats.nan is None and stats.negative is None else None
 
 
 def _check_sizes(totals: pd.Series, source: str, where: str) -> pd.Series:
@@ -147,7 +146,7 @@ def control_library_sizes(controls: ad.AnnData, genes=None, where: str = "the da
     if source is None:
         raise _no_source(where)
     if source in ("layers['counts']", "raw.X"):
-        raw = _raw_counts(controls) if source == "raw.X" else None
+        raw = controls.raw if source == "raw.X" else None  # library_source checked it holds counts
         layer = controls.layers["counts"] if raw is None else raw.X
         if raw is not None and genes is None:
             genes = pd.Index(controls.var_names.astype(str))  # .raw may hold more genes than X: the predicted ones count

@@ -27,7 +27,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Callback
 
 from vcell.data.io import human_size
-from vcell.errors import Interrupted
+from vcell.errors import STOP_SIGNALS, Interrupted
 from vcell.nn.checkpoint import BEST, LAST, checkpoint_bytes, resolve_checkpoint_dir
 from vcell.train.display import TaskLine, format_duration, note, task
 from vcell.train.runs import checkpoint_step
@@ -233,10 +233,9 @@ def stop_on_interrupt(progress: TrainProgress) -> Iterator[None]:
             raise KeyboardInterrupt
         progress.request_stop()
 
-    # SIGTERM and SIGHUP, when the CLI turned them into a Ctrl-C (``vcell.cli.STOP_SIGNALS``), stop
-    # after the step as well: a preempted job keeps its last step. Lightning's own SIGTERM handler,
-    # installed during fit, calls this one too.
-    signums = [signal.SIGINT] + [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) not in (signal.SIG_DFL, signal.SIG_IGN, None)]
+    # STOP_SIGNALS, when the CLI turned them into a Ctrl-C, stop after the step as well: a preempted
+    # job keeps its last step. Lightning's own SIGTERM handler, installed during fit, calls this one too.
+    signums = [signal.SIGINT] + [s for s in STOP_SIGNALS if signal.getsignal(s) not in (signal.SIG_DFL, signal.SIG_IGN, None)]
     previous = {signum: signal.signal(signum, handler) for signum in signums}
     try:
         yield
