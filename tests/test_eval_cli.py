@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -110,6 +112,18 @@ def test_each_context_is_scored_apart_as_cell_eval_scores_each_cell_type(sim_fil
         for f in ("results.csv", "agg_results.csv", "real_de.csv", "pred_de.csv"):
             assert (tmp_path / "split" / line / f).read_bytes() == (tmp_path / f"alone_{line}" / f).read_bytes(), (line, f)
     assert (tmp_path / "split" / "A" / "results.csv").read_bytes() != (tmp_path / "split" / "B" / "results.csv").read_bytes()
+    # Each context streamed within --memory-budget (it was read whole, the budget ignored), and several
+    # predictions in one run (refused before), each in OUT/NAME/CONTEXT/: the same bytes.
+    shutil.copy(tmp_path / "pred2.h5ad", tmp_path / "again.h5ad")
+    tiled = run_cli("eval", "run", "--pred", tmp_path / "pred2.h5ad", "--pred", tmp_path / "again.h5ad", "--real", tmp_path / "real2.h5ad",
+                    "--context-col", "line", "--memory-budget", "0.00002", "--out", tmp_path / "tiled", *args)
+    assert tiled.returncode == 0, tiled.stderr[-2000:]
+    assert "in 2 contexts x 2 predictions" in tiled.stdout
+    for name in ("pred2", "again"):
+        for line in ("A", "B"):
+            for f in ("results.csv", "agg_results.csv", "real_de.csv", "pred_de.csv"):
+                assert (tmp_path / "tiled" / name / line / f).read_bytes() == (tmp_path / "split" / line / f).read_bytes(), (name, line, f)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "scratch copies left behind"
     only_a = halves["pred"][halves["pred"].obs["line"] == "A"].copy()
     only_a.write_h5ad(tmp_path / "pred_only_a.h5ad")
     missing = run_cli("eval", "run", "--pred", tmp_path / "pred_only_a.h5ad", "--real", tmp_path / "real2.h5ad",

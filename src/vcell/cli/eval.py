@@ -79,27 +79,6 @@ def _only_for(profile: str, **given) -> None:
             raise VcellError(f"{option} applies to the {'vcc2026' if profile == 'vcc2026' else '2025 (vcc)'} profile only{hint}")
 
 
-def _score_contexts(pred, real, out, context_col, pert_col, control, profile, threads, input_type, skip, overwrite) -> None:
-    """``eval run`` of a 2025 profile with ``--context-col``: each context scored apart (:mod:`vcell.eval.contexts`)."""
-    from vcell.errors import VcellError
-    from vcell.eval.contexts import run_contexts
-
-    if len(pred) > 1:
-        raise VcellError("--context-col with the 2025 profiles scores one --pred at a time")
-    start = time.perf_counter()
-    with removed_if_interrupted(out, []), status(f"evaluating {pred[0]} against {real} per {context_col} ({profile} profile)"):
-        runs = run_contexts(pred[0], real, out, context_col, pert_col, control, profile, threads, input_type, skip,
-                            overwrite=overwrite, option=_expression_option())
-    for ctx, (result, _) in runs.items():
-        console.print(table(_metric_table(result.agg), title=f"{profile} profile, context {ctx}, "
-                                                             f"{len(result.results):,} perturbation{'' if len(result.results) == 1 else 's'}"))
-    n = sum(len(result.results) for result, _ in runs.values())
-    files = ",".join(p.name for p in next(iter(runs.values()))[1])  # every context writes the same files
-    console.print(f"scored {n} perturbations in {len(runs)} contexts in {format_duration(time.perf_counter() - start)}; "
-                  f"wrote {out}/CONTEXT/{{{files}}}", highlight=False, soft_wrap=True)
-    gc.freeze()
-
-
 def _context_col_typed() -> str | None:
     """``--context-col`` as typed (``None`` for none, or ``none``): the 2025 profiles score one
     context unless a column is named (then ``eval run`` scores each apart; ``eval baseline``,
@@ -207,22 +186,32 @@ def run_cmd(
         return
     _only_for("vcc2026", **{"--target-genes": (target_genes, None), "--no-target-genes": (no_target_genes, False)})
     skip = tuple(s.strip() for s in skip_metrics.split(",") if s.strip()) if skip_metrics else ()
-    by_context = _context_col_typed()
-    if by_context is not None:  # cell-eval's --celltype-col: each context scored apart, into OUT/CONTEXT/
-        _score_contexts(pred, real, out, by_context, pert_col, control, profile, threads, input_type, skip, overwrite)
-        return
+    by_context = _context_col_typed()  # cell-eval's --celltype-col: each context scored apart, into OUT[/NAME]/CONTEXT/
     from vcell.eval.bands import budget_bytes
     from vcell.eval.run import OUTPUT_NAMES, run_many
 
-    with (removed_if_interrupted(out, OUTPUT_NAMES if len(pred) == 1 else list(preds)),
-          status(f"evaluating {what} against {real} ({profile} profile)")):
+    start = time.perf_counter()
+    per = f" per {by_context}" if by_context else ""
+    made = list(preds) if len(pred) > 1 else [] if by_context else OUTPUT_NAMES  # a context's folder is named once the file is read
+    with (removed_if_interrupted(out, made),
+          status(f"evaluating {what} against {real}{per} ({profile} profile)")):
         runs = run_many(preds, real, out, pert_col, control, profile, threads, input_type, backed, skip, overwrite=overwrite,
-                        option=_expression_option(), budget=budget_bytes(memory_budget), progress=task)
-    for name, (result, paths) in runs.items():
-        console.print(table(_metric_table(result.agg), title=f"{profile} profile{f', {name}' if name else ''}, "
+                        option=_expression_option(), budget=budget_bytes(memory_budget), progress=task, context_col=by_context)
+    for key, (result, paths) in runs.items():
+        name, ctx = key if isinstance(key, tuple) else (key, None)
+        where = ", ".join(w for w in (name, f"context {ctx}" if ctx else "") if w)
+        console.print(table(_metric_table(result.agg), title=f"{profile} profile{f', {where}' if where else ''}, "
                                                              f"{len(result.results):,} perturbation{'' if len(result.results) == 1 else 's'}"))
-        console.print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()), highlight=False, soft_wrap=True)
-        console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False, soft_wrap=True)
+        if not by_context:
+            console.print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()), highlight=False, soft_wrap=True)
+            console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False, soft_wrap=True)
+    if by_context:
+        contexts = {key[1] for key in runs}
+        n = sum(len(result.results) for result, _ in runs.values()) // len(preds)
+        files = ",".join(p.name for p in next(iter(runs.values()))[1])  # every context writes the same files
+        where = f"{out}/{'NAME/' if len(preds) > 1 else ''}CONTEXT/{{{files}}}"
+        console.print(f"scored {n} perturbations in {len(contexts)} contexts{f' x {len(preds)} predictions' if len(preds) > 1 else ''} "
+                      f"in {format_duration(time.perf_counter() - start)}; wrote {where}", highlight=False, soft_wrap=True)
     # The process ends next: spare the interpreter's final garbage collections over every object
     # of pandas, anndata, numba & co.; the outputs are closed already.
     gc.freeze()

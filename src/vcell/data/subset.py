@@ -27,9 +27,9 @@ from vcell.errors import VcellError, preview
 _WINDOW_NNZ = 32_000_000  # non-zeros read per window (~256 MB of float32 values + int32 indices)
 
 
-def _csr_keys(f: h5py.File) -> list[str] | None:
-    """HDF5 paths of X and every layer when all are CSR, else None."""
-    keys = ["X"] + [f"layers/{k}" for k in f.get("layers", {})]
+def _csr_keys(f: h5py.File, layers: bool = True) -> list[str] | None:
+    """HDF5 paths of X and (with ``layers``) every layer when all are CSR, else None."""
+    keys = ["X"] + ([f"layers/{k}" for k in f.get("layers", {})] if layers else [])
     if not all(k in f and isinstance(f[k], h5py.Group) and encoding_type(f[k]) == "csr_matrix" for k in keys):
         return None
     return keys
@@ -52,6 +52,7 @@ def write_cells(
     out: str | os.PathLike,
     progress: Callable[[int], None] | None = None,
     genes: Sequence[str] | None = None,
+    layers: bool = True,
 ) -> ad.AnnData:
     """Write the cells of ``path`` where ``mask`` is true to ``out`` (atomically), every slot kept.
 
@@ -67,6 +68,8 @@ def write_cells(
         Called with the number of rows written after each window.
     genes
         Keep only these genes, in this order (every name must be in the file); default all.
+    layers
+        ``False``: leave ``layers`` out (``X``, ``obs``, ``var``, ``obsm`` and ``uns`` only).
 
     Returns
     -------
@@ -86,10 +89,13 @@ def write_cells(
                 raise VcellError(f"{path}: {len(missing)} of the {len(genes)} genes asked for are not in the file "
                                  f"(first: {preview(missing)})")
         with h5py.File(path, "r") as f:
-            keys = _csr_keys(f)
+            keys = _csr_keys(f, layers)
         if keys is None:
             view = meta[mask] if cols is None else meta[mask, cols]
-            write_h5ad(view.to_memory(), out)
+            sub = view.to_memory()
+            if not layers:
+                sub.layers.clear()
+            write_h5ad(sub, out)
             if progress is not None:
                 progress(int(mask.sum()))
         else:

@@ -22,10 +22,11 @@ import scipy.sparse as sp
 
 from vcell._heap import cycles_collected_promptly
 from vcell.data.aggregate import group_sums
-from vcell.data.io import atomic_path, atomic_paths, check_output_dir, read_h5ad, subfolders
+from vcell.data.io import atomic_path, atomic_paths, check_output_dir, read_h5ad, subfolder, subfolders
 from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.errors import VcellError
 from vcell.eval.bands import DEFAULT_BUDGET, sweep
+from vcell.eval.contexts import context_masks, remove_files, write_context_files
 from vcell.eval.de import COLUMNS, DEResult, de_arrays
 from vcell.eval.inputs import INPUT_TYPES, EvalPair, check_structure, warn_mixed_spaces
 from vcell.eval.metrics import (
@@ -277,6 +278,7 @@ def run_many(
     option: str = "--expression",
     budget: float = DEFAULT_BUDGET,
     progress: Progress = no_progress,
+    context_col: str | None = None,
 ) -> dict[str, tuple[EvalResult, list[Path]]]:
     """Score predictions against one reference, read and summarised once: prediction ``NAME``'s
     files in ``OUT/NAME/`` as a run of its own writes them (name ``""``, alone: in ``OUT``).
@@ -290,69 +292,109 @@ def run_many(
     every matrix whole (no budget). Nothing is written unless everything succeeded. ``option``
     is how messages name the option that declares ``input_type`` (the command line's spelling).
 
-    Returns name -> (result, paths written); with several predictions the results hold no DE
-    tables (they are in the files), so memory does not grow with their number.
+    With ``context_col`` (an ``obs`` column of every file, holding the same contexts), each
+    context is scored apart, as cell-eval 0.8's ``--celltype-col`` does: its cells are copied
+    out of each file beside ``out`` (:mod:`vcell.eval.contexts`) and scored as a pair of their
+    own into ``OUT[/NAME]/CONTEXT/``; the results are then keyed ``(name, context)``.
+
+    Returns name (or ``(name, context)``) -> (result, paths written); with several predictions
+    or contexts the results hold no DE tables (they are in the files), so memory does not grow
+    with their number.
     """
     if input_type not in INPUT_TYPES:
         raise VcellError(f"{option} {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
     preds = {key: Path(p) for key, p in preds.items()}
+    real = Path(real)
     folder = subfolders(preds, "prediction name")
-    check_output_dir(out, [folder[k] + n for k in preds for n in OUTPUT_NAMES], [*preds.values(), real], overwrite=overwrite)
     names = selected_metrics(profile, skip)
     need_de, need_energy = _needs(names)
     t = time.perf_counter()
-    real_meta = read_h5ad(real, backed=True)
-    reorder = {}
-    for key, path in preds.items():  # every prediction checked against the reference before any matrix is read
-        pred_meta = read_h5ad(path, backed=True)
-        perturbations, reorder[key] = check_structure(pred_meta, real_meta, pert_col, control, str(path), str(real))
-        pred_meta.file.close()
-    genes = real_meta.var_names.copy()
-    real_meta.file.close()
+    metas = {REAL: read_h5ad(real, backed=True)}
+    try:  # every prediction checked against the reference, in every context, before any matrix is read
+        metas.update({key: read_h5ad(path, backed=True) for key, path in preds.items()})
+        paths = {REAL: real, **preds}
+        masks = context_masks(metas, paths, context_col, REAL) if context_col is not None else {None: None}
+        checks = {c: _check_context(metas, paths, masks[c], c, pert_col, control) for c in masks}
+        genes = metas[REAL].var_names.copy()
+    finally:
+        for meta in metas.values():
+            meta.file.close()
+    part = {c: subfolder(c, f"{real}: context") for c in masks}
+    outputs = lambda files: [folder[k] + part[c] + n for k in preds for c in masks for n in files]  # noqa: E731
+    check_output_dir(out, outputs(OUTPUT_NAMES), [*preds.values(), real], overwrite=overwrite)
     checked = time.perf_counter() - t
     names_out = ["results.csv", "agg_results.csv", *(["real_de.csv", "pred_de.csv"] if need_de else [])]
     # The DE tables are written (to temporary files) in the background while the next side is
     # read and scored; all files are renamed into place only when everything succeeded.
     budget = budget if backed else math.inf
     done = {}
-    with (cycles_collected_promptly(), atomic_paths(out, [folder[k] + n for k in preds for n in names_out]) as tmp,
+    with (cycles_collected_promptly(), atomic_paths(out, outputs(names_out)) as tmp,
           ThreadPoolExecutor(2) as writer, Scratch(out) as scratch):
-        timings: dict[str, float] = {"check": checked}
-        real_side = _side(real, "real", None, pert_col, input_type, scratch, backed, option, progress, control, perturbations,
-                          need_de, need_energy, threads, budget, timings)
-        real_writes = [writer.submit(write_de_csv, _de_table(real_side), tmp[f"{folder[k]}real_de.csv"], threads=1)
-                       for k in preds] if need_de else []
-        for key, path in preds.items():
-            own = dict(timings)
-            pred_side = _side(path, "pred", genes if reorder[key] else None, pert_col, input_type, scratch, backed, option,
-                              progress, control, perturbations, need_de, need_energy, threads, budget, own)
-            warn_mixed_spaces(str(real), real_side.expression, str(path), pred_side.expression)
-            writes = []
-            if need_de:  # the last table is on the critical path: format it on more threads
-                writes = [writer.submit(write_de_csv, _de_table(pred_side), tmp[f"{folder[key]}pred_de.csv"], threads=max(1, threads))]
-            done[key] = _finish([real_side, pred_side], perturbations, genes, names, own,
-                                {n: tmp[folder[key] + n] for n in names_out}, real_writes + writes)
-            if len(preds) > 1:  # kept in their files: memory does not grow with the predictions scored
-                done[key].real_de = done[key].pred_de = None
-            del pred_side
+        for c, (perturbations, reorder, where) in checks.items():
+            files = paths if c is None else write_context_files(paths, masks[c], scratch.folder(), "context")
+            try:
+                timings: dict[str, float] = {"check": checked}
+                real_side = _side(files[REAL], real, where[REAL], "real", None, pert_col, input_type, scratch, backed, option, progress, control,
+                                  perturbations, need_de, need_energy, threads, budget, timings)
+                real_writes = [writer.submit(write_de_csv, _de_table(real_side), tmp[f"{folder[k]}{part[c]}real_de.csv"], threads=1)
+                               for k in preds] if need_de else []
+                for key in preds:
+                    own = dict(timings)
+                    pred_side = _side(files[key], preds[key], where[key], "pred", genes if reorder[key] else None, pert_col, input_type,
+                                      scratch, backed, option, progress, control, perturbations, need_de, need_energy, threads, budget, own)
+                    warn_mixed_spaces(where[REAL], real_side.expression, where[key], pred_side.expression)
+                    writes = []
+                    if need_de:  # the last table is on the critical path: format it on more threads
+                        writes = [writer.submit(write_de_csv, _de_table(pred_side), tmp[f"{folder[key]}{part[c]}pred_de.csv"],
+                                                threads=max(1, threads))]
+                    result = _finish([real_side, pred_side], perturbations, genes, names, own,
+                                     {n: tmp[folder[key] + part[c] + n] for n in names_out}, real_writes + writes)
+                    if len(preds) > 1 or c is not None:  # kept in their files: memory does not grow with the runs
+                        result.real_de = result.pred_de = None
+                    done[key if c is None else (key, c)] = result
+                    del pred_side
+                del real_side
+            finally:
+                if c is not None:
+                    remove_files(files)
     for key in preds:
-        for stale in set(OUTPUT_NAMES) - set(names_out):  # an earlier run's, replaced (--overwrite)
-            (Path(out) / f"{folder[key]}{stale}").unlink(missing_ok=True)
-    return {key: (done[key], [Path(out) / f"{folder[key]}{n}" for n in names_out]) for key in preds}
+        for c in masks:
+            for stale in set(OUTPUT_NAMES) - set(names_out):  # an earlier run's, replaced (--overwrite)
+                (Path(out) / f"{folder[key]}{part[c]}{stale}").unlink(missing_ok=True)
+    return {k: (result, [Path(out) / f"{folder[k if isinstance(k, str) else k[0]]}{part[None if isinstance(k, str) else k[1]]}{n}"
+                         for n in names_out]) for k, result in done.items()}
 
 
-def _side(path, side, order, pert_col, input_type, scratch, backed, option, progress, control, perturbations, need_de, need_energy,
-          threads, budget, timings) -> SideSummary:
-    """One side read, summarised and released (its matrix unmapped before the next is read)."""
+REAL = "\0real"  # the reference's key among the files (a prediction's name is a file name: never this)
+
+
+def _check_context(metas, paths, masks, context, pert_col, control) -> tuple[list[str], dict[str, bool], dict[str, str]]:
+    """:func:`check_structure` of every prediction against the reference, on one context's cells
+    (all cells for ``context`` None): its perturbations, which predictions' genes to reorder, and
+    how messages name each file."""
+    where = {key: str(path) if context is None else f"{path} (context {context})" for key, path in paths.items()}
+    real = metas[REAL] if context is None else metas[REAL][masks[REAL]]
+    reorder = {}
+    for key, meta in metas.items():
+        if key != REAL:
+            pred = meta if context is None else meta[masks[key]]
+            perturbations, reorder[key] = check_structure(pred, real, pert_col, control, where[key], where[REAL])
+    return perturbations, reorder, where
+
+
+def _side(path, source, where, side, order, pert_col, input_type, scratch, backed, option, progress, control, perturbations,
+          need_de, need_energy, threads, budget, timings) -> SideSummary:
+    """One side read, summarised and released (its matrix unmapped before the next is read). ``path``
+    is read: the file ``source``, or a copy of one context's cells of it; ``where`` names it in messages."""
     t = time.perf_counter()
-    data = open_side(path, pert_col, input_type, order, budget, scratch, backed, option, progress, side)
-    timings[f"load {Path(path).name}"] = time.perf_counter() - t
+    data = open_side(path, pert_col, input_type, order, budget, scratch, backed, option, progress, side, where=where)
+    timings[f"load {Path(source).name}"] = time.perf_counter() - t
     t = time.perf_counter()
     try:
         summary = summarise_side(data, control, perturbations, need_de, need_energy, threads, budget, progress)
     finally:
         data.close()
-    timings[f"de+pseudobulk {Path(path).name}"] = time.perf_counter() - t
+    timings[f"de+pseudobulk {Path(source).name}"] = time.perf_counter() - t
     del data
     gc.collect()  # AnnData holds reference cycles: unmap this side's matrix before the next is read
     return summary

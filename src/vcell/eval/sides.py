@@ -162,7 +162,7 @@ class _FileRows:
 
 def open_side(path: str | os.PathLike, pert_col: str, input_type: str = "auto", genes: pd.Index | None = None,
               budget: float = np.inf, scratch: Scratch | None = None, backed: bool = True, option: str = "--expression",
-              progress: Progress = no_progress, name: str = "X") -> Side:
+              progress: Progress = no_progress, name: str = "X", where: str | None = None) -> Side:
     """Read, check and bring to log1p one side of an evaluation (``genes``: the order to follow).
 
     Parameters
@@ -185,10 +185,12 @@ def open_side(path: str | os.PathLike, pert_col: str, input_type: str = "auto", 
         Progress line of the pass.
     name : str
         Name of the tile files.
+    where : str, optional
+        How messages name the file (default: its path).
     """
     if input_type not in INPUT_TYPES:
         raise VcellError(f"{option} {input_type!r}: use one of {', '.join(INPUT_TYPES)}")
-    where = str(path)
+    where = str(path) if where is None else where
     reader = MatrixReader(path, where)
     dense_fits = reader.kind == "dense" and reader.n_rows * reader.n_genes * reader.dtype.itemsize <= budget
     if reader.kind is None or dense_fits:  # another layout, or a dense matrix that fits: the in-memory path
