@@ -125,7 +125,7 @@ def test_one_prediction_writes_the_counts_and_the_log1p_cells_they_were_drawn_fr
     kw = dict(depth=depth, seed=5, piece_cells=7, all_genes=widen)
     both, cells = tmp / f"both_{depth}_{all_genes}.h5ad", tmp / f"cells_{depth}_{all_genes}.h5ad"
     meta = write_prediction(both, model, data, "ctx_B", output="counts", log1p_out=cells, **kw)
-    write_prediction(tmp / "alone.h5ad", model, data, "ctx_B", output="counts", **kw)
+    write_prediction(tmp / "alone.h5ad", model, data, "ctx_B", output="counts", overwrite=True, **kw)  # one per parameter set
     alone, got = read_h5ad(tmp / "alone.h5ad"), read_h5ad(both)
     np.testing.assert_array_equal(_dense(got.X), _dense(alone.X))
     assert got.obs.astype(str).equals(alone.obs.astype(str)) and meta.uns["vcell"] == got.uns["vcell"] == alone.uns["vcell"]

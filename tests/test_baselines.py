@@ -15,7 +15,8 @@ from vcell.data.dataset import from_anndata, load_dataset
 from vcell.data.preprocess import normalize_log1p
 from vcell.data.simulate import simulate_perturbseq
 from vcell.data.spec import DataSpec
-from vcell.data.splits import SplitConfig, apply_split, holdout_config
+from vcell.data.split_files import SplitConfig
+from vcell.data.splits import apply_split, holdout_config
 from vcell.errors import VcellError
 from vcell.features.genes import GeneEmbeddings
 from vcell.predictors.base import Predictor

@@ -13,7 +13,8 @@ import pytest
 
 from vcell.data.dataset import from_anndata
 from vcell.data.spec import DataSpec
-from vcell.data.splits import SplitConfig, apply_split
+from vcell.data.split_files import SplitConfig
+from vcell.data.splits import apply_split
 from vcell.errors import VcellError
 from vcell.features.genes import GeneEmbeddings
 from vcell.predictors.baselines import KernelRidgeBaseline, PertMean

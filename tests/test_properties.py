@@ -29,7 +29,8 @@ from vcell.data.dataset import from_anndata, load_dataset
 from vcell.data.io import read_h5ad
 from vcell.data.preprocess import preprocess
 from vcell.data.spec import DataSpec
-from vcell.data.splits import apply_split, holdout_config, read_split_toml, select_cells
+from vcell.data.split_files import read_split_toml
+from vcell.data.splits import apply_split, holdout_config, select_cells
 from vcell.data.validate import check, check_expression, infer_expression_type, validate
 from vcell.errors import VcellError
 from vcell.eval.inputs import check_pair

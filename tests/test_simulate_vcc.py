@@ -191,7 +191,7 @@ def test_split_takes_the_roles_the_simulator_recorded(tmp_path):
     them, or with --holdout-perturbations too, is one line."""
     import anndata as ad
 
-    from vcell.data.splits import read_split_toml
+    from vcell.data.split_files import read_split_toml
 
     out = tmp_path / "vcc.h5ad"
     made, split, none = run_cli_batch([

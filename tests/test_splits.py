@@ -7,7 +7,8 @@ import pytest
 
 from vcell.data.dataset import load_dataset
 from vcell.data.spec import DataSpec
-from vcell.data.splits import apply_split, holdout_config, read_split_toml
+from vcell.data.split_files import read_split_toml
+from vcell.data.splits import apply_split, holdout_config
 from vcell.errors import VcellError
 
 from conftest import run_cli
@@ -132,7 +133,7 @@ def test_papalexi_single_context(papalexi):
 
 
 def _fewshot_config(data):
-    from vcell.data.splits import SplitConfig
+    from vcell.data.split_files import SplitConfig
 
     key = f"{data.index.datasets[0]}.all"
     return SplitConfig(fewshot={key: {"test": ["STAT1", "IFNGR1"]}})
@@ -330,7 +331,7 @@ def test_holdout_perturbations_toml_round_trip(sim, tmp_path):
     # cell-load reads only these four tables: they alone give the same roles; [vcell] only adds the check
     raw = tomllib.loads(text)
     assert set(raw) == {"datasets", "training", "zeroshot", "fewshot", "vcell"}
-    from vcell.data.splits import SplitConfig
+    from vcell.data.split_files import SplitConfig
 
     cell_load_view = SplitConfig(training=raw["training"], zeroshot=raw["zeroshot"], fewshot=raw["fewshot"])
     assert (apply_split(sim.index, cell_load_view).roles == apply_split(sim.index, cfg).roles).all()
@@ -344,7 +345,8 @@ test = ["{p}"]
 
 
 def test_leak_is_refused(sim, tmp_path):
-    from vcell.data.splits import Split, SplitConfig, check_no_leak, holdout_perturbations
+    from vcell.data.split_files import SplitConfig
+    from vcell.data.splits import Split, check_no_leak, holdout_perturbations
 
     x = _labels(sim)[0]
     # X tested in ctx_A and trained in ctx_B: a leak only once the file declares X held out everywhere

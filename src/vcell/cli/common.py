@@ -261,9 +261,10 @@ def check_split_options(split, holdout_context, holdout_perturbations, val_pertu
 def split_config(index, split, holdout_context, holdout_perturbations, seed, val_context=None, val_perturbations=None):
     """The split the options give: a TOML file, held-out contexts, held-out perturbations, or both."""
     from vcell.data import splits
+    from vcell.data.split_files import read_split_toml
 
     if split is not None:
-        return splits.read_split_toml(split)
+        return read_split_toml(split)
     if holdout_perturbations is None and val_perturbations is None:
         return splits.holdout_config(index, holdout_context, val_contexts=val_context or [])
     return splits.holdout_perturbations(index, holdout_perturbations or (), seed, contexts=holdout_context or [],

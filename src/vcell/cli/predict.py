@@ -89,7 +89,7 @@ def predict(
     # written piece by piece (memory does not grow with the cells predicted); shows the sets done;
     # uns["vcell"] records the model's space, the file's, and how counts were drawn
     pred = write_prediction(out, predictor, dataset, context, which, cells_per_pert, seed=seed, output=output, depth=depth,
-                            all_genes=all_genes, log1p_out=log1p_out)
+                            all_genes=all_genes, log1p_out=log1p_out, overwrite=overwrite)
     labels = pred.obs[spec.pert_col].astype(str)
     n_ctrl = int((labels == spec.control).sum())
     n_perts = labels[labels != spec.control].nunique()

@@ -34,17 +34,15 @@ label, and holding out ``A`` leaves the ``"A+B"`` cells in training (not a leak;
 from __future__ import annotations
 
 import logging
-import os
-import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from vcell.data.dataset import CellIndex
 from vcell.data.perturbation_lists import parse_perturbations
+from vcell.data.split_files import SplitConfig, toml_str
 from vcell.errors import VcellError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -54,119 +52,16 @@ CONTROL = "control"
 UNUSED = "unused"
 
 
-@dataclass
-class SplitConfig:
-    """The content of a split file (or of ``--holdout-context``), not yet applied to data."""
-
-    datasets: dict[str, Path] = field(default_factory=dict)
-    training: dict[str, str] = field(default_factory=dict)
-    zeroshot: dict[str, str] = field(default_factory=dict)
-    fewshot: dict[str, dict[str, list[str]]] = field(default_factory=dict)
-    source: str = "<split>"
-    #: Perturbations held out (test) in every context: :func:`apply_split` refuses any of their cells in train or val.
-    holdout_perturbations: list[str] = field(default_factory=list)
-    #: Validation perturbations in every context: :func:`apply_split` refuses any of their cells in train.
-    val_perturbations: list[str] = field(default_factory=list)
-
-    def to_toml(self) -> str:
-        """Render as a cell-load style TOML document."""
-        q = _toml_str
-        lines = ["[datasets]"] + [f"{q(k)} = {q(str(v))}" for k, v in self.datasets.items()]
-        lines += ["", "[training]"] + [f"{q(k)} = {q(v)}" for k, v in self.training.items()]
-        lines += ["", "[zeroshot]"] + [f"{q(k)} = {q(v)}" for k, v in self.zeroshot.items()]
-        lines += ["", "[fewshot]"]
-        for key, roles in self.fewshot.items():
-            lines += ["", f"[fewshot.{q(key)}]"]
-            lines += [f"{role} = [{', '.join(q(p) for p in perts)}]" for role, perts in roles.items()]
-        if self.holdout_perturbations or self.val_perturbations:
-            lines += ["", "# vcell's own table (cell-load reads only the tables above): perturbations held out in every context;",
-                      "# vcell refuses this split if it trains on any of them, or validates on a held-out one",
-                      "[vcell]"]
-            for name, perts in (("holdout_perturbations", self.holdout_perturbations), ("val_perturbations", self.val_perturbations)):
-                if perts:
-                    lines.append(f"{name} = [{', '.join(q(p) for p in perts)}]")
-        return "\n".join(lines) + "\n"
-
-
-def _toml_str(s: str) -> str:
-    return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def read_split_toml(path: str | os.PathLike) -> SplitConfig:
-    """Read and check the structure of a cell-load style split file."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise VcellError(f"{path}: split file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise VcellError(f"{path}: not a valid TOML file ({exc})") from None
-    known = {"datasets", "training", "zeroshot", "fewshot", "vcell"}
-    unknown = set(raw) - known
-    if unknown:
-        raise VcellError(f"{path}: unknown section [{sorted(unknown)[0]}]; expected {', '.join(sorted(known))}")
-    cfg = SplitConfig(source=str(path))
-    for name, value in raw.get("datasets", {}).items():
-        if not isinstance(value, str):
-            raise VcellError(f"{path}: [datasets] {name!r} must be a path string")
-        p = Path(value)
-        cfg.datasets[name] = p if p.is_absolute() else (path.parent / p)
-    for name, value in raw.get("training", {}).items():
-        if value != "train":
-            raise VcellError(f"{path}: [training] {name!r} = {value!r}; the only accepted value is \"train\"")
-        cfg.training[name] = value
-    for key, value in raw.get("zeroshot", {}).items():
-        _check_key(path, "zeroshot", key)
-        if value not in ("val", "test", "train"):
-            raise VcellError(f"{path}: [zeroshot] {key!r} = {value!r}; expected \"val\" or \"test\"")
-        cfg.zeroshot[key] = value
-    for key, roles in raw.get("fewshot", {}).items():
-        _check_key(path, "fewshot", key)
-        if not isinstance(roles, dict):
-            raise VcellError(f"{path}: [fewshot.{key!r}] must be a table with val/test lists")
-        bad = set(roles) - {"val", "test"}
-        if bad:
-            raise VcellError(f"{path}: [fewshot.{key!r}] has unknown key {sorted(bad)[0]!r}; expected val, test")
-        for role, perts in roles.items():
-            if not isinstance(perts, list) or not all(isinstance(p, str) for p in perts):
-                raise VcellError(f"{path}: [fewshot.{key!r}] {role} must be a list of perturbation names")
-        both = set(roles.get("val", [])) & set(roles.get("test", []))
-        if both:
-            raise VcellError(f"{path}: [fewshot.{key!r}] perturbation {sorted(both)[0]!r} is in both val and test")
-        cfg.fewshot[key] = {r: list(roles[r]) for r in ("val", "test") if r in roles}
-    overlap = set(cfg.zeroshot) & set(cfg.fewshot)
-    if overlap:
-        raise VcellError(f"{path}: context {sorted(overlap)[0]!r} is in both [zeroshot] and [fewshot]")
-    _read_vcell_table(path, raw.get("vcell", {}), cfg)
-    return cfg
-
-
-def _read_vcell_table(path: Path, table, cfg: SplitConfig) -> None:
-    """The ``[vcell]`` table: the perturbations held out (or validation) in every context."""
-    keys = ("holdout_perturbations", "val_perturbations")
-    if not isinstance(table, dict):
-        raise VcellError(f"{path}: [vcell] must be a table")
-    bad = set(table) - set(keys)
-    if bad:
-        raise VcellError(f"{path}: [vcell] has unknown key {sorted(bad)[0]!r}; expected {', '.join(keys)}")
-    for key in keys:
-        perts = table.get(key, [])
-        if not isinstance(perts, list) or not all(isinstance(p, str) for p in perts):
-            raise VcellError(f"{path}: [vcell] {key} must be a list of perturbation names")
-        setattr(cfg, key, list(dict.fromkeys(perts)))
-    both = set(cfg.holdout_perturbations) & set(cfg.val_perturbations)
-    if both:
-        raise VcellError(f"{path}: [vcell] perturbation {sorted(both)[0]!r} is in both holdout_perturbations and val_perturbations")
-
-
-def _check_key(path, section: str, key: str) -> None:
-    if "." not in key:
-        raise VcellError(f"{path}: [{section}] key {key!r} must be \"dataset.context\"")
+def _check_index(index, where: str) -> None:
+    if not isinstance(index, CellIndex):
+        hint = " (pass data.index)" if isinstance(getattr(index, "index", None), CellIndex) else ""
+        raise VcellError(f"{where}: index must be the data's CellIndex{hint}, got {type(index).__name__}")
 
 
 def holdout_config(index: CellIndex, contexts: str | Sequence[str], role: str = "test", val_contexts: str | Sequence[str] = ()) -> SplitConfig:
     """Zero-shot split: hold out whole contexts (``"context"`` or ``"dataset.context"``; one name or a
     list), as ``role`` (``"test"`` or ``"val"``), and ``val_contexts`` for validation."""
+    _check_index(index, "holdout_config")
     if role not in ("test", "val"):
         raise VcellError(f"role {role!r}: a held-out context is 'test' or 'val'{did_you_mean(str(role), ['test', 'val'])}")
     contexts, val_contexts = ([c] if isinstance(c, str) else list(c) for c in (contexts, val_contexts))
@@ -219,6 +114,7 @@ def holdout_perturbations(
         the chosen labels, and the labels in ``holdout_perturbations`` / ``val_perturbations``
         (:func:`apply_split` then refuses any leak of them). ``A+B`` is one label (module notes).
     """
+    _check_index(index, "holdout_perturbations")
     labels = _perturbation_labels(index)
     control = str(index.perts[index.control_code]) if index.control_code >= 0 else None
     test = _choose(labels, which, seed, (), "--holdout-perturbations", control)
@@ -226,7 +122,7 @@ def holdout_perturbations(
     if (test or val_labels) and len(test) + len(val_labels) >= len(labels):
         raise VcellError(f"--holdout-perturbations/--val-perturbations hold out all {len(labels)} perturbations; "
                          "leave at least one to train on")
-    cfg = holdout_config(index, list(contexts), val_contexts=list(val_contexts))
+    cfg = holdout_config(index, contexts, val_contexts=val_contexts)  # a name or names, as holdout_config takes them
     cfg.source = "--holdout-perturbations"
     cfg.holdout_perturbations, cfg.val_perturbations = test, val_labels
     for key, present in _labels_per_context(index).items():
@@ -407,6 +303,7 @@ def apply_split(index: CellIndex, cfg: SplitConfig) -> Split:
     without a dataset column is one dataset named after its file; a split of one dataset names
     it its own way (made on ``pp.h5ad``, applied to ``raw.h5ad``), and ``index`` takes that name.
     """
+    _check_index(index, "apply_split")
     src = cfg.source
     named = set(cfg.training) | {k.split(".", 1)[0] for k in (*cfg.zeroshot, *cfg.fewshot)}
     if index.named_by_file and len(index.datasets) == 1 and len(named) == 1 and str(index.datasets[0]) not in named:
@@ -497,4 +394,4 @@ def _refuse_leak(index: CellIndex, split: Split, leak: np.ndarray, name: str, ro
     raise VcellError(
         f"{split.config.source}: leak: perturbation {str(index.perts[pert])!r} is held out ({role}) in every context "
         f"([vcell] {name}), but {n_cells} of its cells in {key_name!r} are {ROLE_NAMES[split.role_codes[first]]}{more}; "
-        f"list it under [fewshot.{_toml_str(key_name)}] {role} or remove it from [vcell] {name}")
+        f"list it under [fewshot.{toml_str(key_name)}] {role} or remove it from [vcell] {name}")

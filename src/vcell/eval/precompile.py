@@ -138,6 +138,7 @@ def precompile_evaluator(dtypes: tuple[str, ...] = ("float32",), threads: int = 
     """
     from vcell.errors import VcellError
 
+    dtypes = [dtypes] if isinstance(dtypes, str) else list(dtypes)
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
         raise VcellError(f"--dtypes {','.join(dtypes)!r}: use one or more of {', '.join(DTYPES)}")

@@ -98,6 +98,9 @@ def score(
     have (the VCC 2025 score: ``"vcc"``); ``None`` scores every metric of the tables, as cell-eval.
     """
     for name, table in zip(names, (user, baseline)):
+        if not isinstance(table, pd.DataFrame):
+            hint = " (pass result.agg)" if isinstance(getattr(table, "agg", None), pd.DataFrame) else ""
+            raise VcellError(f"{name}: an agg_results table (a DataFrame){hint}, got {type(table).__name__}")
         if STATISTIC_COLUMN not in table.columns:
             raise VcellError(f"{name}: no {STATISTIC_COLUMN!r} column (columns: {preview(table.columns, 8)}); "
                              "pass agg_results.csv tables, not results.csv")

@@ -23,7 +23,8 @@ from vcell._version import __version__
 from vcell.data.dataset import PerturbationData, from_anndata
 from vcell.data.io import atomic_path, read_h5ad, write_h5ad
 from vcell.data.spec import DataSpec
-from vcell.data.splits import Split, SplitConfig, apply_split, holdout_config, read_split_toml
+from vcell.data.split_files import SplitConfig, read_split_toml
+from vcell.data.splits import Split, apply_split, holdout_config
 from vcell.data.splits import holdout_perturbations as holdout_perturbations_config
 from vcell.data.trained import pert_vocabulary, trained_labels
 from vcell.data.validate import validate
@@ -82,7 +83,7 @@ def prepare_data(
     keeps the raw counts in ``layers["counts"]`` (and requires counts).
     """
     in_memory = isinstance(path, ad.AnnData)
-    adata = path.copy() if in_memory else read_h5ad(path)  # the caller's object is left as it is
+    adata = (path.to_memory() if path.isbacked else path.copy()) if in_memory else read_h5ad(path)  # the caller's is left as it is
     path = Path(IN_MEMORY if in_memory else path)  # names the data in messages
     if datasets:
         if not dataset_col or dataset_col not in adata.obs.columns:
@@ -170,7 +171,7 @@ def make_folds(
     if not holdout:
         raise VcellError("give --split FILE, --holdout-context NAME (or 'all') or --holdout-perturbations FRACTION|LIST|FILE "
                           "(split_file=, holdout=, holdout_perturbations=)")
-    names = list(holdout)
+    names = [holdout] if isinstance(holdout, str) else list(holdout)
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise VcellError(f"--holdout-context {twice[0]!r} is given twice (holdout=): each held-out context is one fold")
@@ -360,6 +361,7 @@ def run_bench(
 
     t0 = time.perf_counter()
     out = Path(out)
+    holdout, datasets = ([v] if isinstance(v, str) else list(v) for v in (holdout, datasets))  # a name or names
     source = IN_MEMORY if isinstance(data_path, ad.AnnData) else str(Path(data_path).resolve())  # bench.json's "data"
     check_output_dir(out, list(BENCH_OUTPUTS), [] if source == IN_MEMORY else [data_path], overwrite=overwrite)
     check_replaceable(out, BENCH_OUTPUTS, bench_files(out))
@@ -485,8 +487,6 @@ def _named(model: str, fold: str) -> Iterator[None]:
         yield
     except VcellError as exc:
         raise VcellError(f"{model} on fold {fold}: {exc}") from None
-
-
 
 
 def _leaderboard(rows: list[dict]) -> pd.DataFrame:

@@ -39,7 +39,7 @@ import scipy.sparse as sp
 
 from vcell.data.counts import draw_library_sizes, sample_counts
 from vcell.data.matrix import scan_matrix
-from vcell.errors import VcellError, preview
+from vcell.errors import VcellError, control_hint, preview
 
 log = logging.getLogger(__name__)
 
@@ -227,13 +227,25 @@ def predicted_share(controls: ad.AnnData, genes, totals: np.ndarray, source: str
 
 
 def _paired_sizes(pred: ad.AnnData, rows: np.ndarray, totals: pd.Series) -> np.ndarray | None:
-    """Each predicted cell's own control's library size, when the prediction names it and ``totals`` has it."""
-    if CONTROL_CELL_COL not in pred.obs.columns or not totals.index.is_unique:
+    """Each predicted cell's own control's library size, when the prediction names it (``None``
+    when it does not). A named control cell missing from ``totals`` is an error: the controls given
+    are not those the prediction started from (another context's, or some left out)."""
+    if CONTROL_CELL_COL not in pred.obs.columns:
         return None
-    names = pred.obs[CONTROL_CELL_COL].to_numpy()[rows].astype(str)
+    names = pred.obs[CONTROL_CELL_COL].to_numpy()[rows]
+    if pd.isna(names).all():  # a model whose cells start from no control (cell_mean)
+        return None
+    names = names.astype(str)
+    if not totals.index.is_unique:
+        dup = totals.index[totals.index.duplicated()].unique()
+        raise VcellError(f"counts: the control cells given have duplicated names ({preview(list(dup), 3)}): each predicted cell "
+                         f"is paired with its control cell by name ({CONTROL_CELL_COL!r})")
     pos = totals.index.get_indexer(names)
     if (pos < 0).any():
-        return None
+        missing = pd.unique(names[pos < 0])
+        raise VcellError(f"counts: {int((pos < 0).sum()):,} predicted cell(s) started from control cells not among the controls "
+                         f"given ({preview(list(missing), 3)}; column {CONTROL_CELL_COL!r}): give the "
+                         "context's control cells the prediction was made from, or a fixed depth")
     return np.rint(totals.to_numpy()[pos]).astype(np.int64)
 
 
@@ -286,7 +298,12 @@ def to_counts(
     meta = pred.uns.get("vcell", {})
     if isinstance(meta, Mapping) and meta.get("output") == "counts":
         raise VcellError("the prediction is counts already (uns['vcell']['output'] == 'counts'); to_counts draws counts from log1p")
-    n = int((pred.obs[pert_col].astype(str).to_numpy() != str(control)).sum())
+    labels = pred.obs[pert_col].astype(str).to_numpy()
+    if str(control) not in labels:  # a prediction may come without control rows; one whose label differs must not
+        hint = control_hint(str(control), pd.unique(labels))
+        if hint:
+            raise VcellError(f"the prediction has no {control!r} cells in column {pert_col!r}{hint.replace('pass --control ', 'pass control=')}")
+    n = int((labels != str(control)).sum())
     draw = CountsDraw(controls, n, depth=depth, seed=seed, pert_col=pert_col, control=control, model_space=model_space, genes=pred.var_names,
                       totals_source=totals_source)
     return draw.convert(pred, model=model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,10 +23,10 @@ import scipy.sparse as sp
 from vcell._heap import cycles_collected_promptly, release_freed_heap
 from vcell.data.dataset import PerturbationData
 from vcell.data.h5write import H5adWriter
-from vcell.data.io import atomic_path
+from vcell.data.io import atomic_path, check_output_path
 from vcell.data.rows import H5Rows
 from vcell.data.spec import DataSpec
-from vcell.errors import VcellError
+from vcell.errors import VcellError, preview
 from vcell.predictors.all_genes import GeneFill
 from vcell.predictors.base import Predictor, _require_controls, assemble_cells, cell_count, control_obs
 from vcell.predictors.counts import CONTROL_CELL_COL, CountsDraw, control_library_sizes, library_source, parse_depth, parse_output
@@ -116,6 +117,7 @@ def write_prediction(
     all_genes: str | os.PathLike | None = None,
     piece_cells: int = PIECE_CELLS,
     log1p_out: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> ad.AnnData:
     """:func:`predict_context` written to ``out`` (``.h5ad``, atomically) piece by piece: about
     ``piece_cells`` predicted cells are held at a time, whatever the number predicted.
@@ -131,10 +133,17 @@ def write_prediction(
     cells: exactly for the shift baselines, to float32 rounding for ST (a forward pass batches
     other cell sets together, which changes a matmul's summation order).
 
+    An existing ``out`` (or ``log1p_out``) is refused unless ``overwrite``; that, and that it can
+    be written, is checked before any work.
+
     Returns the written file's annotations (obs, var and uns; no matrix). The other parameters
     are :func:`predict_context`'s.
     """
     check_log1p_out(out, log1p_out, output)
+    inputs = [p for p in (data.path, all_genes) if p is not None]
+    for path in (log1p_out, out):
+        if path is not None:
+            check_output_path(path, inputs, overwrite=overwrite)
     job = _Job(predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth, piece_cells, all_genes,
                log1p_too=log1p_out is not None)
     files = {OUT: _Output(OUT, out)} | ({LOG1P: _Output(LOG1P, log1p_out)} if log1p_out is not None else {})
@@ -151,6 +160,29 @@ def write_prediction(
         for f in files.values():
             f.finish(job)
     return files[OUT].annotations
+
+
+def _whole(value, what: str) -> int:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        n = int(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        n = int(value)
+    else:
+        raise VcellError(f"{what} must be a whole number of cells >= 1, got {value!r}")
+    if n < 1:
+        raise VcellError(f"{what} must be >= 1, got {value!r}")
+    return n
+
+
+def _cell_counts(given: int | Mapping[str, int], perturbations: Sequence[str]) -> int | dict[str, int]:
+    """``cells_per_perturbation`` checked: a whole number >= 1, or one for every predicted perturbation."""
+    if not isinstance(given, Mapping):
+        return _whole(given, "cells_per_perturbation")
+    missing = [p for p in perturbations if p not in given]
+    if missing:
+        raise VcellError(f"cells_per_perturbation: no number of cells for {len(missing)} predicted perturbation(s) "
+                         f"({preview(missing, 3)})")
+    return {p: _whole(given[p], f"cells_per_perturbation[{p!r}]") for p in perturbations}
 
 
 def check_log1p_out(out: str | os.PathLike, log1p_out: str | os.PathLike | None, output: str) -> None:
@@ -202,6 +234,11 @@ class _Job:
 
     def __init__(self, predictor, data, context, perturbations, cells_per_perturbation, seed, cells, output, depth, piece_cells=None,
                  all_genes=None, log1p_too=False):
+        if not isinstance(data, PerturbationData):
+            hint = " (vcell.load_dataset(adata, spec))" if isinstance(data, ad.AnnData) else ""
+            raise VcellError(f"data must be the dataset vcell.load_dataset returns{hint}, got {type(data).__name__}")
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+            raise VcellError(f"seed must be a whole number, got {seed!r}")
         spec, index = data.spec, data.index
         where = str(data.path) if data.path is not None else "the data"
         output = parse_output(output)
@@ -218,9 +255,7 @@ class _Job:
             raise VcellError(f"{where}: context {context!r} has no control cells ({spec.control!r}) to predict from")
         perts, sizes = requested_perturbations(predictor, data, in_ctx, context, perturbations, where)
         if cells_per_perturbation is not None:
-            sizes = cells_per_perturbation
-        if isinstance(sizes, int) and sizes < 1:
-            raise VcellError(f"cells per perturbation must be >= 1, got {sizes}")
+            sizes = _cell_counts(cells_per_perturbation, perts)
         release_freed_heap()  # what loading and validating the data freed: not part of what prediction holds
         controls = _control_cells(data, controls_mask)
         _require_controls(controls, context)

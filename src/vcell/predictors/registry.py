@@ -23,7 +23,7 @@ def model_names() -> list[str]:
     return list(MODELS)
 
 
-def make_model(name: str, seed: int = 0, **options) -> Predictor:
+def make_model(name: str, seed: int | None = None, **options) -> Predictor:
     """A fresh, unfitted predictor by name.
 
     Parameters
@@ -31,10 +31,11 @@ def make_model(name: str, seed: int = 0, **options) -> Predictor:
     name
         One of :func:`model_names`.
     seed
-        The model's seed.
+        The model's seed (default 0; for ``st`` given ``options``: theirs).
     **options
         Constructor options: for ``st`` the :class:`~vcell.predictors.st.STPredictor` options
-        (``preset``, ``config``, ``max_steps``, ``set_size``, ``precision``, ...); for ``linear``
+        (``preset``, ``config``, ``options`` (:class:`~vcell.train.options.STTrainOptions`),
+        ``max_steps``, ``set_size``, ``precision``, ...); for ``linear``
         the :class:`~vcell.predictors.linear.LinearBaseline` ones (``pert_features``,
         ``alphas``, ``alpha``, ``n_folds``) and for ``kernel_ridge`` the
         :class:`~vcell.predictors.kernel_ridge.KernelRidgeBaseline` ones (``pert_features``,
@@ -51,11 +52,12 @@ def make_model(name: str, seed: int = 0, **options) -> Predictor:
     if name not in MODELS:
         raise VcellError(f"unknown model {name!r}{did_you_mean(name, MODELS, n=2)} (models: {', '.join(MODELS)})")
     if name == "st":
-        known = [o for o in STPredictor.option_names() if o != "seed"]
+        known = [o for o in STPredictor.option_names() if o != "seed"] + ["options"]
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise VcellError(f"st: unknown option(s) {', '.join(map(repr, unknown))} (options: {', '.join(known)})")
         return STPredictor(seed=seed, **options)
+    seed = 0 if seed is None else seed
     cls = MODELS[name]
     known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "seed")]
     if options and not known:

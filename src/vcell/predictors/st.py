@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -48,7 +49,8 @@ class STPredictor(Predictor):
     Parameters
     ----------
     seed
-        Training seed (and default prediction seed).
+        Training seed (default: that of ``options``, else 0); :func:`~vcell.predictors.predict.predict_context`
+        takes its own seed for the control cells it draws.
     preset
         ``small``, ``default`` or ``large`` (:data:`vcell.nn.transition.PRESETS`).
     config
@@ -84,7 +86,7 @@ class STPredictor(Predictor):
 
     def __init__(
         self,
-        seed: int = 0,
+        seed: int | None = None,
         preset: str = "small",
         config: Mapping | None = None,
         out_dir: str | os.PathLike | None = None,
@@ -99,7 +101,8 @@ class STPredictor(Predictor):
         if checkpoint not in (BEST, LAST):
             raise VcellError(f"st: checkpoint must be 'best' or 'last', got {checkpoint!r}")
         try:
-            self.options = STTrainOptions.from_values({"seed": int(seed), **option_values}, options)
+            given = {} if seed is None else {"seed": int(seed) if isinstance(seed, numbers.Integral) else seed}
+            self.options = STTrainOptions.from_values({**given, **option_values}, options)
         except VcellError as exc:  # named as the baselines name their options (a bench --model-config entry, make_model)
             raise VcellError(f"st: {exc}") from None
         self.seed, self.preset, self.config_overrides = self.options.seed, preset, dict(config or {})

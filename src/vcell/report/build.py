@@ -14,7 +14,7 @@ from pathlib import Path
 
 import vcell.report.figures as F
 from vcell._version import __version__
-from vcell.data.io import atomic_path
+from vcell.data.io import atomic_path, check_output_path
 from vcell.report.effects import ContextEffects, context_effects, discrimination_panel
 from vcell.report.header import header_section
 from vcell.report.html import esc, page
@@ -117,7 +117,7 @@ def build_report(bench_dir: str | os.PathLike, out: str | os.PathLike | None = N
     """
     bench = load_bench(bench_dir)
     text, _ = render_report(bench, title)
-    out = Path(out) if out is not None else bench.root / "report.html"
+    out = check_output_path(out, overwrite=True) if out is not None else bench.root / "report.html"  # a folder or unwritable: refused
     with atomic_path(out) as tmp:
         tmp.write_text(text, encoding="utf-8")
     log.debug("report written to %s", out)

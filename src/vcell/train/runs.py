@@ -335,10 +335,10 @@ def _data_difference(saved: dict, ours: dict, what: str = "data") -> str | None:
     rows = saved.get("rows"), ours.get("rows")  # absent from checkpoints of earlier versions: not compared
     if saved.get("digest") == ours.get("digest") and (None in rows or rows[0] == rows[1]):
         return None
-    if saved.get("file") and saved.get("file") == ours.get("file"):
+    if saved.get("file") == ours.get("file"):  # the same file, or in-memory data both times
         shape = lambda i: f"{i.get('cells')} cells x {i.get('genes')} genes"  # noqa: E731
         now = f"{shape(saved)} then, {shape(ours)} now" if shape(saved) != shape(ours) else "other cell or gene names, labels or values"
-        return f"{what} {ours['file']} changed since the run was trained on it ({now})"
+        return f"{what} {ours.get('file') or '(in memory)'} changed since the run was trained on it ({now})"
     return f"it was trained on {_file(saved)}, not {_file(ours)}"
 
 

@@ -33,6 +33,7 @@ from vcell.train.checkpoint import ResumableModule
 from vcell.train.display import status
 from vcell.train.options import SETrainOptions
 from vcell.train.runs import check_resume, file_identity, run_dir
+from vcell.train.seeding import seeded
 from vcell.train.trainer import fit_module
 
 log = logging.getLogger(__name__)
@@ -267,14 +268,17 @@ def train_se(
     """
     options = SETrainOptions.from_values(option_values, options)
     out_dir = Path(out_dir)
+    paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    odd = [p for p in paths if not isinstance(p, str | os.PathLike)]
+    if odd:
+        raise VcellError(f"train_se reads .h5ad files: give their paths, got {type(odd[0]).__name__}")
     paths = [Path(p) for p in paths]
     if not paths:
         raise VcellError("no training data given (--data)")
     names = [p.stem for p in paths]
     if len(set(names)) != len(names):
         raise VcellError(f"two --data files share the name {next(n for n in names if names.count(n) > 1)!r}; each file is a dataset class")
-    with run_dir(out_dir, resume, overwrite) as start:
-        L.seed_everything(options.seed, workers=True, verbose=False)
+    with run_dir(out_dir, resume, overwrite) as start, seeded(options.seed):
         lr, schedule_steps = options.lr, options.schedule_steps
         if start is not None:
             # the gene table and sizes are those of the checkpoint, whatever was passed

@@ -40,6 +40,7 @@ from vcell.train.checkpoint import ResumableModule
 from vcell.train.display import status
 from vcell.train.options import STTrainOptions, check_run_options
 from vcell.train.runs import check_resume, run_dir, st_fingerprint
+from vcell.train.seeding import seeded
 from vcell.train.trainer import fit_module
 
 
@@ -404,10 +405,10 @@ def fit(
     check_run_options(options.accelerator, options.devices, options.num_nodes, options.strategy, options.precision,
                       datamodule.batch_size)
     module.meta.update(precision=options.precision, devices=options.devices, num_nodes=options.num_nodes)
-    L.seed_everything(options.seed, workers=True, verbose=False)
-    keep_freed_heap()
-    # the train loader does resume mid-epoch (CellSetDataModule skips the batches already seen)
-    return fit_module(module, datamodule, out_dir, options, "st", resume_dir, validate=datamodule.val_set is not None)
+    with seeded(options.seed):
+        keep_freed_heap()
+        # the train loader does resume mid-epoch (CellSetDataModule skips the batches already seen)
+        return fit_module(module, datamodule, out_dir, options, "st", resume_dir, validate=datamodule.val_set is not None)
 
 
 def train_st(
@@ -459,8 +460,7 @@ def train_st(
     """
     options = STTrainOptions.from_values(option_values, options)
     out_dir = Path(out_dir)
-    with run_dir(out_dir, resume, overwrite) as start:
-        L.seed_everything(options.seed, workers=True, verbose=False)
+    with run_dir(out_dir, resume, overwrite) as start, seeded(options.seed):
         module = build_module(data, config, lr=options.lr, seed=options.seed, embed_key=embed_key, split=split,
                               pert_features=pert_features)
         module.meta["fingerprint"] = st_fingerprint(data, split, embed_key)
