@@ -315,8 +315,11 @@ def main() -> None:
     ap.add_argument("--arc-workers", type=int, default=0, help="arc-state data.kwargs.num_workers")
     ap.add_argument("--vcell-workers", type=int, default=0, help="vcell --num-workers")
     ap.add_argument("--no-predict", action="store_true", help="skip the prediction comparison")
+    ap.add_argument("--no-peer", action="store_true", help="vcell only: no arc-state runs (its venv is not needed)")
     ap.add_argument("--seed", type=int, default=0)
     opts = ap.parse_args()
+    if not opts.no_peer and not Path(opts.arc_python).is_file():
+        ap.error(f"arc-state's python {opts.arc_python} not found: make its venv (README), pass --arc-python, or --no-peer")
 
     work = opts.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -330,8 +333,10 @@ def main() -> None:
 
     for prec in precisions:
         arc_out = work / f"arc-{prec}"
-        arc = run_child(opts.arc_python, "arc", prec, arc_train_args(data, toml, work, f"arc-{prec}", opts.steps, opts.arc_workers), work, f"train-arc-{prec}")
-        results["train"][f"arc-state/{prec}"] = train_stats(arc, opts.warmup)
+        if not opts.no_peer:
+            arc = run_child(opts.arc_python, "arc", prec, arc_train_args(data, toml, work, f"arc-{prec}", opts.steps, opts.arc_workers),
+                            work, f"train-arc-{prec}")
+            results["train"][f"arc-state/{prec}"] = train_stats(arc, opts.warmup)
         v_out = work / f"vcell-{prec}"
         shutil.rmtree(v_out, ignore_errors=True)
         vargs = ["train", "st", "--data", str(data), "--preset", "small", "--batch-size", str(BATCH), "--set-size", str(SET_LEN),
@@ -339,13 +344,14 @@ def main() -> None:
                  "--num-workers", str(opts.vcell_workers), "--out", str(v_out), "--seed", str(opts.seed)]
         vc = run_child(vpy, "vcell", prec, vargs, work, f"train-vcell-{prec}")
         results["train"][f"vcell/{prec}"] = train_stats(vc, opts.warmup)
-        if not opts.no_predict:
+        if not opts.no_predict and not opts.no_peer:
             pa = run_child(opts.arc_python, "arc", prec, [
                 "tx", "infer", "--model-dir", str(arc_out), "--adata", str(data), "--pert-col", "target_gene",
                 "--celltype-col", "cell_type", "--celltypes", CONTEXT, "--output", str(work / f"arc-pred-{prec}.h5ad"),
                 "--seed", str(opts.seed), "--quiet",
             ], work, f"predict-arc-{prec}", {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})  # its own pickled checkpoint
             results["predict"][f"arc-state/{prec}"] = predict_stats(pa)
+        if not opts.no_predict:
             pv = run_child(vpy, "vcell", prec, [
                 "predict", "--model", str(v_out), "--data", str(data), "--context", CONTEXT, "--perturbations", "data",
                 "--set-size", str(SET_LEN), "--out", str(work / f"vcell-pred-{prec}.h5ad"), "--overwrite", "--seed", str(opts.seed),
@@ -391,6 +397,8 @@ def report(results: dict, precisions: list[str], opts) -> None:
         if prec != "medium" and default in train:
             bases.append(("arc-state default", default))
         for label, base_key in bases:
+            if base_key not in train:  # --no-peer
+                continue
             a = train[base_key]
             r, m = v["cells_per_s"] / a["cells_per_s"], v["peak_rss_mib"] / a["peak_rss_mib"]
             j = v["peak_pss_mib"] / a["peak_pss_mib"] if a["peak_pss_mib"] else float("nan")

@@ -209,8 +209,9 @@ def table(name: str, boards: pd.DataFrame) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True, help="folder for the data, the gene table and every bench run")
-    p.add_argument("--only", default="papalexi,norman_singles,norman_doubles,mcfaline", help="benchmarks to run")
-    p.add_argument("--models", default=DEFAULT_MODELS, help="models to run (names of MODELS)")
+    p.add_argument("--only", default="papalexi,norman_singles,norman_doubles,mcfaline",
+                   help="benchmarks to run, comma-separated: papalexi, norman_singles, norman_doubles, mcfaline")
+    p.add_argument("--models", default=DEFAULT_MODELS, help=f"models to run, comma-separated, of: {', '.join(MODELS)}")
     p.add_argument("--tag", default="", help="name of this set of runs (runs/NAME_SEED_TAG); the tables join every tag's models")
     p.add_argument("--seeds", default="0,1,2", help="folds to run (by seed; McFaline's fold number), e.g. 1,2")
     p.add_argument("--st", default="{}", help="JSON of extra st options, e.g. '{\"max_steps\": 600}'")

@@ -57,8 +57,9 @@ def simulate(workdir: Path, perts: int, cells: int, controls: int, genes: int, u
     mu = mu / mu.sum()  # composition of a control cell
     targets = rng.choice(genes, perts, replace=False)
     pert_names = [names[t] for t in targets]
-    effect_genes = [rng.choice(genes, 400, replace=False) for _ in range(perts)]
-    effect_sizes = [rng.normal(0, 0.6, 400) for _ in range(perts)]
+    n_effect = min(400, len(genes))  # genes each perturbation moves
+    effect_genes = [rng.choice(genes, n_effect, replace=False) for _ in range(perts)]
+    effect_sizes = [rng.normal(0, 0.6, n_effect) for _ in range(perts)]
     labels = np.array(["non-targeting"] * controls + [p for p in pert_names for _ in range(cells)], dtype=object)
     order = rng.permutation(labels.size)  # cells in random order, as in a real file
     labels = labels[order]
@@ -114,13 +115,13 @@ def timed(cmd: list[str], log: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/vcell_vcc2026_context"))
-    ap.add_argument("--perts", type=int, default=300)
-    ap.add_argument("--cells", type=int, default=400)
-    ap.add_argument("--controls", type=int, default=3000)
-    ap.add_argument("--genes", type=int, default=18533)
-    ap.add_argument("--umi", type=float, default=20000.0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--perts", type=int, default=300, help="perturbations in the context")
+    ap.add_argument("--cells", type=int, default=400, help="cells per perturbation")
+    ap.add_argument("--controls", type=int, default=3000, help="control cells")
+    ap.add_argument("--genes", type=int, default=18533, help="genes (each perturbation moves 400 of them, or all if fewer)")
+    ap.add_argument("--umi", type=float, default=20000.0, help="median UMIs per cell")
+    ap.add_argument("--threads", type=int, default=2, help="threads for both tools")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the simulated data")
     ap.add_argument("--memory-budget", type=float, default=None, help="vcell's --memory-budget (GB; default: vcell's)")
     ap.add_argument("--in-memory", action="store_true", help="pass --in-memory to vcell (each matrix read whole)")
     ap.add_argument("--simulate-only", action="store_true", help="write the data and stop")

@@ -56,7 +56,7 @@ err_console = _console(stderr=True)
 PertCol = Annotated[str, typer.Option("--pert-col", help="obs column with the perturbation label.")]
 Control = Annotated[str, typer.Option("--control", help="Label of control cells in the perturbation column.")]
 ContextCol = Annotated[str, typer.Option("--context-col", help="obs column with the cell context; 'none' for one context.")]
-BatchCol = Annotated[str | None, typer.Option("--batch-col", help="obs column with the batch (optional).")]
+BatchCol = Annotated[str | None, typer.Option("--batch-col", help="obs column with the batch (optional, e.g. gem_group): ST training (train st, bench's st) draws each cell set's control cells from its perturbed cells' batch, as arc-state does; the other steps check the column and keep it (HVG selection is not per batch).")]
 Expression = Annotated[
     str | None,
     typer.Option("--expression", help="'counts' or 'log1p'; default: read from the file's metadata, else decided from the values (vcell -v says which)."),
@@ -223,8 +223,10 @@ def split_view(summary):
 # Options shared by the training commands (vcell train st|se); their defaults come from vcell.train.options.
 MaxSteps = Annotated[int, typer.Option("--max-steps", help="Training steps (a resumed run continues up to this step; one already there is an error, exit 2).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last at its step, e.g. after Ctrl-C, with the same data, split, columns and training options (seed, --lr, --batch-size, --set-size, --precision; --devices may change).")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a trained run in OUT (its last/, best/ and logs/ are removed first); without it an existing run is never replaced.")]
+ResumeSE = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last at its step, e.g. after Ctrl-C, with the same --data files and training options (seed, --lr, --batch-size, --precision; --devices may change).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a trained run in OUT: its checkpoints (last/, best/) and logs/version_N/ are set aside, deleted once the new run has saved a checkpoint and put back if it stops before; other files are kept. Without it an existing run is never replaced.")]
 SaveOptimizer = Annotated[bool, typer.Option("--save-optimizer/--no-save-optimizer", help="Keep the optimiser state in OUT/last (needed for --resume; about twice the weights' size). OUT/best never holds it.")]
+SaveOptimizerSE = Annotated[bool, typer.Option("--save-optimizer/--no-save-optimizer", help="Keep the optimiser state in OUT/last (needed for --resume; about twice the weights' size).")]
 CheckpointEvery = Annotated[int, typer.Option("--checkpoint-every", help="Write last/ every N steps.")]
 Accelerator = Annotated[str, typer.Option("--accelerator", help="auto, cpu or gpu.")]
 Devices = Annotated[int, typer.Option("--devices", help="Processes (GPUs, or CPU processes) per node; > 1 trains with DDP.")]

@@ -27,6 +27,7 @@ from vcell.cli.common import (
     split_view,
     table,
 )
+from vcell.data.spec import DEFAULT_SET_SIZE
 from vcell.errors import VcellError
 
 app = typer.Typer(help="Inspect, validate, preprocess, split and fetch perturbation datasets.", no_args_is_help=True, rich_markup_mode=None, cls=HelpGroup)
@@ -171,7 +172,7 @@ def split_cmd(
     batch_col: BatchCol = None,
     expression: Expression = None,
     dataset_col: Annotated[str, typer.Option(help="obs column naming each cell's dataset (if present).")] = "dataset",
-    set_size: Annotated[int, typer.Option(min=1, help="Cells per cell set, for the count of sets.")] = 128,
+    set_size: Annotated[int, typer.Option(min=1, help="Cells per cell set, for the count of sets (default: train st's).")] = DEFAULT_SET_SIZE,
     out: Annotated[Path | None, typer.Option("--out", help="Write the split as a TOML file.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     allow_missing_controls: AllowMissingControls = False,
@@ -198,6 +199,8 @@ def split_cmd(
         roles = simulated_roles(data.adata.uns, file)
         holdout_perturbations, val_perturbations = ",".join(roles["test"]), ",".join(roles["val"]) or None
     cfg = split_config(data.index, split, holdout_context, holdout_perturbations, seed, val_context, val_perturbations)
+    if simulated_roles:
+        cfg.source = "--simulated-roles"
     result = apply_split(data.index, cfg)
     require_training_cells(result, cfg.source)
     console.print(table(split_view(result.summary(data.index)), title=f"split of {file} ({cfg.source})"))
@@ -273,9 +276,9 @@ def simulate_cmd(
     n_val_perturbations: Annotated[int | None, typer.Option(help="Perturbations given the validation role (vcc: a sixth; --preset only).")] = None,
     n_test_perturbations: Annotated[int | None, typer.Option(help="Held-out test perturbations (vcc: a third; --preset only).")] = None,
     n_combinations: Annotated[int | None, typer.Option(help="Two-gene combinations (A+B) (default: 10; vcc: none).")] = None,
-    cells_per_perturbation: Annotated[int | None, typer.Option(help="Cells per perturbation and context (default: 100; "
-                                                               "vcc: from --n-cells, ~870).")] = None,
-    n_controls: Annotated[int | None, typer.Option(help="Control cells per context (default: 600; vcc: 38,000 in all, 12.7% of --n-cells when given).")] = None,
+    cells_per_perturbation: Annotated[int | None, typer.Option(help="Mean cells per perturbation and context, each group "
+                                                               "drawn within +-40% of it (default: 100; vcc: from --n-cells, ~870).")] = None,
+    n_controls: Annotated[int | None, typer.Option(help="Control cells per context (default: 600); with --preset vcc in all, split between the contexts (38,000, 12.7% of --n-cells when given).")] = None,
     n_batches: Annotated[int | None, typer.Option(help="Batches (obs 'gem_group') (default: 2; vcc: 8).")] = None,
     umi_per_cell: Annotated[float | None, typer.Option(help="Median UMIs per cell (vcc: 20,000; --preset only).")] = None,
     threads: Annotated[int | None, typer.Option(help="Threads drawing cells (default: all CPUs; --preset only); the file does not depend on it.")] = None,

@@ -21,7 +21,7 @@ def demo(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the files of an earlier demo in OUT.")] = False,
     seed: Seed = 0,
 ) -> None:
-    """Simulate a Perturb-seq dataset, hold out a context, benchmark every baseline, write a report."""
+    """Simulate a Perturb-seq dataset, hold out a context, benchmark the default baselines, write a report."""
     from vcell.data.io import check_output_dir
     from vcell.predictors.registry import make_model
 

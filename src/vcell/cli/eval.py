@@ -23,8 +23,8 @@ InputType = Annotated[
     str,
     typer.Option(
         "--expression", "--input-type",
-        help="'log1p', 'counts' (normalised as cell-eval does) or 'auto' (decided from the values; vcell -v says which). "
-        "--input-type is cell-eval's name for it.",
+        help="2025 profiles: 'log1p', 'counts' (normalised as cell-eval does) or 'auto' (decided from the values; vcell -v says "
+        "which). --input-type is cell-eval's name for it. (vcc2026 takes raw counts.)",
     ),
 ]
 
@@ -41,20 +41,24 @@ TargetGenes = Annotated[
                  "Default: a label that names a gene targets it."),
 ]
 NoTargetGenes = Annotated[bool, typer.Option("--no-target-genes", help="vcc2026: exclude no gene: the perturbations are not genes (drugs, cytokines) or their targets are not measured.")]
-Backed = Annotated[
-    bool,
-    typer.Option("--backed/--in-memory", help="--backed (default): a matrix larger than --memory-budget is read once into gene bands "
-                 "on disk (a temporary folder beside OUT, removed at the end) and tested band by band; --in-memory reads each matrix whole."),
-]
-MemoryBudget = Annotated[
-    float,
-    typer.Option("--memory-budget", help="GB of memory for the expression matrix with --backed: a matrix that fits is read "
-                 "whole; else two bands of half this each (one tested, the next being read). Summaries, controls and the "
-                 "vcc2026 anchor's splits come on top: at the challenge's sizes the peak was 1.5-2.1x the budget."),
-]
-Context2026 = Annotated[str, typer.Option("--context-col", help="obs column of the context (cell line); each is scored on its own, in OUT/CONTEXT/ "
-                                               "(2025 profiles: only when named, as cell-eval's --celltype-col; vcc2026: 'none' (or ''), "
-                                               "or the default column absent: one context).")]
+_BACKED = ("--backed (default): a matrix larger than --memory-budget is read once into gene bands on disk (a temporary folder "
+           "beside OUT, removed at the end) and tested band by band; --in-memory reads each matrix whole.")
+_BUDGET = ("GB of memory for the expression matrix with --backed: a matrix that fits is read whole; else two bands of half this "
+           "each (one tested, the next being read). Summaries, controls and the vcc2026 anchor's splits come on top: at the "
+           "challenge's sizes the peak was 1.5-2.1x the budget.")
+Backed = Annotated[bool, typer.Option("--backed/--in-memory", help=_BACKED)]
+MemoryBudget = Annotated[float, typer.Option("--memory-budget", help=_BUDGET)]
+Context2026 = Annotated[str, typer.Option(
+    "--context-col", show_default=False,
+    help="obs column of the context (cell line); each is scored on its own, in OUT/CONTEXT/. 2025 profiles: only when named "
+         "(default: none, every cell one pool), as cell-eval's --celltype-col. vcc2026: default 'context'; 'none' (or ''), or "
+         "the default column absent: one context.")]
+# eval baseline: the 2025 baseline is one context's and read whole; these are the vcc2026 scale's
+BackedScale = Annotated[bool, typer.Option("--backed/--in-memory", help="vcc2026: " + _BACKED)]
+BudgetScale = Annotated[float, typer.Option("--memory-budget", help="vcc2026: " + _BUDGET)]
+ContextScale = Annotated[str, typer.Option("--context-col", help="vcc2026: obs column of the context (cell line); each context's "
+                                           "scale is computed apart, into OUT/CONTEXT/ ('none' (or ''), or the default column "
+                                           "absent: one context). The 2025 baseline refuses it.")]
 
 
 def _options_2026(pert_col, control, context_col, target_genes, no_target_genes, threads, backed=True, memory_budget=2.0):
@@ -153,14 +157,14 @@ def run_cmd(
     input_type: InputType = "auto",
     backed: Backed = True,
     memory_budget: MemoryBudget = 2.0,
-    skip_metrics: Annotated[str | None, typer.Option("--skip-metrics", help="Comma-separated metric names to leave out.")] = None,
+    skip_metrics: Annotated[str | None, typer.Option("--skip-metrics", help="2025 profiles: comma-separated metric names to leave out.")] = None,
     context_col: Context2026 = "context",
     target_genes: TargetGenes = None,
     no_target_genes: NoTargetGenes = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results of an earlier run in OUT.")] = False,
     seed: NoRandomSeed = 0,
 ) -> None:
-    """Score predictions: writes results.csv, agg_results.csv, real_de.csv and pred_de.csv.
+    """Score predictions: writes results.csv and agg_results.csv (2025 profiles with DE metrics: real_de.csv, pred_de.csv too).
 
     With --profile vcc2026 (raw counts; the reference's controls are used on both sides, the
     prediction's own are ignored): results.csv and agg_results.csv in cell-eval2's layouts, per
@@ -226,7 +230,7 @@ def score_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     seed: NoRandomSeed = 0,
 ) -> None:
-    """Baseline-scaled VCC score per metric and overall; the unclipped value is shown beside it.
+    """Baseline-scaled VCC score per metric and overall (2025 profiles: the unclipped value beside it).
 
     The metrics of --profile are scored (vcc, the default: the VCC 2025 score's three), whatever
     else the tables hold.
@@ -275,14 +279,14 @@ def baseline_cmd(
     input_type: InputType = "auto",
     threads: Threads = 2,
     profile: Profile = "vcc",
-    context_col: Context2026 = "context",
+    context_col: ContextScale = "context",
     target_genes: TargetGenes = None,
     no_target_genes: NoTargetGenes = False,
     splits: Annotated[int, typer.Option("--splits", help="vcc2026: split-half replicates of the anchor (cell-eval2: 5).")] = 5,
     anchor_seed: Annotated[int, typer.Option("--anchor-seed", min=0, max=SEED_MAX, help="vcc2026: base seed of the anchor's splits (cell-eval2: 0).")] = 0,
     only: Annotated[str | None, typer.Option("--only", help="vcc2026: 'baseline' or 'anchor' (default: both ends).")] = None,
-    backed: Backed = True,
-    memory_budget: MemoryBudget = 2.0,
+    backed: BackedScale = True,
+    memory_budget: BudgetScale = 2.0,
     overwrite: Annotated[bool, typer.Option(help="Replace outputs that exist.")] = False,
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="vcc2026: seed of the baseline's control-cell draws (cell-eval2: 0); the 2025 baseline draws nothing.")] = 0,
 ) -> None:
@@ -355,7 +359,7 @@ def prep_cmd(
     pert_col: PertCol = "target_gene",
     control: Control = "non-targeting",
     max_cells: Annotated[int, typer.Option(min=-1, help="vcc (2025): most cells allowed (-1: no cap).")] = 200_000,
-    expected_n_genes: Annotated[int, typer.Option(min=-1, help="vcc (2025): expected gene count (-1: no check); vcc2026 checks the gene list itself.")] = 18_080,
+    expected_n_genes: Annotated[int, typer.Option(min=-1, help="vcc (2025): the gene count expected; another count is warned of, not refused (-1: no warning); vcc2026 checks the gene list itself.")] = 18_080,
     profile: Annotated[str, typer.Option("--profile", help="vcc (2025 .vcc archive) or vcc2026 (raw-count .h5ad, the 2026 upload checks).")] = "vcc",
     perturbations: Annotated[Path | None, typer.Option("--perturbations", help="vcc2026: CSV of the perturbations to predict (header; first column names, optional second column cell counts; a control row is skipped).")] = None,
     context_col: Annotated[str | None, typer.Option("--context-col", help="vcc2026: obs column of each cell's context, kept in the output.")] = None,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from vcell.cli.common import Control, Expression, HelpGroup, PertCol, Seed, console
+from vcell.cli.common import Control, Expression, HelpGroup, NoRandomSeed, PertCol, Seed, console
 from vcell.errors import VcellError
 
 app = typer.Typer(help="Gene embeddings: protein language model vectors or a co-expression fallback.", no_args_is_help=True, rich_markup_mode=None, cls=HelpGroup)
@@ -46,7 +46,7 @@ def embed(
     device: Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda or cuda:N.")] = "cpu",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     overwrite: Overwrite = False,
-    seed: Seed = 0,
+    seed: NoRandomSeed = 0,
 ) -> None:
     """Embed proteins with ESM2 (mean over residues, then isoforms) into a gene x dim table; resumable."""
     from vcell.data.io import check_output_path

@@ -26,9 +26,9 @@ def predict(
     pert_col: Annotated[str | None, typer.Option("--pert-col", help="obs column with the perturbation; default: the model's.")] = None,
     control: Annotated[str | None, typer.Option("--control", help="Control label; default: the model's.")] = None,
     context_col: Annotated[str | None, typer.Option("--context-col", help="obs column with the context; default: the model's.")] = None,
-    batch_col: Annotated[str | None, typer.Option("--batch-col", help="obs column with the batch (optional).")] = None,
+    batch_col: Annotated[str | None, typer.Option("--batch-col", help="obs column with the batch (optional; checked and kept: a predicted cell starts from a control cell of the context, any batch).")] = None,
     output: Annotated[str, typer.Option("--output", help="'log1p' (predicted cells + real controls) or 'counts': integral raw counts of the predicted cells only, no control rows, as a VCC 2026 submission takes them.")] = "log1p",
-    depth: Annotated[str, typer.Option("--depth", help="With --output counts: counts per cell, 'controls' (each cell at the library size of the real control cell it started from; needs DATA's raw counts in layers['counts'] or an obs total-count column) or a number (e.g. 20000: exactly that many per cell). --seed seeds the draw.")] = "controls",
+    depth: Annotated[str, typer.Option("--depth", help="With --output counts: counts per cell, 'controls' (each cell at the library size of the real control cell it started from; needs DATA's raw counts: layers['counts'], .raw.X holding integer counts, or an obs total (total_counts, nCount_RNA, n_counts, ncounts) when X is log1p normalised by it) or a number (e.g. 20000: exactly that many per cell). --seed seeds the draw.")] = "controls",
     all_genes: Annotated[Path | None, typer.Option("--all-genes", help="Raw-count .h5ad that DATA was preprocessed from (same cell names): write every gene of it, in its order, as a full challenge submission needs; the genes the model does not predict are taken from the control cell each predicted cell started from (counts: its own counts; log1p: normalised as preprocessing did).")] = None,
     log1p_out: Annotated[Path | None, typer.Option("--log1p-out", help="With --output counts: also write the log1p cells the counts are drawn from (the model's genes, the real controls appended: what --output log1p writes without --all-genes) to this .h5ad. One prediction for both files, so a 2025 score of it and a 2026 score of OUT judge the same cells.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT (and --log1p-out) if it exists.")] = False,
@@ -103,8 +103,10 @@ def predict(
     if all_genes is not None:
         what += f"; all {pred.n_vars:,} genes of {all_genes.name} ({len(predictor.genes):,} predicted by the model, the rest from each cell's control cell)"
     if log1p_out is not None:
+        from vcell.predictors.request import context_cells
+
         index = dataset.index
-        in_ctx = index.context_codes == [str(c) for c in index.contexts].index(context)
+        in_ctx = context_cells(index, context, str(data))[1]  # "dataset.context" too, as the prediction took it
         what += f"; their log1p cells + {int((in_ctx & index.is_control).sum()):,} controls in {log1p_out}"
     if predictor.anchor is not None:
         what += f"; each perturbation's mean set by the checkpoint's effect anchor ({predictor.effect_anchor})"
