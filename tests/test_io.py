@@ -311,3 +311,21 @@ def test_stop_signals_are_held_through_renames_and_raised_after(tmp_path):
     with atomic_path(link) as tmp:
         tmp.write_text("x")
     assert link.read_text() == "x" and not link.is_symlink()
+
+
+def test_safetensors_files_are_the_same_bytes_run_after_run(tmp_path):
+    """safetensors writes its metadata in hash order: two identical runs gave files that differed
+    (a checksum of a gene table or checkpoint changed while no value did)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from vcell.data.io import write_safetensors; "
+            "write_safetensors({'b': torch.arange(5.0), 'a': torch.ones(3, 2)}, sys.argv[1], {f'k{j}': str(j) for j in range(20)})")
+    for i in range(3):  # a process each: a new hash seed each
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")], check=True)
+    blobs = {(tmp_path / f"{i}.safetensors").read_bytes() for i in range(3)}
+    assert len(blobs) == 1
+    from safetensors.torch import safe_open
+
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata()["k7"] == "7" and f.get_tensor("a").shape == (3, 2)

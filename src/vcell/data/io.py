@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -360,6 +361,19 @@ def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | N
         if "os error 28" in str(exc) or "No space left" in str(exc):
             raise OSError(28, "No space left on device", str(path)) from None
         raise
+    _sort_header(path)
+
+
+def _sort_header(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys, in place: safetensors writes its
+    metadata in hash order, so two identical runs gave files that differed (checksums, not values)."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # the same entries: never longer (the padding keeps the data's offset)
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
 
 
 def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
