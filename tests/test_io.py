@@ -262,7 +262,8 @@ def test_a_full_disk_is_said_before_it_is_hit_naming_the_output(tmp_path, monkey
 
     import torch
 
-    from vcell.data.io import atomic_path, write_h5ad, write_safetensors
+    from vcell.data.io import atomic_path, write_h5ad
+    from vcell.data.tensors import write_safetensors
 
     monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=1000, f_frsize=1024, f_blocks=10**6))  # ~1 MB free
     a = ad.AnnData(np.ones((100, 10), np.float32))
@@ -319,7 +320,7 @@ def test_safetensors_files_are_the_same_bytes_run_after_run(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys, torch; from vcell.data.io import write_safetensors; "
+    code = ("import sys, torch; from vcell.data.tensors import write_safetensors; "
             "write_safetensors({'b': torch.arange(5.0), 'a': torch.ones(3, 2)}, sys.argv[1], {f'k{j}': str(j) for j in range(20)})")
     for i in range(3):  # a process each: a new hash seed each
         subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")], check=True)

@@ -73,7 +73,8 @@ class GeneEmbeddings:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a ``.safetensors`` file atomically; names, source, dim and info go in its metadata."""
-        from vcell.data.io import atomic_path, write_safetensors
+        from vcell.data.io import atomic_path
+        from vcell.data.tensors import write_safetensors
 
         path = Path(path)
         if path.suffix.lower() != ".safetensors":

@@ -227,7 +227,8 @@ class ShardStore:
 
     def flush(self) -> None:
         """Append the pending vectors as one new shard, atomically."""
-        from vcell.data.io import atomic_path, write_safetensors
+        from vcell.data.io import atomic_path
+        from vcell.data.tensors import write_safetensors
 
         if not self.pending_keys:
             return

@@ -32,7 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vcell._version import __version__
-from vcell.data.io import clean_leftovers, disk_size, human_size, temp_prefix, write_safetensors
+from vcell.data.io import clean_leftovers, disk_size, human_size, temp_prefix
+from vcell.data.tensors import write_safetensors
 from vcell.errors import VcellError
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from vcell.data.io import write_safetensors
+from vcell.data.tensors import write_safetensors
 from vcell.errors import VcellError
 from vcell.nn.checkpoint import (
     BEST,
