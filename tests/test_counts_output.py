@@ -337,3 +337,23 @@ def test_cell_mean_counts_are_drawn_from_the_mean_composition_not_from_its_log1p
     other = from_anndata(renamed, data.spec.with_(pert_col="gene"))
     np.testing.assert_array_equal(_dense(predict_context(model, other, "ctx_B", output="counts", seed=1).X), _dense(counts.X))
     np.testing.assert_array_equal(_dense(counts.X).sum(axis=1), _dense(from_vector.X).sum(axis=1))  # the same depths
+
+
+@pytest.mark.parametrize("model", ["pert_mean", "cell_mean"])
+def test_a_perturbations_counts_do_not_depend_on_the_others_drawn(world, model):
+    """One generator drew every perturbation's counts in request order: A,B and B,A (or B alone, or a
+    prediction split over jobs) gave B other counts. Each perturbation draws from its own now."""
+    data, models, _ = world
+    perts = sorted(set(data.index.perts) - {"non-targeting"})[:2]
+
+    def of(pred, label):
+        cells = pred[(pred.obs["target_gene"].astype(str) == label).to_numpy()]
+        return cells.X.toarray()
+
+    ab, ba, b = (predict_context(models[model], data, "ctx_B", perturbations=p, cells_per_perturbation=20, seed=3, output="counts")
+                 for p in (perts, perts[::-1], perts[1:]))
+    for label in perts:
+        np.testing.assert_array_equal(of(ab, label), of(ba, label))
+    np.testing.assert_array_equal(of(ab, perts[1]), of(b, perts[1]))
+    other = predict_context(models[model], data, "ctx_B", perturbations=perts, cells_per_perturbation=20, seed=4, output="counts")
+    assert not np.array_equal(of(ab, perts[0]), of(other, perts[0]))  # the seed still draws

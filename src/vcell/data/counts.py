@@ -19,8 +19,9 @@ __all__ = ["draw_library_sizes", "sample_counts"]
 _BLOCK_ROWS = 1024
 
 
-def draw_library_sizes(totals: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` library sizes drawn with replacement from ``totals`` (e.g. the control cells' totals)."""
+def draw_library_sizes(totals: np.ndarray, n: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+    """``n`` library sizes drawn with replacement from ``totals`` (e.g. the control cells' totals),
+    with ``seed`` or from a generator."""
     totals = np.asarray(totals, dtype=np.float64)
     if totals.size == 0:
         raise VcellError("no library sizes to draw from (no control cells)")

@@ -30,6 +30,7 @@ file's (``expression``/``output``), the library-size rule, its source, the depth
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Mapping
 
 import anndata as ad
@@ -359,9 +360,16 @@ class CountsDraw:
             self.meta.update(library_size="controls", library_source=source)
         else:
             self.meta.update(library_size="depth", depth=int(self.depth))
-        self._rng = np.random.default_rng(seed)
-        self._drawn: np.ndarray | None = None
+        self._rngs: dict[str, np.random.Generator] = {}  # one per perturbation, continued across pieces
         self.done = 0  # predicted cells drawn so far
+
+    def _generator(self, label: str) -> np.random.Generator:
+        """The generator of ``label``'s cells, seeded by the seed and the label (as its control cells are,
+        :func:`~vcell.predictors.base.control_draws`, with another stream): a perturbation's counts do not
+        depend on which other perturbations are drawn, nor in which order."""
+        if label not in self._rngs:
+            self._rngs[label] = np.random.default_rng([self.seed, zlib.crc32(label.encode()), 1])
+        return self._rngs[label]
 
     def predicted_rows(self, pred: ad.AnnData) -> np.ndarray:
         """Positions of ``pred``'s predicted (not control) rows."""
@@ -385,20 +393,31 @@ class CountsDraw:
             raise VcellError(f"counts: {self.done + len(rows)} predicted cells drawn, {self.n_cells} announced")
         if (sizes is None) != (self.sizes_from is None):
             raise VcellError("counts: library sizes are given to convert() exactly when the draw was made with sizes_from")
+        drawn = False  # library sizes drawn from the controls' (per perturbation, below)
         if sizes is not None:
             sizes = np.asarray(sizes, dtype=np.int64)
         elif self.depth == "controls":
             sizes = _paired_sizes(pred, rows, self.totals)
             pairing = "each predicted cell's own control cell"
             if sizes is None:
-                if self._drawn is None:
-                    self._drawn = draw_library_sizes(self.totals.to_numpy(), self.n_cells, self.seed)
-                sizes = self._drawn[self.done:self.done + len(rows)]
+                drawn, sizes = True, np.zeros(len(rows), dtype=np.int64)
                 pairing = "drawn with replacement from the control cells (seeded)"
             self.meta.setdefault("library_pairing", pairing)
         else:
             sizes = np.full(len(rows), self.depth, dtype=np.int64)
-        counts = sample_counts(pred.X, sizes, self._rng, rows=rows)
+        labels = pred.obs[self.pert_col].astype(str).to_numpy()[rows]
+        order = np.argsort(labels, kind="stable")
+        blocks = []
+        for label in pd.unique(labels[order]):
+            mine = order[labels[order] == label]
+            rng = self._generator(label)
+            if drawn:
+                sizes[mine] = draw_library_sizes(self.totals.to_numpy(), mine.size, rng)
+            blocks.append(sample_counts(pred.X, sizes[mine], rng, rows=rows[mine]))
+        if not blocks:
+            counts = sp.csr_matrix((0, pred.n_vars), dtype=np.float32)
+        else:
+            counts = sp.vstack(blocks, format="csr")[np.argsort(order)] if len(blocks) > 1 else blocks[0]
         first = self.done == 0
         self.done += len(rows)
         obs = pred.obs.iloc[rows].copy()
