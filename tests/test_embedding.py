@@ -238,6 +238,10 @@ def test_embed_round_trip(trained, kang_small, tmp_path):
     np.testing.assert_allclose(again, emb, atol=1e-5)
     assert missing == []
     assert not np.allclose(emb[0], emb[1])
+    # a cell's embedding is its own, not its row's: a reordered subset gives the same (padding was drawn by row)
+    pick = np.array([250, 3, 77, 140])
+    part, _ = embed_adata(model, meta, src[pick].copy(), "counts", batch_size=7, seed=5)
+    np.testing.assert_allclose(part, emb[pick], atol=1e-5)
     res = run_cli("embed", "--model", trained, "--data", kang_small, "--out", out, "--seed", "5")
     assert res.returncode == 2 and "already exists" in res.stderr
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -312,9 +313,11 @@ def embed_adata(model: StateEmbedding, meta: dict, adata, expression: str, batch
                 where: str = "data", progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[str]]:
     """``(cell embeddings [n_cells, emb_dim], genes missing from the vocabulary)`` of an in-memory AnnData.
 
-    Sentences are tokenised without masking; padding genes of cell ``i`` are drawn with ``(seed, i)``,
-    so results do not depend on ``batch_size``. ``progress`` is called with the number of cells
-    embedded after each batch (e.g. to advance a progress bar).
+    Sentences are tokenised without masking; a cell's padding genes are drawn with ``seed`` and its
+    obs name, so its embedding depends neither on its row (a subset or a reordered file gives the
+    same) nor on ``batch_size`` (to float rounding: a batch's matmuls sum in another order).
+    ``progress`` is called with the number of cells embedded after each batch (e.g. to advance a
+    progress bar).
     """
     vocab = {g: i for i, g in enumerate(meta["genes"])}
     columns, ids, missing = match_genes(adata.var_names, vocab, where)
@@ -322,10 +325,11 @@ def embed_adata(model: StateEmbedding, meta: dict, adata, expression: str, batch
     rows = row_source(adata)
     device = next(model.parameters()).device
     out = np.empty((adata.n_obs, model.config.emb_dim), dtype=np.float32)
+    keys = [zlib.crc32(str(name).encode()) for name in adata.obs_names]
     for start in range(0, adata.n_obs, batch_size):
         idx = np.arange(start, min(start + batch_size, adata.n_obs))
         values, _ = normalise_expression(rows.read(idx), expression)
-        tok = tokenize(values[:, columns], ids, n_slots, 0, [np.random.default_rng([seed, int(i)]) for i in idx])
+        tok = tokenize(values[:, columns], ids, n_slots, 0, [np.random.default_rng([seed, keys[i]]) for i in idx])
         emb = model(torch.as_tensor(tok["genes"], device=device), torch.as_tensor(tok["values"], device=device))
         out[idx] = emb.float().cpu().numpy()
         if progress is not None:
