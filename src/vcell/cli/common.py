@@ -223,7 +223,7 @@ def split_view(summary):
 # Options shared by the training commands (vcell train st|se); their defaults come from vcell.train.options.
 MaxSteps = Annotated[int, typer.Option("--max-steps", help="Training steps (a resumed run continues up to this step; one already there is an error, exit 2).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last at its step, e.g. after Ctrl-C, with the same data, split, columns and training options (seed, --lr, --batch-size, --set-size, --precision; --devices may change).")]
-ResumeSE = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last at its step, e.g. after Ctrl-C, with the same --data files and training options (seed, --lr, --batch-size, --precision; --devices may change).")]
+ResumeSE = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last at its step, e.g. after Ctrl-C, with the same --data files, --preset/--config, --genes and training options (seed, --lr, --batch-size, --precision; --devices may change).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a trained run in OUT: its checkpoints (last/, best/) and logs/version_N/ are set aside, deleted once the new run has saved a checkpoint and put back if it stops before; other files are kept. Without it an existing run is never replaced.")]
 SaveOptimizer = Annotated[bool, typer.Option("--save-optimizer/--no-save-optimizer", help="Keep the optimiser state in OUT/last (needed for --resume; about twice the weights' size). OUT/best never holds it.")]
 SaveOptimizerSE = Annotated[bool, typer.Option("--save-optimizer/--no-save-optimizer", help="Keep the optimiser state in OUT/last (needed for --resume; about twice the weights' size).")]

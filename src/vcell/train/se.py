@@ -11,6 +11,7 @@ as an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -200,6 +201,25 @@ class SEModule(ResumableModule, L.LightningModule):
 # ----------------------------------------------------------------------------------------- training
 
 
+_DATA_SIZES = ("n_genes", "gene_dim", "n_datasets")  # filled in from the data and the gene table
+
+
+def _check_model_options(start: Path, saved: dict, config: dict, genes, names: list[str], vectors) -> None:
+    """Refuse (one line, naming them) to resume with model sizes or a gene table (``genes``, when
+    given) other than the checkpoint's: they were taken from it whatever was passed. Without
+    ``genes`` the checkpoint's table is the one trained on (``--gene-dim`` sizes new tables only)."""
+    diffs = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in json.loads(json.dumps(config)).items()
+             if k not in _DATA_SIZES and k in saved and saved[k] != v]
+    if genes is not None:
+        table = gene_table([], genes)
+        same = list(table.names) == list(names) and np.array_equal(np.asarray(table.vectors), np.asarray(vectors))
+        if not same:
+            diffs.append(f"--genes {genes if not hasattr(genes, 'names') else 'table'}: another gene table than the checkpoint's")
+    if diffs:
+        raise VcellError(f"cannot resume {start}: it was trained with other model options ({', '.join(diffs[:4])}); "
+                         "resume with the same --preset, --config and --genes, or train into a new --out")
+
+
 def gene_table(paths: list[Path], genes=None, dim: int = 128, seed: int = 0, expression: str | None = None):
     """The gene embeddings to train with: ``genes`` (a ``GeneEmbeddings`` or a file) or data-derived ones.
 
@@ -287,6 +307,7 @@ def train_se(
                 raise VcellError(f"{start}: was trained on {', '.join(meta['datasets'])}; resume with the same --data files")
             vocab_names, values = meta["genes"], meta["model"]
             vectors = trained.gene_vectors
+            _check_model_options(start, values, config, genes, vocab_names, vectors)
             source = meta.get("gene_source", "checkpoint")
             schedule_steps, lr = int(meta["schedule_steps"]), float(meta["lr"])
         else:
