@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -103,16 +104,48 @@ def test_save_load_round_trip(tiny, tmp_path):
         load_checkpoint(tmp_path / "missing")
 
 
+def _record(run: Path) -> pd.DataFrame:
+    """Every row the run's logs/version_N/metrics.csv hold, in order (a resumed run adds a version)."""
+    parts = sorted((run / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    return pd.concat([pd.read_csv(p) for p in parts], ignore_index=True)[["epoch", "step", "train_loss", "val_loss"]]
+
+
+@pytest.mark.parametrize("how", ["max_steps", "ctrl_c"])
 @pytest.mark.parametrize("stop", [10, 12])  # 5 steps per epoch: stop at an epoch's end, and mid-epoch
-def test_resume_equals_uninterrupted_run(tiny, tmp_path, stop):
+def test_resume_equals_uninterrupted_run(tiny, tmp_path, stop, how, monkeypatch):
+    """The weights, best/ and the training record. A run stopped at an epoch's last step (a first
+    Ctrl-C, or --max-steps) wrote last/ before that epoch's validation, which the resumed run then
+    skipped: another best/ (what `vcell predict` loads); and one stopped at --max-steps logged the
+    resumed epochs one ahead (and, from an epoch's end, each loss a step late)."""
+    from vcell.train import progress as prog
+
     data, split = tiny
     a = train_st(data, split, tmp_path / "a", TINY, max_steps=20, seed=1, checkpoint_every=5, **FAST)
-    b = train_st(data, split, tmp_path / "b", TINY, max_steps=stop, seed=1, checkpoint_every=5, **FAST)
+    b = tmp_path / "b"
+    if how == "max_steps":
+        train_st(data, split, b, TINY, max_steps=stop, seed=1, checkpoint_every=5, **FAST)
+    else:
+        batch_end = prog.TrainProgress.on_train_batch_end
+
+        def ctrl_c(self, trainer, *args):
+            self.stop_requested = self.stop_requested or trainer.global_step == stop  # what the first Ctrl-C sets
+            return batch_end(self, trainer, *args)
+
+        monkeypatch.setattr(prog.TrainProgress, "on_train_batch_end", ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            train_st(data, split, b, TINY, max_steps=20, seed=1, checkpoint_every=7, **FAST)
+        monkeypatch.setattr(prog.TrainProgress, "on_train_batch_end", batch_end)
     assert json.loads((b / "last" / "config.json").read_text())["step"] == stop
     train_st(data, split, b, TINY, max_steps=20, seed=1, checkpoint_every=5, resume=True, **FAST)
     wa, wb = _weights(a), _weights(b)
     assert json.loads((b / "last" / "config.json").read_text())["step"] == 20
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ba, bb = (load_file(str(run / "best" / "weights.safetensors")) for run in (a, b))
+    assert all(torch.equal(ba[k], bb[k]) for k in ba)
+    for ck in ("last", "best"):
+        ca, cb = (json.loads((run / ck / "config.json").read_text()) for run in (a, b))
+        assert (ca["step"], ca["epoch"]) == (cb["step"], cb["epoch"]), ck
+    pd.testing.assert_frame_equal(_record(a), _record(b))
 
 
 def test_resume_with_another_config_or_model_kind_is_a_clear_error(tiny, tmp_path):

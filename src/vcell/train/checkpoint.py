@@ -144,6 +144,12 @@ class SafetensorsCheckpointIO(CheckpointIO):
         shutil.rmtree(path, ignore_errors=True)
 
 
+def validation_follows(trainer) -> bool:
+    """Whether Lightning validates right after the batch just trained: the epoch's last, with
+    validation on (vcell validates once per epoch)."""
+    return bool(trainer.enable_validation and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
 class RunCheckpoints(Callback):
     """Writes ``last/`` every ``every_n_steps`` steps and at the end, ``best/`` on a lower ``val_loss``
     (runs without validation write ``last/`` only).
@@ -160,25 +166,37 @@ class RunCheckpoints(Callback):
             raise VcellError(f"checkpoint interval must be >= 1 step, got {every_n_steps}")
         self.out_dir, self.every_n_steps, self.save_optimizer = Path(out_dir), every_n_steps, bool(save_optimizer)
         self.best: float | None = None
+        self.last_step: int | None = None  # the step ``last/`` was last written at
+        self._last_due = False  # ``last/`` is due once this step's validation has run
 
     def save_last(self, trainer) -> None:
         """Write ``last/`` at the current step (with the optimiser state when ``save_optimizer``)."""
         trainer.save_checkpoint(self.out_dir / LAST, weights_only=False, storage_options={"optimizer": self.save_optimizer})
+        self.last_step, self._last_due = trainer.global_step, False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            self.save_last(trainer)
+        # the last step too, here: at the end of training Lightning's epoch counter has moved on, and a
+        # run resumed from there logged its epochs (and, from an epoch's end, its losses) one off
+        if trainer.global_step % self.every_n_steps == 0 or trainer.global_step >= trainer.max_steps:
+            if validation_follows(trainer):
+                self._last_due = True  # written after it: a run resumed from it must not skip this epoch's validation
+            else:
+                self.save_last(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics:
+        if trainer.sanity_checking:
             return
-        val = float(trainer.callback_metrics["val_loss"])
-        if self.best is None or val < self.best:
-            self.best = val
-            trainer.save_checkpoint(self.out_dir / BEST, weights_only=False, storage_options={"optimizer": False})
+        if "val_loss" in trainer.callback_metrics:
+            val = float(trainer.callback_metrics["val_loss"])
+            if self.best is None or val < self.best:
+                self.best = val
+                trainer.save_checkpoint(self.out_dir / BEST, weights_only=False, storage_options={"optimizer": False})
+        if self._last_due:
+            self.save_last(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.save_last(trainer)
+        if self.last_step != trainer.global_step:
+            self.save_last(trainer)
 
     def state_dict(self) -> dict:
         return {"best": self.best}

@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from vcell.data.io import human_size
 from vcell.errors import STOP_SIGNALS, Interrupted
 from vcell.nn.checkpoint import BEST, LAST, checkpoint_bytes, resolve_checkpoint_dir
+from vcell.train.checkpoint import validation_follows
 from vcell.train.display import TaskLine, format_duration, note, task
 from vcell.train.runs import checkpoint_step
 
@@ -128,6 +129,7 @@ class TrainProgress(Callback):
         self.training = False  # inside the training loop (a Ctrl-C can wait for the step to end)
         self.stopped_at: int | None = None  # step a Ctrl-C stopped at (checkpoint written)
         self.killed_at: int | None = None  # step a second Ctrl-C (or one before training) stopped at
+        self._stop_after_validation = False
         self._stack = contextlib.ExitStack()
         self._line = TaskLine()
         self._start_step = self._max_steps = 0
@@ -164,13 +166,33 @@ class TrainProgress(Callback):
         stop = self.stop_requested
         if self._world > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)  # every process stops at the same step
-        if stop and step < self._max_steps:
-            if self.checkpoints is None:
-                trainer.save_checkpoint(self.out_dir / LAST, weights_only=False)
-            elif step % self.checkpoints.every_n_steps:  # (else RunCheckpoints has just written this step)
-                self.checkpoints.save_last(trainer)
-            self.stopped_at = step
-            raise StopTraining(f"stopped at step {step}")
+        if stop and step < self._max_steps and self.stopped_at is None:
+            # last/ is written now (the loop's state at a step's end), or after this epoch's validation if
+            # one follows (a run resumed from before it skipped it); the run ends once Lightning has logged
+            # this step (it logs after these hooks: ending here lost the step's row from the record).
+            if self.checkpoints is not None and validation_follows(trainer):
+                self._stop_after_validation = True
+            else:
+                self._save_last(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.stopped_at is not None:
+            raise StopTraining(f"stopped at step {self.stopped_at}")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # after RunCheckpoints' (the callbacks' order): best/ is up to date
+        if self._stop_after_validation and not trainer.sanity_checking:
+            self._save_last(trainer)
+            raise StopTraining(f"stopped at step {self.stopped_at}")
+
+    def _save_last(self, trainer) -> None:
+        """Write ``last/`` at this step for the stop (unless RunCheckpoints has)."""
+        step = trainer.global_step
+        if self.checkpoints is None:
+            trainer.save_checkpoint(self.out_dir / LAST, weights_only=False)
+        elif self.checkpoints.last_step != step:
+            self.checkpoints.save_last(trainer)
+        self.stopped_at = step
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._finish(trainer, interrupted=False)
