@@ -108,8 +108,17 @@ def test_to_counts_refuses_controls_that_are_not_those_the_prediction_started_fr
     for wrong in (ctrl("ctx_A"), ctrl("ctx_B")[1:]):
         with pytest.raises(VcellError, match="started from control cells not among the controls given"):
             vcell.to_counts(pred, wrong, seed=0)
-    with pytest.raises(VcellError, match="no 'NT' cells in column 'target_gene'; 'non-targeting' reads like a control label: pass control="):
+    with pytest.raises(VcellError, match=r"no 'NT' cells in column 'target_gene', but it holds real control cells .*"
+                                         "'non-targeting' reads like a control label: pass control="):
         vcell.to_counts(pred, depth=1000, control="NT")  # the real control rows were counted as predicted cells
+    # a prediction without control rows, whose labels only look like the control label: drawn as it is
+    own = pred[(pred.obs.target_gene != "non-targeting").to_numpy()].copy()
+    own.obs["target_gene"] = "NT" + own.obs["target_gene"].astype(str)
+    assert vcell.to_counts(own, depth=1000, control="NTX").n_obs == own.n_obs
+    # two controls sharing a name: drawn from the controls' sizes, said (it was refused, then drawn silently)
+    twins = ctrl("ctx_B")
+    twins.obs_names = ["same", "same", *twins.obs_names[2:]]
+    assert vcell.to_counts(pred, twins, seed=0).uns["vcell"]["library_pairing"].startswith("drawn with replacement")
 
 
 @pytest.mark.parametrize("value, words", [
@@ -182,3 +191,22 @@ def test_score_names_an_eval_result_given_for_its_table(small):
     with pytest.raises(VcellError, match=r"an agg_results table \(a DataFrame\) \(pass result.agg\), got EvalResult"):
         vcell.score(res, res)
     assert vcell.score(res.agg, res.agg).shape[0] > 0
+
+
+def test_run_bench_without_a_holdout_names_the_options(small, tmp_path):
+    lg = small[0]
+    with pytest.raises(VcellError, match="give --split FILE, --holdout-context"):  # holdout=None was a TypeError
+        vcell.run_bench(lg, tmp_path / "b", ["control_mean"], lambda n: vcell.make_model(n), holdout=None, profile="vcc")
+
+
+def test_per_context_scoring_refuses_a_context_without_a_name(small, tmp_path):
+    """Its folder would have been OUT itself, beside the other contexts' folders."""
+    from vcell.eval.run import run_many
+
+    lg, data, _, model, _ = small
+    real = lg[(lg.obs.cell_type == "ctx_B").to_numpy()].copy()
+    real.obs["line"] = np.where(np.arange(real.n_obs) % 2, "L1", "")
+    real.write_h5ad(tmp_path / "real.h5ad")
+    with pytest.raises(VcellError, match="empty context name in column 'line'"):
+        run_many({"": tmp_path / "real.h5ad"}, tmp_path / "real.h5ad", tmp_path / "out", context_col="line")
+    assert not (tmp_path / "out").exists()

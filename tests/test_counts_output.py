@@ -357,3 +357,19 @@ def test_a_perturbations_counts_do_not_depend_on_the_others_drawn(world, model):
     np.testing.assert_array_equal(of(ab, perts[1]), of(b, perts[1]))
     other = predict_context(models[model], data, "ctx_B", perturbations=perts, cells_per_perturbation=20, seed=4, output="counts")
     assert not np.array_equal(of(ab, perts[0]), of(other, perts[0]))  # the seed still draws
+
+
+def test_a_perturbation_split_over_calls_draws_what_one_call_draws(world):
+    """CountsDraw in pieces that split one perturbation: drawn library sizes and counts came from one
+    stream per perturbation, interleaved differently when split; each has its own now."""
+    from vcell.predictors.counts import CountsDraw
+
+    data, models, controls = world
+    pred = predict_context(models["cell_mean"], data, "ctx_B", cells_per_perturbation=9, seed=2)  # no control_cell: sizes drawn
+    rows = np.flatnonzero((pred.obs["target_gene"] != "non-targeting").to_numpy())
+    once = CountsDraw(controls, rows.size, seed=7, genes=pred.var_names).convert(pred)
+    draw = CountsDraw(controls, rows.size, seed=7, genes=pred.var_names)
+    cut = rows[4]  # inside the first perturbation's cells
+    parts = [draw.convert(pred[:cut]), draw.convert(pred[cut:])]
+    np.testing.assert_array_equal(sp.vstack([p.X for p in parts]).toarray(), once.X.toarray())
+    assert once.uns["vcell"]["library_pairing"].startswith("drawn with replacement")

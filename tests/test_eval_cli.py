@@ -112,8 +112,8 @@ def test_each_context_is_scored_apart_as_cell_eval_scores_each_cell_type(sim_fil
         for f in ("results.csv", "agg_results.csv", "real_de.csv", "pred_de.csv"):
             assert (tmp_path / "split" / line / f).read_bytes() == (tmp_path / f"alone_{line}" / f).read_bytes(), (line, f)
     assert (tmp_path / "split" / "A" / "results.csv").read_bytes() != (tmp_path / "split" / "B" / "results.csv").read_bytes()
-    # Each context streamed within --memory-budget (it was read whole, the budget ignored), and several
-    # predictions in one run (refused before), each in OUT/NAME/CONTEXT/: the same bytes.
+    # Each context scored in gene bands within --memory-budget (it was read whole, the budget ignored), and
+    # several predictions in one run (refused before), each in OUT/NAME/CONTEXT/: the same bytes.
     shutil.copy(tmp_path / "pred2.h5ad", tmp_path / "again.h5ad")
     tiled = run_cli("eval", "run", "--pred", tmp_path / "pred2.h5ad", "--pred", tmp_path / "again.h5ad", "--real", tmp_path / "real2.h5ad",
                     "--context-col", "line", "--memory-budget", "0.00002", "--out", tmp_path / "tiled", *args)

@@ -194,9 +194,9 @@ def split_cmd(
     spec = make_spec(pert_col, control, context_col, batch_col, expression)
     data = load_dataset(file, spec, backed=True, dataset_col=dataset_col, require_context_controls=not allow_missing_controls)
     if simulated_roles:
-        from vcell.data.simulate_vcc import simulated_roles
+        from vcell.data.simulate_vcc import simulated_roles as recorded_roles
 
-        roles = simulated_roles(data.adata.uns, file)
+        roles = recorded_roles(data.adata.uns, file)
         holdout_perturbations, val_perturbations = ",".join(roles["test"]), ",".join(roles["val"]) or None
     cfg = split_config(data.index, split, holdout_context, holdout_perturbations, seed, val_context, val_perturbations)
     if simulated_roles:

@@ -208,8 +208,7 @@ def load_dataset(
     validated and wrapped as it is (:func:`from_anndata`; its dataset name ``dataset_name`` or
     ``"data"``).
     """
-    if not isinstance(spec, DataSpec):
-        raise VcellError(f"spec must be a vcell.DataSpec (e.g. DataSpec(pert_col=..., control=...)), got {type(spec).__name__}")
+    _check_spec(spec)
     if isinstance(path, ad.AnnData):
         if backed or only_obsm is not None:
             raise VcellError("backed and only_obsm read a file: give its path, not an AnnData")
@@ -234,6 +233,11 @@ def load_dataset(
     return PerturbationData(adata=adata, spec=spec, expression=expression, index=index, path=path)
 
 
+def _check_spec(spec) -> None:
+    if not isinstance(spec, DataSpec):
+        raise VcellError(f"spec must be a vcell.DataSpec (e.g. DataSpec(pert_col=..., control=...)), got {type(spec).__name__}")
+
+
 def from_anndata(
     adata: ad.AnnData,
     spec: DataSpec = DataSpec(),
@@ -244,6 +248,7 @@ def from_anndata(
 ) -> PerturbationData:
     """Validate an in-memory AnnData and wrap it like :func:`load_dataset` (``path``: the file it
     came from, named in errors and warnings)."""
+    _check_spec(spec)
     if adata.isbacked and adata.is_view:  # its rows would be streamed from the file by their positions in the view
         raise VcellError(f"{path or 'AnnData'}: a view of a file read with backed='r' (adata[...]) cannot be streamed: "
                          "pass adata[...].to_memory(), or write those cells to a file (`vcell data subset`) and load it")

@@ -6,6 +6,8 @@ operation in the data layer works on these codes so memory stays flat as files g
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pandas as pd
 
@@ -33,3 +35,24 @@ def factorize(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 def blank_codes(names: np.ndarray) -> np.ndarray:
     """Codes of labels that are empty or whitespace (or the strings 'nan'/'None' from missing values)."""
     return np.flatnonzero([str(n).strip() in ("", "nan", "None") for n in names])
+
+
+def names_list(value) -> list:
+    """``value`` as a list of names: one name (a ``str``) is one name, ``None`` none, else each item.
+
+    Examples
+    --------
+    >>> names_list("T98G"), names_list(None), names_list(("A", "B"))
+    (['T98G'], [], ['A', 'B'])
+    """
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def label_rng(seed: int, label, stream: int | None = None) -> np.random.Generator:
+    """The generator of one label's draws (a perturbation's, a cell's), seeded by ``seed`` and the
+    label's CRC-32, so a label's draws do not depend on the others drawn with it; ``stream`` gives
+    the label another, independent stream (its counts beside its control cells)."""
+    key = [int(seed), zlib.crc32(str(label).encode())]
+    return np.random.default_rng(key if stream is None else [*key, int(stream)])

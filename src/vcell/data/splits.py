@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from vcell.data.dataset import CellIndex
+from vcell.data.labels import names_list
 from vcell.data.perturbation_lists import parse_perturbations
 from vcell.data.split_files import SplitConfig, toml_str
 from vcell.errors import VcellError, did_you_mean
@@ -64,7 +65,7 @@ def holdout_config(index: CellIndex, contexts: str | Sequence[str], role: str = 
     _check_index(index, "holdout_config")
     if role not in ("test", "val"):
         raise VcellError(f"role {role!r}: a held-out context is 'test' or 'val'{did_you_mean(str(role), ['test', 'val'])}")
-    contexts, val_contexts = ([c] if isinstance(c, str) else list(c) for c in (contexts, val_contexts))
+    contexts, val_contexts = names_list(contexts), names_list(val_contexts)
     cfg = SplitConfig(source="--holdout-context")
     cfg.training = {str(d): "train" for d in index.datasets}
     for names, r in ((contexts, role), (val_contexts, "val")):

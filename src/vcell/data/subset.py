@@ -53,8 +53,10 @@ def write_cells(
     progress: Callable[[int], None] | None = None,
     genes: Sequence[str] | None = None,
     layers: bool = True,
+    window_nnz: int | None = None,
 ) -> ad.AnnData:
-    """Write the cells of ``path`` where ``mask`` is true to ``out`` (atomically), every slot kept.
+    """Write the cells of ``path`` where ``mask`` is true to ``out`` (atomically): ``X``, ``layers``,
+    ``obs``, ``var``, ``obsm`` and ``uns`` (a file that is not all CSR: every slot anndata reads).
 
     Parameters
     ----------
@@ -69,7 +71,10 @@ def write_cells(
     genes
         Keep only these genes, in this order (every name must be in the file); default all.
     layers
-        ``False``: leave ``layers`` out (``X``, ``obs``, ``var``, ``obsm`` and ``uns`` only).
+        ``False``: leave ``layers`` out (``X``, ``obs``, ``var``, ``obsm`` and ``uns`` only, whatever the layout).
+    window_nnz
+        Non-zeros of CSR rows read at a time (memory: about 16 bytes each; default 32 million); a
+        matrix that is not CSR is read whole for the chosen rows.
 
     Returns
     -------
@@ -92,20 +97,23 @@ def write_cells(
             keys = _csr_keys(f, layers)
         if keys is None:
             view = meta[mask] if cols is None else meta[mask, cols]
-            sub = view.to_memory()
-            if not layers:
-                sub.layers.clear()
+            if layers:
+                sub = view.to_memory()
+            else:  # the chosen rows of X alone (to_memory reads every slot: raw, layers, varm, obsp)
+                X = view.X
+                sub = ad.AnnData(X=X.to_memory() if hasattr(X, "to_memory") else X, obs=view.obs.copy(), var=view.var.copy(),
+                                 obsm={k: v for k, v in view.obsm.items()}, uns=dict(meta.uns))
             write_h5ad(sub, out)
             if progress is not None:
                 progress(int(mask.sum()))
         else:
-            _copy_csr(path, meta, mask, keys, out, progress, cols)
+            _copy_csr(path, meta, mask, keys, out, progress, cols, window_nnz or _WINDOW_NNZ)
     finally:
         meta.file.close()
     return read_h5ad(out, backed=True)
 
 
-def _copy_csr(path: Path, meta: ad.AnnData, mask: np.ndarray, keys: list[str], out: Path, progress, cols) -> None:
+def _copy_csr(path: Path, meta: ad.AnnData, mask: np.ndarray, keys: list[str], out: Path, progress, cols, window_nnz: int) -> None:
     rows = np.flatnonzero(mask)
     obs = meta.obs.iloc[rows].copy()
     for col in obs.columns:  # categories no remaining cell has would look like empty groups downstream
@@ -118,7 +126,7 @@ def _copy_csr(path: Path, meta: ad.AnnData, mask: np.ndarray, keys: list[str], o
         n_vars = int(nodes[0].attrs["shape"][1])
         var = meta.var.copy() if cols is None else meta.var.iloc[cols].copy()
         with H5adWriter(tmp, len(var), tuple(keys), dtype={k: n["data"].dtype for k, n in zip(keys, nodes)}) as w:
-            for part in _windows(indptrs[0], rows, _WINDOW_NNZ):
+            for part in _windows(indptrs[0], rows, window_nnz):
                 a, b = int(part[0]), int(part[-1]) + 1
                 blocks = {}
                 for key, node, ptr in zip(keys, nodes, indptrs):

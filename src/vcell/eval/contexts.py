@@ -9,6 +9,7 @@ budget (:func:`vcell.eval.run.run_many`).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +39,10 @@ def context_masks(metas: Mapping[str, object], paths: Mapping[str, Path], column
     fine; ``real`` is the reference's key). Every file must hold the reference's contexts, and no other."""
     labels = {key: _contexts(meta, column, str(paths[key])) for key, meta in metas.items()}
     contexts = sorted(str(c) for c in set(labels[real]))
+    if not contexts:
+        raise VcellError(f"{paths[real]}: no cells")
+    if "" in contexts:  # its folder would be OUT itself, beside the other contexts' folders
+        raise VcellError(f"{paths[real]}: cells with an empty context name in column {column!r}; name every context")
     for key, values in labels.items():
         only_pred, only_real = sorted(set(values) - set(contexts)), sorted(set(contexts) - set(values))
         if only_pred or only_real:
@@ -47,15 +52,18 @@ def context_masks(metas: Mapping[str, object], paths: Mapping[str, Path], column
     return {c: {key: values == c for key, values in labels.items()} for c in contexts}
 
 
-def write_context_files(paths: Mapping[str, Path], masks: Mapping[str, np.ndarray], folder: Path, tag: str) -> dict[str, Path]:
+def write_context_files(paths: Mapping[str, Path], masks: Mapping[str, np.ndarray], folder: Path, tag: str,
+                        budget: float = math.inf) -> dict[str, Path]:
     """Copy each file's cells of one context (``masks[key]``) into ``folder``; returns key -> the copy.
 
-    Only ``X`` and the annotations are copied (the evaluator reads nothing else).
+    Only ``X`` and the annotations are copied (the evaluator reads nothing else). CSR rows are
+    copied in windows within ``budget`` bytes; a dense ``X`` is read for the context's rows at once.
     """
+    window = int(min(32_000_000, max(100_000, budget / 16)))  # ~16 bytes a non-zero while a window is copied
     copies = {}
     for i, (key, path) in enumerate(paths.items()):
         copies[key] = Path(folder) / f"{tag}.{i}.h5ad"
-        write_cells(path, masks[key], copies[key], layers=False).file.close()
+        write_cells(path, masks[key], copies[key], layers=False, window_nnz=window).file.close()
     return copies
 
 

@@ -136,9 +136,10 @@ def precompile_evaluator(dtypes: tuple[str, ...] = ("float32",), threads: int = 
     dict
         ``seconds`` taken, ``steps`` run, ``cache`` (the folder of the compiled kernels).
     """
+    from vcell.data.labels import names_list
     from vcell.errors import VcellError
 
-    dtypes = [dtypes] if isinstance(dtypes, str) else list(dtypes)
+    dtypes = names_list(dtypes)
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
         raise VcellError(f"--dtypes {','.join(dtypes)!r}: use one or more of {', '.join(DTYPES)}")

@@ -331,7 +331,7 @@ def run_many(
     with (cycles_collected_promptly(), atomic_paths(out, outputs(names_out)) as tmp,
           ThreadPoolExecutor(2) as writer, Scratch(out) as scratch):
         for c, (perturbations, reorder, where) in checks.items():
-            files = paths if c is None else write_context_files(paths, masks[c], scratch.folder(), "context")
+            files = paths if c is None else write_context_files(paths, masks[c], scratch.folder(), "context", budget)
             try:
                 timings: dict[str, float] = {"check": checked}
                 real_side = _side(files[REAL], real, where[REAL], "real", None, pert_col, input_type, scratch, backed, option, progress, control,

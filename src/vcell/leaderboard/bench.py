@@ -22,6 +22,7 @@ import scipy.sparse as sp
 from vcell._version import __version__
 from vcell.data.dataset import PerturbationData, from_anndata
 from vcell.data.io import atomic_path, read_h5ad, write_h5ad
+from vcell.data.labels import names_list
 from vcell.data.spec import DataSpec
 from vcell.data.split_files import SplitConfig, read_split_toml
 from vcell.data.splits import Split, apply_split, holdout_config
@@ -171,7 +172,7 @@ def make_folds(
     if not holdout:
         raise VcellError("give --split FILE, --holdout-context NAME (or 'all') or --holdout-perturbations FRACTION|LIST|FILE "
                           "(split_file=, holdout=, holdout_perturbations=)")
-    names = [holdout] if isinstance(holdout, str) else list(holdout)
+    names = names_list(holdout)
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise VcellError(f"--holdout-context {twice[0]!r} is given twice (holdout=): each held-out context is one fold")
@@ -361,7 +362,7 @@ def run_bench(
 
     t0 = time.perf_counter()
     out = Path(out)
-    holdout, datasets = ([v] if isinstance(v, str) else list(v) for v in (holdout, datasets))  # a name or names
+    holdout, datasets = names_list(holdout), names_list(datasets)
     source = IN_MEMORY if isinstance(data_path, ad.AnnData) else str(Path(data_path).resolve())  # bench.json's "data"
     check_output_dir(out, list(BENCH_OUTPUTS), [] if source == IN_MEMORY else [data_path], overwrite=overwrite)
     check_replaceable(out, BENCH_OUTPUTS, bench_files(out))
@@ -437,8 +438,7 @@ def run_bench(
                 row["vcc_score"], row["vcc_score_unclipped"] = vcc_score(agg, aggs[(BASELINE_MODEL, ctx)])
                 row.update(scores_2026.get((name, ctx), {}))
                 rows.append(row)
-        board = _leaderboard(rows)
-        write_csv(board, stage / "leaderboard.csv")
+        write_csv(board := _leaderboard(rows), stage / "leaderboard.csv")
         held = [", ".join(holdout)] if holdout else []
         if folds[0].config.holdout_perturbations and split_file is None:
             held.append("perturbations " + ", ".join(folds[0].config.holdout_perturbations))

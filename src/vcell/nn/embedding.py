@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vcell.data.labels import label_rng
 from vcell.data.rows import row_source
 from vcell.errors import VcellError
 from vcell.nn.checkpoint import LAST, find_checkpoint, load_model
@@ -325,11 +325,11 @@ def embed_adata(model: StateEmbedding, meta: dict, adata, expression: str, batch
     rows = row_source(adata)
     device = next(model.parameters()).device
     out = np.empty((adata.n_obs, model.config.emb_dim), dtype=np.float32)
-    keys = [zlib.crc32(str(name).encode()) for name in adata.obs_names]
+    names = [str(name) for name in adata.obs_names]
     for start in range(0, adata.n_obs, batch_size):
         idx = np.arange(start, min(start + batch_size, adata.n_obs))
         values, _ = normalise_expression(rows.read(idx), expression)
-        tok = tokenize(values[:, columns], ids, n_slots, 0, [np.random.default_rng([seed, keys[i]]) for i in idx])
+        tok = tokenize(values[:, columns], ids, n_slots, 0, [label_rng(seed, names[i]) for i in idx])
         emb = model(torch.as_tensor(tok["genes"], device=device), torch.as_tensor(tok["values"], device=device))
         out[idx] = emb.float().cpu().numpy()
         if progress is not None:

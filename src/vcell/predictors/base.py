@@ -11,7 +11,6 @@ shift per perturbation derive from :class:`ShiftPredictor`.
 
 from __future__ import annotations
 
-import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
@@ -21,6 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcell.data.dataset import PerturbationData
+from vcell.data.labels import label_rng
 from vcell.data.rows import MemoryRows
 from vcell.data.spec import DataSpec
 from vcell.data.splits import Split
@@ -221,7 +221,7 @@ def control_draws(
         n = cell_count(cells_per_perturbation, pert)
         if n < 0:
             raise VcellError(f"cells per perturbation must be >= 0, got {n} for {pert!r}")
-        rng = np.random.default_rng([int(seed), zlib.crc32(str(pert).encode())])
+        rng = label_rng(seed, pert)
         rows.append(rng.choice(n_controls, size=n, replace=n > n_controls))
     return rows
 

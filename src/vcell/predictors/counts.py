@@ -30,7 +30,6 @@ file's (``expression``/``output``), the library-size rule, its source, the depth
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Mapping
 
 import anndata as ad
@@ -39,6 +38,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcell.data.counts import draw_library_sizes, sample_counts
+from vcell.data.labels import label_rng
 from vcell.data.matrix import scan_matrix
 from vcell.errors import VcellError, control_hint, preview
 
@@ -234,13 +234,19 @@ def _paired_sizes(pred: ad.AnnData, rows: np.ndarray, totals: pd.Series) -> np.n
     if CONTROL_CELL_COL not in pred.obs.columns:
         return None
     names = pred.obs[CONTROL_CELL_COL].to_numpy()[rows]
-    if pd.isna(names).all():  # a model whose cells start from no control (cell_mean)
+    unnamed = pd.isna(names)
+    if unnamed.all():  # a model whose cells start from no control (cell_mean)
         return None
+    if unnamed.any():
+        raise VcellError(f"counts: {int(unnamed.sum()):,} of {unnamed.size:,} predicted cells name no control cell "
+                         f"(column {CONTROL_CELL_COL!r}); name one for every cell, or none, or give a fixed depth")
     names = names.astype(str)
-    if not totals.index.is_unique:
+    if not totals.index.is_unique:  # a cell is paired by name: a name two controls share names neither
         dup = totals.index[totals.index.duplicated()].unique()
-        raise VcellError(f"counts: the control cells given have duplicated names ({preview(list(dup), 3)}): each predicted cell "
-                         f"is paired with its control cell by name ({CONTROL_CELL_COL!r})")
+        log.warning("counts: the control cells have duplicated names (%s): library sizes are drawn from the controls' "
+                    "instead of each cell's own control's; make the names unique (adata.obs_names_make_unique()) to pair them",
+                    preview(list(dup), 3))
+        return None
     pos = totals.index.get_indexer(names)
     if (pos < 0).any():
         missing = pd.unique(names[pos < 0])
@@ -248,6 +254,14 @@ def _paired_sizes(pred: ad.AnnData, rows: np.ndarray, totals: pd.Series) -> np.n
                          f"given ({preview(list(missing), 3)}; column {CONTROL_CELL_COL!r}): give the "
                          "context's control cells the prediction was made from, or a fixed depth")
     return np.rint(totals.to_numpy()[pos]).astype(np.int64)
+
+
+def _holds_real_controls(pred: ad.AnnData) -> bool:
+    """Whether ``pred`` holds real control rows, as :func:`~vcell.predictors.predict.predict_context`
+    appends them: cells whose ``control_cell`` is their own name."""
+    if CONTROL_CELL_COL not in pred.obs.columns:
+        return False
+    return bool((pred.obs[CONTROL_CELL_COL].astype(str).to_numpy() == pred.obs_names.to_numpy().astype(str)).any())
 
 
 def to_counts(
@@ -300,10 +314,10 @@ def to_counts(
     if isinstance(meta, Mapping) and meta.get("output") == "counts":
         raise VcellError("the prediction is counts already (uns['vcell']['output'] == 'counts'); to_counts draws counts from log1p")
     labels = pred.obs[pert_col].astype(str).to_numpy()
-    if str(control) not in labels:  # a prediction may come without control rows; one whose label differs must not
-        hint = control_hint(str(control), pd.unique(labels))
-        if hint:
-            raise VcellError(f"the prediction has no {control!r} cells in column {pert_col!r}{hint.replace('pass --control ', 'pass control=')}")
+    if str(control) not in labels and _holds_real_controls(pred):  # they would be drawn as predicted cells
+        hint = control_hint(str(control), pd.unique(labels)).replace("pass --control ", "pass control=")
+        raise VcellError(f"the prediction has no {control!r} cells in column {pert_col!r}, but it holds real control cells "
+                         f"(their {CONTROL_CELL_COL!r} is their own name){hint}")
     n = int((labels != str(control)).sum())
     draw = CountsDraw(controls, n, depth=depth, seed=seed, pert_col=pert_col, control=control, model_space=model_space, genes=pred.var_names,
                       totals_source=totals_source)
@@ -360,16 +374,17 @@ class CountsDraw:
             self.meta.update(library_size="controls", library_source=source)
         else:
             self.meta.update(library_size="depth", depth=int(self.depth))
-        self._rngs: dict[str, np.random.Generator] = {}  # one per perturbation, continued across pieces
+        self._rngs: dict[tuple[str, int], np.random.Generator] = {}  # per perturbation and stream, continued across pieces
         self.done = 0  # predicted cells drawn so far
 
-    def _generator(self, label: str) -> np.random.Generator:
-        """The generator of ``label``'s cells, seeded by the seed and the label (as its control cells are,
-        :func:`~vcell.predictors.base.control_draws`, with another stream): a perturbation's counts do not
-        depend on which other perturbations are drawn, nor in which order."""
-        if label not in self._rngs:
-            self._rngs[label] = np.random.default_rng([self.seed, zlib.crc32(label.encode()), 1])
-        return self._rngs[label]
+    def _generator(self, label: str, stream: int) -> np.random.Generator:
+        """The generator of ``label``'s counts (``stream`` 1) or drawn library sizes (2), seeded by the
+        seed and the label (:func:`~vcell.data.labels.label_rng`; its control cells are stream-less):
+        a perturbation's counts depend neither on the others drawn nor on their order, nor on how its
+        cells are split over calls."""
+        if (label, stream) not in self._rngs:
+            self._rngs[label, stream] = label_rng(self.seed, label, stream)
+        return self._rngs[label, stream]
 
     def predicted_rows(self, pred: ad.AnnData) -> np.ndarray:
         """Positions of ``pred``'s predicted (not control) rows."""
@@ -410,10 +425,9 @@ class CountsDraw:
         blocks = []
         for label in pd.unique(labels[order]):
             mine = order[labels[order] == label]
-            rng = self._generator(label)
             if drawn:
-                sizes[mine] = draw_library_sizes(self.totals.to_numpy(), mine.size, rng)
-            blocks.append(sample_counts(pred.X, sizes[mine], rng, rows=rows[mine]))
+                sizes[mine] = draw_library_sizes(self.totals.to_numpy(), mine.size, self._generator(label, 2))
+            blocks.append(sample_counts(pred.X, sizes[mine], self._generator(label, 1), rows=rows[mine]))
         if not blocks:
             counts = sp.csr_matrix((0, pred.n_vars), dtype=np.float32)
         else:

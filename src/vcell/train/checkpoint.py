@@ -151,8 +151,9 @@ def validation_follows(trainer) -> bool:
 
 
 class RunCheckpoints(Callback):
-    """Writes ``last/`` every ``every_n_steps`` steps and at the end, ``best/`` on a lower ``val_loss``
-    (runs without validation write ``last/`` only).
+    """Writes ``last/`` every ``every_n_steps`` steps and at the last step, ``best/`` on a lower ``val_loss``
+    (runs without validation write ``last/`` only). A ``last/`` due at an epoch's last step is
+    written once that epoch's validation has run, so a run resumed from it does not skip it.
 
     Only ``last/`` (what ``--resume`` continues from) keeps the optimiser state, and only with
     ``save_optimizer``; ``best/`` is for inference and holds none (a third of the size with Adam).

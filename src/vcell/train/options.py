@@ -45,7 +45,7 @@ class TrainOptions:
     num_workers
         Data loader worker processes.
     checkpoint_every
-        Write ``last/`` every this many steps (and at the end).
+        Write ``last/`` every this many steps (and at the last; one due at an epoch's end is written after its validation).
     log_every
         Log the loss every this many steps.
     grad_clip
