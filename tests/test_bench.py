@@ -358,20 +358,19 @@ def test_bench_cli_perturbation_hold_out_one_context_beyond_the_replicate(tmp_pa
     """`vcell bench --profile vcc2026` holding out perturbations of one context whose labels name no
     gene (drugs): the target-gene rule is said and recorded; the --model-config options and the profile
     as given are recorded; the headline leads with the VCC 2026 score; cell_mean's pds_cosine lies beyond
-    the replicate (5 perturbations of 24 cells; at --seed 4, by the draws of its counts): warned, recorded with its scaled value and shown in the
+    the replicate (5 perturbations of ~10 cells; at seed 0, by the draws of its counts): warned, recorded with its scaled value and shown in the
     report; the terminal names both scales; one context is shown once (no duplicate mean rows)."""
     import vcell
 
     a = vcell.simulate_perturbseq(seed=0, n_genes=300, n_perturbations=10, n_combinations=0, n_contexts=1,
-                                  cells_per_perturbation=24, n_controls=100)
+                                  cells_per_perturbation=10, n_controls=100)
     labels = a.obs["target_gene"].astype(str)
     a.obs["target_gene"] = np.where(labels == "non-targeting", labels, "drug_" + labels)
     data, out, config = tmp_path / "sim.h5ad", tmp_path / "bench", tmp_path / "models.yaml"
     a.write_h5ad(data)
     config.write_text("linear: {alpha: 3.0}\n")
     result = run_cli("bench", "--data", data, "--context-col", "none", "--holdout-perturbations", "0.5", "--models",
-                     "control_mean,pert_mean,linear", "--model-config", config, "--profile", "vcc2026", "--threads", "1", "--out", out,
-                     "--seed", "4")
+                     "control_mean,pert_mean,linear", "--model-config", config, "--profile", "vcc2026", "--threads", "1", "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
     said = " ".join(result.stderr.split())
     assert said.count("none of the 5 perturbation labels names a measured gene: no target gene is excluded") == 1
@@ -385,7 +384,8 @@ def test_bench_cli_perturbation_hold_out_one_context_beyond_the_replicate(tmp_pa
     pds = beyond[("cell_mean", "pds_cosine")]
     board = read_csv(out / "leaderboard.csv", text_columns=("model", "context")).set_index(["model", "context"])
     assert pds["scaled"] > 1 and not pds["clamped"] and pds["score"] == board.loc[("cell_mean", "all"), "vcc2026_pds_cosine"]
-    assert "cell_mean lies beyond the replicate anchor on pds_cosine" in said and "no evidence of a better-than-replicate" in said
+    assert re.search(r"cell_mean lies beyond the replicate anchor on .*pds_cosine [0-9.]+ \(replicate", said), said
+    assert "no evidence of a better-than-replicate" in said
     shown = " ".join(result.stdout.split())
     assert "(VCC: the 2025 score x100, scaled against cell_mean; VCC 2026: on a 0-1 scale" in shown
     assert " mean " not in shown.split("leaderboard (")[1]  # the one context's mean repeats it
