@@ -330,3 +330,21 @@ def test_safetensors_files_are_the_same_bytes_run_after_run(tmp_path):
 
     with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
         assert f.metadata()["k7"] == "7" and f.get_tensor("a").shape == (3, 2)
+
+
+def test_a_failed_write_of_several_files_removes_the_subfolders_it_made(tmp_path):
+    """Per-context outputs (OUT/CONTEXT/...) of a failed run left empty CONTEXT/ folders behind."""
+    from vcell.data.io import atomic_paths
+
+    out = tmp_path / "out"
+    (out / "kept").mkdir(parents=True)
+    with pytest.raises(RuntimeError):
+        with atomic_paths(out, ["A/results.csv", "B/deep/results.csv", "kept/x.csv", "top.csv"]) as tmp:
+            for path in tmp.values():
+                path.write_text("partial")
+            raise RuntimeError("a context failed")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["kept"]
+    with pytest.raises(RuntimeError):
+        with atomic_paths(tmp_path / "new", ["A/r.csv"]) as tmp:
+            raise RuntimeError("before anything")
+    assert not (tmp_path / "new").exists()

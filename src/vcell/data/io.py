@@ -288,17 +288,20 @@ def _place_new(tmp: Path, path: Path) -> None:
 def atomic_paths(directory: str | os.PathLike, names: list[str]) -> Iterator[dict[str, Path]]:
     """Temporary paths for several files of ``directory``, all renamed into place only on success.
 
-    If the body raises, every temporary file is removed, and ``directory`` too when this call
-    created it and it is left empty: a failed run leaves nothing behind.
+    If the body raises, every temporary file is removed, and the folders this call created
+    (``directory`` and the subfolders of ``names``, e.g. ``CONTEXT/``) when left empty: a failed
+    run leaves nothing behind.
     """
     directory = Path(directory)
-    created = not directory.exists()
+    folders = {parent for name in names for parent in (directory / name).parents if directory in parent.parents}
+    made = sorted((d for d in [*folders, directory] if not d.exists()), key=lambda d: len(d.parts), reverse=True)  # deepest first
     try:
         with contextlib.ExitStack() as stack:
             yield {name: stack.enter_context(atomic_path(directory / name)) for name in names}
     except BaseException:
-        if created and directory.is_dir() and not any(directory.iterdir()):
-            directory.rmdir()
+        for folder in made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
 
 
