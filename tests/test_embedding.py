@@ -216,7 +216,7 @@ def test_train_errors(kang_small, tmp_path):
     with pytest.raises(VcellError, match="was trained on kang_small; resume with the same --data files"):
         train_se([other], run, TINY, max_steps=2, resume=True, accelerator="cpu")
     # other model sizes were silently ignored (the checkpoint's kept, exit 0)
-    with pytest.raises(VcellError, match=r"cannot resume .*other model options \(d_model 32 -> 128"):
+    with pytest.raises(VcellError, match=r"cannot resume: the checkpoint was trained with another model config \(d_model 32 -> 128"):
         train_se([kang_small], run, {**TINY, "d_model": 128}, max_steps=2, resume=True, accelerator="cpu")
 
 

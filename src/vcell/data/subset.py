@@ -102,7 +102,7 @@ def write_cells(
             else:  # the chosen rows of X alone (to_memory reads every slot: raw, layers, varm, obsp)
                 X = view.X
                 sub = ad.AnnData(X=X.to_memory() if hasattr(X, "to_memory") else X, obs=view.obs.copy(), var=view.var.copy(),
-                                 obsm={k: v for k, v in view.obsm.items()}, uns=dict(meta.uns))
+                                 obsm=dict(view.obsm), uns=dict(meta.uns))
             write_h5ad(sub, out)
             if progress is not None:
                 progress(int(mask.sum()))

@@ -34,7 +34,7 @@ def _contexts(adata, column: str, where: str) -> np.ndarray:
     return np.asarray(names, dtype=object).astype(str)[codes]
 
 
-def context_masks(metas: Mapping[str, object], paths: Mapping[str, Path], column: str, real: str = "real") -> dict[str, dict[str, np.ndarray]]:
+def context_masks(metas: Mapping[str, object], paths: Mapping[str, Path], column: str, real: str) -> dict[str, dict[str, np.ndarray]]:
     """context -> file key -> mask of its cells, for the files ``metas`` (key -> AnnData, backed is
     fine; ``real`` is the reference's key). Every file must hold the reference's contexts, and no other."""
     labels = {key: _contexts(meta, column, str(paths[key])) for key, meta in metas.items()}

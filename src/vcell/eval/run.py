@@ -309,26 +309,35 @@ def run_many(
     names = selected_metrics(profile, skip)
     need_de, need_energy = _needs(names)
     t = time.perf_counter()
+
+    def check_outputs(masks: dict) -> dict:  # (name, context) -> the folder prefix of that run's files
+        prefix = {(k, c): folder[k] + subfolder(c, f"{real}: context") for k in preds for c in masks}
+        check_output_dir(out, [p + n for p in prefix.values() for n in OUTPUT_NAMES], [*preds.values(), real], overwrite=overwrite)
+        return prefix
+
+    masks = {None: None}
+    if context_col is None:  # the outputs are known: checked before any file is read
+        prefix = check_outputs(masks)
     metas = {REAL: read_h5ad(real, backed=True)}
     try:  # every prediction checked against the reference, in every context, before any matrix is read
         metas.update({key: read_h5ad(path, backed=True) for key, path in preds.items()})
         paths = {REAL: real, **preds}
-        masks = context_masks(metas, paths, context_col, REAL) if context_col is not None else {None: None}
+        if context_col is not None:
+            masks = context_masks(metas, paths, context_col, REAL)
         checks = {c: _check_context(metas, paths, masks[c], c, pert_col, control) for c in masks}
         genes = metas[REAL].var_names.copy()
     finally:
         for meta in metas.values():
             meta.file.close()
-    part = {c: subfolder(c, f"{real}: context") for c in masks}
-    outputs = lambda files: [folder[k] + part[c] + n for k in preds for c in masks for n in files]  # noqa: E731
-    check_output_dir(out, outputs(OUTPUT_NAMES), [*preds.values(), real], overwrite=overwrite)
+    if context_col is not None:  # the contexts name the outputs
+        prefix = check_outputs(masks)
     checked = time.perf_counter() - t
     names_out = ["results.csv", "agg_results.csv", *(["real_de.csv", "pred_de.csv"] if need_de else [])]
     # The DE tables are written (to temporary files) in the background while the next side is
     # read and scored; all files are renamed into place only when everything succeeded.
     budget = budget if backed else math.inf
     done = {}
-    with (cycles_collected_promptly(), atomic_paths(out, outputs(names_out)) as tmp,
+    with (cycles_collected_promptly(), atomic_paths(out, [p + n for p in prefix.values() for n in names_out]) as tmp,
           ThreadPoolExecutor(2) as writer, Scratch(out) as scratch):
         for c, (perturbations, reorder, where) in checks.items():
             files = paths if c is None else write_context_files(paths, masks[c], scratch.folder(), "context", budget)
@@ -336,7 +345,7 @@ def run_many(
                 timings: dict[str, float] = {"check": checked}
                 real_side = _side(files[REAL], real, where[REAL], "real", None, pert_col, input_type, scratch, backed, option, progress, control,
                                   perturbations, need_de, need_energy, threads, budget, timings)
-                real_writes = [writer.submit(write_de_csv, _de_table(real_side), tmp[f"{folder[k]}{part[c]}real_de.csv"], threads=1)
+                real_writes = [writer.submit(write_de_csv, _de_table(real_side), tmp[f"{prefix[k, c]}real_de.csv"], threads=1)
                                for k in preds] if need_de else []
                 for key in preds:
                     own = dict(timings)
@@ -345,24 +354,22 @@ def run_many(
                     warn_mixed_spaces(where[REAL], real_side.expression, where[key], pred_side.expression)
                     writes = []
                     if need_de:  # the last table is on the critical path: format it on more threads
-                        writes = [writer.submit(write_de_csv, _de_table(pred_side), tmp[f"{folder[key]}{part[c]}pred_de.csv"],
+                        writes = [writer.submit(write_de_csv, _de_table(pred_side), tmp[f"{prefix[key, c]}pred_de.csv"],
                                                 threads=max(1, threads))]
                     result = _finish([real_side, pred_side], perturbations, genes, names, own,
-                                     {n: tmp[folder[key] + part[c] + n] for n in names_out}, real_writes + writes)
+                                     {n: tmp[prefix[key, c] + n] for n in names_out}, real_writes + writes)
                     if len(preds) > 1 or c is not None:  # kept in their files: memory does not grow with the runs
                         result.real_de = result.pred_de = None
-                    done[key if c is None else (key, c)] = result
+                    done[key, c] = result
                     del pred_side
                 del real_side
             finally:
                 if c is not None:
                     remove_files(files)
-    for key in preds:
-        for c in masks:
-            for stale in set(OUTPUT_NAMES) - set(names_out):  # an earlier run's, replaced (--overwrite)
-                (Path(out) / f"{folder[key]}{part[c]}{stale}").unlink(missing_ok=True)
-    return {k: (result, [Path(out) / f"{folder[k if isinstance(k, str) else k[0]]}{part[None if isinstance(k, str) else k[1]]}{n}"
-                         for n in names_out]) for k, result in done.items()}
+    for p in prefix.values():
+        for stale in set(OUTPUT_NAMES) - set(names_out):  # an earlier run's, replaced (--overwrite)
+            (Path(out) / f"{p}{stale}").unlink(missing_ok=True)
+    return {k if c is None else (k, c): (result, [Path(out) / f"{prefix[k, c]}{n}" for n in names_out]) for (k, c), result in done.items()}
 
 
 REAL = "\0real"  # the reference's key among the files (a prediction's name is a file name: never this)

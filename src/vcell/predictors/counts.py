@@ -420,11 +420,10 @@ class CountsDraw:
             self.meta.setdefault("library_pairing", pairing)
         else:
             sizes = np.full(len(rows), self.depth, dtype=np.int64)
-        labels = pred.obs[self.pert_col].astype(str).to_numpy()[rows]
-        order = np.argsort(labels, kind="stable")
+        codes, labels = pd.factorize(pred.obs[self.pert_col].astype(str).to_numpy()[rows])
+        order = np.argsort(codes, kind="stable")  # each perturbation's cells together, in row order
         blocks = []
-        for label in pd.unique(labels[order]):
-            mine = order[labels[order] == label]
+        for label, mine in zip(labels, np.split(order, np.cumsum(np.bincount(codes, minlength=len(labels)))[:-1])):
             if drawn:
                 sizes[mine] = draw_library_sizes(self.totals.to_numpy(), mine.size, self._generator(label, 2))
             blocks.append(sample_counts(pred.X, sizes[mine], self._generator(label, 1), rows=rows[mine]))

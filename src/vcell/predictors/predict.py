@@ -163,15 +163,11 @@ def write_prediction(
 
 
 def _whole(value, what: str) -> int:
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        n = int(value)
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
-        n = int(value)
-    else:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
         raise VcellError(f"{what} must be a whole number of cells >= 1, got {value!r}")
-    if n < 1:
+    if value < 1:
         raise VcellError(f"{what} must be >= 1, got {value!r}")
-    return n
+    return int(value)
 
 
 def _cell_counts(given: int | Mapping[str, int], perturbations: Sequence[str]) -> int | dict[str, int]:

@@ -11,7 +11,6 @@ as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -204,20 +203,13 @@ class SEModule(ResumableModule, L.LightningModule):
 _DATA_SIZES = ("n_genes", "gene_dim", "n_datasets")  # filled in from the data and the gene table
 
 
-def _check_model_options(start: Path, saved: dict, config: dict, genes, names: list[str], vectors) -> None:
-    """Refuse (one line, naming them) to resume with model sizes or a gene table (``genes``, when
-    given) other than the checkpoint's: they were taken from it whatever was passed. Without
-    ``genes`` the checkpoint's table is the one trained on (``--gene-dim`` sizes new tables only)."""
-    diffs = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in json.loads(json.dumps(config)).items()
-             if k not in _DATA_SIZES and k in saved and saved[k] != v]
-    if genes is not None:
-        table = gene_table([], genes)
-        same = list(table.names) == list(names) and np.array_equal(np.asarray(table.vectors), np.asarray(vectors))
-        if not same:
-            diffs.append(f"--genes {genes if not hasattr(genes, 'names') else 'table'}: another gene table than the checkpoint's")
-    if diffs:
-        raise VcellError(f"cannot resume {start}: it was trained with other model options ({', '.join(diffs[:4])}); "
-                         "resume with the same --preset, --config and --genes, or train into a new --out")
+def _check_gene_table(start: Path, genes, names: list[str], vectors) -> None:
+    """Refuse to resume with a gene table (``genes``, when given) other than the checkpoint's: the
+    checkpoint's is the one trained on (``--gene-dim`` sizes new tables only)."""
+    table = gene_table([], genes)
+    if list(table.names) != list(names) or not np.array_equal(np.asarray(table.vectors), np.asarray(vectors)):
+        raise VcellError(f"cannot resume {start}: --genes {genes if not hasattr(genes, 'names') else 'table'} is another gene "
+                         "table than the checkpoint's; resume without --genes (or with its table), or train into a new --out")
 
 
 def gene_table(paths: list[Path], genes=None, dim: int = 128, seed: int = 0, expression: str | None = None):
@@ -301,13 +293,15 @@ def train_se(
     with run_dir(out_dir, resume, overwrite) as start, seeded(options.seed):
         lr, schedule_steps = options.lr, options.schedule_steps
         if start is not None:
-            # the gene table and sizes are those of the checkpoint, whatever was passed
             trained, meta = StateEmbedding.from_checkpoint(start)
             if meta["datasets"] != names:
                 raise VcellError(f"{start}: was trained on {', '.join(meta['datasets'])}; resume with the same --data files")
-            vocab_names, values = meta["genes"], meta["model"]
-            vectors = trained.gene_vectors
-            _check_model_options(start, values, config, genes, vocab_names, vectors)
+            # the data sizes are the checkpoint's; other sizes as passed, so that a change is refused, named
+            # (ResumableModule.on_load_checkpoint), as train st refuses it
+            vocab_names, vectors = meta["genes"], trained.gene_vectors
+            values = {**meta["model"], **{k: v for k, v in config.items() if k not in _DATA_SIZES}}
+            if genes is not None:
+                _check_gene_table(start, genes, vocab_names, vectors)
             source = meta.get("gene_source", "checkpoint")
             schedule_steps, lr = int(meta["schedule_steps"]), float(meta["lr"])
         else:
