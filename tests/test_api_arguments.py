@@ -157,7 +157,7 @@ def test_resuming_on_changed_in_memory_data_says_it_changed(small, tmp_path):
     vcell.train_st(data, split, tmp_path / "st", cfg, max_steps=2)
     edited = lg.copy()
     edited.X.data[:10] += 0.5
-    with pytest.raises(VcellError, match=r"data \(in memory\) changed since the run was trained on it"):
+    with pytest.raises(VcellError, match=r"data \(in memory\) changed since it was trained on it"):
         vcell.train_st(vcell.load_dataset(edited, vcell.DataSpec()), split, tmp_path / "st", cfg, max_steps=4, resume=True)
 
 

@@ -653,7 +653,7 @@ def test_resume_through_another_column_names_the_column_not_a_changed_file():
     assert "it was trained with --batch-col None, not 'gem_group'" in resume_differences(saved, batches)
     del saved["columns"]["batch_col"]
     changed = resume_differences(saved, run("perturbation", "b", ["MAPK1", "PLK4"]))
-    assert any("/data/x.h5ad changed since the run was trained on it" in d for d in changed), changed
+    assert any("/data/x.h5ad changed since it was trained on it" in d for d in changed), changed
 
 
 def test_a_file_changed_beyond_its_sampled_rows_is_not_the_file_a_run_resumes_on(tmp_path):
@@ -661,7 +661,7 @@ def test_a_file_changed_beyond_its_sampled_rows_is_not_the_file_a_run_resumes_on
     resumed on (646 of 662 cells changed). 512 rows and every row's number of stored values (CSR
     indptr) are in the identity too; a checkpoint of an earlier version, without them, is compared
     as before."""
-    from vcell.train.runs import MORE_ROWS, SAMPLE_ROWS, _data_difference, file_identity
+    from vcell.train.runs import MORE_ROWS, SAMPLE_ROWS, data_difference, file_identity
 
     rng = np.random.default_rng(0)
     n = 2000  # more rows than the 512 hashed: the row layout tells the rest
@@ -680,9 +680,9 @@ def test_a_file_changed_beyond_its_sampled_rows_is_not_the_file_a_run_resumes_on
     a.write_h5ad(tmp_path / "x.h5ad")
     ours = file_identity(tmp_path / "x.h5ad", ad.read_h5ad(tmp_path / "x.h5ad", backed="r"))
     assert saved["digest"] == ours["digest"]  # what the sampled rows alone could not tell
-    assert "changed since the run was trained on it" in _data_difference(saved, ours)
+    assert "changed since it was trained on it" in data_difference(saved, ours)
     assert file_identity(tmp_path / "x.h5ad", ad.read_h5ad(tmp_path / "x.h5ad"))["rows"] == ours["rows"]  # in memory too
-    assert _data_difference({k: v for k, v in saved.items() if k != "rows"}, ours) is None
+    assert data_difference({k: v for k, v in saved.items() if k != "rows"}, ours) is None
 
 
 def test_a_prediction_beside_the_model_can_be_replaced_but_not_the_model(ws, tmp_path):

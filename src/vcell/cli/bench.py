@@ -91,13 +91,18 @@ def bench(
     allow_missing_controls: AllowMissingControls = False,
     no_report: Annotated[bool, typer.Option("--no-report", help="Skip report.html.")] = False,
     model_config: Annotated[Path | None, typer.Option("--model-config", help="YAML/JSON: model name -> options, e.g. st: {max_steps: 2000, config: {width: 256}}; variants: st_se: {model: st, embed_key: X_vcell}.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results of an earlier benchmark in OUT.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results of an earlier benchmark in OUT; without "
+                                            "--resume, discard the finished runs an interrupted one kept in OUT/bench.partial.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a benchmark that stopped (an error, Ctrl-C, a kill) from the "
+                                         "runs it finished (a model on a fold, kept in OUT/bench.partial), with the same data, "
+                                         "folds, options and --model-config entries of those models; the results are those "
+                                         "of an uninterrupted run.")] = False,
     seed: Seed = 0,
 ) -> None:
     """Train each model, predict the held-out contexts, score with vcell eval, write leaderboard + report."""
     from vcell.data.perturbation_lists import parse_perturbations
     from vcell.eval.profiles import profile_metrics
-    from vcell.leaderboard import BENCH_OUTPUTS, run_bench
+    from vcell.leaderboard import BENCH_OUTPUTS, PARTIAL, run_bench
 
     if profile != "vcc2026":
         profile_metrics(profile)  # an unknown profile is named now, not after every model was trained
@@ -110,12 +115,13 @@ def bench(
     if not names:
         raise VcellError(f"--models {models!r}: names no model (e.g. --models {DEFAULT_MODELS})")
     options = model_options(model_config) if model_config is not None else {}
-    with removed_if_interrupted(out, BENCH_OUTPUTS, staged=True), status("benchmark") as line:
+    with removed_if_interrupted(out, BENCH_OUTPUTS, staged=True, kept=PARTIAL), status("benchmark") as line:
         result = run_bench(
             data, out, names, lambda name: build_model(name, options, seed), spec=spec, split_file=split,
             holdout=holdout_context or [], holdout_perturbations=holdout_perturbations, dataset_col=dataset_col, datasets=dataset or [], profile=profile, threads=threads, seed=seed,
             allow_missing_controls=allow_missing_controls, report=not no_report,
             progress=lambda text: line.update(description=f"benchmark: {text}"), overwrite=overwrite, model_options=options,
+            resume=resume,
         )
     show = {"model": "model", "context": "context", "vcc_score": "VCC", "vcc_score_unclipped": "VCC unclipped", "vcc2026_score": "VCC 2026",
             "mae": "MAE", "discrimination_score_l1": "PDS", "overlap_at_N": "DES"}

@@ -39,7 +39,7 @@ def _sole_writer(out: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def removed_if_interrupted(out: Path, names: Iterable[str], staged: bool = False) -> Iterator[None]:
+def removed_if_interrupted(out: Path, names: Iterable[str], staged: bool = False, kept: str | None = None) -> Iterator[None]:
     """On Ctrl-C in the body, remove the outputs ``names`` of the folder ``out`` that the body created
     (and ``out`` itself if it created it and left it empty), then raise :class:`Interrupted` saying so.
     While the body runs no other vcell command can write into ``out`` (:func:`_sole_writer`).
@@ -47,6 +47,8 @@ def removed_if_interrupted(out: Path, names: Iterable[str], staged: bool = False
     Outputs that were there before (replaced with ``--overwrite``) are left, and the message says
     they may be partly replaced; with ``staged`` (the body writes in a staging folder and replaces
     them only once it is done: :func:`~vcell.data.staging.staged_folder`), that they are as they were.
+    ``kept``: a folder of ``out`` the body may leave to be continued from (``vcell bench --resume``);
+    if it is there, the message says so.
     """
     out, names = Path(out), list(names)
     existed = out.exists()
@@ -64,6 +66,10 @@ def removed_if_interrupted(out: Path, names: Iterable[str], staged: bool = False
                 target.unlink(missing_ok=True)
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
+        if kept and (out / kept).is_dir():
+            earlier = f"; {out} holds the earlier results as they were" if before and staged else ""
+            raise Interrupted(f"interrupted; the finished runs are kept in {out / kept}: run the same command with --resume to "
+                              f"continue from them{earlier}") from None
         if before and staged:
             raise Interrupted(f"interrupted; nothing written: {out} holds the earlier results as they were") from None
         if before:

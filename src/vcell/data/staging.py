@@ -62,7 +62,7 @@ def _written(stage: Path, names: Sequence[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def staged_folder(out: str | os.PathLike, names: Sequence[str]) -> Iterator[Path]:
+def staged_folder(out: str | os.PathLike, names: Sequence[str], keep: str | None = None) -> Iterator[Path]:
     """Yield a temporary folder inside ``out`` to write the outputs ``names`` into; on success they
     replace every earlier output of ``names`` in ``out`` (with ``--overwrite``: an earlier run's go
     whole, also those this run does not write, such as a report not asked for again; check first
@@ -70,13 +70,20 @@ def staged_folder(out: str | os.PathLike, names: Sequence[str]) -> Iterator[Path
     files written inside folder outputs are listed in ``out/WRITTEN``.
 
     If the body raises (Ctrl-C included) the temporary folder goes and ``out`` holds what it held
-    before; one that a killed run left is removed first (:func:`clean_leftovers`).
+    before; one that a killed run left is removed first (:func:`clean_leftovers`). With ``keep`` (a
+    folder name) the staging folder is ``out/keep``, reused if it is there, and left as it is when
+    the body raises (the body decides what of it stays: ``vcell bench --resume``).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     marker = out / "staging"
     clean_leftovers(marker)
-    stage = Path(tempfile.mkdtemp(prefix=temp_prefix(marker), suffix=".tmp", dir=out))
+    if keep:
+        stage = out / keep
+        stage.mkdir(exist_ok=True)
+    else:
+        stage = Path(tempfile.mkdtemp(prefix=temp_prefix(marker), suffix=".tmp", dir=out))
+    done = False
     try:
         yield stage
         with atomic_path(stage / WRITTEN) as tmp:
@@ -92,12 +99,14 @@ def staged_folder(out: str | os.PathLike, names: Sequence[str]) -> Iterator[Path
             for name in [*names, WRITTEN]:
                 if (stage / name).exists() or (stage / name).is_symlink():
                     os.replace(stage / name, out / name)
+        done = True  # the results are in place: what is left of the stage goes, whatever comes next
         placed(*(out / name for name in [*names, WRITTEN]))
         if held:
             log.warning("a stop signal (Ctrl-C) came as the results were put in place in %s: they are complete", out)
         shutil.rmtree(aside, ignore_errors=True)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        if done or not keep:
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 @contextlib.contextmanager

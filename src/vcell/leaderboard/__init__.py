@@ -22,8 +22,10 @@ Layout of the output folder (the report reads it):
   target-gene rule used (``vcc2026_target_genes``) and the runs beyond the replicate anchor
   (``vcc2026_beyond_replicate``; :mod:`vcell.leaderboard.vcc2026`).
 - ``report.html``.
+- ``bench.partial/`` while a benchmark runs, and after one stopped with finished runs (a model on
+  a fold) to continue from: ``--resume`` (:mod:`vcell.leaderboard.resume`).
 
-Dependencies flow cli -> leaderboard -> (predictors, eval, report) -> data.
+Dependencies flow cli -> leaderboard -> (predictors, train, eval, report) -> data.
 """
 
 from vcell.leaderboard.bench import (
@@ -31,15 +33,14 @@ from vcell.leaderboard.bench import (
     BENCH_OUTPUTS,
     VCC_METRICS,
     BenchResult,
-    Fold,
     bench_files,
-    fold_record,
-    make_folds,
     prepare_data,
     run_bench,
     slug,
     vcc_score,
 )
+from vcell.leaderboard.folds import Fold, fold_record, make_folds
+from vcell.leaderboard.resume import PARTIAL
 
-__all__ = ["BASELINE_MODEL", "BENCH_OUTPUTS", "VCC_METRICS", "BenchResult", "Fold", "bench_files", "fold_record", "make_folds", "prepare_data",
-           "run_bench", "slug", "vcc_score"]
+__all__ = ["BASELINE_MODEL", "BENCH_OUTPUTS", "PARTIAL", "VCC_METRICS", "BenchResult", "Fold", "bench_files", "fold_record", "make_folds",
+           "prepare_data", "run_bench", "slug", "vcc_score"]

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,9 +25,7 @@ from vcell.data.dataset import PerturbationData, from_anndata
 from vcell.data.io import atomic_path, read_h5ad, write_h5ad
 from vcell.data.labels import names_list
 from vcell.data.spec import DataSpec
-from vcell.data.split_files import SplitConfig, read_split_toml
-from vcell.data.splits import Split, apply_split, holdout_config
-from vcell.data.splits import holdout_perturbations as holdout_perturbations_config
+from vcell.data.splits import Split
 from vcell.data.trained import pert_vocabulary, trained_labels
 from vcell.data.validate import validate
 from vcell.errors import VcellError, preview
@@ -34,6 +33,8 @@ from vcell.eval.inputs import check_pair
 from vcell.eval.profiles import PROFILES
 from vcell.eval.run import evaluate, write_outputs
 from vcell.eval.scoring import score, write_csv
+from vcell.leaderboard.folds import Fold, fold_record, make_folds
+from vcell.leaderboard.resume import PARTIAL, Records, bench_settings, check_partial
 from vcell.leaderboard.vcc2026 import Bench2026
 from vcell.predictors.base import Predictor
 from vcell.predictors.predict import predict_context
@@ -47,16 +48,6 @@ VCC_METRICS = tuple(PROFILES["vcc"])
 def slug(text: str) -> str:
     """A file-name-safe version of a model or context name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
-
-
-@dataclass
-class Fold:
-    """One split to train on, and the held-out contexts to score on it."""
-
-    name: str
-    config: SplitConfig
-    split: Split
-    contexts: list[str]  # context names (not "dataset.context") with test cells
 
 
 @dataclass
@@ -126,109 +117,22 @@ def prepare_data(
 IN_MEMORY = "<in-memory AnnData>"
 
 
-def make_folds(
-    data: PerturbationData,
-    split_file: str | os.PathLike | None,
-    holdout: Sequence[str],
-    holdout_perturbations: float | str | Sequence[str] | None = None,
-    seed: int = 0,
-) -> list[Fold]:
-    """The folds of a benchmark: from a split file, held-out contexts and/or held-out perturbations.
-
-    Parameters
-    ----------
-    data
-        The benchmark's data.
-    split_file
-        A split TOML: one fold, scored on every context with test cells.
-    holdout
-        Held-out contexts, one fold each (``["all"]``: every context with controls).
-    holdout_perturbations
-        Perturbations held out in every context (a fraction of the labels drawn with ``seed``, or
-        labels; see :func:`~vcell.data.splits.holdout_perturbations`). Alone: one fold, scored on
-        every context with cells of them. With ``holdout``: the same labels held out in every fold,
-        each fold scored on its held-out context (whose held-out perturbations are unseen everywhere).
-    seed
-        Seeds the draw of a fraction of perturbations (once, for every fold).
-
-    Returns
-    -------
-    list[Fold]
-    """
-    index = data.index
-    if split_file is not None:
-        if holdout_perturbations is not None:
-            raise VcellError("give either --split FILE or --holdout-perturbations, not both (a split file holds its own)")
-        cfg = read_split_toml(split_file)
-        split = apply_split(index, cfg)
-        return [Fold(Path(split_file).stem, cfg, split, _test_contexts(index, split))]
-    perts = None
-    if holdout_perturbations is not None:  # drawn once: every fold holds out the same labels
-        perts = holdout_perturbations_config(index, holdout_perturbations, seed).holdout_perturbations
-        if not holdout:
-            cfg = holdout_perturbations_config(index, perts)
-            split = apply_split(index, cfg)
-            return [Fold("perturbations", cfg, split, _test_contexts(index, split))]
-    if not holdout:
-        raise VcellError("give --split FILE, --holdout-context NAME (or 'all') or --holdout-perturbations FRACTION|LIST|FILE "
-                          "(split_file=, holdout=, holdout_perturbations=)")
-    names = names_list(holdout)
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise VcellError(f"--holdout-context {twice[0]!r} is given twice (holdout=): each held-out context is one fold")
-    if len(names) > 1 and "all" in (n.lower() for n in names):
-        raise VcellError("--holdout-context all holds out each context in turn (holdout=['all']); give it alone, not with named contexts")
-    if [n.lower() for n in names] == ["all"]:
-        with_controls = np.unique(index.context_codes[index.is_control])
-        names = [str(index.contexts[c]) for c in with_controls]
-    folds = []
-    for name in names:
-        cfg = holdout_config(index, [name]) if perts is None else holdout_perturbations_config(index, perts, contexts=[name])
-        split = apply_split(index, cfg)
-        contexts = _test_contexts(index, split)
-        if perts is not None:  # score the held-out context; the other contexts' held-out cells are only left out
-            held = {key.split(".", 1)[1] for key, role in cfg.zeroshot.items() if role == "test"}
-            contexts = [c for c in contexts if c in held]
-        if not contexts:
-            log.warning("context %s has no perturbed cells to predict; skipped", name)
-            continue
-        same = next((f.name for f in folds if f.contexts == contexts), None)
-        if same is not None:  # one context under two names, e.g. 'k562' and 'norman19.k562'
-            raise VcellError(f"--holdout-context {same!r} and {name!r} name the same context ({', '.join(contexts)}): "
-                             "each held-out context is one fold")
-        folds.append(Fold(name, cfg, split, contexts))
-    if not folds:
-        raise VcellError("no held-out context has perturbed cells to predict")
-    return folds
-
-
-def _test_contexts(index, split: Split) -> list[str]:
-    codes = np.unique(index.context_codes[split.mask("test")])
-    return [str(index.contexts[c]) for c in codes]
-
-
-def fold_record(data: PerturbationData, fold: Fold) -> dict:
-    """What ``bench.json`` records of a fold's hold-out, read from its split as applied to the data.
-
-    Returns
-    -------
-    dict
-        ``name``; ``contexts`` (scored); ``held_out_contexts`` (scored contexts with no training
-        cells); ``held_out_perturbations`` (scored perturbations with no training cells in any
-        context); ``scored_perturbations`` (context -> the perturbations scored there).
-    """
-    index = data.index
-    labels = index.perts[index.pert_codes].astype(str)
-    contexts = index.contexts[index.context_codes].astype(str)
-    test, train = fold.split.mask("test"), fold.split.mask("train")
-    scored = {c: sorted(np.unique(labels[test & (contexts == c)]).tolist()) for c in fold.contexts}
-    trained = set(np.unique(labels[train]).tolist())
-    return {
-        "name": fold.name, "contexts": fold.contexts,
-        "held_out_contexts": [c for c in fold.contexts if not (train & (contexts == c)).any()],
-        "held_out_perturbations": sorted({p for perts in scored.values() for p in perts} - trained),
-        "scored_perturbations": scored,
-    }
+def _fold_scales(data: PerturbationData, fold: Fold, spec: DataSpec, stage: Path, bench_2026: Bench2026 | None,
+                 records: Records, say: Callable[[str], None]) -> tuple[dict[str, ad.AnnData], dict[str, float]]:
+    """Write a fold's real held-out cells and (vcc2026) each context's scale; record the fold. Returns
+    the real cells by context and the scales' timings."""
+    real_by_ctx, timings = {}, {}
+    for ctx in fold.contexts:
+        real_by_ctx[ctx] = _tidy(_real_cells(data, fold.split, ctx), spec)
+        write_h5ad(real_by_ctx[ctx], stage / "predictions" / f"real_{slug(ctx)}.h5ad")
+    if bench_2026 is not None:
+        for ctx in fold.contexts:
+            say(f"fold {fold.name}: the vcc2026 scale of {ctx} (baseline and replicate anchor)")
+            t = time.perf_counter()
+            bench_2026.add_context(fold.name, ctx, _real_cells(data, fold.split, ctx), stage / "eval" / f"vcc2026_scale_{slug(ctx)}")
+            timings[f"vcc2026 scale {ctx}"] = time.perf_counter() - t
+    records.add_fold(fold.name, {"timings": timings, "vcc2026": bench_2026.fold_meta(fold.name) if bench_2026 is not None else {}})
+    return real_by_ctx, timings
 
 
 def _scored_cells(split: Split) -> np.ndarray:
@@ -311,6 +215,7 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
     overwrite: bool = False,
     model_options: dict[str, dict] | None = None,
+    resume: bool = False,
 ) -> BenchResult:
     """Train, predict and score every model on every fold; write the leaderboard and the report.
 
@@ -346,10 +251,15 @@ def run_bench(
     progress : callable, optional
         Called with a short text as each step starts.
     overwrite : bool
-        Replace an earlier benchmark's results in ``out``.
+        Replace an earlier benchmark's results in ``out`` (and discard the runs an interrupted one
+        kept, unless ``resume``).
     model_options : dict, optional
         Model name -> the options ``make_model`` builds it with, recorded in ``bench.json`` (``make_model``
         is opaque); a model without an entry is recorded with ``{}``.
+    resume : bool
+        Continue an interrupted benchmark from the runs (a model on a fold) it finished, kept in
+        ``out/bench.partial`` (:mod:`vcell.leaderboard.resume`): refused when they were made with
+        other data, options, folds or model options (as ``model_options`` records them).
 
     Returns
     -------
@@ -366,6 +276,10 @@ def run_bench(
     source = IN_MEMORY if isinstance(data_path, ad.AnnData) else str(Path(data_path).resolve())  # bench.json's "data"
     check_output_dir(out, list(BENCH_OUTPUTS), [] if source == IN_MEMORY else [data_path], overwrite=overwrite)
     check_replaceable(out, BENCH_OUTPUTS, bench_files(out))
+    check_partial(out, resume, overwrite)
+    given = {"pert_col": spec.pert_col, "control": spec.control, "context_col": spec.context_col, "batch_col": spec.batch_col,
+             "expression": spec.expression, "dataset_col": dataset_col, "datasets": datasets, "profile": profile, "seed": seed,
+             "allow_missing_controls": allow_missing_controls}
     models = list(dict.fromkeys(models))
     user_models = set(models)  # the models make_model builds: the options recorded are theirs
     if BASELINE_MODEL not in models:
@@ -385,27 +299,38 @@ def run_bench(
     spec = data.spec
     folds = make_folds(data, split_file, holdout, holdout_perturbations, seed)
     _check_models(data, folds, {name: make_model(name) for name in models})
-    with staged_folder(out, BENCH_OUTPUTS) as stage:  # an earlier run's results stay whole until this one is
+    all_options = {m: dict((model_options or {}).get(m, {})) if m in user_models else {} for m in models}
+    with (staged_folder(out, BENCH_OUTPUTS, keep=PARTIAL) as stage,  # an earlier run's results stay whole until this one is
+          (records := Records(stage, bench_settings(data, folds, given), resume, all_options)).kept_on_failure()):
         (stage / "predictions").mkdir(parents=True, exist_ok=True)
         rows, runs, timings = [], [], {}
         bench_2026 = Bench2026(spec, threads, seed) if with_2026 else None
         fits = 0
         for fold in folds:
-            real_by_ctx = {}
-            for ctx in fold.contexts:
-                real_by_ctx[ctx] = _tidy(_real_cells(data, fold.split, ctx), spec)
-                write_h5ad(real_by_ctx[ctx], stage / "predictions" / f"real_{slug(ctx)}.h5ad")
             aggs: dict[tuple[str, str], pd.DataFrame] = {}
-            if bench_2026 is not None:
-                for ctx in fold.contexts:
-                    say(f"fold {fold.name}: the vcc2026 scale of {ctx} (baseline and replicate anchor)")
-                    t = time.perf_counter()
-                    bench_2026.add_context(fold.name, ctx, _real_cells(data, fold.split, ctx), stage / "eval" / f"vcc2026_scale_{slug(ctx)}")
-                    timings[f"vcc2026 scale {ctx}"] = time.perf_counter() - t
             scores_2026: dict[tuple[str, str], dict[str, float]] = {}
+            if all(records.run(fold.name, name) for name in models):
+                kept = records.fold(fold.name)
+                timings.update(kept["timings"])
+                if bench_2026 is not None:
+                    bench_2026.restore(kept["vcc2026"])
+            else:
+                real_by_ctx, fold_timings = _fold_scales(data, fold, spec, stage, bench_2026, records, say)
+                timings.update(fold_timings)
             for name in models:
                 fits += 1
+                kept = records.run(fold.name, name)
+                if kept is not None:  # finished before an interruption: read back, not run again
+                    say(f"{name} on fold {fold.name} ({fits} of {len(models) * len(folds)}): kept from the interrupted run")
+                    runs += kept["runs"]
+                    timings.update(kept["timings"])
+                    aggs.update({(name, ctx): agg for ctx, agg in kept["aggs"].items()})
+                    scores_2026.update({(name, ctx): score for ctx, score in kept["scores_2026"].items()})
+                    if bench_2026 is not None:
+                        bench_2026.beyond += kept["beyond"]
+                    continue
                 say(f"{name} on fold {fold.name} ({fits} of {len(models) * len(folds)}): training")
+                done = {"runs": len(runs), "beyond": len(bench_2026.beyond) if bench_2026 is not None else 0, "timings": set(timings)}
                 t = time.perf_counter()
                 with _named(name, fold.name):
                     model = make_model(name).fit(data, fold.split)
@@ -432,12 +357,19 @@ def run_bench(
                         timings[f"vcc2026 {name} {ctx}"] = time.perf_counter() - t
                     runs.append({"model": name, "context": ctx, "fold": fold.name, "slug": run_slug,
                                  "prediction": f"predictions/{run_slug}.h5ad", "eval_dir": f"eval/{run_slug}"})
+                records.add_run(fold.name, name, {
+                    "runs": runs[done["runs"]:], "timings": {k: v for k, v in timings.items() if k not in done["timings"]},
+                    "aggs": {ctx: aggs[(name, ctx)] for ctx in fold.contexts},
+                    "scores_2026": {ctx: scores_2026[(name, ctx)] for ctx in fold.contexts if (name, ctx) in scores_2026},
+                    "beyond": bench_2026.beyond[done["beyond"]:] if bench_2026 is not None else []})
             for (name, ctx), agg in aggs.items():
                 means = agg.set_index("statistic").loc["mean"]
                 row = {"model": name, "context": ctx, **{k: float(v) if pd.notna(v) else np.nan for k, v in means.items()}}
                 row["vcc_score"], row["vcc_score_unclipped"] = vcc_score(agg, aggs[(BASELINE_MODEL, ctx)])
                 row.update(scores_2026.get((name, ctx), {}))
                 rows.append(row)
+        if records.kept:
+            _drop_other_runs(stage, runs, [c for f in folds for c in f.contexts])
         write_csv(board := _leaderboard(rows), stage / "leaderboard.csv")
         held = [", ".join(holdout)] if holdout else []
         if folds[0].config.holdout_perturbations and split_file is None:
@@ -445,10 +377,11 @@ def run_bench(
         meta = {
             "data": source, "out": str(out.resolve()), "pert_col": spec.pert_col, "control": spec.control,
             "context_col": spec.context_col, "models": models, "contexts": [c for f in folds for c in f.contexts],
-            "model_options": {m: dict((model_options or {}).get(m, {})) if m in user_models else {} for m in models},
+            "model_options": all_options,
             "folds": [{**fold_record(data, f), "split": f.config.to_toml()} for f in folds],
             "runs": runs, "real": {c: f"predictions/real_{slug(c)}.h5ad" for f in folds for c in f.contexts},
             "datasets": list(datasets), "seed": seed, "profile": profile, "vcell_version": __version__, "timings": timings,
+            "resumed_runs": records.kept,
             "split": str(split_file) if split_file else "holdout: " + "; ".join(held),
         }
         if bench_2026 is not None:
@@ -462,6 +395,16 @@ def run_bench(
             build_report(stage)
     timings["total"] = time.perf_counter() - t0
     return BenchResult(board, out, runs, timings)
+
+
+def _drop_other_runs(stage: Path, runs: list[dict], contexts: list[str]) -> None:
+    """Remove from a resumed benchmark's folder the files of runs it does not list: one that failed
+    before the interruption, a kept one of a model no longer in ``--models``."""
+    listed = {r["prediction"] for r in runs} | {r["eval_dir"] for r in runs}
+    listed |= {f"predictions/real_{slug(c)}.h5ad" for c in contexts} | {f"eval/vcc2026_scale_{slug(c)}" for c in contexts}
+    for path in [*stage.glob("predictions/*"), *stage.glob("eval/*")]:
+        if path.relative_to(stage).as_posix() not in listed:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _check_models(data: PerturbationData, folds: list[Fold], models: dict[str, Predictor]) -> None:

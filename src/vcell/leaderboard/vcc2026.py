@@ -59,6 +59,18 @@ class Bench2026:
             self._said.add(rule["rule"])
             log.info("vcc2026 target genes (%s): %s", where, rule_note(rule))
 
+    def fold_meta(self, fold: str) -> dict:
+        """What was recorded of ``fold``'s contexts (:meth:`add_context`), for :meth:`restore`."""
+        return {"caveats": [c for c in self.scale_caveats if c["fold"] == fold],
+                "target_genes": [r for r in self.target_genes if r["fold"] == fold]}
+
+    def restore(self, meta: dict) -> None:
+        """Take back a fold's records (:meth:`fold_meta`) without computing its scales again (its
+        runs were all scored before ``vcell bench --resume``)."""
+        self.scale_caveats += meta["caveats"]
+        self.target_genes += meta["target_genes"]
+        self._said.update(r["rule"] for r in meta["target_genes"])
+
     def score(self, fold: str, model: str, context: str, pred: ad.AnnData, folder: Path, predictor=None) -> dict[str, float]:
         """Score one log1p prediction (``predictor``'s, whose
         :meth:`~vcell.predictors.base.Predictor.counts_basis` the counts are drawn from) on its

@@ -310,12 +310,17 @@ def split_identity(index, split) -> dict:
     return {"contexts": contexts, "digest": digest(split.role_codes)}
 
 
-def st_fingerprint(data, split, embed_key: str | None = None) -> dict:
-    """What an ST run trains on: the data file (cells, genes, labels, values) and the split."""
+def data_identity(data, embed_key: str | None = None) -> dict:
+    """A :class:`~vcell.data.dataset.PerturbationData`'s :func:`file_identity`: its file, cells, genes,
+    labels (perturbations, contexts, batches, datasets) and values (``.obsm[embed_key]``'s too)."""
     index = data.index
     extra = (index.perts, index.pert_codes, index.contexts, index.context_codes, index.batch_codes, index.dataset_codes)
-    keys = (None,) if embed_key is None else (None, embed_key)
-    return {"data": file_identity(data.path, data.adata, extra, keys), "split": split_identity(index, split)}
+    return file_identity(data.path, data.adata, extra, (None,) if embed_key is None else (None, embed_key))
+
+
+def st_fingerprint(data, split, embed_key: str | None = None) -> dict:
+    """What an ST run trains on: the data file (cells, genes, labels, values) and the split."""
+    return {"data": data_identity(data, embed_key), "split": split_identity(data.index, split)}
 
 
 # --------------------------------------------------------------------------------------- resuming
@@ -331,15 +336,17 @@ def _file(ident: dict) -> str:
     return f"{ident.get('file') or 'in-memory data'} ({ident.get('cells')} cells x {ident.get('genes')} genes)"
 
 
-def _data_difference(saved: dict, ours: dict, what: str = "data") -> str | None:
+def data_difference(saved: dict, ours: dict, what: str = "data", done: str = "trained") -> str | None:
+    """How the data identity ``ours`` (:func:`file_identity`) differs from ``saved``, that of the data
+    the run was ``done`` on, as a message clause; ``None`` if it does not."""
     rows = saved.get("rows"), ours.get("rows")  # absent from checkpoints of earlier versions: not compared
     if saved.get("digest") == ours.get("digest") and (None in rows or rows[0] == rows[1]):
         return None
     if saved.get("file") == ours.get("file"):  # the same file, or in-memory data both times
         shape = lambda i: f"{i.get('cells')} cells x {i.get('genes')} genes"  # noqa: E731
         now = f"{shape(saved)} then, {shape(ours)} now" if shape(saved) != shape(ours) else "other cell or gene names, labels or values"
-        return f"{what} {ours.get('file') or '(in memory)'} changed since the run was trained on it ({now})"
-    return f"it was trained on {_file(saved)}, not {_file(ours)}"
+        return f"{what} {ours.get('file') or '(in memory)'} changed since it was {done} on it ({now})"
+    return f"it was {done} on {_file(saved)}, not {_file(ours)}"
 
 
 def _names(items) -> str:
@@ -381,11 +388,11 @@ def resume_differences(saved: dict, ours: dict) -> list[str]:
     fa, fb = saved.get("fingerprint") or {}, ours.get("fingerprint") or {}
     data_a, data_b = fa.get("data"), fb.get("data")
     if isinstance(data_a, dict) and isinstance(data_b, dict) and not (columns and data_a.get("file") == data_b.get("file")):
-        diffs.append(_data_difference(data_a, data_b))
+        diffs.append(data_difference(data_a, data_b))
     elif isinstance(data_a, list) and isinstance(data_b, list):
         names = saved.get("datasets") or [f"file {i + 1}" for i in range(len(data_a))]
         for name, a, b in zip(names, data_a, data_b):
-            diffs.append(_data_difference(a, b, f"data file {name!r}"))
+            diffs.append(data_difference(a, b, f"data file {name!r}"))
     if "split" in fa and "split" in fb and not relabelled:
         diffs.append(_split_difference(fa["split"], fb["split"]))
     if "genes" in saved and "genes" in ours and list(saved["genes"]) != list(ours["genes"]):

@@ -1,0 +1,155 @@
+"""`vcell bench --resume`: a benchmark that stopped keeps the runs it finished (a model on a fold)
+and continues from them to the results of an uninterrupted benchmark."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from test_progress import _interrupt
+
+from conftest import error_line, run_cli
+
+KEPT = ("timings", "out", "resumed_runs")  # what may differ between a resumed and an uninterrupted benchmark
+
+
+def _same_results(a: Path, b: Path) -> None:
+    """Two bench folders hold the same files with the same bytes, bench.json aside from ``KEPT``."""
+    differ = []
+
+    def walk(cmp: filecmp.dircmp) -> None:
+        differ.extend(f"{cmp.left}/{f}" for f in cmp.left_only + cmp.right_only + cmp.funny_files)
+        _, mismatch, errors = filecmp.cmpfiles(cmp.left, cmp.right, cmp.common_files, shallow=False)
+        differ.extend(f"{cmp.left}/{f}" for f in mismatch + errors if f != "bench.json")
+        for sub in cmp.subdirs.values():
+            walk(sub)
+
+    walk(filecmp.dircmp(a, b, ignore=["report.html"]))
+    assert not differ, differ
+    ja, jb = (json.loads((d / "bench.json").read_text()) for d in (a, b))
+    assert {k: v for k, v in ja.items() if k not in KEPT} == {k: v for k, v in jb.items() if k not in KEPT}
+
+
+def test_a_failed_benchmark_resumes_from_its_finished_runs_to_the_uninterrupted_results(tmp_path, caplog):
+    """A model failing on the second of three folds (vcc2026: each fold's scale, runs beyond the
+    replicate): the first fold's runs and the second's finished ones are kept, a new benchmark over
+    them is refused, so is a resume with another seed or other model options; the resume ends with
+    the files of an uninterrupted benchmark, reads the first fold back without computing it again,
+    and leaves no partial folder."""
+    import vcell
+    from vcell.errors import VcellError
+    from vcell.leaderboard import PARTIAL
+
+    a = vcell.simulate_perturbseq(seed=0, n_genes=60, n_perturbations=6, n_combinations=0, n_contexts=3,
+                                  cells_per_perturbation=30, n_controls=60)
+    data = tmp_path / "sim.h5ad"
+    a.write_h5ad(data)
+    models = ["control_mean", "pert_mean", "linear"]
+    kw = dict(holdout=["all"], profile="vcc2026", report=False, seed=0, model_options={"linear": {"alpha": 1.0}})
+    build = lambda name: vcell.make_model(name, seed=0, **({"alpha": 1.0} if name == "linear" else {}))  # noqa: E731
+    vcell.run_bench(data, tmp_path / "whole", models, build, **kw)
+
+    fits = []
+
+    def failing(name):  # linear fails on its second fold
+        model = build(name)
+        if name == "linear":
+            fit = model.fit
+
+            def fit_or_fail(d, split):
+                fits.append(name)
+                if len(fits) == 2:
+                    raise VcellError("planted failure")
+                return fit(d, split)
+            model.fit = fit_or_fail
+        return model
+
+    out = tmp_path / "bench"
+    with caplog.at_level(logging.WARNING), pytest.raises(VcellError, match="linear on fold ctx_B: planted failure"):
+        vcell.run_bench(data, out, models, failing, **kw)
+    assert "kept 6 finished run(s) (a model on a fold) in" in caplog.text and "--resume" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == [PARTIAL]  # nothing under the results' names
+
+    with pytest.raises(VcellError, match="keeps 6 finished run.*--resume continues it, --overwrite discards them"):
+        vcell.run_bench(data, out, models, build, **kw)
+    with pytest.raises(VcellError, match="cannot resume .*it was run with --seed 0, not 1"):
+        vcell.run_bench(data, out, models, build, **{**kw, "seed": 1}, resume=True)
+    with pytest.raises(VcellError, match=r"cannot resume .*its linear was run with options \{'alpha': 1.0\}, not \{'alpha': 2.0\}"):
+        vcell.run_bench(data, out, models, build, **{**kw, "model_options": {"linear": {"alpha": 2.0}}}, resume=True)
+    other = a.copy()
+    other.X = other.X * 2
+    other.write_h5ad(tmp_path / "other.h5ad")
+    with pytest.raises(VcellError, match="cannot resume .*the raw counts of .*other.h5ad are not those it was run on"):
+        vcell.run_bench(tmp_path / "other.h5ad", out, models, build, **kw, resume=True)  # their log1p is the same
+    a[:-1].write_h5ad(data)  # the same file, a cell fewer
+    with pytest.raises(VcellError, match=r"cannot resume .*sim.h5ad changed since it was run on it \(681 cells"):
+        vcell.run_bench(data, out, models, build, **kw, resume=True)
+    a.write_h5ad(data)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        result = vcell.run_bench(data, out, models, build, **kw, resume=True)
+    assert "fold ctx_A, ctx_A: the vcc2026 scale" not in caplog.text  # the first fold was read back, not computed
+    assert "fold ctx_B, ctx_B: the vcc2026 scale" in caplog.text
+    assert not (out / PARTIAL).exists()
+    _same_results(tmp_path / "whole", out)
+    assert result.leaderboard.equals(vcell.run_bench(data, tmp_path / "again", models, build, **kw).leaderboard)
+    assert json.loads((out / "bench.json").read_text())["resumed_runs"] == [
+        "control_mean on fold ctx_A", "pert_mean on fold ctx_A", "linear on fold ctx_A", "cell_mean on fold ctx_A",
+        "control_mean on fold ctx_B", "pert_mean on fold ctx_B"]
+    with pytest.raises(VcellError, match="nothing to resume"):
+        vcell.run_bench(data, out, models, build, **kw, overwrite=True, resume=True)
+
+    fits.clear()  # a resume without a model: its kept runs' files are not among the results
+    with pytest.raises(VcellError, match="planted failure"):
+        vcell.run_bench(data, tmp_path / "fewer", models, failing, **kw)
+    vcell.run_bench(data, tmp_path / "fewer", ["control_mean", "linear"], build, **kw, resume=True)
+    files = {p.name for p in (tmp_path / "fewer").glob("*/*")}
+    assert not any(name.startswith("pert_mean") for name in files) and "linear_ctx_B.h5ad" in files, files
+
+
+class _FinishedRun:
+    """A marker for :func:`_interrupt`: the partial folder records a finished run."""
+
+    def __init__(self, out: Path):
+        self.path = out / "bench.partial" / "resume.json"
+
+    def exists(self) -> bool:
+        try:
+            return bool(json.loads(self.path.read_text())["runs"])
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def __str__(self) -> str:
+        return f"a finished run in {self.path}"
+
+
+def test_ctrl_c_in_bench_keeps_the_finished_runs_and_resume_ends_as_an_uninterrupted_run(tmp_path):
+    """Ctrl-C while ST trains in a real `vcell bench` (exit 130, one line saying what was kept);
+    `--resume` trains what was left and writes an uninterrupted benchmark's files, ST's included."""
+    from conftest import MCFALINE, real_data
+
+    config = tmp_path / "st.yaml"
+    config.write_text("st:\n  max_steps: 30\n  set_size: 8\n  batch_size: 2\n  config: {width: 16, n_layers: 1, n_heads: 2, encoder_layers: 1}\n")
+    args = ["bench", "--data", real_data(MCFALINE), "--pert-col", "perturbation", "--control", "control", "--dataset", "mcfaline23",
+            "--holdout-context", "A172", "--holdout-context", "T98G", "--models", "control_mean,st", "--model-config", config,
+            "--profile", "vcc", "--no-report", "--seed", "2"]
+    whole = run_cli(*args, "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    out = tmp_path / "bench"
+    stopped = _interrupt([*args, "--out", out], _FinishedRun(out))
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    assert f"interrupted; the finished runs are kept in {out / 'bench.partial'}: run the same command with --resume" in stopped.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["bench.partial"]
+
+    refused = run_cli(*args, "--out", out)
+    assert "--resume continues it" in error_line(refused)
+    resumed = run_cli(*args, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _same_results(tmp_path / "whole", out)
+    assert json.loads((out / "bench.json").read_text())["resumed_runs"][0] == "control_mean on fold A172"
