@@ -153,3 +153,8 @@ def test_ctrl_c_in_bench_keeps_the_finished_runs_and_resume_ends_as_an_uninterru
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _same_results(tmp_path / "whole", out)
     assert json.loads((out / "bench.json").read_text())["resumed_runs"][0] == "control_mean on fold A172"
+    from vcell.report import build_report
+
+    build_report(out)  # the report says which runs were kept, and that their timings are the interrupted run's
+    assert "kept from an interrupted benchmark" in (out / "report.html").read_text()
+    assert "kept from an interrupted" not in build_report(tmp_path / "whole").read_text()

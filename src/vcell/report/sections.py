@@ -372,6 +372,10 @@ def details_section(bench: Bench) -> str:
     timings = bench.meta.get("timings")
     if isinstance(timings, dict) and timings:
         parts.append("<h3>Timings (seconds)</h3>" + _timings_table(timings))
+    kept = bench.meta.get("resumed_runs")
+    if isinstance(kept, list) and kept:
+        parts.append(f"<p>{len(kept)} run(s) were kept from an interrupted benchmark (<code>vcell bench --resume</code>), "
+                     f"their timings those of the interrupted run: {esc(', '.join(map(str, kept)))}.</p>")
     parts.append("</section>")
     return "".join(parts)
 
