@@ -131,7 +131,7 @@ def test_predict_bad_inputs(trained, tmp_path):
     fewer.write_h5ad(fewer_path)
     predict = ["predict", "--model", run, "--data"]
     ok, *refused = run_cli_batch([  # one interpreter for the five runs
-        [*predict, data, "--context", "ctx_A", "--perturbations", real_pert, "--cells-per-pert", "7", "--out", out],
+        [*predict, data, "--context", "ctx_A", "--perturbations", real_pert, "--cells-per-perturbation", "7", "--out", out],
         [*predict, data, "--context", "ctx_Z", "--out", tmp_path / "z.h5ad"],
         [*predict, no_ctrl_path, "--context", "ctx_B", "--out", tmp_path / "n.h5ad"],
         [*predict, fewer_path, "--context", "ctx_A", "--out", tmp_path / "f.h5ad"],

@@ -152,7 +152,7 @@ WRITERS = {
     "data subset": Writer(lambda w, o: ["data", "subset", w["log"], "--holdout-context", "ctx_B", "--out", o], "real.h5ad", _file,
                           _h5ad),
     "data simulate": Writer(lambda w, o: ["data", "simulate", o, "--n-genes", "20", "--n-contexts", "2", "--n-perturbations", "3",
-                                          "--n-combinations", "0", "--cells-per-perturbation", "5", "--n-controls", "10"],
+                                          "--n-combinations", "0", "--cells-per-pert", "5", "--n-controls", "10"],
                             "sim.h5ad", _file, _h5ad),
     "eval run": Writer(lambda w, o: ["eval", "run", "--pred", w["pred"], "--real", w["real"], "--profile", "minimal",
                                      "--threads", "1", "--out", o],

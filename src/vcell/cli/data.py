@@ -276,7 +276,7 @@ def simulate_cmd(
     n_val_perturbations: Annotated[int | None, typer.Option(help="Perturbations given the validation role (vcc: a sixth; --preset only).")] = None,
     n_test_perturbations: Annotated[int | None, typer.Option(help="Held-out test perturbations (vcc: a third; --preset only).")] = None,
     n_combinations: Annotated[int | None, typer.Option(help="Two-gene combinations (A+B) (default: 10; vcc: none).")] = None,
-    cells_per_perturbation: Annotated[int | None, typer.Option(help="Mean cells per perturbation and context, each group "
+    cells_per_perturbation: Annotated[int | None, typer.Option("--cells-per-perturbation", "--cells-per-pert", help="Mean cells per perturbation and context, each group "
                                                                "drawn within +-40% of it (default: 100; vcc: from --n-cells, ~870).")] = None,
     n_controls: Annotated[int | None, typer.Option(help="Control cells per context (default: 600); with --preset vcc in all, split between the contexts (38,000, 12.7% of --n-cells when given).")] = None,
     n_batches: Annotated[int | None, typer.Option(help="Batches (obs 'gem_group') (default: 2; vcc: 8).")] = None,

@@ -20,7 +20,7 @@ def predict(
     context: Annotated[str, typer.Option("--context", help="Context to predict (its control cells are the input); DATASET.CONTEXT, as `vcell data split` names it, works too.")],
     out: Annotated[Path, typer.Option("--out", help="Predicted cells (.h5ad): log1p with the real controls appended, or counts (--output counts).")],
     perturbations: Annotated[str, typer.Option("--perturbations", help="'data' (those with cells of the context in DATA, as many cells as observed: ready to score against them), 'all' (every one the model was trained on), A,B,... or a CSV with a header (the challenge's pert_counts.csv: names, then cells each; its control row skipped)")] = "data",
-    cells_per_pert: Annotated[int | None, typer.Option("--cells-per-pert", help="Cells per perturbation; default: as many as observed ('data') or listed (a CSV's second column), else 100.")] = None,
+    cells_per_pert: Annotated[int | None, typer.Option("--cells-per-pert", "--cells-per-perturbation", help="Cells per perturbation; default: as many as observed ('data') or listed (a CSV's second column), else 100.")] = None,
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="In a run folder: best (else last) or last.")] = "best",
     set_size: Annotated[int, typer.Option("--set-size", help="Largest cell set fed to the model.")] = DEFAULT_SET_SIZE,
     pert_col: Annotated[str | None, typer.Option("--pert-col", help="obs column with the perturbation; default: the model's.")] = None,
