@@ -407,7 +407,7 @@ def test_papalexi_parity(papalexi):
     assert_agg_equal(d / "v" / "agg_results.csv", oracle / "agg_results.csv")
     assert_no_infinity(d / "v")
     # the exclusion is active: every label names a gene, and excluding nothing changes the numbers
-    assert (resolve_targets(papalexi["targets"], papalexi["genes"]) >= 0).all()
+    assert (resolve_targets(papalexi["targets"], papalexi["genes"]).cols >= 0).all()
     _vcell_run(papalexi["pred"], papalexi["real"], d / "v_none", pert_col="target", no_target_genes=True)
     a, b = _read_results(d / "v" / "results.csv"), _read_results(d / "v_none" / "results.csv")
     j = a.merge(b, on=["perturbation", "metric"], suffixes=("", "_none"))
@@ -1129,3 +1129,95 @@ def test_eval_baseline_names_a_degenerate_scale_that_score_will_refuse(tmp_path)
     _vcell_run(real, real, tmp_path / "self", no_target_genes=True)
     score = run_cli("eval", "score", "--profile", "vcc2026", "--user", tmp_path / "self", "--baseline", tmp_path / "scale")
     assert score.returncode == 2 and "degenerate" in error_line(score)
+
+
+# --------------------------------------------------------------------------------------------
+# target genes as cell-eval2 resolves them (found by a differential fuzz against it)
+# --------------------------------------------------------------------------------------------
+
+
+def _knockdowns(seed: int, n_controls: int, target_mean: float, n_genes: int = 40, cells: int = 30, depth: float = 4000.0):
+    """A reference of knockdowns G00..G03 (each perturbation's own gene at 0 in its cells) whose
+    other genes carry ~``depth`` counts each; the targets sit at ``target_mean`` counts in the controls."""
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i:02d}" for i in range(n_genes)]
+    base = np.full(n_genes, depth)
+    base[:4] = target_mean
+    rows, labels = [rng.poisson(base, (n_controls, n_genes))], [CONTROL] * n_controls
+    for k in range(4):
+        lam = base.copy()
+        lam[k] = 0.0
+        lam[6 + 4 * k:10 + 4 * k] *= 1.5
+        rows.append(rng.poisson(lam, (cells, n_genes)))
+        labels += [genes[k]] * cells
+    return np.vstack(rows).astype(np.float32), labels, genes
+
+
+def test_a_target_gene_tested_in_one_half_of_the_controls_is_left_out_where_cell_eval2_leaves_it_out(tmp_path):
+    """The anchor's halves each test the genes their own controls express at 5 CPM: a target near
+    that line is tested in one half only. cell-eval2 leaves a target out of the DE tables only
+    where the reference side (half A) tests it; vcell left it out always (sig_jaccard 1.8e-3
+    higher in a fuzzed case). Now every split agrees."""
+    _oracle_module()
+    from vcell.eval.vcc2026.files import Options, scale_ends
+
+    X, labels, genes = _knockdowns(5, n_controls=40, target_mean=0.8)
+    real = _write(tmp_path / "real.h5ad", X, labels, genes)
+    pert = np.asarray(labels) != CONTROL
+    pred = _write(tmp_path / "pred.h5ad", X[pert], np.asarray(labels)[pert], genes)
+    theirs = _oracle_run(pred, real, tmp_path / "ce2", "--anchor")
+    scale_ends(real, tmp_path / "v", Options(), baseline=False)
+    mine = pd.read_csv(tmp_path / "v" / "anchor_splits.csv")
+    j = mine.merge(pd.read_parquet(theirs / "anchor_splits.parquet"), on=["split_index", "metric"], suffixes=("", "_o"))
+    assert len(j) == len(mine) and j["split_index"].nunique() == 5
+    ok = _close(j["value"], j["value_o"])
+    assert ok.all(), j.loc[~ok, ["split_index", "metric", "value", "value_o"]]
+
+
+def test_targets_the_de_cannot_resolve_or_that_fill_the_panel_are_refused_as_cell_eval2_refuses_them(tmp_path):
+    """Every target below the reference's 5-CPM gate: no DE metric can leave it out (cell-eval2
+    refuses; vcell scored); every measured gene a target: pds_cosine has no genes to compare
+    (cell-eval2 refuses; vcell gave 0.5 to every perturbation). Both: one error line, nothing written."""
+    X, labels, genes = _knockdowns(1, n_controls=30, target_mean=0.0)  # no control expresses a target
+    real = _write(tmp_path / "real.h5ad", X, labels, genes)
+    pert = np.asarray(labels) != CONTROL
+    pred = _write(tmp_path / "pred.h5ad", X[pert], np.asarray(labels)[pert], genes)
+    below = run_cli("eval", "run", "--profile", "vcc2026", "--pred", pred, "--real", real, "--out", tmp_path / "below")
+    assert "the DE metrics are undefined: no perturbation's target gene is among the 36 genes the reference's DE tests" in error_line(below)
+    assert not (tmp_path / "below").exists()
+    stated = tmp_path / "map.csv"
+    pd.DataFrame({"perturbation": genes[:4], "gene": genes[:4]}).to_csv(stated, index=False)  # stated targets resolve, as in cell-eval2
+    ok = run_cli("eval", "run", "--profile", "vcc2026", "--pred", pred, "--real", real, "--out", tmp_path / "mapped", "--target-genes", stated)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+    X, labels, genes = _knockdowns(2, n_controls=30, target_mean=5.0, n_genes=4)  # the four genes are the four targets
+    real = _write(tmp_path / "real4.h5ad", X, labels, genes)
+    pred = _write(tmp_path / "pred4.h5ad", X[pert], np.asarray(labels)[pert], genes)
+    full = run_cli("eval", "run", "--profile", "vcc2026", "--pred", pred, "--real", real, "--out", tmp_path / "full")
+    assert "pds_cosine is undefined: each of the 4 measured genes is some perturbation's target" in error_line(full)
+
+
+def test_a_target_gene_map_naming_an_unmeasured_gene_excludes_nothing_as_in_cell_eval2(tmp_path, caplog):
+    """A map entry is authoritative in cell-eval2 and not checked against the genes: a gene that is
+    not measured excludes nothing (vcell refused the map). Same numbers, and a warning names it."""
+    import logging
+
+    _oracle_module()
+    import cell_eval2
+    import yaml
+
+    X, labels, genes = _knockdowns(3, n_controls=30, target_mean=40.0)
+    real = _write(tmp_path / "real.h5ad", X, labels, genes)
+    pert = np.asarray(labels) != CONTROL
+    pred = _write(tmp_path / "pred.h5ad", X[pert], np.asarray(labels)[pert], genes)
+    tmap = {"G00": "G00", "G01": "G01", "G02": "NOT_MEASURED", "G03": "G03"}
+    pd.DataFrame({"perturbation": list(tmap), "gene": list(tmap.values())}).to_csv(tmp_path / "map.csv", index=False)
+    cfg = yaml.safe_load((Path(cell_eval2.__file__).parent / "configs" / "vcc2026.yaml").read_text())
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({**cfg, "target_gene_map": tmap}))
+    full = _with_controls(pred, real, tmp_path / "pred_wc.h5ad")
+    _oracle("run", "-ap", full, "-ar", real, "--config", tmp_path / "cfg.yaml", "--pert-col", PERT_COL, "--control", CONTROL,
+            "-o", tmp_path / "ce2")
+    with caplog.at_level(logging.WARNING):
+        _vcell_run(pred, real, tmp_path / "v", target_genes=tmp_path / "map.csv")
+    assert "1 perturbation(s) map to a gene that is not measured; nothing is excluded for them: 'G02 -> NOT_MEASURED'" in caplog.text
+    assert_results_equal(tmp_path / "v", tmp_path / "ce2")

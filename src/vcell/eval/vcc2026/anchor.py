@@ -196,10 +196,11 @@ class AnchorPlan:
         ib = [sb.perturbations.index(p) for p in keep]
         idx = [ref.perturbations.index(p) for p in keep]
         targets = ref.targets[idx]
+        stated = ref.stated[idx] if ref.stated is not None else None
         sa_k, sb_k = _take(sa, ia), _take(sb, ib)
         da_k, db_k = _take_de(da, ia), _take_de(db, ib)
         values, ratio = score_summaries(sa_k, da_k, ca, sb_k, db_k, cb, targets, ref.gene_rank, strict=self.strict,
-                                        where=f" in anchor split {i + 1} (seed {seed})")
+                                        where=f" in anchor split {i + 1} (seed {seed})", stated=stated)
         rows_of = np.full(len(ref.perturbations), -1, dtype=np.int64)
         rows_of[idx] = np.arange(len(keep))
         nmae = _full_gate_nmae(ref, da_k.lfc, ~np.isnan(da_k.padj), db_k.lfc, ~np.isnan(db_k.padj), rows_of)

@@ -29,6 +29,9 @@ SCORED = (
     "de_wilcoxon_sig_jaccard",
     "de_wilcoxon_lfc_nmae",
 )
+#: The four metrics from the DE tables.
+DE_METRICS = ("de_wilcoxon_direction_fidelity_yield_raw", "de_wilcoxon_direction_reach_raw", "de_wilcoxon_sig_jaccard",
+              "de_wilcoxon_lfc_nmae")
 #: Per-perturbation diagnostics written beside them.
 DIAGNOSTICS = ("expr_mse_unbiased", "expr_mse_unbiased_capped", "expr_distance_unbiased", "expr_real_mass_ratio")
 #: Every metric of the profile (``expr_mse_unbiased_capped_norm`` has no per-perturbation value).
