@@ -1221,3 +1221,16 @@ def test_a_target_gene_map_naming_an_unmeasured_gene_excludes_nothing_as_in_cell
         _vcell_run(pred, real, tmp_path / "v", target_genes=tmp_path / "map.csv")
     assert "1 perturbation(s) map to a gene that is not measured; nothing is excluded for them: 'G02 -> NOT_MEASURED'" in caplog.text
     assert_results_equal(tmp_path / "v", tmp_path / "ce2")
+
+
+def test_a_degenerate_scale_says_which_end_is_undefined():
+    """An lfc_nmae the baseline cannot score (NaN) read "the baseline is not worse than the top end"."""
+    from vcell.errors import VcellError
+    from vcell.eval.vcc2026.scale import scaled
+
+    with pytest.raises(VcellError, match=r"baseline nan, top 0.0\): the baseline's value is undefined"):
+        scaled("de_wilcoxon_lfc_nmae", 0.5, math.nan, 0.0)
+    with pytest.raises(VcellError, match=r"the top end is undefined"):
+        scaled("pds_cosine", 0.5, 0.6, math.nan)
+    with pytest.raises(VcellError, match=r"the baseline is not worse than the top end"):
+        scaled("pds_cosine", 0.5, 0.6, 0.5)

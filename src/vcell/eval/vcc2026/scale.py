@@ -49,7 +49,9 @@ def scaled(metric: str, u: float, b: float, top: float) -> float:
     """One metric's value on the scale from ``b`` (0) to ``top`` (1), clamped as the challenge does."""
     lower, _, clamp_lo, hi = POLICY[metric]
     if _is_degenerate(metric, b, top):
-        raise VcellError(f"{metric}: the scale is degenerate (baseline {b!r}, top {top!r}): the baseline is not worse than the top end")
+        why = ("the baseline's value is undefined" if not math.isfinite(b) else "the top end is undefined" if not math.isfinite(top)
+               else "the baseline is not worse than the top end")
+        raise VcellError(f"{metric}: the scale is degenerate (baseline {b!r}, top {top!r}): {why}")
 
     def line(x: float) -> float:
         return 1.0 - (x - top) / (b - top) if lower else (x - b) / (top - b)
@@ -143,7 +145,7 @@ def unresolved(baseline: dict[str, float], replicate: dict[str, float], se: dict
 
 def degenerate_note(names: list[str]) -> str:
     """The warning about the :func:`degenerate` metrics ``names`` (without where it applies, nor what follows)."""
-    return f"the vcc2026 scale of {', '.join(names)} is degenerate (the baseline is not worse than the top end)"
+    return f"the vcc2026 scale of {', '.join(names)} is degenerate (an end undefined, or the baseline not worse than the top end)"
 
 
 def unresolved_note(names: list[str]) -> str:
