@@ -175,6 +175,18 @@ def test_results_do_not_depend_on_blocks_threads_or_row_order():
     _assert_p_close(shuffled.p_value, base.p_value)
 
 
+def test_integer_labels_are_tested_as_the_text_the_input_checks_read():
+    """Guide ids stored as integers (control 0): the input checks accepted --control 0 and the DE
+    engine then refused it ("control group '0' not found among the perturbation labels (0, 1, 2, 10)")."""
+    rng = np.random.default_rng(3)
+    X = rng.poisson(1.0, size=(80, 20)).astype(np.float32)
+    labels = rng.choice([0, 1, 2, 10], 80)
+    as_text = de_arrays(X, labels.astype(str), "0")
+    as_int = de_arrays(X, labels, "0")
+    assert list(as_int.targets) == list(as_text.targets) == ["1", "10", "2"]
+    np.testing.assert_array_equal(as_int.p_value, as_text.p_value)
+
+
 # ------------------------------------------------------------------------------------------
 # Benjamini-Hochberg
 # ------------------------------------------------------------------------------------------

@@ -69,3 +69,32 @@ def test_evaluate_reads_a_layer_when_asked(pair):
     assert not [w for w in caught if "log-transformed" in str(w.message)], [str(w.message) for w in caught]
     with pytest.raises(vcell.VcellError, match=r"real: no layers\['raw'\]"):
         vcell.evaluate(log1p, layered, profile="vcc", layer="raw")
+
+
+def test_a_fraction_of_exactly_float32_one_thousandth_is_no_fraction_as_in_cell_eval(tmp_path):
+    """cell-eval tells counts from log1p by ``np.modf(X) > 1e-3`` in the values' precision; vcell
+    compared a float32 fraction with a float64 1e-3, so integer values beside float32(0.001) were
+    read as log1p, not counts (every expression metric differed), in memory and from a file."""
+    import anndata as ad
+    import pandas as pd
+
+    from vcell.eval.run import run
+
+    rng = np.random.default_rng(0)
+    labels = ["ctrl"] * 20 + ["A"] * 15 + ["B"] * 15
+    X = rng.poisson(3.0, (50, 10)).astype(np.float32)
+    X[:, 0] = np.float32(0.001)
+    P = X.copy()
+    P[20:35, 3] += 4
+    obs = pd.DataFrame({"t": labels}, index=[f"c{i}" for i in range(50)])
+    real, pred = ad.AnnData(X, obs=obs), ad.AnnData(P, obs=obs.copy())
+    cell_eval = pytest.importorskip("cell_eval.utils", reason="cell-eval 0.8.2 (test extra) is the oracle")
+    assert not cell_eval.guess_is_lognorm(real.copy())  # counts, to cell-eval
+    theirs = [0.11937014758586884, 0.033869002014398575]  # cell-eval's mae, counts normalised (as log1p: 0.400 and 0)
+    mae = vcell.evaluate(pred, real, pert_col="t", control="ctrl", profile="vcc").results["mae"].to_numpy()
+    np.testing.assert_allclose(mae, theirs, rtol=1e-6)  # cell-eval averages in float32
+    for layout in ("dense", "csr"):  # a dense file read whole, a CSR one through the reader's own scan
+        for side, name in ((real, "real"), (pred, "pred")):
+            ad.AnnData(sp.csr_matrix(side.X) if layout == "csr" else side.X, obs=side.obs).write_h5ad(tmp_path / f"{name}.h5ad")
+        result, _ = run(tmp_path / "pred.h5ad", tmp_path / "real.h5ad", tmp_path / layout, "t", "ctrl", profile="vcc")
+        np.testing.assert_allclose(result.results["mae"].to_numpy(), theirs, rtol=1e-6)

@@ -147,6 +147,8 @@ def _scan_array(vals: np.ndarray, frac_eps: float):
         return None
     if vals.dtype == np.float16 or vals.dtype.kind == "b":  # numba's kernels take neither; float32 holds them exactly
         vals = vals.astype(np.float32)
+    if vals.dtype.kind == "f":  # compared in the values' precision, as cell-eval's np.modf(X) > 1e-3 (float32(1e-3) is no fraction above it)
+        frac_eps = vals.dtype.type(frac_eps)
     vmin, vmax, total, fmax = _summarise_values(vals)
     if not np.isfinite(total) or vmin < 0:
         return ("full", vals.size, scan_values(vals, frac_eps))

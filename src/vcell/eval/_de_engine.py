@@ -84,6 +84,8 @@ def _groups(labels, reference) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     ``sizes[g]`` cells.
     """
     cat = pd.Categorical(labels)
+    if not all(isinstance(c, str) for c in cat.categories):  # integer guide ids: the labels as the input checks read them
+        cat = pd.Categorical(pd.Series(np.asarray(labels, dtype=object)).map(lambda v: v if pd.isna(v) else str(v)))
     cats = np.asarray(cat.categories, dtype=object)
     codes = np.asarray(cat.codes, dtype=np.int64)
     keep_cat = np.array([not (isinstance(c, str) and c == "") and not pd.isna(c) for c in cats], dtype=bool)

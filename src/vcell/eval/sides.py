@@ -79,7 +79,7 @@ class _Scan:
         """Scan rows ``r0:r1`` (a canonical CSR chunk)."""
         vals = data if data.dtype.kind == "f" and data.dtype != np.float16 else data.astype(np.float32)
         row_totals(vals, indptr, self.sums[r0:r1], 0, r1 - r0)
-        bad, neg, nonint, frac, vmax, pmax = scan_values(vals, FRACTION_EPS)
+        bad, neg, nonint, frac, vmax, pmax = scan_values(vals, vals.dtype.type(FRACTION_EPS))  # in the values' precision, as cell-eval
         at = lambda k: (r0 + int(np.searchsorted(indptr, k, side="right") - 1), int(indices[k]))  # noqa: E731
         out = self.stats
         out.n_values += int(indptr[-1])
