@@ -235,6 +235,44 @@ def test_discrimination_ranks_match_metric(bench_dir):
         assert discrimination_panel(effects, "noisy_truth")[2].count(1) >= n - 2
 
 
+def test_headline_names_ties_and_a_score_beyond_the_replicate_and_the_header_the_datasets_used(bench_dir):
+    """The headline named the first of tied models alone, and nothing of a 2026 score resting on
+    metrics beyond the replicate; the header left out a --dataset filter bench.json records."""
+    from vcell.report.build import load_bench
+    from vcell.report.header import SCORE_2026, header_section, headline
+
+    bench = load_bench(bench_dir)
+    lb = bench.leaderboard
+    mean = lb["context"] == "mean"
+    lb.loc[mean & (lb["model"] == "cell_mean"), "vcc_score"] = float(lb.loc[mean & (lb["model"] == "noisy_truth"), "vcc_score"].iloc[0])
+    assert "<b>cell_mean</b> (tied with noisy_truth)" in headline(bench)  # in row order, the tie said
+    lb[SCORE_2026] = np.where(lb["model"] == "control_mean", 0.5, 0.1)
+    bench.meta["vcc2026_beyond_replicate"] = [{"fold": "T98G", "context": "T98G", "model": "control_mean", "metric": "pds_cosine"}]
+    said = headline(bench)
+    assert "<b>control_mean</b>, VCC 2026 score" in said and "Its score includes pds_cosine beyond the replicate anchor in 1 context" in said
+    assert "Datasets used" not in header_section(bench, "t")
+    bench.meta["datasets"] = ["mcfaline23"]
+    assert re.search(r"Datasets used</dt>\s*<dd>mcfaline23", header_section(bench, "t"))
+
+
+def test_discrimination_summary_ranks_every_perturbation_when_the_heatmap_shows_some(bench_dir, tmp_path, monkeypatch):
+    """With more perturbations than a heatmap shows (50), the caption's score averaged the shown
+    rows' ranks over all of them (0.756 for a discrimination_score_l1 of 0.8): it is now the metric."""
+    import vcell.report.sections as sections
+    from vcell.eval.scoring import read_csv
+    from vcell.report import build_report
+
+    panel = sections.discrimination_panel
+    monkeypatch.setattr(sections, "discrimination_panel", lambda effects, model, max_perts=4: panel(effects, model, max_perts))
+    text = build_report(bench_dir, tmp_path / "r.html").read_text()
+    for context in CONTEXTS:
+        for model in MODELS:
+            agg = read_csv(bench_dir / f"eval/{model}_{_slug(context)}/agg_results.csv").set_index("statistic")
+            assert f"{model}: mean rank" in text
+            assert re.search(rf"{model}: mean rank [0-9.]+, score {agg.loc['mean', 'discrimination_score_l1']:.3f}", text), model
+    assert "the heatmaps show the 4 with the largest real effects" in text
+
+
 def test_report_escapes_text_and_warns_on_missing_files(bench_dir, tmp_path):
     import shutil
 

@@ -29,9 +29,11 @@ MAX_ANNOTATED = 12
 #: Up to this many perturbations the DE-overlap chart has one column per perturbation.
 MAX_PERTS_PER_AXIS = 40
 
-_PALETTE = (
+_PALETTE = (  # matplotlib's tab10, then tab20's lighter shades: 20 models before a colour repeats
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
     "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+    "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5",
+    "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
 )  # fmt: skip
 
 
@@ -71,9 +73,12 @@ def _fmt_r(r: float) -> str:
 
 
 def _short(label: str, n: int = 28) -> str:
-    """A label for matplotlib: shortened to ``n`` characters, ``$`` escaped (no mathtext)."""
+    """A label for matplotlib: shortened to ``n`` characters in the middle (labels sharing a prefix,
+    such as combinations of one gene, stay apart), ``$`` escaped (no mathtext)."""
     label = str(label)
-    label = label if len(label) <= n else label[: n - 1] + "…"
+    if len(label) > n:
+        head = (n - 1 + 1) // 2
+        label = label[:head] + "…" + label[len(label) - (n - 1 - head):]
     return label.replace("$", r"\$")
 
 
@@ -124,10 +129,12 @@ def metric_bars_figure(
         finite = [v for v in values[metric].values() if np.isfinite(v)]
         if not finite:
             ax.set_ylim(0.0, 1.0)
-            ax.text(0.5, 0.5, "no values (NaN or null)", ha="center", va="center", transform=ax.transAxes, fontsize=8, color="#666666")
+            ax.text(0.5, 0.5, "no mean (NaN: undefined for a model's\nperturbations, or one of them)", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8, color="#666666")
         elif all(v == 0 for v in finite):
             ax.set_ylim(-0.05, 1.0)
-            ax.text(0.5, 0.5, "all values are 0", ha="center", va="center", transform=ax.transAxes, fontsize=8, color="#666666")
+            said = "all values are 0" if len(finite) == len(values[metric]) else "the values shown are all 0 (the others: n/a)"
+            ax.text(0.5, 0.5, said, ha="center", va="center", transform=ax.transAxes, fontsize=8, color="#666666")
         hint = directions.get(metric, "")
         ax.set_title(f"{_short(metric, 40)}\n({hint})" if hint else _short(metric, 40), fontsize=9)
         ax.set_xticks(x, [_short(c, 14) for c in contexts], fontsize=8, rotation=30 if len(contexts) > 3 else 0)
@@ -275,7 +282,7 @@ def discrimination_figure(
                             fontweight="bold" if t == c else "normal",
                             color="black" if norm(dist[t, c]) < 0.55 else "white")  # fmt: skip
         top1 = int(np.sum(np.asarray(ranks) == 1))
-        ax.set_title(f"{_short(model)}\nrank 1 for {top1}/{len(ranks)} perturbations", fontsize=9)
+        ax.set_title(f"{_short(model)}\nrank 1 for {top1}/{len(ranks)}{' shown' if len(ranks) < n_total else ''} perturbations", fontsize=9)
         if k <= 60:
             labels = [f"{_short(p, 16)} ({r})" for p, r in zip(perts, ranks)]
             ax.set_yticks(np.arange(k), labels, fontsize=6 if k > 20 else 7)
@@ -287,7 +294,7 @@ def discrimination_figure(
         ax.set_xlabel("real effect of …", fontsize=7)
     for ax in axes[len(models):]:
         ax.set_visible(False)
-    shown = f"{n} of {n_total} perturbations (largest real effects)" if n < n_total else f"{n_total} perturbations"
+    shown = f"{n} of {n_total} perturbations (largest real effects)" if n < n_total else f"{n_total} perturbation{'s' if n_total != 1 else ''}"
     fig.suptitle(f"{_short(context, 60)}: perturbation discrimination, {shown}", fontsize=11)
     return fig
 

@@ -62,7 +62,10 @@ def header_section(bench: Bench, title: str) -> str:
     if not isinstance(split, str):
         split = json.dumps(split, sort_keys=True)
     held = holdout(bench)
-    items = [("Data", str(meta.get("data", "–"))), ("Split", split)]
+    items = [("Data", str(meta.get("data", "–")))]
+    if meta.get("datasets"):  # --dataset: only these datasets' cells of the file
+        items.append(("Datasets used", ", ".join(map(str, meta["datasets"]))))
+    items.append(("Split", split))
     if held is None:
         items.append(("Held-out contexts", ", ".join(bench.contexts) or "–"))
     else:
@@ -104,6 +107,22 @@ def _best(rows, column: str):
     return None if not np.isfinite(values).any() else rows.iloc[int(np.nanargmax(values))]
 
 
+def _named(rows, column: str, best) -> str:
+    """The best row's model, with the models tied with it on ``column`` (first in row order wins nothing)."""
+    tied = [str(m) for m, v in zip(rows["model"], rows[column].astype("float64")) if v == best[column] and m != best["model"]]
+    return f"<b>{esc(best['model'])}</b>" + (f" (tied with {esc(', '.join(tied))})" if tied else "")
+
+
+def _beyond_note(bench: Bench, model: str) -> str:
+    """A sentence when ``model``'s 2026 score rests on metrics beyond the replicate anchor (``bench.json``)."""
+    found = [b for b in bench.meta.get("vcc2026_beyond_replicate") or [] if isinstance(b, dict) and b.get("model") == model]
+    if not found:
+        return ""
+    names = sorted({str(b.get("metric")) for b in found})
+    return (f" Its score includes {', '.join(names)} beyond the replicate anchor in {len({(b.get('fold'), b.get('context')) for b in found})} "
+            "context(s), where the metric cannot tell a model from a replicate (see the notes by the 2026 table).")
+
+
 def headline(bench: Bench) -> str:
     """The best model: by the VCC 2026 score when the benchmark has it (the 2025 best after it), else by the VCC 2025 score."""
     lb = bench.leaderboard
@@ -115,17 +134,20 @@ def headline(bench: Bench) -> str:
     baseline = esc(bench.meta.get("baseline", "cell_mean"))
     said_2025 = ""
     if best is not None:
-        unclipped = f" (unclipped {fmt_number(best[SCORE_UNCLIPPED])})" if SCORE_UNCLIPPED in rows.columns else ""
+        unclipped = ""
+        if SCORE_UNCLIPPED in rows.columns:
+            below = ": below the baseline once unclipped" if best[SCORE_UNCLIPPED] < 0 else ""
+            unclipped = f" (unclipped {fmt_number(best[SCORE_UNCLIPPED])}{below})"
         said_2025 = (f"VCC score <b>{esc(fmt_number(best[SCORE]))}</b>{esc(unclipped)}. 0 = as good as the {baseline} "
                      "baseline, 100 = perfect (scores are x100, as on the VCC leaderboard).")
     if best_2026 is not None:
-        text = (f"Best model ({esc(where)}): <b>{esc(best_2026['model'])}</b>, VCC 2026 score "
+        text = (f"Best model ({esc(where)}): {_named(rows, SCORE_2026, best_2026)}, VCC 2026 score "
                 f"<b>{esc(fmt_number(best_2026[SCORE_2026]))}</b> (0 = the context's mean-response baseline, 1 = a "
-                "replicate of the experiment).")
+                f"replicate of the experiment).{_beyond_note(bench, str(best_2026['model']))}")
         if best is not None:
-            text += f" By the VCC 2025 score: <b>{esc(best['model'])}</b>, " + said_2025
+            text += f" By the VCC 2025 score: {_named(rows, SCORE, best)}, " + said_2025
     elif best is not None:
-        text = f"Best model ({esc(where)}): <b>{esc(best['model'])}</b>, " + said_2025
+        text = f"Best model ({esc(where)}): {_named(rows, SCORE, best)}, " + said_2025
     else:
         return ""
     return f'<div class="headline">{text}</div>'

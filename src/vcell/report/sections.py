@@ -93,7 +93,7 @@ def leaderboard_table(bench: Bench, columns: Sequence[str], short: bool = False)
         label = short_label(c) if short else esc(c)
         opening = f'<th class="wrap" title="{esc(c)}">' if short else "<th>"
         head.append(opening + label + (f'<span class="dir">{esc(arrow)}</span>' if arrow else "") + "</th>")
-    body = []
+    body, nulls = [], 0
     key = SCORE_2026 if short and SCORE_2026 in lb.columns else SCORE
     for context in _contexts(bench, _unique(lb["context"])):
         group = lb[lb["context"] == context]
@@ -118,10 +118,14 @@ def leaderboard_table(bench: Bench, columns: Sequence[str], short: bool = False)
                 null = is_null(v) if v is not pd.NA else True
                 cls = "null" if null else ("best" if c in best and float(v) == best[c] else None)
                 title = None if null else repr(float(v))
+                nulls += null
                 cells.append(tag("td", esc(fmt_number(None if null else v)), class_=cls, title=title))  # a mean of nothing: –
             body.append("<tr>" + "".join(cells) + "</tr>")
+    said = ('<p class="note">– : no value. For a metric averaged over perturbations: undefined (NaN) for at least one '
+            "perturbation, which the mean keeps, as cell-eval's does (each run's <code>results.csv</code> holds the "
+            "others).</p>") if nulls else ""
     return (
-        '<div class="scroll"><table><thead><tr>' + "".join(head) + "</tr></thead><tbody>" + "".join(body) + "</tbody></table></div>"
+        '<div class="scroll"><table><thead><tr>' + "".join(head) + "</tr></thead><tbody>" + "".join(body) + "</tbody></table></div>" + said
     )
 
 
@@ -166,7 +170,8 @@ def bars_section(bench: Bench, colors) -> tuple[str, int]:
     columns = _ordered_columns(bench, bench.metric_columns)
     numeric = [c for c in columns if pd.api.types.is_numeric_dtype(lb[c])]
     key = [c for c in numeric if c in (SCORE, SCORE_UNCLIPPED, *VCC_METRICS)]
-    rest = [c for c in numeric if c not in key]
+    key_2026 = [c for c in numeric if c == SCORE_2026 or c.startswith(PREFIX)]
+    rest = [c for c in numeric if c not in key and c not in key_2026]
     contexts = [c for c in bench.contexts if (lb["context"] == c).any()]
     if (lb["context"] == MEAN_CONTEXT).any() and len(contexts) > 1:  # one context: its mean repeats it
         contexts.append(MEAN_CONTEXT)
@@ -176,7 +181,8 @@ def bars_section(bench: Bench, colors) -> tuple[str, int]:
              f'({esc(MEAN_CONTEXT)} = average over contexts). Each value is the mean over perturbations, except the '
              'scores (VCC, and VCC 2026 with its scaled metrics), computed per context from those means.</p>']  # fmt: skip
     n = 0
-    for title, cols in (("VCC score and its metrics", key), ("Other metrics", rest)):
+    groups = (("VCC 2026 score and its scaled metrics", key_2026), ("VCC score and its metrics", key), ("Other metrics", rest))
+    for title, cols in groups:
         if not cols or not contexts or not models:
             continue
         values = {}
@@ -210,7 +216,7 @@ def scatter_section(bench: Bench, all_effects: dict[str, ContextEffects], colors
              '<p class="note">Effect of a perturbation on a gene = mean log1p expression of the perturbed cells '
              "minus that of the control cells of the same context (pseudobulk difference). Each point is a gene; "
              "the dashed line is y = x; r is the Pearson correlation over all genes (the per-perturbation "
-             f"<code>pearson_delta</code>). Shown: the {TOP_PERTURBATIONS} perturbations with the largest real "
+             f"<code>pearson_delta</code>, computed here from the predictions, also for a profile that does not score it). Shown: the {TOP_PERTURBATIONS} perturbations with the largest real "
              "effect (Euclidean norm) in each scored context; columns are perturbations, rows are models. "
              "A model that predicts no change (e.g. control_mean) has no true effect: its predicted effects are the "
              "sampling noise of the control cells it resamples, a cloud around y = 0 that can look as wide as a small "
@@ -234,7 +240,7 @@ def scatter_section(bench: Bench, all_effects: dict[str, ContextEffects], colors
         )
         parts.append(_img(fig, f"{context}: predicted vs real effect scatter plots", caption))
         table_rows = [(m, *[rs[(p, m)] for p in real]) for m in models]
-        parts.append(simple_table(["Pearson r (pearson_delta)", *real], table_rows))
+        parts.append(simple_table(["Pearson r (as pearson_delta)", *real], table_rows))
         n += 1
     parts.append("</section>")
     return "".join(parts), n
@@ -265,10 +271,12 @@ def discrimination_section(bench: Bench, all_effects: dict[str, ContextEffects])
             continue
         panels = {m: discrimination_panel(effects, m) for m in bench.models if m in effects.pred}
         fig = F.discrimination_figure(panels, context, effects.perts.size)
-        summary = "; ".join(
-            f"{esc(m)}: mean rank {np.mean(r):.2f}, score {1 - (np.mean(r) - 1) / effects.perts.size:.3f}"
-            for m, (_, _, r) in panels.items()
-        )
+        n_all = effects.perts.size
+        # the heatmaps show the perturbations with the largest real effects; the summary ranks every one
+        ranks = {m: r if len(r) == n_all else discrimination_panel(effects, m, max_perts=n_all)[2] for m, (_, _, r) in panels.items()}
+        summary = "; ".join(f"{esc(m)}: mean rank {np.mean(r):.2f}, score {1 - (np.mean(r) - 1) / n_all:.3f}" for m, r in ranks.items())
+        if any(len(r) < n_all for _, _, r in panels.values()):
+            summary += f" (over all {n_all} perturbations; the heatmaps show the {len(next(iter(panels.values()))[1])} with the largest real effects)"
         parts.append(_img(fig, f"{context}: perturbation discrimination heatmaps", summary))
         n += 1
     parts.append("</section>")

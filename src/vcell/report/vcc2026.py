@@ -40,7 +40,10 @@ def table_note() -> str:
             "scale of its context: 0 = the context's mean-response baseline, 1 = a replicate of the "
             "experiment (split-half anchor, 5 seeded splits); values above 1 and below 0 are kept "
             "(expr_mse_unbiased_capped_norm is clamped to [0, 1], de_wilcoxon_lfc_nmae floored at -6). "
-            "The score is the mean of the six (columns: the metrics without their <code>vcc2026_</code> prefix). "
+            "A context's score is the mean of its six (columns: the metrics without their <code>vcc2026_</code> "
+            "prefix); the <i>mean</i> row's score is the mean of the contexts' scores, and each of its metrics the "
+            "mean of that metric over the contexts that score it, so the row's score is not the mean of the metrics "
+            "beside it. "
             "Predictions are scored as counts drawn from them at the control cells' library sizes. A metric "
             "whose scale is degenerate on a context shows – and is left out of that context's score.</p>")
 
