@@ -6,6 +6,7 @@ from __future__ import annotations
 import filecmp
 import json
 import logging
+import signal
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,13 @@ def test_ctrl_c_in_bench_keeps_the_finished_runs_and_resume_ends_as_an_uninterru
     assert "Traceback" not in stopped.stderr
     assert f"interrupted; the finished runs are kept in {out / 'bench.partial'}: run the same command with --resume" in stopped.stderr
     assert sorted(p.name for p in out.iterdir()) == ["bench.partial"]
+
+    assert stopped.stderr.count("kept in") == 1  # said once
+    long = tmp_path / "long.yaml"  # SIGTERM while ST trains (a Slurm time limit): training's own stop, said as the signal
+    long.write_text(config.read_text().replace("max_steps: 30", "max_steps: 100000"))
+    term_args = [a if a != config else long for a in args]
+    term = _interrupt([*term_args, "--out", tmp_path / "term"], _FinishedRun(tmp_path / "term"), settle=4, signum=signal.SIGTERM)
+    assert term.returncode == 143 and "SIGTERM: interrupted; the finished runs are kept in" in term.stderr, term.stderr[-2000:]
 
     refused = run_cli(*args, "--out", out)
     assert "--resume continues it" in error_line(refused)

@@ -56,7 +56,8 @@ def removed_if_interrupted(out: Path, names: Iterable[str], staged: bool = False
     try:
         with _sole_writer(out):
             yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", None)  # a SIGTERM training turned into its own stop: still said as one
         made = [name for name in names if name not in before and (out / name).exists()]
         for name in made:
             target = out / name
@@ -69,10 +70,10 @@ def removed_if_interrupted(out: Path, names: Iterable[str], staged: bool = False
         if kept and (out / kept).is_dir():
             earlier = f"; {out} holds the earlier results as they were" if before and staged else ""
             raise Interrupted(f"interrupted; the finished runs are kept in {out / kept}: run the same command with --resume to "
-                              f"continue from them{earlier}") from None
+                              f"continue from them{earlier}", signum=signum) from None
         if before and staged:
-            raise Interrupted(f"interrupted; nothing written: {out} holds the earlier results as they were") from None
+            raise Interrupted(f"interrupted; nothing written: {out} holds the earlier results as they were", signum=signum) from None
         if before:
             raise Interrupted(f"interrupted; {out}: the earlier {', '.join(sorted(before))} may be partly replaced "
-                              "(rerun with --overwrite)") from None
-        raise Interrupted("interrupted; nothing written" + (f" (removed the partial results in {out})" if made else "")) from None
+                              "(rerun with --overwrite)", signum=signum) from None
+        raise Interrupted("interrupted; nothing written" + (f" (removed the partial results in {out})" if made else ""), signum=signum) from None

@@ -165,7 +165,7 @@ class Records:
             if not kept:
                 shutil.rmtree(self.stage, ignore_errors=True)
             else:  # Ctrl-C: the command line's own line says it (vcell.cli.interrupts)
-                level = logging.INFO if isinstance(exc, KeyboardInterrupt) else logging.WARNING
+                level = logging.DEBUG if isinstance(exc, KeyboardInterrupt) else logging.WARNING
                 log.log(level, "kept %d finished run(s) (a model on a fold) in %s: run the same command with --resume to "
                         "continue from them", kept, self.stage)
             raise
