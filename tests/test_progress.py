@@ -301,7 +301,7 @@ def test_sighup_in_a_command_that_writes_a_file_leaves_nothing(files, tmp_path, 
     cfg.write_text(json.dumps({"st": {"max_steps": 100000, "set_size": 16, "batch_size": 4, "accelerator": "cpu", "config": TINY_ST}}))
     args = ["bench", "--data", files["data"], "--holdout-context", "ctx_B", "--models", "st", "--model-config", cfg,
             "--no-report", "--out", out]
-    proc = _interrupt(args, _Glob(out, ".staging.*.tmp/predictions/real_ctx_B.h5ad"), settle=1.0, signum=signum)
+    proc = _interrupt(args, _Glob(out, "bench.partial/predictions/real_ctx_B.h5ad"), settle=1.0, signum=signum)
     assert proc.returncode == 128 + signum, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1] == f"{signal.Signals(signum).name}: interrupted; nothing written", proc.stderr
@@ -314,8 +314,8 @@ def test_ctrl_c_in_bench_leaves_nothing_under_its_output(files, tmp_path):
     cfg.write_text(json.dumps({"st": {"max_steps": 100000, "set_size": 16, "batch_size": 4, "accelerator": "cpu", "config": TINY_ST}}))
     args = ["bench", "--data", files["data"], "--holdout-context", "ctx_B", "--models", "st", "--model-config", cfg,
             "--no-report", "--out", out]
-    # bench writes the held-out real cells (in its staging folder), then trains st: interrupt it while it trains
-    proc = _interrupt(args, _Glob(out, ".staging.*.tmp/predictions/real_ctx_B.h5ad"), settle=1.0)
+    # bench writes the held-out real cells (in OUT/bench.partial), then trains st: interrupt it while it trains
+    proc = _interrupt(args, _Glob(out, "bench.partial/predictions/real_ctx_B.h5ad"), settle=1.0)
     assert proc.returncode == 130, proc.stderr[-3000:]
     _plain(proc)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -337,18 +337,23 @@ def test_ctrl_c_in_bench_overwrite_leaves_the_earlier_results_whole(files, tmp_p
     cfg.write_text(json.dumps({"st": {"max_steps": 100000, "set_size": 16, "batch_size": 4, "accelerator": "cpu", "config": TINY_ST}}))
     args = ["bench", "--data", files["data"], "--holdout-context", "ctx_B", "--models", "st", "--model-config", cfg,
             "--no-report", "--out", out, "--overwrite"]
-    proc = _interrupt(args, _Glob(out, ".staging.*.tmp/predictions/real_ctx_B.h5ad"), settle=1.0)
+    proc = _interrupt(args, _Glob(out, "bench.partial/predictions/real_ctx_B.h5ad"), settle=1.0)
     assert proc.returncode == 130, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1] == f"interrupted; nothing written: {out} holds the earlier results as they were", proc.stderr
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    killed = out / ".staging.999999-abcdefgh.tmp"  # as a killed run (no such process) leaves it
+    assert not (out / "bench.partial").exists()  # interrupted before a run was finished: nothing kept to resume
+    killed = out / ".staging.999999-abcdefgh.tmp"  # as a killed run of an older vcell (no such process) leaves it
     (killed / "predictions").mkdir(parents=True)
     (killed / "predictions" / "x.h5ad").write_bytes(b"partial")
+    (out / "bench.partial" / "predictions").mkdir(parents=True)  # a run killed before its first finished run
+    (out / "bench.partial" / "predictions" / "real_ctx_B.h5ad").write_bytes(b"partial")
     again = run_cli("bench", "--data", files["data"], "--holdout-context", "ctx_B", "--models", "pert_mean", "--no-report",
                     "--out", out, "--overwrite")
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "left by an interrupted write" in " ".join(again.stderr.split()) and not killed.exists()
+    said = " ".join(again.stderr.split())
+    assert "left by an interrupted write" in said and not killed.exists()
+    assert "left by an interrupted benchmark that had finished no run" in said and not (out / "bench.partial").exists()
     assert not any(p.name.startswith(".staging") for p in out.iterdir())
     assert set(pd.read_csv(out / "leaderboard.csv")["model"]) == {"pert_mean", "cell_mean"}
     assert not (out / "predictions" / "control_mean_ctx_B.h5ad").exists()  # the earlier run's files went whole
