@@ -174,8 +174,44 @@ def test_bench_2026_scale_when_the_control_label_is_also_a_gene(tmp_path):
     spec = vcell.DataSpec(pert_col="target_gene", control="CTRL", context_col=None)
     scale, totals, _, rule = _scale_2026(a, spec, threads=1, seed=0, folder=tmp_path / "scale", where="fold f, context all")
     assert len(totals) == 150 and scale.baseline_agg.shape[0] > 0
-    assert rule == {"rule": "no label names a measured gene: none excluded", "labels": 6, "labels_naming_genes": 0}
+    assert rule == {"rule": "no label names a measured gene: none excluded", "labels": 6, "labels_naming_genes": 0,
+                    "de_targets_resolved": True}
     assert (tmp_path / "scale" / "anchor_agg.csv").is_file()
+
+
+def test_bench_2026_scale_whose_targets_the_de_never_tests_says_why_its_de_metrics_are_left_out(tmp_path, caplog):
+    """Every target below the 5-CPM gate of the DE (`vcell eval` refuses such a panel, as cell-eval2
+    does): bench scores the other metrics, says why the four DE metrics are left out and records it;
+    the anchor's lfc_nmae, from the whole reference's gate, is left out with the others."""
+    import logging
+
+    from vcell.leaderboard.vcc2026 import _scale_2026
+
+    rng = np.random.default_rng(1)
+    genes = [f"G{i:02d}" for i in range(40)]
+    base = np.full(40, 4000.0)
+    base[:4] = 0.0  # no control expresses a target
+    X = [rng.poisson(base, (30, 40))]
+    labels = ["non-targeting"] * 30
+    for k in range(4):
+        lam = base.copy()
+        lam[6 + 4 * k:10 + 4 * k] *= 1.5
+        X.append(rng.poisson(lam, (30, 40)))
+        labels += [genes[k]] * 30
+    a = ad.AnnData(sp.csr_matrix(np.vstack(X).astype(np.float32)), obs=pd.DataFrame({"target_gene": labels}),
+                   var=pd.DataFrame(index=genes))
+    a.layers["counts"] = a.X.copy()
+    import vcell
+
+    spec = vcell.DataSpec(pert_col="target_gene", control="non-targeting", context_col=None)
+    with caplog.at_level(logging.WARNING):
+        scale, _, caveats, rule = _scale_2026(a, spec, threads=1, seed=0, folder=tmp_path / "scale", where="fold f, context all")
+    assert "fold f, context all: no perturbation's target gene is among the genes the held-out cells' DE tests" in caplog.text
+    assert rule["de_targets_resolved"] is False
+    de = ["de_wilcoxon_direction_fidelity_yield_raw", "de_wilcoxon_direction_reach_raw", "de_wilcoxon_sig_jaccard", "de_wilcoxon_lfc_nmae"]
+    assert all(any(d.startswith(m) for d in caveats["degenerate"]) for m in de), caveats
+    replicate = dict(zip(scale.anchor.agg["metric"], scale.anchor.agg["replicate"]))
+    assert all(np.isnan(replicate[m]) for m in de) and np.isfinite(replicate["pds_cosine"])
 
 
 def test_kang_bench_counts_its_context_without_controls_once(tmp_path, kang):
@@ -377,7 +413,7 @@ def test_bench_cli_perturbation_hold_out_one_context_beyond_the_replicate(tmp_pa
     meta = json.loads((out / "bench.json").read_text())
     assert meta["profile"] == "vcc2026" and meta["model_options"]["linear"] == {"alpha": 3.0}
     assert meta["vcc2026_target_genes"] == [{"fold": "perturbations", "context": "all", "labels": 5, "labels_naming_genes": 0,
-                                             "rule": "no label names a measured gene: none excluded"}]
+                                             "rule": "no label names a measured gene: none excluded", "de_targets_resolved": True}]
     held = meta["folds"][0]["held_out_perturbations"]
     assert len(held) == 5 and meta["folds"][0]["held_out_contexts"] == []
     beyond = {(b["model"], b["metric"]): b for b in meta["vcc2026_beyond_replicate"]}

@@ -104,12 +104,62 @@ def test_a_failed_benchmark_resumes_from_its_finished_runs_to_the_uninterrupted_
     with pytest.raises(VcellError, match="nothing to resume"):
         vcell.run_bench(data, out, models, build, **kw, overwrite=True, resume=True)
 
-    fits.clear()  # a resume without a model: its kept runs' files are not among the results
+    fits.clear()  # a resume without a model: its kept runs' files are not among the results, nor said kept
     with pytest.raises(VcellError, match="planted failure"):
         vcell.run_bench(data, tmp_path / "fewer", models, failing, **kw)
     vcell.run_bench(data, tmp_path / "fewer", ["control_mean", "linear"], build, **kw, resume=True)
     files = {p.name for p in (tmp_path / "fewer").glob("*/*")}
     assert not any(name.startswith("pert_mean") for name in files) and "linear_ctx_B.h5ad" in files, files
+    assert not any(r.startswith("pert_mean") for r in json.loads((tmp_path / "fewer" / "bench.json").read_text())["resumed_runs"])
+
+    fits.clear()  # a kept run whose files went (a fold's real cells too) is computed again, and said so
+    gone = tmp_path / "gone"
+    with pytest.raises(VcellError, match="planted failure"):
+        vcell.run_bench(data, gone, models, failing, **kw)
+    (gone / PARTIAL / "predictions" / "pert_mean_ctx_A.h5ad").unlink()
+    (gone / PARTIAL / "predictions" / "real_ctx_A.h5ad").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        vcell.run_bench(data, gone, models, build, **kw, resume=True)
+    assert "pert_mean on fold ctx_A: predictions/pert_mean_ctx_A.h5ad is gone from" in caplog.text
+    _same_results(tmp_path / "whole", gone)
+    assert "pert_mean on fold ctx_A" not in json.loads((gone / "bench.json").read_text())["resumed_runs"]
+
+    fits.clear()  # a record that cannot be read is refused, not taken for nothing, and --overwrite discards it
+    bad = tmp_path / "bad"
+    with pytest.raises(VcellError, match="planted failure"):
+        vcell.run_bench(data, bad, models, failing, **kw)
+    (bad / PARTIAL / "resume.json").write_text("{not json")
+    with pytest.raises(VcellError, match="resume.json: cannot be read"):
+        vcell.run_bench(data, bad, models, build, **kw, resume=True)
+    vcell.run_bench(data, bad, models, build, **kw, overwrite=True)
+    _same_results(tmp_path / "whole", bad)
+
+
+def test_run_bench_in_python_is_refused_while_another_process_writes_into_its_folder(tmp_path):
+    """The command line locked OUT, the Python API did not: a second benchmark from Python took a
+    running one's bench.partial for a killed run's and removed it."""
+    import subprocess
+    import sys
+
+    import vcell
+    from vcell.errors import VcellError
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (out / "bench.partial").mkdir()  # the running benchmark's folder, before its first finished run
+        with pytest.raises(VcellError, match="another vcell command is writing into this folder now"):
+            vcell.run_bench(tmp_path / "none.h5ad", out, ["control_mean"], lambda name: vcell.make_model(name, seed=0),
+                            holdout=["ctx_B"], report=False)
+        assert (out / "bench.partial").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 class _FinishedRun:

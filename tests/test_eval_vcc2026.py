@@ -1154,7 +1154,7 @@ def _knockdowns(seed: int, n_controls: int, target_mean: float, n_genes: int = 4
 
 
 def test_a_target_gene_tested_in_one_half_of_the_controls_is_left_out_where_cell_eval2_leaves_it_out(tmp_path):
-    """The anchor's halves each test the genes their own controls express at 5 CPM: a target near
+    """The anchor's halves each test the genes their own controls express above 5 CPM: a target near
     that line is tested in one half only. cell-eval2 leaves a target out of the DE tables only
     where the reference side (half A) tests it; vcell left it out always (sig_jaccard 1.8e-3
     higher in a fuzzed case). Now every split agrees."""
@@ -1185,6 +1185,9 @@ def test_targets_the_de_cannot_resolve_or_that_fill_the_panel_are_refused_as_cel
     below = run_cli("eval", "run", "--profile", "vcc2026", "--pred", pred, "--real", real, "--out", tmp_path / "below")
     assert "the DE metrics are undefined: no perturbation's target gene is among the 36 genes the reference's DE tests" in error_line(below)
     assert not (tmp_path / "below").exists()
+    _oracle_module()
+    with pytest.raises(ValueError, match="no target resolves to a gene in the reference feature index"):
+        _oracle_run(pred, real, tmp_path / "ce2_below")
     stated = tmp_path / "map.csv"
     pd.DataFrame({"perturbation": genes[:4], "gene": genes[:4]}).to_csv(stated, index=False)  # stated targets resolve, as in cell-eval2
     ok = run_cli("eval", "run", "--profile", "vcc2026", "--pred", pred, "--real", real, "--out", tmp_path / "mapped", "--target-genes", stated)
@@ -1195,6 +1198,8 @@ def test_targets_the_de_cannot_resolve_or_that_fill_the_panel_are_refused_as_cel
     pred = _write(tmp_path / "pred4.h5ad", X[pert], np.asarray(labels)[pert], genes)
     full = run_cli("eval", "run", "--profile", "vcc2026", "--pred", pred, "--real", real, "--out", tmp_path / "full")
     assert "pds_cosine is undefined: each of the 4 measured genes is some perturbation's target" in error_line(full)
+    with pytest.raises(ValueError, match="would remove every one of the 4 measured gene"):
+        _oracle_run(pred, real, tmp_path / "ce2_full")
 
 
 def test_a_target_gene_map_naming_an_unmeasured_gene_excludes_nothing_as_in_cell_eval2(tmp_path, caplog):

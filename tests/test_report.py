@@ -270,7 +270,7 @@ def test_discrimination_summary_ranks_every_perturbation_when_the_heatmap_shows_
             agg = read_csv(bench_dir / f"eval/{model}_{_slug(context)}/agg_results.csv").set_index("statistic")
             assert f"{model}: mean rank" in text
             assert re.search(rf"{model}: mean rank [0-9.]+, score {agg.loc['mean', 'discrimination_score_l1']:.3f}", text), model
-    assert "the heatmaps show the 4 with the largest real effects" in text
+    assert "the heatmaps show the 4 with the largest real effects" in text and "shown)" not in text
 
 
 def test_report_escapes_text_and_warns_on_missing_files(bench_dir, tmp_path):

@@ -12,37 +12,15 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from vcell.data.staging import sole_writer
 from vcell.errors import Interrupted
-
-
-@contextlib.contextmanager
-def _sole_writer(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the folder ``out`` (created if missing) while the body runs.
-
-    Two runs into one folder would both pass the "already holds" check (their outputs are only
-    renamed into place at the end) and leave a mix of both; the second is refused instead. The
-    lock is the kernel's (``flock`` on the folder itself): no lock file, and it goes with the
-    process however that ends. A folder made here and left empty is removed.
-    """
-    from vcell.data.io import check_writable, held_exclusively
-
-    check_writable(out, folder=True)  # a file there, or a read-only place: its own one-line error
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        with held_exclusively(out, f"{out}: another vcell command is writing into this folder now; "
-                                   "wait for it to finish or choose another --out"):
-            yield
-    finally:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
 
 
 @contextlib.contextmanager
 def removed_if_interrupted(out: Path, names: Iterable[str], staged: bool = False, kept: str | None = None) -> Iterator[None]:
     """On Ctrl-C in the body, remove the outputs ``names`` of the folder ``out`` that the body created
     (and ``out`` itself if it created it and left it empty), then raise :class:`Interrupted` saying so.
-    While the body runs no other vcell command can write into ``out`` (:func:`_sole_writer`).
+    While the body runs no other vcell command can write into ``out`` (:func:`~vcell.data.staging.sole_writer`).
 
     Outputs that were there before (replaced with ``--overwrite``) are left, and the message says
     they may be partly replaced; with ``staged`` (the body writes in a staging folder and replaces
@@ -54,7 +32,7 @@ def removed_if_interrupted(out: Path, names: Iterable[str], staged: bool = False
     existed = out.exists()
     before = {name for name in names if (out / name).exists()}
     try:
-        with _sole_writer(out):
+        with sole_writer(out):
             yield
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", None)  # a SIGTERM training turned into its own stop: still said as one

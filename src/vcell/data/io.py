@@ -454,18 +454,23 @@ def check_output_dir(
     return directory
 
 
+_HELD: set[str] = set()  # the paths this process holds (a second flock of its own would refuse it)
+
+
 @contextlib.contextmanager
 def held_exclusively(path: str | os.PathLike, busy: str) -> Iterator[None]:
     """Hold the kernel's exclusive lock (``flock``) on ``path`` while the body runs.
 
     ``path`` is an existing folder, or a lock file created if missing. Another process holding it
     is a one-line :class:`VcellError` saying ``busy``; the lock goes with its process however that
-    ends. Not POSIX: no lock.
+    ends. This process holding it already (the command line, then the API it calls) goes on. Not
+    POSIX: no lock.
     """
-    if fcntl is None:  # pragma: no cover
+    path = Path(path)
+    key = str(path.resolve())
+    if fcntl is None or key in _HELD:
         yield
         return
-    path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
@@ -478,6 +483,10 @@ def held_exclusively(path: str | os.PathLike, busy: str) -> Iterator[None]:
         except OSError as exc:  # no flock here (NFS, Lustre without -o flock): run without the lock
             log.warning("%s: cannot be locked here (%s): a second command writing into it at the same time would not be "
                         "refused", path, exc.strerror or exc)
-        yield
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
     finally:
         os.close(fd)  # closing releases the lock

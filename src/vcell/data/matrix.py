@@ -136,6 +136,13 @@ def _first_index(vals, value):
     return -1
 
 
+def in_precision(eps: float, dtype):
+    """``eps`` in the precision of float values of ``dtype``: cell-eval compares ``np.modf(X) > 1e-3``
+    in X's precision, so a float32 fraction of float32(1e-3) is no fraction above it."""
+    dtype = np.dtype(dtype)
+    return dtype.type(eps) if dtype.kind == "f" else eps
+
+
 def _scan_block(block, frac_eps: float):
     """Scan one block: the vectorised summary, and the exact positions only where something was found."""
     return _scan_array(np.ascontiguousarray(block_values(block)).reshape(-1), frac_eps)
@@ -147,8 +154,7 @@ def _scan_array(vals: np.ndarray, frac_eps: float):
         return None
     if vals.dtype == np.float16 or vals.dtype.kind == "b":  # numba's kernels take neither; float32 holds them exactly
         vals = vals.astype(np.float32)
-    if vals.dtype.kind == "f":  # compared in the values' precision, as cell-eval's np.modf(X) > 1e-3 (float32(1e-3) is no fraction above it)
-        frac_eps = vals.dtype.type(frac_eps)
+    frac_eps = in_precision(frac_eps, vals.dtype)
     vmin, vmax, total, fmax = _summarise_values(vals)
     if not np.isfinite(total) or vmin < 0:
         return ("full", vals.size, scan_values(vals, frac_eps))

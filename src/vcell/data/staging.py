@@ -62,6 +62,31 @@ def _written(stage: Path, names: Sequence[str]) -> list[str]:
 
 
 @contextlib.contextmanager
+def sole_writer(out: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the folder ``out`` (created if missing) while the body runs.
+
+    Two runs into one folder would both pass the "already holds" check (their outputs are only
+    renamed into place at the end) and leave a mix of both; the second is refused instead. The
+    lock is the kernel's (``flock`` on the folder itself): no lock file, and it goes with the
+    process however that ends; this process may take it again (the command line, then the API).
+    A folder made here and left empty is removed.
+    """
+    from vcell.data.io import check_writable, held_exclusively
+
+    out = Path(out)
+    check_writable(out, folder=True)  # a file there, or a read-only place: its own one-line error
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with held_exclusively(out, f"{out}: another vcell command is writing into this folder now; "
+                                   "wait for it to finish or choose another --out"):
+            yield
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
+@contextlib.contextmanager
 def staged_folder(out: str | os.PathLike, names: Sequence[str], keep: str | None = None) -> Iterator[Path]:
     """Yield a temporary folder inside ``out`` to write the outputs ``names`` into; on success they
     replace every earlier output of ``names`` in ``out`` (with ``--overwrite``: an earlier run's go

@@ -23,7 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcell.data.io import read_h5ad, read_h5ad_mapped
-from vcell.data.matrix import MatrixStats, scan_values
+from vcell.data.matrix import MatrixStats, in_precision, scan_values
 from vcell.data.preprocess_stream import BLOCK_VALUES, Progress, no_progress
 from vcell.data.validate import FRACTION_EPS, expression_problems, infer_expression_type
 from vcell.errors import VcellError
@@ -79,7 +79,7 @@ class _Scan:
         """Scan rows ``r0:r1`` (a canonical CSR chunk)."""
         vals = data if data.dtype.kind == "f" and data.dtype != np.float16 else data.astype(np.float32)
         row_totals(vals, indptr, self.sums[r0:r1], 0, r1 - r0)
-        bad, neg, nonint, frac, vmax, pmax = scan_values(vals, vals.dtype.type(FRACTION_EPS))  # in the values' precision, as cell-eval
+        bad, neg, nonint, frac, vmax, pmax = scan_values(vals, in_precision(FRACTION_EPS, vals.dtype))
         at = lambda k: (r0 + int(np.searchsorted(indptr, k, side="right") - 1), int(indices[k]))  # noqa: E731
         out = self.stats
         out.n_values += int(indptr[-1])

@@ -131,7 +131,10 @@ def _fold_scales(data: PerturbationData, fold: Fold, spec: DataSpec, stage: Path
             t = time.perf_counter()
             bench_2026.add_context(fold.name, ctx, _real_cells(data, fold.split, ctx), stage / "eval" / f"vcc2026_scale_{slug(ctx)}")
             timings[f"vcc2026 scale {ctx}"] = time.perf_counter() - t
-    records.add_fold(fold.name, {"timings": timings, "vcc2026": bench_2026.fold_meta(fold.name) if bench_2026 is not None else {}})
+    files = [f"predictions/real_{slug(c)}.h5ad" for c in fold.contexts]
+    files += [f"eval/vcc2026_scale_{slug(c)}" for c in fold.contexts] if bench_2026 is not None else []
+    records.add_fold(fold.name, {"timings": timings, "vcc2026": bench_2026.fold_meta(fold.name) if bench_2026 is not None else {},
+                                 "files": files})
     return real_by_ctx, timings
 
 
@@ -267,7 +270,7 @@ def run_bench(
         The leaderboard (one row per model and context), the runs and the timings.
     """
     from vcell.data.io import check_output_dir
-    from vcell.data.staging import check_replaceable, staged_folder
+    from vcell.data.staging import check_replaceable, sole_writer, staged_folder
     from vcell.predictors.registry import make_model as registry_model
 
     t0 = time.perf_counter()
@@ -276,125 +279,128 @@ def run_bench(
     source = IN_MEMORY if isinstance(data_path, ad.AnnData) else str(Path(data_path).resolve())  # bench.json's "data"
     check_output_dir(out, list(BENCH_OUTPUTS), [] if source == IN_MEMORY else [data_path], overwrite=overwrite)
     check_replaceable(out, BENCH_OUTPUTS, bench_files(out))
-    check_partial(out, resume, overwrite)
-    given = {"pert_col": spec.pert_col, "control": spec.control, "context_col": spec.context_col, "batch_col": spec.batch_col,
-             "expression": spec.expression, "dataset_col": dataset_col, "datasets": datasets, "profile": profile, "seed": seed,
-             "allow_missing_controls": allow_missing_controls}
-    models = list(dict.fromkeys(models))
-    user_models = set(models)  # the models make_model builds: the options recorded are theirs
-    if BASELINE_MODEL not in models:
-        log.info("adding %s: the VCC score is scaled against it", BASELINE_MODEL)
-        models.append(BASELINE_MODEL)
-        user_model = make_model
+    with sole_writer(out):  # one benchmark at a time in OUT (and its bench.partial), from the command line or Python
+        check_partial(out, resume, overwrite)
+        given = {"pert_col": spec.pert_col, "control": spec.control, "context_col": spec.context_col, "batch_col": spec.batch_col,
+                 "expression": spec.expression, "dataset_col": dataset_col, "datasets": datasets, "profile": profile, "seed": seed,
+                 "allow_missing_controls": allow_missing_controls}
+        models = list(dict.fromkeys(models))
+        user_models = set(models)  # the models make_model builds: the options recorded are theirs
+        if BASELINE_MODEL not in models:
+            log.info("adding %s: the VCC score is scaled against it", BASELINE_MODEL)
+            models.append(BASELINE_MODEL)
+            user_model = make_model
 
-        def make_model(name: str) -> Predictor:  # the baseline as the registry builds it, whatever the caller's builds
-            return registry_model(name, seed=seed) if name == BASELINE_MODEL else user_model(name)
-    for name in models:
-        make_model(name)  # unknown names fail before any work
-    say = progress or (lambda text: None)
-    with_2026 = profile == "vcc2026"
-    scored_profile = "vcc" if with_2026 else profile  # vcc2026: the 2025 score beside the 2026 one
-    say(f"reading {source}")
-    data = prepare_data(data_path, spec, dataset_col, allow_missing_controls, datasets, keep_counts=with_2026)
-    spec = data.spec
-    folds = make_folds(data, split_file, holdout, holdout_perturbations, seed)
-    _check_models(data, folds, {name: make_model(name) for name in models})
-    all_options = {m: dict((model_options or {}).get(m, {})) if m in user_models else {} for m in models}
-    with (staged_folder(out, BENCH_OUTPUTS, keep=PARTIAL) as stage,  # an earlier run's results stay whole until this one is
-          (records := Records(stage, bench_settings(data, folds, given), resume, all_options)).kept_on_failure()):
-        (stage / "predictions").mkdir(parents=True, exist_ok=True)
-        rows, runs, timings = [], [], {}
-        bench_2026 = Bench2026(spec, threads, seed) if with_2026 else None
-        fits = 0
-        for fold in folds:
-            aggs: dict[tuple[str, str], pd.DataFrame] = {}
-            scores_2026: dict[tuple[str, str], dict[str, float]] = {}
-            if all(records.run(fold.name, name) for name in models):
-                kept = records.fold(fold.name)
-                timings.update(kept["timings"])
-                if bench_2026 is not None:
-                    bench_2026.restore(kept["vcc2026"])
-            else:
-                real_by_ctx, fold_timings = _fold_scales(data, fold, spec, stage, bench_2026, records, say)
-                timings.update(fold_timings)
-            for name in models:
-                fits += 1
-                kept = records.run(fold.name, name)
-                if kept is not None:  # finished before an interruption: read back, not run again
-                    say(f"{name} on fold {fold.name} ({fits} of {len(models) * len(folds)}): kept from the interrupted run")
-                    runs += kept["runs"]
+            def make_model(name: str) -> Predictor:  # the baseline as the registry builds it, whatever the caller's builds
+                return registry_model(name, seed=seed) if name == BASELINE_MODEL else user_model(name)
+        for name in models:
+            make_model(name)  # unknown names fail before any work
+        say = progress or (lambda text: None)
+        with_2026 = profile == "vcc2026"
+        scored_profile = "vcc" if with_2026 else profile  # vcc2026: the 2025 score beside the 2026 one
+        say(f"reading {source}")
+        data = prepare_data(data_path, spec, dataset_col, allow_missing_controls, datasets, keep_counts=with_2026)
+        spec = data.spec
+        folds = make_folds(data, split_file, holdout, holdout_perturbations, seed)
+        _check_models(data, folds, {name: make_model(name) for name in models})
+        all_options = {m: dict((model_options or {}).get(m, {})) if m in user_models else {} for m in models}
+        with (staged_folder(out, BENCH_OUTPUTS, keep=PARTIAL) as stage,  # an earlier run's results stay whole until this one is
+              (records := Records(stage, bench_settings(data, folds, given), resume, all_options)).kept_on_failure()):
+            (stage / "predictions").mkdir(parents=True, exist_ok=True)
+            rows, runs, timings = [], [], {}
+            bench_2026 = Bench2026(spec, threads, seed) if with_2026 else None
+            fits = 0
+            for fold in folds:
+                aggs: dict[tuple[str, str], pd.DataFrame] = {}
+                scores_2026: dict[tuple[str, str], dict[str, float]] = {}
+                if all(records.run(fold.name, name) for name in models) and (kept := records.fold(fold.name)) is not None:
                     timings.update(kept["timings"])
-                    aggs.update({(name, ctx): agg for ctx, agg in kept["aggs"].items()})
-                    scores_2026.update({(name, ctx): score for ctx, score in kept["scores_2026"].items()})
                     if bench_2026 is not None:
-                        bench_2026.beyond += kept["beyond"]
-                    continue
-                say(f"{name} on fold {fold.name} ({fits} of {len(models) * len(folds)}): training")
-                done = {"runs": len(runs), "beyond": len(bench_2026.beyond) if bench_2026 is not None else 0, "timings": set(timings)}
-                t = time.perf_counter()
-                with _named(name, fold.name):
-                    model = make_model(name).fit(data, fold.split)
-                timings[f"fit {name} {fold.name}"] = time.perf_counter() - t
-                for ctx in fold.contexts:
-                    real = real_by_ctx[ctx]
-                    say(f"{name} on fold {fold.name}: predicting {ctx}")
+                        bench_2026.restore(kept["vcc2026"])
+                else:
+                    real_by_ctx, fold_timings = _fold_scales(data, fold, spec, stage, bench_2026, records, say)
+                    timings.update(fold_timings)
+                for name in models:
+                    fits += 1
+                    kept = records.run(fold.name, name)
+                    if kept is not None:  # finished before an interruption: read back, not run again
+                        records.kept.append(f"{name} on fold {fold.name}")
+                        say(f"{name} on fold {fold.name} ({fits} of {len(models) * len(folds)}): kept from the interrupted run")
+                        runs += kept["runs"]
+                        timings.update(kept["timings"])
+                        aggs.update({(name, ctx): agg for ctx, agg in kept["aggs"].items()})
+                        scores_2026.update({(name, ctx): score for ctx, score in kept["scores_2026"].items()})
+                        if bench_2026 is not None:
+                            bench_2026.beyond += kept["beyond"]
+                        continue
+                    say(f"{name} on fold {fold.name} ({fits} of {len(models) * len(folds)}): training")
+                    done = {"runs": len(runs), "beyond": len(bench_2026.beyond) if bench_2026 is not None else 0, "timings": set(timings)}
                     t = time.perf_counter()
                     with _named(name, fold.name):
-                        raw = predict_context(model, data, ctx, "data", seed=seed, cells=_scored_cells(fold.split))
-                    pred = _tidy(raw, spec)
-                    timings[f"predict {name} {ctx}"] = time.perf_counter() - t
-                    run_slug = f"{slug(name)}_{slug(ctx)}"
-                    write_h5ad(pred, stage / "predictions" / f"{run_slug}.h5ad")
-                    say(f"{name} on fold {fold.name}: scoring {ctx}")
-                    t = time.perf_counter()
-                    result = evaluate(check_pair(pred, real, spec.pert_col, spec.control, "log1p", "pred", "real"), scored_profile, threads)
-                    write_outputs(result, stage / "eval" / run_slug)
-                    timings[f"eval {name} {ctx}"] = time.perf_counter() - t
-                    aggs[(name, ctx)] = result.agg
-                    if bench_2026 is not None:
+                        model = make_model(name).fit(data, fold.split)
+                    timings[f"fit {name} {fold.name}"] = time.perf_counter() - t
+                    for ctx in fold.contexts:
+                        real = real_by_ctx[ctx]
+                        say(f"{name} on fold {fold.name}: predicting {ctx}")
                         t = time.perf_counter()
-                        scores_2026[(name, ctx)] = bench_2026.score(fold.name, name, ctx, raw, stage / "eval" / run_slug / "vcc2026", model)
-                        timings[f"vcc2026 {name} {ctx}"] = time.perf_counter() - t
-                    runs.append({"model": name, "context": ctx, "fold": fold.name, "slug": run_slug,
-                                 "prediction": f"predictions/{run_slug}.h5ad", "eval_dir": f"eval/{run_slug}"})
-                records.add_run(fold.name, name, {
-                    "runs": runs[done["runs"]:], "timings": {k: v for k, v in timings.items() if k not in done["timings"]},
-                    "aggs": {ctx: aggs[(name, ctx)] for ctx in fold.contexts},
-                    "scores_2026": {ctx: scores_2026[(name, ctx)] for ctx in fold.contexts if (name, ctx) in scores_2026},
-                    "beyond": bench_2026.beyond[done["beyond"]:] if bench_2026 is not None else []})
-            for (name, ctx), agg in aggs.items():
-                means = agg.set_index("statistic").loc["mean"]
-                row = {"model": name, "context": ctx, **{k: float(v) if pd.notna(v) else np.nan for k, v in means.items()}}
-                row["vcc_score"], row["vcc_score_unclipped"] = vcc_score(agg, aggs[(BASELINE_MODEL, ctx)])
-                row.update(scores_2026.get((name, ctx), {}))
-                rows.append(row)
-        if records.kept:
-            _drop_other_runs(stage, runs, [c for f in folds for c in f.contexts])
-        write_csv(board := _leaderboard(rows), stage / "leaderboard.csv")
-        held = [", ".join(holdout)] if holdout else []
-        if folds[0].config.holdout_perturbations and split_file is None:
-            held.append("perturbations " + ", ".join(folds[0].config.holdout_perturbations))
-        meta = {
-            "data": source, "out": str(out.resolve()), "pert_col": spec.pert_col, "control": spec.control,
-            "context_col": spec.context_col, "models": models, "contexts": [c for f in folds for c in f.contexts],
-            "model_options": all_options,
-            "folds": [{**fold_record(data, f), "split": f.config.to_toml()} for f in folds],
-            "runs": runs, "real": {c: f"predictions/real_{slug(c)}.h5ad" for f in folds for c in f.contexts},
-            "datasets": list(datasets), "seed": seed, "profile": profile, "vcell_version": __version__, "timings": timings,
-            "resumed_runs": records.kept,
-            "split": str(split_file) if split_file else "holdout: " + "; ".join(held),
-        }
-        if bench_2026 is not None:
-            meta.update(bench_2026.meta())
-        with atomic_path(stage / "bench.json") as tmp:
-            tmp.write_text(json.dumps(meta, indent=2, default=str))  # default: a YAML option json cannot write (a date) as text
-        if report:
-            from vcell.report import build_report
+                        with _named(name, fold.name):
+                            raw = predict_context(model, data, ctx, "data", seed=seed, cells=_scored_cells(fold.split))
+                        pred = _tidy(raw, spec)
+                        timings[f"predict {name} {ctx}"] = time.perf_counter() - t
+                        run_slug = f"{slug(name)}_{slug(ctx)}"
+                        write_h5ad(pred, stage / "predictions" / f"{run_slug}.h5ad")
+                        say(f"{name} on fold {fold.name}: scoring {ctx}")
+                        t = time.perf_counter()
+                        result = evaluate(check_pair(pred, real, spec.pert_col, spec.control, "log1p", "pred", "real"), scored_profile, threads)
+                        write_outputs(result, stage / "eval" / run_slug)
+                        timings[f"eval {name} {ctx}"] = time.perf_counter() - t
+                        aggs[(name, ctx)] = result.agg
+                        if bench_2026 is not None:
+                            t = time.perf_counter()
+                            scores_2026[(name, ctx)] = bench_2026.score(fold.name, name, ctx, raw, stage / "eval" / run_slug / "vcc2026", model)
+                            timings[f"vcc2026 {name} {ctx}"] = time.perf_counter() - t
+                        runs.append({"model": name, "context": ctx, "fold": fold.name, "slug": run_slug,
+                                     "prediction": f"predictions/{run_slug}.h5ad", "eval_dir": f"eval/{run_slug}"})
+                    records.add_run(fold.name, name, {
+                        "runs": runs[done["runs"]:], "timings": {k: v for k, v in timings.items() if k not in done["timings"]},
+                        "aggs": {ctx: aggs[(name, ctx)] for ctx in fold.contexts},
+                        "scores_2026": {ctx: scores_2026[(name, ctx)] for ctx in fold.contexts if (name, ctx) in scores_2026},
+                        "beyond": bench_2026.beyond[done["beyond"]:] if bench_2026 is not None else []})
+                for (name, ctx), agg in aggs.items():
+                    means = agg.set_index("statistic").loc["mean"]
+                    row = {"model": name, "context": ctx, **{k: float(v) if pd.notna(v) else np.nan for k, v in means.items()}}
+                    row["vcc_score"], row["vcc_score_unclipped"] = vcc_score(agg, aggs[(BASELINE_MODEL, ctx)])
+                    row.update(scores_2026.get((name, ctx), {}))
+                    rows.append(row)
+            if resume:
+                _drop_other_runs(stage, runs, [c for f in folds for c in f.contexts])
+                records.keep_only(models)
+            write_csv(board := _leaderboard(rows), stage / "leaderboard.csv")
+            held = [", ".join(holdout)] if holdout else []
+            if folds[0].config.holdout_perturbations and split_file is None:
+                held.append("perturbations " + ", ".join(folds[0].config.holdout_perturbations))
+            meta = {
+                "data": source, "out": str(out.resolve()), "pert_col": spec.pert_col, "control": spec.control,
+                "context_col": spec.context_col, "models": models, "contexts": [c for f in folds for c in f.contexts],
+                "model_options": all_options,
+                "folds": [{**fold_record(data, f), "split": f.config.to_toml()} for f in folds],
+                "runs": runs, "real": {c: f"predictions/real_{slug(c)}.h5ad" for f in folds for c in f.contexts},
+                "datasets": list(datasets), "seed": seed, "profile": profile, "vcell_version": __version__, "timings": timings,
+                "resumed_runs": records.kept,
+                "split": str(split_file) if split_file else "holdout: " + "; ".join(held),
+            }
+            if bench_2026 is not None:
+                meta.update(bench_2026.meta())
+            with atomic_path(stage / "bench.json") as tmp:
+                tmp.write_text(json.dumps(meta, indent=2, default=str))  # default: a YAML option json cannot write (a date) as text
+            if report:
+                from vcell.report import build_report
 
-            say("writing the report")
-            build_report(stage)
-    timings["total"] = time.perf_counter() - t0
-    return BenchResult(board, out, runs, timings)
+                say("writing the report")
+                build_report(stage)
+            records.finish()
+        timings["total"] = time.perf_counter() - t0
+        return BenchResult(board, out, runs, timings)
 
 
 def _drop_other_runs(stage: Path, runs: list[dict], contexts: list[str]) -> None:

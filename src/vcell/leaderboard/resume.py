@@ -60,14 +60,17 @@ def _counts_digest(counts) -> str:
 
 
 def finished_runs(out: str | Path) -> int | None:
-    """How many finished runs ``out``'s :data:`PARTIAL` keeps (``None``: there is no such folder)."""
+    """How many finished runs ``out``'s :data:`PARTIAL` keeps (``None``: there is no such folder; 0:
+    none, or no record of any; -1: a record that cannot be read)."""
     folder = Path(out) / PARTIAL
     if not folder.is_dir():
         return None
+    if not (folder / RECORD).is_file():
+        return 0
     try:
         return len(json.loads((folder / RECORD).read_text())["runs"])
     except (OSError, ValueError, KeyError, TypeError):
-        return 0
+        return -1
 
 
 def check_partial(out: str | Path, resume: bool, overwrite: bool) -> None:
@@ -75,6 +78,9 @@ def check_partial(out: str | Path, resume: bool, overwrite: bool) -> None:
     unless ``overwrite`` (which discards them); a folder keeping none is removed."""
     kept = finished_runs(out)
     folder = Path(out) / PARTIAL
+    if kept == -1 and not (overwrite and not resume):
+        raise VcellError(f"{folder / RECORD}: cannot be read (written by another vcell version?); --overwrite discards "
+                         f"{folder} and starts again")
     if kept == 0:  # a killed benchmark's, from before its first finished run: nothing in it to keep
         shutil.rmtree(folder)
         log.warning("removed %s, left by an interrupted benchmark that had finished no run", folder)
@@ -85,7 +91,8 @@ def check_partial(out: str | Path, resume: bool, overwrite: bool) -> None:
             raise VcellError(f"{folder} keeps {kept} finished run(s) (a model on a fold) of an interrupted benchmark: "
                              "--resume continues it, --overwrite discards them and starts again")
         shutil.rmtree(folder)
-        log.warning("%s: discarded %d finished run(s) of an interrupted benchmark (--overwrite)", folder, kept)
+        log.warning("%s: discarded %s of an interrupted benchmark (--overwrite)", folder,
+                    f"{kept} finished run(s)" if kept > 0 else "the unreadable record")
 
 
 class Records:
@@ -108,7 +115,7 @@ class Records:
         self.stage, self.path = stage, stage / RECORD
         settings = json.loads(json.dumps(settings, default=str))  # compared as read back from JSON
         self.state = {"settings": settings, "folds": {}, "runs": {}}
-        self.kept: list[str] = []  # "model on fold FOLD" of each run kept from the interrupted benchmark
+        self.kept: list[str] = []  # "model on fold FOLD" of each run read back (bench.json's resumed_runs)
         if resume:
             saved = json.loads(self.path.read_text())
             diffs = _differences(saved["settings"], settings)
@@ -121,21 +128,41 @@ class Records:
                 raise VcellError(f"cannot resume {stage}: " + "; ".join(dict.fromkeys(diffs)) + "; resume with the same data "
                                  "and options, or pass --overwrite to discard its runs and start again")
             self.state = {**saved, "settings": settings}
-            self.kept = [f"{run['model']} on fold {run['fold']}" for run in saved["runs"].values()]
             log.info("resuming %s: %d run(s) finished earlier are kept", stage, len(saved["runs"]))
         self.model_options = json.loads(json.dumps(model_options, default=str))
+        self._said: set[str] = set()
 
     def fold(self, fold: str) -> dict | None:
-        """What was recorded of ``fold`` itself (:meth:`add_fold`), if it was."""
-        return self.state["folds"].get(fold)
+        """What was recorded of ``fold`` itself (:meth:`add_fold`), if it was and its ``files`` are there."""
+        record = self.state["folds"].get(fold)
+        if record is None or not self._there(record.get("files", []), f"fold {fold}"):
+            return None
+        return record
 
     def run(self, fold: str, model: str) -> dict | None:
-        """The finished run of ``model`` on ``fold``, if there is one: as given to :meth:`add_run`,
-        its ``aggs`` read back as ``{context: DataFrame}``."""
+        """The finished run of ``model`` on ``fold``, if there is one and its files are there: as given
+        to :meth:`add_run`, its ``aggs`` read back as ``{context: DataFrame}``."""
         run = self.state["runs"].get(f"{fold}\0{model}")
-        if run is None:
+        if run is None or not self._there([p for r in run["runs"] for p in (r["prediction"], r["eval_dir"])], f"{model} on fold {fold}"):
             return None
         return {**run, "aggs": {ctx: pd.DataFrame(**agg) for ctx, agg in run["aggs"].items()}}
+
+    def _there(self, files: list[str], what: str) -> bool:
+        gone = [f for f in files if not (self.stage / f).exists()]
+        if gone and what not in self._said:
+            self._said.add(what)
+            log.warning("%s: %s is gone from %s; computing it again", what, gone[0], self.stage)
+        return not gone
+
+    def keep_only(self, models: list[str]) -> None:
+        """Forget the kept runs of models not in ``models`` (a resume without them removes their files)."""
+        self.state["runs"] = {k: r for k, r in self.state["runs"].items() if r["model"] in models}
+        self._save()
+
+    def finish(self) -> None:
+        """The benchmark is done: its record goes before its results are put in place (a kill after
+        that leaves nothing to resume from a folder whose files went elsewhere)."""
+        self.path.unlink(missing_ok=True)
 
     def add_fold(self, fold: str, record: dict) -> None:
         """Record what a fold computed once for all its runs (e.g. its 2026 scales' caveats)."""
@@ -162,12 +189,12 @@ class Records:
             yield
         except BaseException as exc:
             kept = len(self.state["runs"])
-            if not kept:
+            if not kept or not self.path.is_file():
                 shutil.rmtree(self.stage, ignore_errors=True)
             else:  # Ctrl-C: the command line's own line says it (vcell.cli.interrupts)
                 level = logging.DEBUG if isinstance(exc, KeyboardInterrupt) else logging.WARNING
-                log.log(level, "kept %d finished run(s) (a model on a fold) in %s: run the same command with --resume to "
-                        "continue from them", kept, self.stage)
+                log.log(level, "kept %d finished run(s) (a model on a fold) in %s: --resume (resume=True in Python) continues "
+                        "from them", kept, self.stage)
             raise
 
 

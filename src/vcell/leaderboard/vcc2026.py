@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import anndata as ad
+import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
@@ -165,6 +166,7 @@ def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folde
     controls' library sizes, caveats, target-gene rule)``. A metric whose scale is degenerate or
     unresolved (:meth:`~vcell.eval.vcc2026.files.ContextScale.caveats`) is named once here (``where``:
     the fold and context), not for every model."""
+    from vcell.eval.vcc2026.evaluate import de_targets
     from vcell.eval.vcc2026.files import Options, context_scale
     from vcell.eval.vcc2026.inputs import cells_from_anndata
     from vcell.eval.vcc2026.scale import degenerate_note, unresolved_note
@@ -175,6 +177,11 @@ def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folde
                    strict=False)  # a degenerate metric is shown as such
     scale = context_scale(cells, opts, None, seed=0)
     caveats = scale.caveats()
+    ref = scale.ref
+    rule["de_targets_resolved"] = de_targets(ref.targets, ref.stated, ~np.isnan(ref.de.padj).all(axis=0))[1]
+    if not rule["de_targets_resolved"]:  # `vcell eval` refuses such a panel, as cell-eval2 does
+        log.warning("%s: no perturbation's target gene is among the genes the held-out cells' DE tests (those their controls "
+                    "express above 5 CPM): the four DE metrics are left out of every model's 2026 score there", where)
     caveats["single_cell"] = sorted(g for g in cells.groups if g != spec.control and cells.rows(g).size < 2)
     if caveats["single_cell"]:  # `eval baseline` refuses them, as cell-eval2 does; bench scores the rest of the anchor
         log.warning("%s: %d perturbation(s) with a single cell (%s): left out of the replicate anchor (it splits each "

@@ -77,7 +77,7 @@ def _short(label: str, n: int = 28) -> str:
     such as combinations of one gene, stay apart), ``$`` escaped (no mathtext)."""
     label = str(label)
     if len(label) > n:
-        head = (n - 1 + 1) // 2
+        head = n // 2
         label = label[:head] + "…" + label[len(label) - (n - 1 - head):]
     return label.replace("$", r"\$")
 

@@ -24,7 +24,7 @@ import pandas as pd
 
 from vcell.errors import VcellError
 from vcell.eval.vcc2026.engine import Engine, run_tasks
-from vcell.eval.vcc2026.evaluate import DESide, Reference, de_side, score_summaries
+from vcell.eval.vcc2026.evaluate import DESide, Reference, de_side, de_targets, score_summaries
 from vcell.eval.vcc2026.inputs import CountsCells
 from vcell.eval.vcc2026.metrics import ALPHA, MIN_LFC_GATE, SCORED
 from vcell.eval.vcc2026.split_tests import SplitsTask
@@ -70,6 +70,8 @@ def _full_gate_nmae(ref: Reference, lfc_a: np.ndarray, avail_a: np.ndarray, lfc_
                     rows_of: np.ndarray) -> np.ndarray:
     """Per reference perturbation: the fold-change error of half B against half A on the full gate."""
     out = np.full(len(ref.perturbations), np.nan)
+    if not de_targets(ref.targets, ref.stated, ~np.isnan(ref.de.padj).all(axis=0))[1]:
+        return out  # the reference's DE resolves no target: no DE metric (score_summaries), this one neither
     for t, k in enumerate(rows_of):
         if k < 0:
             continue
@@ -196,7 +198,7 @@ class AnchorPlan:
         ib = [sb.perturbations.index(p) for p in keep]
         idx = [ref.perturbations.index(p) for p in keep]
         targets = ref.targets[idx]
-        stated = ref.stated[idx] if ref.stated is not None else None
+        stated = ref.stated[idx]
         sa_k, sb_k = _take(sa, ia), _take(sb, ib)
         da_k, db_k = _take_de(da, ia), _take_de(db, ib)
         values, ratio = score_summaries(sa_k, da_k, ca, sb_k, db_k, cb, targets, ref.gene_rank, strict=self.strict,

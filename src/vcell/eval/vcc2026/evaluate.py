@@ -143,7 +143,7 @@ class Reference:
     targets: np.ndarray
     genes: pd.Index
     gene_rank: np.ndarray
-    stated: np.ndarray | None = None  # Targets.stated
+    stated: np.ndarray  # Targets.stated
 
     @property
     def perturbations(self) -> list[str]:
@@ -178,7 +178,9 @@ def reference_tasks(real: CountsCells, control: str, perturbations: list[str], p
 def summarise_reference(
     real: CountsCells, control: str, perturbations: list[str], targets: Targets, threads: int = 2, engine: Engine | None = None,
 ) -> Reference:
-    """Controls, per-perturbation summaries and DE table of a reference context."""
+    """Controls, per-perturbation summaries and DE table of a reference context (``targets``: :func:`resolve_targets`'s)."""
+    if not isinstance(targets, Targets):
+        raise VcellError(f"targets: give resolve_targets(perturbations, genes, ...)'s Targets, not {type(targets).__name__}")
     ctrl_task, task, finish = reference_tasks(real, control, perturbations)
     run_tasks([ctrl_task, task], engine or Engine(threads))
     return finish(targets)
@@ -219,8 +221,8 @@ def score_summaries(
     elif strict:
         raise VcellError(
             f"the DE metrics are undefined{where}: no perturbation's target gene is among the "
-            f"{int((~np.isnan(ref_de.padj).all(axis=0)).sum())} genes the reference's DE tests (those its controls express at "
-            "5 CPM or more), so they would exclude nothing (cell-eval2 refuses such a panel too); state the targets with "
+            f"{int((~np.isnan(ref_de.padj).all(axis=0)).sum())} genes the reference's DE tests (those its controls express above "
+            "5 CPM), so they would exclude nothing (cell-eval2 refuses such a panel too); state the targets with "
             "--target-genes FILE (perturbation,gene), or --no-target-genes when none is a gene")
     else:
         values.update({m: np.full(n, np.nan) for m in DE_METRICS})
