@@ -129,11 +129,40 @@ def test_a_failed_benchmark_resumes_from_its_finished_runs_to_the_uninterrupted_
     bad = tmp_path / "bad"
     with pytest.raises(VcellError, match="planted failure"):
         vcell.run_bench(data, bad, models, failing, **kw)
-    (bad / PARTIAL / "resume.json").write_text("{not json")
-    with pytest.raises(VcellError, match="resume.json: cannot be read"):
-        vcell.run_bench(data, bad, models, build, **kw, resume=True)
+    for text in ("{not json", '{"runs": {"k": {}}}'):  # not JSON; JSON of another shape
+        (bad / PARTIAL / "resume.json").write_text(text)
+        with pytest.raises(VcellError, match="resume.json: cannot be read .*--overwrite without --resume discards"):
+            vcell.run_bench(data, bad, models, build, **kw, resume=True)
     vcell.run_bench(data, bad, models, build, **kw, overwrite=True)
     _same_results(tmp_path / "whole", bad)
+
+
+def test_run_bench_in_another_thread_is_refused_while_one_writes_into_its_folder(tmp_path):
+    """The lock the command line and the API it calls share is the holding thread's to take again,
+    no other thread's: a second benchmark from another thread removed a running one's folder."""
+    import threading
+
+    import vcell
+    from vcell.data.staging import sole_writer
+    from vcell.errors import VcellError
+
+    out = tmp_path / "bench"
+    caught = []
+
+    def second():
+        try:
+            vcell.run_bench(tmp_path / "none.h5ad", out, ["control_mean"], lambda name: vcell.make_model(name, seed=0),
+                            holdout=["ctx_B"], report=False)
+        except VcellError as exc:
+            caught.append(str(exc))
+
+    with sole_writer(out):
+        (out / "bench.partial").mkdir()  # the running benchmark's folder, before its first finished run
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join()
+        assert (out / "bench.partial").is_dir()
+    assert caught and "another vcell command is writing into this folder now" in caught[0]
 
 
 def test_run_bench_in_python_is_refused_while_another_process_writes_into_its_folder(tmp_path):

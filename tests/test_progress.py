@@ -353,7 +353,7 @@ def test_ctrl_c_in_bench_overwrite_leaves_the_earlier_results_whole(files, tmp_p
     assert again.returncode == 0, again.stderr[-2000:]
     said = " ".join(again.stderr.split())
     assert "left by an interrupted write" in said and not killed.exists()
-    assert "left by an interrupted benchmark that had finished no run" in said and not (out / "bench.partial").exists()
+    assert "left by an interrupted benchmark with no record of a finished run" in said and not (out / "bench.partial").exists()
     assert not any(p.name.startswith(".staging") for p in out.iterdir())
     assert set(pd.read_csv(out / "leaderboard.csv")["model"]) == {"pert_mean", "cell_mean"}
     assert not (out / "predictions" / "control_mean_ctx_B.h5ad").exists()  # the earlier run's files went whole

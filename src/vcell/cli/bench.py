@@ -103,6 +103,7 @@ def bench(
     from vcell.data.perturbation_lists import parse_perturbations
     from vcell.eval.profiles import profile_metrics
     from vcell.leaderboard import BENCH_OUTPUTS, PARTIAL, run_bench
+    from vcell.leaderboard.resume import RECORD
 
     if profile != "vcc2026":
         profile_metrics(profile)  # an unknown profile is named now, not after every model was trained
@@ -115,7 +116,7 @@ def bench(
     if not names:
         raise VcellError(f"--models {models!r}: names no model (e.g. --models {DEFAULT_MODELS})")
     options = model_options(model_config) if model_config is not None else {}
-    with removed_if_interrupted(out, BENCH_OUTPUTS, staged=True, kept=PARTIAL), status("benchmark") as line:
+    with removed_if_interrupted(out, BENCH_OUTPUTS, staged=True, kept=f"{PARTIAL}/{RECORD}"), status("benchmark") as line:
         result = run_bench(
             data, out, names, lambda name: build_model(name, options, seed), spec=spec, split_file=split,
             holdout=holdout_context or [], holdout_perturbations=holdout_perturbations, dataset_col=dataset_col, datasets=dataset or [], profile=profile, threads=threads, seed=seed,

@@ -25,8 +25,8 @@ def removed_if_interrupted(out: Path, names: Iterable[str], staged: bool = False
     Outputs that were there before (replaced with ``--overwrite``) are left, and the message says
     they may be partly replaced; with ``staged`` (the body writes in a staging folder and replaces
     them only once it is done: :func:`~vcell.data.staging.staged_folder`), that they are as they were.
-    ``kept``: a folder of ``out`` the body may leave to be continued from (``vcell bench --resume``);
-    if it is there, the message says so.
+    ``kept``: the record (a path in ``out``) of what the body may leave to be continued from
+    (``vcell bench --resume``); if it is there, the message names its folder.
     """
     out, names = Path(out), list(names)
     existed = out.exists()
@@ -45,9 +45,9 @@ def removed_if_interrupted(out: Path, names: Iterable[str], staged: bool = False
                 target.unlink(missing_ok=True)
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
-        if kept and (out / kept).is_dir():
+        if kept and (out / kept).is_file():
             earlier = f"; {out} holds the earlier results as they were" if before and staged else ""
-            raise Interrupted(f"interrupted; the finished runs are kept in {out / kept}: run the same command with --resume to "
+            raise Interrupted(f"interrupted; the finished runs are kept in {(out / kept).parent}: run the same command with --resume to "
                               f"continue from them{earlier}", signum=signum) from None
         if before and staged:
             raise Interrupted(f"interrupted; nothing written: {out} holds the earlier results as they were", signum=signum) from None

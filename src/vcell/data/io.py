@@ -454,21 +454,23 @@ def check_output_dir(
     return directory
 
 
-_HELD: set[str] = set()  # the paths this process holds (a second flock of its own would refuse it)
+_HELD: dict[str, int] = {}  # path -> the thread of this process holding it (held_exclusively's reentrant)
 
 
 @contextlib.contextmanager
-def held_exclusively(path: str | os.PathLike, busy: str) -> Iterator[None]:
+def held_exclusively(path: str | os.PathLike, busy: str, reentrant: bool = False) -> Iterator[None]:
     """Hold the kernel's exclusive lock (``flock``) on ``path`` while the body runs.
 
     ``path`` is an existing folder, or a lock file created if missing. Another process holding it
     is a one-line :class:`VcellError` saying ``busy``; the lock goes with its process however that
-    ends. This process holding it already (the command line, then the API it calls) goes on. Not
-    POSIX: no lock.
+    ends. With ``reentrant``, the thread holding it already (the command line, then the API it
+    calls) goes on; any other holder, another thread too, is refused. Not POSIX: no lock.
     """
+    import threading
+
     path = Path(path)
     key = str(path.resolve())
-    if fcntl is None or key in _HELD:
+    if fcntl is None or (reentrant and _HELD.get(key) == threading.get_ident()):
         yield
         return
     try:
@@ -483,10 +485,10 @@ def held_exclusively(path: str | os.PathLike, busy: str) -> Iterator[None]:
         except OSError as exc:  # no flock here (NFS, Lustre without -o flock): run without the lock
             log.warning("%s: cannot be locked here (%s): a second command writing into it at the same time would not be "
                         "refused", path, exc.strerror or exc)
-        _HELD.add(key)
+        _HELD[key] = threading.get_ident()
         try:
             yield
         finally:
-            _HELD.discard(key)
+            _HELD.pop(key, None)
     finally:
         os.close(fd)  # closing releases the lock

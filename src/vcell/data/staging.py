@@ -68,7 +68,7 @@ def sole_writer(out: str | os.PathLike) -> Iterator[None]:
     Two runs into one folder would both pass the "already holds" check (their outputs are only
     renamed into place at the end) and leave a mix of both; the second is refused instead. The
     lock is the kernel's (``flock`` on the folder itself): no lock file, and it goes with the
-    process however that ends; this process may take it again (the command line, then the API).
+    process however that ends; the thread holding it may take it again (the command line, then the API).
     A folder made here and left empty is removed.
     """
     from vcell.data.io import check_writable, held_exclusively
@@ -79,7 +79,7 @@ def sole_writer(out: str | os.PathLike) -> Iterator[None]:
     out.mkdir(parents=True, exist_ok=True)
     try:
         with held_exclusively(out, f"{out}: another vcell command is writing into this folder now; "
-                                   "wait for it to finish or choose another --out"):
+                                   "wait for it to finish or choose another --out", reentrant=True):
             yield
     finally:
         if created and out.is_dir() and not any(out.iterdir()):

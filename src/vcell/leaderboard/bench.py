@@ -277,9 +277,9 @@ def run_bench(
     out = Path(out)
     holdout, datasets = names_list(holdout), names_list(datasets)
     source = IN_MEMORY if isinstance(data_path, ad.AnnData) else str(Path(data_path).resolve())  # bench.json's "data"
-    check_output_dir(out, list(BENCH_OUTPUTS), [] if source == IN_MEMORY else [data_path], overwrite=overwrite)
-    check_replaceable(out, BENCH_OUTPUTS, bench_files(out))
     with sole_writer(out):  # one benchmark at a time in OUT (and its bench.partial), from the command line or Python
+        check_output_dir(out, list(BENCH_OUTPUTS), [] if source == IN_MEMORY else [data_path], overwrite=overwrite)
+        check_replaceable(out, BENCH_OUTPUTS, bench_files(out))
         check_partial(out, resume, overwrite)
         given = {"pert_col": spec.pert_col, "control": spec.control, "context_col": spec.context_col, "batch_col": spec.batch_col,
                  "expression": spec.expression, "dataset_col": dataset_col, "datasets": datasets, "profile": profile, "seed": seed,

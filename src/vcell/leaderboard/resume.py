@@ -68,7 +68,10 @@ def finished_runs(out: str | Path) -> int | None:
     if not (folder / RECORD).is_file():
         return 0
     try:
-        return len(json.loads((folder / RECORD).read_text())["runs"])
+        record = json.loads((folder / RECORD).read_text())
+        if not all(isinstance(record[k], dict) for k in ("settings", "folds", "runs")):
+            return -1
+        return len(record["runs"])
     except (OSError, ValueError, KeyError, TypeError):
         return -1
 
@@ -79,11 +82,11 @@ def check_partial(out: str | Path, resume: bool, overwrite: bool) -> None:
     kept = finished_runs(out)
     folder = Path(out) / PARTIAL
     if kept == -1 and not (overwrite and not resume):
-        raise VcellError(f"{folder / RECORD}: cannot be read (written by another vcell version?); --overwrite discards "
-                         f"{folder} and starts again")
+        raise VcellError(f"{folder / RECORD}: cannot be read (written by another vcell version?); --overwrite without "
+                         f"--resume discards {folder} and starts again")
     if kept == 0:  # a killed benchmark's, from before its first finished run: nothing in it to keep
         shutil.rmtree(folder)
-        log.warning("removed %s, left by an interrupted benchmark that had finished no run", folder)
+        log.warning("removed %s, left by an interrupted benchmark with no record of a finished run", folder)
     if resume and not kept:
         raise VcellError(f"{out}: nothing to resume (no finished runs of an interrupted benchmark in {folder})")
     if kept and not resume:
@@ -128,7 +131,7 @@ class Records:
                 raise VcellError(f"cannot resume {stage}: " + "; ".join(dict.fromkeys(diffs)) + "; resume with the same data "
                                  "and options, or pass --overwrite to discard its runs and start again")
             self.state = {**saved, "settings": settings}
-            log.info("resuming %s: %d run(s) finished earlier are kept", stage, len(saved["runs"]))
+            log.info("resuming %s: %d run(s) finished earlier are kept", stage, sum(r["model"] in options for r in saved["runs"].values()))
         self.model_options = json.loads(json.dumps(model_options, default=str))
         self._said: set[str] = set()
 
