@@ -273,6 +273,22 @@ def test_discrimination_summary_ranks_every_perturbation_when_the_heatmap_shows_
     assert "the heatmaps show the 4 with the largest real effects" in text and "shown)" not in text
 
 
+def test_a_context_of_one_perturbation_says_its_discrimination_score_is_1_by_construction(bench_dir):
+    """Kang's pDC (one perturbation) showed every model at discrimination 1 with no word that it cannot be otherwise."""
+    from vcell.report.build import _context_effects, load_bench
+    from vcell.report.effects import ContextEffects
+    from vcell.report.sections import discrimination_section
+
+    bench = load_bench(bench_dir)
+    effects = {c: _context_effects(bench, c) for c in CONTEXTS}
+    html, _ = discrimination_section(bench, effects)
+    assert "1 by construction" not in html
+    one = effects[CONTEXTS[0]]
+    effects[CONTEXTS[0]] = ContextEffects(one.perts[:1], one.genes, one.real[:1], {m: e[:1] for m, e in one.pred.items()})
+    html, _ = discrimination_section(bench, effects)
+    assert html.count("the score is 1 by construction") == 1
+
+
 def test_report_escapes_text_and_warns_on_missing_files(bench_dir, tmp_path):
     import shutil
 

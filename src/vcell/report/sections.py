@@ -286,6 +286,9 @@ def discrimination_section(bench: Bench, all_effects: dict[str, ContextEffects])
                             for m, (v, k) in scores.items())
         if shown < n_all:
             summary += f" (over all {n_all} perturbations unless said; the heatmaps show the {shown} with the largest real effects)"
+        if n_all == 1:  # every model scores 1: the metric cannot tell them apart here
+            summary += (". One perturbation: it is the nearest to itself whatever a model predicts, so the score is 1 by "
+                        "construction and says nothing of the models here")
         parts.append(_img(fig, f"{context}: perturbation discrimination heatmaps", summary))
         n += 1
     parts.append("</section>")
