@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -466,8 +467,6 @@ def held_exclusively(path: str | os.PathLike, busy: str, reentrant: bool = False
     ends. With ``reentrant``, the thread holding it already (the command line, then the API it
     calls) goes on; any other holder, another thread too, is refused. Not POSIX: no lock.
     """
-    import threading
-
     path = Path(path)
     key = str(path.resolve())
     if fcntl is None or (reentrant and _HELD.get(key) == threading.get_ident()):

@@ -123,19 +123,56 @@ def _fold_scales(data: PerturbationData, fold: Fold, spec: DataSpec, stage: Path
     the real cells by context and the scales' timings."""
     real_by_ctx, timings = {}, {}
     for ctx in fold.contexts:
-        real_by_ctx[ctx] = _tidy(_real_cells(data, fold.split, ctx), spec)
+        cells = _real_cells(data, fold.split, ctx)  # read once for both
+        real_by_ctx[ctx] = _tidy(cells, spec)
         write_h5ad(real_by_ctx[ctx], stage / "predictions" / f"real_{slug(ctx)}.h5ad")
-    if bench_2026 is not None:
-        for ctx in fold.contexts:
+        if bench_2026 is not None:
             say(f"fold {fold.name}: the vcc2026 scale of {ctx} (baseline and replicate anchor)")
             t = time.perf_counter()
-            bench_2026.add_context(fold.name, ctx, _real_cells(data, fold.split, ctx), stage / "eval" / f"vcc2026_scale_{slug(ctx)}")
+            bench_2026.add_context(fold.name, ctx, cells, stage / "eval" / f"vcc2026_scale_{slug(ctx)}")
             timings[f"vcc2026 scale {ctx}"] = time.perf_counter() - t
     files = [f"predictions/real_{slug(c)}.h5ad" for c in fold.contexts]
     files += [f"eval/vcc2026_scale_{slug(c)}" for c in fold.contexts] if bench_2026 is not None else []
     records.add_fold(fold.name, {"timings": timings, "vcc2026": bench_2026.fold_meta(fold.name) if bench_2026 is not None else {},
                                  "files": files})
     return real_by_ctx, timings
+
+
+def _run_model(make_model: Callable[[str], Predictor], name: str, data: PerturbationData, fold: Fold,
+               real_by_ctx: dict[str, ad.AnnData], spec: DataSpec, stage: Path, profile: str, threads: int, seed: int,
+               bench_2026: Bench2026 | None, say: Callable[[str], None]) -> dict:
+    """Train model ``name`` on ``fold``, predict and score each of its contexts (files in ``stage``):
+    the run's record (:meth:`~vcell.leaderboard.resume.Records.add_run`): ``runs``, ``timings``,
+    ``aggs`` and, with vcc2026, ``scores_2026`` and ``beyond`` by context."""
+    record: dict = {"runs": [], "timings": {}, "aggs": {}, "scores_2026": {}, "beyond": []}
+    timings = record["timings"]
+    t = time.perf_counter()
+    with _named(name, fold.name):
+        model = make_model(name).fit(data, fold.split)
+    timings[f"fit {name} {fold.name}"] = time.perf_counter() - t
+    for ctx in fold.contexts:
+        say(f"{name} on fold {fold.name}: predicting {ctx}")
+        t = time.perf_counter()
+        with _named(name, fold.name):
+            raw = predict_context(model, data, ctx, "data", seed=seed, cells=_scored_cells(fold.split))
+        pred = _tidy(raw, spec)
+        timings[f"predict {name} {ctx}"] = time.perf_counter() - t
+        run_slug = f"{slug(name)}_{slug(ctx)}"
+        write_h5ad(pred, stage / "predictions" / f"{run_slug}.h5ad")
+        say(f"{name} on fold {fold.name}: scoring {ctx}")
+        t = time.perf_counter()
+        result = evaluate(check_pair(pred, real_by_ctx[ctx], spec.pert_col, spec.control, "log1p", "pred", "real"), profile, threads)
+        write_outputs(result, stage / "eval" / run_slug)
+        timings[f"eval {name} {ctx}"] = time.perf_counter() - t
+        record["aggs"][ctx] = result.agg
+        if bench_2026 is not None:
+            t = time.perf_counter()
+            record["scores_2026"][ctx], beyond = bench_2026.score(fold.name, name, ctx, raw, stage / "eval" / run_slug / "vcc2026", model)
+            record["beyond"] += beyond
+            timings[f"vcc2026 {name} {ctx}"] = time.perf_counter() - t
+        record["runs"].append({"model": name, "context": ctx, "fold": fold.name, "slug": run_slug,
+                               "prediction": f"predictions/{run_slug}.h5ad", "eval_dir": f"eval/{run_slug}"})
+    return record
 
 
 def _scored_cells(split: Split) -> np.ndarray:
@@ -311,61 +348,34 @@ def run_bench(
             bench_2026 = Bench2026(spec, threads, seed) if with_2026 else None
             fits = 0
             for fold in folds:
-                aggs: dict[tuple[str, str], pd.DataFrame] = {}
-                scores_2026: dict[tuple[str, str], dict[str, float]] = {}
-                if all(records.run(fold.name, name) for name in models) and (kept := records.fold(fold.name)) is not None:
-                    timings.update(kept["timings"])
+                kept = {name: records.run(fold.name, name) for name in models}
+                fold_kept = records.fold(fold.name) if all(kept.values()) else None
+                if fold_kept is not None:  # every run of the fold finished before an interruption
+                    timings.update(fold_kept["timings"])
                     if bench_2026 is not None:
-                        bench_2026.restore(kept["vcc2026"])
+                        bench_2026.restore(fold_kept["vcc2026"])
                 else:
                     real_by_ctx, fold_timings = _fold_scales(data, fold, spec, stage, bench_2026, records, say)
                     timings.update(fold_timings)
+                aggs: dict[tuple[str, str], pd.DataFrame] = {}
+                scores_2026: dict[tuple[str, str], dict[str, float]] = {}
                 for name in models:
                     fits += 1
-                    kept = records.run(fold.name, name)
-                    if kept is not None:  # finished before an interruption: read back, not run again
+                    record = kept[name]
+                    if record is not None:  # finished before an interruption: read back, not run again
                         records.kept.append(f"{name} on fold {fold.name}")
                         say(f"{name} on fold {fold.name} ({fits} of {len(models) * len(folds)}): kept from the interrupted run")
-                        runs += kept["runs"]
-                        timings.update(kept["timings"])
-                        aggs.update({(name, ctx): agg for ctx, agg in kept["aggs"].items()})
-                        scores_2026.update({(name, ctx): score for ctx, score in kept["scores_2026"].items()})
-                        if bench_2026 is not None:
-                            bench_2026.beyond += kept["beyond"]
-                        continue
-                    say(f"{name} on fold {fold.name} ({fits} of {len(models) * len(folds)}): training")
-                    done = {"runs": len(runs), "beyond": len(bench_2026.beyond) if bench_2026 is not None else 0, "timings": set(timings)}
-                    t = time.perf_counter()
-                    with _named(name, fold.name):
-                        model = make_model(name).fit(data, fold.split)
-                    timings[f"fit {name} {fold.name}"] = time.perf_counter() - t
-                    for ctx in fold.contexts:
-                        real = real_by_ctx[ctx]
-                        say(f"{name} on fold {fold.name}: predicting {ctx}")
-                        t = time.perf_counter()
-                        with _named(name, fold.name):
-                            raw = predict_context(model, data, ctx, "data", seed=seed, cells=_scored_cells(fold.split))
-                        pred = _tidy(raw, spec)
-                        timings[f"predict {name} {ctx}"] = time.perf_counter() - t
-                        run_slug = f"{slug(name)}_{slug(ctx)}"
-                        write_h5ad(pred, stage / "predictions" / f"{run_slug}.h5ad")
-                        say(f"{name} on fold {fold.name}: scoring {ctx}")
-                        t = time.perf_counter()
-                        result = evaluate(check_pair(pred, real, spec.pert_col, spec.control, "log1p", "pred", "real"), scored_profile, threads)
-                        write_outputs(result, stage / "eval" / run_slug)
-                        timings[f"eval {name} {ctx}"] = time.perf_counter() - t
-                        aggs[(name, ctx)] = result.agg
-                        if bench_2026 is not None:
-                            t = time.perf_counter()
-                            scores_2026[(name, ctx)] = bench_2026.score(fold.name, name, ctx, raw, stage / "eval" / run_slug / "vcc2026", model)
-                            timings[f"vcc2026 {name} {ctx}"] = time.perf_counter() - t
-                        runs.append({"model": name, "context": ctx, "fold": fold.name, "slug": run_slug,
-                                     "prediction": f"predictions/{run_slug}.h5ad", "eval_dir": f"eval/{run_slug}"})
-                    records.add_run(fold.name, name, {
-                        "runs": runs[done["runs"]:], "timings": {k: v for k, v in timings.items() if k not in done["timings"]},
-                        "aggs": {ctx: aggs[(name, ctx)] for ctx in fold.contexts},
-                        "scores_2026": {ctx: scores_2026[(name, ctx)] for ctx in fold.contexts if (name, ctx) in scores_2026},
-                        "beyond": bench_2026.beyond[done["beyond"]:] if bench_2026 is not None else []})
+                    else:
+                        say(f"{name} on fold {fold.name} ({fits} of {len(models) * len(folds)}): training")
+                        record = _run_model(make_model, name, data, fold, real_by_ctx, spec, stage, scored_profile, threads, seed,
+                                            bench_2026, say)
+                        records.add_run(fold.name, name, record)
+                    runs += record["runs"]
+                    timings.update(record["timings"])
+                    aggs.update({(name, ctx): agg for ctx, agg in record["aggs"].items()})
+                    scores_2026.update({(name, ctx): score for ctx, score in record["scores_2026"].items()})
+                    if bench_2026 is not None:
+                        bench_2026.beyond += record["beyond"]
                 for (name, ctx), agg in aggs.items():
                     means = agg.set_index("statistic").loc["mean"]
                     row = {"model": name, "context": ctx, **{k: float(v) if pd.notna(v) else np.nan for k, v in means.items()}}

@@ -116,14 +116,14 @@ class Records:
 
     def __init__(self, stage: Path, settings: dict, resume: bool, model_options: dict[str, dict]):
         self.stage, self.path = stage, stage / RECORD
-        settings = json.loads(json.dumps(settings, default=str))  # compared as read back from JSON
+        settings, options = _read_back(settings), _read_back(model_options)  # compared as read back from JSON
+        self.model_options = options
         self.state = {"settings": settings, "folds": {}, "runs": {}}
         self.kept: list[str] = []  # "model on fold FOLD" of each run read back (bench.json's resumed_runs)
         if resume:
             saved = json.loads(self.path.read_text())
             diffs = _differences(saved["settings"], settings)
-            options = json.loads(json.dumps(model_options, default=str))
-            for key, run in saved["runs"].items():
+            for run in saved["runs"].values():
                 model = run["model"]
                 if model in options and run["options"] != options[model]:
                     diffs.append(f"its {model} was run with options {run['options']}, not {options[model]}")
@@ -132,7 +132,6 @@ class Records:
                                  "and options, or pass --overwrite to discard its runs and start again")
             self.state = {**saved, "settings": settings}
             log.info("resuming %s: %d run(s) finished earlier are kept", stage, sum(r["model"] in options for r in saved["runs"].values()))
-        self.model_options = json.loads(json.dumps(model_options, default=str))
         self._said: set[str] = set()
 
     def fold(self, fold: str) -> dict | None:
@@ -169,15 +168,15 @@ class Records:
 
     def add_fold(self, fold: str, record: dict) -> None:
         """Record what a fold computed once for all its runs (e.g. its 2026 scales' caveats)."""
-        self.state["folds"][fold] = json.loads(json.dumps(record, default=str))
+        self.state["folds"][fold] = _read_back(record)
         self._save()
 
     def add_run(self, fold: str, model: str, record: dict) -> None:
         """Record the finished run of ``model`` on ``fold``: its ``runs``, ``timings``, ``aggs``
         (``{context: DataFrame}``), ``scores_2026`` and ``beyond`` (JSON-able besides ``aggs``)."""
         aggs = {ctx: agg.to_dict(orient="split") for ctx, agg in record["aggs"].items()}
-        self.state["runs"][f"{fold}\0{model}"] = json.loads(json.dumps(
-            {**record, "aggs": aggs, "model": model, "fold": fold, "options": self.model_options.get(model, {})}, default=str))
+        self.state["runs"][f"{fold}\0{model}"] = _read_back(
+            {**record, "aggs": aggs, "model": model, "fold": fold, "options": self.model_options.get(model, {})})
         self._save()
 
     def _save(self) -> None:
@@ -199,6 +198,11 @@ class Records:
                 log.log(level, "kept %d finished run(s) (a model on a fold) in %s: --resume (resume=True in Python) continues "
                         "from them", kept, self.stage)
             raise
+
+
+def _read_back(value):
+    """``value`` as ``resume.json`` gives it back (tuples as lists, numpy numbers and dates as JSON's)."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def _differences(saved: dict, ours: dict) -> list[str]:

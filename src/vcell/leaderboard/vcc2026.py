@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 
 import anndata as ad
-import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
@@ -72,19 +71,18 @@ class Bench2026:
         self.target_genes += meta["target_genes"]
         self._said.update(r["rule"] for r in meta["target_genes"])
 
-    def score(self, fold: str, model: str, context: str, pred: ad.AnnData, folder: Path, predictor=None) -> dict[str, float]:
+    def score(self, fold: str, model: str, context: str, pred: ad.AnnData, folder: Path,
+              predictor=None) -> tuple[dict[str, float], list[dict]]:
         """Score one log1p prediction (``predictor``'s, whose
         :meth:`~vcell.predictors.base.Predictor.counts_basis` the counts are drawn from) on its
-        context's scale (files in ``folder``): the leaderboard columns.
-
-        A metric beyond the replicate anchor is warned about and recorded (:attr:`beyond`).
-        """
+        context's scale (files in ``folder``): the leaderboard columns, and the metrics beyond the
+        replicate anchor (warned about here; the caller adds them to :attr:`beyond` with the run's
+        other results, which a resumed benchmark reads back)."""
         cols, table = _score_2026(pred, self.scales[(fold, context)], self.spec, self.threads, self.seed, folder, predictor)
         found = beyond_replicate(table)
         if found:
             log.warning("fold %s, %s: %s", fold, context, beyond_note(model, found))
-            self.beyond += [{"fold": fold, "context": context, "model": model, **f} for f in found]
-        return cols
+        return cols, [{"fold": fold, "context": context, "model": model, **f} for f in found]
 
     def meta(self) -> dict:
         """What ``bench.json`` records of the 2026 scoring."""
@@ -178,7 +176,7 @@ def _scale_2026(real: ad.AnnData, spec: DataSpec, threads: int, seed: int, folde
     scale = context_scale(cells, opts, None, seed=0)
     caveats = scale.caveats()
     ref = scale.ref
-    rule["de_targets_resolved"] = de_targets(ref.targets, ref.stated, ~np.isnan(ref.de.padj).all(axis=0))[1]
+    rule["de_targets_resolved"] = de_targets(ref.targets, ref.stated, ref.de.tested)[1]
     if not rule["de_targets_resolved"]:  # `vcell eval` refuses such a panel, as cell-eval2 does
         log.warning("%s: no perturbation's target gene is among the genes the held-out cells' DE tests (those their controls "
                     "express above 5 CPM): the four DE metrics are left out of every model's 2026 score there", where)

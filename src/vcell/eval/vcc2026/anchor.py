@@ -70,7 +70,7 @@ def _full_gate_nmae(ref: Reference, lfc_a: np.ndarray, avail_a: np.ndarray, lfc_
                     rows_of: np.ndarray) -> np.ndarray:
     """Per reference perturbation: the fold-change error of half B against half A on the full gate."""
     out = np.full(len(ref.perturbations), np.nan)
-    if not de_targets(ref.targets, ref.stated, ~np.isnan(ref.de.padj).all(axis=0))[1]:
+    if not de_targets(ref.targets, ref.stated, ref.de.tested)[1]:
         return out  # the reference's DE resolves no target: no DE metric (score_summaries), this one neither
     for t, k in enumerate(rows_of):
         if k < 0:

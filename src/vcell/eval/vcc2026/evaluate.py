@@ -122,6 +122,11 @@ class DESide:
     pval: np.ndarray
     padj: np.ndarray
 
+    @property
+    def tested(self) -> np.ndarray:
+        """The genes the side tests (those its controls express above 5 CPM), as a mask."""
+        return ~np.isnan(self.padj).all(axis=0)
+
 
 def de_side(summary: SideSummary, ctrl: Control, origin: Control) -> DESide:
     """Fold changes against ``origin`` (the reference's controls), tests as summarised, BH within
@@ -215,13 +220,13 @@ def score_summaries(
     else:
         values = {"pds_cosine": np.full(n, np.nan)}
     values.update(expression_errors(pred_bulk, pred_side.jackknife, real_bulk, ref_side.jackknife, ctrl_bulk, ref_ctrl.jackknife, targets))
-    cols, resolved = de_targets(targets, stated, ~np.isnan(ref_de.padj).all(axis=0))
+    cols, resolved = de_targets(targets, stated, ref_de.tested)
     if resolved:
         values.update(de_metrics(ref_de.lfc, ref_de.padj, pred_de.lfc, pred_de.padj, pred_de.pval, gene_rank, cols))
     elif strict:
         raise VcellError(
             f"the DE metrics are undefined{where}: no perturbation's target gene is among the "
-            f"{int((~np.isnan(ref_de.padj).all(axis=0)).sum())} genes the reference's DE tests (those its controls express above "
+            f"{int(ref_de.tested.sum())} genes the reference's DE tests (those its controls express above "
             "5 CPM), so they would exclude nothing (cell-eval2 refuses such a panel too); state the targets with "
             "--target-genes FILE (perturbation,gene), or --no-target-genes when none is a gene")
     else:
