@@ -66,6 +66,10 @@ def test_help_keeps_every_option_whole_in_80_columns():
         assert max(len(line) for line in text.splitlines()) <= 80, (path, text)
         for name in names:
             assert name in text.split() or any(w.startswith(name) for w in text.split()), (path, name, text)
+        # one spelling for replacing outputs: a bare `--overwrite` flag on every command that writes one
+        assert "--no-overwrite" not in names, path
+        if "--out" in names or path in (["data", "preprocess"], ["data", "simulate"]):
+            assert "--overwrite" in names, path
 
 
 @pytest.mark.slow

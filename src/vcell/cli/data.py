@@ -99,7 +99,7 @@ def preprocess_cmd(
     residual_expression: Annotated[float, typer.Option(help="Knockdown QC: max target expression vs control (perturbation level).")] = 0.30,
     cell_residual_expression: Annotated[float | None, typer.Option(help="Knockdown QC: max target expression vs control per cell.")] = None,
     min_cells: Annotated[int, typer.Option(help="Knockdown QC: drop groups left with fewer cells.")] = 30,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
     allow_missing_controls: AllowMissingControls = False,
     seed: NoRandomSeed = 0,
 ) -> None:
@@ -237,7 +237,7 @@ def subset_cmd(
     batch_col: BatchCol = None,
     expression: Expression = None,
     dataset_col: Annotated[str, typer.Option(help="obs column naming each cell's dataset (if present).")] = "dataset",
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     allow_missing_controls: AllowMissingControls = False,
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Random seed: draws a --holdout-perturbations fraction (the same seed as `vcell data split` gives the same cells).")] = 0,
 ) -> None:
@@ -282,7 +282,7 @@ def simulate_cmd(
     n_batches: Annotated[int | None, typer.Option(help="Batches (obs 'gem_group') (default: 2; vcc: 8).")] = None,
     umi_per_cell: Annotated[float | None, typer.Option(help="Median UMIs per cell (vcc: 20,000; --preset only).")] = None,
     threads: Annotated[int | None, typer.Option(help="Threads drawing cells (default: all CPUs; --preset only); the file does not depend on it.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
     seed: Seed = 0,
 ) -> None:
     """Simulate a Perturb-seq dataset (negative-binomial counts, known effects in uns['simulation']).

@@ -18,7 +18,7 @@ def embed(
     out: Annotated[Path, typer.Option("--out", help="Output .h5ad: a copy of DATA with the embeddings in .obsm[KEY].")],
     key: Annotated[str, typer.Option("--key", help="obsm key of the embeddings.")] = "X_vcell",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Cells per forward pass.")] = 64,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     expression: Expression = None,
     seed: Seed = 0,
 ) -> None:

@@ -287,7 +287,7 @@ def baseline_cmd(
     only: Annotated[str | None, typer.Option("--only", help="vcc2026: 'baseline' or 'anchor' (default: both ends).")] = None,
     backed: BackedScale = True,
     memory_budget: BudgetScale = 2.0,
-    overwrite: Annotated[bool, typer.Option(help="Replace outputs that exist.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace outputs that exist.")] = False,
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="vcc2026: seed of the baseline's control-cell draws (cell-eval2: 0); the 2025 baseline draws nothing.")] = 0,
 ) -> None:
     """Build the cell-mean baseline (as `cell-eval baseline`) from real data.
@@ -363,7 +363,7 @@ def prep_cmd(
     profile: Annotated[str, typer.Option("--profile", help="vcc (2025 .vcc archive) or vcc2026 (raw-count .h5ad, the 2026 upload checks).")] = "vcc",
     perturbations: Annotated[Path | None, typer.Option("--perturbations", help="vcc2026: CSV of the perturbations to predict (header; first column names, optional second column cell counts; a control row is skipped).")] = None,
     context_col: Annotated[str | None, typer.Option("--context-col", help="vcc2026: obs column of each cell's context, kept in the output.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace the output if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")] = False,
     seed: NoRandomSeed = 0,
 ) -> None:
     """Prepare a submission as `cell-eval prep` does: gene check/reorder, CSR float32, .vcc tar.

@@ -31,7 +31,7 @@ def predict(
     depth: Annotated[str, typer.Option("--depth", help="With --output counts: counts per cell, 'controls' (each cell at the library size of the real control cell it started from; needs DATA's raw counts: layers['counts'], .raw.X holding integer counts, or an obs total (total_counts, nCount_RNA, n_counts, ncounts) when X is log1p normalised by it) or a number (e.g. 20000: exactly that many per cell). --seed seeds the draw.")] = "controls",
     all_genes: Annotated[Path | None, typer.Option("--all-genes", help="Raw-count .h5ad that DATA was preprocessed from (same cell names): write every gene of it, in its order, as a full challenge submission needs; the genes the model does not predict are taken from the control cell each predicted cell started from (counts: its own counts; log1p: normalised as preprocessing did).")] = None,
     log1p_out: Annotated[Path | None, typer.Option("--log1p-out", help="With --output counts: also write the log1p cells the counts are drawn from (the model's genes, the real controls appended: what --output log1p writes without --all-genes) to this .h5ad. One prediction for both files, so a 2025 score of it and a 2026 score of OUT judge the same cells.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT (and --log1p-out) if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT (and --log1p-out) if it exists.")] = False,
     precision: Precision = "32",
     expression: Expression = None,
     seed: Seed = 0,
