@@ -130,6 +130,22 @@ def test_st_predicts_an_unseen_target_in_the_direction_of_its_table_neighbour(pl
     assert "neither the data nor the training" not in caplog.text
 
 
+def test_a_checkpoint_predicts_with_the_set_size_it_was_trained_with(planted_run):
+    """A set's cells attend to each other, so the set size changes the numbers: a loaded model
+    predicts in sets of its training size unless told otherwise (it took 64 whatever it was trained on)."""
+    adata, _, _, out = planted_run
+    controls = adata[adata.obs["target_gene"] == "non-targeting"]
+
+    def cells(**sizes):
+        model = STPredictor.from_checkpoint(out, checkpoint="last", **sizes)
+        return model.options.set_size, model.predict_cells(model.prepare_controls(controls), ["S"], cells_per_perturbation=64, seed=0)["S"]
+
+    (trained, default), (_, sixteen), (big, sixty_four) = cells(), cells(set_size=16), cells(set_size=64)
+    assert trained == FAST["set_size"] == 16 and big == 64
+    np.testing.assert_array_equal(default, sixteen)
+    assert np.abs(default - sixty_four).max() > 1e-4
+
+
 def test_all_means_the_perturbations_trained_on(planted_run, tmp_path):
     """`--perturbations all` is every label with training cells: not the held-out one (a one-hot
     model refused the whole request over it), also for a checkpoint written before they were recorded."""

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from vcell.cli.common import Expression, Precision, Seed, console
-from vcell.data.spec import DEFAULT_SET_SIZE, DataSpec
+from vcell.data.spec import DataSpec
 from vcell.errors import VcellError
 from vcell.train.display import format_duration, status
 
@@ -22,7 +22,7 @@ def predict(
     perturbations: Annotated[str, typer.Option("--perturbations", help="'data' (those with cells of the context in DATA, as many cells as observed: ready to score against them), 'all' (every one the model was trained on), A,B,... or a CSV with a header (the challenge's pert_counts.csv: names, then cells each; its control row skipped)")] = "data",
     cells_per_pert: Annotated[int | None, typer.Option("--cells-per-pert", "--cells-per-perturbation", help="Cells per perturbation; default: as many as observed ('data') or listed (a CSV's second column), else 100.")] = None,
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="In a run folder: best (else last) or last.")] = "best",
-    set_size: Annotated[int, typer.Option("--set-size", help="Largest cell set fed to the model.")] = DEFAULT_SET_SIZE,
+    set_size: Annotated[int | None, typer.Option("--set-size", help="Largest cell set fed to the model; default: the set size it was trained with (a set's cells attend to each other, so it changes the numbers).")] = None,
     pert_col: Annotated[str | None, typer.Option("--pert-col", help="obs column with the perturbation; default: the model's.")] = None,
     control: Annotated[str | None, typer.Option("--control", help="Control label; default: the model's.")] = None,
     context_col: Annotated[str | None, typer.Option("--context-col", help="obs column with the context; default: the model's.")] = None,
@@ -62,7 +62,8 @@ def predict(
         check_output_path(log1p_out, inputs, overwrite=overwrite)
     check_output_path(out, inputs, overwrite=overwrite)
     t0 = time.perf_counter()
-    predictor = STPredictor.from_checkpoint(model, seed=seed, checkpoint=checkpoint, set_size=set_size, precision=precision)
+    sizes = {} if set_size is None else {"set_size": set_size}
+    predictor = STPredictor.from_checkpoint(model, seed=seed, checkpoint=checkpoint, precision=precision, **sizes)
     mspec = predictor.spec
     ctx_col = mspec.context_col if context_col is None else (None if context_col.lower() in ("none", "") else context_col)
     spec = DataSpec(pert_col=pert_col or mspec.pert_col, control=control or mspec.control, context_col=ctx_col, batch_col=batch_col,

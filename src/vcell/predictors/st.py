@@ -103,6 +103,8 @@ class STPredictor(Predictor):
         try:
             given = {} if seed is None else {"seed": int(seed) if isinstance(seed, numbers.Integral) else seed}
             self.options = STTrainOptions.from_values({**given, **option_values}, options)
+            # attention mixes a set's cells, so a checkpoint predicts with the set size it was trained with unless told
+            self._set_size_given = options is not None or "set_size" in option_values
         except VcellError as exc:  # named as the baselines name their options (a bench --model-config entry, make_model)
             raise VcellError(f"st: {exc}") from None
         self.seed, self.preset, self.config_overrides = self.options.seed, preset, dict(config or {})
@@ -211,6 +213,8 @@ class STPredictor(Predictor):
         else:  # one-hot over the training targets (also every checkpoint written before feature tables)
             self.features = PertFeatures.onehot(meta["pert_vocab"])
         self._half_model = None
+        if not self._set_size_given and isinstance(meta.get("set_size"), int) and meta["set_size"] >= 1:
+            self.options = STTrainOptions.from_values({"set_size": meta["set_size"]}, self.options)
         self.checkpoint_dir = Path(directory)
         self.anchor = load_fitted(directory / ANCHOR) if (directory / ANCHOR).is_file() else None
         self.effect_anchor = self.anchor.name if self.anchor is not None else None
@@ -221,7 +225,8 @@ class STPredictor(Predictor):
         """A predictor ready to predict from a checkpoint folder or a ``vcell train st`` run folder.
 
         ``option_values`` are prediction-time :class:`~vcell.train.options.STTrainOptions`
-        (``set_size``, ``batch_size``, ``precision``, ``accelerator``).
+        (``set_size``, ``batch_size``, ``precision``, ``accelerator``); ``set_size`` defaults to the
+        one the model was trained with (attention mixes a set's cells, so it changes the numbers).
         """
         return cls(seed=seed, checkpoint=checkpoint, **option_values).load(directory)
 
@@ -299,8 +304,10 @@ class STPredictor(Predictor):
     ) -> dict[str, np.ndarray]:
         """Predicted cells ``{perturbation: [n, genes]}`` from ``controls`` (aligned, one context).
 
-        Cell sets of at most ``options.set_size`` control cells, ``batch_size`` sets (default
-        ``options.batch_size``) per forward pass; the result does not depend on either.
+        Cell sets of at most ``options.set_size`` control cells (a loaded checkpoint's default: the
+        set size it was trained with; attention mixes a set's cells, so the numbers depend on it),
+        ``batch_size`` sets (default ``options.batch_size``) per forward pass (the numbers do not
+        depend on it).
         A ``control_relative`` model (:class:`~vcell.nn.transition.STConfig`) runs each set twice, with
         the perturbation and with the control label, and shifts the first output by minus the mean
         change the second made to the set, less the model's ``control_drift`` (that change on its
