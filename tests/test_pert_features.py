@@ -216,6 +216,35 @@ def test_effect_anchor_sets_the_mean_and_onehot_dropout_needs_both_parts(planted
     assert json.loads((both / "last" / "config.json").read_text())["model"]["onehot_dropout"] == 0.5
 
 
+def test_onehot_dropout_never_turns_a_target_without_a_table_vector_into_the_control(planted_run, tmp_path, caplog):
+    """A training target the table lacks has only its one-hot part: dropping it made that target's
+    sets read as the control label (an all-zero vector) half the time, silently."""
+    import logging
+
+    from vcell.train.st import build_module
+
+    adata, data, _, _ = planted_run
+    full = _planted()[1]
+    keep = [i for i, n in enumerate(full.names) if n != "R"]
+    partial = GeneEmbeddings([full.names[i] for i in keep], full.vectors[keep], "partial").save(tmp_path / "partial.safetensors")
+    with caplog.at_level(logging.WARNING, logger="vcell"):
+        module = build_module(data, {**TINY, "onehot_dropout": 0.5}, split=_split(data), pert_features=f"onehot,{partial}")
+    assert "1 training label(s) have no vector in the table (R)" in caplog.text
+    codes = torch.tensor([module.perturbations.index(p) for p in ("R", "S")])
+    seen = []
+    forward = module.model.forward
+    module.model.forward = lambda basal, pert, batch=None, mask=None: seen.append(pert.clone()) or forward(basal, pert, batch, mask)
+    module.train()
+    torch.manual_seed(0)
+    for _ in range(200):
+        module({"pert": codes, "basal": torch.rand(2, 4, adata.n_vars), "mask": torch.ones(2, 4, dtype=torch.bool)})
+    width = module.features.widths[0]
+    vectors = torch.stack(seen)  # [200, 2 labels, dim]
+    assert (vectors[:, 0].abs().sum(-1) > 0).all()  # R: never the control's zeros
+    dropped_s = (vectors[:, 1, :width].abs().sum(-1) == 0).float().mean().item()
+    assert 0.35 < dropped_s < 0.65  # S (in the table) still loses its one-hot part about half the time
+
+
 def test_control_relative_st_reads_its_effect_against_its_own_control_prediction(planted_run, tmp_path):
     from vcell.data.cellsets import CellSetSampler
     from vcell.nn.transition import STConfig

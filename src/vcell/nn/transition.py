@@ -59,7 +59,8 @@ class STConfig(ModelConfig):
     can encode any target of the table; 0: one-hot over the training targets, rebuilt from
     ``pert_vocab``. ``onehot_dropout`` (features ``onehot,FILE`` only): in training, each cell
     set's one-hot part is zeroed with this probability, so the model also learns to read a seen
-    target from its table vector alone, which is all an unseen target has.
+    target from its table vector alone, which is all an unseen target has (a target the table has
+    no vector for keeps its one-hot part: without it, it would read as the control).
 
     ``control_relative``: training also maps each training context's control cells to other
     control cells of it under the control label (a zero perturbation vector), and prediction reads

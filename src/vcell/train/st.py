@@ -17,6 +17,7 @@ rank 0 writes checkpoints and logs; on resume every rank reads the same checkpoi
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -42,6 +43,8 @@ from vcell.train.options import STTrainOptions, check_run_options
 from vcell.train.runs import check_resume, run_dir, st_fingerprint
 from vcell.train.seeding import seeded
 from vcell.train.trainer import fit_module
+
+log = logging.getLogger(__name__)
 
 
 class STModule(ResumableModule, L.LightningModule):
@@ -89,6 +92,15 @@ class STModule(ResumableModule, L.LightningModule):
         # zero row that is never looked up (build_module checks that no training cell has one).
         table, self.encodable = features.encode_known(self.perturbations, control)
         self.register_buffer("pert_table", table, persistent=False)
+        if config.onehot_dropout > 0:
+            # a label whose table part is zero (its target lacks a vector) keeps its one-hot part: dropped, it
+            # would be the control's all-zero vector, and the model would learn that perturbation as no change
+            readable = table[:, features.widths[0]:].abs().sum(dim=1) > 0
+            unreadable = [p for p, ok, e in zip(self.perturbations, readable.tolist(), self.encodable) if e and not ok and p != control]
+            if unreadable:
+                log.warning("onehot_dropout: %d training label(s) have no vector in the table (%s%s): their one-hot part is "
+                            "always kept", len(unreadable), ", ".join(unreadable[:5]), ", ..." if len(unreadable) > 5 else "")
+            self.register_buffer("_droppable", readable, persistent=False)
         self._val_sums: torch.Tensor | None = None
         #: (row source, [per context: rows [sets, S]]) of training controls, set by train_st for control_relative
         self.drift_probe: tuple | None = None
@@ -138,7 +150,7 @@ class STModule(ResumableModule, L.LightningModule):
         p = self.config.onehot_dropout
         if self.training and p > 0 and self.features.sources[0] == "onehot" and len(self.features.sources) > 1:
             width = self.features.widths[0]
-            keep = torch.rand(feats.shape[0], 1, device=feats.device) >= p
+            keep = (torch.rand(feats.shape[0], 1, device=feats.device) >= p) | ~self._droppable[batch["pert"]][:, None]
             feats = torch.cat([feats[:, :width] * keep, feats[:, width:]], dim=1)
         cell_batch = batch["batch"] if self.config.n_batches else None
         return self.model(batch["basal"], feats, batch=cell_batch, mask=batch["mask"])
