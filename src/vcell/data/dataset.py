@@ -14,6 +14,7 @@ import pandas as pd
 
 from vcell.data.io import read_h5ad
 from vcell.data.labels import factorize
+from vcell.data.layout import check_stored_matrices
 from vcell.data.spec import SINGLE_CONTEXT, DataSpec
 from vcell.data.validate import ExpressionInfo, validate
 from vcell.errors import VcellError
@@ -173,10 +174,13 @@ def read_slots(path: str | os.PathLike, obsm: Sequence[str] = ()) -> ad.AnnData:
         read_h5ad(path, backed=True)  # raises the usual one-line error naming the file
     try:
         with h5py.File(path, "r") as f:
+            check_stored_matrices(path, f)
             stored = list(f["obsm"].keys()) if "obsm" in f else []
             missing = [key for key in obsm if key not in stored]
             parts = {} if missing else {name: read_elem(f[name]) for name in ("X", "obs", "var", "uns") if name in f}
             parts["obsm"] = {} if missing else {key: read_elem(f["obsm"][key]) for key in obsm}
+    except VcellError:
+        raise
     except Exception:  # e.g. an old on-disk layout: anndata's full reader knows more of them
         full = read_h5ad(path)  # or its one-line error naming the file
         stored, missing = list(full.obsm.keys()), [key for key in obsm if key not in full.obsm]

@@ -137,6 +137,18 @@ def scatter_csr(data, indices, lengths, out_rows, out):
 
 
 @numba.njit(cache=True, nogil=True)
+def first_repeat(indices, indptr, width):
+    """Position of the first column index stored twice within its CSR row, or -1 (one pass)."""
+    seen = np.full(width, -1, np.int64)
+    for r in range(indptr.size - 1):
+        for p in range(indptr[r], indptr[r + 1]):
+            if seen[indices[p]] == r:
+                return p
+            seen[indices[p]] = r
+    return -1
+
+
+@numba.njit(cache=True, nogil=True)
 def gather_csr(indptr, indices, data, rows, out):
     """Dense rows ``rows`` of an in-memory CSR matrix into ``out`` (zeros); -1 on a bad column index."""
     n_cols = out.shape[1]

@@ -41,6 +41,9 @@ def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
         raise VcellError(f"{path}: is a directory, expected an .h5ad file")
     if not h5py.is_hdf5(path):
         raise VcellError(f"{path}: unreadable file (not an HDF5/.h5ad file)")
+    from vcell.data.layout import check_stored_matrices
+
+    check_stored_matrices(path)  # a corrupt sparse matrix is read without a word by anndata and scipy
     import anndata as ad  # here, not at the top: readers of other formats need not import it
 
     try:

@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 from scipy import sparse
 
+from vcell.data.layout import check_stored_matrices
 from vcell.errors import VcellError
 
 log = logging.getLogger("vcell.data.preprocess")
@@ -204,8 +205,7 @@ def open_input(path: Path) -> Iterator[tuple[h5py.File, dict, object]]:
     except OSError as exc:
         raise VcellError(f"{path}: unreadable .h5ad file ({exc})") from exc
     with f:
-        if "X" not in f:
-            raise VcellError(f"{path}: the file has no expression matrix X")
+        check_stored_matrices(path, f)
         ann = read_annotations(f, path)
         source = matrix_source(f, "X", path)
         if source.shape != (len(ann["obs"]), len(ann["var"])):

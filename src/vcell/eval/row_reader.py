@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from vcell.data.layout import check_stored_matrices
 from vcell.data.preprocess_stream import H5Source, encoding_type
 from vcell.errors import VcellError
 from vcell.eval._band_kernels import dense_fill, dense_row_counts, is_canonical, remap_columns
@@ -48,6 +49,11 @@ class MatrixReader:
             self.file = h5py.File(self.path, "r")
         except OSError as exc:
             raise VcellError(f"{self.where}: not a readable .h5ad file ({exc})") from None
+        try:
+            check_stored_matrices(self.path, self.file)
+        except BaseException:
+            self.file.close()
+            raise
         self.kind = self.source = self.indptr = None
         x = self.file.get("X")
         if isinstance(x, h5py.Group) and encoding_type(x) == "csr_matrix":

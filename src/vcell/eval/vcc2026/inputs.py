@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from vcell.data.layout import check_stored_matrices
 from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.errors import VcellError, control_hint, did_you_mean, named_with_guess, preview
 from vcell.eval._band_kernels import row_totals
@@ -214,6 +215,7 @@ def read_cells(path: str | os.PathLike, pert_col: str, control: str | None = Non
         hint = did_you_mean(pert_col, meta.names)
         raise VcellError(f"{where}: perturbation column {pert_col!r} not found in obs{hint} (columns: {preview(meta.names, 20)})")
     labels, order = meta.columns[pert_col]
+    check_stored_matrices(path)  # a corrupt sparse matrix would be read without a word (or crash a kernel)
     mask = (labels == control) if control is not None else None
     tiled = read_tiles(path, mask, budget, scratch, progress, name, bounds, groups)
     if tiled is None:  # a layout read with anndata, into memory

@@ -139,8 +139,11 @@ def read_counts_file(path: str | os.PathLike, columns: list[str]) -> CountsFile:
 
     A column absent from ``obs`` is absent from ``CountsFile.columns``.
     """
+    from vcell.data.layout import check_stored_matrices
+
     try:
         with h5py.File(path, "r") as f:
+            check_stored_matrices(path, f)
             return _read_h5py(f, columns)
     except _Unsupported:
         pass
