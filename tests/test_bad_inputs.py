@@ -186,6 +186,53 @@ def _dup_genes(a: ad.AnnData) -> None:
     a.var_names = names
 
 
+def _csr_edited(ctx: Ctx, name: str, edit: Callable, base: str = "log") -> Path:
+    """A shared file stored as CSR, its ``data``/``indices``/``indptr`` then rewritten by ``edit`` (a
+    corrupt matrix that anndata and scipy read without a word)."""
+    import h5py
+
+    path = ctx.h5ad(name, lambda a: setattr(a, "X", sp.csr_matrix(a.X)), base)
+    with h5py.File(path, "r+") as f:
+        parts = [f["X"][k][()] for k in ("data", "indices", "indptr")]
+        for key, value in zip(("data", "indices", "indptr"), edit(*parts)):
+            del f["X"][key]
+            f["X"].create_dataset(key, data=value)
+    return path
+
+
+def _gene_out_of_range(d, i, p):
+    i = i.copy()
+    i[5] = 10_000
+    return d, i, p
+
+
+def _rows_backwards(d, i, p):
+    p = p.copy()
+    p[3], p[4] = p[4], p[3]
+    return d, i, p
+
+
+def _entry_repeated(d, i, p):  # cell 0's first gene stored twice, each half of its value
+    return np.insert(d, 0, d[0] / 2), np.insert(i, 0, i[0]), np.concatenate([[0], p[1:] + 1])
+
+
+def _shape_attr(rows: int, cols: int):
+    def edit(path: Path) -> Path:
+        import h5py
+
+        with h5py.File(path, "r+") as f:
+            f["X"].attrs["shape"] = (rows, cols)
+        return path
+
+    return edit
+
+
+def _blank_gene(a: ad.AnnData) -> None:
+    names = a.var_names.to_numpy().copy()
+    names[2] = ""
+    a.var_names = names
+
+
 def _truncated(ctx: Ctx, name: str) -> Path:
     """A real .h5ad cut after 3 kB: a valid HDF5 signature, a broken file."""
     return ctx.text(name, ctx.w.log.read_bytes()[:3000])
@@ -512,6 +559,32 @@ CASES: dict[str, Case] = {
                                                             "--perturbations", c.inp / "perts.csv", "--out", c.inp / "perts.csv", "--overwrite"],
                                                  ("perts.csv", "input file"),
                                                  setup=lambda c: c.text("perts.csv", f"target_gene,n_cells\n{c.w.perts[0]},3\n")),
+    # ---- a corrupt sparse matrix: read by anndata and scipy without a word (values dropped, rows scrambled,
+    # kernels writing outside their buffers); refused when the file is opened, in every command
+    "check_csr_gene_index_out_of_range": Case(lambda c: ["data", "check", _csr_edited(c, "idx.h5ad", _gene_out_of_range)],
+                                              ("idx.h5ad", "X/indices names gene 10000", "30 genes")),
+    "eval_csr_gene_index_out_of_range": Case(lambda c: _eval(c, _csr_edited(c, "idx.h5ad", _gene_out_of_range, "real")),
+                                             ("idx.h5ad", "X/indices names gene 10000")),
+    "preprocess_csr_rows_backwards": Case(lambda c: ["data", "preprocess", _csr_edited(c, "ptr.h5ad", _rows_backwards, "counts"),
+                                                     c.out / "pre.h5ad"], ("ptr.h5ad", "X/indptr decreases at cell 3")),
+    "st_csr_entry_repeated": Case(lambda c: _st_args(c, _csr_edited(c, "dup.h5ad", _entry_repeated)),
+                                  ("dup.h5ad", "of cell 0 more than once", "sum_duplicates")),
+    "eval_vcc2026_x_shape_disagrees": Case(
+        lambda c: ["eval", "run", "--profile", "vcc2026", "--pred", _shape_attr(120, 35)(_csr_edited(c, "shp.h5ad", lambda *x: x, "counts")),
+                   "--real", c.w.counts, "--out", c.out / "ev"], ("shp.h5ad", "X is 120 x 35", "30 genes (var)")),
+    "eval_baseline_bool_x": Case(lambda c: ["eval", "baseline", "--real", c.h5ad("bool.h5ad", lambda a: setattr(a, "X", a.X > 1), "real"),
+                                            "--out", c.out / "b.h5ad"], ("bool.h5ad", "X stores bool values", "astype('float32')")),
+    "from_data_no_genes": Case(lambda c: _from_data(c, c.h5ad("nog.h5ad", lambda a: a[:, []].copy())), ("nog.h5ad", "no genes")),
+    "embed_no_x": Case(lambda c: _embed(c, c.w.se, c.h5ad("nox.h5ad", lambda a: ad.AnnData(obs=a.obs, var=a.var), "counts")),
+                       ("nox.h5ad", "no expression matrix X")),
+    "preprocess_metadata_says_log1p_on_counts": Case(  # stale metadata (counts put back in X after scanpy's log1p)
+        lambda c: ["data", "preprocess", c.h5ad("lie.h5ad", lambda a: a.uns.__setitem__("vcell", {"expression": "log1p"}), "counts"),
+                   c.out / "pre.h5ad"], ("lie.h5ad", "the file's metadata says log1p", "every value is an integer", "--expression counts")),
+    "split_gene_without_a_name": Case(lambda c: ["data", "split", c.h5ad("blank.h5ad", _blank_gene), "--holdout-context", "ctx_B"],
+                                      ("blank.h5ad", "1 gene(s) without a name", "gene 2")),
+    "from_data_duplicated_gene": Case(lambda c: _from_data(c, c.h5ad("dupg.h5ad", _dup_genes)), ("dupg.h5ad", "duplicated")),
+    "predict_genes_differ_names_the_file": Case(lambda c: _predict(c, c.w.st, c.h5ad("fewer.h5ad", lambda a: a[:, 3:].copy())),
+                                                ("fewer.h5ad", "genes differ from the model's 30 genes", "3 model gene(s) missing")),
     # ---- vcell demo
     "demo_unknown_model": Case(lambda c: ["demo", "--out", c.out / "demo", "--models", "linaer"], ("linaer", "did you mean 'linear'")),
     "demo_out_is_file": Case(lambda c: ["demo", "--out", c.out / "demo"], ("demo", "is a file"), setup=lambda c: _pre(c, "demo")),

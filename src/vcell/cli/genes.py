@@ -82,7 +82,10 @@ def from_data(
     adata = read_h5ad(data, backed=True)
     mask = (perturbation_labels(adata, pert_col, str(data), control) == control).to_numpy()  # named with a did-you-mean
     counts = check_expression(adata, expression, data).type == "counts"
-    emb = data_gene_embeddings(adata, dim=dim, control_mask=mask, seed=seed, counts_target_sum=target_sum if counts else None)
+    try:
+        emb = data_gene_embeddings(adata, dim=dim, control_mask=mask, seed=seed, counts_target_sum=target_sum if counts else None)
+    except VcellError as exc:  # the table's own checks (an empty or repeated gene name) name no file
+        raise VcellError(f"{data}: {exc}") from None
     emb.save(out)
     _summary(emb, f"{emb.info['genes_zero_variance']:,} (no variance in the controls: zero vectors)")
     console.print(f"wrote {out}")

@@ -51,10 +51,14 @@ def group_sums(X, codes: np.ndarray, n_groups: int, chunk_rows: int = 2048, tran
         if sp.issparse(block):
             block = sp.csr_matrix(block)
             block.sum_duplicates()
-            data = block.data if transform is None else transform(block.data.astype(np.float64))
+            data = block.data
+            if transform is not None or data.dtype == np.float16:  # numba has no float16
+                data = data.astype(np.float64)
+                data = data if transform is None else transform(data)
             _csr_group_sums(data, block.indices, block.indptr, block_codes, out)
         else:
             block = np.asarray(block)
+            block = block.astype(np.float32) if block.dtype == np.float16 else block  # numba has no float16
             _dense_group_sums(np.ascontiguousarray(block if transform is None else transform(block.astype(np.float64))), block_codes, out)
     return out
 

@@ -76,6 +76,9 @@ def _label(path: Path | str | None) -> str:
     return str(path) if path is not None else "<AnnData>"
 
 
+_FROM_METADATA = "read from metadata: "
+
+
 def recorded_expression_type(adata: ad.AnnData) -> tuple[str, str] | None:
     """Expression type recorded in the file's metadata, with where it was read, or ``None``."""
     meta = adata.uns.get("vcell", {}) if hasattr(adata.uns, "get") else {}
@@ -108,7 +111,7 @@ def infer_expression_type(
         return ExpressionInfo(declared, "declared", "declared by the user")
     recorded = None if cell_eval else recorded_expression_type(adata)
     if recorded is not None:
-        info = ExpressionInfo(recorded[0], "inferred", f"read from metadata: {recorded[1]}")
+        info = ExpressionInfo(recorded[0], "inferred", f"{_FROM_METADATA}{recorded[1]}")
     else:
         stats = stats or scan_matrix(adata.X)
         fractional = stats.has_fraction if cell_eval else not stats.all_integer
@@ -166,12 +169,16 @@ def expression_problems(
                 f"declared as counts; pass {option} log1p if the data is log-normalised",
             )
         )
-    elif info.type == "log1p" and info.how == "declared" and not fractional and top >= 1 and stats.max_pos is not None:
+    elif (info.type == "log1p" and (info.how == "declared" or info.reason.startswith(_FROM_METADATA)) and not fractional
+          and top >= 1 and stats.max_pos is not None):
+        # log1p of normalised counts is never an integer: a claim (the user's, or the file's own metadata) of log1p
+        # on all-integer values is raw counts
         beyond = f"; more than {limit:g}, too large if the expression is log1p" if over else ""
+        said = f"{option} log1p" if info.how == "declared" else f"the file's metadata says log1p ({info.reason[len(_FROM_METADATA):]})"
         problems.append(
             Problem(
                 "log_too_large" if beyond else "integer_log1p",
-                f"{where}: {option} log1p but every value is an integer (max {top:g} at {at(*stats.max_pos)}{beyond}): "
+                f"{where}: {said} but every value is an integer (max {top:g} at {at(*stats.max_pos)}{beyond}): "
                 f"these look like raw counts; pass {option} counts",
             )
         )
@@ -266,16 +273,19 @@ def _control_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Pro
 
 def _gene_problems(adata: ad.AnnData, where: str) -> list[Problem]:
     names = pd.Index(adata.var_names)
-    if names.is_unique:
-        return []
-    dup = names[names.duplicated()].unique()
-    return [
-        Problem(
+    problems = []
+    blank = np.flatnonzero(np.asarray([not str(n).strip() for n in names], dtype=bool))
+    if blank.size:  # a gene no list, table or model can name
+        problems.append(Problem("empty_gene_name", f"{where}: {blank.size} gene(s) without a name in var_names (first: "
+                                                   f"gene {int(blank[0])}); name every gene"))
+    if not names.is_unique:
+        dup = names[names.duplicated()].unique()
+        problems.append(Problem(
             "duplicated_genes",
             f"{where}: {len(dup)} duplicated gene names in var_names ({preview(dup, 6)}); "
             "make them unique (e.g. AnnData.var_names_make_unique()) or aggregate them",
-        )
-    ]
+        ))
+    return problems
 
 
 # Problems `vcell data check` lists (exit 1) but the other commands only warn about: vcell works on

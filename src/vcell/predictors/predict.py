@@ -255,7 +255,10 @@ class _Job:
         release_freed_heap()  # what loading and validating the data freed: not part of what prediction holds
         controls = _control_cells(data, controls_mask)
         _require_controls(controls, context)
-        self.prepared = predictor.prepare_controls(controls)
+        try:
+            self.prepared = predictor.prepare_controls(controls)
+        except VcellError as exc:  # e.g. genes other than the model's: the message names the model, here the file
+            raise VcellError(f"{where}: {exc}") from None
         del controls  # the prepared copy is the one kept (when the genes were reordered, a second one)
         self.fill = None
         if all_genes is not None:

@@ -272,7 +272,8 @@ class STPredictor(Predictor):
             if not parts:
                 parts.append("duplicate gene names")
             raise VcellError(
-                f"the data's genes differ from the model's {len(genes)} genes: {'; '.join(parts)}; "
+                f"the data's genes differ from the model's {len(genes)} genes"
+                f"{f' ({self.checkpoint_dir})' if getattr(self, 'checkpoint_dir', None) else ''}: {'; '.join(parts)}; "
                 "preprocess the data with the model's gene list"
             )
         return controls[:, genes].copy()
