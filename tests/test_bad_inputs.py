@@ -585,6 +585,11 @@ CASES: dict[str, Case] = {
     "from_data_duplicated_gene": Case(lambda c: _from_data(c, c.h5ad("dupg.h5ad", _dup_genes)), ("dupg.h5ad", "duplicated")),
     "predict_genes_differ_names_the_file": Case(lambda c: _predict(c, c.w.st, c.h5ad("fewer.h5ad", lambda a: a[:, 3:].copy())),
                                                 ("fewer.h5ad", "genes differ from the model's 30 genes", "3 model gene(s) missing")),
+    "eval_baseline_duplicated_genes": Case(lambda c: ["eval", "baseline", "--real", c.h5ad("dupg.h5ad", _dup_genes, "real"),
+                                                      "--out", c.out / "b.h5ad"], ("dupg.h5ad", "duplicated gene names in var", "GENE0001")),
+    "eval_baseline_vcc2026_duplicated_genes": Case(
+        lambda c: ["eval", "baseline", "--profile", "vcc2026", "--real", c.h5ad("dupg.h5ad", _dup_genes, "counts"), "--out", c.out / "b"],
+        ("dupg.h5ad", "duplicated gene names in var", "GENE0001")),
     # ---- vcell demo
     "demo_unknown_model": Case(lambda c: ["demo", "--out", c.out / "demo", "--models", "linaer"], ("linaer", "did you mean 'linear'")),
     "demo_out_is_file": Case(lambda c: ["demo", "--out", c.out / "demo"], ("demo", "is a file"), setup=lambda c: _pre(c, "demo")),

@@ -333,7 +333,7 @@ def baseline_cmd(
     from vcell.data.io import check_output_path, read_h5ad, write_h5ad
     from vcell.eval.baseline import build_cell_mean_baseline, read_counts_table
     from vcell.eval.de import differential_expression
-    from vcell.eval.inputs import perturbation_labels, to_log1p
+    from vcell.eval.inputs import check_unique_genes, perturbation_labels, to_log1p
     from vcell.eval.run import write_de_csv
 
     check_output_path(out, [real], overwrite=overwrite)
@@ -342,6 +342,7 @@ def baseline_cmd(
     counts_df = read_counts_table(counts, pert_col) if counts is not None else None
     adata = read_h5ad(real)
     perturbation_labels(adata, pert_col, str(real), control)  # columns named before the matrix is read
+    check_unique_genes(adata.var_names, str(real))
     adata = to_log1p(adata, str(real), input_type, _expression_option())
     base = build_cell_mean_baseline(adata, pert_col, control, counts_df, as_delta=as_delta)
     de = differential_expression(base, pert_col, control, threads=threads) if de_out is not None else None

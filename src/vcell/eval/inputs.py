@@ -54,6 +54,13 @@ def _check_values(adata: ad.AnnData, where: str, input_type: str, option: str = 
     return check_expression(adata, declared, where, option=option, cell_eval=True).type
 
 
+def check_unique_genes(genes: pd.Index, where: str) -> None:
+    """A gene named twice cannot be matched between a prediction and its reference: one error line naming it."""
+    if not genes.is_unique:
+        dup = genes[genes.duplicated()].unique()
+        raise VcellError(f"{where}: duplicated gene names in var ({preview(dup, 5)})")
+
+
 def to_log1p(adata: ad.AnnData, where: str, input_type: str = "auto", option: str = "--expression",
              found: list[str] | None = None) -> ad.AnnData:
     """Check values (see :func:`check_pair`) and bring counts to log1p as cell-eval does.
@@ -139,9 +146,7 @@ def check_structure(
     for adata, where in ((real, real_name), (pred, pred_name)):
         if adata.n_obs == 0 or adata.n_vars == 0:
             raise VcellError(f"{where}: no data ({adata.n_obs} cells x {adata.n_vars} genes)")
-        if not adata.var_names.is_unique:
-            dup = adata.var_names[adata.var_names.duplicated()].unique()
-            raise VcellError(f"{where}: duplicated gene names ({preview(dup, quote=False)})")
+        check_unique_genes(adata.var_names, where)
     reorder = False
     if not real.var_names.equals(pred.var_names):
         missing = real.var_names.difference(pred.var_names, sort=False)

@@ -23,6 +23,7 @@ from vcell.data.layout import check_stored_matrices
 from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.errors import VcellError, control_hint, did_you_mean, named_with_guess, preview
 from vcell.eval._band_kernels import row_totals
+from vcell.eval.inputs import check_unique_genes
 from vcell.eval.tiles import Scratch, TileStore
 from vcell.eval.vcc2026.reader import as_csr, labels_of, read_counts_file, read_obs, read_tiles
 
@@ -234,6 +235,7 @@ def read_cells(path: str | os.PathLike, pert_col: str, control: str | None = Non
             cells.controls = CountsCells(matrix(tiled.controls), labels[rows], cells.genes, where, None, tiled.totals[rows],
                                          source_rows=rows)
     try:
+        check_unique_genes(cells.genes, where)  # a scale built on a panel no prediction can be scored against
         check_counts(cells)
     except VcellError as exc:
         close_cells(cells)
