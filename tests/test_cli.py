@@ -155,3 +155,24 @@ def test_tables_keep_names_and_numbers_whole_at_80_columns(monkeypatch):
     text = narrow.export_text()
     assert "…" not in text and "controls" in text and "8 / 6104" in text and "(perts/cells)" in text
     assert max(len(line.rstrip()) for line in text.splitlines()) <= 80
+
+
+def test_ctrl_c_while_the_command_line_loads_prints_no_traceback():
+    """The installed `vcell` script imports the command line (about 0.2 s): a Ctrl-C then printed a
+    30-line KeyboardInterrupt traceback (`python -m vcell` did not); now it ends quietly."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "vcell"
+    if not script.is_file():
+        pytest.skip(f"no installed vcell script beside {sys.executable}")
+    for delay in (0.05, 0.1, 0.15, 0.2):
+        proc = subprocess.Popen([str(script), "eval", "score", "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+        assert "Traceback" not in err and proc.returncode in (0, 130, -signal.SIGINT), (delay, proc.returncode, err[-2000:])
