@@ -282,13 +282,45 @@ def test_a_full_disk_is_said_before_it_is_hit_naming_the_output(tmp_path, monkey
     assert ad.read_h5ad(tmp_path / "x.h5ad").shape == (100, 10)
 
 
+def test_a_stop_among_the_renames_of_several_files_leaves_all_new_and_says_so(tmp_path, monkeypatch):
+    """`eval baseline --de-out`, `predict --log1p-out`, `eval run`: a Ctrl-C between two renames left
+    one file new and one old (or one missing) and said "nothing written"; now both are in place first."""
+    import os
+    import signal
+
+    from vcell.data.io import atomic_files
+    from vcell.errors import Interrupted
+
+    a, b = tmp_path / "a.h5ad", tmp_path / "sub" / "b.csv"
+    a.write_text("old a")
+    replace = os.replace
+
+    def replace_then_stop(src, dst):
+        replace(src, dst)
+        if str(dst) == str(a):
+            signal.raise_signal(signal.SIGINT)  # Python's own handler: a KeyboardInterrupt, held here
+
+    monkeypatch.setattr(os, "replace", replace_then_stop)
+    with pytest.raises(Interrupted, match="interrupted once .*a.h5ad, .*b.csv were written whole") as stop:
+        with atomic_files([a, b]) as (ta, tb):
+            ta.write_text("new a")
+            tb.write_text("new b")
+    assert a.read_text() == "new a" and b.read_text() == "new b" and stop.value.signum is None
+    assert stop.value.written == [a, b]
+    with pytest.raises(RuntimeError):  # a failure before the renames: every file as it was
+        with atomic_files([a, b]) as (ta, tb):
+            ta.write_text("newer a")
+            raise RuntimeError("boom")
+    assert a.read_text() == "new a" and b.read_text() == "new b"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["a.h5ad", "b.csv"]
+
+
 def test_stop_signals_are_held_through_renames_and_raised_after(tmp_path):
     """A SIGTERM (the command line's handler: a Ctrl-C) landing among the renames that set a run
     aside waits for them, then stops the command (it was dropped: training went on for hours)."""
     import signal
 
-    from vcell.data.io import atomic_path, check_output_path
-    from vcell.data.staging import stop_signals_held
+    from vcell.data.io import atomic_path, check_output_path, stop_signals_held
 
     def stop(signum, frame):
         raise KeyboardInterrupt

@@ -330,7 +330,7 @@ def baseline_cmd(
                              "--only": (only, None), "--splits": (splits, 5), "--anchor-seed": (anchor_seed, 0),
                              "--in-memory": (backed, True), "--memory-budget": (memory_budget, 2.0),
                              "--context-col": (_context_col_typed(), None)})
-    from vcell.data.io import check_output_path, read_h5ad, write_h5ad
+    from vcell.data.io import atomic_files, check_output_path, read_h5ad, write_h5ad
     from vcell.eval.baseline import build_cell_mean_baseline, read_counts_table
     from vcell.eval.de import differential_expression
     from vcell.eval.inputs import check_unique_genes, perturbation_labels, to_log1p
@@ -346,9 +346,10 @@ def baseline_cmd(
     adata = to_log1p(adata, str(real), input_type, _expression_option())
     base = build_cell_mean_baseline(adata, pert_col, control, counts_df, as_delta=as_delta)
     de = differential_expression(base, pert_col, control, threads=threads) if de_out is not None else None
-    write_h5ad(base, out)
-    if de is not None:
-        write_de_csv(de, de_out)
+    with atomic_files([out] + ([de_out] if de is not None else [])) as temps:  # both files or neither
+        write_h5ad(base, temps[0])
+        if de is not None:
+            write_de_csv(de, temps[1])
     console.print(f"wrote {out} ({base.n_obs:,} cells)" + (f" and {de_out}" if de_out else ""))
 
 

@@ -36,6 +36,9 @@ def removed_if_interrupted(out: Path, names: Iterable[str], staged: bool = False
             yield
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", None)  # a SIGTERM training turned into its own stop: still said as one
+        written = {Path(p).resolve() for p in getattr(exc, "written", ())}  # came while the last files were put in place
+        if names and all((out / name).resolve() in written for name in names):
+            raise Interrupted(f"interrupted once the results in {out} were written whole", signum=signum) from None
         made = [name for name in names if name not in before and (out / name).exists()]
         for name in made:
             target = out / name

@@ -17,7 +17,7 @@ from vcell._lazy import lazy_exports
 _EXPORTS: dict[str, tuple[str, ...]] = {
     ".spec": ("DataSpec", "EXPRESSION_TYPES", "SINGLE_CONTEXT", "COMBO_SEP", "CONTROL_STRATEGIES", "DEFAULT_SET_SIZE",
               "split_combo"),
-    ".io": ("read_h5ad", "read_h5ad_mapped", "write_h5ad", "atomic_path", "atomic_paths",
+    ".io": ("read_h5ad", "read_h5ad_mapped", "write_h5ad", "atomic_path", "atomic_files", "atomic_paths",
            "check_output_path", "check_output_dir", "check_writable", "clean_leftovers", "human_size"),
     ".dataset": ("PerturbationData", "CellIndex", "load_dataset", "from_anndata", "obsm_matrix",
                 "missing_obsm_error"),

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from vcell._version import __version__
-from vcell.data.io import held_exclusively
+from vcell.data.staging import held_exclusively
 from vcell.errors import VcellError
 
 CACHE_ENV = "VCELL_CACHE_DIR"

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,12 +15,7 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from vcell.errors import VcellError, preview
-
-try:  # POSIX only; without it concurrent writers are not guarded
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+from vcell.errors import STOP_SIGNALS, Interrupted, VcellError, preview
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -289,6 +283,52 @@ def _place_new(tmp: Path, path: Path) -> None:
 
 
 @contextlib.contextmanager
+def stop_signals_held(redeliver: bool = False) -> Iterator[list]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP until the body (a few renames) is done; yields a list that is
+    non-empty if one came. After the body, a signal whose default was to end the process is raised
+    again (the process then ends with everything in place); one with a handler (the command line
+    turns them into a Ctrl-C) is raised again with ``redeliver``, else only reported through the
+    list (results that are complete need no stop). Off the main thread (where no handler can be
+    set) the body runs as it is."""
+    import signal
+    import threading
+
+    caught: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    held = [s for s in (signal.SIGINT, *STOP_SIGNALS) if signal.getsignal(s) not in (signal.SIG_IGN, None)]
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            if redeliver or previous.get(s) == signal.SIG_DFL:
+                signal.raise_signal(s)
+
+
+@contextlib.contextmanager
+def atomic_files(paths: list[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Temporary paths for several files (:func:`atomic_path` each), renamed into place only when the
+    body succeeds, with Ctrl-C, SIGTERM and SIGHUP held while they are: a stop leaves every file new
+    or every file as it was, never a mix. A stop that came meanwhile is raised once all are in place,
+    as an :class:`~vcell.errors.Interrupted` saying they were written."""
+    import signal
+
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(path)) for path in paths]
+        with stop_signals_held() as caught:
+            stack.close()
+        if caught:
+            stop = Interrupted(f"interrupted once {', '.join(map(str, paths))} were written whole",
+                               signum=None if caught[0] == signal.SIGINT else caught[0])
+            stop.written = [Path(p) for p in paths]  # complete: whoever cleans up after a stop keeps them
+            raise stop
+
+
+@contextlib.contextmanager
 def atomic_paths(directory: str | os.PathLike, names: list[str]) -> Iterator[dict[str, Path]]:
     """Temporary paths for several files of ``directory``, all renamed into place only on success.
 
@@ -300,8 +340,8 @@ def atomic_paths(directory: str | os.PathLike, names: list[str]) -> Iterator[dic
     folders = {parent for name in names for parent in (directory / name).parents if directory in parent.parents}
     made = sorted((d for d in [*folders, directory] if not d.exists()), key=lambda d: len(d.parts), reverse=True)  # deepest first
     try:
-        with contextlib.ExitStack() as stack:
-            yield {name: stack.enter_context(atomic_path(directory / name)) for name in names}
+        with atomic_files([directory / name for name in names]) as temps:
+            yield dict(zip(names, temps))
     except BaseException:
         for folder in made:
             if folder.is_dir() and not any(folder.iterdir()):
@@ -456,41 +496,3 @@ def check_output_dir(
         _expect(directory / name, overwrite)
     clean_leftovers(*(directory / name for name in names))
     return directory
-
-
-_HELD: dict[str, int] = {}  # path -> the thread of this process holding it (held_exclusively's reentrant)
-
-
-@contextlib.contextmanager
-def held_exclusively(path: str | os.PathLike, busy: str, reentrant: bool = False) -> Iterator[None]:
-    """Hold the kernel's exclusive lock (``flock``) on ``path`` while the body runs.
-
-    ``path`` is an existing folder, or a lock file created if missing. Another process holding it
-    is a one-line :class:`VcellError` saying ``busy``; the lock goes with its process however that
-    ends. With ``reentrant``, the thread holding it already (the command line, then the API it
-    calls) goes on; any other holder, another thread too, is refused. Not POSIX: no lock.
-    """
-    path = Path(path)
-    key = str(path.resolve())
-    if fcntl is None or (reentrant and _HELD.get(key) == threading.get_ident()):
-        yield
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise VcellError(f"{path}: cannot create lock file ({exc.strerror or exc})") from exc
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # EWOULDBLOCK: another process holds it
-            raise VcellError(busy) from None
-        except OSError as exc:  # no flock here (NFS, Lustre without -o flock): run without the lock
-            log.warning("%s: cannot be locked here (%s): a second command writing into it at the same time would not be "
-                        "refused", path, exc.strerror or exc)
-        _HELD[key] = threading.get_ident()
-        try:
-            yield
-        finally:
-            _HELD.pop(key, None)
-    finally:
-        os.close(fd)  # closing releases the lock

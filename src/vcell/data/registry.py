@@ -48,8 +48,8 @@ from vcell.data.download import (  # noqa: F401 - re-exported: part of this modu
     download,
     sha256_file,
 )
-from vcell.data.io import fcntl  # noqa: F401 - re-exported: the lock a concurrent fetch holds
 from vcell.data.spec import EXPRESSION_TYPES, DataSpec
+from vcell.data.staging import fcntl  # noqa: F401 - re-exported: the lock a concurrent fetch holds
 from vcell.errors import VcellError, close_matches
 
 REGISTRY_ENV = "VCELL_REGISTRY"

@@ -1,5 +1,6 @@
 """Output folders whose parts are replaced whole (``vcell bench --out``): written in a staging
-folder and put in place only when the run is done, never deleting a file a user put there.
+folder and put in place only when the run is done, never deleting a file a user put there; the
+locks that keep a second writer out.
 """
 
 from __future__ import annotations
@@ -10,11 +11,17 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from vcell.data.io import atomic_path, clean_leftovers, placed, temp_prefix
-from vcell.errors import STOP_SIGNALS, VcellError, preview
+from vcell.data.io import atomic_path, clean_leftovers, placed, stop_signals_held, temp_prefix
+from vcell.errors import VcellError, preview
+
+try:  # POSIX only; without it concurrent writers are not guarded
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +78,7 @@ def sole_writer(out: str | os.PathLike) -> Iterator[None]:
     process however that ends; the thread holding it may take it again (the command line, then the API).
     A folder made here and left empty is removed.
     """
-    from vcell.data.io import check_writable, held_exclusively
+    from vcell.data.io import check_writable
 
     out = Path(out)
     check_writable(out, folder=True)  # a file there, or a read-only place: its own one-line error
@@ -134,28 +141,39 @@ def staged_folder(out: str | os.PathLike, names: Sequence[str], keep: str | None
             shutil.rmtree(stage, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def stop_signals_held(redeliver: bool = False) -> Iterator[list]:
-    """Hold Ctrl-C, SIGTERM and SIGHUP until the body (a few renames) is done; yields a list that is
-    non-empty if one came. After the body, a signal whose default was to end the process is raised
-    again (the process then ends with everything in place); one with a handler (the command line
-    turns them into a Ctrl-C) is raised again with ``redeliver``, else only reported through the
-    list (results that are complete need no stop). Off the main thread (where no handler can be
-    set) the body runs as it is."""
-    import signal
-    import threading
+_HELD: dict[str, int] = {}  # path -> the thread of this process holding it (held_exclusively's reentrant)
 
-    caught: list = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
+
+@contextlib.contextmanager
+def held_exclusively(path: str | os.PathLike, busy: str, reentrant: bool = False) -> Iterator[None]:
+    """Hold the kernel's exclusive lock (``flock``) on ``path`` while the body runs.
+
+    ``path`` is an existing folder, or a lock file created if missing. Another process holding it
+    is a one-line :class:`VcellError` saying ``busy``; the lock goes with its process however that
+    ends. With ``reentrant``, the thread holding it already (the command line, then the API it
+    calls) goes on; any other holder, another thread too, is refused. Not POSIX: no lock.
+    """
+    path = Path(path)
+    key = str(path.resolve())
+    if fcntl is None or (reentrant and _HELD.get(key) == threading.get_ident()):
+        yield
         return
-    held = [s for s in (signal.SIGINT, *STOP_SIGNALS) if signal.getsignal(s) not in (signal.SIG_IGN, None)]
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
     try:
-        yield caught
+        fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise VcellError(f"{path}: cannot create lock file ({exc.strerror or exc})") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # EWOULDBLOCK: another process holds it
+            raise VcellError(busy) from None
+        except OSError as exc:  # no flock here (NFS, Lustre without -o flock): run without the lock
+            log.warning("%s: cannot be locked here (%s): a second command writing into it at the same time would not be "
+                        "refused", path, exc.strerror or exc)
+        _HELD[key] = threading.get_ident()
+        try:
+            yield
+        finally:
+            _HELD.pop(key, None)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for s in dict.fromkeys(caught):
-            if redeliver or previous.get(s) == signal.SIG_DFL:
-                signal.raise_signal(s)
+        os.close(fd)  # closing releases the lock

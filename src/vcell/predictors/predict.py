@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from vcell._heap import cycles_collected_promptly, release_freed_heap
 from vcell.data.dataset import PerturbationData
 from vcell.data.h5write import H5adWriter
-from vcell.data.io import atomic_path, check_output_path
+from vcell.data.io import atomic_files, check_output_path
 from vcell.data.rows import H5Rows
 from vcell.data.spec import DataSpec
 from vcell.errors import VcellError, preview
@@ -148,8 +148,9 @@ def write_prediction(
                log1p_too=log1p_out is not None)
     files = {OUT: _Output(OUT, out)} | ({LOG1P: _Output(LOG1P, log1p_out)} if log1p_out is not None else {})
     with contextlib.ExitStack() as stack:
-        for f in files.values():
-            f.tmp = stack.enter_context(atomic_path(f.path))
+        temps = stack.enter_context(atomic_files([f.path for f in files.values()]))  # both files or neither
+        for f, tmp in zip(files.values(), temps):
+            f.tmp = tmp
         stack.enter_context(cycles_collected_promptly())
         for f in files.values():
             stack.callback(f.close)

@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from vcell.data.io import check_writable, clean_leftovers, held_exclusively, human_size, leftovers, temp_prefix
+from vcell.data.io import check_writable, clean_leftovers, human_size, leftovers, stop_signals_held, temp_prefix
 from vcell.data.rows import H5Rows
-from vcell.data.staging import stop_signals_held
+from vcell.data.staging import held_exclusively
 from vcell.errors import VcellError, preview
 from vcell.nn.checkpoint import (
     BEST,
