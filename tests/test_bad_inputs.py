@@ -590,6 +590,12 @@ CASES: dict[str, Case] = {
     "eval_baseline_vcc2026_duplicated_genes": Case(
         lambda c: ["eval", "baseline", "--profile", "vcc2026", "--real", c.h5ad("dupg.h5ad", _dup_genes, "counts"), "--out", c.out / "b"],
         ("dupg.h5ad", "duplicated gene names in var", "GENE0001")),
+    "st_n_batches_without_a_batch_column": Case(  # every set was batch 0: the embedding learnt one vector
+        lambda c: _st_args(c, c.w.log, "--config", c.text("nb.json", json.dumps({**TINY_ST, "n_batches": 2}))),
+        ("n_batches is 2", "no batch column", "--batch-col")),
+    "st_n_batches_below_the_batches": Case(  # an IndexError traceback mid-training
+        lambda c: _st_args(c, c.w.log, "--config", c.text("nb.json", json.dumps({**TINY_ST, "n_batches": 1})), "--batch-col", "gem_group"),
+        ("n_batches is 1", "'gem_group' has 2 batches")),
     # ---- vcell demo
     "demo_unknown_model": Case(lambda c: ["demo", "--out", c.out / "demo", "--models", "linaer"], ("linaer", "did you mean 'linear'")),
     "demo_out_is_file": Case(lambda c: ["demo", "--out", c.out / "demo"], ("demo", "is a file"), setup=lambda c: _pre(c, "demo")),

@@ -92,6 +92,13 @@ def test_forward_shapes_relu_and_batch_embedding():
     assert (tiny_model(relu_output=False)(basal, pert) < 0).any()
     with pytest.raises(VcellError, match="n_batches"):
         tiny_model()(basal, pert, batch=torch.tensor([0, 1]))
+    # Without batches (prediction) a cell gets the mean batch vector, not none: every training cell had one.
+    with torch.no_grad():
+        unbatched = model(basal, pert)
+        model.batch_embedding.weight.copy_(model.batch_embedding.weight.mean(dim=0).expand(3, -1))
+        torch.testing.assert_close(model(basal, pert, batch=torch.tensor([1, 2])), unbatched)
+        model.batch_embedding.weight.zero_()
+        assert not torch.allclose(model(basal, pert), unbatched)
 
 
 def test_output_has_residual_on_encoded_basal():

@@ -166,6 +166,8 @@ class StateTransition(nn.Module):
             ``[B, S, pert_dim]`` per cell, or ``[B, pert_dim]`` for the whole set.
         batch
             Optional batch indices, ``[B]`` per set or ``[B, S]`` per cell (needs ``n_batches`` > 0).
+            Without them a model with a batch embedding adds the mean of its batch vectors (a cell
+            of no batch in particular), not nothing: every cell it trained on had one.
         mask
             Optional ``[B, S]`` bool, ``True`` = real cell. Padded cells never influence real
             ones; their outputs are meaningless.
@@ -186,6 +188,8 @@ class StateTransition(nn.Module):
             if self.batch_embedding is None:
                 raise VcellError("batch indices were given but the ST config has n_batches = 0")
             h = h + self.batch_embedding(batch if batch.dim() == 2 else batch[:, None])
+        elif self.batch_embedding is not None:
+            h = h + self.batch_embedding.weight.mean(dim=0)
         for block in self.blocks:
             h = block(h, mask)
         out = self.decoder(self.norm(h) + basal_state)

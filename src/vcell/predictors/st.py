@@ -324,7 +324,8 @@ class STPredictor(Predictor):
         basal = genes if key is None else MemoryRows(self.control_embeddings(controls))
         feats = self.features.encode([str(p) for p in perturbations], self.meta["control"])
         if self.model_config.n_batches:
-            log.warning("st: the model has a batch embedding; predicting without batch information")
+            log.warning("st: the model has a batch embedding; the control cells' batches are not read: every predicted cell "
+                        "gets the mean of its %d batch vectors", self.model_config.n_batches)
         # one job per set: (perturbation index, control rows); a set never mixes perturbations
         jobs: list[tuple[int, np.ndarray]] = []
         set_size = self.options.set_size

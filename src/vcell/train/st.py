@@ -385,6 +385,13 @@ def build_module(
         values["gene_dim"] = int(data.adata.n_vars)
         values.setdefault("relu_output", False)  # embeddings are signed
     cfg = STConfig.from_dict(values)
+    if cfg.n_batches:  # each set's batch code indexes the embedding: codes past it failed as an IndexError mid-training
+        if spec.batch_col is None:
+            raise VcellError(f"ST config: n_batches is {cfg.n_batches} but the data has no batch column (--batch-col, "
+                             "batch_col=): every cell set would be batch 0")
+        if cfg.n_batches < len(index.batches):
+            raise VcellError(f"ST config: n_batches is {cfg.n_batches} but the batch column {spec.batch_col!r} has "
+                             f"{len(index.batches)} batches: set n_batches to at least {len(index.batches)}")
     if cfg.input_dim != width:
         what = "genes" if embed_key is None else f"embedding dimensions in .obsm[{embed_key!r}]"
         raise VcellError(f"ST config: input_dim is {cfg.input_dim} but the data has {width} {what}")
@@ -478,6 +485,9 @@ def train_st(
         module.meta["fingerprint"] = st_fingerprint(data, split, embed_key)
         module.meta.update(batch_size=int(options.batch_size), set_size=int(options.set_size),
                            control_strategy=options.control_strategy, precision=options.precision)
+        if module.config.n_batches and options.control_strategy != "batch":
+            raise VcellError(f"ST config: n_batches is {module.config.n_batches} but control_strategy is "
+                             f"{options.control_strategy!r}: cell sets carry their batch only with control_strategy 'batch'")
         if start is not None:
             check_resume(start, read_config(start), module.checkpoint_meta())
         with status("building the cell sets"):
