@@ -203,3 +203,25 @@ def test_a_penalty_at_the_top_of_the_grid_is_warned_of(case, name, caplog):
     with caplog.at_level(logging.WARNING, logger="vcell"):
         model = make_model(name, seed=0, pert_features=table).fit(data, split)
     assert model.alpha_ < max(model.alphas) and "largest penalty" not in caplog.text
+
+
+@pytest.mark.parametrize("features, by_label", [("onehot", False), ("onehot,TABLE", True)])
+def test_linear_cross_validates_over_labels_when_it_reads_a_table(case, tmp_path, monkeypatch, features, by_label):
+    """With a gene table `linear` is the learner of perturbations never seen, so its penalty is chosen
+    on held-out labels (all their contexts together); folds of (context, label) groups let a held-out
+    group's label be learnt from its other context and chose too small a penalty. One-hot alone
+    keeps folds of groups (a seen label in another context is all it can predict)."""
+    import vcell.predictors.linear as linear
+
+    data, split, table, _, _ = case
+    path = table.save(tmp_path / "table.safetensors")
+    fits = []
+    real_fit = linear._ridge_fit
+    monkeypatch.setattr(linear, "_ridge_fit", lambda X, Y, alphas: fits.append(X.copy()) or real_fit(X, Y, alphas))
+    model = make_model("linear", pert_features=features.replace("TABLE", str(path))).fit(data, split)
+    labels = model.stats_.groups["perturbation"].tolist()
+    onehot = fits[-1][:, :len(model.features_.names) if features == "onehot" else model.features_.widths[0]]  # the refit: all groups
+    total = onehot.sum(axis=0)  # groups of each training label (2: one per context)
+    assert len(fits) == 1 + model.n_folds and (total == 2).all() and len(labels) == 2 * len(total)
+    split_labels = [int(((X[:, :onehot.shape[1]].sum(axis=0) % 2) == 1).sum()) for X in fits[:-1]]  # labels with one group kept
+    assert (max(split_labels) == 0) == by_label

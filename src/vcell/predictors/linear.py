@@ -130,8 +130,12 @@ class LinearBaseline(PseudobulkBaseline):
     ``pert_features`` (:mod:`vcell.features.perturbations`; ``"A+B"`` is the sum of A's and B's
     rows, so with one-hot features the multi-hot of its targets) followed by the one-hot of the
     context. The intercept is not penalised; alpha is chosen from ``alphas`` by seeded K-fold
-    cross-validation over the training groups (mean squared error of held-out effects), then
-    the model is refitted on all groups.
+    cross-validation (mean squared error of held-out effects), then the model is refitted on all
+    groups. The folds hold out groups with one-hot features alone (what such a model predicts is
+    a seen perturbation in another context), and perturbation labels, each with all its groups,
+    as soon as a gene table is among them (what the table is for is a perturbation never seen:
+    folds of groups let a held-out group's label be learnt from its other contexts, which chose
+    too small a penalty for it; as ``kernel_ridge`` does).
 
     A context unseen in training gets the mean of the context coefficients; as the unpenalised
     intercept absorbs whatever the contexts share, the fitted context coefficients sum to zero,
@@ -200,24 +204,29 @@ class LinearBaseline(PseudobulkBaseline):
         P, _, _ = encode_pert_features(self.name, self.features_, labels, str(self._spec.control))
         X = np.hstack([P, np.array([self._context_features(c) for c in g["context"]]).reshape(len(labels), len(self.contexts_))])
         Y = stats.effects
-        self.alpha_, self.cv_scores_ = self._choose_alpha(X, Y)
+        by_label = None if self.features_.is_onehot else pd.factorize(pd.Series(labels))[0]
+        self.alpha_, self.cv_scores_ = self._choose_alpha(X, Y, by_label)
         warn_at_largest_penalty(self.name, self.alpha_, self.alphas, self.cv_scores_)
         (self.coef_, self.intercept_), = _ridge_fit(X, Y, [self.alpha_])
         log.info("linear: %d groups, %d features (%s), alpha=%g", len(labels), X.shape[1], ", ".join(self.features_.sources), self.alpha_)
 
-    def _choose_alpha(self, X: np.ndarray, Y: np.ndarray) -> tuple[float, pd.DataFrame]:
+    def _choose_alpha(self, X: np.ndarray, Y: np.ndarray, by_label: np.ndarray | None = None) -> tuple[float, pd.DataFrame]:
+        """The penalty of least cross-validated error; ``by_label`` (each group's label code): folds of labels."""
         if self.alpha is not None:
             return float(self.alpha), pd.DataFrame({"alpha": [float(self.alpha)], "cv_mse": [np.nan]})
-        n = len(X)
+        units = np.arange(len(X)) if by_label is None else by_label  # what a fold holds out: groups, or labels
+        n = int(units.max()) + 1 if len(units) else 0
         k = min(self.n_folds, n)
         if k < 2:
             alpha = 1.0 if 1.0 in self.alphas else self.alphas[len(self.alphas) // 2]
-            log.info("linear: only %d training group(s); no cross-validation, alpha=%g", n, alpha)
+            log.info("linear: only %d training %s; no cross-validation, alpha=%g", n,
+                     "group(s)" if by_label is None else "perturbation(s)", alpha)
             return alpha, pd.DataFrame({"alpha": [alpha], "cv_mse": [np.nan]})
         folds = np.array_split(np.random.default_rng(self.seed).permutation(n), k)
         sse = np.zeros(len(self.alphas))
-        for held in folds:
-            keep = np.setdiff1d(np.arange(n), held)
+        for fold in folds:
+            held = np.flatnonzero(np.isin(units, fold))
+            keep = np.setdiff1d(np.arange(len(X)), held)
             for j, (W, b) in enumerate(_ridge_fit(X[keep], Y[keep], self.alphas)):
                 sse[j] += np.sum((X[held] @ W + b - Y[held]) ** 2)
         mse = sse / Y.size
