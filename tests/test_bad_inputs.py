@@ -233,6 +233,14 @@ def _blank_gene(a: ad.AnnData) -> None:
     a.var_names = names
 
 
+def _shape_attr_scalar(path: Path) -> Path:
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        f["X"].attrs["shape"] = 7
+    return path
+
+
 def _truncated(ctx: Ctx, name: str) -> Path:
     """A real .h5ad cut after 3 kB: a valid HDF5 signature, a broken file."""
     return ctx.text(name, ctx.w.log.read_bytes()[:3000])
@@ -574,14 +582,16 @@ CASES: dict[str, Case] = {
                    "--real", c.w.counts, "--out", c.out / "ev"], ("shp.h5ad", "X is 120 x 35", "30 genes (var)")),
     "eval_baseline_bool_x": Case(lambda c: ["eval", "baseline", "--real", c.h5ad("bool.h5ad", lambda a: setattr(a, "X", a.X > 1), "real"),
                                             "--out", c.out / "b.h5ad"], ("bool.h5ad", "X stores bool values", "astype('float32')")),
-    "from_data_no_genes": Case(lambda c: _from_data(c, c.h5ad("nog.h5ad", lambda a: a[:, []].copy())), ("nog.h5ad", "no genes")),
+    "from_data_no_genes": Case(lambda c: _from_data(c, c.h5ad("nog.h5ad", lambda a: a[:, []].copy())), ("nog.h5ad", "x 0 genes")),
     "embed_no_x": Case(lambda c: _embed(c, c.w.se, c.h5ad("nox.h5ad", lambda a: ad.AnnData(obs=a.obs, var=a.var), "counts")),
                        ("nox.h5ad", "no expression matrix X")),
     "preprocess_metadata_says_log1p_on_counts": Case(  # stale metadata (counts put back in X after scanpy's log1p)
         lambda c: ["data", "preprocess", c.h5ad("lie.h5ad", lambda a: a.uns.__setitem__("vcell", {"expression": "log1p"}), "counts"),
                    c.out / "pre.h5ad"], ("lie.h5ad", "the file's metadata says log1p", "every value is an integer", "--expression counts")),
-    "split_gene_without_a_name": Case(lambda c: ["data", "split", c.h5ad("blank.h5ad", _blank_gene), "--holdout-context", "ctx_B"],
-                                      ("blank.h5ad", "1 gene(s) without a name", "gene 2")),
+    "check_sparse_float16_x": Case(lambda c: ["data", "check", _csr_edited(c, "f16.h5ad", lambda d, i, p: (d.astype(np.float16), i, p))],
+                                   ("f16.h5ad", "X stores sparse float16 values", "astype('float32')")),
+    "eval_csr_scalar_shape": Case(lambda c: _eval(c, _shape_attr_scalar(_csr_edited(c, "scal.h5ad", lambda *x: x, "real"))),
+                                  ("scal.h5ad", "unreadable .h5ad file")),
     "from_data_duplicated_gene": Case(lambda c: _from_data(c, c.h5ad("dupg.h5ad", _dup_genes)), ("dupg.h5ad", "duplicated")),
     "predict_genes_differ_names_the_file": Case(lambda c: _predict(c, c.w.st, c.h5ad("fewer.h5ad", lambda a: a[:, 3:].copy())),
                                                 ("fewer.h5ad", "genes differ from the model's 30 genes", "3 model gene(s) missing")),
@@ -718,6 +728,7 @@ def test_data_check_exit_1_lists_problems_found_in_the_file(world, tmp_path):
     line and no library warning; a file that cannot be read is exit 2 (rows above)."""
     adata = world.adata("counts")
     adata.obs_names = [f"c{i % 50}" for i in range(adata.n_obs)]
+    _blank_gene(adata)  # listed here; the other commands warn and go on
     _set(3, 4, np.nan)(adata)
     path = tmp_path / "dup.h5ad"
     adata.write_h5ad(path)
@@ -728,6 +739,7 @@ def test_data_check_exit_1_lists_problems_found_in_the_file(world, tmp_path):
     listed = [line for line in proc.stdout.splitlines() if line.strip().startswith("- ")]
     assert any("duplicated cell names" in line and "'c0'" in line for line in listed), proc.stdout
     assert any("NaN or infinite" in line for line in listed), proc.stdout
+    assert any("1 gene(s) without a name" in line for line in listed), proc.stdout
     assert run_cli("data", "check", world.log).returncode == 0
 
 

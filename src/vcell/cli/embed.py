@@ -43,8 +43,8 @@ def embed(
     t0 = time.perf_counter()
     with status(f"reading {data}"):
         adata = read_h5ad(data)
-    if adata.n_obs == 0:
-        raise VcellError(f"{data}: the file has no cells")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise VcellError(f"{data}: no data ({adata.n_obs} cells x {adata.n_vars} genes)")
     if key in adata.obsm:
         raise VcellError(f"--key {key!r}: {data} already has .obsm[{key!r}]; choose another key")
     kind = check_expression(adata, expression, data).type  # NaN/negative input never becomes NaN embeddings

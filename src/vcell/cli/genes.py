@@ -80,6 +80,8 @@ def from_data(
         raise VcellError(f"--target-sum must be > 0, got {target_sum:g}")
     check_output_path(out, [data], overwrite)
     adata = read_h5ad(data, backed=True)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise VcellError(f"{data}: no data ({adata.n_obs} cells x {adata.n_vars} genes)")
     mask = (perturbation_labels(adata, pert_col, str(data), control) == control).to_numpy()  # named with a did-you-mean
     counts = check_expression(adata, expression, data).type == "counts"
     try:

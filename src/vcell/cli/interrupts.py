@@ -2,7 +2,8 @@
 left under their names after Ctrl-C.
 
 A single-file output needs nothing here (it is written to a temporary file and renamed, so an
-interrupted write leaves nothing, and :func:`vcell.cli.main` says "interrupted; nothing written").
+interrupted write leaves nothing, and :func:`vcell.cli.main` says "interrupted; nothing written";
+files written together are put in place together, :func:`vcell.data.io.atomic_files`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from vcell.data.staging import sole_writer
-from vcell.errors import Interrupted
+from vcell.errors import Interrupted, preview
 
 
 @contextlib.contextmanager
@@ -26,7 +27,9 @@ def removed_if_interrupted(out: Path, names: Iterable[str], staged: bool = False
     they may be partly replaced; with ``staged`` (the body writes in a staging folder and replaces
     them only once it is done: :func:`~vcell.data.staging.staged_folder`), that they are as they were.
     ``kept``: the record (a path in ``out``) of what the body may leave to be continued from
-    (``vcell bench --resume``); if it is there, the message names its folder.
+    (``vcell bench --resume``); if it is there, the message names its folder. Outputs a stop
+    found being put in place (:func:`~vcell.data.io.atomic_files` puts them in place first) are
+    whole: they are kept, and the message names them.
     """
     out, names = Path(out), list(names)
     existed = out.exists()
@@ -36,10 +39,11 @@ def removed_if_interrupted(out: Path, names: Iterable[str], staged: bool = False
             yield
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", None)  # a SIGTERM training turned into its own stop: still said as one
-        written = {Path(p).resolve() for p in getattr(exc, "written", ())}  # came while the last files were put in place
-        if names and all((out / name).resolve() in written for name in names):
-            raise Interrupted(f"interrupted once the results in {out} were written whole", signum=signum) from None
-        made = [name for name in names if name not in before and (out / name).exists()]
+        # a stop that came while files were put in place (io.atomic_files) is raised once they are: those are whole, kept
+        root = out.resolve()
+        written = [Path(p).resolve() for p in getattr(exc, "written", ())]
+        whole = [str(p.relative_to(root)) for p in written if p.is_relative_to(root)]  # e.g. CONTEXT/results.csv
+        made = [name for name in names if name not in before and name not in whole and (out / name).exists()]
         for name in made:
             target = out / name
             if target.is_dir() and not target.is_symlink():
@@ -48,6 +52,11 @@ def removed_if_interrupted(out: Path, names: Iterable[str], staged: bool = False
                 target.unlink(missing_ok=True)
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
+        if whole:
+            others = sorted(before - set(whole))
+            raise Interrupted(f"interrupted once {preview(whole, 6, quote=False)} in {out} were written whole"
+                              + (f"; {', '.join(others)} may be from the earlier run (rerun with --overwrite)" if others else ""),
+                              signum=signum) from None
         if kept and (out / kept).is_file():
             earlier = f"; {out} holds the earlier results as they were" if before and staged else ""
             raise Interrupted(f"interrupted; the finished runs are kept in {(out / kept).parent}: run the same command with --resume to "

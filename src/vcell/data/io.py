@@ -298,8 +298,10 @@ def stop_signals_held(redeliver: bool = False) -> Iterator[list]:
         yield caught
         return
     held = [s for s in (signal.SIGINT, *STOP_SIGNALS) if signal.getsignal(s) not in (signal.SIG_IGN, None)]
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    previous = {}
     try:
+        for s in held:  # inside the try: a signal landing among these still gets every handler put back
+            previous[s] = signal.signal(s, lambda signum, frame: caught.append(signum))
         yield caught
     finally:
         for s, handler in previous.items():

@@ -25,8 +25,8 @@ from vcell.errors import VcellError
 
 #: Stored entries checked at a time (64 MB of int32 indices).
 _CHUNK = 1 << 24
-#: (path, size, mtime) of the files checked in this process.
-_CHECKED: set[tuple[str, int, int]] = set()
+#: (path, inode, size, mtime, ctime) of the files checked in this process.
+_CHECKED: set[tuple] = set()
 
 
 def check_stored_matrices(path: str | os.PathLike, f: h5py.File | None = None) -> None:
@@ -41,17 +41,17 @@ def check_stored_matrices(path: str | os.PathLike, f: h5py.File | None = None) -
     """
     path = Path(path)
     st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # ctime: no utime sets it
     if key in _CHECKED:
         return
-    if f is None:
-        try:
+    try:
+        if f is None:
             with h5py.File(path, "r") as opened:
                 _check_file(path, opened)
-        except OSError as exc:
-            raise VcellError(f"{path}: unreadable .h5ad file ({exc})") from exc
-    else:
-        _check_file(path, f)
+        else:
+            _check_file(path, f)
+    except (OSError, TypeError, ValueError, KeyError, IndexError) as exc:  # e.g. a scalar where an array belongs
+        raise VcellError(f"{path}: unreadable .h5ad file ({type(exc).__name__}: {exc})") from exc
     _CHECKED.add(key)
 
 
@@ -71,8 +71,6 @@ def _check_file(path: Path, f: h5py.File) -> None:
     shape = (_axis_length(f, "obs"), _axis_length(f, "var"))
     if "X" not in f:
         raise VcellError(f"{path}: the file has no expression matrix X")
-    if shape[1] == 0:
-        raise VcellError(f"{path}: the file has no genes (its var is empty)")
     matrices = [("X", f["X"])]
     layers = f.get("layers")
     if isinstance(layers, h5py.Group):
@@ -87,11 +85,18 @@ def _encoding(node) -> str:
     return enc.decode() if isinstance(enc, bytes) else str(enc)
 
 
-def _check_dtype(path: Path, name: str, dtype: np.dtype) -> None:
-    if dtype.kind not in "fiu":  # float16 is read as float32 where a kernel needs it
-        raise VcellError(f"{path}: {name} stores {dtype} values; expression must be stored as float32/float64 or integers "
-                         f"(in Python: adata.{'X' if name == 'X' else name.replace('/', '[') + ']'} = "
-                         f"{'adata.X' if name == 'X' else 'it'}.astype('float32'), then save it again)")
+def _check_dtype(path: Path, name: str, dtype: np.dtype, sparse: bool) -> None:
+    """X's values: numbers (dense float16 is read as float32 where a kernel needs it; scipy has no sparse float16)."""
+    if name != "X":
+        return  # a layer is checked by the command that reads it (a boolean mask layer is no expression)
+    if dtype.kind not in "fiu" or (sparse and dtype == np.float16):
+        raise VcellError(f"{path}: X stores {'sparse ' if sparse else ''}{dtype} values; expression must be stored as float32/"
+                         "float64 or integers (in Python: adata.X = adata.X.astype('float32'), then save it again)")
+
+
+def _python(name: str) -> str:
+    """How Python names a stored matrix: ``adata.X``, ``adata.layers['counts']``."""
+    return "adata.X" if name == "X" else f"adata.layers[{name.split('/', 1)[1]!r}]"
 
 
 def _check_shape(path: Path, name: str, got: tuple[int, int], shape: tuple[int | None, int | None]) -> None:
@@ -106,7 +111,7 @@ def _check_matrix(path: Path, name: str, node, shape: tuple[int | None, int | No
     if isinstance(node, h5py.Dataset):
         if node.ndim != 2:
             raise VcellError(f"{path}: {name} is a {node.ndim}-dimensional array, not a cells x genes matrix")
-        _check_dtype(path, name, node.dtype)
+        _check_dtype(path, name, node.dtype, sparse=False)
         _check_shape(path, name, tuple(node.shape), shape)
         return
     enc = _encoding(node)
@@ -118,7 +123,7 @@ def _check_matrix(path: Path, name: str, node, shape: tuple[int | None, int | No
         what = ", ".join(f"{name}/{k}" for k in missing) or f"{name}'s shape"
         raise VcellError(f"{path}: {name} is a sparse matrix without {what}: the file is incomplete or corrupt")
     got = tuple(int(v) for v in node.attrs["shape"])
-    _check_dtype(path, name, parts["data"].dtype)
+    _check_dtype(path, name, parts["data"].dtype, sparse=True)
     _check_shape(path, name, got, shape)
     rows = enc == "csr_matrix"
     major, minor = (got[0], got[1]) if rows else (got[1], got[0])
@@ -176,4 +181,5 @@ def _check_repeats(path: Path, name: str, idx: np.ndarray, ptr: np.ndarray, firs
     if found >= 0:
         row = int(np.searchsorted(ptr, found, side="right")) - 1
         raise VcellError(f"{path}: {name} stores {minor_name} {int(idx[found])} of {major_name} {first_row + row:,} "
-                         "more than once (repeated sparse entries: in Python X.sum_duplicates(), then save it again)")
+                         f"more than once (repeated sparse entries: in Python, .sum_duplicates() on {_python(name)}, then save it "
+                         "again)")

@@ -290,8 +290,9 @@ def _gene_problems(adata: ad.AnnData, where: str) -> list[Problem]:
 
 # Problems `vcell data check` lists (exit 1) but the other commands only warn about: vcell works on
 # cell positions, never on names, so duplicated cell names do not change a result; labels that
-# differ only in case, spaces or punctuation may be meant (two perturbations named alike).
-WARNING_KINDS = ("duplicated_cells", "similar_labels")
+# differ only in case, spaces or punctuation may be meant (two perturbations named alike); a gene
+# without a name is still used (only a gene list or table cannot name it).
+WARNING_KINDS = ("duplicated_cells", "similar_labels", "empty_gene_name")
 
 
 def _similar_label_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Problem]:
