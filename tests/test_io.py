@@ -380,3 +380,19 @@ def test_a_failed_write_of_several_files_removes_the_subfolders_it_made(tmp_path
         with atomic_paths(tmp_path / "new", ["A/r.csv"]) as tmp:
             raise RuntimeError("before anything")
     assert not (tmp_path / "new").exists()
+
+
+def test_spare_capacity_past_indptr_is_read_as_before(tmp_path):
+    """Entries stored past ``indptr[-1]`` (scipy can keep spare capacity, and anndata writes it) are
+    unused, not corruption: the structural check accepts them, and the matrix reads as without them."""
+    import h5py
+
+    X = sp.random(20, 8, density=0.3, format="csr", dtype=np.float32, random_state=1)
+    path = tmp_path / "spare.h5ad"
+    ad.AnnData(X, obs=pd.DataFrame(index=[f"c{i}" for i in range(20)]), var=pd.DataFrame(index=[f"g{j}" for j in range(8)])).write_h5ad(path)
+    with h5py.File(path, "r+") as f:
+        for key, extra in (("data", np.float32(5.0)), ("indices", np.int32(99))):  # 99: no gene, but never read
+            values = np.append(f["X"][key][()], [extra] * 3)
+            del f["X"][key]
+            f["X"].create_dataset(key, data=values)
+    np.testing.assert_array_equal(read_h5ad(path).X.toarray(), X.toarray())

@@ -137,7 +137,8 @@ def _check_matrix(path: Path, name: str, node, shape: tuple[int | None, int | No
     if n_data != n_indices:
         raise VcellError(f"{path}: {name} has {n_data:,} values (data) but {n_indices:,} indices: the file is corrupt")
     steps = np.diff(indptr.astype(np.int64))
-    if major and (indptr[0] != 0 or (steps < 0).any() or indptr[-1] != n_indices):
+    # entries past indptr[-1] are spare capacity (scipy can keep some, and anndata writes them): unused, allowed
+    if major and (indptr[0] != 0 or (steps < 0).any() or indptr[-1] > n_indices):
         where = ("starts at " + str(int(indptr[0]))) if indptr[0] != 0 else (
             f"decreases at {major_name} {int(np.flatnonzero(steps < 0)[0]):,}" if (steps < 0).any()
             else f"ends at {int(indptr[-1]):,} but there are {n_indices:,} stored entries")
