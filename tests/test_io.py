@@ -396,3 +396,19 @@ def test_spare_capacity_past_indptr_is_read_as_before(tmp_path):
             del f["X"][key]
             f["X"].create_dataset(key, data=values)
     np.testing.assert_array_equal(read_h5ad(path).X.toarray(), X.toarray())
+
+
+def test_raw_counts_beside_x_are_checked_too(tmp_path):
+    """``raw.X`` (Seurat's and scanpy's counts beside a normalised X, read by ``predict --depth
+    controls``) gets the same structural check as X: a gene index past raw's genes is one line."""
+    import h5py
+
+    X = sp.random(12, 6, density=0.5, format="csr", dtype=np.float32, random_state=2)
+    adata = ad.AnnData(X, obs=pd.DataFrame(index=[f"c{i}" for i in range(12)]), var=pd.DataFrame(index=[f"g{j}" for j in range(6)]))
+    adata.raw = adata.copy()
+    path = tmp_path / "raw.h5ad"
+    adata.write_h5ad(path)
+    with h5py.File(path, "r+") as f:
+        f["raw/X/indices"][0] = 40
+    with pytest.raises(VcellError, match=r"raw.h5ad: raw/X/indices names gene 40 in cell 0, but the matrix has 6 genes"):
+        read_h5ad(path)

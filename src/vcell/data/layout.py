@@ -30,7 +30,7 @@ _CHECKED: set[tuple] = set()
 
 
 def check_stored_matrices(path: str | os.PathLike, f: h5py.File | None = None) -> None:
-    """Raise a one-line :class:`VcellError` naming ``path`` when ``X`` or a layer is malformed.
+    """Raise a one-line :class:`VcellError` naming ``path`` when ``X``, a layer or ``raw.X`` is malformed.
 
     Parameters
     ----------
@@ -55,7 +55,7 @@ def check_stored_matrices(path: str | os.PathLike, f: h5py.File | None = None) -
     _CHECKED.add(key)
 
 
-def _axis_length(f: h5py.File, name: str) -> int | None:
+def _axis_length(f: h5py.Group, name: str) -> int | None:
     """Rows of ``obs`` or ``var`` (``None`` when the layout is not one this check knows)."""
     node = f.get(name)
     if isinstance(node, h5py.Dataset):  # anndata's oldest layout: a compound dataset
@@ -78,6 +78,9 @@ def _check_file(path: Path, f: h5py.File) -> None:
     for name, node in matrices:
         if node is not None:
             _check_matrix(path, name, node, shape)
+    raw = f.get("raw")  # Seurat's and scanpy's counts beside a normalised X (predict --depth controls reads them)
+    if isinstance(raw, h5py.Group) and "X" in raw:
+        _check_matrix(path, "raw/X", raw["X"], (shape[0], _axis_length(raw, "var")))
 
 
 def _encoding(node) -> str:
@@ -95,8 +98,10 @@ def _check_dtype(path: Path, name: str, dtype: np.dtype, sparse: bool) -> None:
 
 
 def _python(name: str) -> str:
-    """How Python names a stored matrix: ``adata.X``, ``adata.layers['counts']``."""
-    return "adata.X" if name == "X" else f"adata.layers[{name.split('/', 1)[1]!r}]"
+    """How Python names a stored matrix: ``adata.X``, ``adata.raw.X``, ``adata.layers['counts']``."""
+    if name in ("X", "raw/X"):
+        return "adata.X" if name == "X" else "adata.raw.X"
+    return f"adata.layers[{name.split('/', 1)[1]!r}]"
 
 
 def _check_shape(path: Path, name: str, got: tuple[int, int], shape: tuple[int | None, int | None]) -> None:
