@@ -331,9 +331,10 @@ def baseline_cmd(
                              "--in-memory": (backed, True), "--memory-budget": (memory_budget, 2.0),
                              "--context-col": (_context_col_typed(), None)})
     from vcell.data.io import atomic_files, check_output_path, read_h5ad, write_h5ad
+    from vcell.data.validate import check_unique_genes
     from vcell.eval.baseline import build_cell_mean_baseline, read_counts_table
     from vcell.eval.de import differential_expression
-    from vcell.eval.inputs import check_unique_genes, perturbation_labels, to_log1p
+    from vcell.eval.inputs import perturbation_labels, to_log1p
     from vcell.eval.run import write_de_csv
 
     check_output_path(out, [real], overwrite=overwrite)

@@ -71,16 +71,13 @@ def _check_file(path: Path, f: h5py.File) -> None:
     shape = (_axis_length(f, "obs"), _axis_length(f, "var"))
     if "X" not in f:
         raise VcellError(f"{path}: the file has no expression matrix X")
-    matrices = [("X", f["X"])]
-    layers = f.get("layers")
-    if isinstance(layers, h5py.Group):
-        matrices += [(f"layers/{k}", layers[k]) for k in layers]
-    for name, node in matrices:
-        if node is not None:
-            _check_matrix(path, name, node, shape)
-    raw = f.get("raw")  # Seurat's and scanpy's counts beside a normalised X (predict --depth controls reads them)
-    if isinstance(raw, h5py.Group) and "X" in raw:
-        _check_matrix(path, "raw/X", raw["X"], (shape[0], _axis_length(raw, "var")))
+    matrices = [("X", shape)]
+    if isinstance(f.get("layers"), h5py.Group):
+        matrices += [(f"layers/{k}", shape) for k in f["layers"]]
+    if isinstance(f.get("raw"), h5py.Group) and "X" in f["raw"]:  # Seurat's and scanpy's counts beside a normalised X
+        matrices.append(("raw/X", (shape[0], _axis_length(f["raw"], "var"))))
+    for name, expected in matrices:
+        _check_matrix(path, name, f[name], expected)
 
 
 def _encoding(node) -> str:
@@ -99,9 +96,7 @@ def _check_dtype(path: Path, name: str, dtype: np.dtype, sparse: bool) -> None:
 
 def _python(name: str) -> str:
     """How Python names a stored matrix: ``adata.X``, ``adata.raw.X``, ``adata.layers['counts']``."""
-    if name in ("X", "raw/X"):
-        return "adata.X" if name == "X" else "adata.raw.X"
-    return f"adata.layers[{name.split('/', 1)[1]!r}]"
+    return {"X": "adata.X", "raw/X": "adata.raw.X"}.get(name) or f"adata.layers[{name.split('/', 1)[1]!r}]"
 
 
 def _check_shape(path: Path, name: str, got: tuple[int, int], shape: tuple[int | None, int | None]) -> None:

@@ -271,6 +271,14 @@ def _control_problems(adata: ad.AnnData, spec: DataSpec, where: str) -> list[Pro
     ]
 
 
+def check_unique_genes(genes, where: str) -> None:
+    """Raise a one-line :class:`VcellError` naming ``where`` and the genes when a gene name repeats
+    (a gene named twice cannot be matched between files, a model and a table)."""
+    genes = pd.Index(genes)
+    if not genes.is_unique:
+        raise VcellError(f"{where}: duplicated gene names in var ({preview(genes[genes.duplicated()].unique(), 5)})")
+
+
 def _gene_problems(adata: ad.AnnData, where: str) -> list[Problem]:
     names = pd.Index(adata.var_names)
     problems = []

@@ -18,7 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcell.data.spec import column_guess
-from vcell.data.validate import check_expression
+from vcell.data.validate import check_expression, check_unique_genes
 from vcell.errors import VcellError, did_you_mean, named_with_guess, preview
 
 log = logging.getLogger(__name__)
@@ -52,13 +52,6 @@ def _check_values(adata: ad.AnnData, where: str, input_type: str, option: str = 
     """
     declared = None if input_type == "auto" else input_type
     return check_expression(adata, declared, where, option=option, cell_eval=True).type
-
-
-def check_unique_genes(genes: pd.Index, where: str) -> None:
-    """A gene named twice cannot be matched between a prediction and its reference: one error line naming it."""
-    if not genes.is_unique:
-        dup = genes[genes.duplicated()].unique()
-        raise VcellError(f"{where}: duplicated gene names in var ({preview(dup, 5)})")
 
 
 def to_log1p(adata: ad.AnnData, where: str, input_type: str = "auto", option: str = "--expression",

@@ -36,6 +36,7 @@ import scipy.sparse as sp
 from vcell.data.io import read_h5ad
 from vcell.data.normalize import log1p_normalize
 from vcell.data.rows import H5Rows
+from vcell.data.validate import check_unique_genes
 from vcell.errors import VcellError, preview
 
 __all__ = ["GeneFill"]
@@ -76,8 +77,7 @@ class GeneFill:
             self.obs_names = pd.Index(meta.obs_names.astype(str))
         finally:
             meta.file.close()
-        if not self.var_names.is_unique:
-            raise VcellError(f"{self.path}: duplicated gene names in var ({preview(self.var_names[self.var_names.duplicated()].unique(), 5)})")
+        check_unique_genes(self.var_names, str(self.path))
         if not self.obs_names.is_unique:
             raise VcellError(f"{self.path}: duplicated cell names in obs ({preview(self.obs_names[self.obs_names.duplicated()].unique(), 5)}); "
                              "control cells are looked up by name")

@@ -40,6 +40,7 @@ import scipy.sparse as sp
 from vcell.data.counts import draw_library_sizes, sample_counts
 from vcell.data.labels import label_rng
 from vcell.data.matrix import scan_matrix
+from vcell.data.validate import check_unique_genes
 from vcell.errors import VcellError, control_hint, preview
 
 log = logging.getLogger(__name__)
@@ -154,8 +155,7 @@ def control_library_sizes(controls: ad.AnnData, genes=None, where: str = "the da
         if genes is not None:
             genes = pd.Index([str(g) for g in genes])
             var = pd.Index((controls.var_names if raw is None else raw.var_names).astype(str))
-            if not var.is_unique:
-                raise VcellError(f"{where}: duplicated gene names in var ({preview(var[var.duplicated()].unique(), 5)})")
+            check_unique_genes(var, where)
             cols = var.get_indexer(genes)
             if (cols < 0).any():
                 missing = genes[cols < 0]
@@ -197,8 +197,7 @@ def predicted_share(controls: ad.AnnData, genes, totals: np.ndarray, source: str
     cols = None
     if genes is not None:
         var = pd.Index(controls.var_names.astype(str))
-        if not var.is_unique:
-            raise VcellError(f"{where}: duplicated gene names in var ({preview(var[var.duplicated()].unique(), 5)})")
+        check_unique_genes(var, where)
         genes = pd.Index([str(g) for g in genes])
         cols = var.get_indexer(genes)
         if (cols < 0).any():

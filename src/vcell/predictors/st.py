@@ -273,7 +273,7 @@ class STPredictor(Predictor):
                 parts.append("duplicate gene names")
             raise VcellError(
                 f"the data's genes differ from the model's {len(genes)} genes"
-                f"{f' ({self.checkpoint_dir})' if getattr(self, 'checkpoint_dir', None) else ''}: {'; '.join(parts)}; "
+                f"{f' ({self.checkpoint_dir})' if self.checkpoint_dir else ''}: {'; '.join(parts)}; "
                 "preprocess the data with the model's gene list"
             )
         return controls[:, genes].copy()

@@ -21,9 +21,9 @@ import scipy.sparse as sp
 
 from vcell.data.layout import check_stored_matrices
 from vcell.data.preprocess_stream import Progress, no_progress
+from vcell.data.validate import check_unique_genes
 from vcell.errors import VcellError, control_hint, did_you_mean, named_with_guess, preview
 from vcell.eval._band_kernels import row_totals
-from vcell.eval.inputs import check_unique_genes
 from vcell.eval.tiles import Scratch, TileStore
 from vcell.eval.vcc2026.reader import as_csr, labels_of, read_counts_file, read_obs, read_tiles
 
@@ -123,9 +123,7 @@ def check_counts(cells: CountsCells, max_per_cell: float = MAX_COUNTS_PER_CELL, 
 
 def check_genes(pred_genes: pd.Index, real_genes: pd.Index, pred_where: str, real_where: str) -> None:
     """The prediction must carry the reference's genes, in the reference's order."""
-    if not real_genes.is_unique:
-        dup = real_genes[real_genes.duplicated()].unique()
-        raise VcellError(f"{real_where}: duplicated gene names in var ({preview(dup, 5)})")
+    check_unique_genes(real_genes, real_where)
     if pred_genes.equals(real_genes):
         return
     missing = real_genes.difference(pred_genes, sort=False)
@@ -134,9 +132,7 @@ def check_genes(pred_genes: pd.Index, real_genes: pd.Index, pred_where: str, rea
         raise VcellError(f"{pred_where}: {len(missing)} gene(s) of {real_where} missing from var ({preview(missing, 5)})")
     if len(extra):
         raise VcellError(f"{pred_where}: {len(extra)} gene(s) not in {real_where} ({preview(extra, 5)})")
-    if not pred_genes.is_unique:
-        dup = pred_genes[pred_genes.duplicated()].unique()
-        raise VcellError(f"{pred_where}: duplicated gene names in var ({preview(dup, 5)})")
+    check_unique_genes(pred_genes, pred_where)
     first = int(np.flatnonzero(np.asarray(pred_genes) != np.asarray(real_genes))[0])
     raise VcellError(
         f"{pred_where}: genes are in another order than in {real_where} (position {first}: {pred_genes[first]!r}, "

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from vcell.data.layout import check_stored_matrices
 from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.data.spec import DataSpec, column_guess
 from vcell.errors import VcellError, preview
@@ -139,8 +140,6 @@ def read_counts_file(path: str | os.PathLike, columns: list[str]) -> CountsFile:
 
     A column absent from ``obs`` is absent from ``CountsFile.columns``.
     """
-    from vcell.data.layout import check_stored_matrices
-
     try:
         with h5py.File(path, "r") as f:
             check_stored_matrices(path, f)

@@ -29,6 +29,7 @@ from vcell.data.h5write import H5adWriter
 from vcell.data.io import atomic_path, check_output_path, read_h5ad
 from vcell.data.matrix import iter_row_chunks
 from vcell.data.perturbation_lists import read_perturbation_table
+from vcell.data.validate import check_unique_genes
 from vcell.errors import VcellError, preview
 from vcell.eval.prep import read_gene_list
 from vcell.eval.vcc2026.inputs import CountsCells, check_counts
@@ -140,8 +141,7 @@ def _prepare(adata, out: Path, where: str, gene_list, listed, pert_col: str, con
             raise VcellError(f"{where}: context column {context_col!r} has cells without a context")
     _check_labels(labels, listed, control, where)
     var = pd.Index(adata.var_names)
-    if not var.is_unique:
-        raise VcellError(f"{where}: duplicated gene names in var ({preview(var[var.duplicated()].unique(), 5)})")
+    check_unique_genes(var, where)
     wanted = pd.Index(gene_list)
     missing = wanted.difference(var, sort=False)
     if len(missing):
