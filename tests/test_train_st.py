@@ -239,3 +239,43 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny, tmp_path):
     a = train_st(data, split, tmp_path / "a", TINY, max_steps=20, seed=1, checkpoint_every=5, **FAST)
     wa, wb = _weights(a), _weights(out)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_cell_without_a_batch_gets_the_mean_of_the_trained_batches_only(tmp_path):
+    # Batch codes span the whole file: a batch only the held-out context has keeps its random
+    # initial row, which must not enter the vector a prediction (no batch given) adds.
+    import scanpy as sc
+
+    from vcell.data.dataset import from_anndata
+    from vcell.data.simulate import simulate_perturbseq
+    from vcell.data.spec import DataSpec
+    from vcell.data.splits import apply_split, holdout_config
+    from vcell.nn.transition import StateTransition
+
+    adata = simulate_perturbseq(n_genes=40, n_contexts=2, n_perturbations=4, n_combinations=0,
+                                cells_per_perturbation=30, n_controls=60, seed=1)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    adata.X = adata.X.astype(np.float32)
+    adata.uns["vcell"] = {"expression": "log1p"}
+    held = (adata.obs["cell_type"] == "ctx_B").to_numpy()
+    gem = adata.obs["gem_group"].astype(str).to_numpy()
+    gem[held] = "gem_only_B"
+    adata.obs["gem_group"] = pd.Categorical(gem)
+    data = from_anndata(adata, DataSpec(batch_col="gem_group"))
+    split = apply_split(data.index, holdout_config(data.index, [], val_contexts=["ctx_B"]))
+    out = train_st(data, split, tmp_path / "run", {**TINY, "n_batches": 3}, max_steps=2, seed=0, **FAST)
+
+    batches = list(map(str, data.index.batches))
+    trained = sorted(batches.index(b) for b in ("gem1", "gem2"))
+    assert json.loads((out / "last" / "config.json").read_text())["trained_batches"] == trained
+    model, _ = StateTransition.from_checkpoint(out / "last")
+    assert model.batch_rows.tolist() == trained
+    basal, pert = torch.rand(1, 5, 40), torch.rand(1, model.config.pert_dim)
+    with torch.no_grad():
+        unbatched = model(basal, pert)
+        weight = model.batch_embedding.weight
+        weight[batches.index("gem_only_B")] += 100.0  # an untrained row: no effect on a cell without a batch
+        torch.testing.assert_close(model(basal, pert), unbatched)
+        weight[trained[0]] += 1.0
+        assert not torch.allclose(model(basal, pert), unbatched)

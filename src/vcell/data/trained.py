@@ -9,6 +9,14 @@ from vcell.data.spec import split_combo
 from vcell.data.splits import Split
 
 
+def trained_batches(data: PerturbationData, split: Split | None) -> list[int]:
+    """Batch codes of the perturbed cells ``split`` trains on (every perturbed cell when ``None``): the
+    batches whose embedding rows training sets use."""
+    index = data.index
+    mask = ~index.is_control if split is None else split.mask("train")
+    return [int(c) for c in np.unique(index.batch_codes[mask])]
+
+
 def pert_vocabulary(labels, control: str) -> list[str]:
     """Sorted single targets of the perturbation ``labels`` (``"A+B"`` gives A and B), control excluded."""
     return sorted({t for label in labels if str(label) != control for t in split_combo(str(label))})

@@ -131,6 +131,8 @@ class StateTransition(nn.Module):
         self.basal_encoder = mlp(c.input_dim, c.width, c.width, c.encoder_layers, c.dropout)
         self.pert_encoder = mlp(c.pert_dim, c.width, c.width, c.encoder_layers, c.dropout)
         self.batch_embedding = nn.Embedding(c.n_batches, c.width) if c.n_batches else None
+        if c.n_batches:  # the rows whose mean a cell without a batch gets: set_trained_batches narrows them
+            self.register_buffer("batch_rows", torch.arange(c.n_batches), persistent=False)
         # Llama-style backbone: no dropout inside it (the encoders carry the model's dropout)
         self.blocks = nn.ModuleList(TransformerBlock(c.width, c.n_heads, c.ffn_mult, 0.0) for _ in range(c.n_layers))
         self.norm = RMSNorm(c.width)
@@ -147,7 +149,20 @@ class StateTransition(nn.Module):
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike) -> tuple[StateTransition, dict]:
         """``(model in eval mode, config.json content)`` of an ST checkpoint folder (:mod:`vcell.nn.checkpoint`)."""
-        return load_model(directory, "st", lambda values: cls(STConfig.from_dict(values)))
+        model, meta = load_model(directory, "st", lambda values: cls(STConfig.from_dict(values)))
+        model.set_trained_batches(meta.get("trained_batches"))
+        return model, meta
+
+    def set_trained_batches(self, codes: list[int] | None) -> None:
+        """Restrict the batch vectors averaged for a cell without a batch to the rows of ``codes``,
+        the batches training saw (``None`` or empty: every row). The other rows keep their random
+        initial values, which would otherwise move every such prediction."""
+        if self.batch_embedding is None or not codes:
+            return
+        rows = torch.as_tensor(sorted({int(c) for c in codes}), dtype=torch.long)
+        if int(rows.min()) < 0 or int(rows.max()) >= self.config.n_batches:
+            raise VcellError(f"trained batch codes {rows.tolist()} do not fit the model's {self.config.n_batches} batch rows")
+        self.batch_rows = rows.to(self.batch_embedding.weight.device)
 
     def forward(
         self,
@@ -166,8 +181,8 @@ class StateTransition(nn.Module):
             ``[B, S, pert_dim]`` per cell, or ``[B, pert_dim]`` for the whole set.
         batch
             Optional batch indices, ``[B]`` per set or ``[B, S]`` per cell (needs ``n_batches`` > 0).
-            Without them a model with a batch embedding adds the mean of its batch vectors (a cell
-            of no batch in particular), not nothing: every cell it trained on had one.
+            Without them a model with a batch embedding adds the mean of its trained batches' vectors
+            (a cell of no batch in particular), not nothing: every cell it trained on had one.
         mask
             Optional ``[B, S]`` bool, ``True`` = real cell. Padded cells never influence real
             ones; their outputs are meaningless.
@@ -189,7 +204,7 @@ class StateTransition(nn.Module):
                 raise VcellError("batch indices were given but the ST config has n_batches = 0")
             h = h + self.batch_embedding(batch if batch.dim() == 2 else batch[:, None])
         elif self.batch_embedding is not None:
-            h = h + self.batch_embedding.weight.mean(dim=0)
+            h = h + self.batch_embedding.weight[self.batch_rows].mean(dim=0)
         for block in self.blocks:
             h = block(h, mask)
         out = self.decoder(self.norm(h) + basal_state)

@@ -325,7 +325,7 @@ class STPredictor(Predictor):
         feats = self.features.encode([str(p) for p in perturbations], self.meta["control"])
         if self.model_config.n_batches:
             log.warning("st: the model has a batch embedding; the control cells' batches are not read: every predicted cell "
-                        "gets the mean of its %d batch vectors", self.model_config.n_batches)
+                        "gets the mean of the %d batch vectors training used", len(self.model.batch_rows))
         # one job per set: (perturbation index, control rows); a set never mixes perturbations
         jobs: list[tuple[int, np.ndarray]] = []
         set_size = self.options.set_size

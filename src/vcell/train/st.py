@@ -32,7 +32,7 @@ from vcell.data.cellsets import CellSetDataset, CellSetSampler, collate_cell_set
 from vcell.data.dataset import PerturbationData, obsm_matrix
 from vcell.data.rows import row_source
 from vcell.data.splits import Split
-from vcell.data.trained import pert_vocabulary, trained_labels
+from vcell.data.trained import pert_vocabulary, trained_batches, trained_labels
 from vcell.errors import VcellError
 from vcell.features.perturbations import PertFeatures, warn_untrained_validation
 from vcell.nn.checkpoint import read_config
@@ -86,6 +86,7 @@ class STModule(ResumableModule, L.LightningModule):
         self.features = features
         self.meta = dict(meta or {})
         self.model = StateTransition(config)
+        self.model.set_trained_batches(self.meta.get("trained_batches"))
         if table_rows:
             self.model.pert_table.copy_(features.vectors)
         # code -> perturbation vector; not a parameter. Labels whose targets have no vector get a
@@ -402,7 +403,7 @@ def build_module(
         "columns": {"pert_col": spec.pert_col, "control": spec.control, "context_col": spec.context_col, "batch_col": spec.batch_col},
         "seed": int(seed),
         "embed_key": embed_key,
-        "trained_perturbations": trained,
+        "trained_perturbations": trained, "trained_batches": trained_batches(data, split) if cfg.n_batches else None,
     }
     return STModule(cfg, index.perts, vocab, spec.control, lr=lr, meta=meta, features=features)
 
