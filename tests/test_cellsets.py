@@ -38,7 +38,7 @@ def pap():
 
 
 def _plan_key(sets):
-    return [(s.context, s.perturbation, s.batch, s.pert_rows.tolist(), s.control_rows.tolist()) for s in sets]
+    return [(s.context, s.perturbation, s.batch_codes.tolist(), s.pert_rows.tolist(), s.control_rows.tolist()) for s in sets]
 
 
 def test_train_sets_are_full_matched_and_deterministic(mcf):
@@ -109,13 +109,15 @@ def test_control_sets_map_each_training_context_controls_to_other_controls(mcf, 
     # evaluation sets never hold control sets
     assert not [s for s in CellSetSampler(idx, split, "test", 32, "random", train=False, control_sets=True).plan()
                 if s.pert_code == idx.control_code]
-    # with batch-matched controls: one draw per (context, batch), from that batch's controls
+    # with batch-matched controls: one draw per context, each target control's basal cell another
+    # control of its batch
     pidx = pap.index
     bsets = [s for s in CellSetSampler(pidx, None, "train", 64, "batch", seed=1, control_sets=True).plan()
              if s.pert_code == pidx.control_code]
-    assert {s.batch for s in bsets} == {"rep_1", "rep_2", "rep_3"}
+    assert len({pidx.batches[b] for s in bsets for b in s.batch_codes}) == 3
     for s in bsets:
-        assert (pidx.batch_codes[s.pert_rows] == s.batch_code).all() and (pidx.batch_codes[s.control_rows] == s.batch_code).all()
+        assert (pidx.batch_codes[s.pert_rows] == s.batch_codes).all() and (pidx.batch_codes[s.control_rows] == s.batch_codes).all()
+        assert not np.isin(s.control_rows, s.pert_rows).any()
 
 
 def test_drift_probe_draws_each_training_context_controls_by_seed(mcf):
@@ -139,13 +141,21 @@ def test_drift_probe_draws_each_training_context_controls_by_seed(mcf):
 
 
 def test_batch_matched_controls_with_fallback(pap):
+    """As cell-load maps them: a set holds one perturbation's cells of any batch (not a set per batch,
+    mostly resampled copies where a batch has few cells), each cell's control from its own batch."""
     idx = pap.index
     sampler = CellSetSampler(idx, None, "train", 64, control_strategy="batch", seed=1)
     sets = sampler.plan()
-    assert {s.batch for s in sets} == {"rep_1", "rep_2", "rep_3"}
-    for s in sets[:200]:
-        assert (idx.batch_codes[s.pert_rows] == s.batch_code).all()
-        assert (idx.batch_codes[s.control_rows] == s.batch_code).all()
+    for s in sets:
+        assert (idx.batch_codes[s.pert_rows] == s.batch_codes).all()
+        assert (idx.batch_codes[s.control_rows] == s.batch_codes).all()
+    assert sum(len(np.unique(s.batch_codes)) > 1 for s in sets) > len(sets) / 2  # sets mix batches
+    # sets as many as the perturbation's cells need, not per batch: no more than one padded set per group
+    groups = idx.groups()
+    assert len(sets) == sum(int(np.ceil(n / 64)) for n in groups["n_cells"])
+    random_sets = CellSetSampler(idx, None, "train", 64, control_strategy="random", seed=1).plan()
+    assert sorted(s.n_distinct for s in sets) == sorted(s.n_distinct for s in random_sets)
+    assert np.mean([len(np.unique(s.pert_rows)) for s in sets]) > 60
     # remove the controls of rep_2: its sets fall back to any control of the context
     rep2 = int(np.flatnonzero(idx.batches == "rep_2")[0])
     from vcell.data.splits import Split
@@ -153,10 +163,13 @@ def test_batch_matched_controls_with_fallback(pap):
     roles = np.where(idx.is_control, "control", "train").astype(object)
     roles[idx.is_control & (idx.batch_codes == rep2)] = "unused"
     split = Split.from_roles(roles)
-    fallback = [s for s in CellSetSampler(idx, split, "train", 64, "batch", seed=1).plan() if s.batch == "rep_2"]
-    assert fallback
-    ctrl_batches = np.unique(np.concatenate([idx.batch_codes[s.control_rows] for s in fallback]))
+    fallback = [(s.control_rows[s.batch_codes == rep2], s) for s in CellSetSampler(idx, split, "train", 64, "batch", seed=1).plan()]
+    assert sum(len(rows) for rows, _ in fallback) > 100
+    ctrl_batches = np.unique(np.concatenate([idx.batch_codes[rows] for rows, _ in fallback]))
     assert rep2 not in ctrl_batches and len(ctrl_batches) == 2
+    for _, s in fallback:  # the other batches' cells keep their own batch's controls
+        other = s.batch_codes != rep2
+        assert (idx.batch_codes[s.control_rows[other]] == s.batch_codes[other]).all()
 
 
 def test_h5_rows_match_memory(tmp_path, pap, mcf):

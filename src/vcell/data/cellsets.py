@@ -1,4 +1,4 @@
-"""Cell sets: S perturbed cells of one (context, perturbation[, batch]) paired with S controls.
+"""Cell sets: S perturbed cells of one (context, perturbation) paired with S controls.
 
 The State Transition model learns to map a *set* of control cells of a context to the set of
 perturbed cells. :class:`CellSetSampler` decides which rows form each set (a plan, drawn from a
@@ -27,17 +27,21 @@ DRIFT_PROBE_SETS = 8
 
 @dataclass(frozen=True)
 class CellSet:
-    """One training/evaluation example: rows of perturbed cells and of matched controls."""
+    """One training/evaluation example: rows of perturbed cells and of matched controls.
+
+    ``batch_codes`` holds each perturbed cell's batch (all 0 without a batch column); with
+    batch-matched controls ``control_rows[i]`` is a control of ``pert_rows[i]``'s batch where that
+    batch has controls.
+    """
 
     dataset: str
     context: str
     perturbation: str
-    batch: str | None
     context_code: int
     pert_code: int
-    batch_code: int
     pert_rows: np.ndarray
     control_rows: np.ndarray
+    batch_codes: np.ndarray
     n_distinct: int
 
     @property
@@ -68,8 +72,10 @@ class CellSetSampler:
     set_size
         S, the number of cells per set.
     control_strategy
-        ``"batch"``: controls of the same context and batch (falling back to the whole context
-        when that batch has no controls); ``"random"``: any control of the context.
+        ``"batch"``: each perturbed cell's control is one of the same context and batch (of the
+        whole context when that batch has no controls), as cell-load maps them; ``"random"``: any
+        control of the context. Either way a set holds cells of one (context, perturbation), of
+        any batch: sets cut per batch were mostly resampled copies where a batch has few cells.
     train
         Train mode shuffles cells and pads short groups by resampling them to S; evaluation
         mode keeps every cell once, in file order, and leaves the last set of a group short.
@@ -78,8 +84,9 @@ class CellSetSampler:
     control_sets
         Train mode only: each context (and batch, with ``control_strategy="batch"``) that has
         perturbed groups also gets sets of the control label, control cells as the target and
-        other control cells of the same pool as the basal cells, as many cells per epoch as its
-        average perturbed group (so the model learns that the control label changes nothing).
+        other control cells of the context as the basal cells (matched as ``control_strategy``
+        says), as many cells per epoch as its average perturbed group (so the model learns that
+        the control label changes nothing).
     """
 
     def __init__(
@@ -100,12 +107,15 @@ class CellSetSampler:
         self.index, self.role, self.set_size = index, role, set_size
         self.control_strategy, self.train, self.seed = control_strategy, train, seed
         self.control_sets = bool(control_sets and train)
-        by_batch = control_strategy == "batch"
         mask = split.mask(role) if split is not None else None
-        self.groups = index.groups(by_batch=by_batch, mask=mask)
+        self.groups = index.groups(mask=mask)
         is_ctrl = index.is_control if split is None else split.mask(CONTROL)
         self._controls_by_context = self._pools(np.flatnonzero(is_ctrl), by_batch=False)
-        self._controls_by_batch = self._pools(np.flatnonzero(is_ctrl), by_batch=True) if by_batch else {}
+        #: (dataset, context) -> {batch code: its controls}, for batch-matched controls
+        self._batch_pools: dict[tuple, dict[int, np.ndarray]] = {}
+        if control_strategy == "batch":
+            for (d, c, b), rows in self._pools(np.flatnonzero(is_ctrl), by_batch=True).items():
+                self._batch_pools.setdefault((d, c), {})[b] = rows
         missing = {
             (int(d), int(c))
             for d, c in zip(self.groups["dataset_code"], self.groups["context_code"])
@@ -129,13 +139,23 @@ class CellSetSampler:
             pools[tuple(int(k) for k in part_keys[0])] = part_rows
         return pools
 
-    def _control_pool(self, group) -> np.ndarray:
-        ctx = (int(group.dataset_code), int(group.context_code))
-        if self.control_strategy == "batch":
-            pool = self._controls_by_batch.get(ctx + (int(group.batch_code),))
-            if pool is not None and pool.size:
-                return pool
-        return self._controls_by_context[ctx]
+    def _match(self, rng: np.random.Generator, cells: np.ndarray, controls: np.ndarray, pools: dict | None) -> np.ndarray:
+        """One row of ``controls`` (one context's) per cell of ``cells``, without replacement while the
+        pool lasts; with ``control_strategy="batch"`` from the cell's batch (``pools``: batch code ->
+        its rows of ``controls``, ``None`` to split ``controls`` here), or from all of ``controls``
+        when that batch has none."""
+        if self.control_strategy != "batch" or len(cells) == 0:
+            return np.asarray(_draw(rng, controls, len(cells)), dtype=np.int64)
+        codes = self.index.batch_codes
+        if pools is None:
+            pools = {int(b): controls[codes[controls] == b] for b in np.unique(codes[controls])}
+        cell_codes = codes[cells]
+        out = np.empty(len(cells), dtype=np.int64)
+        for b in np.unique(cell_codes):
+            at = np.flatnonzero(cell_codes == b)
+            pool = pools.get(int(b))
+            out[at] = _draw(rng, pool if pool is not None and pool.size else controls, at.size)
+        return out
 
     def plan(self, epoch: int = 0) -> list[CellSet]:
         """The cell sets of ``epoch`` (train mode: shuffled; same seed and epoch, same sets)."""
@@ -143,7 +163,9 @@ class CellSetSampler:
         sets: list[CellSet] = []
         for g in self.groups.itertuples(index=False):
             cells = rng.permutation(g.cells) if self.train else g.cells
-            sets += self._cut(rng, g, cells, g.cells, self._control_pool(g), str(g.perturbation), int(g.perturbation_code))
+            ctx = (int(g.dataset_code), int(g.context_code))
+            sets += self._cut(rng, g, cells, g.cells, self._controls_by_context[ctx], str(g.perturbation),
+                              int(g.perturbation_code), self._batch_pools.get(ctx))
         if self.control_sets:
             sets += self._control_plan(rng)
         if self.train:
@@ -151,43 +173,41 @@ class CellSetSampler:
         return sets
 
     def _cut(self, rng: np.random.Generator, g, cells: np.ndarray, pad_from: np.ndarray, controls: np.ndarray,
-             perturbation: str, pert_code: int) -> list[CellSet]:
-        """``cells`` of group ``g`` (its dataset, context and batch) cut into sets of S, the last one
-        padded in train mode by resampling ``pad_from``, each with its basal cells drawn from ``controls``."""
+             perturbation: str, pert_code: int, pools: dict | None = None) -> list[CellSet]:
+        """``cells`` of group ``g`` (its dataset and context) cut into sets of S, the last one padded in
+        train mode by resampling ``pad_from``, each with its basal cells matched from ``controls``."""
         S = self.set_size
-        batch = getattr(g, "batch", None)
         sets = []
         for start in range(0, len(cells), S):
             chunk = cells[start : start + S]
             n_distinct = len(chunk)
             if self.train and len(chunk) < S:
                 chunk = np.concatenate([chunk, rng.choice(pad_from, size=S - len(chunk), replace=True)])
+            chunk = np.asarray(chunk, dtype=np.int64)
             sets.append(
                 CellSet(
                     dataset=str(g.dataset),
                     context=str(g.context),
                     perturbation=perturbation,
-                    batch=None if batch is None else str(batch),
                     context_code=int(g.context_code),
                     pert_code=pert_code,
-                    batch_code=int(getattr(g, "batch_code", 0)),
-                    pert_rows=np.asarray(chunk, dtype=np.int64),
-                    control_rows=np.asarray(_draw(rng, controls, len(chunk)), dtype=np.int64),
+                    pert_rows=chunk,
+                    control_rows=self._match(rng, chunk, controls, pools),
+                    batch_codes=self.index.batch_codes[chunk].astype(np.int64),
                     n_distinct=n_distinct,
                 )
             )
         return sets
 
     def _control_plan(self, rng: np.random.Generator) -> list[CellSet]:
-        """Sets of the control label (see ``control_sets``): per pool of the perturbed groups'
-        contexts (and batches), a fresh draw of as many control cells as the pool's average
-        perturbed group, each set's basal cells drawn from the pool's other controls."""
-        keys = ["dataset_code", "context_code"] + (["batch_code"] if self.control_strategy == "batch" else [])
+        """Sets of the control label (see ``control_sets``): per context of the perturbed groups, a
+        fresh draw of as many of its control cells as its average perturbed group, each set's basal
+        cells matched from the context's other controls."""
         control = int(self.index.control_code)
         sets: list[CellSet] = []
-        for _, groups in self.groups.groupby(keys, sort=True):
+        for _, groups in self.groups.groupby(["dataset_code", "context_code"], sort=True):
             first = groups.iloc[0]
-            pool = self._control_pool(first)
+            pool = self._controls_by_context[(int(first.dataset_code), int(first.context_code))]
             size = min(pool.size, math.ceil(groups["n_cells"].mean()))
             if size == 0:
                 continue
@@ -213,8 +233,8 @@ class CellSetDataset(Dataset):
     """A PyTorch dataset of cell sets, reading expression rows from a row source.
 
     Each item is a dict: ``basal`` [S, G] control expression, ``target`` [S, G] perturbed
-    expression, ``mask`` [S] (True for real cells), and the integer codes ``pert``, ``context``,
-    ``batch`` of the set (codes index :class:`CellIndex` vocabularies).
+    expression, ``mask`` [S] (True for real cells), the integer codes ``pert`` and ``context`` of
+    the set and ``batch`` [S] of each cell (codes index :class:`CellIndex` vocabularies).
     With ``gene_rows`` (when ``rows`` reads cell embeddings) the items also hold the same cells'
     genes: ``target_genes`` and ``basal_genes``.
     Call :meth:`set_epoch` before each epoch to draw new sets.
@@ -243,7 +263,7 @@ class CellSetDataset(Dataset):
             "mask": torch.ones(n, dtype=torch.bool),
             "pert": torch.tensor(s.pert_code),
             "context": torch.tensor(s.context_code),
-            "batch": torch.tensor(s.batch_code),
+            "batch": torch.from_numpy(s.batch_codes),
         }
         if self.gene_rows is not None:
             genes = self.gene_rows.read(rows)
@@ -268,7 +288,7 @@ class CellSetDataset(Dataset):
             "mask": torch.ones((B, S), dtype=torch.bool),
             "pert": torch.tensor([s.pert_code for s in sets]),
             "context": torch.tensor([s.context_code for s in sets]),
-            "batch": torch.tensor([s.batch_code for s in sets]),
+            "batch": torch.from_numpy(np.stack([s.batch_codes for s in sets])),
         }
         if self.gene_rows is not None:
             genes = torch.from_numpy(self.gene_rows.read(rows)).view(2, B, S, -1)
@@ -288,15 +308,16 @@ class SetBatch(list):
 def collate_cell_sets(items: list[dict]) -> dict:
     """Stack cell sets into a batch, zero-padding short sets (``mask`` marks the real cells).
 
-    Training items hold ``target`` and ``basal`` (and the codes ``pert``, ``context``, ``batch``);
-    prediction items hold ``basal``, ``mask`` and ``pert`` only. Keys an item lacks are left out.
+    Training items hold ``target`` and ``basal`` (and the codes ``pert``, ``context`` and, per cell,
+    ``batch``); prediction items hold ``basal``, ``mask`` and ``pert`` only. Keys an item lacks are
+    left out.
     A :class:`SetBatch` is already collated: its batch is returned without a copy.
     """
     if isinstance(items, SetBatch):
         return items.batch
     S = max(item["basal"].shape[0] for item in items)
     out: dict = {}
-    for key in ("target", "basal", "mask", "target_genes", "basal_genes"):
+    for key in ("target", "basal", "mask", "batch", "target_genes", "basal_genes"):
         if key not in items[0]:
             continue
         padded = []
@@ -307,7 +328,7 @@ def collate_cell_sets(items: list[dict]) -> dict:
                 x = torch.cat([x, torch.zeros((pad, *x.shape[1:]), dtype=x.dtype)])
             padded.append(x)
         out[key] = torch.stack(padded)
-    for key in ("pert", "context", "batch"):
+    for key in ("pert", "context"):
         if key in items[0]:
             out[key] = torch.stack([item[key] for item in items])
     return out

@@ -12,7 +12,7 @@ ExpressionType = Literal["counts", "log1p"]
 EXPRESSION_TYPES: tuple[str, ...] = ("counts", "log1p")
 SINGLE_CONTEXT = "all"
 COMBO_SEP = "+"
-#: How a cell set's control cells are drawn: from the same batch (when the data has one) or at random.
+#: How a cell set's control cells are drawn: each from its perturbed cell's batch (when the data has one) or at random.
 CONTROL_STRATEGIES = ("batch", "random")
 #: Cells per set unless told otherwise (training, prediction and the CLI all use this default).
 DEFAULT_SET_SIZE = 64

@@ -123,8 +123,8 @@ class STTrainOptions(TrainOptions):
     set_size
         Cells per set, in training and (as the largest set) in prediction.
     control_strategy
-        How each set's control cells are drawn: ``batch`` (same batch when the data has one) or
-        ``random``.
+        How each set's control cells are drawn: ``batch`` (each perturbed cell's from its own batch
+        when the data has one, as cell-load maps them) or ``random``.
     """
 
     set_size: int = DEFAULT_SET_SIZE
