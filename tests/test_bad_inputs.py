@@ -473,6 +473,8 @@ CASES: dict[str, Case] = {
                                  ("c.yaml", "d_model", "'sixteen'")),
     "se_config_yaml_syntax": Case(lambda c: _se_args(c, c.w.counts, "--config", _yaml(c, "c.yaml", "d_model: [16\n")), ("c.yaml", "line")),
     "se_missing_data": Case(lambda c: _se_args(c, c.inp / "nope.h5ad"), ("nope.h5ad", "not found")),
+    # two columns of one name shared a token, and the other gene vanished (train st refused the file)
+    "se_duplicated_genes": Case(lambda c: _se_args(c, c.h5ad("dupg.h5ad", _dup_genes, "counts")), ("dupg.h5ad", "duplicated gene names")),
     "se_resume_corrupt_optimizer": Case(lambda c: _se_args(c, c.w.counts, "--resume", "--max-steps", "4"), ("optimizer.safetensors", "truncated or corrupt"),
                                         setup=lambda c: _damage(Path(shutil.copytree(c.w.se, c.out / "run")) / "last" / "optimizer.safetensors")),
     "se_out_holds_trained_run": Case(lambda c: _se_args(c, c.w.counts), ("run", "--overwrite"),
@@ -507,6 +509,8 @@ CASES: dict[str, Case] = {
                                                  ("log.h5ad", "ctx_B", "layers['counts']", "--depth 20000")),
     # ---- vcell embed
     "embed_nan": Case(lambda c: _embed(c, c.w.se, c.h5ad("nan.h5ad", NAN, "counts")), ("nan.h5ad", "NaN or infinite", "cell000003")),
+    "embed_duplicated_genes": Case(lambda c: _embed(c, c.w.se, c.h5ad("dupg.h5ad", _dup_genes, "counts")),
+                                   ("dupg.h5ad", "duplicated gene names")),
     "embed_negative": Case(lambda c: _embed(c, c.w.se, c.h5ad("neg.h5ad", NEG, "counts")), ("neg.h5ad", "negative values")),
     "embed_counts_declared_on_log1p": Case(lambda c: _embed(c, c.w.se, c.w.log, "--expression", "counts"),
                                            ("log.h5ad", "--expression counts but X has non-integer values")),

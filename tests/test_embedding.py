@@ -107,6 +107,35 @@ def test_every_gene_in_the_sentence_hides_all_targets():
     tok = tokenize(values, np.arange(8), n_slots=8, n_mask=6, rng=np.random.default_rng(0))
     hidden = set(tok["genes"][0][tok["masked"][0]])
     assert set(tok["target_genes"][0]) <= hidden
+    # With unexpressed genes in the sentence (a 2,000-HVG file under the default preset's 2,047
+    # slots) the remaining targets are those padding genes: no more than half the expressed genes
+    # hidden, and no target twice while padding genes are left (it hid 447 of 600, 148 repeats).
+    rng = np.random.default_rng(3)
+    values = np.zeros((4, 300), dtype=np.float32)
+    for i in range(4):
+        values[i, rng.choice(300, 90, replace=False)] = rng.integers(1, 6, 90)
+    tok = tokenize(values, np.arange(300), n_slots=300, n_mask=128, rng=np.random.default_rng(4))
+    for i in range(4):
+        hidden_expressed = tok["masked"][i] & (tok["values"][i] > 0)
+        assert hidden_expressed.sum() == 45  # half of the 90 expressed
+        assert len(set(tok["target_genes"][i])) == 128  # 45 expressed + 83 of the 210 padding genes, no repeats
+        assert set(tok["target_genes"][i]) == set(tok["genes"][i][tok["masked"][i]])  # every target hidden
+
+
+def test_sentences_do_not_depend_on_the_files_column_order():
+    """Ties at the cut (integer counts tie often) and the padding draw follow the vocabulary, not the
+    columns: the same cells with their genes stored in another order give the same sentences."""
+    rng = np.random.default_rng(5)
+    values = np.zeros((6, 80), dtype=np.float32)
+    for i in range(6):
+        values[i, rng.choice(80, 30, replace=False)] = rng.integers(1, 4, 30)  # many ties
+    ids = rng.permutation(80) + 1000
+    perm = rng.permutation(80)
+    for n_mask in (0, 24):
+        a = tokenize(values, ids, n_slots=40, n_mask=n_mask, rng=[np.random.default_rng(i) for i in range(6)])
+        b = tokenize(values[:, perm], ids[perm], n_slots=40, n_mask=n_mask, rng=[np.random.default_rng(i) for i in range(6)])
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_normalise_expression_counts_and_log1p():
@@ -189,6 +218,12 @@ def test_several_files_are_several_dataset_classes(kang_small, tmp_path):
     model, meta = load_se(run)
     assert meta["datasets"] == ["kang_small", "second"] and model.config.n_datasets == 2
     assert model.ds_head.out_features == 2 and len(meta["genes"]) == 1500
+    # the 1,000-gene file set the sentence length (1,098 in the config): cells are embedded with it
+    assert meta["gene_slots"] == 1000 and model.config.gene_slots == 1098
+    cells = ad.read_h5ad(kang_small)[:20].copy()
+    used, _ = embed_adata(model, meta, cells, "counts")
+    np.testing.assert_array_equal(used, embed_adata(model, {**meta, "gene_slots": 1000}, cells, "counts")[0])
+    assert not np.allclose(used, embed_adata(model, {**meta, "gene_slots": 1098}, cells, "counts")[0], atol=1e-4)
     with pytest.raises(VcellError, match="share the name"):
         train_se([kang_small, kang_small], tmp_path / "dup", TINY, max_steps=1, accelerator="cpu")
 
@@ -215,6 +250,21 @@ def test_train_errors(kang_small, tmp_path):
     other.write_bytes(kang_small.read_bytes())
     with pytest.raises(VcellError, match="was trained on kang_small; resume with the same --data files"):
         train_se([other], run, TINY, max_steps=2, resume=True, accelerator="cpu")
+    # the run's own gene table resumes (it was compared with the checkpoint's normalised copy and refused)
+    from vcell.features.genes import GeneEmbeddings
+
+    names = [str(g) for g in ad.read_h5ad(kang_small, backed="r").var_names]
+    table = GeneEmbeddings(names, np.random.default_rng(0).normal(size=(len(names), 8)).astype(np.float32), "table:test")
+    table.save(tmp_path / "table.safetensors")
+    with_table = train_se([kang_small], tmp_path / "table_run", TINY, max_steps=1, genes=tmp_path / "table.safetensors",
+                          accelerator="cpu")
+    train_se([kang_small], with_table, TINY, max_steps=2, resume=True, genes=tmp_path / "table.safetensors", accelerator="cpu")
+    assert json.loads((with_table / "last" / "config.json").read_text())["step"] == 2
+    table.vectors[0] += 1.0
+    table.save(tmp_path / "other_table.safetensors")
+    with pytest.raises(VcellError, match="another gene table"):
+        train_se([kang_small], with_table, TINY, max_steps=3, resume=True, genes=tmp_path / "other_table.safetensors",
+                 accelerator="cpu")
     # other model sizes were silently ignored (the checkpoint's kept, exit 0)
     with pytest.raises(VcellError, match=r"cannot resume: the checkpoint was trained with another model config \(d_model 32 -> 128"):
         train_se([kang_small], run, {**TINY, "d_model": 128}, max_steps=2, resume=True, accelerator="cpu")

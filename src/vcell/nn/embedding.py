@@ -28,6 +28,7 @@ from torch import nn
 
 from vcell.data.labels import label_rng
 from vcell.data.rows import row_source
+from vcell.data.validate import check_unique_genes
 from vcell.errors import VcellError
 from vcell.nn.checkpoint import LAST, find_checkpoint, load_model
 from vcell.nn.config import ModelConfig
@@ -36,13 +37,13 @@ from vcell.nn.layers import RMSNorm, TransformerBlock, mlp
 log = logging.getLogger(__name__)
 
 # ``sentence_len`` counts every token: [CLS] + genes + [DS]. tiny and small are CPU sizes;
-# default follows the STATE preprint (35M parameters with a
-# 13k-gene table), large the scale of the released SE-600M (0.7B).
+# default follows the STATE preprint (35M parameters with a 13k-gene table; [CLS] + 2,047 genes,
+# then [DS]), large the scale of the released SE-600M (0.7B).
 PRESETS: dict[str, dict] = {
     "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "sentence_len": 256, "n_mask": 128},
     "small": {"d_model": 128, "n_layers": 2, "n_heads": 4, "sentence_len": 256, "n_mask": 256},
-    "default": {"d_model": 512, "n_layers": 8, "n_heads": 16, "sentence_len": 2048, "n_mask": 1280},
-    "large": {"d_model": 2048, "n_layers": 16, "n_heads": 16, "ffn_mult": 2, "sentence_len": 2048, "n_mask": 1280},
+    "default": {"d_model": 512, "n_layers": 8, "n_heads": 16, "sentence_len": 2049, "n_mask": 1280},
+    "large": {"d_model": 2048, "n_layers": 16, "n_heads": 16, "ffn_mult": 2, "sentence_len": 2049, "n_mask": 1280},
 }
 TARGET_SUM = 1e4  # counts are scaled to this total before log1p, as in `vcell data preprocess`
 
@@ -134,13 +135,16 @@ def tokenize(
     gene_ids
         ``[G]`` vocabulary index of each column.
     n_slots
-        Gene tokens per sentence (at most ``G``): the top-expressed genes, highest first (ties by
-        column order), then randomly sampled unexpressed genes when fewer are expressed.
+        Gene tokens per sentence (at most ``G``): the top-expressed genes, highest first (ties in
+        vocabulary order, so the columns' order in the file changes nothing), then randomly sampled
+        unexpressed genes when fewer are expressed.
     n_mask
         Expression targets per cell (0 for inference): up to half (and at most half of the
         sentence's expressed genes) are expressed sentence genes, whose value is hidden from the
         model (``masked``); the rest come from genes outside the sentence, half of them expressed
-        where the cell has such genes. They repeat only when a cell has too few candidates.
+        where the cell has such genes. When the sentence holds every gene, the rest are its
+        unexpressed (padding) genes, hidden too. Targets repeat only when a cell has too few
+        candidates.
     rng
         One generator for the block, or one per cell (results then independent of the blocking).
 
@@ -155,16 +159,17 @@ def tokenize(
     cols = np.empty((B, n_slots), dtype=np.int64)
     masked = np.zeros((B, n_slots), dtype=bool)
     t_cols = np.empty((B, n_mask), dtype=np.int64)
-    all_cols = np.arange(G)
+    by_id = np.argsort(gene_ids, kind="stable")  # the columns in vocabulary order: draws and ties do not follow the file's order
+    in_top = np.zeros(G, dtype=bool)
     rngs = list(rng) if isinstance(rng, (list, tuple)) else [rng] * B
     for i in range(B):
         v, rng = values[i], rngs[i]
-        expressed = np.flatnonzero(v > 0)
+        on = v[by_id] > 0
+        expressed = by_id[on]
         top = expressed[np.argsort(-v[expressed], kind="stable")][:n_slots]
         n_pad = n_slots - top.size
         if n_pad:
-            zeros = np.setdiff1d(all_cols, expressed, assume_unique=True)
-            top = np.concatenate([top, rng.choice(zeros, size=n_pad, replace=False)])
+            top = np.concatenate([top, rng.choice(by_id[~on], size=n_pad, replace=False)])
         cols[i] = top
         if not n_mask:
             continue
@@ -172,15 +177,20 @@ def tokenize(
         n_in = min(n_mask // 2, n_expr_in // 2)
         hide = rng.choice(n_expr_in, size=n_in, replace=False)
         masked[i, hide] = True
-        outside = np.setdiff1d(all_cols, top)
+        in_top[top] = True
+        outside = by_id[~in_top[by_id]]
+        in_top[top] = False
         out_expr = outside[v[outside] > 0]
         out_zero = outside[v[outside] <= 0]
         n_out_expr = min((n_mask - n_in) // 2, out_expr.size)
         n_rest = n_mask - n_in - n_out_expr
         if outside.size:
             rest = _sample(rng, out_zero if out_zero.size else outside, n_rest)
-        else:  # every gene is in the sentence: the remaining targets are hidden sentence genes too
-            extra = _sample(rng, np.arange(n_slots), n_rest)
+        else:  # every gene is in the sentence: the remaining targets are its padding genes, hidden, then repeats
+            extra = rng.permutation(np.arange(n_expr_in, n_slots))[:n_rest]
+            if extra.size < n_rest:  # no more expressed genes are hidden than the half above
+                again = np.concatenate([hide, extra])
+                extra = np.concatenate([extra, _sample(rng, again if again.size else np.arange(n_slots), n_rest - extra.size)])
             masked[i, extra] = True
             rest = top[extra]
         t_cols[i] = np.concatenate([top[hide], _sample(rng, out_expr, n_out_expr), rest])
@@ -297,6 +307,7 @@ def match_genes(var_names, vocab: dict[str, int], where: str) -> tuple[np.ndarra
     Raises when no gene is in the vocabulary.
     """
     names = [str(g) for g in var_names]
+    check_unique_genes(names, where)  # two columns would share one token and its gene
     ids = np.array([vocab.get(g, -1) for g in names], dtype=np.int64)
     columns = np.flatnonzero(ids >= 0)
     missing = [g for g, i in zip(names, ids) if i < 0]
@@ -321,7 +332,8 @@ def embed_adata(model: StateEmbedding, meta: dict, adata, expression: str, batch
     """
     vocab = {g: i for i, g in enumerate(meta["genes"])}
     columns, ids, missing = match_genes(adata.var_names, vocab, where)
-    n_slots = min(model.config.gene_slots, len(columns))
+    # the sentence length training used (shorter than the config's when its files had fewer genes)
+    n_slots = min(int(meta.get("gene_slots", model.config.gene_slots)), len(columns))
     rows = row_source(adata)
     device = next(model.parameters()).device
     out = np.empty((adata.n_obs, model.config.emb_dim), dtype=np.float32)

@@ -21,11 +21,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vcell.data.io import read_h5ad
 from vcell.data.rows import row_source
-from vcell.data.validate import check_expression
+from vcell.data.validate import check_expression, check_unique_genes
 from vcell.errors import VcellError
 from vcell.nn.checkpoint import read_config
 from vcell.nn.embedding import SEConfig, StateEmbedding, match_genes, normalise_expression, tokenize
@@ -207,7 +208,8 @@ def _check_gene_table(start: Path, genes, names: list[str], vectors) -> None:
     """Refuse to resume with a gene table (``genes``, when given) other than the checkpoint's: the
     checkpoint's is the one trained on (``--gene-dim`` sizes new tables only)."""
     table = gene_table([], genes)
-    if list(table.names) != list(names) or not np.array_equal(np.asarray(table.vectors), np.asarray(vectors)):
+    stored = F.normalize(torch.as_tensor(np.asarray(table.vectors), dtype=torch.float32), dim=-1)  # as the model keeps it
+    if list(table.names) != list(names) or not torch.equal(stored, torch.as_tensor(vectors, dtype=torch.float32)):
         raise VcellError(f"cannot resume {start}: --genes {genes if not hasattr(genes, 'names') else 'table'} is another gene "
                          "table than the checkpoint's; resume without --genes (or with its table), or train into a new --out")
 
@@ -226,6 +228,7 @@ def gene_table(paths: list[Path], genes=None, dim: int = 128, seed: int = 0, exp
     adatas = []
     for p in paths:
         adata = read_h5ad(p)
+        check_unique_genes(adata.var_names, str(p))
         if check_expression(adata, expression, p).type == "counts":
             adata.uns.pop("log1p", None)
             adata = normalize_log1p(adata)
@@ -325,6 +328,7 @@ def train_se(
             "datasets": names,
             "expression": {s.name: s.expression for s in sources},
             "seed": int(options.seed),
+            "gene_slots": int(n_slots),  # what `vcell embed` tokenises with
             "lr": float(options.lr),  # compared on resume (the checkpoint's own rate is the one trained with)
             "batch_size": int(options.batch_size),
             "precision": options.precision,
