@@ -309,8 +309,8 @@ def collate_cell_sets(items: list[dict]) -> dict:
     """Stack cell sets into a batch, zero-padding short sets (``mask`` marks the real cells).
 
     Training items hold ``target`` and ``basal`` (and the codes ``pert``, ``context`` and, per cell,
-    ``batch``); prediction items hold ``basal``, ``mask`` and ``pert`` only. Keys an item lacks are
-    left out.
+    ``batch``; a set's loss ``weight`` where a DDP share has one); prediction items hold ``basal``,
+    ``mask`` and ``pert`` only. Keys an item lacks are left out.
     A :class:`SetBatch` is already collated: its batch is returned without a copy.
     """
     if isinstance(items, SetBatch):
@@ -328,7 +328,7 @@ def collate_cell_sets(items: list[dict]) -> dict:
                 x = torch.cat([x, torch.zeros((pad, *x.shape[1:]), dtype=x.dtype)])
             padded.append(x)
         out[key] = torch.stack(padded)
-    for key in ("pert", "context"):
+    for key in ("pert", "context", "weight"):
         if key in items[0]:
             out[key] = torch.stack([item[key] for item in items])
     return out

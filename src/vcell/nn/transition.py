@@ -243,8 +243,10 @@ class StateTransition(nn.Module):
         target: torch.Tensor,
         mask: torch.Tensor | None = None,
         target_mask: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean over the batch of the energy distance between predicted and observed sets.
+        """Mean over the batch of the energy distance between predicted and observed sets (with
+        ``weights`` [B], their weighted sum).
 
         ``target_mask`` defaults to ``mask`` when both sets have the same size. Uses the full
         energy distance (twice geomloss ``SamplesLoss("energy")``), see
@@ -252,4 +254,5 @@ class StateTransition(nn.Module):
         """
         if target_mask is None and mask is not None and target.shape[1] == pred.shape[1]:
             target_mask = mask
-        return energy_distance(pred, target, mask, target_mask).mean()
+        distances = energy_distance(pred, target, mask, target_mask)
+        return distances.mean() if weights is None else (distances * weights.to(distances)).sum()

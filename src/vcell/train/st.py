@@ -10,8 +10,9 @@ and the torch RNG), so it ends with the same weights as an uninterrupted run.
 
 Distributed training is Lightning's DDP (``devices`` x ``num_nodes`` processes, gloo on CPU,
 nccl on GPU). ``batch_size`` is the global number of cell sets per step: every rank takes its
-contiguous share of the same global batch, and DDP averages the per-rank mean losses' gradients,
-so W processes match one process on the same global batch up to float reduction order. Only
+contiguous share of the same global batch, and DDP averages the per-rank mean losses' gradients
+(a short last batch weighs its padded copies 0: :func:`~vcell.train.batches.rank_share`), so W
+processes match one process on the same global batch up to float reduction order. Only
 rank 0 writes checkpoints and logs; on resume every rank reads the same checkpoint.
 """
 
@@ -23,9 +24,8 @@ import os
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from vcell._heap import keep_freed_heap
 from vcell.data.cellsets import CellSetDataset, CellSetSampler, collate_cell_sets
@@ -37,6 +37,7 @@ from vcell.errors import VcellError
 from vcell.features.perturbations import PertFeatures, warn_untrained_validation
 from vcell.nn.checkpoint import read_config
 from vcell.nn.transition import StateTransition, STConfig
+from vcell.train.batches import EpochBatches, WeightedSets, rank_seed
 from vcell.train.checkpoint import ResumableModule
 from vcell.train.display import status
 from vcell.train.options import STTrainOptions, check_run_options
@@ -162,13 +163,13 @@ class STModule(ResumableModule, L.LightningModule):
         model = self.model
         # the energy distance's pairwise distances need fp32 even under bf16/fp16 autocast
         with torch.autocast(device_type=pred.device.type, enabled=False):
-            main = model.loss(pred.float(), batch["target"].float(), batch["mask"])
+            main = model.loss(pred.float(), batch["target"].float(), batch["mask"], weights=batch.get("weight"))
         if model.gene_decoder is None:
             return main, None
         emb = pred.detach() if self.config.detach_gene_decoder else pred
         genes = model.decode_genes(emb, batch["basal"], batch["basal_genes"])
         with torch.autocast(device_type=pred.device.type, enabled=False):
-            return main, model.loss(genes.float(), batch["target_genes"].float(), batch["mask"])
+            return main, model.loss(genes.float(), batch["target_genes"].float(), batch["mask"], weights=batch.get("weight"))
 
     def _total(self, main: torch.Tensor, genes: torch.Tensor | None) -> torch.Tensor:
         """The training objective from :meth:`_losses`' two parts."""
@@ -225,45 +226,6 @@ class STModule(ResumableModule, L.LightningModule):
         # keeps the single-process one)
         if self.trainer.world_size > 1 and self.global_rank > 0:
             torch.manual_seed(rank_seed(int(self.meta.get("seed", 0)), self.global_rank))
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """A torch seed for process ``rank`` of a run seeded with ``seed`` (independent of other ranks)."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-
-
-def rank_share(indices: list[int], rank: int, world_size: int) -> list[int]:
-    """Rank ``rank``'s contiguous block of a global batch ``indices``.
-
-    A last batch that does not split evenly is padded by cycling through its own sets, so every
-    rank gets the same number of sets (DDP's gradient average then equals the batch mean).
-    """
-    if world_size == 1:
-        return list(indices)
-    per = -(-len(indices) // world_size)
-    padded = [indices[i % len(indices)] for i in range(per * world_size)]
-    return padded[rank * per : (rank + 1) * per]
-
-
-class _EpochBatches(Sampler):
-    """Consecutive global batches of an already shuffled plan from batch ``skip``, each cut to
-    rank ``rank``'s share (:func:`rank_share`).
-
-    ``len`` is the whole epoch so Lightning's progress counters stay right when a resumed run
-    starts mid-epoch.
-    """
-
-    def __init__(self, n_items: int, batch_size: int, skip: int = 0, rank: int = 0, world_size: int = 1):
-        self.n_items, self.batch_size, self.skip = n_items, batch_size, skip
-        self.rank, self.world_size = rank, world_size
-
-    def __len__(self) -> int:
-        return math.ceil(self.n_items / self.batch_size)
-
-    def __iter__(self):
-        for b in range(self.skip, len(self)):
-            batch = list(range(b * self.batch_size, min((b + 1) * self.batch_size, self.n_items)))
-            yield rank_share(batch, self.rank, self.world_size)
 
 
 class CellSetDataModule(L.LightningDataModule):
@@ -338,7 +300,7 @@ class CellSetDataModule(L.LightningDataModule):
         epoch, skip = divmod(step, self.batches_per_epoch)
         self.train_set.set_epoch(epoch)
         rank, world = self._rank()
-        return self._loader(self.train_set, batch_sampler=_EpochBatches(len(self.train_set), self.batch_size, skip, rank, world))
+        return self._loader(WeightedSets(self.train_set), batch_sampler=EpochBatches(len(self.train_set), self.batch_size, skip, rank, world))
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
