@@ -17,8 +17,8 @@ from vcell.data.simulate import simulate_perturbseq
 from vcell.data.spec import DataSpec
 from vcell.data.splits import apply_split, holdout_config
 from vcell.errors import VcellError
-from vcell.train.options import check_run_options
 from vcell.train.batches import EpochBatches, rank_share
+from vcell.train.options import check_run_options
 from vcell.train.st import CellSetDataModule, train_st
 
 from conftest import run_cli
