@@ -292,6 +292,37 @@ def test_sigterm_in_train_st_stops_as_ctrl_c_does_with_its_own_status(files, tmp
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+_SIGNAL_IN_VALIDATION = """
+import os, signal, sys
+import vcell.train.st as st
+from vcell.cli import main
+
+SIG = sys.argv.pop(1)
+step = st.STModule.validation_step
+def validation_step(self, batch, batch_idx):  # the first validation after step 5: the signal lands in it
+    if self.trainer.global_step >= 5 and not os.environ.get("SENT"):
+        os.environ["SENT"] = "1"
+        os.kill(os.getpid(), getattr(signal, SIG))
+    return step(self, batch, batch_idx)
+st.STModule.validation_step = validation_step
+sys.exit(main())  # the process's own command line, as the vcell script runs it
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_in_validation_saves_the_next_step(files, tmp_path, signum):
+    """SIGTERM (a Slurm preemption) landing in validation: Lightning's own handler ended the run there,
+    before last/ was written ("no checkpoint was written"), where a Ctrl-C finished the next step and
+    kept it. Both now stop as Ctrl-C does."""
+    out = tmp_path / "run"
+    args = _st_args(files, out, "--max-steps", "100000", "--checkpoint-every", "1000", "--val-context", "ctx_B")
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_IN_VALIDATION, signal.Signals(signum).name, *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
+    assert proc.returncode == 128 + signum, proc.stderr[-3000:]
+    saved = json.loads((out / "last" / "config.json").read_text())["step"]
+    assert saved > 5 and f"interrupted at step {saved} of 100000: saved" in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGHUP])
 def test_sighup_in_a_command_that_writes_a_file_leaves_nothing(files, tmp_path, signum):
     """A closed terminal (SIGHUP) or SIGTERM removes the partial output as Ctrl-C does (Python's

@@ -130,6 +130,7 @@ class TrainProgress(Callback):
         self.stopped_at: int | None = None  # step a Ctrl-C stopped at (checkpoint written)
         self.killed_at: int | None = None  # step a second Ctrl-C (or one before training) stopped at
         self._stop_after_validation = False
+        self.stop_handlers: dict[int, object] = {}  # set by stop_on_interrupt, put back over Lightning's at the start
         self._stack = contextlib.ExitStack()
         self._line = TaskLine()
         self._start_step = self._max_steps = 0
@@ -144,6 +145,11 @@ class TrainProgress(Callback):
         self._t0 = self._last_refresh = time.perf_counter()
         self._cells = 0
         self.training = True
+        # Lightning's SIGTERM handler, installed during fit, ends the run at the next loop check, in
+        # validation before last/ is written: the step was lost. Ours stops after the step, as Ctrl-C
+        # does (the ranks agree at each step's end); this is the main thread (stop_on_interrupt checked).
+        for signum, handler in self.stop_handlers.items():
+            signal.signal(signum, handler)
         if not trainer.is_global_zero:
             return
         if trainer.ckpt_path:
@@ -256,12 +262,14 @@ def stop_on_interrupt(progress: TrainProgress) -> Iterator[None]:
         progress.request_stop()
 
     # STOP_SIGNALS, when the CLI turned them into a Ctrl-C, stop after the step as well: a preempted
-    # job keeps its last step. Lightning's own SIGTERM handler, installed during fit, calls this one too.
+    # job keeps its last step. TrainProgress puts this handler back over Lightning's SIGTERM one.
     signums = [signal.SIGINT] + [s for s in STOP_SIGNALS if signal.getsignal(s) not in (signal.SIG_DFL, signal.SIG_IGN, None)]
     previous = {signum: signal.signal(signum, handler) for signum in signums}
+    progress.stop_handlers = {signum: handler for signum in signums if signum != signal.SIGINT}
     try:
         yield
     finally:
+        progress.stop_handlers = {}
         for signum, before in previous.items():
             signal.signal(signum, before)
 
