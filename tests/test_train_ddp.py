@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import anndata as ad
 import lightning as L
 import numpy as np
 import pytest
@@ -120,8 +121,40 @@ def test_two_processes_match_one_process(tiny, tmp_path):
     assert not [p for p in ddp.rglob("*") if p.suffix in {".ckpt", ".pt", ".pth", ".pkl", ".pickle"}]
 
 
-def test_bad_distributed_options_are_one_line_errors(tiny, tmp_path):
-    """fp16 on CPU and a global batch that does not split over the processes fail before training."""
+@pytest.mark.slow
+def test_se_two_processes_match_one_process(tiny, tmp_path):
+    """`vcell train se --devices 2`: each process takes half of every global batch of cells, each cell's
+    padding and masking drawn by its place in the epoch, so the weights match one process's (they
+    differed by 0.02 after 12 steps: the draws followed each process's batch number, and an epoch
+    dropped other cells). A file smaller than one global batch is one error line, not a traceback
+    from each process."""
+    data_path, _ = tiny
+    cfg = tmp_path / "se.json"
+    cfg.write_text(json.dumps({"d_model": 32, "n_layers": 1, "n_heads": 2, "sentence_len": 34, "n_mask": 16}))
+    common = ["train", "se", "--preset", "tiny", "--config", cfg, "--gene-dim", "8", "--batch-size", "32",
+              "--accelerator", "cpu", "--seed", "3"]
+    n_cells = ad.read_h5ad(data_path, backed="r").n_obs
+    steps = n_cells // 32 + 3  # into the second epoch
+    weights = {}
+    for devices in (1, 2):
+        out = tmp_path / f"se{devices}"
+        proc = run_cli(*common, "--data", data_path, "--max-steps", str(steps), "--devices", str(devices), "--out", out, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        weights[devices] = load_file(str(out / "last" / "weights.safetensors"))
+    diff = max((weights[1][k] - weights[2][k]).abs().max().item() for k in weights[1])
+    assert diff <= TOL, f"max abs weight difference {diff:.3g} > {TOL}"
+    small = tmp_path / "small.h5ad"
+    ad.read_h5ad(data_path)[:10].copy().write_h5ad(small)
+    proc = run_cli(*common, "--data", small, "--max-steps", "2", "--devices", "2", "--out", tmp_path / "small_run", timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors == ["error: 10 cells are fewer than one global batch (--batch-size 32) over 2 processes: lower --batch-size, "
+                      "or train in one process"], proc.stderr[-3000:]
+
+
+def test_bad_distributed_options_are_one_line_errors(tiny, tmp_path, monkeypatch):
+    """fp16 on CPU and a global batch that does not split over the processes fail before training;
+    several nodes without a launcher too (they waited for the other nodes without end, deaf to Ctrl-C)."""
     data_path, config = tiny
     proc = run_cli("train", "st", "--data", data_path, "--config", config, "--accelerator", "cpu",
                    "--precision", "16-mixed", "--out", tmp_path / "run")
@@ -129,6 +162,14 @@ def test_bad_distributed_options_are_one_line_errors(tiny, tmp_path):
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "--precision 16-mixed needs a GPU" in errors[0]
     assert not (tmp_path / "run").exists()
+    from vcell.train.options import _LAUNCHED
+
+    for key in _LAUNCHED:
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(VcellError, match="--num-nodes 2: start this command on every node with a launcher"):
+        check_run_options("cpu", devices=2, num_nodes=2, batch_size=8)
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # under srun
+    check_run_options("cpu", devices=2, num_nodes=2, batch_size=8)
     with pytest.raises(VcellError, match="--batch-size 6 .* devices x nodes = 4"):
         check_run_options("cpu", devices=2, num_nodes=2, batch_size=6)
     with pytest.raises(VcellError, match="--accelerator 'tpu': use one of auto, cpu, gpu"):  # Lightning's traceback, after the data

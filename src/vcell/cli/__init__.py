@@ -21,7 +21,7 @@ from vcell.cli import data as data_cli
 from vcell.cli import eval as eval_cli
 from vcell.cli import genes as genes_cli
 from vcell.cli.bench import bench
-from vcell.cli.common import HelpGroup, cli_args, err_console, given, os_error_message, set_args, setup_logging
+from vcell.cli.common import HelpGroup, cli_args, err_console, given, os_error_message, secondary_rank, set_args, setup_logging
 from vcell.cli.demo import demo
 from vcell.cli.embed import embed
 from vcell.cli.predict import predict
@@ -163,10 +163,12 @@ def main(argv: list[str] | None = None) -> None:
         try:
             app(args=argv, prog_name="vcell")  # not 'python -m vcell' in messages
         except VcellError as exc:
-            err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            if not secondary_rank():  # the other processes of a distributed run met the same check
+                err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
         except OSError as exc:  # an ordinary fault of the system (permission denied, disk full, ...): one line too
-            err_console.print(f"[red]error:[/red] {escape(os_error_message(exc))}", highlight=False, soft_wrap=True)
+            if not secondary_rank():
+                err_console.print(f"[red]error:[/red] {escape(os_error_message(exc))}", highlight=False, soft_wrap=True)
             sys.exit(VcellError.exit_code)
         except _Stopped as stopped:
             exc = stopped.interrupt

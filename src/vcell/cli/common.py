@@ -110,6 +110,17 @@ class _OnceWarned(_Once):
         return record.levelno < logging.WARNING or super().filter(record)
 
 
+def secondary_rank() -> bool:
+    """Whether this process is a distributed run's process other than rank 0, as its launcher's
+    environment says (torchrun's ``RANK``; ``LOCAL_RANK`` / ``NODE_RANK`` of the processes Lightning
+    starts; Slurm's ``SLURM_PROCID``). Every process runs the same command, so its warnings and
+    errors repeat rank 0's: it prints none."""
+    env = os.environ
+    if "RANK" in env:
+        return env["RANK"].strip() not in ("", "0")
+    return any(env.get(key, "0").strip() not in ("", "0") for key in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     """Log to stderr through rich: vcell's own lines only (INFO; ``-v``: DEBUG; ``-q``: warnings).
 
@@ -119,6 +130,8 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     import warnings
 
     own = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    if secondary_rank():
+        own = logging.ERROR
     handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
     handler.addFilter(_OnceWarned())
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", handlers=[handler], force=True)

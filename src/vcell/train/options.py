@@ -10,6 +10,7 @@ Python training functions all take these options, so their defaults agree.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -178,6 +179,11 @@ def on_cpu(accelerator: str) -> bool:
     return accelerator == "cpu"
 
 
+#: Environment variables of a launcher that starts one task per node or process (Slurm, torchrun, MPI,
+#: LSF, Lightning's own NODE_RANK): without one, ``num_nodes`` > 1 waits for nodes that never come.
+_LAUNCHED = ("SLURM_NTASKS", "WORLD_SIZE", "RANK", "NODE_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "LSB_JOBID")
+
+
 def check_run_options(
     accelerator: str = "auto",
     devices: int = 1,
@@ -195,6 +201,9 @@ def check_run_options(
     if strategy not in STRATEGIES:
         raise VcellError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
     check_precision(precision, on_cpu(accelerator))
+    if num_nodes > 1 and not any(key in os.environ for key in _LAUNCHED):
+        raise VcellError(f"--num-nodes {num_nodes}: start this command on every node with a launcher (srun, torchrun; or set "
+                         "NODE_RANK and MASTER_ADDR on each): alone it would wait for the other nodes without end")
     world = devices * num_nodes
     if batch_size is not None and batch_size % world:
         raise VcellError(f"--batch-size {batch_size} is the global batch and must be divisible by devices x nodes = {world}")

@@ -76,8 +76,9 @@ def open_source(path: str | os.PathLike, vocab: dict[str, int], expression: str 
 class SEBatches(Dataset):
     """Tokenised batches of one epoch: item ``b`` is batch ``b`` of the epoch's shuffled plan.
 
-    All cells of all sources are shuffled together with ``(seed, epoch)``; the tokenisation of batch
-    ``b`` (padding and masking draws) uses ``(seed, epoch, b)``.
+    All cells of all sources are shuffled together with ``(seed, epoch)``; a cell's tokenisation
+    (padding and masking draws) uses ``(seed, epoch, its place in the plan)``, so a global batch is
+    drawn alike whether one process takes it or W processes take a share each.
     """
 
     def __init__(self, sources: list[CellSource], n_slots: int, n_mask: int, batch_size: int, seed: int = 0):
@@ -99,13 +100,16 @@ class SEBatches(Dataset):
         return math.ceil(len(self.cells) / self.batch_size)
 
     def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, int(b)])
-        cells = self.plan[b * self.batch_size : (b + 1) * self.batch_size]
+        start = int(b) * self.batch_size
+        cells = self.plan[start : start + self.batch_size]
+        places = np.arange(start, start + len(cells))
         parts = []
         for k in np.unique(cells[:, 0]):
-            rows = cells[cells[:, 0] == k, 1]
+            mine = cells[:, 0] == k
+            rows = cells[mine, 1]
             values, depth = self.sources[k].read(rows)
-            tok = tokenize(values, self.sources[k].gene_ids, self.n_slots, self.n_mask, rng)
+            rngs = [np.random.default_rng([self.seed, self.epoch, int(place)]) for place in places[mine]]
+            tok = tokenize(values, self.sources[k].gene_ids, self.n_slots, self.n_mask, rngs)
             parts.append({**tok, "depth": depth, "dataset": np.full(len(rows), k)})
         return {key: torch.as_tensor(np.concatenate([p[key] for p in parts])) for key in parts[0]}
 
@@ -137,10 +141,15 @@ class SEDataModule(L.LightningDataModule):
 
     @property
     def steps_per_epoch(self) -> int:
-        """Optimiser steps in one epoch (each rank takes the same number of batches)."""
-        # every rank takes the same number of batches (DDP needs it); the remainder is dropped
+        """Optimiser steps in one epoch: whole global batches (the remainder waits for a later
+        epoch's shuffle, so every rank takes an equal share of each step and W processes train as
+        one); one short step when the data is smaller than one global batch and one process trains."""
         _, world = self._world()
-        return max(1, len(self.batches) // world) if world > 1 else len(self.batches)
+        n, size = len(self.batches.cells), self.batches.batch_size * world
+        if n < size and world > 1:
+            raise VcellError(f"{n} cells are fewer than one global batch (--batch-size {size}) over {world} processes: "
+                             "lower --batch-size, or train in one process")
+        return max(1, n // size)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._world()
@@ -180,8 +189,8 @@ class SEModule(ResumableModule, L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, parts = self.model.loss(batch)
         n = batch["genes"].shape[0]
-        self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=n)
-        self.log("train_mse", parts["mse"], on_step=True, on_epoch=False, batch_size=n)
+        self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
+        self.log("train_mse", parts["mse"], on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
         return loss
 
     def configure_optimizers(self):
