@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import anndata as ad
@@ -150,6 +151,45 @@ def test_se_two_processes_match_one_process(tiny, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert errors == ["error: 10 cells are fewer than one global batch (--batch-size 32) over 2 processes: lower --batch-size, "
                       "or train in one process"], proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_process_that_dies_ends_the_run_with_one_line(tiny, tmp_path):
+    """SIGKILL of rank 1 (the kernel's out-of-memory killer, a failed node): rank 0 ended with a
+    100-line gloo traceback; now one line naming the latest checkpoint, exit 1."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data_path, config = tiny
+    out = tmp_path / "run"
+    args = ["train", "st", "--data", data_path, "--config", config, *OPTS, "--devices", "2", "--max-steps", "100000", "--out", out]
+    proc = subprocess.Popen([sys.executable, "-m", "vcell", *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "last").is_dir() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == proc.pid]
+        assert children, "rank 1 not found"
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert len(errors) == 1 and "another process of this distributed run ended" in errors[0], err[-3000:]
+    assert f"the latest checkpoint is {out / 'last'} (step" in errors[0]
+
+
+def _parent(proc_dir: Path) -> int | None:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def test_bad_distributed_options_are_one_line_errors(tiny, tmp_path, monkeypatch):

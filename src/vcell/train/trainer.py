@@ -18,7 +18,33 @@ from vcell.train.checkpoint import RunCheckpoints, SafetensorsCheckpointIO
 from vcell.train.options import TrainOptions
 from vcell.train.progress import StopTraining, TrainProgress, raise_interrupted, stop_on_interrupt
 from vcell.train.quiet import quiet_lightning
-from vcell.train.runs import check_resume_steps
+from vcell.train.runs import LAST, check_resume_steps, checkpoint_step
+
+
+class ProcessLost(VcellError):
+    """Another process of a distributed run ended (killed, out of memory): one line, exit status 1."""
+
+    exit_code = 1
+
+
+#: What gloo and nccl say when the process at the other end of a collective is gone
+_PEER_GONE = ("closed by peer", "reset by peer", "broken pipe", "nccl communicator was aborted", "watchdog caught collective")
+
+
+def _peer_lost(exc: RuntimeError) -> bool:
+    import torch.distributed as dist
+
+    text = str(exc).lower()
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(marker in text for marker in _PEER_GONE)
+
+
+def _lost_message(exc: RuntimeError, out_dir: str | os.PathLike) -> str:
+    cause = " ".join(str(exc).split())
+    cause = cause[:160] + ("..." if len(cause) > 160 else "")
+    last = Path(out_dir) / LAST
+    step = checkpoint_step(last)
+    saved = f"the latest checkpoint is {last} (step {step}); continue with --resume" if step is not None else "no checkpoint was written"
+    return f"another process of this distributed run ended (its own output says why; here: {cause}); {saved}"
 
 
 def make_trainer(options: TrainOptions, out_dir: str | os.PathLike, kind: str, validate: bool = False) -> L.Trainer:
@@ -95,6 +121,10 @@ def fit_module(
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
         except StopTraining:
             raise_interrupted(progress, options.max_steps, trainer.is_global_zero)
+        except RuntimeError as exc:
+            if trainer.world_size > 1 and _peer_lost(exc):
+                raise ProcessLost(_lost_message(exc, out_dir)) from None
+            raise
         except SystemExit:  # Lightning's answer to a KeyboardInterrupt (sys.exit(1)) or a SIGTERM (exit status 0!)
             if progress.killed_at is None and not trainer.received_sigterm:
                 raise
