@@ -204,7 +204,7 @@ def slow_step(self, batch, batch_idx, _step=st.STModule.training_step):
 st.STModule.training_step = slow_step
 data, split = tiny_data()
 st.train_st(data, split, sys.argv[1], {"width": 32, "n_layers": 2, "n_heads": 2, "encoder_layers": 2},
-            max_steps=20, batch_size=4, set_size=16, seed=1, checkpoint_every=2, accelerator="cpu")
+            max_steps=20, batch_size=4, set_size=16, seed=1, checkpoint_every=2, accelerator="cpu", log_every=1)
 """
 
 
@@ -239,6 +239,25 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny, tmp_path):
     a = train_st(data, split, tmp_path / "a", TINY, max_steps=20, seed=1, checkpoint_every=5, **FAST)
     wa, wb = _weights(a), _weights(out)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the steps the killed run logged after its checkpoint are not in the record twice
+    pd.testing.assert_frame_equal(_record(a), _record(out))
+
+
+def test_a_resumed_run_forgets_the_steps_logged_after_its_checkpoint(tmp_path):
+    """A run killed after its last checkpoint had logged (and flushed) later steps, which the resumed
+    run trains and logs again: the record held them twice (as after a DDP rank's SIGKILL)."""
+    from vcell.train.runs import forget_logged_steps
+
+    logs = tmp_path / "logs"
+    for version, steps in (("version_0", range(0, 15)), ("version_1", range(10, 20))):
+        (logs / version).mkdir(parents=True)
+        pd.DataFrame({"epoch": [s // 5 for s in steps], "step": list(steps), "train_loss": [float(s) for s in steps],
+                      "val_loss": [np.nan] * len(steps)}).to_csv(logs / version / "metrics.csv", index=False)
+    assert forget_logged_steps(logs, 10, current=logs / "version_1") == 5  # checkpoint at step 10: rows 10-14 go
+    kept = pd.read_csv(logs / "version_0" / "metrics.csv")
+    assert kept["step"].tolist() == list(range(10)) and list(kept.columns) == ["epoch", "step", "train_loss", "val_loss"]
+    assert pd.read_csv(logs / "version_1" / "metrics.csv")["step"].tolist() == list(range(10, 20))  # the resumed run's own
+    assert forget_logged_steps(logs, 10, current=logs / "version_1") == 0
 
 
 def test_a_cell_without_a_batch_gets_the_mean_of_the_trained_batches_only(tmp_path):

@@ -31,7 +31,7 @@ from vcell.errors import STOP_SIGNALS, Interrupted
 from vcell.nn.checkpoint import BEST, LAST, checkpoint_bytes, resolve_checkpoint_dir
 from vcell.train.checkpoint import validation_follows
 from vcell.train.display import TaskLine, format_duration, note, task
-from vcell.train.runs import checkpoint_step
+from vcell.train.runs import checkpoint_step, forget_logged_steps
 
 _REFRESH_S = 0.25  # how often the loss and speed on the bar are refreshed (each read syncs the device)
 _LAST_RUN: dict = {"summary": None}
@@ -154,6 +154,8 @@ class TrainProgress(Callback):
             return
         if trainer.ckpt_path:
             note(f"resuming from {trainer.ckpt_path} at step {self._start_step} of {self._max_steps}")
+            if trainer.logger is not None and trainer.logger.log_dir:
+                forget_logged_steps(Path(trainer.logger.log_dir).parent, self._start_step, trainer.logger.log_dir)
         self._line = self._stack.enter_context(
             task(f"training {self.kind.upper()}", total=self._max_steps, unit="steps", completed=self._start_step)
         )

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from vcell.data.io import check_writable, clean_leftovers, human_size, leftovers, stop_signals_held, temp_prefix
+from vcell.data.io import atomic_path, check_writable, clean_leftovers, human_size, leftovers, stop_signals_held, temp_prefix
 from vcell.data.rows import H5Rows
 from vcell.data.staging import held_exclusively
 from vcell.errors import VcellError, preview
@@ -443,3 +443,25 @@ def check_resume(start: str | os.PathLike, saved: dict, ours: dict) -> None:
     if "fingerprint" not in saved:
         log.warning("%s was written by vcell %s, which did not record the data and split it was trained on; "
                     "resuming without checking them", start, saved.get("vcell_version", "(older)"))
+
+
+def forget_logged_steps(logs: str | os.PathLike, step: int, current: str | os.PathLike | None = None) -> int:
+    """Drop, from the ``metrics.csv`` of every earlier run in ``logs`` (not ``current``, the resumed
+    run's own folder), the rows of steps after ``step``, the checkpoint a resumed run continues
+    from: a run killed after its last checkpoint (SIGKILL, a lost node) logged steps that the resumed
+    run trains and logs again, and the record held them twice. Returns the rows dropped."""
+    dropped = 0
+    current = Path(current).resolve() if current is not None else None
+    for path in sorted(Path(logs).glob("version_*/metrics.csv")):
+        if current is not None and path.parent.resolve() == current:
+            continue
+        table = pd.read_csv(path)
+        if "step" not in table.columns:
+            continue
+        later = table["step"] >= step  # the column is Lightning's zero-based step index: step S is row S - 1
+        if later.any():
+            with atomic_path(path) as tmp:
+                table[~later].to_csv(tmp, index=False)
+            dropped += int(later.sum())
+    return dropped
+
