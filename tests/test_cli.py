@@ -191,3 +191,25 @@ def test_ctrl_c_while_the_command_line_loads_prints_no_traceback():
         proc.send_signal(signal.SIGINT)
         err = proc.communicate(timeout=60)[1]
         assert "Traceback" not in err and proc.returncode in (0, 130, -signal.SIGINT), (delay, proc.returncode, err[-2000:])
+
+
+@pytest.mark.parametrize(("env", "label"), [
+    ({}, None),
+    ({"RANK": "1"}, None),  # a scheduler's variable for a command that is not distributed: its messages stay
+    ({"SLURM_PROCID": "2"}, None),
+    ({"WORLD_SIZE": "4", "RANK": "0"}, None),
+    ({"WORLD_SIZE": "4", "RANK": "3"}, "rank 3"),  # torchrun
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "1", "NODE_RANK": "0"}, "rank 1"),  # the processes Lightning starts
+    ({"WORLD_SIZE": "8", "LOCAL_RANK": "0", "NODE_RANK": "1"}, "node 1, process 0"),
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}, "rank 2"),  # srun
+    ({"WORLD_SIZE": "two", "RANK": "x"}, None),
+])
+def test_which_process_of_a_distributed_run_this_is(monkeypatch, env, label):
+    from vcell.cli.common import secondary_rank
+
+    for key in ("WORLD_SIZE", "SLURM_NTASKS", "RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert secondary_rank() == label
+

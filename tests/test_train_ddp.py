@@ -151,6 +151,8 @@ def test_se_two_processes_match_one_process(tiny, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert errors == ["error: 10 cells are fewer than one global batch (--batch-size 32) over 2 processes: lower --batch-size, "
                       "or train in one process"], proc.stderr[-3000:]
+    # the other process's own line is labelled (an error only it meets, a file its node lacks, is said there)
+    assert "[rank 1] error: 10 cells are fewer" in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     one line saying what was saved (or that nothing was written) and exits 130 (SIGTERM, SIGHUP: the
     same, exit 128 + the signal's number)."""
     set_args(sys.argv[1:] if argv is None else argv)
+    rank = secondary_rank()  # now: Lightning's teardown removes WORLD_SIZE from the environment
     if argv is None:  # the process's own command line: a signal ends this command
         for signum in STOP_SIGNALS:
             if signal.getsignal(signum) == signal.SIG_DFL:  # an ignored one (nohup) stays ignored
@@ -163,12 +164,10 @@ def main(argv: list[str] | None = None) -> None:
         try:
             app(args=argv, prog_name="vcell")  # not 'python -m vcell' in messages
         except VcellError as exc:
-            if not secondary_rank():  # the other processes of a distributed run met the same check
-                err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            _print_error(str(exc), rank)
             sys.exit(exc.exit_code)
         except OSError as exc:  # an ordinary fault of the system (permission denied, disk full, ...): one line too
-            if not secondary_rank():
-                err_console.print(f"[red]error:[/red] {escape(os_error_message(exc))}", highlight=False, soft_wrap=True)
+            _print_error(os_error_message(exc), rank)
             sys.exit(VcellError.exit_code)
         except _Stopped as stopped:
             exc = stopped.interrupt
@@ -185,6 +184,14 @@ def main(argv: list[str] | None = None) -> None:
         if argv is None:  # the process's own command line: it ends now
             for signum in (signal.SIGINT, *STOP_SIGNALS):
                 signal.signal(signum, _exit_interrupted)
+
+
+def _print_error(message: str, rank: str | None) -> None:
+    """The one ``error:`` line; a distributed run's other processes (``rank``: :func:`secondary_rank`)
+    label theirs (``[rank 1] error: ...``): mostly rank 0's check again, but a file missing on one
+    node is said only there."""
+    label = f"[{rank}] " if rank else ""
+    err_console.print(f"{escape(label)}[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _exit_interrupted(signum, frame) -> None:

@@ -110,15 +110,31 @@ class _OnceWarned(_Once):
         return record.levelno < logging.WARNING or super().filter(record)
 
 
-def secondary_rank() -> bool:
-    """Whether this process is a distributed run's process other than rank 0, as its launcher's
-    environment says (torchrun's ``RANK``; ``LOCAL_RANK`` / ``NODE_RANK`` of the processes Lightning
-    starts; Slurm's ``SLURM_PROCID``). Every process runs the same command, so its warnings and
-    errors repeat rank 0's: it prints none."""
+def secondary_rank() -> str | None:
+    """``"rank N"`` when this process is a distributed run's process other than rank 0, as its
+    launcher's environment says (a world of several processes: ``WORLD_SIZE``, which torchrun and
+    Lightning set for the processes they start, or Slurm's ``SLURM_NTASKS``; the rank: ``RANK``,
+    else ``NODE_RANK`` / ``LOCAL_RANK``, else ``SLURM_PROCID``), else ``None``. Every process runs
+    the same command: such a process keeps its warnings to itself and labels its errors, which
+    mostly repeat rank 0's."""
     env = os.environ
+
+    def number(key: str) -> int:
+        try:
+            return int(env.get(key, "0").strip() or 0)
+        except ValueError:
+            return 0
+
+    if max(number("WORLD_SIZE"), number("SLURM_NTASKS")) <= 1:
+        return None
     if "RANK" in env:
-        return env["RANK"].strip() not in ("", "0")
-    return any(env.get(key, "0").strip() not in ("", "0") for key in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+        rank = number("RANK")
+    elif "LOCAL_RANK" in env or "NODE_RANK" in env:
+        node, local = number("NODE_RANK"), number("LOCAL_RANK")
+        return None if node == local == 0 else (f"rank {local}" if node == 0 else f"node {node}, process {local}")
+    else:
+        rank = number("SLURM_PROCID")
+    return f"rank {rank}" if rank else None
 
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
@@ -130,7 +146,7 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     import warnings
 
     own = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    if secondary_rank():
+    if secondary_rank():  # rank 0 says it
         own = logging.ERROR
     handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
     handler.addFilter(_OnceWarned())
