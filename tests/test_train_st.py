@@ -290,6 +290,17 @@ def test_a_cell_without_a_batch_gets_the_mean_of_the_trained_batches_only(tmp_pa
     assert json.loads((out / "last" / "config.json").read_text())["trained_batches"] == trained
     model, _ = StateTransition.from_checkpoint(out / "last")
     assert model.batch_rows.tolist() == trained
+    # control_relative trains control-label sets on the training contexts' controls: their batches count too
+    from vcell.data.trained import trained_batches
+
+    ctrl = ((adata.obs["cell_type"] == "ctx_A") & (adata.obs["target_gene"] == "non-targeting")).to_numpy()
+    gem[ctrl & (np.arange(adata.n_obs) % 2 == 0)] = "gem_controls_only"
+    adata.obs["gem_group"] = pd.Categorical(gem)
+    data2 = from_anndata(adata, DataSpec(batch_col="gem_group"))
+    split2 = apply_split(data2.index, holdout_config(data2.index, [], val_contexts=["ctx_B"]))
+    only = list(map(str, data2.index.batches)).index("gem_controls_only")
+    assert only not in trained_batches(data2, split2) and only in trained_batches(data2, split2, control_sets=True)
+    assert list(map(str, data2.index.batches)).index("gem_only_B") not in trained_batches(data2, split2, control_sets=True)
     basal, pert = torch.rand(1, 5, 40), torch.rand(1, model.config.pert_dim)
     with torch.no_grad():
         unbatched = model(basal, pert)

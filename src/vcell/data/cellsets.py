@@ -82,8 +82,8 @@ class CellSetSampler:
     seed
         Seed of every random draw; the plan of an epoch depends only on (seed, epoch).
     control_sets
-        Train mode only: each context (and batch, with ``control_strategy="batch"``) that has
-        perturbed groups also gets sets of the control label, control cells as the target and
+        Train mode only: each context that has perturbed groups also gets sets of the control
+        label, control cells (of any batch) as the target and
         other control cells of the context as the basal cells (matched as ``control_strategy``
         says), as many cells per epoch as its average perturbed group (so the model learns that
         the control label changes nothing).

@@ -1,4 +1,4 @@
-"""Which perturbations a split trains on: its labels with cells of some roles, and their single targets."""
+"""What a split trains on: its labels with cells of some roles, their single targets, and its batches."""
 
 from __future__ import annotations
 
@@ -6,14 +6,19 @@ import numpy as np
 
 from vcell.data.dataset import PerturbationData
 from vcell.data.spec import split_combo
-from vcell.data.splits import Split
+from vcell.data.splits import CONTROL, Split
 
 
-def trained_batches(data: PerturbationData, split: Split | None) -> list[int]:
-    """Batch codes of the perturbed cells ``split`` trains on (every perturbed cell when ``None``): the
-    batches whose embedding rows training sets use."""
+def trained_batches(data: PerturbationData, split: Split | None, control_sets: bool = False) -> list[int]:
+    """Batch codes of the cells ``split`` trains on (every perturbed cell when ``None``): the batches
+    whose embedding rows training sets use. With ``control_sets`` (``control_relative``), also those
+    of the controls of the training contexts, the targets of the control label's sets."""
     index = data.index
     mask = ~index.is_control if split is None else split.mask("train")
+    if control_sets:
+        keys = index.context_key_codes
+        controls = index.is_control if split is None else split.mask(CONTROL)
+        mask = mask | (controls & np.isin(keys, np.unique(keys[mask])))
     return [int(c) for c in np.unique(index.batch_codes[mask])]
 
 

@@ -37,13 +37,14 @@ from vcell.nn.layers import RMSNorm, TransformerBlock, mlp
 log = logging.getLogger(__name__)
 
 # ``sentence_len`` counts every token: [CLS] + genes + [DS]. tiny and small are CPU sizes;
-# default follows the STATE preprint (35M parameters with a 13k-gene table; [CLS] + 2,047 genes,
-# then [DS]), large the scale of the released SE-600M (0.7B).
+# default follows the STATE preprint (35M parameters with a 13k-gene table), large the scale of
+# the released SE-600M (0.7B). Their 2,048 tokens hold 2,046 genes, one fewer than the design's
+# [CLS] + 2,047 genes with [DS] beside them; kept so that runs trained with them still resume.
 PRESETS: dict[str, dict] = {
     "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "sentence_len": 256, "n_mask": 128},
     "small": {"d_model": 128, "n_layers": 2, "n_heads": 4, "sentence_len": 256, "n_mask": 256},
-    "default": {"d_model": 512, "n_layers": 8, "n_heads": 16, "sentence_len": 2049, "n_mask": 1280},
-    "large": {"d_model": 2048, "n_layers": 16, "n_heads": 16, "ffn_mult": 2, "sentence_len": 2049, "n_mask": 1280},
+    "default": {"d_model": 512, "n_layers": 8, "n_heads": 16, "sentence_len": 2048, "n_mask": 1280},
+    "large": {"d_model": 2048, "n_layers": 16, "n_heads": 16, "ffn_mult": 2, "sentence_len": 2048, "n_mask": 1280},
 }
 TARGET_SUM = 1e4  # counts are scaled to this total before log1p, as in `vcell data preprocess`
 

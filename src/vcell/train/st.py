@@ -365,7 +365,7 @@ def build_module(
         "columns": {"pert_col": spec.pert_col, "control": spec.control, "context_col": spec.context_col, "batch_col": spec.batch_col},
         "seed": int(seed),
         "embed_key": embed_key,
-        "trained_perturbations": trained, "trained_batches": trained_batches(data, split) if cfg.n_batches else None,
+        "trained_perturbations": trained, "trained_batches": trained_batches(data, split, cfg.control_relative) if cfg.n_batches else None,
     }
     return STModule(cfg, index.perts, vocab, spec.control, lr=lr, meta=meta, features=features)
 
