@@ -155,6 +155,7 @@ def test_resume_with_another_config_or_model_kind_is_a_clear_error(tiny, tmp_pat
     with pytest.raises(VcellError, match=r"cannot resume: .*width 32 -> 48"):
         train_st(data, split, run, {**TINY, "width": 48}, max_steps=4, seed=1, resume=True, **FAST)
     assert all(torch.equal(before[k], v) for k, v in _weights(run).items())  # the checkpoint is untouched
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["version_0"]  # no empty version_1 beside it
     meta = json.loads((run / "last" / "config.json").read_text())
     (run / "last" / "config.json").write_text(json.dumps({**meta, "kind": "se"}))
     with pytest.raises(VcellError, match="holds a SE model; this run trains ST"):

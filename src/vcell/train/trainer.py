@@ -133,4 +133,16 @@ def fit_module(
             raise_interrupted(progress, options.max_steps, trainer.is_global_zero)
         finally:
             progress.close()
+            _drop_empty_log(trainer)
     return trainer
+
+
+def _drop_empty_log(trainer: L.Trainer) -> None:
+    """Remove this run's ``logs/version_N/`` when it ended with nothing in it (a resume refused inside
+    fit): the next run would log to ``version_N+1`` beside an empty folder."""
+    logger = trainer.logger
+    if logger is None or not trainer.is_global_zero:
+        return
+    folder = Path(logger.log_dir)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
