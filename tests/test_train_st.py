@@ -259,6 +259,9 @@ def test_a_resumed_run_forgets_the_steps_logged_after_its_checkpoint(tmp_path):
     assert kept["step"].tolist() == list(range(10)) and list(kept.columns) == ["epoch", "step", "train_loss", "val_loss"]
     assert pd.read_csv(logs / "version_1" / "metrics.csv")["step"].tolist() == list(range(10, 20))  # the resumed run's own
     assert forget_logged_steps(logs, 10, current=logs / "version_1") == 0
+    (logs / "version_2").mkdir()
+    (logs / "version_2" / "metrics.csv").write_bytes(b"")  # killed while it was being created
+    assert forget_logged_steps(logs, 3, current=logs / "version_1") == 7
 
 
 def test_a_cell_without_a_batch_gets_the_mean_of_the_trained_batches_only(tmp_path):

@@ -455,7 +455,10 @@ def forget_logged_steps(logs: str | os.PathLike, step: int, current: str | os.Pa
     for path in sorted(Path(logs).glob("version_*/metrics.csv")):
         if current is not None and path.parent.resolve() == current:
             continue
-        table = pd.read_csv(path)
+        try:
+            table = pd.read_csv(path)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError):  # a file cut short by the kill: kept as it is
+            continue
         if "step" not in table.columns:
             continue
         later = table["step"] >= step  # the column is Lightning's zero-based step index: step S is row S - 1
@@ -464,4 +467,3 @@ def forget_logged_steps(logs: str | os.PathLike, step: int, current: str | os.Pa
                 table[~later].to_csv(tmp, index=False)
             dropped += int(later.sum())
     return dropped
-
