@@ -29,17 +29,20 @@ from vcell.data.dataset import from_anndata
 from vcell.data.simulate import simulate_perturbseq
 from vcell.data.splits import apply_split, holdout_config
 
-def tiny_data():
-    adata = simulate_perturbseq(n_genes=60, n_contexts=2, n_perturbations=6, n_combinations=0,
-                                cells_per_perturbation=40, n_controls=80, seed=0)
+def tiny_adata(n_genes=60, n_perturbations=6, cells_per_perturbation=40, n_controls=80, seed=0):
+    adata = simulate_perturbseq(n_genes=n_genes, n_contexts=2, n_perturbations=n_perturbations, n_combinations=0,
+                                cells_per_perturbation=cells_per_perturbation, n_controls=n_controls, seed=seed)
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     adata.X = adata.X.astype(np.float32)
     adata.uns["vcell"] = {"expression": "log1p"}
-    data = from_anndata(adata)
+    return adata
+
+def tiny_data():
+    data = from_anndata(tiny_adata())
     return data, apply_split(data.index, holdout_config(data.index, [], val_contexts=["ctx_B"]))
 """
-exec(PREP)  # defines tiny_data() here and in the subprocess test
+exec(PREP)  # defines tiny_adata() and tiny_data() here and in the subprocess test
 
 
 @pytest.fixture(scope="module")
@@ -267,20 +270,12 @@ def test_a_resumed_run_forgets_the_steps_logged_after_its_checkpoint(tmp_path):
 def test_a_cell_without_a_batch_gets_the_mean_of_the_trained_batches_only(tmp_path):
     # Batch codes span the whole file: a batch only the held-out context has keeps its random
     # initial row, which must not enter the vector a prediction (no batch given) adds.
-    import scanpy as sc
-
     from vcell.data.dataset import from_anndata
-    from vcell.data.simulate import simulate_perturbseq
     from vcell.data.spec import DataSpec
     from vcell.data.splits import apply_split, holdout_config
     from vcell.nn.transition import StateTransition
 
-    adata = simulate_perturbseq(n_genes=40, n_contexts=2, n_perturbations=4, n_combinations=0,
-                                cells_per_perturbation=30, n_controls=60, seed=1)
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
-    adata.X = adata.X.astype(np.float32)
-    adata.uns["vcell"] = {"expression": "log1p"}
+    adata = tiny_adata(n_genes=40, n_perturbations=4, cells_per_perturbation=30, n_controls=60, seed=1)  # noqa: F821
     held = (adata.obs["cell_type"] == "ctx_B").to_numpy()
     gem = adata.obs["gem_group"].astype(str).to_numpy()
     gem[held] = "gem_only_B"

@@ -96,6 +96,12 @@ class SEConfig(ModelConfig):
         return self.sentence_len - 2
 
 
+def unit_gene_vectors(table) -> torch.Tensor:
+    """A gene table as the model keeps it: float32 rows scaled to unit length."""
+    table = table if isinstance(table, torch.Tensor) else torch.as_tensor(np.asarray(table))
+    return F.normalize(table.float(), dim=-1)
+
+
 def normalise_expression(rows: np.ndarray, expression: str) -> tuple[np.ndarray, np.ndarray]:
     """``(log1p values comparable across cells, log read depth)`` of a dense block of cells.
 
@@ -232,7 +238,7 @@ class StateEmbedding(nn.Module):
         table = torch.zeros(c.n_genes, c.gene_dim) if gene_vectors is None else gene_vectors.float()
         if tuple(table.shape) != (c.n_genes, c.gene_dim):
             raise VcellError(f"SE: gene table is {tuple(table.shape)} but the config says ({c.n_genes}, {c.gene_dim})")
-        self.register_buffer("gene_vectors", F.normalize(table, dim=-1))
+        self.register_buffer("gene_vectors", unit_gene_vectors(table))
         self.gene_proj = nn.Sequential(nn.Linear(c.gene_dim, c.d_model), nn.LayerNorm(c.d_model), nn.SiLU())
         self.binning = SoftBinning(c.n_bins, c.d_model)
         self.cls = nn.Parameter(torch.randn(c.d_model) * 0.02)

@@ -21,7 +21,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vcell.data.io import read_h5ad
@@ -29,7 +28,7 @@ from vcell.data.rows import row_source
 from vcell.data.validate import check_expression, check_unique_genes
 from vcell.errors import VcellError
 from vcell.nn.checkpoint import read_config
-from vcell.nn.embedding import SEConfig, StateEmbedding, match_genes, normalise_expression, tokenize
+from vcell.nn.embedding import SEConfig, StateEmbedding, match_genes, normalise_expression, tokenize, unit_gene_vectors
 from vcell.train.checkpoint import ResumableModule
 from vcell.train.display import status
 from vcell.train.options import SETrainOptions
@@ -217,7 +216,7 @@ def _check_gene_table(start: Path, genes, names: list[str], vectors) -> None:
     """Refuse to resume with a gene table (``genes``, when given) other than the checkpoint's: the
     checkpoint's is the one trained on (``--gene-dim`` sizes new tables only)."""
     table = gene_table([], genes)
-    stored = F.normalize(torch.as_tensor(np.asarray(table.vectors), dtype=torch.float32), dim=-1)  # as the model keeps it
+    stored = unit_gene_vectors(table.vectors)
     if list(table.names) != list(names) or not torch.equal(stored, torch.as_tensor(vectors, dtype=torch.float32)):
         raise VcellError(f"cannot resume {start}: --genes {genes if not hasattr(genes, 'names') else 'table'} is another gene "
                          "table than the checkpoint's; resume without --genes (or with its table), or train into a new --out")
