@@ -52,13 +52,6 @@ def profile_from_means(means: np.ndarray, ref: Reference, where: str = "") -> np
     return total / count
 
 
-def generic_profile(real: CountsCells, ref: Reference, engine: Engine | None = None) -> np.ndarray:
-    """The mean perturbation response of the reference (counts per cell, per gene)."""
-    task = profile_task(real, ref.perturbations)
-    run_tasks([task], engine)
-    return profile_from_means(task.means, ref, real.where)
-
-
 def control_mean_task(ref: Reference) -> MeansTask:
     """The task of the reference controls' mean counts (run it with the reference's other tasks)."""
     return MeansTask(ref.ctrl.cells, [ref.ctrl.rows])
