@@ -249,10 +249,15 @@ def _with_targets(mcf: ad.AnnData, genes: list[str], zero_in: dict[str, str]) ->
     return a
 
 
-def test_knockdown_qc_real_targets_unmeasured(mcf):
+def test_knockdown_qc_real_targets_unmeasured(mcf, caplog):
     snap = _snapshot(mcf)
-    out, rep = knockdown_qc(mcf, MCF_SPEC)
+    with caplog.at_level(logging.WARNING, logger="vcell.data.preprocess"):
+        out, rep = knockdown_qc(mcf, MCF_SPEC)
     _assert_unchanged(mcf, snap)
+    # a QC that could test nothing says so, once, at warning level
+    said = [r.getMessage() for r in caplog.records if "untested" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("knockdown QC kept 27 of 27 perturbation groups untested: 27 with no target "
+                                                 "among the genes (e.g. "), said
     assert out.n_obs == mcf.n_obs
     assert list(rep.columns[:2]) == ["context", "perturbation"]
     perts = rep[rep["status"] != "control"]
@@ -402,15 +407,41 @@ def test_knockdown_qc_errors(mcf, kang):
     with pytest.raises(VcellError, match="expression type not set"):
         knockdown_qc(mcf, MCF_SPEC.with_(expression=None))
 
-    a = mcf.copy()
+
+
+def test_knockdown_qc_context_without_controls_kept_untested(mcf, target_like_genes, kang, caplog):
+    """A context without controls (accepted with --allow-missing-controls) cannot be tested: its
+    groups are kept with status no_controls and warned of, the other contexts tested as before."""
+    a = _with_targets(mcf, target_like_genes, zero_in={KD: KD})
     perts = a.obs["perturbation"].astype(str).to_numpy().copy()
     perts[(a.obs["cell_type"] == "T98G").to_numpy() & (perts == "control")] = "MAPK1"
     a.obs["perturbation"] = perts
-    with pytest.raises(VcellError, match="context 'T98G' of column 'cell_type'"):
-        knockdown_qc(a, MCF_SPEC)
+    with caplog.at_level(logging.WARNING, logger="vcell.data.preprocess"):
+        out, rep = knockdown_qc(a, MCF_SPEC)
+    status = rep.set_index(["context", "perturbation"])["status"]
+    assert (rep.loc[rep["context"] == "T98G", "status"] == "no_controls").all()
+    assert status["T98G", NOT_KD] == "no_controls" and status["A172", NOT_KD] == "not_knocked_down"
+    assert ((out.obs["cell_type"] == "T98G").sum() == (a.obs["cell_type"] == "T98G").sum())
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "9 with no control cells in the context (e.g. " in said and "in 'T98G')" in said, said
+    assert out.uns["vcell"]["knockdown_qc"]["n_groups_untested"] == 9 + 2 * 7  # and 7 unmeasured targets in A172, U87MG
     # real case: in the Kang subset the Eryth cells are all stimulated
-    with pytest.raises(VcellError, match="'Eryth'.*'seurat_annotations'"):
-        knockdown_qc(kang, KANG_SPEC)
+    _, rep = knockdown_qc(kang, KANG_SPEC)
+    assert rep.set_index(["context", "perturbation"])["status"]["Eryth", "STIM"] == "no_controls"
+
+
+def test_knockdown_qc_points_to_a_var_column_naming_the_targets(mcf, target_like_genes, caplog):
+    """Ensembl IDs as var_names with the symbols in var['gene_name'] (cell-load's layout): nothing can
+    be tested, and the warning names the column to make the var_names."""
+    a = _with_targets(mcf, target_like_genes, zero_in={KD: KD})
+    a.var["gene_name"] = list(a.var_names)
+    a.var_names = [f"ENSG{i:011d}" for i in range(a.n_vars)]
+    with caplog.at_level(logging.WARNING, logger="vcell.data.preprocess"):
+        _, rep = knockdown_qc(a, MCF_SPEC)
+    assert (rep.loc[rep["status"] != "control", "status"] == "target_not_measured").all()
+    said = [r.getMessage() for r in caplog.records if "untested" in r.getMessage()]
+    assert len(said) == 1 and f"var['gene_name'] names 2 of their targets (e.g. '{KD}'), var_names do not: make " \
+        "var['gene_name'] the var_names to test them" in said[0], said
 
 
 # --------------------------------------------------------------------------- preprocess
@@ -469,7 +500,7 @@ def test_preprocess_qc_runs_before_gene_subset(mcf, target_like_genes):
 def test_preprocess_targets_unmeasured_real(papalexi):
     out, summary = preprocess(papalexi, PAPALEXI_SPEC, knockdown_qc=True)
     assert out.shape == papalexi.shape  # n_top_genes 2000 > 290 genes: all kept
-    assert summary["n_targets_not_measured_qc"] == 25
+    assert summary["n_targets_not_measured_qc"] == summary["n_groups_untested_qc"] == 25
     assert summary["perturbations_dropped_qc"] == [] and summary["n_perturbations_after"] == 25
 
 

@@ -277,3 +277,20 @@ def test_cli_preprocess_streams_and_says_what_it_wrote(sim_file, tmp_path, capsy
     back = ad.read_h5ad(out)
     assert line.startswith(f"wrote {out} in ") and f"-> {back.n_obs:,} cells x {back.n_vars:,} genes" in line
     assert "50 highly variable genes" in line and "knockdown QC dropped" in line and "\n" not in line
+
+
+def test_cli_knockdown_qc_with_a_context_without_controls(tmp_path, capsys, cli_in_process):
+    """--allow-missing-controls holds for --knockdown-qc: the context without controls is kept untested
+    and the summary line says so (the QC refused the file that the rest of preprocess accepts)."""
+    X = np.array([[10.0, 9990.0]] * 40 + [[1.0, 9999.0]] * 80)
+    obs = pd.DataFrame({"gene": ["non-targeting"] * 40 + ["A"] * 80, "cell_type": ["X"] * 80 + ["Y"] * 40},
+                       index=[f"c{i}" for i in range(120)])
+    path, out = tmp_path / "noctrl.h5ad", tmp_path / "pre.h5ad"
+    ad.AnnData(sparse.csr_matrix(X), obs=obs, var=pd.DataFrame(index=["A", "FILL"])).write_h5ad(path)
+    with contextlib.suppress(SystemExit):
+        cli_in_process(["data", "preprocess", str(path), str(out), "--pert-col", "gene", "--expression", "counts",
+                        "--n-top-genes", "2", "--knockdown-qc", "--allow-missing-controls"])
+    captured = capsys.readouterr()
+    assert "knockdown QC dropped 0 perturbation(s), 0 cells, kept 1 group(s) untested)" in captured.out, captured
+    back = ad.read_h5ad(out)
+    assert back.n_obs == 120 and back.uns["vcell"]["knockdown_qc"]["n_groups_untested"] == 1

@@ -97,7 +97,7 @@ def preprocess_cmd(
     genes: Annotated[Path | None, typer.Option(help="Text file, one gene per line (or a CSV whose first column lists them): keep these genes (instead of HVGs).")] = None,
     knockdown_qc: Annotated[bool, typer.Option("--knockdown-qc/--no-knockdown-qc", help="Drop perturbations whose target is not knocked down.")] = False,
     residual_expression: Annotated[float, typer.Option(help="Knockdown QC: max target expression vs control (perturbation level).")] = 0.30,
-    cell_residual_expression: Annotated[float | None, typer.Option(help="Knockdown QC: max target expression vs control per cell.")] = None,
+    cell_residual_expression: Annotated[float | None, typer.Option(help="Knockdown QC: max target expression vs control per cell (off unless given; cell-load's default is 0.5).")] = None,
     min_cells: Annotated[int, typer.Option(help="Knockdown QC: drop groups left with fewer cells.")] = 30,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
     allow_missing_controls: AllowMissingControls = False,
@@ -153,7 +153,8 @@ def preprocess_cmd(
                     f"({s['n_target_genes_kept']:,} targets kept in all)"
                     if subset_hvg else "highly variable genes flagged in var['highly_variable']")
     if "n_cells_dropped_qc" in s:
-        what.append(f"knockdown QC dropped {s['n_perturbations_dropped_qc']:,} perturbation(s), {s['n_cells_dropped_qc']:,} cells")
+        untested = f", kept {s['n_groups_untested_qc']:,} group(s) untested" if s.get("n_groups_untested_qc") else ""
+        what.append(f"knockdown QC dropped {s['n_perturbations_dropped_qc']:,} perturbation(s), {s['n_cells_dropped_qc']:,} cells{untested}")
     console.print(f"wrote {output} in {format_duration(time.perf_counter() - t0)}: {s['n_cells_before']:,} x {s['n_genes_before']:,} "
                   f"-> {s['n_cells_after']:,} cells x {s['n_genes_after']:,} genes ({'; '.join(what)})", highlight=False, soft_wrap=True)
 

@@ -1,4 +1,14 @@
-"""Knockdown QC: drop perturbations whose target gene is not knocked down (cell-load / arc-state style).
+"""Knockdown QC: drop perturbations whose target gene is not knocked down.
+
+The rule is cell-load's ``filter_on_target_knockdown`` (a perturbation-level ratio, an optional
+cell-level ratio, then a minimum of cells) with these differences, each deliberate: controls,
+ratios and cell counts are taken per context (cell-load pools every control of the file); the
+ratio is of depth-normalised expression (cell-load compares X as stored); a combination ``A+B``
+is tested on each measured target (cell-load drops it: the label is no gene); a ratio equal to a
+threshold passes (cell-load's code wants it strictly below); the cell-level ratio is off unless
+given (cell-load's default is 0.5); and a group that cannot be tested (no target among the genes,
+no control expression, no controls in its context) is kept, reported and warned of (cell-load
+drops it). Genes are looked up in var_names (cell-load reads ``var['gene_name']``).
 
 :class:`KnockdownStats` collects what the QC needs from row blocks of the matrix (the control
 mean of every target gene per context, and each perturbed cell's value of its own targets), so
@@ -18,6 +28,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from vcell.data.labels import gene_name_column
 from vcell.data.normalize import _csr_totals, _require_x, _vcell_uns
 from vcell.data.spec import EXPRESSION_TYPES, SINGLE_CONTEXT, DataSpec, split_combo
 from vcell.errors import VcellError
@@ -32,7 +43,10 @@ STATUS_NOT_KNOCKED_DOWN = "not_knocked_down"
 STATUS_TOO_FEW_CELLS = "too_few_cells"
 STATUS_NOT_MEASURED = "target_not_measured"
 STATUS_NO_CONTROL_EXPR = "no_control_expression"
+STATUS_NO_CONTROLS = "no_controls"
 DROP_STATUSES = (STATUS_NOT_KNOCKED_DOWN, STATUS_TOO_FEW_CELLS)
+#: Statuses of groups kept because they could not be tested.
+UNTESTED_STATUSES = (STATUS_NOT_MEASURED, STATUS_NO_CONTROL_EXPR, STATUS_NO_CONTROLS)
 
 REPORT_COLUMNS = [
     "context",
@@ -106,8 +120,9 @@ class KnockdownStats:
     ----------
     obs
         The cells' annotations (all cells of the matrix, in row order).
-    var_names
-        The genes (columns of the matrix).
+    var
+        The genes (columns of the matrix): the var DataFrame (its index names them; a column that
+        names targets var_names lack is pointed to in the warning), or their names.
     spec
         Column conventions.
     expression
@@ -116,7 +131,7 @@ class KnockdownStats:
         Base of the log1p values (``None``: natural log).
     """
 
-    def __init__(self, obs: pd.DataFrame, var_names, spec: DataSpec, expression: str, log_base: float | None = None):
+    def __init__(self, obs: pd.DataFrame, var, spec: DataSpec, expression: str, log_base: float | None = None):
         if expression not in EXPRESSION_TYPES:
             raise VcellError(_bad_expression(expression))
         _check_columns(obs, spec)
@@ -126,15 +141,11 @@ class KnockdownStats:
         is_control = self.perts == self.control
         if not is_control.any():
             raise VcellError(f"control label '{self.control}' not found in column '{spec.pert_col}'")
-        no_ctrl = sorted(set(self.contexts[~is_control]) - set(self.contexts[is_control]))
-        if no_ctrl:
-            more = f" (and {len(no_ctrl) - 1} more)" if len(no_ctrl) > 1 else ""
-            raise VcellError(
-                f"no control cells ('{self.control}' in column '{spec.pert_col}') in context "
-                f"'{no_ctrl[0]}'{more} of column '{spec.context_col}'"
-            )
+        # contexts without controls (--allow-missing-controls) have their groups kept untested
+        self.no_controls = set(self.contexts[~is_control]) - set(self.contexts[is_control])
+        self.var = var if isinstance(var, pd.DataFrame) else None
         self.gene_pos: dict[str, int] = {}
-        for i, g in enumerate(var_names):
+        for i, g in enumerate(var.index if self.var is not None else var):
             self.gene_pos.setdefault(str(g), i)  # first occurrence if names repeat
 
         self.groups = pd.DataFrame({"context": self.contexts, "perturbation": self.perts}).groupby(
@@ -211,6 +222,9 @@ class KnockdownStats:
                 rows.append(row | {"status": STATUS_CONTROL})
                 continue
             measured = self.measured[pert]
+            if ctx in self.no_controls:
+                rows.append(row | {"target_gene": "+".join(measured) or None, "status": STATUS_NO_CONTROLS})
+                continue
             if not measured:
                 targets = list(dict.fromkeys(split_combo(pert)))
                 rows.append(row | {"target_gene": "+".join(targets), "status": STATUS_NOT_MEASURED})
@@ -252,13 +266,34 @@ class KnockdownStats:
         for col in ("control_mean", "pert_mean", "ratio"):
             report[col] = report[col].astype(float)
         n_dropped = int(report["status"].isin(DROP_STATUSES).sum())
-        logger.info(
-            "knockdown QC: %d of %d perturbation groups dropped, %d of %d cells removed; "
-            "%d groups with unmeasured targets kept",
-            n_dropped, int((report["status"] != STATUS_CONTROL).sum()),
-            int((~keep_cells).sum()), len(keep_cells), int((report["status"] == STATUS_NOT_MEASURED).sum()),
-        )
+        logger.info("knockdown QC: %d of %d perturbation groups dropped, %d of %d cells removed", n_dropped,
+                    int((report["status"] != STATUS_CONTROL).sum()), int((~keep_cells).sum()), len(keep_cells))
+        self._warn_untested(report)
         return keep_cells, report
+
+    def _warn_untested(self, report: pd.DataFrame) -> None:
+        """One warning line on the groups kept without a test, by reason (a QC that tests nothing is no QC)."""
+        perts = report[report["status"] != STATUS_CONTROL]
+        why = dict(zip(UNTESTED_STATUSES, ("no target among the genes", "no control expression of the target",
+                                           "no control cells in the context"), strict=True))
+        parts, n_untested = [], 0
+        for status, reason in why.items():
+            rows = perts[perts["status"] == status]
+            if len(rows):
+                first = rows.iloc[0]
+                parts.append(f"{len(rows)} with {reason} (e.g. {first['perturbation']!r} in {first['context']!r})")
+                n_untested += len(rows)
+        if not parts:
+            return
+        hint = ""
+        unmeasured = perts.loc[perts["status"] == STATUS_NOT_MEASURED, "perturbation"]
+        if self.var is not None and len(unmeasured):
+            targets = {t for lab in unmeasured for t in split_combo(lab)}
+            if found := gene_name_column(self.var, targets):
+                col, hits = found
+                hint = (f"; var[{col!r}] names {len(hits)} of their targets (e.g. {sorted(hits)[0]!r}), var_names do not: "
+                        f"make var[{col!r}] the var_names to test them")
+        logger.warning("knockdown QC kept %d of %d perturbation groups untested: %s%s", n_untested, len(perts), "; ".join(parts), hint)
 
 
 def qc_record(report: pd.DataFrame, keep_cells: np.ndarray, residual_expression: float,
@@ -266,6 +301,7 @@ def qc_record(report: pd.DataFrame, keep_cells: np.ndarray, residual_expression:
     """The ``uns["vcell"]["knockdown_qc"]`` record of a QC run."""
     rec = {"residual_expression": float(residual_expression), "min_cells": int(min_cells),
            "n_groups_dropped": int(report["status"].isin(DROP_STATUSES).sum()),
+           "n_groups_untested": int(report["status"].isin(UNTESTED_STATUSES).sum()),
            "n_cells_dropped": int((~keep_cells).sum())}
     if cell_residual_expression is not None:
         rec["cell_residual_expression"] = float(cell_residual_expression)
@@ -279,7 +315,7 @@ def knockdown_qc(
     cell_residual_expression: float | None = None,
     min_cells: int = 30,
 ) -> tuple[ad.AnnData, pd.DataFrame]:
-    """Drop perturbations whose target gene is not knocked down (cell-load / arc-state style).
+    """Drop perturbations whose target gene is not knocked down (cell-load's rule per context; see the module).
 
     For every (context, perturbation) the mean normalised expression of each target gene in the
     perturbed cells is compared with the control cells of the same context. Groups with
@@ -287,7 +323,8 @@ def knockdown_qc(
     ``cell_residual_expression``, perturbed cells whose target expression exceeds
     ``cell_residual_expression * control_mean`` are dropped too; groups that passed the mean test
     but have fewer than ``min_cells`` cells left are then dropped. Controls are never dropped;
-    groups whose targets are unmeasured, or have no control expression, are reported and kept.
+    groups whose targets are unmeasured, or have no control expression or no controls in their
+    context, are reported, warned of and kept.
 
     Parameters
     ----------
@@ -311,7 +348,7 @@ def knockdown_qc(
         ``perturbation``, ``n_cells``, ``n_cells_kept``, ``target_gene`` (for combinations the
         target with the highest ratio), ``control_mean``, ``pert_mean``, ``ratio``, ``status``
         (``control``, ``kept``, ``not_knocked_down``, ``too_few_cells``, ``target_not_measured``,
-        ``no_control_expression``).
+        ``no_control_expression``, ``no_controls``).
     """
     _require_x(adata, "knockdown_qc")
     if spec.expression is None:
@@ -320,7 +357,7 @@ def knockdown_qc(
         raise VcellError(_bad_expression(spec.expression))
     check_qc_options(residual_expression, cell_residual_expression, min_cells)
     base = (adata.uns.get("log1p") or {}).get("base") if spec.expression == "log1p" else None
-    stats = KnockdownStats(adata.obs, adata.var_names, spec, spec.expression, None if base is None else float(base))
+    stats = KnockdownStats(adata.obs, adata.var, spec, spec.expression, None if base is None else float(base))
     stats.add(0, adata.X)
     keep_cells, report = stats.result(residual_expression, cell_residual_expression, min_cells)
     out = adata[keep_cells].copy()

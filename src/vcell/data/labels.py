@@ -50,6 +50,22 @@ def names_list(value) -> list:
     return [value] if isinstance(value, str) else list(value)
 
 
+def gene_name_column(var: pd.DataFrame, labels) -> tuple[str, set[str]] | None:
+    """The first text column of ``var`` whose values name some of ``labels`` (gene symbols kept beside
+    Ensembl IDs as var_names), and the labels it names; ``None`` if no column does.
+
+    Digit-only labels are never counted (``'1'`` would match a chromosome column).
+    """
+    wanted = {str(lab) for lab in labels}
+    for col in var.columns:
+        if var[col].dtype.kind not in "OSU" and str(var[col].dtype) != "category":
+            continue  # counts and flags are no gene names
+        hits = {lab for lab in wanted & set(var[col].astype(str)) if not lab.isdigit()}
+        if hits:
+            return str(col), hits
+    return None
+
+
 def label_rng(seed: int, label, stream: int | None = None) -> np.random.Generator:
     """The generator of one label's draws (a perturbation's, a cell's), seeded by ``seed`` and the
     label's CRC-32, so a label's draws do not depend on the others drawn with it; ``stream`` gives

@@ -44,9 +44,11 @@ from vcell.data.knockdown import (
     STATUS_CONTROL,
     STATUS_KEPT,
     STATUS_NO_CONTROL_EXPR,
+    STATUS_NO_CONTROLS,
     STATUS_NOT_KNOCKED_DOWN,
     STATUS_NOT_MEASURED,
     STATUS_TOO_FEW_CELLS,
+    UNTESTED_STATUSES,
     KnockdownStats,
     _bad_expression,
     _check_columns,
@@ -71,7 +73,7 @@ from vcell.errors import VcellError
 
 __all__ = [
     "DROP_STATUSES", "REPORT_COLUMNS", "STATUS_CONTROL", "STATUS_KEPT", "STATUS_NOT_KNOCKED_DOWN",
-    "STATUS_NOT_MEASURED", "STATUS_NO_CONTROL_EXPR", "STATUS_TOO_FEW_CELLS", "knockdown_qc",
+    "STATUS_NOT_MEASURED", "STATUS_NO_CONTROL_EXPR", "STATUS_NO_CONTROLS", "STATUS_TOO_FEW_CELLS", "UNTESTED_STATUSES", "knockdown_qc",
     "normalize_log1p", "plan_preprocess", "preprocess", "preprocess_file", "select_hvg", "subset_genes",
 ]
 
@@ -150,7 +152,7 @@ def _passes(source, description: str, progress: Progress):
             line.advance(hi - lo)
 
 
-def plan_preprocess(source, obs: pd.DataFrame, var_names: pd.Index, uns, spec: DataSpec, *, target_sum: float = 1e4,
+def plan_preprocess(source, obs: pd.DataFrame, var: pd.DataFrame, uns, spec: DataSpec, *, target_sum: float = 1e4,
                     n_top_genes: int | None = 2000, subset_hvg: bool = True, genes=None, knockdown_qc: bool = False,
                     residual_expression: float = 0.30, cell_residual_expression: float | None = None, min_cells: int = 30,
                     progress: Progress = no_progress, n_passes_after: int = 0) -> Plan:
@@ -166,6 +168,7 @@ def plan_preprocess(source, obs: pd.DataFrame, var_names: pd.Index, uns, spec: D
     if spec.expression not in EXPRESSION_TYPES:
         raise VcellError(_bad_expression(spec.expression))
     _check_columns(obs, spec)
+    var_names = var.index
     if spec.batch_col is not None and spec.batch_col not in obs:
         raise VcellError(f"batch column '{spec.batch_col}' not found in .obs")
     normalize = spec.expression == "counts"
@@ -197,7 +200,7 @@ def plan_preprocess(source, obs: pd.DataFrame, var_names: pd.Index, uns, spec: D
     plan.uns["vcell"] = meta
     base = None if normalize else log_base(uns)
 
-    qc = KnockdownStats(obs, var_names, spec.with_(expression="log1p"), "log1p", base) if knockdown_qc else None
+    qc = KnockdownStats(obs, var, spec.with_(expression="log1p"), "log1p", base) if knockdown_qc else None
     hvg = genes is None and n_top_genes is not None and n_top_genes < n_vars
     n_passes = plan.n_passes = int(qc is not None and qc.needs_data) + int(hvg) + n_passes_after
     done = 0
@@ -222,6 +225,7 @@ def plan_preprocess(source, obs: pd.DataFrame, var_names: pd.Index, uns, spec: D
             for c, p, s in dropped[["context", "perturbation", "status"]].itertuples(index=False)
         ]
         summary["n_targets_not_measured_qc"] = int((report["status"] == STATUS_NOT_MEASURED).sum())
+        summary["n_groups_untested_qc"] = int(report["status"].isin(UNTESTED_STATUSES).sum())
         summary["knockdown_report"] = _records(report)
     kept_obs = obs if plan.keep_cells is None else obs.iloc[np.flatnonzero(plan.keep_cells)]
 
@@ -318,7 +322,7 @@ def preprocess(
         raise VcellError(_bad_expression(spec.expression))
     _require_x(adata, "preprocess")
     source = MemorySource(adata.X)
-    plan = plan_preprocess(source, adata.obs, adata.var_names, adata.uns, spec, target_sum=target_sum,
+    plan = plan_preprocess(source, adata.obs, adata.var, adata.uns, spec, target_sum=target_sum,
                            n_top_genes=n_top_genes, subset_hvg=subset_hvg, genes=genes, knockdown_qc=knockdown_qc,
                            residual_expression=residual_expression, cell_residual_expression=cell_residual_expression,
                            min_cells=min_cells)
@@ -376,7 +380,7 @@ def preprocess_file(
     in_path, out_path = Path(in_path), Path(out_path)
     check_output_path(out_path, [in_path], overwrite=overwrite)
     with open_input(in_path) as (f, ann, source):
-        plan = plan_preprocess(source, ann["obs"], pd.Index(ann["var"].index), ann.get("uns", {}), spec,
+        plan = plan_preprocess(source, ann["obs"], ann["var"], ann.get("uns", {}), spec,
                                progress=progress, n_passes_after=1, **options)
         description = f"writing {out_path.name} (pass {plan.n_passes}/{plan.n_passes})"
         with atomic_path(out_path) as tmp:

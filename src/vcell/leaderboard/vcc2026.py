@@ -17,6 +17,7 @@ import anndata as ad
 import pandas as pd
 import scipy.sparse as sp
 
+from vcell.data.labels import gene_name_column
 from vcell.data.spec import DataSpec
 from vcell.errors import preview
 from vcell.eval.scoring import write_csv
@@ -99,16 +100,11 @@ def target_gene_rule(real: ad.AnnData, spec: DataSpec, labels) -> dict:
     # a control label may be a gene too (Kang's CTRL): it is never a target
     perts = set(labels) - {spec.control}
     named = len(perts & set(real.var_names))
-    if not named:  # Ensembl IDs as var_names, symbols in a var column: the targets are measured, not named
-        for col in real.var.columns:
-            if real.var[col].dtype.kind not in "OSU" and str(real.var[col].dtype) != "category":
-                continue  # counts and flags are no gene names
-            hits = {p for p in perts & set(real.var[col].astype(str)) if not p.isdigit()}  # '1' matches chromosomes
-            if hits:
-                log.warning("%d of %d perturbation labels name genes of var[%r] (e.g. %r), not var_names: their target genes "
-                            "are not excluded from the 2026 metrics; make var[%r] the var_names to exclude them",
-                            len(hits), len(perts), col, sorted(hits)[0], col)
-                break
+    if not named and (found := gene_name_column(real.var, perts)):  # Ensembl IDs as var_names, symbols in a var column
+        col, hits = found
+        log.warning("%d of %d perturbation labels name genes of var[%r] (e.g. %r), not var_names: their target genes "
+                    "are not excluded from the 2026 metrics; make var[%r] the var_names to exclude them",
+                    len(hits), len(perts), col, sorted(hits)[0], col)
     return {"rule": RULE_EXCLUDED if named else RULE_NONE, "labels": len(perts), "labels_naming_genes": named}
 
 
