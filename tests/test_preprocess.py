@@ -544,3 +544,20 @@ def test_preprocess_file_atomic_and_refuses_input(kang, tmp_path):
     assert sorted(os.listdir(out_dir)) == ["pre.h5ad"]
     with pytest.raises(VcellError, match="expression type not set"):
         preprocess_file(src, bad, KANG_SPEC.with_(expression=None))
+
+
+def test_knockdown_qc_warns_of_raised_targets(caplog):
+    """CRISPRa or overexpression data: a target far above the controls is dropped as not knocked down,
+    and one warning asks whether the data are knockdowns at all (Norman's TMSB4X is 9x its controls)."""
+    # columns UP, DOWN, a filler; every cell 10,000 counts
+    X = np.array([[10.0, 100.0, 9890.0]] * 40 + [[40.0, 100.0, 9860.0]] * 40 + [[10.0, 10.0, 9980.0]] * 40)
+    obs = pd.DataFrame({"gene": ["non-targeting"] * 40 + ["UP"] * 40 + ["DOWN"] * 40}, index=[f"c{i}" for i in range(120)])
+    a = ad.AnnData(sparse.csr_matrix(X), obs=obs, var=pd.DataFrame(index=["UP", "DOWN", "FILL"]))
+    spec = DataSpec(pert_col="gene", control="non-targeting", context_col=None, expression="counts")
+    with caplog.at_level(logging.WARNING, logger="vcell.data.preprocess"):
+        _, rep = knockdown_qc(a, spec)
+    status = rep.set_index("perturbation")["status"]
+    assert status["UP"] == "not_knocked_down" and status["DOWN"] == "kept"
+    said = [r.getMessage() for r in caplog.records if "activation" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("knockdown QC: 1 tested perturbation group(s) have their target at 2x or more "
+                                                 "of the controls' level (e.g. 'UP' in 'all': 4"), said

@@ -269,6 +269,7 @@ class KnockdownStats:
         logger.info("knockdown QC: %d of %d perturbation groups dropped, %d of %d cells removed", n_dropped,
                     int((report["status"] != STATUS_CONTROL).sum()), int((~keep_cells).sum()), len(keep_cells))
         self._warn_untested(report)
+        _warn_raised(report)
         return keep_cells, report
 
     def _warn_untested(self, report: pd.DataFrame) -> None:
@@ -294,6 +295,22 @@ class KnockdownStats:
                 hint = (f"; var[{col!r}] names {len(hits)} of their targets (e.g. {sorted(hits)[0]!r}), var_names do not: "
                         f"make var[{col!r}] the var_names to test them")
         logger.warning("knockdown QC kept %d of %d perturbation groups untested: %s%s", n_untested, len(perts), "; ".join(parts), hint)
+
+
+#: A target this many times its controls' level is raised, not knocked down: :func:`_warn_raised`.
+RAISED_RATIO = 2.0
+
+
+def _warn_raised(report: pd.DataFrame) -> None:
+    """One warning on targets well above the controls' level: activation (CRISPRa) or overexpression
+    data, whose perturbations knockdown QC drops as not knocked down."""
+    raised = report[report["ratio"] >= RAISED_RATIO].sort_values("ratio", ascending=False)
+    if len(raised):
+        top = raised.iloc[0]
+        logger.warning("knockdown QC: %d tested perturbation group(s) have their target at %gx or more of the controls' level "
+                       "(e.g. %r in %r: %.3gx) and are dropped as not knocked down; is this activation or overexpression "
+                       "data? The QC is for knockdowns and knockouts", len(raised), RAISED_RATIO, top["perturbation"],
+                       top["context"], top["ratio"])
 
 
 def qc_record(report: pd.DataFrame, keep_cells: np.ndarray, residual_expression: float,
