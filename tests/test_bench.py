@@ -375,6 +375,11 @@ def test_bench_json_and_report_record_the_hold_out_models_options_profile_and_ta
     held = meta["folds"][0]["held_out_perturbations"]
     assert len(held) == 2 and all(f["held_out_perturbations"] == held for f in meta["folds"])
     assert [f["held_out_contexts"] for f in meta["folds"]] == [["ctx_A"], ["ctx_B"]]
+    # each fold's split is a TOML cell-load can read: [datasets] names the file (it was empty)
+    from vcell.data.split_files import read_split_toml
+
+    (tmp_path / "fold.toml").write_text(meta["folds"][0]["split"])
+    assert read_split_toml(tmp_path / "fold.toml").datasets == {"synthetic": data.resolve()}
     labels = sorted(set(a.obs["target_gene"].astype(str)) - {"non-targeting"})
     assert meta["folds"][0]["scored_perturbations"] == {"ctx_A": labels}  # a held-out context: every perturbation scored
     assert [(t["context"], t["rule"], t["labels_naming_genes"]) for t in meta["vcc2026_target_genes"]] == \

@@ -75,6 +75,13 @@ def test_training_section_limits_datasets(mcf, tmp_path):
     ctrl = mcf.index.is_control
     assert (split.roles[k562 & ~ctrl] == "unused").all()
     assert (split.roles[k562 & ctrl] == "control").all()
+    # as cell-load reads it: without [training] no dataset trains, only a fewshot context's other perturbations
+    ctx, pert = mcf.adata.obs["cell_type"].astype(str).to_numpy(), mcf.adata.obs["perturbation"].astype(str).to_numpy()
+    text = '[zeroshot]\n"mcfaline23.A172" = "test"\n[fewshot."mcfaline23.T98G"]\ntest = ["MAPK1"]\n'
+    roles = apply_split(mcf.index, read_split_toml(_write(tmp_path, text, "no_training.toml"))).roles
+    assert (roles[(ctx == "U87MG") & ~ctrl] == "unused").all() and (roles[k562 & ~ctrl] == "unused").all()
+    assert (roles[(ctx == "T98G") & (pert == "MAPK1")] == "test").all()
+    assert (roles[(ctx == "T98G") & ~ctrl & (pert != "MAPK1")] == "train").all()
 
 
 def test_holdout_context_matches_toml(mcf, tmp_path):
@@ -150,6 +157,10 @@ def test_split_cli_writes_toml(mcfaline, tmp_path):
     cfg = read_split_toml(out)
     assert cfg.zeroshot == {"mcfaline23.T98G": "test"}
     assert set(cfg.datasets) == {"mcfaline23", "norman19"}
+    # cell-load has no dataset column: it would read the whole shared file under each name, training on
+    # the held-out T98G cells through norman19; the file says so first, and so does the command
+    assert out.read_text().startswith("# note: datasets mcfaline23, norman19 share the file ")
+    assert "cell-load reads every cell of a dataset's file under its name" in " ".join(result.stderr.split())
     bad = run_cli("data", "split", mcfaline, "--pert-col", "perturbation", "--control", "control", "--holdout-context", "T98")
     assert bad.returncode == 2 and "unknown context 'T98'" in bad.stderr
 
@@ -255,6 +266,40 @@ def test_a_split_made_on_one_file_applies_to_another_of_the_same_cells(tmp_path)
     assert names["raw"] == names["pp"] and len(names["pp"]) < adata.n_obs
 
 
+def test_dotted_dataset_names(tmp_path):
+    """A split key is 'dataset.context', cut at its first dot (cell-load cuts it there too): a file named
+    sim.pp.h5ad is the dataset sim_pp (every split of it was refused), a dotted dataset column one error."""
+    _, adata = _simulated(tmp_path)
+    del adata.obs["dataset"]
+    path = tmp_path / "sim.pp.h5ad"
+    adata.write_h5ad(path)
+    out = tmp_path / "split.toml"
+    made = run_cli("data", "split", path, "--holdout-context", "ctx_B", "--out", out)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert read_split_toml(out).zeroshot == {"sim_pp.ctx_B": "test"}
+    adata.obs["dataset"] = "norman.2019"
+    adata.write_h5ad(path)
+    bad = run_cli("data", "split", path, "--holdout-context", "ctx_B")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: dataset 'norman.2019' has a '.' in its name: a split names a context 'dataset.context', cut at its first '.' "
+        "(as cell-load cuts it); rename the dataset (its obs column, or the file)"], bad.stderr
+
+
+def test_split_cli_notes_a_context_without_controls(tmp_path):
+    """Its perturbed cells have no role in vcell, which a cell-load TOML cannot say: cell-load would train on
+    them (its dataloader then fails to pair them with controls). The warning and the file say so."""
+    _, adata = _simulated(tmp_path)
+    adata = adata[~((adata.obs["cell_type"] == "ctx_C") & (adata.obs["target_gene"] == "non-targeting"))].copy()
+    path, out = tmp_path / "noctrl.h5ad", tmp_path / "split.toml"
+    adata.write_h5ad(path)
+    made = run_cli("data", "split", path, "--holdout-context", "ctx_B", "--allow-missing-controls", "--out", out)
+    assert made.returncode == 0, made.stderr[-2000:]
+    n = int(((adata.obs["cell_type"] == "ctx_C")).sum())
+    note = f"context 'synthetic.ctx_C' has no control cells: its {n} perturbed cells have no role here, but cell-load would train on them"
+    assert note in " ".join(made.stderr.split()) and out.read_text().startswith(f"# note: {note}")
+    assert "share the file" not in out.read_text()  # one dataset, one file
+
+
 # ------------------------------------------------- perturbations held out in every context (issue #14)
 
 
@@ -338,6 +383,8 @@ def test_holdout_perturbations_toml_round_trip(sim, tmp_path):
 
 
 LEAK_TOML = """
+[training]
+synthetic = "train"
 [fewshot."synthetic.ctx_A"]
 test = ["{p}"]
 {vcell}

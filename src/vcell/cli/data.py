@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +30,8 @@ from vcell.cli.common import (
 )
 from vcell.data.spec import DEFAULT_SET_SIZE
 from vcell.errors import VcellError
+
+log = logging.getLogger("vcell.cli")
 
 app = typer.Typer(help="Inspect, validate, preprocess, split and fetch perturbation datasets.", no_args_is_help=True, rich_markup_mode=None, cls=HelpGroup)
 
@@ -184,7 +187,7 @@ def split_cmd(
     from vcell.data.cellsets import CellSetSampler
     from vcell.data.dataset import load_dataset
     from vcell.data.io import atomic_path, check_output_path
-    from vcell.data.splits import ROLES, apply_split, require_training_cells
+    from vcell.data.splits import ROLES, apply_split, cell_load_notes, require_training_cells
 
     if simulated_roles and (split is not None or holdout_perturbations is not None or val_perturbations is not None):
         raise VcellError("--simulated-roles gives the held-out and validation perturbations: not with --split, "
@@ -214,8 +217,11 @@ def split_cmd(
     if out is not None:
         if not cfg.datasets:
             cfg.datasets = {str(d): file.resolve() for d in np.unique(data.index.datasets)}
+        notes = cell_load_notes(data.index, result, cfg)
+        for note in notes:
+            log.warning("%s: %s", out, note)
         with atomic_path(out) as tmp:
-            tmp.write_text(cfg.to_toml())
+            tmp.write_text(cfg.to_toml(notes))
         console.print(f"wrote {out}")
 
 

@@ -202,7 +202,8 @@ def load_dataset(
 
     Raises a one-line :class:`~vcell.errors.VcellError` naming the file and the offending
     column or value on any problem. ``dataset_col`` (if present in ``.obs``) gives each cell's
-    dataset name for split files; otherwise the name is ``dataset_name`` or the file's stem.
+    dataset name for split files; otherwise the name is ``dataset_name`` or the file's stem (dots
+    made underscores: a split names a context ``dataset.context``).
     ``require_context_controls=False`` accepts contexts without control cells (with a warning;
     ``None``: said at debug level only); splits then leave their perturbed cells unused.
     ``only_obsm`` (in memory only): read just ``X``, ``obs``, ``var``, ``uns`` and these
@@ -231,7 +232,8 @@ def load_dataset(
                     adata.layers[name] = matrix.astype(np.float32)
     expression = validate(adata, spec, path, require_context_controls)
     spec = spec.with_(expression=expression.type)
-    index = CellIndex.from_obs(adata.obs, spec, dataset_col, dataset_name or path.stem)
+    # a split key is "dataset.context", cut at its first dot (as cell-load cuts it): sim.pp.h5ad is dataset sim_pp
+    index = CellIndex.from_obs(adata.obs, spec, dataset_col, dataset_name or path.stem.replace(".", "_"))
     return PerturbationData(adata=adata, spec=spec, expression=expression, index=index, path=path)
 
 

@@ -27,10 +27,11 @@ class SplitConfig:
     #: Validation perturbations in every context: :func:`apply_split` refuses any of their cells in train.
     val_perturbations: list[str] = field(default_factory=list)
 
-    def to_toml(self) -> str:
-        """Render as a cell-load style TOML document."""
+    def to_toml(self, notes: list[str] = ()) -> str:
+        """Render as a cell-load style TOML document; ``notes`` go first, as comments."""
         q = toml_str
-        lines = ["[datasets]"] + [f"{q(k)} = {q(str(v))}" for k, v in self.datasets.items()]
+        lines = [f"# note: {note}" for note in notes] + ([""] if notes else [])
+        lines += ["[datasets]"] + [f"{q(k)} = {q(str(v))}" for k, v in self.datasets.items()]
         lines += ["", "[training]"] + [f"{q(k)} = {q(v)}" for k, v in self.training.items()]
         lines += ["", "[zeroshot]"] + [f"{q(k)} = {q(v)}" for k, v in self.zeroshot.items()]
         lines += ["", "[fewshot]"]

@@ -188,6 +188,10 @@ def _choose(labels: list[str], which, seed: int, taken: Sequence[str], option: s
 
 
 def _all_context_keys(index: CellIndex) -> list[str]:
+    dotted = [str(d) for d in index.datasets if "." in str(d)]
+    if dotted:
+        raise VcellError(f"dataset {dotted[0]!r} has a '.' in its name: a split names a context 'dataset.context', cut at its "
+                         "first '.' (as cell-load cuts it); rename the dataset (its obs column, or the file)")
     return sorted(index.context_key_names[np.unique(index.context_key_codes)])
 
 
@@ -200,6 +204,29 @@ def _resolve_context(index: CellIndex, name: str, source: str) -> list[str]:
         return matches
     hint = did_you_mean(name, keys + [k.split(".", 1)[1] for k in keys], n=3)
     raise VcellError(f"{source}: unknown context {name!r}{hint} (contexts: {', '.join(keys)})")
+
+
+def cell_load_notes(index: CellIndex, split: Split, cfg: SplitConfig) -> list[str]:
+    """Where cell-load, reading ``cfg`` as a TOML, would give cells other roles than ``split`` gives
+    them: datasets that share one file (cell-load has no dataset column: it reads every cell of a
+    dataset's file under its name) and contexts whose perturbed cells no role uses (no controls)."""
+    notes = []
+    by_file: dict[str, list[str]] = {}
+    for name, path in cfg.datasets.items():
+        by_file.setdefault(str(path), []).append(str(name))
+    for path, names in by_file.items():
+        if len(names) > 1:
+            notes.append(f"datasets {', '.join(names)} share the file {path}: cell-load reads every cell of a dataset's file "
+                         "under its name, so it would train on held-out cells; give cell-load one file per dataset "
+                         "(`vcell data subset FILE --split S.toml --role train --role val --role test --context D.C ...` "
+                         "writes one) and point [datasets] at them")
+    keys, unused = index.context_key_codes, split.mask(UNUSED)
+    has_controls = np.unique(keys[index.is_control])
+    for code in np.unique(keys[unused & ~np.isin(keys, has_controls)]):
+        n = int((unused & (keys == code)).sum())
+        notes.append(f"context {index.context_key_names[code]!r} has no control cells: its {n:,} perturbed cells have no role "
+                     "here, but cell-load would train on them (and could not pair them with controls)")
+    return notes
 
 
 def require_training_cells(split: Split, source: str) -> None:
@@ -327,7 +354,7 @@ def apply_split(index: CellIndex, cfg: SplitConfig) -> Split:
             raise VcellError(f"{src}: unknown context {key!r}")
 
     keys = index.context_key_codes
-    training = set(cfg.training) if cfg.training else set(datasets)
+    training = set(cfg.training)  # as cell-load: a dataset trains only when [training] names it (or a fewshot entry)
     train_datasets = [i for i, d in enumerate(datasets) if d in training]
     codes = np.where(np.isin(index.dataset_codes, train_datasets), _CODE["train"], _CODE[UNUSED]).astype(np.int8)
     for key, role in cfg.zeroshot.items():

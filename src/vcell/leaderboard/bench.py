@@ -33,7 +33,7 @@ from vcell.eval.inputs import check_pair
 from vcell.eval.profiles import PROFILES
 from vcell.eval.run import evaluate, write_outputs
 from vcell.eval.scoring import score, write_csv
-from vcell.leaderboard.folds import Fold, fold_record, make_folds
+from vcell.leaderboard.folds import Fold, fold_record, fold_toml, make_folds
 from vcell.leaderboard.resume import PARTIAL, Records, bench_settings, check_partial
 from vcell.leaderboard.vcc2026 import Bench2026
 from vcell.predictors.base import Predictor
@@ -393,7 +393,7 @@ def run_bench(
                 "data": source, "out": str(out.resolve()), "pert_col": spec.pert_col, "control": spec.control,
                 "context_col": spec.context_col, "models": models, "contexts": [c for f in folds for c in f.contexts],
                 "model_options": all_options,
-                "folds": [{**fold_record(data, f), "split": f.config.to_toml()} for f in folds],
+                "folds": [{**fold_record(data, f), "split": fold_toml(data, f)} for f in folds],
                 "runs": runs, "real": {c: f"predictions/real_{slug(c)}.h5ad" for f in folds for c in f.contexts},
                 "datasets": list(datasets), "seed": seed, "profile": profile, "vcell_version": __version__, "timings": timings,
                 "resumed_runs": records.kept,

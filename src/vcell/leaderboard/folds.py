@@ -3,6 +3,7 @@ perturbations held out in every context, each fold with the contexts it scores."
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ import numpy as np
 from vcell.data.dataset import PerturbationData
 from vcell.data.labels import names_list
 from vcell.data.split_files import SplitConfig, read_split_toml
-from vcell.data.splits import Split, apply_split, holdout_config
+from vcell.data.splits import Split, apply_split, cell_load_notes, holdout_config
 from vcell.data.splits import holdout_perturbations as holdout_perturbations_config
 from vcell.errors import VcellError
 
@@ -111,6 +112,15 @@ def make_folds(
 def _test_contexts(index, split: Split) -> list[str]:
     codes = np.unique(index.context_codes[split.mask("test")])
     return [str(index.contexts[c]) for c in codes]
+
+
+def fold_toml(data: PerturbationData, fold: Fold) -> str:
+    """The fold's split as a cell-load TOML, its ``[datasets]`` pointing at the data's file (when it
+    was read from one) and :func:`~vcell.data.splits.cell_load_notes` as comments."""
+    cfg = fold.config
+    if not cfg.datasets and data.path is not None:
+        cfg = dataclasses.replace(cfg, datasets={str(d): Path(data.path).resolve() for d in np.unique(data.index.datasets)})
+    return cfg.to_toml(cell_load_notes(data.index, fold.split, cfg))
 
 
 def fold_record(data: PerturbationData, fold: Fold) -> dict:
