@@ -56,7 +56,7 @@ err_console = _console(stderr=True)
 PertCol = Annotated[str, typer.Option("--pert-col", help="obs column with the perturbation label.")]
 Control = Annotated[str, typer.Option("--control", help="Label of control cells in the perturbation column.")]
 ContextCol = Annotated[str, typer.Option("--context-col", help="obs column with the cell context; 'none' for one context.")]
-BatchCol = Annotated[str | None, typer.Option("--batch-col", help="obs column with the batch (optional, e.g. gem_group): ST training (train st, bench's st) draws each perturbed cell's control from that cell's batch, as arc-state does; the other steps check the column and keep it (HVG selection is not per batch).")]
+BatchCol = Annotated[str | None, typer.Option("--batch-col", help="obs column with the batch (optional, e.g. gem_group): ST training (train st, bench's st) cuts its cell sets per batch and draws their control cells from that batch, as arc-state does; the other steps check the column and keep it (HVG selection is not per batch).")]
 Expression = Annotated[
     str | None,
     typer.Option("--expression", help="'counts' or 'log1p'; default: read from the file's metadata, else decided from the values (vcell -v says which)."),

@@ -1,4 +1,4 @@
-"""Cell sets: S perturbed cells of one (context, perturbation) paired with S controls.
+"""Cell sets: S perturbed cells of one (context, perturbation[, batch]) paired with S controls.
 
 The State Transition model learns to map a *set* of control cells of a context to the set of
 perturbed cells. :class:`CellSetSampler` decides which rows form each set (a plan, drawn from a
@@ -72,21 +72,20 @@ class CellSetSampler:
     set_size
         S, the number of cells per set.
     control_strategy
-        ``"batch"``: each perturbed cell's control is one of the same context and batch (of the
-        whole context when that batch has no controls), as cell-load maps them; ``"random"``: any
-        control of the context. Either way a set holds cells of one (context, perturbation), of
-        any batch: sets cut per batch were mostly resampled copies where a batch has few cells.
+        ``"batch"``: sets are cut per (context, perturbation, batch) and their controls drawn from
+        the same context and batch (the whole context when that batch has no controls), as
+        cell-load's batch mapping cuts and pairs them; ``"random"``: sets per (context,
+        perturbation), of any batch, their controls any of the context's.
     train
         Train mode shuffles cells and pads short groups by resampling them to S; evaluation
         mode keeps every cell once, in file order, and leaves the last set of a group short.
     seed
         Seed of every random draw; the plan of an epoch depends only on (seed, epoch).
     control_sets
-        Train mode only: each context that has perturbed groups also gets sets of the control
-        label, control cells (of any batch) as the target and
-        other control cells of the context as the basal cells (matched as ``control_strategy``
-        says), as many cells per epoch as its average perturbed group (so the model learns that
-        the control label changes nothing).
+        Train mode only: each context (and batch, with ``control_strategy="batch"``) that has
+        perturbed groups also gets sets of the control label, control cells as the target and
+        other control cells of the same pool as the basal cells, as many cells per epoch as its
+        average perturbed group (so the model learns that the control label changes nothing).
     """
 
     def __init__(
@@ -108,7 +107,7 @@ class CellSetSampler:
         self.control_strategy, self.train, self.seed = control_strategy, train, seed
         self.control_sets = bool(control_sets and train)
         mask = split.mask(role) if split is not None else None
-        self.groups = index.groups(mask=mask)
+        self.groups = index.groups(mask=mask, by_batch=control_strategy == "batch")
         is_ctrl = index.is_control if split is None else split.mask(CONTROL)
         self._controls_by_context = self._pools(np.flatnonzero(is_ctrl), by_batch=False)
         #: (dataset, context) -> {batch code: its controls}, for batch-matched controls
@@ -200,14 +199,19 @@ class CellSetSampler:
         return sets
 
     def _control_plan(self, rng: np.random.Generator) -> list[CellSet]:
-        """Sets of the control label (see ``control_sets``): per context of the perturbed groups, a
-        fresh draw of as many of its control cells as its average perturbed group, each set's basal
-        cells matched from the context's other controls."""
+        """Sets of the control label (see ``control_sets``): per pool of the perturbed groups'
+        contexts (and batches), a fresh draw of as many control cells as the pool's average
+        perturbed group, each set's basal cells matched from the pool's other controls."""
         control = int(self.index.control_code)
+        keys = ["dataset_code", "context_code"] + (["batch_code"] if self.control_strategy == "batch" else [])
         sets: list[CellSet] = []
-        for _, groups in self.groups.groupby(["dataset_code", "context_code"], sort=True):
+        for _, groups in self.groups.groupby(keys, sort=True):
             first = groups.iloc[0]
-            pool = self._controls_by_context[(int(first.dataset_code), int(first.context_code))]
+            ctx = (int(first.dataset_code), int(first.context_code))
+            pool = self._controls_by_context[ctx]
+            if self.control_strategy == "batch":  # the batch's controls, or the context's when it has none
+                batch_pool = self._batch_pools.get(ctx, {}).get(int(first.batch_code))
+                pool = batch_pool if batch_pool is not None and batch_pool.size else pool
             size = min(pool.size, math.ceil(groups["n_cells"].mean()))
             if size == 0:
                 continue

@@ -92,10 +92,10 @@ class CellIndex:
         """Each cell's ``"dataset.context"`` key as a string (one object per cell: small data only)."""
         return self.context_key_names[self.context_key_codes]
 
-    def groups(self, mask: np.ndarray | None = None) -> pd.DataFrame:
-        """Perturbed (non-control) groups: one row per (dataset, context, perturbation).
+    def groups(self, mask: np.ndarray | None = None, by_batch: bool = False) -> pd.DataFrame:
+        """Perturbed (non-control) groups: one row per (dataset, context, perturbation[, batch]).
 
-        Columns: ``dataset``, ``context``, ``perturbation``,
+        Columns: ``dataset``, ``context``, ``perturbation``, ``batch`` (if ``by_batch``),
         ``n_cells`` and ``cells`` (the cell row indices, sorted). ``mask`` restricts the cells.
         """
         mask = ~self.is_control if mask is None else (~self.is_control & mask)
@@ -105,13 +105,15 @@ class CellIndex:
             "context": self.context_codes[rows],
             "perturbation": self.pert_codes[rows],
         }
+        if by_batch:
+            codes["batch"] = self.batch_codes[rows]
         df = pd.DataFrame({f"{k}_code": v for k, v in codes.items()})
         df["row"] = rows
         keys = list(df.columns[:-1])
         if df.empty:
             return pd.DataFrame(columns=list(codes) + keys + ["cells", "n_cells"])
         out = df.groupby(keys, sort=True)["row"].apply(lambda r: np.sort(r.to_numpy())).reset_index(name="cells")
-        names = {"dataset": self.datasets, "context": self.contexts, "perturbation": self.perts}
+        names = {"dataset": self.datasets, "context": self.contexts, "perturbation": self.perts, "batch": self.batches}
         for k in codes:
             out[k] = names[k][out[f"{k}_code"].to_numpy()]
         out["n_cells"] = out["cells"].map(len)

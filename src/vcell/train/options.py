@@ -124,8 +124,9 @@ class STTrainOptions(TrainOptions):
     set_size
         Cells per set, in training and (as the largest set) in prediction.
     control_strategy
-        How each set's control cells are drawn: ``batch`` (each perturbed cell's from its own batch
-        when the data has one, as cell-load maps them) or ``random``.
+        How sets are cut and their control cells drawn: ``batch`` (sets of one batch, controls of
+        that batch, when the data has one, as cell-load's batch mapping does) or ``random`` (sets of
+        any batch, any control of the context).
     """
 
     set_size: int = DEFAULT_SET_SIZE
