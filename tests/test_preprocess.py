@@ -560,4 +560,4 @@ def test_knockdown_qc_warns_of_raised_targets(caplog):
     assert status["UP"] == "not_knocked_down" and status["DOWN"] == "kept"
     said = [r.getMessage() for r in caplog.records if "activation" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("knockdown QC: 1 tested perturbation group(s) have their target at 2x or more "
-                                                 "of the controls' level (e.g. 'UP' in 'all': 4"), said
+                                                 "of the controls' level (e.g. 'UP' in 'all': 4x), 1 of them dropped"), said

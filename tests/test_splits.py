@@ -68,7 +68,7 @@ def test_toml_split_roles(mcf, mcfaline, tmp_path):
     assert summary.loc["mcfaline23.T98G", "train_perts"] == 6
 
 
-def test_training_section_limits_datasets(mcf, tmp_path):
+def test_training_section_limits_datasets(mcf, tmp_path, caplog):
     text = '[training]\nmcfaline23 = "train"\n[zeroshot]\n"mcfaline23.A172" = "val"\n'
     split = apply_split(mcf.index, read_split_toml(_write(tmp_path, text)))
     k562 = mcf.adata.obs["cell_type"].astype(str).to_numpy() == "k562"
@@ -78,7 +78,10 @@ def test_training_section_limits_datasets(mcf, tmp_path):
     # as cell-load reads it: without [training] no dataset trains, only a fewshot context's other perturbations
     ctx, pert = mcf.adata.obs["cell_type"].astype(str).to_numpy(), mcf.adata.obs["perturbation"].astype(str).to_numpy()
     text = '[zeroshot]\n"mcfaline23.A172" = "test"\n[fewshot."mcfaline23.T98G"]\ntest = ["MAPK1"]\n'
-    roles = apply_split(mcf.index, read_split_toml(_write(tmp_path, text, "no_training.toml"))).roles
+    with caplog.at_level("WARNING", logger="vcell.data.splits"):
+        roles = apply_split(mcf.index, read_split_toml(_write(tmp_path, text, "no_training.toml"))).roles
+    assert "no_training.toml: no [training] table: as cell-load reads the file, only the other perturbations of its " \
+        '[fewshot] contexts train; name the datasets to train on in [training] (e.g. "mcfaline23" = "train")' in caplog.text
     assert (roles[(ctx == "U87MG") & ~ctrl] == "unused").all() and (roles[k562 & ~ctrl] == "unused").all()
     assert (roles[(ctx == "T98G") & (pert == "MAPK1")] == "test").all()
     assert (roles[(ctx == "T98G") & ~ctrl & (pert != "MAPK1")] == "train").all()
@@ -159,8 +162,17 @@ def test_split_cli_writes_toml(mcfaline, tmp_path):
     assert set(cfg.datasets) == {"mcfaline23", "norman19"}
     # cell-load has no dataset column: it would read the whole shared file under each name, training on
     # the held-out T98G cells through norman19; the file says so first, and so does the command
-    assert out.read_text().startswith("# note: datasets mcfaline23, norman19 share the file ")
+    assert out.read_text().startswith(f"# note: the file {mcfaline} holds datasets mcfaline23, norman19 and [datasets] "
+                                      "points mcfaline23, norman19 at it: cell-load reads every cell of a dataset's file ")
     assert "cell-load reads every cell of a dataset's file under its name" in " ".join(result.stderr.split())
+    # one name pointing at the file of two datasets: cell-load would read norman19's cells as mcfaline23's
+    one = _write(tmp_path, f'[datasets]\nmcfaline23 = "{mcfaline}"\n[training]\nmcfaline23 = "train"\n'
+                           '[zeroshot]\n"mcfaline23.T98G" = "test"\n', "one.toml")
+    again = run_cli("data", "split", mcfaline, "--pert-col", "perturbation", "--control", "control", "--split", one,
+                    "--out", tmp_path / "again.toml")
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again.toml").read_text().startswith(f"# note: the file {mcfaline} holds datasets mcfaline23, "
+                                                            "norman19 and [datasets] points mcfaline23 at it: ")
     bad = run_cli("data", "split", mcfaline, "--pert-col", "perturbation", "--control", "control", "--holdout-context", "T98")
     assert bad.returncode == 2 and "unknown context 'T98'" in bad.stderr
 
@@ -277,6 +289,11 @@ def test_dotted_dataset_names(tmp_path):
     made = run_cli("data", "split", path, "--holdout-context", "ctx_B", "--out", out)
     assert made.returncode == 0, made.stderr[-2000:]
     assert read_split_toml(out).zeroshot == {"sim_pp.ctx_B": "test"}
+    import vcell  # bench names it so too (it took the raw stem and refused every hold-out)
+
+    vcell.run_bench(path, tmp_path / "bench", ["control_mean"], lambda n: vcell.make_model(n, seed=0), holdout=["ctx_B"],
+                    threads=1, seed=0)
+    assert "sim_pp.ctx_B" in (tmp_path / "bench" / "bench.json").read_text()
     adata.obs["dataset"] = "norman.2019"
     adata.write_h5ad(path)
     bad = run_cli("data", "split", path, "--holdout-context", "ctx_B")
@@ -295,9 +312,19 @@ def test_split_cli_notes_a_context_without_controls(tmp_path):
     made = run_cli("data", "split", path, "--holdout-context", "ctx_B", "--allow-missing-controls", "--out", out)
     assert made.returncode == 0, made.stderr[-2000:]
     n = int(((adata.obs["cell_type"] == "ctx_C")).sum())
-    note = f"context 'synthetic.ctx_C' has no control cells: its {n} perturbed cells have no role here, but cell-load would train on them"
+    note = (f"context 'synthetic.ctx_C' has no control cells: its {n} perturbed cells have no role here, but cell-load "
+            "would use them (in training, or in the context's held-out role)")
     assert note in " ".join(made.stderr.split()) and out.read_text().startswith(f"# note: {note}")
-    assert "share the file" not in out.read_text()  # one dataset, one file
+    assert "share the file" not in out.read_text() and "holds datasets" not in out.read_text()  # one dataset, one file
+    # the sets it counts are those train st cuts: per batch with --batch-col (its default strategy)
+    from vcell.data.cellsets import CellSetSampler
+
+    counted = run_cli("data", "split", path, "--holdout-context", "ctx_B", "--allow-missing-controls", "--batch-col", "gem_group")
+    data = load_dataset(path, DataSpec(batch_col="gem_group"), require_context_controls=False)
+    split = apply_split(data.index, holdout_config(data.index, "ctx_B"))
+    n_train = len(CellSetSampler(data.index, split, "train", 64, seed=0).plan())
+    assert n_train > len(CellSetSampler(data.index, split, "train", 64, "random", seed=0).plan())
+    assert f"cell sets of 64: train {n_train}, " in counted.stdout, counted.stdout
 
 
 # ------------------------------------------------- perturbations held out in every context (issue #14)

@@ -212,12 +212,12 @@ def split_cmd(
         held = ", ".join(cfg.holdout_perturbations) or "none"
         val = f"; validation in every context: {', '.join(cfg.val_perturbations)}" if cfg.val_perturbations else ""
         console.print(f"held out in every context: {held}{val}", markup=False, highlight=False, soft_wrap=True)
-    counts = {r: len(CellSetSampler(data.index, result, r, set_size, "random", train=(r == "train"), seed=seed).plan()) for r in ROLES}
+    counts = {r: len(CellSetSampler(data.index, result, r, set_size, train=(r == "train"), seed=seed).plan()) for r in ROLES}
     console.print("cell sets of " + str(set_size) + ": " + ", ".join(f"{r} {n}" for r, n in counts.items()))
     if out is not None:
         if not cfg.datasets:
             cfg.datasets = {str(d): file.resolve() for d in np.unique(data.index.datasets)}
-        notes = cell_load_notes(data.index, result, cfg)
+        notes = cell_load_notes(data.index, result, cfg, file)
         for note in notes:
             log.warning("%s: %s", out, note)
         with atomic_path(out) as tmp:

@@ -234,9 +234,14 @@ def load_dataset(
                     adata.layers[name] = matrix.astype(np.float32)
     expression = validate(adata, spec, path, require_context_controls)
     spec = spec.with_(expression=expression.type)
-    # a split key is "dataset.context", cut at its first dot (as cell-load cuts it): sim.pp.h5ad is dataset sim_pp
-    index = CellIndex.from_obs(adata.obs, spec, dataset_col, dataset_name or path.stem.replace(".", "_"))
+    index = CellIndex.from_obs(adata.obs, spec, dataset_col, dataset_name or file_dataset_name(path))
     return PerturbationData(adata=adata, spec=spec, expression=expression, index=index, path=path)
+
+
+def file_dataset_name(path: str | os.PathLike) -> str:
+    """The dataset name of a file without a dataset column: its stem, dots made underscores (a split
+    names a context ``dataset.context``, cut at its first dot, as cell-load cuts it)."""
+    return Path(path).stem.replace(".", "_")
 
 
 def _check_spec(spec) -> None:

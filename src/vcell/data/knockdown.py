@@ -307,10 +307,11 @@ def _warn_raised(report: pd.DataFrame) -> None:
     raised = report[report["ratio"] >= RAISED_RATIO].sort_values("ratio", ascending=False)
     if len(raised):
         top = raised.iloc[0]
+        dropped = int((raised["status"] == STATUS_NOT_KNOCKED_DOWN).sum())
         logger.warning("knockdown QC: %d tested perturbation group(s) have their target at %gx or more of the controls' level "
-                       "(e.g. %r in %r: %.3gx) and are dropped as not knocked down; is this activation or overexpression "
+                       "(e.g. %r in %r: %.3gx), %d of them dropped as not knocked down; is this activation or overexpression "
                        "data? The QC is for knockdowns and knockouts", len(raised), RAISED_RATIO, top["perturbation"],
-                       top["context"], top["ratio"])
+                       top["context"], top["ratio"], dropped)
 
 
 def qc_record(report: pd.DataFrame, keep_cells: np.ndarray, residual_expression: float,

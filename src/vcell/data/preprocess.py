@@ -152,7 +152,7 @@ def _passes(source, description: str, progress: Progress):
             line.advance(hi - lo)
 
 
-def plan_preprocess(source, obs: pd.DataFrame, var: pd.DataFrame, uns, spec: DataSpec, *, target_sum: float = 1e4,
+def plan_preprocess(source, obs: pd.DataFrame, var, uns, spec: DataSpec, *, target_sum: float = 1e4,
                     n_top_genes: int | None = 2000, subset_hvg: bool = True, genes=None, knockdown_qc: bool = False,
                     residual_expression: float = 0.30, cell_residual_expression: float | None = None, min_cells: int = 30,
                     progress: Progress = no_progress, n_passes_after: int = 0) -> Plan:
@@ -168,6 +168,7 @@ def plan_preprocess(source, obs: pd.DataFrame, var: pd.DataFrame, uns, spec: Dat
     if spec.expression not in EXPRESSION_TYPES:
         raise VcellError(_bad_expression(spec.expression))
     _check_columns(obs, spec)
+    var = var if isinstance(var, pd.DataFrame) else pd.DataFrame(index=pd.Index(var))  # the var table, or only the gene names
     var_names = var.index
     if spec.batch_col is not None and spec.batch_col not in obs:
         raise VcellError(f"batch column '{spec.batch_col}' not found in .obs")

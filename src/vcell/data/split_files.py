@@ -70,8 +70,8 @@ def read_split_toml(path: str | os.PathLike) -> SplitConfig:
     for name, value in raw.get("datasets", {}).items():
         if not isinstance(value, str):
             raise VcellError(f"{path}: [datasets] {name!r} must be a path string")
-        p = Path(value)
-        cfg.datasets[name] = p if p.is_absolute() else (path.parent / p)
+        p = Path(value)  # relative to the TOML's folder, normalised ('..' removed, links kept)
+        cfg.datasets[name] = Path(os.path.abspath(p if p.is_absolute() else path.parent / p))
     for name, value in raw.get("training", {}).items():
         if value != "train":
             raise VcellError(f"{path}: [training] {name!r} = {value!r}; the only accepted value is \"train\"")

@@ -34,6 +34,7 @@ label, and holding out ``A`` leaves the ``"A+B"`` cells in training (not a leak;
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -206,26 +207,35 @@ def _resolve_context(index: CellIndex, name: str, source: str) -> list[str]:
     raise VcellError(f"{source}: unknown context {name!r}{hint} (contexts: {', '.join(keys)})")
 
 
-def cell_load_notes(index: CellIndex, split: Split, cfg: SplitConfig) -> list[str]:
+def cell_load_notes(index: CellIndex, split: Split, cfg: SplitConfig, data_path: str | os.PathLike | None = None) -> list[str]:
     """Where cell-load, reading ``cfg`` as a TOML, would give cells other roles than ``split`` gives
-    them: datasets that share one file (cell-load has no dataset column: it reads every cell of a
-    dataset's file under its name) and contexts whose perturbed cells no role uses (no controls)."""
+    them: a file that holds several datasets (cell-load has no dataset column: it reads every cell
+    of a dataset's file under its name; ``data_path``: the data's file, which holds ``index``'s
+    datasets) and contexts whose perturbed cells no role uses (no controls)."""
     notes = []
     by_file: dict[str, list[str]] = {}
     for name, path in cfg.datasets.items():
-        by_file.setdefault(str(path), []).append(str(name))
+        by_file.setdefault(os.path.abspath(path), []).append(str(name))
+    data_file = os.path.abspath(data_path) if data_path is not None else None
+    held = [str(d) for d in index.datasets]
     for path, names in by_file.items():
-        if len(names) > 1:
-            notes.append(f"datasets {', '.join(names)} share the file {path}: cell-load reads every cell of a dataset's file "
-                         "under its name, so it would train on held-out cells; give cell-load one file per dataset "
-                         "(`vcell data subset FILE --split S.toml --role train --role val --role test --context D.C ...` "
-                         "writes one) and point [datasets] at them")
+        if path == data_file and len(held) > 1:
+            shared = f"the file {path} holds datasets {', '.join(held)} and [datasets] points {', '.join(names)} at it"
+        elif len(names) > 1:
+            shared = f"datasets {', '.join(names)} share the file {path}"
+        else:
+            continue
+        notes.append(f"{shared}: cell-load reads every cell of a dataset's file under its name, so it would train and test "
+                     "on other cells than vcell does (held-out ones in training where names repeat); give cell-load one file "
+                     "per dataset (`vcell data subset FILE --split S.toml --role train --role val --role test --context D.C "
+                     "...` writes one) and point [datasets] at them")
     keys, unused = index.context_key_codes, split.mask(UNUSED)
     has_controls = np.unique(keys[index.is_control])
     for code in np.unique(keys[unused & ~np.isin(keys, has_controls)]):
         n = int((unused & (keys == code)).sum())
         notes.append(f"context {index.context_key_names[code]!r} has no control cells: its {n:,} perturbed cells have no role "
-                     "here, but cell-load would train on them (and could not pair them with controls)")
+                     "here, but cell-load would use them (in training, or in the context's held-out role) and could not "
+                     "pair them with controls")
     return notes
 
 
@@ -355,6 +365,10 @@ def apply_split(index: CellIndex, cfg: SplitConfig) -> Split:
 
     keys = index.context_key_codes
     training = set(cfg.training)  # as cell-load: a dataset trains only when [training] names it (or a fewshot entry)
+    if not training:
+        log.warning("%s: no [training] table: as cell-load reads the file, only the other perturbations of its [fewshot] "
+                    "contexts train; name the datasets to train on in [training] (e.g. %s = \"train\")", src,
+                    toml_str(datasets[0]))
     train_datasets = [i for i, d in enumerate(datasets) if d in training]
     codes = np.where(np.isin(index.dataset_codes, train_datasets), _CODE["train"], _CODE[UNUSED]).astype(np.int8)
     for key, role in cfg.zeroshot.items():

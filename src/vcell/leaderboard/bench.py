@@ -21,7 +21,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from vcell._version import __version__
-from vcell.data.dataset import PerturbationData, from_anndata
+from vcell.data.dataset import PerturbationData, file_dataset_name, from_anndata
 from vcell.data.io import atomic_path, read_h5ad, write_h5ad
 from vcell.data.labels import names_list
 from vcell.data.spec import DataSpec
@@ -107,7 +107,7 @@ def prepare_data(
         adata.X = sp.csr_matrix(adata.X, dtype=np.float32) if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float32)
     spec = spec.with_(expression="log1p")
     adata.uns["vcell"] = {"expression": "log1p"}
-    data = from_anndata(adata, spec, dataset_col, "data" if in_memory else path.stem,
+    data = from_anndata(adata, spec, dataset_col, "data" if in_memory else file_dataset_name(path),
                         require_context_controls=not allow_missing_controls, path=None if in_memory else path)
     data.path = None if in_memory else path
     return data

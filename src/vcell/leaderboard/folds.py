@@ -120,7 +120,7 @@ def fold_toml(data: PerturbationData, fold: Fold) -> str:
     cfg = fold.config
     if not cfg.datasets and data.path is not None:
         cfg = dataclasses.replace(cfg, datasets={str(d): Path(data.path).resolve() for d in np.unique(data.index.datasets)})
-    return cfg.to_toml(cell_load_notes(data.index, fold.split, cfg))
+    return cfg.to_toml(cell_load_notes(data.index, fold.split, cfg, data.path))
 
 
 def fold_record(data: PerturbationData, fold: Fold) -> dict:
