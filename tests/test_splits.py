@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -162,7 +164,7 @@ def test_split_cli_writes_toml(mcfaline, tmp_path):
     assert set(cfg.datasets) == {"mcfaline23", "norman19"}
     # cell-load has no dataset column: it would read the whole shared file under each name, training on
     # the held-out T98G cells through norman19; the file says so first, and so does the command
-    assert out.read_text().startswith(f"# note: the file {mcfaline} holds datasets mcfaline23, norman19 and [datasets] "
+    assert out.read_text().startswith(f"# note: the file {Path(mcfaline).resolve()} holds datasets mcfaline23, norman19 and [datasets] "
                                       "points mcfaline23, norman19 at it: cell-load reads every cell of a dataset's file ")
     assert "cell-load reads every cell of a dataset's file under its name" in " ".join(result.stderr.split())
     # one name pointing at the file of two datasets: cell-load would read norman19's cells as mcfaline23's
@@ -171,7 +173,7 @@ def test_split_cli_writes_toml(mcfaline, tmp_path):
     again = run_cli("data", "split", mcfaline, "--pert-col", "perturbation", "--control", "control", "--split", one,
                     "--out", tmp_path / "again.toml")
     assert again.returncode == 0, again.stderr
-    assert (tmp_path / "again.toml").read_text().startswith(f"# note: the file {mcfaline} holds datasets mcfaline23, "
+    assert (tmp_path / "again.toml").read_text().startswith(f"# note: the file {Path(mcfaline)} holds datasets mcfaline23, "
                                                             "norman19 and [datasets] points mcfaline23 at it: ")
     bad = run_cli("data", "split", mcfaline, "--pert-col", "perturbation", "--control", "control", "--holdout-context", "T98")
     assert bad.returncode == 2 and "unknown context 'T98'" in bad.stderr

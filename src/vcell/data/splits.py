@@ -213,13 +213,16 @@ def cell_load_notes(index: CellIndex, split: Split, cfg: SplitConfig, data_path:
     of a dataset's file under its name; ``data_path``: the data's file, which holds ``index``'s
     datasets) and contexts whose perturbed cells no role uses (no controls)."""
     notes = []
-    by_file: dict[str, list[str]] = {}
+    by_file: dict[str, list[str]] = {}  # the same file however it is named (links, '..')
+    shown: dict[str, str] = {}
     for name, path in cfg.datasets.items():
-        by_file.setdefault(os.path.abspath(path), []).append(str(name))
-    data_file = os.path.abspath(data_path) if data_path is not None else None
+        by_file.setdefault(os.path.realpath(path), []).append(str(name))
+        shown.setdefault(os.path.realpath(path), str(path))
+    data_file = os.path.realpath(data_path) if data_path is not None else None
     held = [str(d) for d in index.datasets]
-    for path, names in by_file.items():
-        if path == data_file and len(held) > 1:
+    for real, names in by_file.items():
+        path = shown[real]
+        if real == data_file and len(held) > 1:
             shared = f"the file {path} holds datasets {', '.join(held)} and [datasets] points {', '.join(names)} at it"
         elif len(names) > 1:
             shared = f"datasets {', '.join(names)} share the file {path}"
