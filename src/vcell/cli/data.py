@@ -187,7 +187,7 @@ def split_cmd(
     from vcell.data.cellsets import CellSetSampler
     from vcell.data.dataset import load_dataset
     from vcell.data.io import atomic_path, check_output_path
-    from vcell.data.splits import ROLES, apply_split, cell_load_notes, require_training_cells
+    from vcell.data.splits import ROLES, apply_split, cell_load_notes, datasets_in_file, require_training_cells
 
     if simulated_roles and (split is not None or holdout_perturbations is not None or val_perturbations is not None):
         raise VcellError("--simulated-roles gives the held-out and validation perturbations: not with --split, "
@@ -216,7 +216,7 @@ def split_cmd(
     console.print("cell sets of " + str(set_size) + ": " + ", ".join(f"{r} {n}" for r, n in counts.items()))
     if out is not None:
         if not cfg.datasets:
-            cfg.datasets = {str(d): file.resolve() for d in np.unique(data.index.datasets)}
+            cfg.datasets = datasets_in_file(data.index, file)
         notes = cell_load_notes(data.index, result, cfg, file)
         for note in notes:
             log.warning("%s: %s", out, note)

@@ -45,8 +45,10 @@ STATUS_NOT_MEASURED = "target_not_measured"
 STATUS_NO_CONTROL_EXPR = "no_control_expression"
 STATUS_NO_CONTROLS = "no_controls"
 DROP_STATUSES = (STATUS_NOT_KNOCKED_DOWN, STATUS_TOO_FEW_CELLS)
-#: Statuses of groups kept because they could not be tested.
-UNTESTED_STATUSES = (STATUS_NOT_MEASURED, STATUS_NO_CONTROL_EXPR, STATUS_NO_CONTROLS)
+#: Statuses of groups kept because they could not be tested, and why (in the warning).
+UNTESTED_REASONS = {STATUS_NOT_MEASURED: "no target among the genes", STATUS_NO_CONTROL_EXPR: "no control expression of the target",
+                    STATUS_NO_CONTROLS: "no control cells in the context"}
+UNTESTED_STATUSES = tuple(UNTESTED_REASONS)
 
 REPORT_COLUMNS = [
     "context",
@@ -121,8 +123,8 @@ class KnockdownStats:
     obs
         The cells' annotations (all cells of the matrix, in row order).
     var
-        The genes (columns of the matrix): the var DataFrame (its index names them; a column that
-        names targets var_names lack is pointed to in the warning), or their names.
+        The genes (columns of the matrix): the var DataFrame; its index names them, and a column
+        that names targets var_names lack is pointed to in the warning.
     spec
         Column conventions.
     expression
@@ -131,7 +133,7 @@ class KnockdownStats:
         Base of the log1p values (``None``: natural log).
     """
 
-    def __init__(self, obs: pd.DataFrame, var, spec: DataSpec, expression: str, log_base: float | None = None):
+    def __init__(self, obs: pd.DataFrame, var: pd.DataFrame, spec: DataSpec, expression: str, log_base: float | None = None):
         if expression not in EXPRESSION_TYPES:
             raise VcellError(_bad_expression(expression))
         _check_columns(obs, spec)
@@ -143,9 +145,9 @@ class KnockdownStats:
             raise VcellError(f"control label '{self.control}' not found in column '{spec.pert_col}'")
         # contexts without controls (--allow-missing-controls) have their groups kept untested
         self.no_controls = set(self.contexts[~is_control]) - set(self.contexts[is_control])
-        self.var = var if isinstance(var, pd.DataFrame) else None
+        self.var = var
         self.gene_pos: dict[str, int] = {}
-        for i, g in enumerate(var.index if self.var is not None else var):
+        for i, g in enumerate(var.index):
             self.gene_pos.setdefault(str(g), i)  # first occurrence if names repeat
 
         self.groups = pd.DataFrame({"context": self.contexts, "perturbation": self.perts}).groupby(
@@ -275,10 +277,8 @@ class KnockdownStats:
     def _warn_untested(self, report: pd.DataFrame) -> None:
         """One warning line on the groups kept without a test, by reason (a QC that tests nothing is no QC)."""
         perts = report[report["status"] != STATUS_CONTROL]
-        why = dict(zip(UNTESTED_STATUSES, ("no target among the genes", "no control expression of the target",
-                                           "no control cells in the context"), strict=True))
         parts, n_untested = [], 0
-        for status, reason in why.items():
+        for status, reason in UNTESTED_REASONS.items():
             rows = perts[perts["status"] == status]
             if len(rows):
                 first = rows.iloc[0]
@@ -288,7 +288,7 @@ class KnockdownStats:
             return
         hint = ""
         unmeasured = perts.loc[perts["status"] == STATUS_NOT_MEASURED, "perturbation"]
-        if self.var is not None and len(unmeasured):
+        if len(unmeasured):
             targets = {t for lab in unmeasured for t in split_combo(lab)}
             if found := gene_name_column(self.var, targets):
                 col, hits = found

@@ -37,6 +37,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -207,21 +208,23 @@ def _resolve_context(index: CellIndex, name: str, source: str) -> list[str]:
     raise VcellError(f"{source}: unknown context {name!r}{hint} (contexts: {', '.join(keys)})")
 
 
+def datasets_in_file(index: CellIndex, path: str | os.PathLike) -> dict[str, Path]:
+    """``[datasets]`` for a split of the data in ``path``: each of its datasets -> that file."""
+    return {str(d): Path(path).resolve() for d in np.unique(index.datasets)}
+
+
 def cell_load_notes(index: CellIndex, split: Split, cfg: SplitConfig, data_path: str | os.PathLike | None = None) -> list[str]:
     """Where cell-load, reading ``cfg`` as a TOML, would give cells other roles than ``split`` gives
     them: a file that holds several datasets (cell-load has no dataset column: it reads every cell
     of a dataset's file under its name; ``data_path``: the data's file, which holds ``index``'s
     datasets) and contexts whose perturbed cells no role uses (no controls)."""
     notes = []
-    by_file: dict[str, list[str]] = {}  # the same file however it is named (links, '..')
-    shown: dict[str, str] = {}
+    by_file: dict[str, tuple[str, list[str]]] = {}  # real path (links, '..' followed) -> (path as written, names)
     for name, path in cfg.datasets.items():
-        by_file.setdefault(os.path.realpath(path), []).append(str(name))
-        shown.setdefault(os.path.realpath(path), str(path))
+        by_file.setdefault(os.path.realpath(path), (str(path), []))[1].append(str(name))
     data_file = os.path.realpath(data_path) if data_path is not None else None
     held = [str(d) for d in index.datasets]
-    for real, names in by_file.items():
-        path = shown[real]
+    for real, (path, names) in by_file.items():
         if real == data_file and len(held) > 1:
             shared = f"the file {path} holds datasets {', '.join(held)} and [datasets] points {', '.join(names)} at it"
         elif len(names) > 1:

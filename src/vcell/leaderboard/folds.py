@@ -15,7 +15,7 @@ import numpy as np
 from vcell.data.dataset import PerturbationData
 from vcell.data.labels import names_list
 from vcell.data.split_files import SplitConfig, read_split_toml
-from vcell.data.splits import Split, apply_split, cell_load_notes, holdout_config
+from vcell.data.splits import Split, apply_split, cell_load_notes, datasets_in_file, holdout_config
 from vcell.data.splits import holdout_perturbations as holdout_perturbations_config
 from vcell.errors import VcellError
 
@@ -119,7 +119,7 @@ def fold_toml(data: PerturbationData, fold: Fold) -> str:
     was read from one) and :func:`~vcell.data.splits.cell_load_notes` as comments."""
     cfg = fold.config
     if not cfg.datasets and data.path is not None:
-        cfg = dataclasses.replace(cfg, datasets={str(d): Path(data.path).resolve() for d in np.unique(data.index.datasets)})
+        cfg = dataclasses.replace(cfg, datasets=datasets_in_file(data.index, data.path))
     return cfg.to_toml(cell_load_notes(data.index, fold.split, cfg, data.path))
 
 
