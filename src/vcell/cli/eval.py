@@ -16,7 +16,7 @@ from vcell.train.display import format_duration, status, task
 if TYPE_CHECKING:
     import pandas as pd
 
-app = typer.Typer(help="Evaluate predictions with the Virtual Cell Challenge metrics (cell-eval compatible).", no_args_is_help=True, rich_markup_mode=None, cls=HelpGroup)
+app = typer.Typer(help="Evaluate predictions with the Virtual Cell Challenge metrics: 2025 as cell-eval, 2026 (--profile vcc2026) as cell-eval2.", no_args_is_help=True, rich_markup_mode=None, cls=HelpGroup)
 
 Threads = Annotated[int, typer.Option("--threads", min=1, help="Threads for differential expression.")]
 InputType = Annotated[
@@ -230,10 +230,10 @@ def score_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     seed: NoRandomSeed = 0,
 ) -> None:
-    """Baseline-scaled VCC score per metric and overall (2025 profiles: the unclipped value beside it).
+    """Baseline-scaled VCC score per metric and overall; --profile vcc2026: scaled between baseline and replicate.
 
     The metrics of --profile are scored (vcc, the default: the VCC 2025 score's three), whatever
-    else the tables hold.
+    else the tables hold; 2025 profiles write the unclipped value beside the clipped one.
 
     With --profile vcc2026: each metric on the scale from the baseline (0) to the replicate anchor
     (1), per context, and the mean of the six; contexts averaged.
@@ -290,7 +290,7 @@ def baseline_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace outputs that exist.")] = False,
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="vcc2026: seed of the baseline's control-cell draws (cell-eval2: 0); the 2025 baseline draws nothing.")] = 0,
 ) -> None:
-    """Build the cell-mean baseline (as `cell-eval baseline`) from real data.
+    """Build the cell-mean baseline (as `cell-eval baseline`); --profile vcc2026: both ends of the 2026 scale.
 
     With --profile vcc2026: the two ends of the 2026 scale for every context of REAL, into the
     folder OUT: the mean-response baseline scored as a prediction (baseline_*.csv) and the
@@ -369,7 +369,7 @@ def prep_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")] = False,
     seed: NoRandomSeed = 0,
 ) -> None:
-    """Prepare a submission as `cell-eval prep` does: gene check/reorder, CSR float32, .vcc tar.
+    """Prepare a submission as `cell-eval prep` does (.vcc tar); --profile vcc2026: the 2026 upload checks.
 
     With --profile vcc2026: the 2026 upload checks (gene list and order, the listed
     perturbations and cell counts, no control rows, integral non-negative counts, no cell above
