@@ -63,6 +63,8 @@ def test_run_matches_cell_eval_files(sim_files, cell_eval_out):
     de_ours, de_theirs = pd.read_csv(out / "real_de.csv"), pd.read_csv(cell_eval_out / "real_de.csv")
     assert list(de_ours.columns) == list(de_theirs.columns)
     np.testing.assert_allclose(de_ours["p_value"], de_theirs["p_value"], rtol=1e-9, atol=1e-300)
+    for name in ("real_de.csv", "pred_de.csv"):  # the same text: whole floats as "735.0", labels unquoted
+        assert (out / name).read_bytes() == (cell_eval_out / name).read_bytes(), name
 
 
 def test_several_predictions_in_one_run_write_what_their_own_runs_write(sim_files, tmp_path):

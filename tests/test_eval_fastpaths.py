@@ -9,9 +9,10 @@ import pytest
 import scipy.sparse as sp
 
 from vcell.errors import VcellError
+from vcell.eval.csvio import write_de_csv
 from vcell.eval.de import de_arrays
 from vcell.eval.metrics import DEData, as_cell_eval_bulk, pseudobulk
-from vcell.eval.run import summarise, write_de_csv
+from vcell.eval.run import summarise
 
 from eval_cases import simulated
 
@@ -83,5 +84,34 @@ def test_de_csv_from_arrays_is_the_table_text(case, tmp_path, threads):
     write_de_csv(res, tmp_path / "arrays.csv", chunk_rows=333, threads=threads)
     text = (tmp_path / "table.csv").read_bytes()
     assert text == (tmp_path / "arrays.csv").read_bytes()
-    assert text.startswith(b'"target","feature","target_mean"') and b',,' in text
+    assert text.startswith(b"target,feature,target_mean,") and b",," in text
     assert len(text.splitlines()) == res.p_value.size + 1
+
+
+def test_de_csv_text_is_polars_text(tmp_path):
+    """A DE table is written as cell-eval's polars writes it: whole floats keep ``.0`` (pyarrow
+    wrote ``735``, so polars read a prediction's tie-free statistics as integers and failed on
+    the first ``.5`` after its first 100 rows), polars' notation at both ends of positional
+    floats, labels quoted only where needed, NaN as an empty field."""
+    pl = pytest.importorskip("polars", reason="polars (a cell-eval dependency) writes the reference text")
+    values = np.array([735.0, 735.5, -0.0, 1.0, 2.5e-6, 9.99e-6, 1e-5, 1.5e-8, 3e10, 1.2e15, 1e16, np.inf, -np.inf, np.nan, 0.1])
+    n = len(values)
+    frame = pd.DataFrame({
+        "target": ["plain", "a,b", 'q"t', "plain", "x", "x", "x", "x", "x", "x", "x", "x", "x", "x", "x"][:n],
+        "feature": [f"G{i}" for i in range(n)],
+        "target_mean": (values * 0.5).astype(np.float32),
+        "target_membership": np.arange(n, dtype=np.int64),
+        "statistic": values,
+    })
+    write_de_csv(frame, tmp_path / "ours.csv", chunk_rows=4, threads=2)
+    expected = pl.from_pandas(frame, nan_to_null=True).write_csv()
+    assert (tmp_path / "ours.csv").read_text() == expected
+
+    plain = frame.assign(target="plain")
+    write_de_csv(plain, tmp_path / "plain.csv")
+    assert (tmp_path / "plain.csv").read_text() == pl.from_pandas(plain, nan_to_null=True).write_csv()
+
+    whole_first = pd.DataFrame({"target": ["P"] * 150, "feature": [f"G{i}" for i in range(150)],
+                                "statistic": np.r_[np.arange(149.0), 7.5]})
+    write_de_csv(whole_first, tmp_path / "whole.csv")
+    assert pl.read_csv(tmp_path / "whole.csv")["statistic"].dtype == pl.Float64

@@ -32,8 +32,8 @@ _EXPORTS = {
     "vcell.eval.metrics": ["REGISTRY", "DEData", "ExpressionData", "Metric", "MetricUndefined", "get_metric", "list_metrics", "register"],
     "vcell.eval.prep": ["prepare_submission", "read_gene_list", "read_submission"],
     "vcell.eval.profiles": ["PERTURBATION_COLUMN", "PROFILES", "compute_results", "profile_metrics"],
-    "vcell.eval.run": ["EvalResult", "evaluate", "write_de_csv", "write_outputs"],
+    "vcell.eval.run": ["EvalResult", "evaluate", "write_outputs"],
     "vcell.eval.scoring": ["STATISTICS", "agg_results", "score"],
-    "vcell.eval.csvio": ["read_csv", "write_csv"],
+    "vcell.eval.csvio": ["read_csv", "write_csv", "write_de_csv"],
 }
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

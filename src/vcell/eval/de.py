@@ -52,6 +52,7 @@ from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.errors import VcellError, preview
 from vcell.eval._de_engine import run_tests
 from vcell.eval._de_kernels import _expm1, _fold_changes
+from vcell.eval.csvio import COLUMNS_DE
 
 __all__ = [
     "COLUMNS",
@@ -64,19 +65,7 @@ __all__ = [
 ]
 
 #: Columns of the long DE table, in the order cell-eval writes ``real_de.csv`` / ``pred_de.csv``.
-COLUMNS = (
-    "target",
-    "feature",
-    "target_mean",
-    "ref_mean",
-    "target_membership",
-    "ref_membership",
-    "log2_fold_change",
-    "percent_change",
-    "p_value",
-    "statistic",
-    "fdr",
-)
+COLUMNS = COLUMNS_DE  # defined with the CSV format, which imports nothing of the DE engine
 
 # --------------------------------------------------------------------------------------------
 # Python layer

@@ -22,12 +22,13 @@ import scipy.sparse as sp
 
 from vcell._heap import cycles_collected_promptly
 from vcell.data.aggregate import group_sums
-from vcell.data.io import atomic_path, atomic_paths, check_output_dir, read_h5ad, subfolder, subfolders
+from vcell.data.io import atomic_paths, check_output_dir, read_h5ad, subfolder, subfolders
 from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.errors import VcellError
 from vcell.eval.bands import DEFAULT_BUDGET, sweep
 from vcell.eval.contexts import context_masks, remove_files, write_context_files
-from vcell.eval.de import COLUMNS, DEResult, de_arrays
+from vcell.eval.csvio import write_de_csv
+from vcell.eval.de import DEResult, de_arrays
 from vcell.eval.inputs import INPUT_TYPES, EvalPair, check_structure, warn_mixed_spaces
 from vcell.eval.metrics import (
     DEData,
@@ -156,85 +157,6 @@ def evaluate(pair: EvalPair, profile: str = "vcc", threads: int = 2, skip: tuple
     sides = [summarise(a, pair.pert_col, pair.control, pair.perturbations, need_de, need_energy, threads) for a in (pair.real, pair.pred)]
     timings["de+pseudobulk"] = time.perf_counter() - t
     return score_summaries(*sides, pair.perturbations, pair.genes, names, timings)
-
-
-def _result_batch(res: DEResult, start: int, stop: int, names, targets, features):
-    """Rows ``start:stop`` of ``res.to_frame()`` as an Arrow batch (names dictionary-encoded)."""
-    import pyarrow as pa
-
-    n_f = res.p_value.shape[1]
-    rows = np.arange(start, stop, dtype=np.int64)
-    t_idx, f_idx = rows // n_f, rows % n_f
-
-    def num(a):  # as pyarrow.RecordBatch.from_pandas: NaN becomes null
-        return pa.array(a, from_pandas=True)
-
-    flat = lambda a: a.reshape(-1)[start:stop]  # noqa: E731
-    columns = [
-        pa.DictionaryArray.from_arrays(t_idx.astype(np.int32), targets),
-        pa.DictionaryArray.from_arrays(f_idx.astype(np.int32), features),
-        num(flat(res.target_mean)),
-        num(res.ref_mean[f_idx]),
-        num(np.asarray(res.target_membership, dtype=np.int64)[t_idx]),
-        num(np.full(stop - start, res.ref_membership, dtype=np.int64)),
-        num(flat(res.log2_fold_change)),
-        num(flat(res.percent_change)),
-        num(flat(res.p_value)),
-        num(flat(res.statistic)),
-        num(flat(res.fdr)),
-    ]
-    return pa.RecordBatch.from_arrays(columns, names=names)
-
-
-def _all_str(values) -> bool:
-    return all(isinstance(v, str) for v in values)
-
-
-def write_de_csv(table, path: str | os.PathLike, chunk_rows: int = 65536, threads: int = 1) -> None:
-    """Write a DE table (a DataFrame, or a :class:`DEResult` as its ``to_frame()``) as CSV, atomically.
-
-    pyarrow's writer (faster than pandas'), a chunk of rows at a time, so writing adds
-    little to peak memory; with ``threads`` > 1 chunks are formatted in parallel (at most
-    ``threads + 1`` held at once) and written in order. A :class:`DEResult` is converted straight
-    from its arrays, gene and perturbation names dictionary-encoded; the text is the same.
-    """
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    if isinstance(table, DEResult) and not (_all_str(table.targets) and _all_str(table.features)):
-        table = table.to_frame()  # unusual labels: let pyarrow infer their type as for a DataFrame
-    if isinstance(table, DEResult):
-        n_rows = table.p_value.size
-        dicts = (pa.array(list(table.targets), type=pa.string()), pa.array(list(table.features), type=pa.string()))
-        batch = lambda start: _result_batch(table, start, min(n_rows, start + chunk_rows), list(COLUMNS), *dicts)  # noqa: E731
-    else:
-        n_rows = len(table)
-        schema = pa.RecordBatch.from_pandas(table.iloc[:1], preserve_index=False).schema
-        batch = lambda start: pa.RecordBatch.from_pandas(table.iloc[start : start + chunk_rows], schema=schema, preserve_index=False)  # noqa: E731
-
-    def text(start: int, header: bool = False):
-        sink = pa.BufferOutputStream()
-        b = batch(start)
-        pacsv.write_csv(b.slice(0, 0) if header else b, sink, pacsv.WriteOptions(include_header=header, quoting_style="needed"))
-        return sink.getvalue()
-
-    starts = range(0, n_rows, chunk_rows)
-    with atomic_path(path) as tmp, open(tmp, "wb") as out:
-        out.write(text(0, header=True))
-        if threads <= 1 or len(starts) <= 1:
-            for start in starts:
-                out.write(text(start))
-            return
-        from collections import deque
-
-        with ThreadPoolExecutor(threads) as pool:  # pyarrow formats without the GIL
-            pending: deque = deque()
-            for start in starts:
-                pending.append(pool.submit(text, start))
-                if len(pending) > threads:
-                    out.write(pending.popleft().result())
-            while pending:
-                out.write(pending.popleft().result())
 
 
 def write_outputs(result: EvalResult, out: str | os.PathLike, prefix: str | None = None) -> list[Path]:
