@@ -65,11 +65,22 @@ PEERS = {"state": "arc-state", "cell_load": "cell-load"}
 # Wheels for a machine holding the package list of .library/device/KINDS.md ('nvidia-h200'): vcell's
 # needs that are not on it (anndata, scanpy and theirs), pandas 2 with pytz and tzdata (the list has
 # no pytz, the mark of pandas >= 3, which anndata 0.12 refuses), typer and rich at the versions
-# tested here (their versions there are unknown), then the peers' missing needs.
+# tested here (their versions there are unknown) with pydantic, which typer >= 0.25 needs to build any command's
+# parameters (the list has none: `import vcell.cli` works without it, `vcell data simulate` does not), then the
+# peers' missing needs.
 VCELL_WHEELS = ("anndata", "scanpy", "array-api-compat", "legacy-api-wrap", "natsort", "scverse-misc", "session-info2",
                 "zarr", "donfig", "google-crc32c", "numcodecs", "pynndescent", "umap-learn", "platformdirs",
-                "pandas", "pytz", "tzdata", "typer", "rich")
+                "pandas", "pytz", "tzdata", "typer", "rich",
+                "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions")
 PEER_WHEELS = ("arc-state", "cell-load", "geomloss", "hydra-core", "omegaconf", "antlr4-python3-runtime", "toml")
+# The peers' versions when no python with arc-state is at hand to read them from: the newest omegaconf (2.4) and
+# antlr (4.13) break hydra-core 1.3 ("Could not deserialize ATN"), which pins omegaconf < 2.4 and antlr 4.9.
+PEER_PINS = {"arc-state": "0.11.1", "cell-load": "0.10.4", "hydra-core": "1.3.8", "omegaconf": "2.3.0",
+             "antlr4-python3-runtime": "4.9.3"}
+# What the peers' step imports: a broken arc-state is a skipped step (with the reason), not a failed one.
+PEER_IMPORTS = "import state.__main__, cell_load\nfrom state.tx.models.state_transition import StateTransitionPerturbationModel"
+#: When the script started: --budget-s counts from here (wheel install and import checks included).
+START = time.perf_counter()
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
 ARC_MODEL = {"small": "state_sm", "default": "state", "large": "state_lg"}
@@ -147,6 +158,7 @@ def _imports(out: str) -> None:
             found[dist_name] = {"ok": True, "version": str(getattr(mod, "__version__", "") or _version(dist_name))}
         except Exception as exc:  # noqa: BLE001 - any failure to import is what this check reports
             found[dist_name] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    found |= _smoke(found)
     device: dict = {}
     if found["torch"]["ok"]:
         import torch
@@ -156,6 +168,41 @@ def _imports(out: str) -> None:
             device.update(name=torch.cuda.get_device_name(), bf16=torch.cuda.is_bf16_supported(),
                           memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30)
     Path(out).write_text(json.dumps({"modules": found, "device": device, "python": sys.version.split()[0]}))
+
+
+def _smoke(found: dict) -> dict:
+    """Checks that importing cannot make: a vcell command's options parsed (typer builds them with pydantic) and
+    an AnnData written and read back through h5py, pandas and numba (their versions against numpy's there)."""
+    import tempfile
+
+    checks: dict = {}
+    if found["vcell"]["ok"]:
+        try:
+            from vcell.cli import app
+
+            app(["data", "simulate", "--help"], prog_name="vcell", standalone_mode=False)
+            checks["vcell-command"] = {"ok": True, "version": ""}
+        except Exception as exc:  # noqa: BLE001 - reported, as an import failure is
+            checks["vcell-command"] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    if found["anndata"]["ok"] and found["vcell"]["ok"]:
+        try:
+            import anndata as ad
+            import numpy as np
+            import pandas as pd
+            import scipy.sparse as sp
+
+            from vcell.data.io import read_h5ad
+
+            with tempfile.TemporaryDirectory() as tmp:
+                obs = pd.DataFrame({"target_gene": pd.Categorical(["a", "b"] * 5)}, index=[f"c{i}" for i in range(10)])
+                X = sp.random(10, 5, density=0.5, format="csr", dtype=np.float32, random_state=0)
+                ad.AnnData(X, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(5)])).write_h5ad(f"{tmp}/x.h5ad")
+                back = read_h5ad(f"{tmp}/x.h5ad")
+                assert (back.X != X).nnz == 0 and list(back.obs["target_gene"]) == list(obs["target_gene"])
+            checks["anndata-roundtrip"] = {"ok": True, "version": ""}
+        except Exception as exc:  # noqa: BLE001
+            checks["anndata-roundtrip"] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    return checks
 
 
 def _version(dist_name: str) -> str:
@@ -202,10 +249,11 @@ class Check:
         self.work = opts.workdir.resolve()
         self.gpu = bool(device.get("cuda")) and not opts.cpu
         self.data = self.work / "data" / "sim.h5ad"
-        self.deadline = time.perf_counter() + opts.budget_s
+        self.deadline = START + opts.budget_s
         self.results: dict = {}
         self.loadavg: list[float] = []
-        self.env = dict(os.environ, WANDB_MODE="disabled", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1",
+        self.found: dict | None = None  # the import check's findings, for --json after each step
+        self.env = dict(os.environ, WANDB_MODE="disabled", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1", HDF5_USE_FILE_LOCKING="FALSE",
                         PYTHONPATH=os.pathsep.join([*opts.site, str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
         if not self.gpu:
             self.env["CUDA_VISIBLE_DEVICES"] = ""  # predict and arc-state would take a GPU by themselves
@@ -368,6 +416,9 @@ class Check:
                     for rest in todo:
                         self.results[rest] = {"status": "failed", "reason": "needs the data step"}
                     break
+            finally:
+                if self.found is not None:
+                    write_json(self, self.found, peers, None)
 
 
 class Skipped(Exception):
@@ -387,9 +438,9 @@ def make_wheelhouse(folder: Path, opts) -> int:
         code = "import importlib.metadata as m, json, sys\nv = {}\nfor n in sys.argv[1:]:\n    try: v[n] = m.version(n)\n    except Exception: v[n] = ''\nprint(json.dumps(v))"
         try:
             out = subprocess.run([opts.arc_python, "-c", code, *PEER_WHEELS], capture_output=True, text=True, check=True).stdout
-            wanted |= json.loads(out)
+            wanted |= {n: v or PEER_PINS.get(n, "") for n, v in json.loads(out).items()}
         except (OSError, subprocess.CalledProcessError, json.JSONDecodeError):
-            wanted |= dict.fromkeys(PEER_WHEELS, "")
+            wanted |= {n: PEER_PINS.get(n, "") for n in PEER_WHEELS}
     norm = {re.sub(r"[-_.]+", "_", n).lower() for n in wanted}
     for old in folder.glob("*.whl"):  # one version of each: two stop the whole install there
         if re.sub(r"[-_.]+", "_", old.name.split("-")[0]).lower() in norm:
@@ -416,8 +467,8 @@ def make_wheelhouse(folder: Path, opts) -> int:
     print(f"{len(list(folder.glob('*.whl')))} wheels, {size / 2**20:.1f} MiB in {folder}"
           + ("" if inside else f" (outside the repository: put it under {REPO} to send it with the tree)"))
     print("Assumed present there (KINDS.md's list): torch, lightning, h5py, numba, numpy, scipy, matplotlib, scikit-learn, "
-          "seaborn, statsmodels, transformers, peft, safetensors, pyyaml, pyarrow; the carried pandas 2, typer and rich take "
-          "precedence over theirs.")
+          "seaborn, statsmodels, transformers, peft, safetensors, pyyaml, pyarrow; the carried pandas 2, typer, rich and pydantic "
+          "take precedence over theirs.")
     print(f"There, with {rel} copied beside the repository's files, run\n  PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --wheels {rel} --require-gpu --json gpu_check.json")
     print(f"or by hand: python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site {rel}/*.whl "
           "&& PYTHONPATH=/tmp/site:src python3 benchmarks/gpu_check.py ...")
@@ -449,20 +500,22 @@ def install_wheels(folder: Path, work: Path) -> str:
 # --------------------------------------------------------------------------- report
 
 
-def check_imports(chk: Check) -> tuple[dict, dict]:
-    """(required modules and device, peers) from child processes; the peers' entry has ``error`` when not importable."""
+def check_imports(opts) -> tuple[dict, dict]:
+    """(required modules and device, peers) from child processes; the peers' entry has ``error`` when not importable.
+    The children see the GPU unless ``--cpu`` hides it."""
+    chk = Check(opts, {"cuda": True})
     out = chk.work / "imports.json"
-    res = run_proc([sys.executable, str(HERE), "_imports", str(out)], chk.work / "imports.log", 300, chk.env, chk.work)
+    res = run_proc([sys.executable, str(HERE), "_imports", str(out)], chk.work / "imports.log", 120, chk.env, chk.work)
     if res["code"] != 0 or not out.exists():
         raise SystemExit(f"error: the import check itself failed; see {chk.work / 'imports.log'}")
     found = json.loads(out.read_text())
     peers: dict = {}
     if "train-arc" in chk.o.skip_set:
         return found, {"error": "--skip"}
-    code = (f"import json, importlib.metadata as m\nimport {', '.join(PEERS)}\n"
+    code = (f"import json, importlib.metadata as m\n{PEER_IMPORTS}\n"
             f"print(json.dumps({{n: m.version(n) for n in {tuple(PEERS.values())!r}}}))")
     try:
-        got = subprocess.run([chk.o.arc_python, "-c", code], capture_output=True, text=True, env=chk.env, timeout=300)
+        got = subprocess.run([chk.o.arc_python, "-c", code], capture_output=True, text=True, env=chk.env, timeout=120)
         if got.returncode == 0:
             peers = json.loads(got.stdout.strip().splitlines()[-1])
         else:
@@ -470,6 +523,19 @@ def check_imports(chk: Check) -> tuple[dict, dict]:
     except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
         peers = {"error": f"{type(exc).__name__}: {exc}"}
     return found, peers
+
+
+def write_json(chk: Check, found: dict, peers: dict, failed: list[str] | None) -> None:
+    """Every figure so far into ``--json`` (``failed`` None: the run goes on), so a run killed from outside
+    still leaves the steps it finished."""
+    if not chk.o.json:
+        return
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(chk.o).items() if k != "skip_set"}
+    chk.o.json.write_text(json.dumps({"gpu": chk.gpu, "device": found.get("device", {}), "imports": found.get("modules", {}),
+                                      "peers": peers, "settings": settings, "finished": failed is not None,
+                                      "steps": {n: chk.results[n] for n in STEPS if n in chk.results}, "failed": failed,
+                                      "loadavg": chk.loadavg, "elapsed_s": time.perf_counter() - START},
+                                     indent=2, default=str))
 
 
 def report(chk: Check, found: dict, peers: dict) -> list[str]:
@@ -490,12 +556,7 @@ def report(chk: Check, found: dict, peers: dict) -> list[str]:
               f"| {fmt(r.get('data_pct'), '.1f')} | {fmt(r.get('peak_gpu_mib'), ',.0f')} | {fmt(r.get('peak_rss_mib'), ',.0f')} "
               f"| {fmt(r.get('wall_s'), '.1f')} |")
     failed = [n for n in STEPS if chk.results.get(n, {}).get("status", "failed") == "failed"]
-    if chk.o.json:
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(chk.o).items() if k != "skip_set"}
-        chk.o.json.write_text(json.dumps({"gpu": chk.gpu, "device": dev, "imports": mods, "peers": peers, "settings": settings,
-                                          "steps": {n: chk.results[n] for n in STEPS if n in chk.results}, "failed": failed,
-                                          "loadavg": chk.loadavg},
-                                         indent=2, default=str))
+    write_json(chk, found, peers, failed)
     if chk.loadavg:
         print(f"load average: start {chk.loadavg[0]:.2f}, end {chk.loadavg[-1]:.2f} ({os.cpu_count()} cores)")
     for name in failed:
@@ -524,7 +585,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="run the CPU fallback even where CUDA is seen")
     ap.add_argument("--require-gpu", action="store_true", help="fail (step imports) when CUDA is not seen")
-    ap.add_argument("--budget-s", type=float, default=480, help="time for all steps after the import check; each step gets a share")
+    ap.add_argument("--budget-s", type=float, default=480,
+                    help="time for the whole run from the script's start (wheels and import checks included); each step gets a share of what is left")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/vcell-gpu-check"), help="data, runs, logs (and --wheels' site)")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
     ap.add_argument("--skip", default="", help=f"comma-separated steps not to run ({', '.join(STEPS)})")
@@ -548,10 +610,10 @@ def main() -> None:
         ap.error(f"--skip: unknown step(s) {', '.join(sorted(opts.skip_set - set(STEPS)))}")
     opts.workdir.mkdir(parents=True, exist_ok=True)
     opts.site = [install_wheels(opts.wheels, opts.workdir.resolve())] if opts.wheels else []
-    chk = Check(opts, {})
     log("imports: checking")
-    found, peers = check_imports(chk)
+    found, peers = check_imports(opts)
     chk = Check(opts, found["device"])
+    chk.found = found
     chk.o.profile = "gpu" if chk.gpu else "cpu"
     for name, values in PROFILES.items():
         if getattr(opts, name) is None:

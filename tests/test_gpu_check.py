@@ -72,3 +72,66 @@ def test_failed_step_is_named(tmp_path, capsys, monkeypatch):
     assert "FAILED predict: needs the data step" in printed
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["failed"] == failed and saved["steps"]["train-arc"]["status"] == "skipped"
+
+
+def _opts(tmp_path, cpu: bool):
+    return type("Opts", (), {"workdir": tmp_path, "cpu": cpu, "budget_s": 60, "site": [], "json": tmp_path / "r.json",
+                             "skip_set": {"train-arc"}, "arc_python": sys.executable})()
+
+
+@pytest.mark.parametrize("cpu", [False, True])
+def test_the_import_check_sees_the_gpu_unless_cpu(tmp_path, monkeypatch, cpu):
+    """The import check's child finds the device the run then uses: it ran with CUDA hidden, so on a GPU machine
+    --require-gpu failed and a plain run fell back to the CPU."""
+    gc = _module()
+    seen = {}
+
+    def fake_run(cmd, log_path, cap, env, cwd):
+        seen["env"] = env
+        Path(cmd[-1]).write_text(json.dumps({"modules": {}, "device": {"cuda": True}}))
+        return {"code": 0}
+
+    monkeypatch.setattr(gc, "run_proc", fake_run)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    found, _ = gc.check_imports(_opts(tmp_path, cpu))
+    assert found["device"] == {"cuda": True}
+    assert seen["env"].get("CUDA_VISIBLE_DEVICES") == ("" if cpu else None)
+
+
+def test_smoke_names_what_imports_cannot_show(tmp_path):
+    """A vcell command's options need pydantic (typer builds them with it), which `import vcell.cli` does not
+    import: the import check parses one command and round-trips an AnnData, and names what failed."""
+    code = ("import sys, importlib.util, json\nsys.modules['pydantic'] = None\n"
+            f"spec = importlib.util.spec_from_file_location('gc', {str(SCRIPT)!r})\n"
+            "gc = importlib.util.module_from_spec(spec); spec.loader.exec_module(gc)\n"
+            "print(json.dumps(gc._smoke({'vcell': {'ok': True}, 'anndata': {'ok': True}})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["vcell-command"]["ok"] is False and "pydantic" in found["vcell-command"]["error"]
+    assert found["anndata-roundtrip"]["ok"] is True
+    gc = _module()
+    assert gc.missing_imports({"modules": found}, None)[0].startswith("missing: vcell-command (")
+
+
+def test_json_holds_each_step_as_it_ends(tmp_path, monkeypatch):
+    """A run killed from outside (the device's time limit) still leaves the steps it finished in --json."""
+    gc = _module()
+    chk = gc.Check(_opts(tmp_path, True), {"cuda": False})
+    chk.found = {"modules": {}, "device": {}}
+    during = {}
+
+    def data(cap):
+        return {"cells": 10, "genes": 4, "peak_rss_mib": 1.0, "wall_s": 0.1, "what": "tiny"}
+
+    def train(step, cap):
+        during[step] = json.loads((tmp_path / "r.json").read_text())
+        raise gc.StepFailed("stop")
+
+    monkeypatch.setattr(chk, "step_data", data)
+    monkeypatch.setattr(chk, "step_train", train)
+    monkeypatch.setattr(chk, "step_predict", lambda cap: train("predict", cap))
+    monkeypatch.setattr(chk, "step_ddp", lambda cap: train("ddp", cap))
+    chk.run({"error": "--skip"}, {"train-arc"})
+    first = during["train-memory"]
+    assert first["finished"] is False and first["steps"]["data"]["status"] == "ok" and "train-memory" not in first["steps"]
+    assert during["ddp"]["steps"]["predict"]["status"] == "failed"

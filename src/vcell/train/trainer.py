@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 from pathlib import Path
@@ -10,6 +11,7 @@ import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.parallel import DistributedDataParallel
 
 from vcell.errors import VcellError
 from vcell.nn.checkpoint import verify_checkpoint
@@ -26,6 +28,12 @@ class ProcessLost(VcellError):
 
     exit_code = 1
 
+
+# torch 2.13 renamed DDP's switch for syncing buffers in each forward (the old name warns there);
+# older torch knows only the old one.
+_DDP_NO_BUFFER_SYNC = (
+    "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers"
+)
 
 #: What gloo and nccl say when the process at the other end of a collective is gone
 _PEER_GONE = ("closed by peer", "reset by peer", "broken pipe", "nccl communicator was aborted", "watchdog caught collective")
@@ -67,7 +75,7 @@ def make_trainer(options: TrainOptions, out_dir: str | os.PathLike, kind: str, v
     if options.distributed:
         # Buffers (the perturbation table, the gene table) are the same on every rank; syncing them
         # in each forward would make ranks with different numbers of validation batches wait.
-        strategy = DDPStrategy(forward_sync_buffers=False)
+        strategy = DDPStrategy(**{_DDP_NO_BUFFER_SYNC: False})
     checkpoints = RunCheckpoints(out_dir, options.checkpoint_every, options.save_optimizer)
     try:
         return L.Trainer(
