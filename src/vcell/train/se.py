@@ -98,7 +98,13 @@ class SEBatches(Dataset):
     def __len__(self) -> int:
         return math.ceil(len(self.cells) / self.batch_size)
 
-    def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, b: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Batch ``b`` of the current epoch, or ``(epoch, b)``: batch ``b`` of that epoch (its plan
+        drawn first where it is another: a persistent worker process serves every epoch)."""
+        if isinstance(b, tuple):
+            epoch, b = b
+            if epoch != self.epoch:
+                self.set_epoch(epoch)
         start = int(b) * self.batch_size
         cells = self.plan[start : start + self.batch_size]
         places = np.arange(start, start + len(cells))
@@ -114,21 +120,24 @@ class SEBatches(Dataset):
 
 
 class _RankBatchNumbers(Sampler):
-    """Batch numbers of this rank (``rank``, ``rank + world``, ...), ``steps`` of them, from ``skip`` on."""
+    """``(epoch, batch number)`` of this rank's batches (``rank``, ``rank + world``, ...), ``steps`` of
+    them, from ``skip`` on; ``position()`` says ``(epoch, skip)`` at the start of each pass."""
 
-    def __init__(self, steps: int, rank: int = 0, world: int = 1, skip: int = 0):
-        self.steps, self.rank, self.world, self.skip = steps, rank, world, skip
+    def __init__(self, steps: int, position, rank: int = 0, world: int = 1):
+        self.steps, self.position, self.rank, self.world = steps, position, rank, world
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self):
-        for j in range(self.skip, self.steps):
-            yield self.rank + j * self.world
+        epoch, skip = self.position()
+        for j in range(skip, self.steps):
+            yield epoch, self.rank + j * self.world
 
 
 class SEDataModule(L.LightningDataModule):
-    """Training batches of :class:`SEBatches`; the data loader is rebuilt every epoch."""
+    """Training batches of :class:`SEBatches`; one data loader (and its worker processes) serves
+    every epoch, its batch numbers tagged with their epoch."""
 
     def __init__(self, batches: SEBatches, num_workers: int = 0):
         super().__init__()
@@ -150,17 +159,20 @@ class SEDataModule(L.LightningDataModule):
                              "lower --batch-size, or train in one process")
         return max(1, n // size)
 
+    def _position(self) -> tuple[int, int]:
+        step = self.trainer.global_step if self.trainer is not None else 0
+        return divmod(step, self.steps_per_epoch)
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._world()
-        step = self.trainer.global_step if self.trainer is not None else 0
-        epoch, skip = divmod(step, self.steps_per_epoch)
-        self.batches.set_epoch(epoch)
+        self.batches.set_epoch(self._position()[0])
         return DataLoader(
             self.batches,
             batch_size=None,
-            sampler=_RankBatchNumbers(self.steps_per_epoch, rank, world, skip),
+            sampler=_RankBatchNumbers(self.steps_per_epoch, self._position, rank, world),
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(0),
+            persistent_workers=self.num_workers > 0,
         )
 
 

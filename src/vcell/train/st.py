@@ -235,8 +235,9 @@ class CellSetDataModule(L.LightningDataModule):
     (``X``) for the gene decoder. ``control_sets``: the training sets include control-label sets
     (:class:`~vcell.data.cellsets.CellSetSampler`; for ``STConfig.control_relative``).
 
-    The train plan of epoch ``e`` depends only on ``(seed, e)``; the data loaders are rebuilt
-    every epoch (``reload_dataloaders_every_n_epochs=1``) to draw it.
+    The train plan of epoch ``e`` depends only on ``(seed, e)``; one train loader serves every
+    epoch, its batches tagged with their epoch (:class:`~vcell.train.batches.EpochBatches`), so
+    its worker processes persist and draw each epoch's plan where they read it.
     """
 
     def __init__(
@@ -279,7 +280,7 @@ class CellSetDataModule(L.LightningDataModule):
             collate_fn=collate_cell_sets,
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed),
-            persistent_workers=False,
+            persistent_workers=self.num_workers > 0,
             **kwargs,
         )
 
@@ -292,15 +293,18 @@ class CellSetDataModule(L.LightningDataModule):
             raise VcellError(f"batch size {self.batch_size} is not divisible by the {world} processes (devices x nodes)")
         return rank, world
 
-    def train_dataloader(self) -> DataLoader:
+    def _position(self) -> tuple[int, int]:
         # Every epoch has the same number of steps, so the global step alone says which plan and
         # batch come next; Lightning's own epoch counter can run one ahead after a resume from a
         # checkpoint written on an epoch's last batch.
         step = self.trainer.global_step if self.trainer is not None else 0
-        epoch, skip = divmod(step, self.batches_per_epoch)
-        self.train_set.set_epoch(epoch)
+        return divmod(step, self.batches_per_epoch)
+
+    def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()
-        return self._loader(WeightedSets(self.train_set), batch_sampler=EpochBatches(len(self.train_set), self.batch_size, skip, rank, world))
+        self.train_set.set_epoch(self._position()[0])  # read in this process (no workers): the plan is ready
+        batches = EpochBatches(len(self.train_set), self.batch_size, rank=rank, world_size=world, position=self._position)
+        return self._loader(WeightedSets(self.train_set), batch_sampler=batches)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:

@@ -92,7 +92,6 @@ def make_trainer(options: TrainOptions, out_dir: str | os.PathLike, kind: str, v
             plugins=[SafetensorsCheckpointIO(kind)],
             callbacks=[checkpoints, TrainProgress(out_dir, kind, checkpoints)],  # this order: see TrainProgress
             logger=CSVLogger(out_dir, name="logs"),
-            reload_dataloaders_every_n_epochs=1,
             limit_val_batches=1.0 if validate else 0,
             num_sanity_val_steps=0,
             log_every_n_steps=options.log_every,
