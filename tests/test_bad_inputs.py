@@ -286,6 +286,10 @@ def _eval(ctx: Ctx, pred, real=None, *extra) -> list:
     return ["eval", "run", "--pred", pred, "--real", real or ctx.w.real, "--profile", "minimal", "--out", ctx.out / "ev", *extra]
 
 
+def _eval26(ctx: Ctx, pred, real, *extra) -> list:
+    return ["eval", "run", "--profile", "vcc2026", "--pred", pred, "--real", real, "--out", ctx.out / "ev", *extra]
+
+
 def _bench(ctx: Ctx, data, *extra) -> list:
     return ["bench", "--data", data, "--holdout-context", "ctx_B", "--models", "cell_mean", "--no-report",
             "--out", ctx.out / "bench", *extra]
@@ -604,6 +608,23 @@ CASES: dict[str, Case] = {
     "eval_baseline_vcc2026_duplicated_genes": Case(
         lambda c: ["eval", "baseline", "--profile", "vcc2026", "--real", c.h5ad("dupg.h5ad", _dup_genes, "counts"), "--out", c.out / "b"],
         ("dupg.h5ad", "duplicated gene names in var", "GENE0001")),
+    # ---- vcell eval run/baseline --profile vcc2026: bad values in the reference or the prediction
+    "eval_vcc2026_real_fractional": Case(lambda c: _eval26(c, c.w.counts, c.h5ad("frac.h5ad", _set(5, 4, 2.5), "counts")),
+                                         ("frac.h5ad: value 2.5 at row 5", "is not an integer", "raw counts")),
+    "eval_vcc2026_real_negative": Case(lambda c: _eval26(c, c.w.counts, c.h5ad("neg.h5ad", _set(5, 4, -3), "counts")),
+                                       ("neg.h5ad: value -3.0 at row 5", "is negative")),
+    "eval_vcc2026_real_log1p": Case(lambda c: _eval26(c, c.w.counts, c.w.log), ("log.h5ad: value", "is not an integer")),
+    "eval_vcc2026_real_control_over_1e6": Case(lambda c: _eval26(c, c.w.counts, c.h5ad("big.h5ad", _set(0, 4, 2e6), "counts")),
+                                               ("big.h5ad: cell 0 ('non-targeting') holds 2,000,0", "more than the 1,000,000 allowed per cell")),
+    "eval_vcc2026_pred_nan": Case(lambda c: _eval26(c, c.h5ad("nan.h5ad", _set(1, 4, np.nan), "counts"), c.w.counts),
+                                  ("nan.h5ad: value nan at row 1 (a 'GENE0024' cell)", "is not finite")),
+    "eval_vcc2026_pred_inf": Case(lambda c: _eval26(c, c.h5ad("inf.h5ad", _set(1, 4, np.inf), "counts"), c.w.counts),
+                                  ("inf.h5ad: value inf at row 1", "is not finite")),
+    "eval_vcc2026_pred_negative": Case(lambda c: _eval26(c, c.h5ad("negp.h5ad", _set(1, 4, -1), "counts"), c.w.counts),
+                                       ("negp.h5ad: value -1.0 at row 1", "is negative")),
+    "eval_baseline_vcc2026_real_fractional": Case(
+        lambda c: ["eval", "baseline", "--profile", "vcc2026", "--real", c.h5ad("frac.h5ad", _set(5, 4, 2.5), "counts"), "--out", c.out / "b"],
+        ("frac.h5ad: value 2.5 at row 5", "is not an integer")),
     "st_n_batches_without_a_batch_column": Case(  # every set was batch 0: the embedding learnt one vector
         lambda c: _st_args(c, c.w.log, "--config", c.text("nb.json", json.dumps({**TINY_ST, "n_batches": 2}))),
         ("n_batches is 2", "no batch column", "--batch-col")),

@@ -89,7 +89,8 @@ def _vcell_run(pred: Path, real: Path, out: Path, **opts) -> dict:
 
 
 def _read_results(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"perturbation": str, "metric": str}, keep_default_na=False, na_values=["NaN", "nan", ""])
+    # missing values in the value column only: a perturbation may be named "nan" or "NA"
+    return pd.read_csv(path, dtype={"perturbation": str, "metric": str}, keep_default_na=False, na_values={"value": ["NaN", "nan", ""]})
 
 
 def _close(a, b, tol: float = TOL) -> np.ndarray:
