@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# The torch build is installed first and on its own so that the package's `torch>=2.2`
+# The torch build is installed first and on its own so that the package's `torch>=2.4`
 # requirement is already satisfied and pip never resolves a CUDA wheel by itself.
 $(VENV)/.torch: $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH)

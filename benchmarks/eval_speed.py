@@ -455,6 +455,7 @@ def stages(workdir: Path, threads: int, backed: bool, workaround: bool) -> list[
     import vcell.eval.run as run_mod
     from vcell.data.io import atomic_paths, read_h5ad
     from vcell.eval.bands import DEFAULT_BUDGET
+    from vcell.eval.csvio import write_de_csv
     from vcell.eval.inputs import check_structure
     from vcell.eval.profiles import profile_metrics
     from vcell.eval.sides import open_side
@@ -511,7 +512,7 @@ def stages(workdir: Path, threads: int, backed: bool, workaround: bool) -> list[
             run_mod.write_csv(result.results, tmp["results.csv"])
             run_mod.write_csv(result.agg, tmp["agg_results.csv"])
             for side, name in zip(sides, ("real", "pred"), strict=True):
-                run_mod.write_de_csv(side.de_result, tmp[f"{name}_de.csv"], threads=threads)
+                write_de_csv(side.de_result, tmp[f"{name}_de.csv"], threads=threads)
         t = mark("write outputs (DE tables one after the other, not in the background)", t)
     except Exception as exc:  # report where it fails, with the stage's time and memory
         mark(f"FAILED next stage: {type(exc).__name__}: {exc}", t)

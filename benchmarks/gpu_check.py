@@ -533,7 +533,7 @@ def write_json(chk: Check, found: dict, peers: dict, failed: list[str] | None) -
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(chk.o).items() if k != "skip_set"}
     chk.o.json.write_text(json.dumps({"gpu": chk.gpu, "device": found.get("device", {}), "imports": found.get("modules", {}),
                                       "peers": peers, "settings": settings, "finished": failed is not None,
-                                      "steps": {n: chk.results[n] for n in STEPS if n in chk.results}, "failed": failed,
+                                      "steps": {n: chk.results[n] for n in ("imports", *STEPS) if n in chk.results}, "failed": failed,
                                       "loadavg": chk.loadavg, "elapsed_s": time.perf_counter() - START},
                                      indent=2, default=str))
 
@@ -601,6 +601,8 @@ def main() -> None:
     ap.add_argument("--no-peers", action="store_true", help="with --make-wheelhouse: leave arc-state and cell-load out")
     ap.add_argument("--target-python", default="3.12", help="with --make-wheelhouse: the GPU machine's Python version")
     opts = ap.parse_args()
+    if opts.require_gpu and opts.cpu:
+        ap.error("give --require-gpu (fail without CUDA) or --cpu (the CPU fallback), not both")
     default_arc = Path("/tmp/arcstate/bin/python")
     opts.arc_python = opts.arc_python or (str(default_arc) if default_arc.exists() else sys.executable)
     if opts.make_wheelhouse:
@@ -627,8 +629,7 @@ def main() -> None:
         chk.results = {"imports": {"status": "failed", "reason": "; ".join(problems)}}
         for line in problems:
             print(line)
-        if opts.json:
-            opts.json.write_text(json.dumps({"imports": found, "peers": peers, "steps": chk.results, "failed": ["imports"]}, indent=2))
+        write_json(chk, found, peers, ["imports"])
         print("FAILED imports")
         sys.exit(2)
     chk.loadavg = [os.getloadavg()[0]]

@@ -79,7 +79,7 @@ def test_de_data_from_arrays_equals_from_tables(case):
 def test_de_csv_from_arrays_is_the_table_text(case, tmp_path, threads):
     real, _, col, control = case
     res = de_arrays(real.X, real.obs[col], control, var_names=real.var_names, threads=2)
-    res.target_mean[0, :4] = np.nan  # written as empty fields, as pyarrow writes a DataFrame's NaN
+    res.target_mean[0, :4] = np.nan  # written as empty fields: pdex's NaN reaches polars as null
     write_de_csv(res.to_frame(), tmp_path / "table.csv", chunk_rows=1000)
     write_de_csv(res, tmp_path / "arrays.csv", chunk_rows=333, threads=threads)
     text = (tmp_path / "table.csv").read_bytes()
@@ -110,6 +110,12 @@ def test_de_csv_text_is_polars_text(tmp_path):
     plain = frame.assign(target="plain")
     write_de_csv(plain, tmp_path / "plain.csv")
     assert (tmp_path / "plain.csv").read_text() == pl.from_pandas(plain, nan_to_null=True).write_csv()
+
+    labels = frame.assign(target=["", None, "x"] * 5, members=pd.array([1, None, 3] * 5, dtype="Int64"),
+                          kept=pd.array([True, None, False] * 5, dtype="boolean"),
+                          score=pd.array([0.5, None, 2.0] * 5, dtype="Float64"))
+    write_de_csv(labels, tmp_path / "labels.csv", chunk_rows=4)  # an empty text is "", a missing one empty
+    assert (tmp_path / "labels.csv").read_text() == pl.from_pandas(labels, nan_to_null=True).write_csv()
 
     whole_first = pd.DataFrame({"target": ["P"] * 150, "feature": [f"G{i}" for i in range(150)],
                                 "statistic": np.r_[np.arange(149.0), 7.5]})

@@ -333,9 +333,9 @@ def baseline_cmd(
     from vcell.data.io import atomic_files, check_output_path, read_h5ad, write_h5ad
     from vcell.data.validate import check_unique_genes
     from vcell.eval.baseline import build_cell_mean_baseline, read_counts_table
+    from vcell.eval.csvio import write_de_csv
     from vcell.eval.de import differential_expression
     from vcell.eval.inputs import perturbation_labels, to_log1p
-    from vcell.eval.run import write_de_csv
 
     check_output_path(out, [real], overwrite=overwrite)
     if de_out is not None:

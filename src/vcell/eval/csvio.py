@@ -1,8 +1,9 @@
 """Tables in cell-eval's CSV format (polars' writer): ``results``, ``agg_results``, score and DE tables.
 
-A null is an empty field, a NaN is ``NaN``, floats are written with polars' notation (shortest
-round-trip digits, positional down to 1e-5, exponents without padding). Kept apart from the
-scoring so that readers and writers of these tables import nothing else.
+A null is an empty field and an empty text ``""``; floats are written with polars' notation
+(shortest round-trip digits, positional down to 1e-5, exponents without padding); a NaN is
+``NaN`` in the score tables and null in the DE tables (as pdex's tables reach polars). Kept apart
+from the scoring so that readers and writers of these tables import nothing else.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _format_cell(value) -> str:
     if isinstance(value, float | np.floating):
         return _format_float(float(value))
     text = str(value)
-    if any(ch in text for ch in ',"\n\r'):
+    if not text or any(ch in text for ch in ',"\n\r'):
         text = '"' + text.replace('"', '""') + '"'
     return text
 
@@ -115,7 +116,9 @@ def _arrow_float_text(values):
     text = pc.cast(pa.array(values, mask=nan if nan.any() else None), pa.string())
     size = np.abs(values)
     whole = (values == np.trunc(values)) & (size < 1e10)  # Arrow writes these as integers
-    if whole.any():
+    if whole.all():  # e.g. a tie-free prediction's Wilcoxon statistics
+        text = pc.binary_join_element_wise(text, ".0", "")
+    elif whole.any():
         text = pc.replace_with_mask(text, pa.array(whole), pc.binary_join_element_wise(pc.filter(text, pa.array(whole)), ".0", ""))
     if values.dtype == np.float64:
         odd = ((size >= 1e-7) & (size < 1e-5)) | ((size >= 1e10) & (size < 1e16))
@@ -130,10 +133,10 @@ def _arrow_float_text(values):
 
 def _label_text(labels):
     """Labels as Arrow text, quoted as polars quotes them (only where a comma, quote or line
-    break needs it)."""
+    break needs it, and an empty text); ``None`` is null, an empty field."""
     import pyarrow as pa
 
-    return pa.array([_format_cell(v if isinstance(v, str) else str(v)) for v in labels], pa.string())
+    return pa.array([_format_cell(v if isinstance(v, str) or v is None else str(v)) for v in labels], pa.string())
 
 
 def _int_text(values):
@@ -166,20 +169,20 @@ def _de_columns(res, start: int, stop: int, targets, features) -> list:
 def _frame_columns(frame: pd.DataFrame) -> list:
     """A DataFrame's rows as Arrow text columns: floats by :func:`_arrow_float_text`, integers
     as digits, booleans as ``true`` / ``false``, anything else as :func:`_label_text` labels."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     columns = []
     for name in frame.columns:
         col = frame[name]
-        if pd.api.types.is_bool_dtype(col):
-            columns.append(_label_text(["false", "true"]).take(col.to_numpy(dtype=np.int64)))
-        elif pd.api.types.is_float_dtype(col):
-            columns.append(_arrow_float_text(col.to_numpy()))
-        elif pd.api.types.is_integer_dtype(col):
-            columns.append(_int_text(col.to_numpy()))
+        if pd.api.types.is_float_dtype(col):  # pandas' nullable Float64 too: NA is null, as NaN
+            dtype = getattr(col.dtype, "numpy_dtype", col.dtype)
+            columns.append(_arrow_float_text(col.to_numpy(dtype=dtype, na_value=np.nan)))
+        elif pd.api.types.is_bool_dtype(col) or pd.api.types.is_integer_dtype(col):  # nullable ones: NA is null
+            columns.append(pc.cast(pa.array(col, from_pandas=True), pa.string()))
         else:
             codes, uniques = pd.factorize(col, use_na_sentinel=False)
-            columns.append(pc.take(_label_text(["" if pd.isna(u) else u for u in uniques]), codes))
+            columns.append(pc.take(_label_text([None if pd.isna(u) else u for u in uniques]), codes))
     return columns
 
 

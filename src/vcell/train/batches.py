@@ -41,7 +41,7 @@ class EpochShare(list):
     """A rank's share of a global batch (:func:`rank_share`) and the epoch whose plan its indices
     refer to: the dataset draws that plan where it reads, in a persistent worker process too."""
 
-    def __init__(self, items=(), epoch: int = 0):
+    def __init__(self, items=(), epoch: int | None = None):
         super().__init__(items)
         self.epoch = epoch
 
@@ -56,11 +56,13 @@ class EpochBatches(Sampler):
     ``position``, when given, says at the start of each pass (each epoch) which ``(epoch, skip)``
     it is, from the trainer's step: one data loader, and its worker processes, serve every epoch
     (a loader rebuilt each epoch started its workers again, ~0.3 s each time at GPU sizes).
+    Without ``position`` or ``epoch`` the shares carry no epoch: the dataset reads the plan it
+    holds (its ``set_epoch`` called by hand).
     ``len`` is the whole epoch so Lightning's progress counters stay right when a resumed run
     starts mid-epoch.
     """
 
-    def __init__(self, n_items: int, batch_size: int, skip: int = 0, rank: int = 0, world_size: int = 1, epoch: int = 0,
+    def __init__(self, n_items: int, batch_size: int, skip: int = 0, rank: int = 0, world_size: int = 1, epoch: int | None = None,
                  position: Callable[[], tuple[int, int]] | None = None):
         self.n_items, self.batch_size, self.skip, self.epoch = n_items, batch_size, skip, epoch
         self.rank, self.world_size, self.position = rank, world_size, position
