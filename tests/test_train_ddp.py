@@ -72,6 +72,9 @@ def test_rank_shares_split_each_global_batch():
         assert {j for j, _ in pairs} == {16, 17, 18} and all(w == pytest.approx(world / 3) for w in weights.values())
         assert sum(w == 0 for _, w in pairs) == len(pairs) - 3  # the padded copies
     assert list(EpochBatches(18, 8, skip=1, rank=1, world_size=2)) == [[12, 13, 14, 15], [17]]
+    # shares carry the epoch they were cut from, or none (the dataset then reads the plan it holds)
+    assert [s.epoch for s in EpochBatches(18, 8)] == [None] * 3
+    assert [s.epoch for s in EpochBatches(18, 8, position=lambda: (4, 1))] == [4, 4]
     assert rank_share([5], 1, 2) == [(5, 0.0)] and rank_share([4, 5], 1, 2) == [5]
 
 
