@@ -157,7 +157,7 @@ def _imports(out: str) -> None:
             mod = __import__(module, fromlist=["_"])
             found[dist_name] = {"ok": True, "version": str(getattr(mod, "__version__", "") or _version(dist_name))}
         except Exception as exc:  # noqa: BLE001 - any failure to import is what this check reports
-            found[dist_name] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+            found[dist_name] = {"ok": False, "error": _one_line(exc)}
     found |= _smoke(found)
     device: dict = {}
     if found["torch"]["ok"]:
@@ -168,6 +168,11 @@ def _imports(out: str) -> None:
             device.update(name=torch.cuda.get_device_name(), bf16=torch.cuda.is_bf16_supported(),
                           memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30)
     Path(out).write_text(json.dumps({"modules": found, "device": device, "python": sys.version.split()[0]}))
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as the one line the import check reports."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def _smoke(found: dict) -> dict:
@@ -183,7 +188,7 @@ def _smoke(found: dict) -> dict:
             app(["data", "simulate", "--help"], prog_name="vcell", standalone_mode=False)
             checks["vcell-command"] = {"ok": True, "version": ""}
         except Exception as exc:  # noqa: BLE001 - reported, as an import failure is
-            checks["vcell-command"] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+            checks["vcell-command"] = {"ok": False, "error": _one_line(exc)}
     if found["anndata"]["ok"] and found["vcell"]["ok"]:
         try:
             import anndata as ad
@@ -201,7 +206,7 @@ def _smoke(found: dict) -> dict:
                 assert (back.X != X).nnz == 0 and list(back.obs["target_gene"]) == list(obs["target_gene"])
             checks["anndata-roundtrip"] = {"ok": True, "version": ""}
         except Exception as exc:  # noqa: BLE001
-            checks["anndata-roundtrip"] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+            checks["anndata-roundtrip"] = {"ok": False, "error": _one_line(exc)}
     return checks
 
 

@@ -140,6 +140,7 @@ def _label_text(labels):
 
 
 def _int_text(values):
+    """Integers or booleans (``true`` / ``false``) as Arrow text; a pandas nullable column's NA is null."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -169,7 +170,6 @@ def _de_columns(res, start: int, stop: int, targets, features) -> list:
 def _frame_columns(frame: pd.DataFrame) -> list:
     """A DataFrame's rows as Arrow text columns: floats by :func:`_arrow_float_text`, integers
     as digits, booleans as ``true`` / ``false``, anything else as :func:`_label_text` labels."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     columns = []
@@ -178,8 +178,8 @@ def _frame_columns(frame: pd.DataFrame) -> list:
         if pd.api.types.is_float_dtype(col):  # pandas' nullable Float64 too: NA is null, as NaN
             dtype = getattr(col.dtype, "numpy_dtype", col.dtype)
             columns.append(_arrow_float_text(col.to_numpy(dtype=dtype, na_value=np.nan)))
-        elif pd.api.types.is_bool_dtype(col) or pd.api.types.is_integer_dtype(col):  # nullable ones: NA is null
-            columns.append(pc.cast(pa.array(col, from_pandas=True), pa.string()))
+        elif pd.api.types.is_bool_dtype(col) or pd.api.types.is_integer_dtype(col):
+            columns.append(_int_text(col))
         else:
             codes, uniques = pd.factorize(col, use_na_sentinel=False)
             columns.append(pc.take(_label_text([None if pd.isna(u) else u for u in uniques]), codes))

@@ -64,14 +64,14 @@ class EpochBatches(Sampler):
 
     def __init__(self, n_items: int, batch_size: int, skip: int = 0, rank: int = 0, world_size: int = 1, epoch: int | None = None,
                  position: Callable[[], tuple[int, int]] | None = None):
-        self.n_items, self.batch_size, self.skip, self.epoch = n_items, batch_size, skip, epoch
-        self.rank, self.world_size, self.position = rank, world_size, position
+        self.n_items, self.batch_size, self.rank, self.world_size = n_items, batch_size, rank, world_size
+        self.position = position if position is not None else (lambda: (epoch, skip))
 
     def __len__(self) -> int:
         return math.ceil(self.n_items / self.batch_size)
 
     def __iter__(self):
-        epoch, skip = self.position() if self.position is not None else (self.epoch, self.skip)
+        epoch, skip = self.position()
         for b in range(skip, len(self)):
             batch = list(range(b * self.batch_size, min((b + 1) * self.batch_size, self.n_items)))
             yield EpochShare(rank_share(batch, self.rank, self.world_size), epoch)

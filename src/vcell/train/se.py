@@ -165,7 +165,7 @@ class SEDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._world()
-        self.batches.set_epoch(self._position()[0])
+        self.batches.set_epoch(self._position()[0])  # drawn once here, before any worker forks with a copy
         return DataLoader(
             self.batches,
             batch_size=None,

@@ -302,7 +302,7 @@ class CellSetDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()
-        self.train_set.set_epoch(self._position()[0])  # read in this process (no workers): the plan is ready
+        self.train_set.set_epoch(self._position()[0])  # drawn once here, before any worker forks with a copy
         batches = EpochBatches(len(self.train_set), self.batch_size, rank=rank, world_size=world, position=self._position)
         return self._loader(WeightedSets(self.train_set), batch_sampler=batches)
 
