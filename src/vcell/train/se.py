@@ -142,6 +142,11 @@ class SEDataModule(L.LightningDataModule):
     def __init__(self, batches: SEBatches, num_workers: int = 0):
         super().__init__()
         self.batches, self.num_workers = batches, num_workers
+        self.prefetch_factor: int | None = None  # batches per worker fetched ahead; None: torch's default
+
+    def sample_batch(self, world: int = 1) -> dict:
+        """A training batch of one process (``batch_size`` is per process), as the loader's workers build it."""
+        return self.batches[0]
 
     def _world(self) -> tuple[int, int]:
         t = self.trainer
@@ -173,6 +178,7 @@ class SEDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(0),
             persistent_workers=self.num_workers > 0,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None,
         )
 
 

@@ -258,6 +258,7 @@ class CellSetDataModule(L.LightningDataModule):
         self.data, self.split = data, split
         self.batch_size, self.set_size, self.seed = batch_size, set_size, seed
         self.control_strategy, self.num_workers = control_strategy, num_workers
+        self.prefetch_factor: int | None = None  # batches per worker fetched ahead; None: torch's default
         genes = row_source(data.adata, data.path)
         rows, gene_rows = (genes, None) if embed_key is None else (row_source(data.adata, data.path, f"obsm/{embed_key}"), genes)
         idx = data.index
@@ -281,8 +282,15 @@ class CellSetDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed),
             persistent_workers=self.num_workers > 0,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None,
             **kwargs,
         )
+
+    def sample_batch(self, world: int = 1) -> dict:
+        """A training batch of one of ``world`` processes, as the train loader's workers build it
+        (read in this process)."""
+        n = min(len(self.train_set), max(1, self.batch_size // world))
+        return collate_cell_sets(self.train_set.__getitems__(list(range(n))))
 
     def _rank(self) -> tuple[int, int]:
         """``(global rank, world size)`` of this process."""

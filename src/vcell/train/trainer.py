@@ -21,6 +21,7 @@ from vcell.train.options import TrainOptions
 from vcell.train.progress import StopTraining, TrainProgress, raise_interrupted, stop_on_interrupt
 from vcell.train.quiet import quiet_lightning
 from vcell.train.runs import LAST, check_resume_steps, checkpoint_step
+from vcell.train.shared_memory import batch_nbytes, shm_free, worker_prefetch
 
 
 class ProcessLost(VcellError):
@@ -121,6 +122,10 @@ def fit_module(
             raise VcellError(f"{ckpt}: no checkpoint to resume from")
         check_resume_steps(ckpt, options.max_steps)
         verify_checkpoint(ckpt)  # a damaged file is named before the trainer (and its logger) starts
+    workers = getattr(datamodule, "num_workers", 0)
+    if workers:
+        batch = datamodule.sample_batch(options.world_size)
+        datamodule.prefetch_factor = worker_prefetch(batch_nbytes(batch), workers, options.devices, shm_free())
     trainer = make_trainer(options, out_dir, kind, validate)
     progress = next(cb for cb in trainer.callbacks if isinstance(cb, TrainProgress))
     with stop_on_interrupt(progress):
