@@ -167,6 +167,11 @@ def _imports(out: str) -> None:
         if device["cuda"]:
             device.update(name=torch.cuda.get_device_name(), bf16=torch.cuda.is_bf16_supported(),
                           memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30)
+    try:  # the loader workers' batches pass through it (vcell refuses --num-workers that do not fit)
+        st = os.statvfs("/dev/shm")
+        device["shm_free_gib"] = st.f_bavail * st.f_frsize / 2**30
+    except OSError:
+        device["shm_free_gib"] = None
     Path(out).write_text(json.dumps({"modules": found, "device": device, "python": sys.version.split()[0]}))
 
 
@@ -550,7 +555,8 @@ def report(chk: Check, found: dict, peers: dict) -> list[str]:
     mods = found.get("modules", {})
     print(f"\nDevice: {where}; Python {found.get('python')}, torch {mods.get('torch', {}).get('version', '?')}, "
           f"lightning {mods.get('lightning', {}).get('version', '?')}, anndata {mods.get('anndata', {}).get('version', '?')}; "
-          f"arc-state: {peers.get('arc-state') or 'not importable'}")
+          f"arc-state: {peers.get('arc-state') or 'not importable'}; /dev/shm free: "
+          f"{'?' if dev.get('shm_free_gib') is None else format(dev['shm_free_gib'], '.1f')} GiB")
     print("| step | what | status | cells/s | steps/s | data wait % | peak GPU MiB | peak RSS MiB | wall s |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
