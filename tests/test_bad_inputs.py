@@ -36,7 +36,7 @@ import scipy.sparse as sp
 
 from vcell.data.simulate import simulate_perturbseq
 
-from conftest import run_cli, run_cli_batch
+from conftest import error_line, run_cli, run_cli_batch
 
 TINY_ST = {"width": 16, "n_layers": 1, "n_heads": 2, "encoder_layers": 1}
 TINY_SE = {"d_model": 16, "n_layers": 1, "n_heads": 2, "sentence_len": 18, "n_mask": 8}
@@ -802,3 +802,22 @@ def test_predict_says_nothing_of_other_contexts_without_controls(world, tmp_path
     proc = run_cli("predict", "--model", world.st, "--data", data, "--context", "ctx_B", "--out", tmp_path / "pred.h5ad")
     assert proc.returncode == 0, proc.stderr
     assert "ctx_A" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr
+
+
+def test_a_file_locked_by_another_process_says_what_to_do(world, tmp_path):
+    """A file another process holds open for writing (HDF5 locks it; so do filesystems without
+    locks): one line naming the file and HDF5_USE_FILE_LOCKING, for each way vcell opens an .h5ad."""
+    import h5py
+
+    data = tmp_path / "held.h5ad"
+    world.adata("log").write_h5ad(data)
+    commands = [["data", "check", data], ["data", "preprocess", data, tmp_path / "pp.h5ad"],
+                ["eval", "run", "--pred", data, "--real", data, "--out", tmp_path / "e25"],
+                ["eval", "run", "--profile", "vcc2026", "--pred", data, "--real", data, "--out", tmp_path / "e26"],
+                ["predict", "--model", world.st, "--data", data, "--context", "ctx_B", "--out", tmp_path / "pred.h5ad"]]
+    with h5py.File(data, "r+"):
+        procs = run_cli_batch(commands)
+    for argv, proc in zip(commands, procs):
+        line = error_line(proc)
+        assert str(data) in line and "HDF5_USE_FILE_LOCKING=FALSE" in line, (argv, line)
+    assert not any((tmp_path / name).exists() for name in ("pp.h5ad", "e25", "e26", "pred.h5ad"))

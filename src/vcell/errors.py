@@ -130,3 +130,11 @@ def named_with_guess(value: str, options: Iterable) -> str:
     """
     guess = close_matches(value, options, n=1)
     return f"{value!r}" + (f" (did you mean {guess[0]!r}?)" if guess else "")
+
+
+def lock_hint(exc: BaseException) -> str:
+    """What to do when HDF5 could not lock a file (``exc`` from opening it), else ``""``."""
+    if "unable to lock file" not in str(exc):
+        return ""
+    return ("; another process has it open for writing, or its filesystem (NFS, Lustre) has no file locks: "
+            "close the other process, or set HDF5_USE_FILE_LOCKING=FALSE")

@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vcell.errors import VcellError
+from vcell.errors import VcellError, lock_hint
 
 #: Stored entries checked at a time (64 MB of int32 indices).
 _CHUNK = 1 << 24
@@ -51,7 +51,7 @@ def check_stored_matrices(path: str | os.PathLike, f: h5py.File | None = None) -
         else:
             _check_file(path, f)
     except (OSError, TypeError, ValueError, KeyError, IndexError) as exc:  # e.g. a scalar where an array belongs
-        raise VcellError(f"{path}: unreadable .h5ad file ({type(exc).__name__}: {exc})") from exc
+        raise VcellError(f"{path}: unreadable .h5ad file ({type(exc).__name__}: {exc}){lock_hint(exc)}") from exc
     _CHECKED.add(key)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import sparse
 
 from vcell.data.layout import check_stored_matrices
-from vcell.errors import VcellError
+from vcell.errors import VcellError, lock_hint
 
 log = logging.getLogger("vcell.data.preprocess")
 
@@ -203,7 +203,7 @@ def open_input(path: Path) -> Iterator[tuple[h5py.File, dict, object]]:
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise VcellError(f"{path}: unreadable .h5ad file ({exc})") from exc
+        raise VcellError(f"{path}: unreadable .h5ad file ({exc}){lock_hint(exc)}") from exc
     with f:
         check_stored_matrices(path, f)
         ann = read_annotations(f, path)

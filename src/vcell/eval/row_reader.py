@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from vcell.data.layout import check_stored_matrices
 from vcell.data.preprocess_stream import H5Source, encoding_type
-from vcell.errors import VcellError
+from vcell.errors import VcellError, lock_hint
 from vcell.eval._band_kernels import dense_fill, dense_row_counts, is_canonical, remap_columns
 
 _SAMPLE_WINDOWS = 32
@@ -48,7 +48,7 @@ class MatrixReader:
         try:
             self.file = h5py.File(self.path, "r")
         except OSError as exc:
-            raise VcellError(f"{self.where}: not a readable .h5ad file ({exc})") from None
+            raise VcellError(f"{self.where}: not a readable .h5ad file ({exc}){lock_hint(exc)}") from None
         try:
             check_stored_matrices(self.path, self.file)
         except BaseException:

@@ -22,7 +22,7 @@ import scipy.sparse as sp
 from vcell.data.layout import check_stored_matrices
 from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.data.spec import DataSpec, column_guess
-from vcell.errors import VcellError, preview
+from vcell.errors import VcellError, lock_hint, preview
 from vcell.eval.row_reader import MatrixReader
 from vcell.eval.tiles import Scratch, TileStore, open_store, plan_tiles, write_stores
 from vcell.eval.vcc2026._kernels import row_stats
@@ -127,7 +127,7 @@ def read_obs(path: str | os.PathLike, columns: list[str]) -> ObsColumns:
     except _Unsupported:
         pass
     except OSError as exc:
-        raise VcellError(f"{path}: not a readable .h5ad file ({exc})") from None
+        raise VcellError(f"{path}: not a readable .h5ad file ({exc}){lock_hint(exc)}") from None
     from vcell.data.io import read_h5ad
     meta = read_h5ad(path, backed=True)
     obs = meta.obs.copy()
@@ -147,7 +147,7 @@ def read_counts_file(path: str | os.PathLike, columns: list[str]) -> CountsFile:
     except _Unsupported:
         pass
     except OSError as exc:
-        raise VcellError(f"{path}: not a readable .h5ad file ({exc})") from None
+        raise VcellError(f"{path}: not a readable .h5ad file ({exc}){lock_hint(exc)}") from None
     return _read_anndata(path, columns)
 
 
