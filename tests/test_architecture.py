@@ -24,7 +24,7 @@ PACKAGE = SRC / "vcell"
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 #: Modules every layer may import.
-FOUNDATION = {"vcell.errors", "vcell._version", "vcell._lazy", "vcell._heap"}
+FOUNDATION = {"vcell.errors", "vcell._version", "vcell._lazy", "vcell._heap", "vcell._numba_cache"}
 #: Layer -> the layers it may import (besides itself and the foundation).
 ALLOWED = {
     "data": set(),

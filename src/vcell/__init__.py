@@ -45,8 +45,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vcell._lazy import lazy_exports
+from vcell._numba_cache import ensure_cache_folder
 from vcell._version import __version__ as __version__
 from vcell.errors import VcellError as VcellError
+
+ensure_cache_folder()  # before any module defines a cached numba kernel
 
 if TYPE_CHECKING:
     import anndata as ad

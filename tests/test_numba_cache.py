@@ -1,0 +1,63 @@
+"""vcell runs from a read-only install whose user has no writable home: numba's cache moves to the
+temporary directory instead of every kernel failing at import."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import vcell
+from vcell import _numba_cache
+
+
+def test_cache_folder_is_left_alone_where_numba_can_cache(monkeypatch):
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    assert _numba_cache.ensure_cache_folder() is None  # this checkout's package folder is writable
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "/somewhere")
+    monkeypatch.setattr(_numba_cache, "_writable", lambda folder: False)
+    assert _numba_cache.ensure_cache_folder() is None  # the user's choice stands
+
+
+def test_nowhere_to_cache_moves_it_to_the_temporary_directory(monkeypatch, tmp_path):
+    import numba
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr(_numba_cache, "_writable", lambda folder: False)
+    monkeypatch.setattr(_numba_cache.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(numba.config, "CACHE_DIR", numba.config.CACHE_DIR)
+    folder = _numba_cache.ensure_cache_folder()
+    assert folder is not None and Path(folder).parent == tmp_path
+    assert os.environ["NUMBA_CACHE_DIR"] == folder and numba.config.CACHE_DIR == folder
+
+
+def _private_mounts() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount --bind / /mnt && mount -o remount,ro,bind /mnt"],
+                               capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _private_mounts(), reason="needs `unshare -m` and mount rights to make the install read-only for one run")
+def test_read_only_install_without_a_home_runs(tmp_path):
+    """The package folder and HOME read-only (a bind mount in a private namespace, as in a container
+    image run as another user): a command that compiles kernels runs, caching them under TMPDIR."""
+    package = Path(vcell.__file__).parent
+    home = package / "no-home"  # inside the read-only mount: cannot be created
+    data = tmp_path / "sim.h5ad"
+    vcell_cli = f"{sys.executable} -m vcell"
+    script = (f"mount --bind {package} {package} && mount -o remount,ro,bind {package} && "
+              f"export HOME={home} XDG_CACHE_HOME={home} TMPDIR={tmp_path} && "
+              f"{vcell_cli} data simulate {data} --n-genes 50 --n-perturbations 3 --n-combinations 0 && {vcell_cli} data check {data}")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    cached = list(tmp_path.glob("vcell-numba-*/**/*.nbi"))
+    assert cached, "nothing cached under TMPDIR"
