@@ -19,6 +19,7 @@ import pytest
 import scipy.sparse as sp
 
 from vcell.data import preprocess_stream
+from vcell.errors import VcellError
 from vcell.eval import bands
 from vcell.eval.bands import band_plan, sweep
 from vcell.eval.row_reader import MatrixReader
@@ -416,4 +417,37 @@ def test_values_too_large_for_two_bytes_switch_the_pieces(tmp_path, monkeypatch)
         assert kinds == {True, False}
         got = sum(sp.csr_matrix(store.part(t), shape=X.shape).toarray() for t in range(3))
         np.testing.assert_array_equal(got, X)
+        store.close()
+
+
+def test_a_write_stopped_part_way_leaves_the_first_error_and_no_files(tmp_path, monkeypatch):
+    """A SIGTERM (KeyboardInterrupt) or a full disk while the gene bands are written: the store
+    closes without its row-count check hiding what stopped it, and its files go."""
+    X = sp.random(300, 120, density=0.3, random_state=1, format="csr", dtype=np.float32)
+    path = tmp_path / "m.h5ad"
+    _adata(X, np.array(["a"] * 300, dtype=object), [f"g{j}" for j in range(120)]).write_h5ad(path)
+    calls = []
+
+    def stop_second_chunk(r0, r1, parts):
+        calls.append(r0)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    chunks = MatrixReader.chunks
+    monkeypatch.setattr(MatrixReader, "chunks", lambda self, values=None, **kw: chunks(self, 2000, **kw))  # ~6 chunks
+    with MatrixReader(path) as reader, Scratch(tmp_path / "out") as scratch:
+        store = open_store(reader, np.array([0, 40, 120]), scratch, "all")
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                write_stores(reader, [(store, None)], on_chunk=stop_second_chunk)
+            finally:
+                store.close()
+        folder = scratch.folder()
+        assert store.n_written < 300 and not any(folder.iterdir())
+    short = OSError("4096 requested and 512 written")  # numpy's tofile on a full disk: no errno
+    monkeypatch.setattr(TileStore, "_write", lambda *a, **k: (_ for _ in ()).throw(short))
+    with MatrixReader(path) as reader, Scratch(tmp_path / "out2") as scratch:
+        store = open_store(reader, np.array([0, 40, 120]), scratch, "all")
+        with pytest.raises(VcellError, match="the disk filled up"):
+            write_stores(reader, [(store, None)])
         store.close()

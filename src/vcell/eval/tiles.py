@@ -181,13 +181,16 @@ class TileStore:
 
     def finish(self) -> None:
         """Close the files (the store is then read-only)."""
+        self._close_files()
+        if self.n_written != self.n_rows:
+            raise ValueError(f"{self.n_written} rows written, {self.n_rows} announced")
+
+    def _close_files(self) -> None:
         for handles in self._files:
             for h in handles:
                 h.close()
         self._files = []
         self._buf = (np.empty(0, self.dtype), np.empty(0, np.uint16))
-        if self.n_written != self.n_rows:
-            raise ValueError(f"{self.n_written} rows written, {self.n_rows} announced")
 
     def transform(self, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
         """Apply ``fn(data, indptr) -> data`` to the values: now in memory, at each read on disk."""
@@ -265,8 +268,8 @@ class TileStore:
             at, pos = at + n, pos + n * kind.itemsize
 
     def close(self) -> None:
-        """Release the memory, delete the files."""
-        self.finish() if self._files else None
+        """Release the memory, delete the files (also after a failed or interrupted write: no row count checked)."""
+        self._close_files()
         if self.on_disk:
             for t in range(self.n_tiles):
                 for ext in ("data", "idx", "cnt"):
@@ -284,7 +287,9 @@ def write_stores(reader: MatrixReader, targets: list[tuple[TileStore, np.ndarray
     try:
         _write_stores(reader, targets, on_chunk, col_map, progress, description, threads)
     except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+        # numpy's tofile reports a short write without an errno ("N requested and M written"): a full disk or quota
+        short_write = exc.errno is None and "requested and" in str(exc) and "written" in str(exc)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) and not short_write:
             raise
         folder = next((s.folder for s, _ in targets if s.folder is not None), None)
         raise VcellError(f"{folder}: the disk filled up while the temporary gene bands were written; free some space, write "
@@ -382,5 +387,6 @@ def open_store(reader: MatrixReader, bounds: np.ndarray, scratch: Scratch, name:
     expected = reader.values() * (small + 2)
     if rows is not None:
         expected = expected * n / max(reader.n_rows, 1)
+    expected += 4 * n * (len(bounds) - 1)  # each tile's per-row counts (int32)
     folder = scratch.folder(expected * 1.05)
     return TileStore(n, reader.n_genes, bounds, dtype, folder, name, storage=reader.kind)
