@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import anndata as ad
 import numpy as np
@@ -213,3 +216,22 @@ def test_which_process_of_a_distributed_run_this_is(monkeypatch, env, label):
         monkeypatch.setenv(key, value)
     assert secondary_rank() == label
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an address-space limit (RLIMIT_AS) as ulimit -v sets it")
+def test_out_of_memory_is_one_line_and_leaves_nothing(tmp_path):
+    """A command that runs out of memory under ``ulimit -v`` (a cluster job's limit): one ``error:``
+    line saying so and what to do, exit 1 (the machine's fault, not the input's), no file left."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+
+    out = tmp_path / "big.h5ad"
+    proc = subprocess.run([sys.executable, "-m", "vcell", "data", "simulate", str(out), "--n-genes", "20000",
+                           "--cells-per-perturbation", "500"], capture_output=True, text=True, timeout=300, preexec_fn=limit,
+                          env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith("error: out of memory (") and "ulimit -v" in lines[0]
+    assert list(tmp_path.iterdir()) == []

@@ -169,6 +169,13 @@ def main(argv: list[str] | None = None) -> None:
         except OSError as exc:  # an ordinary fault of the system (permission denied, disk full, ...): one line too
             _print_error(os_error_message(exc), rank)
             sys.exit(VcellError.exit_code)
+        except (MemoryError, ImportError) as exc:
+            # out of memory under an address-space limit (ulimit -v, a job's memory limit): a fault of the
+            # machine, not of the input; a library loaded then fails to map its code ("failed to map segment")
+            if isinstance(exc, ImportError) and "failed to map segment" not in str(exc):
+                raise
+            _print_error(_out_of_memory_message(exc), rank)
+            sys.exit(1)
         except _Stopped as stopped:
             exc = stopped.interrupt
             status, by = _stop_status(exc)
@@ -184,6 +191,14 @@ def main(argv: list[str] | None = None) -> None:
         if argv is None:  # the process's own command line: it ends now
             for signum in (signal.SIGINT, *STOP_SIGNALS):
                 signal.signal(signum, _exit_interrupted)
+
+
+def _out_of_memory_message(exc: BaseException) -> str:
+    """The one line for a command that ran out of memory."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    what = lines[-1] if lines else type(exc).__name__  # a worker's MemoryError carries its traceback; the cause is last
+    return (f"out of memory ({what}): give this command more memory (a larger machine or job, a higher ulimit -v), or "
+            "let it stream from disk where it can (see its --help: --backed, --memory-budget)")
 
 
 def _print_error(message: str, rank: str | None) -> None:
