@@ -193,6 +193,24 @@ def test_zstd_command_fallback(tmp_path, pap_small, monkeypatch):
     assert not (tmp_path / "c.vcc").exists()
 
 
+def test_a_disk_full_while_compressing_names_the_output(tmp_path, pap_small, monkeypatch):
+    """The compressor's "No space left on device" names no file: the error names the archive, and
+    nothing is left beside it."""
+    import errno
+
+    pred, genes = _make_case(tmp_path, pap_small, "log1p")
+    out = tmp_path / "out" / "sub.vcc"
+
+    def full(src, dst, level=3):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prep, "zstd_compress", full)
+    with pytest.raises(OSError) as exc:
+        prepare_submission(pred, out, genes=genes)
+    assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(out)
+    assert list(out.parent.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------------------
 # errors: one line naming the culprit, and no output at all
 

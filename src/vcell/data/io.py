@@ -355,11 +355,16 @@ def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | No
     """Write ``adata`` to ``path`` atomically (temp file + rename), after :func:`check_space` for
     its matrices. Returns the path."""
     path = Path(path)
-    raw = [adata.raw.X] if adata.raw is not None else []
-    check_space(path, sum(_nbytes(m) for m in (adata.X, *raw, *adata.layers.values(), *adata.obsm.values(), *adata.obsp.values())))
+    check_space(path, matrices_nbytes(adata))
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp, compression=compression)
     return path
+
+
+def matrices_nbytes(adata: ad.AnnData) -> int:
+    """Bytes of ``adata``'s matrices (``X``, ``raw``, layers, ``obsm``, ``obsp``) as they are written."""
+    raw = [adata.raw.X] if adata.raw is not None else []
+    return sum(_nbytes(m) for m in (adata.X, *raw, *adata.layers.values(), *adata.obsm.values(), *adata.obsp.values()))
 
 
 def _nbytes(matrix) -> int:

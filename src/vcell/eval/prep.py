@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from vcell.data.io import atomic_path, check_output_path, read_h5ad, temp_prefix
+from vcell.data.io import atomic_path, check_output_path, check_space, matrices_nbytes, read_h5ad, temp_prefix
 from vcell.data.spec import column_guess
 from vcell.errors import VcellError, control_hint, preview
 
@@ -191,6 +191,16 @@ def zstd_compress(src: str | os.PathLike, dst: str | os.PathLike, level: int = Z
 def _write_archive(minimal: ad.AnnData, out: Path, level: int) -> None:
     """Write the ``.vcc`` tar for ``minimal`` atomically at ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    check_space(out, 2 * matrices_nbytes(minimal))  # the .h5ad and its compressed copy are there at once
+    try:
+        _write_archive_files(minimal, out, level)
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from exc  # name the output (a compressor's error names none)
+
+
+def _write_archive_files(minimal: ad.AnnData, out: Path, level: int) -> None:
     # named as every vcell temporary (.NAME.PID-XXXXXXXX.tmp) so a rerun removes it if this run is killed
     with tempfile.TemporaryDirectory(prefix=temp_prefix(out), suffix=".tmp", dir=out.parent) as tmp:
         tmp = Path(tmp)
