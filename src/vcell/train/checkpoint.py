@@ -264,3 +264,48 @@ class ResumableModule:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available() and world == 1:
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def checkpoint_bytes(module: torch.nn.Module, optimizer: bool) -> int:
+    """Bytes of one ``last/`` of ``module``: its weights and buffers, and with ``optimizer`` Adam's two
+    moments per trained parameter (float32)."""
+    weights = sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
+    moments = 2 * 4 * sum(p.numel() for p in module.parameters() if p.requires_grad) if optimizer else 0
+    return weights + moments
+
+
+def check_checkpoint_space(module: torch.nn.Module, out_dir: str | os.PathLike, max_steps: int, every: int,
+                           optimizer: bool, validate: bool, start: int = 0) -> None:
+    """Refuse, before training, a run whose checkpoints will not fit on ``out_dir``'s disk.
+
+    ``last/`` is replaced whole (the old folder stays until the new one is complete), so a run that
+    writes it more than once needs two at a time; ``best/`` (weights only, with ``validate``) the
+    same. ``start``: the step a resumed run continues from (its ``last/`` is already on the disk).
+    """
+    import tempfile
+
+    from vcell.data.io import human_size
+
+    steps = range(start + 1, max_steps + 1)
+    writes = len({s for s in steps if s % every == 0} | ({max_steps} if max_steps > start else set()))
+    last = checkpoint_bytes(module, optimizer)
+    copies = min(writes, 1 if start else 2)  # a resumed run's last/ is on the disk already: one new copy at a time
+    weights = checkpoint_bytes(module, False)
+    need = copies * last + (2 * weights if validate else 0)
+    folder = Path(out_dir).resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # the first write will tell
+        return
+    if need <= free:
+        return
+    where = Path(out_dir)
+    tmp = Path(tempfile.gettempdir()).resolve()
+    made_here = where.resolve().parent == tmp and where.name.startswith("vcell-")  # vcell bench's own run folder
+    hint = " (a temporary folder: set TMPDIR to a folder on a larger disk)" if made_here else ""
+    smaller = "; or --no-save-optimizer (last/ without Adam's state, a third of the size)" if optimizer else ""
+    raise VcellError(f"{where}{hint}: {human_size(free)} free, but this run's checkpoints need about {human_size(need)} "
+                     f"({human_size(last)} for last/, kept twice while it is replaced{', and best/' if validate else ''}): "
+                     f"free some space or write the run elsewhere (--out){smaller}")

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from vcell.errors import VcellError
 from vcell.nn.checkpoint import verify_checkpoint
 from vcell.nn.precision import PRECISIONS
-from vcell.train.checkpoint import RunCheckpoints, SafetensorsCheckpointIO
+from vcell.train.checkpoint import RunCheckpoints, SafetensorsCheckpointIO, check_checkpoint_space
 from vcell.train.options import TrainOptions
 from vcell.train.progress import StopTraining, TrainProgress, raise_interrupted, stop_on_interrupt
 from vcell.train.quiet import quiet_lightning
@@ -122,6 +122,8 @@ def fit_module(
             raise VcellError(f"{ckpt}: no checkpoint to resume from")
         check_resume_steps(ckpt, options.max_steps)
         verify_checkpoint(ckpt)  # a damaged file is named before the trainer (and its logger) starts
+    start = checkpoint_step(ckpt) or 0 if ckpt is not None else 0
+    check_checkpoint_space(module, out_dir, options.max_steps, options.checkpoint_every, options.save_optimizer, validate, start)
     workers = getattr(datamodule, "num_workers", 0)
     if workers:
         batch = datamodule.sample_batch(options.world_size)
