@@ -364,15 +364,9 @@ def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | No
 def matrices_nbytes(adata: ad.AnnData) -> int:
     """Bytes of ``adata``'s matrices (``X``, ``raw``, layers, ``obsm``, ``obsp``) as they are written."""
     raw = [adata.raw.X] if adata.raw is not None else []
-    return sum(_nbytes(m) for m in (adata.X, *raw, *adata.layers.values(), *adata.obsm.values(), *adata.obsp.values()))
-
-
-def _nbytes(matrix) -> int:
-    if matrix is None:
-        return 0
-    if hasattr(matrix, "indptr"):
-        return int(matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes)
-    return int(getattr(matrix, "nbytes", 0))
+    mats = [m for m in (adata.X, *raw, *adata.layers.values(), *adata.obsm.values(), *adata.obsp.values()) if m is not None]
+    return sum(int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes) if hasattr(m, "indptr") else int(getattr(m, "nbytes", 0))
+               for m in mats)
 
 
 #: Free space kept beyond a write's own bytes: HDF5 needs some to close a file cleanly (on a full
