@@ -425,3 +425,32 @@ def test_the_summary_says_when_no_validation_ran(tmp_path):
     assert "validation" not in RunSummary("st", tmp_path, 0, 60, 60, 48.0, 7680.0).line()  # no validation cells: nothing to say
     (tmp_path / "best").mkdir()
     assert "no validation ran" not in short.line()
+
+
+def test_a_log_file_gets_a_plain_progress_line_every_few_seconds(files, tmp_path):
+    """Off a terminal (a batch job's log) nothing is drawn, but each step says where it is every
+    VCELL_PROGRESS_EVERY seconds: steps done, share, loss, speed, time left; no control codes."""
+    proc = run_cli(*_st_args(files, tmp_path / "a", "--max-steps", "60"), env={"VCELL_PROGRESS_EVERY": "0.02"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _plain(proc)
+    # loss and speed are read once a second (_REFRESH_S): a tiny run's lines may come before them
+    lines = re.findall(r"^training ST: (\d+)/60 steps \((\d+)%\)(?:, loss [\d.e+-]+, [\d,]+ cells/s)?, ETA \S+$", proc.stderr, re.M)
+    assert len(lines) >= 2, proc.stderr[-3000:]
+    steps = [int(s) for s, _ in lines]
+    assert steps == sorted(steps) and steps[-1] < 60  # none once done: the summary line says so
+    assert all(int(p) == round(100 * int(s) / 60) for s, p in lines)
+    for every in ("0", "60"):  # off, and the default: a short run prints none
+        quiet = run_cli(*_st_args(files, tmp_path / f"b{every}", "--max-steps", "20"), env={"VCELL_PROGRESS_EVERY": every})
+        assert quiet.returncode == 0 and "training ST:" not in quiet.stderr, quiet.stderr[-3000:]
+
+
+def test_a_log_line_reads_as_the_bar_does():
+    from vcell.train.display import _LogLine
+
+    line = _LogLine("training ST", 2000, "steps", 100, every=1e9)
+    line.update(completed=600, info="loss 0.41, 2,345 cells/s")
+    assert line.text(line._t0 + 100) == "training ST: 600/2,000 steps (30%), loss 0.41, 2,345 cells/s, ETA 4m40s"
+    spinner = _LogLine("reading x.h5ad", None, "cells", 0, every=1e9)
+    assert spinner.text(spinner._t0 + 12) == "reading x.h5ad: 12s so far"
+    spinner.advance(1500)
+    assert spinner.text(spinner._t0 + 12) == "reading x.h5ad: 1,500 cells, 12s so far"

@@ -7,7 +7,9 @@ seconds opens a :func:`task` line (a bar with a total, a spinner without): neste
 the ST training or prediction inside ``vcell bench``, add their line below the outer one on the
 same display, so there is only ever one live display. Lines are transient: when a step ends its
 line goes, and the command prints one summary line of its own. On a non-terminal (a pipe, a log
-file) nothing is drawn at all, so captured output holds no control codes.
+file, a batch job's output) nothing is drawn, so captured output holds no control codes; instead
+each step prints a plain line every ``VCELL_PROGRESS_EVERY`` seconds (default 60; 0: none), so a
+long job's log shows it is moving.
 
 This module is light (rich only, no torch), so the command line can import it at start-up.
 """
@@ -18,6 +20,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 
 from rich.console import Console
@@ -160,6 +163,59 @@ class TaskLine:
         self._progress.update(self._id, completed=completed, total=total, description=description, **fields)
 
 
+def _log_every() -> float:
+    """Seconds between a step's plain progress lines off a terminal (``VCELL_PROGRESS_EVERY``; 0: none)."""
+    try:
+        return max(0.0, float(os.environ.get("VCELL_PROGRESS_EVERY", "60")))
+    except ValueError:
+        return 60.0
+
+
+class _LogLine(TaskLine):
+    """A step's progress off a terminal: a plain line at most every ``every`` seconds, e.g.
+    ``training ST: 500/2,000 steps (25%), loss 0.41, 2,345 cells/s, ETA 12m05s``."""
+
+    def __init__(self, description: str, total: float | None, unit: str, completed: float, every: float):
+        super().__init__()
+        self.description, self.total, self.unit, self.completed, self.info = description, total, unit, completed, ""
+        self.every, self._c0 = every, completed
+        self._t0 = self._last = time.monotonic()
+
+    def advance(self, n: float = 1) -> None:
+        self.completed += n
+        self._maybe_print()
+
+    def update(self, completed: float | None = None, total: float | None = None, description: str | None = None,
+               info: str | None = None) -> None:
+        for name, value in (("completed", completed), ("total", total), ("description", description), ("info", info)):
+            if value is not None:
+                setattr(self, name, value)
+        self._maybe_print()
+
+    def text(self, now: float) -> str:
+        """The line as printed at time ``now`` (``time.monotonic``)."""
+        unit = f" {self.unit}" if self.unit else ""
+        parts = []
+        if self.total:
+            parts.append(f"{int(self.completed):,}/{int(self.total):,}{unit} ({100 * self.completed / self.total:.0f}%)")
+        elif self.completed:
+            parts.append(f"{int(self.completed):,}{unit}")
+        if self.info:
+            parts.append(self.info)
+        done = self.completed - self._c0
+        if self.total and done > 0:
+            parts.append(f"ETA {format_duration((self.total - self.completed) * (now - self._t0) / done)}")
+        else:
+            parts.append(f"{format_duration(now - self._t0)} so far")
+        return f"{self.description}: {', '.join(parts)}"
+
+    def _maybe_print(self) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.every and not (self.total and self.completed >= self.total):  # the summary says done
+            self._last = now
+            progress_console().print(self.text(now), highlight=False, markup=False, soft_wrap=True)
+
+
 def _new_progress(console: Console) -> Progress:
     def fixed() -> Column:
         return Column(no_wrap=True)
@@ -173,11 +229,15 @@ def _new_progress(console: Console) -> Progress:
 def task(description: str, total: float | None = None, unit: str = "", completed: float = 0) -> Iterator[TaskLine]:
     """Show a line for the body's work: ``description``, a bar to ``total`` (a spinner without), ETA.
 
-    Yields a :class:`TaskLine`. With progress off, or on a non-terminal, nothing is drawn and the
-    line's methods do nothing.
+    Yields a :class:`TaskLine`. With progress off nothing is shown and the line's methods do
+    nothing; on a non-terminal the line is a plain one every ``VCELL_PROGRESS_EVERY`` seconds.
     """
-    if not progress_enabled() or not on_terminal():
+    if not progress_enabled():
         yield TaskLine()
+        return
+    if not on_terminal():
+        every = _log_every()
+        yield _LogLine(description, total, unit, completed, every) if every > 0 else TaskLine()
         return
     with _lock:
         if _live["progress"] is None:
