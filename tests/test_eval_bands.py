@@ -10,6 +10,7 @@ temporary folder must be gone afterwards, also after a failure.
 from __future__ import annotations
 
 import filecmp
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -451,3 +452,27 @@ def test_a_write_stopped_part_way_leaves_the_first_error_and_no_files(tmp_path, 
         with pytest.raises(VcellError, match="the disk filled up"):
             write_stores(reader, [(store, None)])
         store.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="open-file limits (RLIMIT_NOFILE) as ulimit -n sets them")
+@pytest.mark.parametrize("hard", ["high", "low"])
+def test_many_tiles_under_a_low_open_file_limit(tmp_path, hard):
+    """300 tiles keep 900 files open: a soft limit of 64 (`ulimit -Sn 64`) is raised up to the hard
+    limit; where the hard limit is 64 too, one error line says what to raise."""
+    import subprocess
+
+    code = ("import numpy as np, pathlib; from vcell.eval.tiles import TileStore\n"
+            f"s = TileStore(10, 600, np.arange(0, 601, 2), np.float32, pathlib.Path({str(tmp_path)!r}))\n"
+            "print(len(s._files)); s.close()")
+
+    def limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64 if hard == "low" else resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    if hard == "high":
+        assert proc.returncode == 0 and proc.stdout.strip() == "300", proc.stderr[-2000:]
+    else:
+        assert "VcellError" in proc.stderr and "300 gene tiles keep 900 files open" in proc.stderr and "ulimit -n 64" in proc.stderr
+    assert not any(tmp_path.iterdir())

@@ -77,12 +77,28 @@ class TileStore:
             self._data, self._idx = np.empty(int(nnz), self.dtype), np.empty(int(nnz), np.int32)
             self._indptr = np.zeros(self.n_rows + 1, np.int64)
         else:
-            self._files = [tuple(open(self._path(t, ext), "wb") for ext in ("data", "idx", "cnt")) for t in range(self.n_tiles)]
+            self._open_files()
         self._buf = (np.empty(0, self.dtype), np.empty(0, np.uint16))
         # on disk, a tile's values are pieces (one per chunk) of uint16 (counts) or of the store's dtype
         self._pieces: list[list[tuple[int, bool]]] = [[] for _ in range(self.n_tiles)]
         self._small = self.dtype.kind in "fiu"  # uint16 values worth trying until a value does not fit
         self.keep_small = False  # True: a tile of small counts is handed out as uint16 (its readers take them)
+
+    def _open_files(self) -> None:
+        """The three files of each tile, open for appending while the store is written."""
+        need = 3 * self.n_tiles
+        limit = allow_open_files(need)
+        try:
+            for t in range(self.n_tiles):
+                self._files.append(tuple(open(self._path(t, ext), "wb") for ext in ("data", "idx", "cnt")))
+        except OSError as exc:
+            self._close_files()
+            self._remove_files()
+            if exc.errno != errno.EMFILE:
+                raise
+            raise VcellError(f"{self.folder}: {self.n_tiles} gene tiles keep {need} files open while they are written, more than "
+                             f"this process may open (ulimit -n {limit}): raise that limit, or --memory-budget (fewer, larger "
+                             "tiles)") from None
 
     @classmethod
     def from_csr(cls, X: sp.csr_matrix, name: str = "X") -> TileStore:
@@ -192,6 +208,11 @@ class TileStore:
         self._files = []
         self._buf = (np.empty(0, self.dtype), np.empty(0, np.uint16))
 
+    def _remove_files(self) -> None:
+        for t in range(self.n_tiles):
+            for ext in ("data", "idx", "cnt"):
+                self._path(t, ext).unlink(missing_ok=True)
+
     def transform(self, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
         """Apply ``fn(data, indptr) -> data`` to the values: now in memory, at each read on disk."""
         if self.on_disk:
@@ -271,11 +292,34 @@ class TileStore:
         """Release the memory, delete the files (also after a failed or interrupted write: no row count checked)."""
         self._close_files()
         if self.on_disk:
-            for t in range(self.n_tiles):
-                for ext in ("data", "idx", "cnt"):
-                    self._path(t, ext).unlink(missing_ok=True)
+            self._remove_files()
         else:
             self._data = self._idx = np.empty(0)
+
+
+def allow_open_files(extra: int) -> int | None:
+    """Raise this process's soft limit of open files, up to its hard limit, so that ``extra`` more
+    fit beside those open now (a common soft limit is 1,024; hard limits are usually far higher);
+    returns the soft limit then (``None`` where there is none to read)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_now = 256
+    want = open_now + extra + 64
+    if soft != resource.RLIM_INFINITY and want > soft:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if new > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+                soft = new
+            except (ValueError, OSError):
+                pass
+    return soft
 
 
 def write_stores(reader: MatrixReader, targets: list[tuple[TileStore, np.ndarray | None]],
