@@ -77,7 +77,8 @@ def papalexi() -> Path:
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python -m vcell ARGS`` in a real subprocess and return the completed process."""
-    full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
+    # no timed progress lines (VCELL_PROGRESS_EVERY) on a slow machine unless a test asks for them
+    full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "VCELL_PROGRESS_EVERY": "0", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "vcell", *map(str, args)],
         cwd=cwd,
@@ -122,7 +123,7 @@ def run_cli_batch(commands: list, cwds: list | None = None, timeout: int = 900) 
         json.dump([[[str(a) for a in argv], str(cwd) if cwd else None] for argv, cwd in zip(commands, cwds)], f)
     try:
         proc = subprocess.run([sys.executable, "-c", _BATCH, f.name], capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
+                              env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "VCELL_PROGRESS_EVERY": "0"})
     finally:
         os.unlink(f.name)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -44,24 +44,33 @@ def test_checkpoint_bytes_are_weights_and_adams_moments():
     assert checkpoint_bytes(m, optimizer=True) == weights + 2 * 4 * (100 * 50 + 50 + 50 * 10)  # trained parameters only
 
 
-@pytest.mark.parametrize("max_steps, every, validate, start, copies_last, copies_weights", [
-    (200, 100, False, 0, 2, 0),  # last/ replaced once: old and new at once
-    (100, 100, False, 0, 1, 0),  # written once
-    (50, 100, False, 0, 1, 0),   # only at the end
-    (200, 100, True, 0, 2, 2),   # and best/, replaced too
-    (300, 100, False, 100, 1, 0),  # resumed: its last/ is on the disk already
+@pytest.mark.parametrize("max_steps, every, validate, start, resumed, best_there, copies_last, copies_weights", [
+    (200, 100, False, 0, False, False, 2, 0),  # last/ replaced once: old and new at once
+    (100, 100, False, 0, False, False, 1, 0),  # written once
+    (50, 100, False, 0, False, False, 1, 0),   # only at the end
+    (200, 100, True, 0, False, False, 2, 1),   # and one best/ (written after last/, not with it)
+    (300, 100, True, 100, True, True, 1, 0),   # resumed here: last/ and best/ on the disk, one more copy at a time
+    (300, 100, True, 100, True, False, 1, 1),  # ... best/ not written yet
+    (300, 100, False, 100, False, False, 2, 0),  # resumed from another folder: this disk holds none of it
 ])
-def test_needs_what_the_run_will_hold_at_once(tmp_path, monkeypatch, max_steps, every, validate, start, copies_last, copies_weights):
+def test_needs_what_the_run_will_hold_at_once(tmp_path, monkeypatch, max_steps, every, validate, start, resumed, best_there,
+                                             copies_last, copies_weights):
     m = _module()
+    if best_there:
+        (tmp_path / "run" / "best").mkdir(parents=True)
     need = copies_last * checkpoint_bytes(m, True) + copies_weights * checkpoint_bytes(m, False)
     for free, fits in ((need, True), (need - 1, False)):
         monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path, free=free: Usage(10 * need, 0, free))
         if fits:
-            check_checkpoint_space(m, tmp_path / "run", max_steps, every, True, validate, start)
+            check_checkpoint_space(m, tmp_path / "run", max_steps, every, True, validate, start, resumed)
         else:
             with pytest.raises(VcellError) as exc:
-                check_checkpoint_space(m, tmp_path / "run", max_steps, every, True, validate, start)
-            assert str(exc.value).startswith(f"{tmp_path / 'run'}: ") and "--no-save-optimizer" in str(exc.value)
+                check_checkpoint_space(m, tmp_path / "run", max_steps, every, True, validate, start, resumed)
+            msg = str(exc.value)
+            assert msg.startswith(f"{tmp_path / 'run'}: ") and "--no-save-optimizer" in msg
+            assert ("kept twice" in msg) == (copies_last == 2)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: Usage(0, 0, 0))  # a FUSE mount without sizes
+    check_checkpoint_space(m, tmp_path / "run", max_steps, every, True, validate, start, resumed)
 
 
 @pytest.mark.skipif(not _private_tmpfs(), reason="needs `unshare -m` and mount rights to give a run a small disk of its own")

@@ -230,7 +230,8 @@ def test_out_of_memory_is_one_line_and_leaves_nothing(tmp_path):
     out = tmp_path / "big.h5ad"
     proc = subprocess.run([sys.executable, "-m", "vcell", "data", "simulate", str(out), "--n-genes", "20000",
                            "--cells-per-perturbation", "500"], capture_output=True, text=True, timeout=300, preexec_fn=limit,
-                          env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
+                          env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+                               "MALLOC_ARENA_MAX": "2"})  # no thread per core to start inside the limit
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert lines[0].startswith("error: out of memory (") and "ulimit -v" in lines[0]

@@ -61,3 +61,15 @@ def test_read_only_install_without_a_home_runs(tmp_path):
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     cached = list(tmp_path.glob("vcell-numba-*/**/*.nbi"))
     assert cached, "nothing cached under TMPDIR"
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX user ids")
+def test_a_cache_folder_others_can_write_is_not_used(monkeypatch, tmp_path):
+    """numba loads what it finds in its cache folder: a ``vcell-numba-UID`` that another user made
+    (or left writable to all) is not taken; a fresh private folder is."""
+    monkeypatch.setattr(_numba_cache.tempfile, "tempdir", str(tmp_path))
+    mine = _numba_cache._private_folder()
+    assert mine == str(tmp_path / f"vcell-numba-{os.getuid()}") and (os.stat(mine).st_mode & 0o777) == 0o700
+    os.chmod(mine, 0o777)  # as if someone else had made it for us
+    other = _numba_cache._private_folder()
+    assert other != mine and Path(other).parent == tmp_path and (os.stat(other).st_mode & 0o777) == 0o700

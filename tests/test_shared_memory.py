@@ -46,7 +46,7 @@ def test_no_room_for_one_batch_per_worker_is_one_error_naming_what_fits():
         worker_prefetch(10 * MIB, 8, free=free)
     msg = str(exc.value)
     most = int(USABLE * free / (10 * MIB)) - HELD
-    assert "\n" not in msg and "--num-workers 8" in msg and f"--num-workers {most} or fewer" in msg and "64 MiB free" in msg
+    assert "\n" not in msg and "--num-workers 8" in msg and f"--num-workers {most} or fewer" in msg and "67.1 MB free" in msg
     assert worker_prefetch(10 * MIB, most, free=free) == 1  # the advice works
     with pytest.raises(VcellError, match="--num-workers 0,"):
         worker_prefetch(40 * MIB, 1, free=free)

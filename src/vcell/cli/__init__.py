@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         except (MemoryError, ImportError) as exc:
             # out of memory under an address-space limit (ulimit -v, a job's memory limit): a fault of the
             # machine, not of the input; a library loaded then fails to map its code ("failed to map segment")
-            if isinstance(exc, ImportError) and "failed to map segment" not in str(exc):
-                raise
+            if isinstance(exc, ImportError) and not ("failed to map segment" in str(exc) and _memory_limited()):
+                raise  # e.g. the same words for a library on a noexec mount: its own traceback says which
             _print_error(_out_of_memory_message(exc), rank)
             sys.exit(1)
         except _Stopped as stopped:
@@ -191,6 +191,15 @@ def main(argv: list[str] | None = None) -> None:
         if argv is None:  # the process's own command line: it ends now
             for signum in (signal.SIGINT, *STOP_SIGNALS):
                 signal.signal(signum, _exit_interrupted)
+
+
+def _memory_limited() -> bool:
+    """Whether this process runs under an address-space or data-size limit (``ulimit -v`` / ``-d``)."""
+    try:
+        import resource
+    except ImportError:
+        return False
+    return any(resource.getrlimit(r)[0] != resource.RLIM_INFINITY for r in (resource.RLIMIT_AS, resource.RLIMIT_DATA))
 
 
 def _out_of_memory_message(exc: BaseException) -> str:

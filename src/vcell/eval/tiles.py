@@ -97,7 +97,7 @@ class TileStore:
             if exc.errno != errno.EMFILE:
                 raise
             raise VcellError(f"{self.folder}: {self.n_tiles} gene tiles keep {need} files open while they are written, more than "
-                             f"this process may open (ulimit -n {limit}): raise that limit, or --memory-budget (fewer, larger "
+                             f"this process may open{f' (ulimit -n {limit})' if limit else ''}: raise that limit, or --memory-budget (fewer, larger "
                              "tiles)") from None
 
     @classmethod

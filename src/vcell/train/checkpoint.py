@@ -275,12 +275,14 @@ def checkpoint_bytes(module: torch.nn.Module, optimizer: bool) -> int:
 
 
 def check_checkpoint_space(module: torch.nn.Module, out_dir: str | os.PathLike, max_steps: int, every: int,
-                           optimizer: bool, validate: bool, start: int = 0) -> None:
+                           optimizer: bool, validate: bool, start: int = 0, resumed: bool = False) -> None:
     """Refuse, before training, a run whose checkpoints will not fit on ``out_dir``'s disk.
 
-    ``last/`` is replaced whole (the old folder stays until the new one is complete), so a run that
-    writes it more than once needs two at a time; ``best/`` (weights only, with ``validate``) the
-    same. ``start``: the step a resumed run continues from (its ``last/`` is already on the disk).
+    ``last/`` is replaced whole (the old folder stays until the new one is complete), so a new run
+    that writes it more than once holds two at a time, beside one ``best/`` (with ``validate``; it
+    is written after ``last/``, not with it). ``start``: the step the run continues from;
+    ``resumed``: from ``out_dir``'s own ``last/`` (and ``best/``), which are on the disk already,
+    so each write needs room for one more copy.
     """
     import tempfile
 
@@ -288,24 +290,26 @@ def check_checkpoint_space(module: torch.nn.Module, out_dir: str | os.PathLike, 
 
     steps = range(start + 1, max_steps + 1)
     writes = len({s for s in steps if s % every == 0} | ({max_steps} if max_steps > start else set()))
-    last = checkpoint_bytes(module, optimizer)
-    copies = min(writes, 1 if start else 2)  # a resumed run's last/ is on the disk already: one new copy at a time
-    weights = checkpoint_bytes(module, False)
-    need = copies * last + (2 * weights if validate else 0)
+    if not writes:
+        return
+    last, weights = checkpoint_bytes(module, optimizer), checkpoint_bytes(module, False)
+    best_new = validate and not (resumed and (Path(out_dir) / BEST).is_dir())
+    copies = 1 if resumed else min(writes, 2)
+    need = copies * last + (weights if best_new else 0)
     folder = Path(out_dir).resolve()
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
-        free = shutil.disk_usage(folder).free
+        usage = shutil.disk_usage(folder)
     except OSError:  # the first write will tell
         return
-    if need <= free:
+    if usage.total == 0 or need <= usage.free:  # some FUSE filesystems report no sizes
         return
     where = Path(out_dir)
-    tmp = Path(tempfile.gettempdir()).resolve()
-    made_here = where.resolve().parent == tmp and where.name.startswith("vcell-")  # vcell bench's own run folder
+    made_here = where.resolve().parent == Path(tempfile.gettempdir()).resolve() and where.name.startswith("vcell-")
     hint = " (a temporary folder: set TMPDIR to a folder on a larger disk)" if made_here else ""
+    held = ", kept twice while it is replaced" if copies == 2 else ""
     smaller = "; or --no-save-optimizer (last/ without Adam's state, a third of the size)" if optimizer else ""
-    raise VcellError(f"{where}{hint}: {human_size(free)} free, but this run's checkpoints need about {human_size(need)} "
-                     f"({human_size(last)} for last/, kept twice while it is replaced{', and best/' if validate else ''}): "
+    raise VcellError(f"{where}{hint}: {human_size(usage.free)} free, but this run's checkpoints need about {human_size(need)} "
+                     f"({human_size(last)} for last/{held}{', and best/' if best_new else ''}): "
                      f"free some space or write the run elsewhere (--out){smaller}")

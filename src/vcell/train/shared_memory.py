@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from vcell.data.io import human_size
 from vcell.errors import VcellError
 
 log = logging.getLogger(__name__)
@@ -86,16 +87,15 @@ def worker_prefetch(batch_bytes: int, num_workers: int, processes: int = 1, free
     fits = int((per_process / max(batch_bytes, 1) - HELD) // num_workers)
     if fits >= PREFETCH:
         return PREFETCH
-    mib = 2**20
     if fits >= 1:
-        log.warning(f"--num-workers {num_workers}: {SHM_DIR} has {free / mib:,.0f} MiB free, room for one batch "
-                    f"({batch_bytes / mib:,.1f} MiB) per worker ahead instead of {PREFETCH}")
+        log.warning(f"--num-workers {num_workers}: {SHM_DIR} has {human_size(free)} free, room for one batch "
+                    f"({human_size(batch_bytes)}) per worker ahead instead of {PREFETCH}")
         return fits
     most = max(0, int(per_process / max(batch_bytes, 1)) - HELD)
     need = processes * (num_workers + HELD) * batch_bytes / USABLE
     fewer = f"--num-workers {most} or fewer" if most else "--num-workers 0"
     raise VcellError(
-        f"--num-workers {num_workers}: the workers pass batches of {batch_bytes / mib:,.1f} MiB through shared memory and "
-        f"need ~{need / mib:,.0f} MiB of {SHM_DIR}, which has {free / mib:,.0f} MiB free: use {fewer}, "
+        f"--num-workers {num_workers}: the workers pass batches of {human_size(batch_bytes)} through shared memory and "
+        f"need ~{human_size(int(need))} of {SHM_DIR}, which has {human_size(free)} free: use {fewer}, "
         f"smaller batches, or a larger {SHM_DIR} (docker run --shm-size 2g)"
     )

@@ -123,11 +123,13 @@ def fit_module(
         check_resume_steps(ckpt, options.max_steps)
         verify_checkpoint(ckpt)  # a damaged file is named before the trainer (and its logger) starts
     start = checkpoint_step(ckpt) or 0 if ckpt is not None else 0
-    check_checkpoint_space(module, out_dir, options.max_steps, options.checkpoint_every, options.save_optimizer, validate, start)
-    workers = getattr(datamodule, "num_workers", 0)
-    if workers:
+    resumed = ckpt is not None and ckpt.resolve() == (Path(out_dir) / LAST).resolve()
+    check_checkpoint_space(module, out_dir, options.max_steps, options.checkpoint_every, options.save_optimizer, validate, start,
+                           resumed)
+    workers, free = getattr(datamodule, "num_workers", 0), shm_free()
+    if workers and free is not None:  # no /dev/shm to size (not Linux): torch's default
         batch = datamodule.sample_batch(options.world_size)
-        datamodule.prefetch_factor = worker_prefetch(batch_nbytes(batch), workers, options.devices, shm_free())
+        datamodule.prefetch_factor = worker_prefetch(batch_nbytes(batch), workers, options.devices, free)
     trainer = make_trainer(options, out_dir, kind, validate)
     progress = next(cb for cb in trainer.callbacks if isinstance(cb, TrainProgress))
     with stop_on_interrupt(progress):
