@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -73,6 +74,19 @@ def kang() -> Path:
 @pytest.fixture
 def papalexi() -> Path:
     return shared_path(PAPALEXI)
+
+
+@functools.cache
+def private_mounts() -> bool:
+    """Whether ``unshare -m`` may mount in a private namespace here (a small tmpfs, a read-only bind):
+    how tests give one real run a small disk, a small /dev/shm or a read-only install (root, Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    probe = "mount -t tmpfs -o size=64k tmpfs /mnt && umount /mnt && mount --bind / /mnt && mount -o remount,ro,bind /mnt"
+    try:
+        return subprocess.run(["unshare", "-m", "sh", "-c", probe], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -17,17 +17,10 @@ from vcell.errors import VcellError
 from vcell.train import checkpoint
 from vcell.train.checkpoint import check_checkpoint_space, checkpoint_bytes
 
+from conftest import private_mounts
+
 Usage = namedtuple("Usage", "total used free")
 
-
-def _private_tmpfs() -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return probe.returncode == 0
 
 
 def _module() -> torch.nn.Module:
@@ -73,7 +66,7 @@ def test_needs_what_the_run_will_hold_at_once(tmp_path, monkeypatch, max_steps, 
     check_checkpoint_space(m, tmp_path / "run", max_steps, every, True, validate, start, resumed)
 
 
-@pytest.mark.skipif(not _private_tmpfs(), reason="needs `unshare -m` and mount rights to give a run a small disk of its own")
+@pytest.mark.skipif(not private_mounts(), reason="needs `unshare -m` and mount rights to give a run a small disk of its own")
 def test_training_onto_a_small_disk_is_refused_before_it_trains(tmp_path):
     """A real `vcell train st` whose run folder is on a 64 KiB disk: one error line, nothing trained or left."""
     data = tmp_path / "tiny.h5ad"

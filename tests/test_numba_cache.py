@@ -13,6 +13,8 @@ import pytest
 import vcell
 from vcell import _numba_cache
 
+from conftest import private_mounts
+
 
 def test_cache_folder_is_left_alone_where_numba_can_cache(monkeypatch):
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
@@ -34,18 +36,8 @@ def test_nowhere_to_cache_moves_it_to_the_temporary_directory(monkeypatch, tmp_p
     assert os.environ["NUMBA_CACHE_DIR"] == folder and numba.config.CACHE_DIR == folder
 
 
-def _private_mounts() -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount --bind / /mnt && mount -o remount,ro,bind /mnt"],
-                               capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return probe.returncode == 0
 
-
-@pytest.mark.skipif(not _private_mounts(), reason="needs `unshare -m` and mount rights to make the install read-only for one run")
+@pytest.mark.skipif(not private_mounts(), reason="needs `unshare -m` and mount rights to make the install read-only for one run")
 def test_read_only_install_without_a_home_runs(tmp_path):
     """The package folder and HOME read-only (a bind mount in a private namespace, as in a container
     image run as another user): a command that compiles kernels runs, caching them under TMPDIR."""

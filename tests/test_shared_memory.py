@@ -19,6 +19,8 @@ from vcell.errors import VcellError
 from vcell.train.shared_memory import HELD, PREFETCH, USABLE, batch_nbytes, shm_free, worker_prefetch
 from vcell.train.st import CellSetDataModule
 
+from conftest import private_mounts
+
 MIB = 2**20
 
 
@@ -76,18 +78,8 @@ def test_sample_batch_is_the_size_of_the_loaders_batches(world):
     assert share == full if world == 1 else share < full
 
 
-def _tmpfs_usable() -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
-                               capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return probe.returncode == 0
 
-
-@pytest.mark.skipif(not _tmpfs_usable(), reason="needs `unshare -m` and mount rights to give a run a small /dev/shm of its own")
+@pytest.mark.skipif(not private_mounts(), reason="needs `unshare -m` and mount rights to give a run a small /dev/shm of its own")
 def test_training_in_a_small_dev_shm(tmp_path):
     """Real training runs in a private 256 KiB /dev/shm: a worker count that fits trains (one batch
     ahead, with a warning); one that does not is one error line, not a hang with a traceback per batch."""
