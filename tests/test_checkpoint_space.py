@@ -7,20 +7,16 @@ import os
 import shlex
 import subprocess
 import sys
-from collections import namedtuple
 
 import pytest
 import torch
 from test_st_cli import TINY, _tiny_adata
 
+from vcell.data import io
 from vcell.errors import VcellError
-from vcell.train import checkpoint
 from vcell.train.checkpoint import check_checkpoint_space, checkpoint_bytes
 
 from conftest import private_mounts
-
-Usage = namedtuple("Usage", "total used free")
-
 
 
 def _module() -> torch.nn.Module:
@@ -53,7 +49,7 @@ def test_needs_what_the_run_will_hold_at_once(tmp_path, monkeypatch, max_steps, 
         (tmp_path / "run" / "best").mkdir(parents=True)
     need = copies_last * checkpoint_bytes(m, True) + copies_weights * checkpoint_bytes(m, False)
     for free, fits in ((need, True), (need - 1, False)):
-        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path, free=free: Usage(10 * need, 0, free))
+        monkeypatch.setattr(io, "free_space", lambda folder, free=free: free)
         if fits:
             check_checkpoint_space(m, tmp_path / "run", max_steps, every, True, validate, start, resumed)
         else:
@@ -62,7 +58,7 @@ def test_needs_what_the_run_will_hold_at_once(tmp_path, monkeypatch, max_steps, 
             msg = str(exc.value)
             assert msg.startswith(f"{tmp_path / 'run'}: ") and "--no-save-optimizer" in msg
             assert ("kept twice" in msg) == (copies_last == 2)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: Usage(0, 0, 0))  # a FUSE mount without sizes
+    monkeypatch.setattr(io, "free_space", lambda folder: None)  # unknown, e.g. a FUSE mount without sizes
     check_checkpoint_space(m, tmp_path / "run", max_steps, every, True, validate, start, resumed)
 
 

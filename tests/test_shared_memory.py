@@ -30,8 +30,7 @@ def test_batch_nbytes_counts_each_storage_once_in_whole_pages():
     assert batch_nbytes(batch) == (7 + 1 + 1) * 4096
 
 
-def test_prefetch_is_torch_default_when_it_fits_or_unknown():
-    assert worker_prefetch(10 * MIB, 4, free=None) == PREFETCH
+def test_prefetch_is_torch_default_when_it_fits():
     assert worker_prefetch(10 * MIB, 4, free=(4 * PREFETCH + HELD) * 10 * MIB / USABLE + 1) == PREFETCH
 
 

@@ -374,20 +374,21 @@ def matrices_nbytes(adata: ad.AnnData) -> int:
 SPACE_MARGIN = 16 << 20
 
 
+def free_space(folder: str | os.PathLike) -> int | None:
+    """Free bytes on the device of ``folder`` or its nearest existing parent; ``None`` if unknown (not POSIX, no sizes: FUSE)."""
+    folder = next(p for p in (Path(folder).absolute(), *Path(folder).absolute().parents) if p.exists())
+    try:
+        stat = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return stat.f_bavail * stat.f_frsize if stat.f_blocks else None
+
+
 def check_space(path: str | os.PathLike, nbytes: int) -> None:
     """A one-line error naming ``path`` when its device has less free space than ``nbytes`` (the
     bytes about to be written) plus :data:`SPACE_MARGIN`: a full disk is said before it is hit."""
-    folder = Path(path).parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        stat = os.statvfs(folder)
-    except (OSError, AttributeError):  # not POSIX, or unreadable: the write itself will tell
-        return
-    if stat.f_blocks == 0:  # some FUSE filesystems report no sizes
-        return
-    free = stat.f_bavail * stat.f_frsize
-    if free < nbytes + SPACE_MARGIN:
+    free = free_space(Path(path).parent)
+    if free is not None and free < nbytes + SPACE_MARGIN:
         # name the output, not its temporary file or folder (.NAME.PID-XXXXXXXX.tmp anywhere in the path)
         shown = Path(*(m.group(1) if (m := re.match(rf"^\.(.+)\.\d+-{_RANDOM}\.tmp$", part)) else part
                        for part in Path(path).parts))

@@ -286,7 +286,7 @@ def check_checkpoint_space(module: torch.nn.Module, out_dir: str | os.PathLike, 
     """
     import tempfile
 
-    from vcell.data.io import human_size
+    from vcell.data.io import free_space, human_size
 
     steps = range(start + 1, max_steps + 1)
     writes = len({s for s in steps if s % every == 0} | ({max_steps} if max_steps > start else set()))
@@ -296,20 +296,14 @@ def check_checkpoint_space(module: torch.nn.Module, out_dir: str | os.PathLike, 
     best_new = validate and not (resumed and (Path(out_dir) / BEST).is_dir())
     copies = 1 if resumed else min(writes, 2)
     need = copies * last + (weights if best_new else 0)
-    folder = Path(out_dir).resolve()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        usage = shutil.disk_usage(folder)
-    except OSError:  # the first write will tell
-        return
-    if usage.total == 0 or need <= usage.free:  # some FUSE filesystems report no sizes
+    free = free_space(out_dir)
+    if free is None or need <= free:  # unknown: the first write will tell
         return
     where = Path(out_dir)
     made_here = where.resolve().parent == Path(tempfile.gettempdir()).resolve() and where.name.startswith("vcell-")
     hint = " (a temporary folder: set TMPDIR to a folder on a larger disk)" if made_here else ""
     held = ", kept twice while it is replaced" if copies == 2 else ""
     smaller = "; or --no-save-optimizer (last/ without Adam's state, a third of the size)" if optimizer else ""
-    raise VcellError(f"{where}{hint}: {human_size(usage.free)} free, but this run's checkpoints need about {human_size(need)} "
+    raise VcellError(f"{where}{hint}: {human_size(free)} free, but this run's checkpoints need about {human_size(need)} "
                      f"({human_size(last)} for last/{held}{', and best/' if best_new else ''}): "
                      f"free some space or write the run elsewhere (--out){smaller}")

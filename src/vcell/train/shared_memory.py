@@ -57,7 +57,7 @@ def shm_free(path: str = SHM_DIR) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def worker_prefetch(batch_bytes: int, num_workers: int, processes: int = 1, free: int | None = None) -> int:
+def worker_prefetch(batch_bytes: int, num_workers: int, free: int, processes: int = 1) -> int:
     """Batches each of ``num_workers`` workers may fetch ahead (``DataLoader(prefetch_factor=)``).
 
     Parameters
@@ -66,10 +66,10 @@ def worker_prefetch(batch_bytes: int, num_workers: int, processes: int = 1, free
         One process's batch in shared memory (:func:`batch_nbytes`).
     num_workers
         Worker processes per training process (> 0).
+    free
+        Free shared memory in bytes (:func:`shm_free`).
     processes
         Training processes on this machine sharing its ``/dev/shm`` (``--devices``).
-    free
-        Free shared memory in bytes; ``None``: unknown (not Linux), torch's default is used.
 
     Returns
     -------
@@ -81,8 +81,6 @@ def worker_prefetch(batch_bytes: int, num_workers: int, processes: int = 1, free
     VcellError
         When even one batch per worker does not fit: one line with the sizes and what to change.
     """
-    if free is None:
-        return PREFETCH
     per_process = USABLE * free / processes
     fits = int((per_process / max(batch_bytes, 1) - HELD) // num_workers)
     if fits >= PREFETCH:

@@ -115,21 +115,20 @@ def fit_module(
     validate: bool = False,
 ) -> L.Trainer:
     """Train ``module`` on ``datamodule`` with :func:`make_trainer`; continue from ``resume_from`` if given."""
-    ckpt = None
+    ckpt, start = None, 0
     if resume_from is not None:
         ckpt = Path(resume_from)
         if not ckpt.is_dir():
             raise VcellError(f"{ckpt}: no checkpoint to resume from")
-        check_resume_steps(ckpt, options.max_steps)
+        start = check_resume_steps(ckpt, options.max_steps)
         verify_checkpoint(ckpt)  # a damaged file is named before the trainer (and its logger) starts
-    start = checkpoint_step(ckpt) or 0 if ckpt is not None else 0
     resumed = ckpt is not None and ckpt.resolve() == (Path(out_dir) / LAST).resolve()
     check_checkpoint_space(module, out_dir, options.max_steps, options.checkpoint_every, options.save_optimizer, validate, start,
                            resumed)
     workers, free = getattr(datamodule, "num_workers", 0), shm_free()
     if workers and free is not None:  # no /dev/shm to size (not Linux): torch's default
         batch = datamodule.sample_batch(options.world_size)
-        datamodule.prefetch_factor = worker_prefetch(batch_nbytes(batch), workers, options.devices, free)
+        datamodule.prefetch_factor = worker_prefetch(batch_nbytes(batch), workers, free, options.devices)
     trainer = make_trainer(options, out_dir, kind, validate)
     progress = next(cb for cb in trainer.callbacks if isinstance(cb, TrainProgress))
     with stop_on_interrupt(progress):
