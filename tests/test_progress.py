@@ -439,6 +439,12 @@ def test_a_log_file_gets_a_plain_progress_line_every_few_seconds(files, tmp_path
     steps = [int(s) for s, _ in lines]
     assert steps == sorted(steps) and steps[-1] < 60  # none once done: the summary line says so
     assert all(int(p) == round(100 * int(s) / 60) for s, p in lines)
+    assert "validating" not in proc.stderr  # this run has no validation split
+    # a validation has its own line: a long one (a large held-out split) no longer leaves the log silent
+    val = run_cli(*_st_args(files, tmp_path / "w", "--max-steps", "30", "--val-context", "ctx_B"), env={"VCELL_PROGRESS_EVERY": "1e-9"})
+    assert val.returncode == 0, val.stderr[-3000:]
+    counts = re.findall(r"^validating ST: (\d+)/(\d+) batches \(\d+%\)", val.stderr, re.M)
+    assert counts and all(0 < int(k) < int(n) for k, n in counts), val.stderr[-3000:]
     for every in ("0", "60"):  # off, and the default: a short run prints none
         quiet = run_cli(*_st_args(files, tmp_path / f"b{every}", "--max-steps", "20"), env={"VCELL_PROGRESS_EVERY": every})
         assert quiet.returncode == 0 and "training ST:" not in quiet.stderr, quiet.stderr[-3000:]

@@ -133,6 +133,8 @@ class TrainProgress(Callback):
         self.stop_handlers: dict[int, object] = {}  # set by stop_on_interrupt, put back over Lightning's at the start
         self._stack = contextlib.ExitStack()
         self._line = TaskLine()
+        self._validation = contextlib.ExitStack()  # the validation's own line, open while one runs
+        self._val_line = TaskLine()
         self._start_step = self._max_steps = 0
         self._t0 = self._last_refresh = 0.0
         self._cells = 0
@@ -187,7 +189,20 @@ class TrainProgress(Callback):
         if self.stopped_at is not None:
             raise StopTraining(f"stopped at step {self.stopped_at}")
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # its own line: a long validation (a large held-out split) otherwise leaves the bar, and a
+        # batch job's log, silent until it ends
+        if trainer.sanity_checking or not trainer.is_global_zero or not self.training:
+            return
+        total = sum(trainer.num_val_batches)
+        self._val_line = self._validation.enter_context(
+            task(f"validating {self.kind.upper()}", total=total if 0 < total < float("inf") else None, unit="batches"))
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._val_line.advance(1)
+
     def on_validation_end(self, trainer, pl_module) -> None:
+        self._close_validation()
         # after RunCheckpoints' (the callbacks' order): best/ is up to date
         if self._stop_after_validation and not trainer.sanity_checking:
             self._save_last(trainer)
@@ -212,8 +227,13 @@ class TrainProgress(Callback):
 
     # ------------------------------------------------------------------ the rest
 
+    def _close_validation(self) -> None:
+        self._validation.close()
+        self._val_line = TaskLine()
+
     def close(self) -> None:
-        """Take the run's line off the progress display (done by the end hooks; safe to repeat)."""
+        """Take the run's lines off the progress display (done by the end hooks; safe to repeat)."""
+        self._close_validation()
         self._stack.close()
         self._line = TaskLine()
         self.training = False
