@@ -476,3 +476,19 @@ def test_many_tiles_under_a_low_open_file_limit(tmp_path, hard):
     else:
         assert "VcellError" in proc.stderr and "300 gene tiles keep 900 files open" in proc.stderr and "ulimit -n 64" in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_the_scratch_folder_refuses_a_disk_too_small_and_trusts_one_without_sizes(tmp_path, monkeypatch):
+    """The temporary gene bands are refused, naming the output's folder, when its device lacks the
+    room; a filesystem that reports no sizes (FUSE) is not taken for a full one (it used to read 0 B)."""
+    from vcell.eval import tiles
+
+    with Scratch(tmp_path / "out" / "results.csv") as scratch:
+        with pytest.raises(VcellError, match=r"out: .* free, the temporary gene bands need .*--memory-budget"):
+            scratch.folder(need_bytes=2.0**62)
+        made = scratch.folder(need_bytes=1)
+        assert made.is_dir() and made.parent == tmp_path / "out"
+    assert not made.exists()
+    monkeypatch.setattr(tiles, "free_space", lambda folder: None)
+    with Scratch(tmp_path / "fuse" / "results.csv") as scratch:
+        assert scratch.folder(need_bytes=2.0**62).is_dir()

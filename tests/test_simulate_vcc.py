@@ -206,3 +206,15 @@ def test_split_takes_the_roles_the_simulator_recorded(tmp_path):
     assert sorted(cfg.holdout_perturbations) == sorted(map(str, roles["test"]))
     assert sorted(cfg.val_perturbations) == sorted(map(str, roles["val"]))
     assert "--simulated-roles gives the held-out" in error_line(none)
+
+
+def test_a_file_too_large_for_its_disk_is_refused_before_any_work(tmp_path, monkeypatch):
+    """The size estimate is checked against the device's free space; a filesystem without sizes
+    (FUSE) is not taken for a full one."""
+    out = tmp_path / "new" / "vcc.h5ad"
+    with pytest.raises(VcellError, match=r"vcc\.h5ad: the file needs about .* but its device has .* free"):
+        simulate_vcc._check_disk(out, 2.0**62)
+    simulate_vcc._check_disk(out, 1)
+    monkeypatch.setattr(simulate_vcc, "free_space", lambda folder: None)
+    simulate_vcc._check_disk(out, 2.0**62)
+    assert not out.parent.exists()

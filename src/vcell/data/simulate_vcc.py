@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -28,7 +27,7 @@ import pandas as pd
 from scipy import sparse
 
 from vcell.data.h5write import H5adWriter
-from vcell.data.io import atomic_path, human_size
+from vcell.data.io import atomic_path, free_space, human_size
 from vcell.data.simulate import _MAX_ABS_LFC, CONTROL_LABEL, _check_float, _check_int, _context_name, _unit_rms
 from vcell.errors import VcellError
 
@@ -230,12 +229,9 @@ class _Worker:
 
 def _check_disk(path: Path, n_bytes: float) -> None:
     """Refuse before computing when the disk holding ``path`` has clearly too little room."""
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    free = shutil.disk_usage(folder).free
-    if free < n_bytes:
-        raise VcellError(f"{path}: the file needs about {human_size(int(n_bytes))} but {folder} has "
+    free = free_space(path.parent)
+    if free is not None and free < n_bytes:
+        raise VcellError(f"{path}: the file needs about {human_size(int(n_bytes))} but its device has "
                          f"{human_size(free)} free (give fewer --n-cells or --n-genes, or another folder)")
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from vcell.data.io import clean_leftovers, human_size, temp_prefix
+from vcell.data.io import clean_leftovers, free_space, human_size, temp_prefix
 from vcell.data.preprocess_stream import Progress, no_progress
 from vcell.errors import VcellError
 from vcell.eval._band_kernels import tile_counts, tile_fill, tile_fill_compact
@@ -393,8 +393,8 @@ class Scratch:
             parent.mkdir(parents=True, exist_ok=True)
             clean_leftovers(self.out)
             self._path = Path(tempfile.mkdtemp(prefix=temp_prefix(self.out), suffix=".tmp", dir=parent))
-        free = shutil.disk_usage(self._path).free
-        if need_bytes > free:
+        free = free_space(self._path)
+        if free is not None and need_bytes > free:
             raise VcellError(
                 f"{self._path.parent}: {human_size(free)} free, the temporary gene bands need {human_size(int(need_bytes))}; "
                 "free some space, write the output elsewhere (--out), or raise --memory-budget to read the matrix into memory"
