@@ -191,6 +191,7 @@ def test_bad_depths_are_one_error_naming_the_value(value):
 def test_bad_options(world):
     data, models, _ = world
     assert parse_depth(" Controls ") == "controls" and parse_depth("20000") == 20000 and parse_depth(20_000) == 20000
+    assert parse_depth(1_000_000) == parse_depth("1000000") == 1_000_000  # the 2026 cap on a cell's total, included
     assert parse_output("COUNTS") == "counts"
     with pytest.raises(VcellError, match="output 'foo'"):
         predict_context(models["pert_mean"], data, "ctx_B", output="foo")
@@ -373,3 +374,56 @@ def test_a_perturbation_split_over_calls_draws_what_one_call_draws(world):
     parts = [draw.convert(pred[:cut]), draw.convert(pred[cut:])]
     np.testing.assert_array_equal(sp.vstack([p.X for p in parts]).toarray(), once.X.toarray())
     assert once.uns["vcell"]["library_pairing"].startswith("drawn with replacement")
+
+
+def test_counts_stay_on_their_cells_when_perturbations_interleave():
+    """Counts are drawn per perturbation (one seeded stream each), then put back in the prediction's
+    row order: a prediction whose labels interleave (shuffled, or sorted by cell) keeps each cell's
+    counts on its own row and label."""
+    X = np.zeros((6, 3), np.float32)
+    X[[0, 2, 5], 0] = 2.0  # A's cells express gene 0 only, B's gene 1 only
+    X[[1, 3, 4], 1] = 2.0
+    labels = ["A", "B", "A", "B", "B", "A"]
+    pred = ad.AnnData(X, obs=pd.DataFrame({"target_gene": labels}, index=[f"c{i}" for i in range(6)]))
+    out = to_counts(pred, depth=50, seed=3)
+    counts = _dense(out.X)
+    assert list(out.obs_names) == list(pred.obs_names) and list(out.obs["target_gene"]) == labels
+    np.testing.assert_array_equal(counts[[0, 2, 5]], np.tile([50.0, 0.0, 0.0], (3, 1)))
+    np.testing.assert_array_equal(counts[[1, 3, 4]], np.tile([0.0, 50.0, 0.0], (3, 1)))
+    pred.X = np.ones((6, 3), np.float32)  # every gene expressed: the draws depend on the seed
+    draws = {seed: _dense(to_counts(pred, depth=50, seed=seed).X) for seed in (0, 1)}
+    assert (draws[0] != draws[1]).any() and (_dense(to_counts(pred, depth=50).X) == draws[0]).all()  # seed 0 by default
+
+
+def test_predicted_genes_missing_from_the_controls_counts_are_named():
+    """Library sizes are the controls' totals over the predicted genes: a predicted gene they do not
+    count is an error naming it (it used to be able to read another column's counts)."""
+    genes = ["a", "b", "c"]
+    controls = ad.AnnData(np.ones((4, 3), np.float32), var=pd.DataFrame(index=genes),
+                          obs=pd.DataFrame({"target_gene": ["non-targeting"] * 4}, index=[f"k{i}" for i in range(4)]))
+    controls.layers["counts"] = sp.csr_matrix(np.full((4, 3), 7.0, np.float32))
+    pred = ad.AnnData(np.ones((2, 2), np.float32), var=pd.DataFrame(index=["a", "z"]),
+                      obs=pd.DataFrame({"target_gene": ["P", "P"]}, index=["p0", "p1"]))
+    with pytest.raises(VcellError, match=r"1 predicted gene\(s\) not in the control cells' counts \('z'\)"):
+        to_counts(pred, controls)
+
+
+def test_the_predicted_genes_share_of_a_library_is_at_most_all_of_it():
+    """A control cell normalised to a larger total than the others (its X reads as more than its
+    library) keeps at most its whole library size, never more."""
+    from vcell.predictors.counts import predicted_share
+
+    counts = np.array([[1, 3, 6], [1, 2, 6], [1, 1, 8], [5, 1, 5], [1, 4, 4]], dtype=float)
+    totals = counts.sum(axis=1)
+    target = np.array([1e4, 1e4, 1e4, 1e4, 2e4])  # the last cell: twice the others' normalisation total
+    controls = ad.AnnData(np.log1p(counts / totals[:, None] * target[:, None]), var=pd.DataFrame(index=["a", "b", "c"]))
+    share = predicted_share(controls, ["a", "b"], totals, "obs['total_counts']", "controls")
+    np.testing.assert_allclose(share, [4 / 10, 3 / 9, 2 / 10, 6 / 11, 1.0])  # the last: 2 x 5/9, capped
+    np.testing.assert_allclose(predicted_share(controls, None, totals, "obs['total_counts']", "controls"), np.ones(5))
+
+
+def test_a_negative_library_size_is_named_with_its_cell():
+    pred = ad.AnnData(np.ones((2, 2), np.float32), obs=pd.DataFrame({"target_gene": ["P", "P"]}, index=["p0", "p1"]))
+    sizes = pd.Series([100.0, -5.0], index=["k0", "k1"])
+    with pytest.raises(VcellError, match=r"control cell 'k1' has library size -5.0 .*expected a count >= 0"):
+        to_counts(pred, sizes)

@@ -420,3 +420,9 @@ def test_errors_are_one_line_vcell_errors():
         differential_expression(bad, pert_col="p", control="c")
     with pytest.raises(VcellError, match="NaN"):
         differential_expression(ad.AnnData(sp.csr_matrix(bad.X), obs=bad.obs), pert_col="p", control="c")
+
+
+def test_a_negative_epsilon_is_refused():
+    X = np.ones((4, 2), dtype=np.float32)
+    with pytest.raises(VcellError, match="epsilon must be >= 0, got -1"):
+        de_arrays(X, np.array(["non-targeting", "non-targeting", "A", "A"]), epsilon=-1)

@@ -1240,3 +1240,67 @@ def test_a_degenerate_scale_says_which_end_is_undefined():
         scaled("pds_cosine", 0.5, 0.6, math.nan)
     with pytest.raises(VcellError, match=r"the baseline is not worse than the top end"):
         scaled("pds_cosine", 0.5, 0.6, 0.5)
+
+
+def _score_ends() -> tuple[dict, dict]:
+    """A baseline and a replicate for the six scored metrics (lower-is-better ones reversed)."""
+    from vcell.eval.vcc2026.scale import ORDER, POLICY
+
+    base = {m: 0.9 if POLICY[m][0] else 0.5 for m in ORDER}
+    rep = {m: 0.3 if POLICY[m][0] else 0.9 for m in ORDER}
+    return base, rep
+
+
+@pytest.mark.parametrize("metric, expected", [
+    ("de_wilcoxon_lfc_nmae", -6.0),  # clamped: its floor
+    ("expr_mse_unbiased_capped_norm", 0.0),  # clamped to [0, 1]
+    ("pds_cosine", (0.0 - 0.5) / (0.9 - 0.5)),  # unclamped: the value 0 placed on the line
+])
+def test_an_undefined_model_aggregate_scores_the_floor_and_counts_in_the_context_score(metric, expected):
+    """A NaN (or missing) aggregate is the worst score the metric can have, not a metric left out of
+    ``avg_score``, which would then be the mean of the other five and flatter the model."""
+    from vcell.eval.vcc2026.scale import ORDER, scaled, score_context
+
+    base, rep = _score_ends()
+    assert scaled(metric, math.nan, base[metric], rep[metric]) == pytest.approx(expected)
+    assert scaled(metric, None, base[metric], rep[metric]) == pytest.approx(expected)
+    user = {m: (base[m] + rep[m]) / 2 for m in ORDER}  # halfway: 0.5 each
+    user[metric] = math.nan
+    table = score_context(user, base, rep).set_index("metric")["score"]
+    assert table[metric] == pytest.approx(expected)
+    assert table["avg_score"] == pytest.approx((5 * 0.5 + expected) / 6)
+
+
+def test_the_mean_context_is_the_arithmetic_mean_of_the_contexts():
+    """With three contexts the mean and the median differ (two contexts cannot tell them apart)."""
+    from vcell.eval.vcc2026.scale import ORDER, average_contexts, score_context
+
+    base, rep = _score_ends()
+    tables = {c: score_context({m: base[m] + f * (rep[m] - base[m]) for m in ORDER}, base, rep)
+              for c, f in (("a", 0.0), ("b", 0.0), ("c", 0.9))}
+    out = average_contexts(tables)
+    mean = out[out["context"] == "mean"].set_index("metric")["score"]
+    assert set(out["context"]) == {"a", "b", "c", "mean"}
+    assert mean.drop("avg_score").to_numpy() == pytest.approx(np.full(6, 0.3))
+    assert mean["avg_score"] == pytest.approx(0.3)
+
+
+def test_a_panel_whose_labels_name_no_measured_gene_is_refused_before_any_work():
+    from vcell.errors import VcellError
+    from vcell.eval.vcc2026.evaluate import resolve_targets
+
+    with pytest.raises(VcellError, match="no perturbation label names a measured gene"):
+        resolve_targets(["DMSO", "drugX"], pd.Index(["G1", "G2"]))
+
+
+def test_significance_is_an_adjusted_p_value_strictly_below_0_05():
+    """cell-eval2 calls a gene significant at padj < 0.05: a real gene at exactly 0.05 is not one,
+    so the prediction's second call is not in the real set (Jaccard 1/2, not 1)."""
+    from vcell.eval.vcc2026.metrics import de_metrics
+
+    def row(*values):
+        return np.array([values], dtype=float)
+
+    out = de_metrics(row(1, 1, 1), row(0.01, 0.05, 0.5), row(1, 1, 1), row(0.01, 0.01, 0.5), row(0.01, 0.01, 0.5),
+                     np.arange(3), np.array([-1]))
+    assert out["de_wilcoxon_sig_jaccard"].tolist() == [0.5]

@@ -412,3 +412,17 @@ def test_raw_counts_beside_x_are_checked_too(tmp_path):
         f["raw/X/indices"][0] = 40
     with pytest.raises(VcellError, match=r"raw.h5ad: raw/X/indices names gene 40 in cell 0, but the matrix has 6 genes"):
         read_h5ad(path)
+
+
+def test_a_new_file_in_an_input_folder_is_fine_an_existing_one_is_not(tmp_path):
+    """A prediction may be written into the model's run folder (an input of predict), as long as it
+    replaces nothing there: an existing file of an input folder is refused even with --overwrite."""
+    from vcell.data.io import check_output_path
+    from vcell.errors import VcellError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert check_output_path(run / "pred.h5ad", [run]) == run / "pred.h5ad"
+    (run / "pred.h5ad").write_text("x")
+    with pytest.raises(VcellError, match="is a file of the input folder"):
+        check_output_path(run / "pred.h5ad", [run], overwrite=True)

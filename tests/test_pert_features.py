@@ -356,3 +356,18 @@ def test_a_onehot_model_refuses_a_validation_only_target_and_training_says_why(t
     with pytest.raises(VcellError, match="perturbation 'Q' has a one-hot column but no training cell"):
         model.check_perturbations(["S", "Q"])
     model.check_perturbations(["S", "R+T"])  # trained targets, alone or together
+
+
+def test_zero_rows_are_absent_and_do_not_count_in_the_scale():
+    """A gene whose table vector is zero (constant where the table was made) would be encoded as the
+    control's zero vector: it counts as absent, and zero rows do not shrink the table's scale (its
+    rows are divided by the mean norm of the others)."""
+    table = GeneEmbeddings(names=["Q", "R", "Z"], vectors=torch.tensor([[3.0, 4.0], [0.0, 2.0], [0.0, 0.0]]), source="t")
+    feats = PertFeatures.build(table, [])
+    assert feats.names == ["Q", "R"]
+    torch.testing.assert_close(feats.vectors.norm(dim=1), torch.tensor([5 / 3.5, 2 / 3.5]))
+    with pytest.raises(VcellError, match="target 'Z' is not in the perturbation feature table .*all-zero vector"):
+        feats.encode(["Z"])
+    assert feats.missing(["Q", "+", "control"], control="control") == ["+"]  # a label with no target at all
+    with pytest.raises(VcellError, match="perturbation '\\+'"):
+        feats.encode(["+"])

@@ -320,6 +320,13 @@ def test_log1p_range_and_allow_discrete(tmp_path, pap_small):
     _assert_refused(tmp_path, pred, tmp_path / "x.vcc", "neither counts nor log1p-normalised", genes=genes)
     with pytest.raises(ValueError, match="exceeds log1p threshold"):
         _cell_eval_prep(pred, genes, tmp_path / "theirs.vcc")
+    at_limit = _log1p(pap_small)
+    at_limit.X = at_limit.X / at_limit.X.max() * 15.0  # exactly 15 at the top: refused by both, the limit is exclusive
+    assert at_limit.X.max() == 15.0
+    at_limit.write_h5ad(tmp_path / "at15.h5ad")
+    _assert_refused(tmp_path, tmp_path / "at15.h5ad", tmp_path / "y.vcc", "first >= 15 at row", genes=genes)
+    with pytest.raises(ValueError, match="exceeds log1p threshold"):
+        _cell_eval_prep(tmp_path / "at15.h5ad", genes, tmp_path / "theirs15.vcc")
     out = prepare_submission(pred, tmp_path / "ok.vcc", genes=genes, allow_discrete=True)
     np.testing.assert_array_equal(read_submission(out).X.toarray(), adata.X.astype(np.float32).toarray())
     # counts kept as counts with allow_discrete

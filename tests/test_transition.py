@@ -260,3 +260,23 @@ def _backbone(model: StateTransition, basal: torch.Tensor, pert: torch.Tensor) -
     for block in model.blocks:
         h = block(h, None)
     return h
+
+
+def test_weights_that_do_not_fit_their_config_are_one_line_naming_the_parameter(tmp_path):
+    """A config.json edited (or copied from another model) beside its weights: one line naming the
+    first parameter that differs and both shapes, not torch's multi-line size-mismatch report."""
+    from vcell.nn.checkpoint import check_weights
+
+    expected = {"a.weight": torch.zeros(4, 3), "b.bias": torch.zeros(4)}
+    check_weights(expected, {k: v.clone() for k, v in expected.items()}, tmp_path)
+    cases = [
+        ({"a.weight": torch.zeros(8, 3), "b.bias": torch.zeros(4)},
+         r"parameter 'a.weight' has shape \[8, 3\] in the weights but \[4, 3\] in the model config.json describes;"),
+        ({"a.weight": torch.zeros(4, 3)}, r"parameter 'b.bias' \[4\] of the config's model is missing from the weights;"),
+        ({**expected, "c.extra": torch.zeros(2)}, r"the weights hold 'c.extra' \[2\], which the config's model has not;"),
+        ({"a.weight": torch.zeros(8, 3)}, r"\(and 1 more difference\(s\)\)"),
+    ]
+    for weights, message in cases:
+        with pytest.raises(VcellError, match=message) as info:
+            check_weights(expected, weights, tmp_path)
+        assert "\n" not in str(info.value) and str(tmp_path / "weights.safetensors") in str(info.value)

@@ -258,3 +258,21 @@ def test_missing_file_and_check_command(tmp_path, mcfaline):
     assert no_ctx.returncode == 1
     n = ok.stdout.split("perturbations: ")[1].split(" ")[0]
     assert int(n.replace(",", "")) > 0 and f"perturbations: {n} " in no_ctx.stdout  # counted though another column is missing
+
+
+def test_the_log1p_limits_at_their_exact_values():
+    """cell-eval's rules refuse log1p data reaching 15 (vcell's own allow up to 30); a declared
+    log1p whose values are all integers is counts as soon as one of them is 1 (all zeros says nothing)."""
+    from vcell.data.validate import expression_problems, infer_expression_type, scan_matrix
+
+    def kinds(X, cell_eval=False, declared=None):
+        adata = ad.AnnData(np.asarray(X, dtype=np.float32))
+        stats = scan_matrix(adata.X)
+        info = infer_expression_type(adata, declared, stats, cell_eval=cell_eval)
+        return [p.kind for p in expression_problems(adata, stats, info, "f.h5ad", cell_eval=cell_eval)]
+
+    assert kinds([[0.5, 14.99], [1.5, 0.0]], cell_eval=True) == []
+    assert kinds([[0.5, 15.0], [1.5, 0.0]], cell_eval=True) == ["log_too_large"]
+    assert kinds([[0.5, 30.0], [1.5, 0.0]]) == [] and kinds([[0.5, 30.5], [1.5, 0.0]]) == ["log_too_large"]
+    assert kinds([[0.0, 1.0], [1.0, 0.0]], declared="log1p") == ["integer_log1p"]
+    assert kinds([[0.0, 0.0], [0.0, 0.0]], declared="log1p") == []

@@ -701,3 +701,31 @@ def test_a_prediction_beside_the_model_can_be_replaced_but_not_the_model(ws, tmp
                          "--out", run / "last" / "weights.safetensors"])[0]
     assert "input folder" in error_line(sibling)
     assert snapshot(run / "last") == weights
+
+
+def test_a_folder_with_only_best_is_a_trained_run(tmp_path):
+    """A run folder that kept only best/ (last/ removed to save room, or a run stopped before its
+    first last/) is a trained run too: refused without --overwrite, never replaced silently."""
+    from vcell.train.runs import check_run_dir
+
+    (tmp_path / BEST).mkdir()
+    (tmp_path / BEST / CONFIG).write_text(json.dumps({"model": {}, "step": 5}))
+    with pytest.raises(VcellError, match=r"already holds a trained run \(best/ at step 5\).*--overwrite"):
+        check_run_dir(tmp_path)
+    assert check_run_dir(tmp_path, overwrite=True) is None
+
+
+def test_resume_differences_see_order_and_values_not_only_names():
+    """Genes in another order map the model's outputs to other genes; a feature table rewritten under
+    the same file name trains on other vectors: both are differences a resume must refuse."""
+    from vcell.train.runs import resume_differences
+
+    assert resume_differences({"genes": ["a", "b"]}, {"genes": ["b", "a"]}) == [
+        "it was trained on 2 genes, this data has 2 (in another order)"]
+    assert resume_differences({"genes": ["a", "b"]}, {"genes": ["a", "b"]}) == []
+    table = ["planted (genes.safetensors)"]
+    assert resume_differences({"pert_features": {"sources": table, "digest": "a"}},
+                              {"pert_features": {"sources": table, "digest": "b"}}) == [
+        "its perturbation feature table (planted (genes.safetensors)) has other values now"]
+    assert resume_differences({"pert_features": {"sources": table, "digest": "a"}},
+                              {"pert_features": {"sources": table, "digest": "a"}}) == []

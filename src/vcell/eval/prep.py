@@ -40,6 +40,7 @@ import scipy.sparse as sp
 
 from vcell.data.io import atomic_path, check_output_path, check_space, matrices_nbytes, read_h5ad, temp_prefix
 from vcell.data.spec import column_guess
+from vcell.data.validate import CELL_EVAL_MAX_LOG1P
 from vcell.errors import VcellError, control_hint, preview
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ PRED_MEMBER = "pred.h5ad.zst"
 WATERMARK_MEMBER = "watermark.txt"
 WATERMARK_TEXT = "vcc-prep"
 #: Data with decimals must be below this to count as log1p-normalised (as in cell-eval).
-LOG1P_MAX = 15.0
+LOG1P_MAX = CELL_EVAL_MAX_LOG1P
 #: A value whose fractional part exceeds this is "not an integer" (as in cell-eval).
 INTEGER_EPS = 1e-3
 #: Default zstd level: the ``zstd`` command's default.
