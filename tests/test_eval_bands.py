@@ -401,6 +401,17 @@ def test_prior_sums_fuse_the_jackknife_or_fall_back(tmp_path, monkeypatch):
     monkeypatch.setattr(engine.SumsTask, "prior_held", lambda self: False)
     run(pred, real, tmp_path / "fallback", Options(budget=float(TINY) * 1e9))
     assert _same_files(tmp_path / "fused", tmp_path / "fallback") == []
+    # sums that are not those the pass finds are caught by the check itself, not only when told
+    from vcell.eval.vcc2026 import files
+
+    monkeypatch.setattr(engine.SumsTask, "prior_held", original)
+    given = files._priors
+    monkeypatch.setattr(files, "_priors", lambda *args: None if (p := given(*args)) is None else {k: v + 1.0 for k, v in p.items()})
+    held.clear()
+    monkeypatch.setattr(engine.SumsTask, "prior_held", spy)
+    run(pred, real, tmp_path / "wrong", Options(budget=float(TINY) * 1e9))
+    assert held and not any(held)
+    assert _same_files(tmp_path / "fused", tmp_path / "wrong") == []
 
 
 def test_values_too_large_for_two_bytes_switch_the_pieces(tmp_path, monkeypatch):
