@@ -210,3 +210,11 @@ def test_per_context_scoring_refuses_a_context_without_a_name(small, tmp_path):
     with pytest.raises(VcellError, match="empty context name in column 'line'"):
         run_many({"": tmp_path / "real.h5ad"}, tmp_path / "real.h5ad", tmp_path / "out", context_col="line")
     assert not (tmp_path / "out").exists()
+
+
+def test_grad_clip_zero_means_no_clipping_and_is_accepted():
+    from vcell.train.options import TrainOptions
+
+    TrainOptions(grad_clip=0.0, accelerator="cpu").check()
+    with pytest.raises(VcellError, match="grad_clip must be >= 0"):
+        TrainOptions(grad_clip=-1.0, accelerator="cpu").check()

@@ -482,3 +482,17 @@ def test_genes_must_match(mcf):
     )
     with pytest.raises(VcellError, match="genes differ"):
         model.predict_shift(controls[:, :100].copy(), ["MAPK1"], "T98G")
+
+
+def test_context_mean_zero_shot_is_pert_means_global_effect_on_an_unbalanced_split():
+    from vcell.data.dataset import from_anndata
+    from vcell.predictors.baselines import ContextMean, PertMean
+
+    adata = simulated()
+    data = from_anndata(adata, SIM_SPEC)
+    labels = adata.uns["simulation"]["labels"]
+    split = imbalanced_split(data, labels)  # ctx_A saw 16 perturbations, ctx_B 11
+    shift = ContextMean().fit(data, split).predict_shift(context_controls(adata, "ctx_C"), labels[:2], "ctx_C")
+    expected = expected_pert_means(adata, labels).mean(axis=0)  # each perturbation once, not each context once
+    np.testing.assert_allclose(shift, np.tile(expected, (2, 1)), atol=1e-6)
+    np.testing.assert_allclose(shift[0], PertMean().fit(data, split).global_effect_, atol=1e-12)

@@ -505,3 +505,13 @@ def test_bench_2026_names_targets_measured_under_another_var_column(caplog):
     with caplog.at_level(logging.WARNING):
         target_gene_rule(real, spec, ["non-targeting", "DMSO_1"])
     assert "var[" not in caplog.text
+
+
+def test_leaderboard_mean_row_is_the_mean_over_contexts():
+    from vcell.leaderboard.bench import _leaderboard
+
+    rows = [{"model": "m", "context": c, "mae": v, "vcc_score": s, "vcc_score_unclipped": s}
+            for c, v, s in (("a", 0.1, 10.0), ("b", 0.2, 20.0), ("c", 0.9, 90.0))]
+    board = _leaderboard(rows).set_index(["model", "context"])
+    assert board.loc[("m", "mean"), "mae"] == pytest.approx(0.4)  # the median would be 0.2
+    assert board.loc[("m", "mean"), "vcc_score"] == pytest.approx(40.0)

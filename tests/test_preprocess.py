@@ -561,3 +561,47 @@ def test_knockdown_qc_warns_of_raised_targets(caplog):
     said = [r.getMessage() for r in caplog.records if "activation" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("knockdown QC: 1 tested perturbation group(s) have their target at 2x or more "
                                                  "of the controls' level (e.g. 'UP' in 'all': 4x), 1 of them dropped"), said
+
+
+def _kd_data(values: dict[str, list], labels: list[str], base=None) -> ad.AnnData:
+    X = np.array([values[g] for g in ("A", "B", "C")], dtype=np.float64).T
+    X = np.log1p(X) / (np.log(base) if base else 1.0)
+    adata = ad.AnnData(X=X.astype(np.float32), obs=pd.DataFrame({"gene": labels}, index=[f"c{i}" for i in range(len(labels))]),
+                       var=pd.DataFrame(index=["A", "B", "C"]))
+    adata.uns["log1p"] = {"base": base}
+    return adata
+
+
+def test_knockdown_qc_reads_log1p_values_in_their_base():
+    from vcell.data.knockdown import knockdown_qc
+    from vcell.data.spec import DataSpec
+
+    labels = ["ctrl"] * 40 + ["A"] * 40
+    vals = {"A": [100.0] * 40 + [25.0] * 40, "B": [5.0] * 80, "C": [1.0] * 80}
+    spec = DataSpec(pert_col="gene", control="ctrl", context_col=None, expression="log1p")
+    for base in (None, 2.0):
+        _, report = knockdown_qc(_kd_data(vals, labels, base), spec, min_cells=10)
+        row = report.set_index("perturbation").loc["A"]
+        assert row["ratio"] == pytest.approx(0.25, rel=1e-4), base
+        assert row["control_mean"] == pytest.approx(100.0, rel=1e-4) and row["pert_mean"] == pytest.approx(25.0, rel=1e-4)
+
+
+def test_knockdown_qc_cell_filter_needs_every_target_of_a_combination_low():
+    from vcell.data.knockdown import knockdown_qc
+    from vcell.data.spec import DataSpec
+
+    labels = ["ctrl"] * 40 + ["A+B"] * 40
+    vals = {"A": [10.0] * 40 + [1.0] * 40, "B": [10.0] * 40 + [1.0] * 30 + [8.0] * 10, "C": [1.0] * 80}
+    spec = DataSpec(pert_col="gene", control="ctrl", context_col=None, expression="log1p")
+    out, report = knockdown_qc(_kd_data(vals, labels), spec, residual_expression=0.3, cell_residual_expression=0.5, min_cells=20)
+    row = report.set_index("perturbation").loc["A+B"]
+    assert row["status"] == "kept" and row["n_cells_kept"] == 30  # the 10 cells whose B stayed at 8 (> 0.5 x 10) go
+    assert out.n_obs == 70
+
+
+def test_normalize_log1p_refuses_negative_integer_counts():
+    from vcell.data.normalize import normalize_log1p
+
+    for dtype in (np.int32, np.int64):
+        with pytest.raises(VcellError, match="negative values"):
+            normalize_log1p(ad.AnnData(X=np.array([[1, -2], [3, 4]], dtype=dtype)))
