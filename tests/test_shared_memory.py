@@ -64,6 +64,11 @@ def test_processes_on_one_machine_share_it():
 def test_shm_free_of_a_missing_folder_is_unknown(tmp_path):
     assert shm_free(str(tmp_path / "none")) is None
     assert shm_free(str(tmp_path)) > 0
+    if private_mounts():  # a tmpfs without a size limit reports no blocks: unknown (torch's default), not 0 B free
+        probe = f"from vcell.train.shared_memory import shm_free; print(shm_free({str(tmp_path)!r}))"
+        script = f"mount -t tmpfs -o size=0 tmpfs {shlex.quote(str(tmp_path))} && exec {shlex.quote(sys.executable)} -c {shlex.quote(probe)}"
+        out = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("world", [1, 2])

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from vcell.data.io import human_size
+from vcell.data.io import free_space, human_size
 from vcell.errors import VcellError
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,9 @@ def batch_nbytes(batch) -> int:
 
 
 def shm_free(path: str = SHM_DIR) -> int | None:
-    """Free bytes in ``path`` (``/dev/shm``), or ``None`` where there is no such folder (not Linux)."""
-    try:
-        st = os.statvfs(path)
-    except (OSError, AttributeError):
-        return None
-    return st.f_bavail * st.f_frsize
+    """Free bytes in ``path`` (``/dev/shm``), or ``None`` where that is unknown: no such folder (not
+    Linux), or a tmpfs without a size limit (``size=0``, which reports no blocks at all)."""
+    return free_space(path) if os.path.isdir(path) else None
 
 
 def worker_prefetch(batch_bytes: int, num_workers: int, free: int, processes: int = 1) -> int:
